@@ -1,0 +1,163 @@
+"""Benchmark of pair mining (method.md §3) on synthetic KNN tables.
+
+    python benchmarks/bench_mining.py [--queries 100000] [--k 50] [--quick]
+
+Builds one KNN table per default source (ids like "00001/000000123", scores descending per
+query, roughly a third of them inside the paper's (0.8, 0.96) band), times only `mine_pairs`
+and writes benchmarks/results/mining.json. The target is 100,000 queries x 3 sources x K=50
+in under 30 s on a 2-core CPU; other work on the same machine makes the figure noisy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import resource
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from megapairs_assets.mining.pairs import (  # noqa: E402
+    DEFAULT_SOURCES,
+    PAPER_BAND,
+    MiningParams,
+    check_pairs,
+    mine_pairs,
+    summarize_pairs,
+)
+
+try:
+    from benchmarks._machine import machine_info, write_result
+except ImportError:  # the shared helper may not exist yet; keep the benchmark runnable alone
+    RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+    def machine_info() -> dict:
+        """Minimal description of the machine the figures came from."""
+        return {
+            "platform": platform.platform(),
+            "python": platform.python_version(),
+            "cpu_count": os.cpu_count(),
+            "polars": pl.__version__,
+            "numpy": np.__version__,
+        }
+
+    def write_result(name: str, payload: dict) -> Path:
+        """Write benchmarks/results/<name>.json and return its path."""
+        RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+        path = RESULTS_DIR / f"{name}.json"
+        path.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
+        return path
+
+
+TARGET_SECONDS = 30.0
+IMAGES_PER_SHARD = 10_000
+
+
+def image_ids(indices: np.ndarray) -> pl.Series:
+    """Corpus-style ids "SSSSS/IIIIIIIII" (shard / index) for integer image indices."""
+    indices_series = pl.Series(indices.astype(np.int64))
+    shards = (indices_series // IMAGES_PER_SHARD).cast(pl.String).str.zfill(5)
+    numbers = indices_series.cast(pl.String).str.zfill(9)
+    return shards + "/" + numbers
+
+
+def synthetic_knn(query_count: int, k: int, rng: np.random.Generator) -> pl.DataFrame:
+    """One source's KNN table: k distinct non-self neighbours per query, scores descending."""
+    # Neighbours are the query plus a strictly increasing positive offset, which keeps them
+    # distinct and never the query itself without a per-query loop.
+    max_step = max(1, min(20, (query_count - 1) // k))
+    steps = rng.integers(1, max_step + 1, size=(query_count, k))
+    offsets = np.cumsum(steps, axis=1)
+    queries = np.repeat(np.arange(query_count), k)
+    neighbours = (queries + offsets.ravel()) % query_count
+    # Top score around 0.93, decaying so that roughly a third of each list lands in the band.
+    top_scores = rng.uniform(0.86, 0.99, size=(query_count, 1))
+    decay = np.cumsum(rng.uniform(0.0, 0.016, size=(query_count, k)), axis=1)
+    scores = (top_scores - decay).ravel().astype(np.float32)
+    ranks = np.tile(np.arange(k, dtype=np.int16), query_count)
+    return pl.DataFrame(
+        {
+            "query_id": image_ids(queries),
+            "rank": pl.Series(ranks, dtype=pl.Int16),
+            "neighbor_id": image_ids(neighbours),
+            "score": pl.Series(scores, dtype=pl.Float32),
+        }
+    )
+
+
+def peak_rss_mib() -> float:
+    """Peak resident memory of this process so far (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def run(query_count: int, k: int) -> dict:
+    """Generate inputs, time `mine_pairs`, and return the figures to report."""
+    rng = np.random.default_rng(0)
+    neighbors = {source: synthetic_knn(query_count, k, rng) for source in DEFAULT_SOURCES}
+    input_rows = sum(frame.height for frame in neighbors.values())
+    in_band_rows = sum(
+        frame.filter(pl.col("score").is_between(*PAPER_BAND, closed="none")).height
+        for frame in neighbors.values()
+    )
+    params = MiningParams(bands={source: PAPER_BAND for source in DEFAULT_SOURCES})
+    rss_before_mib = peak_rss_mib()
+
+    started = time.perf_counter()
+    pairs = mine_pairs(neighbors, params)
+    mine_seconds = time.perf_counter() - started
+
+    failed_checks = [c.name for c in check_pairs(pairs, params) if not c.passed]
+    return {
+        "benchmark": "mining",
+        "date_utc": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "machine": machine_info(),
+        "queries": query_count,
+        "k": k,
+        "sources": list(DEFAULT_SOURCES),
+        "input_rows": input_rows,
+        "in_band_share": round(in_band_rows / input_rows, 4),
+        "mine_seconds": round(mine_seconds, 3),
+        "pairs_per_second": round(pairs.height / mine_seconds, 1),
+        "target_seconds": TARGET_SECONDS,
+        "fraction_of_target": round(mine_seconds / TARGET_SECONDS, 4),
+        "peak_rss_mib_before_mining": round(rss_before_mib, 1),
+        "peak_rss_mib": round(peak_rss_mib(), 1),
+        "summary": summarize_pairs(pairs, DEFAULT_SOURCES),
+        "failed_checks": failed_checks,
+        "note": "shared 2-core machine; other jobs may have been running, timings are noisy",
+    }
+
+
+def main() -> None:
+    """Parse arguments, run the benchmark, print and save the figures."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--queries", type=int, default=100_000)
+    parser.add_argument("--k", type=int, default=50)
+    parser.add_argument("--quick", action="store_true", help="tiny run for a CI smoke test")
+    args = parser.parse_args()
+    query_count = 2_000 if args.quick else args.queries
+
+    result = run(query_count, args.k)
+    print(
+        f"mine_pairs: {result['queries']} queries x {len(result['sources'])} sources x "
+        f"K={result['k']} -> {result['summary']['pairs']} pairs in "
+        f"{result['mine_seconds']:.2f} s ({result['pairs_per_second']:.0f} pairs/s), "
+        f"{result['fraction_of_target']:.2%} of the {TARGET_SECONDS:.0f} s target, "
+        f"peak RSS {result['peak_rss_mib']:.0f} MiB"
+    )
+    if result["failed_checks"]:
+        print(f"FAILED checks: {result['failed_checks']}")
+    if not args.quick:
+        print(f"wrote {write_result('mining', result)}")
+
+
+if __name__ == "__main__":
+    main()

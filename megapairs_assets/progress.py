@@ -1,0 +1,94 @@
+"""Progress for long steps: done / total, rate and ETA in the run log, and a bar in a terminal.
+
+One reporter serves every stage. In a Dagster step the log function is `context.log.info`;
+in the CLI a tqdm bar is drawn on stderr as well. Log lines are rate-limited so a 20M-row
+step does not flood the event log.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Callable
+
+from tqdm import tqdm
+
+
+def _fmt_duration(seconds: float) -> str:
+    seconds = max(0, int(seconds))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m:02d}:{s:02d}"
+
+
+class Progress:
+    """Counts work done against a total and reports it.
+
+    `log` receives a formatted line at most every `log_every_s` seconds and once at the end.
+    A tqdm bar is shown when stderr is a terminal (or `bar=True`).
+    """
+
+    def __init__(
+        self,
+        total: int,
+        desc: str,
+        unit: str = "items",
+        log: Callable[[str], None] | None = None,
+        log_every_s: float = 10.0,
+        bar: bool | None = None,
+    ) -> None:
+        self.total = total
+        self.desc = desc
+        self.unit = unit
+        self.done = 0
+        self._log = log
+        self._log_every_s = log_every_s
+        self._start = time.perf_counter()
+        self._last_log = self._start
+        show_bar = sys.stderr.isatty() if bar is None else bar
+        self._bar = tqdm(total=total, desc=desc, unit=unit, file=sys.stderr) if show_bar else None
+
+    @property
+    def elapsed_s(self) -> float:
+        return time.perf_counter() - self._start
+
+    @property
+    def rate(self) -> float:
+        """Items per second so far."""
+        elapsed = self.elapsed_s
+        return self.done / elapsed if elapsed > 0 else 0.0
+
+    def line(self) -> str:
+        rate = self.rate
+        remaining = max(self.total - self.done, 0)
+        eta = _fmt_duration(remaining / rate) if rate > 0 else "?"
+        pct = 100.0 * self.done / self.total if self.total else 100.0
+        return (
+            f"{self.desc}: {self.done}/{self.total} {self.unit} ({pct:.0f}%), "
+            f"{rate:.1f} {self.unit}/s, elapsed {_fmt_duration(self.elapsed_s)}, ETA {eta}"
+        )
+
+    def update(self, n: int) -> None:
+        self.done += n
+        if self._bar is not None:
+            self._bar.update(n)
+        now = time.perf_counter()
+        if self._log is not None and now - self._last_log >= self._log_every_s:
+            self._last_log = now
+            self._log(self.line())
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+        if self._log is not None:
+            self._log(self.line())
+
+    def __enter__(self) -> Progress:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+ProgressCallback = Callable[[int], None]
+"""What plain-Python logic accepts: called with the number of items just finished."""

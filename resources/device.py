@@ -1,0 +1,40 @@
+"""Which accelerator a step uses, injected into GPU assets as a Dagster resource."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import dagster as dg
+import torch
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+class DeviceResource(dg.ConfigurableResource):
+    """Device and numeric precision for model forward passes.
+
+    `device="auto"` picks `cuda:0` when a GPU is visible, else the CPU; `dtype="auto"` picks
+    bfloat16 on a GPU (fast tensor cores, fp32 range) and float32 on the CPU (where half
+    precision is slower, not faster).
+    """
+
+    device: str = "auto"
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+
+    def torch_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
+        device = torch.device(self.device)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device {self.device!r} was asked for but no CUDA GPU is visible")
+        return device
+
+    def torch_dtype(self) -> torch.dtype:
+        if self.dtype == "auto":
+            return torch.bfloat16 if self.torch_device().type == "cuda" else torch.float32
+        return _DTYPES[self.dtype]
+
+    def describe(self) -> str:
+        device = self.torch_device()
+        name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+        return f"{device} ({name}), {str(self.torch_dtype()).removeprefix('torch.')}"

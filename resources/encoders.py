@@ -1,0 +1,59 @@
+"""Encoder resources: one per embedding table, all loaded through the same real loaders."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import dagster as dg
+import torch
+from pydantic import Field
+
+from megapairs_assets.embeddings.encoders import (
+    EncoderSpec,
+    LoadedEncoder,
+    load_encoder,
+    validate_encoder_spec,
+)
+
+
+class EncoderResource(dg.ConfigurableResource):
+    """An embedding model, named by config; where its weights live is the loader's business.
+
+    `demo_models_dir`, when set, builds the bundled tiny demo models there on first use (the
+    embedded default); real profiles leave it empty and point at hub ids in the local cache or
+    local files. The spec is validated when a step starts, before any work: an unknown model
+    name or a wrong `dim` fails the step with a message saying what to change.
+    """
+
+    backend: Literal["open_clip_image", "open_clip_text", "dinov2", "sentence_transformers"]
+    model: str = Field(description="open_clip model name, DINOv2 hub id / local dir, or ST dir")
+    pretrained: str | None = Field(default=None, description="open_clip tag or local checkpoint")
+    dim: int | None = Field(default=None, description="Expected embedding size, checked up front")
+    batch_size: int = Field(default=64, description="Items per forward pass")
+    num_workers: int = Field(default=2, description="Decode/preprocess worker processes")
+    demo_models_dir: str | None = Field(default=None, description="Build demo models here first")
+
+    def spec(self) -> EncoderSpec:
+        return EncoderSpec(
+            backend=self.backend, model=self.model, pretrained=self.pretrained, dim=self.dim
+        )
+
+    def validate(self) -> int:
+        """Check the config without loading weights; returns the embedding size."""
+        if self.demo_models_dir:
+            from megapairs_assets.demo.models import ensure_demo_models
+
+            ensure_demo_models(Path(self.demo_models_dir))
+        return validate_encoder_spec(self.spec())
+
+    def setup_for_execution(self, context: dg.InitResourceContext) -> None:
+        self.validate()
+
+    def load(self, device: torch.device, dtype: torch.dtype) -> LoadedEncoder:
+        """Load the model once for a step; callers reuse it for every batch and partition."""
+        return load_encoder(self.spec(), device, dtype)
+
+    @property
+    def model_id(self) -> str:
+        return f"{self.backend}:{self.model}" + (f"@{self.pretrained}" if self.pretrained else "")

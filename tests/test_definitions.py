@@ -1,0 +1,85 @@
+"""The code location loads, and the asset graph's shape changes only on purpose.
+
+`tests/snapshots/asset_graph.json` records every asset's key, group, deps, partitioning,
+checks (and whether they block), pool and code version. An accidental change to the graph
+shows up as a diff in review; to accept an intended change, run
+`MEGAPAIRS_UPDATE_SNAPSHOTS=1 pytest tests/test_definitions.py` and commit the file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import dagster as dg
+import pytest
+
+from megapairs_assets.definitions import build_definitions
+from resources.profiles import PROFILE_NAMES, ProfileError, build_resources
+
+SNAPSHOT = Path(__file__).parent / "snapshots" / "asset_graph.json"
+
+
+def _graph_snapshot(defs: dg.Definitions) -> dict[str, object]:
+    graph = defs.resolve_asset_graph()
+    snapshot: dict[str, object] = {}
+    for key in sorted(graph.get_all_asset_keys(), key=lambda k: k.to_user_string()):
+        node = graph.get(key)
+        checks = [
+            {"name": spec.name, "blocking": spec.blocking}
+            for spec in sorted(node.check_specs, key=lambda s: s.name)
+        ]
+        snapshot[key.to_user_string()] = {
+            "group": node.group_name,
+            "deps": sorted(k.to_user_string() for k in node.parent_keys),
+            "partitions": type(node.partitions_def).__name__ if node.partitions_def else None,
+            "checks": checks,
+            "pool": node.pools and sorted(node.pools),
+            "code_version": node.code_version,
+            "kinds": sorted(node.kinds),
+        }
+    return snapshot
+
+
+@pytest.mark.parametrize("profile", PROFILE_NAMES)
+def test_definitions_load_for_every_profile(profile: str, tmp_path: Path) -> None:
+    defs = build_definitions(profile, tmp_path)
+    assert defs.resolve_job_def("mining_half") is not None
+    assert defs.resolve_sensor_def("new_shards_sensor") is not None
+    graph = defs.resolve_asset_graph()
+    assert {k.to_user_string() for k in graph.get_all_asset_keys()} >= {
+        "image_corpus",
+        "clip_image_embeddings",
+        "dino_image_embeddings",
+        "caption_text_embeddings",
+        "clip_image_knn",
+        "dino_image_knn",
+        "caption_text_knn",
+        "mined_image_pairs",
+    }
+
+
+def test_workspace_module_exposes_defs() -> None:
+    import megapairs_assets.definitions as module
+
+    assert isinstance(module.defs, dg.Definitions)
+
+
+def test_asset_graph_matches_snapshot(tmp_path: Path) -> None:
+    current = _graph_snapshot(build_definitions("demo", tmp_path))
+    if os.environ.get("MEGAPAIRS_UPDATE_SNAPSHOTS") or not SNAPSHOT.exists():
+        SNAPSHOT.write_text(json.dumps(current, indent=2, sort_keys=True) + "\n")
+    assert current == json.loads(SNAPSHOT.read_text())
+
+
+def test_gpu_assets_share_the_gpu_pool(tmp_path: Path) -> None:
+    snapshot = _graph_snapshot(build_definitions("demo", tmp_path))
+    for name, node in snapshot.items():
+        if name.endswith("_embeddings") or name.endswith("_knn"):
+            assert node["pool"] == ["gpu"], name
+
+
+def test_unknown_profile_names_the_choices(tmp_path: Path) -> None:
+    with pytest.raises(ProfileError, match="demo, paper"):
+        build_resources("papr", tmp_path)

@@ -1,0 +1,106 @@
+"""The DuckDB lineage catalog: records, partition replacement, and many writer processes."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+from pathlib import Path
+
+import polars as pl
+import pytest
+
+from megapairs_assets.lineage.catalog import (
+    CatalogBusyError,
+    LineageCatalog,
+    MaterializationRecord,
+    utc_now,
+)
+
+
+def _record(asset: str, partition: str) -> MaterializationRecord:
+    return MaterializationRecord(
+        asset=asset,
+        partition=partition,
+        run_id="run-1",
+        code_version="v1",
+        profile="test",
+        started_at=utc_now(),
+        duration_s=0.1,
+        row_counts={"images": 2},
+    )
+
+
+def _images(shard: str, n: int) -> pl.DataFrame:
+    return pl.DataFrame(
+        {
+            "image_id": [f"{shard}/{i:04d}" for i in range(n)],
+            "shard": [shard] * n,
+            "key": [f"{i:04d}" for i in range(n)],
+            "source_uri": [f"/data/{shard}.tar#{i:04d}.jpg" for i in range(n)],
+            "caption": ["a cat"] * n,
+            "content_hash": [f"h{shard}{i}" for i in range(n)],
+            "width": [64] * n,
+            "height": [64] * n,
+        }
+    )
+
+
+def test_record_and_replace_partition_rows(tmp_path: Path) -> None:
+    catalog = LineageCatalog(tmp_path / "catalog.duckdb")
+    catalog.record(_record("image_corpus", "00000"), rows={"image_lineage": _images("00000", 3)})
+    catalog.record(_record("image_corpus", "00001"), rows={"image_lineage": _images("00001", 2)})
+    # Re-materializing shard 00000 with fewer rows replaces its rows, keeps the other shard's.
+    second = _record("image_corpus", "00000")
+    catalog.record(second, rows={"image_lineage": _images("00000", 1)})
+    counts = catalog.query(
+        "SELECT shard, count(*) AS n FROM image_lineage GROUP BY shard ORDER BY shard"
+    )
+    assert counts.rows() == [("00000", 1), ("00001", 2)]
+    assert catalog.latest_materialization_ids("image_corpus", ["00000"]) == {
+        "00000": second.materialization_id
+    }
+    history = catalog.query("SELECT count(*) AS n FROM materializations")["n"][0]
+    assert history == 3  # materialization history is append-only
+
+
+def test_failed_write_leaves_no_partial_rows(tmp_path: Path) -> None:
+    catalog = LineageCatalog(tmp_path / "catalog.duckdb")
+    catalog.record(_record("image_corpus", "00000"), rows={"image_lineage": _images("00000", 3)})
+    broken = _images("00000", 2).drop("content_hash").with_columns(pl.lit(1).alias("nonexistent"))
+    with pytest.raises(Exception):  # noqa: B017  (DuckDB's binder error type varies by version)
+        catalog.record(_record("image_corpus", "00000"), rows={"image_lineage": broken})
+    # The transaction rolled back: the old rows and only the first materialization remain.
+    assert catalog.query("SELECT count(*) AS n FROM image_lineage")["n"][0] == 3
+    assert catalog.query("SELECT count(*) AS n FROM materializations")["n"][0] == 1
+
+
+def _write_many(path: str, shard: str, n_records: int) -> None:
+    catalog = LineageCatalog(Path(path))
+    for _ in range(n_records):
+        catalog.record(_record("image_corpus", shard), rows={"image_lineage": _images(shard, 5)})
+
+
+def test_parallel_writer_processes_lose_nothing(tmp_path: Path) -> None:
+    path = tmp_path / "catalog.duckdb"
+    shards = [f"{i:05d}" for i in range(6)]
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=_write_many, args=(str(path), s, 5)) for s in shards]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=120)
+        assert p.exitcode == 0
+    catalog = LineageCatalog(path)
+    assert catalog.query("SELECT count(*) AS n FROM materializations")["n"][0] == 30
+    per_shard = catalog.query("SELECT shard, count(*) AS n FROM image_lineage GROUP BY shard")
+    assert sorted(per_shard.rows()) == [(s, 5) for s in shards]
+
+
+def test_lock_timeout_names_the_file(tmp_path: Path) -> None:
+    import fcntl
+
+    path = tmp_path / "catalog.duckdb"
+    with open(path.with_name(path.name + ".lock"), "a+") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        # flock is per open file description, so a second open in this process contends.
+        with pytest.raises(CatalogBusyError, match=r"catalog\.duckdb"):
+            LineageCatalog(path, lock_timeout_s=0.2).query("SELECT 1")
