@@ -25,7 +25,7 @@ import polars as pl
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from megapairs_assets.mining.pairs import (  # noqa: E402
+from megapairs_assets.mining.pairs import (
     DEFAULT_SOURCES,
     PAPER_BAND,
     MiningParams,

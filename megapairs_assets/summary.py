@@ -23,7 +23,8 @@ def demo_summary(home: Path, shards: list[str]) -> dict[str, object]:
         [shards],
     )
     pair_files = [layout.shard_table("mined_image_pairs", s) for s in shards]
-    pairs = pl.concat([pl.read_parquet(p) for p in pair_files if p.exists()], how="vertical")
+    pair_tables = [pl.read_parquet(p) for p in pair_files if p.exists()]
+    pairs = pl.concat(pair_tables) if pair_tables else pl.DataFrame()
     per_source = (
         pairs.explode("sources").group_by("sources").len().sort("sources")
         if pairs.height

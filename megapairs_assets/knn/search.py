@@ -36,9 +36,10 @@ KNN_SCHEMA = pl.Schema(
 )
 """One row per (query, neighbour): rank is 0-based (best first), score is cosine similarity."""
 
-# faiss' k-means warns below 39 training points per centroid and subsamples above 256.
+# faiss' k-means warns below 39 training points per centroid; it advises up to 256, but 100
+# trains nearly as well while keeping the float32 training copy a fraction of the corpus.
 _MIN_TRAIN_POINTS_PER_LIST = 39
-_MAX_TRAIN_POINTS_PER_LIST = 256
+_TRAIN_POINTS_PER_LIST = 100
 _TRAIN_SAMPLE_SEED = 0
 # Rows converted to float32 per add() call: bounds the transient copy to ~130 MB at d=512.
 _ADD_BATCH_ROWS = 65_536
@@ -58,8 +59,8 @@ class IndexSpec:
     nlist: ivf lists; None picks about 4*sqrt(N), lowered so each list trains on >= 39 points.
     nprobe: ivf lists visited per query.
     hnsw_m / ef_search / ef_construction: HNSW graph degree and beam widths.
-    use_gpu / gpu_device: put the index on that GPU (needs faiss built with GPU support).
-        Flat indexes then store float16 on the GPU, so a 20M x 768 table needs ~31 GB.
+    use_gpu / gpu_device: put the index on that GPU (needs faiss built with GPU support;
+        flat and ivf only). Flat then stores float16 on the GPU: 20M x 768 needs ~31 GB.
     query_batch_size: queries per faiss search call (and per progress report).
     """
 
@@ -130,8 +131,9 @@ def search_neighbors(
 
     `corpus_ids[i]` names faiss id i of `index`; `query_vectors` (Q, d) are searched in
     batches of `spec.query_batch_size` (float16 is converted per batch). The query is excluded
-    by id: k+1 neighbours are searched and the row naming the query dropped, or the last one
-    when the query is absent (exact duplicates can outrank it). Missing results (faiss id -1,
+    by id: k+1 neighbours are searched and the row naming the query dropped, or the worst one
+    when the query is not among them (a query outside the corpus, or one whose exact
+    duplicates filled the list). Missing results (faiss id -1,
     possible with ivf/hnsw or k >= N) are dropped, so a query can have fewer than k rows.
 
     Returns a frame with `KNN_SCHEMA`, sorted by query_id then rank. `on_progress` receives
@@ -210,9 +212,9 @@ def _validated_nlist(spec: IndexSpec, n_vectors: int) -> int:
 
 
 def _training_sample(vectors: np.ndarray, nlist: int) -> np.ndarray:
-    """A float32 sample the size faiss' k-means would use anyway, without a full copy."""
+    """A float32 training sample of about 100 points per list, drawn with a fixed seed."""
     n_vectors = vectors.shape[0]
-    n_train = min(n_vectors, nlist * _MAX_TRAIN_POINTS_PER_LIST)
+    n_train = min(n_vectors, nlist * _TRAIN_POINTS_PER_LIST)
     if n_train == n_vectors:
         return _as_float32(vectors)
     rng = np.random.default_rng(_TRAIN_SAMPLE_SEED)
@@ -242,7 +244,12 @@ def _require_gpu(spec: IndexSpec) -> None:
 
 
 def _empty_gpu_index(dim: int, n_vectors: int, spec: IndexSpec) -> faiss.Index:
-    """An empty index on the GPU; flat stores float16 so paper-scale tables fit one card."""
+    """An empty index on the GPU with room reserved for `n_vectors`.
+
+    Flat stores float16 there, so a 20M x 768 table takes ~31 GB of one card; IVF lists stay
+    float32 on the GPU. Reserving up front keeps batched adds from reallocating (and briefly
+    doubling) device memory.
+    """
     _require_gpu(spec)
     resources = faiss.StandardGpuResources()
     if spec.kind == "flat":
@@ -252,12 +259,13 @@ def _empty_gpu_index(dim: int, n_vectors: int, spec: IndexSpec) -> faiss.Index:
         config.device = spec.gpu_device
         config.useFloat16 = True
         index = faiss.GpuIndexFlatIP(resources, dim, config)
+        index.reserveMemory(n_vectors)
     else:
         cpu_index = faiss.index_factory(
             dim, _factory_string(spec, n_vectors), faiss.METRIC_INNER_PRODUCT
         )
         options = faiss.GpuClonerOptions()
-        options.useFloat16 = True
+        options.reserveVecs = n_vectors
         # Cloned untrained so k-means training runs on the GPU too.
         index = faiss.index_cpu_to_gpu(resources, spec.gpu_device, cpu_index, options)
     # The index keeps a raw pointer to its resources; keep the Python object alive with it.
@@ -299,6 +307,8 @@ def _corpus_rows_of(query_ids: pl.Series, corpus_ids: pl.Series) -> np.ndarray:
         .get_column("row")
         .fill_null(-1)
     )
+    if matched.len() != query_ids.len():
+        raise ValueError("corpus ids must be unique: some query id matches several corpus rows")
     return matched.to_numpy().astype(np.int64, copy=False)
 
 

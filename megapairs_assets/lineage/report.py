@@ -41,6 +41,7 @@ def _pair_report(catalog: LineageCatalog, pair: dict[str, Any]) -> str:
         f"  target {pair['target_id']}",
         f"  found by {', '.join(pair['sources'])}; scores "
         + ", ".join(f"{k}={v:.4f}" for k, v in scores.items()),
+        f"  hard negatives (query image first): {', '.join(pair['hard_negative_ids'])}",
         "  produced by:",
         *_materialization_chain(
             catalog,

@@ -1,7 +1,5 @@
 """Dagster wiring of the mined image pairs (method.md §3)."""
 
-from __future__ import annotations
-
 import json
 
 import dagster as dg
@@ -20,7 +18,7 @@ from megapairs_assets.embeddings.assets import EMBEDDING_TABLES
 from megapairs_assets.knn.assets import knn_asset_name
 from megapairs_assets.lineage.catalog import LineageCatalog
 from megapairs_assets.mining.pairs import check_pairs, mine_pairs, summarize_pairs
-from megapairs_assets.partitions import shard_partitions
+from megapairs_assets.partitions import SHARD_BACKFILL_POLICY, shard_partitions
 from megapairs_assets.storage import write_parquet_atomic
 from resources.mining import MiningResource
 from resources.storage import LineageCatalogResource, StorageResource
@@ -44,7 +42,7 @@ PAIR_CHECKS = {
     group_name="pairs",
     code_version=CODE_VERSION,
     kinds={"polars", "parquet"},
-    backfill_policy=dg.BackfillPolicy.multi_run(max_partitions_per_run=16),
+    backfill_policy=SHARD_BACKFILL_POLICY,
     check_specs=check_specs(ASSET_NAME, PAIR_CHECKS, blocking=True),
 )
 def mined_image_pairs(
@@ -121,6 +119,7 @@ def _pair_lineage_rows(
         pl.lit(shard).alias("shard"),
         "sources",
         pl.struct(score_columns).struct.json_encode().alias("scores"),
+        "hard_negative_ids",
         pl.lit(json.dumps(knn_versions, sort_keys=True)).alias("knn_versions"),
     )
 

@@ -125,8 +125,8 @@ def mine_pairs(neighbors: Mapping[str, pl.DataFrame], params: MiningParams) -> p
     ]
     if not per_source_targets:
         return _empty_pairs(params.sources)
-    # The in-memory engine is several times faster than the streaming one for the windowed
-    # top-k below, and a partition's KNN tables fit in memory by construction.
+    # The in-memory engine ran the windowed top-k about twice as fast as the streaming one
+    # (polars 2.1), and one partition's KNN tables fit in memory by construction.
     targets = pl.concat(per_source_targets).collect(engine="in-memory")
     if targets.height == 0:
         return _empty_pairs(params.sources)
@@ -139,6 +139,13 @@ def mine_pairs(neighbors: Mapping[str, pl.DataFrame], params: MiningParams) -> p
         return _empty_pairs(params.sources)
 
     pairs = _merge_sources(coded, params.sources)
+    return _with_ids_and_negatives(pairs, ids, params)
+
+
+def _with_ids_and_negatives(
+    pairs: pl.DataFrame, ids: _IdTable, params: MiningParams
+) -> pl.DataFrame:
+    """Decode the merged pairs back to string ids and add pair ids and hard negatives."""
     query_codes = pairs["query_code"].to_numpy()
     target_codes = pairs["target_code"].to_numpy()
     negative_offsets, negative_codes = _hard_negative_codes(
