@@ -108,6 +108,25 @@ def test_query_absent_from_corpus_keeps_its_k_best():
     assert _neighbors_of(knn, "new") == ["a", "b"]
 
 
+@pytest.mark.parametrize("dtype", [np.float16, np.float32])
+def test_corpus_spanning_several_add_batches_is_searched_whole(dtype: type):
+    rng = np.random.default_rng(1)
+    vectors = rng.standard_normal((70_000, 8)).astype(np.float32)  # > one 65,536-row add batch
+    vectors = (vectors / np.linalg.norm(vectors, axis=1, keepdims=True)).astype(dtype)
+    ids = np.array([f"v{i}" for i in range(len(vectors))])
+    query_rows = np.array([0, 65_535, 65_536, 69_999])
+    spec = IndexSpec()
+    index = build_index(vectors, spec)
+
+    knn = search_neighbors(index, ids, vectors[query_rows], ids[query_rows], 3, spec)
+
+    similarities = vectors[query_rows].astype(np.float32) @ vectors.astype(np.float32).T
+    similarities[np.arange(len(query_rows)), query_rows] = -np.inf
+    for query_row, row_similarities in zip(query_rows, similarities, strict=True):
+        expected = [f"v{i}" for i in np.argsort(-row_similarities)[:3]]
+        assert _neighbors_of(knn, f"v{query_row}") == expected
+
+
 @pytest.mark.parametrize(
     "spec",
     [

@@ -251,7 +251,8 @@ def check_embeddings(
     (the corpus rows minus the skipped ones).
     """
     ids = list(ids)
-    values = np.asarray(vectors, dtype=np.float32).reshape(len(vectors), -1)
+    values = np.asarray(vectors, dtype=np.float32)
+    values = values.reshape(len(values), values.shape[-1] if values.ndim == 2 else -1)
     finite_rows = np.isfinite(values).all(axis=1)
     norms = np.linalg.norm(np.where(np.isfinite(values), values, 0.0), axis=1)
     off_norm = finite_rows & (np.abs(norms - 1.0) > UNIT_NORM_TOLERANCE)

@@ -14,6 +14,7 @@ into rows with vectorised numpy/polars.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Literal
 
@@ -103,13 +104,15 @@ def build_index(vectors: np.ndarray, spec: IndexSpec) -> faiss.Index:
         index = faiss.index_factory(
             dim, _factory_string(spec, n_vectors), faiss.METRIC_INNER_PRODUCT
         )
+        if spec.kind == "flat":
+            _reserve_flat_storage(index, n_vectors)
         if spec.kind == "hnsw":
             # efConstruction must be set before the first add: it shapes the graph being built.
             index.hnsw.efConstruction = spec.ef_construction
     if not index.is_trained:
         index.train(_training_sample(vectors, index_nlist(spec, n_vectors)))
-    for start in range(0, n_vectors, _ADD_BATCH_ROWS):
-        index.add(_as_float32(vectors[start : start + _ADD_BATCH_ROWS]))
+    for batch in _float32_batches(vectors, _ADD_BATCH_ROWS):
+        index.add(batch)
     return index
 
 
@@ -220,6 +223,38 @@ def _training_sample(vectors: np.ndarray, nlist: int) -> np.ndarray:
     rng = np.random.default_rng(_TRAIN_SAMPLE_SEED)
     rows = np.sort(rng.choice(n_vectors, size=n_train, replace=False))
     return _as_float32(vectors[rows])
+
+
+def _reserve_flat_storage(index: faiss.Index, n_vectors: int) -> None:
+    """Give a CPU IndexFlat room for all vectors before the batched adds.
+
+    IndexFlat has no reserve(); left alone, its storage vector grows by reallocation and copy
+    as batches arrive, which made the build ~1.7x slower at 1M x 512 here. Growing it once
+    and shrinking it back keeps the capacity (std::vector never shrinks on resize).
+    """
+    storage_bytes = n_vectors * index.code_size
+    index.codes.resize(storage_bytes)
+    index.codes.resize(0)
+
+
+def _float32_batches(vectors: np.ndarray, batch_rows: int) -> Iterator[np.ndarray]:
+    """Consecutive row batches as C-contiguous float32, converted into one reused buffer.
+
+    Reusing the buffer matters: a fresh 128 MB array per batch is page-faulted in anew each
+    time, which costs more than the conversion itself. Each batch is only valid until the
+    next one is produced.
+    """
+    n_vectors = vectors.shape[0]
+    if vectors.dtype == np.float32 and vectors.flags.c_contiguous:
+        for start in range(0, n_vectors, batch_rows):
+            yield vectors[start : start + batch_rows]
+        return
+    buffer = np.empty((min(batch_rows, n_vectors), vectors.shape[1]), dtype=np.float32)
+    for start in range(0, n_vectors, batch_rows):
+        chunk = vectors[start : start + batch_rows]
+        batch = buffer[: chunk.shape[0]]
+        batch[...] = chunk
+        yield batch
 
 
 def _as_float32(vectors: np.ndarray) -> np.ndarray:

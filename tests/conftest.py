@@ -1,0 +1,50 @@
+"""Shared fixtures: demo models built once per test session, fresh data roots, graph runs."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import dagster as dg
+import pytest
+from dagster._core.storage.tags import (
+    ASSET_PARTITION_RANGE_END_TAG,
+    ASSET_PARTITION_RANGE_START_TAG,
+)
+
+from megapairs_assets.demo.models import ensure_demo_models
+from megapairs_assets.partitions import SHARD_PARTITIONS_NAME
+
+
+@pytest.fixture(scope="session")
+def demo_models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    models_dir = tmp_path_factory.mktemp("demo-models")
+    ensure_demo_models(models_dir)
+    return models_dir
+
+
+def make_home(root: Path, models_dir: Path) -> Path:
+    """A fresh data root that reuses the session's demo models (built once, read only)."""
+    home = root / "home"
+    home.mkdir(parents=True)
+    (home / "models").symlink_to(models_dir, target_is_directory=True)
+    return home
+
+
+def run_shards(
+    defs: dg.Definitions,
+    instance: dg.DagsterInstance,
+    shards: Sequence[str],
+    job_name: str = "mining_half",
+) -> dg.ExecuteInProcessResult:
+    """Register the shards and materialize them in one run, as `megapairs demo` does."""
+    known = set(instance.get_dynamic_partitions(SHARD_PARTITIONS_NAME))
+    instance.add_dynamic_partitions(SHARD_PARTITIONS_NAME, [s for s in shards if s not in known])
+    return defs.resolve_job_def(job_name).execute_in_process(
+        instance=instance,
+        tags={
+            ASSET_PARTITION_RANGE_START_TAG: shards[0],
+            ASSET_PARTITION_RANGE_END_TAG: shards[-1],
+        },
+        raise_on_error=False,
+    )
