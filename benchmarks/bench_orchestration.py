@@ -42,7 +42,7 @@ import polars as pl
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks._machine import machine_info, write_result
-from megapairs_assets.corpus.sources import SourceSpec, iter_shard_records
+from megapairs_assets.corpus.sources import iter_shard_records
 from megapairs_assets.corpus.table import build_shard_table, check_corpus
 from megapairs_assets.definitions import build_definitions
 from megapairs_assets.demo import DEMO_CORPUS_DIR

@@ -2,7 +2,6 @@
 
 import dagster as dg
 
-
 mining_half_job = dg.define_asset_job(
     name="mining_half",
     description="Corpus -> embeddings -> KNN graphs -> mined image pairs, for a range of shards.",

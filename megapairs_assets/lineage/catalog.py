@@ -18,7 +18,8 @@ Tables (all ids are strings):
   materialization_id (the image_corpus materialization that produced the row).
 - `quarantine_log`: stage, shard, key, source_uri, reason, detail, materialization_id.
 - `pair_lineage`: pair_id, query_id, target_id, shard, sources (list), scores (JSON: source ->
-  score), hard_negative_ids (list, the query image first), knn_versions (JSON: source -> KNN materialization_id), materialization_id.
+  score), hard_negative_ids (list, the query image first), knn_versions (JSON: source -> KNN
+  materialization_id), materialization_id.
 
 Row tables hold the latest materialization of each partition: re-materializing a partition
 replaces its rows in the same transaction that adds them.
