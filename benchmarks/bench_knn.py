@@ -1,7 +1,7 @@
 """Benchmark of the KNN stage (megapairs_assets/knn/search.py) on synthetic embeddings.
 
     python benchmarks/bench_knn.py [--sizes 10000,100000,1000000] [--queries 2000] [--quick]
-                                   [--full]
+                                   [--full] [--repeats 1]
 
 What it measures, per corpus size N (d=512 float16 unit vectors in clusters, fixed seed;
 Q query rows drawn from the corpus; K=50 neighbours, i.e. 51 results with the query itself):
@@ -15,13 +15,16 @@ Q query rows drawn from the corpus; K=50 neighbours, i.e. 51 results with the qu
   build and search times (only for N <= 100,000 unless --full: HNSW builds slowly on 2 cores).
 
 Writes benchmarks/results/knn.json (knn_quick.json with --quick, the seconds-long CI smoke
-run). Timings on a shared machine are noisy: other jobs may run at the same time.
+run). Timings on a shared machine are noisy: other jobs may run at the same time, so the
+load average before and after is recorded, and --repeats R keeps the best of R alternating
+bare/ours runs.
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -270,6 +273,7 @@ def main(argv: list[str] | None = None) -> int:
     n_queries = 200 if args.quick else args.queries
 
     started = time.perf_counter()
+    load_before = os.getloadavg()[0]
     rows = []
     for n_vectors in sizes:
         with_approx = args.full or n_vectors <= APPROX_CAP_N
@@ -284,8 +288,12 @@ def main(argv: list[str] | None = None) -> int:
         "k": K,
         "faiss_threads": faiss.omp_get_max_threads(),
         "target_ratio_ours_to_bare": TARGET_RATIO,
+        "ratio_ours_to_bare_at_largest_n": max(rows, key=lambda r: r["n_vectors"])[
+            "ratio_ours_to_bare"
+        ],
         "worst_ratio_ours_to_bare": max(r["ratio_ours_to_bare"] for r in rows),
-        "note": "shared 2-core machine; other jobs may have been running, timings are noisy",
+        "load_average_1m_before_after": [round(load_before, 2), round(os.getloadavg()[0], 2)],
+        "note": "shared machine; other jobs may have been running, timings are noisy",
         "sizes": rows,
         "benchmark_wall_s": round(time.perf_counter() - started, 1),
     }

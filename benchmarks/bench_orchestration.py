@@ -1,4 +1,4 @@
-"""Benchmark of what Dagster adds: one shard through the asset graph vs the same logic called directly.
+"""Benchmark of what Dagster adds: one shard through the asset graph vs the plain calls.
 
     python benchmarks/bench_orchestration.py [--repeats 2] [--quick]
 
