@@ -25,12 +25,13 @@ class Progress:
     """Counts work done against a total and reports it.
 
     `log` receives a formatted line at most every `log_every_s` seconds and once at the end.
-    A tqdm bar is shown when stderr is a terminal (or `bar=True`).
+    A tqdm bar is shown when stderr is a terminal (or `bar=True`). `total=None` is for streams
+    whose length is unknown until read (a tar shard): rate is shown, ETA is not.
     """
 
     def __init__(
         self,
-        total: int,
+        total: int | None,
         desc: str,
         unit: str = "items",
         log: Callable[[str], None] | None = None,
@@ -60,12 +61,17 @@ class Progress:
 
     def line(self) -> str:
         rate = self.rate
+        elapsed = _fmt_duration(self.elapsed_s)
+        if self.total is None:
+            return (
+                f"{self.desc}: {self.done} {self.unit}, {rate:.1f} {self.unit}/s, elapsed {elapsed}"
+            )
         remaining = max(self.total - self.done, 0)
         eta = _fmt_duration(remaining / rate) if rate > 0 else "?"
         pct = 100.0 * self.done / self.total if self.total else 100.0
         return (
             f"{self.desc}: {self.done}/{self.total} {self.unit} ({pct:.0f}%), "
-            f"{rate:.1f} {self.unit}/s, elapsed {_fmt_duration(self.elapsed_s)}, ETA {eta}"
+            f"{rate:.1f} {self.unit}/s, elapsed {elapsed}, ETA {eta}"
         )
 
     def update(self, n: int) -> None:

@@ -69,7 +69,7 @@ def image_corpus(
         recorder = StepRecorder(
             lineage, ASSET_NAME, context.run.run_id, CODE_VERSION, storage.profile, shard
         )
-        with Progress(0, f"{ASSET_NAME}[{shard}]", "images", log=context.log.info) as progress:
+        with Progress(None, f"{ASSET_NAME}[{shard}]", "images", log=context.log.info) as progress:
             try:
                 images, quarantine = build_shard_table(
                     shard, iter_shard_records(spec, shard), limits, on_progress=progress.update
@@ -78,7 +78,6 @@ def image_corpus(
                 context.log.warning(f"shard {shard} is unreadable: {error}")
                 images = build_shard_table(shard, [], limits)[0]
                 quarantine = shard_error_table(shard, _shard_uri(spec, shard), error)
-            progress.total = progress.done
         images_path, quarantine_path = layout.corpus_images(shard), layout.corpus_quarantine(shard)
         write_parquet_atomic(images, images_path)
         write_parquet_atomic(quarantine, quarantine_path)
