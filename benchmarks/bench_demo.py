@@ -166,6 +166,7 @@ def run(quick: bool) -> dict[str, Any]:
         "per_asset_s": per_asset,
         "dagster_runs": dagster_runs,
         "note": "shared 2-core machine; other jobs may have been running, timings are noisy",
+        "load_average_1_5_15_min_at_end": [round(x, 2) for x in os.getloadavg()],
     }
     if len(runs) > 1:
         result["second_run_wall_s"] = runs[1]["wall_s"]

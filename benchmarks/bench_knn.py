@@ -9,8 +9,9 @@ Q query rows drawn from the corpus; K=50 neighbours, i.e. 51 results with the qu
 - ours: `build_index` + `search_neighbors` (float16 in, long polars frame out) on the same data;
 - ratio ours / bare. Target: <= 1.2 at 1M vectors, i.e. the output frame costs little next
   to faiss itself (at small N fixed costs of a few ms dominate the ratio). The seconds our
-  search spends outside faiss' own search calls are reported too: unlike the ratio, they do
-  not depend on two faiss runs meeting the same load on a shared machine;
+  search spends outside faiss' own search calls are reported too, and a second ratio that
+  uses the bare run's faiss search time for both: unlike the plain ratio, it does not depend
+  on two identical faiss searches meeting the same load on a shared machine;
 - peak RSS of each, and recall@50 of the ivf and hnsw indexes against exact search, with their
   build and search times (only for N <= 100,000 unless --full: HNSW builds slowly on 2 cores).
 
@@ -211,6 +212,14 @@ def bench_size(
         "ours_outside_faiss_search_s": round(ours["search_s"] - ours["faiss_search_s"], 3),
         "ours_peak_rss_mib": round(max(run["peak_rss_mib"] for run in ours_runs), 1),
         "ratio_ours_to_bare": round(ours_s / bare_s, 3),
+        # The same faiss search call runs in both; on a loaded machine its time swings by tens
+        # of percent between runs. This ratio charges ours with the bare run's search time plus
+        # what ours measurably adds around it, isolating our own cost from that noise.
+        "ratio_ours_to_bare_same_faiss_search": round(
+            (ours["build_s"] + bare["search_s"] + ours["search_s"] - ours["faiss_search_s"])
+            / bare_s,
+            3,
+        ),
         "output_rows": ours["neighbors"].height,
         "failed_checks": failed_checks,
         "approx": {},
@@ -237,14 +246,16 @@ def _approx_params(spec: IndexSpec, n_vectors: int) -> dict[str, int]:
 def print_tables(rows: list[dict[str, Any]]) -> None:
     """Human-readable summary of the figures that also go to the JSON file."""
     print(
-        f"{'N':>9} {'bare s':>8} {'ours s':>8} {'ratio':>6} {'ours non-faiss s':>16} "
+        f"{'N':>9} {'bare s':>8} {'ours s':>8} {'ratio':>6} {'same-search ratio':>17} "
+        f"{'ours non-faiss s':>16} "
         f"{'bare peak MiB':>13} {'ours peak MiB':>13} checks"
     )
     for r in rows:
         checks = "ok" if not r["failed_checks"] else ",".join(r["failed_checks"])
         print(
             f"{r['n_vectors']:>9} {r['bare_s']:>8.2f} {r['ours_s']:>8.2f} "
-            f"{r['ratio_ours_to_bare']:>6.3f} {r['ours_outside_faiss_search_s']:>16.3f} "
+            f"{r['ratio_ours_to_bare']:>6.3f} {r['ratio_ours_to_bare_same_faiss_search']:>17.3f} "
+            f"{r['ours_outside_faiss_search_s']:>16.3f} "
             f"{r['bare_peak_rss_mib']:>13.0f} "
             f"{r['ours_peak_rss_mib']:>13.0f} {checks}"
         )
@@ -288,9 +299,10 @@ def main(argv: list[str] | None = None) -> int:
         "k": K,
         "faiss_threads": faiss.omp_get_max_threads(),
         "target_ratio_ours_to_bare": TARGET_RATIO,
-        "ratio_ours_to_bare_at_largest_n": max(rows, key=lambda r: r["n_vectors"])[
-            "ratio_ours_to_bare"
-        ],
+        "ratios_at_largest_n": {
+            name: max(rows, key=lambda r: r["n_vectors"])[name]
+            for name in ("ratio_ours_to_bare", "ratio_ours_to_bare_same_faiss_search")
+        },
         "worst_ratio_ours_to_bare": max(r["ratio_ours_to_bare"] for r in rows),
         "load_average_1m_before_after": [round(load_before, 2), round(os.getloadavg()[0], 2)],
         "note": "shared machine; other jobs may have been running, timings are noisy",

@@ -1,6 +1,6 @@
 """Benchmark of what Dagster adds: one shard through the asset graph vs the plain calls.
 
-    python benchmarks/bench_orchestration.py [--repeats 2] [--quick]
+    python benchmarks/bench_orchestration.py [--repeats 3] [--quick]
 
 Both paths run the demo profile's mining half on the same one-shard webdataset corpus (a copy
 of the bundled demo shard 00000: 64 clip-art images with captions), each with a fresh data root
@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import os
 import sys
 import tarfile
 import tempfile
@@ -100,23 +101,23 @@ def fresh_home(root: Path, name: str, models_dir: Path) -> Path:
 
 
 @contextmanager
-def catalog_timer() -> Iterator[list[float]]:
-    """Time every lineage catalog access (DuckDB + file lock) while the block runs."""
-    seconds: list[float] = []
+def catalog_timer() -> Iterator[dict[str, list[float]]]:
+    """Time every lineage catalog access (DuckDB + file lock) while the block runs, by method."""
+    seconds: dict[str, list[float]] = {name: [] for name in CATALOG_METHODS}
     originals = {name: getattr(LineageCatalog, name) for name in CATALOG_METHODS}
 
-    def timed(method: Callable[..., Any]) -> Callable[..., Any]:
+    def timed(name: str, method: Callable[..., Any]) -> Callable[..., Any]:
         def wrapper(*args: Any, **kwargs: Any) -> Any:
             start = time.perf_counter()
             try:
                 return method(*args, **kwargs)
             finally:
-                seconds.append(time.perf_counter() - start)
+                seconds[name].append(time.perf_counter() - start)
 
         return wrapper
 
     for name, method in originals.items():
-        setattr(LineageCatalog, name, timed(method))
+        setattr(LineageCatalog, name, timed(name, method))
     try:
         yield seconds
     finally:
@@ -155,8 +156,13 @@ def run_dagster(home: Path, corpus_dir: Path) -> dict[str, Any]:
         "run_s": run_s,
         "steps_s": steps,
         "outside_steps_s": run_s - sum(steps.values()),
-        "catalog_s": sum(catalog_seconds),
-        "catalog_calls": len(catalog_seconds),
+        "catalog_s": sum(sum(found) for found in catalog_seconds.values()),
+        "catalog_calls": sum(len(found) for found in catalog_seconds.values()),
+        "catalog_by_method": {
+            name: {"calls": len(found), "seconds": round(sum(found), 3)}
+            for name, found in catalog_seconds.items()
+            if found
+        },
     }
 
 
@@ -304,6 +310,7 @@ def run(repeats: int, max_images: int | None) -> dict[str, Any]:
         "ratio_dagster_to_direct": round(dagster["run_s"] / direct["run_s"], 3),
         "overhead_lineage_catalog_s": round(dagster["catalog_s"], 3),
         "lineage_catalog_calls": dagster["catalog_calls"],
+        "lineage_catalog_by_method": dagster["catalog_by_method"],
         "overhead_outside_steps_s": round(dagster["outside_steps_s"], 3),
         "per_asset": per_asset,
         "all_runs_s": {
@@ -312,6 +319,7 @@ def run(repeats: int, max_images: int | None) -> dict[str, Any]:
         },
         "failed_checks_direct": direct["failed_checks"],
         "note": "shared 2-core machine; other jobs may have been running, timings are noisy",
+        "load_average_1_5_15_min_at_end": [round(x, 2) for x in os.getloadavg()],
     }
 
 
@@ -334,6 +342,11 @@ def print_summary(result: dict[str, Any]) -> None:
         f"{result['overhead_outside_steps_s']:.2f} s; building the definitions "
         f"{result['dagster_definitions_s_not_counted']:.2f} s (not counted)"
     )
+    by_method = ", ".join(
+        f"{name} {figures['calls']} x {figures['seconds'] / figures['calls'] * 1e3:.0f} ms"
+        for name, figures in result["lineage_catalog_by_method"].items()
+    )
+    print(f"lineage catalog calls: {by_method}")
     print(f"{'asset':>24} {'Dagster step s':>14} {'direct s':>9} {'overhead s':>10}")
     for row in result["per_asset"]:
         print(
@@ -347,7 +360,7 @@ def print_summary(result: dict[str, Any]) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Parse arguments, run, print and (unless --quick) save the figures."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--repeats", type=int, default=2, help="alternating runs; best counts")
+    parser.add_argument("--repeats", type=int, default=3, help="alternating runs; best counts")
     parser.add_argument("--quick", action="store_true", help="tiny run for a CI smoke test")
     args = parser.parse_args(argv)
     result = run(1 if args.quick else args.repeats, QUICK_IMAGES if args.quick else None)
