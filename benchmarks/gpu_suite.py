@@ -506,6 +506,9 @@ def knn_section(record: dict[str, Any], args: argparse.Namespace, suite: Suite) 
     index.search(np.ascontiguousarray(queries, dtype=np.float32), KNN_K + 1)
     record["bare_faiss_search_s"] = round(time.perf_counter() - started, 3)
     log(f"bare faiss search: {record['bare_faiss_search_s']} s")
+    if not suite.has_time(args.knn_search_s):
+        record["ours"] = "skipped: time budget"
+        return
     started = time.perf_counter()
     neighbors = search_neighbors(index, ids, queries, ids[:n_queries], KNN_K, spec)
     record["ours_search_s"] = round(time.perf_counter() - started, 3)
@@ -649,15 +652,60 @@ def main(argv: list[str] | None = None) -> int:
         with suite.section("embedding", 150) as record:
             if record is not None:
                 _run_with_fallback(record, args, suite)
-        with suite.section("knn", 60) as record:
+        with suite.section("knn", 100) as record:
             if record is not None:
                 knn_section(record, args, suite)
     with suite.section("vllm", 30) as record:
         if record is not None:
             vllm_section(record, args, suite)
     suite.save()
+    print_summary(suite.results)
     log(f"wrote {suite.output_path} after {suite.results['suite_wall_s']} s")
     return 0
+
+
+def print_summary(results: dict[str, Any]) -> None:
+    """The headline figures at the very end of the output, where a caller's tail shows them."""
+    sections = results["sections"]
+    embedding, knn = sections.get("embedding", {}), sections.get("knn", {})
+    print("=== gpu_suite summary ===", flush=True)
+    print(f"gpu: {results['environment'].get('gpu')}; dry run: {results['dry_run_cpu']}")
+    print(f"embedding: {embedding.get('status')}")
+    forward = embedding.get("forward_only") or embedding.get("forward_only_random_inputs")
+    if forward:
+        print(
+            f"  forward only {forward['images_per_s']} images/s; ceiling "
+            f"{embedding.get('ceiling_images_per_s')} images/s "
+            f"({embedding.get('gflop_per_image')} GFLOP/image at "
+            f"{embedding.get('dense_bf16_peak_tflops')} TFLOP/s); MFU "
+            f"{embedding.get('forward_only_mfu')}"
+        )
+    for kind in ("end_to_end", "pipeline_only"):
+        for variant, figures in (embedding.get(kind) or {}).items():
+            if isinstance(figures, dict):
+                print(
+                    f"  {kind} {variant}: {figures['images_per_s']} images/s, "
+                    f"{figures['ratio_to_forward_only']} of forward only"
+                )
+            else:
+                print(f"  {kind} {variant}: {figures}")
+    print(f"knn: {knn.get('status')}")
+    for key in (
+        "config",
+        "torch_topk",
+        "ceiling_s",
+        "ratio_torch_topk_to_ceiling",
+        "faiss",
+        "ours_build_s",
+        "bare_faiss_search_s",
+        "ours_search_s",
+        "ratio_ours_search_to_bare_faiss",
+        "ratio_ours_search_to_torch_topk",
+        "failed_checks_on_first_rows",
+    ):
+        if key in knn:
+            print(f"  {key}: {knn[key]}")
+    print(f"vllm: {sections.get('vllm', {}).get('status')}", flush=True)
 
 
 def _run_with_fallback(record: dict[str, Any], args: argparse.Namespace, suite: Suite) -> None:

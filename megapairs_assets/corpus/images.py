@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
+import math
 import os
 import re
 import tarfile
@@ -127,6 +128,23 @@ def read_uri_bytes(uri: str) -> bytes:
 def close_tar_cache() -> None:
     """Close the tar files this process holds open for `open_image_rgb`."""
     _TAR_CACHE.clear()
+
+
+# Decoding for an encoder keeps both sides at least this factor above the model's input side:
+# DINOv2-style preprocessing resizes to 256 before its 224 crop (256 / 224 = 1.14), and a
+# JPEG's DCT draft only ever reduces by powers of two, so the preprocess never upsamples.
+DRAFT_MARGIN = 1.15
+
+
+def open_image_for_model(uri: str, limits: ImageLimits, input_side_px: int | None) -> Image.Image:
+    """Decode an image for an encoder whose preprocess resizes it to `input_side_px`.
+
+    JPEGs decode at the smallest DCT scale that keeps both sides >= DRAFT_MARGIN x the input
+    side (a 2-8x cheaper decode for photos); there is no resampling here, so the model's own
+    preprocess resizes exactly once. Validation is the same as `decode_image`'s.
+    """
+    draft_side_px = math.ceil(input_side_px * DRAFT_MARGIN) if input_side_px else None
+    return _decode(read_uri_bytes(uri), limits, draft_side_px=draft_side_px).image
 
 
 def clean_caption(caption: str | None, limits: ImageLimits) -> tuple[str | None, bool]:

@@ -26,7 +26,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from megapairs_assets.corpus.images import ImageLimits, ImageRejected, open_image_rgb
+from megapairs_assets.corpus.images import ImageLimits, ImageRejected, open_image_for_model
 from megapairs_assets.embeddings.encoders import LoadedEncoder
 from megapairs_assets.progress import ProgressCallback
 from megapairs_assets.quality import CheckOutcome, outcome
@@ -169,13 +169,13 @@ class _ImageRows(Dataset):
         image_ids: list[str],
         uris: list[str],
         limits: ImageLimits,
-        max_side_px: int | None,
+        input_side_px: int | None,
         preprocess: Callable[[Image.Image], torch.Tensor],
     ) -> None:
         self.image_ids = image_ids
         self.uris = uris
         self.limits = limits
-        self.max_side_px = max_side_px
+        self.input_side_px = input_side_px
         self.preprocess = preprocess
 
     def __len__(self) -> int:
@@ -184,7 +184,7 @@ class _ImageRows(Dataset):
     def __getitem__(self, index: int) -> tuple[str, torch.Tensor | None, tuple[str, str] | None]:
         image_id = self.image_ids[index]
         try:
-            image = open_image_rgb(self.uris[index], self.limits, max_side_px=self.max_side_px)
+            image = open_image_for_model(self.uris[index], self.limits, self.input_side_px)
         except ImageRejected as exc:
             return image_id, None, (exc.reason, exc.detail)
         return image_id, *self._preprocessed(image)
@@ -217,14 +217,11 @@ def _image_batches(
 ) -> Iterator[_Batch]:
     if encoder.preprocess is None:
         raise ValueError(f"image encoder {encoder.model_id} has no preprocess")
-    max_side_px = (
-        DECODE_SIDE_FACTOR * encoder.input_size_px if encoder.input_size_px is not None else None
-    )
     dataset = _ImageRows(
         rows["image_id"].to_list(),
         rows["source_uri"].to_list(),
         limits,
-        max_side_px,
+        encoder.input_size_px,
         encoder.preprocess,
     )
     loader = DataLoader(
