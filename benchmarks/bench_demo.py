@@ -33,6 +33,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks._machine import machine_info, write_result
+from benchmarks.bench_embedding import code_commit
 from megapairs_assets.demo import DEMO_CORPUS_DIR
 from megapairs_assets.lineage.catalog import LineageCatalog
 from megapairs_assets.storage import DataLayout
@@ -167,6 +168,7 @@ def run(quick: bool) -> dict[str, Any]:
         "dagster_runs": dagster_runs,
         "note": "shared 2-core machine; other jobs may have been running, timings are noisy",
         "load_average_1_5_15_min_at_end": [round(x, 2) for x in os.getloadavg()],
+        "code_commit": code_commit(),
     }
     if len(runs) > 1:
         result["second_run_wall_s"] = runs[1]["wall_s"]

@@ -43,6 +43,7 @@ import polars as pl
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks._machine import machine_info, write_result
+from benchmarks.bench_embedding import code_commit
 from megapairs_assets.corpus.sources import iter_shard_records
 from megapairs_assets.corpus.table import build_shard_table, check_corpus
 from megapairs_assets.definitions import build_definitions
@@ -320,6 +321,7 @@ def run(repeats: int, max_images: int | None) -> dict[str, Any]:
         "failed_checks_direct": direct["failed_checks"],
         "note": "shared 2-core machine; other jobs may have been running, timings are noisy",
         "load_average_1_5_15_min_at_end": [round(x, 2) for x in os.getloadavg()],
+        "code_commit": code_commit(),
     }
 
 
