@@ -264,7 +264,7 @@ def embed_rows_microbatched(
 
     def embed_pending() -> None:
         pixels = torch.cat(pending) if len(pending) > 1 else pending[0]
-        chunks.append(compute._embed_batch(encoder, pixels, device, dtype))
+        chunks.append(compute._embed_batch(encoder, pixels))
         ids.extend(pending_ids)
         if on_progress is not None:
             on_progress(len(pending_ids))
