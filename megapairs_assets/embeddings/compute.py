@@ -36,9 +36,6 @@ SkippedRow = tuple[str, str, str]
 
 # float16 keeps ~3 significant digits, so a unit vector's norm drifts by up to ~1e-3.
 UNIT_NORM_TOLERANCE = 1e-2
-# Decoding at about twice the model's input side leaves the resize/crop enough pixels while
-# letting JPEG draft mode skip most of the work on large photos.
-DECODE_SIDE_FACTOR = 2
 PREFETCH_BATCHES_PER_WORKER = 2
 NO_CAPTION = "no_caption"
 PREPROCESS_FAILED = "preprocess_failed"
