@@ -58,14 +58,20 @@ def merge_outcomes(outcomes: Iterable[CheckOutcome]) -> list[CheckOutcome]:
     return combined
 
 
-def check_results(outcomes: Iterable[CheckOutcome], asset_name: str) -> list[dg.AssetCheckResult]:
-    """Turn plain outcomes into Dagster check results (failures are errors)."""
+def check_results(
+    outcomes: Iterable[CheckOutcome], asset_name: str, warning_checks: Iterable[str] = ()
+) -> list[dg.AssetCheckResult]:
+    """Turn plain outcomes into Dagster check results (failures are errors, or warnings for
+    the checks named in `warning_checks`)."""
+    warnings = set(warning_checks)
     return [
         dg.AssetCheckResult(
             asset_key=asset_name,
             check_name=o.name,
             passed=o.passed,
-            severity=dg.AssetCheckSeverity.ERROR,
+            severity=dg.AssetCheckSeverity.WARN
+            if o.name in warnings
+            else dg.AssetCheckSeverity.ERROR,
             description=o.detail,
             metadata={"failing_rows": o.failing_rows, "examples": ", ".join(o.examples) or "-"},
         )

@@ -20,7 +20,13 @@ from megapairs_assets.corpus.sources import (
     iter_shard_records,
     list_shards,
 )
-from megapairs_assets.corpus.table import build_shard_table, check_corpus, shard_error_table
+from megapairs_assets.corpus.table import (
+    build_shard_table,
+    check_corpus,
+    check_cross_shard_duplicates,
+    shard_error_table,
+)
+from megapairs_assets.lineage.catalog import LineageCatalog
 from megapairs_assets.partitions import (
     SHARD_BACKFILL_POLICY,
     SHARD_PARTITIONS_NAME,
@@ -37,6 +43,9 @@ CORPUS_CHECKS = {
     "corpus_ids_unique": "Every image_id appears once (ids are corpus-unique by construction)",
     "corpus_rows_complete": "Required columns are filled and every image meets the size limits",
 }
+CROSS_SHARD_CHECKS = {
+    "corpus_content_unique_across_shards": "No image repeats the exact bytes of another shard's",
+}
 
 
 @dg.asset(
@@ -46,7 +55,11 @@ CORPUS_CHECKS = {
     code_version=CODE_VERSION,
     kinds={"parquet", "duckdb"},
     backfill_policy=SHARD_BACKFILL_POLICY,
-    check_specs=check_specs(ASSET_NAME, CORPUS_CHECKS, blocking=True),
+    check_specs=[
+        *check_specs(ASSET_NAME, CORPUS_CHECKS, blocking=True),
+        # Copies across shards are worth knowing about but poison nothing downstream.
+        *check_specs(ASSET_NAME, CROSS_SHARD_CHECKS, blocking=False),
+    ],
 )
 def image_corpus(
     context: dg.AssetExecutionContext,
@@ -82,6 +95,7 @@ def image_corpus(
         write_parquet_atomic(images, images_path)
         write_parquet_atomic(quarantine, quarantine_path)
         outcomes += check_corpus(images, limits.min_side_px)
+        outcomes.append(check_cross_shard_duplicates(images, _other_shards(lineage, shard, images)))
         recorder.finish(
             config={"source": spec.__dict__, "limits": limits.__dict__},
             row_counts={"images": images.height, "quarantined": quarantine.height},
@@ -130,7 +144,16 @@ def image_corpus(
             "thumbnails": dg.MetadataValue.md(thumbnail_markdown(previews)),
             "path": dg.MetadataValue.path(str(layout.data_dir / ASSET_NAME)),
         },
-        check_results=check_results(outcomes, ASSET_NAME),
+        check_results=check_results(outcomes, ASSET_NAME, warning_checks=CROSS_SHARD_CHECKS),
+    )
+
+
+def _other_shards(lineage: LineageCatalog, shard: str, images: pl.DataFrame) -> pl.DataFrame:
+    """Images of other shards, already in the catalog, that share a content hash with these."""
+    return lineage.query(
+        "SELECT image_id, content_hash FROM image_lineage "
+        "WHERE shard <> ? AND content_hash IN (SELECT unnest(?))",
+        [shard, images["content_hash"].to_list()],
     )
 
 

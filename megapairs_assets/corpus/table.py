@@ -217,3 +217,25 @@ def _split_error(error: str) -> tuple[str, str]:
     if not separator or not reason or " " in reason.strip():
         return "source_error", error
     return reason.strip(), detail.strip()
+
+
+def check_cross_shard_duplicates(images: pl.DataFrame, other_shards: pl.DataFrame) -> CheckOutcome:
+    """`corpus_content_unique_across_shards`: no image of this shard has the exact bytes
+    (sha256) of an image already registered from another shard.
+
+    `other_shards` holds `image_id` and `content_hash` of the rest of the corpus (the lineage
+    catalog's image rows). Within a shard such copies are quarantined as `duplicate_content`;
+    across shards both are kept (shards are processed independently and in parallel), so this
+    check reports them. The near-duplicate end of each mining band keeps them from becoming
+    pairs.
+    """
+    joined = images.select("image_id", "content_hash").join(
+        other_shards.select(pl.col("image_id").alias("other_id"), "content_hash"),
+        on="content_hash",
+    )
+    examples = [f"{row[0]} = {row[1]}" for row in joined.select("image_id", "other_id").rows()]
+    return outcome(
+        "corpus_content_unique_across_shards",
+        examples,
+        "no image repeats the exact bytes of an image in another shard",
+    )
