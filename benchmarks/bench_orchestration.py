@@ -69,7 +69,7 @@ SHARD = "00000"
 QUICK_IMAGES = 16
 LOG_LEVEL = "WARNING"
 # Catalog methods that open DuckDB; `latest_materialization_ids` goes through `query`.
-CATALOG_METHODS = ("record", "query", "clear_rows")
+CATALOG_METHODS = ("record", "query")
 
 
 def copy_demo_shard(target_dir: Path, max_images: int | None) -> Path:

@@ -104,3 +104,13 @@ def test_lock_timeout_names_the_file(tmp_path: Path) -> None:
         # flock is per open file description, so a second open in this process contends.
         with pytest.raises(CatalogBusyError, match=r"catalog\.duckdb"):
             LineageCatalog(path, lock_timeout_s=0.2).query("SELECT 1")
+
+
+def test_a_partition_that_now_has_no_rows_loses_its_old_ones(tmp_path: Path) -> None:
+    catalog = LineageCatalog(tmp_path / "catalog.duckdb")
+    catalog.record(_record("image_corpus", "00000"), rows={"image_lineage": _images("00000", 3)})
+    catalog.record(_record("image_corpus", "00001"), rows={"image_lineage": _images("00001", 2)})
+    # Shard 00000 became unreadable: its new materialization brings no image rows at all.
+    catalog.record(_record("image_corpus", "00000"), rows={"image_lineage": _images("00000", 0)})
+    counts = catalog.query("SELECT shard, count(*) AS n FROM image_lineage GROUP BY shard")
+    assert counts.rows() == [("00001", 2)]

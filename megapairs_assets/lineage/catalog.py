@@ -71,12 +71,10 @@ CREATE TABLE IF NOT EXISTS pair_lineage (
 );
 """
 
-# Which column scopes a row table's partition, so a re-run replaces exactly its own rows.
-_ROW_TABLE_SCOPE = {
-    "image_lineage": ("shard",),
-    "quarantine_log": ("stage", "shard"),
-    "pair_lineage": ("shard",),
-}
+# The row tables a materialization may replace. Its rows replace exactly the rows of the same
+# shard (and, for quarantine_log, the same stage = asset), even when it brings none: a shard
+# that became unreadable leaves no stale rows behind.
+_ROW_TABLES = ("image_lineage", "quarantine_log", "pair_lineage")
 
 
 class CatalogBusyError(RuntimeError):
@@ -196,7 +194,7 @@ class LineageCatalog:
                     ],
                 )
                 for table, frame in (rows or {}).items():
-                    self._replace_rows(con, table, frame, m.materialization_id)
+                    self._replace_rows(con, table, frame, m)
                 con.execute("COMMIT")
             except Exception:
                 con.execute("ROLLBACK")
@@ -204,28 +202,27 @@ class LineageCatalog:
 
     @staticmethod
     def _replace_rows(
-        con: duckdb.DuckDBPyConnection, table: str, frame: pl.DataFrame, materialization_id: str
+        con: duckdb.DuckDBPyConnection,
+        table: str,
+        frame: pl.DataFrame,
+        materialization: MaterializationRecord,
     ) -> None:
-        if table not in _ROW_TABLE_SCOPE:
-            raise ValueError(
-                f"unknown row table {table!r}; expected one of {list(_ROW_TABLE_SCOPE)}"
+        if table not in _ROW_TABLES:
+            raise ValueError(f"unknown row table {table!r}; expected one of {list(_ROW_TABLES)}")
+        if table == "quarantine_log":
+            con.execute(
+                "DELETE FROM quarantine_log WHERE stage = ? AND shard = ?",
+                [materialization.asset, materialization.partition],
             )
-        frame = frame.with_columns(pl.lit(materialization_id).alias("materialization_id"))
-        scope_columns = _ROW_TABLE_SCOPE[table]
-        scopes = frame.select(scope_columns).unique().rows()
-        for scope in scopes:
-            where = " AND ".join(f"{c} = ?" for c in scope_columns)
-            con.execute(f"DELETE FROM {table} WHERE {where}", list(scope))
+        else:
+            con.execute(f"DELETE FROM {table} WHERE shard = ?", [materialization.partition])
         if frame.height:
+            frame = frame.with_columns(
+                pl.lit(materialization.materialization_id).alias("materialization_id")
+            )
             arrow_rows = frame.to_arrow()  # noqa: F841  (DuckDB reads the local by name)
             columns = ", ".join(frame.columns)
             con.execute(f"INSERT INTO {table} ({columns}) SELECT {columns} FROM arrow_rows")
-
-    def clear_rows(self, table: str, scope: Mapping[str, str]) -> None:
-        """Delete a partition's rows, for a re-run that produced none."""
-        where = " AND ".join(f"{c} = ?" for c in scope)
-        with self.connect() as con:
-            con.execute(f"DELETE FROM {table} WHERE {where}", list(scope.values()))
 
     # -- reads ----------------------------------------------------------------------------
 
