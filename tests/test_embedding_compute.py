@@ -46,6 +46,15 @@ def _fake_text_vectors(texts: list[str]) -> torch.Tensor:
     return torch.stack([lengths + offset for offset in range(FAKE_DIM)], dim=1)
 
 
+def _huge_text_vectors(texts: list[str]) -> torch.Tensor:
+    # Raw outputs between 1e4 and 7e4: their squares overflow float16 (max 65504), and the
+    # largest are not even representable in it, as real un-normalised model outputs can be.
+    lengths = torch.tensor([float(len(text)) for text in texts])
+    return torch.stack(
+        [1e4 * (1.0 + 0.55 * offset) + 50.0 * lengths for offset in range(FAKE_DIM)], 1
+    )
+
+
 def _fake_encoder(modality: str) -> LoadedEncoder:
     if modality == "image":
         return LoadedEncoder(
@@ -154,6 +163,34 @@ def test_rows_without_caption_are_skipped_for_text(tmp_path: Path) -> None:
     ]
     np.testing.assert_allclose(_norms(result.vectors), 1.0, atol=1e-3)
     assert sum(progress) == 4
+
+
+def test_large_raw_outputs_still_give_finite_unit_rows() -> None:
+    rows = pl.DataFrame(
+        {
+            "image_id": ["a", "b", "c"],
+            "source_uri": ["unused"] * 3,
+            "caption": ["x", "a longer caption", "the longest caption of the three"],
+        }
+    )
+    encoder = LoadedEncoder(
+        model_id="fake:huge",
+        dim=FAKE_DIM,
+        modality="text",
+        preprocess=None,
+        input_size_px=None,
+        _encode_texts=_huge_text_vectors,
+    )
+    raw = _huge_text_vectors(rows["caption"].to_list()).double().numpy()
+    assert raw.min() >= 1e4 and raw.max() > np.finfo(np.float16).max  # the premise holds
+
+    result = embed_rows(rows, encoder, LIMITS, 2, 0, CPU, torch.float32)
+
+    assert np.isfinite(result.vectors).all()
+    np.testing.assert_allclose(_norms(result.vectors), 1.0, atol=1e-3)
+    expected = raw / np.linalg.norm(raw, axis=1, keepdims=True)
+    np.testing.assert_allclose(result.vectors.astype(np.float64), expected, atol=2e-3)
+    assert all(c.passed for c in check_embeddings(result.ids, result.vectors, result.ids))
 
 
 def test_no_rows_give_an_empty_table_of_the_right_width(tmp_path: Path) -> None:

@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import hashlib
+import json
+import os
+import subprocess
+import sys
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import polars as pl
 import pytest
 
+import megapairs_assets
 from megapairs_assets.mining.pairs import (
     DEFAULT_SOURCES,
     PAPER_BAND,
@@ -81,7 +87,9 @@ def test_targets_per_source_keeps_the_best_scores_whatever_the_row_order() -> No
 def test_hard_negatives_are_query_then_other_targets_of_the_same_query() -> None:
     frame = knn([("q", t, 0.9) for t in "abcde"] + [("other", "x", 0.9), ("other", "y", 0.9)])
     pairs = mine_pairs({"clip_image": frame}, paper_params(targets_per_source=5, hard_negatives=4))
-    for row in pairs.filter(pl.col("query_id") == "q").iter_rows(named=True):
+    rows_of_q = pairs.filter(pl.col("query_id") == "q")
+    assert rows_of_q["target_id"].to_list() == list("abcde")  # the loop below is not vacuous
+    for row in rows_of_q.iter_rows(named=True):
         negatives = row["hard_negative_ids"]
         assert negatives[0] == "q"
         assert len(negatives) == 4
@@ -179,6 +187,57 @@ def test_query_fraction_keeps_a_deterministic_subset_of_whole_queries() -> None:
     assert set(other_seed["query_id"]) != kept
 
 
+def test_a_small_query_fraction_keeps_about_that_share_of_queries() -> None:
+    neighbors = random_knn(query_count=200, k=5, seed=4)
+    tenth = mine_pairs(neighbors, paper_params(query_fraction=0.1))
+    kept = set(tenth["query_id"])
+    # 0.1 of 200 queries: 20 expected (binomial sd ~4); keeping the complement would give ~180.
+    assert 8 <= len(kept) <= 35
+    assert tenth.equals(mine_pairs(neighbors, paper_params(query_fraction=0.1)))
+    # One key per id and a threshold: a query sampled at 0.1 is also sampled at 0.5.
+    assert kept < set(mine_pairs(neighbors, paper_params(query_fraction=0.5))["query_id"])
+
+
+# Runs in a child process: mines the KNN tables the test wrote and writes the pairs back.
+_MINE_IN_CHILD = """
+import json, sys
+from pathlib import Path
+import polars as pl
+from megapairs_assets.mining.pairs import DEFAULT_SOURCES, PAPER_BAND, MiningParams, mine_pairs
+folder, overrides, out_name = Path(sys.argv[1]), json.loads(sys.argv[2]), sys.argv[3]
+neighbors = {s: pl.read_parquet(folder / f"{s}.parquet") for s in DEFAULT_SOURCES}
+params = MiningParams(bands={s: PAPER_BAND for s in DEFAULT_SOURCES}, **overrides)
+mine_pairs(neighbors, params).write_parquet(folder / out_name)
+"""
+
+
+def test_other_processes_with_other_hash_seeds_mine_identical_pairs(tmp_path: Path) -> None:
+    # Shards are mined in separate processes, and Python's own str hash differs per process
+    # (PYTHONHASHSEED): ids, negatives and the query sample must not depend on it.
+    overrides = {"targets_per_source": 6, "hard_negatives": 5, "query_fraction": 0.5, "seed": 11}
+    neighbors = random_knn(query_count=40, k=15, seed=10)
+    for source, frame in neighbors.items():
+        frame.write_parquet(tmp_path / f"{source}.parquet")
+    here = mine_pairs(neighbors, paper_params(**overrides))
+    assert here.height > 0 and here["query_id"].n_unique() < 40  # the sample dropped queries
+    assert here["hard_negative_ids"].list.len().max() == 5  # pools larger than the negatives
+
+    code_root = str(Path(megapairs_assets.__file__).resolve().parents[1])
+    python_path = os.pathsep.join(p for p in (code_root, os.environ.get("PYTHONPATH")) if p)
+    hash_seeds = ("1", "2")
+    children = [
+        subprocess.Popen(
+            [sys.executable, "-c", _MINE_IN_CHILD, str(tmp_path), json.dumps(overrides),
+             f"pairs-{hash_seed}.parquet"],
+            env={**os.environ, "PYTHONHASHSEED": hash_seed, "PYTHONPATH": python_path},
+        )
+        for hash_seed in hash_seeds
+    ]  # fmt: skip
+    assert [child.wait(timeout=120) for child in children] == [0, 0]
+    for hash_seed in hash_seeds:
+        assert pl.read_parquet(tmp_path / f"pairs-{hash_seed}.parquet").equals(here), hash_seed
+
+
 def test_check_pairs_passes_on_mined_output() -> None:
     params = paper_params(targets_per_source=4)
     pairs = mine_pairs(random_knn(query_count=20, k=10, seed=5), params)
@@ -242,6 +301,19 @@ def test_summarize_pairs_counts_sources_and_negatives() -> None:
     assert summary["pairs_from_caption_text"] == 1
     assert summary["pairs_from_2plus_sources"] == 1
     assert summary["mean_negatives_per_pair"] == pytest.approx(2.0)
+    assert summary["mean_mined_negatives_per_pair"] == pytest.approx(1.0)
+
+
+def test_mean_mined_negatives_per_pair_leaves_out_the_query_image() -> None:
+    # Small per-source cuts make pools of different sizes, so pairs carry different counts.
+    pairs = mine_pairs(random_knn(query_count=30, k=6, seed=8), paper_params(targets_per_source=2))
+    per_pair = pairs["hard_negative_ids"].list.len()
+    assert per_pair.n_unique() > 1
+    summary = summarize_pairs(pairs, DEFAULT_SOURCES)
+    assert summary["mean_negatives_per_pair"] == pytest.approx(per_pair.mean())
+    assert summary["mean_mined_negatives_per_pair"] == pytest.approx(per_pair.mean() - 1.0)
+    empty = summarize_pairs(pairs.head(0), DEFAULT_SOURCES)
+    assert empty["mean_negatives_per_pair"] == empty["mean_mined_negatives_per_pair"] == 0.0
 
 
 @pytest.mark.parametrize(
