@@ -35,8 +35,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks._machine import machine_info, write_result
 from benchmarks.bench_embedding import code_commit
 from megapairs_assets.demo import DEMO_CORPUS_DIR
+from megapairs_assets.lib.storage import DataLayout
 from megapairs_assets.lineage.catalog import LineageCatalog
-from megapairs_assets.storage import DataLayout
 
 TARGET_FIRST_RUN_S = 300.0
 TIMEOUT_S = 1800

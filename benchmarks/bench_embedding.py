@@ -71,7 +71,7 @@ from megapairs_assets.embeddings.encoders import (
     load_encoder,
     register_bundled_model_configs,
 )
-from megapairs_assets.progress import ProgressCallback
+from megapairs_assets.lib.progress import ProgressCallback
 
 TARGET_RATIO = 0.9
 JPEG_QUALITY = 90

@@ -58,10 +58,10 @@ from megapairs_assets.embeddings.compute import (
 )
 from megapairs_assets.knn.assets import knn_asset_name
 from megapairs_assets.knn.search import build_index, check_knn, search_neighbors
+from megapairs_assets.lib.storage import DataLayout, write_parquet_atomic
 from megapairs_assets.lineage.catalog import LineageCatalog
 from megapairs_assets.mining.pairs import check_pairs, mine_pairs
-from megapairs_assets.partitions import SHARD_PARTITIONS_NAME
-from megapairs_assets.storage import DataLayout, write_parquet_atomic
+from megapairs_assets.orchestration.partitions import SHARD_PARTITIONS_NAME
 from resources.corpus import CorpusSourceResource
 from resources.profiles import build_resources
 

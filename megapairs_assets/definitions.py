@@ -1,6 +1,7 @@
-"""The Dagster code location: every asset, check, job, sensor and resource of the profile.
+"""The Dagster code location: every stage's assets, checks and sensors, the jobs, the resources.
 
 `MEGAPAIRS_PROFILE` (default `demo`) picks the resources; `MEGAPAIRS_HOME` the data root.
+Each stage folder contributes its assets; this file only merges them.
 """
 
 from __future__ import annotations
@@ -11,14 +12,33 @@ from typing import Any
 import dagster as dg
 
 from jobs import all_jobs
-from megapairs_assets.corpus.assets import image_corpus, new_shards_sensor
+from megapairs_assets.corpus.assets import build_shards_sensor, image_corpus
 from megapairs_assets.embeddings.assets import embedding_assets
 from megapairs_assets.knn.assets import knn_assets
+from megapairs_assets.lib.storage import default_home
 from megapairs_assets.mining.assets import mined_image_pairs
-from megapairs_assets.storage import default_home
-from resources.profiles import build_resources, profile_from_env
+from resources.profiles import SensorSettings, build_resources, profile_from_env, sensor_settings
 
-ALL_ASSETS = [image_corpus, *embedding_assets, *knn_assets, mined_image_pairs]
+MINING_HALF = [image_corpus, *embedding_assets, *knn_assets, mined_image_pairs]
+ALL_ASSETS = [*MINING_HALF]
+
+
+def _status(running: bool) -> dg.DefaultSensorStatus:
+    return dg.DefaultSensorStatus.RUNNING if running else dg.DefaultSensorStatus.STOPPED
+
+
+def build_sensors(settings: SensorSettings) -> list[dg.SensorDefinition]:
+    """The shard sensor and the declarative-automation sensor, on or off as the profile says."""
+    return [
+        build_shards_sensor(_status(settings.shards_sensor_running)),
+        dg.AutomationConditionSensorDefinition(
+            "megapairs_automation",
+            target=dg.AssetSelection.all(),
+            default_status=_status(settings.automation_running),
+            description="Refreshes downstream partitions whose upstream is new or changed "
+            "(each asset's automation condition shows on its page).",
+        ),
+    ]
 
 
 def build_definitions(
@@ -30,11 +50,12 @@ def build_definitions(
 
     `resource_overrides` replaces individual resources (tests point the corpus elsewhere).
     """
-    resources = build_resources(profile or profile_from_env(), home or default_home())
+    profile = profile or profile_from_env()
+    resources = build_resources(profile, home or default_home())
     return dg.Definitions(
         assets=ALL_ASSETS,
         jobs=all_jobs,
-        sensors=[new_shards_sensor],
+        sensors=build_sensors(sensor_settings(profile)),
         resources={**resources, **(resource_overrides or {})},
     )
 

@@ -27,6 +27,11 @@ class FaissIndexResource(dg.ConfigurableResource):
     ef_search: int = 128
     use_gpu: Literal["auto", "yes", "no"] = "auto"
     query_batch_size: int = 16384
+    allow_partial_corpus: bool = Field(
+        default=False,
+        description="Search a corpus with shards still missing embeddings (the check "
+        "knn_corpus_complete then passes, saying so); off by default",
+    )
 
     def spec(self) -> IndexSpec:
         use_gpu = self.use_gpu == "yes" or (self.use_gpu == "auto" and faiss_has_gpu())

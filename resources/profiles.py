@@ -27,10 +27,12 @@ pretrained model, and its band brackets related-but-not-identical captions.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from megapairs_assets.demo import DEMO_CORPUS_DIR
+from megapairs_assets.embeddings.sources import PAPER_BAND, SOURCE_NAMES
 from resources.corpus import CorpusSourceResource
 from resources.device import DeviceResource
 from resources.encoders import EncoderResource
@@ -41,8 +43,8 @@ from resources.storage import LineageCatalogResource, StorageResource
 PROFILE_NAMES = ("demo", "paper")
 DEFAULT_PROFILE = "demo"
 
-# The three similarity sources, in canonical order (method.md §2).
-SOURCES = ("clip_image", "dino_image", "caption_text")
+# The three similarity sources, in canonical order (method.md §2); the registry is the one home.
+SOURCES = SOURCE_NAMES
 
 PAPER_CLIP_MODEL = "EVA02-L-14"
 PAPER_CLIP_PRETRAINED = "merged2b_s4b_b131k"
@@ -50,6 +52,37 @@ PAPER_CLIP_PRETRAINED = "merged2b_s4b_b131k"
 
 class ProfileError(ValueError):
     """An unknown profile name or a profile that cannot be built."""
+
+
+@dataclass(frozen=True)
+class SensorSettings:
+    """Which sensors start running in a fresh Dagster instance (a user can flip them in the UI).
+
+    shards_sensor_running: `new_shards_sensor` registers new shards and retires removed ones.
+    automation_running: `megapairs_automation` refreshes stale downstream partitions.
+    The shard sensor starts running and automation starts off in both profiles (a refresh of
+    every KNN partition after any embedding change is a choice to make, not a default); the
+    environment variable `MEGAPAIRS_SENSORS=on|off` overrides both.
+    """
+
+    shards_sensor_running: bool
+    automation_running: bool
+
+
+_SENSOR_DEFAULTS = {
+    "demo": SensorSettings(shards_sensor_running=True, automation_running=False),
+    "paper": SensorSettings(shards_sensor_running=True, automation_running=False),
+}
+
+
+def sensor_settings(profile: str) -> SensorSettings:
+    """The profile's sensor defaults, or both on/off from `MEGAPAIRS_SENSORS`."""
+    override = os.environ.get("MEGAPAIRS_SENSORS", "").strip().lower()
+    if override in ("on", "off"):
+        return SensorSettings(override == "on", override == "on")
+    if override:
+        raise ProfileError(f"MEGAPAIRS_SENSORS must be 'on' or 'off', got {override!r}")
+    return _SENSOR_DEFAULTS.get(profile, _SENSOR_DEFAULTS["demo"])
 
 
 def profile_from_env() -> str:
@@ -136,7 +169,7 @@ def paper_resources(home: Path) -> dict[str, Any]:
         ),
         "knn_index": FaissIndexResource(k=50, kind="flat", use_gpu="auto"),
         "mining": MiningResource(
-            bands={source: [0.8, 0.96] for source in SOURCES},
+            bands={source: list(PAPER_BAND) for source in SOURCES},
             targets_per_source=3,
             hard_negatives=5,
         ),

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import dagster as dg
 
+from megapairs_assets.lib.storage import DataLayout
 from megapairs_assets.lineage.catalog import LineageCatalog
-from megapairs_assets.storage import DataLayout
 
 
 class StorageResource(dg.ConfigurableResource):

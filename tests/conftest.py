@@ -13,7 +13,7 @@ from dagster._core.storage.tags import (
 )
 
 from megapairs_assets.demo.models import ensure_demo_models
-from megapairs_assets.partitions import SHARD_PARTITIONS_NAME
+from megapairs_assets.orchestration.partitions import SHARD_PARTITIONS_NAME
 
 
 @pytest.fixture(scope="session")

@@ -259,3 +259,56 @@ def write_manifest_with_missing_file(folder: Path, suffix: str = ".jsonl") -> Pa
         {"key": "gone", "path": "images/never_written.jpg", "caption": "a lost photo"},
     ]
     return write_manifest(folder / f"manifest{suffix}", rows)
+
+
+# --- reliability inputs (issue 7): extreme shapes, non-finite pixels, odd tar members -------
+
+
+def strip_png_bytes(width_px: int, height_px: int) -> bytes:
+    """A valid black 1-bit grayscale PNG of any shape, built without holding its pixels.
+
+    A 1,000,000 x 16 strip is ~15 KB on disk but huge once a model scales its short side up.
+    """
+    scanline = b"\x00" * (1 + (width_px + 7) // 8)  # filter byte + one bit per pixel
+    compressor = zlib.compressobj(9)
+    compressed = [compressor.compress(scanline) for _ in range(height_px)]
+    compressed.append(compressor.flush())
+    header = struct.pack(">IIBBBBB", width_px, height_px, 1, 0, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + _png_chunk(b"IHDR", header)
+        + _png_chunk(b"IDAT", b"".join(compressed))
+        + _png_chunk(b"IEND", b"")
+    )
+
+
+def float_tiff_bytes(fill: float, size_px: tuple[int, int] = GOOD_SIZE_PX) -> bytes:
+    """A 32-bit float (mode F) TIFF: a 0..1 ramp with its left column set to `fill`."""
+    width, height = size_px
+    values = np.tile(np.linspace(0.0, 1.0, width, dtype=np.float32), (height, 1))
+    values[:, 0] = fill
+    return _encode(Image.fromarray(values, mode="F"), "TIFF")
+
+
+def write_tar_with_special_members(path: Path, image_bytes: bytes) -> Path:
+    """A tar holding one good image plus one member of every kind the corpus does not read.
+
+    Members: `good.jpg` (regular), `dir/` (directory), `link.jpg` (symlink to good.jpg),
+    `hard.jpg` (hard link to good.jpg), `pipe.jpg` (FIFO), `tty.jpg` (character device),
+    `extra.npy` (regular file with an unknown extension).
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(path, mode="w") as tar:
+        _add_member(tar, "good.jpg", image_bytes)
+        for name, kind, target in [
+            ("dir", tarfile.DIRTYPE, ""),
+            ("link.jpg", tarfile.SYMTYPE, "good.jpg"),
+            ("hard.jpg", tarfile.LNKTYPE, "good.jpg"),
+            ("pipe.jpg", tarfile.FIFOTYPE, ""),
+            ("tty.jpg", tarfile.CHRTYPE, ""),
+        ]:
+            info = tarfile.TarInfo(name)
+            info.type, info.linkname, info.mtime = kind, target, 1_700_000_000
+            tar.addfile(info)
+        _add_member(tar, "extra.npy", b"\x93NUMPY")
+    return path

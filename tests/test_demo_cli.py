@@ -12,7 +12,7 @@ import polars as pl
 import pytest
 from conftest import make_home
 
-from megapairs_assets.storage import DataLayout
+from megapairs_assets.lib.storage import DataLayout
 from resources.profiles import SOURCES
 
 

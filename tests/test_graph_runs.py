@@ -12,8 +12,8 @@ import pytest
 from conftest import make_home, run_shards
 
 from megapairs_assets.definitions import build_definitions
+from megapairs_assets.lib.storage import DataLayout
 from megapairs_assets.lineage.catalog import LineageCatalog
-from megapairs_assets.storage import DataLayout
 from resources.corpus import CorpusSourceResource
 from resources.encoders import EncoderResource
 

@@ -21,7 +21,7 @@ from megapairs_assets.lineage.catalog import (
 # A row table of this test's own, shaped like the corpus's image rows: these tests exercise the
 # catalog, not a stage's declaration, and the spawned writer processes (which import this
 # module) declare it too without importing any stage code.
-IMAGE_LINEAGE = register_row_table(
+TEST_IMAGES = register_row_table(
     RowTable(
         "catalog_test_images",
         (
@@ -68,11 +68,11 @@ def _images(shard: str, n: int) -> pl.DataFrame:
 
 def test_record_and_replace_partition_rows(tmp_path: Path) -> None:
     catalog = LineageCatalog(tmp_path / "catalog.duckdb")
-    catalog.record(_record("image_corpus", "00000"), rows={IMAGE_LINEAGE.name: _images("00000", 3)})
-    catalog.record(_record("image_corpus", "00001"), rows={IMAGE_LINEAGE.name: _images("00001", 2)})
+    catalog.record(_record("image_corpus", "00000"), rows={TEST_IMAGES.name: _images("00000", 3)})
+    catalog.record(_record("image_corpus", "00001"), rows={TEST_IMAGES.name: _images("00001", 2)})
     # Re-materializing shard 00000 with fewer rows replaces its rows, keeps the other shard's.
     second = _record("image_corpus", "00000")
-    catalog.record(second, rows={IMAGE_LINEAGE.name: _images("00000", 1)})
+    catalog.record(second, rows={TEST_IMAGES.name: _images("00000", 1)})
     counts = catalog.query(
         "SELECT shard, count(*) AS n FROM catalog_test_images GROUP BY shard ORDER BY shard"
     )
@@ -86,12 +86,12 @@ def test_record_and_replace_partition_rows(tmp_path: Path) -> None:
 
 def test_failed_write_leaves_no_partial_rows(tmp_path: Path) -> None:
     catalog = LineageCatalog(tmp_path / "catalog.duckdb")
-    catalog.record(_record("image_corpus", "00000"), rows={IMAGE_LINEAGE.name: _images("00000", 3)})
+    catalog.record(_record("image_corpus", "00000"), rows={TEST_IMAGES.name: _images("00000", 3)})
     broken = _images("00000", 2).drop("content_hash").with_columns(pl.lit(1).alias("nonexistent"))
     # duckdb.Error is the base of every DuckDB error (its binder error class has moved between
     # versions); the message shows it is the unknown column that was refused, not something else.
     with pytest.raises(duckdb.Error, match='column with name "nonexistent"'):
-        catalog.record(_record("image_corpus", "00000"), rows={IMAGE_LINEAGE.name: broken})
+        catalog.record(_record("image_corpus", "00000"), rows={TEST_IMAGES.name: broken})
     # The transaction rolled back: the old rows and only the first materialization remain.
     assert catalog.query("SELECT count(*) AS n FROM catalog_test_images")["n"][0] == 3
     assert catalog.query("SELECT count(*) AS n FROM materializations")["n"][0] == 1
@@ -100,7 +100,7 @@ def test_failed_write_leaves_no_partial_rows(tmp_path: Path) -> None:
 def _write_many(path: str, shard: str, n_records: int) -> None:
     catalog = LineageCatalog(Path(path))
     for _ in range(n_records):
-        catalog.record(_record("image_corpus", shard), rows={IMAGE_LINEAGE.name: _images(shard, 5)})
+        catalog.record(_record("image_corpus", shard), rows={TEST_IMAGES.name: _images(shard, 5)})
 
 
 def test_parallel_writer_processes_lose_nothing(tmp_path: Path) -> None:
@@ -132,9 +132,9 @@ def test_lock_timeout_names_the_file(tmp_path: Path) -> None:
 
 def test_a_partition_that_now_has_no_rows_loses_its_old_ones(tmp_path: Path) -> None:
     catalog = LineageCatalog(tmp_path / "catalog.duckdb")
-    catalog.record(_record("image_corpus", "00000"), rows={IMAGE_LINEAGE.name: _images("00000", 3)})
-    catalog.record(_record("image_corpus", "00001"), rows={IMAGE_LINEAGE.name: _images("00001", 2)})
+    catalog.record(_record("image_corpus", "00000"), rows={TEST_IMAGES.name: _images("00000", 3)})
+    catalog.record(_record("image_corpus", "00001"), rows={TEST_IMAGES.name: _images("00001", 2)})
     # Shard 00000 became unreadable: its new materialization brings no image rows at all.
-    catalog.record(_record("image_corpus", "00000"), rows={IMAGE_LINEAGE.name: _images("00000", 0)})
+    catalog.record(_record("image_corpus", "00000"), rows={TEST_IMAGES.name: _images("00000", 0)})
     counts = catalog.query("SELECT shard, count(*) AS n FROM catalog_test_images GROUP BY shard")
     assert counts.rows() == [("00001", 2)]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from megapairs_assets.progress import Progress
+from megapairs_assets.lib.progress import Progress
 
 
 def test_progress_logs_done_total_rate_and_eta() -> None:

@@ -8,7 +8,7 @@ import dagster as dg
 import image_factory as factory
 
 from megapairs_assets.corpus.assets import new_shards_sensor
-from megapairs_assets.partitions import SHARD_PARTITIONS_NAME
+from megapairs_assets.orchestration.partitions import SHARD_PARTITIONS_NAME
 from resources.corpus import CorpusSourceResource
 
 

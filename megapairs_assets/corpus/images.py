@@ -1,12 +1,14 @@
 """Decode, validate and normalise one corpus image; clean one caption.
 
 Every image that enters the corpus goes through `decode_image`, so every later stage can rely
-on the same contract: an 8-bit RGB picture, upright (EXIF orientation applied), no alpha,
-between `min_side_px` and `max_pixels` in size. Anything else is refused with an
-`ImageRejected` whose short `reason` code ends up in the quarantine table.
+on the same contract: an 8-bit RGB picture, upright (EXIF orientation applied), no alpha, no
+non-finite values, between `min_side_px` and `max_pixels` in size and no more elongated than
+`max_aspect_ratio`. Anything else is refused with an `ImageRejected` whose short `reason` code
+ends up in the quarantine table. Size and shape are judged from the header, before any pixel
+is decoded. Details never hold memory addresses, so quarantine tables are reproducible.
 
-`open_image_rgb` is what the embedding stages call with a corpus row's `source_uri`: a plain
-file path or `"<tar path>#<member name>"` for a member of a webdataset shard.
+`open_image_rgb` reads a corpus row's `source_uri` (see `megapairs_assets.corpus.uris`);
+`prepare_image_for_model` is the per-image step of the embedding stages and never raises.
 """
 
 from __future__ import annotations
@@ -21,18 +23,22 @@ import tarfile
 import threading
 import unicodedata
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
+
+from megapairs_assets.corpus.uris import is_remote, split_tar_member, without_file_scheme
 
 # PIL's own decompression-bomb guard uses one process-wide limit and raises (or warns) while
 # opening; we decide from the header ourselves, with the limit the user configured.
 Image.MAX_IMAGE_PIXELS = None
 
-_TAR_MEMBER_SEPARATOR = ".tar#"
-_REMOTE_URI = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
+OUT_OF_MEMORY = "out_of_memory"
+PREPROCESS_FAILED = "preprocess_failed"
 _ALPHA_MODES = frozenset({"RGBA", "RGBa", "LA", "La", "PA"})
 _WIDE_INT_MODES = frozenset({"I", "I;16", "I;16B", "I;16L", "I;16N"})
 _UINT16_MAX = 65535
@@ -46,6 +52,10 @@ _CONTROL_CHARACTERS = {
     for code in range(0xA0)
     if unicodedata.category(chr(code)) == "Cc"
 }
+# "<_io.BytesIO object at 0x7f...>", "<function f at 0x...>": an address differs on every run.
+_OBJECT_ADDRESS = re.compile(r"<([^<>]*?) at 0x[0-9A-Fa-f]+>")
+_SIGNATURE_BYTES = 8
+_Prepared = TypeVar("_Prepared")
 
 
 @dataclass(frozen=True)
@@ -56,6 +66,12 @@ class ImageLimits:
     # Images above this many pixels are refused from their header, before any pixel is decoded.
     max_pixels: int = 178_956_970
     max_caption_chars: int = 1000
+    # Longer side / shorter side; None accepts any shape. Encoders scale the short side to
+    # their input side (224-518 px) and crop a square from the middle, so at 20:1 the crop
+    # already sees a twentieth of the picture, and the scaled copy holds ratio x side^2 pixels:
+    # a 1,000,000 x 16 strip (15 KB, far under max_pixels) would grow to ~14 M x 224 (~9 GB).
+    # 20 keeps panoramas and web banners (728x90 is 8:1) and bounds that copy at ~5 MB.
+    max_aspect_ratio: float | None = 20.0
 
 
 @dataclass(frozen=True)
@@ -73,9 +89,27 @@ class ImageRejected(Exception):
     """The bytes are not an image the corpus accepts; `reason` is a short code for the table."""
 
     def __init__(self, reason: str, detail: str) -> None:
+        detail = stable_detail(detail)
         super().__init__(f"{reason}: {detail}")
         self.reason = reason
         self.detail = detail
+
+
+@dataclass(frozen=True)
+class ImageFailure:
+    """Why one image could not be prepared: a reason code and a reproducible detail."""
+
+    reason: str
+    detail: str
+
+
+def stable_detail(text: str) -> str:
+    """`text` with object addresses removed (`<x object at 0x7f..>` -> `<x object>`).
+
+    Exception messages often embed reprs; an address differs on every run, which would make a
+    quarantine table differ byte for byte between two runs over the same input.
+    """
+    return _OBJECT_ADDRESS.sub(r"<\1>", text)
 
 
 def decode_image(data: bytes, limits: ImageLimits, max_side_px: int | None = None) -> DecodedImage:
@@ -110,19 +144,23 @@ def open_image_rgb(uri: str, limits: ImageLimits, max_side_px: int | None = None
 
 
 def read_uri_bytes(uri: str) -> bytes:
-    """Raw bytes behind a corpus `source_uri`; raises `ImageRejected` when they are not there."""
-    if _REMOTE_URI.match(uri) and not uri.startswith("file://"):
+    """Raw bytes behind a corpus `source_uri`; raises `ImageRejected` when they are not there.
+
+    Reasons: `remote_uri`, `missing_file` (no such file or tar member), `read_error` (the file
+    is there but cannot be read: permissions, I/O error).
+    """
+    if is_remote(uri):
         raise ImageRejected("remote_uri", f"{uri} is not local; download shards first")
-    uri = uri.removeprefix("file://")
-    split_at = uri.find(_TAR_MEMBER_SEPARATOR)
-    if split_at >= 0:
-        tar_path = uri[: split_at + len(".tar")]
-        member_name = uri[split_at + len(_TAR_MEMBER_SEPARATOR) :]
-        return _TAR_CACHE.read_member(tar_path, member_name)
+    uri = without_file_scheme(uri)
+    tar_member = split_tar_member(uri)
+    if tar_member is not None:
+        return _TAR_CACHE.read_member(*tar_member)
     try:
         return Path(uri).read_bytes()
     except (FileNotFoundError, IsADirectoryError, NotADirectoryError) as exc:
         raise ImageRejected("missing_file", f"{uri} does not exist") from exc
+    except OSError as exc:
+        raise ImageRejected("read_error", f"{uri}: {exc.strerror or type(exc).__name__}") from exc
 
 
 def close_tar_cache() -> None:
@@ -147,6 +185,40 @@ def open_image_for_model(uri: str, limits: ImageLimits, input_side_px: int | Non
     return _decode(read_uri_bytes(uri), limits, draft_side_px=draft_side_px).image
 
 
+def prepare_image_for_model(
+    uri: str,
+    limits: ImageLimits,
+    input_side_px: int | None,
+    preprocess: Callable[[Image.Image], _Prepared],
+) -> _Prepared | ImageFailure:
+    """Read, validate, decode (`open_image_for_model`) and `preprocess` one image.
+
+    Never raises for a problem of this one image: any failure, MemoryError included, comes back
+    as an `ImageFailure` (the reasons of `decode_image` and `read_uri_bytes`, or
+    `out_of_memory`, or `preprocess_failed`). A DataLoader worker that raised would end the
+    whole pass, so this is what the worker calls. Memory stays bounded by the limits: the
+    decode by `max_pixels`, the model's resize by `max_aspect_ratio` (both judged from the
+    header before decoding), and JPEGs decode at reduced DCT scale.
+    """
+    try:
+        image = open_image_for_model(uri, limits, input_side_px)
+    except ImageRejected as exc:
+        return ImageFailure(exc.reason, exc.detail)
+    except MemoryError:
+        return ImageFailure(OUT_OF_MEMORY, "reading or decoding the image ran out of memory")
+    except Exception as exc:  # one image must never end the pass
+        return ImageFailure("decode_error", stable_detail(f"{type(exc).__name__}: {exc}"))
+    width_px, height_px = image.size
+    try:
+        return preprocess(image)
+    except MemoryError:
+        return ImageFailure(
+            OUT_OF_MEMORY, f"preprocessing the {width_px}x{height_px} picture ran out of memory"
+        )
+    except Exception as exc:
+        return ImageFailure(PREPROCESS_FAILED, stable_detail(f"{type(exc).__name__}: {exc}"))
+
+
 def clean_caption(caption: str | None, limits: ImageLimits) -> tuple[str | None, bool]:
     """Return (cleaned caption or None when empty, whether it was truncated).
 
@@ -166,8 +238,16 @@ def clean_caption(caption: str | None, limits: ImageLimits) -> tuple[str | None,
 def _decode(data: bytes, limits: ImageLimits, draft_side_px: int | None) -> DecodedImage:
     try:
         image = Image.open(io.BytesIO(data))
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise ImageRejected("decode_error", f"not a readable image ({exc})") from exc
+    except UnidentifiedImageError as exc:
+        # PIL's message names the buffer object (and its address); the leading bytes say more.
+        signature = data[:_SIGNATURE_BYTES].hex()
+        raise ImageRejected(
+            "decode_error", f"not a recognised image format (first bytes {signature or 'none'})"
+        ) from exc
+    except Exception as exc:  # a malformed header can raise almost anything inside PIL
+        raise ImageRejected(
+            "decode_error", f"unreadable header ({type(exc).__name__}: {exc})"
+        ) from exc
     width_px, height_px = image.size
     _check_size(width_px, height_px, limits)
     original_mode = image.mode
@@ -179,6 +259,11 @@ def _decode(data: bytes, limits: ImageLimits, draft_side_px: int | None) -> Deco
         rgb = _to_rgb(_upright(image))
     except ImageRejected:
         raise
+    except MemoryError as exc:
+        raise ImageRejected(
+            OUT_OF_MEMORY,
+            f"decoding the {width_px}x{height_px} {original_mode} image ran out of memory",
+        ) from exc
     except Exception as exc:
         raise ImageRejected("decode_error", f"{type(exc).__name__}: {exc}") from exc
     return DecodedImage(
@@ -204,6 +289,12 @@ def _check_size(width_px: int, height_px: int, limits: ImageLimits) -> None:
     if min(width_px, height_px) < limits.min_side_px:
         raise ImageRejected(
             "too_small", f"{width_px}x{height_px} has a side under {limits.min_side_px} px"
+        )
+    ratio = max(width_px, height_px) / max(min(width_px, height_px), 1)
+    if limits.max_aspect_ratio is not None and ratio > limits.max_aspect_ratio:
+        raise ImageRejected(
+            "extreme_aspect_ratio",
+            f"{width_px}x{height_px} is {ratio:.1f}:1, over {limits.max_aspect_ratio:g}:1",
         )
 
 
@@ -245,6 +336,13 @@ def _wide_to_8bit(image: Image.Image) -> Image.Image:
     # instead: by the 16-bit range when values fit it (keeps a dark photo dark), otherwise by
     # the image's own range (32-bit integers, floats outside 0..1).
     values = np.asarray(image).astype(np.float64)
+    finite = np.isfinite(values)
+    if not finite.all():
+        raise ImageRejected(
+            "non_finite_pixels",
+            f"{int(values.size - finite.sum())} of {values.size} {image.mode} pixel values "
+            "are NaN or infinite",
+        )
     low, high = float(values.min()), float(values.max())
     if image.mode == "F" and low >= 0.0 and high <= 1.0:
         scaled = values * 255.0

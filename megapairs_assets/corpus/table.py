@@ -18,11 +18,12 @@ from megapairs_assets.corpus.images import (
     ImageRejected,
     clean_caption,
     content_hash,
+    stable_detail,
     validate_image,
 )
 from megapairs_assets.corpus.sources import RawRecord, ShardReadError
-from megapairs_assets.progress import ProgressCallback
-from megapairs_assets.quality import CheckOutcome, outcome
+from megapairs_assets.lib.progress import ProgressCallback
+from megapairs_assets.lib.quality import CheckOutcome, outcome
 
 CORPUS_COLUMN_DESCRIPTIONS: dict[str, str] = {
     "image_id": "corpus-wide unique, stable id: '<shard>/<key>'",
@@ -53,12 +54,14 @@ CORPUS_SCHEMA = pl.Schema(
 """Accepted images of a shard, one row each, sorted by `image_id`; see the descriptions."""
 
 QUARANTINE_COLUMN_DESCRIPTIONS: dict[str, str] = {
-    "shard": "id of the source shard",
-    "key": "the item's source key; null when the problem concerns the whole shard",
-    "source_uri": "where the item (or the shard) lives",
-    "reason": "short code: decode_error, too_small, too_large, missing_file, remote_uri, "
-    "missing_image, duplicate_key, duplicate_content, truncated_shard, not_a_tar, ...",
-    "detail": "human-readable explanation",
+    "shard": f"id of the source shard; {'_source'!r} for entries no shard reads",
+    "key": "the item's source key; null when the problem concerns the whole shard or a file",
+    "source_uri": "where the item (or the shard, or the unread file) lives",
+    "reason": "short code: decode_error, too_small, too_large, extreme_aspect_ratio, "
+    "non_finite_pixels, out_of_memory, missing_file, read_error, remote_uri, missing_image, "
+    "duplicate_key, duplicate_content, truncated_shard, not_a_tar, unsupported_member, "
+    "unsupported_file, unsafe_shard_id, ...",
+    "detail": "human-readable explanation (no memory addresses: reproducible byte for byte)",
 }
 QUARANTINE_SCHEMA = pl.Schema(
     {
@@ -70,6 +73,9 @@ QUARANTINE_SCHEMA = pl.Schema(
     }
 )
 """Rejected items of a shard, in source order; see the descriptions."""
+
+SOURCE_REPORT_SHARD = "_source"
+"""`shard` of the source report's rows: never a shard id (those start with a letter or digit)."""
 
 _REQUIRED_COLUMNS = [name for name in CORPUS_SCHEMA if name != "caption"]
 
@@ -102,7 +108,19 @@ def build_shard_table(
 def shard_error_table(shard_id: str, uri: str, error: ShardReadError) -> pl.DataFrame:
     """The single quarantine row for a shard that could not be read at all."""
     row = {"shard": shard_id, "key": None, "source_uri": uri, "reason": error.reason}
-    return pl.DataFrame([{**row, "detail": error.detail}], schema=QUARANTINE_SCHEMA)
+    return pl.DataFrame([{**row, "detail": stable_detail(error.detail)}], schema=QUARANTINE_SCHEMA)
+
+
+def source_report_table(unread: Iterable[RawRecord]) -> pl.DataFrame:
+    """The source report: one quarantine-shaped row per entry that no shard reads.
+
+    `unread` is `scan_source(spec).unread`; rows keep its order and carry `shard` =
+    SOURCE_REPORT_SHARD, so they can sit beside the shards' rows in the lineage catalog.
+    """
+    builder = _ShardTableBuilder(shard_id=SOURCE_REPORT_SHARD, limits=ImageLimits())
+    for record in unread:
+        builder.quarantine(record, *_split_error(record.error or "source_error: not read"))
+    return builder.frames()[1]
 
 
 def check_corpus(
@@ -202,7 +220,7 @@ class _ShardTableBuilder:
                 "key": record.key or None,
                 "source_uri": record.uri,
                 "reason": reason,
-                "detail": detail,
+                "detail": stable_detail(detail),
             }
         )
 

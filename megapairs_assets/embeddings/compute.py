@@ -28,8 +28,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from megapairs_assets.corpus.images import ImageLimits, ImageRejected, open_image_for_model
 from megapairs_assets.embeddings.encoders import LoadedEncoder
-from megapairs_assets.progress import ProgressCallback
-from megapairs_assets.quality import CheckOutcome, outcome
+from megapairs_assets.lib.progress import ProgressCallback
+from megapairs_assets.lib.quality import CheckOutcome, outcome
 
 SkippedRow = tuple[str, str, str]
 """(image_id, reason, detail) of a row that could not be embedded."""

@@ -1,31 +1,42 @@
-"""Nearest-neighbour search over one embedding table with faiss, as a long polars frame.
+"""Nearest-neighbour search over one embedding table, as a long polars frame.
 
 Embeddings arrive L2-normalised (float16 to halve memory), so inner product is cosine. Exact
 search ("flat") is the default: the paper's 20M x 768 float16 table fits one H100, and exact
 results make the (0.8, 0.96) similarity band mean what it says. "ivf" and "hnsw" trade recall
 for speed on CPU-only hosts.
 
-The index types, training and batched search are faiss's own; this module only chooses them,
-feeds them float32 one batch at a time (faiss' CPU kernels take float32, and a full float32
-copy of a 20M-row table would double the memory) and turns faiss' (labels, distances) matrices
-into rows with vectorised numpy/polars.
+Two backends run the search (`IndexSpec.backend`):
+- faiss: the index types, training and batched search are faiss's own; this module only
+  chooses them, feeds them float32 one batch at a time (faiss' CPU kernels take float32, and a
+  full float32 copy of a 20M-row table would double the memory);
+- torch: exact search on a GPU through torch (`megapairs_assets.knn.torch_search`), for
+  machines whose faiss has no GPU support (faiss-gpu wheels exist for one CUDA version only).
+`auto` picks faiss on a GPU when faiss can use one, else torch when CUDA is visible, else faiss
+on the CPU. Both give the same rows, scores (float32 dot products of the stored float16 values)
+and checks; their (labels, scores) matrices become rows with vectorised numpy/polars.
 """
 
 from __future__ import annotations
 
+import importlib
 import math
 from collections.abc import Iterator
-from dataclasses import dataclass
-from typing import Literal
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any, Literal
 
-import faiss
 import numpy as np
 import polars as pl
 
-from megapairs_assets.progress import ProgressCallback
-from megapairs_assets.quality import CheckOutcome, outcome
+from megapairs_assets.lib.progress import ProgressCallback
+from megapairs_assets.lib.quality import CheckOutcome, outcome
+
+if TYPE_CHECKING:
+    import faiss
+
+    from megapairs_assets.knn.torch_search import TorchFlatIndex
 
 IndexKind = Literal["flat", "ivf", "hnsw"]
+Backend = Literal["auto", "faiss", "torch"]
 
 KNN_SCHEMA = pl.Schema(
     {
@@ -60,9 +71,15 @@ class IndexSpec:
     nlist: ivf lists; None picks about 4*sqrt(N), lowered so each list trains on >= 39 points.
     nprobe: ivf lists visited per query.
     hnsw_m / ef_search / ef_construction: HNSW graph degree and beam widths.
-    use_gpu / gpu_device: put the index on that GPU (needs faiss built with GPU support;
-        flat and ivf only). Flat then stores float16 on the GPU: 20M x 768 needs ~31 GB.
-    query_batch_size: queries per faiss search call (and per progress report).
+    use_gpu / gpu_device: put the faiss index on that GPU (needs faiss built with GPU support;
+        flat and ivf only). Flat then stores float16 on the GPU: 20M x 768 needs ~31 GB. The
+        torch backend uses the same gpu_device.
+    query_batch_size: queries per search call (and per progress report).
+    backend: "faiss", "torch" (exact, flat only; on the GPU when CUDA is visible, else the
+        CPU) or "auto": for flat, faiss on a GPU when faiss can use one or use_gpu is set,
+        else torch when CUDA is visible, else faiss on the CPU; ivf and hnsw use faiss.
+    torch_block_bytes: the torch backend's bound on one score block (and its re-scoring
+        buffer); None = a share of the device's free memory.
     """
 
     kind: IndexKind = "flat"
@@ -74,11 +91,64 @@ class IndexSpec:
     use_gpu: bool = False
     gpu_device: int = 0
     query_batch_size: int = 16384
+    backend: Backend = "auto"
+    torch_block_bytes: int | None = None
+
+
+def _faiss() -> Any:
+    """The faiss module, imported on first use: a GPU machine may have torch but no faiss."""
+    try:
+        return importlib.import_module("faiss")
+    except ImportError as exc:
+        raise RuntimeError(
+            "faiss is not installed; install faiss-cpu (or faiss-gpu-cu12), or use "
+            "IndexSpec(backend='torch') for exact search with torch"
+        ) from exc
 
 
 def faiss_has_gpu() -> bool:
     """True when the installed faiss was built with GPU support and sees at least one GPU."""
+    try:
+        faiss = importlib.import_module("faiss")
+    except ImportError:
+        return False
     return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
+
+
+def resolve_backend(spec: IndexSpec) -> IndexSpec:
+    """`spec` with `backend` decided ("faiss" or "torch") and `use_gpu` set to match.
+
+    "auto" for flat: faiss on the GPU when faiss can use one (or `use_gpu` asks for it), else
+    torch when CUDA is visible, else faiss on the CPU. ivf and hnsw are faiss-only, so "auto"
+    keeps faiss for them and "torch" is refused.
+    """
+    if spec.backend not in ("auto", "faiss", "torch"):
+        raise ValueError(f"unknown KNN backend {spec.backend!r}; expected auto, faiss or torch")
+    if spec.backend == "torch":
+        if spec.kind != "flat":
+            raise ValueError(f"the torch backend does exact search only; kind={spec.kind!r}")
+        return replace(spec, use_gpu=False)
+    # use_gpu=True asks for faiss on the GPU explicitly: build_index then fails clearly if
+    # faiss cannot use one, rather than quietly running elsewhere.
+    if spec.backend == "faiss" or spec.kind != "flat" or spec.use_gpu:
+        return replace(spec, backend="faiss")
+    if faiss_has_gpu():
+        return replace(spec, backend="faiss", use_gpu=True)
+    import torch
+
+    if torch.cuda.is_available():
+        return replace(spec, backend="torch", use_gpu=False)
+    return replace(spec, backend="faiss", use_gpu=False)
+
+
+def describe_backend(spec: IndexSpec) -> str:
+    """What a search under `spec` runs on here, e.g. "torch (cuda:0)" or "faiss (CPU)"."""
+    resolved = resolve_backend(spec)
+    if resolved.backend == "torch":
+        from megapairs_assets.knn.torch_search import default_torch_device
+
+        return f"torch ({default_torch_device(spec.gpu_device)})"
+    return "faiss (GPU)" if resolved.use_gpu else "faiss (CPU)"
 
 
 def default_nlist(n_vectors: int) -> int:
@@ -88,15 +158,22 @@ def default_nlist(n_vectors: int) -> int:
     return max(1, min(by_size, by_training))
 
 
-def build_index(vectors: np.ndarray, spec: IndexSpec) -> faiss.Index:
-    """Build (and for ivf, train) an inner-product faiss index holding `vectors` in row order.
+def build_index(vectors: np.ndarray, spec: IndexSpec) -> faiss.Index | TorchFlatIndex:
+    """Build (and for ivf, train) an inner-product index holding `vectors` in row order.
 
-    `vectors` is (N, d) float16 or float32, L2-normalised. The faiss id of a row is its
-    position, which `search_neighbors` maps back to the caller's ids. Raises RuntimeError when
-    `spec.use_gpu` is set but faiss cannot use a GPU here.
+    `vectors` is (N, d) float16 or float32, L2-normalised. The id of a row is its position,
+    which `search_neighbors` maps back to the caller's ids. The backend follows
+    `resolve_backend(spec)`: a faiss index, or a `TorchFlatIndex` on the torch device. Raises
+    RuntimeError when `spec.use_gpu` is set but faiss cannot use a GPU here.
     """
     if vectors.ndim != 2 or vectors.shape[0] == 0:
         raise ValueError(f"expected a non-empty (N, d) array, got shape {vectors.shape}")
+    spec = resolve_backend(spec)
+    if spec.backend == "torch":
+        from megapairs_assets.knn.torch_search import build_torch_index, default_torch_device
+
+        return build_torch_index(vectors, default_torch_device(spec.gpu_device))
+    faiss = _faiss()
     n_vectors, dim = vectors.shape
     if spec.use_gpu:
         index = _empty_gpu_index(dim, n_vectors, spec)
@@ -122,7 +199,7 @@ def index_nlist(spec: IndexSpec, n_vectors: int) -> int:
 
 
 def search_neighbors(
-    index: faiss.Index,
+    index: faiss.Index | TorchFlatIndex,
     corpus_ids: np.ndarray,
     query_vectors: np.ndarray,
     query_ids: np.ndarray,
@@ -139,6 +216,9 @@ def search_neighbors(
     duplicates filled the list). Missing results (faiss id -1,
     possible with ivf/hnsw or k >= N) are dropped, so a query can have fewer than k rows.
 
+    With the torch backend (`index` from `build_index` under it) the query's own row is
+    excluded inside the search, so k rows come back whenever the corpus has k others.
+
     Returns a frame with `KNN_SCHEMA`, sorted by query_id then rank. `on_progress` receives
     the number of queries finished after each batch.
     """
@@ -148,9 +228,15 @@ def search_neighbors(
         raise ValueError(f"{len(query_ids)} query ids for {query_vectors.shape[0]} query vectors")
     if len(corpus_ids) != index.ntotal:
         raise ValueError(f"{len(corpus_ids)} corpus ids for an index of {index.ntotal} vectors")
+    # The index says which backend runs the search; the spec adds the faiss settings.
+    on_torch = _is_torch_index(index)
+    spec = resolve_backend(spec)
+    if not on_torch and spec.backend == "torch":
+        spec = replace(spec, backend="faiss", use_gpu=False)
     if spec.use_gpu and k + 1 > _GPU_MAX_K:
         raise ValueError(f"faiss on GPU returns at most {_GPU_MAX_K} results; k={k} is too large")
-    _apply_search_params(index, spec)
+    if not on_torch:
+        _apply_search_params(index, spec)
 
     corpus_id_series = pl.Series("neighbor_id", corpus_ids, dtype=pl.String)
     query_id_series = pl.Series("query_id", query_ids, dtype=pl.String)
@@ -160,16 +246,23 @@ def search_neighbors(
     batches: list[pl.DataFrame] = []
     for start in range(0, len(query_order), spec.query_batch_size):
         batch_queries = query_order[start : start + spec.query_batch_size]
-        scores, labels = index.search(_as_float32(query_vectors[batch_queries]), k + 1)
-        batches.append(
-            _batch_frame(
-                batch_queries,
-                labels,
-                scores,
-                query_corpus_rows[batch_queries],
-                query_id_series,
-                corpus_id_series,
+        self_rows = query_corpus_rows[batch_queries]
+        if on_torch:
+            from megapairs_assets.knn.torch_search import search_torch_index
+
+            scores, labels = search_torch_index(
+                index,
+                query_vectors[batch_queries],
+                k,
+                exclude_rows=self_rows,
+                block_budget_bytes=spec.torch_block_bytes,
             )
+            keep = labels >= 0
+        else:
+            scores, labels = index.search(_as_float32(query_vectors[batch_queries]), k + 1)
+            keep = _keep_mask(labels, self_rows)
+        batches.append(
+            _rows_frame(batch_queries, labels, scores, keep, query_id_series, corpus_id_series)
         )
         if on_progress is not None:
             on_progress(len(batch_queries))
@@ -263,6 +356,7 @@ def _as_float32(vectors: np.ndarray) -> np.ndarray:
 
 
 def _require_gpu(spec: IndexSpec) -> None:
+    faiss = _faiss()
     if not hasattr(faiss, "StandardGpuResources"):
         raise RuntimeError(
             "IndexSpec(use_gpu=True) but the installed faiss has no GPU support (faiss-cpu). "
@@ -286,6 +380,7 @@ def _empty_gpu_index(dim: int, n_vectors: int, spec: IndexSpec) -> faiss.Index:
     doubling) device memory.
     """
     _require_gpu(spec)
+    faiss = _faiss()
     resources = faiss.StandardGpuResources()
     if spec.kind == "flat":
         # Built on the GPU directly: cloning a CPU IndexFlat would need the whole table as
@@ -311,6 +406,7 @@ def _empty_gpu_index(dim: int, n_vectors: int, spec: IndexSpec) -> faiss.Index:
 def _apply_search_params(index: faiss.Index, spec: IndexSpec) -> None:
     if spec.kind == "flat":
         return
+    faiss = _faiss()
     params = faiss.GpuParameterSpace() if spec.use_gpu else faiss.ParameterSpace()
     if spec.kind == "ivf":
         params.set_index_parameter(index, "nprobe", spec.nprobe)
@@ -356,16 +452,21 @@ def _keep_mask(labels: np.ndarray, self_rows: np.ndarray) -> np.ndarray:
     return keep
 
 
-def _batch_frame(
+def _is_torch_index(index: Any) -> bool:
+    from megapairs_assets.knn.torch_search import TorchFlatIndex
+
+    return isinstance(index, TorchFlatIndex)
+
+
+def _rows_frame(
     batch_queries: np.ndarray,
     labels: np.ndarray,
     scores: np.ndarray,
-    self_rows: np.ndarray,
+    keep: np.ndarray,
     query_ids: pl.Series,
     corpus_ids: pl.Series,
 ) -> pl.DataFrame:
-    keep = _keep_mask(labels, self_rows)
-    # Kept results stay in faiss' best-first order, so rank = how many were kept before.
+    # Kept results stay in the search's best-first order, so rank = how many were kept before.
     ranks = np.cumsum(keep, axis=1, dtype=np.int16) - 1
     query_rows = np.broadcast_to(batch_queries[:, None], labels.shape)[keep]
     return pl.DataFrame(

@@ -8,21 +8,25 @@ instead of failing, and no long-lived connection ever blocks another process. If
 outside this project holds the database (a DuckDB shell left open), the connection is retried
 until `lock_timeout_s`, then a clear error names the file.
 
-Tables (all ids are strings):
+The catalog owns two tables; stages declare their own row tables next to their code
+(`RowTable` + `register_row_table`) and the catalog creates them on first use:
 
 - `materializations`: one row per (asset, partition) materialization: materialization_id,
   asset, partition, run_id, code_version, profile, config (JSON), model_ids (JSON),
-  input_versions (JSON: upstream "asset/partition" -> materialization_id), row_counts (JSON),
-  output_paths (JSON), started_at, duration_s. Append-only: history is kept.
-- `image_lineage`: image_id, shard, key, source_uri, caption, content_hash, width, height,
-  materialization_id (the image_corpus materialization that produced the row).
-- `quarantine_log`: stage, shard, key, source_uri, reason, detail, materialization_id.
-- `pair_lineage`: pair_id, query_id, target_id, shard, sources (list), scores (JSON: source ->
-  score), hard_negative_ids (list, the query image first), knn_versions (JSON: source -> KNN
-  materialization_id), materialization_id.
+  input_versions (JSON: upstream "asset/partition" -> materialization_id actually read),
+  row_counts (JSON), output_paths (JSON), started_at, duration_s, status. Append-only.
+- `quarantine_log`: stage, shard, key, source_uri, reason, detail, materialization_id: every
+  rejected input or skipped row of any stage.
 
-Row tables hold the latest materialization of each partition: re-materializing a partition
-replaces its rows in the same transaction that adds them.
+A materialization is written in two steps: `begin` records it as `pending` before any output
+is written, `complete` fills in what it did and replaces its partition's rows in one
+transaction. A step killed in between leaves a `pending` record newer than the last complete
+one, and `read_version` refuses that partition until it is re-materialized: a table without
+its catalog record is never read as if it were finished.
+
+Row tables hold the latest materialization of each partition: completing a materialization
+replaces the partition's rows (scoped by the table's partition column and, for tables shared
+by stages, its scope column) in the same transaction, even when it brings no rows.
 """
 
 from __future__ import annotations
@@ -41,7 +45,12 @@ from typing import Any
 import duckdb
 import polars as pl
 
-SCHEMA_SQL = """
+# v1: the mining half's first release (no status column, no catalog_info table).
+# v2: materializations.status; catalog_info; row tables declared by stages.
+SCHEMA_VERSION = 2
+
+_CORE_SQL = """
+CREATE TABLE IF NOT EXISTS catalog_info (key VARCHAR PRIMARY KEY, value VARCHAR);
 CREATE TABLE IF NOT EXISTS materializations (
     materialization_id VARCHAR PRIMARY KEY,
     asset VARCHAR NOT NULL,
@@ -57,28 +66,78 @@ CREATE TABLE IF NOT EXISTS materializations (
     started_at TIMESTAMP,
     duration_s DOUBLE
 );
-CREATE TABLE IF NOT EXISTS image_lineage (
-    image_id VARCHAR, shard VARCHAR, key VARCHAR, source_uri VARCHAR, caption VARCHAR,
-    content_hash VARCHAR, width INTEGER, height INTEGER, materialization_id VARCHAR
-);
-CREATE TABLE IF NOT EXISTS quarantine_log (
-    stage VARCHAR, shard VARCHAR, key VARCHAR, source_uri VARCHAR, reason VARCHAR,
-    detail VARCHAR, materialization_id VARCHAR
-);
-CREATE TABLE IF NOT EXISTS pair_lineage (
-    pair_id VARCHAR, query_id VARCHAR, target_id VARCHAR, shard VARCHAR, sources VARCHAR[],
-    scores VARCHAR, hard_negative_ids VARCHAR[], knn_versions VARCHAR, materialization_id VARCHAR
-);
+ALTER TABLE materializations ADD COLUMN IF NOT EXISTS status VARCHAR DEFAULT 'complete';
 """
 
-# The row tables a materialization may replace. Its rows replace exactly the rows of the same
-# shard (and, for quarantine_log, the same stage = asset), even when it brings none: a shard
-# that became unreadable leaves no stale rows behind.
-_ROW_TABLES = ("image_lineage", "quarantine_log", "pair_lineage")
+STATUS_PENDING, STATUS_COMPLETE, STATUS_FAILED = "pending", "complete", "failed"
 
 
 class CatalogBusyError(RuntimeError):
     """The catalog could not be opened within the timeout."""
+
+
+class IncompleteCommitError(RuntimeError):
+    """A partition's newest materialization never completed: its table cannot be trusted."""
+
+
+@dataclass(frozen=True)
+class RowTable:
+    """A row-level lineage table a stage declares next to its code.
+
+    name: table name. columns: (column, DuckDB type) pairs, without `materialization_id`,
+    which the catalog adds. partition_column: the column holding the partition key (a shard,
+    a checkpoint name, a benchmark key...). scope_column: for tables several stages share, the
+    column holding the writing asset's name; a materialization replaces only its own rows.
+    """
+
+    name: str
+    columns: tuple[tuple[str, str], ...]
+    partition_column: str = "shard"
+    scope_column: str | None = None
+
+    def create_sql(self) -> str:
+        cols = ", ".join(f"{name} {kind}" for name, kind in self.columns)
+        return f"CREATE TABLE IF NOT EXISTS {self.name} ({cols}, materialization_id VARCHAR)"
+
+    def migrate_sql(self) -> list[str]:
+        """Additive migration: columns added to a declaration appear in older catalogs."""
+        return [
+            f"ALTER TABLE {self.name} ADD COLUMN IF NOT EXISTS {name} {kind}"
+            for name, kind in self.columns
+        ]
+
+
+_ROW_TABLES: dict[str, RowTable] = {}
+
+
+def register_row_table(table: RowTable) -> RowTable:
+    """Declare a row table (idempotent for the same declaration); returns it for assignment."""
+    known = _ROW_TABLES.get(table.name)
+    if known is not None and known != table:
+        raise ValueError(f"row table {table.name!r} is already declared differently")
+    _ROW_TABLES[table.name] = table
+    return table
+
+
+def registered_row_tables() -> dict[str, RowTable]:
+    return dict(_ROW_TABLES)
+
+
+QUARANTINE_LOG = register_row_table(
+    RowTable(
+        "quarantine_log",
+        (
+            ("stage", "VARCHAR"),
+            ("shard", "VARCHAR"),
+            ("key", "VARCHAR"),
+            ("source_uri", "VARCHAR"),
+            ("reason", "VARCHAR"),
+            ("detail", "VARCHAR"),
+        ),
+        partition_column="shard",
+        scope_column="stage",
+    )
+)
 
 
 @dataclass(frozen=True)
@@ -109,6 +168,10 @@ def utc_now() -> datetime:
     return datetime.now(UTC).replace(tzinfo=None)
 
 
+def _json(value: Mapping[str, Any]) -> str:
+    return json.dumps(dict(value), default=str, sort_keys=True)
+
+
 class LineageCatalog:
     """Reads and writes the lineage catalog at `path`, safe across processes."""
 
@@ -118,7 +181,7 @@ class LineageCatalog:
 
     @contextmanager
     def connect(self) -> Iterator[duckdb.DuckDBPyConnection]:
-        """An exclusive, short-lived connection (schema created on first use)."""
+        """An exclusive, short-lived connection (schema created or migrated on first use)."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         lock_path = self.path.with_name(self.path.name + ".lock")
         deadline = time.monotonic() + self.lock_timeout_s
@@ -127,12 +190,24 @@ class LineageCatalog:
             try:
                 con = self._open(deadline)
                 try:
-                    con.execute(SCHEMA_SQL)
+                    self._ensure_schema(con)
                     yield con
                 finally:
                     con.close()
             finally:
                 fcntl.flock(lock_file, fcntl.LOCK_UN)
+
+    @staticmethod
+    def _ensure_schema(con: duckdb.DuckDBPyConnection) -> None:
+        con.execute(_CORE_SQL)
+        for table in _ROW_TABLES.values():
+            con.execute(table.create_sql())
+            for statement in table.migrate_sql():
+                con.execute(statement)
+        con.execute(
+            "INSERT OR REPLACE INTO catalog_info VALUES ('schema_version', ?)",
+            [str(SCHEMA_VERSION)],
+        )
 
     def _acquire(self, lock_file: Any, deadline: float) -> None:
         while True:
@@ -161,38 +236,31 @@ class LineageCatalog:
 
     # -- writes ---------------------------------------------------------------------------
 
-    def record(
+    def begin(self, materialization: MaterializationRecord) -> None:
+        """Record a materialization as `pending`, before any of its outputs is written."""
+        with self.connect() as con:
+            self._insert(con, materialization, STATUS_PENDING)
+
+    def complete(
         self,
         materialization: MaterializationRecord,
         rows: Mapping[str, pl.DataFrame] | None = None,
     ) -> None:
-        """Append a materialization and replace its partition's rows, in one transaction.
+        """Fill in a begun materialization and replace its partition's rows, in one transaction.
 
-        `rows` maps a row table name (image_lineage, quarantine_log, pair_lineage) to a frame
-        with that table's columns except `materialization_id`, which is filled in here.
+        `rows` maps a registered row table name to a frame with that table's columns except
+        `materialization_id`, which is filled in here. A materialization never begun is
+        inserted complete.
         """
         m = materialization
         with self.connect() as con:
             con.execute("BEGIN TRANSACTION")
             try:
                 con.execute(
-                    "INSERT INTO materializations VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
-                    [
-                        m.materialization_id,
-                        m.asset,
-                        m.partition,
-                        m.run_id,
-                        m.code_version,
-                        m.profile,
-                        json.dumps(dict(m.config), default=str, sort_keys=True),
-                        json.dumps(dict(m.model_ids), sort_keys=True),
-                        json.dumps(dict(m.input_versions), sort_keys=True),
-                        json.dumps(dict(m.row_counts), sort_keys=True),
-                        json.dumps(dict(m.output_paths), sort_keys=True),
-                        m.started_at,
-                        m.duration_s,
-                    ],
+                    "DELETE FROM materializations WHERE materialization_id = ?",
+                    [m.materialization_id],
                 )
+                self._insert(con, m, STATUS_COMPLETE)
                 for table, frame in (rows or {}).items():
                     self._replace_rows(con, table, frame, m)
                 con.execute("COMMIT")
@@ -200,29 +268,93 @@ class LineageCatalog:
                 con.execute("ROLLBACK")
                 raise
 
+    def fail(self, materialization_id: str) -> None:
+        """Mark a begun materialization failed (its step raised): its outputs are not trusted."""
+        with self.connect() as con:
+            con.execute(
+                "UPDATE materializations SET status = ? WHERE materialization_id = ?",
+                [STATUS_FAILED, materialization_id],
+            )
+
+    def record(
+        self,
+        materialization: MaterializationRecord,
+        rows: Mapping[str, pl.DataFrame] | None = None,
+    ) -> None:
+        """Record a finished materialization in one step (`begin` + `complete`)."""
+        self.complete(materialization, rows)
+
+    @staticmethod
+    def _insert(
+        con: duckdb.DuckDBPyConnection, m: MaterializationRecord, status: str
+    ) -> None:
+        con.execute(
+            "INSERT INTO materializations (materialization_id, asset, partition, run_id, "
+            "code_version, profile, config, model_ids, input_versions, row_counts, "
+            "output_paths, started_at, duration_s, status) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            [
+                m.materialization_id,
+                m.asset,
+                m.partition,
+                m.run_id,
+                m.code_version,
+                m.profile,
+                _json(m.config),
+                _json(m.model_ids),
+                _json(m.input_versions),
+                _json(m.row_counts),
+                _json(m.output_paths),
+                m.started_at,
+                m.duration_s,
+                status,
+            ],
+        )
+
     @staticmethod
     def _replace_rows(
         con: duckdb.DuckDBPyConnection,
-        table: str,
+        table_name: str,
         frame: pl.DataFrame,
         materialization: MaterializationRecord,
     ) -> None:
-        if table not in _ROW_TABLES:
-            raise ValueError(f"unknown row table {table!r}; expected one of {list(_ROW_TABLES)}")
-        if table == "quarantine_log":
-            con.execute(
-                "DELETE FROM quarantine_log WHERE stage = ? AND shard = ?",
-                [materialization.asset, materialization.partition],
+        table = _ROW_TABLES.get(table_name)
+        if table is None:
+            raise ValueError(
+                f"unknown row table {table_name!r}; declared: {sorted(_ROW_TABLES)} "
+                "(declare it with register_row_table next to the stage's code)"
             )
-        else:
-            con.execute(f"DELETE FROM {table} WHERE shard = ?", [materialization.partition])
+        where, params = f"{table.partition_column} = ?", [materialization.partition]
+        if table.scope_column:
+            where += f" AND {table.scope_column} = ?"
+            params.append(materialization.asset)
+        con.execute(f"DELETE FROM {table.name} WHERE {where}", params)
         if frame.height:
             frame = frame.with_columns(
                 pl.lit(materialization.materialization_id).alias("materialization_id")
             )
             arrow_rows = frame.to_arrow()  # noqa: F841  (DuckDB reads the local by name)
             columns = ", ".join(frame.columns)
-            con.execute(f"INSERT INTO {table} ({columns}) SELECT {columns} FROM arrow_rows")
+            con.execute(f"INSERT INTO {table.name} ({columns}) SELECT {columns} FROM arrow_rows")
+
+    def retire_partitions(self, partitions: list[str]) -> int:
+        """Forget the row-level lineage of partitions that left the corpus; history stays.
+
+        Returns the number of row-table rows removed. Materialization records are kept (they
+        are history), so `megapairs lineage` can still explain an old id.
+        """
+        if not partitions:
+            return 0
+        removed = 0
+        with self.connect() as con:
+            for table in _ROW_TABLES.values():
+                before = con.execute(f"SELECT count(*) FROM {table.name}").fetchone()[0]
+                con.execute(
+                    f"DELETE FROM {table.name} WHERE {table.partition_column} "
+                    "IN (SELECT unnest(?))",
+                    [partitions],
+                )
+                removed += before - con.execute(f"SELECT count(*) FROM {table.name}").fetchone()[0]
+        return removed
 
     # -- reads ----------------------------------------------------------------------------
 
@@ -231,14 +363,19 @@ class LineageCatalog:
         with self.connect() as con:
             return con.execute(sql, params or []).pl()
 
+    def schema_version(self) -> int:
+        frame = self.query("SELECT value FROM catalog_info WHERE key = 'schema_version'")
+        return int(frame["value"][0]) if frame.height else 1
+
     def latest_materialization_ids(self, asset: str, partitions: list[str]) -> dict[str, str]:
-        """Newest materialization id of `asset` for each partition that has one."""
+        """Newest complete materialization id of `asset` for each partition that has one."""
         if not partitions:
             return {}
         frame = self.query(
             """
             SELECT partition, arg_max(materialization_id, started_at) AS materialization_id
-            FROM materializations WHERE asset = ? AND partition IN (SELECT unnest(?))
+            FROM materializations
+            WHERE asset = ? AND partition IN (SELECT unnest(?)) AND status = 'complete'
             GROUP BY partition
             """,
             [asset, partitions],
@@ -246,3 +383,75 @@ class LineageCatalog:
         return dict(
             zip(frame["partition"].to_list(), frame["materialization_id"].to_list(), strict=True)
         )
+
+    def read_versions(self, asset: str, partitions: list[str]) -> dict[str, str]:
+        """The materialization id behind each partition's table on disk, for a reader.
+
+        Raises `IncompleteCommitError` naming the partitions whose newest materialization is
+        pending or failed (a step killed or failed after it may have replaced the table), and
+        leaves out partitions never materialized.
+        """
+        if not partitions:
+            return {}
+        frame = self.query(
+            """
+            SELECT partition,
+                   arg_max(materialization_id, started_at) AS materialization_id,
+                   arg_max(status, started_at) AS status
+            FROM materializations
+            WHERE asset = ? AND partition IN (SELECT unnest(?))
+            GROUP BY partition
+            """,
+            [asset, partitions],
+        )
+        unfinished = frame.filter(pl.col("status") != STATUS_COMPLETE)
+        if unfinished.height:
+            listed = ", ".join(
+                f"{p} ({s})"
+                for p, s in zip(unfinished["partition"], unfinished["status"], strict=True)
+            )
+            raise IncompleteCommitError(
+                f"{asset}: the newest materialization of {listed} did not complete, so its "
+                "table on disk is not trusted; re-materialize those partitions"
+            )
+        return dict(
+            zip(frame["partition"].to_list(), frame["materialization_id"].to_list(), strict=True)
+        )
+
+    def materializations(self, ids: list[str]) -> pl.DataFrame:
+        """Materialization records by id."""
+        return self.query(
+            "SELECT * FROM materializations WHERE materialization_id IN (SELECT unnest(?))",
+            [ids],
+        )
+
+    def rows_for_ids(self, table: str, id_column: str, ids: list[str]) -> pl.DataFrame:
+        """Rows of a row table whose `id_column` is in `ids` (a named read for stages)."""
+        if table not in _ROW_TABLES:
+            raise ValueError(f"unknown row table {table!r}")
+        return self.query(
+            f"SELECT * FROM {table} WHERE {id_column} IN (SELECT unnest(?))", [list(ids)]
+        )
+
+
+def read_with_versions(
+    catalog: LineageCatalog,
+    asset: str,
+    partitions: list[str],
+    read: Any,
+    attempts: int = 3,
+) -> tuple[Any, dict[str, str]]:
+    """Call `read()` and return its value with the versions of exactly what it read.
+
+    The versions are looked up before and after the read; if another run replaced one of the
+    tables meanwhile, the read is repeated (a reader never records a version it did not read).
+    """
+    for _ in range(attempts):
+        before = catalog.read_versions(asset, partitions)
+        value = read()
+        if catalog.read_versions(asset, partitions) == before:
+            return value, before
+    raise RuntimeError(
+        f"{asset}: tables kept changing while being read ({attempts} attempts); another run is "
+        "rewriting them; retry when it finishes"
+    )

@@ -13,6 +13,11 @@ Choices the paper leaves open, and what we do:
   paper's "target_j, j != i". It is shuffled per query by a keyed hash, so a pair's negatives
   are reproducible from (seed, query id, candidate id) alone, whatever the partitioning.
 - Queries are subsampled by a keyed hash of their id (`query_fraction`), again per id.
+- Exact copies: given each image's content hash (sha256 of its file bytes), an image is never
+  a target of a query with the same bytes, whichever source found it, and never a hard negative
+  of a pair whose query or target has its bytes. A copy is dropped before the per-source cut,
+  like the query itself, so the query keeps its best *other* neighbours. Queries and pairs with
+  no copy among their candidates come out exactly as without hashes.
 
 Hashes come from hashlib.blake2b (stable across library versions and machines); polars' own
 hash is not promised to be stable, so nothing persisted depends on it.
@@ -28,7 +33,7 @@ import numpy as np
 import polars as pl
 import pyarrow as pa
 
-from megapairs_assets.quality import CheckOutcome, outcome
+from megapairs_assets.lib.quality import CheckOutcome, outcome
 
 DEFAULT_SOURCES: tuple[str, ...] = ("clip_image", "dino_image", "caption_text")
 PAPER_BAND: tuple[float, float] = (0.8, 0.96)
@@ -105,21 +110,41 @@ def pair_id_for(query_id: str, target_id: str) -> str:
     return hashlib.blake2b(payload).hexdigest()[:16]
 
 
-def mine_pairs(neighbors: Mapping[str, pl.DataFrame], params: MiningParams) -> pl.DataFrame:
+def knn_image_ids(neighbors: Mapping[str, pl.DataFrame]) -> list[str]:
+    """Every query and neighbour id of the KNN tables, sorted: the ids to look hashes up for."""
+    columns = [
+        frame[column].cast(pl.String)
+        for frame in neighbors.values()
+        for column in ("query_id", "neighbor_id")
+    ]
+    if not columns:
+        return []
+    return pl.concat(columns).unique().sort().to_list()
+
+
+def mine_pairs(
+    neighbors: Mapping[str, pl.DataFrame],
+    params: MiningParams,
+    content_hashes: pl.DataFrame | None = None,
+) -> pl.DataFrame:
     """Turn per-source KNN tables into deduplicated pairs with hard negatives.
 
     `neighbors` maps a source name to a long KNN frame (query_id, rank, neighbor_id, score).
     A source named in `params.bands` but absent here contributes nothing; a source here but
     absent from the bands is an error, because silently ignoring a whole model is worse.
+    `content_hashes` (image_id, content_hash), for the ids of `knn_image_ids(neighbors)`, keeps
+    byte-identical images apart: a copy of the query is never a target, and a pair's negatives
+    never have its query's or its target's bytes. Ids without a hash count as unique.
     Output follows `pairs_schema(params.sources)`, sorted by (query_id, target_id); it is
     identical for any row order of the inputs and any split of the queries across calls.
     """
     unknown = sorted(set(neighbors) - set(params.bands))
     if unknown:
         raise ValueError(f"sources {unknown} have KNN tables but no band in MiningParams.bands")
+    copies = _copies(content_hashes)
 
     per_source_targets = [
-        _best_in_band_targets(neighbors[source], index, params.bands[source], params)
+        _best_in_band_targets(neighbors[source], index, params.bands[source], params, copies)
         for index, source in enumerate(params.sources)
         if source in neighbors and neighbors[source].height > 0
     ]
@@ -139,17 +164,17 @@ def mine_pairs(neighbors: Mapping[str, pl.DataFrame], params: MiningParams) -> p
         return _empty_pairs(params.sources)
 
     pairs = _merge_sources(coded, params.sources)
-    return _with_ids_and_negatives(pairs, ids, params)
+    return _with_ids_and_negatives(pairs, ids, params, ids.content_groups(copies))
 
 
 def _with_ids_and_negatives(
-    pairs: pl.DataFrame, ids: _IdTable, params: MiningParams
+    pairs: pl.DataFrame, ids: _IdTable, params: MiningParams, content_groups: np.ndarray | None
 ) -> pl.DataFrame:
     """Decode the merged pairs back to string ids and add pair ids and hard negatives."""
     query_codes = pairs["query_code"].to_numpy()
     target_codes = pairs["target_code"].to_numpy()
     negative_offsets, negative_codes = _hard_negative_codes(
-        query_codes, target_codes, ids.hashes, params
+        query_codes, target_codes, ids.hashes, params, content_groups
     )
     query_ids = ids.decode(query_codes)
     target_ids = ids.decode(target_codes)
@@ -175,14 +200,49 @@ def _band_literals(band: tuple[float, float]) -> tuple[pl.Expr, pl.Expr]:
     return pl.lit(low, dtype=pl.Float32), pl.lit(high, dtype=pl.Float32)
 
 
-def _best_in_band_targets(
-    knn: pl.DataFrame, source_index: int, band: tuple[float, float], params: MiningParams
-) -> pl.LazyFrame:
-    """One source's in-band neighbours, best `targets_per_source` per query."""
-    low, high = _band_literals(band)
-    # Sorting on every key (not trusting input order) is what makes ties and shuffled
-    # inputs resolve identically; the dedup guards against a KNN table listing a pair twice.
+def _copies(content_hashes: pl.DataFrame | None) -> pl.DataFrame | None:
+    """(image_id, content_hash) of the ids whose bytes another id shares; None when none do."""
+    if content_hashes is None:
+        return None
+    missing = {"image_id", "content_hash"} - set(content_hashes.columns)
+    if missing:
+        raise ValueError(f"content_hashes lacks columns {sorted(missing)}")
+    known = (
+        content_hashes.select(
+            pl.col("image_id").cast(pl.String), pl.col("content_hash").cast(pl.String)
+        )
+        .drop_nulls()
+        .unique()
+    )
+    conflicting = known.filter(pl.col("image_id").is_duplicated())["image_id"].unique().sort()
+    if conflicting.len():
+        raise ValueError(
+            f"content_hashes gives several hashes for ids {conflicting.head(5).to_list()}"
+        )
+    copies = known.filter(pl.col("content_hash").is_duplicated()).sort("image_id")
+    return copies if copies.height else None
+
+
+def _copy_pairs(copies: pl.DataFrame) -> pl.LazyFrame:
+    """Every ordered (query_id, target_id) of two different ids with the same bytes."""
     return (
+        copies.lazy()
+        .join(copies.lazy(), on="content_hash", suffix="_other")
+        .filter(pl.col("image_id") != pl.col("image_id_other"))
+        .select(pl.col("image_id").alias("query_id"), pl.col("image_id_other").alias("target_id"))
+    )
+
+
+def _best_in_band_targets(
+    knn: pl.DataFrame,
+    source_index: int,
+    band: tuple[float, float],
+    params: MiningParams,
+    copies: pl.DataFrame | None = None,
+) -> pl.LazyFrame:
+    """One source's in-band neighbours other than the query and its copies, best few per query."""
+    low, high = _band_literals(band)
+    in_band = (
         knn.lazy()
         .select(
             pl.col("query_id").cast(pl.String),
@@ -192,7 +252,14 @@ def _best_in_band_targets(
         )
         .filter((pl.col("score") > low) & (pl.col("score") < high))
         .filter(pl.col("query_id") != pl.col("target_id"))
-        .sort(
+    )
+    if copies is not None:
+        # The copy table is tiny (only ids whose bytes repeat), so this anti join is cheap.
+        in_band = in_band.join(_copy_pairs(copies), on=["query_id", "target_id"], how="anti")
+    # Sorting on every key (not trusting input order) is what makes ties and shuffled
+    # inputs resolve identically; the dedup guards against a KNN table listing a pair twice.
+    return (
+        in_band.sort(
             "query_id",
             "score",
             "rank",
@@ -255,6 +322,25 @@ class _IdTable:
     def decode(self, codes: np.ndarray) -> pl.Series:
         return self.ids.gather(codes)
 
+    def content_groups(self, copies: pl.DataFrame | None) -> np.ndarray | None:
+        """Per code: a label shared exactly by codes with the same bytes; None if all differ.
+
+        A code's label is its own code unless its bytes repeat among these ids, in which case
+        it is the smallest code with those bytes.
+        """
+        if copies is None:
+            return None
+        present = copies.filter(pl.col("image_id").is_in(self.ids.implode()))
+        if present.height == 0:
+            return None
+        codes = self.ids.search_sorted(present["image_id"]).cast(pl.Int64)
+        groups = present.select("content_hash", codes.alias("code")).with_columns(
+            pl.col("code").min().over("content_hash").alias("group")
+        )
+        labels = np.arange(self.ids.len(), dtype=np.int64)
+        labels[groups["code"].to_numpy()] = groups["group"].to_numpy()
+        return labels
+
     def sampled_query_mask(self, params: MiningParams) -> np.ndarray:
         """Per code: True if that id, used as a query, is in the `query_fraction` sample."""
         keys = _mix64(_seed_word(params.seed, _SAMPLE_SALT) ^ self.hashes)
@@ -301,12 +387,17 @@ def _merge_sources(coded: pl.DataFrame, sources: Sequence[str]) -> pl.DataFrame:
 
 
 def _hard_negative_codes(
-    query_codes: np.ndarray, target_codes: np.ndarray, id_hashes: np.ndarray, params: MiningParams
+    query_codes: np.ndarray,
+    target_codes: np.ndarray,
+    id_hashes: np.ndarray,
+    params: MiningParams,
+    content_groups: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Per pair: the query, then the first other targets of its query in keyed-hash order.
 
     Rows must be sorted by (query, target). Returns list offsets and the flat codes, ready
-    to become a list column. A query's pool is its own targets; each pair skips itself.
+    to become a list column. A query's pool is its own targets; each pair skips itself and,
+    given `content_groups`, every pool entry with the same bytes as its target.
     """
     row_count = len(query_codes)
     query_keys = _mix64(_seed_word(params.seed, _NEGATIVE_SALT) ^ id_hashes[query_codes])
@@ -331,8 +422,39 @@ def _hard_negative_codes(
 
     codes = np.hstack([query_codes[:, None], target_codes[pool_rows]])
     keep = np.hstack([np.ones((row_count, 1), dtype=bool), is_present])
+    if content_groups is not None:
+        pool = (pool_order, pool_start, pool_size)
+        _skip_copies_of_targets(codes, keep, query_codes, target_codes, pool, content_groups)
     offsets = np.r_[0, np.cumsum(keep.sum(axis=1))].astype(np.int64)
     return offsets, codes[keep]
+
+
+def _skip_copies_of_targets(
+    codes: np.ndarray,
+    keep: np.ndarray,
+    query_codes: np.ndarray,
+    target_codes: np.ndarray,
+    pool: tuple[np.ndarray, np.ndarray, np.ndarray],
+    content_groups: np.ndarray,
+) -> None:
+    """Redo, in place, the negatives of pairs whose pool holds a copy of their target.
+
+    Only pairs sharing (query, bytes of the target) with another pair are touched: there the
+    pool is walked in the same keyed order, leaving out every entry with the target's bytes.
+    Such pairs are rare (exact copies among one query's targets), hence the plain loop.
+    `pool` is (pool_order, pool_start, pool_size) as built by `_hard_negative_codes`.
+    """
+    pool_order, pool_start, pool_size = pool
+    target_groups = content_groups[target_codes]
+    keys = (query_codes.astype(np.uint64) << np.uint64(32)) | target_groups.astype(np.uint64)
+    _, key_of_row, key_counts = np.unique(keys, return_inverse=True, return_counts=True)
+    slot_count = codes.shape[1] - 1
+    for row in np.flatnonzero(key_counts[key_of_row] > 1):
+        start = pool_start[row]
+        candidates = target_codes[pool_order[start : start + pool_size[row]]]
+        chosen = candidates[content_groups[candidates] != target_groups[row]][:slot_count]
+        codes[row, 1 : 1 + len(chosen)] = chosen
+        keep[row, 1:] = np.arange(slot_count) < len(chosen)
 
 
 def _list_column(name: str, offsets: np.ndarray, values: pl.Series) -> pl.Series:
@@ -347,11 +469,21 @@ def _pair_ids(query_ids: pl.Series, target_ids: pl.Series) -> list[str]:
     return [hashlib.blake2b(payload.encode()).hexdigest()[:16] for payload in joined.to_list()]
 
 
-def check_pairs(pairs: pl.DataFrame, params: MiningParams) -> list[CheckOutcome]:
-    """Validate a mined-pairs table; each outcome lists a few offending `query->target` rows."""
-    labelled = pairs.with_columns(
-        (pl.col("query_id") + pl.lit("->") + pl.col("target_id")).alias("_label")
-    )
+IDENTICAL_CONTENT_CHECK = "no_identical_content_pairs"
+IDENTICAL_CONTENT_CHECK_DESCRIPTION = (
+    "No pair's target or mined hard negative has the same bytes (content hash) as its query, "
+    "no negative has its target's bytes, and every image of a pair has a known hash"
+)
+
+
+def check_pairs(
+    pairs: pl.DataFrame, params: MiningParams, content_hashes: pl.DataFrame | None = None
+) -> list[CheckOutcome]:
+    """Validate a mined-pairs table; each outcome lists a few offending `query->target` rows.
+
+    Given `content_hashes` (image_id, content_hash), also runs `check_no_identical_content`.
+    """
+    labelled = _labelled(pairs)
     return [
         _check_in_band(labelled, params),
         _check_rows(
@@ -373,7 +505,82 @@ def check_pairs(pairs: pl.DataFrame, params: MiningParams) -> list[CheckOutcome]
             pl.col("query_id") == pl.col("target_id"),
             "target differs from query",
         ),
+        *([] if content_hashes is None else [check_no_identical_content(pairs, content_hashes)]),
     ]
+
+
+def check_no_identical_content(pairs: pl.DataFrame, content_hashes: pl.DataFrame) -> CheckOutcome:
+    """Fail every pair holding two copies of the same bytes where they must differ.
+
+    Compared: query with target, query with each mined negative (the query image itself, first
+    in the list, is not mined), target with each negative. An id missing from `content_hashes`
+    fails too: a pair that cannot be verified must not pass a blocking check.
+    """
+    hashes = content_hashes.select(
+        pl.col("image_id").cast(pl.String), pl.col("content_hash").cast(pl.String)
+    ).unique(subset="image_id", keep="first")
+    labelled = _labelled(pairs)
+    mined = (
+        labelled.select(
+            "_label", "query_id", "target_id", pl.col("hard_negative_ids").list.slice(1)
+        )
+        .explode("hard_negative_ids")
+        .drop_nulls("hard_negative_ids")
+    )
+    negative = pl.col("hard_negative_ids")
+    comparisons = pl.concat(
+        [
+            _comparison(labelled, "query_id", "target_id", pl.lit("target has the query's bytes")),
+            _comparison(
+                mined,
+                "query_id",
+                "hard_negative_ids",
+                pl.format("negative {} has the query's bytes", negative),
+            ),
+            _comparison(
+                mined,
+                "target_id",
+                "hard_negative_ids",
+                pl.format("negative {} has the target's bytes", negative),
+            ),
+        ]
+    )
+    compared = comparisons.join(
+        hashes.rename({"image_id": "a", "content_hash": "hash_a"}), on="a", how="left"
+    ).join(hashes.rename({"image_id": "b", "content_hash": "hash_b"}), on="b", how="left")
+    unknown = pl.when(pl.col("hash_a").is_null()).then(pl.col("a")).otherwise(pl.col("b"))
+    problems = (
+        compared.filter(
+            pl.col("hash_a").is_null()
+            | pl.col("hash_b").is_null()
+            | (pl.col("hash_a") == pl.col("hash_b"))
+        )
+        .with_columns(
+            pl.when(pl.col("hash_a").is_null() | pl.col("hash_b").is_null())
+            .then(pl.format("no content hash for {}", unknown))
+            .otherwise(pl.col("what"))
+            .alias("what")
+        )
+        .unique(subset=["_label", "what"])
+        .sort("_label", "what")
+        .group_by("_label", maintain_order=True)
+        .agg(pl.col("what").str.join("; "))
+    )
+    failing = [f"{label}: {what}" for label, what in problems.iter_rows()]
+    return outcome(IDENTICAL_CONTENT_CHECK, failing, IDENTICAL_CONTENT_CHECK_DESCRIPTION)
+
+
+def _comparison(frame: pl.DataFrame, left: str, right: str, what: pl.Expr) -> pl.DataFrame:
+    """Rows (_label, a, b, what): two ids of a pair that must not share bytes, and why."""
+    return frame.select(
+        "_label", pl.col(left).alias("a"), pl.col(right).alias("b"), what.alias("what")
+    )
+
+
+def _labelled(pairs: pl.DataFrame) -> pl.DataFrame:
+    return pairs.with_columns(
+        (pl.col("query_id") + pl.lit("->") + pl.col("target_id")).alias("_label")
+    )
 
 
 def _failing_labels(labelled: pl.DataFrame, is_bad: pl.Expr) -> list[str]:

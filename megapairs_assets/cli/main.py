@@ -30,11 +30,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
         ASSET_PARTITION_RANGE_START_TAG,
     )
 
+    from megapairs_assets.cli.summary import print_summary
+    from megapairs_assets.corpus.assets import shard_changes
     from megapairs_assets.corpus.sources import list_shards
     from megapairs_assets.definitions import build_definitions
-    from megapairs_assets.partitions import SHARD_PARTITIONS_NAME
-    from megapairs_assets.storage import default_home
-    from megapairs_assets.summary import print_summary
+    from megapairs_assets.lib.storage import DataLayout, default_home
+    from megapairs_assets.lineage.catalog import LineageCatalog
+    from megapairs_assets.orchestration.partitions import SHARD_PARTITIONS_NAME
     from resources.profiles import profile_from_env
 
     started = time.perf_counter()
@@ -53,8 +55,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
         print(f"no shards found in {resources['corpus_source'].path}", file=sys.stderr)
         return 1
     instance = dg.DagsterInstance.get()
-    known = set(instance.get_dynamic_partitions(SHARD_PARTITIONS_NAME))
-    instance.add_dynamic_partitions(SHARD_PARTITIONS_NAME, [s for s in shards if s not in known])
+    new, gone = shard_changes(shards, list(instance.get_dynamic_partitions(SHARD_PARTITIONS_NAME)))
+    for shard in gone:
+        instance.delete_dynamic_partition(SHARD_PARTITIONS_NAME, shard)
+    if gone:
+        removed = LineageCatalog(DataLayout(home).catalog_path).retire_partitions(gone)
+        print(f"  {len(gone)} shards left the corpus source ({', '.join(gone[:5])}): removed "
+              f"from the partition set, {removed} lineage rows retired")
+    instance.add_dynamic_partitions(SHARD_PARTITIONS_NAME, new)
     print(f"materializing the mining half for {len(shards)} shards ({shards[0]}..{shards[-1]})")
     log_level = "WARNING" if args.quiet else "INFO"
     result = defs.resolve_job_def("mining_half").execute_in_process(
@@ -74,9 +82,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_lineage(args: argparse.Namespace) -> int:
+    from megapairs_assets.lib.storage import DataLayout, default_home
     from megapairs_assets.lineage.catalog import LineageCatalog
     from megapairs_assets.lineage.report import lineage_report
-    from megapairs_assets.storage import DataLayout, default_home
 
     catalog_path = DataLayout(default_home()).catalog_path
     if not catalog_path.exists():
@@ -95,10 +103,10 @@ def cmd_lineage(args: argparse.Namespace) -> int:
 
 def cmd_ui(args: argparse.Namespace) -> int:
     """`dagster dev` on this project's workspace, sharing the demo's Dagster instance."""
-    from megapairs_assets.storage import default_home
+    from megapairs_assets.lib.storage import default_home
 
     _prepare_dagster_home(default_home())
-    workspace = Path(__file__).resolve().parent.parent / "workspace.yaml"
+    workspace = Path(__file__).resolve().parents[2] / "workspace.yaml"
     command = ["dagster", "dev", "-w", str(workspace), "-h", args.host, "-p", str(args.port)]
     os.execvp(command[0], command)
     return 0

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import polars as pl
 
+from megapairs_assets.lib.storage import DataLayout
 from megapairs_assets.lineage.catalog import LineageCatalog
-from megapairs_assets.storage import DataLayout
 
 
 def demo_summary(home: Path, shards: list[str]) -> dict[str, object]:

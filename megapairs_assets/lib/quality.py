@@ -24,6 +24,12 @@ class CheckOutcome:
     examples: tuple[str, ...] = field(default_factory=tuple)
 
 
+def violation_detail(failing_rows: int, what: str) -> str:
+    """`1 row violates: <what>` / `3 rows violate: <what>`: the detail of a failed check."""
+    rows = "1 row violates" if failing_rows == 1 else f"{failing_rows:,} rows violate"
+    return f"{rows}: {what}"
+
+
 def outcome(name: str, failing: list[str], what: str) -> CheckOutcome:
     """Build an outcome from the list of offending rows (empty list = passed)."""
     if not failing:
@@ -31,7 +37,7 @@ def outcome(name: str, failing: list[str], what: str) -> CheckOutcome:
     return CheckOutcome(
         name=name,
         passed=False,
-        detail=f"{len(failing)} rows violate: {what}",
+        detail=violation_detail(len(failing), what),
         failing_rows=len(failing),
         examples=tuple(str(x) for x in failing[:5]),
     )

@@ -1,0 +1,3 @@
+from megapairs_assets.cli.main import main
+
+raise SystemExit(main())

@@ -1,0 +1,148 @@
+"""One shard of the image corpus, as plain work: read, validate, quarantine, write, check.
+
+`build_corpus_shard` is what the `image_corpus` asset runs per partition; benchmarks and tests
+call it directly. It also declares the corpus's row table in the lineage catalog.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import polars as pl
+
+from megapairs_assets.corpus.images import ImageLimits, open_image_rgb
+from megapairs_assets.corpus.sources import ShardReadError, SourceSpec, iter_shard_records
+from megapairs_assets.corpus.table import (
+    build_shard_table,
+    check_corpus,
+    check_cross_shard_duplicates,
+    shard_error_table,
+)
+from megapairs_assets.lib.preview import markdown_table, thumbnail_markdown
+from megapairs_assets.lib.progress import Progress
+from megapairs_assets.lib.step import StepResult
+from megapairs_assets.lib.storage import DataLayout, write_parquet_atomic
+from megapairs_assets.lineage.catalog import LineageCatalog, RowTable, register_row_table
+
+ASSET_NAME = "image_corpus"
+CORPUS_CHECKS = {
+    "corpus_ids_unique": "Every image_id appears once (ids are corpus-unique by construction)",
+    "corpus_rows_complete": "Required columns are filled and every image meets the size limits",
+}
+# Copies across shards are worth knowing about but poison nothing downstream (mining drops
+# byte-identical targets and negatives itself).
+CROSS_SHARD_CHECKS = {
+    "corpus_content_unique_across_shards": "No image repeats the exact bytes of another shard's",
+}
+
+IMAGE_LINEAGE = register_row_table(
+    RowTable(
+        "image_lineage",
+        (
+            ("image_id", "VARCHAR"),
+            ("shard", "VARCHAR"),
+            ("key", "VARCHAR"),
+            ("source_uri", "VARCHAR"),
+            ("caption", "VARCHAR"),
+            ("content_hash", "VARCHAR"),
+            ("width", "INTEGER"),
+            ("height", "INTEGER"),
+        ),
+    )
+)
+
+_PREVIEW_IMAGES = 8
+
+
+def build_corpus_shard(
+    shard: str,
+    spec: SourceSpec,
+    limits: ImageLimits,
+    layout: DataLayout,
+    catalog: LineageCatalog,
+    log: Callable[[str], None] = print,
+) -> StepResult:
+    """Read and validate one shard; write its images and quarantine tables."""
+    with Progress(None, f"{ASSET_NAME}[{shard}]", "images", log=log) as progress:
+        try:
+            images, quarantine = build_shard_table(
+                shard, iter_shard_records(spec, shard), limits, on_progress=progress.update
+            )
+        except ShardReadError as error:
+            log(f"shard {shard} is unreadable: {error}")
+            images = build_shard_table(shard, [], limits)[0]
+            quarantine = shard_error_table(shard, shard_uri(spec, shard), error)
+    images_path, quarantine_path = layout.corpus_images(shard), layout.corpus_quarantine(shard)
+    write_parquet_atomic(images, images_path)
+    write_parquet_atomic(quarantine, quarantine_path)
+    outcomes = check_corpus(images, limits.min_side_px)
+    outcomes.append(
+        check_cross_shard_duplicates(images, other_shard_copies(catalog, shard, images))
+    )
+    reasons = quarantine.group_by("reason").len().sort(["len", "reason"], descending=[True, False])
+    return StepResult(
+        partition=shard,
+        outputs={"images": images_path, "quarantine": quarantine_path},
+        row_counts={"images": images.height, "quarantined": quarantine.height},
+        row_count_key="images",
+        config={"source": spec.__dict__, "limits": limits.__dict__},
+        rows={
+            IMAGE_LINEAGE.name: images.select(name for name, _ in IMAGE_LINEAGE.columns),
+            "quarantine_log": quarantine.select(
+                pl.lit(ASSET_NAME).alias("stage"),
+                "shard",
+                "key",
+                "source_uri",
+                "reason",
+                "detail",
+            ),
+        },
+        outcomes=outcomes,
+        preview=images.select("image_id", "caption", "width", "height").head(10),
+        markdown={
+            "quarantine_by_reason": markdown_table(reasons),
+            "thumbnails": thumbnail_markdown(_preview_images(images, limits)),
+        },
+    )
+
+
+def other_shard_copies(catalog: LineageCatalog, shard: str, images: pl.DataFrame) -> pl.DataFrame:
+    """Images of other shards, already in the catalog, that share a content hash with these."""
+    return catalog.query(
+        "SELECT image_id, content_hash FROM image_lineage "
+        "WHERE shard <> ? AND content_hash IN (SELECT unnest(?))",
+        [shard, images["content_hash"].to_list()],
+    )
+
+
+def content_hashes(catalog: LineageCatalog, image_ids: list[str]) -> pl.DataFrame:
+    """image_id -> content_hash for the given ids (what mining needs to drop exact copies)."""
+    return catalog.query(
+        "SELECT image_id, content_hash FROM image_lineage WHERE image_id IN (SELECT unnest(?))",
+        [image_ids],
+    )
+
+
+def image_uris(catalog: LineageCatalog, image_ids: list[str]) -> dict[str, str]:
+    """image_id -> source uri, for previews."""
+    frame = catalog.query(
+        "SELECT image_id, source_uri FROM image_lineage WHERE image_id IN (SELECT unnest(?))",
+        [sorted(set(image_ids))],
+    )
+    return dict(zip(frame["image_id"], frame["source_uri"], strict=True))
+
+
+def shard_uri(spec: SourceSpec, shard: str) -> str:
+    """The file a whole-shard error points at (the tar itself for webdataset shards)."""
+    return str(Path(spec.path) / f"{shard}.tar") if spec.kind == "webdataset" else spec.path
+
+
+def _preview_images(images: pl.DataFrame, limits: ImageLimits) -> list:
+    previews = []
+    for uri in images["source_uri"].head(_PREVIEW_IMAGES).to_list():
+        try:
+            previews.append(open_image_rgb(uri, limits, max_side_px=64))
+        except Exception:  # a preview must never fail the asset
+            continue
+    return previews

@@ -1,0 +1,60 @@
+"""How the corpus writes down where an item lives (`source_uri`), and how it reads that back.
+
+The one home of these rules; sources write uris with them and every reader parses with them.
+A `source_uri` is one of:
+
+- an absolute local path: `/data/photos/cat.jpg`;
+- a member of a webdataset tar: `<absolute tar path>#<member name>`, for example
+  `/data/shards/00000.tar#000000012.jpg` (the first `.tar#` splits the two);
+- a remote URL (`https://...`), recorded so the row can be reported, never fetched.
+
+Locations given by a user (manifest rows) may also start with `file://`, which is dropped.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+TAR_SUFFIX = ".tar"
+_MEMBER_MARK = "#"
+_TAR_MEMBER_SPLIT = TAR_SUFFIX + _MEMBER_MARK
+_URL_SCHEME = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
+_FILE_SCHEME = "file://"
+
+
+def tar_member_uri(tar_uri: str, member_name: str) -> str:
+    """The uri of one member of a tar whose own uri (absolute path) is `tar_uri`."""
+    return f"{tar_uri}{_MEMBER_MARK}{member_name}"
+
+
+def split_tar_member(uri: str) -> tuple[str, str] | None:
+    """(tar path, member name) for a tar member uri, None for any other uri."""
+    split_at = uri.find(_TAR_MEMBER_SPLIT)
+    if split_at < 0:
+        return None
+    tar_end = split_at + len(TAR_SUFFIX)
+    return uri[:tar_end], uri[tar_end + len(_MEMBER_MARK) :]
+
+
+def is_remote(location: str) -> bool:
+    """Whether a location names another machine (any URL scheme except `file://`)."""
+    return bool(_URL_SCHEME.match(location)) and not location.startswith(_FILE_SCHEME)
+
+
+def without_file_scheme(location: str) -> str:
+    """A local location without its optional `file://` prefix."""
+    return location.removeprefix(_FILE_SCHEME)
+
+
+def resolve_local(location: str, base_dir: Path) -> str:
+    """The absolute `source_uri` of a local location given relative to `base_dir`.
+
+    A `<tar>#<member>` location keeps its member part as written; only the file is resolved.
+    """
+    location = without_file_scheme(location)
+    parts = split_tar_member(location)
+    if parts is None:
+        return str((base_dir / location).resolve())
+    tar_path, member_name = parts
+    return tar_member_uri(str((base_dir / tar_path).resolve()), member_name)

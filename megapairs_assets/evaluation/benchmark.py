@@ -1,0 +1,133 @@
+"""What a loaded benchmark is: images to embed, the gallery to rank, and the queries.
+
+Every loader (CIRCO, CIRR, FashionIQ, GeneCIS, our held-out split) returns a `BenchmarkSplit`,
+so embedding, caching, ranking and scoring are one code path. Image ids are strings; the first
+`gallery_size` images form the gallery a query ranks, and later ones are reference images
+that are not candidates (rare: a reference missing from its split's gallery).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+MetricKind = Literal["circo", "cirr", "recall", "genecis", "heldout"]
+"""Which official definition scores the split (see `megapairs_assets.evaluation.metrics`)."""
+
+# GeneCIS attribute crops: the box grows by this fraction of its size on each side (left/top),
+# then is padded to a square with black, as the benchmark's own evaluation code does.
+GENECIS_BOX_DILATION = 0.7
+
+
+@dataclass(frozen=True)
+class ImageRef:
+    """Where one benchmark image's pixels come from.
+
+    uri: a file path, or a corpus `source_uri` (`<tar>#<member>` for webdataset members).
+    box: (x, y, width, height) of a GeneCIS object instance in pixels; the image is cropped
+        around it (dilated by GENECIS_BOX_DILATION) and padded to a square.
+    """
+
+    uri: str
+    box: tuple[float, float, float, float] | None = None
+
+
+@dataclass(frozen=True)
+class CirQuery:
+    """One composed query: a reference image and a modification text.
+
+    targets: ids of the correct images (CIRCO: all ground truths; elsewhere the one target).
+        Empty on test splits, whose answers are hidden.
+    subset: CIRR's `img_set` members (for Recall_subset).
+    candidates: GeneCIS only: this query's own candidate list, target first.
+    """
+
+    query_id: str
+    reference_id: str
+    text: str
+    targets: tuple[str, ...] = ()
+    subset: tuple[str, ...] = ()
+    candidates: tuple[str, ...] = ()
+
+
+@dataclass
+class BenchmarkSplit:
+    """One loaded split of one benchmark (a FashionIQ category or a GeneCIS task is a split).
+
+    files: the annotation files read, part of the gallery version.
+    remove_reference: CIRR deletes the reference image from each query's ranking.
+    discarded: queries the official protocol leaves out, with why (GeneCIS keeps only queries
+        whose gallery has the most common length).
+    """
+
+    benchmark: str
+    split: str
+    metric_kind: MetricKind
+    image_ids: list[str]
+    image_refs: list[ImageRef]
+    gallery_size: int
+    queries: list[CirQuery]
+    has_ground_truth: bool
+    remove_reference: bool = False
+    files: list[Path] = field(default_factory=list)
+    discarded: dict[str, int] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if len(self.image_ids) != len(self.image_refs):
+            raise ValueError("image_ids and image_refs differ in length")
+        if len(set(self.image_ids)) != len(self.image_ids):
+            raise ValueError(f"{self.benchmark}/{self.split}: image ids repeat")
+        if not 0 < self.gallery_size <= len(self.image_ids):
+            raise ValueError(f"{self.benchmark}/{self.split}: gallery size out of range")
+
+    @property
+    def gallery_ids(self) -> list[str]:
+        return self.image_ids[: self.gallery_size]
+
+    def index_of(self) -> dict[str, int]:
+        """Image id -> row in `image_ids` (and in the embedding matrix)."""
+        return {image_id: row for row, image_id in enumerate(self.image_ids)}
+
+    def gallery_version(self) -> str:
+        """Changes when anything that shapes the gallery embeddings changes.
+
+        Hashes the image ids, where each image comes from (path, crop box) and each local
+        file's size and modification time, plus the annotation files' bytes. Replacing an
+        image file therefore invalidates cached embeddings; renaming the root does not
+        (paths are hashed relative to their common folder).
+        """
+        digest = hashlib.sha256()
+        base = _common_parent([ref.uri for ref in self.image_refs])
+        for image_id, ref in zip(self.image_ids, self.image_refs, strict=True):
+            digest.update(json.dumps([image_id, _relative(ref.uri, base), ref.box]).encode())
+            digest.update(_file_stamp(ref.uri).encode())
+        digest.update(str(self.gallery_size).encode())
+        for path in self.files:
+            digest.update(hashlib.sha256(path.read_bytes()).digest())
+        return digest.hexdigest()[:16]
+
+
+def _file_stamp(uri: str) -> str:
+    path = uri.split(".tar#", 1)[0] + (".tar" if ".tar#" in uri else "")
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return "absent"
+    return f"{stat.st_size}:{stat.st_mtime_ns}"
+
+
+def _common_parent(uris: list[str]) -> str:
+    if not uris:
+        return ""
+    try:
+        return os.path.commonpath([os.path.dirname(uri) for uri in uris])
+    except ValueError:  # mixed absolute and relative paths
+        return ""
+
+
+def _relative(uri: str, base: str) -> str:
+    return os.path.relpath(uri, base) if base else uri

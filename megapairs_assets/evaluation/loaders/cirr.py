@@ -1,0 +1,104 @@
+"""CIRR (val, test1) from its official layout under one root folder.
+
+    <root>/captions/cap.rc2.{val,test1}.json
+        a list of {pairid, reference, target_hard, target_soft, caption, img_set: {id,
+        members, reference_rank, target_rank}}; test1 has no target (answers are on the
+        server).
+    <root>/image_splits/split.rc2.{val,test1}.json
+        {image name: relative path}; the split's gallery, in file order.
+    images: <root>/img_raw/<relative path> (the dataset README's layout), else
+        <root>/<relative path>.
+
+The query text is the caption as written. The reference image is deleted from each query's
+ranking; Recall_subset ranks the `img_set` members without the reference.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from megapairs_assets.evaluation.benchmark import BenchmarkSplit, CirQuery, ImageRef
+from megapairs_assets.evaluation.loaders.images import require_images
+from megapairs_assets.evaluation.loaders.jsonfile import (
+    BenchmarkFormatError,
+    read_json,
+    require_field,
+    require_list,
+)
+
+CIRR_SPLITS = ("val", "test1")
+CIRR_VERSION = "rc2"
+
+
+def load_cirr(root: Path, split: str) -> BenchmarkSplit:
+    """Load one CIRR split; see the module docstring for the files read."""
+    if split not in CIRR_SPLITS:
+        raise ValueError(f"CIRR has splits {CIRR_SPLITS}, not {split!r}")
+    captions_path = root / "captions" / f"cap.{CIRR_VERSION}.{split}.json"
+    split_path = root / "image_splits" / f"split.{CIRR_VERSION}.{split}.json"
+    captions = read_json(captions_path, f"CIRR {split} captions")
+    image_split = read_json(split_path, f"CIRR {split} image split")
+
+    image_ids, image_refs = _gallery(image_split, root)
+    known = set(image_ids)
+    queries = []
+    for index, entry in enumerate(require_list(captions, "CIRR pairs")):
+        pair_id = require_field(captions, entry, index, "pairid", int)
+        reference = require_field(captions, entry, index, "reference", str)
+        caption = require_field(captions, entry, index, "caption", str)
+        img_set = require_field(captions, entry, index, "img_set", dict)
+        members = img_set.get("members")
+        if not isinstance(members, list) or not all(isinstance(m, str) for m in members):
+            raise captions.error("img_set.members must be a list of image names", index)
+        targets: tuple[str, ...] = ()
+        if split == "val":
+            target = require_field(captions, entry, index, "target_hard", str)
+            if target not in members:
+                raise captions.error(
+                    f"target_hard {target!r} is not one of img_set.members", index
+                )
+            targets = (target,)
+        unknown = [name for name in (reference, *targets, *members) if name not in known]
+        if unknown:
+            raise captions.error(f"image {unknown[0]!r} is not in {split_path.name}", index)
+        queries.append(
+            CirQuery(
+                query_id=str(pair_id),
+                reference_id=reference,
+                text=caption,
+                targets=targets,
+                subset=tuple(members),
+            )
+        )
+    require_images(image_refs, f"CIRR {split} images")
+    return BenchmarkSplit(
+        benchmark="cirr",
+        split=split,
+        metric_kind="cirr",
+        image_ids=image_ids,
+        image_refs=image_refs,
+        gallery_size=len(image_ids),
+        queries=queries,
+        has_ground_truth=split == "val",
+        remove_reference=True,
+        files=[captions_path, split_path],
+    )
+
+
+def _gallery(image_split, root: Path) -> tuple[list[str], list[ImageRef]]:
+    if not isinstance(image_split.value, dict) or not image_split.value:
+        raise BenchmarkFormatError(
+            image_split.path, 1, "expected a non-empty object {image name: relative path}"
+        )
+    image_root = root / "img_raw" if (root / "img_raw").is_dir() else root
+    ids, refs = [], []
+    for name, relative in image_split.value.items():
+        if not isinstance(relative, str):
+            raise BenchmarkFormatError(
+                image_split.path,
+                image_split.key_line(name),
+                f"the path of {name!r} should be a string, got {type(relative).__name__}",
+            )
+        ids.append(name)
+        refs.append(ImageRef(str(image_root / relative)))
+    return ids, refs

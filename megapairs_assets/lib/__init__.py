@@ -1,0 +1,1 @@
+"""Plain shared code: no Dagster imports (storage layout, atomic writes, checks, progress)."""

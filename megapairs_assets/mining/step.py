@@ -1,0 +1,181 @@
+"""One shard's mined image pairs, as plain work: read the three KNN graphs, mine, write, check."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+
+import polars as pl
+
+from megapairs_assets.corpus.images import ImageLimits, open_image_rgb
+from megapairs_assets.corpus.step import image_uris
+from megapairs_assets.embeddings.sources import source_named
+from megapairs_assets.knn.step import read_knn_tables
+from megapairs_assets.lib.preview import markdown_table, thumbnail_markdown
+from megapairs_assets.lib.step import StepResult
+from megapairs_assets.lib.storage import DataLayout, write_parquet_atomic
+from megapairs_assets.lineage.catalog import LineageCatalog, RowTable, register_row_table
+from megapairs_assets.mining.pairs import (
+    MiningParams,
+    check_pairs,
+    mine_pairs,
+    score_column,
+    summarize_pairs,
+)
+
+ASSET_NAME = "mined_image_pairs"
+PAIR_CHECKS = {
+    "pairs_in_band": "Every score lies strictly inside its source's band",
+    "negatives_start_with_query": "hard_negative_ids[0] is the query image",
+    "target_not_in_negatives": "A pair's target is never among its hard negatives",
+    "no_duplicate_pairs": "Each (query, target) appears once",
+    "no_self_pairs": "A query is never its own target",
+}
+
+PAIR_LINEAGE = register_row_table(
+    RowTable(
+        "pair_lineage",
+        (
+            ("pair_id", "VARCHAR"),
+            ("query_id", "VARCHAR"),
+            ("target_id", "VARCHAR"),
+            ("shard", "VARCHAR"),
+            ("sources", "VARCHAR[]"),
+            ("scores", "VARCHAR"),
+            ("hard_negative_ids", "VARCHAR[]"),
+            ("knn_versions", "VARCHAR"),
+        ),
+    )
+)
+
+_PREVIEW_PAIRS = 4
+
+
+def mine_shard(
+    shard: str,
+    params: MiningParams,
+    layout: DataLayout,
+    catalog: LineageCatalog,
+    log: Callable[[str], None] = print,
+) -> StepResult:
+    """Mine one shard's pairs from its three KNN tables and write them."""
+    sources = list(params.bands)
+    neighbors, versions = read_knn_tables(
+        [source_named(s) for s in sources], shard, layout, catalog
+    )
+    pairs = mine_pairs(neighbors, params)
+    path = layout.shard_table(ASSET_NAME, shard)
+    write_parquet_atomic(pairs, path)
+    knn_versions = {
+        s: versions[f"{source_named(s).knn_asset}/{shard}"] for s in sources
+    }
+    summary = summarize_pairs(pairs, sources)
+    log(f"{ASSET_NAME}[{shard}]: {pairs.height} pairs")
+    return StepResult(
+        partition=shard,
+        outputs={"pairs": path},
+        row_counts={"pairs": pairs.height},
+        row_count_key="pairs",
+        config={
+            "bands": params.bands,
+            "targets_per_source": params.targets_per_source,
+            "hard_negatives": params.hard_negatives,
+            "seed": params.seed,
+            "query_fraction": params.query_fraction,
+        },
+        input_versions=versions,
+        rows={PAIR_LINEAGE.name: pair_lineage_rows(pairs, shard, sources, knn_versions)},
+        outcomes=check_pairs(pairs, params),
+        metadata={k: v for k, v in summary.items() if isinstance(v, int | float | str)},
+        markdown={
+            "pairs_by_source": markdown_table(pairs_by_source(pairs)),
+            "score_distribution": markdown_table(score_distribution(pairs, sources)),
+            "thumbnails": pair_thumbnails(catalog, pairs.head(_PREVIEW_PAIRS)),
+        },
+        preview=pair_preview(catalog, pairs),
+    )
+
+
+def pair_lineage_rows(
+    pairs: pl.DataFrame, shard: str, sources: list[str], knn_versions: dict[str, str]
+) -> pl.DataFrame:
+    score_columns = [score_column(s) for s in sources]
+    return pairs.select(
+        "pair_id",
+        "query_id",
+        "target_id",
+        pl.lit(shard).alias("shard"),
+        "sources",
+        pl.struct(score_columns).struct.json_encode().alias("scores"),
+        "hard_negative_ids",
+        pl.lit(json.dumps(knn_versions, sort_keys=True)).alias("knn_versions"),
+    )
+
+
+def pairs_by_source(pairs: pl.DataFrame) -> pl.DataFrame:
+    if not pairs.height:
+        return pl.DataFrame({"source": [], "pairs": []})
+    return (
+        pairs.explode("sources")
+        .group_by("sources")
+        .len()
+        .sort("sources")
+        .rename({"sources": "source", "len": "pairs"})
+    )
+
+
+def score_distribution(pairs: pl.DataFrame, sources: list[str]) -> pl.DataFrame:
+    """Per source: count and quantiles of the scores of the pairs it found."""
+    rows = []
+    for source in sources:
+        scores = pairs[score_column(source)].drop_nulls()
+        row: dict[str, object] = {"source": source, "pairs": scores.len()}
+        for q in (0.0, 0.25, 0.5, 0.75, 1.0):
+            row[f"q{int(q * 100)}"] = float(scores.quantile(q)) if scores.len() else None
+        rows.append(row)
+    return pl.DataFrame(rows)
+
+
+def pair_preview(catalog: LineageCatalog, pairs: pl.DataFrame, max_rows: int = 10) -> pl.DataFrame:
+    """The first pairs with their captions and scores, readable at a glance."""
+    head = pairs.head(max_rows)
+    if not head.height:
+        return head
+    captions = catalog.query(
+        "SELECT image_id, caption FROM image_lineage WHERE image_id IN (SELECT unnest(?))",
+        [sorted(set(head["query_id"]) | set(head["target_id"]))],
+    )
+    score_columns = [c for c in head.columns if c.startswith("score_")]
+    return (
+        head.select("query_id", "target_id", "sources", *score_columns)
+        .join(
+            captions.rename({"image_id": "query_id", "caption": "query_caption"}),
+            on="query_id",
+            how="left",
+        )
+        .join(
+            captions.rename({"image_id": "target_id", "caption": "target_caption"}),
+            on="target_id",
+            how="left",
+        )
+    )
+
+
+def pair_thumbnails(catalog: LineageCatalog, pairs: pl.DataFrame) -> str:
+    """Query and target as thumbnails, one line per pair, for the asset page."""
+    if not pairs.height:
+        return "_(no pairs)_"
+    uri_of = image_uris(catalog, list(pairs["query_id"]) + list(pairs["target_id"]))
+    lines = []
+    for row in pairs.iter_rows(named=True):
+        images = []
+        for image_id in (row["query_id"], row["target_id"]):
+            try:
+                images.append(open_image_rgb(uri_of[image_id], ImageLimits(), max_side_px=64))
+            except Exception:  # a preview must never fail the asset
+                continue
+        lines.append(
+            f"{thumbnail_markdown(images)} `{row['query_id']}` -> `{row['target_id']}` "
+            f"({', '.join(row['sources'])})"
+        )
+    return "\n\n".join(lines)

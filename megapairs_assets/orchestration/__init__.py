@@ -1,0 +1,1 @@
+"""The Dagster edge: partitions, the one shard step helper, UI metadata."""

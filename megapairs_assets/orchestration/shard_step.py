@@ -1,0 +1,201 @@
+"""The one Dagster-side helper every partitioned asset uses to run its stage's plain step.
+
+A stage exposes a plain function `partition key -> StepResult` (megapairs_assets.lib.step).
+`materialize_partitions` runs it for each partition the Dagster step covers (one, or a range
+when a backfill runs many shards in one run so models load once), and for each partition:
+
+1. records the materialization as pending in the lineage catalog before any output is written;
+2. runs the plain step;
+3. completes the catalog record with what it did and its row-level lineage, in one transaction
+   (a failure marks it failed; a kill leaves it pending, and readers then refuse that table);
+4. attaches that partition's own metadata (row count, preview, tables) to its materialization.
+
+Check outcomes of all partitions are merged into one result per check (Dagster 1.13 takes one
+result per check per step); a failure names the partitions that failed. Run totals are
+reported apart, under `run_*` keys.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import dagster as dg
+
+from megapairs_assets.lib.preview import markdown_table
+from megapairs_assets.lib.quality import CheckOutcome
+from megapairs_assets.lib.step import StepResult
+from megapairs_assets.lineage.catalog import (
+    LineageCatalog,
+    MaterializationRecord,
+    new_materialization_id,
+    utc_now,
+)
+
+
+@dataclass(frozen=True)
+class Stage:
+    """What Dagster needs to know about one asset's stage, declared once.
+
+    checks: blocking checks, name -> description. warning_checks: non-blocking ones (a
+    failure shows as a warning and stops nothing downstream).
+    """
+
+    asset_name: str
+    code_version: str
+    checks: Mapping[str, str] = field(default_factory=dict)
+    warning_checks: Mapping[str, str] = field(default_factory=dict)
+
+    def check_specs(self) -> list[dg.AssetCheckSpec]:
+        blocking = [
+            dg.AssetCheckSpec(name, asset=self.asset_name, description=text, blocking=True)
+            for name, text in self.checks.items()
+        ]
+        warnings = [
+            dg.AssetCheckSpec(name, asset=self.asset_name, description=text, blocking=False)
+            for name, text in self.warning_checks.items()
+        ]
+        return blocking + warnings
+
+
+def materialize_partitions(
+    context: dg.AssetExecutionContext,
+    stage: Stage,
+    step: Callable[[str], StepResult],
+    catalog: LineageCatalog,
+    profile: str,
+    run_metadata: Mapping[str, Any] | None = None,
+) -> dg.MaterializeResult:
+    """Run `step` for each partition of this Dagster step; see the module docstring."""
+    partitioned = context.assets_def.partitions_def is not None
+    partitions: list[str | None] = list(context.partition_keys) if partitioned else [None]
+    results: list[StepResult] = []
+    started = time.perf_counter()
+    for partition in partitions:
+        result = _run_one(context, stage, step, catalog, profile, partition)
+        results.append(result)
+        if partition is not None:
+            context.add_asset_metadata(partition_metadata(result), partition_key=partition)
+    elapsed_s = time.perf_counter() - started
+    totals: dict[str, Any] = {
+        "run_partitions": len(results),
+        "run_rows": sum(r.row_count for r in results),
+        "run_seconds": round(elapsed_s, 2),
+        **(run_metadata or {}),
+    }
+    if partitions == [None] and results:
+        totals.update(partition_metadata(results[0]))
+    return dg.MaterializeResult(
+        metadata=totals,
+        check_results=check_results(stage, results),
+    )
+
+
+def _run_one(
+    context: dg.AssetExecutionContext,
+    stage: Stage,
+    step: Callable[[str], StepResult],
+    catalog: LineageCatalog,
+    profile: str,
+    partition: str | None,
+) -> StepResult:
+    started_at, started = utc_now(), time.perf_counter()
+    pending = MaterializationRecord(
+        asset=stage.asset_name,
+        partition=partition,
+        run_id=context.run.run_id,
+        code_version=stage.code_version,
+        profile=profile,
+        started_at=started_at,
+        duration_s=0.0,
+        materialization_id=new_materialization_id(),
+    )
+    catalog.begin(pending)
+    try:
+        result = step(partition or "")
+    except BaseException:
+        catalog.fail(pending.materialization_id)
+        raise
+    catalog.complete(
+        MaterializationRecord(
+            asset=stage.asset_name,
+            partition=partition,
+            run_id=context.run.run_id,
+            code_version=stage.code_version,
+            profile=profile,
+            started_at=started_at,
+            duration_s=time.perf_counter() - started,
+            config=result.config,
+            model_ids=result.model_ids,
+            input_versions=result.input_versions,
+            row_counts=result.row_counts,
+            output_paths={name: str(path) for name, path in result.outputs.items()},
+            materialization_id=pending.materialization_id,
+        ),
+        rows=result.rows,
+    )
+    failing = [o.name for o in result.outcomes if not o.passed]
+    context.log.info(
+        f"{stage.asset_name}[{partition}]: {result.row_count} rows"
+        + (f"; failing checks: {', '.join(failing)}" if failing else "")
+    )
+    return result
+
+
+def partition_metadata(result: StepResult) -> dict[str, Any]:
+    """One partition's own metadata for its materialization event."""
+    metadata: dict[str, Any] = {"dagster/row_count": result.row_count}
+    metadata.update({f"rows_{name}": int(n) for name, n in result.row_counts.items()})
+    metadata.update(dict(result.metadata))
+    for name, text in result.markdown.items():
+        metadata[name] = dg.MetadataValue.md(text)
+    if result.preview is not None:
+        metadata["preview"] = dg.MetadataValue.md(markdown_table(result.preview))
+    for name, path in result.outputs.items():
+        metadata[f"path_{name}"] = dg.MetadataValue.path(str(path))
+    failing = [o.name for o in result.outcomes if not o.passed]
+    metadata["failing_checks"] = ", ".join(failing) or "none"
+    return metadata
+
+
+def check_results(stage: Stage, results: Iterable[StepResult]) -> list[dg.AssetCheckResult]:
+    """One result per declared check, merged over partitions, naming failing partitions."""
+    by_check: dict[str, list[tuple[str, CheckOutcome]]] = {}
+    for result in results:
+        for item in result.outcomes:
+            by_check.setdefault(item.name, []).append((result.partition, item))
+    declared = {**stage.checks, **stage.warning_checks}
+    undeclared = sorted(set(by_check) - set(declared))
+    if undeclared:
+        raise ValueError(f"{stage.asset_name}: outcomes for undeclared checks {undeclared}")
+    check_list = []
+    for name in declared:
+        items = by_check.get(name, [])
+        failing = [(p, o) for p, o in items if not o.passed]
+        partitions = [p for p, _ in items]
+        if failing:
+            description = "; ".join(f"[{p}] {o.detail}" for p, o in failing)
+        elif items:
+            description = items[0][1].detail
+        else:
+            description = "no partitions checked"
+        check_list.append(
+            dg.AssetCheckResult(
+                asset_key=stage.asset_name,
+                check_name=name,
+                passed=not failing,
+                severity=dg.AssetCheckSeverity.WARN
+                if name in stage.warning_checks
+                else dg.AssetCheckSeverity.ERROR,
+                description=description,
+                metadata={
+                    "partitions_checked": ", ".join(partitions) or "-",
+                    "failing_partitions": ", ".join(p for p, _ in failing) or "-",
+                    "failing_rows": sum(o.failing_rows for _, o in failing),
+                    "examples": ", ".join(e for _, o in failing for e in o.examples[:5]) or "-",
+                },
+            )
+        )
+    return check_list

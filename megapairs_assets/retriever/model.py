@@ -1,0 +1,298 @@
+"""A retriever: an open_clip model (a base model or a trained MMRet checkpoint) as embeddings.
+
+Candidates are images: `encode_images` gives L2-normalised image projections. A composed query
+(image + text) is MMRet's fusion of the *raw* projections (`fusion.fuse_query`); an image-only
+or text-only query is that modality's normalised projection (method.md §7).
+
+Where weights come from is open_clip's business, as everywhere in this project:
+
+- `RetrieverSpec(model_name, pretrained)` with `pretrained` an open_clip tag (`openai`), a local
+  checkpoint file (a state dict open_clip loads with `create_model(name, pretrained=path)`),
+  or None with `model_name="local-dir:<dir>"` for a directory holding `open_clip_config.json`
+  plus weights (open_clip's own export format).
+- `spec_from_argument("ViT-B-16@openai")`, `spec_from_argument("/ckpt/step-200.pt")`: what the
+  CLI and the checkpoint sensor accept. A bare checkpoint file takes its architecture from a
+  sidecar `<file stem>.json` holding {"model_name": ...}, else from `default_model`.
+
+`retriever_id` is the one name of a retriever in lineage, the CLI and the UI (it is the
+`retrievers` partition key). `fingerprint` changes when the weights change, so cached gallery
+embeddings are never reused for different weights under the same name.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from megapairs_assets.retriever.fusion import fuse_query, normalize
+
+LOCAL_DIR_PREFIX = "local-dir:"
+OPEN_CLIP_CONFIG = "open_clip_config.json"
+_UNSAFE_ID_CHARS = re.compile(r"[^A-Za-z0-9._:@+-]+")
+
+
+class RetrieverConfigError(ValueError):
+    """A retriever that cannot be loaded; the message says what to change."""
+
+
+@dataclass(frozen=True)
+class RetrieverSpec:
+    """Which model a retriever is: an open_clip model name plus where its weights come from."""
+
+    model_name: str
+    pretrained: str | None = None
+
+    @property
+    def retriever_id(self) -> str:
+        """A stable, machine-independent name: `<model>@<tag>` or `<model>@<folder>:<file>`."""
+        if self.model_name.startswith(LOCAL_DIR_PREFIX):
+            folder = Path(self.model_name.removeprefix(LOCAL_DIR_PREFIX)).expanduser()
+            label = f"local@{_tail(folder)}"
+        elif self.pretrained is None:
+            label = f"{self.model_name}@random"
+        elif _is_local(self.pretrained):
+            label = f"{self.model_name}@{_tail(Path(self.pretrained).expanduser())}"
+        else:
+            label = f"{self.model_name}@{self.pretrained}"
+        return _UNSAFE_ID_CHARS.sub("-", label).replace("...", "-")
+
+    def fingerprint(self) -> str:
+        """Changes whenever the weights behind this spec change (local files: size, mtime)."""
+        digest = hashlib.sha256(f"{self.model_name}|{self.pretrained}".encode())
+        for path in self._weight_files():
+            stat = path.stat()
+            digest.update(f"{path.name}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+        return digest.hexdigest()[:16]
+
+    def _weight_files(self) -> list[Path]:
+        if self.model_name.startswith(LOCAL_DIR_PREFIX):
+            folder = Path(self.model_name.removeprefix(LOCAL_DIR_PREFIX)).expanduser()
+            return sorted(p for p in folder.iterdir() if p.is_file()) if folder.is_dir() else []
+        if self.pretrained and _is_local(self.pretrained):
+            path = Path(self.pretrained).expanduser()
+            return [path] if path.is_file() else []
+        return []
+
+
+def spec_from_argument(argument: str, default_model: str | None = None) -> RetrieverSpec:
+    """Read a retriever from the CLI / sensor form.
+
+    - `<open_clip name>` or `<name>@<pretrained tag or checkpoint path>`;
+    - a directory holding `open_clip_config.json` (open_clip's export): loaded as local-dir;
+    - a checkpoint file: its model name from `<stem>.json` ({"model_name": ...}) beside it,
+      else `default_model`.
+    """
+    path = Path(argument).expanduser()
+    if path.is_dir():
+        if not (path / OPEN_CLIP_CONFIG).is_file():
+            raise RetrieverConfigError(
+                f"{argument} is a directory without {OPEN_CLIP_CONFIG}; point at open_clip's "
+                "export (config + weights) or at a checkpoint file"
+            )
+        return RetrieverSpec(f"{LOCAL_DIR_PREFIX}{path.resolve()}")
+    if path.is_file():
+        model_name = _sidecar_model_name(path) or default_model
+        if model_name is None:
+            raise RetrieverConfigError(
+                f"{argument}: cannot tell the model architecture; write it as "
+                f"<open_clip name>@{argument}, or put {path.stem}.json with "
+                '{"model_name": ...} beside the file'
+            )
+        return RetrieverSpec(model_name, str(path.resolve()))
+    name, _, pretrained = argument.partition("@")
+    if not name:
+        raise RetrieverConfigError(f"{argument!r}: expected <open_clip name>[@<pretrained>]")
+    if pretrained and _is_local(pretrained):
+        pretrained = str(Path(pretrained).expanduser().resolve())
+    return RetrieverSpec(name, pretrained or None)
+
+
+class Retriever:
+    """An open_clip model in eval mode: image projections, text projections, fused queries.
+
+    Every `encode_*` returns float32 numpy arrays; `project_*` return raw (un-normalised)
+    projections, which is what fusion needs.
+    """
+
+    def __init__(
+        self,
+        spec: RetrieverSpec,
+        model: torch.nn.Module,
+        preprocess: Callable[[Image.Image], torch.Tensor],
+        tokenizer: Callable[[list[str]], torch.Tensor],
+        device: torch.device,
+        dtype: torch.dtype,
+    ) -> None:
+        self.spec = spec
+        self.model = model
+        self.preprocess = preprocess
+        self.tokenizer = tokenizer
+        self.device = device
+        self.dtype = dtype
+        self.input_side_px = _preprocessed_side_px(preprocess)
+
+    @property
+    def retriever_id(self) -> str:
+        return self.spec.retriever_id
+
+    @property
+    def dim(self) -> int:
+        """Embedding size (the model's joint projection width)."""
+        return int(self.project_texts(["dim probe"]).shape[1])
+
+    # -- raw projections ---------------------------------------------------------------------
+
+    def project_pixels(self, pixels: torch.Tensor) -> np.ndarray:
+        """Raw image projections of preprocessed pixels (B, C, H, W)."""
+        with torch.inference_mode():
+            out = self.model.encode_image(pixels.to(self.device, dtype=self.dtype))
+        return out.float().cpu().numpy()
+
+    def project_images(
+        self, images: Sequence[Image.Image | str | Path], batch_size: int = 64
+    ) -> np.ndarray:
+        """Raw image projections of PIL images or image file paths, in input order."""
+        chunks = []
+        for start in range(0, len(images), batch_size):
+            batch = [_as_image(item) for item in images[start : start + batch_size]]
+            chunks.append(self.project_pixels(torch.stack([self.preprocess(i) for i in batch])))
+        return _stack(chunks)
+
+    def project_texts(self, texts: Sequence[str], batch_size: int = 256) -> np.ndarray:
+        """Raw text projections, in input order."""
+        chunks = []
+        for start in range(0, len(texts), batch_size):
+            tokens = self.tokenizer(list(texts[start : start + batch_size])).to(self.device)
+            with torch.inference_mode():
+                chunks.append(self.model.encode_text(tokens).float().cpu().numpy())
+        return _stack(chunks)
+
+    # -- embeddings --------------------------------------------------------------------------
+
+    def encode_images(
+        self, images: Sequence[Image.Image | str | Path], batch_size: int = 64
+    ) -> np.ndarray:
+        """Candidate (or image-only query) embeddings: normalised image projections."""
+        return normalize_rows(self.project_images(images, batch_size))
+
+    def encode_texts(self, texts: Sequence[str], batch_size: int = 256) -> np.ndarray:
+        """Text-only query embeddings: normalised text projections."""
+        return normalize_rows(self.project_texts(texts, batch_size))
+
+    def encode_queries(
+        self,
+        images: Sequence[Image.Image | str | Path],
+        texts: Sequence[str],
+        batch_size: int = 64,
+    ) -> np.ndarray:
+        """Composed query embeddings: L2-normalise(image projection + text projection)."""
+        if len(images) != len(texts):
+            raise ValueError(f"{len(images)} query images for {len(texts)} texts")
+        return fuse_projections(
+            self.project_images(images, batch_size), self.project_texts(texts, batch_size)
+        )
+
+
+def fuse_projections(image_projections: np.ndarray, text_projections: np.ndarray) -> np.ndarray:
+    """MMRet's fusion (retriever.fusion.fuse_query) on numpy arrays of raw projections."""
+    fused = fuse_query(torch.from_numpy(image_projections), torch.from_numpy(text_projections))
+    return fused.numpy().astype(np.float32, copy=False)
+
+
+def normalize_rows(projections: np.ndarray) -> np.ndarray:
+    """A single modality's embedding: its normalised projection (retriever.fusion.normalize)."""
+    return normalize(torch.from_numpy(projections)).numpy().astype(np.float32, copy=False)
+
+
+def load_retriever(
+    model_name: str, pretrained: str | None, device: torch.device, dtype: torch.dtype
+) -> Retriever:
+    """Load a retriever through open_clip's factory, in eval mode on `device` in `dtype`."""
+    return load_retriever_spec(RetrieverSpec(model_name, pretrained), device, dtype)
+
+
+def load_retriever_spec(
+    spec: RetrieverSpec, device: torch.device, dtype: torch.dtype
+) -> Retriever:
+    """`load_retriever` for a spec; refuses random weights and names what to fix."""
+    import open_clip
+
+    from megapairs_assets.embeddings.encoders import register_bundled_model_configs
+
+    register_bundled_model_configs()
+    local_dir = spec.model_name.startswith(LOCAL_DIR_PREFIX)
+    if not local_dir:
+        if open_clip.get_model_config(spec.model_name) is None:
+            raise RetrieverConfigError(
+                f"open_clip has no model named {spec.model_name!r}; use a built-in name or add "
+                "its config (megapairs_assets/embeddings/model_configs/)"
+            )
+        if spec.pretrained is None:
+            raise RetrieverConfigError(
+                f"retriever {spec.model_name!r} has no pretrained weights (random embeddings "
+                "score nothing); give a tag or a checkpoint path as <name>@<pretrained>"
+            )
+        if _is_local(spec.pretrained) and not Path(spec.pretrained).expanduser().is_file():
+            raise RetrieverConfigError(f"checkpoint {spec.pretrained} does not exist")
+    try:
+        model, _, preprocess = open_clip.create_model_and_transforms(
+            spec.model_name, pretrained=None if local_dir else spec.pretrained, device=device
+        )
+    except (RuntimeError, FileNotFoundError, ValueError) as error:
+        raise RetrieverConfigError(f"cannot load retriever {spec.retriever_id}: {error}") from error
+    model = model.to(dtype=dtype).eval()
+    tokenizer = open_clip.get_tokenizer(spec.model_name)
+    return Retriever(spec, model, preprocess, tokenizer, device, dtype)
+
+
+def _sidecar_model_name(checkpoint: Path) -> str | None:
+    sidecar = checkpoint.with_suffix(".json")
+    if not sidecar.is_file():
+        return None
+    try:
+        name = json.loads(sidecar.read_text(encoding="utf-8")).get("model_name")
+    except (ValueError, AttributeError):
+        raise RetrieverConfigError(
+            f"{sidecar} is not a JSON object with a model_name"
+        ) from None
+    return str(name) if name else None
+
+
+def _is_local(pretrained: str) -> bool:
+    # An open_clip tag is a bare word (`openai`, `laion2b_s34b_b79k`); a path has a separator
+    # or a file suffix, or exists.
+    return (
+        "/" in pretrained
+        or pretrained.startswith((".", "~"))
+        or Path(pretrained).suffix in {".pt", ".pth", ".bin", ".safetensors", ".ckpt"}
+        or Path(pretrained).expanduser().exists()
+    )
+
+
+def _tail(path: Path) -> str:
+    # The folder and the file (without suffix) name a checkpoint on any machine.
+    return f"{path.parent.name}:{path.stem if path.suffix else path.name}"
+
+
+def _as_image(item: Image.Image | str | Path) -> Image.Image:
+    if isinstance(item, Image.Image):
+        return item.convert("RGB")
+    with Image.open(item) as image:
+        return image.convert("RGB")
+
+
+def _stack(chunks: list[np.ndarray]) -> np.ndarray:
+    return np.concatenate(chunks) if chunks else np.zeros((0, 0), dtype=np.float32)
+
+
+def _preprocessed_side_px(preprocess: Callable[[Image.Image], torch.Tensor]) -> int:
+    probe = Image.new("RGB", (97, 89), (127, 127, 127))
+    return int(max(preprocess(probe).shape[-2:]))

@@ -1,0 +1,133 @@
+"""Lightning callbacks: the loss-curve log, progress reporting and the final checkpoint."""
+
+from __future__ import annotations
+
+import csv
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl_lightning
+import polars as pl
+
+from megapairs_assets.lib.progress import Progress
+
+LOSS_CURVE_COLUMNS = (
+    "step",
+    "loss",
+    "learning_rate",
+    "step_s",
+    "failed_images",
+    "dropped_queries",
+)
+
+
+class TrainingLog(pl_lightning.Callback):
+    """Appends one CSV row per optimizer step (global rank 0 only).
+
+    A file survives the process (a kill, or `ddp_spawn` children), so the curve of a resumed
+    run is whole: on start, rows past the restored step (logged after the last checkpoint by
+    the killed run, and about to be redone) are dropped. `step_s` is the wall time from the end
+    of the previous step, data loading included; the first step of a process has none.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._last_end: float | None = None
+
+    def on_train_start(self, trainer: pl_lightning.Trainer, pl_module: Any) -> None:
+        if not trainer.is_global_zero:
+            return
+        kept = read_loss_curve(self.path).filter(pl.col("step") <= trainer.global_step)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self.path.open("w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(LOSS_CURVE_COLUMNS)
+            writer.writerows(kept.rows())
+        self._last_end = None
+
+    def on_train_batch_end(
+        self,
+        trainer: pl_lightning.Trainer,
+        pl_module: Any,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
+        if not trainer.is_global_zero:
+            return
+        now = time.perf_counter()
+        step_s = now - self._last_end if self._last_end is not None else float("nan")
+        self._last_end = now
+        stats = pl_module.last_step_stats
+        learning_rate = trainer.optimizers[0].param_groups[0]["lr"]
+        with self.path.open("a", newline="") as handle:
+            csv.writer(handle).writerow(
+                [
+                    trainer.global_step,
+                    stats.get("loss", float("nan")),
+                    learning_rate,
+                    step_s,
+                    int(stats.get("failed_images", 0)),
+                    int(stats.get("dropped_queries", 0)),
+                ]
+            )
+
+
+def read_loss_curve(path: Path) -> pl.DataFrame:
+    """The loss-curve CSV as a frame (empty with the right columns when there is none)."""
+    schema = {
+        "step": pl.Int64,
+        "loss": pl.Float64,
+        "learning_rate": pl.Float64,
+        "step_s": pl.Float64,
+        "failed_images": pl.Int64,
+        "dropped_queries": pl.Int64,
+    }
+    if not path.is_file():
+        return pl.DataFrame(schema=schema)
+    frame = pl.read_csv(path, schema=schema)
+    # A step redone after a resume appears once: the later (resumed) row wins.
+    return frame.unique(subset="step", keep="last").sort("step")
+
+
+class StepProgress(pl_lightning.Callback):
+    """Steps done / total, rate and ETA through the project's `Progress` (rank 0 only)."""
+
+    def __init__(self, desc: str, log: Callable[[str], None] | None) -> None:
+        self.desc = desc
+        self.log = log
+        self._progress: Progress | None = None
+
+    def on_train_start(self, trainer: pl_lightning.Trainer, pl_module: Any) -> None:
+        if trainer.is_global_zero:
+            self._progress = Progress(
+                total=trainer.max_steps - trainer.global_step,
+                desc=f"{self.desc} (from step {trainer.global_step})",
+                unit="steps",
+                log=self.log,
+            )
+
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, *args: Any) -> None:
+        if self._progress is not None:
+            self._progress.update(1)
+
+    def on_train_end(self, trainer: Any, pl_module: Any) -> None:
+        if self._progress is not None:
+            self._progress.close()
+            self._progress = None
+
+
+class FinalCheckpoint(pl_lightning.Callback):
+    """Writes `last.ckpt` at the end of training too, so it always holds the final state.
+
+    (`ModelCheckpoint` writes it every n steps; a run whose last step is not a multiple of n
+    would otherwise leave a `last.ckpt` that is behind the exported weights.)
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def on_train_end(self, trainer: pl_lightning.Trainer, pl_module: Any) -> None:
+        trainer.save_checkpoint(self.path)

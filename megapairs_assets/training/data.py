@@ -1,0 +1,333 @@
+"""Training examples from the triplets Parquet: checked rows, step-addressed batches, a DataModule.
+
+Input rows follow the MegaPairs release schema (method.md §6): `q_img` (image path or corpus
+`source_uri`), `q_text` (instructions; one is sampled per step), `t_img` (the target image) and
+`hns` (hard-negative images, `hns[0]` the query image), plus whatever id columns the triplets
+asset writes. `prepare_triplets` keeps the rows a model can learn from and quarantines the rest
+with a reason; it also drops the evaluation's held-out queries, so they never enter training.
+
+Batches are a pure function of (seed, step): the permutation of an epoch comes from the seed
+and the epoch number, and the instruction of a row from (seed, step, row). A run killed at step
+k and resumed from its checkpoint therefore sees exactly the batches an uninterrupted run sees,
+and several devices each take their slice of the same global batch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sys
+from collections import OrderedDict
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl_lightning
+import numpy as np
+import polars as pl
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from megapairs_assets.corpus.images import ImageLimits, ImageRejected, open_image_for_model
+
+_ON_LINUX = sys.platform.startswith("linux")
+TRIPLET_COLUMNS = ("q_img", "q_text", "t_img", "hns")
+ID_COLUMNS = ("triplet_id", "pair_id", "query_id", "target_id")
+QUARANTINE_SCHEMA = pl.Schema({"row": pl.Int64, "q_img": pl.String, "reason": pl.String})
+QUARANTINE_REASONS = {
+    "missing_query_image": "q_img is null or empty",
+    "missing_target_image": "t_img is null or empty",
+    "no_instruction": "q_text holds no non-empty instruction",
+    "negatives_not_starting_with_query": "hns is empty or hns[0] is not q_img",
+    "target_is_query": "t_img equals q_img",
+    "target_in_negatives": "t_img is also one of the row's hard negatives",
+}
+
+
+class TripletDataError(ValueError):
+    """Triplet input that cannot be trained on at all (wrong schema, too few usable rows)."""
+
+
+@dataclass(frozen=True)
+class PreparedTriplets:
+    """Rows to train on (q_img, instructions, t_img, hns), the quarantined rows and counts."""
+
+    rows: pl.DataFrame
+    quarantine: pl.DataFrame
+    input_rows: int
+    heldout_rows: int
+
+
+def read_triplets(paths: Sequence[Path]) -> pl.DataFrame:
+    """All triplet tables, concatenated in the given order; raises on a wrong schema."""
+    if not paths:
+        raise TripletDataError("no triplet tables given; materialize the triplets asset first")
+    frames = []
+    for path in paths:
+        frame = pl.read_parquet(path)
+        missing = [c for c in TRIPLET_COLUMNS if c not in frame.columns]
+        if missing:
+            raise TripletDataError(
+                f"{path} lacks triplet column(s) {', '.join(missing)}; expected the MegaPairs "
+                f"release schema ({', '.join(TRIPLET_COLUMNS)})"
+            )
+        keep = [*TRIPLET_COLUMNS, *(c for c in ID_COLUMNS if c in frame.columns)]
+        frames.append(frame.select(keep))
+    return pl.concat(frames, how="diagonal_relaxed")
+
+
+def query_key_column(frame: pl.DataFrame) -> str:
+    """The column that names a row's query image for the held-out split (`query_id` if any)."""
+    return "query_id" if "query_id" in frame.columns else "q_img"
+
+
+def prepare_triplets(
+    frame: pl.DataFrame, is_heldout_query: Callable[[str], bool] | None = None
+) -> PreparedTriplets:
+    """Keep trainable rows, quarantine the rest with a reason, drop held-out queries.
+
+    `is_heldout_query` gets a row's query key (`query_id`, else `q_img`) and says whether that
+    query belongs to the evaluation's held-out split.
+    """
+    numbered = frame.with_row_index("row").with_columns(
+        pl.col("row").cast(pl.Int64),
+        pl.col("q_text")
+        .list.eval(pl.element().str.strip_chars())
+        .list.eval(pl.element().filter(pl.element().str.len_chars() > 0))
+        .alias("instructions"),
+    )
+    blank = lambda column: pl.col(column).is_null() | (pl.col(column).str.len_chars() == 0)  # noqa: E731
+    reason = (
+        pl.when(blank("q_img"))
+        .then(pl.lit("missing_query_image"))
+        .when(blank("t_img"))
+        .then(pl.lit("missing_target_image"))
+        .when(pl.col("instructions").is_null() | (pl.col("instructions").list.len() == 0))
+        .then(pl.lit("no_instruction"))
+        .when(
+            pl.col("hns").is_null()
+            | (pl.col("hns").list.len() == 0)
+            | (pl.col("hns").list.first() != pl.col("q_img"))
+        )
+        .then(pl.lit("negatives_not_starting_with_query"))
+        .when(pl.col("t_img") == pl.col("q_img"))
+        .then(pl.lit("target_is_query"))
+        .when(pl.col("hns").list.contains(pl.col("t_img")))
+        .then(pl.lit("target_in_negatives"))
+        .otherwise(pl.lit(None, dtype=pl.String))
+        .alias("reason")
+    )
+    checked = numbered.with_columns(reason)
+    quarantine = checked.filter(pl.col("reason").is_not_null()).select(
+        "row", "q_img", "reason"
+    )
+    good = checked.filter(pl.col("reason").is_null())
+    heldout_rows = 0
+    if is_heldout_query is not None and good.height:
+        key = query_key_column(good)
+        heldout = good[key].map_elements(is_heldout_query, return_dtype=pl.Boolean)
+        heldout_rows = int(heldout.sum())
+        good = good.filter(~heldout)
+    rows = good.select("row", "q_img", "instructions", "t_img", "hns")
+    return PreparedTriplets(
+        rows=rows,
+        quarantine=quarantine.cast(dict(QUARANTINE_SCHEMA)),
+        input_rows=frame.height,
+        heldout_rows=heldout_rows,
+    )
+
+
+def image_key(uri: str) -> int:
+    """A stable int64 identity of an image path (equal paths, equal keys), for the loss masks."""
+    digest = hashlib.blake2b(uri.encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little", signed=True)
+
+
+def instruction_index(seed: int, step: int, row: int, count: int) -> int:
+    """Which of a row's `count` instructions step `step` uses (seeded, order independent)."""
+    return int(np.random.default_rng([seed, step, row]).integers(count))
+
+
+class TripletImages(Dataset):
+    """One query row as model inputs, addressed by (row, step).
+
+    Returns `images` uint8 (K, 3, S, S) with slot 0 the target, slot 1 the query image and
+    slots 2.. the other hard negatives; `valid` (K,) False for padding or an image that failed
+    to load; `keys` (K,) image identities; `tokens` the sampled instruction, tokenized;
+    `failed` how many of the row's images could not be loaded.
+    A bad image never raises: it comes back zeroed and invalid, and the loss leaves it out (or
+    drops the whole query when it was the target or the query image).
+    """
+
+    def __init__(
+        self,
+        rows: pl.DataFrame,
+        hard_negatives: int,
+        pixels: Callable[[Image.Image], torch.Tensor],
+        image_size_px: int,
+        tokenizer: Callable[[list[str]], torch.Tensor],
+        seed: int,
+        cache_items: int = 0,
+        limits: ImageLimits | None = None,
+    ) -> None:
+        self.targets: list[str] = rows["t_img"].to_list()
+        self.instructions: list[list[str]] = rows["instructions"].to_list()
+        self.negatives: list[list[str]] = [
+            list(hns[:hard_negatives]) for hns in rows["hns"].to_list()
+        ]
+        self.hard_negatives = hard_negatives
+        self.pixels = pixels
+        self.image_size_px = image_size_px
+        self.tokenizer = tokenizer
+        self.seed = seed
+        self.limits = limits or ImageLimits()
+        self.cache_items = cache_items
+        self._cache: OrderedDict[str, torch.Tensor | None] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    @property
+    def images_per_query(self) -> int:
+        return 1 + self.hard_negatives
+
+    def __getitem__(self, item: tuple[int, int]) -> dict[str, Any]:
+        row, step = item
+        negatives = self.negatives[row]
+        uris = [self.targets[row], *negatives]
+        shape = (3, self.image_size_px, self.image_size_px)
+        images = torch.zeros((self.images_per_query, *shape), dtype=torch.uint8)
+        valid = torch.zeros(self.images_per_query, dtype=torch.bool)
+        keys = torch.zeros(self.images_per_query, dtype=torch.int64)
+        failed = 0
+        for slot, uri in enumerate(uris):
+            pixels = self._load(uri)
+            keys[slot] = image_key(uri)
+            if pixels is None:
+                failed += 1
+            else:
+                images[slot] = pixels
+                valid[slot] = True
+        instructions = self.instructions[row]
+        text = instructions[instruction_index(self.seed, step, row, len(instructions))]
+        return {
+            "images": images,
+            "valid": valid,
+            "keys": keys,
+            "tokens": self.tokenizer([text])[0],
+            "failed": failed,
+            "row": row,
+            "step": step,
+        }
+
+    def _load(self, uri: str) -> torch.Tensor | None:
+        if uri in self._cache:
+            self._cache.move_to_end(uri)
+            return self._cache[uri]
+        try:
+            image = open_image_for_model(uri, self.limits, self.image_size_px)
+            pixels: torch.Tensor | None = self.pixels(image)
+        except (ImageRejected, OSError, ValueError):
+            pixels = None
+        if self.cache_items:
+            self._cache[uri] = pixels
+            while len(self._cache) > self.cache_items:
+                self._cache.popitem(last=False)
+        return pixels
+
+
+class StepBatchSampler(Sampler[list[tuple[int, int]]]):
+    """Yields this device's slice of the global batch of every step from the current step on.
+
+    Step s uses rows `perm_e[j*G:(j+1)*G]` with e = s // steps_per_epoch, j = s % steps_per_epoch,
+    G the global batch and perm_e a permutation seeded by (seed, e); the tail of an epoch that
+    does not fill a batch is left out. The first step is read from `current_step()` when
+    iteration starts (the Trainer's restored global step after a resume), so a resumed run
+    continues with the batch the killed one was about to take.
+    """
+
+    def __init__(
+        self,
+        num_rows: int,
+        global_batch_size: int,
+        rank: int,
+        world_size: int,
+        seed: int,
+        max_steps: int,
+        current_step: Callable[[], int],
+    ) -> None:
+        if num_rows < global_batch_size:
+            raise TripletDataError(
+                f"{num_rows} usable triplet rows are fewer than one batch of {global_batch_size}; "
+                "lower batch_size or train on more triplets"
+            )
+        self.num_rows = num_rows
+        self.global_batch_size = global_batch_size
+        self.local_batch_size = global_batch_size // world_size
+        self.rank = rank
+        self.seed = seed
+        self.max_steps = max_steps
+        self.current_step = current_step
+        self.steps_per_epoch = num_rows // global_batch_size
+        self._epoch_order: tuple[int, np.ndarray] | None = None
+
+    def __len__(self) -> int:
+        return max(self.max_steps - self.current_step(), 0)
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        for step in range(self.current_step(), self.max_steps):
+            yield [(int(row), step) for row in self.rows_of_step(step)]
+
+    def rows_of_step(self, step: int) -> np.ndarray:
+        """The rows this device trains on at `step`."""
+        epoch, index = divmod(step, self.steps_per_epoch)
+        if self._epoch_order is None or self._epoch_order[0] != epoch:
+            order = np.random.default_rng([self.seed, epoch]).permutation(self.num_rows)
+            self._epoch_order = (epoch, order)
+        start = index * self.global_batch_size + self.rank * self.local_batch_size
+        return self._epoch_order[1][start : start + self.local_batch_size]
+
+
+class TripletDataModule(pl_lightning.LightningDataModule):
+    """The DataModule the Trainer draws batches from; see `StepBatchSampler` for the order."""
+
+    def __init__(
+        self,
+        dataset: TripletImages,
+        global_batch_size: int,
+        max_steps: int,
+        seed: int,
+        num_workers: int,
+        pin_memory: bool,
+    ) -> None:
+        super().__init__()
+        self.dataset = dataset
+        self.global_batch_size = global_batch_size
+        self.max_steps = max_steps
+        self.seed = seed
+        self.num_workers = num_workers
+        self.pin_memory = pin_memory
+
+    def train_dataloader(self) -> DataLoader:
+        trainer = self.trainer
+        sampler = StepBatchSampler(
+            num_rows=len(self.dataset),
+            global_batch_size=self.global_batch_size,
+            rank=trainer.global_rank if trainer else 0,
+            world_size=trainer.world_size if trainer else 1,
+            seed=self.seed,
+            max_steps=self.max_steps,
+            current_step=(lambda: trainer.global_step) if trainer else (lambda: 0),
+        )
+        workers = self.num_workers
+        return DataLoader(
+            self.dataset,
+            batch_sampler=sampler,
+            num_workers=workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=workers > 0,
+            # Forked workers start in milliseconds even inside a spawned Dagster step (see
+            # embeddings.compute); they only decode images and never touch CUDA.
+            multiprocessing_context="fork" if workers > 0 and _ON_LINUX else None,
+        )
