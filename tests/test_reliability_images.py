@@ -82,10 +82,11 @@ _UNDER_MEMORY_LIMIT = textwrap.dedent(
 
     with open("/proc/self/status") as status:
         used = next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmSize"))
-    limit = used + 1 << 30  # 1 GiB above what the interpreter already maps
+    limit = used + (1 << 30)  # 1 GiB above what the interpreter already maps
     resource.setrlimit(resource.RLIMIT_AS, (limit, resource.getrlimit(resource.RLIMIT_AS)[1]))
     results = {}
-    for name, limits in [("default", ImageLimits()), ("unbounded", ImageLimits(max_aspect_ratio=None))]:
+    bounds = {"default": ImageLimits(), "unbounded": ImageLimits(max_aspect_ratio=None)}
+    for name, limits in bounds.items():
         result = prepare_image_for_model(sys.argv[1], limits, 224, resize_short_side)
         results[name] = [result.reason, result.detail] if hasattr(result, "reason") else "image"
     print(json.dumps(results))

@@ -80,7 +80,9 @@ def test_folder_source_reports_files_it_does_not_read(tmp_path):
     assert _names(report["source_uri"]) == ["README.md", "empty", "nested_only"]
     images, quarantine = build_shard_table("a", iter_shard_records(spec, "a"), LIMITS)
     assert images.height == 1
-    reasons = dict(zip(_names(quarantine["source_uri"]), quarantine["reason"], strict=True))
+    reasons = {
+        Path(uri).name: reason for uri, reason in quarantine[["source_uri", "reason"]].rows()
+    }
     assert len(reasons) == quarantine.height
     assert reasons == {
         "nested": "unsupported_file",

@@ -142,7 +142,7 @@ def iter_shard_records(spec: SourceSpec, shard_id: str) -> Iterator[RawRecord]:
     check_partition_key(shard_id, f"shard of {spec.kind} source {spec.path}")
     root = Path(spec.path)
     if spec.kind == "webdataset":
-        return _iter_tar_records(root / f"{shard_id}.tar")
+        return _iter_tar_records(root / f"{shard_id}{TAR_SUFFIX}")
     if spec.kind == "folder":
         if shard_id == ROOT_SHARD:
             return _iter_folder_records(root, is_root=True)
@@ -210,7 +210,7 @@ class _KeyGroup:
         if self.image is None:
             return RawRecord(
                 key=self.key,
-                uri=f"{self.tar_uri}#{self.member_names[0]}",
+                uri=tar_member_uri(self.tar_uri, self.member_names[0]),
                 caption=caption,
                 data=None,
                 error=f"missing_image: key {self.key} has only {', '.join(self.member_names)}",
@@ -413,10 +413,11 @@ def _folder_entries(folder: Path) -> _FolderEntries:
     sidecars = {
         f"{image.stem}.{extension}" for image in found.images for extension in _CAPTION_SIDECARS
     }
+    image_names = {image.name for image in found.images}
     folder_uri = folder.resolve()
     for entry in entries:
         uri = str(folder_uri / entry.name)
-        if entry in found.images or (entry.name in sidecars and entry.is_file()):
+        if entry.name in image_names or (entry.name in sidecars and entry.is_file()):
             continue
         if entry.is_dir():
             found.subfolders.append(entry)
