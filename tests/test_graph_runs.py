@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import multiprocessing as mp
+import os
 from pathlib import Path
 
 import dagster as dg
@@ -18,6 +20,12 @@ from resources.corpus import CorpusSourceResource
 from resources.encoders import EncoderResource
 
 GOOD_SHARDS = ["00000", "00001", "00002"]
+SOURCES = ["clip_image", "dino_image", "caption_text"]
+
+
+def _temporary_files(folder: Path) -> list[Path]:
+    """Files a writer left behind: every writer names its temporary files `.<name>...`."""
+    return [path for path in folder.rglob(".*") if path.is_file()]
 
 
 def _small_corpus(folder: Path) -> Path:
@@ -118,8 +126,106 @@ def test_rematerializing_a_shard_replaces_its_outputs(small_run) -> None:
     after_pairs = pl.read_parquet(layout.shard_table("mined_image_pairs", "00000"))
     assert after_pairs.equals(before_pairs)  # deterministic for the seed
     assert catalog.query("SELECT count(*) AS n FROM image_lineage")["n"][0] == before_rows
-    leftovers = list(layout.data_dir.rglob(".*.tmp-*"))
-    assert leftovers == []
+    assert _temporary_files(layout.data_dir) == []
+    # The shard's own rows, already in the catalog, are not copies "in another shard".
+    evaluations = [
+        (e.asset_key.to_user_string(), e.check_name, e.passed)
+        for e in again.get_asset_check_evaluations()
+    ]
+    assert ("image_corpus", "corpus_content_unique_across_shards", True) in evaluations
+    assert [e for e in evaluations if not e[2]] == []
+
+
+def test_temporary_file_finder_matches_what_the_writers_name_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Guards the leftover check above: learn the temporary names both table writers really
+    # use, then show the finder reports a file of each name.
+    import numpy as np
+
+    from megapairs_assets.embeddings.compute import write_embedding_table
+    from megapairs_assets.lib.storage import write_parquet_atomic
+
+    moved: list[Path] = []
+    real_replace = os.replace
+
+    def spy(source: str | os.PathLike, target: str | os.PathLike) -> None:
+        moved.append(Path(source))
+        real_replace(source, target)
+
+    monkeypatch.setattr(os, "replace", spy)
+    write_parquet_atomic(pl.DataFrame({"a": [1]}), tmp_path / "written" / "00000.parquet")
+    vectors = np.ones((1, 4), dtype=np.float16) / 2
+    write_embedding_table(tmp_path / "written" / "00001.parquet", ["x"], vectors, "m")
+    monkeypatch.undo()
+    assert len(moved) == 2
+    leftovers = tmp_path / "leftovers" / "clip_image_embeddings"
+    leftovers.mkdir(parents=True)
+    for source in moved:
+        (leftovers / source.name).write_bytes(b"half a table")
+    assert sorted(p.name for p in _temporary_files(tmp_path / "leftovers")) == sorted(
+        source.name for source in moved
+    )
+    assert _temporary_files(tmp_path / "written") == []
+
+
+def _materializations_of_run(catalog: LineageCatalog, run_id: str) -> dict[tuple[str, str], dict]:
+    """(asset, partition) -> {"id": materialization id, "inputs": input_versions} for one run."""
+    frame = catalog.query(
+        "SELECT asset, partition, materialization_id, input_versions FROM materializations "
+        "WHERE run_id = ?",
+        [run_id],
+    )
+    found = {
+        (asset, partition): {"id": materialization_id, "inputs": json.loads(inputs or "{}")}
+        for asset, partition, materialization_id, inputs in frame.iter_rows()
+    }
+    assert len(found) == frame.height, "one materialization per (asset, shard) in a run"
+    return found
+
+
+def test_lineage_chain_links_each_stage_to_the_materialization_it_read(small_run) -> None:
+    result, home, _, _, shards = small_run
+    recorded = _materializations_of_run(
+        LineageCatalog(DataLayout(home).catalog_path), result.run_id
+    )
+    corpus_id = {shard: recorded[("image_corpus", shard)]["id"] for shard in shards}
+    for source in SOURCES:
+        embeddings, knn = f"{source}_embeddings", f"{source}_knn"
+        embedding_id = {}
+        for shard in shards:
+            inputs = recorded[(embeddings, shard)]["inputs"]
+            assert inputs == {f"image_corpus/{shard}": corpus_id[shard]}, (embeddings, shard)
+            embedding_id[f"{embeddings}/{shard}"] = recorded[(embeddings, shard)]["id"]
+        for shard in shards:
+            # Each shard's KNN searches the whole corpus: it read every shard's embeddings.
+            inputs = recorded[(knn, shard)]["inputs"]
+            assert set(inputs) >= {f"{embeddings}/{good}" for good in GOOD_SHARDS}, (knn, shard)
+            assert inputs == {key: embedding_id[key] for key in inputs}, (knn, shard)
+    for shard in shards:
+        assert recorded[("mined_image_pairs", shard)]["inputs"] == {
+            f"{source}_knn/{shard}": recorded[(f"{source}_knn", shard)]["id"] for source in SOURCES
+        }, shard
+
+
+def test_pair_lineage_names_each_knn_materialization_it_read(small_run) -> None:
+    _, home, *_ = small_run
+    catalog = LineageCatalog(DataLayout(home).catalog_path)
+    # Each pair row, with the materialization (and run) of the mining step that wrote it.
+    written = catalog.query(
+        "SELECT DISTINCT p.shard, p.knn_versions, m.run_id FROM pair_lineage p "
+        "JOIN materializations m USING (materialization_id)"
+    )
+    assert set(written["shard"]) >= set(GOOD_SHARDS), "the good shards gave pairs"
+    for shard, knn_versions, run_id in written.iter_rows():
+        named = json.loads(knn_versions)
+        assert set(named) == set(SOURCES), shard
+        knn_runs = catalog.query(
+            "SELECT asset, partition, run_id FROM materializations "
+            "WHERE materialization_id IN (SELECT unnest(?)) ORDER BY asset",
+            [list(named.values())],
+        )
+        assert knn_runs.rows() == sorted((f"{s}_knn", shard, run_id) for s in SOURCES), shard
 
 
 def test_unknown_model_fails_before_any_work(tmp_path: Path, demo_models_dir: Path) -> None:
