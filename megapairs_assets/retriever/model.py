@@ -36,6 +36,8 @@ from megapairs_assets.retriever.fusion import fuse_query, normalize
 
 LOCAL_DIR_PREFIX = "local-dir:"
 OPEN_CLIP_CONFIG = "open_clip_config.json"
+# What open_clip looks for as weights in a local-dir export.
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pth")
 _UNSAFE_ID_CHARS = re.compile(r"[^A-Za-z0-9._:@+-]+")
 
 
@@ -219,9 +221,7 @@ def load_retriever(
     return load_retriever_spec(RetrieverSpec(model_name, pretrained), device, dtype)
 
 
-def load_retriever_spec(
-    spec: RetrieverSpec, device: torch.device, dtype: torch.dtype
-) -> Retriever:
+def load_retriever_spec(spec: RetrieverSpec, device: torch.device, dtype: torch.dtype) -> Retriever:
     """`load_retriever` for a spec; refuses random weights and names what to fix."""
     import open_clip
 
@@ -229,7 +229,16 @@ def load_retriever_spec(
 
     register_bundled_model_configs()
     local_dir = spec.model_name.startswith(LOCAL_DIR_PREFIX)
-    if not local_dir:
+    if local_dir:
+        folder = Path(spec.model_name.removeprefix(LOCAL_DIR_PREFIX)).expanduser()
+        weights = [p for s in WEIGHT_SUFFIXES for p in folder.glob(f"*{s}")]
+        if not (folder / OPEN_CLIP_CONFIG).is_file() or not weights:
+            # open_clip would build the architecture with random weights and only log it.
+            raise RetrieverConfigError(
+                f"{folder} needs {OPEN_CLIP_CONFIG} and a weights file "
+                f"({', '.join(WEIGHT_SUFFIXES)}) to be loaded as a retriever"
+            )
+    else:
         if open_clip.get_model_config(spec.model_name) is None:
             raise RetrieverConfigError(
                 f"open_clip has no model named {spec.model_name!r}; use a built-in name or add "
@@ -260,9 +269,7 @@ def _sidecar_model_name(checkpoint: Path) -> str | None:
     try:
         name = json.loads(sidecar.read_text(encoding="utf-8")).get("model_name")
     except (ValueError, AttributeError):
-        raise RetrieverConfigError(
-            f"{sidecar} is not a JSON object with a model_name"
-        ) from None
+        raise RetrieverConfigError(f"{sidecar} is not a JSON object with a model_name") from None
     return str(name) if name else None
 
 

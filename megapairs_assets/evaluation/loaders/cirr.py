@@ -54,9 +54,7 @@ def load_cirr(root: Path, split: str) -> BenchmarkSplit:
         if split == "val":
             target = require_field(captions, entry, index, "target_hard", str)
             if target not in members:
-                raise captions.error(
-                    f"target_hard {target!r} is not one of img_set.members", index
-                )
+                raise captions.error(f"target_hard {target!r} is not one of img_set.members", index)
             targets = (target,)
         unknown = [name for name in (reference, *targets, *members) if name not in known]
         if unknown:

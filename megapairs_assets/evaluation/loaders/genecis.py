@@ -111,8 +111,11 @@ class _VgImages:
     def image(self, document: JsonDocument, index: int, item: Any) -> tuple[str, ImageRef]:
         image_id = require_field(document, item, index, "image_id", (int, str))
         box = require_field(document, item, index, "instance_bbox", list)
-        if len(box) != 4 or not all(isinstance(v, int | float) for v in box) or box[2] <= 0 or (
-            box[3] <= 0
+        if (
+            len(box) != 4
+            or not all(isinstance(v, int | float) for v in box)
+            or box[2] <= 0
+            or (box[3] <= 0)
         ):
             raise document.error("instance_bbox must be [x, y, width, height], sizes > 0", index)
         path = self._path(image_id)

@@ -1,0 +1,139 @@
+"""Our own benchmark: triplets whose query images training never sees.
+
+The split. A pair is held out when its query image is: `held_out_mask` hashes the query image
+id (SHA-256 of a salted id, read as a number in [0, 1)) and holds it out when that number is
+below `fraction`. The decision depends only on the id, never on the order, the shard or the
+run, so the held-out set is the same everywhere; and every triplet of a held-out query image is
+held out together, so training never sees that image as a query. Training MUST drop the rows
+`held_out_mask` marks (use `split_triplets`); `HELDOUT_SPLIT_VERSION` names the rule so both
+sides can record it. A held-out image may still appear in training as another pair's target or
+negative: the split is by query image, as the issue defines it.
+
+The benchmark. Each held-out triplet gives one query per instruction in `q_text`: the query
+image plus that instruction, with the triplet's target image as the one correct answer. The
+gallery is every distinct image of the held-out triplets (queries, targets and hard
+negatives). Query images stay in the gallery: `hns[0]` is the query image, the hardest negative
+MMRet trains against, so ranking it first is exactly the mistake the score should show. Scores:
+Recall@1/5/10 and mAP@5 (CIRCO's definition with one ground truth).
+
+Columns read (the MegaPairs release schema): `q_img`, `q_text` (list of instructions or one
+string), `t_img`, `hns` (list); image paths are corpus `source_uri`s. When the frame has
+`query_id` (the project's image id of the query), the split hashes it; else it hashes `q_img`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+import polars as pl
+
+from megapairs_assets.evaluation.benchmark import BenchmarkSplit, CirQuery, ImageRef
+
+HELDOUT_SPLIT_VERSION = "query-image-sha256-v1"
+HELDOUT_SALT = "megapairs-heldout-v1"
+TRIPLET_COLUMNS = ("q_img", "q_text", "t_img", "hns")
+
+
+class HeldOutError(ValueError):
+    """Triplets that cannot form the held-out benchmark (missing columns, nothing held out)."""
+
+
+def held_out_score(query_image_ids: Iterable[str], salt: str = HELDOUT_SALT) -> np.ndarray:
+    """Each id's position in [0, 1): the first 8 bytes of sha256(salt:id) over 2**64."""
+    return np.array(
+        [
+            int.from_bytes(hashlib.sha256(f"{salt}:{image_id}".encode()).digest()[:8], "big")
+            / 2.0**64
+            for image_id in query_image_ids
+        ],
+        dtype=np.float64,
+    )
+
+
+def held_out_mask(query_image_ids: Sequence[str], fraction: float) -> np.ndarray:
+    """True for ids whose pairs are held out (about `fraction` of distinct query images)."""
+    if not 0.0 <= fraction < 1.0:
+        raise ValueError(f"held-out fraction must be in [0, 1), got {fraction}")
+    return held_out_score(query_image_ids) < fraction
+
+
+def query_key_column(triplets: pl.DataFrame) -> str:
+    """The column the split hashes: `query_id` when present, else `q_img`."""
+    if "query_id" in triplets.columns:
+        return "query_id"
+    if "q_img" in triplets.columns:
+        return "q_img"
+    raise HeldOutError("triplets have neither `query_id` nor `q_img`; cannot split them")
+
+
+def split_triplets(triplets: pl.DataFrame, fraction: float) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """(training rows, held-out rows): the one split training and evaluation share."""
+    keys = triplets[query_key_column(triplets)].cast(pl.String).to_list()
+    mask = pl.Series(held_out_mask(keys, fraction))
+    return triplets.filter(~mask), triplets.filter(mask)
+
+
+def heldout_benchmark(
+    triplets: pl.DataFrame, fraction: float, max_queries: int | None = None
+) -> BenchmarkSplit:
+    """The held-out benchmark built from all triplets (see the module docstring).
+
+    `max_queries` caps the number of held-out query *images* kept (those with the lowest hash,
+    so a smaller cap keeps a subset of a larger one); all their triplets stay.
+    """
+    missing = [column for column in TRIPLET_COLUMNS if column not in triplets.columns]
+    if missing:
+        raise HeldOutError(f"triplets lack the column(s) {missing}; expected {TRIPLET_COLUMNS}")
+    key_column = query_key_column(triplets)
+    _, held = split_triplets(triplets, fraction)
+    if max_queries is not None:
+        keys = held[key_column].cast(pl.String).unique().to_list()
+        order = np.argsort(held_out_score(keys), kind="stable")
+        kept = {keys[i] for i in order[:max_queries]}
+        held = held.filter(pl.col(key_column).cast(pl.String).is_in(sorted(kept)))
+    if held.height == 0:
+        raise HeldOutError(
+            f"no triplet is held out at fraction {fraction} ({triplets.height} triplets); raise "
+            "the held-out fraction or generate more triplets"
+        )
+    held = held.sort(key_column, "t_img")
+    image_ids: list[str] = []
+    seen: set[str] = set()
+    queries: list[CirQuery] = []
+    for row_number, row in enumerate(held.iter_rows(named=True)):
+        for uri in (row["q_img"], row["t_img"], *(row["hns"] or [])):
+            if uri not in seen:
+                seen.add(uri)
+                image_ids.append(uri)
+        pair = row.get("pair_id") or f"{row[key_column]}->{row['t_img']}#{row_number}"
+        for number, instruction in enumerate(_instructions(row["q_text"])):
+            queries.append(
+                CirQuery(
+                    query_id=f"{pair}:{number}",
+                    reference_id=row["q_img"],
+                    text=instruction,
+                    targets=(row["t_img"],),
+                )
+            )
+    if not queries:
+        raise HeldOutError("the held-out triplets carry no instructions (q_text is empty)")
+    return BenchmarkSplit(
+        benchmark="heldout",
+        split="heldout",
+        metric_kind="heldout",
+        image_ids=image_ids,
+        image_refs=[ImageRef(uri) for uri in image_ids],
+        gallery_size=len(image_ids),
+        queries=queries,
+        has_ground_truth=True,
+    )
+
+
+def _instructions(q_text: object) -> list[str]:
+    if q_text is None:
+        return []
+    if isinstance(q_text, str):
+        return [q_text] if q_text.strip() else []
+    return [text for text in q_text if isinstance(text, str) and text.strip()]

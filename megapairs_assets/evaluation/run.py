@@ -1,0 +1,494 @@
+"""One benchmark for one retriever, end to end: load, embed (cached), rank, score, submit.
+
+The benchmark keys are the `benchmarks` partition keys and the CLI's `--benchmark` values:
+
+| key | splits scored | metrics (percent) |
+|---|---|---|
+| circo-val | val | mAP@5/10/25/50 |
+| circo-test | test | none: the CIRCO server file |
+| cirr-val | val | R@1/5/10/50, R_subset@1/2/3 |
+| cirr-test1 | test1 | none: the two CIRR server files |
+| fashioniq-val | dress, shirt, toptee, mean | R@10/50 |
+| genecis | 4 tasks, mean | R@1/2/3 |
+| heldout | heldout | R@1/5/10, mAP@5 |
+
+A split whose files are absent is a `skipped` row naming the path looked at, never a number;
+a "mean" row exists only when every split it averages was scored.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from megapairs_assets.corpus.images import ImageRejected
+from megapairs_assets.evaluation import metrics
+from megapairs_assets.evaluation.benchmark import BenchmarkSplit, ImageRef
+from megapairs_assets.evaluation.gallery_cache import CacheKey, GalleryCache
+from megapairs_assets.evaluation.heldout import heldout_benchmark
+from megapairs_assets.evaluation.images import open_benchmark_image
+from megapairs_assets.evaluation.loaders import (
+    FASHIONIQ_CATEGORIES,
+    GENECIS_TASKS,
+    BenchmarkFilesMissing,
+    load_circo,
+    load_cirr,
+    load_fashioniq,
+    load_genecis,
+)
+from megapairs_assets.evaluation.scoring import candidate_scores, top_k
+from megapairs_assets.evaluation.submissions import (
+    write_circo_submission,
+    write_cirr_submission,
+)
+from megapairs_assets.lib.progress import Progress
+from megapairs_assets.retriever.model import Retriever, fuse_projections, normalize_rows
+
+STATUS_SCORED, STATUS_SKIPPED, STATUS_SUBMISSION = "scored", "skipped", "submission"
+MEAN_SPLIT = "mean"
+
+SCORE_COLUMNS = {
+    "retriever_id": pl.String,
+    "benchmark": pl.String,
+    "split": pl.String,
+    "metric": pl.String,
+    "value": pl.Float64,
+    "status": pl.String,
+    "detail": pl.String,
+    "gallery_version": pl.String,
+    "queries": pl.Int64,
+    "gallery_images": pl.Int64,
+}
+"""One row per (split, metric) scored; one row per skipped split or submission file."""
+
+
+@dataclass(frozen=True)
+class BenchmarkSources:
+    """Where benchmark data comes from.
+
+    roots: benchmark family ("circo", "cirr", "fashioniq", "genecis") -> its folder, or None
+        when not configured. triplets: returns the project's triplets (all shards) or None
+        when there are none yet; read only for "heldout".
+    """
+
+    roots: Mapping[str, Path | None] = field(default_factory=dict)
+    triplets: Callable[[], pl.DataFrame | None] | None = None
+    heldout_fraction: float = 0.05
+    heldout_max_queries: int | None = None
+
+
+@dataclass(frozen=True)
+class EvaluationSettings:
+    """How to embed and rank: images per forward pass, decode workers, queries per search."""
+
+    batch_size: int = 64
+    num_workers: int = 2
+    query_batch_size: int = 16_384
+
+
+@dataclass(frozen=True)
+class Skipped:
+    """A split that could not be scored because its files are absent: why and where."""
+
+    benchmark: str
+    split: str
+    path: Path | None
+    reason: str
+
+
+@dataclass
+class SplitResult:
+    """What scoring one split produced."""
+
+    benchmark: str
+    split: str
+    status: str
+    metrics: dict[str, float] = field(default_factory=dict)
+    detail: str = ""
+    gallery_version: str | None = None
+    queries: int = 0
+    gallery_images: int = 0
+    gallery_reused: bool | None = None
+    submissions: list[Path] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+@dataclass
+class BenchmarkResult:
+    """All splits of one benchmark key for one retriever, plus the headline means."""
+
+    retriever_id: str
+    benchmark: str
+    splits: list[SplitResult]
+
+    def rows(self) -> pl.DataFrame:
+        """The catalog rows: one per metric scored, one per skipped split or submission."""
+        records = []
+        for result in self.splits:
+            base = {
+                "retriever_id": self.retriever_id,
+                "benchmark": result.benchmark,
+                "split": result.split,
+                "gallery_version": result.gallery_version,
+                "queries": result.queries,
+                "gallery_images": result.gallery_images,
+            }
+            if result.status == STATUS_SCORED:
+                records += [
+                    {**base, "metric": m, "value": v, "status": result.status, "detail": ""}
+                    for m, v in result.metrics.items()
+                ]
+            elif result.status == STATUS_SUBMISSION:
+                records += [
+                    {
+                        **base,
+                        "metric": None,
+                        "value": None,
+                        "status": result.status,
+                        "detail": str(path),
+                    }
+                    for path in result.submissions
+                ]
+            else:
+                records.append(
+                    {
+                        **base,
+                        "metric": None,
+                        "value": None,
+                        "status": result.status,
+                        "detail": result.detail,
+                    }
+                )
+        return pl.DataFrame(records, schema=SCORE_COLUMNS)
+
+    def scored(self) -> list[SplitResult]:
+        return [s for s in self.splits if s.status == STATUS_SCORED]
+
+    def table_markdown(self) -> str:
+        """One row per split (and mean), one column per metric; skipped splits say why."""
+        scored = self.scored()
+        names = list(dict.fromkeys(m for s in scored for m in s.metrics))
+        lines = [f"**{self.benchmark}** · retriever `{self.retriever_id}`", ""]
+        if names:
+            lines += [
+                "| split | " + " | ".join(names) + " | queries |",
+                "|---|" + "---|" * (len(names) + 1),
+            ]
+            for s in scored:
+                cells = [f"{s.metrics[n]:.2f}" if n in s.metrics else "" for n in names]
+                lines.append(f"| {s.split} | " + " | ".join(cells) + f" | {s.queries} |")
+        for s in self.splits:
+            if s.status == STATUS_SKIPPED:
+                lines.append(f"\n- {s.split}: skipped ({s.detail})")
+            elif s.status == STATUS_SUBMISSION:
+                files = ", ".join(f"`{p}`" for p in s.submissions)
+                lines.append(f"\n- {s.split}: server file(s) written: {files}")
+        return "\n".join(lines)
+
+
+# --- benchmark keys --------------------------------------------------------------------------
+
+
+def _family_root(sources: BenchmarkSources, family: str) -> Path | Skipped:
+    root = sources.roots.get(family)
+    if root is None:
+        return Skipped(family, "*", None, f"no {family} root configured")
+    return Path(root)
+
+
+def _load(
+    family: str, split: str, sources: BenchmarkSources, loader: Callable[[Path], BenchmarkSplit]
+) -> BenchmarkSplit | Skipped:
+    root = _family_root(sources, family)
+    if isinstance(root, Skipped):
+        return Skipped(family, split, None, root.reason)
+    if not root.is_dir():
+        return Skipped(family, split, root, f"{family} root folder not found at {root}")
+    try:
+        return loader(root)
+    except BenchmarkFilesMissing as missing:
+        return Skipped(family, split, missing.path, str(missing))
+
+
+def _heldout(sources: BenchmarkSources) -> list[BenchmarkSplit | Skipped]:
+    triplets = sources.triplets() if sources.triplets is not None else None
+    if triplets is None or triplets.height == 0:
+        return [Skipped("heldout", "heldout", None, "no triplets have been generated yet")]
+    return [heldout_benchmark(triplets, sources.heldout_fraction, sources.heldout_max_queries)]
+
+
+BENCHMARK_LOADERS: dict[str, Callable[[BenchmarkSources], list[BenchmarkSplit | Skipped]]] = {
+    "circo-val": lambda s: [_load("circo", "val", s, lambda r: load_circo(r, "val"))],
+    "circo-test": lambda s: [_load("circo", "test", s, lambda r: load_circo(r, "test"))],
+    "cirr-val": lambda s: [_load("cirr", "val", s, lambda r: load_cirr(r, "val"))],
+    "cirr-test1": lambda s: [_load("cirr", "test1", s, lambda r: load_cirr(r, "test1"))],
+    "fashioniq-val": lambda s: [
+        _load("fashioniq", c, s, lambda r, c=c: load_fashioniq(r, c)) for c in FASHIONIQ_CATEGORIES
+    ],
+    "genecis": lambda s: [
+        _load("genecis", t, s, lambda r, t=t: load_genecis(r, t)) for t in GENECIS_TASKS
+    ],
+    "heldout": _heldout,
+}
+BENCHMARK_KEYS = tuple(BENCHMARK_LOADERS)
+
+
+def load_benchmark(key: str, sources: BenchmarkSources) -> list[BenchmarkSplit | Skipped]:
+    """The splits of benchmark `key`, each loaded or skipped (format errors propagate)."""
+    if key not in BENCHMARK_LOADERS:
+        raise ValueError(f"unknown benchmark {key!r}; known: {', '.join(BENCHMARK_KEYS)}")
+    return BENCHMARK_LOADERS[key](sources)
+
+
+# --- scoring ---------------------------------------------------------------------------------
+
+
+def evaluate_benchmark(
+    retriever: Retriever,
+    key: str,
+    sources: BenchmarkSources,
+    cache: GalleryCache,
+    output_dir: Path,
+    settings: EvaluationSettings = EvaluationSettings(),
+    log: Callable[[str], None] | None = None,
+) -> BenchmarkResult:
+    """Load benchmark `key`, score every available split, add means, write server files."""
+    results = []
+    for item in load_benchmark(key, sources):
+        if isinstance(item, Skipped):
+            detail = item.reason if item.path is None else f"{item.reason} (looked at {item.path})"
+            results.append(SplitResult(item.benchmark, item.split, STATUS_SKIPPED, detail=detail))
+            continue
+        results.append(evaluate_split(retriever, item, cache, output_dir, settings, log))
+    mean = _mean_row(key, results)
+    if mean is not None:
+        results.append(mean)
+    return BenchmarkResult(retriever.retriever_id, key, results)
+
+
+def evaluate_split(
+    retriever: Retriever,
+    split: BenchmarkSplit,
+    cache: GalleryCache,
+    output_dir: Path,
+    settings: EvaluationSettings = EvaluationSettings(),
+    log: Callable[[str], None] | None = None,
+) -> SplitResult:
+    """Embed (or reuse) the split's images, embed its queries, rank and score."""
+    started = time.perf_counter()
+    version = split.gallery_version()
+    key = CacheKey(
+        retriever_id=retriever.retriever_id,
+        weights_fingerprint=retriever.spec.fingerprint(),
+        benchmark=split.benchmark,
+        split=split.split,
+        gallery_version=version,
+        image_count=len(split.image_ids),
+    )
+    projections, reused = cache.get_or_compute(
+        key, lambda: embed_images(retriever, split, settings, log)
+    )
+    texts = retriever.project_texts([q.text for q in split.queries], settings.batch_size)
+    scored, submissions = score_split(split, projections, texts, output_dir, settings)
+    return SplitResult(
+        benchmark=split.benchmark,
+        split=split.split,
+        status=STATUS_SCORED if split.has_ground_truth else STATUS_SUBMISSION,
+        metrics=scored,
+        detail=_discarded_note(split),
+        gallery_version=version,
+        queries=len(split.queries),
+        gallery_images=split.gallery_size,
+        gallery_reused=reused,
+        submissions=submissions,
+        seconds=time.perf_counter() - started,
+    )
+
+
+def score_split(
+    split: BenchmarkSplit,
+    image_projections: np.ndarray,
+    text_projections: np.ndarray,
+    output_dir: Path,
+    settings: EvaluationSettings = EvaluationSettings(),
+) -> tuple[dict[str, float], list[Path]]:
+    """Metrics (name -> percent) for a split with answers, or its server files without.
+
+    `image_projections` are the raw projections of `split.image_ids`, in order;
+    `text_projections` the raw projections of the queries' texts.
+    """
+    row_of = split.index_of()
+    unit = normalize_rows(image_projections)
+    references = np.array([row_of[q.reference_id] for q in split.queries], dtype=np.int64)
+    queries = fuse_projections(image_projections[references], text_projections)
+    targets = [[row_of[t] for t in q.targets] for q in split.queries]
+    query_ids = [q.query_id for q in split.queries]
+    kind = split.metric_kind
+
+    if kind == "genecis":
+        candidates = [[row_of[c] for c in q.candidates] for q in split.queries]
+        recall = metrics.genecis_recall_at_k(candidate_scores(queries, unit, candidates))
+        return _named("R", recall), []
+
+    depth = {"circo": 50, "cirr": 51, "recall": 50, "heldout": 10}[kind]
+    ranked = top_k(queries, unit[: split.gallery_size], depth, settings.query_batch_size).indices
+    if kind == "circo":
+        if split.has_ground_truth:
+            circo = metrics.mean_average_precision_at_k(
+                ranked, targets, metrics.CIRCO_KS, query_ids
+            )
+            return _named("mAP", circo), []
+        path = output_dir / f"circo-{split.split}-submission.json"
+        write_circo_submission(path, _id_rankings(split, query_ids, ranked))
+        return {}, [path]
+    if kind == "cirr":
+        members = np.array([[row_of[m] for m in q.subset] for q in split.queries], dtype=np.int64)
+        member_scores = np.stack(candidate_scores(queries, unit, members))
+        if not split.has_ground_truth:
+            paths = _cirr_submissions(
+                split, query_ids, ranked, members, member_scores, references, output_dir
+            )
+            return {}, paths
+        single = [t[0] for t in targets]
+        recall = metrics.cirr_recall_at_k(ranked, references, single, metrics.CIRR_KS, query_ids)
+        subset = metrics.cirr_recall_subset_at_k(
+            members, member_scores, references, single, metrics.CIRR_SUBSET_KS, query_ids
+        )
+        return _named("R", recall) | _named("R_subset", subset), []
+    if kind == "recall":
+        recall = metrics.recall_at_k(ranked, targets, metrics.FASHIONIQ_KS, query_ids)
+        return _named("R", recall), []
+    recall = metrics.recall_at_k(ranked, targets, metrics.HELDOUT_RECALL_KS, query_ids)
+    average = metrics.mean_average_precision_at_k(
+        ranked, targets, metrics.HELDOUT_MAP_KS, query_ids
+    )
+    return _named("R", recall) | _named("mAP", average), []
+
+
+def _cirr_submissions(
+    split: BenchmarkSplit,
+    query_ids: list[str],
+    ranked: np.ndarray,
+    members: np.ndarray,
+    member_scores: np.ndarray,
+    references: np.ndarray,
+    output_dir: Path,
+) -> list[Path]:
+    without_reference = metrics.remove_reference(ranked, references)
+    subset = metrics.subset_rankings(members, member_scores, references)
+    recall_path = output_dir / f"cirr-{split.split}-recall-submission.json"
+    subset_path = output_dir / f"cirr-{split.split}-recall_subset-submission.json"
+    write_cirr_submission(recall_path, "recall", _id_rankings(split, query_ids, without_reference))
+    write_cirr_submission(subset_path, "recall_subset", _id_rankings(split, query_ids, subset))
+    return [recall_path, subset_path]
+
+
+def _id_rankings(
+    split: BenchmarkSplit, query_ids: list[str], ranked: np.ndarray
+) -> dict[str, list[str]]:
+    """Rankings of gallery rows as image ids, padding dropped."""
+    ids = split.image_ids
+    return {q: [ids[i] for i in row if i >= 0] for q, row in zip(query_ids, ranked, strict=True)}
+
+
+def _named(prefix: str, values: Mapping[int, float]) -> dict[str, float]:
+    return {f"{prefix}@{k}": v for k, v in values.items()}
+
+
+def _mean_row(key: str, results: list[SplitResult]) -> SplitResult | None:
+    """FashionIQ's and GeneCIS's headline: the mean over categories / tasks, all scored."""
+    if key not in ("fashioniq-val", "genecis") or not results:
+        return None
+    if any(r.status != STATUS_SCORED for r in results):
+        return None
+    names = list(results[0].metrics)
+    return SplitResult(
+        benchmark=results[0].benchmark,
+        split=MEAN_SPLIT,
+        status=STATUS_SCORED,
+        metrics={n: metrics.mean_of([r.metrics[n] for r in results]) for n in names},
+        detail=f"mean over {', '.join(r.split for r in results)}",
+        gallery_version="+".join(r.gallery_version or "" for r in results),
+        queries=sum(r.queries for r in results),
+        gallery_images=sum(r.gallery_images for r in results),
+    )
+
+
+def _discarded_note(split: BenchmarkSplit) -> str:
+    return "; ".join(f"{n} queries left out: {why}" for why, n in split.discarded.items())
+
+
+# --- embedding images ------------------------------------------------------------------------
+
+
+class _BenchmarkImages(Dataset):
+    """Benchmark images as preprocessed tensors; a failure comes back as a message."""
+
+    def __init__(self, refs: list[ImageRef], retriever: Retriever) -> None:
+        self.refs = refs
+        self.preprocess = retriever.preprocess
+        self.input_side_px = retriever.input_side_px
+
+    def __len__(self) -> int:
+        return len(self.refs)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor | None, str | None]:
+        ref = self.refs[index]
+        try:
+            return self.preprocess(open_benchmark_image(ref, self.input_side_px)), None
+        except (ImageRejected, OSError, ValueError) as error:
+            return None, f"{ref.uri}: {error}"
+
+
+class BenchmarkImageError(RuntimeError):
+    """A benchmark image that exists but cannot be read: scoring without it would be wrong."""
+
+
+def _collate(
+    items: list[tuple[torch.Tensor | None, str | None]],
+) -> tuple[torch.Tensor | None, list[str]]:
+    failures = [message for _, message in items if message is not None]
+    pixels = [p for p, _ in items if p is not None]
+    return (torch.stack(pixels) if pixels else None), failures
+
+
+def embed_images(
+    retriever: Retriever,
+    split: BenchmarkSplit,
+    settings: EvaluationSettings,
+    log: Callable[[str], None] | None = None,
+) -> np.ndarray:
+    """Raw image projections of every image of `split`, in `split.image_ids` order."""
+    loader = DataLoader(
+        _BenchmarkImages(split.image_refs, retriever),
+        batch_size=settings.batch_size,
+        shuffle=False,
+        num_workers=settings.num_workers,
+        collate_fn=_collate,
+        # Fork, not spawn, even inside Dagster's spawned step processes: workers only decode.
+        multiprocessing_context=(
+            "fork" if settings.num_workers > 0 and sys.platform.startswith("linux") else None
+        ),
+    )
+    chunks = []
+    with Progress(
+        len(split.image_refs), f"{split.benchmark}/{split.split} gallery", "images", log=log
+    ) as progress:
+        for pixels, failures in loader:
+            if failures:
+                # Raised here, not in a worker, so the message reaches the user intact.
+                raise BenchmarkImageError(
+                    f"{len(failures)} image(s) of {split.benchmark}/{split.split} cannot be "
+                    f"read, e.g. {failures[0]}; fix or replace the file(s)"
+                )
+            chunks.append(retriever.project_pixels(pixels))
+            progress.update(len(pixels))
+    return np.concatenate(chunks).astype(np.float32, copy=False)
