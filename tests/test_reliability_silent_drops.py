@@ -3,14 +3,22 @@
 from __future__ import annotations
 
 import os
+import tarfile
 from pathlib import Path
 
 import image_factory as factory
+import polars as pl
 import pytest
 
 from megapairs_assets.corpus.images import ImageLimits
 from megapairs_assets.corpus.sources import SourceSpec, iter_shard_records, scan_source
-from megapairs_assets.corpus.table import build_shard_table, source_report_table
+from megapairs_assets.corpus.table import (
+    SOURCE_REPORT_SHARD,
+    build_shard_table,
+    source_report_table,
+    write_source_report,
+)
+from megapairs_assets.lib.storage import DataLayout
 
 LIMITS = ImageLimits()
 
@@ -53,8 +61,6 @@ def test_tar_links_fifos_devices_and_unknown_members_become_quarantine_rows(tmp_
 
 
 def test_a_tar_holding_only_a_symlink_gives_one_quarantine_row(tmp_path):
-    import tarfile
-
     with tarfile.open(tmp_path / "00000.tar", "w") as tar:
         info = tarfile.TarInfo("000000000.jpg")
         info.type, info.linkname = tarfile.SYMTYPE, "/etc/hostname"
@@ -99,3 +105,14 @@ def test_manifest_rows_are_all_read_or_reported(tmp_path, suffix):
     assert scan.unread == []
     records = [record for shard in scan.shards for record in iter_shard_records(spec, shard)]
     assert len(records) == 2
+
+
+def test_source_report_is_written_under_the_corpus_folder(tmp_path):
+    source = tmp_path / "src"
+    factory.write_wds_shard(source / "00000.tar", factory.good_items(1))
+    (source / "00001.tar.gz").write_bytes(b"\x1f\x8b")
+    layout = DataLayout(tmp_path / "home")
+    report = write_source_report(SourceSpec(kind="webdataset", path=str(source)), layout)
+    on_disk = pl.read_parquet(layout.corpus_source_report())
+    assert on_disk.equals(report)
+    assert on_disk[["shard", "reason"]].rows() == [(SOURCE_REPORT_SHARD, "unsupported_file")]

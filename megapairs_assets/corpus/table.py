@@ -21,9 +21,10 @@ from megapairs_assets.corpus.images import (
     stable_detail,
     validate_image,
 )
-from megapairs_assets.corpus.sources import RawRecord, ShardReadError
+from megapairs_assets.corpus.sources import RawRecord, ShardReadError, SourceSpec, scan_source
 from megapairs_assets.lib.progress import ProgressCallback
 from megapairs_assets.lib.quality import CheckOutcome, outcome
+from megapairs_assets.lib.storage import DataLayout, write_parquet_atomic
 
 CORPUS_COLUMN_DESCRIPTIONS: dict[str, str] = {
     "image_id": "corpus-wide unique, stable id: '<shard>/<key>'",
@@ -121,6 +122,18 @@ def source_report_table(unread: Iterable[RawRecord]) -> pl.DataFrame:
     for record in unread:
         builder.quarantine(record, *_split_error(record.error or "source_error: not read"))
     return builder.frames()[1]
+
+
+def write_source_report(spec: SourceSpec, layout: DataLayout) -> pl.DataFrame:
+    """Scan the source and write its report (`layout.corpus_source_report()`) atomically.
+
+    Returns the report: one row per entry no shard reads (see `source_report_table`), empty
+    when every entry is read. Idempotent; cheap next to reading a shard (a folder listing, or
+    the manifest's shard column).
+    """
+    report = source_report_table(scan_source(spec).unread)
+    write_parquet_atomic(report, layout.corpus_source_report())
+    return report
 
 
 def check_corpus(
