@@ -519,7 +519,22 @@ def check_no_identical_content(pairs: pl.DataFrame, content_hashes: pl.DataFrame
     hashes = content_hashes.select(
         pl.col("image_id").cast(pl.String), pl.col("content_hash").cast(pl.String)
     ).unique(subset="image_id", keep="first")
-    labelled = _labelled(pairs)
+    involved = pl.concat(
+        [pairs["query_id"], pairs["target_id"], pairs["hard_negative_ids"].explode()]
+    ).drop_nulls()
+    # Only a pair holding an id whose bytes repeat, or an id with no hash, can fail; looking at
+    # those alone keeps the check cheap on a large table.
+    suspects = pl.concat(
+        [
+            hashes.filter(pl.col("content_hash").is_duplicated())["image_id"],
+            involved.filter(~involved.is_in(hashes["image_id"].implode())),
+        ]
+    ).implode()
+    labelled = _labelled(pairs).filter(
+        pl.col("query_id").is_in(suspects)
+        | pl.col("target_id").is_in(suspects)
+        | pl.col("hard_negative_ids").list.eval(pl.element().is_in(suspects)).list.any()
+    )
     mined = (
         labelled.select(
             "_label", "query_id", "target_id", pl.col("hard_negative_ids").list.slice(1)
