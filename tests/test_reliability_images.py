@@ -94,6 +94,7 @@ _UNDER_MEMORY_LIMIT = textwrap.dedent(
 )
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc, sets RLIMIT_AS")
 def test_strip_under_a_memory_limit_never_raises(tmp_path):
     """The issue's recipe: a 1,000,000 x 16 PNG, a model resize, a 1 GiB address-space limit.
 

@@ -70,7 +70,8 @@ class ImageLimits:
     # their input side (224-518 px) and crop a square from the middle, so at 20:1 the crop
     # already sees a twentieth of the picture, and the scaled copy holds ratio x side^2 pixels:
     # a 1,000,000 x 16 strip (15 KB, far under max_pixels) would grow to ~14 M x 224 (~9 GB).
-    # 20 keeps panoramas and web banners (728x90 is 8:1) and bounds that copy at ~5 MB.
+    # 20 keeps panoramas and web banners (728x90 is 8:1) and bounds that copy at 20 x side^2
+    # pixels (1 M at 224 px, 5.4 M at 518 px).
     max_aspect_ratio: float | None = 20.0
 
 
@@ -115,7 +116,8 @@ def stable_detail(text: str) -> str:
 def decode_image(data: bytes, limits: ImageLimits, max_side_px: int | None = None) -> DecodedImage:
     """Validate and decode image bytes into an upright RGB picture.
 
-    Raises `ImageRejected` with reason `decode_error`, `too_small` or `too_large`. When
+    Raises `ImageRejected` with reason `decode_error`, `too_small`, `too_large`,
+    `extreme_aspect_ratio`, `non_finite_pixels` or `out_of_memory`. When
     `max_side_px` is given the picture is shrunk (aspect kept) so its longer side fits; JPEGs
     are then decoded at reduced scale, which is much faster and still reads the whole file, so
     truncation is caught either way. `width`/`height` always describe the original file.
