@@ -1,10 +1,12 @@
 """The one code path behind all three embedding tables (CLIP image, DINOv2 image, caption text).
 
 `embed_rows` turns corpus rows into L2-normalised float16 vectors with any `LoadedEncoder`.
-Only the way a batch is fed differs by modality: images are decoded and preprocessed by
-DataLoader workers (so decoding overlaps the forward pass) and captions are batched as strings.
+Only the way a batch is fed differs by modality: images are decoded either on the GPU
+(`megapairs_assets.embeddings.device_input`: workers read JPEG bytes, nvJPEG decodes, the
+device resizes) or by DataLoader workers on the CPU, and captions are batched as strings.
 Normalising, the float16 cast, skipped-row bookkeeping, the on-disk table and its checks are
-shared.
+shared. Results are copied back one batch late, so the host prepares the next batch while the
+device still runs the current one.
 """
 
 from __future__ import annotations
@@ -27,6 +29,13 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from megapairs_assets.corpus.images import ImageLimits, ImageRejected, open_image_for_model
+from megapairs_assets.embeddings.device_input import (
+    ImageDecode,
+    default_num_workers,
+    device_image_batches,
+    tensor_geometry,
+    uses_device_decode,
+)
 from megapairs_assets.embeddings.encoders import LoadedEncoder
 from megapairs_assets.lib.progress import ProgressCallback
 from megapairs_assets.lib.quality import CheckOutcome, outcome
@@ -54,6 +63,8 @@ class EmbeddingResult:
     skipped: list[SkippedRow]
     seconds: float
     items_per_s: float
+    device_decoded: int = 0
+    """Images decoded on the device (the rest of the embedded images went through the CPU)."""
 
 
 @dataclass
@@ -63,6 +74,7 @@ class _Batch:
     ids: list[str]
     inputs: torch.Tensor | list[str] | None
     skipped: list[SkippedRow] = field(default_factory=list)
+    device_decoded: int = 0
 
     def pin_memory(self) -> _Batch:
         # DataLoader calls this on custom batch types when pin_memory=True.
@@ -76,32 +88,59 @@ def embed_rows(
     encoder: LoadedEncoder,
     limits: ImageLimits,
     batch_size: int,
-    num_workers: int,
+    num_workers: int | None,
     device: torch.device,
     dtype: torch.dtype,
     on_progress: ProgressCallback | None = None,
+    image_decode: ImageDecode = "auto",
 ) -> EmbeddingResult:
     """Embed corpus rows (`image_id`, `source_uri`, `caption`, ...) with `encoder`.
 
     Image encoders read `source_uri`; an image that cannot be opened becomes a skipped row with
     the `ImageRejected` reason. Text encoders read `caption`; rows without one are skipped as
     `no_caption`. `on_progress` is called per batch with the number of rows finished.
+    `image_decode` says where JPEGs are decoded (see `device_input.uses_device_decode`; "auto"
+    is the GPU when its decoder works, else the CPU); `num_workers=None` picks the DataLoader
+    worker count from the machine for that choice.
     """
     start_s = time.perf_counter()
     if encoder.modality == "image":
-        batches = _image_batches(rows, encoder, limits, batch_size, num_workers, device)
+        on_device = uses_device_decode(image_decode, device) and (
+            tensor_geometry(encoder.preprocess) is not None
+        )
+        workers = default_num_workers(on_device) if num_workers is None else num_workers
+        batches = _image_batches(
+            rows, encoder, limits, batch_size, workers, device, decode_on_device=on_device
+        )
     else:
         batches = _text_batches(rows, batch_size)
     ids: list[str] = []
     chunks: list[np.ndarray] = []
     skipped: list[SkippedRow] = []
+    device_decoded = 0
+    # The previous batch's vectors, still on the device, and its row count for progress.
+    in_flight: tuple[torch.Tensor, int] | None = None
+
+    def collect() -> None:
+        if in_flight is not None:
+            unit, finished = in_flight
+            chunks.append(unit.cpu().numpy())
+            if on_progress is not None:
+                on_progress(finished)
+
     for batch in batches:
         skipped.extend(batch.skipped)
-        if batch.ids:
-            chunks.append(_embed_batch(encoder, batch.inputs))
-            ids.extend(batch.ids)
-        if on_progress is not None:
-            on_progress(len(batch.ids) + len(batch.skipped))
+        device_decoded += batch.device_decoded
+        if not batch.ids:
+            if on_progress is not None and batch.skipped:
+                on_progress(len(batch.skipped))
+            continue
+        unit = _embed_on_device(encoder, batch.inputs)
+        ids.extend(batch.ids)
+        # Copying the previous batch back waits only for that batch: this one is queued.
+        collect()
+        in_flight = (unit, len(batch.ids) + len(batch.skipped))
+    collect()
     vectors = np.concatenate(chunks) if chunks else np.zeros((0, encoder.dim), dtype=np.float16)
     seconds = time.perf_counter() - start_s
     return EmbeddingResult(
@@ -110,10 +149,19 @@ def embed_rows(
         skipped=skipped,
         seconds=seconds,
         items_per_s=len(ids) / seconds if seconds > 0 else 0.0,
+        device_decoded=device_decoded,
     )
 
 
 def _embed_batch(encoder: LoadedEncoder, inputs: torch.Tensor | list[str] | None) -> np.ndarray:
+    """One batch's unit float16 vectors, on the host."""
+    return _embed_on_device(encoder, inputs).cpu().numpy()
+
+
+def _embed_on_device(
+    encoder: LoadedEncoder, inputs: torch.Tensor | list[str] | None
+) -> torch.Tensor:
+    """One batch's unit vectors as float16, left on the device (no host synchronisation)."""
     # Every loader already casts its model to `dtype`, so no autocast: on one H100, autocast
     # around a bf16 ViT-L-14 cost 32% of its throughput (1,773 vs 2,602 images/s forward only,
     # benchmarks/results/gpu_suite.json) by inserting casts the model does not need.
@@ -128,8 +176,7 @@ def _embed_batch(encoder: LoadedEncoder, inputs: torch.Tensor | list[str] | None
             f"expected (batch, {encoder.dim})"
         )
     # Normalised in float32: squaring float16 values loses precision (and overflows above 256).
-    unit = torch.nn.functional.normalize(raw.float(), dim=-1)
-    return unit.cpu().numpy().astype(np.float16)
+    return torch.nn.functional.normalize(raw.float(), dim=-1).half()
 
 
 def _text_batches(rows: pl.DataFrame, batch_size: int) -> Iterator[_Batch]:
@@ -205,9 +252,23 @@ def _image_batches(
     batch_size: int,
     num_workers: int,
     device: torch.device,
+    decode_on_device: bool = False,
 ) -> Iterator[_Batch]:
     if encoder.preprocess is None:
         raise ValueError(f"image encoder {encoder.model_id} has no preprocess")
+    if decode_on_device:
+        for batch in device_image_batches(
+            rows,
+            encoder.preprocess,
+            encoder.input_size_px,
+            limits,
+            batch_size,
+            num_workers,
+            device,
+            _worker_start_method(),
+        ):
+            yield _Batch(batch.ids, batch.pixels, batch.skipped, batch.device_decoded)
+        return
     dataset = _ImageRows(
         rows["image_id"].to_list(),
         rows["source_uri"].to_list(),

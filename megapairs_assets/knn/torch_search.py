@@ -52,7 +52,8 @@ class TorchFlatIndex:
 
     `vectors` (rows padded with zeros to a multiple of the group size) holds the table's
     values exactly (its own dtype, or float32), so re-scoring reads the stored values;
-    `compute_dtype` is what the matrix products run in. `ntotal` is the number of real rows, as in faiss.
+    `compute_dtype` is what the matrix products run in. `ntotal` is the number of real rows,
+    as in faiss.
     """
 
     vectors: torch.Tensor

@@ -1,0 +1,418 @@
+"""Image input decoded on the GPU: JPEG bytes in, resized and cropped uint8 pixels on the device.
+
+On one H100 the model reads ~2,600 ViT-L-14 images/s while 12 CPU workers decode ~1,300
+(benchmarks/README.md), so CPU decoding bounds the whole stage. Here DataLoader workers only
+read each image's bytes and look at its JPEG header; the main process hands a whole batch to
+nvJPEG (`torchvision.io.decode_jpeg` on CUDA takes a list and uses the GPU's hardware JPEG
+decoder for baseline JPEGs), then resizes and crops on the device with the encoder's own
+torchvision transforms, grouped by image size so each group is one batched call.
+
+What the device path does not take is decoded on the CPU exactly as before, in the workers:
+other formats, CMYK and other unusual colour modes, progressive JPEGs (nvJPEG decodes those one
+by one on the host anyway), EXIF-rotated pictures (the GPU decoder ignores the orientation tag),
+and sizes outside the limits (so the CPU path reports the rejection). A batch the GPU decoder
+refuses is retried image by image; an image it still refuses is decoded on the CPU, and one the
+CPU refuses too becomes a skipped row with the usual reason.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Literal
+
+import polars as pl
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+
+from megapairs_assets.corpus.images import (
+    ImageLimits,
+    ImageRejected,
+    open_image_for_model,
+    read_uri_bytes,
+)
+
+ImageDecode = Literal["auto", "cpu", "device"]
+"""Where images are decoded: "device" (nvJPEG on the step's GPU, torchvision on a CPU
+device), "cpu" (PIL in DataLoader workers) or "auto" (device on a GPU whose decoder works)."""
+
+SkippedRow = tuple[str, str, str]
+PREPROCESS_FAILED = "preprocess_failed"
+# Reading bytes is light work, so each worker keeps several batches ready.
+PREFETCH_BATCHES_PER_WORKER = 4
+# Reading bytes and parsing headers needs few processes; decoding on the CPU needs many.
+_DEVICE_DECODE_MAX_WORKERS = 4
+_JPEG_MAGIC = b"\xff\xd8\xff"
+_EXIF_ORIENTATION = 0x0112
+
+
+@dataclass
+class DeviceBatch:
+    """One model batch decoded for the device: ids in row order, their pixels, skipped rows.
+
+    `pixels` is uint8 (B, 3, S, S) on the device, or None when every row was skipped.
+    `device_decoded` counts the rows the GPU decoder handled (the rest went through the CPU).
+    """
+
+    ids: list[str]
+    pixels: torch.Tensor | None
+    skipped: list[SkippedRow] = field(default_factory=list)
+    device_decoded: int = 0
+
+
+def uses_device_decode(mode: ImageDecode, device: torch.device) -> bool:
+    """Whether images are decoded on `device` under `mode`.
+
+    "auto" decodes on a CUDA device when torchvision's GPU JPEG decoder works there (checked
+    once per device on a tiny image); on a CPU it keeps PIL in the workers, which decodes JPEGs
+    at reduced scale and is faster there. "device" demands it and raises RuntimeError with the
+    decoder's error when it does not work.
+    """
+    if mode == "cpu":
+        return False
+    if mode == "auto":
+        return device.type == "cuda" and _decoder_error(str(device)) is None
+    if mode == "device":
+        error = _decoder_error(str(device))
+        if error is not None:
+            raise RuntimeError(
+                f"image_decode='device' but torchvision cannot decode JPEGs on {device}: "
+                f"{error}; use image_decode='auto' or 'cpu'"
+            )
+        return True
+    raise ValueError(f"unknown image_decode {mode!r}; expected auto, cpu or device")
+
+
+def default_num_workers(decode_on_device: bool, cpu_count: int | None = None) -> int:
+    """DataLoader workers for this machine: a few byte readers, or every spare core to decode."""
+    cores = cpu_count or len(os.sched_getaffinity(0))
+    if decode_on_device:
+        return max(1, min(_DEVICE_DECODE_MAX_WORKERS, cores - 1))
+    # One core stays with the main process, which feeds the model.
+    return max(0, cores - 1)
+
+
+@lru_cache(maxsize=8)
+def _decoder_error(device_name: str) -> str | None:
+    """None when torchvision decodes a small JPEG on the device, else the reason it cannot."""
+    if device_name.startswith("cuda") and not torch.cuda.is_available():
+        return "no CUDA device is visible"
+    try:
+        from torchvision.io import ImageReadMode, decode_jpeg
+
+        buffer = io.BytesIO()
+        Image.new("RGB", (24, 16), (200, 30, 60)).save(buffer, format="JPEG")
+        data = torch.frombuffer(bytearray(buffer.getvalue()), dtype=torch.uint8)
+        decoded = decode_jpeg([data], mode=ImageReadMode.RGB, device=device_name)[0]
+        if tuple(decoded.shape) != (3, 16, 24):
+            return f"decoded a 24x16 test image to shape {tuple(decoded.shape)}"
+    except Exception as exc:  # any failure (no nvJPEG, no GPU, old torchvision) means "no"
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
+# --- geometry on the device -----------------------------------------------------------------
+
+
+class TensorGeometry:
+    """The resize and crop of an encoder's preprocess, applied to decoded tensors on a device.
+
+    Built from the torchvision Resize / CenterCrop steps of `Uint8ImagePreprocess.geometric`;
+    torchvision applies those to tensors with the same sizes and antialiased filters as to PIL
+    images. Pictures are grouped by size so each group is resized in one call.
+    """
+
+    def __init__(self, steps: list[torch.nn.Module]) -> None:
+        self.steps = steps
+
+    def __call__(self, pictures: list[torch.Tensor]) -> torch.Tensor:
+        """uint8 CHW pictures of any sizes -> uint8 (N, 3, S, S), in the input order."""
+        by_size: dict[tuple[int, int], list[int]] = {}
+        for position, picture in enumerate(pictures):
+            by_size.setdefault(tuple(picture.shape[-2:]), []).append(position)
+        output: torch.Tensor | None = None
+        for positions in by_size.values():
+            group = torch.stack([pictures[p] for p in positions])
+            for step in self.steps:
+                group = step(group)
+            if output is None:
+                output = group.new_empty((len(pictures), *group.shape[1:]))
+            output[torch.tensor(positions, device=group.device)] = group
+        assert output is not None, "no pictures to resize"
+        return output
+
+
+def tensor_geometry(preprocess: object) -> TensorGeometry | None:
+    """The device version of an encoder's uint8 preprocess, or None when it cannot be made.
+
+    Accepts a `Uint8ImagePreprocess` whose steps are torchvision Resize / CenterCrop plus
+    steps that leave an RGB picture as it is (open_clip's colour-mode conversion); anything
+    else keeps the CPU path.
+    """
+    from torchvision import transforms
+
+    geometric = getattr(preprocess, "geometric", None)
+    steps = getattr(geometric, "transforms", None)
+    if not steps:
+        return None
+    kept: list[torch.nn.Module] = []
+    for step in steps:
+        if isinstance(step, transforms.Resize | transforms.CenterCrop):
+            kept.append(step)
+        elif not _keeps_rgb_as_is(step):
+            return None
+    return TensorGeometry(kept) if kept else None
+
+
+def _keeps_rgb_as_is(step: Callable[[Image.Image], object]) -> bool:
+    probe = Image.new("RGB", (5, 3), (10, 20, 30))
+    try:
+        result = step(probe)
+    except Exception:
+        return False
+    return (
+        isinstance(result, Image.Image)
+        and result.mode == "RGB"
+        and result.size == probe.size
+        and result.tobytes() == probe.tobytes()
+    )
+
+
+# --- workers: bytes, or CPU-decoded pixels --------------------------------------------------
+
+
+def device_decodable(data: bytes, limits: ImageLimits) -> bool:
+    """Whether the GPU decoder gives the same picture as the CPU path for these bytes.
+
+    Baseline JPEG, RGB or greyscale, no EXIF rotation, size within the limits. Reads only the
+    header.
+    """
+    if not data.startswith(_JPEG_MAGIC):
+        return False
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            if image.format != "JPEG" or image.mode not in ("RGB", "L"):
+                return False
+            if image.info.get("progressive") or image.info.get("progression"):
+                return False
+            width, height = image.size
+            if min(width, height) < limits.min_side_px or width * height > limits.max_pixels:
+                return False
+            return image.getexif().get(_EXIF_ORIENTATION, 1) in (0, 1)
+    except Exception:  # an unreadable header: the CPU path says why
+        return False
+
+
+@dataclass
+class _Item:
+    image_id: str
+    uri: str
+    jpeg: bytes | None = None
+    pixels: torch.Tensor | None = None
+    failure: tuple[str, str] | None = None
+
+
+class _EncodedImages(Dataset):
+    """Rows as JPEG bytes for the device, or as CPU-preprocessed pixels; never raises."""
+
+    def __init__(
+        self,
+        image_ids: list[str],
+        uris: list[str],
+        limits: ImageLimits,
+        input_side_px: int | None,
+        preprocess: Callable[[Image.Image], torch.Tensor],
+    ) -> None:
+        self.image_ids = image_ids
+        self.uris = uris
+        self.limits = limits
+        self.input_side_px = input_side_px
+        self.preprocess = preprocess
+
+    def __len__(self) -> int:
+        return len(self.image_ids)
+
+    def __getitem__(self, index: int) -> _Item:
+        item = _Item(self.image_ids[index], self.uris[index])
+        try:
+            data = read_uri_bytes(item.uri)
+        except ImageRejected as exc:
+            item.failure = (exc.reason, exc.detail)
+            return item
+        if device_decodable(data, self.limits):
+            item.jpeg = data
+            return item
+        item.pixels, item.failure = cpu_pixels(
+            item.uri, self.limits, self.input_side_px, self.preprocess
+        )
+        return item
+
+
+def cpu_pixels(
+    uri: str,
+    limits: ImageLimits,
+    input_side_px: int | None,
+    preprocess: Callable[[Image.Image], torch.Tensor],
+) -> tuple[torch.Tensor | None, tuple[str, str] | None]:
+    """The CPU path for one image: (pixels, None) or (None, (reason, detail))."""
+    try:
+        image = open_image_for_model(uri, limits, input_side_px)
+    except ImageRejected as exc:
+        return None, (exc.reason, exc.detail)
+    try:
+        return preprocess(image), None
+    except (OSError, ValueError, RuntimeError) as exc:
+        return None, (PREPROCESS_FAILED, f"{type(exc).__name__}: {exc}")
+
+
+@dataclass
+class _EncodedBatch:
+    """A batch as the workers send it: all JPEG bytes in one tensor (one shared-memory
+    transfer instead of one per image), CPU-decoded pixels stacked, failures as skipped rows."""
+
+    ids: list[str]
+    on_device: list[bool]
+    jpeg_data: torch.Tensor
+    jpeg_lengths: list[int]
+    jpeg_uris: list[str]
+    cpu_pixels: torch.Tensor | None
+    skipped: list[SkippedRow]
+
+
+def _collate_encoded(items: list[_Item]) -> _EncodedBatch:
+    kept = [item for item in items if item.failure is None]
+    jpegs = [item for item in kept if item.jpeg is not None]
+    pixels = [item.pixels for item in kept if item.jpeg is None and item.pixels is not None]
+    joined = b"".join(item.jpeg for item in jpegs if item.jpeg is not None)
+    return _EncodedBatch(
+        ids=[item.image_id for item in kept],
+        on_device=[item.jpeg is not None for item in kept],
+        jpeg_data=torch.frombuffer(bytearray(joined), dtype=torch.uint8)
+        if joined
+        else torch.empty(0, dtype=torch.uint8),
+        jpeg_lengths=[len(item.jpeg) for item in jpegs if item.jpeg is not None],
+        jpeg_uris=[item.uri for item in jpegs],
+        cpu_pixels=torch.stack(pixels) if pixels else None,
+        skipped=[(item.image_id, *item.failure) for item in items if item.failure is not None],
+    )
+
+
+# --- main process: decode on the device ----------------------------------------------------
+
+
+def device_image_batches(
+    rows: pl.DataFrame,
+    preprocess: Callable[[Image.Image], torch.Tensor],
+    input_side_px: int | None,
+    limits: ImageLimits,
+    batch_size: int,
+    num_workers: int,
+    device: torch.device,
+    worker_start_method: str | None,
+) -> Iterator[DeviceBatch]:
+    """Corpus rows (`image_id`, `source_uri`) as batches of uint8 pixels on `device`.
+
+    Raises ValueError when `preprocess` has no device version (see `tensor_geometry`); callers
+    check that first and keep the CPU path.
+    """
+    geometry = tensor_geometry(preprocess)
+    if geometry is None:
+        raise ValueError("this encoder's preprocess cannot run on the device")
+    dataset = _EncodedImages(
+        rows["image_id"].to_list(), rows["source_uri"].to_list(), limits, input_side_px, preprocess
+    )
+    loader = DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=num_workers,
+        collate_fn=_collate_encoded,
+        prefetch_factor=PREFETCH_BATCHES_PER_WORKER if num_workers > 0 else None,
+        multiprocessing_context=worker_start_method if num_workers > 0 else None,
+    )
+    fallback = _CpuFallback(limits, input_side_px, preprocess)
+    for batch in loader:
+        yield _to_device(batch, geometry, device, fallback)
+
+
+@dataclass(frozen=True)
+class _CpuFallback:
+    limits: ImageLimits
+    input_side_px: int | None
+    preprocess: Callable[[Image.Image], torch.Tensor]
+
+    def __call__(self, uri: str) -> tuple[torch.Tensor | None, tuple[str, str] | None]:
+        return cpu_pixels(uri, self.limits, self.input_side_px, self.preprocess)
+
+
+def _to_device(
+    batch: _EncodedBatch,
+    geometry: TensorGeometry,
+    device: torch.device,
+    fallback: _CpuFallback,
+) -> DeviceBatch:
+    """Decode a worker batch's JPEGs on the device and put every row's pixels in row order."""
+    jpegs = list(torch.split(batch.jpeg_data, batch.jpeg_lengths)) if batch.jpeg_lengths else []
+    decoded = decode_jpegs(jpegs, device)
+    pictures: dict[int, torch.Tensor] = {}
+    late_pixels: dict[int, torch.Tensor] = {}
+    skipped = list(batch.skipped)
+    jpeg_positions = [i for i, on_device in enumerate(batch.on_device) if on_device]
+    for position, picture, uri in zip(jpeg_positions, decoded, batch.jpeg_uris, strict=True):
+        if picture is not None:
+            pictures[position] = picture
+            continue
+        pixels, failure = fallback(uri)
+        if pixels is not None:
+            late_pixels[position] = pixels
+        elif failure is not None:
+            skipped.append((batch.ids[position], *failure))
+    cpu_positions = [i for i, on_device in enumerate(batch.on_device) if not on_device]
+    kept = sorted([*pictures, *late_pixels, *cpu_positions])
+    if not kept:
+        return DeviceBatch(ids=[], pixels=None, skipped=skipped)
+    parts: list[tuple[list[int], torch.Tensor]] = []
+    if pictures:
+        parts.append((list(pictures), geometry(list(pictures.values()))))
+    if late_pixels:
+        parts.append((list(late_pixels), torch.stack(list(late_pixels.values())).to(device)))
+    if batch.cpu_pixels is not None:
+        parts.append((cpu_positions, batch.cpu_pixels.to(device, non_blocking=True)))
+    slot = {position: i for i, position in enumerate(kept)}
+    first = parts[0][1]
+    pixels = first.new_empty((len(kept), *first.shape[1:]))
+    for positions, values in parts:
+        pixels[torch.tensor([slot[p] for p in positions], device=device)] = values
+    return DeviceBatch(
+        ids=[batch.ids[p] for p in kept],
+        pixels=pixels,
+        skipped=skipped,
+        device_decoded=len(pictures),
+    )
+
+
+def decode_jpegs(jpegs: list[torch.Tensor], device: torch.device) -> list[torch.Tensor | None]:
+    """Decode JPEG byte tensors to uint8 RGB CHW pictures on `device`; None where it fails.
+
+    One batched call first; if the decoder refuses the batch, each image alone, so one bad
+    file costs only itself.
+    """
+    if not jpegs:
+        return []
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    try:
+        return list(decode_jpeg(jpegs, mode=ImageReadMode.RGB, device=device))
+    except RuntimeError:
+        pass
+    pictures: list[torch.Tensor | None] = []
+    for data in jpegs:
+        try:
+            pictures.append(decode_jpeg([data], mode=ImageReadMode.RGB, device=device)[0])
+        except RuntimeError:
+            pictures.append(None)
+    return pictures
