@@ -8,7 +8,7 @@ import dagster as dg
 from pydantic import Field
 
 from megapairs_assets.corpus.images import ImageLimits
-from megapairs_assets.corpus.sources import SourceSpec
+from megapairs_assets.corpus.sources import SourceSpec, list_shards
 
 
 class CorpusSourceResource(dg.ConfigurableResource):
@@ -30,9 +30,22 @@ class CorpusSourceResource(dg.ConfigurableResource):
         default=178_956_970, description="Larger images are quarantined before decoding (too_large)"
     )
     max_caption_chars: int = Field(default=1000, description="Longer captions are truncated")
+    only_shards: list[str] | None = Field(
+        default=None,
+        description="Restrict the corpus to these shards (a fixed sample, e.g. for CI checks); "
+        "None = every shard the source lists",
+    )
 
     def spec(self) -> SourceSpec:
         return SourceSpec(kind=self.kind, path=self.path, shard_size=self.shard_size)
+
+    def shard_ids(self) -> list[str]:
+        """The corpus: the source's current shards (restricted to `only_shards` if set)."""
+        shards = list_shards(self.spec())
+        if self.only_shards is None:
+            return shards
+        wanted = set(self.only_shards)
+        return [shard for shard in shards if shard in wanted]
 
     def limits(self) -> ImageLimits:
         return ImageLimits(

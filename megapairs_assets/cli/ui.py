@@ -44,13 +44,13 @@ def cmd_ui(args: argparse.Namespace) -> int:
 
     Shares the demo's Dagster instance (`$DAGSTER_HOME`, else `$MEGAPAIRS_HOME/dagster`).
     """
-    from megapairs_assets.cli.main import _prepare_dagster_home
+    from megapairs_assets.cli.instance import prepare_dagster_home
     from megapairs_assets.lib.storage import default_home
 
     if not WORKSPACE_FILE.is_file():
         print(f"no workspace file at {WORKSPACE_FILE}: run from a clone", file=sys.stderr)
         return 1
-    dagster_home = _prepare_dagster_home(default_home())
+    dagster_home = prepare_dagster_home(default_home())
     command = dagster_dev_command(WORKSPACE_FILE, args.host, args.port)
     if command[2] == _DAGSTER_MODULE:
         print(

@@ -2,7 +2,6 @@
 
 import dagster as dg
 
-from megapairs_assets.corpus.sources import list_shards
 from megapairs_assets.corpus.step import (
     ASSET_NAME,
     CORPUS_CHECKS,
@@ -75,7 +74,7 @@ def build_shards_sensor(default_status: dg.DefaultSensorStatus) -> dg.SensorDefi
         removes shards that left it (their row lineage is retired, their files stay until
         a user deletes them, and no KNN graph searches them again)."""
         try:
-            found = list_shards(corpus_source.spec())
+            found = corpus_source.shard_ids()
         except Exception as error:  # a bad source must not kill the sensor daemon
             return dg.SkipReason(f"corpus source unreadable: {error}")
         new, gone = shard_changes(

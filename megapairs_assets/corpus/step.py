@@ -146,3 +146,28 @@ def _preview_images(images: pl.DataFrame, limits: ImageLimits) -> list:
         except Exception:  # a preview must never fail the asset
             continue
     return previews
+
+
+def recheck_corpus_shard(
+    shard: str, layout: DataLayout, catalog: LineageCatalog
+) -> list:
+    """The corpus checks on the shard's table as it is on disk (read-only)."""
+    config = latest_config(catalog, ASSET_NAME, shard)
+    min_side_px = int(config.get("limits", {}).get("min_side_px", ImageLimits().min_side_px))
+    images = pl.read_parquet(layout.corpus_images(shard))
+    outcomes = check_corpus(images, min_side_px)
+    outcomes.append(
+        check_cross_shard_duplicates(images, other_shard_copies(catalog, shard, images))
+    )
+    return outcomes
+
+
+def latest_config(catalog: LineageCatalog, asset: str, partition: str) -> dict:
+    """The config recorded by the newest complete materialization of (asset, partition)."""
+    import json
+
+    version = catalog.latest_materialization_ids(asset, [partition]).get(partition)
+    if version is None:
+        return {}
+    record = catalog.materializations([version])
+    return json.loads(record["config"][0]) if record.height else {}

@@ -108,3 +108,19 @@ def _skipped_rows(
         "reason",
         "detail",
     )
+
+
+def recheck_embedding_shard(
+    source: SimilaritySource, shard: str, layout: DataLayout, catalog: LineageCatalog
+) -> list:
+    """The embedding checks on the shard's table as it is on disk (read-only)."""
+    from megapairs_assets.embeddings.compute import read_embedding_table
+
+    ids, vectors = read_embedding_table(layout.shard_table(source.embedding_asset, shard))
+    corpus_ids = pl.read_parquet(layout.corpus_images(shard), columns=["image_id", "source_uri"])
+    skipped = catalog.query(
+        "SELECT source_uri FROM quarantine_log WHERE stage = ? AND shard = ?",
+        [source.embedding_asset, shard],
+    )
+    expected = corpus_ids.filter(~pl.col("source_uri").is_in(skipped["source_uri"].implode()))
+    return check_embeddings(list(ids), vectors, expected["image_id"].to_list())

@@ -2,7 +2,6 @@
 
 import dagster as dg
 
-from megapairs_assets.corpus.sources import list_shards
 from megapairs_assets.embeddings.sources import SOURCES, SimilaritySource
 from megapairs_assets.knn.step import KNN_CHECKS, build_corpus_index, knn_shard
 from megapairs_assets.orchestration.partitions import DOWNSTREAM_AUTOMATION, shard_asset_options
@@ -31,7 +30,7 @@ def build_knn_asset(source: SimilaritySource) -> dg.AssetsDefinition:
         resources = context.resources
         layout, lineage = resources.storage.layout(), resources.catalog.catalog()
         knn = resources.knn_index
-        corpus_shards = list_shards(resources.corpus_source.spec())
+        corpus_shards = resources.corpus_source.shard_ids()
         spec = knn.spec()
         corpus = build_corpus_index(source, corpus_shards, spec, layout, lineage)
         context.log.info(

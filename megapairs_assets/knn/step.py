@@ -207,3 +207,16 @@ def read_knn_tables(
         tables[source.name] = frame
         versions[f"{source.knn_asset}/{shard}"] = read.get(shard, "unknown")
     return tables, versions
+
+
+def recheck_knn_shard(
+    source: SimilaritySource, shard: str, layout: DataLayout, catalog: LineageCatalog
+) -> list[CheckOutcome]:
+    """The KNN checks on the shard's table as it is on disk, with the k it was built with."""
+    from megapairs_assets.corpus.step import latest_config
+
+    k = int(latest_config(catalog, source.knn_asset, shard).get("k", 0)) or None
+    neighbors = pl.read_parquet(layout.shard_table(source.knn_asset, shard))
+    if k is None:  # no record: the widest rank on disk is the most the check can assume
+        k = int(neighbors["rank"].max() or 0) + 1
+    return check_knn(neighbors, k)

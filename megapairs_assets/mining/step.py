@@ -8,7 +8,7 @@ from collections.abc import Callable
 import polars as pl
 
 from megapairs_assets.corpus.images import ImageLimits, open_image_rgb
-from megapairs_assets.corpus.step import image_uris
+from megapairs_assets.corpus.step import content_hashes, image_uris
 from megapairs_assets.embeddings.sources import source_named
 from megapairs_assets.knn.step import read_knn_tables
 from megapairs_assets.lib.preview import markdown_table, thumbnail_markdown
@@ -16,8 +16,11 @@ from megapairs_assets.lib.step import StepResult
 from megapairs_assets.lib.storage import DataLayout, write_parquet_atomic
 from megapairs_assets.lineage.catalog import LineageCatalog, RowTable, register_row_table
 from megapairs_assets.mining.pairs import (
+    IDENTICAL_CONTENT_CHECK,
+    IDENTICAL_CONTENT_CHECK_DESCRIPTION,
     MiningParams,
     check_pairs,
+    knn_image_ids,
     mine_pairs,
     score_column,
     summarize_pairs,
@@ -30,6 +33,7 @@ PAIR_CHECKS = {
     "target_not_in_negatives": "A pair's target is never among its hard negatives",
     "no_duplicate_pairs": "Each (query, target) appears once",
     "no_self_pairs": "A query is never its own target",
+    IDENTICAL_CONTENT_CHECK: IDENTICAL_CONTENT_CHECK_DESCRIPTION,
 }
 
 PAIR_LINEAGE = register_row_table(
@@ -63,7 +67,9 @@ def mine_shard(
     neighbors, versions = read_knn_tables(
         [source_named(s) for s in sources], shard, layout, catalog
     )
-    pairs = mine_pairs(neighbors, params)
+    # Exact copies (same bytes, other ids) are never a pair or a negative of each other.
+    hashes = content_hashes(catalog, sorted(knn_image_ids(neighbors)))
+    pairs = mine_pairs(neighbors, params, hashes)
     path = layout.shard_table(ASSET_NAME, shard)
     write_parquet_atomic(pairs, path)
     knn_versions = {
@@ -85,7 +91,7 @@ def mine_shard(
         },
         input_versions=versions,
         rows={PAIR_LINEAGE.name: pair_lineage_rows(pairs, shard, sources, knn_versions)},
-        outcomes=check_pairs(pairs, params),
+        outcomes=check_pairs(pairs, params, hashes),
         metadata={k: v for k, v in summary.items() if isinstance(v, int | float | str)},
         markdown={
             "pairs_by_source": markdown_table(pairs_by_source(pairs)),
@@ -179,3 +185,14 @@ def pair_thumbnails(catalog: LineageCatalog, pairs: pl.DataFrame) -> str:
             f"({', '.join(row['sources'])})"
         )
     return "\n\n".join(lines)
+
+
+def recheck_pairs_shard(
+    shard: str, layout: DataLayout, catalog: LineageCatalog, params: MiningParams
+) -> list:
+    """The pair checks on the shard's table as it is on disk (read-only)."""
+    pairs = pl.read_parquet(layout.shard_table(ASSET_NAME, shard))
+    ids = sorted(set(pairs["query_id"]) | set(pairs["target_id"]) | set(
+        pairs["hard_negative_ids"].explode().drop_nulls()
+    ))
+    return check_pairs(pairs, params, content_hashes(catalog, ids))

@@ -1,0 +1,239 @@
+"""`megapairs check`: gate a CI on the pipeline's asset checks.
+
+Two modes:
+- sample (default): materialize a selection of the graph over a small fixed sample of shards
+  (the first `--shards` shards of the demo corpus, or of `--corpus DIR`) into a throwaway data
+  root, with Dagster evaluating every asset check as the UI would;
+- `--existing --home DIR`: re-evaluate the checks on the tables already under a data root,
+  read-only (nothing is written there), e.g. on a production data root.
+
+Prints one row per (asset, check, partition) and exits 0 when every blocking check passed,
+1 when a blocking check failed, 2 on a usage or configuration error, 3 when the run itself
+failed before its checks could run. Failed warning checks print but never fail the command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+EXIT_OK, EXIT_CHECK_FAILED, EXIT_USAGE, EXIT_RUN_FAILED = 0, 1, 2, 3
+DEFAULT_SAMPLE_SHARDS = 2
+
+
+@dataclass(frozen=True)
+class CheckRow:
+    """One check's outcome for one partition."""
+
+    asset: str
+    check: str
+    partition: str
+    passed: bool
+    blocking: bool
+    detail: str
+
+    @property
+    def status(self) -> str:
+        if self.passed:
+            return "pass"
+        return "FAIL" if self.blocking else "warn"
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    check = subparsers.add_parser(
+        "check", help="run the asset checks on a small sample (or on existing data) for CI"
+    )
+    check.add_argument(
+        "--select",
+        default="mining_half",
+        help="a job name (mining_half, corpus_and_embeddings, ...) to materialize",
+    )
+    check.add_argument("--corpus", type=Path, help="sample shards from this corpus instead")
+    check.add_argument(
+        "--shards", type=int, default=DEFAULT_SAMPLE_SHARDS, help="sample size in shards"
+    )
+    check.add_argument(
+        "--existing",
+        action="store_true",
+        help="re-check the tables already under --home (read-only) instead of materializing",
+    )
+    check.add_argument("--home", type=Path, help="data root (default: a throwaway folder)")
+    check.add_argument("--quiet", action="store_true", help="only warnings from Dagster")
+    check.set_defaults(func=run_check)
+
+
+def run_check(args: argparse.Namespace) -> int:
+    if args.existing:
+        if args.home is None or not (args.home / "data").is_dir():
+            print("--existing needs --home pointing at a data root with data/", file=sys.stderr)
+            return EXIT_USAGE
+        rows = check_existing(args.home.resolve())
+        return report(rows)
+    if args.shards < 1:
+        print("--shards must be at least 1", file=sys.stderr)
+        return EXIT_USAGE
+    if args.home is not None:
+        return _check_sample(args, args.home.resolve())
+    with tempfile.TemporaryDirectory(prefix="megapairs-check-") as tmp:
+        return _check_sample(args, Path(tmp))
+
+
+def _check_sample(args: argparse.Namespace, home: Path) -> int:
+    import dagster as dg
+
+    from megapairs_assets.cli.demo import corpus_kind
+    from megapairs_assets.definitions import build_definitions
+    from megapairs_assets.orchestration.partitions import SHARD_PARTITIONS_NAME
+    from megapairs_assets.orchestration.runs import shard_range_tags
+    from resources.corpus import CorpusSourceResource
+    from resources.profiles import profile_from_env
+
+    source = build_definitions(profile_from_env(), home).resources["corpus_source"]
+    if args.corpus is not None:
+        try:
+            kind = corpus_kind(args.corpus)
+        except ValueError as error:
+            print(error, file=sys.stderr)
+            return EXIT_USAGE
+        source = CorpusSourceResource(kind=kind, path=str(args.corpus.resolve()))
+    # The sample is the corpus: KNN searches exactly these shards.
+    shards = source.shard_ids()[: args.shards]
+    if not shards:
+        print(f"the corpus {source.path} has no shards", file=sys.stderr)
+        return EXIT_USAGE
+    fields = {name: getattr(source, name) for name in type(source).model_fields}
+    sample = CorpusSourceResource(**{**fields, "only_shards": shards})
+    defs = build_definitions(profile_from_env(), home, resource_overrides={"corpus_source": sample})
+    try:
+        job = defs.resolve_job_def(args.select)
+    except Exception:
+        print(f"unknown job {args.select!r}", file=sys.stderr)
+        return EXIT_USAGE
+    print(f"megapairs check: {args.select} over {len(shards)} shards {shards} in {home}")
+    instance = dg.DagsterInstance.ephemeral()
+    instance.add_dynamic_partitions(SHARD_PARTITIONS_NAME, shards)
+    log_level = "WARNING" if args.quiet else "INFO"
+    result = job.execute_in_process(
+        instance=instance,
+        tags=shard_range_tags(shards),
+        run_config={"loggers": {"console": {"config": {"log_level": log_level}}}},
+        raise_on_error=False,
+    )
+    rows = rows_from_evaluations(result.get_asset_check_evaluations(), defs)
+    code = report(rows)
+    if code == EXIT_OK and not result.success:
+        print("the run failed before all checks ran: see the log above", file=sys.stderr)
+        return EXIT_RUN_FAILED
+    return code
+
+
+def rows_from_evaluations(evaluations: list, defs) -> list[CheckRow]:
+    """One row per (asset, check, partition) from Dagster's check evaluations."""
+    blocking: dict[tuple[str, str], bool] = {}
+    for assets_def in defs.assets or []:
+        for spec in getattr(assets_def, "check_specs", []):
+            blocking[(spec.asset_key.to_user_string(), spec.name)] = spec.blocking
+    rows = []
+    for evaluation in evaluations:
+        asset = evaluation.asset_key.to_user_string()
+        metadata = {k: getattr(v, "value", v) for k, v in evaluation.metadata.items()}
+        checked = _split(metadata.get("partitions_checked"))
+        failing = set(_split(metadata.get("failing_partitions")))
+        details = _details_by_partition(evaluation.description or "")
+        for partition in checked or ["-"]:
+            passed = evaluation.passed or partition not in failing
+            rows.append(
+                CheckRow(
+                    asset=asset,
+                    check=evaluation.check_name,
+                    partition=partition,
+                    passed=passed,
+                    blocking=blocking.get((asset, evaluation.check_name), True),
+                    detail=details.get(partition, "") if not passed else "",
+                )
+            )
+    return rows
+
+
+def check_existing(home: Path) -> list[CheckRow]:
+    """Re-run every stage's checks on the tables under `home`, read-only."""
+    import megapairs_assets.definitions  # noqa: F401  (stages declare their catalog tables)
+    from megapairs_assets.corpus.step import ASSET_NAME as CORPUS
+    from megapairs_assets.corpus.step import CORPUS_CHECKS, recheck_corpus_shard
+    from megapairs_assets.embeddings.sources import SOURCES
+    from megapairs_assets.embeddings.step import recheck_embedding_shard
+    from megapairs_assets.knn.step import recheck_knn_shard
+    from megapairs_assets.lib.storage import DataLayout
+    from megapairs_assets.lineage.catalog import LineageCatalog
+    from megapairs_assets.mining.step import ASSET_NAME as PAIRS
+    from megapairs_assets.mining.step import recheck_pairs_shard
+    from resources.profiles import build_resources, profile_from_env
+
+    layout = DataLayout(home)
+    catalog = LineageCatalog(layout.catalog_path)
+    params = build_resources(profile_from_env(), home)["mining"].params()
+    rows: list[CheckRow] = []
+
+    def add(asset: str, shard: str, outcomes: list) -> None:
+        for o in outcomes:
+            blocking = not (asset == CORPUS and o.name not in CORPUS_CHECKS)
+            rows.append(CheckRow(asset, o.name, shard, o.passed, blocking, o.detail))
+
+    for path in sorted((layout.data_dir / CORPUS).glob("*/images.parquet")):
+        shard = path.parent.name
+        add(CORPUS, shard, recheck_corpus_shard(shard, layout, catalog))
+    for source in SOURCES:
+        for asset, recheck in (
+            (source.embedding_asset, recheck_embedding_shard),
+            (source.knn_asset, recheck_knn_shard),
+        ):
+            for path in sorted((layout.data_dir / asset).glob("*.parquet")):
+                add(asset, path.stem, recheck(source, path.stem, layout, catalog))
+    for path in sorted((layout.data_dir / PAIRS).glob("*.parquet")):
+        add(PAIRS, path.stem, recheck_pairs_shard(path.stem, layout, catalog, params))
+    return rows
+
+
+def report(rows: list[CheckRow]) -> int:
+    """Print the table and return the exit code."""
+    if not rows:
+        print("no checks were evaluated", file=sys.stderr)
+        return EXIT_RUN_FAILED
+    widths = [
+        max(len(r.asset) for r in rows),
+        max(len(r.check) for r in rows),
+        max(len(r.partition) for r in rows),
+    ]
+    header = f"{'asset':<{widths[0]}}  {'check':<{widths[1]}}  {'partition':<{widths[2]}}  status"
+    print(header)
+    print("-" * len(header))
+    for r in sorted(rows, key=lambda r: (r.asset, r.check, r.partition)):
+        line = f"{r.asset:<{widths[0]}}  {r.check:<{widths[1]}}  {r.partition:<{widths[2]}}  "
+        print(line + r.status + (f"  {r.detail}" if r.detail else ""))
+    failed = [r for r in rows if not r.passed and r.blocking]
+    warned = [r for r in rows if not r.passed and not r.blocking]
+    print(
+        f"\n{len(rows)} check results: {len(rows) - len(failed) - len(warned)} passed, "
+        f"{len(failed)} blocking failures, {len(warned)} warnings"
+    )
+    return EXIT_CHECK_FAILED if failed else EXIT_OK
+
+
+def _split(value: object) -> list[str]:
+    if not value or value == "-":
+        return []
+    return [part.strip() for part in str(value).split(",") if part.strip()]
+
+
+def _details_by_partition(description: str) -> dict[str, str]:
+    """The shard step writes failures as "[partition] detail; [partition] detail"."""
+    details = {}
+    for part in description.split("; ["):
+        part = part.lstrip("[")
+        if "] " in part:
+            partition, detail = part.split("] ", 1)
+            details[partition] = detail
+    return details

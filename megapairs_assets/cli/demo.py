@@ -1,0 +1,115 @@
+"""`megapairs demo`: the whole graph on the profile's corpus (or `--corpus`), in one process."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+FAISS_HINT = (
+    "faiss is not installed: install the project with one faiss extra, "
+    '`.venv/bin/pip install -e ".[cpu,dev]"` (or ".[gpu,dev]" on CUDA 12 machines)'
+)
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    demo = subparsers.add_parser(
+        "demo", help="run the whole graph on the profile's corpus (or --corpus), in process"
+    )
+    demo.add_argument("--quiet", action="store_true", help="only warnings from Dagster")
+    demo.add_argument(
+        "--corpus",
+        type=Path,
+        help="your own corpus instead of the bundled one: a folder of webdataset .tar shards, "
+        "a folder of image folders, or a .parquet/.jsonl manifest",
+    )
+    demo.add_argument("--job", default="mining_half", help="the job to run (default: mining_half)")
+    demo.set_defaults(func=run_demo)
+
+
+def corpus_kind(path: Path) -> str:
+    """Which corpus source reads `path`: webdataset, folder or manifest."""
+    if path.is_file() and path.suffix.lower() in (".parquet", ".jsonl"):
+        return "manifest"
+    if path.is_dir() and any(path.glob("*.tar")):
+        return "webdataset"
+    if path.is_dir():
+        return "folder"
+    raise ValueError(
+        f"--corpus {path}: expected a folder of .tar shards, a folder of image folders, or a "
+        ".parquet/.jsonl manifest"
+    )
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    """Materialize a job for every shard of the corpus in one in-process run, then summarize."""
+    try:
+        import faiss  # noqa: F401
+    except ImportError:
+        print(FAISS_HINT, file=sys.stderr)
+        return 2
+    import dagster as dg
+
+    from megapairs_assets.cli.instance import prepare_dagster_home
+    from megapairs_assets.cli.summary import print_summary
+    from megapairs_assets.corpus.assets import shard_changes
+    from megapairs_assets.definitions import build_definitions
+    from megapairs_assets.lib.storage import DataLayout, default_home
+    from megapairs_assets.lineage.catalog import LineageCatalog
+    from megapairs_assets.orchestration.partitions import SHARD_PARTITIONS_NAME
+    from megapairs_assets.orchestration.runs import shard_range_tags
+    from resources.corpus import CorpusSourceResource
+    from resources.profiles import profile_from_env
+
+    started = time.perf_counter()
+    home, profile = default_home(), profile_from_env()
+    overrides = {}
+    if args.corpus is not None:
+        try:
+            kind = corpus_kind(args.corpus)
+        except ValueError as error:
+            print(error, file=sys.stderr)
+            return 2
+        overrides["corpus_source"] = CorpusSourceResource(
+            kind=kind, path=str(args.corpus.resolve())
+        )
+    print(f"megapairs: profile {profile!r}, data root {home}")
+    prepare_dagster_home(home)
+    defs = build_definitions(profile, home, resource_overrides=overrides)
+    resources = defs.resources
+    print("checking configuration (building demo models on first use)...")
+    for key in ("clip_image_encoder", "dino_image_encoder", "caption_text_encoder"):
+        dim = resources[key].validate()
+        print(f"  {key}: {resources[key].model_id} ({dim}-d)")
+    resources["mining"].params()
+    source = resources["corpus_source"]
+    shards = source.shard_ids()
+    if not shards:
+        print(f"no shards found in {source.path}", file=sys.stderr)
+        return 1
+    print(f"  corpus: {source.kind} {source.path}")
+    instance = dg.DagsterInstance.get()
+    new, gone = shard_changes(shards, list(instance.get_dynamic_partitions(SHARD_PARTITIONS_NAME)))
+    for shard in gone:
+        instance.delete_dynamic_partition(SHARD_PARTITIONS_NAME, shard)
+    if gone:
+        removed = LineageCatalog(DataLayout(home).catalog_path).retire_partitions(gone)
+        print(
+            f"  {len(gone)} shards are no longer in the corpus ({', '.join(gone[:5])}): removed "
+            f"from the partition set, {removed} lineage rows retired"
+        )
+    instance.add_dynamic_partitions(SHARD_PARTITIONS_NAME, new)
+    print(f"materializing {args.job} for {len(shards)} shards ({shards[0]}..{shards[-1]})")
+    log_level = "WARNING" if args.quiet else "INFO"
+    result = defs.resolve_job_def(args.job).execute_in_process(
+        instance=instance,
+        tags=shard_range_tags(shards),
+        run_config={"loggers": {"console": {"config": {"log_level": log_level}}}},
+        raise_on_error=False,
+    )
+    print_summary(home, shards, time.perf_counter() - started, run_id=result.run_id)
+    if not result.success:
+        print("the run failed: see the log above or `megapairs ui`", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,27 @@
+"""The Dagster instance the CLI uses: `$DAGSTER_HOME`, else `<data root>/dagster`."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+# Telemetry off (this runs offline); one step at a time per pool by default, so a backfill of
+# non-adjacent shards (several runs) never loads two models on one GPU at once. Raise the
+# limit per pool (`dagster instance concurrency set gpu N`) to the number of GPUs.
+DAGSTER_YAML = """telemetry:
+  enabled: false
+concurrency:
+  pools:
+    default_limit: 1
+"""
+
+
+def prepare_dagster_home(home: Path) -> Path:
+    """Use `$DAGSTER_HOME` if set, else `<home>/dagster`, so the UI later shows the same runs."""
+    dagster_home = Path(os.environ.get("DAGSTER_HOME") or home / "dagster")
+    dagster_home.mkdir(parents=True, exist_ok=True)
+    config = dagster_home / "dagster.yaml"
+    if not config.exists():
+        config.write_text(DAGSTER_YAML)
+    os.environ["DAGSTER_HOME"] = str(dagster_home)
+    return dagster_home
