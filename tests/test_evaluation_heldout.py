@@ -1,0 +1,86 @@
+"""The held-out split (shared with training) and the benchmark built from held-out triplets."""
+
+from __future__ import annotations
+
+import polars as pl
+import pytest
+
+from megapairs_assets.evaluation.heldout import (
+    HeldOutError,
+    held_out_mask,
+    heldout_benchmark,
+    split_triplets,
+)
+
+
+def tiny_triplets(
+    queries: int = 60, targets_per_query: int = 2, prefix: str = "/c"
+) -> pl.DataFrame:
+    """Triplets in the MegaPairs release schema plus the project's id columns."""
+    rows = []
+    for q in range(queries):
+        for t in range(targets_per_query):
+            query, target = f"{prefix}/q{q}.jpg", f"{prefix}/t{q}-{t}.jpg"
+            rows.append(
+                {
+                    "pair_id": f"p{q}-{t}",
+                    "query_id": f"img-q{q}",
+                    "target_id": f"img-t{q}-{t}",
+                    "q_img": query,
+                    "q_text": [f"make it number {t}", f"show variant {t}"],
+                    "t_img": target,
+                    "hns": [query, f"{prefix}/t{q}-{(t + 1) % targets_per_query}.jpg"],
+                }
+            )
+    return pl.DataFrame(rows)
+
+
+def test_split_is_by_query_image_and_independent_of_row_order() -> None:
+    triplets = tiny_triplets(queries=400)
+    train, held = split_triplets(triplets, fraction=0.2)
+    assert train.height + held.height == triplets.height
+    # Every triplet of a held-out query image is held out: no query image is on both sides.
+    assert set(train["query_id"]).isdisjoint(set(held["query_id"]))
+    assert 0.12 < held["query_id"].n_unique() / 400 < 0.28
+    shuffled = triplets.sample(fraction=1.0, shuffle=True, seed=3)
+    _, held_again = split_triplets(shuffled, fraction=0.2)
+    assert sorted(held_again["pair_id"]) == sorted(held["pair_id"])
+    # One shard at a time gives the same decisions as all shards at once.
+    _, first_half = split_triplets(triplets.head(400), fraction=0.2)
+    assert set(first_half["pair_id"]) <= set(held["pair_id"])
+
+
+def test_split_hashes_q_img_without_query_id_and_larger_fractions_nest() -> None:
+    triplets = tiny_triplets(queries=200).drop("query_id")
+    _, small = split_triplets(triplets, fraction=0.1)
+    _, large = split_triplets(triplets, fraction=0.3)
+    assert set(small["pair_id"]) < set(large["pair_id"])
+    assert held_out_mask(["a", "b"], 0.0).tolist() == [False, False]
+    with pytest.raises(ValueError, match="fraction"):
+        held_out_mask(["a"], 1.0)
+
+
+def test_benchmark_gallery_holds_every_image_of_held_out_triplets() -> None:
+    triplets = tiny_triplets(queries=100)
+    split = heldout_benchmark(triplets, fraction=0.2)
+    _, held = split_triplets(triplets, fraction=0.2)
+    expected = set(held["q_img"]) | set(held["t_img"]) | set(held["hns"].explode())
+    assert set(split.gallery_ids) == expected and split.gallery_size == len(expected)
+    # One query per instruction; the query image stays in the gallery as a hard negative.
+    assert len(split.queries) == 2 * held.height
+    query = split.queries[0]
+    assert query.reference_id in split.gallery_ids
+    assert query.targets[0] in split.gallery_ids and query.targets[0] != query.reference_id
+    assert split.metric_kind == "heldout"
+
+
+def test_benchmark_cap_keeps_a_nested_subset_and_empty_is_refused() -> None:
+    triplets = tiny_triplets(queries=200)
+    small = heldout_benchmark(triplets, fraction=0.5, max_queries=5)
+    large = heldout_benchmark(triplets, fraction=0.5, max_queries=20)
+    small_refs = {q.reference_id for q in small.queries}
+    assert len(small_refs) == 5 and small_refs < {q.reference_id for q in large.queries}
+    with pytest.raises(HeldOutError, match="no triplet is held out"):
+        heldout_benchmark(triplets, fraction=0.0)
+    with pytest.raises(HeldOutError, match="lack the column"):
+        heldout_benchmark(triplets.drop("hns"), fraction=0.5)

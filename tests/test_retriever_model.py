@@ -1,0 +1,135 @@
+"""The retriever interface on the demo's tiny open_clip model: fusion, ids, loading, errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from image_factory import picture
+
+from megapairs_assets.demo.models import DEMO_CLIP_MODEL
+from megapairs_assets.retriever.model import (
+    Retriever,
+    RetrieverConfigError,
+    RetrieverSpec,
+    load_retriever,
+    load_retriever_spec,
+    spec_from_argument,
+)
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def checkpoint(demo_models_dir: Path) -> Path:
+    return demo_models_dir / f"{DEMO_CLIP_MODEL}.pt"
+
+
+@pytest.fixture(scope="module")
+def retriever(checkpoint: Path) -> Retriever:
+    return load_retriever(DEMO_CLIP_MODEL, str(checkpoint), CPU, torch.float32)
+
+
+def test_composed_queries_fuse_raw_projections(retriever: Retriever, tmp_path: Path) -> None:
+    images = [picture(n, (40, 30)) for n in range(3)]
+    texts = ["make it red", "two of them", "at night"]
+    raw_images = retriever.project_images(images)
+    raw_texts = retriever.project_texts(texts)
+    expected = raw_images + raw_texts
+    expected /= np.linalg.norm(expected, axis=1, keepdims=True)
+    fused = retriever.encode_queries(images, texts)
+    np.testing.assert_allclose(fused, expected, atol=1e-6)
+    # Summing normalised vectors instead would give a different direction.
+    unit_sum = raw_images / np.linalg.norm(raw_images, axis=1, keepdims=True) + (
+        raw_texts / np.linalg.norm(raw_texts, axis=1, keepdims=True)
+    )
+    unit_sum /= np.linalg.norm(unit_sum, axis=1, keepdims=True)
+    assert not np.allclose(fused, unit_sum, atol=1e-4)
+
+
+def test_single_modality_embeddings_are_normalised_projections(
+    retriever: Retriever, tmp_path: Path
+) -> None:
+    path = tmp_path / "one.png"
+    picture(5, (40, 30)).save(path)
+    from_path = retriever.encode_images([path])
+    from_image = retriever.encode_images([picture(5, (40, 30))])
+    np.testing.assert_allclose(from_path, from_image, atol=1e-6)
+    assert from_path.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(from_path, axis=1), 1.0, atol=1e-5)
+    raw = retriever.project_texts(["a cat"])
+    np.testing.assert_allclose(
+        retriever.encode_texts(["a cat"]), raw / np.linalg.norm(raw), atol=1e-6
+    )
+    assert retriever.dim == 128
+
+
+def test_retriever_id_is_stable_across_machines_and_fingerprint_tracks_weights(
+    checkpoint: Path, tmp_path: Path
+) -> None:
+    here, there = (tmp_path / root / "models" / checkpoint.name for root in ("home", "other"))
+    for path in (here, there):
+        path.parent.mkdir(parents=True)
+        shutil.copy(checkpoint, path)
+    ids = {RetrieverSpec(DEMO_CLIP_MODEL, str(path)).retriever_id for path in (here, there)}
+    assert ids == {"megapairs-tiny-clip@models:megapairs-tiny-clip"}
+    copy = there
+    there = RetrieverSpec(DEMO_CLIP_MODEL, str(copy))
+    before = there.fingerprint()
+    os.utime(copy, ns=(10**18, 10**18))  # rewritten weights: a new modification time
+    assert there.fingerprint() != before
+    assert RetrieverSpec("ViT-B-16", "openai").retriever_id == "ViT-B-16@openai"
+
+
+def test_spec_from_argument_forms(checkpoint: Path, tmp_path: Path) -> None:
+    assert spec_from_argument("ViT-B-16@openai") == RetrieverSpec("ViT-B-16", "openai")
+    named = spec_from_argument(f"{DEMO_CLIP_MODEL}@{checkpoint}")
+    assert named == RetrieverSpec(DEMO_CLIP_MODEL, str(checkpoint.resolve()))
+
+    step = tmp_path / "demo" / "step-000010.pt"
+    step.parent.mkdir()
+    shutil.copy(checkpoint, step)
+    assert spec_from_argument(str(step), default_model="ViT-B-32").model_name == "ViT-B-32"
+    with pytest.raises(RetrieverConfigError, match="cannot tell the model architecture"):
+        spec_from_argument(str(step))
+    step.with_suffix(".json").write_text(json.dumps({"model_name": DEMO_CLIP_MODEL}))
+    from_sidecar = spec_from_argument(str(step))
+    assert from_sidecar.model_name == DEMO_CLIP_MODEL
+    assert from_sidecar.retriever_id == "megapairs-tiny-clip@demo:step-000010"
+
+
+def test_open_clip_export_directory_loads_as_local_dir(
+    retriever: Retriever, checkpoint: Path, tmp_path: Path
+) -> None:
+    import open_clip
+
+    export = tmp_path / "mmret_clip_checkpoint" / "demo"
+    export.mkdir(parents=True)
+    config = {"model_cfg": open_clip.get_model_config(DEMO_CLIP_MODEL), "preprocess_cfg": {}}
+    (export / "open_clip_config.json").write_text(json.dumps(config))
+    spec = spec_from_argument(str(export))
+    with pytest.raises(RetrieverConfigError, match="weights file"):
+        load_retriever_spec(spec, CPU, torch.float32)  # a config alone would be random weights
+    shutil.copy(checkpoint, export / "open_clip_pytorch_model.bin")
+    loaded = load_retriever_spec(spec, CPU, torch.float32)
+    assert loaded.retriever_id == "local@mmret_clip_checkpoint:demo"
+    image = [picture(1, (40, 30))]
+    np.testing.assert_allclose(
+        loaded.encode_images(image), retriever.encode_images(image), atol=1e-5
+    )
+
+
+def test_loading_errors_say_what_to_fix(tmp_path: Path) -> None:
+    with pytest.raises(RetrieverConfigError, match="no model named"):
+        load_retriever("no-such-clip", "openai", CPU, torch.float32)
+    with pytest.raises(RetrieverConfigError, match="no pretrained weights"):
+        load_retriever(DEMO_CLIP_MODEL, None, CPU, torch.float32)
+    with pytest.raises(RetrieverConfigError, match="does not exist"):
+        load_retriever(DEMO_CLIP_MODEL, str(tmp_path / "gone.pt"), CPU, torch.float32)
+    with pytest.raises(RetrieverConfigError, match=r"without open_clip_config\.json"):
+        spec_from_argument(str(tmp_path))
