@@ -30,6 +30,11 @@ class CorpusSourceResource(dg.ConfigurableResource):
         default=178_956_970, description="Larger images are quarantined before decoding (too_large)"
     )
     max_caption_chars: int = Field(default=1000, description="Longer captions are truncated")
+    max_aspect_ratio: float | None = Field(
+        default=20.0,
+        description="Longer/shorter side above this is quarantined from the header "
+        "(extreme_aspect_ratio); None turns the bound off",
+    )
     only_shards: list[str] | None = Field(
         default=None,
         description="Restrict the corpus to these shards (a fixed sample, e.g. for CI checks); "
@@ -52,4 +57,5 @@ class CorpusSourceResource(dg.ConfigurableResource):
             min_side_px=self.min_side_px,
             max_pixels=self.max_pixels,
             max_caption_chars=self.max_caption_chars,
+            max_aspect_ratio=self.max_aspect_ratio,
         )

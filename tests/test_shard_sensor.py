@@ -7,22 +7,36 @@ from pathlib import Path
 import dagster as dg
 import image_factory as factory
 
-from megapairs_assets.corpus.assets import new_shards_sensor
+from megapairs_assets.corpus.assets import build_shards_sensor
+from megapairs_assets.lineage.catalog import LineageCatalog, MaterializationRecord, utc_now
 from megapairs_assets.orchestration.partitions import SHARD_PARTITIONS_NAME
 from resources.corpus import CorpusSourceResource
+from resources.storage import LineageCatalogResource
+
+new_shards_sensor = build_shards_sensor(dg.DefaultSensorStatus.RUNNING)
 
 
-def _evaluate(instance: dg.DagsterInstance, corpus: Path):
+def _evaluate(instance: dg.DagsterInstance, corpus: Path, catalog_path: Path | None = None):
+    catalog_path = catalog_path or corpus.parent / "catalog.duckdb"
     context = dg.build_sensor_context(
         instance=instance,
-        resources={"corpus_source": CorpusSourceResource(kind="webdataset", path=str(corpus))},
+        resources={
+            "corpus_source": CorpusSourceResource(kind="webdataset", path=str(corpus)),
+            "catalog": LineageCatalogResource(path=str(catalog_path)),
+        },
     )
     return new_shards_sensor(context)
 
 
 def _apply(instance: dg.DagsterInstance, result: dg.SensorResult) -> None:
     for request in result.dynamic_partitions_requests:
-        instance.add_dynamic_partitions(request.partitions_def_name, list(request.partition_keys))
+        if isinstance(request, dg.DeleteDynamicPartitionsRequest):
+            for key in request.partition_keys:
+                instance.delete_dynamic_partition(request.partitions_def_name, key)
+        else:
+            instance.add_dynamic_partitions(
+                request.partitions_def_name, list(request.partition_keys)
+            )
 
 
 def test_new_shards_are_registered_and_requested_once(tmp_path: Path) -> None:
@@ -48,3 +62,28 @@ def test_unreadable_source_skips_instead_of_crashing(tmp_path: Path) -> None:
     result = _evaluate(dg.DagsterInstance.ephemeral(), tmp_path / "does-not-exist")
     assert isinstance(result, dg.SkipReason)
     assert "unreadable" in str(result.skip_message)
+
+
+def test_removed_shards_leave_the_partition_set_and_their_lineage_retires(tmp_path: Path) -> None:
+    import polars as pl
+
+    import megapairs_assets.corpus.step  # noqa: F401  (declares image_lineage)
+
+    corpus = tmp_path / "corpus"
+    for shard in ("00000", "00001"):
+        factory.write_wds_shard(corpus / f"{shard}.tar", factory.good_items(1))
+    instance = dg.DagsterInstance.ephemeral()
+    _apply(instance, _evaluate(instance, corpus))
+    catalog = LineageCatalog(tmp_path / "catalog.duckdb")
+    record = MaterializationRecord("image_corpus", "00001", "r", "v", "demo", utc_now(), 0.0)
+    row = {"image_id": "00001/a", "shard": "00001", "key": "a", "source_uri": "u",
+           "caption": "c", "content_hash": "h", "width": 16, "height": 16}
+    catalog.record(record, rows={"image_lineage": pl.DataFrame([row])})
+
+    (corpus / "00001.tar").unlink()
+    result = _evaluate(instance, corpus)
+    assert isinstance(result, dg.SensorResult)
+    assert result.run_requests == []
+    _apply(instance, result)
+    assert instance.get_dynamic_partitions(SHARD_PARTITIONS_NAME) == ["00000"]
+    assert catalog.query("SELECT count(*) AS n FROM image_lineage")["n"][0] == 0

@@ -8,6 +8,7 @@ from megapairs_assets.corpus.step import (
     CROSS_SHARD_CHECKS,
     build_corpus_shard,
 )
+from megapairs_assets.corpus.table import write_source_report
 from megapairs_assets.orchestration.partitions import (
     SHARD_PARTITIONS_NAME,
     shard_asset_options,
@@ -41,12 +42,24 @@ def image_corpus(
     """
     layout, lineage = storage.layout(), catalog.catalog()
     spec, limits = corpus_source.spec(), corpus_source.limits()
+    # Entries of the source that no shard reads (odd files, unsafe names) are reported, never
+    # silently dropped: data/image_corpus/source_report.parquet.
+    unread = write_source_report(spec, layout)
+    if unread.height:
+        context.log.warning(
+            f"{unread.height} entries of the corpus source are not read by any shard: "
+            f"{layout.corpus_source_report()}"
+        )
     return materialize_partitions(
         context,
         STAGE,
         lambda shard: build_corpus_shard(shard, spec, limits, layout, lineage, context.log.info),
         lineage,
         storage.profile,
+        run_metadata={
+            "unread_source_entries": unread.height,
+            "source_report": dg.MetadataValue.path(str(layout.corpus_source_report())),
+        },
     )
 
 

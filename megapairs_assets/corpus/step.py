@@ -7,12 +7,16 @@ call it directly. It also declares the corpus's row table in the lineage catalog
 from __future__ import annotations
 
 from collections.abc import Callable
-from pathlib import Path
 
 import polars as pl
 
 from megapairs_assets.corpus.images import ImageLimits, open_image_rgb
-from megapairs_assets.corpus.sources import ShardReadError, SourceSpec, iter_shard_records
+from megapairs_assets.corpus.sources import (
+    ShardReadError,
+    SourceSpec,
+    iter_shard_records,
+    shard_uri,
+)
 from megapairs_assets.corpus.table import (
     build_shard_table,
     check_corpus,
@@ -131,11 +135,6 @@ def image_uris(catalog: LineageCatalog, image_ids: list[str]) -> dict[str, str]:
         [sorted(set(image_ids))],
     )
     return dict(zip(frame["image_id"], frame["source_uri"], strict=True))
-
-
-def shard_uri(spec: SourceSpec, shard: str) -> str:
-    """The file a whole-shard error points at (the tar itself for webdataset shards)."""
-    return str(Path(spec.path) / f"{shard}.tar") if spec.kind == "webdataset" else spec.path
 
 
 def _preview_images(images: pl.DataFrame, limits: ImageLimits) -> list:
