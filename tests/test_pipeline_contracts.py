@@ -1,0 +1,327 @@
+"""Contracts of the shard step, the catalog and the CLI gate, on one small materialized graph.
+
+Per-partition truth (each partition's own materialization), the corpus a KNN graph searches,
+commits of output and lineage, a stage extending the catalog, old catalogs, automation, and
+`megapairs check` as a CI gate.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import dagster as dg
+import duckdb
+import image_factory as factory
+import numpy as np
+import polars as pl
+import pytest
+from conftest import make_home, run_shards
+
+from megapairs_assets.cli.main import main as megapairs
+from megapairs_assets.definitions import build_definitions
+from megapairs_assets.embeddings.sources import source_named
+from megapairs_assets.knn.search import IndexSpec
+from megapairs_assets.knn.step import build_corpus_index, corpus_complete_outcome
+from megapairs_assets.lib.step import StepResult
+from megapairs_assets.lib.storage import DataLayout
+from megapairs_assets.lineage.catalog import (
+    IncompleteCommitError,
+    LineageCatalog,
+    MaterializationRecord,
+    RowTable,
+    read_with_versions,
+    register_row_table,
+    utc_now,
+)
+from megapairs_assets.orchestration.partitions import shard_partitions
+from megapairs_assets.orchestration.shard_step import Stage, materialize_partitions
+from resources.corpus import CorpusSourceResource
+
+SHARDS = ["00000", "00001", "00002"]
+
+
+@pytest.fixture(scope="module")
+def graph(tmp_path_factory: pytest.TempPathFactory, demo_models_dir: Path):
+    root = tmp_path_factory.mktemp("contracts")
+    corpus = root / "corpus"
+    for index, shard in enumerate(SHARDS):
+        factory.write_wds_shard(
+            corpus / f"{shard}.tar", factory.good_items(5 + index, first_seed=20 * index)
+        )
+    home = make_home(root, demo_models_dir)
+    source = CorpusSourceResource(kind="webdataset", path=str(corpus))
+    defs = build_definitions("demo", home, {"corpus_source": source})
+    instance = dg.DagsterInstance.ephemeral()
+    result = run_shards(defs, instance, SHARDS)
+    assert result.success
+    return result, home, defs, instance, corpus
+
+
+def _latest_metadata(instance: dg.DagsterInstance, asset: str, partition: str) -> dict:
+    records = instance.fetch_materializations(
+        dg.AssetRecordsFilter(asset_key=dg.AssetKey(asset), asset_partitions=[partition]),
+        limit=1,
+    ).records
+    assert records, f"no materialization of {asset}[{partition}]"
+    metadata = records[0].asset_materialization.metadata
+    return {key: getattr(value, "value", value) for key, value in metadata.items()}
+
+
+@pytest.mark.parametrize(
+    "asset", ["image_corpus", "clip_image_embeddings", "caption_text_knn", "mined_image_pairs"]
+)
+def test_each_partition_reports_its_own_row_count(graph, asset: str) -> None:
+    _, home, _, instance, _ = graph
+    layout = DataLayout(home)
+    counts = []
+    for shard in SHARDS:
+        path = (
+            layout.corpus_images(shard)
+            if asset == "image_corpus"
+            else layout.shard_table(asset, shard)
+        )
+        expected = pl.read_parquet(path).height
+        assert _latest_metadata(instance, asset, shard)["dagster/row_count"] == expected
+        counts.append(expected)
+    assert len(set(counts)) > 1, "the shards were built with different sizes"
+
+
+def test_pairs_preview_of_a_partition_shows_only_its_queries(graph) -> None:
+    _, _, _, instance, _ = graph
+    preview = _latest_metadata(instance, "mined_image_pairs", "00001")["preview"]
+    rows = [line for line in preview.splitlines() if line.startswith("| ") and "---" not in line]
+    query_cells = [row.split("|")[1].strip() for row in rows[1:]]  # rows[0] is the header
+    assert query_cells and all(cell.startswith("00001/") for cell in query_cells)
+
+
+def test_check_results_name_their_partitions(graph) -> None:
+    result, *_ = graph
+    evaluations = result.get_asset_check_evaluations()
+    assert evaluations
+    for evaluation in evaluations:
+        checked = evaluation.metadata["partitions_checked"].value
+        assert checked.split(", ") == SHARDS, evaluation.check_name
+
+
+def test_knn_lineage_records_the_embedding_versions_it_read(graph) -> None:
+    _, home, *_ = graph
+    catalog = LineageCatalog(DataLayout(home).catalog_path)
+    embedded = catalog.latest_materialization_ids("clip_image_embeddings", SHARDS)
+    knn = catalog.query(
+        "SELECT input_versions, config FROM materializations "
+        "WHERE asset = 'clip_image_knn' AND status = 'complete'"
+    )
+    import json
+
+    for row in knn.iter_rows(named=True):
+        inputs = json.loads(row["input_versions"])
+        assert inputs == {f"clip_image_embeddings/{s}": embedded[s] for s in SHARDS}
+        assert json.loads(row["config"])["missing_shards"] == []
+
+
+def test_knn_searches_only_the_current_corpus(graph, tmp_path: Path) -> None:
+    _, home, *_ = graph
+    layout, catalog = DataLayout(home), LineageCatalog(DataLayout(home).catalog_path)
+    source = source_named("clip_image")
+    full = build_corpus_index(source, SHARDS, IndexSpec(), layout, catalog)
+    # A shard deleted from the source: its tables are still on disk, but it is not searched.
+    without = build_corpus_index(source, SHARDS[:2], IndexSpec(), layout, catalog)
+    assert not any(i.startswith("00002/") for i in without.ids.tolist())
+    assert any(i.startswith("00002/") for i in full.ids.tolist())
+    assert without.corpus_version != full.corpus_version
+
+
+def test_partial_corpus_fails_blocking_check_unless_allowed(graph) -> None:
+    _, home, *_ = graph
+    layout, catalog = DataLayout(home), LineageCatalog(DataLayout(home).catalog_path)
+    corpus = build_corpus_index(
+        source_named("dino_image"), [*SHARDS, "00009"], IndexSpec(), layout, catalog
+    )
+    assert corpus.missing_shards == ["00009"]
+    refused = corpus_complete_outcome(corpus, allow_partial_corpus=False)
+    assert not refused.passed and "00009" in refused.detail
+    allowed = corpus_complete_outcome(corpus, allow_partial_corpus=True)
+    assert allowed.passed and "partial corpus allowed" in allowed.detail
+
+
+def test_a_table_without_a_completed_record_is_refused(tmp_path: Path) -> None:
+    catalog = LineageCatalog(tmp_path / "catalog.duckdb")
+    done = MaterializationRecord("clip_image_embeddings", "00000", "r1", "v", "demo", utc_now(), 0)
+    catalog.record(done)
+    assert catalog.read_versions("clip_image_embeddings", ["00000"]) == {
+        "00000": done.materialization_id
+    }
+    # A later step wrote its table, then was killed before its catalog record completed.
+    killed = MaterializationRecord(
+        "clip_image_embeddings", "00000", "r2", "v", "demo", utc_now(), 0
+    )
+    catalog.begin(killed)
+    with pytest.raises(IncompleteCommitError, match="00000 \\(pending\\)"):
+        catalog.read_versions("clip_image_embeddings", ["00000"])
+    catalog.complete(killed)  # re-materialized: readable again, at the new version
+    assert catalog.read_versions("clip_image_embeddings", ["00000"])["00000"] == (
+        killed.materialization_id
+    )
+
+
+def test_a_reader_records_the_version_it_actually_read(tmp_path: Path) -> None:
+    catalog = LineageCatalog(tmp_path / "catalog.duckdb")
+    first = MaterializationRecord("a", "p", "r1", "v", "demo", utc_now(), 0)
+    catalog.record(first)
+    second = MaterializationRecord("a", "p", "r2", "v", "demo", utc_now(), 0)
+    reads = []
+
+    def read() -> str:
+        reads.append(1)
+        if len(reads) == 1:  # another run replaces the table while we read it
+            catalog.record(second)
+            return "old bytes"
+        return "new bytes"
+
+    value, versions = read_with_versions(catalog, "a", ["p"], read)
+    assert (value, versions) == ("new bytes", {"p": second.materialization_id})
+
+
+TOY_ROWS = register_row_table(
+    RowTable("toy_rows", (("item", "VARCHAR"), ("shard", "VARCHAR"), ("score", "DOUBLE")))
+)
+TOY_STAGE = Stage("toy_asset", "toy-v1", {"toy_scores_positive": "scores > 0"})
+
+
+def _toy_step(shard: str, catalog: LineageCatalog, scale: float) -> StepResult:
+    from megapairs_assets.lib.quality import outcome
+
+    rows = pl.DataFrame({"item": [f"{shard}/a", f"{shard}/b"], "shard": shard, "score": scale})
+    return StepResult(
+        partition=shard,
+        row_counts={"items": rows.height},
+        rows={TOY_ROWS.name: rows},
+        outcomes=[outcome("toy_scores_positive", [] if scale > 0 else ["x"], "scores > 0")],
+    )
+
+
+def test_a_new_stage_declares_its_own_row_table(tmp_path: Path) -> None:
+    catalog = LineageCatalog(tmp_path / "catalog.duckdb")
+
+    def build(scale: float) -> dg.AssetsDefinition:
+        @dg.asset(
+            name="toy_asset", partitions_def=shard_partitions, check_specs=TOY_STAGE.check_specs()
+        )
+        def toy_asset(context):  # unannotated: this module postpones annotations
+
+            return materialize_partitions(
+                context, TOY_STAGE, lambda s: _toy_step(s, catalog, scale), catalog, "test"
+            )
+
+        return toy_asset
+
+    instance = dg.DagsterInstance.ephemeral()
+    instance.add_dynamic_partitions("shards", ["s1", "s2"])
+    for scale in (1.0, 2.0):
+        for shard in ("s1", "s2"):
+            assert dg.materialize([build(scale)], instance=instance, partition_key=shard).success
+    rows = catalog.query("SELECT shard, score, count(*) AS n FROM toy_rows GROUP BY ALL ORDER BY 1")
+    assert rows.to_dicts() == [
+        {"shard": "s1", "score": 2.0, "n": 2},
+        {"shard": "s2", "score": 2.0, "n": 2},
+    ]
+    failed = dg.materialize(
+        [build(-1.0)], instance=instance, partition_key="s1", raise_on_error=False
+    )
+    assert not failed.success  # the blocking check failed, naming its partition
+    (evaluation,) = failed.get_asset_check_evaluations()
+    assert evaluation.metadata["failing_partitions"].value == "s1"
+
+
+# The catalog as the mining half's first release created it (schema v1).
+_V1_SCHEMA = """
+CREATE TABLE materializations (materialization_id VARCHAR PRIMARY KEY, asset VARCHAR NOT NULL,
+  partition VARCHAR, run_id VARCHAR, code_version VARCHAR, profile VARCHAR, config VARCHAR,
+  model_ids VARCHAR, input_versions VARCHAR, row_counts VARCHAR, output_paths VARCHAR,
+  started_at TIMESTAMP, duration_s DOUBLE);
+CREATE TABLE image_lineage (image_id VARCHAR, shard VARCHAR, key VARCHAR, source_uri VARCHAR,
+  caption VARCHAR, content_hash VARCHAR, width INTEGER, height INTEGER,
+  materialization_id VARCHAR);
+CREATE TABLE quarantine_log (stage VARCHAR, shard VARCHAR, key VARCHAR, source_uri VARCHAR,
+  reason VARCHAR, detail VARCHAR, materialization_id VARCHAR);
+INSERT INTO materializations VALUES ('m1', 'image_corpus', '00000', 'r', 'corpus-v1', 'demo',
+  '{}', '{}', '{}', '{}', '{}', '2026-01-01 00:00:00', 1.0);
+INSERT INTO image_lineage VALUES ('00000/a', '00000', 'a', '/c/00000.tar#a.jpg', 'a cat', 'h',
+  32, 32, 'm1');
+"""
+
+
+def test_a_catalog_from_before_the_change_opens_and_reads(tmp_path: Path) -> None:
+    import megapairs_assets.corpus.step  # noqa: F401  (declares image_lineage)
+
+    path = tmp_path / "catalog.duckdb"
+    con = duckdb.connect(str(path))
+    con.execute(_V1_SCHEMA)
+    con.close()
+    catalog = LineageCatalog(path)
+    assert catalog.latest_materialization_ids("image_corpus", ["00000"]) == {"00000": "m1"}
+    assert catalog.read_versions("image_corpus", ["00000"]) == {"00000": "m1"}
+    assert catalog.schema_version() == 2
+    image = catalog.query("SELECT caption FROM image_lineage WHERE image_id = '00000/a'")
+    assert image["caption"].to_list() == ["a cat"]
+
+
+def test_automation_requests_dependants_of_a_changed_partition(graph) -> None:
+    _, _, defs, instance, _ = graph
+    before = dg.evaluate_automation_conditions(defs=defs, instance=instance)
+    assert before.get_num_requested(dg.AssetKey("clip_image_embeddings")) == 0
+    # Re-materialize one shard's corpus: its embeddings are now stale, the others are not.
+    assert run_shards(defs, instance, ["00001"], job_name="corpus_only").success
+    after = dg.evaluate_automation_conditions(
+        defs=defs, instance=instance, cursor=before.cursor
+    )
+    for source in ("clip_image", "dino_image", "caption_text"):
+        key = dg.AssetKey(f"{source}_embeddings")
+        assert after.get_requested_partitions(key) == {"00001"}
+    assert run_shards(defs, instance, ["00001"], job_name="corpus_and_embeddings").success
+    settled = dg.evaluate_automation_conditions(defs=defs, instance=instance, cursor=after.cursor)
+    assert settled.get_num_requested(dg.AssetKey("clip_image_embeddings")) == 0
+
+
+def test_check_command_on_existing_data(graph, tmp_path: Path, capsys) -> None:
+    _, home, *_ = graph
+    copy = tmp_path / "home"
+    shutil.copytree(home, copy, symlinks=True)
+    assert megapairs(["check", "--existing", "--home", str(copy)]) == 0
+    clean = capsys.readouterr().out
+    assert "0 blocking failures" in clean
+
+    layout = DataLayout(copy)
+    # A non-unit embedding in shard 00001.
+    path = layout.shard_table("clip_image_embeddings", "00001")
+    table = pl.read_parquet(path)
+    vectors = np.array(table["embedding"].to_list(), dtype=np.float32)
+    vectors[0] *= 3.0
+    table.with_columns(
+        pl.Series("embedding", vectors.astype(np.float16).tolist(), dtype=table["embedding"].dtype)
+    ).write_parquet(path)
+    # A self neighbour in dino_image_knn 00002.
+    path = layout.shard_table("dino_image_knn", "00002")
+    knn = pl.read_parquet(path)
+    knn.with_columns(
+        pl.when(pl.int_range(pl.len()) == 0).then(pl.col("query_id")).otherwise(
+            pl.col("neighbor_id")
+        ).alias("neighbor_id")
+    ).write_parquet(path)
+    # An out-of-band pair in 00000.
+    path = layout.shard_table("mined_image_pairs", "00000")
+    pairs = pl.read_parquet(path)
+    pairs.with_columns(
+        pl.when(pl.int_range(pl.len()) == 0).then(pl.lit(0.01)).otherwise(
+            pl.col("score_caption_text")
+        ).cast(pairs["score_caption_text"].dtype).alias("score_caption_text")
+    ).write_parquet(path)
+
+    assert megapairs(["check", "--existing", "--home", str(copy)]) == 1
+    out = capsys.readouterr().out
+    failed = {tuple(line.split()[:4]) for line in out.splitlines() if " FAIL" in line}
+    assert ("clip_image_embeddings", "embeddings_unit_norm", "00001", "FAIL") in failed
+    assert ("dino_image_knn", "knn_no_self_neighbors", "00002", "FAIL") in failed
+    assert ("mined_image_pairs", "pairs_in_band", "00000", "FAIL") in failed
+    assert megapairs(["check", "--existing", "--home", str(tmp_path / "nowhere")]) == 2
