@@ -97,7 +97,7 @@ class StepProgress(pl_lightning.Callback):
 
     def __init__(self, desc: str, log: Callable[[str], None] | None) -> None:
         self.desc = desc
-        self.log = log
+        self._log = log
         self._progress: Progress | None = None
 
     def on_train_start(self, trainer: pl_lightning.Trainer, pl_module: Any) -> None:
@@ -106,7 +106,7 @@ class StepProgress(pl_lightning.Callback):
                 total=trainer.max_steps - trainer.global_step,
                 desc=f"{self.desc} (from step {trainer.global_step})",
                 unit="steps",
-                log=self.log,
+                log=self._log,
             )
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, *args: Any) -> None:

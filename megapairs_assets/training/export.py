@@ -66,7 +66,9 @@ def export_open_clip(clip: torch.nn.Module, model_name: str, directory: Path) ->
         "mean": list(getattr(visual, "image_mean", None) or open_clip.OPENAI_DATASET_MEAN),
         "std": list(getattr(visual, "image_std", None) or open_clip.OPENAI_DATASET_STD),
     }
-    preprocess.update(getattr(visual, "preprocess_cfg", None) or {})
+    # The keys open_clip itself writes for a saved model (see its hub export).
+    extra = getattr(visual, "preprocess_cfg", None) or {}
+    preprocess.update({k: extra[k] for k in ("interpolation", "resize_mode") if k in extra})
     config = {"model_cfg": open_clip.get_model_config(model_name), "preprocess_cfg": preprocess}
     config_path = directory / CONFIG_NAME
     write_atomic(config_path, lambda tmp: tmp.write_text(json.dumps(config, indent=2) + "\n"))

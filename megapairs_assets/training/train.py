@@ -1,0 +1,353 @@
+"""Train one named MMRet-CLIP config: the plain per-partition function of `mmret_clip_checkpoint`.
+
+`train_checkpoint` checks the config (before reading any data), prepares the triplets (held-out
+queries out, bad rows quarantined), runs the Lightning Trainer, exports an open_clip checkpoint,
+proves open_clip reloads it with identical embeddings and returns a `StepResult`.
+
+Outputs, under `<data>/mmret_clip_checkpoint/<config name>/`:
+
+    open_clip/open_clip_model.safetensors + open_clip_config.json   the trained model
+    lightning/last.ckpt      full training state (weights, optimizer, schedule, step)
+    loss_curve.csv           step, loss, learning rate, step time
+    loss.png                 when matplotlib is installed
+    quarantine.parquet       triplet rows that could not be trained on, with a reason
+    run.json                 the fingerprint of config + data the checkpoint belongs to
+
+Re-running is safe: a run killed mid-way resumes from `lightning/last.ckpt` at the step it had
+reached, with the same data order; a finished run re-materializes from its final checkpoint
+without training again. A change of science settings or of the triplets' versions (the
+fingerprint) starts over.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+import shutil
+import time
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+
+from megapairs_assets.lib.quality import CheckOutcome
+from megapairs_assets.lib.step import StepResult
+from megapairs_assets.lib.storage import DataLayout, write_atomic, write_parquet_atomic
+from megapairs_assets.training.config import ResolvedTraining, TrainingConfig, resolve_config
+from megapairs_assets.training.data import (
+    PreparedTriplets,
+    TripletDataError,
+    TripletDataModule,
+    TripletImages,
+    prepare_triplets,
+    read_triplets,
+)
+from megapairs_assets.training.plot import loss_plot_markdown, sample_curve
+
+ASSET_NAME = "mmret_clip_checkpoint"
+_CONFIG_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+_LOSS_WINDOW_FRACTION = 0.1
+
+
+def checkpoint_dir(layout: DataLayout, config_name: str) -> Path:
+    """Where one named config's outputs live."""
+    return layout.data_dir / ASSET_NAME / config_name
+
+
+def train_checkpoint(
+    config_name: str,
+    config: TrainingConfig,
+    triplet_paths: Sequence[Path],
+    layout: DataLayout,
+    *,
+    input_versions: Mapping[str, str] | None = None,
+    is_heldout_query: Callable[[str], bool] | None = None,
+    log: Callable[[str], None] | None = None,
+    extra_callbacks: Sequence[Any] = (),
+    gpu_count: int | None = None,
+) -> StepResult:
+    """Train (or resume, or re-export) the checkpoint of `config_name` on the triplet tables.
+
+    input_versions: "asset/partition" -> materialization id of each triplet table read; it is
+        the data version recorded with the checkpoint and part of its fingerprint.
+    is_heldout_query: the evaluation's split; rows whose query key it accepts are not trained on.
+    extra_callbacks: more Lightning callbacks (tests, profiling).
+    Raises `TrainingConfigError` / `TripletDataError` before any training on bad settings or
+    unusable input.
+    """
+    if not _CONFIG_NAME.match(config_name):
+        raise ValueError(
+            f"training config name {config_name!r} must be 1-64 letters, digits, '.', '_' or '-' "
+            "(it names a folder and a partition)"
+        )
+    say = log or (lambda _: None)
+    resolved = resolve_config(config, gpu_count=gpu_count)
+    prepared = prepare_triplets(read_triplets(triplet_paths), is_heldout_query)
+    if prepared.rows.height < config.batch_size:
+        raise TripletDataError(
+            f"{prepared.rows.height} usable triplet rows ({prepared.input_rows} read, "
+            f"{prepared.quarantine.height} quarantined, {prepared.heldout_rows} held out) are "
+            f"fewer than one batch of {config.batch_size}; lower batch_size or add triplets"
+        )
+    versions = dict(input_versions or {})
+    out = checkpoint_dir(layout, config_name)
+    fingerprint = config.fingerprint(versions)
+    resume_from = _prepare_output_dir(out, fingerprint, say)
+
+    started = time.perf_counter()
+    module, trainer = _fit(config_name, resolved, prepared, out, resume_from, say, extra_callbacks)
+    fit_s = time.perf_counter() - started
+
+    from megapairs_assets.training.export import export_open_clip, verify_export
+
+    exported = export_open_clip(module.clip, config.model, out / "open_clip")
+    export_check = verify_export(exported, module.clip, resolved.image_size_px)
+    quarantine_path = out / "quarantine.parquet"
+    write_parquet_atomic(prepared.quarantine, quarantine_path)
+    from megapairs_assets.training.callbacks import read_loss_curve
+
+    curve = read_loss_curve(out / "loss_curve.csv")
+    plot_markdown, png = loss_plot_markdown(curve, out / "loss.png")
+    _write_json(out / "run.json", {"fingerprint": fingerprint, "complete": True})
+    say(f"{config_name}: trained to step {trainer.global_step} in {fit_s:.1f} s; {exported.weights}")
+
+    return StepResult(
+        partition=config_name,
+        outputs={
+            "open_clip_weights": exported.weights,
+            "open_clip_dir": exported.directory,
+            "lightning_checkpoint": out / "lightning" / "last.ckpt",
+            "loss_curve": out / "loss_curve.csv",
+            "quarantine": quarantine_path,
+            **({"loss_plot": png} if png else {}),
+        },
+        row_counts={
+            "training_rows": prepared.rows.height,
+            "quarantined_rows": prepared.quarantine.height,
+            "heldout_rows": prepared.heldout_rows,
+            "steps": trainer.global_step,
+        },
+        row_count_key="training_rows",
+        config={
+            **config.as_dict(),
+            "resolved_strategy": resolved.strategy,
+            "resolved_precision": resolved.precision,
+            "per_device_batch_size": resolved.per_device_batch_size,
+            "gradient_checkpointing_on": resolved.gradient_checkpointing,
+        },
+        model_ids={
+            "base": _model_id(config.model, config.pretrained),
+            "trained": f"open_clip:{config.model}@{ASSET_NAME}/{config_name}/{fingerprint}",
+        },
+        input_versions=versions,
+        outcomes=[export_check, _loss_decreased(curve)],
+        preview=sample_curve(curve.select("step", "loss", "learning_rate")),
+        metadata={
+            **_throughput(curve, config.batch_size, config.hard_negatives),
+            **_loss_summary(curve),
+            "fit_s": round(fit_s, 2),
+            "resumed_from_step": resume_from[1],
+            "fingerprint": fingerprint,
+            "load_with": exported.load_snippet(),
+            "loss_plot": "md:" + plot_markdown,
+        },
+    )
+
+
+def _fit(
+    config_name: str,
+    resolved: ResolvedTraining,
+    prepared: PreparedTriplets,
+    out: Path,
+    resume_from: tuple[Path | None, int],
+    say: Callable[[str], None],
+    extra_callbacks: Sequence[Any],
+) -> tuple[Any, Any]:
+    import lightning.pytorch as pl_lightning
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from megapairs_assets.training.callbacks import FinalCheckpoint, StepProgress, TrainingLog
+    from megapairs_assets.training.module import MMRetCLIP
+
+    config = resolved.config
+    pl_lightning.seed_everything(config.seed, workers=True, verbose=False)
+    module = MMRetCLIP(
+        model_name=config.model,
+        pretrained=str(config.pretrained),
+        temperature=config.temperature,
+        learning_rate=config.learning_rate,
+        weight_decay=config.weight_decay,
+        warmup_steps=config.warmup_steps,
+        max_steps=config.max_steps,
+        gradient_checkpointing=resolved.gradient_checkpointing,
+    )
+    dataset = TripletImages(
+        prepared.rows,
+        hard_negatives=config.hard_negatives,
+        pixels=module.image_transform,
+        image_size_px=resolved.image_size_px,
+        tokenizer=module.tokenizer,
+        seed=config.seed,
+        cache_items=config.image_cache_items,
+    )
+    datamodule = TripletDataModule(
+        dataset,
+        global_batch_size=config.batch_size,
+        max_steps=config.max_steps,
+        seed=config.seed,
+        num_workers=config.num_workers,
+        pin_memory=resolved.accelerator == "gpu",
+    )
+    lightning_dir = out / "lightning"
+    trainer = pl_lightning.Trainer(
+        **resolved.trainer_kwargs(),
+        max_steps=config.max_steps,
+        max_epochs=-1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        # Batches are addressed by step and sliced per rank by StepBatchSampler itself.
+        use_distributed_sampler=False,
+        default_root_dir=str(lightning_dir),
+        callbacks=[
+            ModelCheckpoint(
+                dirpath=str(lightning_dir),
+                save_top_k=0,
+                save_last=True,
+                every_n_train_steps=config.checkpoint_every_n_steps,
+            ),
+            TrainingLog(out / "loss_curve.csv"),
+            StepProgress(f"training {config_name}", say),
+            FinalCheckpoint(lightning_dir / "last.ckpt"),
+            *extra_callbacks,
+        ],
+    )
+    resume_path, resume_step = resume_from
+    if resume_path is not None:
+        say(f"{config_name}: resuming from {resume_path} (step {resume_step})")
+    with _quiet_lightning():
+        trainer.fit(module, datamodule=datamodule, ckpt_path=resume_path)
+    return module, trainer
+
+
+def _prepare_output_dir(
+    out: Path, fingerprint: str, say: Callable[[str], None]
+) -> tuple[Path | None, int]:
+    """Clear outputs of another fingerprint; return (checkpoint to resume, its step)."""
+    out.mkdir(parents=True, exist_ok=True)
+    state_path = out / "run.json"
+    state = _read_json(state_path)
+    last = out / "lightning" / "last.ckpt"
+    if state.get("fingerprint") != fingerprint:
+        if state or last.exists():
+            say(f"settings or data changed since the last run in {out}; training from scratch")
+        shutil.rmtree(out / "lightning", ignore_errors=True)
+        (out / "loss_curve.csv").unlink(missing_ok=True)
+        _write_json(state_path, {"fingerprint": fingerprint, "complete": False})
+        return None, 0
+    if not last.is_file():
+        return None, 0
+    step = _checkpoint_step(last)
+    if step is None:
+        aside = last.with_name(f"last.ckpt.unreadable-{int(time.time())}")
+        last.rename(aside)
+        say(f"{last} cannot be read; moved to {aside.name} and training from scratch")
+        return None, 0
+    return last, step
+
+
+def _checkpoint_step(path: Path) -> int | None:
+    import torch
+
+    try:
+        # mmap: only the small header is read, not gigabytes of weights.
+        checkpoint = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+        return int(checkpoint["global_step"])
+    except Exception:  # any unreadable checkpoint is handled the same way by the caller
+        return None
+
+
+class _quiet_lightning:
+    """Silence Lightning's start-up banners and advice that do not apply to this setup."""
+
+    _ADVICE = (
+        r".*does not have many workers.*",
+        r".*`max_epochs=-1`.*",
+        r".*Checkpoint directory .* exists and is not empty.*",
+        r".*The number of training batches .* is smaller than the logging interval.*",
+    )
+
+    def __enter__(self) -> None:
+        self._warnings = warnings.catch_warnings()
+        self._warnings.__enter__()
+        for pattern in self._ADVICE:
+            warnings.filterwarnings("ignore", message=pattern)
+        self._loggers = {}
+        for name in ("lightning.pytorch", "lightning.fabric"):
+            logger = logging.getLogger(name)
+            self._loggers[name] = logger.level
+            logger.setLevel(logging.WARNING)
+
+    def __exit__(self, *exc: object) -> None:
+        for name, level in self._loggers.items():
+            logging.getLogger(name).setLevel(level)
+        self._warnings.__exit__(*exc)
+
+
+def _throughput(curve: pl.DataFrame, batch_size: int, hard_negatives: int) -> dict[str, float]:
+    """Median step time of the steps this process timed, as queries and images per second."""
+    timed = curve["step_s"].drop_nans().drop_nulls() if curve.height else pl.Series([])
+    if timed.len() == 0:
+        return {}
+    median_s = float(timed.median())
+    return {
+        "median_step_s": round(median_s, 4),
+        "samples_per_s": round(batch_size / median_s, 2),
+        "images_per_s": round(batch_size * (1 + hard_negatives) / median_s, 2),
+    }
+
+
+def _loss_summary(curve: pl.DataFrame) -> dict[str, float]:
+    if curve.is_empty():
+        return {}
+    first, last = _loss_windows(curve)
+    return {"loss_first_steps": round(first, 4), "loss_last_steps": round(last, 4)}
+
+
+def _loss_windows(curve: pl.DataFrame) -> tuple[float, float]:
+    window = max(1, math.ceil(curve.height * _LOSS_WINDOW_FRACTION))
+    return float(curve["loss"].head(window).mean()), float(curve["loss"].tail(window).mean())
+
+
+def _loss_decreased(curve: pl.DataFrame) -> CheckOutcome:
+    """Mean loss of the last 10% of steps is below that of the first 10%."""
+    name = "loss_decreased"
+    if curve.height < 2:
+        return CheckOutcome(name, False, "fewer than 2 logged steps", 1)
+    first, last = _loss_windows(curve)
+    passed = last < first
+    detail = f"mean loss {first:.4f} over the first steps -> {last:.4f} over the last"
+    return CheckOutcome(name, passed, ("ok: " if passed else "not decreasing: ") + detail,
+                        0 if passed else 1)
+
+
+def _model_id(model: str, pretrained: str | None) -> str:
+    if pretrained and Path(pretrained).is_file():
+        pretrained = "/".join(Path(pretrained).resolve().parts[-2:])
+    return f"open_clip:{model}" + (f"@{pretrained}" if pretrained else "")
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except (FileNotFoundError, ValueError):
+        return {}
+
+
+def _write_json(path: Path, value: dict[str, Any]) -> None:
+    write_atomic(path, lambda tmp: tmp.write_text(json.dumps(value, indent=2) + "\n"))
