@@ -117,8 +117,9 @@ class TrainingConfig:
         science = {k: v for k, v in self.as_dict().items() if k not in _HARDWARE_FIELDS}
         if self.pretrained and Path(self.pretrained).is_file():
             # A path says nothing about its bytes; its size and mtime are a cheap proxy.
-            stat = Path(self.pretrained).stat()
-            science["pretrained"] = f"{Path(self.pretrained).name}:{stat.st_size}:{stat.st_mtime_ns}"
+            path = Path(self.pretrained)
+            stat = path.stat()
+            science["pretrained"] = f"{path.name}:{stat.st_size}:{stat.st_mtime_ns}"
         payload = json.dumps({"config": science, "data": data_versions}, sort_keys=True)
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
@@ -161,10 +162,11 @@ def resolve_config(config: TrainingConfig, gpu_count: int | None = None) -> Reso
     accelerator = _resolve_accelerator(config, gpu_count)
     world_size = config.devices * config.num_nodes
     if config.batch_size % world_size:
+        nearest = max(config.batch_size // world_size, 1) * world_size
         raise TrainingConfigError(
             f"batch_size={config.batch_size} does not split evenly over {world_size} devices "
             f"(devices={config.devices} x num_nodes={config.num_nodes}); use a batch size that is "
-            f"a multiple of {world_size}, e.g. {config.batch_size // world_size * world_size or world_size}"
+            f"a multiple of {world_size}, e.g. {nearest}"
         )
     embed_dim, image_size_px = _check_backbone(config.model, config.pretrained)
     strategy = _resolve_strategy(config, world_size)

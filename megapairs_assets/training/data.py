@@ -119,9 +119,7 @@ def prepare_triplets(
         .alias("reason")
     )
     checked = numbered.with_columns(reason)
-    quarantine = checked.filter(pl.col("reason").is_not_null()).select(
-        "row", "q_img", "reason"
-    )
+    quarantine = checked.filter(pl.col("reason").is_not_null()).select("row", "q_img", "reason")
     good = checked.filter(pl.col("reason").is_null())
     heldout_rows = 0
     if is_heldout_query is not None and good.height:

@@ -54,7 +54,8 @@ def export_open_clip(clip: torch.nn.Module, model_name: str, directory: Path) ->
     register_bundled_model_configs()
     directory.mkdir(parents=True, exist_ok=True)
     tensors = {
-        name: value.detach().to("cpu", dtype=torch.float32 if value.is_floating_point() else None)
+        name: value.detach()
+        .to("cpu", dtype=torch.float32 if value.is_floating_point() else None)
         .contiguous()
         .clone()
         for name, value in clip.state_dict().items()

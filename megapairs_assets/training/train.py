@@ -113,7 +113,7 @@ def train_checkpoint(
     curve = read_loss_curve(out / "loss_curve.csv")
     plot_markdown, png = loss_plot_markdown(curve, out / "loss.png")
     _write_json(out / "run.json", {"fingerprint": fingerprint, "complete": True})
-    say(f"{config_name}: trained to step {trainer.global_step} in {fit_s:.1f} s; {exported.weights}")
+    say(f"{config_name}: at step {trainer.global_step} after {fit_s:.1f} s; {exported.weights}")
 
     return StepResult(
         partition=config_name,
@@ -332,8 +332,9 @@ def _loss_decreased(curve: pl.DataFrame) -> CheckOutcome:
     first, last = _loss_windows(curve)
     passed = last < first
     detail = f"mean loss {first:.4f} over the first steps -> {last:.4f} over the last"
-    return CheckOutcome(name, passed, ("ok: " if passed else "not decreasing: ") + detail,
-                        0 if passed else 1)
+    return CheckOutcome(
+        name, passed, ("ok: " if passed else "not decreasing: ") + detail, 0 if passed else 1
+    )
 
 
 def _model_id(model: str, pretrained: str | None) -> str:
