@@ -27,12 +27,32 @@ its catalog record is never read as if it were finished.
 Row tables hold the latest materialization of each partition: completing a materialization
 replaces the partition's rows (scoped by the table's partition column and, for tables shared
 by stages, its scope column) in the same transaction, even when it brings no rows.
+
+Two backends serve the same API, chosen by the location given to `LineageCatalog`:
+
+- a file path: the embedded default, one DuckDB file guarded by the file lock above (one
+  machine);
+- a DuckLake URL (`ducklake:postgres:dbname=lineage host=db user=megapairs`, with `data_path`
+  naming where DuckLake writes its Parquet files): the catalog database lives in PostgreSQL,
+  so steps on many machines write at once with no file lock. DuckLake commits optimistically
+  and retries conflicting commits itself; a conflict it gives up on is retried here by
+  re-running the whole operation (every write is idempotent: it deletes by id before it
+  inserts). DuckLake has no PRIMARY KEY or INSERT OR REPLACE, so the schema is created
+  without constraints and uniqueness comes from those delete-then-insert transactions.
+  The ducklake and postgres extensions are loaded offline from the PyPI packages
+  `duckdb-extension-ducklake` / `duckdb-extension-postgres` (their version must equal
+  duckdb's), falling back to DuckDB's own INSTALL where those packages are absent.
 """
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
+import os
+import re
+import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Iterator, Mapping
@@ -172,16 +192,70 @@ def _json(value: Mapping[str, Any]) -> str:
     return json.dumps(dict(value), default=str, sort_keys=True)
 
 
-class LineageCatalog:
-    """Reads and writes the lineage catalog at `path`, safe across processes."""
+DUCKLAKE_PREFIX = "ducklake:"
+_LAKE_ALIAS = "megapairs_lake"
+# DuckLake refuses constraints; the schema it gets is the same without them.
+_CORE_SQL_NO_CONSTRAINTS = re.sub(r"\s+PRIMARY KEY", "", _CORE_SQL)
 
-    def __init__(self, path: Path, lock_timeout_s: float = 300.0) -> None:
-        self.path = Path(path)
+
+class CatalogConfigError(ValueError):
+    """The catalog location or its DuckDB extensions are not usable as configured."""
+
+
+def is_ducklake_url(location: str | Path) -> bool:
+    """True for a DuckLake catalog URL (`ducklake:postgres:...`), False for a file path."""
+    return str(location).startswith(DUCKLAKE_PREFIX)
+
+
+def redact(location: str) -> str:
+    """The location with any `password=...` hidden, for logs and error messages."""
+    return re.sub(r"(password=)\S+", r"\1***", location)
+
+
+class LineageCatalog:
+    """Reads and writes the lineage catalog, safe across processes (and machines on DuckLake).
+
+    path: a DuckDB file path (embedded default, file-locked) or a DuckLake URL
+    (`ducklake:postgres:<libpq connection string>`). data_path: where DuckLake writes its data
+    files (required with a DuckLake URL, ignored for a file). lock_timeout_s: how long a file
+    lock is waited for, or how long a DuckLake commit conflict is retried.
+    """
+
+    def __init__(
+        self, path: Path | str, lock_timeout_s: float = 300.0, data_path: str | None = None
+    ) -> None:
         self.lock_timeout_s = lock_timeout_s
+        self.is_ducklake = is_ducklake_url(path)
+        self.url: str | None = str(path) if self.is_ducklake else None
+        self.path: Path | None = None if self.is_ducklake else Path(path)
+        self.data_path: str | None = None
+        if self.is_ducklake:
+            if not data_path:
+                raise CatalogConfigError(
+                    f"DuckLake catalog {redact(str(path))} needs a data path (where its Parquet "
+                    "files go), e.g. MEGAPAIRS_LINEAGE_DATA_PATH=<data root>/lineage/"
+                )
+            self.data_path = data_path if data_path.endswith("/") else data_path + "/"
+
+    @property
+    def location(self) -> str:
+        """Where the catalog lives, for messages (passwords hidden)."""
+        if self.url is not None:
+            return f"{redact(self.url)} (data {self.data_path})"
+        return str(self.path)
 
     @contextmanager
     def connect(self) -> Iterator[duckdb.DuckDBPyConnection]:
-        """An exclusive, short-lived connection (schema created or migrated on first use)."""
+        """A short-lived connection (schema created or migrated on first use).
+
+        File backend: exclusive, under the file lock. DuckLake: a cursor on this process's
+        attached lake; no lock, commits are checked for conflicts by DuckLake.
+        """
+        if self.is_ducklake:
+            with self._lake_cursor() as con:
+                yield con
+            return
+        assert self.path is not None
         self.path.parent.mkdir(parents=True, exist_ok=True)
         lock_path = self.path.with_name(self.path.name + ".lock")
         deadline = time.monotonic() + self.lock_timeout_s
@@ -196,6 +270,11 @@ class LineageCatalog:
                     con.close()
             finally:
                 fcntl.flock(lock_file, fcntl.LOCK_UN)
+
+    def close(self) -> None:
+        """Detach this process's DuckLake connection (a no-op for the file backend)."""
+        if self.is_ducklake:
+            _close_lake(self._lake_key())
 
     @staticmethod
     def _ensure_schema(con: duckdb.DuckDBPyConnection) -> None:
@@ -234,12 +313,100 @@ class LineageCatalog:
                     ) from error
                 time.sleep(0.1)
 
+    # -- DuckLake -------------------------------------------------------------------------
+
+    def _lake_key(self) -> tuple[int, str, str]:
+        assert self.url is not None and self.data_path is not None
+        return (os.getpid(), self.url, self.data_path)
+
+    def _lake(self) -> duckdb.DuckDBPyConnection:
+        """This process's attached lake, its schema ensured for every declared table."""
+        key = self._lake_key()
+        database = _attached_lake(key)
+        missing = _lake_tables_missing(key)
+        if missing:
+            self._with_conflict_retry(self._ensure_lake_schema, database)
+            _LAKE_TABLES_ENSURED.setdefault(key, set()).update(missing)
+        return database
+
+    @contextmanager
+    def _lake_cursor(self) -> Iterator[duckdb.DuckDBPyConnection]:
+        cursor = self._lake().cursor()
+        try:
+            cursor.execute(f"USE {_LAKE_ALIAS}")
+            yield cursor
+        finally:
+            cursor.close()
+
+    @staticmethod
+    def _ensure_lake_schema(con: duckdb.DuckDBPyConnection) -> None:
+        con.execute(_CORE_SQL_NO_CONSTRAINTS)
+        for table in _ROW_TABLES.values():
+            con.execute(table.create_sql())
+            for statement in table.migrate_sql():
+                con.execute(statement)
+        known = con.execute(
+            "SELECT value FROM catalog_info WHERE key = 'schema_version'"
+        ).fetchall()
+        if known != [(str(SCHEMA_VERSION),)]:
+            con.execute("DELETE FROM catalog_info WHERE key = 'schema_version'")
+            con.execute(
+                "INSERT INTO catalog_info VALUES ('schema_version', ?)", [str(SCHEMA_VERSION)]
+            )
+
+    def _with_conflict_retry(self, work: Any, database: duckdb.DuckDBPyConnection) -> Any:
+        """Run `work(con)` in one DuckLake transaction; re-run it when the commit conflicts."""
+        deadline = time.monotonic() + self.lock_timeout_s
+        attempt = 0
+        while True:
+            cursor = database.cursor()
+            try:
+                cursor.execute(f"USE {_LAKE_ALIAS}")
+                cursor.execute("BEGIN TRANSACTION")
+                result = work(cursor)
+                cursor.execute("COMMIT")
+                return result
+            except duckdb.Error as error:
+                _rollback_quietly(cursor)
+                if not _is_commit_conflict(error) or time.monotonic() > deadline:
+                    raise
+            finally:
+                cursor.close()
+            attempt += 1
+            # Jittered exponential backoff: writers that collided spread out.
+            time.sleep(min(1.0, 0.02 * 2**attempt) * (0.5 + _jitter()))
+
+    def _write(self, work: Any, transaction: bool) -> Any:
+        """Run a write: under the file lock (in a transaction if asked), or as one DuckLake
+        transaction retried on commit conflicts."""
+        if self.is_ducklake:
+            return self._with_conflict_retry(work, self._lake())
+        with self.connect() as con:
+            if not transaction:
+                return work(con)
+            con.execute("BEGIN TRANSACTION")
+            try:
+                result = work(con)
+                con.execute("COMMIT")
+                return result
+            except Exception:
+                con.execute("ROLLBACK")
+                raise
+
     # -- writes ---------------------------------------------------------------------------
 
     def begin(self, materialization: MaterializationRecord) -> None:
         """Record a materialization as `pending`, before any of its outputs is written."""
-        with self.connect() as con:
+
+        def work(con: duckdb.DuckDBPyConnection) -> None:
+            if self.is_ducklake:  # no primary key: a retried begin must not add a second row
+                con.execute(
+                    "DELETE FROM materializations WHERE materialization_id = ?",
+                    [materialization.materialization_id],
+                )
             self._insert(con, materialization, STATUS_PENDING)
+
+        self._write(work, transaction=False)
 
     def complete(
         self,
@@ -253,28 +420,27 @@ class LineageCatalog:
         inserted complete.
         """
         m = materialization
-        with self.connect() as con:
-            con.execute("BEGIN TRANSACTION")
-            try:
-                con.execute(
-                    "DELETE FROM materializations WHERE materialization_id = ?",
-                    [m.materialization_id],
-                )
-                self._insert(con, m, STATUS_COMPLETE)
-                for table, frame in (rows or {}).items():
-                    self._replace_rows(con, table, frame, m)
-                con.execute("COMMIT")
-            except Exception:
-                con.execute("ROLLBACK")
-                raise
+
+        def work(con: duckdb.DuckDBPyConnection) -> None:
+            con.execute(
+                "DELETE FROM materializations WHERE materialization_id = ?",
+                [m.materialization_id],
+            )
+            self._insert(con, m, STATUS_COMPLETE)
+            for table, frame in (rows or {}).items():
+                self._replace_rows(con, table, frame, m)
+
+        self._write(work, transaction=True)
 
     def fail(self, materialization_id: str) -> None:
         """Mark a begun materialization failed (its step raised): its outputs are not trusted."""
-        with self.connect() as con:
-            con.execute(
+        self._write(
+            lambda con: con.execute(
                 "UPDATE materializations SET status = ? WHERE materialization_id = ?",
                 [STATUS_FAILED, materialization_id],
-            )
+            ),
+            transaction=False,
+        )
 
     def record(
         self,
@@ -285,9 +451,7 @@ class LineageCatalog:
         self.complete(materialization, rows)
 
     @staticmethod
-    def _insert(
-        con: duckdb.DuckDBPyConnection, m: MaterializationRecord, status: str
-    ) -> None:
+    def _insert(con: duckdb.DuckDBPyConnection, m: MaterializationRecord, status: str) -> None:
         con.execute(
             "INSERT INTO materializations (materialization_id, asset, partition, run_id, "
             "code_version, profile, config, model_ids, input_versions, row_counts, "
@@ -344,8 +508,9 @@ class LineageCatalog:
         """
         if not partitions:
             return 0
-        removed = 0
-        with self.connect() as con:
+
+        def work(con: duckdb.DuckDBPyConnection) -> int:
+            removed = 0
             for table in _ROW_TABLES.values():
                 before = con.execute(f"SELECT count(*) FROM {table.name}").fetchone()[0]
                 con.execute(
@@ -354,7 +519,9 @@ class LineageCatalog:
                     [partitions],
                 )
                 removed += before - con.execute(f"SELECT count(*) FROM {table.name}").fetchone()[0]
-        return removed
+            return removed
+
+        return self._write(work, transaction=False)
 
     # -- reads ----------------------------------------------------------------------------
 
@@ -455,3 +622,125 @@ def read_with_versions(
         f"{asset}: tables kept changing while being read ({attempts} attempts); another run is "
         "rewriting them; retry when it finishes"
     )
+
+
+# -- DuckLake connections, one attached lake per (process, url, data path) ----------------------
+
+_LAKES: dict[tuple[int, str, str], duckdb.DuckDBPyConnection] = {}
+_LAKE_TABLES_ENSURED: dict[tuple[int, str, str], set[str]] = {}
+_LAKES_LOCK = threading.Lock()
+# DuckDB's Python package ships the postgres extension under the file name `postgres`, but its
+# entry point is `postgres_scanner`, which DuckDB derives from the file name it loads.
+_PACKAGED_EXTENSIONS = (
+    ("duckdb_extension_ducklake", "ducklake", "ducklake"),
+    ("duckdb_extension_postgres", "postgres", "postgres_scanner"),
+)
+
+
+def _lake_tables_missing(key: tuple[int, str, str]) -> set[str]:
+    wanted = {"materializations", "catalog_info", *_ROW_TABLES}
+    return wanted - _LAKE_TABLES_ENSURED.get(key, set())
+
+
+def _attached_lake(key: tuple[int, str, str]) -> duckdb.DuckDBPyConnection:
+    """This process's in-memory DuckDB with the lake attached (made on first use)."""
+    with _LAKES_LOCK:
+        database = _LAKES.get(key)
+        if database is None:
+            database = _attach_lake(url=key[1], data_path=key[2])
+            _LAKES[key] = database
+        return database
+
+
+def _attach_lake(url: str, data_path: str, timeout_s: float = 60.0) -> duckdb.DuckDBPyConnection:
+    database = duckdb.connect(config={"autoinstall_known_extensions": False})
+    load_ducklake_extensions(database)
+    statement = f"ATTACH {_sql_literal(url)} AS {_LAKE_ALIAS} (DATA_PATH {_sql_literal(data_path)})"
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            database.execute(statement)
+            return database
+        except duckdb.Error as error:
+            # Processes attaching a new lake at once race to create its metadata tables in
+            # Postgres; the losers see the winner's tables when they try again.
+            racing = any(s in str(error) for s in ("already exists", "duplicate key"))
+            if not racing or time.monotonic() > deadline:
+                database.close()
+                raise CatalogConfigError(
+                    f"could not attach DuckLake catalog {redact(url)} (data {data_path}): {error}"
+                ) from error
+            time.sleep(0.05 + 0.2 * _jitter())
+
+
+def _close_lake(key: tuple[int, str, str]) -> None:
+    with _LAKES_LOCK:
+        database = _LAKES.pop(key, None)
+        _LAKE_TABLES_ENSURED.pop(key, None)
+    if database is not None:
+        database.close()
+
+
+def load_ducklake_extensions(con: duckdb.DuckDBPyConnection) -> None:
+    """Load the ducklake and postgres extensions, offline from their PyPI packages if present.
+
+    Without the packages, DuckDB's own INSTALL (a download) is the fallback. A package whose
+    version differs from duckdb's is an error naming the pin to install.
+    """
+    version = f"v{duckdb.__version__}"
+    for module_name, file_stem, load_name in _PACKAGED_EXTENSIONS:
+        try:
+            module = __import__(module_name)
+        except ImportError:
+            con.execute(f"INSTALL {load_name}")
+            con.execute(f"LOAD {load_name}")
+            continue
+        shipped_dir = Path(module.__file__).parent / "extensions"
+        shipped = shipped_dir / version / f"{file_stem}.duckdb_extension"
+        if not shipped.exists():
+            found = sorted(p.name for p in shipped_dir.glob("v*"))
+            package = module_name.replace("_", "-")
+            raise CatalogConfigError(
+                f"{package} ships {found} but duckdb is {version}: install "
+                f"{package}=={duckdb.__version__} (or duckdb at the package's version)"
+            )
+        con.execute(f"LOAD {_sql_literal(str(_named_as(shipped, load_name, version)))}")
+
+
+def _named_as(shipped: Path, load_name: str, version: str) -> Path:
+    """`shipped`, reachable under `<load_name>.duckdb_extension` (a symlink when renamed)."""
+    if shipped.stem == load_name:
+        return shipped
+    link_dir = (
+        Path(
+            os.environ.get("MEGAPAIRS_DUCKDB_EXTENSION_DIR")
+            or Path(tempfile.gettempdir()) / f"megapairs-duckdb-extensions-{os.getuid()}"
+        )
+        / version
+    )
+    link_dir.mkdir(parents=True, exist_ok=True)
+    link = link_dir / f"{load_name}.duckdb_extension"
+    if not (link.is_symlink() and link.resolve() == shipped.resolve()):
+        # Made under a unique name and renamed: processes starting at once never see half a link.
+        staging = link_dir / f".{load_name}.{os.getpid()}.{uuid.uuid4().hex}"
+        os.symlink(shipped, staging)
+        os.replace(staging, link)
+    return link
+
+
+def _sql_literal(text: str) -> str:
+    return "'" + text.replace("'", "''") + "'"
+
+
+def _rollback_quietly(con: duckdb.DuckDBPyConnection) -> None:
+    with contextlib.suppress(duckdb.Error):  # a failed COMMIT has already ended the transaction
+        con.execute("ROLLBACK")
+
+
+def _is_commit_conflict(error: duckdb.Error) -> bool:
+    text = str(error).lower()
+    return isinstance(error, duckdb.TransactionException) or "conflict" in text
+
+
+def _jitter() -> float:
+    return uuid.uuid4().int % 1000 / 1000
