@@ -5,8 +5,8 @@ Only the way a batch is fed differs by modality: images are decoded either on th
 (`megapairs_assets.embeddings.device_input`: workers read JPEG bytes, nvJPEG decodes, the
 device resizes) or by DataLoader workers on the CPU, and captions are batched as strings.
 Normalising, the float16 cast, skipped-row bookkeeping, the on-disk table and its checks are
-shared. Results are copied back one batch late, so the host prepares the next batch while the
-device still runs the current one.
+shared. Each batch's vectors are copied back asynchronously and collected one batch later, so
+the host prepares the next batch while the device still runs the current one.
 """
 
 from __future__ import annotations
@@ -118,13 +118,13 @@ def embed_rows(
     chunks: list[np.ndarray] = []
     skipped: list[SkippedRow] = []
     device_decoded = 0
-    # The previous batch's vectors, still on the device, and its row count for progress.
-    in_flight: tuple[torch.Tensor, int] | None = None
+    # The previous batch: its vectors on their way to the host, and its row count.
+    in_flight: tuple[_HostCopy, int] | None = None
 
     def collect() -> None:
         if in_flight is not None:
-            unit, finished = in_flight
-            chunks.append(unit.cpu().numpy())
+            copy, finished = in_flight
+            chunks.append(copy.wait())
             if on_progress is not None:
                 on_progress(finished)
 
@@ -135,11 +135,12 @@ def embed_rows(
             if on_progress is not None and batch.skipped:
                 on_progress(len(batch.skipped))
             continue
-        unit = _embed_on_device(encoder, batch.inputs)
+        copy = _HostCopy.start(_embed_on_device(encoder, batch.inputs))
         ids.extend(batch.ids)
-        # Copying the previous batch back waits only for that batch: this one is queued.
+        # Waiting for the previous batch's copy leaves this batch's forward queued on the
+        # device, so it runs while the host prepares the next batch.
         collect()
-        in_flight = (unit, len(batch.ids) + len(batch.skipped))
+        in_flight = (copy, len(batch.ids) + len(batch.skipped))
     collect()
     vectors = np.concatenate(chunks) if chunks else np.zeros((0, encoder.dim), dtype=np.float16)
     seconds = time.perf_counter() - start_s
@@ -151,6 +152,31 @@ def embed_rows(
         items_per_s=len(ids) / seconds if seconds > 0 else 0.0,
         device_decoded=device_decoded,
     )
+
+
+@dataclass(frozen=True)
+class _HostCopy:
+    """A device-to-host copy of one batch's vectors, queued behind that batch's work only."""
+
+    host: torch.Tensor
+    done: torch.cuda.Event | None
+
+    @staticmethod
+    def start(unit: torch.Tensor) -> _HostCopy:
+        if unit.device.type != "cuda":
+            return _HostCopy(unit, None)
+        # Non-blocking into pinned memory; the event marks the end of this copy alone. A plain
+        # .cpu() issued later would also wait for every batch queued after this one.
+        host = torch.empty(unit.shape, dtype=unit.dtype, pin_memory=True)
+        host.copy_(unit, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record(torch.cuda.current_stream(unit.device))
+        return _HostCopy(host, done)
+
+    def wait(self) -> np.ndarray:
+        if self.done is not None:
+            self.done.synchronize()
+        return self.host.numpy()
 
 
 def _embed_batch(encoder: LoadedEncoder, inputs: torch.Tensor | list[str] | None) -> np.ndarray:
