@@ -1,6 +1,6 @@
 """Benchmark of what Dagster adds: one shard through the asset graph vs the plain calls.
 
-    python benchmarks/bench_orchestration.py [--repeats 3] [--quick]
+    python -m benchmarks.bench_orchestration [--repeats 3] [--quick]
 
 Both paths run the demo profile's mining half on the same one-shard webdataset corpus (a copy
 of the bundled demo shard 00000: 64 clip-art images with captions), each with a fresh data root
@@ -10,10 +10,10 @@ and the same prebuilt demo models:
   `CorpusSourceResource` pointing at the temporary corpus, and the `mining_half` job's
   `execute_in_process` for that one partition on an ephemeral instance (console log level
   WARNING, as `megapairs demo --quiet`);
-- directly: the plain functions the assets call (`build_shard_table`, `load_encoder` +
-  `embed_rows` + `write_embedding_table`, `build_index` + `search_neighbors`, `mine_pairs`) with
-  the same resources' settings, the same Parquet writes and the same quality checks, but no
-  lineage catalog, metadata or previews.
+- directly: the stages' plain step functions the assets run (`build_corpus_shard`,
+  `embed_shard`, `build_corpus_index` + `knn_shard`, `mine_shard`), each through
+  `run_recorded` (the same catalog commit), with the same resources' settings: everything but
+  Dagster itself.
 
 Printed and saved: seconds of each path, the overhead (Dagster minus direct) and their ratio;
 per asset, Dagster's step time next to the direct stage time; and how much of the overhead is
@@ -38,29 +38,20 @@ from pathlib import Path
 from typing import Any
 
 import dagster as dg
-import polars as pl
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks._machine import machine_info, write_result
 from benchmarks.bench_embedding import code_commit
-from megapairs_assets.corpus.sources import iter_shard_records
-from megapairs_assets.corpus.table import build_shard_table, check_corpus
+from megapairs_assets.corpus.step import build_corpus_shard
 from megapairs_assets.definitions import build_definitions
 from megapairs_assets.demo import DEMO_CORPUS_DIR
 from megapairs_assets.demo.models import ensure_demo_models
-from megapairs_assets.embeddings.assets import EMBEDDING_TABLES
-from megapairs_assets.embeddings.compute import (
-    check_embeddings,
-    embed_rows,
-    read_embedding_table,
-    write_embedding_table,
-)
-from megapairs_assets.knn.assets import knn_asset_name
-from megapairs_assets.knn.search import build_index, check_knn, search_neighbors
-from megapairs_assets.lib.storage import DataLayout, write_parquet_atomic
+from megapairs_assets.embeddings.sources import SOURCES
+from megapairs_assets.embeddings.step import EmbeddingRun, embed_shard
+from megapairs_assets.knn.step import build_corpus_index, knn_shard
+from megapairs_assets.lib.step import run_recorded
+from megapairs_assets.lib.storage import DataLayout
 from megapairs_assets.lineage.catalog import LineageCatalog
-from megapairs_assets.mining.pairs import check_pairs, mine_pairs
+from megapairs_assets.mining.step import mine_shard
 from megapairs_assets.orchestration.partitions import SHARD_PARTITIONS_NAME
 from resources.corpus import CorpusSourceResource
 from resources.profiles import build_resources
@@ -69,7 +60,7 @@ SHARD = "00000"
 QUICK_IMAGES = 16
 LOG_LEVEL = "WARNING"
 # Catalog methods that open DuckDB; `latest_materialization_ids` goes through `query`.
-CATALOG_METHODS = ("record", "query")
+CATALOG_METHODS = ("begin", "complete", "query")
 
 
 def copy_demo_shard(target_dir: Path, max_images: int | None) -> Path:
@@ -187,9 +178,10 @@ def step_seconds(instance: dg.DagsterInstance, run_id: str) -> dict[str, float]:
 
 
 def run_direct(home: Path, corpus_dir: Path) -> dict[str, Any]:
-    """The same work as the assets, as plain function calls; seconds per stage."""
+    """The assets' plain step functions, called without Dagster (same catalog records)."""
     resources = build_resources("demo", home)
     layout = DataLayout(home)
+    catalog = LineageCatalog(layout.catalog_path)
     device = resources["device"].torch_device()
     dtype = resources["device"].torch_dtype()
     source = CorpusSourceResource(kind="webdataset", path=str(corpus_dir))
@@ -198,61 +190,43 @@ def run_direct(home: Path, corpus_dir: Path) -> dict[str, Any]:
     failed: list[str] = []
     run_started = time.perf_counter()
 
-    started = time.perf_counter()
-    images, quarantine = build_shard_table(SHARD, iter_shard_records(spec, SHARD), limits)
-    write_parquet_atomic(images, layout.corpus_images(SHARD))
-    write_parquet_atomic(quarantine, layout.corpus_quarantine(SHARD))
-    failed += failures(check_corpus(images, limits.min_side_px))
-    stages["image_corpus"] = time.perf_counter() - started
-
-    for table in EMBEDDING_TABLES:
+    def recorded(asset: str, step: Callable[[str], Any]) -> Any:
         started = time.perf_counter()
-        encoder_resource = resources[table.encoder_key]
-        encoder = encoder_resource.load(device, dtype)
-        rows = pl.read_parquet(layout.corpus_images(SHARD))
-        result = embed_rows(
-            rows,
-            encoder,
-            limits,
-            encoder_resource.batch_size,
-            encoder_resource.num_workers,
-            device,
-            dtype,
+        result = run_recorded(
+            step, SHARD, asset=asset, code_version="bench", run_id="direct", profile="demo",
+            catalog=catalog,
         )
-        write_embedding_table(
-            layout.shard_table(table.asset_name, SHARD),
-            result.ids,
-            result.vectors,
-            encoder.model_id,
-        )
-        failed += failures(check_embeddings(result.ids, result.vectors, result.ids))
-        stages[table.asset_name] = time.perf_counter() - started
+        stages[asset] = time.perf_counter() - started
+        failed.extend(failures(result.outcomes))
+        return result
 
-    knn_spec, k = resources["knn_index"].spec(), resources["knn_index"].k
-    for table in EMBEDDING_TABLES:
+    corpus = recorded(
+        "image_corpus", lambda s: build_corpus_shard(s, spec, limits, layout, catalog, log)
+    )
+    for sim in SOURCES:
+        encoder_resource = resources[sim.encoder_key]
         started = time.perf_counter()
-        ids, vectors = read_embedding_table(layout.shard_table(table.asset_name, SHARD))
-        index = build_index(vectors, knn_spec)
-        neighbors = search_neighbors(index, ids, vectors, ids, k, knn_spec)
-        write_parquet_atomic(neighbors, layout.shard_table(knn_asset_name(table), SHARD))
-        failed += failures(check_knn(neighbors, k))
-        stages[knn_asset_name(table)] = time.perf_counter() - started
-
-    started = time.perf_counter()
+        run = EmbeddingRun(
+            sim, encoder_resource.load(device, dtype), encoder_resource.batch_size,
+            encoder_resource.num_workers, device, dtype, limits,
+        )
+        load_s = time.perf_counter() - started
+        recorded(sim.embedding_asset, lambda s, run=run: embed_shard(s, run, layout, catalog, log))
+        stages[sim.embedding_asset] += load_s
+    knn = resources["knn_index"]
+    for sim in SOURCES:
+        started = time.perf_counter()
+        index = build_corpus_index(sim, [SHARD], knn.spec(), layout, catalog)
+        build_s = time.perf_counter() - started
+        recorded(sim.knn_asset, lambda s, index=index: knn_shard(s, index, knn.k, layout, log=log))
+        stages[sim.knn_asset] += build_s
     params = resources["mining"].params()
-    neighbors_by_source = {
-        table.source: pl.read_parquet(layout.shard_table(knn_asset_name(table), SHARD))
-        for table in EMBEDDING_TABLES
-    }
-    pairs = mine_pairs(neighbors_by_source, params)
-    write_parquet_atomic(pairs, layout.shard_table("mined_image_pairs", SHARD))
-    failed += failures(check_pairs(pairs, params))
-    stages["mined_image_pairs"] = time.perf_counter() - started
+    pairs = recorded("mined_image_pairs", lambda s: mine_shard(s, params, layout, catalog, log))
     return {
         "run_s": time.perf_counter() - run_started,
         "steps_s": stages,
-        "images": images.height,
-        "pairs": pairs.height,
+        "images": corpus.row_count,
+        "pairs": pairs.row_count,
         "failed_checks": failed,
     }
 

@@ -10,14 +10,21 @@ plain function directly.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import polars as pl
 
 from megapairs_assets.lib.quality import CheckOutcome
+from megapairs_assets.lineage.catalog import (
+    LineageCatalog,
+    MaterializationRecord,
+    new_materialization_id,
+    utc_now,
+)
 
 
 @dataclass
@@ -55,3 +62,51 @@ class StepResult:
         if self.row_count_key is not None:
             return int(self.row_counts.get(self.row_count_key, 0))
         return int(next(iter(self.row_counts.values()), 0))
+
+
+def run_recorded(
+    step: Callable[[str], StepResult],
+    partition: str | None,
+    *,
+    asset: str,
+    code_version: str,
+    run_id: str,
+    profile: str,
+    catalog: LineageCatalog,
+) -> StepResult:
+    """Run one partition's step between a pending and a complete catalog record.
+
+    The record is `pending` before any output is written and completed, with the step's row
+    lineage, in one transaction after; a step that raises is marked failed. This is the whole
+    commit protocol; the Dagster helper and the benchmarks' plain path both use it.
+    """
+    started_at, started = utc_now(), time.perf_counter()
+    record = MaterializationRecord(
+        asset=asset,
+        partition=partition,
+        run_id=run_id,
+        code_version=code_version,
+        profile=profile,
+        started_at=started_at,
+        duration_s=0.0,
+        materialization_id=new_materialization_id(),
+    )
+    catalog.begin(record)
+    try:
+        result = step(partition or "")
+    except BaseException:
+        catalog.fail(record.materialization_id)
+        raise
+    catalog.complete(
+        replace(
+            record,
+            duration_s=time.perf_counter() - started,
+            config=result.config,
+            model_ids=result.model_ids,
+            input_versions=result.input_versions,
+            row_counts=result.row_counts,
+            output_paths={name: str(path) for name, path in result.outputs.items()},
+        ),
+        rows=result.rows,
+    )
+    return result

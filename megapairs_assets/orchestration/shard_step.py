@@ -26,13 +26,8 @@ import dagster as dg
 
 from megapairs_assets.lib.preview import markdown_table
 from megapairs_assets.lib.quality import CheckOutcome
-from megapairs_assets.lib.step import StepResult
-from megapairs_assets.lineage.catalog import (
-    LineageCatalog,
-    MaterializationRecord,
-    new_materialization_id,
-    utc_now,
-)
+from megapairs_assets.lib.step import StepResult, run_recorded
+from megapairs_assets.lineage.catalog import LineageCatalog
 
 
 @dataclass(frozen=True)
@@ -101,40 +96,14 @@ def _run_one(
     profile: str,
     partition: str | None,
 ) -> StepResult:
-    started_at, started = utc_now(), time.perf_counter()
-    pending = MaterializationRecord(
+    result = run_recorded(
+        step,
+        partition,
         asset=stage.asset_name,
-        partition=partition,
-        run_id=context.run.run_id,
         code_version=stage.code_version,
+        run_id=context.run.run_id,
         profile=profile,
-        started_at=started_at,
-        duration_s=0.0,
-        materialization_id=new_materialization_id(),
-    )
-    catalog.begin(pending)
-    try:
-        result = step(partition or "")
-    except BaseException:
-        catalog.fail(pending.materialization_id)
-        raise
-    catalog.complete(
-        MaterializationRecord(
-            asset=stage.asset_name,
-            partition=partition,
-            run_id=context.run.run_id,
-            code_version=stage.code_version,
-            profile=profile,
-            started_at=started_at,
-            duration_s=time.perf_counter() - started,
-            config=result.config,
-            model_ids=result.model_ids,
-            input_versions=result.input_versions,
-            row_counts=result.row_counts,
-            output_paths={name: str(path) for name, path in result.outputs.items()},
-            materialization_id=pending.materialization_id,
-        ),
-        rows=result.rows,
+        catalog=catalog,
     )
     failing = [o.name for o in result.outcomes if not o.passed]
     context.log.info(
