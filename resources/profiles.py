@@ -99,8 +99,8 @@ def _common(home: Path, profile: str) -> dict[str, Any]:
 
 def demo_resources(home: Path) -> dict[str, Any]:
     """Offline, CPU, bundled corpus, small local models built on first use."""
+    from megapairs_assets.demo import MINILM_LOCAL_DIR
     from megapairs_assets.demo.models import DEMO_CLIP_MODEL
-    from megapairs_assets.embeddings.encoders import MINILM_LOCAL_DIR
 
     models_dir = home / "models"
     return {

@@ -10,13 +10,13 @@ import pytest
 import torch
 from PIL import Image
 
+from megapairs_assets.demo import MINILM_LOCAL_DIR
 from megapairs_assets.demo.models import (
     DEMO_CLIP_MODEL,
     DEMO_MODELS_BUILD_VERSION,
     ensure_demo_models,
 )
 from megapairs_assets.embeddings.encoders import (
-    MINILM_LOCAL_DIR,
     EncoderConfigError,
     EncoderSpec,
     load_encoder,

@@ -253,7 +253,8 @@ def test_unknown_model_fails_before_any_work(tmp_path: Path, demo_models_dir: Pa
 
 
 def test_wrong_dimension_is_reported_with_both_numbers(tmp_path: Path) -> None:
-    from megapairs_assets.embeddings.encoders import MINILM_LOCAL_DIR, EncoderConfigError
+    from megapairs_assets.demo import MINILM_LOCAL_DIR
+    from megapairs_assets.embeddings.encoders import EncoderConfigError
 
     resource = EncoderResource(
         backend="sentence_transformers", model=str(MINILM_LOCAL_DIR), dim=512

@@ -22,7 +22,8 @@ from pathlib import Path
 import torch
 from filelock import FileLock
 
-from megapairs_assets.embeddings.encoders import MINILM_LOCAL_DIR, register_bundled_model_configs
+from megapairs_assets.demo import MINILM_LOCAL_DIR
+from megapairs_assets.embeddings.encoders import register_bundled_model_configs
 
 DEMO_CLIP_MODEL = "megapairs-tiny-clip"
 DEMO_DINOV2_DIRNAME = "dinov2-tiny"

