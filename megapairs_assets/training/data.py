@@ -124,7 +124,7 @@ def prepare_triplets(
     heldout_rows = 0
     if is_heldout_query is not None and good.height:
         key = query_key_column(good)
-        heldout = good[key].map_elements(is_heldout_query, return_dtype=pl.Boolean)
+        heldout = pl.Series([bool(is_heldout_query(k)) for k in good[key]], dtype=pl.Boolean)
         heldout_rows = int(heldout.sum())
         good = good.filter(~heldout)
     rows = good.select("row", "q_img", "instructions", "t_img", "hns")

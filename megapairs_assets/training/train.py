@@ -276,6 +276,11 @@ class _quiet_lightning:
     """Silence Lightning's start-up banners and advice that do not apply to this setup."""
 
     _ADVICE = (
+        # Batches are addressed by step (StepBatchSampler), so a mid-epoch resume is exact.
+        r".*resuming from a checkpoint that ended before the epoch ended.*",
+        # A finished run re-materializes from its last checkpoint with no batches left.
+        r".*Total length of .* across ranks is zero.*",
+        r".*isinstance\(treespec, LeafSpec\)` is deprecated.*",
         r".*does not have many workers.*",
         r".*`max_epochs=-1`.*",
         r".*Checkpoint directory .* exists and is not empty.*",

@@ -1,0 +1,181 @@
+"""Training runs through the Lightning Trainer on the demo's tiny model (CPU, seconds each)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import open_clip
+import polars as pl
+import pytest
+import torch
+from test_training_support import OneThread, tiny_config, write_triplets
+
+from megapairs_assets.demo.models import DEMO_CLIP_MODEL
+from megapairs_assets.embeddings.encoders import register_bundled_model_configs
+from megapairs_assets.lib.storage import DataLayout
+from megapairs_assets.training.callbacks import read_loss_curve
+from megapairs_assets.training.train import train_checkpoint
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def _probe_embeddings(model: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(1)
+    pixels = torch.randn((3, 3, 64, 64), generator=generator)
+    tokens = open_clip.get_tokenizer(DEMO_CLIP_MODEL)(["make it red", "a dog", "at night"])
+    with torch.no_grad():
+        return model.eval().encode_image(pixels), model.encode_text(tokens)
+
+
+def test_overfits_a_small_batch_and_open_clip_reloads_the_export(
+    tmp_path: Path, demo_models_dir: Path
+) -> None:
+    triplets = write_triplets(tmp_path, rows=4, images=8)
+    config = tiny_config(demo_models_dir, max_steps=24, checkpoint_every_n_steps=100)
+    with OneThread():
+        result = train_checkpoint(
+            "overfit",
+            config,
+            [triplets],
+            DataLayout(tmp_path / "home"),
+            input_versions={"triplets/00000": "m-1"},
+        )
+
+    curve = read_loss_curve(result.outputs["loss_curve"])
+    assert curve["step"].to_list() == list(range(1, 25))
+    first, last = curve["loss"].head(3).mean(), curve["loss"].tail(3).mean()
+    assert last < 0.25 * first, f"loss {first:.3f} -> {last:.3f}: did not fit 4 fixed rows"
+    assert {o.name: o.passed for o in result.outcomes} == {
+        "open_clip_export_identical": True,
+        "loss_decreased": True,
+    }
+    assert result.input_versions == {"triplets/00000": "m-1"}
+    assert result.row_counts["steps"] == 24 and result.metadata["samples_per_s"] > 0
+
+    # The export loads through open_clip both ways, and gives exactly the trained weights'
+    # embeddings (taken here from the Lightning checkpoint, independently of the export).
+    register_bundled_model_configs()
+    weights = result.outputs["open_clip_weights"]
+    by_name = open_clip.create_model(DEMO_CLIP_MODEL, pretrained=str(weights))
+    by_dir = open_clip.create_model(f"local-dir:{weights.parent}")
+    state = torch.load(result.outputs["lightning_checkpoint"], weights_only=False)["state_dict"]
+    from_lightning = open_clip.create_model(DEMO_CLIP_MODEL)
+    from_lightning.load_state_dict({k.removeprefix("clip."): v for k, v in state.items()})
+    base = open_clip.create_model(DEMO_CLIP_MODEL, pretrained=config.pretrained)
+    expected = _probe_embeddings(from_lightning)
+    for loaded in (by_name, by_dir):
+        for got, want in zip(_probe_embeddings(loaded), expected, strict=True):
+            assert torch.equal(got, want)
+    assert not torch.allclose(_probe_embeddings(base)[1], expected[1])  # training moved it
+
+
+_KILLABLE_RUN = """
+import sys, time
+import lightning.pytorch as pl_lightning
+import torch
+sys.path.insert(0, {tests!r})
+from test_training_support import tiny_config
+from megapairs_assets.lib.storage import DataLayout
+from megapairs_assets.training.train import train_checkpoint
+from pathlib import Path
+
+class Slow(pl_lightning.Callback):
+    # Long enough steps that the test can kill the run between two checkpoints.
+    def on_train_batch_end(self, *args):
+        time.sleep(0.4)
+
+torch.set_num_threads(1)
+config = tiny_config(Path({models!r}), max_steps=12, checkpoint_every_n_steps=3)
+train_checkpoint("resume", config, [Path({triplets!r})], DataLayout(Path({home!r})),
+                 input_versions={{"triplets/00000": "m-1"}}, extra_callbacks=[Slow()])
+"""
+
+
+def _steps_logged(curve_path: Path) -> int:
+    try:
+        return int(read_loss_curve(curve_path)["step"].max() or 0)
+    except (pl.exceptions.PolarsError, OSError):
+        return 0  # not written yet, or caught mid-line
+
+
+def test_run_killed_mid_epoch_resumes_at_the_checkpointed_step(
+    tmp_path: Path, demo_models_dir: Path
+) -> None:
+    triplets = write_triplets(tmp_path, rows=16, images=12)  # 4 steps an epoch
+    home = tmp_path / "home"
+    config = tiny_config(demo_models_dir, max_steps=12, checkpoint_every_n_steps=3)
+    script = tmp_path / "run.py"
+    script.write_text(
+        textwrap.dedent(_KILLABLE_RUN).format(
+            tests=str(REPO_ROOT / "tests"),
+            models=str(demo_models_dir),
+            triplets=str(triplets),
+            home=str(home),
+        )
+    )
+    out = home / "data" / "mmret_clip_checkpoint" / "resume"
+    process = subprocess.Popen([sys.executable, str(script)], cwd=REPO_ROOT)
+    try:
+        deadline = time.monotonic() + 120
+        # Past the step-3 checkpoint and inside the second epoch (steps 5-8).
+        while _steps_logged(out / "loss_curve.csv") < 5:
+            assert process.poll() is None, "the training process ended before it was killed"
+            assert time.monotonic() < deadline, "the training process made no progress"
+            time.sleep(0.05)
+        os.kill(process.pid, signal.SIGKILL)
+    finally:
+        process.kill()
+        process.wait()
+    killed_at = _steps_logged(out / "loss_curve.csv")
+    assert killed_at < 12
+    checkpoint = torch.load(out / "lightning" / "last.ckpt", weights_only=False)
+    saved_step = checkpoint["global_step"]
+    assert saved_step in (3, 6, 9) and saved_step <= killed_at
+
+    with OneThread():
+        resumed = train_checkpoint(
+            "resume", config, [triplets], DataLayout(home), input_versions={"triplets/00000": "m-1"}
+        )
+        reference = train_checkpoint(
+            "resume",
+            config,
+            [triplets],
+            DataLayout(tmp_path / "uninterrupted"),
+            input_versions={"triplets/00000": "m-1"},
+        )
+
+    assert resumed.metadata["resumed_from_step"] == saved_step
+    assert resumed.row_counts["steps"] == 12
+    curve = read_loss_curve(resumed.outputs["loss_curve"])
+    assert curve["step"].to_list() == list(range(1, 13))
+    # Same batches, same optimizer state: the interrupted run ends where an uninterrupted one does.
+    reference_curve = read_loss_curve(reference.outputs["loss_curve"])
+    assert curve["loss"].to_list() == pytest.approx(reference_curve["loss"].to_list(), rel=1e-5)
+    from safetensors.torch import load_file
+
+    got = load_file(resumed.outputs["open_clip_weights"])
+    want = load_file(reference.outputs["open_clip_weights"])
+    for name, tensor in want.items():
+        torch.testing.assert_close(got[name], tensor, rtol=1e-5, atol=1e-6)
+
+
+def test_finished_run_is_not_trained_again_and_new_data_starts_over(
+    tmp_path: Path, demo_models_dir: Path
+) -> None:
+    triplets = write_triplets(tmp_path, rows=8, images=10)
+    config = tiny_config(demo_models_dir, max_steps=4)
+    layout = DataLayout(tmp_path / "home")
+    with OneThread():
+        first = train_checkpoint("again", config, [triplets], layout, input_versions={"t/0": "a"})
+        again = train_checkpoint("again", config, [triplets], layout, input_versions={"t/0": "a"})
+        fresh = train_checkpoint("again", config, [triplets], layout, input_versions={"t/0": "b"})
+    assert again.metadata["resumed_from_step"] == 4
+    assert read_loss_curve(again.outputs["loss_curve"]).height == 4
+    assert fresh.metadata["resumed_from_step"] == 0
+    assert first.metadata["fingerprint"] != fresh.metadata["fingerprint"]
