@@ -13,6 +13,8 @@ import torch
 from image_factory import picture
 
 from megapairs_assets.demo.models import DEMO_CLIP_MODEL
+from megapairs_assets.lib.storage import is_safe_partition_key
+from megapairs_assets.retriever.discovery import discover_checkpoints
 from megapairs_assets.retriever.model import (
     Retriever,
     RetrieverConfigError,
@@ -77,13 +79,12 @@ def test_retriever_id_is_stable_across_machines_and_fingerprint_tracks_weights(
         path.parent.mkdir(parents=True)
         shutil.copy(checkpoint, path)
     ids = {RetrieverSpec(DEMO_CLIP_MODEL, str(path)).retriever_id for path in (here, there)}
-    assert ids == {"megapairs-tiny-clip@models:megapairs-tiny-clip"}
-    copy = there
-    there = RetrieverSpec(DEMO_CLIP_MODEL, str(copy))
-    before = there.fingerprint()
-    os.utime(copy, ns=(10**18, 10**18))  # rewritten weights: a new modification time
-    assert there.fingerprint() != before
-    assert RetrieverSpec("ViT-B-16", "openai").retriever_id == "ViT-B-16@openai"
+    assert ids == {"megapairs-tiny-clip__models.megapairs-tiny-clip"}
+    spec = RetrieverSpec(DEMO_CLIP_MODEL, str(there))
+    before = spec.fingerprint()
+    os.utime(there, ns=(10**18, 10**18))  # rewritten weights: a new modification time
+    assert spec.fingerprint() != before
+    assert RetrieverSpec("ViT-B-16", "openai").retriever_id == "ViT-B-16__openai"
 
 
 def test_spec_from_argument_forms(checkpoint: Path, tmp_path: Path) -> None:
@@ -100,7 +101,7 @@ def test_spec_from_argument_forms(checkpoint: Path, tmp_path: Path) -> None:
     step.with_suffix(".json").write_text(json.dumps({"model_name": DEMO_CLIP_MODEL}))
     from_sidecar = spec_from_argument(str(step))
     assert from_sidecar.model_name == DEMO_CLIP_MODEL
-    assert from_sidecar.retriever_id == "megapairs-tiny-clip@demo:step-000010"
+    assert from_sidecar.retriever_id == "megapairs-tiny-clip__demo.step-000010"
 
 
 def test_open_clip_export_directory_loads_as_local_dir(
@@ -117,7 +118,8 @@ def test_open_clip_export_directory_loads_as_local_dir(
         load_retriever_spec(spec, CPU, torch.float32)  # a config alone would be random weights
     shutil.copy(checkpoint, export / "open_clip_pytorch_model.bin")
     loaded = load_retriever_spec(spec, CPU, torch.float32)
-    assert loaded.retriever_id == "local@mmret_clip_checkpoint:demo"
+    assert loaded.retriever_id == "local__mmret_clip_checkpoint.demo"
+    assert is_safe_partition_key(loaded.retriever_id)
     image = [picture(1, (40, 30))]
     np.testing.assert_allclose(
         loaded.encode_images(image), retriever.encode_images(image), atol=1e-5
@@ -133,3 +135,29 @@ def test_loading_errors_say_what_to_fix(tmp_path: Path) -> None:
         load_retriever(DEMO_CLIP_MODEL, str(tmp_path / "gone.pt"), CPU, torch.float32)
     with pytest.raises(RetrieverConfigError, match=r"without open_clip_config\.json"):
         spec_from_argument(str(tmp_path))
+
+
+def test_discovery_lists_complete_exports_named_by_their_architecture(
+    checkpoint: Path, tmp_path: Path
+) -> None:
+    import open_clip
+
+    root = tmp_path / "mmret_clip_checkpoint"
+    config = {
+        "model_cfg": open_clip.get_model_config(DEMO_CLIP_MODEL),
+        "preprocess_cfg": {},
+        "model_name": DEMO_CLIP_MODEL,
+    }
+    for name in ("demo", "bigger-batch"):
+        export = root / name / "open_clip"
+        export.mkdir(parents=True)
+        (export / "open_clip_config.json").write_text(json.dumps(config))
+        shutil.copy(checkpoint, export / "open_clip_model.safetensors")
+    (root / "half-written" / "open_clip").mkdir(parents=True)
+    (root / "half-written" / "open_clip" / "open_clip_config.json").write_text(json.dumps(config))
+    found = discover_checkpoints(root)
+    assert list(found) == [
+        "megapairs-tiny-clip__bigger-batch.open_clip",
+        "megapairs-tiny-clip__demo.open_clip",
+    ]
+    assert discover_checkpoints(tmp_path / "absent") == {}

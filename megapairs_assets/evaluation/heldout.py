@@ -5,9 +5,9 @@ id (SHA-256 of a salted id, read as a number in [0, 1)) and holds it out when th
 below `fraction`. The decision depends only on the id, never on the order, the shard or the
 run, so the held-out set is the same everywhere; and every triplet of a held-out query image is
 held out together, so training never sees that image as a query. Training MUST drop the rows
-`held_out_mask` marks (use `split_triplets`); `HELDOUT_SPLIT_VERSION` names the rule so both
-sides can record it. A held-out image may still appear in training as another pair's target or
-negative: the split is by query image, as the issue defines it.
+`held_out_mask` marks (use `split_triplets`, or `is_held_out` per row); `HELDOUT_SPLIT_VERSION`
+names the rule so both sides can record it. A held-out image may still appear in training as
+another pair's target or negative: the split is by query image, as the issue defines it.
 
 The benchmark. Each held-out triplet gives one query per instruction in `q_text`: the query
 image plus that instruction, with the triplet's target image as the one correct answer. The
@@ -57,6 +57,11 @@ def held_out_mask(query_image_ids: Sequence[str], fraction: float) -> np.ndarray
     if not 0.0 <= fraction < 1.0:
         raise ValueError(f"held-out fraction must be in [0, 1), got {fraction}")
     return held_out_score(query_image_ids) < fraction
+
+
+def is_held_out(query_image_id: str, fraction: float) -> bool:
+    """One id's decision (the form a per-row filter takes, e.g. training's data preparation)."""
+    return bool(held_out_mask([query_image_id], fraction)[0])
 
 
 def query_key_column(triplets: pl.DataFrame) -> str:

@@ -10,12 +10,15 @@ Where weights come from is open_clip's business, as everywhere in this project:
   checkpoint file (a state dict open_clip loads with `create_model(name, pretrained=path)`),
   or None with `model_name="local-dir:<dir>"` for a directory holding `open_clip_config.json`
   plus weights (open_clip's own export format).
+  An export may add {"model_name": ...} to its config (open_clip ignores the key); the id then
+  names the architecture instead of `local`.
 - `spec_from_argument("ViT-B-16@openai")`, `spec_from_argument("/ckpt/step-200.pt")`: what the
   CLI and the checkpoint sensor accept. A bare checkpoint file takes its architecture from a
   sidecar `<file stem>.json` holding {"model_name": ...}, else from `default_model`.
 
 `retriever_id` is the one name of a retriever in lineage, the CLI and the UI (it is the
-`retrievers` partition key). `fingerprint` changes when the weights change, so cached gallery
+`retrievers` partition key, so it keeps to the project's safe-key rule: letters, digits, '.',
+'_' and '-'). `fingerprint` changes when the weights change, so cached gallery
 embeddings are never reused for different weights under the same name.
 """
 
@@ -32,13 +35,15 @@ import numpy as np
 import torch
 from PIL import Image
 
+from megapairs_assets.lib.storage import MAX_PARTITION_KEY_CHARS
 from megapairs_assets.retriever.fusion import fuse_query, normalize
 
 LOCAL_DIR_PREFIX = "local-dir:"
 OPEN_CLIP_CONFIG = "open_clip_config.json"
 # What open_clip looks for as weights in a local-dir export.
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pth")
-_UNSAFE_ID_CHARS = re.compile(r"[^A-Za-z0-9._:@+-]+")
+ID_SEPARATOR = "__"
+_UNSAFE_ID_CHARS = re.compile(r"[^A-Za-z0-9._-]+")
 
 
 class RetrieverConfigError(ValueError):
@@ -54,17 +59,22 @@ class RetrieverSpec:
 
     @property
     def retriever_id(self) -> str:
-        """A stable, machine-independent name: `<model>@<tag>` or `<model>@<folder>:<file>`."""
+        """A stable, machine-independent name, safe as a partition key and a folder name.
+
+        `<model>__<tag>` for a pretrained tag, `<model>__<folder>.<file stem>` for local weights
+        (`<model>` is `local` for an export that does not name its architecture).
+        """
         if self.model_name.startswith(LOCAL_DIR_PREFIX):
             folder = Path(self.model_name.removeprefix(LOCAL_DIR_PREFIX)).expanduser()
-            label = f"local@{_tail(folder)}"
+            label = f"{_exported_model_name(folder) or 'local'}{ID_SEPARATOR}{_tail(folder)}"
         elif self.pretrained is None:
-            label = f"{self.model_name}@random"
+            label = f"{self.model_name}{ID_SEPARATOR}random"
         elif _is_local(self.pretrained):
-            label = f"{self.model_name}@{_tail(Path(self.pretrained).expanduser())}"
+            label = f"{self.model_name}{ID_SEPARATOR}{_tail(Path(self.pretrained).expanduser())}"
         else:
-            label = f"{self.model_name}@{self.pretrained}"
-        return _UNSAFE_ID_CHARS.sub("-", label).replace("...", "-")
+            label = f"{self.model_name}{ID_SEPARATOR}{self.pretrained}"
+        safe = _UNSAFE_ID_CHARS.sub("-", label).lstrip("._-")
+        return safe[:MAX_PARTITION_KEY_CHARS]
 
     def fingerprint(self) -> str:
         """Changes whenever the weights behind this spec change (local files: size, mtime)."""
@@ -273,6 +283,16 @@ def _sidecar_model_name(checkpoint: Path) -> str | None:
     return str(name) if name else None
 
 
+def _exported_model_name(folder: Path) -> str | None:
+    """The architecture name an export records beside open_clip's keys, if it does."""
+    try:
+        config = json.loads((folder / OPEN_CLIP_CONFIG).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    name = config.get("model_name") if isinstance(config, dict) else None
+    return str(name) if name else None
+
+
 def _is_local(pretrained: str) -> bool:
     # An open_clip tag is a bare word (`openai`, `laion2b_s34b_b79k`); a path has a separator
     # or a file suffix, or exists.
@@ -286,7 +306,7 @@ def _is_local(pretrained: str) -> bool:
 
 def _tail(path: Path) -> str:
     # The folder and the file (without suffix) name a checkpoint on any machine.
-    return f"{path.parent.name}:{path.stem if path.suffix else path.name}"
+    return f"{path.parent.name}.{path.stem if path.suffix else path.name}"
 
 
 def _as_image(item: Image.Image | str | Path) -> Image.Image:

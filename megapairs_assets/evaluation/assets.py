@@ -1,0 +1,149 @@
+"""Dagster wiring of benchmark scores: (retriever, benchmark) partitions and a checkpoint sensor.
+
+`benchmark_scores` is partitioned two ways: `retriever` (dynamic: the base model and every
+trained checkpoint, registered as they appear) x `benchmark` (the fixed benchmark keys of
+`evaluation.run`). A new checkpoint therefore scores only its own partitions; nothing already
+scored runs again.
+"""
+
+import dagster as dg
+
+# To move with the resource to resources/evaluation.py (see the report to the lead).
+from megapairs_assets.evaluation.resource import EvaluationResource
+from megapairs_assets.evaluation.run import BENCHMARK_KEYS
+from megapairs_assets.evaluation.step import (
+    ASSET_NAME,
+    SCORE_CHECKS,
+    SCORE_WARNINGS,
+    TRIPLETS_ASSET,
+    RetrieverPool,
+    known_retrievers,
+    score_partition,
+)
+from megapairs_assets.lib.step import StepResult
+from megapairs_assets.orchestration.shard_step import Stage, materialize_partitions
+from resources.device import DeviceResource
+from resources.storage import LineageCatalogResource, StorageResource
+
+RETRIEVER_PARTITIONS_NAME = "retrievers"
+RETRIEVER_DIMENSION, BENCHMARK_DIMENSION = "retriever", "benchmark"
+retriever_partitions = dg.DynamicPartitionsDefinition(name=RETRIEVER_PARTITIONS_NAME)
+benchmark_partitions = dg.StaticPartitionsDefinition(list(BENCHMARK_KEYS))
+score_partitions = dg.MultiPartitionsDefinition(
+    {RETRIEVER_DIMENSION: retriever_partitions, BENCHMARK_DIMENSION: benchmark_partitions}
+)
+
+STAGE = Stage(ASSET_NAME, "benchmark-scores-v1", SCORE_CHECKS, SCORE_WARNINGS)
+
+
+def score_partition_key(retriever_id: str, benchmark: str) -> dg.MultiPartitionKey:
+    """The `benchmark_scores` partition of one retriever on one benchmark."""
+    return dg.MultiPartitionKey({RETRIEVER_DIMENSION: retriever_id, BENCHMARK_DIMENSION: benchmark})
+
+
+def split_partition_key(partition: str) -> tuple[str, str]:
+    """(retriever id, benchmark) of a `benchmark_scores` partition key."""
+    keys = score_partitions.get_partition_key_from_str(partition).keys_by_dimension
+    return keys[RETRIEVER_DIMENSION], keys[BENCHMARK_DIMENSION]
+
+
+@dg.asset(
+    name=ASSET_NAME,
+    partitions_def=score_partitions,
+    # Only the held-out benchmark reads triplets; it reads every shard of them.
+    deps=[dg.AssetDep(TRIPLETS_ASSET, partition_mapping=dg.AllPartitionMapping())],
+    group_name="evaluation",
+    code_version=STAGE.code_version,
+    kinds={"faiss", "open_clip"},
+    check_specs=STAGE.check_specs(),
+    backfill_policy=dg.BackfillPolicy.multi_run(max_partitions_per_run=16),
+)
+def benchmark_scores(
+    context: dg.AssetExecutionContext,
+    evaluation: EvaluationResource,
+    device: DeviceResource,
+    storage: StorageResource,
+    catalog: LineageCatalogResource,
+) -> dg.MaterializeResult:
+    """Zero-shot CIR scores of one retriever on one benchmark, with the official metrics.
+
+    CIRCO mAP@5/10/25/50; CIRR Recall@1/5/10/50 (reference removed) and Recall_subset@1/2/3;
+    FashionIQ Recall@10/50 per category and mean; GeneCIS Recall@1/2/3 per task and mean; our
+    held-out split of the triplets Recall@1/5/10 and mAP@5. Test splits (CIRCO test, CIRR
+    test1) write the evaluation servers' files instead. A benchmark whose files are absent is
+    a `skipped` row naming the path looked at. Gallery embeddings are cached per retriever
+    weights and gallery version; scores are also rows of the catalog table `benchmark_scores`.
+    """
+    layout, lineage = storage.layout(), catalog.catalog()
+    pool = RetrieverPool(device.torch_device(), device.torch_dtype())
+    base, settings = evaluation.base_spec(), evaluation.settings()
+    config = {
+        "roots": {name: str(path) if path else None for name, path in evaluation.roots().items()},
+        "heldout_fraction": evaluation.heldout_fraction,
+        "heldout_max_queries": evaluation.heldout_max_queries,
+        "device": device.describe(),
+    }
+
+    def step(partition: str) -> StepResult:
+        retriever_id, benchmark = split_partition_key(partition)
+        return score_partition(
+            partition,
+            retriever_id,
+            benchmark,
+            base,
+            evaluation.sources,
+            settings,
+            layout,
+            lineage,
+            pool,
+            config=config,
+            log=context.log.info,
+        )
+
+    return materialize_partitions(context, STAGE, step, lineage, storage.profile)
+
+
+def build_checkpoint_sensor(default_status: dg.DefaultSensorStatus) -> dg.SensorDefinition:
+    """The sensor that registers new retrievers (base model, trained checkpoints) and scores
+    them on every benchmark."""
+
+    @dg.sensor(
+        name="new_retrievers_sensor",
+        minimum_interval_seconds=60,
+        default_status=default_status,
+        asset_selection=[ASSET_NAME],
+    )
+    def new_retrievers_sensor(
+        context: dg.SensorEvaluationContext,
+        evaluation: EvaluationResource,
+        storage: StorageResource,
+    ) -> dg.SensorResult | dg.SkipReason:
+        """Registers the base retriever and each complete checkpoint export that appeared under
+        `<data>/mmret_clip_checkpoint/`, and requests its scores on every benchmark."""
+        try:
+            found = list(known_retrievers(evaluation.base_spec(), storage.layout()))
+        except Exception as error:  # a bad folder must not kill the sensor daemon
+            return dg.SkipReason(f"cannot list retrievers: {error}")
+        known = set(context.instance.get_dynamic_partitions(RETRIEVER_PARTITIONS_NAME))
+        new = [retriever_id for retriever_id in found if retriever_id not in known]
+        if not new:
+            return dg.SkipReason(f"no new retriever ({len(found)} known)")
+        return dg.SensorResult(
+            run_requests=[
+                dg.RunRequest(partition_key=score_partition_key(retriever_id, benchmark))
+                for retriever_id in new
+                for benchmark in BENCHMARK_KEYS
+            ],
+            dynamic_partitions_requests=[retriever_partitions.build_add_request(new)],
+        )
+
+    return new_retrievers_sensor
+
+
+def register_retrievers(instance: dg.DagsterInstance, retriever_ids: list[str]) -> list[str]:
+    """Add retriever partitions not yet known (for `megapairs demo`); returns the new ones."""
+    known = set(instance.get_dynamic_partitions(RETRIEVER_PARTITIONS_NAME))
+    new = [r for r in retriever_ids if r not in known]
+    if new:
+        instance.add_dynamic_partitions(RETRIEVER_PARTITIONS_NAME, new)
+    return new

@@ -1,0 +1,91 @@
+"""Base vs trained, per metric: the picture of one benchmark for the asset page.
+
+With matplotlib installed, grouped bars rendered to a PNG embedded in Markdown; without it,
+the same comparison as Markdown text bars (so the page never depends on an optional package).
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+
+import polars as pl
+
+from megapairs_assets.evaluation.run import MEAN_SPLIT
+
+_TEXT_BAR_WIDTH = 25
+_BLOCK = "█"
+
+
+def headline_scores(scores: pl.DataFrame) -> pl.DataFrame:
+    """The rows a comparison shows: the "mean" split where there is one, else every split."""
+    if scores.height == 0:
+        return scores
+    if MEAN_SPLIT in scores["split"].to_list():
+        return scores.filter(pl.col("split") == MEAN_SPLIT)
+    return scores
+
+
+def comparison_markdown(scores: pl.DataFrame, title: str) -> str:
+    """Markdown comparing retrievers per metric (`retriever_id`, `split`, `metric`, `value`)."""
+    rows = headline_scores(scores)
+    if rows.height == 0:
+        return f"_{title}: no scores yet_"
+    try:
+        return _png_markdown(rows, title)
+    except ImportError:
+        return _text_bars(rows, title)
+
+
+def _labels(rows: pl.DataFrame) -> list[str]:
+    splits = rows["split"].unique().to_list()
+    if len(splits) == 1:
+        return rows["metric"].to_list()
+    return [f"{s} {m}" for s, m in zip(rows["split"], rows["metric"], strict=True)]
+
+
+def _text_bars(rows: pl.DataFrame, title: str) -> str:
+    lines = [f"**{title}** (percent; one bar per retriever)", "", "```"]
+    rows = rows.with_columns(label=pl.Series(_labels(rows)))
+    width = max(len(r) for r in rows["retriever_id"])
+    for label in dict.fromkeys(rows["label"]):
+        lines.append(label)
+        for row in rows.filter(pl.col("label") == label).iter_rows(named=True):
+            filled = round(_TEXT_BAR_WIDTH * max(0.0, min(row["value"], 100.0)) / 100.0)
+            lines.append(
+                f"  {row['retriever_id']:<{width}} {_BLOCK * filled:<{_TEXT_BAR_WIDTH}} "
+                f"{row['value']:6.2f}"
+            )
+    lines.append("```")
+    return "\n".join(lines)
+
+
+def _png_markdown(rows: pl.DataFrame, title: str) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = rows.with_columns(label=pl.Series(_labels(rows)))
+    labels = list(dict.fromkeys(rows["label"]))
+    retrievers = list(dict.fromkeys(rows["retriever_id"]))
+    bar_width = 0.8 / max(1, len(retrievers))
+    figure, axes = plt.subplots(figsize=(max(4.0, 1.2 * len(labels)), 3.0), dpi=100)
+    for offset, retriever_id in enumerate(retrievers):
+        mine = rows.filter(pl.col("retriever_id") == retriever_id)
+        value = dict(zip(mine["label"], mine["value"], strict=True))
+        positions = [i + offset * bar_width for i in range(len(labels))]
+        axes.bar(
+            positions, [value.get(label, 0.0) for label in labels], bar_width, label=retriever_id
+        )
+    axes.set_xticks([i + bar_width * (len(retrievers) - 1) / 2 for i in range(len(labels))])
+    axes.set_xticklabels(labels)
+    axes.set_ylabel("percent")
+    axes.set_title(title)
+    axes.legend(fontsize="small")
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png")
+    plt.close(figure)
+    encoded = base64.b64encode(buffer.getvalue()).decode()
+    return f"![{title}](data:image/png;base64,{encoded})"

@@ -1,0 +1,89 @@
+"""The evaluation settings as a Dagster resource (to live in `resources/evaluation.py`).
+
+Written here because `resources/` belongs to the lead; moving it is a file move plus one import
+in `evaluation/assets.py`. Every field shows in the UI's resource tab.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import dagster as dg
+import polars as pl
+from pydantic import Field
+
+from megapairs_assets.evaluation.run import BenchmarkSources, EvaluationSettings
+from megapairs_assets.retriever.model import RetrieverSpec
+
+
+class EvaluationResource(dg.ConfigurableResource):
+    """Which retriever is the base, where the public benchmarks live, how to embed and rank.
+
+    A benchmark root left empty is reported as skipped, never scored. Roots hold the official
+    layouts (see `megapairs_assets/evaluation/loaders/`).
+    """
+
+    base_model: str = Field(description="open_clip model name of the base retriever")
+    base_pretrained: str | None = Field(
+        default=None, description="Its pretrained tag or local checkpoint file"
+    )
+    demo_models_dir: str | None = Field(
+        default=None, description="Build the demo's tiny models here first (demo profile only)"
+    )
+    circo_root: str | None = Field(default=None, description="CIRCO folder (annotations/, ...)")
+    cirr_root: str | None = Field(default=None, description="CIRR folder (captions/, ...)")
+    fashioniq_root: str | None = Field(default=None, description="FashionIQ folder")
+    genecis_root: str | None = Field(default=None, description="GeneCIS folder")
+    heldout_fraction: float = Field(
+        default=0.05, description="Share of query images held out of training, for our benchmark"
+    )
+    heldout_max_queries: int | None = Field(
+        default=None, description="Cap on held-out query images scored (lowest hashes kept)"
+    )
+    batch_size: int = Field(default=64, description="Images or texts per forward pass")
+    num_workers: int = Field(default=2, description="Image decode worker processes")
+    query_batch_size: int = Field(default=16_384, description="Queries per faiss search call")
+
+    def base_spec(self) -> RetrieverSpec:
+        return RetrieverSpec(self.base_model, self.base_pretrained)
+
+    def roots(self) -> dict[str, Path | None]:
+        return {
+            "circo": _path(self.circo_root),
+            "cirr": _path(self.cirr_root),
+            "fashioniq": _path(self.fashioniq_root),
+            "genecis": _path(self.genecis_root),
+        }
+
+    def sources(
+        self, triplets: Callable[[], pl.DataFrame | None] | None = None
+    ) -> BenchmarkSources:
+        """Benchmark sources; `triplets` returns all the project's triplets (or None)."""
+        return BenchmarkSources(
+            roots=self.roots(),
+            triplets=triplets,
+            heldout_fraction=self.heldout_fraction,
+            heldout_max_queries=self.heldout_max_queries,
+        )
+
+    def settings(self) -> EvaluationSettings:
+        return EvaluationSettings(
+            batch_size=self.batch_size,
+            num_workers=self.num_workers,
+            query_batch_size=self.query_batch_size,
+        )
+
+    def prepare(self) -> None:
+        """Build the demo models when this profile uses them (idempotent, process-safe)."""
+        if self.demo_models_dir:
+            from megapairs_assets.demo.models import ensure_demo_models
+
+            ensure_demo_models(Path(self.demo_models_dir))
+
+    def setup_for_execution(self, context: dg.InitResourceContext) -> None:
+        self.prepare()
+
+
+def _path(value: str | None) -> Path | None:
+    return Path(value).expanduser() if value else None

@@ -1,0 +1,232 @@
+"""One (retriever, benchmark) partition of `benchmark_scores`, as plain work.
+
+`score_partition` resolves the retriever (the profile's base model, or a trained checkpoint
+found under `<data>/mmret_clip_checkpoint/`), scores the benchmark with cached gallery
+embeddings, writes the scores table and any server files under
+`<data>/benchmark_scores/<retriever id>/<benchmark>/`, and returns a `StepResult` whose catalog
+rows are the scores. Dagster is not imported here.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+import torch
+
+from megapairs_assets.evaluation.catalog_rows import SCORES_TABLE, scores_for
+from megapairs_assets.evaluation.gallery_cache import GalleryCache
+from megapairs_assets.evaluation.plot import comparison_markdown
+from megapairs_assets.evaluation.run import (
+    STATUS_SCORED,
+    STATUS_SKIPPED,
+    BenchmarkResult,
+    BenchmarkSources,
+    EvaluationSettings,
+    evaluate_benchmark,
+)
+from megapairs_assets.lib.quality import CheckOutcome, outcome
+from megapairs_assets.lib.step import StepResult
+from megapairs_assets.lib.storage import DataLayout, write_parquet_atomic
+from megapairs_assets.lineage.catalog import LineageCatalog, read_with_versions
+from megapairs_assets.retriever.discovery import discover_checkpoints
+from megapairs_assets.retriever.model import (
+    LOCAL_DIR_PREFIX,
+    Retriever,
+    RetrieverSpec,
+    load_retriever_spec,
+)
+
+ASSET_NAME = "benchmark_scores"
+CHECKPOINT_ASSET = "mmret_clip_checkpoint"
+TRIPLETS_ASSET = "triplets"
+GALLERY_CACHE_DIRNAME = "benchmark_gallery_cache"
+COMPARED_COLUMNS = ["retriever_id", "benchmark", "split", "metric", "value"]
+SCORE_CHECKS = {
+    "scores_are_percentages": "Every score is a finite number between 0 and 100",
+}
+SCORE_WARNINGS = {
+    "benchmark_files_present": "Every split of the benchmark was found (else it is skipped)",
+}
+
+
+class RetrieverNotFound(LookupError):
+    """A retrievers partition that names neither the base model nor a checkpoint on disk."""
+
+
+def checkpoint_root(layout: DataLayout) -> Path:
+    """Where the training stage writes its checkpoints (one folder per named config)."""
+    return layout.data_dir / CHECKPOINT_ASSET
+
+
+def gallery_cache(layout: DataLayout) -> GalleryCache:
+    return GalleryCache(layout.data_dir / GALLERY_CACHE_DIRNAME)
+
+
+def output_dir(layout: DataLayout, retriever_id: str, benchmark: str) -> Path:
+    return layout.asset_dir(ASSET_NAME) / retriever_id / benchmark
+
+
+def known_retrievers(base: RetrieverSpec, layout: DataLayout) -> dict[str, RetrieverSpec]:
+    """retriever_id -> spec: the base model first, then every complete checkpoint on disk."""
+    return {base.retriever_id: base, **discover_checkpoints(checkpoint_root(layout))}
+
+
+def resolve_retriever(retriever_id: str, base: RetrieverSpec, layout: DataLayout) -> RetrieverSpec:
+    """The spec behind a retrievers partition key; RetrieverNotFound names the known ones."""
+    known = known_retrievers(base, layout)
+    if retriever_id not in known:
+        raise RetrieverNotFound(
+            f"retriever {retriever_id!r} is neither the base model ({base.retriever_id}) nor a "
+            f"checkpoint under {checkpoint_root(layout)}; known: {', '.join(known)}"
+        )
+    return known[retriever_id]
+
+
+@dataclass
+class RetrieverPool:
+    """Retrievers loaded once per step and reused for every partition it scores."""
+
+    device: torch.device
+    dtype: torch.dtype
+    loaded: dict[RetrieverSpec, Retriever] = field(default_factory=dict)
+
+    def get(self, spec: RetrieverSpec) -> Retriever:
+        if spec not in self.loaded:
+            self.loaded[spec] = load_retriever_spec(spec, self.device, self.dtype)
+        return self.loaded[spec]
+
+
+def read_triplets(
+    layout: DataLayout, lineage: LineageCatalog
+) -> tuple[pl.DataFrame | None, dict[str, str]]:
+    """All complete shards of the triplets asset, and the versions read ("triplets/<shard>")."""
+    shards = lineage.query(
+        "SELECT DISTINCT partition FROM materializations WHERE asset = ? AND status = 'complete' "
+        "ORDER BY partition",
+        [TRIPLETS_ASSET],
+    )["partition"].to_list()
+    if not shards:
+        return None, {}
+
+    def read() -> pl.DataFrame | None:
+        paths = [layout.shard_table(TRIPLETS_ASSET, s) for s in shards]
+        frames = [pl.read_parquet(p) for p in paths if p.is_file()]
+        return pl.concat(frames, how="diagonal_relaxed") if frames else None
+
+    frame, versions = read_with_versions(lineage, TRIPLETS_ASSET, shards, read)
+    return frame, {f"{TRIPLETS_ASSET}/{s}": v for s, v in versions.items()}
+
+
+def score_partition(
+    partition: str,
+    retriever_id: str,
+    benchmark: str,
+    base: RetrieverSpec,
+    sources: Callable[[Callable[[], pl.DataFrame | None]], BenchmarkSources],
+    settings: EvaluationSettings,
+    layout: DataLayout,
+    lineage: LineageCatalog,
+    pool: RetrieverPool,
+    config: Mapping[str, Any] | None = None,
+    log: Callable[[str], None] | None = None,
+) -> StepResult:
+    """Score `benchmark` for `retriever_id` (see the module docstring).
+
+    `sources` builds the benchmark sources from a triplets reader (used by "heldout" only);
+    `partition` is the Dagster partition key the catalog rows are filed under.
+    """
+    spec = resolve_retriever(retriever_id, base, layout)
+    retriever = pool.get(spec)
+    input_versions: dict[str, str] = {}
+
+    def triplets() -> pl.DataFrame | None:
+        frame, versions = read_triplets(layout, lineage)
+        input_versions.update(versions)
+        return frame
+
+    out = output_dir(layout, retriever_id, benchmark)
+    result = evaluate_benchmark(
+        retriever, benchmark, sources(triplets), gallery_cache(layout), out, settings, log
+    )
+    input_versions.update(_checkpoint_version(spec, layout, lineage))
+    rows = result.rows()
+    table_path = out / "scores.parquet"
+    write_parquet_atomic(rows, table_path)
+    submissions = {p.name: p for s in result.splits for p in s.submissions}
+    # The catalog holds the other retrievers' latest scores; this one's are not committed yet.
+    others = scores_for(lineage, rows["benchmark"][0]).filter(
+        pl.col("retriever_id") != retriever_id
+    )
+    mine = rows.filter(pl.col("status") == STATUS_SCORED).select(COMPARED_COLUMNS)
+    compared = pl.concat([others.select(COMPARED_COLUMNS), mine], how="vertical_relaxed")
+    return StepResult(
+        partition=partition,
+        outputs={"scores": table_path, **submissions},
+        row_counts={"scores": int((rows["status"] == STATUS_SCORED).sum())},
+        config={"benchmark": benchmark, **(config or {})},
+        model_ids={"retriever": retriever_id, "weights_fingerprint": spec.fingerprint()},
+        input_versions=input_versions,
+        rows={SCORES_TABLE.name: rows.with_columns(partition=pl.lit(partition))},
+        outcomes=check_scores(rows),
+        preview=rows.select("split", "metric", "value", "status", "detail"),
+        metadata={
+            **_headline_metadata(result),
+            "compared_retrievers": ", ".join(sorted(set(compared["retriever_id"]))),
+        },
+        markdown={
+            "scores": result.table_markdown(),
+            "comparison": comparison_markdown(compared, f"{benchmark}: retrievers compared"),
+        },
+    )
+
+
+def check_scores(rows: pl.DataFrame) -> list[CheckOutcome]:
+    """Scores are finite percentages; every split's files were found."""
+    scored = rows.filter(pl.col("status") == STATUS_SCORED)
+    bad = [
+        f"{r['split']}/{r['metric']}={r['value']}"
+        for r in scored.iter_rows(named=True)
+        if r["value"] is None or not math.isfinite(r["value"]) or not 0.0 <= r["value"] <= 100.0
+    ]
+    skipped = rows.filter(pl.col("status") == STATUS_SKIPPED)
+    missing = [f"{r['split']}: {r['detail']}" for r in skipped.iter_rows(named=True)]
+    return [
+        outcome("scores_are_percentages", bad, "scores lie in [0, 100]"),
+        outcome("benchmark_files_present", missing, "every split's files were found"),
+    ]
+
+
+def _headline_metadata(result: BenchmarkResult) -> dict[str, Any]:
+    """Numbers the UI can chart over materializations: the headline split's metrics."""
+    scored = result.scored()
+    metadata: dict[str, Any] = {
+        "retriever_id": result.retriever_id,
+        "benchmark": result.benchmark,
+        "splits_scored": len(scored),
+        "splits_skipped": sum(s.status == STATUS_SKIPPED for s in result.splits),
+        "gallery_reused": all(s.gallery_reused for s in scored) if scored else False,
+    }
+    if scored:
+        headline = scored[-1]  # the mean when there is one, else the only split
+        metadata.update({name: round(value, 4) for name, value in headline.metrics.items()})
+    return metadata
+
+
+def _checkpoint_version(
+    spec: RetrieverSpec, layout: DataLayout, lineage: LineageCatalog
+) -> dict[str, str]:
+    """For a trained checkpoint: the training materialization that wrote it."""
+    if not spec.model_name.startswith(LOCAL_DIR_PREFIX):
+        return {}
+    folder = Path(spec.model_name.removeprefix(LOCAL_DIR_PREFIX))
+    try:
+        config_name = folder.resolve().relative_to(checkpoint_root(layout).resolve()).parts[0]
+    except (ValueError, IndexError):
+        return {}
+    versions = lineage.latest_materialization_ids(CHECKPOINT_ASSET, [config_name])
+    return {f"{CHECKPOINT_ASSET}/{p}": v for p, v in versions.items()}
