@@ -239,6 +239,8 @@ BENCHMARK_LOADERS: dict[str, Callable[[BenchmarkSources], list[BenchmarkSplit | 
     "heldout": _heldout,
 }
 BENCHMARK_KEYS = tuple(BENCHMARK_LOADERS)
+BENCHMARK_FAMILY = {key: key.split("-")[0] for key in BENCHMARK_KEYS}
+"""Benchmark key -> the family whose configured root it reads ("heldout" reads triplets)."""
 
 
 def load_benchmark(key: str, sources: BenchmarkSources) -> list[BenchmarkSplit | Skipped]:

@@ -1,0 +1,60 @@
+"""`megapairs eval`: the subcommand module on its own parser (the lead wires it into main)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import pytest
+from test_evaluation_loaders import write_fashioniq
+
+from megapairs_assets.demo.models import DEMO_CLIP_MODEL
+from megapairs_assets.evaluation import cli
+
+
+def _run(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="megapairs")
+    cli.register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+@pytest.fixture
+def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("MEGAPAIRS_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("MEGAPAIRS_PROFILE", "demo")
+    return tmp_path / "home"
+
+
+def test_eval_prints_the_table_and_shares_the_gallery_cache(
+    home: Path, tmp_path: Path, demo_models_dir: Path, capsys: pytest.CaptureFixture
+) -> None:
+    write_fashioniq(tmp_path / "fiq")
+    retriever = f"{DEMO_CLIP_MODEL}@{demo_models_dir / (DEMO_CLIP_MODEL + '.pt')}"
+    argv = ["eval", "--retriever", retriever, "--benchmark", "fashioniq-val"]
+    argv += ["--root", str(tmp_path / "fiq"), "--device", "cpu", "--num-workers", "0"]
+    assert _run(argv) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("**fashioniq-val** · retriever `megapairs-tiny-clip__")
+    assert "| split | R@10 | R@50 | queries |" in out
+    for split in ("dress", "shirt", "toptee", "mean"):
+        assert f"| {split} |" in out
+    cached = list((home / "data" / "benchmark_gallery_cache").glob("*/fashioniq-*/*/meta.json"))
+    assert len(cached) == 3  # one gallery per category, reusable by the asset
+
+
+def test_eval_reports_bad_input_in_one_line(
+    home: Path, tmp_path: Path, demo_models_dir: Path, capsys: pytest.CaptureFixture
+) -> None:
+    write_fashioniq(tmp_path / "fiq")
+    path = tmp_path / "fiq/captions/cap.toptee.val.json"
+    path.write_text(json.dumps([{"candidate": "x"}], indent=2))
+    checkpoint = demo_models_dir / f"{DEMO_CLIP_MODEL}.pt"
+    argv = ["eval", "--retriever", f"{DEMO_CLIP_MODEL}@{checkpoint}", "--device", "cpu"]
+    assert _run([*argv, "--benchmark", "fashioniq-val", "--root", str(tmp_path / "fiq")]) == 1
+    assert "cap.toptee.val.json:2: entry 0: missing key 'target'" in capsys.readouterr().err
+    assert _run([*argv, "--benchmark", "heldout", "--root", str(tmp_path)]) == 1
+    assert "--root does not apply to heldout" in capsys.readouterr().err
+    assert _run(["eval", "--retriever", "no-such-clip@openai", "--benchmark", "genecis"]) == 1
+    assert "no model named 'no-such-clip'" in capsys.readouterr().err
