@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from test_training_support import OneThread, tiny_config, triplet_rows, write_images
 
+from megapairs_assets.evaluation.heldout import is_held_out, split_triplets
 from megapairs_assets.lib.storage import DataLayout
 from megapairs_assets.training.config import TrainingConfigError, resolve_config
 from megapairs_assets.training.data import (
@@ -20,6 +21,7 @@ from megapairs_assets.training.data import (
     TripletImages,
     image_key,
     prepare_triplets,
+    resolve_image_paths,
 )
 from megapairs_assets.training.loss import (
     QUERY_IMAGE_SLOT,
@@ -101,17 +103,20 @@ def test_multi_device_auto_strategy_is_safe_inside_a_step(demo_models_dir: Path)
 
 
 def test_bad_rows_are_quarantined_with_reasons_and_heldout_queries_dropped() -> None:
+    ids = [f"00000/{i:09d}" for i in range(40)]
+    held = next(i for i in ids if is_held_out(i, 0.5))
+    kept = next(i for i in ids if not is_held_out(i, 0.5))
     good = {"q_img": "a", "q_text": ["x", "y", "z"], "t_img": "b", "hns": ["a", "c"]}
     rows = [
-        {**good, "query_id": "keep"},
-        {**good, "query_id": "held"},
+        {**good, "query_id": kept},
+        {**good, "query_id": held},
         {**good, "query_id": "r2", "q_text": ["  ", ""]},
         {**good, "query_id": "r3", "hns": ["c", "a"]},
         {**good, "query_id": "r4", "t_img": "a"},
         {**good, "query_id": "r5", "hns": ["a", "b"]},
         {**good, "query_id": "r6", "q_img": None},
     ]
-    prepared = prepare_triplets(pl.DataFrame(rows), lambda query_id: query_id == "held")
+    prepared = prepare_triplets(pl.DataFrame(rows), heldout_fraction=0.5)
     assert prepared.rows["row"].to_list() == [0]
     assert prepared.heldout_rows == 1
     assert dict(zip(*prepared.quarantine.select("row", "reason"), strict=True)) == {
@@ -121,6 +126,25 @@ def test_bad_rows_are_quarantined_with_reasons_and_heldout_queries_dropped() -> 
         5: "target_in_negatives",
         6: "missing_query_image",
     }
+    # Evaluation's own split function agrees on every good row.
+    train_rows, heldout_rows = split_triplets(pl.DataFrame(rows[:2]), 0.5)
+    assert train_rows["query_id"].to_list() == [kept]
+    assert heldout_rows["query_id"].to_list() == [held]
+
+
+def test_relative_image_paths_resolve_under_the_image_root(tmp_path: Path) -> None:
+    frame = pl.DataFrame(
+        {
+            "q_img": ["images/00000/a.jpg"],
+            "q_text": [["x"]],
+            "t_img": ["/abs/b.jpg"],
+            "hns": [["images/00000/a.jpg", "/data/shard.tar#c.jpg", "file:///d.jpg"]],
+        }
+    )
+    resolved = resolve_image_paths(frame, tmp_path).row(0, named=True)
+    assert resolved["q_img"] == f"{tmp_path.resolve()}/images/00000/a.jpg"
+    assert resolved["t_img"] == "/abs/b.jpg"
+    assert resolved["hns"] == [resolved["q_img"], "/data/shard.tar#c.jpg", "file:///d.jpg"]
 
 
 # --- batch order ---------------------------------------------------------------------------

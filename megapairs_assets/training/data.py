@@ -5,6 +5,7 @@ Input rows follow the MegaPairs release schema (method.md §6): `q_img` (image p
 `hns` (hard-negative images, `hns[0]` the query image), plus whatever id columns the triplets
 asset writes. `prepare_triplets` keeps the rows a model can learn from and quarantines the rest
 with a reason; it also drops the evaluation's held-out queries, so they never enter training.
+Relative image paths (the release layout) are resolved against an image root.
 
 Batches are a pure function of (seed, step): the permutation of an epoch comes from the seed
 and the epoch number, and the instruction of a row from (seed, step, row). A run killed at step
@@ -77,19 +78,35 @@ def read_triplets(paths: Sequence[Path]) -> pl.DataFrame:
     return pl.concat(frames, how="diagonal_relaxed")
 
 
-def query_key_column(frame: pl.DataFrame) -> str:
-    """The column that names a row's query image for the held-out split (`query_id` if any)."""
-    return "query_id" if "query_id" in frame.columns else "q_img"
+def resolve_image_paths(frame: pl.DataFrame, image_root: Path | None) -> pl.DataFrame:
+    """Relative image paths (the release layout, `images/<shard>/<key>.jpg`) under `image_root`.
+
+    Absolute paths and corpus URIs (`<tar>#<member>`, `file://...`) are left as they are.
+    """
+    if image_root is None:
+        return frame
+    root = str(image_root.resolve()).rstrip("/") + "/"
+
+    def resolved(column: pl.Expr) -> pl.Expr:
+        relative = ~(column.str.starts_with("/") | column.str.contains(r"^[A-Za-z][\w+.-]*://"))
+        return pl.when(relative).then(pl.lit(root) + column).otherwise(column)
+
+    return frame.with_columns(
+        resolved(pl.col("q_img")).alias("q_img"),
+        resolved(pl.col("t_img")).alias("t_img"),
+        pl.col("hns").list.eval(resolved(pl.element())).alias("hns"),
+    )
 
 
-def prepare_triplets(
-    frame: pl.DataFrame, is_heldout_query: Callable[[str], bool] | None = None
-) -> PreparedTriplets:
+def prepare_triplets(frame: pl.DataFrame, heldout_fraction: float = 0.0) -> PreparedTriplets:
     """Keep trainable rows, quarantine the rest with a reason, drop held-out queries.
 
-    `is_heldout_query` gets a row's query key (`query_id`, else `q_img`) and says whether that
-    query belongs to the evaluation's held-out split.
+    The held-out split is evaluation's (`evaluation.heldout.held_out_mask`, keyed by
+    `query_id`, else `q_img`), so a query image scored by the held-out benchmark is never a
+    training query.
     """
+    from megapairs_assets.evaluation.heldout import held_out_mask, query_key_column
+
     numbered = frame.with_row_index("row").with_columns(
         pl.col("row").cast(pl.Int64),
         pl.col("q_text")
@@ -122,9 +139,9 @@ def prepare_triplets(
     quarantine = checked.filter(pl.col("reason").is_not_null()).select("row", "q_img", "reason")
     good = checked.filter(pl.col("reason").is_null())
     heldout_rows = 0
-    if is_heldout_query is not None and good.height:
-        key = query_key_column(good)
-        heldout = pl.Series([bool(is_heldout_query(k)) for k in good[key]], dtype=pl.Boolean)
+    if heldout_fraction > 0 and good.height:
+        keys = good[query_key_column(good)].cast(pl.String).to_list()
+        heldout = pl.Series(held_out_mask(keys, heldout_fraction), dtype=pl.Boolean)
         heldout_rows = int(heldout.sum())
         good = good.filter(~heldout)
     rows = good.select("row", "q_img", "instructions", "t_img", "hns")

@@ -70,7 +70,16 @@ def export_open_clip(clip: torch.nn.Module, model_name: str, directory: Path) ->
     # The keys open_clip itself writes for a saved model (see its hub export).
     extra = getattr(visual, "preprocess_cfg", None) or {}
     preprocess.update({k: extra[k] for k in ("interpolation", "resize_mode") if k in extra})
-    config = {"model_cfg": open_clip.get_model_config(model_name), "preprocess_cfg": preprocess}
+    # open_clip reads model_cfg and preprocess_cfg; "model_name" (ignored by open_clip) lets
+    # the retriever name the architecture. The sidecar does the same for the bare weights file.
+    config = {
+        "model_name": model_name,
+        "model_cfg": open_clip.get_model_config(model_name),
+        "preprocess_cfg": preprocess,
+    }
+    sidecar = weights.with_suffix(".json")
+    write_atomic(sidecar, lambda tmp: tmp.write_text(json.dumps({"model_name": model_name}) + "\n"))
+    # Written last: a folder with both config and weights is complete (retriever.discovery).
     config_path = directory / CONFIG_NAME
     write_atomic(config_path, lambda tmp: tmp.write_text(json.dumps(config, indent=2) + "\n"))
     return ExportedCheckpoint(directory, weights, config_path, model_name)

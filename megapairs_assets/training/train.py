@@ -37,7 +37,12 @@ import polars as pl
 from megapairs_assets.lib.quality import CheckOutcome
 from megapairs_assets.lib.step import StepResult
 from megapairs_assets.lib.storage import DataLayout, write_atomic, write_parquet_atomic
-from megapairs_assets.training.config import ResolvedTraining, TrainingConfig, resolve_config
+from megapairs_assets.training.config import (
+    ResolvedTraining,
+    TrainingConfig,
+    TrainingConfigError,
+    resolve_config,
+)
 from megapairs_assets.training.data import (
     PreparedTriplets,
     TripletDataError,
@@ -45,6 +50,7 @@ from megapairs_assets.training.data import (
     TripletImages,
     prepare_triplets,
     read_triplets,
+    resolve_image_paths,
 )
 from megapairs_assets.training.plot import loss_plot_markdown, sample_curve
 
@@ -65,28 +71,67 @@ def train_checkpoint(
     layout: DataLayout,
     *,
     input_versions: Mapping[str, str] | None = None,
-    is_heldout_query: Callable[[str], bool] | None = None,
+    heldout_fraction: float = 0.0,
+    image_root: Path | None = None,
     log: Callable[[str], None] | None = None,
     extra_callbacks: Sequence[Any] = (),
     gpu_count: int | None = None,
 ) -> StepResult:
-    """Train (or resume, or re-export) the checkpoint of `config_name` on the triplet tables.
+    """Train (or resume, or re-export) the checkpoint of `config_name` on triplet tables.
 
     input_versions: "asset/partition" -> materialization id of each triplet table read; it is
         the data version recorded with the checkpoint and part of its fingerprint.
-    is_heldout_query: the evaluation's split; rows whose query key it accepts are not trained on.
+    heldout_fraction: the evaluation's held-out share of query images; their rows are not
+        trained on (`evaluation.heldout`, the split both sides share).
+    image_root: where relative image paths (the release layout) live.
     extra_callbacks: more Lightning callbacks (tests, profiling).
     Raises `TrainingConfigError` / `TripletDataError` before any training on bad settings or
     unusable input.
     """
+    check_config_name(config_name)
+    resolve_config(config, gpu_count=gpu_count)  # fail on settings before reading any data
+    frame = resolve_image_paths(read_triplets(triplet_paths), image_root)
+    return train_on_triplets(
+        config_name,
+        config,
+        frame,
+        layout,
+        input_versions=input_versions,
+        heldout_fraction=heldout_fraction,
+        log=log,
+        extra_callbacks=extra_callbacks,
+        gpu_count=gpu_count,
+    )
+
+
+def check_config_name(config_name: str) -> None:
+    """A config name names a folder and a partition: keep it to a safe, short key."""
     if not _CONFIG_NAME.match(config_name):
-        raise ValueError(
+        raise TrainingConfigError(
             f"training config name {config_name!r} must be 1-64 letters, digits, '.', '_' or '-' "
             "(it names a folder and a partition)"
         )
+
+
+def train_on_triplets(
+    config_name: str,
+    config: TrainingConfig,
+    triplets: pl.DataFrame,
+    layout: DataLayout,
+    *,
+    input_versions: Mapping[str, str] | None = None,
+    heldout_fraction: float = 0.0,
+    log: Callable[[str], None] | None = None,
+    extra_callbacks: Sequence[Any] = (),
+    gpu_count: int | None = None,
+) -> StepResult:
+    """`train_checkpoint` on triplet rows already read (image paths resolved)."""
+    from megapairs_assets.evaluation.heldout import HELDOUT_SPLIT_VERSION
+
+    check_config_name(config_name)
     say = log or (lambda _: None)
     resolved = resolve_config(config, gpu_count=gpu_count)
-    prepared = prepare_triplets(read_triplets(triplet_paths), is_heldout_query)
+    prepared = prepare_triplets(triplets, heldout_fraction)
     if prepared.rows.height < config.batch_size:
         raise TripletDataError(
             f"{prepared.rows.height} usable triplet rows ({prepared.input_rows} read, "
@@ -94,8 +139,9 @@ def train_checkpoint(
             f"fewer than one batch of {config.batch_size}; lower batch_size or add triplets"
         )
     versions = dict(input_versions or {})
+    split = f"{HELDOUT_SPLIT_VERSION}@{heldout_fraction}"
     out = checkpoint_dir(layout, config_name)
-    fingerprint = config.fingerprint(versions)
+    fingerprint = config.fingerprint({**versions, "heldout_split": split})
     resume_from = _prepare_output_dir(out, fingerprint, say)
 
     started = time.perf_counter()
@@ -134,6 +180,7 @@ def train_checkpoint(
         row_count_key="training_rows",
         config={
             **config.as_dict(),
+            "heldout_split": split,
             "resolved_strategy": resolved.strategy,
             "resolved_precision": resolved.precision,
             "per_device_batch_size": resolved.per_device_batch_size,
@@ -153,8 +200,8 @@ def train_checkpoint(
             "resumed_from_step": resume_from[1],
             "fingerprint": fingerprint,
             "load_with": exported.load_snippet(),
-            "loss_plot": "md:" + plot_markdown,
         },
+        markdown={"loss_plot": plot_markdown},
     )
 
 
@@ -246,7 +293,9 @@ def _prepare_output_dir(
     if state.get("fingerprint") != fingerprint:
         if state or last.exists():
             say(f"settings or data changed since the last run in {out}; training from scratch")
-        shutil.rmtree(out / "lightning", ignore_errors=True)
+        # The old export goes too: the checkpoint sensor must not score it as this config's.
+        for stale in ("lightning", "open_clip"):
+            shutil.rmtree(out / stale, ignore_errors=True)
         (out / "loss_curve.csv").unlink(missing_ok=True)
         _write_json(state_path, {"fingerprint": fingerprint, "complete": False})
         return None, 0
