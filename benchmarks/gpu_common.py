@@ -223,6 +223,23 @@ TOWER_GFLOP = {
 }
 
 
+def matmul_tflops(rows: int, inner: int, columns: int, device: Any, dtype: Any) -> float:
+    """TFLOP/s of one (rows x inner) @ (inner x columns) product on random data (CUDA events)."""
+    import torch
+
+    left = torch.randn(rows, inner, device=device, dtype=dtype)
+    right = torch.randn(inner, columns, device=device, dtype=dtype)
+    left @ right
+    start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(10):
+        left @ right
+    stop.record()
+    stop.synchronize()
+    seconds = start.elapsed_time(stop) / 1e3 / 10
+    return round(2 * rows * inner * columns / seconds / 1e12, 1)
+
+
 # --- synthetic corpus ---------------------------------------------------------------------
 
 

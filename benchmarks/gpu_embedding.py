@@ -9,8 +9,8 @@ loader:
   it (a forward change is kept only with a measured gain), against the ceiling (the card's
   dense bf16 peak / 162 GFLOP per image);
 - end to end: `embed_rows` + `write_embedding_table` over all rows in one call, with JPEGs
-  decoded on the device (`image_decode="device"`: nvJPEG + resize on the GPU, 4 byte-reading
-  workers) and, on fewer rows, decoded by CPU workers as before (`image_decode="cpu"`);
+  decoded on the device (`image_decode="device"`: nvJPEG + resize on the GPU, reader
+  threads) and, on fewer rows, decoded by CPU workers as before (`image_decode="cpu"`);
 - input only: the device-decode path with the forward swapped for a copy (its ceiling);
 - the micro-batched CPU loader prototype (bench_embedding.py), to decide whether to keep it.
 
@@ -89,13 +89,21 @@ def embedding_section(
 
     # A short pass warms the device decoder and the loader before the timed ones.
     warm = rows.head(min(rows.height, 2 * batch_size))
-    embed_rows(warm, encoder, limits, batch_size, 4, device, dtype, image_decode="device")
+    embed_rows(
+        warm, encoder, limits, batch_size, args.device_workers, device, dtype, image_decode="device"
+    )
     table = scratch / "embeddings.parquet"
     on_device = functools.partial(embed_rows, image_decode="device")
     on_cpu = functools.partial(embed_rows, image_decode="cpu")
     runs = (
-        ("end_to_end_device_decode", encoder, rows, 4, on_device),
-        ("input_only_device_decode", bench.pipeline_only(encoder, device), rows, 4, on_device),
+        ("end_to_end_device_decode", encoder, rows, args.device_workers, on_device),
+        (
+            "input_only_device_decode",
+            bench.pipeline_only(encoder, device),
+            rows,
+            args.device_workers,
+            on_device,
+        ),
         ("end_to_end_cpu_decode", encoder, rows.head(args.cpu_decode_rows), args.workers, on_cpu),
         (
             "end_to_end_cpu_decode_microbatch",
@@ -106,6 +114,9 @@ def embedding_section(
         ),
     )
     for name, model, run_rows, workers, embed in runs:
+        if run_rows.height == 0:
+            record[name] = "skipped: --cpu-decode-rows 0"
+            continue
         if not suite.has_time(args.reserve_s + 20):
             record[name] = "skipped: time budget"
             continue

@@ -72,6 +72,9 @@ def knn_section(record: dict[str, Any], args: argparse.Namespace, suite: Suite) 
 
     record["matmul_only_s"] = round(_matmul_only_s(index, n_queries, plan), 3)
     log(f"knn: matmul only {record['matmul_only_s']} s")
+    if device.type == "cuda":
+        record["one_block_ms"] = _one_block_ms(index, plan)
+        log(f"knn: one block, ms per step {record['one_block_ms']}")
 
     queries = vectors[:n_queries]
     # Warm-up on a few queries: kernel selection and the caching allocator's first blocks.
@@ -137,6 +140,49 @@ def _matmul_only_s(index: Any, n_queries: int, plan: Any) -> float:
                 block_queries @ index.vectors[corpus_start : corpus_start + plan.corpus_rows].T
         synchronize(device)
     return time.perf_counter() - started
+
+
+def _one_block_ms(index: Any, plan: Any) -> dict[str, float]:
+    """Where one (query block x corpus block) step's time goes, in CUDA-event milliseconds.
+
+    The product's selection is `select_two_levels`; the other rows are the alternatives it
+    was chosen over (a maximum over consecutive columns, a plain `topk`).
+    """
+    import torch
+
+    group = 32
+    queries = index.vectors[: plan.query_rows]
+    block = index.vectors[: plan.corpus_rows]
+    scores = queries @ block.T
+    n_queries = scores.shape[0]
+    steps = {
+        "matmul": lambda: queries @ block.T,
+        "max_strided_groups": lambda: scores.view(n_queries, group, -1).amax(dim=1),
+        "max_consecutive_groups": lambda: scores.view(n_queries, -1, group).amax(dim=2),
+        "topk_all_columns": lambda: scores.topk(plan.candidates, dim=1, sorted=False),
+        "topk_group_maxima": lambda: (
+            scores.view(n_queries, group, -1).amax(dim=1).topk(plan.candidates, dim=1, sorted=False)
+        ),
+        "select_two_levels": lambda: _select(scores, plan.candidates),
+    }
+    timings: dict[str, float] = {}
+    with torch.inference_mode():
+        for name, step in steps.items():
+            step()
+            start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(5):
+                step()
+            stop.record()
+            stop.synchronize()
+            timings[name] = round(start.elapsed_time(stop) / 5, 3)
+    return timings
+
+
+def _select(scores: Any, n_best: int) -> Any:
+    from megapairs_assets.knn import torch_search
+
+    return torch_search._block_top(scores, n_best)
 
 
 def _accuracy(

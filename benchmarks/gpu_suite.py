@@ -69,6 +69,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--model", default="ViT-L-14")
     parser.add_argument("--batch-size", type=int, default=512)
     parser.add_argument("--workers", type=int, default=12, help="CPU-decode workers")
+    parser.add_argument("--device-workers", type=int, default=4, help="reader threads")
     parser.add_argument("--forward-images", type=int, default=8192)
     parser.add_argument("--cpu-decode-rows", type=int, default=10_000)
     parser.add_argument("--knn-vectors", type=int, default=1_000_000)

@@ -89,7 +89,7 @@ def test_device_pixels_are_close_to_the_cpu_preprocess(tmp_path: Path, clip_enco
     rows = _rows(tmp_path / "photos.tar", items)
     batches = list(
         device_image_batches(
-            rows, clip_encoder.preprocess, clip_encoder.input_size_px, LIMITS, 8, 0, CPU, None
+            rows, clip_encoder.preprocess, clip_encoder.input_size_px, LIMITS, 8, 0, CPU
         )
     )
     assert len(batches) == 1 and batches[0].device_decoded == 3
@@ -147,7 +147,7 @@ def test_unknown_preprocess_has_no_device_version() -> None:
 
 
 def test_worker_count_follows_the_machine() -> None:
-    assert default_num_workers(True, cpu_count=16) == 4
+    assert default_num_workers(True, cpu_count=16) == 8
     assert default_num_workers(False, cpu_count=16) == 15
     assert default_num_workers(True, cpu_count=1) == 1
     assert default_num_workers(False, cpu_count=1) == 0

@@ -101,6 +101,20 @@ def test_search_neighbors_with_the_torch_backend_matches_faiss() -> None:
     assert sum(finished) == 400 and len(finished) == 4
 
 
+def test_two_selection_levels_stay_exact() -> None:
+    # 40k rows: group maxima are selected by their own group maxima before the members.
+    vectors = _unit_vectors(40_000, 8, seed=7)
+    queries = np.arange(0, 40_000, 200)
+    index = build_torch_index(vectors, CPU)
+    scores, rows = search_torch_index(index, vectors[queries], 4, exclude_rows=queries)
+
+    exact = vectors[queries].astype(np.float32) @ vectors.astype(np.float32).T
+    exact[np.arange(len(queries)), queries] = -np.inf
+    expected = np.sort(exact, axis=1)[:, ::-1][:, :4]
+    np.testing.assert_allclose(scores, expected, atol=1e-6)
+    np.testing.assert_allclose(exact[np.arange(len(queries))[:, None], rows], scores, atol=1e-6)
+
+
 def test_self_is_excluded_by_row_not_by_value() -> None:
     vectors = _unit_vectors(200, 16, seed=4)
     vectors[7] = vectors[3]  # an exact duplicate is a real neighbour, with score 1

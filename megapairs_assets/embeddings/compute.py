@@ -291,7 +291,6 @@ def _image_batches(
             batch_size,
             num_workers,
             device,
-            _worker_start_method(),
         ):
             yield _Batch(batch.ids, batch.pixels, batch.skipped, batch.device_decoded)
         return

@@ -1,13 +1,16 @@
 """Image input decoded on the GPU: JPEG bytes in, resized and cropped uint8 pixels on the device.
 
 On one H100 the model reads ~2,600 ViT-L-14 images/s while 12 CPU workers decode ~1,300
-(benchmarks/README.md), so CPU decoding bounds the whole stage. Here DataLoader workers only
-read each image's bytes and look at its JPEG header; the main process hands a whole batch to
-nvJPEG (`torchvision.io.decode_jpeg` on CUDA takes a list and uses the GPU's hardware JPEG
-decoder for baseline JPEGs), then resizes and crops on the device with the encoder's own
-torchvision transforms, grouped by image size so each group is one batched call.
+(benchmarks/README.md), so CPU decoding bounds the whole stage. Here reader threads only read
+each image's bytes and look at its JPEG header; the main thread hands a whole batch to nvJPEG
+(`torchvision.io.decode_jpeg` on CUDA takes a list and uses the GPU's hardware JPEG decoder
+for baseline JPEGs), then resizes and crops on the device with the encoder's own torchvision
+transforms, grouped by image size so each group is one batched call. Threads rather than
+DataLoader processes: reading is light, and forking a process that holds a CUDA context costs
+about half a second per call, paid again for every shard.
 
-What the device path does not take is decoded on the CPU exactly as before, in the workers:
+What the device path does not take is decoded on the CPU exactly as before, in the threads
+(PIL releases the GIL while it decodes and resizes):
 other formats, CMYK and other unusual colour modes, progressive JPEGs (nvJPEG decodes those one
 by one on the host anyway), EXIF-rotated pictures (the GPU decoder ignores the orientation tag),
 and sizes outside the limits (so the CPU path reports the rejection). A batch the GPU decoder
@@ -19,7 +22,9 @@ from __future__ import annotations
 
 import io
 import os
+from collections import deque
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Literal
@@ -27,7 +32,6 @@ from typing import Literal
 import polars as pl
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
 
 from megapairs_assets.corpus.images import (
     ImageLimits,
@@ -42,10 +46,10 @@ device), "cpu" (PIL in DataLoader workers) or "auto" (device on a GPU whose deco
 
 SkippedRow = tuple[str, str, str]
 PREPROCESS_FAILED = "preprocess_failed"
-# Reading bytes is light work, so each worker keeps several batches ready.
-PREFETCH_BATCHES_PER_WORKER = 4
-# Reading bytes and parsing headers needs few processes; decoding on the CPU needs many.
-_DEVICE_DECODE_MAX_WORKERS = 4
+# Batches being read ahead of the model, per reader thread.
+PREFETCH_BATCHES_PER_WORKER = 2
+# Reading bytes and parsing headers needs few threads; decoding on the CPU needs many cores.
+_DEVICE_DECODE_MAX_WORKERS = 8
 _JPEG_MAGIC = b"\xff\xd8\xff"
 _EXIF_ORIENTATION = 0x0112
 
@@ -88,7 +92,8 @@ def uses_device_decode(mode: ImageDecode, device: torch.device) -> bool:
 
 
 def default_num_workers(decode_on_device: bool, cpu_count: int | None = None) -> int:
-    """DataLoader workers for this machine: a few byte readers, or every spare core to decode."""
+    """Input workers for this machine: reader threads for the device path (a few, also for the
+    odd image decoded on the CPU), else DataLoader processes on every spare core."""
     cores = cpu_count or len(os.sched_getaffinity(0))
     if decode_on_device:
         return max(1, min(_DEVICE_DECODE_MAX_WORKERS, cores - 1))
@@ -202,6 +207,9 @@ def device_decodable(data: bytes, limits: ImageLimits) -> bool:
             width, height = image.size
             if min(width, height) < limits.min_side_px or width * height > limits.max_pixels:
                 return False
+            max_ratio = getattr(limits, "max_aspect_ratio", None)
+            if max_ratio is not None and max(width, height) > max_ratio * min(width, height):
+                return False
             return image.getexif().get(_EXIF_ORIENTATION, 1) in (0, 1)
     except Exception:  # an unreadable header: the CPU path says why
         return False
@@ -216,7 +224,7 @@ class _Item:
     failure: tuple[str, str] | None = None
 
 
-class _EncodedImages(Dataset):
+class _EncodedImages:
     """Rows as JPEG bytes for the device, or as CPU-preprocessed pixels; never raises."""
 
     def __init__(
@@ -312,12 +320,12 @@ def device_image_batches(
     batch_size: int,
     num_workers: int,
     device: torch.device,
-    worker_start_method: str | None,
 ) -> Iterator[DeviceBatch]:
     """Corpus rows (`image_id`, `source_uri`) as batches of uint8 pixels on `device`.
 
-    Raises ValueError when `preprocess` has no device version (see `tensor_geometry`); callers
-    check that first and keep the CPU path.
+    `num_workers` reader threads (0: the calling thread reads). Raises ValueError when
+    `preprocess` has no device version (see `tensor_geometry`); callers check that first and
+    keep the CPU path.
     """
     geometry = tensor_geometry(preprocess)
     if geometry is None:
@@ -325,18 +333,35 @@ def device_image_batches(
     dataset = _EncodedImages(
         rows["image_id"].to_list(), rows["source_uri"].to_list(), limits, input_side_px, preprocess
     )
-    loader = DataLoader(
-        dataset,
-        batch_size=batch_size,
-        shuffle=False,
-        num_workers=num_workers,
-        collate_fn=_collate_encoded,
-        prefetch_factor=PREFETCH_BATCHES_PER_WORKER if num_workers > 0 else None,
-        multiprocessing_context=worker_start_method if num_workers > 0 else None,
-    )
     fallback = _CpuFallback(limits, input_side_px, preprocess)
-    for batch in loader:
+    for batch in _read_batches(dataset, batch_size, num_workers):
         yield _to_device(batch, geometry, device, fallback)
+
+
+def _read_batches(
+    dataset: _EncodedImages, batch_size: int, threads: int
+) -> Iterator[_EncodedBatch]:
+    """Batches in row order, each read by one of `threads` threads, a few batches ahead."""
+
+    def read(start: int) -> _EncodedBatch:
+        stop = min(start + batch_size, len(dataset))
+        return _collate_encoded([dataset[index] for index in range(start, stop)])
+
+    starts = iter(range(0, len(dataset), batch_size))
+    if threads <= 0:
+        yield from (read(start) for start in starts)
+        return
+    with ThreadPoolExecutor(threads, thread_name_prefix="image-reader") as pool:
+        pending: deque[Future[_EncodedBatch]] = deque(
+            pool.submit(read, start)
+            for _, start in zip(range(threads * PREFETCH_BATCHES_PER_WORKER), starts, strict=False)
+        )
+        while pending:
+            batch = pending.popleft().result()
+            start = next(starts, None)
+            if start is not None:
+                pending.append(pool.submit(read, start))
+            yield batch
 
 
 @dataclass(frozen=True)

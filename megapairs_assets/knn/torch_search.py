@@ -7,11 +7,14 @@ of queries:
 1. Scores against one block of corpus rows at a time, as one matrix product in float16 (or
    bfloat16) on the tensor cores. The query's own row is set to -inf there (self excluded).
 2. A running top-`k + margin` over the corpus blocks. Selecting from a (queries x rows) score
-   block with `torch.topk` costs several times the product itself, so each block first takes
-   the maximum of every group of `_GROUP` consecutive scores, keeps the best `k + margin`
-   groups, and selects among only their members. This is exact: a score among the block's best
-   n lies in a group whose maximum is at least that score, and at most n groups can have such
-   a maximum.
+   block with `torch.topk` costs several times the product itself (10.6 s against 2.6 s for
+   1M x 1M x 768 on one H100), so each block is cut into groups of `_GROUP` columns, the
+   best `k + margin` groups are found by their maxima, and only their members are compared.
+   This is exact: a score among the block's best n lies in a group whose maximum is at least
+   that score, and at most n groups can have such a maximum. The group maxima are themselves
+   selected the same way, so every `topk` runs on a few thousand values. A group is every
+   G-th column (G = columns / `_GROUP`): its maximum is then a reduction across rows of a
+   (`_GROUP`, G) view, which reads the scores once with coalesced loads.
 3. The kept candidates are scored again in float32 from the stored vectors and sorted, so the
    scores equal the CPU path's (faiss computes float32 dot products of the same float16
    values), and the margin covers neighbours whose order the low-precision product swapped.
@@ -31,8 +34,10 @@ import numpy as np
 import torch
 
 # Scores per group for the group-maximum pre-selection. 32 cuts the elements topk must scan
-# 32-fold while the candidates gathered per query (32 x (k + margin)) stay a few thousand.
+# 32-fold per level while the candidates gathered per query (32 x (k + margin)) stay a few
+# thousand. Corpus blocks are cut in multiples of _ALIGN rows so two levels always apply.
 _GROUP = 32
+_ALIGN = _GROUP * _GROUP
 # Extra candidates kept before the float32 re-scoring: a float16 score is off by at most
 # ~5e-4 near 1, so only neighbours within that of the k-th can change places.
 _MIN_MARGIN = 16
@@ -104,7 +109,7 @@ def build_torch_index(
     if compute_dtype is None:
         compute_dtype = torch.float16 if device.type == "cuda" else torch.float32
     n_rows, dim = vectors.shape
-    padded_rows = math.ceil(n_rows / _GROUP) * _GROUP
+    padded_rows = math.ceil(n_rows / _ALIGN) * _ALIGN
     # float16 -> float32 is exact, so a float32 product keeps float32 storage: no per-block
     # conversion (slow on CPUs). Otherwise the table's own dtype is kept.
     storage_dtype = torch.float32 if compute_dtype == torch.float32 else _torch_dtype(vectors.dtype)
@@ -140,13 +145,16 @@ def plan_blocks(
     if budget_bytes <= 0:
         raise ValueError(f"budget_bytes must be positive, got {budget_bytes}")
     cell_bytes = element_bytes * _SCORE_OVERHEAD
-    padded_rows = math.ceil(n_corpus_rows / _GROUP) * _GROUP
+    padded_rows = math.ceil(n_corpus_rows / _ALIGN) * _ALIGN
     # The re-scoring holds (queries, candidates, dim) float32 values.
     rescore_rows = budget_bytes // (candidates * dim * 4)
     query_rows = max(1, min(max(n_queries, 1), max_query_rows, rescore_rows))
     while True:
-        corpus_rows = int(budget_bytes // (query_rows * cell_bytes)) // _GROUP * _GROUP
-        if corpus_rows >= min(padded_rows, 64 * _GROUP) or query_rows == 1:
+        corpus_rows = int(budget_bytes // (query_rows * cell_bytes))
+        # Whole _ALIGN blocks where the budget allows (two selection levels), else groups.
+        unit = _ALIGN if corpus_rows >= 4 * _ALIGN else _GROUP
+        corpus_rows = corpus_rows // unit * unit
+        if corpus_rows >= min(padded_rows, 2 * _ALIGN) or query_rows == 1:
             break
         query_rows = max(1, query_rows // 2)
     corpus_rows = min(corpus_rows, padded_rows)
@@ -263,12 +271,13 @@ def _block_top(scores: torch.Tensor, n_best: int) -> tuple[torch.Tensor, torch.T
     n_groups = n_columns // _GROUP
     if n_groups <= n_best or n_columns % _GROUP:
         return scores.topk(min(n_best, n_columns), dim=1, sorted=False)
-    grouped = scores.view(n_queries, n_groups, _GROUP)
-    _, groups = grouped.amax(dim=2).topk(n_best, dim=1, sorted=False)
-    members = grouped.gather(1, groups.unsqueeze(2).expand(-1, -1, _GROUP))
-    best, position = members.view(n_queries, n_best * _GROUP).topk(n_best, dim=1, sorted=False)
-    columns = groups.gather(1, position // _GROUP) * _GROUP + position % _GROUP
-    return best, columns
+    # Group g holds columns g, g + G, g + 2G, ... (G = n_groups).
+    maxima = scores.view(n_queries, _GROUP, n_groups).amax(dim=1)
+    _, groups = _block_top(maxima, n_best)
+    offsets = torch.arange(_GROUP, device=scores.device) * n_groups
+    columns = (groups.unsqueeze(2) + offsets).view(n_queries, n_best * _GROUP)
+    best, position = scores.gather(1, columns).topk(n_best, dim=1, sorted=False)
+    return best, columns.gather(1, position)
 
 
 def _rescore(
