@@ -8,10 +8,11 @@ from datetime import datetime
 from pathlib import Path
 
 import dagster as dg
+import polars as pl
 import pytest
 import torch
 from image_factory import picture
-from test_evaluation_heldout import tiny_triplets
+from test_evaluation_heldout import image_locations, tiny_triplets
 from test_evaluation_loaders import write_fashioniq
 
 from megapairs_assets.demo.models import DEMO_CLIP_MODEL
@@ -54,6 +55,17 @@ def setup(tmp_path: Path, demo_models_dir: Path) -> dict:
             1.0,
             materialization_id="triplets-mat-1",
         )
+    )
+    # The corpus's image lineage is where the held-out benchmark finds images by id.
+    where = image_locations(triplets)
+    images = pl.DataFrame(
+        {"image_id": list(where), "shard": "00000", "source_uri": list(where.values())}
+    )
+    catalog.record(
+        MaterializationRecord(
+            "image_corpus", "00000", "run-0", "v", "demo", datetime(2025, 1, 1), 1.0
+        ),
+        rows={"image_lineage": images},
     )
     write_fashioniq(tmp_path / "fiq", categories=("dress",))
     checkpoint = demo_models_dir / f"{DEMO_CLIP_MODEL}.pt"
@@ -180,8 +192,6 @@ def test_sensor_registers_new_checkpoints_and_requests_their_scores(setup: dict)
 
 def test_comparison_is_a_png_or_text_bars_without_matplotlib(monkeypatch) -> None:
     import builtins
-
-    import polars as pl
 
     from megapairs_assets.evaluation.plot import comparison_markdown
 

@@ -30,9 +30,17 @@ def tiny_triplets(
                     "q_text": [f"make it number {t}", f"show variant {t}"],
                     "t_img": target,
                     "hns": [query, f"{prefix}/t{q}-{(t + 1) % targets_per_query}.jpg"],
+                    "hard_negative_ids": [f"img-q{q}", f"img-t{q}-{(t + 1) % targets_per_query}"],
                 }
             )
     return pl.DataFrame(rows)
+
+
+def image_locations(triplets: pl.DataFrame) -> dict[str, str]:
+    """Image id -> file path for `tiny_triplets` (what the corpus lookup answers)."""
+    ids = [*triplets["query_id"], *triplets["target_id"], *triplets["hard_negative_ids"].explode()]
+    paths = [*triplets["q_img"], *triplets["t_img"], *triplets["hns"].explode()]
+    return dict(zip(ids, paths, strict=True))
 
 
 def test_split_is_by_query_image_and_independent_of_row_order() -> None:
@@ -62,16 +70,35 @@ def test_split_hashes_q_img_without_query_id_and_larger_fractions_nest() -> None
 
 def test_benchmark_gallery_holds_every_image_of_held_out_triplets() -> None:
     triplets = tiny_triplets(queries=100)
-    split = heldout_benchmark(triplets, fraction=0.2)
+    where = image_locations(triplets)
+    split = heldout_benchmark(triplets, fraction=0.2, locate=lambda ids: where)
     _, held = split_triplets(triplets, fraction=0.2)
-    expected = set(held["q_img"]) | set(held["t_img"]) | set(held["hns"].explode())
+    expected = (
+        set(held["query_id"]) | set(held["target_id"]) | set(held["hard_negative_ids"].explode())
+    )
     assert set(split.gallery_ids) == expected and split.gallery_size == len(expected)
+    assert {ref.uri for ref in split.image_refs} == {where[i] for i in expected}
     # One query per instruction; the query image stays in the gallery as a hard negative.
     assert len(split.queries) == 2 * held.height
     query = split.queries[0]
     assert query.reference_id in split.gallery_ids
     assert query.targets[0] in split.gallery_ids and query.targets[0] != query.reference_id
     assert split.metric_kind == "heldout"
+
+
+def test_release_paths_key_images_without_ids_and_unlocated_triplets_are_counted() -> None:
+    triplets = tiny_triplets(queries=100)
+    by_path = heldout_benchmark(triplets.drop("hard_negative_ids"), fraction=0.2)
+    assert all(
+        ref.uri == key for key, ref in zip(by_path.image_ids, by_path.image_refs, strict=True)
+    )
+    where = image_locations(triplets)
+    lost = sorted(set(split_triplets(triplets, 0.2)[1]["target_id"]))[0]
+    partial = heldout_benchmark(
+        triplets, fraction=0.2, locate=lambda ids: {k: v for k, v in where.items() if k != lost}
+    )
+    # Two triplets use the lost image: as the target of one, a hard negative of its sibling.
+    assert partial.discarded == {"image_not_located": 2} and lost not in partial.image_ids
 
 
 def test_benchmark_cap_keeps_a_nested_subset_and_empty_is_refused() -> None:

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 from image_factory import picture
-from test_evaluation_heldout import tiny_triplets
+from test_evaluation_heldout import image_locations, tiny_triplets
 from test_evaluation_loaders import write_circo, write_cirr, write_fashioniq, write_genecis
 
 from megapairs_assets.demo.models import DEMO_CLIP_MODEL
@@ -198,7 +198,10 @@ def test_heldout_end_to_end(retriever: Retriever, tmp_path: Path) -> None:
     (tmp_path / "img").mkdir()
     for n, uri in enumerate(sorted({*triplets["q_img"], *triplets["t_img"]})):
         picture(n, (24, 20)).save(uri)
-    sources = BenchmarkSources(triplets=lambda: triplets, heldout_fraction=0.3)
+    where = image_locations(triplets)
+    sources = BenchmarkSources(
+        triplets=lambda: triplets, locate_images=lambda ids: where, heldout_fraction=0.3
+    )
     result = evaluate_benchmark(
         retriever, "heldout", sources, GalleryCache(tmp_path / "c"), tmp_path, SETTINGS
     )

@@ -75,13 +75,15 @@ def benchmark_scores(
     weights and gallery version; scores are also rows of the catalog table `benchmark_scores`.
     """
     layout, lineage = storage.layout(), catalog.catalog()
-    pool = RetrieverPool(device.torch_device(), device.torch_dtype())
+    # The device comes from the profile; the precision is evaluation's own (float32 unless set).
+    pool = RetrieverPool(device.torch_device(), evaluation.torch_dtype())
     base, settings = evaluation.base_spec(), evaluation.settings()
     config = {
         "roots": {name: str(path) if path else None for name, path in evaluation.roots().items()},
         "heldout_fraction": evaluation.heldout_fraction,
         "heldout_max_queries": evaluation.heldout_max_queries,
-        "device": device.describe(),
+        "device": str(device.torch_device()),
+        "precision": evaluation.precision,
     }
 
     def step(partition: str) -> StepResult:

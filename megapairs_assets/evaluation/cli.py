@@ -44,6 +44,11 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
         help="the benchmark's folder in its official layout (default: the profile's setting)",
     )
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (default auto)")
+    parser.add_argument(
+        "--precision",
+        choices=("float32", "bfloat16", "float16"),
+        help="numbers the retriever runs in (default: the profile's, else float32)",
+    )
     parser.add_argument("--batch-size", type=int, help="images per forward pass")
     parser.add_argument("--num-workers", type=int, help="image decode worker processes")
     parser.set_defaults(func=run_eval)
@@ -105,9 +110,12 @@ def _evaluate(args: argparse.Namespace):
         settings = replace(settings, batch_size=args.batch_size)
     if args.num_workers is not None:
         settings = replace(settings, num_workers=args.num_workers)
-    device = DeviceResource(device=args.device)
-    retriever = load_retriever_spec(spec, device.torch_device(), device.torch_dtype())
-    print(f"retriever {retriever.retriever_id} on {device.describe()}", file=sys.stderr)
+    import torch
+
+    device = DeviceResource(device=args.device).torch_device()
+    precision = args.precision or (evaluation.precision if evaluation else "float32")
+    retriever = load_retriever_spec(spec, device, getattr(torch, precision))
+    print(f"retriever {retriever.retriever_id} on {device} in {precision}", file=sys.stderr)
     return evaluate_benchmark(
         retriever,
         args.benchmark,
@@ -128,6 +136,7 @@ def _profile_resources(home: Path) -> dict:
 
 def _sources(evaluation, layout, catalog):
     """The profile's benchmark roots, and the catalog's triplets for "heldout"."""
+    from megapairs_assets.corpus.step import image_uris
     from megapairs_assets.evaluation.run import BenchmarkSources
     from megapairs_assets.evaluation.step import read_triplets
 
@@ -137,9 +146,12 @@ def _sources(evaluation, layout, catalog):
         frame, _ = read_triplets(layout, catalog)
         return frame
 
+    def locate(image_ids):
+        return image_uris(catalog, image_ids)
+
     if evaluation is None:
-        return BenchmarkSources(triplets=triplets)
-    return evaluation.sources(triplets)
+        return BenchmarkSources(triplets=triplets, locate_images=locate)
+    return evaluation.sources(triplets, locate)
 
 
 def _default_settings():

@@ -3,9 +3,10 @@
 Embedding CIRCO's 123,403 images is by far the most expensive part of scoring it, and the
 gallery does not change between runs; re-scoring a retriever (or scoring it again after a code
 change elsewhere) reuses the stored raw image projections. The cache key hashes everything that
-shapes them: the retriever's id and weights fingerprint, the benchmark, the split, the gallery
-version (ids, image files, annotation files) and CACHE_FORMAT. A change to any of them is a new
-key; older entries of the same retriever and split are removed when a new one is stored.
+shapes them: the retriever's id and weights fingerprint, the precision it ran in, the benchmark,
+the split, the gallery version (ids, image files, annotation files) and CACHE_FORMAT. A change
+to any of them is a new key; older entries of the same retriever and split are removed when a
+new one is stored.
 
 Layout: `<cache root>/<retriever id>/<benchmark>-<split>/<key>/{projections.npy, meta.json}`;
 meta.json is written last, so an entry without it is incomplete and ignored.
@@ -40,6 +41,7 @@ class CacheKey:
     split: str
     gallery_version: str
     image_count: int
+    precision: str = "float32"
     cache_format: str = CACHE_FORMAT
 
     @property

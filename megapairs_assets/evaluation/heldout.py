@@ -16,15 +16,17 @@ negatives). Query images stay in the gallery: `hns[0]` is the query image, the h
 MMRet trains against, so ranking it first is exactly the mistake the score should show. Scores:
 Recall@1/5/10 and mAP@5 (CIRCO's definition with one ground truth).
 
-Columns read (the MegaPairs release schema): `q_img`, `q_text` (list of instructions or one
-string), `t_img`, `hns` (list); image paths are corpus `source_uri`s. When the frame has
-`query_id` (the project's image id of the query), the split hashes it; else it hashes `q_img`.
+Columns read: the MegaPairs release schema, `q_img`, `q_text` (list of instructions or one
+string), `t_img`, `hns` (list). The project's triplets also carry image ids (`query_id`,
+`target_id`, `hard_negative_ids`): then images are keyed by id and located through the corpus
+(the release paths are relative to an export folder that may not exist). The split hashes
+`query_id` when present, else `q_img`.
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 import polars as pl
@@ -80,11 +82,24 @@ def split_triplets(triplets: pl.DataFrame, fraction: float) -> tuple[pl.DataFram
     return triplets.filter(~mask), triplets.filter(mask)
 
 
+ImageLocator = Callable[[list[str]], Mapping[str, str]]
+"""Image keys -> where their pixels are (a corpus `source_uri` or a file path)."""
+
+ID_COLUMNS = {"q_img": "query_id", "t_img": "target_id", "hns": "hard_negative_ids"}
+
+
 def heldout_benchmark(
-    triplets: pl.DataFrame, fraction: float, max_queries: int | None = None
+    triplets: pl.DataFrame,
+    fraction: float,
+    max_queries: int | None = None,
+    locate: ImageLocator | None = None,
 ) -> BenchmarkSplit:
     """The held-out benchmark built from all triplets (see the module docstring).
 
+    Images are keyed by the project's image ids when the frame has all of `query_id`,
+    `target_id` and `hard_negative_ids`, else by the release paths (`q_img`, `t_img`, `hns`).
+    `locate` maps keys to where the pixels are (default: the keys are paths already); a
+    triplet with an image it cannot locate is left out and counted in `discarded`.
     `max_queries` caps the number of held-out query *images* kept (those with the lowest hash,
     so a smaller cap keeps a subset of a larger one); all their triplets stay.
     """
@@ -103,36 +118,51 @@ def heldout_benchmark(
             f"no triplet is held out at fraction {fraction} ({triplets.height} triplets); raise "
             "the held-out fraction or generate more triplets"
         )
-    held = held.sort(key_column, "t_img")
+    by_id = all(column in held.columns for column in ID_COLUMNS.values())
+    query_col, target_col, negatives_col = ID_COLUMNS.values() if by_id else ID_COLUMNS.keys()
+    held = held.sort(key_column, target_col)
+    all_keys = sorted(
+        {*held[query_col], *held[target_col], *held[negatives_col].explode().drop_nulls()}
+    )
+    where = dict(locate(all_keys)) if locate is not None else {k: k for k in all_keys}
     image_ids: list[str] = []
     seen: set[str] = set()
     queries: list[CirQuery] = []
+    unlocated = 0
     for row_number, row in enumerate(held.iter_rows(named=True)):
-        for uri in (row["q_img"], row["t_img"], *(row["hns"] or [])):
-            if uri not in seen:
-                seen.add(uri)
-                image_ids.append(uri)
-        pair = row.get("pair_id") or f"{row[key_column]}->{row['t_img']}#{row_number}"
+        keys = [row[query_col], row[target_col], *(row[negatives_col] or [])]
+        if not all(key in where for key in keys):
+            unlocated += 1
+            continue
+        for key in keys:
+            if key not in seen:
+                seen.add(key)
+                image_ids.append(key)
+        pair = row.get("pair_id") or f"{row[key_column]}->{row[target_col]}#{row_number}"
         for number, instruction in enumerate(_instructions(row["q_text"])):
             queries.append(
                 CirQuery(
                     query_id=f"{pair}:{number}",
-                    reference_id=row["q_img"],
+                    reference_id=row[query_col],
                     text=instruction,
-                    targets=(row["t_img"],),
+                    targets=(row[target_col],),
                 )
             )
     if not queries:
-        raise HeldOutError("the held-out triplets carry no instructions (q_text is empty)")
+        raise HeldOutError(
+            f"none of the {held.height} held-out triplets has instructions and locatable images "
+            f"({unlocated} had an image that could not be located)"
+        )
     return BenchmarkSplit(
         benchmark="heldout",
         split="heldout",
         metric_kind="heldout",
         image_ids=image_ids,
-        image_refs=[ImageRef(uri) for uri in image_ids],
+        image_refs=[ImageRef(where[key]) for key in image_ids],
         gallery_size=len(image_ids),
         queries=queries,
         has_ground_truth=True,
+        discarded={"image_not_located": unlocated} if unlocated else {},
     )
 
 

@@ -8,11 +8,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import Literal
 
 import dagster as dg
 import polars as pl
+import torch
 from pydantic import Field
 
+from megapairs_assets.evaluation.heldout import ImageLocator
 from megapairs_assets.evaluation.run import BenchmarkSources, EvaluationSettings
 from megapairs_assets.retriever.model import RetrieverSpec
 
@@ -41,6 +44,11 @@ class EvaluationResource(dg.ConfigurableResource):
     heldout_max_queries: int | None = Field(
         default=None, description="Cap on held-out query images scored (lowest hashes kept)"
     )
+    precision: Literal["float32", "bfloat16", "float16"] = Field(
+        default="float32",
+        description="Numbers the retriever runs in. float32 by default, as the benchmarks' own "
+        "evaluation code does: bf16 changed some queries' top-1 on an H200 (measured)",
+    )
     batch_size: int = Field(default=64, description="Images or texts per forward pass")
     num_workers: int = Field(default=2, description="Image decode worker processes")
     query_batch_size: int = Field(default=16_384, description="Queries per faiss search call")
@@ -57,15 +65,22 @@ class EvaluationResource(dg.ConfigurableResource):
         }
 
     def sources(
-        self, triplets: Callable[[], pl.DataFrame | None] | None = None
+        self,
+        triplets: Callable[[], pl.DataFrame | None] | None = None,
+        locate_images: ImageLocator | None = None,
     ) -> BenchmarkSources:
-        """Benchmark sources; `triplets` returns all the project's triplets (or None)."""
+        """Benchmark sources; `triplets` returns all the project's triplets (or None) and
+        `locate_images` finds their images by id."""
         return BenchmarkSources(
             roots=self.roots(),
             triplets=triplets,
+            locate_images=locate_images,
             heldout_fraction=self.heldout_fraction,
             heldout_max_queries=self.heldout_max_queries,
         )
+
+    def torch_dtype(self) -> torch.dtype:
+        return getattr(torch, self.precision)
 
     def settings(self) -> EvaluationSettings:
         return EvaluationSettings(

@@ -33,7 +33,7 @@ from megapairs_assets.corpus.images import ImageRejected
 from megapairs_assets.evaluation import metrics
 from megapairs_assets.evaluation.benchmark import BenchmarkSplit, ImageRef
 from megapairs_assets.evaluation.gallery_cache import CacheKey, GalleryCache
-from megapairs_assets.evaluation.heldout import heldout_benchmark
+from megapairs_assets.evaluation.heldout import ImageLocator, heldout_benchmark
 from megapairs_assets.evaluation.images import open_benchmark_image
 from megapairs_assets.evaluation.loaders import (
     FASHIONIQ_CATEGORIES,
@@ -76,11 +76,13 @@ class BenchmarkSources:
 
     roots: benchmark family ("circo", "cirr", "fashioniq", "genecis") -> its folder, or None
         when not configured. triplets: returns the project's triplets (all shards) or None
-        when there are none yet; read only for "heldout".
+        when there are none yet; read only for "heldout". locate_images: image ids -> where
+        their pixels are (the corpus), for triplets keyed by image id.
     """
 
     roots: Mapping[str, Path | None] = field(default_factory=dict)
     triplets: Callable[[], pl.DataFrame | None] | None = None
+    locate_images: ImageLocator | None = None
     heldout_fraction: float = 0.05
     heldout_max_queries: int | None = None
 
@@ -222,7 +224,10 @@ def _heldout(sources: BenchmarkSources) -> list[BenchmarkSplit | Skipped]:
     triplets = sources.triplets() if sources.triplets is not None else None
     if triplets is None or triplets.height == 0:
         return [Skipped("heldout", "heldout", None, "no triplets have been generated yet")]
-    return [heldout_benchmark(triplets, sources.heldout_fraction, sources.heldout_max_queries)]
+    split = heldout_benchmark(
+        triplets, sources.heldout_fraction, sources.heldout_max_queries, sources.locate_images
+    )
+    return [split]
 
 
 BENCHMARK_LOADERS: dict[str, Callable[[BenchmarkSources], list[BenchmarkSplit | Skipped]]] = {
@@ -294,6 +299,7 @@ def evaluate_split(
         split=split.split,
         gallery_version=version,
         image_count=len(split.image_ids),
+        precision=str(retriever.dtype).removeprefix("torch."),
     )
     projections, reused = cache.get_or_compute(
         key, lambda: embed_images(retriever, split, settings, log)

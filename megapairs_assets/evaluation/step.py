@@ -18,6 +18,7 @@ from typing import Any
 import polars as pl
 import torch
 
+from megapairs_assets.corpus.step import image_uris
 from megapairs_assets.evaluation.catalog_rows import SCORES_TABLE, scores_for
 from megapairs_assets.evaluation.gallery_cache import GalleryCache
 from megapairs_assets.evaluation.plot import comparison_markdown
@@ -127,7 +128,7 @@ def score_partition(
     retriever_id: str,
     benchmark: str,
     base: RetrieverSpec,
-    sources: Callable[[Callable[[], pl.DataFrame | None]], BenchmarkSources],
+    sources: Callable[..., BenchmarkSources],
     settings: EvaluationSettings,
     layout: DataLayout,
     lineage: LineageCatalog,
@@ -137,8 +138,9 @@ def score_partition(
 ) -> StepResult:
     """Score `benchmark` for `retriever_id` (see the module docstring).
 
-    `sources` builds the benchmark sources from a triplets reader (used by "heldout" only);
-    `partition` is the Dagster partition key the catalog rows are filed under.
+    `sources(triplets, locate_images)` builds the benchmark sources from a triplets reader and
+    an image locator (both used by "heldout" only); `partition` is the Dagster partition key
+    the catalog rows are filed under.
     """
     spec = resolve_retriever(retriever_id, base, layout)
     retriever = pool.get(spec)
@@ -150,8 +152,12 @@ def score_partition(
         return frame
 
     out = output_dir(layout, retriever_id, benchmark)
+
+    def locate(image_ids: list[str]) -> dict[str, str]:
+        return image_uris(lineage, image_ids)
+
     result = evaluate_benchmark(
-        retriever, benchmark, sources(triplets), gallery_cache(layout), out, settings, log
+        retriever, benchmark, sources(triplets, locate), gallery_cache(layout), out, settings, log
     )
     input_versions.update(_checkpoint_version(spec, layout, lineage))
     rows = result.rows()
