@@ -90,7 +90,7 @@ class TrainingConfig:
     hard_negatives: int = 4
     temperature: float = 0.02
     learning_rate: float = 5e-6
-    weight_decay: float = 0.1
+    weight_decay: float = 0.0
     warmup_steps: int = 500
     max_steps: int = 15_000
     accelerator: Accelerator = "auto"

@@ -1,0 +1,76 @@
+"""Dagster wiring of MMRet-CLIP checkpoints: one partition per named training config.
+
+`mmret_clip_checkpoint` is partitioned by `training_configs` (dynamic: a name per config in the
+training resource, registered by the CLI or by hand), so several variants train side by side,
+each with its own lineage. Every partition reads all of the triplets (one model learns from
+every shard). The export lands under `<data>/mmret_clip_checkpoint/<config>/open_clip/`, where
+the evaluation's checkpoint sensor finds it.
+"""
+
+import dagster as dg
+
+# To move with the resource to resources/training.py (see the report to the lead).
+from megapairs_assets.evaluation.resource import EvaluationResource
+from megapairs_assets.orchestration.shard_step import Stage, materialize_partitions
+from megapairs_assets.training.resource import TrainingResource
+from megapairs_assets.training.step import (
+    TRAINING_CHECKS,
+    TRAINING_WARNINGS,
+    TRIPLETS_ASSET,
+    train_config,
+)
+from megapairs_assets.training.train import ASSET_NAME
+from resources.storage import LineageCatalogResource, StorageResource
+
+TRAINING_CONFIG_PARTITIONS_NAME = "training_configs"
+training_config_partitions = dg.DynamicPartitionsDefinition(name=TRAINING_CONFIG_PARTITIONS_NAME)
+
+STAGE = Stage(ASSET_NAME, "mmret-clip-v1", TRAINING_CHECKS, TRAINING_WARNINGS)
+
+
+@dg.asset(
+    name=ASSET_NAME,
+    partitions_def=training_config_partitions,
+    deps=[dg.AssetDep(TRIPLETS_ASSET, partition_mapping=dg.AllPartitionMapping())],
+    group_name="training",
+    code_version=STAGE.code_version,
+    kinds={"pytorch", "open_clip"},
+    pool="gpu",
+    check_specs=STAGE.check_specs(),
+    # One config per run: a training run holds its devices for hours.
+    backfill_policy=dg.BackfillPolicy.multi_run(max_partitions_per_run=1),
+)
+def mmret_clip_checkpoint(
+    context: dg.AssetExecutionContext,
+    training: TrainingResource,
+    evaluation: EvaluationResource,
+    storage: StorageResource,
+    catalog: LineageCatalogResource,
+) -> dg.MaterializeResult:
+    """An MMRet-CLIP retriever trained with Lightning on the triplets (method.md §7).
+
+    Query = L2-normalise(raw image projection + raw text projection) of the query image and
+    one instruction sampled per step; candidates are images; InfoNCE at temperature 0.02 over
+    the batch's images plus each query's hard negatives (its query image first), gathered over
+    devices. AdamW with linear warm-up and decay, counted in steps; all weights trained. The
+    evaluation's held-out query images are never trained on. Exports an open_clip checkpoint
+    (`create_model(name, pretrained=<weights>)` or `local-dir:<dir>`) plus the Lightning
+    checkpoint; a killed run resumes from its last checkpoint when re-materialized.
+    """
+    layout, lineage = storage.layout(), catalog.catalog()
+    image_root = training.image_root
+
+    def step(config_name: str):
+        from pathlib import Path
+
+        return train_config(
+            config_name,
+            training.config_for(config_name),
+            layout,
+            lineage,
+            heldout_fraction=evaluation.heldout_fraction,
+            image_root=Path(image_root) if image_root else None,
+            log=context.log.info,
+        )
+
+    return materialize_partitions(context, STAGE, step, lineage, storage.profile)

@@ -1,0 +1,162 @@
+"""Training settings as a Dagster resource (to live in `resources/training.py`), and the
+demo and paper settings (to move into `resources/profiles.py`).
+
+Each partition of `mmret_clip_checkpoint` is a named training config; `TrainingResource.configs`
+maps every name to its settings, so a team trains several variants side by side (a base and a
+large model, a learning-rate sweep) and each checkpoint keeps its own lineage.
+
+| setting | demo | paper (`mmret-base` / `mmret-large`) |
+|---|---|---|
+| backbone | tiny local open_clip (untrained) | ViT-B-16 / ViT-L-14, OpenAI weights (QuickGELU) |
+| batch, negatives | 64 queries, query image + 3 | 2048 queries (8 x 256), query image + 3 |
+| temperature | 0.02 | 0.02 |
+| AdamW lr, schedule | 5e-4, 6 warm-up steps, decay to 0 | 5e-6, 500 warm-up steps, decay to 0 |
+| steps | 60 (2 epochs of the demo triplets) | 15,000 / 25,000 |
+| hardware | CPU, float32 | 8 GPUs, `ddp_spawn`, bf16, gradient checkpointing |
+
+The demo model starts from random weights, so it needs a learning rate a hundred times the
+paper's, which fine-tunes a pretrained CLIP. Warm-up and weight decay are not in the paper;
+the values here are ours.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import dagster as dg
+from pydantic import Field
+
+from megapairs_assets.training.config import TrainingConfig, TrainingConfigError
+from megapairs_assets.training.train import check_config_name
+
+DEMO_CONFIG_NAME = "demo"
+PAPER_BASE_CONFIG_NAME = "mmret-base"
+PAPER_LARGE_CONFIG_NAME = "mmret-large"
+
+
+class TrainingSettings(dg.Config):
+    """One named training config; see `megapairs_assets.training.config.TrainingConfig`."""
+
+    model: str = Field(description="open_clip model name (OpenAI weights: the -quickgelu names)")
+    pretrained: str | None = Field(
+        default=None, description="Pretrained tag in the local cache, or a checkpoint file"
+    )
+    batch_size: int = Field(default=2048, description="Queries per optimizer step, all devices")
+    hard_negatives: int = Field(
+        default=4, description="Negatives per query from hns, the query image (hns[0]) included"
+    )
+    temperature: float = Field(default=0.02, description="InfoNCE temperature (fixed)")
+    learning_rate: float = Field(default=5e-6, description="AdamW peak learning rate")
+    weight_decay: float = Field(default=0.0, description="AdamW weight decay (2-d weights only)")
+    warmup_steps: int = Field(default=500, description="Linear warm-up steps, then linear decay")
+    max_steps: int = Field(default=15_000, description="Optimizer steps in total")
+    accelerator: Literal["auto", "cpu", "gpu"] = Field(default="auto", description="Trainer")
+    devices: int = Field(default=1, description="Devices per node")
+    num_nodes: int = Field(default=1, description="Nodes")
+    strategy: str = Field(
+        default="auto", description="Lightning strategy; auto = ddp_spawn on several devices"
+    )
+    precision: Literal["auto", "32-true", "bf16-mixed", "16-mixed"] = Field(
+        default="auto", description="auto = bf16-mixed on GPU, 32-true on CPU"
+    )
+    gradient_checkpointing: bool | None = Field(default=None, description="None = on for GPU runs")
+    checkpoint_every_n_steps: int = Field(
+        default=500, description="How often last.ckpt (the resume point) is rewritten"
+    )
+    num_workers: int = Field(default=8, description="Image decode worker processes per device")
+    image_cache_items: int = Field(
+        default=0, description="Decoded images kept in memory per loader process"
+    )
+    seed: int = Field(default=0, description="Data order, instruction sampling, RNG")
+
+    def to_config(self) -> TrainingConfig:
+        return TrainingConfig(**self.model_dump())
+
+
+class TrainingResource(dg.ConfigurableResource):
+    """Named training configs (the partitions of `mmret_clip_checkpoint`) and where images live.
+
+    `image_root`: where relative image paths of the triplets resolve; empty means the image ids
+    of each triplet are looked up in the catalog's corpus rows (the original images).
+    `demo_models_dir`: build the demo's tiny models there before training (demo profile only).
+    """
+
+    configs: dict[str, TrainingSettings] = Field(description="config name -> settings")
+    image_root: str | None = Field(default=None, description="Root of relative image paths")
+    demo_models_dir: str | None = Field(default=None, description="Build demo models here first")
+
+    def config_for(self, name: str) -> TrainingConfig:
+        """The settings of one named config; an unknown name lists the known ones."""
+        if name not in self.configs:
+            known = ", ".join(sorted(self.configs)) or "none"
+            raise TrainingConfigError(
+                f"no training config named {name!r} (known: {known}); add it to the training "
+                "resource's `configs`, or remove the partition"
+            )
+        return self.configs[name].to_config()
+
+    def setup_for_execution(self, context: dg.InitResourceContext) -> None:
+        for name in self.configs:
+            check_config_name(name)
+        if self.demo_models_dir:
+            from pathlib import Path
+
+            from megapairs_assets.demo.models import ensure_demo_models
+
+            ensure_demo_models(Path(self.demo_models_dir))
+
+
+def demo_training_settings(models_dir: str) -> dict[str, TrainingSettings]:
+    """The demo's one config: the tiny local model, CPU, under a minute on 2 cores."""
+    from megapairs_assets.demo.models import DEMO_CLIP_MODEL
+
+    return {
+        DEMO_CONFIG_NAME: TrainingSettings(
+            model=DEMO_CLIP_MODEL,
+            pretrained=f"{models_dir}/{DEMO_CLIP_MODEL}.pt",
+            batch_size=64,
+            hard_negatives=4,
+            temperature=0.02,
+            learning_rate=5e-4,
+            weight_decay=0.1,
+            warmup_steps=6,
+            max_steps=60,
+            accelerator="auto",
+            checkpoint_every_n_steps=20,
+            num_workers=0,
+            image_cache_items=1024,
+        )
+    }
+
+
+def paper_training_settings() -> dict[str, TrainingSettings]:
+    """MMRet-base and MMRet-large at the paper's settings (method.md §7), for one 8-GPU node."""
+    common = {
+        "pretrained": "openai",
+        "batch_size": 2048,
+        "hard_negatives": 4,
+        "temperature": 0.02,
+        "learning_rate": 5e-6,
+        "warmup_steps": 500,
+        "devices": 8,
+        "checkpoint_every_n_steps": 500,
+        "num_workers": 8,
+    }
+    return {
+        PAPER_BASE_CONFIG_NAME: TrainingSettings(
+            model="ViT-B-16-quickgelu", max_steps=15_000, **common
+        ),
+        PAPER_LARGE_CONFIG_NAME: TrainingSettings(
+            model="ViT-L-14-quickgelu", max_steps=25_000, **common
+        ),
+    }
+
+
+def demo_training_resource(models_dir: str) -> TrainingResource:
+    """The demo profile's training resource."""
+    return TrainingResource(configs=demo_training_settings(models_dir), demo_models_dir=models_dir)
+
+
+def paper_training_resource() -> TrainingResource:
+    """The paper profile's training resource."""
+    return TrainingResource(configs=paper_training_settings())

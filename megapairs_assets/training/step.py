@@ -1,0 +1,123 @@
+"""One `mmret_clip_checkpoint` partition as plain work: read every triplet shard, then train.
+
+The checkpoint depends on all of the triplets (one model learns from every shard), so the
+step reads each complete `triplets` shard with the version it read, turns image ids into the
+corpus's image locations (the original files; the triplets' own paths are relative to the
+export folder, which training does not need) and hands the rows to `train_on_triplets`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import polars as pl
+
+from megapairs_assets.lib.step import StepResult
+from megapairs_assets.lib.storage import DataLayout
+from megapairs_assets.lineage.catalog import LineageCatalog, read_with_versions
+from megapairs_assets.training.config import TrainingConfig, resolve_config
+from megapairs_assets.training.data import TripletDataError, read_triplets, resolve_image_paths
+from megapairs_assets.training.train import ASSET_NAME, check_config_name, train_on_triplets
+
+TRIPLETS_ASSET = "triplets"
+TRAINING_CHECKS = {
+    "open_clip_export_identical": "open_clip.create_model reloads the exported checkpoint with "
+    "bit-identical image and text embeddings",
+}
+TRAINING_WARNINGS = {
+    "loss_decreased": "Mean loss over the last 10% of steps is below that of the first 10%",
+}
+_ID_COLUMNS = ("query_id", "target_id", "hard_negative_ids")
+
+
+def train_config(
+    config_name: str,
+    config: TrainingConfig,
+    layout: DataLayout,
+    catalog: LineageCatalog,
+    *,
+    heldout_fraction: float,
+    image_root: Path | None = None,
+    log: Callable[[str], None] | None = None,
+) -> StepResult:
+    """Train the checkpoint of one named config on every complete triplet shard."""
+    check_config_name(config_name)
+    resolve_config(config)  # settings fail before any data is read
+    triplets, versions = read_triplet_shards(layout, catalog)
+    if image_root is not None:
+        triplets = resolve_image_paths(triplets, image_root)
+    elif all(column in triplets.columns for column in _ID_COLUMNS):
+        triplets = with_corpus_locations(triplets, catalog)
+    return train_on_triplets(
+        config_name,
+        config,
+        triplets,
+        layout,
+        input_versions=versions,
+        heldout_fraction=heldout_fraction,
+        log=log,
+    )
+
+
+def read_triplet_shards(
+    layout: DataLayout, catalog: LineageCatalog
+) -> tuple[pl.DataFrame, dict[str, str]]:
+    """Every complete triplets shard and {"triplets/<shard>": materialization id} read."""
+    shards = catalog.query(
+        "SELECT DISTINCT partition FROM materializations WHERE asset = ? AND status = 'complete' "
+        "ORDER BY partition",
+        [TRIPLETS_ASSET],
+    )["partition"].to_list()
+    if not shards:
+        raise TripletDataError(
+            f"no complete `{TRIPLETS_ASSET}` shard to train {ASSET_NAME} on; materialize the "
+            "triplets first"
+        )
+    paths = [layout.shard_table(TRIPLETS_ASSET, shard) for shard in shards]
+    frame, read = read_with_versions(
+        catalog, TRIPLETS_ASSET, shards, lambda: read_triplets([p for p in paths if p.is_file()])
+    )
+    return frame, {f"{TRIPLETS_ASSET}/{shard}": version for shard, version in read.items()}
+
+
+def with_corpus_locations(triplets: pl.DataFrame, catalog: LineageCatalog) -> pl.DataFrame:
+    """q_img / t_img / hns from the image ids, as the corpus's `source_uri`s.
+
+    An id the catalog does not know becomes null: a missing query or target quarantines its
+    row with a reason, a missing hard negative is left out (the query image, hns[0], never is
+    without the row being quarantined).
+    """
+    from megapairs_assets.corpus.step import image_uris
+
+    ids = set(triplets["query_id"]) | set(triplets["target_id"])
+    ids |= set(triplets["hard_negative_ids"].explode().drop_nulls())
+    uris = image_uris(catalog, sorted(i for i in ids if i is not None))
+    lookup = pl.DataFrame(
+        {"image_id": list(uris), "uri": list(uris.values())},
+        schema={"image_id": pl.String, "uri": pl.String},
+    )
+
+    def mapped(column: str) -> pl.Expr:
+        return pl.col(column).replace_strict(
+            lookup["image_id"], lookup["uri"], default=None, return_dtype=pl.String
+        )
+
+    return triplets.with_columns(
+        mapped("query_id").alias("q_img"),
+        mapped("target_id").alias("t_img"),
+        pl.col("hard_negative_ids")
+        .list.eval(
+            pl.element().replace_strict(
+                lookup["image_id"], lookup["uri"], default=None, return_dtype=pl.String
+            )
+        )
+        .alias("hns"),
+    ).with_columns(
+        # A negative the catalog lost is dropped, but a lost query image keeps its null slot
+        # so the row fails the hns[0] == q_img rule and is quarantined, not silently changed.
+        pl.when(pl.col("hns").list.first().is_null())
+        .then(pl.col("hns"))
+        .otherwise(pl.col("hns").list.drop_nulls())
+        .alias("hns")
+    )
