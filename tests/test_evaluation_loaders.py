@@ -247,7 +247,7 @@ def test_cirr_test1_has_no_targets(tmp_path: Path) -> None:
 
 def test_cirr_malformed_members_name_file_and_line(tmp_path: Path) -> None:
     pairs = write_cirr(tmp_path, "val")
-    pairs[2]["img_set"]["members"] = "val-2-0-img0"
+    pairs[2]["img_set"]["members"] = pairs[2]["img_set"]["members"][:5]  # one member short
     text = _json(tmp_path / "captions/cap.rc2.val.json", pairs)
     with pytest.raises(BenchmarkFormatError) as error:
         load_cirr(tmp_path, "val")

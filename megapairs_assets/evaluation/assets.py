@@ -121,7 +121,8 @@ def build_checkpoint_sensor(default_status: dg.DefaultSensorStatus) -> dg.Sensor
         storage: StorageResource,
     ) -> dg.SensorResult | dg.SkipReason:
         """Registers the base retriever and each complete checkpoint export that appeared under
-        `<data>/mmret_clip_checkpoint/`, and requests its scores on every benchmark."""
+        `<data>/mmret_clip_checkpoint/`, and requests its scores on every benchmark whose files
+        are configured (and the held-out split)."""
         try:
             found = list(known_retrievers(evaluation.base_spec(), storage.layout()))
         except Exception as error:  # a bad folder must not kill the sensor daemon
@@ -130,11 +131,13 @@ def build_checkpoint_sensor(default_status: dg.DefaultSensorStatus) -> dg.Sensor
         new = [retriever_id for retriever_id in found if retriever_id not in known]
         if not new:
             return dg.SkipReason(f"no new retriever ({len(found)} known)")
+        # Unconfigured benchmarks would only record `skipped`; they stay one click away.
+        benchmarks = evaluation.configured_benchmarks()
         return dg.SensorResult(
             run_requests=[
                 dg.RunRequest(partition_key=score_partition_key(retriever_id, benchmark))
                 for retriever_id in new
-                for benchmark in BENCHMARK_KEYS
+                for benchmark in benchmarks
             ],
             dynamic_partitions_requests=[retriever_partitions.build_add_request(new)],
         )

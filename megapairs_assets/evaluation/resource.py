@@ -16,7 +16,11 @@ import torch
 from pydantic import Field
 
 from megapairs_assets.evaluation.heldout import ImageLocator
-from megapairs_assets.evaluation.run import BenchmarkSources, EvaluationSettings
+from megapairs_assets.evaluation.run import (
+    BENCHMARK_FAMILY,
+    BenchmarkSources,
+    EvaluationSettings,
+)
 from megapairs_assets.retriever.model import RetrieverSpec
 
 
@@ -78,6 +82,15 @@ class EvaluationResource(dg.ConfigurableResource):
             heldout_fraction=self.heldout_fraction,
             heldout_max_queries=self.heldout_max_queries,
         )
+
+    def configured_benchmarks(self) -> list[str]:
+        """Benchmark keys worth scoring: those whose root is set, and the held-out split."""
+        roots = self.roots()
+        return [
+            key
+            for key, family in BENCHMARK_FAMILY.items()
+            if family == "heldout" or roots.get(family) is not None
+        ]
 
     def torch_dtype(self) -> torch.dtype:
         return getattr(torch, self.precision)

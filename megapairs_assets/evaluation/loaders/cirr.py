@@ -28,6 +28,7 @@ from megapairs_assets.evaluation.loaders.jsonfile import (
 
 CIRR_SPLITS = ("val", "test1")
 CIRR_VERSION = "rc2"
+SUBSET_SIZE = 6  # every img_set has six members, the reference among them
 
 
 def load_cirr(root: Path, split: str) -> BenchmarkSplit:
@@ -48,8 +49,14 @@ def load_cirr(root: Path, split: str) -> BenchmarkSplit:
         caption = require_field(captions, entry, index, "caption", str)
         img_set = require_field(captions, entry, index, "img_set", dict)
         members = img_set.get("members")
-        if not isinstance(members, list) or not all(isinstance(m, str) for m in members):
-            raise captions.error("img_set.members must be a list of image names", index)
+        if (
+            not isinstance(members, list)
+            or len(members) != SUBSET_SIZE
+            or not all(isinstance(m, str) for m in members)
+        ):
+            raise captions.error(
+                f"img_set.members must be a list of {SUBSET_SIZE} image names", index
+            )
         targets: tuple[str, ...] = ()
         if split == "val":
             target = require_field(captions, entry, index, "target_hard", str)
