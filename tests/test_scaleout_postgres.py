@@ -10,16 +10,23 @@
 from __future__ import annotations
 
 import multiprocessing as mp
+import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import parse_qs, urlparse
 
+import dagster as dg
 import polars as pl
 import pytest
+from dagster._core.storage.tags import (
+    ASSET_PARTITION_RANGE_END_TAG,
+    ASSET_PARTITION_RANGE_START_TAG,
+)
 
 from megapairs_assets.corpus.step import IMAGE_LINEAGE
+from megapairs_assets.definitions import build_definitions
 from megapairs_assets.lineage.catalog import (
     LineageCatalog,
     MaterializationRecord,
@@ -28,6 +35,9 @@ from megapairs_assets.lineage.catalog import (
 )
 from megapairs_assets.lineage.report import lineage_report
 from megapairs_assets.mining.step import PAIR_LINEAGE
+from megapairs_assets.orchestration.partitions import SHARD_PARTITIONS_NAME
+from resources.cluster import ClusterSettings
+from resources.corpus import CorpusSourceResource
 
 pgserver = pytest.importorskip("pgserver")
 pytest.importorskip("duckdb_extension_ducklake")
@@ -212,4 +222,113 @@ def test_lineage_report_prints_a_full_chain_from_ducklake(
     assert indents == sorted(indents) and len(set(indents)) == 3
     assert "source  s3://corpus/00000.tar#0000.jpg" in report
     assert "source  s3://corpus/00000.tar#0002.jpg" in report
+    catalog.close()
+
+
+# -- Dagster instance on Postgres ------------------------------------------------------------
+
+_SHARDS = ["00000", "00001", "00002", "00003"]
+
+
+def scaleout_job() -> dg.JobDefinition:
+    """The corpus + embeddings job on the test's corpus and data root, DuckLake lineage.
+
+    Module level so the multiprocess executor can rebuild it in every step process (the
+    settings travel in environment variables set by the test).
+    """
+    settings = ClusterSettings.from_env()
+    home = Path(os.environ["SCALEOUT_TEST_HOME"])
+    defs = build_definitions(
+        "demo",
+        home,
+        {
+            "corpus_source": CorpusSourceResource(
+                kind="webdataset", path=os.environ["SCALEOUT_TEST_CORPUS"]
+            ),
+            **settings.resource_overrides(home),
+        },
+    )
+    return defs.resolve_job_def("corpus_and_embeddings")
+
+
+@pytest.mark.slow
+def test_dagster_instance_on_postgres_runs_parallel_steps_and_reads_history_back(
+    postgres: Postgres,
+    tmp_path: Path,
+    demo_models_dir: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    pytest.importorskip("dagster_postgres")
+    import image_factory as factory
+    from conftest import make_home
+
+    corpus = tmp_path / "corpus"
+    for index, shard in enumerate(_SHARDS):
+        factory.write_wds_shard(corpus / f"{shard}.tar", factory.good_items(3, 10 * index))
+    home = make_home(tmp_path, demo_models_dir)
+    instance_db = _create_database(postgres, "dagster_instance")
+    lake_url, lake_data = _lake(postgres, tmp_path, "dagster_lineage")
+    instance_dir = tmp_path / "dagster_home"
+    instance_dir.mkdir()
+    # SQLAlchemy 2.1 defaults postgresql:// to psycopg 3; dagster-postgres installs psycopg2.
+    postgres_url = f"postgresql+psycopg2://postgres:@/{instance_db}?host={postgres.socket_dir}"
+    (instance_dir / "dagster.yaml").write_text(
+        "storage:\n  postgres:\n    postgres_url:\n      env: MEGAPAIRS_POSTGRES_URL\n"
+    )
+    for name, value in {
+        "MEGAPAIRS_DEPLOYMENT": "cluster",
+        "MEGAPAIRS_POSTGRES_URL": postgres_url,
+        "MEGAPAIRS_LINEAGE_CATALOG": lake_url,
+        "MEGAPAIRS_LINEAGE_DATA_PATH": lake_data,
+        "SCALEOUT_TEST_HOME": str(home),
+        "SCALEOUT_TEST_CORPUS": str(corpus),
+    }.items():
+        monkeypatch.setenv(name, value)
+
+    with dg.DagsterInstance.from_config(str(instance_dir)) as instance:
+        assert type(instance.run_storage).__name__ == "PostgresRunStorage"
+        instance.add_dynamic_partitions(SHARD_PARTITIONS_NAME, _SHARDS)
+        with dg.execute_job(
+            dg.reconstructable(scaleout_job),
+            instance=instance,
+            run_config={"execution": {"config": {"multiprocess": {"max_concurrent": 4}}}},
+            tags={
+                ASSET_PARTITION_RANGE_START_TAG: _SHARDS[0],
+                ASSET_PARTITION_RANGE_END_TAG: _SHARDS[-1],
+            },
+        ) as result:
+            assert result.success
+            run_id = result.run_id
+
+    # A new instance object reads the history back from Postgres alone.
+    with dg.DagsterInstance.from_config(str(instance_dir)) as reread:
+        (run,) = reread.get_runs()
+        assert run.run_id == run_id and run.status == dg.DagsterRunStatus.SUCCESS
+        starts = reread.all_logs(run_id, of_type=dg.DagsterEventType.STEP_START)
+        ends = reread.all_logs(run_id, of_type=dg.DagsterEventType.STEP_SUCCESS)
+        spans = {e.step_key: [e.timestamp, None] for e in starts}
+        for event in ends:
+            spans[event.step_key][1] = event.timestamp
+        assert len(spans) == 4  # image_corpus and three embedding steps, one process each
+        overlap = max(
+            sum(1 for s, e in spans.values() if s <= start < e) for start, _ in spans.values()
+        )
+        assert overlap >= 2, f"embedding steps ran one at a time: {spans}"
+        for asset in ("image_corpus", "clip_image_embeddings", "caption_text_embeddings"):
+            assert reread.get_materialized_partitions(dg.AssetKey(asset)) == set(_SHARDS), asset
+
+    # Lineage from the parallel step processes went to DuckLake, one record per step/shard.
+    catalog = LineageCatalog(lake_url, data_path=lake_data)
+    recorded = catalog.query(
+        "SELECT asset, count(*) AS n FROM materializations WHERE run_id = ? AND "
+        "status = 'complete' GROUP BY asset ORDER BY asset",
+        [run_id],
+    )
+    assert dict(recorded.rows()) == {
+        "caption_text_embeddings": 4,
+        "clip_image_embeddings": 4,
+        "dino_image_embeddings": 4,
+        "image_corpus": 4,
+    }
+    assert catalog.query("SELECT count(*) AS n FROM image_lineage")["n"][0] == 12
     catalog.close()
