@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from megapairs_assets.lineage.catalog import LineageCatalog, is_ducklake_url
+from megapairs_assets.lineage.catalog import is_ducklake_url
 from resources.storage import LineageCatalogResource
 
 DEPLOYMENTS = ("embedded", "cluster")
@@ -38,17 +38,6 @@ DEPLOYMENTS = ("embedded", "cluster")
 
 class ClusterConfigError(ValueError):
     """A cluster setting is missing or malformed; the message names the variable."""
-
-
-class DuckLakeCatalogResource(LineageCatalogResource):
-    """The lineage catalog at `path`: a DuckDB file, or a DuckLake URL with its `data_path`."""
-
-    data_path: str | None = None
-
-    def catalog(self) -> LineageCatalog:
-        return LineageCatalog(
-            self.path, lock_timeout_s=self.lock_timeout_s, data_path=self.data_path
-        )
 
 
 @dataclass(frozen=True)
@@ -112,7 +101,7 @@ class ClusterSettings:
     def catalog_resource(self, home: Path) -> LineageCatalogResource:
         """The lineage catalog resource: DuckLake on a cluster, the DuckDB file otherwise."""
         if self.is_cluster and self.lineage_catalog:
-            return DuckLakeCatalogResource(
+            return LineageCatalogResource(
                 path=self.lineage_catalog, data_path=self.lineage_data_path
             )
         return LineageCatalogResource(path=str(home / "catalog.duckdb"))

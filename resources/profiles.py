@@ -33,6 +33,8 @@ from typing import Any
 
 from megapairs_assets.demo import DEMO_CORPUS_DIR
 from megapairs_assets.embeddings.sources import PAPER_BAND, SOURCE_NAMES
+from megapairs_assets.lineage.catalog import LineageCatalog
+from resources.cluster import ClusterSettings
 from resources.corpus import CorpusSourceResource
 from resources.device import DeviceResource
 from resources.encoders import EncoderResource
@@ -186,4 +188,11 @@ def build_resources(profile: str, home: Path) -> dict[str, Any]:
             f"unknown profile {profile!r}: "
             f"set MEGAPAIRS_PROFILE to one of {', '.join(PROFILE_NAMES)}"
         )
-    return _BUILDERS[profile](home)
+    # "Which models" is the profile; "where it runs" (embedded or a cluster's engines) comes
+    # from the environment, as overrides of the same resources.
+    return {**_BUILDERS[profile](home), **ClusterSettings.from_env().resource_overrides(home)}
+
+
+def lineage_catalog(home: Path) -> LineageCatalog:
+    """The lineage catalog of this deployment (the DuckDB file, or DuckLake on a cluster)."""
+    return ClusterSettings.from_env().catalog_resource(home).catalog()

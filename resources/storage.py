@@ -21,10 +21,14 @@ class StorageResource(dg.ConfigurableResource):
 
 
 class LineageCatalogResource(dg.ConfigurableResource):
-    """The DuckDB lineage catalog (default `$MEGAPAIRS_HOME/catalog.duckdb`)."""
+    """The lineage catalog: a DuckDB file (default `$MEGAPAIRS_HOME/catalog.duckdb`), or a
+    DuckLake URL (`ducklake:postgres:...`) with the `data_path` its Parquet files go to."""
 
     path: str
     lock_timeout_s: float = 300.0
+    data_path: str | None = None
 
     def catalog(self) -> LineageCatalog:
-        return LineageCatalog(Path(self.path), lock_timeout_s=self.lock_timeout_s)
+        return LineageCatalog(
+            self.path, lock_timeout_s=self.lock_timeout_s, data_path=self.data_path
+        )

@@ -10,7 +10,8 @@ import pytest
 import yaml
 
 from megapairs_assets.orchestration.k8s import K8S_CONFIG_TAG, k8s_op_tags, step_resource_tags
-from resources.cluster import ClusterConfigError, ClusterSettings, DuckLakeCatalogResource
+from resources.cluster import ClusterConfigError, ClusterSettings
+from resources.storage import LineageCatalogResource
 
 dagster_k8s_job = pytest.importorskip("dagster_k8s.job")
 
@@ -110,7 +111,7 @@ def test_cluster_settings_give_a_ducklake_catalog(tmp_path: Path) -> None:
     settings = ClusterSettings.from_env(CLUSTER_ENV)
     assert settings.vllm_base_urls == ("http://vllm-0:8000/v1", "http://vllm-1:8000/v1")
     resource = settings.resource_overrides(tmp_path)["catalog"]
-    assert isinstance(resource, DuckLakeCatalogResource)
+    assert isinstance(resource, LineageCatalogResource)
     catalog = resource.catalog()  # nothing connects until the first read or write
     assert catalog.is_ducklake and catalog.data_path == "/mnt/shared/lineage/"
     assert ClusterSettings.from_env({}).resource_overrides(tmp_path) == {}

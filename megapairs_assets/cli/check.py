@@ -15,6 +15,7 @@ failed before its checks could run. Failed warning checks print but never fail t
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import tempfile
 from dataclasses import dataclass
@@ -142,7 +143,7 @@ def rows_from_evaluations(evaluations: list, defs) -> list[CheckRow]:
         metadata = {k: getattr(v, "value", v) for k, v in evaluation.metadata.items()}
         checked = _split(metadata.get("partitions_checked"))
         failing = set(_split(metadata.get("failing_partitions")))
-        details = _details_by_partition(evaluation.description or "")
+        details = json.loads(metadata.get("failures_by_partition") or "{}")
         for partition in checked or ["-"]:
             passed = evaluation.passed or partition not in failing
             rows.append(
@@ -167,13 +168,12 @@ def check_existing(home: Path) -> list[CheckRow]:
     from megapairs_assets.embeddings.step import recheck_embedding_shard
     from megapairs_assets.knn.step import recheck_knn_shard
     from megapairs_assets.lib.storage import DataLayout
-    from megapairs_assets.lineage.catalog import LineageCatalog
     from megapairs_assets.mining.step import ASSET_NAME as PAIRS
     from megapairs_assets.mining.step import recheck_pairs_shard
-    from resources.profiles import build_resources, profile_from_env
+    from resources.profiles import build_resources, lineage_catalog, profile_from_env
 
     layout = DataLayout(home)
-    catalog = LineageCatalog(layout.catalog_path)
+    catalog = lineage_catalog(home)
     params = build_resources(profile_from_env(), home)["mining"].params()
     rows: list[CheckRow] = []
 
@@ -226,14 +226,3 @@ def _split(value: object) -> list[str]:
     if not value or value == "-":
         return []
     return [part.strip() for part in str(value).split(",") if part.strip()]
-
-
-def _details_by_partition(description: str) -> dict[str, str]:
-    """The shard step writes failures as "[partition] detail; [partition] detail"."""
-    details = {}
-    for part in description.split("; ["):
-        part = part.lstrip("[")
-        if "] " in part:
-            partition, detail = part.split("] ", 1)
-            details[partition] = detail
-    return details

@@ -55,12 +55,11 @@ def run_demo(args: argparse.Namespace) -> int:
     from megapairs_assets.cli.summary import print_summary
     from megapairs_assets.corpus.assets import shard_changes
     from megapairs_assets.definitions import build_definitions
-    from megapairs_assets.lib.storage import DataLayout, default_home
-    from megapairs_assets.lineage.catalog import LineageCatalog
+    from megapairs_assets.lib.storage import default_home
     from megapairs_assets.orchestration.partitions import SHARD_PARTITIONS_NAME
     from megapairs_assets.orchestration.runs import shard_range_tags
     from resources.corpus import CorpusSourceResource
-    from resources.profiles import profile_from_env
+    from resources.profiles import lineage_catalog, profile_from_env
 
     started = time.perf_counter()
     home, profile = default_home(), profile_from_env()
@@ -94,7 +93,7 @@ def run_demo(args: argparse.Namespace) -> int:
     for shard in gone:
         instance.delete_dynamic_partition(SHARD_PARTITIONS_NAME, shard)
     if gone:
-        removed = LineageCatalog(DataLayout(home).catalog_path).retire_partitions(gone)
+        removed = lineage_catalog(home).retire_partitions(gone)
         print(
             f"  {len(gone)} shards are no longer in the corpus ({', '.join(gone[:5])}): removed "
             f"from the partition set, {removed} lineage rows retired"

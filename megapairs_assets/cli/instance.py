@@ -5,10 +5,13 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-# Telemetry off (this runs offline); one step at a time per pool by default, so a backfill of
-# non-adjacent shards (several runs) never loads two models on one GPU at once. Raise the
-# limit per pool (`dagster instance concurrency set gpu N`) to the number of GPUs.
+# Telemetry and the first-visit dialog off (this runs offline); one step at a time per pool
+# by default, so a backfill of non-adjacent shards (several runs) never loads two models on
+# one GPU at once. Raise a pool's limit to its number of GPUs:
+# `dagster instance concurrency set gpu N`.
 DAGSTER_YAML = """telemetry:
+  enabled: false
+nux:
   enabled: false
 concurrency:
   pools:

@@ -10,16 +10,18 @@ from megapairs_assets.lineage.report import DEFAULT_PAIR_LIMIT, MAX_INPUTS_SHOWN
 
 def cmd_lineage(args: argparse.Namespace) -> int:
     """Print the lineage report of `args.id` from the data root's catalog."""
-    from megapairs_assets.lib.storage import DataLayout, default_home
-    from megapairs_assets.lineage.catalog import LineageCatalog
+    import megapairs_assets.definitions  # noqa: F401  (stages declare their catalog tables)
+    from megapairs_assets.lib.storage import default_home
     from megapairs_assets.lineage.report import lineage_report
+    from resources.profiles import lineage_catalog
 
-    catalog_path = DataLayout(default_home()).catalog_path
-    if not catalog_path.exists():
+    catalog = lineage_catalog(default_home())
+    catalog_path = catalog.location
+    if not catalog.is_ducklake and not catalog.path.exists():
         print(f"no lineage catalog at {catalog_path}: run `megapairs demo` first", file=sys.stderr)
         return 1
     report = lineage_report(
-        LineageCatalog(catalog_path),
+        catalog,
         args.id,
         pair_limit=None if args.all else args.limit,
         pair_offset=args.offset,

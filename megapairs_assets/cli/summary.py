@@ -7,13 +7,13 @@ from pathlib import Path
 import polars as pl
 
 from megapairs_assets.lib.storage import DataLayout
-from megapairs_assets.lineage.catalog import LineageCatalog
+from resources.profiles import lineage_catalog
 
 
 def demo_summary(home: Path, shards: list[str]) -> dict[str, object]:
     """Counts read back from the outputs and the catalog (not from the run's own memory)."""
     layout = DataLayout(home)
-    catalog = LineageCatalog(layout.catalog_path)
+    catalog = lineage_catalog(home)
     images = catalog.query(
         "SELECT count(*) AS n FROM image_lineage WHERE shard IN (SELECT unnest(?))", [shards]
     )["n"][0]

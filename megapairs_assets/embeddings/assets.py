@@ -5,7 +5,11 @@ import dagster as dg
 from megapairs_assets.corpus.assets import image_corpus
 from megapairs_assets.embeddings.sources import SOURCES, SimilaritySource
 from megapairs_assets.embeddings.step import EMBEDDING_CHECKS, EmbeddingRun, embed_shard
-from megapairs_assets.orchestration.partitions import DOWNSTREAM_AUTOMATION, shard_asset_options
+from megapairs_assets.orchestration.partitions import (
+    DOWNSTREAM_AUTOMATION,
+    shard_asset_options,
+    step_placement,
+)
 from megapairs_assets.orchestration.shard_step import Stage, materialize_partitions
 
 
@@ -29,7 +33,7 @@ def build_embedding_asset(source: SimilaritySource) -> dg.AssetsDefinition:
             "corpus_source",
         },
         check_specs=stage.check_specs(),
-        **shard_asset_options("embeddings", stage.code_version),
+        **shard_asset_options("embeddings", stage.code_version, **step_placement(1, "32Gi")),
     )
     def _embedding_asset(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
         resources = context.resources

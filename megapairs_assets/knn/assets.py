@@ -4,7 +4,11 @@ import dagster as dg
 
 from megapairs_assets.embeddings.sources import SOURCES, SimilaritySource
 from megapairs_assets.knn.step import KNN_CHECKS, build_corpus_index, knn_shard
-from megapairs_assets.orchestration.partitions import DOWNSTREAM_AUTOMATION, shard_asset_options
+from megapairs_assets.orchestration.partitions import (
+    DOWNSTREAM_AUTOMATION,
+    shard_asset_options,
+    step_placement,
+)
 from megapairs_assets.orchestration.shard_step import Stage, materialize_partitions
 
 
@@ -24,7 +28,7 @@ def build_knn_asset(source: SimilaritySource) -> dg.AssetsDefinition:
         automation_condition=DOWNSTREAM_AUTOMATION,
         required_resource_keys={"knn_index", "storage", "catalog", "corpus_source"},
         check_specs=stage.check_specs(),
-        **shard_asset_options("knn", stage.code_version),
+        **shard_asset_options("knn", stage.code_version, **step_placement(1, "96Gi")),
     )
     def _knn_asset(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
         resources = context.resources

@@ -6,6 +6,9 @@ from typing import Any
 
 import dagster as dg
 
+from megapairs_assets.orchestration.k8s import k8s_op_tags, step_resource_tags
+from resources.cluster import ClusterSettings
+
 # Every asset sets backfill_policy, which Dagster 1.13 marks beta; the warning, repeated per
 # asset, says nothing a user can act on.
 warnings.filterwarnings("ignore", message=".*backfill_policy.*is currently in beta")
@@ -22,6 +25,20 @@ SHARD_BACKFILL_POLICY = dg.BackfillPolicy.multi_run(max_partitions_per_run=64)
 # user turns on the automation sensor (`megapairs_automation`, off by default): eager() asks
 # for a partition whose parent updated and that is not already in progress or failed upstream.
 DOWNSTREAM_AUTOMATION = dg.AutomationCondition.eager()
+
+
+def step_placement(gpu: int = 0, memory: str | None = None) -> dict[str, Any]:
+    """Asset tags saying what a step needs, and the dagster-k8s op tags that request it.
+
+    On a cluster (`MEGAPAIRS_DEPLOYMENT=cluster`) the k8s executor reads the op tags; GPU steps
+    also get the node selector and tolerations from the environment. Elsewhere they are inert.
+    """
+    settings = ClusterSettings.from_env()
+    tags = step_resource_tags(gpu=gpu, memory=memory)
+    return {
+        "tags": tags,
+        "op_tags": k8s_op_tags(tags, settings.gpu_node_selector, settings.gpu_tolerations),
+    }
 
 
 def shard_asset_options(group: str, code_version: str, **extra: Any) -> dict[str, Any]:

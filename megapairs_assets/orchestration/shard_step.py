@@ -17,6 +17,7 @@ reported apart, under `run_*` keys.
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -25,7 +26,7 @@ from typing import Any
 import dagster as dg
 
 from megapairs_assets.lib.preview import markdown_table
-from megapairs_assets.lib.quality import CheckOutcome
+from megapairs_assets.lib.quality import CheckOutcome, merged_detail
 from megapairs_assets.lib.step import StepResult, run_recorded
 from megapairs_assets.lineage.catalog import LineageCatalog
 
@@ -117,7 +118,9 @@ def partition_metadata(result: StepResult) -> dict[str, Any]:
     """One partition's own metadata for its materialization event."""
     metadata: dict[str, Any] = {"dagster/row_count": result.row_count}
     metadata.update({f"rows_{name}": int(n) for name, n in result.row_counts.items()})
-    metadata.update(dict(result.metadata))
+    metadata.update(
+        {k: round(v, 4) if isinstance(v, float) else v for k, v in result.metadata.items()}
+    )
     for name, text in result.markdown.items():
         metadata[name] = dg.MetadataValue.md(text)
     if result.preview is not None:
@@ -144,12 +147,7 @@ def check_results(stage: Stage, results: Iterable[StepResult]) -> list[dg.AssetC
         items = by_check.get(name, [])
         failing = [(p, o) for p, o in items if not o.passed]
         partitions = [p for p, _ in items]
-        if failing:
-            description = "; ".join(f"[{p}] {o.detail}" for p, o in failing)
-        elif items:
-            description = items[0][1].detail
-        else:
-            description = "no partitions checked"
+        description = merged_detail(items)
         check_list.append(
             dg.AssetCheckResult(
                 asset_key=stage.asset_name,
@@ -164,6 +162,8 @@ def check_results(stage: Stage, results: Iterable[StepResult]) -> list[dg.AssetC
                     "failing_partitions": ", ".join(p for p, _ in failing) or "-",
                     "failing_rows": sum(o.failing_rows for _, o in failing),
                     "examples": ", ".join(e for _, o in failing for e in o.examples[:5]) or "-",
+                    # Machine-readable per-partition details (`megapairs check` prints them).
+                    "failures_by_partition": json.dumps({p: o.detail for p, o in failing}),
                 },
             )
         )
