@@ -1,0 +1,170 @@
+"""What every generation backend takes and gives, and the registry they are found in by name.
+
+A backend turns `GenerationRequest`s (chat messages, symbolic image parts, sampling settings)
+into `GenerationResult`s, handing each finished batch to `on_result` as soon as it is done, in
+any order (a batch may be a single result).
+Transient trouble (a 429, a timeout) is the backend's to retry; what is still failing when it
+gives up comes back as a result with `error` set, never as an exception, so one bad request
+never costs the others. Construction must be cheap: models load on the first `generate`, so a
+fully cached run never loads one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+ResultCallback = Callable[[Sequence["GenerationResult"]], None]
+"""Receives finished results, one call per batch the backend completed (often one result)."""
+
+
+@dataclass(frozen=True)
+class ImageInput:
+    """An image a request refers to: where its bytes are and what they hash to."""
+
+    uri: str
+    content_hash: str | None = None
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Decoding settings sent with every request (part of its key). temperature 0 = greedy."""
+
+    max_tokens: int = 256
+    temperature: float = 0.0
+    top_p: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
+        if self.temperature < 0 or not 0 < self.top_p <= 1:
+            raise ValueError(f"bad sampling: temperature={self.temperature}, top_p={self.top_p}")
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"max_tokens": self.max_tokens, "temperature": self.temperature, "top_p": self.top_p}
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """One model call.
+
+    `messages` are OpenAI-shaped chat messages whose image parts are symbolic
+    (`{"type": "image", "ref": name}`), resolved through `images`. `inputs` are the structured
+    values the prompt was rendered from (they, not the rendered text, enter the key, together
+    with the template hash); rule-based backends read them directly.
+    """
+
+    key: str
+    step: str
+    messages: Sequence[Mapping[str, Any]]
+    sampling: SamplingParams
+    seed: int
+    images: Mapping[str, ImageInput] = field(default_factory=dict)
+    inputs: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    """What came back for one request: text and token counts, or the last error."""
+
+    key: str
+    text: str | None = None
+    error: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    finish_reason: str | None = None
+    latency_s: float = 0.0
+    model_id: str | None = None
+
+
+def request_key(
+    model_id: str,
+    template_hash: str,
+    inputs: Mapping[str, Any],
+    sampling: SamplingParams,
+    seed: int,
+) -> str:
+    """sha256 over (model id, template hash, inputs, sampling parameters, seed), canonical JSON."""
+    payload = {
+        "model_id": model_id,
+        "template_hash": template_hash,
+        "inputs": inputs,
+        "sampling": sampling.as_dict(),
+        "seed": seed,
+    }
+    canonical = json.dumps(payload, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+class GenerationBackend(Protocol):
+    """The one interface of every backend (see the module docstring)."""
+
+    name: str
+    model_id: str
+    accepts_images: bool
+
+    def generate(self, requests: Sequence[GenerationRequest], on_result: ResultCallback) -> None:
+        """Run the requests; pass every result to `on_result` exactly once, as batches finish."""
+        ...
+
+    def close(self) -> None:
+        """Release models, pools and processes (idempotent)."""
+        ...
+
+
+@dataclass(frozen=True)
+class BackendSpec:
+    """Which backend, which model, and the backend's own options (from the profile).
+
+    `model_id` is the one id used in request keys, lineage and the UI; `label` is what rows
+    name as their generator ("SmolLM2-135M-Instruct"); `options` are backend-specific
+    (base URLs, batch size, local model path...), documented on each backend class.
+    """
+
+    backend: str
+    model_id: str
+    label: str = ""
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def display_name(self) -> str:
+        return self.label or self.model_id
+
+
+BackendFactory = Callable[[BackendSpec], GenerationBackend]
+_REGISTRY: dict[str, BackendFactory] = {}
+
+
+class UnknownBackendError(KeyError):
+    """A profile named a backend that is not registered."""
+
+
+def register_backend(name: str) -> Callable[[BackendFactory], BackendFactory]:
+    """Class or function decorator adding a backend factory to the registry under `name`."""
+
+    def decorate(factory: BackendFactory) -> BackendFactory:
+        if name in _REGISTRY and _REGISTRY[name] is not factory:
+            raise ValueError(f"backend {name!r} is already registered")
+        _REGISTRY[name] = factory
+        return factory
+
+    return decorate
+
+
+def registered_backends() -> list[str]:
+    """Names of the registered backends (after `backends` has been imported)."""
+    return sorted(_REGISTRY)
+
+
+def create_backend(spec: BackendSpec) -> GenerationBackend:
+    """Build the backend a spec names (cheap: no model is loaded yet)."""
+    try:
+        factory = _REGISTRY[spec.backend]
+    except KeyError:
+        raise UnknownBackendError(
+            f"unknown generation backend {spec.backend!r}; known: {registered_backends()}"
+        ) from None
+    return factory(spec)

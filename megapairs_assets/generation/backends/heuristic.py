@@ -1,0 +1,163 @@
+"""A rule-based generator that writes descriptions and instructions from the two captions.
+
+No model: it splits each caption into a style ("a flat drawing"), a subject ("a guitar") and
+trailing tags ("(music, instruments)"), then fills fixed sentence patterns. It exists so the
+demo's training stage has volume beyond the few pairs a CPU model can write in the time
+budget; every row it makes is labelled `heuristic` and the dataset card counts them apart.
+It goes through the same interface, cache, parser and filters as a model, so its output is
+judged by the same rules.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from megapairs_assets.generation.backends.base import (
+    BackendSpec,
+    GenerationRequest,
+    GenerationResult,
+    ResultCallback,
+    register_backend,
+)
+
+HEURISTIC_BACKEND = "heuristic"
+HEURISTIC_MODEL_ID = "caption-heuristic-v1"
+_TAGS = re.compile(r"\(([^()]*)\)\s*$")
+_SPLITTERS = (" showing ", " depicting ", " with ", " of ")
+_ARTICLE = re.compile(r"^(?:a|an|the)\s+", re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class CaptionParts:
+    """A caption split into style, subject and tags (each possibly empty)."""
+
+    style: str
+    subject: str
+    tags: tuple[str, ...]
+
+
+def split_caption(caption: str) -> CaptionParts:
+    """Split "a flat drawing of a vinyl record (recreation, music)" into its parts."""
+    text = " ".join(caption.split())
+    tags: tuple[str, ...] = ()
+    match = _TAGS.search(text)
+    if match:
+        tags = tuple(t.strip() for t in match.group(1).split(",") if t.strip())
+        text = text[: match.start()].strip()
+    for splitter in _SPLITTERS:
+        head, found, tail = text.partition(splitter)
+        if found and head and tail:
+            return CaptionParts(style=head.strip(), subject=tail.strip(), tags=tags)
+    return CaptionParts(style="", subject=text, tags=tags)
+
+
+def _bare(phrase: str) -> str:
+    return _ARTICLE.sub("", phrase).strip()
+
+
+def _join(words: Sequence[str]) -> str:
+    if len(words) <= 1:
+        return "".join(words)
+    return ", ".join(words[:-1]) + " and " + words[-1]
+
+
+def describe_from_captions(query_caption: str, target_caption: str) -> str:
+    """A description in the paper's shape (common points; source differences; target's)."""
+    query, target = split_caption(query_caption), split_caption(target_caption)
+    shared_tags = [t for t in query.tags if t in target.tags]
+    if shared_tags:
+        common = f"the theme of {_join(shared_tags)}"
+    elif query.subject and _bare(query.subject) == _bare(target.subject):
+        common = f"the same subject, {_bare(target.subject)}"
+    else:
+        common = "a general visual resemblance in their content"
+    if query.style and _bare(query.style) == _bare(target.style):
+        common += f" and are both {_bare(target.style)}s"
+    query_style = f" as {query.style}" if query.style else ""
+    target_style = f" as {target.style}" if target.style else ""
+    return (
+        f"Both images share {common}; however, the source image shows "
+        f"{query.subject or 'its own content'}{query_style}, whereas the target image shows "
+        f"{target.subject or 'different content'}{target_style}."
+    )
+
+
+def instructions_from_captions(query_caption: str, target_caption: str) -> list[str]:
+    """Three to four short queries that lead from the query image to the target image."""
+    query, target = split_caption(query_caption), split_caption(target_caption)
+    subject = target.subject or target_caption
+    same_subject = _bare(query.subject) == _bare(target.subject)
+    queries: list[str] = []
+    if same_subject and target.style:
+        queries += [
+            f"this drawn as {target.style}",
+            f"the same subject rendered as {target.style}",
+            f"a {_bare(target.style)} version of this",
+        ]
+    else:
+        queries += [
+            f"the same kind of picture but showing {subject}",
+            f"{subject} instead of this",
+        ]
+        theme = target.tags[0] if target.tags else ""
+        queries.append(
+            f"something similar on a {theme} theme featuring {subject}"
+            if theme
+            else f"something similar featuring {subject}"
+        )
+        if target.style and _bare(target.style) != _bare(query.style):
+            queries.append(f"{subject}, in {_bare(target.style)} style")
+    return queries
+
+
+@register_backend(HEURISTIC_BACKEND)
+class HeuristicBackend:
+    """Caption templates as a backend: step `describe` writes a description, `instruct` a list.
+
+    Reads `query_caption` and `target_caption` from each request's `inputs`.
+    """
+
+    accepts_images = False
+
+    def __init__(self, spec: BackendSpec) -> None:
+        self.name = HEURISTIC_BACKEND
+        self.model_id = spec.model_id or HEURISTIC_MODEL_ID
+
+    def generate(self, requests: Sequence[GenerationRequest], on_result: ResultCallback) -> None:
+        for request in requests:
+            started = time.perf_counter()
+            query_caption = request.inputs.get("query_caption")
+            target_caption = request.inputs.get("target_caption")
+            if not query_caption or not target_caption:
+                on_result(
+                    [
+                        GenerationResult(
+                            key=request.key,
+                            error="heuristic needs both captions; one is missing",
+                            model_id=self.model_id,
+                        )
+                    ]
+                )
+                continue
+            if request.step == "describe":
+                text = describe_from_captions(query_caption, target_caption)
+            else:
+                text = json.dumps(instructions_from_captions(query_caption, target_caption))
+            on_result(
+                [
+                    GenerationResult(
+                        key=request.key,
+                        text=text,
+                        finish_reason="stop",
+                        latency_s=time.perf_counter() - started,
+                        model_id=self.model_id,
+                    )
+                ]
+            )
+
+    def close(self) -> None:
+        return None

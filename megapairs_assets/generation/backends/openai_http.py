@@ -1,0 +1,272 @@
+"""Any OpenAI-compatible chat server: `vllm serve`, `transformers serve`, a hosted API.
+
+Connection pooling and HTTP come from httpx, retries from tenacity; this module only says
+what is worth retrying and for how long:
+
+- many requests in flight (`max_in_flight`, bounded by a semaphore and the pool size), spread
+  round-robin over `base_urls` (one per replica; a retry moves on to the next replica);
+- a total deadline per request (`request_timeout_s`) on top of httpx's per-phase timeouts;
+- retried, with exponential backoff and full jitter: 429, any 5xx, timeouts, connection
+  errors and resets, and bodies that are not a chat completion. A `Retry-After` header
+  (seconds or an HTTP date) replaces the backoff for that wait, capped at `retry_after_max_s`;
+- not retried: other 4xx (a bad request stays bad), unreadable images;
+- the API key is read from the environment variable named by `api_key_env`, never from config.
+
+Images travel as base64 JPEG data URLs, longer side resized to `image_side_px`; encoding
+runs in worker threads so the event loop keeps every connection busy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
+from typing import Any
+
+import httpx
+import tenacity
+
+from megapairs_assets.corpus.images import ImageRejected
+from megapairs_assets.generation.backends.base import (
+    BackendSpec,
+    GenerationRequest,
+    GenerationResult,
+    ResultCallback,
+    register_backend,
+)
+from megapairs_assets.generation.backends.images import has_images, openai_messages
+
+OPENAI_HTTP_BACKEND = "openai_http"
+_BODY_SNIPPET_CHARS = 200
+
+
+class RetryableError(Exception):
+    """A failure worth another try; `retry_after_s` is the server's requested wait, if any."""
+
+    def __init__(self, message: str, retry_after_s: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class PermanentError(Exception):
+    """A failure that another try would repeat (4xx other than 429, bad image)."""
+
+
+def parse_retry_after(value: str | None, now: datetime | None = None) -> float | None:
+    """Seconds to wait from a `Retry-After` header (delta-seconds or an HTTP date)."""
+    if value is None or not value.strip():
+        return None
+    text = value.strip()
+    try:
+        return max(0.0, float(text))
+    except ValueError:
+        pass
+    try:
+        when = parsedate_to_datetime(text)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return max(0.0, (when - (now or datetime.now(UTC))).total_seconds())
+
+
+class _RetryAfterOrBackoff(tenacity.wait.wait_base):
+    """tenacity wait: the server's Retry-After when it sent one, else the fallback backoff."""
+
+    def __init__(self, fallback: tenacity.wait.wait_base, max_retry_after_s: float) -> None:
+        self.fallback = fallback
+        self.max_retry_after_s = max_retry_after_s
+
+    def __call__(self, retry_state: tenacity.RetryCallState) -> float:
+        outcome = retry_state.outcome
+        error = outcome.exception() if outcome is not None else None
+        if isinstance(error, RetryableError) and error.retry_after_s is not None:
+            return min(error.retry_after_s, self.max_retry_after_s)
+        return self.fallback(retry_state)
+
+
+@dataclass
+class HttpOptions:
+    """Options of the `openai_http` backend (BackendSpec.options)."""
+
+    base_urls: list[str]
+    served_model: str | None = None
+    api_key_env: str | None = None
+    max_in_flight: int = 32
+    request_timeout_s: float = 300.0
+    connect_timeout_s: float = 10.0
+    max_retries: int = 6
+    backoff_initial_s: float = 0.5
+    backoff_max_s: float = 60.0
+    retry_after_max_s: float = 300.0
+    image_side_px: int | None = 448
+    extra_body: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_mapping(cls, options: Mapping[str, Any]) -> HttpOptions:
+        known = set(cls.__dataclass_fields__)
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise ValueError(f"openai_http: unknown options {unknown}; known: {sorted(known)}")
+        parsed = cls(**dict(options))
+        if isinstance(parsed.base_urls, str):
+            parsed.base_urls = [parsed.base_urls]
+        if not parsed.base_urls:
+            raise ValueError("openai_http needs at least one base URL")
+        if parsed.max_in_flight < 1 or parsed.max_retries < 0:
+            raise ValueError("openai_http: max_in_flight >= 1 and max_retries >= 0 required")
+        return parsed
+
+
+@register_backend(OPENAI_HTTP_BACKEND)
+class OpenAIHttpBackend:
+    """Chat completions over HTTP against one or more OpenAI-compatible servers."""
+
+    name = OPENAI_HTTP_BACKEND
+    accepts_images = True
+
+    def __init__(self, spec: BackendSpec) -> None:
+        self.model_id = spec.model_id
+        self.options = HttpOptions.from_mapping(spec.options)
+        self.served_model = self.options.served_model or spec.model_id
+        self._urls = itertools.cycle(
+            [url.rstrip("/") + "/chat/completions" for url in self.options.base_urls]
+        )
+        self.retries = 0
+        self._api_key = self._read_api_key()
+
+    def _read_api_key(self) -> str | None:
+        name = self.options.api_key_env
+        if not name:
+            return None
+        key = os.environ.get(name)
+        if not key:
+            raise ValueError(f"openai_http: environment variable {name} (api_key_env) is not set")
+        return key
+
+    def generate(self, requests: Sequence[GenerationRequest], on_result: ResultCallback) -> None:
+        """Run all requests with up to `max_in_flight` at once; results as they complete."""
+        if requests:
+            asyncio.run(self._run_all(requests, on_result))
+
+    def close(self) -> None:
+        return None
+
+    async def _run_all(
+        self, requests: Sequence[GenerationRequest], on_result: ResultCallback
+    ) -> None:
+        options = self.options
+        headers = {"Authorization": f"Bearer {self._api_key}"} if self._api_key else {}
+        limits = httpx.Limits(
+            max_connections=options.max_in_flight, max_keepalive_connections=options.max_in_flight
+        )
+        timeout = httpx.Timeout(options.request_timeout_s, connect=options.connect_timeout_s)
+        in_flight = asyncio.Semaphore(options.max_in_flight)
+        async with httpx.AsyncClient(limits=limits, timeout=timeout, headers=headers) as client:
+
+            async def run_one(request: GenerationRequest) -> None:
+                async with in_flight:
+                    result = await self._one(client, request)
+                on_result([result])
+
+            await asyncio.gather(*(run_one(request) for request in requests))
+
+    def _body(self, request: GenerationRequest) -> dict[str, Any]:
+        body: dict[str, Any] = {
+            "model": self.served_model,
+            "messages": openai_messages(
+                request.messages, request.images, self.options.image_side_px
+            ),
+            "max_tokens": request.sampling.max_tokens,
+            "temperature": request.sampling.temperature,
+            "top_p": request.sampling.top_p,
+            "seed": request.seed,
+            "stream": False,
+        }
+        body.update(self.options.extra_body)
+        return body
+
+    async def _one(self, client: httpx.AsyncClient, request: GenerationRequest) -> GenerationResult:
+        started = time.perf_counter()
+
+        def failed(message: str) -> GenerationResult:
+            return GenerationResult(
+                key=request.key,
+                error=message,
+                latency_s=time.perf_counter() - started,
+                model_id=self.model_id,
+            )
+
+        try:
+            if has_images(request.messages):
+                body = await asyncio.to_thread(self._body, request)
+            else:
+                body = self._body(request)
+        except ImageRejected as error:
+            return failed(f"image: {error}")
+        options = self.options
+        retrying = tenacity.AsyncRetrying(
+            stop=tenacity.stop_after_attempt(options.max_retries + 1),
+            wait=_RetryAfterOrBackoff(
+                tenacity.wait_random_exponential(
+                    multiplier=options.backoff_initial_s, max=options.backoff_max_s
+                ),
+                options.retry_after_max_s,
+            ),
+            retry=tenacity.retry_if_exception_type(RetryableError),
+            before_sleep=self._count_retry,
+            reraise=True,
+        )
+        try:
+            data = await retrying(self._post, client, body)
+        except RetryableError as error:
+            return failed(f"gave up after {options.max_retries + 1} tries: {error}")
+        except PermanentError as error:
+            return failed(str(error))
+        choice = data["choices"][0]
+        usage = data.get("usage") or {}
+        return GenerationResult(
+            key=request.key,
+            text=choice["message"].get("content") or "",
+            prompt_tokens=int(usage.get("prompt_tokens") or 0),
+            completion_tokens=int(usage.get("completion_tokens") or 0),
+            finish_reason=choice.get("finish_reason"),
+            latency_s=time.perf_counter() - started,
+            model_id=self.model_id,
+        )
+
+    def _count_retry(self, retry_state: tenacity.RetryCallState) -> None:
+        self.retries += 1
+
+    async def _post(self, client: httpx.AsyncClient, body: dict[str, Any]) -> dict[str, Any]:
+        url = next(self._urls)
+        try:
+            response = await asyncio.wait_for(
+                client.post(url, json=body), timeout=self.options.request_timeout_s
+            )
+        except (TimeoutError, httpx.TimeoutException) as error:
+            raise RetryableError(f"timeout from {url} ({type(error).__name__})") from error
+        except httpx.TransportError as error:
+            raise RetryableError(f"connection to {url}: {type(error).__name__}: {error}") from error
+        status = response.status_code
+        snippet = response.text[:_BODY_SNIPPET_CHARS]
+        if status == 429 or status >= 500:
+            raise RetryableError(
+                f"HTTP {status} from {url}: {snippet}",
+                retry_after_s=parse_retry_after(response.headers.get("retry-after")),
+            )
+        if status >= 400:
+            raise PermanentError(f"HTTP {status} from {url}: {snippet}")
+        try:
+            data = response.json()
+            message = data["choices"][0]["message"]
+            if not isinstance(message, dict):
+                raise TypeError("message is not an object")
+        except (ValueError, KeyError, IndexError, TypeError) as error:
+            raise RetryableError(f"malformed response from {url}: {snippet!r}") from error
+        return data

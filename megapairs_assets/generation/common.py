@@ -1,0 +1,164 @@
+"""Pieces the generation stages share: asset names, image lookups, quarantine rows, stats."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+
+from megapairs_assets.corpus.step import IMAGE_LINEAGE
+from megapairs_assets.generation.backends.base import BackendSpec
+from megapairs_assets.generation.runner import RunStats
+from megapairs_assets.lib.storage import DataLayout
+from megapairs_assets.lineage.catalog import LineageCatalog, read_with_versions
+
+PAIRS_ASSET = "mined_image_pairs"
+DESCRIPTIONS_ASSET = "pair_descriptions"
+INSTRUCTIONS_ASSET = "pair_instructions"
+TRIPLETS_ASSET = "triplets"
+EXPORT_ASSET = "triplet_export"
+EXPORT_DIRNAME = "triplet_export"
+
+QUARANTINE_SCHEMA = pl.Schema(
+    {
+        "stage": pl.String,
+        "shard": pl.String,
+        "key": pl.String,
+        "source_uri": pl.String,
+        "reason": pl.String,
+        "detail": pl.String,
+    }
+)
+"""Rows of the catalog's quarantine_log a generation stage adds (key = pair id)."""
+
+IMAGE_COLUMNS = pl.Schema(
+    {
+        "image_id": pl.String,
+        "source_uri": pl.String,
+        "caption": pl.String,
+        "content_hash": pl.String,
+    }
+)
+_SAFE_PATH_PART = re.compile(r"[^A-Za-z0-9._-]")
+_DETAIL_CHARS = 500
+
+
+class GenerationStepError(RuntimeError):
+    """A generation step cannot produce a trustworthy partition (backend down, bad config)."""
+
+
+@dataclass
+class QuarantineLog:
+    """Collects one stage's rejections for one shard."""
+
+    stage: str
+    shard: str
+    rows: list[dict[str, str | None]] = field(default_factory=list)
+
+    def add(self, key: str, source_uri: str | None, reason: str, detail: str) -> None:
+        self.rows.append(
+            {
+                "stage": self.stage,
+                "shard": self.shard,
+                "key": key,
+                "source_uri": source_uri,
+                "reason": reason,
+                "detail": detail[:_DETAIL_CHARS],
+            }
+        )
+
+    def frame(self) -> pl.DataFrame:
+        return pl.DataFrame(self.rows, schema=QUARANTINE_SCHEMA)
+
+    def reason_counts(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for row in self.rows:
+            counts[str(row["reason"])] = counts.get(str(row["reason"]), 0) + 1
+        return dict(sorted(counts.items()))
+
+
+def lookup_images(catalog: LineageCatalog, image_ids: Iterable[str]) -> dict[str, dict[str, Any]]:
+    """image_id -> {image_id, source_uri, caption, content_hash} from the catalog's image rows.
+
+    Pairs reach across shards (KNN is corpus-wide), so one pair shard's images can come from
+    any corpus shard; the catalog answers for all of them in one read. Ids it does not know
+    are absent from the answer.
+    """
+    ids = sorted(set(image_ids))
+    if not ids:
+        return {}
+    rows = catalog.rows_for_ids(IMAGE_LINEAGE.name, "image_id", ids)
+    return {row["image_id"]: row for row in rows.select(list(IMAGE_COLUMNS)).iter_rows(named=True)}
+
+
+def read_shard_table(
+    catalog: LineageCatalog, layout: DataLayout, asset: str, shard: str
+) -> tuple[pl.DataFrame, dict[str, str]]:
+    """An upstream shard table and {"asset/shard": materialization id} of exactly what was read.
+
+    Refuses (IncompleteCommitError) a table whose newest materialization did not complete.
+    """
+    path = layout.shard_table(asset, shard)
+    frame, versions = read_with_versions(catalog, asset, [shard], lambda: pl.read_parquet(path))
+    return frame, {f"{asset}/{p}": v for p, v in versions.items()}
+
+
+def image_relpath(image_id: str) -> str:
+    """Where an image sits inside an export folder: `images/<shard>/<key>.jpg`.
+
+    Characters outside [A-Za-z0-9._-] become `_`; a part that had to change gets a short hash
+    of the original so two different ids never share a file.
+    """
+    shard, _, key = image_id.partition("/")
+    return f"images/{_safe_part(shard)}/{_safe_part(key or shard)}.jpg"
+
+
+def _safe_part(text: str) -> str:
+    import hashlib
+
+    safe = _SAFE_PATH_PART.sub("_", text).strip(".") or "_"
+    if safe != text:
+        safe = f"{safe}-{hashlib.blake2b(text.encode(), digest_size=4).hexdigest()}"
+    return safe
+
+
+def export_dir(layout: DataLayout, configured: str | None) -> Path:
+    """The release folder: the configured one, else `<data root>/data/triplet_export`."""
+    return Path(configured) if configured else layout.data_dir / EXPORT_DIRNAME
+
+
+def generator_name(spec: BackendSpec, input_mode: str | None) -> str:
+    """What a row names as its generator: the model's label, plus how it saw the pair."""
+    name = spec.display_name
+    if input_mode == "captions" and spec.backend != "heuristic":
+        name += ", caption-based"
+    return name
+
+
+def sampling_json(sampling: Mapping[str, Any]) -> str:
+    return json.dumps(dict(sampling), sort_keys=True)
+
+
+def raise_if_backend_failing(
+    stats: RunStats, max_failure_fraction: float, step: str, shard: str
+) -> None:
+    """Fail the step when the model calls of this run mostly failed (finished ones are kept)."""
+    if stats.calls and stats.failed / stats.calls > max_failure_fraction:
+        raise GenerationStepError(
+            f"{step} {shard}: {stats.failed} of {stats.calls} model calls failed (more than "
+            f"{max_failure_fraction:.0%}); finished responses are cached, so a re-run "
+            "resumes once the backend is healthy"
+        )
+
+
+def counts_by(table: pl.DataFrame, column: str) -> dict[str, int]:
+    """Rows per value of a column, as a plain dict (for metadata)."""
+    if table.is_empty():
+        return {}
+    counts = table.group_by(column).len().sort(column)
+    return dict(zip(counts[column].to_list(), counts["len"].to_list(), strict=True))

@@ -1,0 +1,417 @@
+"""Step 4 of the method: describe each mined pair (common points, then each image's own).
+
+`describe_pairs_for_shard` reads one shard's mined pairs, builds one request per pair (the
+sampled pairs to the configured model, the rest to the caption heuristic when enabled), settles
+them through the shard's response cache, cleans and checks every answer, and writes
+`data/pair_descriptions/<shard>.parquet`. Rejected pairs become quarantine rows with a reason.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import polars as pl
+
+from megapairs_assets.generation.backends.base import (
+    BackendSpec,
+    GenerationBackend,
+    GenerationRequest,
+    ImageInput,
+    SamplingParams,
+    create_backend,
+    request_key,
+)
+from megapairs_assets.generation.common import (
+    DESCRIPTIONS_ASSET,
+    PAIRS_ASSET,
+    GenerationStepError,
+    QuarantineLog,
+    counts_by,
+    generator_name,
+    lookup_images,
+    raise_if_backend_failing,
+    read_shard_table,
+    sampling_json,
+)
+from megapairs_assets.generation.parsing import (
+    REASON_MISSING_CAPTION,
+    REASON_MISSING_IMAGE,
+    REASON_REQUEST_FAILED,
+    REASON_REQUEST_QUARANTINED,
+    DescriptionLimits,
+    check_description,
+    clean_description,
+)
+from megapairs_assets.generation.prompts import (
+    content_hash,
+    describe_messages,
+    load_template,
+    request_seed_for,
+    word_num_for,
+)
+from megapairs_assets.generation.runner import run_requests
+from megapairs_assets.generation.settings import GenerationSettings
+from megapairs_assets.generation.store import (
+    STATUS_OK,
+    STATUS_QUARANTINED,
+    ResponseStore,
+    StoredResponse,
+    store_path,
+)
+from megapairs_assets.lib.progress import Progress
+from megapairs_assets.lib.quality import CheckOutcome, outcome
+from megapairs_assets.lib.step import StepResult
+from megapairs_assets.lib.storage import DataLayout, write_parquet_atomic
+from megapairs_assets.lineage.catalog import LineageCatalog
+
+STEP = "describe"
+HEURISTIC_DESCRIBE_TEMPLATE = {"id": "caption-heuristic-describe", "version": 1}
+HEURISTIC_DESCRIBE_HASH = content_hash(HEURISTIC_DESCRIBE_TEMPLATE)
+HEURISTIC_SAMPLING = SamplingParams(max_tokens=1, temperature=0.0)
+
+DESCRIPTION_SCHEMA = pl.Schema(
+    {
+        "pair_id": pl.String,
+        "query_id": pl.String,
+        "target_id": pl.String,
+        "description": pl.String,
+        "generator": pl.String,
+        "model_id": pl.String,
+        "backend": pl.String,
+        "input_mode": pl.String,
+        "template_id": pl.String,
+        "template_hash": pl.String,
+        "word_num": pl.Int16,
+        "seed": pl.Int64,
+        "sampling": pl.String,
+        "request_key": pl.String,
+        "prompt_tokens": pl.Int32,
+        "completion_tokens": pl.Int32,
+        "finish_reason": pl.String,
+    }
+)
+"""One accepted description per pair; every column names what made it."""
+
+DESCRIPTION_CHECKS = {
+    "one_description_per_pair": "Each pair_id has at most one description",
+    "descriptions_within_bounds": "Every description's word count lies within the limits",
+    "descriptions_have_provenance": "Every row names its generator, model, template and request",
+}
+
+
+@dataclass(frozen=True)
+class _Planned:
+    """A request and the row facts that go with it."""
+
+    request: GenerationRequest
+    pair: dict[str, Any]
+    spec: BackendSpec
+    input_mode: str
+    template_id: str
+    template_hash: str
+    word_num: int | None
+    query_uri: str | None
+
+
+def describe_pairs_for_shard(
+    shard: str,
+    layout: DataLayout,
+    catalog: LineageCatalog,
+    settings: GenerationSettings,
+    *,
+    log: Callable[[str], None] | None = None,
+    backend_factory: Callable[[BackendSpec], GenerationBackend] = create_backend,
+) -> StepResult:
+    """Describe one shard's pairs; see the module docstring. Re-running calls no model for a
+    pair whose request is already in the cache."""
+    pairs, input_versions = read_shard_table(catalog, layout, PAIRS_ASSET, shard)
+    pairs = pairs.select("pair_id", "query_id", "target_id")
+    quarantine = QuarantineLog(DESCRIPTIONS_ASSET, shard)
+    model_plans, heuristic_plans = _plan_requests(pairs, catalog, settings, quarantine)
+    store = ResponseStore(store_path(layout.data_dir, shard, STEP), settings.max_attempts)
+    if settings.retry_quarantined:
+        store.release_quarantined()
+
+    total = len(model_plans) + len(heuristic_plans)
+    with Progress(total, f"describe {shard}", unit="pairs", log=log) as progress:
+        model_responses, model_stats = run_requests(
+            [p.request for p in model_plans],
+            lambda: backend_factory(settings.describe.backend),
+            store,
+            flush_every=settings.flush_every,
+            progress=progress.update,
+        )
+        heuristic_responses, heuristic_stats = run_requests(
+            [p.request for p in heuristic_plans],
+            lambda: backend_factory(settings.heuristic),
+            store,
+            flush_every=settings.flush_every,
+            progress=progress.update,
+        )
+    raise_if_backend_failing(model_stats, settings.max_failure_fraction, "describe", shard)
+
+    rows = [
+        row
+        for plans, responses in (
+            (model_plans, model_responses),
+            (heuristic_plans, heuristic_responses),
+        )
+        for plan in plans
+        if (row := _accept(plan, responses.get(plan.request.key), settings, quarantine))
+    ]
+    table = pl.DataFrame(rows, schema=DESCRIPTION_SCHEMA).sort("pair_id")
+    path = layout.shard_table(DESCRIPTIONS_ASSET, shard)
+    write_parquet_atomic(table, path)
+
+    stats = model_stats.add(heuristic_stats)
+    by_generator = counts_by(table, "generator")
+    return StepResult(
+        partition=shard,
+        outputs={"descriptions": path},
+        row_counts={"descriptions": table.height, "quarantined": len(quarantine.rows)},
+        row_count_key="descriptions",
+        config=_config(settings),
+        input_versions=input_versions,
+        model_ids={
+            "describe": settings.describe.backend.model_id,
+            "heuristic": settings.heuristic.model_id,
+        },
+        rows={"quarantine_log": quarantine.frame()},
+        outcomes=check_descriptions(table, settings.description_limits),
+        preview=table.select("pair_id", "generator", "word_num", "description").head(5),
+        metadata={
+            "pairs": pairs.height,
+            "model_requests": len(model_plans),
+            "heuristic_requests": len(heuristic_plans),
+            "not_sampled": pairs.height - total - _missing(quarantine),
+            **{f"model_{k}": v for k, v in model_stats.as_metadata().items()},
+            **{f"all_{k}": v for k, v in stats.as_metadata().items()},
+            "rows_by_generator": by_generator,
+            "rejections_by_reason": quarantine.reason_counts(),
+        },
+    )
+
+
+def _missing(quarantine: QuarantineLog) -> int:
+    unplannable = (REASON_MISSING_IMAGE, REASON_MISSING_CAPTION)
+    return sum(1 for row in quarantine.rows if row["reason"] in unplannable)
+
+
+def _plan_requests(
+    pairs: pl.DataFrame,
+    catalog: LineageCatalog,
+    settings: GenerationSettings,
+    quarantine: QuarantineLog,
+) -> tuple[list[_Planned], list[_Planned]]:
+    template = load_template(settings.describe.template)
+    spec = settings.describe.backend
+    if template.step != STEP:
+        raise GenerationStepError(f"template {template.id!r} is for step {template.step!r}")
+    images = lookup_images(catalog, pairs["query_id"].to_list() + pairs["target_id"].to_list())
+    sampled = settings.model_sample.select(pairs["pair_id"].to_list(), settings.seed)
+    model_plans: list[_Planned] = []
+    heuristic_plans: list[_Planned] = []
+    for pair in pairs.iter_rows(named=True):
+        query, target = images.get(pair["query_id"]), images.get(pair["target_id"])
+        if query is None or target is None:
+            missing = pair["query_id"] if query is None else pair["target_id"]
+            quarantine.add(
+                pair["pair_id"],
+                query["source_uri"] if query else None,
+                REASON_MISSING_IMAGE,
+                f"image {missing} is not in its corpus shard",
+            )
+            continue
+        to_model = pair["pair_id"] in sampled
+        if not to_model and not settings.heuristic_fill:
+            continue
+        needs_captions = not to_model or template.input_mode == "captions"
+        if needs_captions and not (query["caption"] and target["caption"]):
+            quarantine.add(
+                pair["pair_id"],
+                query["source_uri"],
+                REASON_MISSING_CAPTION,
+                "caption-based generation needs both captions",
+            )
+            continue
+        if to_model:
+            model_plans.append(_model_plan(pair, query, target, template, spec, settings))
+        else:
+            heuristic_plans.append(_heuristic_plan(pair, query, target, settings))
+    return model_plans, heuristic_plans
+
+
+def _model_plan(
+    pair: dict[str, Any],
+    query: dict[str, Any],
+    target: dict[str, Any],
+    template: Any,
+    spec: BackendSpec,
+    settings: GenerationSettings,
+) -> _Planned:
+    word_num = word_num_for(settings.seed, pair["pair_id"], settings.word_num_range)
+    seed = request_seed_for(settings.seed, STEP, pair["pair_id"])
+    sampling = settings.describe.sampling
+    if template.input_mode == "images":
+        # Pixels are identified by content hash: a moved file is not a new request.
+        inputs: dict[str, Any] = {
+            "word_num": word_num,
+            "query": {"image_id": query["image_id"], "content_hash": query["content_hash"]},
+            "target": {"image_id": target["image_id"], "content_hash": target["content_hash"]},
+        }
+        messages = describe_messages(template, word_num)
+    else:
+        inputs = {
+            "word_num": word_num,
+            "query_caption": query["caption"],
+            "target_caption": target["caption"],
+        }
+        messages = describe_messages(template, word_num, query["caption"], target["caption"])
+    request = GenerationRequest(
+        key=request_key(spec.model_id, template.hash, inputs, sampling, seed),
+        step=STEP,
+        messages=messages,
+        sampling=sampling,
+        seed=seed,
+        images={
+            "query": ImageInput(query["source_uri"], query["content_hash"]),
+            "target": ImageInput(target["source_uri"], target["content_hash"]),
+        },
+        inputs=inputs,
+    )
+    return _Planned(
+        request=request,
+        pair=pair,
+        spec=spec,
+        input_mode=template.input_mode,
+        template_id=template.id,
+        template_hash=template.hash,
+        word_num=word_num,
+        query_uri=query["source_uri"],
+    )
+
+
+def _heuristic_plan(
+    pair: dict[str, Any],
+    query: dict[str, Any],
+    target: dict[str, Any],
+    settings: GenerationSettings,
+) -> _Planned:
+    inputs = {"query_caption": query["caption"], "target_caption": target["caption"]}
+    spec = settings.heuristic
+    request = GenerationRequest(
+        key=request_key(spec.model_id, HEURISTIC_DESCRIBE_HASH, inputs, HEURISTIC_SAMPLING, 0),
+        step=STEP,
+        messages=(),
+        sampling=HEURISTIC_SAMPLING,
+        seed=0,
+        inputs=inputs,
+    )
+    return _Planned(
+        request=request,
+        pair=pair,
+        spec=spec,
+        input_mode="captions",
+        template_id=HEURISTIC_DESCRIBE_TEMPLATE["id"],
+        template_hash=HEURISTIC_DESCRIBE_HASH,
+        word_num=None,
+        query_uri=query["source_uri"],
+    )
+
+
+def _accept(
+    plan: _Planned,
+    response: StoredResponse | None,
+    settings: GenerationSettings,
+    quarantine: QuarantineLog,
+) -> dict[str, Any] | None:
+    pair_id = plan.pair["pair_id"]
+    key = plan.request.key
+    if response is None or response.status != STATUS_OK:
+        reason = (
+            REASON_REQUEST_QUARANTINED
+            if response is not None and response.status == STATUS_QUARANTINED
+            else REASON_REQUEST_FAILED
+        )
+        attempts = response.attempts if response is not None else 0
+        error = response.last_error if response is not None else "no response"
+        quarantine.add(
+            pair_id,
+            plan.query_uri,
+            reason,
+            f"attempt {attempts}/{settings.max_attempts}: {error} (request {key[:16]})",
+        )
+        return None
+    description = clean_description(response.text)
+    rejection = check_description(description, settings.description_limits, response.finish_reason)
+    if rejection is not None:
+        quarantine.add(
+            pair_id,
+            plan.query_uri,
+            rejection.reason,
+            f"{rejection.detail}; {plan.spec.display_name}: {description[:300]!r}",
+        )
+        return None
+    return {
+        "pair_id": pair_id,
+        "query_id": plan.pair["query_id"],
+        "target_id": plan.pair["target_id"],
+        "description": description,
+        "generator": generator_name(plan.spec, plan.input_mode),
+        "model_id": plan.spec.model_id,
+        "backend": plan.spec.backend,
+        "input_mode": plan.input_mode,
+        "template_id": plan.template_id,
+        "template_hash": plan.template_hash,
+        "word_num": plan.word_num,
+        "seed": plan.request.seed,
+        "sampling": sampling_json(plan.request.sampling.as_dict()),
+        "request_key": key,
+        "prompt_tokens": response.prompt_tokens,
+        "completion_tokens": response.completion_tokens,
+        "finish_reason": response.finish_reason,
+    }
+
+
+def _config(settings: GenerationSettings) -> dict[str, Any]:
+    return {
+        "template": settings.describe.template,
+        "backend": settings.describe.backend.backend,
+        "sampling": settings.describe.sampling.as_dict(),
+        "model_sample": {
+            "fraction": settings.model_sample.fraction,
+            "max_pairs_per_shard": settings.model_sample.max_pairs_per_shard,
+        },
+        "heuristic_fill": settings.heuristic_fill,
+        "seed": settings.seed,
+        "word_num_range": list(settings.word_num_range),
+        "max_attempts": settings.max_attempts,
+        "description_limits": vars(settings.description_limits),
+    }
+
+
+def check_descriptions(table: pl.DataFrame, limits: DescriptionLimits) -> list[CheckOutcome]:
+    """The blocking checks of pair_descriptions (names in DESCRIPTION_CHECKS)."""
+    words = table["description"].str.count_matches(r"[\w']+")
+    out_of_bounds = table.filter((words < limits.min_words) | (words > limits.max_words))
+    provenance_columns = ["generator", "model_id", "template_id", "template_hash", "request_key"]
+    lacking = table.filter(pl.any_horizontal(pl.col(c).is_null() for c in provenance_columns))
+    return [
+        outcome(
+            "one_description_per_pair",
+            table.filter(pl.col("pair_id").is_duplicated())["pair_id"].unique().to_list(),
+            "each pair_id has at most one description",
+        ),
+        outcome(
+            "descriptions_within_bounds",
+            out_of_bounds["pair_id"].to_list(),
+            f"descriptions have {limits.min_words}..{limits.max_words} words",
+        ),
+        outcome(
+            "descriptions_have_provenance",
+            lacking["pair_id"].to_list(),
+            "generator, model, template and request key are set",
+        ),
+    ]

@@ -1,0 +1,313 @@
+"""The release folder: triplets with their images at 512x512, and a generated dataset card.
+
+Layout of the export folder (default `<data root>/data/triplet_export`):
+
+    README.md                    dataset card, regenerated from every exported shard
+    triplets/<shard>.jsonl       release fields only (q_img, q_text, t_img, hns)
+    triplets/<shard>.parquet     release fields plus triplet_id
+    images/<shard>/<key>.jpg     every image a triplet names, resized to side x side
+    shards/<shard>.json          one shard's figures (what the card is built from)
+
+Image paths in the triplet files are relative to the folder, so it can be moved or uploaded
+as is. MegaPairs released its images resized to 512x512 (method.md §6); the side is a setting.
+An image that cannot be read drops the triplets that name it, each with a quarantine row.
+Re-exporting skips images already written at the right size.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+from filelock import FileLock
+from PIL import Image
+
+from megapairs_assets.corpus.images import ImageLimits, ImageRejected, open_image_rgb
+from megapairs_assets.generation.common import (
+    EXPORT_ASSET,
+    TRIPLETS_ASSET,
+    QuarantineLog,
+    counts_by,
+    export_dir,
+    image_relpath,
+    lookup_images,
+    read_shard_table,
+)
+from megapairs_assets.generation.settings import GenerationSettings
+from megapairs_assets.generation.triplets import RELEASE_FIELDS, write_release_jsonl
+from megapairs_assets.lib.progress import Progress
+from megapairs_assets.lib.quality import CheckOutcome, outcome
+from megapairs_assets.lib.step import StepResult
+from megapairs_assets.lib.storage import DataLayout, write_atomic, write_parquet_atomic
+from megapairs_assets.lineage.catalog import LineageCatalog
+
+CARD_NAME = "README.md"
+EXPORT_CHECKS = {
+    "export_paths_exist": "Every image path in the exported triplets exists in the export",
+    "export_images_sized": "Every exported image of the shard is side x side pixels",
+}
+_WRITE_THREADS = 4
+
+
+def export_triplets_for_shard(
+    shard: str,
+    layout: DataLayout,
+    catalog: LineageCatalog,
+    settings: GenerationSettings,
+    *,
+    log: Callable[[str], None] | None = None,
+) -> StepResult:
+    """Export one shard's triplets and images, then regenerate the dataset card."""
+    triplets, versions = read_shard_table(catalog, layout, TRIPLETS_ASSET, shard)
+    root = export_dir(layout, settings.export.export_dir)
+    side = settings.export.image_side_px
+    quarantine = QuarantineLog(EXPORT_ASSET, shard)
+    image_ids = sorted(
+        set(triplets["query_id"])
+        | set(triplets["target_id"])
+        | set(triplets["hard_negative_ids"].explode().drop_nulls())
+    )
+    sources = lookup_images(catalog, image_ids)
+    failed: dict[str, str] = {}
+    with Progress(len(image_ids), f"export {shard}", unit="images", log=log) as progress:
+
+        def export_one(image_id: str) -> tuple[str, str | None]:
+            error = _export_image(
+                sources.get(image_id), root / image_relpath(image_id), side, settings
+            )
+            progress.update(1)
+            return image_id, error
+
+        with ThreadPoolExecutor(_WRITE_THREADS) as pool:
+            for image_id, error in pool.map(export_one, image_ids):
+                if error is not None:
+                    failed[image_id] = error
+
+    exported = triplets
+    if failed:
+        uses_failed = (
+            pl.col("query_id").is_in(list(failed))
+            | pl.col("target_id").is_in(list(failed))
+            | pl.col("hard_negative_ids").list.eval(pl.element().is_in(list(failed))).list.any()
+        )
+        for row in triplets.filter(uses_failed).iter_rows(named=True):
+            bad = [
+                i
+                for i in [row["query_id"], row["target_id"], *row["hard_negative_ids"]]
+                if i in failed
+            ]
+            quarantine.add(
+                row["triplet_id"],
+                sources.get(bad[0], {}).get("source_uri"),
+                "export_image_unreadable",
+                f"{bad[0]}: {failed[bad[0]]}",
+            )
+        exported = triplets.filter(~uses_failed)
+
+    jsonl_path = root / "triplets" / f"{shard}.jsonl"
+    parquet_path = root / "triplets" / f"{shard}.parquet"
+    write_release_jsonl(exported, jsonl_path)
+    write_parquet_atomic(exported.select("triplet_id", *RELEASE_FIELDS), parquet_path)
+    figures = _shard_figures(shard, exported, settings, catalog, versions)
+    write_atomic(
+        root / "shards" / f"{shard}.json",
+        lambda tmp: tmp.write_text(json.dumps(figures, indent=2, sort_keys=True)),
+    )
+    card = write_dataset_card(root, settings)
+    return StepResult(
+        partition=shard,
+        outputs={"jsonl": jsonl_path, "parquet": parquet_path, "card": card},
+        row_counts={"exported_triplets": exported.height, "images": len(image_ids) - len(failed)},
+        row_count_key="exported_triplets",
+        config={"image_side_px": side, "export_dir": str(root), "licence": settings.export.licence},
+        input_versions=versions,
+        rows={"quarantine_log": quarantine.frame()},
+        outcomes=check_export(root, exported, [i for i in image_ids if i not in failed], side),
+        metadata={"dropped_triplets": triplets.height - exported.height, "export_dir": str(root)},
+    )
+
+
+def _export_image(
+    source: dict[str, Any] | None, target: Path, side: int, settings: GenerationSettings
+) -> str | None:
+    """Write one image at side x side unless it is already there; returns an error or None."""
+    if _has_size(target, side):
+        return None
+    if source is None:
+        return "not in the catalog's image rows"
+    try:
+        picture = open_image_rgb(source["source_uri"], ImageLimits(), max_side_px=2 * side)
+    except ImageRejected as error:
+        return f"{error.reason}: {error.detail}"
+    resized = picture.resize((side, side), Image.Resampling.BICUBIC)
+    write_atomic(
+        target,
+        lambda tmp: resized.save(tmp, format="JPEG", quality=settings.export.jpeg_quality),
+    )
+    return None
+
+
+def _has_size(path: Path, side: int) -> bool:
+    try:
+        with Image.open(path) as existing:
+            return existing.size == (side, side)
+    except (OSError, ValueError):
+        return False
+
+
+def check_export(
+    root: Path, exported: pl.DataFrame, image_ids: list[str], side: int
+) -> list[CheckOutcome]:
+    """The blocking checks of the export (names in EXPORT_CHECKS)."""
+    missing = []
+    for row in exported.select("triplet_id", "q_img", "t_img", "hns").iter_rows(named=True):
+        for path in [row["q_img"], row["t_img"], *row["hns"]]:
+            if not (root / path).is_file():
+                missing.append(f"{row['triplet_id']}: {path}")
+    wrong_size = [i for i in image_ids if not _has_size(root / image_relpath(i), side)]
+    return [
+        outcome("export_paths_exist", missing, "every image path resolves inside the export"),
+        outcome("export_images_sized", wrong_size, f"images are {side}x{side}"),
+    ]
+
+
+def _shard_figures(
+    shard: str,
+    exported: pl.DataFrame,
+    settings: GenerationSettings,
+    catalog: LineageCatalog,
+    versions: dict[str, str],
+) -> dict[str, Any]:
+    """One shard's numbers for the card, read from its triplets and their lineage rows."""
+    lineage = catalog.rows_for_ids(
+        "triplet_lineage", "triplet_id", exported["triplet_id"].to_list()
+    )
+    templates: dict[str, int] = {}
+    models: dict[str, int] = {}
+    if lineage.height:
+        for column in ("description_template", "instruction_template"):
+            for name, count in counts_by(lineage, column).items():
+                templates[name] = templates.get(name, 0) + count
+        for column in ("description_model", "instruction_model"):
+            for name, count in counts_by(lineage, column).items():
+                models[name] = models.get(name, 0) + count
+    sources = counts_by(exported.explode("sources"), "sources") if exported.height else {}
+    return {
+        "shard": shard,
+        "triplets": exported.height,
+        "instructions": int(exported["q_text"].list.len().sum()) if exported.height else 0,
+        "images": len(
+            set(exported["q_img"]) | set(exported["t_img"]) | set(exported["hns"].explode())
+        )
+        if exported.height
+        else 0,
+        "source_mix": sources,
+        "description_generators": counts_by(exported, "description_generator"),
+        "instruction_generators": counts_by(exported, "instruction_generator"),
+        "models": models,
+        "templates": templates,
+        "input_versions": versions,
+        "image_side_px": settings.export.image_side_px,
+    }
+
+
+def write_dataset_card(root: Path, settings: GenerationSettings) -> Path:
+    """(Re)write README.md from every shard's figures; safe when shards export in parallel."""
+    path = root / CARD_NAME
+    root.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(root / ".card.lock")):
+        figures = [json.loads(p.read_text()) for p in sorted((root / "shards").glob("*.json"))]
+        text = render_card(figures, settings)
+        write_atomic(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    return path
+
+
+def _sum_maps(figures: list[dict[str, Any]], key: str) -> dict[str, int]:
+    total: dict[str, int] = {}
+    for shard in figures:
+        for name, count in shard.get(key, {}).items():
+            total[name] = total.get(name, 0) + int(count)
+    return dict(sorted(total.items(), key=lambda item: (-item[1], item[0])))
+
+
+def _table(counts: dict[str, int], header: str) -> str:
+    if not counts:
+        return "_(none)_"
+    lines = [f"| {header} | rows |", "|---|---|"]
+    lines += [f"| {name} | {count} |" for name, count in counts.items()]
+    return "\n".join(lines)
+
+
+def render_card(figures: list[dict[str, Any]], settings: GenerationSettings) -> str:
+    """The dataset card's Markdown from per-shard figures (plain function, tested directly)."""
+    triplets = sum(int(f["triplets"]) for f in figures)
+    instructions = sum(int(f["instructions"]) for f in figures)
+    description_generators = _sum_maps(figures, "description_generators")
+    instruction_generators = _sum_maps(figures, "instruction_generators")
+    heuristic_descriptions = sum(
+        n for name, n in description_generators.items() if name.startswith("heuristic")
+    )
+    heuristic_instructions = sum(
+        n for name, n in instruction_generators.items() if name.startswith("heuristic")
+    )
+    caption_based = sum(n for name, n in description_generators.items() if "caption-based" in name)
+    side = settings.export.image_side_px
+    return f"""# {settings.export.dataset_name}
+
+Composed-image-retrieval triplets made by the megapairs pipeline, an open implementation of
+the MegaPairs data synthesis method (Zhou et al., arXiv 2412.14475). Generated on
+{datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")} from {len(figures)} shard(s).
+
+## Counts
+
+- triplets: {triplets}
+- instructions: {instructions} ({instructions / triplets if triplets else 0:.2f} per triplet)
+- image size: {side}x{side} (resized, as the MegaPairs release)
+
+## What made the text
+
+Descriptions:
+
+{_table(description_generators, "generator")}
+
+Instructions:
+
+{_table(instruction_generators, "generator")}
+
+- {heuristic_descriptions} of {triplets} descriptions and {heuristic_instructions} of
+  {triplets} instruction lists come from the caption heuristic (fixed sentence patterns over
+  the two captions, no model).
+- {caption_based} descriptions were written by a text-only model from the two captions
+  ("caption-based"): it never saw the images.
+
+Models (rows they wrote a step of):
+
+{_table(_sum_maps(figures, "models"), "model id")}
+
+Templates (id#hash):
+
+{_table(_sum_maps(figures, "templates"), "template")}
+
+## Source mix of the pairs
+
+Which similarity sources proposed each pair (a pair can have several):
+
+{_table(_sum_maps(figures, "source_mix"), "source")}
+
+## Format
+
+`triplets/<shard>.jsonl`, one object per line: `q_img` (query image path), `q_text` (list of
+instructions; sample one per training step), `t_img` (target image path), `hns` (hard
+negative image paths, `hns[0]` is always the query image). Paths are relative to this folder.
+`triplets/<shard>.parquet` holds the same fields plus `triplet_id`; `megapairs lineage
+<triplet_id>` on the producing machine prints the full chain behind a row.
+
+## Licence
+
+{settings.export.licence}
+"""

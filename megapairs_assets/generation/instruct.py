@@ -1,0 +1,402 @@
+"""Step 5 of the method: turn each pair description into retrieval instructions.
+
+`write_instructions_for_shard` reads one shard's descriptions. A pair described by a model gets
+an instruction request to the configured LLM with `demos_per_request` demonstrations drawn from
+the shipped pool (a keyed sample per pair id); a pair described by the caption heuristic gets
+heuristic instructions. Every answer is parsed (the list is recovered from chatter, fences,
+numbering or truncation) and filtered; rejected instructions and pairs left with fewer than
+`min_instructions` become quarantine rows with reasons. Output:
+`data/pair_instructions/<shard>.parquet`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from typing import Any
+
+import polars as pl
+
+from megapairs_assets.generation.backends.base import (
+    BackendSpec,
+    GenerationBackend,
+    GenerationRequest,
+    SamplingParams,
+    create_backend,
+    request_key,
+)
+from megapairs_assets.generation.backends.heuristic import HEURISTIC_BACKEND
+from megapairs_assets.generation.common import (
+    DESCRIPTIONS_ASSET,
+    INSTRUCTIONS_ASSET,
+    GenerationStepError,
+    QuarantineLog,
+    counts_by,
+    generator_name,
+    lookup_images,
+    raise_if_backend_failing,
+    read_shard_table,
+    sampling_json,
+)
+from megapairs_assets.generation.parsing import (
+    REASON_MISSING_CAPTION,
+    REASON_REQUEST_FAILED,
+    REASON_REQUEST_QUARANTINED,
+    REASON_TOO_FEW,
+    InstructionLimits,
+    filter_instructions,
+    parse_instruction_list,
+)
+from megapairs_assets.generation.prompts import (
+    PromptTemplate,
+    combined_hash,
+    content_hash,
+    demo_ids_for,
+    instruction_messages,
+    load_demo_pool,
+    load_template,
+    request_seed_for,
+)
+from megapairs_assets.generation.runner import run_requests
+from megapairs_assets.generation.settings import GenerationSettings
+from megapairs_assets.generation.store import (
+    STATUS_OK,
+    STATUS_QUARANTINED,
+    ResponseStore,
+    StoredResponse,
+    store_path,
+)
+from megapairs_assets.lib.progress import Progress
+from megapairs_assets.lib.quality import CheckOutcome, outcome
+from megapairs_assets.lib.step import StepResult
+from megapairs_assets.lib.storage import DataLayout, write_parquet_atomic
+from megapairs_assets.lineage.catalog import LineageCatalog
+
+STEP = "instruct"
+HEURISTIC_INSTRUCT_TEMPLATE = {"id": "caption-heuristic-instruct", "version": 1}
+HEURISTIC_INSTRUCT_HASH = content_hash(HEURISTIC_INSTRUCT_TEMPLATE)
+HEURISTIC_SAMPLING = SamplingParams(max_tokens=1, temperature=0.0)
+
+INSTRUCTION_SCHEMA = pl.Schema(
+    {
+        "pair_id": pl.String,
+        "query_id": pl.String,
+        "target_id": pl.String,
+        "instructions": pl.List(pl.String),
+        "generator": pl.String,
+        "model_id": pl.String,
+        "backend": pl.String,
+        "template_id": pl.String,
+        "template_hash": pl.String,
+        "demo_pool_hash": pl.String,
+        "demo_ids": pl.List(pl.String),
+        "seed": pl.Int64,
+        "sampling": pl.String,
+        "request_key": pl.String,
+        "description_request_key": pl.String,
+        "parse_method": pl.String,
+        "rejected_instructions": pl.Int16,
+        "prompt_tokens": pl.Int32,
+        "completion_tokens": pl.Int32,
+    }
+)
+"""One row per pair with at least `min_instructions` accepted instructions."""
+
+INSTRUCTION_CHECKS = {
+    "enough_instructions": "Every pair has at least the minimum number of instructions (3)",
+    "instructions_pass_filters": "No kept instruction breaks a filter rule (re-checked)",
+    "instructions_have_provenance": "Every row names its generator, model, template and request",
+}
+
+
+@dataclass(frozen=True)
+class _Planned:
+    request: GenerationRequest
+    row: dict[str, Any]
+    spec: BackendSpec
+    template_id: str
+    template_hash: str
+    demo_pool_hash: str | None
+    demo_ids: tuple[str, ...]
+
+
+def write_instructions_for_shard(
+    shard: str,
+    layout: DataLayout,
+    catalog: LineageCatalog,
+    settings: GenerationSettings,
+    *,
+    log: Callable[[str], None] | None = None,
+    backend_factory: Callable[[BackendSpec], GenerationBackend] = create_backend,
+) -> StepResult:
+    """Write one shard's instructions; see the module docstring."""
+    descriptions, input_versions = read_shard_table(catalog, layout, DESCRIPTIONS_ASSET, shard)
+    quarantine = QuarantineLog(INSTRUCTIONS_ASSET, shard)
+    template = load_template(settings.instruct.template)
+    if template.step != STEP:
+        raise GenerationStepError(f"template {template.id!r} is for step {template.step!r}")
+    limits = _limits_for(template, settings.instruction_limits)
+    images = lookup_images(
+        catalog, descriptions["query_id"].to_list() + descriptions["target_id"].to_list()
+    )
+    model_plans, heuristic_plans = _plan_requests(
+        descriptions, images, template, settings, quarantine
+    )
+    store = ResponseStore(store_path(layout.data_dir, shard, STEP), settings.max_attempts)
+    if settings.retry_quarantined:
+        store.release_quarantined()
+
+    with Progress(
+        len(model_plans) + len(heuristic_plans), f"instruct {shard}", unit="pairs", log=log
+    ) as progress:
+        model_responses, model_stats = run_requests(
+            [p.request for p in model_plans],
+            lambda: backend_factory(settings.instruct.backend),
+            store,
+            flush_every=settings.flush_every,
+            progress=progress.update,
+        )
+        heuristic_responses, heuristic_stats = run_requests(
+            [p.request for p in heuristic_plans],
+            lambda: backend_factory(settings.heuristic),
+            store,
+            flush_every=settings.flush_every,
+            progress=progress.update,
+        )
+    raise_if_backend_failing(model_stats, settings.max_failure_fraction, STEP, shard)
+
+    uri_of = {image_id: row["source_uri"] for image_id, row in images.items()}
+    rows = []
+    for plans, responses in (
+        (model_plans, model_responses),
+        (heuristic_plans, heuristic_responses),
+    ):
+        for plan in plans:
+            row = _accept(
+                plan, responses.get(plan.request.key), limits, settings, quarantine, uri_of
+            )
+            if row is not None:
+                rows.append(row)
+    table = pl.DataFrame(rows, schema=INSTRUCTION_SCHEMA).sort("pair_id")
+    path = layout.shard_table(INSTRUCTIONS_ASSET, shard)
+    write_parquet_atomic(table, path)
+
+    stats = model_stats.add(heuristic_stats)
+    return StepResult(
+        partition=shard,
+        outputs={"instructions": path},
+        row_counts={"instruction_rows": table.height, "quarantined": len(quarantine.rows)},
+        row_count_key="instruction_rows",
+        config={
+            "template": settings.instruct.template,
+            "backend": settings.instruct.backend.backend,
+            "sampling": settings.instruct.sampling.as_dict(),
+            "demo_pool": settings.demo_pool,
+            "seed": settings.seed,
+            "max_attempts": settings.max_attempts,
+            "instruction_limits": vars(limits),
+        },
+        input_versions=input_versions,
+        model_ids={
+            "instruct": settings.instruct.backend.model_id,
+            "heuristic": settings.heuristic.model_id,
+        },
+        rows={"quarantine_log": quarantine.frame()},
+        outcomes=check_instructions(table, limits),
+        preview=table.select("pair_id", "generator", "instructions").head(5),
+        metadata={
+            "described_pairs": descriptions.height,
+            "model_requests": len(model_plans),
+            "heuristic_requests": len(heuristic_plans),
+            "instructions": int(table["instructions"].list.len().sum()) if table.height else 0,
+            **{f"model_{k}": v for k, v in model_stats.as_metadata().items()},
+            **{f"all_{k}": v for k, v in stats.as_metadata().items()},
+            "rows_by_generator": counts_by(table, "generator"),
+            "rejections_by_reason": quarantine.reason_counts(),
+        },
+    )
+
+
+def _limits_for(template: PromptTemplate, limits: InstructionLimits) -> InstructionLimits:
+    """The template's requested count range wins over the defaults, so prompt and filter agree."""
+    return replace(
+        limits,
+        min_instructions=int(template.fields.get("min_instructions", limits.min_instructions)),
+        max_instructions=int(template.fields.get("max_instructions", limits.max_instructions)),
+    )
+
+
+def _plan_requests(
+    descriptions: pl.DataFrame,
+    images: dict[str, dict[str, Any]],
+    template: PromptTemplate,
+    settings: GenerationSettings,
+    quarantine: QuarantineLog,
+) -> tuple[list[_Planned], list[_Planned]]:
+    pool = load_demo_pool(settings.demo_pool)
+    demos_per_request = int(template.field("demos_per_request"))
+    model_hash = combined_hash(template.hash, pool.hash)
+    spec = settings.instruct.backend
+    sampling = settings.instruct.sampling
+    model_plans: list[_Planned] = []
+    heuristic_plans: list[_Planned] = []
+    for row in descriptions.iter_rows(named=True):
+        pair_id = row["pair_id"]
+        if row["backend"] == HEURISTIC_BACKEND:
+            query, target = images.get(row["query_id"]), images.get(row["target_id"])
+            if not (query and target and query["caption"] and target["caption"]):
+                quarantine.add(
+                    pair_id,
+                    query["source_uri"] if query else None,
+                    REASON_MISSING_CAPTION,
+                    "heuristic instructions need both captions",
+                )
+                continue
+            inputs = {
+                "query_caption": query["caption"],
+                "target_caption": target["caption"],
+                "description": row["description"],
+            }
+            key = request_key(
+                settings.heuristic.model_id, HEURISTIC_INSTRUCT_HASH, inputs, HEURISTIC_SAMPLING, 0
+            )
+            heuristic_plans.append(
+                _Planned(
+                    request=GenerationRequest(
+                        key=key,
+                        step=STEP,
+                        messages=(),
+                        sampling=HEURISTIC_SAMPLING,
+                        seed=0,
+                        inputs=inputs,
+                    ),
+                    row=row,
+                    spec=settings.heuristic,
+                    template_id=HEURISTIC_INSTRUCT_TEMPLATE["id"],
+                    template_hash=HEURISTIC_INSTRUCT_HASH,
+                    demo_pool_hash=None,
+                    demo_ids=(),
+                )
+            )
+            continue
+        demo_ids = demo_ids_for(settings.seed, pair_id, pool, demos_per_request)
+        seed = request_seed_for(settings.seed, STEP, pair_id)
+        inputs = {"description": row["description"], "demo_ids": list(demo_ids)}
+        model_plans.append(
+            _Planned(
+                request=GenerationRequest(
+                    key=request_key(spec.model_id, model_hash, inputs, sampling, seed),
+                    step=STEP,
+                    messages=instruction_messages(
+                        template, row["description"], [pool.by_id(d) for d in demo_ids]
+                    ),
+                    sampling=sampling,
+                    seed=seed,
+                    inputs=inputs,
+                ),
+                row=row,
+                spec=spec,
+                template_id=template.id,
+                template_hash=model_hash,
+                demo_pool_hash=pool.hash,
+                demo_ids=demo_ids,
+            )
+        )
+    return model_plans, heuristic_plans
+
+
+def _accept(
+    plan: _Planned,
+    response: StoredResponse | None,
+    limits: InstructionLimits,
+    settings: GenerationSettings,
+    quarantine: QuarantineLog,
+    uri_of: dict[str, str],
+) -> dict[str, Any] | None:
+    row = plan.row
+    pair_id, key = row["pair_id"], plan.request.key
+    query_uri = uri_of.get(row["query_id"])
+    if response is None or response.status != STATUS_OK:
+        reason = (
+            REASON_REQUEST_QUARANTINED
+            if response is not None and response.status == STATUS_QUARANTINED
+            else REASON_REQUEST_FAILED
+        )
+        attempts = response.attempts if response is not None else 0
+        error = response.last_error if response is not None else "no response"
+        quarantine.add(
+            pair_id,
+            query_uri,
+            reason,
+            f"attempt {attempts}/{settings.max_attempts}: {error} (request {key[:16]})",
+        )
+        return None
+    parsed = parse_instruction_list(response.text)
+    if parsed.reason is not None:
+        quarantine.add(
+            pair_id,
+            query_uri,
+            parsed.reason,
+            f"{plan.spec.display_name}: {(response.text or '')[:300]!r}",
+        )
+        return None
+    kept, rejections = filter_instructions(parsed.items, row["description"], limits)
+    for rejection in rejections:
+        quarantine.add(
+            pair_id, query_uri, rejection.reason, f"{rejection.detail}: {rejection.text!r}"
+        )
+    if len(kept) < limits.min_instructions:
+        quarantine.add(
+            pair_id,
+            query_uri,
+            REASON_TOO_FEW,
+            f"{len(kept)} valid of {len(parsed.items)} parsed; need {limits.min_instructions}",
+        )
+        return None
+    return {
+        "pair_id": pair_id,
+        "query_id": row["query_id"],
+        "target_id": row["target_id"],
+        "instructions": kept,
+        "generator": generator_name(plan.spec, None),
+        "model_id": plan.spec.model_id,
+        "backend": plan.spec.backend,
+        "template_id": plan.template_id,
+        "template_hash": plan.template_hash,
+        "demo_pool_hash": plan.demo_pool_hash,
+        "demo_ids": list(plan.demo_ids),
+        "seed": plan.request.seed,
+        "sampling": sampling_json(plan.request.sampling.as_dict()),
+        "request_key": key,
+        "description_request_key": row["request_key"],
+        "parse_method": parsed.how,
+        "rejected_instructions": len(rejections),
+        "prompt_tokens": response.prompt_tokens,
+        "completion_tokens": response.completion_tokens,
+    }
+
+
+def check_instructions(table: pl.DataFrame, limits: InstructionLimits) -> list[CheckOutcome]:
+    """The blocking checks of pair_instructions (names in INSTRUCTION_CHECKS)."""
+    too_few = table.filter(pl.col("instructions").list.len() < limits.min_instructions)
+    breaking = []
+    for row in table.select("pair_id", "instructions").iter_rows(named=True):
+        # Re-check against no description: the copy rule needs it, the other rules do not.
+        _, rejections = filter_instructions(row["instructions"], "", limits)
+        if rejections:
+            breaking.append(f"{row['pair_id']}: {rejections[0].reason}")
+    provenance = ["generator", "model_id", "template_id", "template_hash", "request_key"]
+    lacking = table.filter(pl.any_horizontal(pl.col(c).is_null() for c in provenance))
+    return [
+        outcome(
+            "enough_instructions",
+            too_few["pair_id"].to_list(),
+            f"every pair has >= {limits.min_instructions} instructions",
+        ),
+        outcome("instructions_pass_filters", breaking, "kept instructions obey every rule"),
+        outcome(
+            "instructions_have_provenance",
+            lacking["pair_id"].to_list(),
+            "generator, model, template and request key are set",
+        ),
+    ]

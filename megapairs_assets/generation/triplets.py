@@ -1,0 +1,422 @@
+"""Step 6 of the method: triplets in the MegaPairs release schema, with row-level lineage.
+
+One triplet per pair that kept enough instructions: `q_img` (query image), `q_text` (its
+instructions; training samples one), `t_img` (target image) and `hns` (hard negatives, the
+query image first). Image fields are paths relative to the export folder
+(`images/<shard>/<key>.jpg`, see `common.image_relpath`), so the table and the exported images
+travel together. Written as Parquet (with ids and generators beside the release fields) and as
+JSON Lines (the four release fields only).
+
+`describe_triplet` answers `megapairs lineage <triplet id>`; `generation_summary` is what the
+demo prints.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+
+from megapairs_assets.corpus.images import ImageLimits, open_image_rgb
+from megapairs_assets.generation.common import (
+    DESCRIPTIONS_ASSET,
+    INSTRUCTIONS_ASSET,
+    PAIRS_ASSET,
+    TRIPLETS_ASSET,
+    QuarantineLog,
+    counts_by,
+    image_relpath,
+    lookup_images,
+    read_shard_table,
+)
+from megapairs_assets.generation.settings import GenerationSettings
+from megapairs_assets.lib.preview import thumbnail_markdown
+from megapairs_assets.lib.quality import CheckOutcome, outcome
+from megapairs_assets.lib.step import StepResult
+from megapairs_assets.lib.storage import DataLayout, write_atomic, write_parquet_atomic
+from megapairs_assets.lineage.catalog import LineageCatalog, RowTable, register_row_table
+
+TRIPLET_ID_PREFIX = "t-"
+RELEASE_FIELDS = ("q_img", "q_text", "t_img", "hns")
+_PREVIEW_TRIPLETS = 3
+
+TRIPLET_SCHEMA = pl.Schema(
+    {
+        "triplet_id": pl.String,
+        "pair_id": pl.String,
+        "q_img": pl.String,
+        "q_text": pl.List(pl.String),
+        "t_img": pl.String,
+        "hns": pl.List(pl.String),
+        "query_id": pl.String,
+        "target_id": pl.String,
+        "hard_negative_ids": pl.List(pl.String),
+        "sources": pl.List(pl.String),
+        "description": pl.String,
+        "description_generator": pl.String,
+        "instruction_generator": pl.String,
+    }
+)
+"""Release fields (q_img, q_text, t_img, hns) plus the ids and generators behind each row."""
+
+TRIPLET_CHECKS = {
+    "hns_start_with_query": "hns[0] is the query image (q_img)",
+    "target_not_in_hns": "t_img never appears among the hard negatives",
+    "enough_q_text": "Every triplet has at least the minimum number of instructions (3)",
+    "triplet_ids_unique": "Each triplet_id appears once",
+    "image_paths_relative": "Image fields are relative paths under images/ (no '..', no root)",
+}
+
+TRIPLET_LINEAGE = register_row_table(
+    RowTable(
+        "triplet_lineage",
+        (
+            ("triplet_id", "VARCHAR"),
+            ("pair_id", "VARCHAR"),
+            ("shard", "VARCHAR"),
+            ("query_id", "VARCHAR"),
+            ("target_id", "VARCHAR"),
+            ("hard_negative_ids", "VARCHAR[]"),
+            ("instruction_count", "INTEGER"),
+            ("description_generator", "VARCHAR"),
+            ("description_model", "VARCHAR"),
+            ("description_template", "VARCHAR"),
+            ("word_num", "INTEGER"),
+            ("description_request_key", "VARCHAR"),
+            ("instruction_generator", "VARCHAR"),
+            ("instruction_model", "VARCHAR"),
+            ("instruction_template", "VARCHAR"),
+            ("demo_ids", "VARCHAR[]"),
+            ("instruction_request_key", "VARCHAR"),
+            ("input_versions", "VARCHAR"),
+        ),
+    )
+)
+
+
+def triplet_id_for(pair_id: str) -> str:
+    """A triplet's id: its pair id with a prefix, so `megapairs lineage` tells them apart."""
+    return f"{TRIPLET_ID_PREFIX}{pair_id}"
+
+
+def build_triplets_for_shard(
+    shard: str,
+    layout: DataLayout,
+    catalog: LineageCatalog,
+    settings: GenerationSettings,
+    *,
+    log: Callable[[str], None] | None = None,
+) -> StepResult:
+    """Join one shard's pairs, descriptions and instructions into release-schema triplets."""
+    pairs, pair_versions = read_shard_table(catalog, layout, PAIRS_ASSET, shard)
+    descriptions, description_versions = read_shard_table(
+        catalog, layout, DESCRIPTIONS_ASSET, shard
+    )
+    instructions, instruction_versions = read_shard_table(
+        catalog, layout, INSTRUCTIONS_ASSET, shard
+    )
+    versions = {**pair_versions, **description_versions, **instruction_versions}
+    joined = (
+        instructions.select(
+            "pair_id",
+            pl.col("instructions").alias("q_text"),
+            pl.col("generator").alias("instruction_generator"),
+            pl.col("model_id").alias("instruction_model"),
+            (pl.col("template_id") + "#" + pl.col("template_hash").str.slice(0, 12)).alias(
+                "instruction_template"
+            ),
+            "demo_ids",
+            pl.col("request_key").alias("instruction_request_key"),
+        )
+        .join(
+            descriptions.select(
+                "pair_id",
+                "description",
+                pl.col("generator").alias("description_generator"),
+                pl.col("model_id").alias("description_model"),
+                (pl.col("template_id") + "#" + pl.col("template_hash").str.slice(0, 12)).alias(
+                    "description_template"
+                ),
+                "word_num",
+                pl.col("request_key").alias("description_request_key"),
+            ),
+            on="pair_id",
+            how="inner",
+        )
+        .join(
+            pairs.select("pair_id", "query_id", "target_id", "sources", "hard_negative_ids"),
+            on="pair_id",
+            how="inner",
+        )
+        .sort("pair_id")
+    )
+    quarantine = QuarantineLog(TRIPLETS_ASSET, shard)
+    orphans = instructions.height - joined.height
+    if orphans:
+        for pair_id in sorted(set(instructions["pair_id"]) - set(joined["pair_id"])):
+            quarantine.add(pair_id, None, "pair_not_found", "instructions without a mined pair")
+    triplets = _release_rows(joined)
+    parquet_path = layout.shard_table(TRIPLETS_ASSET, shard)
+    jsonl_path = parquet_path.with_suffix(".jsonl")
+    write_parquet_atomic(triplets, parquet_path)
+    write_release_jsonl(triplets, jsonl_path)
+    if log is not None:
+        log(f"{TRIPLETS_ASSET}[{shard}]: {triplets.height} triplets")
+
+    lineage_rows = joined.select(
+        (pl.lit(TRIPLET_ID_PREFIX) + pl.col("pair_id")).alias("triplet_id"),
+        "pair_id",
+        pl.lit(shard).alias("shard"),
+        "query_id",
+        "target_id",
+        "hard_negative_ids",
+        pl.col("q_text").list.len().cast(pl.Int32).alias("instruction_count"),
+        "description_generator",
+        "description_model",
+        "description_template",
+        pl.col("word_num").cast(pl.Int32),
+        "description_request_key",
+        "instruction_generator",
+        "instruction_model",
+        "instruction_template",
+        "demo_ids",
+        "instruction_request_key",
+        pl.lit(json.dumps(versions, sort_keys=True)).alias("input_versions"),
+    )
+    min_instructions = settings.instruction_limits.min_instructions
+    return StepResult(
+        partition=shard,
+        outputs={"triplets": parquet_path, "triplets_jsonl": jsonl_path},
+        row_counts={"triplets": triplets.height},
+        row_count_key="triplets",
+        config={"min_instructions": min_instructions, "release_fields": list(RELEASE_FIELDS)},
+        input_versions=versions,
+        model_ids={
+            "describe": settings.describe.backend.model_id,
+            "instruct": settings.instruct.backend.model_id,
+            "heuristic": settings.heuristic.model_id,
+        },
+        rows={TRIPLET_LINEAGE.name: lineage_rows, "quarantine_log": quarantine.frame()},
+        outcomes=check_triplets(triplets, min_instructions),
+        preview=triplets.select("triplet_id", "q_img", "q_text", "t_img").head(5),
+        metadata={
+            "pairs": pairs.height,
+            "pairs_without_triplet": pairs.height - triplets.height,
+            "instructions": int(triplets["q_text"].list.len().sum()) if triplets.height else 0,
+            "description_generators": counts_by(triplets, "description_generator"),
+            "instruction_generators": counts_by(triplets, "instruction_generator"),
+        },
+        markdown={"examples": triplet_examples_markdown(catalog, triplets)},
+    )
+
+
+def _release_rows(joined: pl.DataFrame) -> pl.DataFrame:
+    if joined.is_empty():
+        return pl.DataFrame(schema=TRIPLET_SCHEMA)
+    rows = []
+    for row in joined.iter_rows(named=True):
+        rows.append(
+            {
+                "triplet_id": triplet_id_for(row["pair_id"]),
+                "pair_id": row["pair_id"],
+                "q_img": image_relpath(row["query_id"]),
+                "q_text": row["q_text"],
+                "t_img": image_relpath(row["target_id"]),
+                "hns": [image_relpath(i) for i in row["hard_negative_ids"]],
+                "query_id": row["query_id"],
+                "target_id": row["target_id"],
+                "hard_negative_ids": row["hard_negative_ids"],
+                "sources": row["sources"],
+                "description": row["description"],
+                "description_generator": row["description_generator"],
+                "instruction_generator": row["instruction_generator"],
+            }
+        )
+    return pl.DataFrame(rows, schema=TRIPLET_SCHEMA)
+
+
+def write_release_jsonl(triplets: pl.DataFrame, path: Path) -> None:
+    """The four release fields per line, in the table's order, atomically."""
+
+    def write(tmp: Path) -> None:
+        with tmp.open("w", encoding="utf-8") as out:
+            for row in triplets.select(RELEASE_FIELDS).iter_rows(named=True):
+                out.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+    write_atomic(path, write)
+
+
+def check_triplets(triplets: pl.DataFrame, min_instructions: int) -> list[CheckOutcome]:
+    """The blocking checks of triplets (names in TRIPLET_CHECKS)."""
+    ids = triplets["triplet_id"]
+
+    def failing(mask: pl.Expr) -> list[str]:
+        return triplets.filter(mask)["triplet_id"].to_list()
+
+    path_columns = pl.concat_list(pl.col("q_img"), pl.col("t_img"), pl.col("hns"))
+    bad_path = path_columns.list.eval(
+        ~pl.element().str.starts_with("images/") | pl.element().str.contains(r"(^|/)\.\.(/|$)")
+    ).list.any()
+    return [
+        outcome(
+            "hns_start_with_query",
+            failing((pl.col("hns").list.first() != pl.col("q_img")).fill_null(True)),
+            "hns[0] == q_img",
+        ),
+        outcome(
+            "target_not_in_hns",
+            failing(pl.col("hns").list.contains(pl.col("t_img")).fill_null(False)),
+            "t_img not in hns",
+        ),
+        outcome(
+            "enough_q_text",
+            failing(pl.col("q_text").list.len() < min_instructions),
+            f"at least {min_instructions} instructions per triplet",
+        ),
+        outcome(
+            "triplet_ids_unique",
+            ids.filter(ids.is_duplicated()).unique().to_list(),
+            "triplet ids are unique",
+        ),
+        outcome("image_paths_relative", failing(bad_path.fill_null(True)), "relative image paths"),
+    ]
+
+
+def triplet_examples_markdown(
+    catalog: LineageCatalog, triplets: pl.DataFrame, count: int = _PREVIEW_TRIPLETS
+) -> str:
+    """A few triplets a person reads at a glance: thumbnails, description, instructions.
+
+    Model-written triplets come first when there are any (they are the interesting ones).
+    """
+    if triplets.is_empty():
+        return "_(no triplets)_"
+    ordered = triplets.sort(
+        pl.col("description_generator").str.starts_with("heuristic"), "triplet_id"
+    ).head(count)
+    images = lookup_images(catalog, ordered["query_id"].to_list() + ordered["target_id"].to_list())
+    blocks = []
+    for row in ordered.iter_rows(named=True):
+        pictures = []
+        for image_id in (row["query_id"], row["target_id"]):
+            try:
+                pictures.append(
+                    open_image_rgb(images[image_id]["source_uri"], ImageLimits(), max_side_px=96)
+                )
+            except Exception:  # a preview must never fail the asset
+                continue
+        queries = "\n".join(f"- {text}" for text in row["q_text"])
+        blocks.append(
+            f"**{row['triplet_id']}** query -> target: {thumbnail_markdown(pictures, 96)}\n\n"
+            f"_{row['description_generator']}:_ {row['description']}\n\n"
+            f"_instructions ({row['instruction_generator']}):_\n{queries}"
+        )
+    return "\n\n---\n\n".join(blocks)
+
+
+# -- reports --------------------------------------------------------------------------------
+
+
+def describe_triplet(catalog: LineageCatalog, triplet_id: str) -> str | None:
+    """The chain behind a triplet, for `megapairs lineage <triplet id>`; None if unknown."""
+    if not triplet_id.startswith(TRIPLET_ID_PREFIX):
+        return None
+    rows = catalog.rows_for_ids(TRIPLET_LINEAGE.name, "triplet_id", [triplet_id])
+    if rows.is_empty():
+        return None
+    row = rows.row(0, named=True)
+    record = catalog.materializations([row["materialization_id"]])
+    texts = _triplet_texts(record, triplet_id)
+    image_ids = [row["query_id"], row["target_id"], *(row["hard_negative_ids"] or [])]
+    images = lookup_images(catalog, image_ids)
+
+    def image_line(label: str, image_id: str) -> str:
+        info = images.get(image_id, {})
+        caption = info.get("caption") or "-"
+        return (
+            f"  {label:<8} {image_id}  {image_relpath(image_id)}\n"
+            f"           {info.get('source_uri', '?')}  caption: {caption}"
+        )
+
+    lines = [
+        f"triplet {triplet_id} (shard {row['shard']}, pair {row['pair_id']})",
+        image_line("query", row["query_id"]),
+        image_line("target", row["target_id"]),
+        "  hard negatives (query first): " + ", ".join(row["hard_negative_ids"] or []),
+        f"  description: {row['description_generator']} [{row['description_model']}]",
+        f"    template {row['description_template']}, WORD_NUM {row['word_num']}, "
+        f"request {row['description_request_key'][:16]}",
+    ]
+    if texts.get("description"):
+        lines.append(f"    {texts['description']}")
+    lines += [
+        f"  instructions: {row['instruction_generator']} [{row['instruction_model']}]",
+        f"    template {row['instruction_template']}, demos "
+        f"{', '.join(row['demo_ids'] or []) or '-'}, request {row['instruction_request_key'][:16]}",
+    ]
+    lines += [f"    - {text}" for text in texts.get("q_text") or []]
+    if record.height:
+        made = record.row(0, named=True)
+        lines.append(
+            f"  materialized by run {made['run_id']} at {made['started_at']} "
+            f"(profile {made['profile']}, code {made['code_version']})"
+        )
+    versions = json.loads(row["input_versions"] or "{}")
+    lines += [f"  read {name} @ {version}" for name, version in sorted(versions.items())]
+    return "\n".join(lines)
+
+
+def _triplet_texts(record: pl.DataFrame, triplet_id: str) -> dict[str, Any]:
+    """Description and instructions of a triplet, read from the table its record names."""
+    if record.is_empty():
+        return {}
+    paths = json.loads(record["output_paths"][0] or "{}")
+    path = paths.get("triplets")
+    if not path or not Path(path).is_file():
+        return {}
+    found = (
+        pl.scan_parquet(path)
+        .filter(pl.col("triplet_id") == triplet_id)
+        .select("description", "q_text")
+        .collect()
+    )
+    return found.row(0, named=True) if found.height else {}
+
+
+def generation_summary(
+    layout: DataLayout, shards: Sequence[str], export_root: Path | None = None
+) -> str | None:
+    """Lines for the demo's closing summary: triplet count, generators, one sample triplet."""
+    paths = [layout.shard_table(TRIPLETS_ASSET, s) for s in shards]
+    tables = [pl.read_parquet(p) for p in paths if p.is_file()]
+    if not tables:
+        return None
+    triplets = pl.concat(tables)
+    lines = [
+        f"  triplets:    {triplets.height} "
+        f"({int(triplets['q_text'].list.len().sum()) if triplets.height else 0} instructions)"
+    ]
+    for column, label in (
+        ("description_generator", "descriptions by"),
+        ("instruction_generator", "instructions by"),
+    ):
+        counts = counts_by(triplets, column)
+        lines.append(f"    {label}: " + ", ".join(f"{k} x{v}" for k, v in counts.items()))
+    if triplets.height:
+        sample = triplets.sort(
+            pl.col("description_generator").str.starts_with("heuristic"), "triplet_id"
+        ).row(0, named=True)
+        lines += [
+            f"  sample triplet {sample['triplet_id']} ({sample['description_generator']}):",
+            f"    q_img:  {sample['q_img']}",
+            f"    q_text: {json.dumps(sample['q_text'], ensure_ascii=False)}",
+            f"    t_img:  {sample['t_img']}",
+            f"    hns:    {json.dumps(sample['hns'])}",
+            f"  trace a triplet: megapairs lineage {sample['triplet_id']}",
+        ]
+    if export_root is not None and (export_root / "README.md").is_file():
+        lines.append(f"  export:      {export_root} (dataset card: README.md)")
+    return "\n".join(lines)

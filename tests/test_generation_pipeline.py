@@ -1,0 +1,198 @@
+"""The generation stages end to end over HTTP against a real local server: triplets in the release
+schema, the export and card, lineage, zero calls on a re-run, template changes, determinism."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import polars as pl
+import pytest
+from fault_server import ChatServer
+from generation_fixtures import (
+    http_settings,
+    make_world,
+    record_step,
+    with_template,
+    write_pairs,
+)
+from PIL import Image
+
+from megapairs_assets.generation.common import (
+    DESCRIPTIONS_ASSET,
+    EXPORT_ASSET,
+    INSTRUCTIONS_ASSET,
+    TRIPLETS_ASSET,
+)
+from megapairs_assets.generation.describe import describe_pairs_for_shard
+from megapairs_assets.generation.export import export_triplets_for_shard
+from megapairs_assets.generation.instruct import write_instructions_for_shard
+from megapairs_assets.generation.prompts import PROMPTS_DIR
+from megapairs_assets.generation.triplets import (
+    build_triplets_for_shard,
+    describe_triplet,
+    generation_summary,
+)
+
+STEPS = (
+    (DESCRIPTIONS_ASSET, describe_pairs_for_shard),
+    (INSTRUCTIONS_ASSET, write_instructions_for_shard),
+    (TRIPLETS_ASSET, build_triplets_for_shard),
+    (EXPORT_ASSET, export_triplets_for_shard),
+)
+
+
+def run_all(world, settings, shard, steps=STEPS):
+    results = {}
+    for asset, step in steps:
+        result = step(shard, world.layout, world.catalog, settings)
+        record_step(world.catalog, asset, result)
+        results[asset] = result
+    return results
+
+
+def test_http_pipeline_makes_release_triplets_and_a_rerun_makes_zero_calls(tmp_path):
+    world = make_world(tmp_path, pairs_per_shard=(9, 7))
+    with ChatServer() as server:
+        settings = http_settings(server.base_url)
+        first = {shard: run_all(world, settings, shard) for shard in world.shards}
+        calls_first = server.count()
+
+        for shard, results in first.items():
+            for result in results.values():
+                assert all(o.passed for o in result.outcomes), [
+                    o for o in result.outcomes if not o.passed
+                ]
+            pairs = pl.read_parquet(world.layout.shard_table("mined_image_pairs", shard))
+            assert results[TRIPLETS_ASSET].row_count == pairs.height
+        assert calls_first == 2 * (9 + 7)  # one description and one instruction request per pair
+
+        # Release schema: hns[0] == q_img, t_img never in hns, >= 3 instructions, paths exist.
+        export_root = world.layout.data_dir / "triplet_export"
+        for shard in world.shards:
+            lines = (export_root / "triplets" / f"{shard}.jsonl").read_text().splitlines()
+            rows = [json.loads(line) for line in lines]
+            assert rows and all(set(row) == {"q_img", "q_text", "t_img", "hns"} for row in rows)
+            for row in rows:
+                assert row["hns"][0] == row["q_img"]
+                assert row["t_img"] not in row["hns"]
+                assert len(row["q_text"]) >= 3
+                for path in [row["q_img"], row["t_img"], *row["hns"]]:
+                    assert not Path(path).is_absolute()
+                    with Image.open(export_root / path) as image:
+                        assert image.size == (512, 512)
+        card = (export_root / "README.md").read_text()
+        assert "triplets: 16" in card and "test model" in card and "## Licence" in card
+
+        # Lineage of one triplet, and the demo summary lines.
+        triplet_id = pl.read_parquet(world.layout.shard_table(TRIPLETS_ASSET, "00000"))[
+            "triplet_id"
+        ][0]
+        report = describe_triplet(world.catalog, triplet_id)
+        assert report is not None
+        assert "test-model@fault-server" in report and "describe-images" in report
+        assert "mined_image_pairs/00000" in report and "WORD_NUM" in report
+        assert describe_triplet(world.catalog, "t-unknown") is None
+        assert describe_triplet(world.catalog, "00000/000000001") is None
+        summary = generation_summary(world.layout, list(world.shards), export_root)
+        assert "triplets:    16" in summary and triplet_id[:2] == "t-"
+
+        # Second materialization with unchanged inputs: zero model calls, same tables.
+        before = pl.read_parquet(world.layout.shard_table(INSTRUCTIONS_ASSET, "00000"))
+        second = run_all(world, settings, "00000")
+        assert server.count() == calls_first
+        for asset in (DESCRIPTIONS_ASSET, INSTRUCTIONS_ASSET):
+            metadata = second[asset].metadata
+            assert metadata["model_calls"] == 0
+            assert metadata["model_cache_hits"] == 9
+        after = pl.read_parquet(world.layout.shard_table(INSTRUCTIONS_ASSET, "00000"))
+        assert after.equals(before)
+
+
+def test_changing_a_template_calls_again_only_for_that_step(tmp_path):
+    world = make_world(tmp_path, pairs_per_shard=(8,))
+    steps = STEPS[:2]
+    with ChatServer() as server:
+        settings = http_settings(server.base_url)
+        run_all(world, settings, "00000", steps)
+        assert server.count() == 16
+        changed = tmp_path / "instructions_v2.toml"
+        text = (PROMPTS_DIR / "instructions.toml").read_text()
+        changed.write_text(text.replace("You write short search queries.", "Write queries."))
+        results = run_all(world, with_template(settings, "instruct", str(changed)), "00000", steps)
+        assert results[DESCRIPTIONS_ASSET].metadata["model_calls"] == 0
+        assert results[INSTRUCTIONS_ASSET].metadata["model_calls"] == 8
+        assert server.count() == 24
+        hashes = pl.read_parquet(world.layout.shard_table(INSTRUCTIONS_ASSET, "00000"))
+        assert hashes["template_hash"].n_unique() == 1
+
+
+def test_prompts_are_the_same_whichever_way_pairs_are_split(tmp_path):
+    world = make_world(tmp_path, pairs_per_shard=(10,))
+    pairs = pl.read_parquet(world.layout.shard_table("mined_image_pairs", "00000"))
+    triples = [
+        (row["query_id"], row["target_id"], row["hard_negative_ids"])
+        for row in pairs.iter_rows(named=True)
+    ]
+    write_pairs(world.layout, world.catalog, "part-a", triples[::2])
+    write_pairs(world.layout, world.catalog, "part-b", triples[1::2])
+    columns = ["pair_id", "word_num", "seed", "request_key"]
+    with ChatServer() as server:
+        settings = http_settings(server.base_url)
+        tables = {}
+        for shard in ("00000", "part-a", "part-b"):
+            run_all(world, settings, shard, STEPS[:2])
+            described = pl.read_parquet(world.layout.shard_table(DESCRIPTIONS_ASSET, shard))
+            instructed = pl.read_parquet(world.layout.shard_table(INSTRUCTIONS_ASSET, shard))
+            tables[shard] = described.select(columns).join(
+                instructed.select("pair_id", "demo_ids", pl.col("request_key").alias("ik")),
+                on="pair_id",
+            )
+    whole = tables["00000"].sort("pair_id")
+    split = pl.concat([tables["part-a"], tables["part-b"]]).sort("pair_id")
+    assert whole.height == len(triples)
+    assert whole.equals(split)
+    assert whole["word_num"].is_between(60, 100).all()
+    assert whole["demo_ids"].list.len().eq(5).all()
+
+
+def test_missing_images_and_captions_are_quarantined_with_reasons(tmp_path):
+    world = make_world(tmp_path, pairs_per_shard=(6,), caption_of={"00000/000000002": None})
+    pairs = pl.read_parquet(world.layout.shard_table("mined_image_pairs", "00000"))
+    triples = [
+        (r["query_id"], r["target_id"], r["hard_negative_ids"]) for r in pairs.iter_rows(named=True)
+    ]
+    triples.append(("00000/000000000", "99999/gone", ["00000/000000000"]))
+    write_pairs(world.layout, world.catalog, "00000", triples)
+    with ChatServer() as server:
+        settings = with_template(http_settings(server.base_url), "describe", "describe_captions")
+        result = describe_pairs_for_shard("00000", world.layout, world.catalog, settings)
+    log = result.rows["quarantine_log"]
+    reasons = dict(log.group_by("reason").len().iter_rows())
+    assert reasons.get("missing_image") == 1
+    uses_uncaptioned = pairs.filter(
+        (pl.col("query_id") == "00000/000000002") | (pl.col("target_id") == "00000/000000002")
+    ).height
+    assert reasons.get("missing_caption", 0) == uses_uncaptioned
+    assert result.row_count + log.height == len(triples)
+    assert set(log.columns) == {"stage", "shard", "key", "source_uri", "reason", "detail"}
+
+
+@pytest.mark.parametrize("side", [64])
+def test_export_side_is_configurable_and_rerun_is_idempotent(tmp_path, side):
+    from dataclasses import replace
+
+    world = make_world(tmp_path, pairs_per_shard=(4,))
+    with ChatServer() as server:
+        settings = http_settings(server.base_url)
+        settings = replace(
+            settings,
+            export=replace(settings.export, image_side_px=side, export_dir=str(tmp_path / "out")),
+        )
+        run_all(world, settings, "00000")
+        again = export_triplets_for_shard("00000", world.layout, world.catalog, settings)
+    assert all(o.passed for o in again.outcomes)
+    images = list((tmp_path / "out" / "images").rglob("*.jpg"))
+    assert images
+    with Image.open(images[0]) as image:
+        assert image.size == (side, side)
