@@ -129,7 +129,57 @@ def embedding_section(
         figures["embed_rows_ratio_to_forward_only"] = round(embed_rate / product_forward, 3)
         record[name] = figures
         log(f"embedding: {name}: {figures}")
+    record["device_vs_cpu_decode"] = _compare_decode_paths(
+        encoder, rows.head(args.compare_rows), limits, batch_size, args, device, dtype
+    )
+    log(f"embedding: device vs cpu decode {record['device_vs_cpu_decode']}")
     result = record.get("end_to_end_device_decode")
     if isinstance(result, dict):
         record["ratio_end_to_end_to_forward_only"] = result["ratio_to_forward_only"]
         record["meets_target"] = result["ratio_to_forward_only"] >= TARGET_RATIO
+
+
+def _compare_decode_paths(
+    encoder: Any,
+    rows: Any,
+    limits: Any,
+    batch_size: int,
+    args: argparse.Namespace,
+    device: Any,
+    dtype: Any,
+) -> dict[str, Any]:
+    """The same rows embedded through both input paths: non-finite rows and row cosines.
+
+    Pixels differ only by the two resize implementations' rounding, so every cosine should be
+    near 1; a row whose input or activations were overwritten (a stream race) stands out.
+    """
+    import numpy as np
+
+    from megapairs_assets.embeddings.compute import embed_rows
+
+    on_device = embed_rows(
+        rows,
+        encoder,
+        limits,
+        batch_size,
+        args.device_workers,
+        device,
+        dtype,
+        image_decode="device",
+    )
+    on_cpu = embed_rows(
+        rows, encoder, limits, batch_size, args.workers, device, dtype, image_decode="cpu"
+    )
+    if on_device.ids != on_cpu.ids:
+        return {"status": "failed: the two paths embedded different rows"}
+    a, b = on_device.vectors.astype(np.float32), on_cpu.vectors.astype(np.float32)
+    cosines = (a * b).sum(axis=1)
+    finite = np.isfinite(cosines)
+    return {
+        "rows": len(cosines),
+        "device_nonfinite_rows": int((~np.isfinite(a).all(axis=1)).sum()),
+        "cpu_nonfinite_rows": int((~np.isfinite(b).all(axis=1)).sum()),
+        "cosine_min": float(cosines[finite].min()) if finite.any() else None,
+        "cosine_p01": float(np.quantile(cosines[finite], 0.01)) if finite.any() else None,
+        "rows_below_0_99": int((~finite | (cosines < 0.99)).sum()),
+    }

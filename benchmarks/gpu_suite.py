@@ -48,6 +48,7 @@ SMOKE = {
     "workers": 2,
     "forward_images": 64,
     "cpu_decode_rows": 64,
+    "compare_rows": 48,
     "knn_vectors": 6000,
     "knn_dim": 64,
     "knn_queries": 6000,
@@ -70,8 +71,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=512)
     parser.add_argument("--workers", type=int, default=12, help="CPU-decode workers")
     parser.add_argument("--device-workers", type=int, default=4, help="reader threads")
+    parser.add_argument(
+        "--image-decode", default="device", help="the paper profile's image_decode setting"
+    )
     parser.add_argument("--forward-images", type=int, default=8192)
     parser.add_argument("--cpu-decode-rows", type=int, default=10_000)
+    parser.add_argument("--compare-rows", type=int, default=4096, help="device vs cpu decode")
     parser.add_argument("--knn-vectors", type=int, default=1_000_000)
     parser.add_argument("--knn-dim", type=int, default=768)
     parser.add_argument("--knn-queries", type=int, default=1_000_000)
@@ -216,6 +221,7 @@ def print_summary(results: dict[str, Any]) -> None:
         "end_to_end_cpu_decode",
         "end_to_end_cpu_decode_microbatch",
         "ratio_end_to_end_to_forward_only",
+        "device_vs_cpu_decode",
     ):
         if key in embedding:
             value = embedding[key]

@@ -183,6 +183,7 @@ def embedding_stage(
     home: Path,
     device: Any,
     dtype: Any,
+    image_decode: str = "device",
 ) -> None:
     """The three embedding tables, each shard through `embed_rows` + `write_embedding_table`."""
     import numpy as np
@@ -245,7 +246,9 @@ def embedding_stage(
         for shard in shards:
             rows = pl.read_parquet(layout.corpus_images(shard))
             shard_started = time.perf_counter()
-            result = embed_rows(rows, encoder, limits, batch_size, None, device, dtype)
+            result = embed_rows(
+                rows, encoder, limits, batch_size, None, device, dtype, image_decode=image_decode
+            )
             write_embedding_table(
                 layout.shard_table(f"{source}_embeddings", shard),
                 result.ids,
@@ -407,7 +410,10 @@ def paper_profile_section(
     shapes = SMOKE_SHAPES if args.smoke else PAPER_SHAPES
     record["shapes"] = shapes.__dict__
     for name, stage in (
-        ("embeddings", lambda r: embedding_stage(r, shapes, shards, home, device, dtype)),
+        (
+            "embeddings",
+            lambda r: embedding_stage(r, shapes, shards, home, device, dtype, args.image_decode),
+        ),
         ("knn", lambda r: knn_stage(r, shards, home)),
         ("mining", lambda r: mining_stage(r, record["knn"], shards, home)),
     ):

@@ -40,6 +40,11 @@ from megapairs_assets.corpus.images import (
     read_uri_bytes,
 )
 
+# Whether "auto" decodes on a GPU. Off until a GPU run of benchmarks/gpu_suite.py shows the
+# side-stream fix in `_to_device` holding (its embedding section's device_vs_cpu_decode: no
+# non-finite rows, every cosine to the CPU path near 1); until then "device" opts in.
+AUTO_DECODES_ON_DEVICE = False
+
 ImageDecode = Literal["auto", "cpu", "device"]
 """Where images are decoded: "device" (nvJPEG on the step's GPU, torchvision on a CPU
 device), "cpu" (PIL in DataLoader workers) or "auto" (device on a GPU whose decoder works)."""
@@ -71,15 +76,17 @@ class DeviceBatch:
 def uses_device_decode(mode: ImageDecode, device: torch.device) -> bool:
     """Whether images are decoded on `device` under `mode`.
 
-    "auto" decodes on a CUDA device when torchvision's GPU JPEG decoder works there (checked
-    once per device on a tiny image); on a CPU it keeps PIL in the workers, which decodes JPEGs
-    at reduced scale and is faster there. "device" demands it and raises RuntimeError with the
-    decoder's error when it does not work.
+    "auto" decodes on a CUDA device when `AUTO_DECODES_ON_DEVICE` is set and torchvision's GPU
+    JPEG decoder works there (checked once per device on a tiny image); on a CPU it keeps PIL
+    in the workers, which decodes JPEGs at reduced scale and is faster there. "device" demands
+    it and raises RuntimeError with the decoder's error when it does not work.
     """
     if mode == "cpu":
         return False
     if mode == "auto":
-        return device.type == "cuda" and _decoder_error(str(device)) is None
+        return (
+            AUTO_DECODES_ON_DEVICE and device.type == "cuda" and _decoder_error(str(device)) is None
+        )
     if mode == "device":
         error = _decoder_error(str(device))
         if error is not None:
@@ -380,7 +387,41 @@ def _to_device(
     device: torch.device,
     fallback: _CpuFallback,
 ) -> DeviceBatch:
-    """Decode a worker batch's JPEGs on the device and put every row's pixels in row order."""
+    """Decode a batch's JPEGs on the device and put every row's pixels in row order.
+
+    On a GPU all of it runs on a side stream of its own. torchvision's decoder allocates its
+    outputs on the current stream but writes them from an internal stream without waiting for
+    the current one; on the model's stream it could therefore be handed memory that a still
+    queued forward pass uses (measured on one H200: EVA02-L-14 embeddings came out NaN for 1,337
+    of 20,000 images). The side stream's memory pool holds only this function's tensors, and
+    the host waits for the side stream's previous work before each decode, so nothing still
+    queued reads what the decoder writes. The model's stream then waits for the side stream.
+    """
+    if device.type != "cuda":
+        return _decode_and_place(batch, geometry, device, fallback)
+    side = _side_stream(device)
+    side.synchronize()
+    model_stream = torch.cuda.current_stream(device)
+    with torch.cuda.stream(side):
+        placed = _decode_and_place(batch, geometry, device, fallback)
+    model_stream.wait_stream(side)
+    if placed.pixels is not None:
+        # Freed later on the model's stream: not reusable before that stream is done with it.
+        placed.pixels.record_stream(model_stream)
+    return placed
+
+
+@lru_cache(maxsize=8)
+def _side_stream(device: torch.device) -> torch.cuda.Stream:
+    return torch.cuda.Stream(device=device)
+
+
+def _decode_and_place(
+    batch: _EncodedBatch,
+    geometry: TensorGeometry,
+    device: torch.device,
+    fallback: _CpuFallback,
+) -> DeviceBatch:
     jpegs = list(torch.split(batch.jpeg_data, batch.jpeg_lengths)) if batch.jpeg_lengths else []
     decoded = decode_jpegs(jpegs, device)
     pictures: dict[int, torch.Tensor] = {}
