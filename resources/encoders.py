@@ -31,7 +31,14 @@ class EncoderResource(dg.ConfigurableResource):
     pretrained: str | None = Field(default=None, description="open_clip tag or local checkpoint")
     dim: int | None = Field(default=None, description="Expected embedding size, checked up front")
     batch_size: int = Field(default=64, description="Items per forward pass")
-    num_workers: int = Field(default=2, description="Decode/preprocess worker processes")
+    num_workers: int | None = Field(
+        default=2, description="Decode/preprocess workers; None = chosen from the machine"
+    )
+    image_decode: Literal["auto", "cpu", "device"] = Field(
+        default="auto",
+        description="Where JPEGs are decoded: auto (CPU until device decoding is verified on "
+        "this stack), cpu, or device (nvJPEG on the GPU)",
+    )
     demo_models_dir: str | None = Field(default=None, description="Build demo models here first")
 
     def spec(self) -> EncoderSpec:

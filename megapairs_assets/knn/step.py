@@ -12,19 +12,29 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import faiss
 import numpy as np
 import polars as pl
 
 from megapairs_assets.embeddings.compute import read_embedding_table
 from megapairs_assets.embeddings.sources import SimilaritySource
-from megapairs_assets.knn.search import IndexSpec, build_index, check_knn, search_neighbors
+from megapairs_assets.knn.search import (
+    IndexSpec,
+    build_index,
+    check_knn,
+    describe_backend,
+    search_neighbors,
+)
 from megapairs_assets.lib.preview import percentile_table
 from megapairs_assets.lib.progress import Progress
 from megapairs_assets.lib.quality import CheckOutcome
 from megapairs_assets.lib.step import StepResult
+
+if TYPE_CHECKING:  # faiss is imported only where a faiss index is built (not on torch-only hosts)
+    import faiss
+
+    from megapairs_assets.knn.torch_search import TorchFlatIndex
 from megapairs_assets.lib.storage import DataLayout, write_parquet_atomic
 from megapairs_assets.lineage.catalog import LineageCatalog, read_with_versions
 
@@ -48,7 +58,7 @@ class CorpusIndex:
     corpus_shards: list[str]
     ids: np.ndarray
     vectors: np.ndarray
-    index: faiss.Index
+    index: faiss.Index | TorchFlatIndex
     spec: IndexSpec
     versions: dict[str, str]
     missing_shards: list[str] = field(default_factory=list)
@@ -141,6 +151,7 @@ def knn_shard(
     config: dict[str, Any] = {
         "k": k,
         "index": corpus.spec.__dict__,
+        "backend": describe_backend(corpus.spec),
         "corpus_size": len(corpus.ids),
         "corpus_shards": len(corpus.corpus_shards),
         "corpus_version": corpus.corpus_version,
