@@ -61,3 +61,19 @@ def test_a_failed_write_leaves_the_old_table_and_no_temporary_file(tmp_path):
         write_atomic(target, failing)
     assert pl.read_parquet(target)["a"].to_list() == [1]
     assert [path.name for path in tmp_path.iterdir()] == ["t.parquet"]
+
+
+def test_embedding_tables_get_the_same_mode_as_other_tables(tmp_path) -> None:
+    import os
+
+    import numpy as np
+
+    from megapairs_assets.embeddings.compute import write_embedding_table
+
+    previous = os.umask(0o022)
+    try:
+        path = tmp_path / "emb" / "00000.parquet"
+        write_embedding_table(path, ["a", "b"], np.eye(2, dtype=np.float32), "model")
+    finally:
+        os.umask(previous)
+    assert path.stat().st_mode & 0o777 == 0o644

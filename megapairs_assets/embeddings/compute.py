@@ -11,9 +11,7 @@ the host prepares the next batch while the device still runs the current one.
 
 from __future__ import annotations
 
-import os
 import sys
-import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
@@ -28,7 +26,11 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from megapairs_assets.corpus.images import ImageLimits, ImageRejected, open_image_for_model
+from megapairs_assets.corpus.images import (
+    ImageFailure,
+    ImageLimits,
+    prepare_image_for_model,
+)
 from megapairs_assets.embeddings.device_input import (
     ImageDecode,
     default_num_workers,
@@ -39,6 +41,7 @@ from megapairs_assets.embeddings.device_input import (
 from megapairs_assets.embeddings.encoders import LoadedEncoder
 from megapairs_assets.lib.progress import ProgressCallback
 from megapairs_assets.lib.quality import CheckOutcome, outcome
+from megapairs_assets.lib.storage import write_atomic
 
 SkippedRow = tuple[str, str, str]
 """(image_id, reason, detail) of a row that could not be embedded."""
@@ -47,7 +50,6 @@ SkippedRow = tuple[str, str, str]
 UNIT_NORM_TOLERANCE = 1e-2
 PREFETCH_BATCHES_PER_WORKER = 2
 NO_CAPTION = "no_caption"
-PREPROCESS_FAILED = "preprocess_failed"
 
 
 @dataclass(frozen=True)
@@ -247,19 +249,14 @@ class _ImageRows(Dataset):
 
     def __getitem__(self, index: int) -> tuple[str, torch.Tensor | None, tuple[str, str] | None]:
         image_id = self.image_ids[index]
-        try:
-            image = open_image_for_model(self.uris[index], self.limits, self.input_side_px)
-        except ImageRejected as exc:
-            return image_id, None, (exc.reason, exc.detail)
-        return image_id, *self._preprocessed(image)
-
-    def _preprocessed(
-        self, image: Image.Image
-    ) -> tuple[torch.Tensor | None, tuple[str, str] | None]:
-        try:
-            return self.preprocess(image), None
-        except (OSError, ValueError, RuntimeError) as exc:
-            return None, (PREPROCESS_FAILED, f"{type(exc).__name__}: {exc}")
+        # Never raises for one image (MemoryError included): a worker that raised would end
+        # the whole pass, so a bad image becomes a skipped row with its reason.
+        prepared = prepare_image_for_model(
+            self.uris[index], self.limits, self.input_side_px, self.preprocess
+        )
+        if isinstance(prepared, ImageFailure):
+            return image_id, None, (prepared.reason, prepared.detail)
+        return image_id, prepared, None
 
 
 def _collate_images(
@@ -398,15 +395,7 @@ def write_embedding_table(
     embedding = pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), dim)
     table = pa.table({"image_id": pa.array(list(ids), type=pa.string()), "embedding": embedding})
     table = table.replace_schema_metadata({"model_id": model_id, "dim": str(dim)})
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        pq.write_table(table, temp_name)
-        os.replace(temp_name, path)
-    except BaseException:
-        Path(temp_name).unlink(missing_ok=True)
-        raise
+    write_atomic(path, lambda tmp: pq.write_table(table, tmp))
 
 
 def read_embedding_table(path: Path) -> tuple[np.ndarray, np.ndarray]:

@@ -34,6 +34,7 @@ import torch
 from PIL import Image
 
 from megapairs_assets.corpus.images import (
+    PREPROCESS_FAILED,
     ImageLimits,
     ImageRejected,
     open_image_for_model,
@@ -50,7 +51,6 @@ ImageDecode = Literal["auto", "cpu", "device"]
 device), "cpu" (PIL in DataLoader workers) or "auto" (device on a GPU whose decoder works)."""
 
 SkippedRow = tuple[str, str, str]
-PREPROCESS_FAILED = "preprocess_failed"
 # Batches being read ahead of the model, per reader thread.
 PREFETCH_BATCHES_PER_WORKER = 2
 # Reading bytes and parsing headers needs few threads; decoding on the CPU needs many cores.
