@@ -134,9 +134,8 @@ class OpenAIHttpBackend:
         self.model_id = spec.model_id
         self.options = HttpOptions.from_mapping(spec.options)
         self.served_model = self.options.served_model or spec.model_id
-        self._urls = itertools.cycle(
-            [url.rstrip("/") + "/chat/completions" for url in self.options.base_urls]
-        )
+        self._urls = [url.rstrip("/") + "/chat/completions" for url in self.options.base_urls]
+        self._next_start = itertools.count()
         self.retries = 0
         self._api_key = self._read_api_key()
 
@@ -222,8 +221,14 @@ class OpenAIHttpBackend:
             before_sleep=self._count_retry,
             reraise=True,
         )
+        # Requests start on successive replicas; each retry moves on to the next one, so a dead
+        # replica costs a request at most one try per round.
+        start = next(self._next_start)
         try:
-            data = await retrying(self._post, client, body)
+            async for attempt in retrying:
+                with attempt:
+                    replica = (start + attempt.retry_state.attempt_number - 1) % len(self._urls)
+                    data = await self._post(client, body, self._urls[replica])
         except RetryableError as error:
             return failed(f"gave up after {options.max_retries + 1} tries: {error}")
         except PermanentError as error:
@@ -243,8 +248,9 @@ class OpenAIHttpBackend:
     def _count_retry(self, retry_state: tenacity.RetryCallState) -> None:
         self.retries += 1
 
-    async def _post(self, client: httpx.AsyncClient, body: dict[str, Any]) -> dict[str, Any]:
-        url = next(self._urls)
+    async def _post(
+        self, client: httpx.AsyncClient, body: dict[str, Any], url: str
+    ) -> dict[str, Any]:
         try:
             response = await asyncio.wait_for(
                 client.post(url, json=body), timeout=self.options.request_timeout_s

@@ -1,0 +1,168 @@
+"""Dagster wiring of generation (method.md §4-6): descriptions, instructions, triplets, export.
+
+Each asset is a declaration over a plain per-shard function; the shard-step helper records
+lineage and turns outcomes into blocking checks. The two model-calling assets run in the
+`generation` pool, so a backfill of many shards cannot open (shards x max_in_flight)
+connections against one server at once.
+"""
+
+import dagster as dg
+
+from megapairs_assets.generation.common import (
+    DESCRIPTIONS_ASSET,
+    EXPORT_ASSET,
+    INSTRUCTIONS_ASSET,
+    PAIRS_ASSET,
+    TRIPLETS_ASSET,
+)
+from megapairs_assets.generation.describe import DESCRIPTION_CHECKS, describe_pairs_for_shard
+from megapairs_assets.generation.export import EXPORT_CHECKS, export_triplets_for_shard
+from megapairs_assets.generation.instruct import INSTRUCTION_CHECKS, write_instructions_for_shard
+from megapairs_assets.generation.resource import GenerationResource
+from megapairs_assets.generation.triplets import TRIPLET_CHECKS, build_triplets_for_shard
+from megapairs_assets.orchestration.partitions import DOWNSTREAM_AUTOMATION, shard_asset_options
+from megapairs_assets.orchestration.shard_step import Stage, materialize_partitions
+from resources.storage import LineageCatalogResource, StorageResource
+
+GENERATION_POOL = "generation"
+GROUP = "generation"
+DESCRIBE_STAGE = Stage(DESCRIPTIONS_ASSET, "generation-describe-v1", DESCRIPTION_CHECKS)
+INSTRUCT_STAGE = Stage(INSTRUCTIONS_ASSET, "generation-instruct-v1", INSTRUCTION_CHECKS)
+TRIPLET_STAGE = Stage(TRIPLETS_ASSET, "generation-triplets-v1", TRIPLET_CHECKS)
+EXPORT_STAGE = Stage(EXPORT_ASSET, "generation-export-v1", EXPORT_CHECKS)
+
+
+@dg.asset(
+    name=DESCRIPTIONS_ASSET,
+    deps=[PAIRS_ASSET],
+    kinds={"parquet"},
+    pool=GENERATION_POOL,
+    automation_condition=DOWNSTREAM_AUTOMATION,
+    check_specs=DESCRIBE_STAGE.check_specs(),
+    **shard_asset_options(GROUP, DESCRIBE_STAGE.code_version),
+)
+def pair_descriptions(
+    context: dg.AssetExecutionContext,
+    generation: GenerationResource,
+    storage: StorageResource,
+    catalog: LineageCatalogResource,
+) -> dg.MaterializeResult:
+    """What each mined pair's two images share and what sets each apart, in WORD_NUM words.
+
+    The profile's multimodal model sees both images (the demo's text-only model reads the two
+    captions instead, and its rows say "caption-based"); pairs outside the model sample get
+    caption-heuristic text when enabled. Every row names its generator, model, template and
+    request key; every rejection is a quarantine row with a reason. Cached per request: a
+    re-run with unchanged inputs makes no model call.
+    """
+    layout, lineage, settings = storage.layout(), catalog.catalog(), generation.settings()
+    return materialize_partitions(
+        context,
+        DESCRIBE_STAGE,
+        lambda shard: describe_pairs_for_shard(
+            shard, layout, lineage, settings, log=context.log.info
+        ),
+        lineage,
+        storage.profile,
+    )
+
+
+@dg.asset(
+    name=INSTRUCTIONS_ASSET,
+    deps=[DESCRIPTIONS_ASSET],
+    kinds={"parquet"},
+    pool=GENERATION_POOL,
+    automation_condition=DOWNSTREAM_AUTOMATION,
+    check_specs=INSTRUCT_STAGE.check_specs(),
+    **shard_asset_options(GROUP, INSTRUCT_STAGE.code_version),
+)
+def pair_instructions(
+    context: dg.AssetExecutionContext,
+    generation: GenerationResource,
+    storage: StorageResource,
+    catalog: LineageCatalogResource,
+) -> dg.MaterializeResult:
+    """At least three retrieval instructions per pair, written from its description.
+
+    Each model request carries five demonstrations drawn (per pair id) from the shipped pool of
+    fifty; answers are parsed out of chatter, fences, numbering or truncation, then filtered
+    (empty, duplicate, overlong, naming "the target image" or "image 2", copying the
+    description), each rejection with its reason.
+    """
+    layout, lineage, settings = storage.layout(), catalog.catalog(), generation.settings()
+    return materialize_partitions(
+        context,
+        INSTRUCT_STAGE,
+        lambda shard: write_instructions_for_shard(
+            shard, layout, lineage, settings, log=context.log.info
+        ),
+        lineage,
+        storage.profile,
+    )
+
+
+@dg.asset(
+    name=TRIPLETS_ASSET,
+    deps=[PAIRS_ASSET, DESCRIPTIONS_ASSET, INSTRUCTIONS_ASSET],
+    kinds={"parquet"},
+    automation_condition=DOWNSTREAM_AUTOMATION,
+    check_specs=TRIPLET_STAGE.check_specs(),
+    **shard_asset_options(GROUP, TRIPLET_STAGE.code_version),
+)
+def triplets(
+    context: dg.AssetExecutionContext,
+    generation: GenerationResource,
+    storage: StorageResource,
+    catalog: LineageCatalogResource,
+) -> dg.MaterializeResult:
+    """Training triplets in the MegaPairs release schema: q_img, q_text, t_img, hns.
+
+    `hns[0]` is always the query image; image fields are paths relative to the export folder.
+    Parquet (with ids and generators) and JSON Lines (release fields only) per shard, plus
+    row-level lineage (`megapairs lineage <triplet id>`). The page shows a few examples.
+    """
+    layout, lineage, settings = storage.layout(), catalog.catalog(), generation.settings()
+    return materialize_partitions(
+        context,
+        TRIPLET_STAGE,
+        lambda shard: build_triplets_for_shard(
+            shard, layout, lineage, settings, log=context.log.info
+        ),
+        lineage,
+        storage.profile,
+    )
+
+
+@dg.asset(
+    name=EXPORT_ASSET,
+    deps=[TRIPLETS_ASSET],
+    kinds={"parquet", "json"},
+    automation_condition=DOWNSTREAM_AUTOMATION,
+    check_specs=EXPORT_STAGE.check_specs(),
+    **shard_asset_options(GROUP, EXPORT_STAGE.code_version),
+)
+def triplet_export(
+    context: dg.AssetExecutionContext,
+    generation: GenerationResource,
+    storage: StorageResource,
+    catalog: LineageCatalogResource,
+) -> dg.MaterializeResult:
+    """The release folder: triplet files, images at 512x512 and a generated dataset card.
+
+    The card counts triplets, the source mix, the models and templates, and how many rows the
+    caption heuristic wrote; its licence line comes from the profile.
+    """
+    layout, lineage, settings = storage.layout(), catalog.catalog(), generation.settings()
+    return materialize_partitions(
+        context,
+        EXPORT_STAGE,
+        lambda shard: export_triplets_for_shard(
+            shard, layout, lineage, settings, log=context.log.info
+        ),
+        lineage,
+        storage.profile,
+    )
+
+
+generation_assets = [pair_descriptions, pair_instructions, triplets, triplet_export]
+generation_stages = [DESCRIBE_STAGE, INSTRUCT_STAGE, TRIPLET_STAGE, EXPORT_STAGE]

@@ -1,0 +1,197 @@
+"""The generation settings as a Dagster resource (shown, with descriptions, in the UI).
+
+`GenerationResource.settings()` builds the plain `GenerationSettings` the stage functions take.
+`demo_generation_resource` and `paper_generation_resource` are the two profiles' values.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import dagster as dg
+from pydantic import Field
+
+from megapairs_assets.generation.backends.base import BackendSpec, SamplingParams
+from megapairs_assets.generation.parsing import DescriptionLimits, InstructionLimits
+from megapairs_assets.generation.settings import (
+    ExportSettings,
+    GenerationSettings,
+    PairSample,
+    StepSettings,
+    demo_generation_settings,
+    paper_generation_settings,
+)
+
+
+class BackendConfig(dg.Config):
+    """Which backend serves a step: `openai_http`, `transformers`, `vllm` or `heuristic`."""
+
+    backend: str = Field(description="registry name: openai_http | transformers | vllm | heuristic")
+    model_id: str = Field(description="the one model id used in request keys, lineage and the UI")
+    label: str = Field(default="", description="what rows name as their generator")
+    options: dict[str, Any] = Field(
+        default_factory=dict,
+        description="backend options, e.g. base_urls, max_in_flight, request_timeout_s, "
+        "api_key_env (openai_http); model_path, batch_size, device (transformers); python, "
+        "model_path, engine_args (vllm)",
+    )
+
+    def spec(self) -> BackendSpec:
+        return BackendSpec(self.backend, self.model_id, self.label, dict(self.options))
+
+
+class SamplingConfig(dg.Config):
+    """Decoding settings (part of every request key)."""
+
+    max_tokens: int = 256
+    temperature: float = 0.0
+    top_p: float = 1.0
+
+    def params(self) -> SamplingParams:
+        return SamplingParams(self.max_tokens, self.temperature, self.top_p)
+
+
+class GenerationResource(dg.ConfigurableResource):
+    """Pair descriptions, instructions, triplets and their export (method.md §4-6)."""
+
+    describe_backend: BackendConfig
+    describe_template: str = Field(
+        default="describe_images", description="template file stem in generation/prompts"
+    )
+    describe_sampling: SamplingConfig = Field(default_factory=SamplingConfig)
+    instruct_backend: BackendConfig
+    instruct_template: str = "instructions"
+    instruct_sampling: SamplingConfig = Field(default_factory=SamplingConfig)
+    model_fraction: float = Field(
+        default=1.0, description="share of each shard's pairs sent to the models (keyed by pair id)"
+    )
+    model_pairs_per_shard: int | None = Field(
+        default=None, description="cap on model-generated pairs per shard (the demo's budget)"
+    )
+    heuristic_fill: bool = Field(
+        default=False,
+        description="pairs outside the model sample get caption-heuristic text (labelled so)",
+    )
+    demo_pool: str = "instruction_demos.jsonl"
+    seed: int = 0
+    max_attempts: int = Field(
+        default=3, description="runs a failing request is tried in before it is quarantined"
+    )
+    flush_every: int = Field(default=64, description="results persisted at least this often")
+    max_failure_fraction: float = Field(
+        default=0.5, description="a step whose calls fail more often than this raises"
+    )
+    retry_quarantined: bool = False
+    description_min_words: int = 12
+    description_max_words: int = 150
+    instruction_max_words: int = 25
+    export_image_side_px: int = 512
+    export_dir: str | None = Field(
+        default=None, description="release folder; default <data root>/data/triplet_export"
+    )
+    licence: str = Field(default="unspecified", description="licence line of the dataset card")
+    dataset_name: str = "megapairs-triplets"
+
+    def settings(self) -> GenerationSettings:
+        """The plain settings the stage functions take."""
+        return GenerationSettings(
+            describe=StepSettings(
+                self.describe_backend.spec(),
+                self.describe_template,
+                self.describe_sampling.params(),
+            ),
+            instruct=StepSettings(
+                self.instruct_backend.spec(),
+                self.instruct_template,
+                self.instruct_sampling.params(),
+            ),
+            model_sample=PairSample(self.model_fraction, self.model_pairs_per_shard),
+            heuristic_fill=self.heuristic_fill,
+            demo_pool=self.demo_pool,
+            seed=self.seed,
+            max_attempts=self.max_attempts,
+            flush_every=self.flush_every,
+            max_failure_fraction=self.max_failure_fraction,
+            retry_quarantined=self.retry_quarantined,
+            description_limits=DescriptionLimits(
+                self.description_min_words, self.description_max_words
+            ),
+            instruction_limits=replace(InstructionLimits(), max_words=self.instruction_max_words),
+            export=ExportSettings(
+                image_side_px=self.export_image_side_px,
+                export_dir=self.export_dir,
+                licence=self.licence,
+                dataset_name=self.dataset_name,
+            ),
+        )
+
+    @classmethod
+    def from_settings(cls, settings: GenerationSettings) -> GenerationResource:
+        """The resource holding exactly these plain settings."""
+
+        def backend(spec: BackendSpec) -> BackendConfig:
+            return BackendConfig(
+                backend=spec.backend,
+                model_id=spec.model_id,
+                label=spec.label,
+                options=dict(spec.options),
+            )
+
+        def sampling(params: SamplingParams) -> SamplingConfig:
+            return SamplingConfig(**params.as_dict())
+
+        return cls(
+            describe_backend=backend(settings.describe.backend),
+            describe_template=settings.describe.template,
+            describe_sampling=sampling(settings.describe.sampling),
+            instruct_backend=backend(settings.instruct.backend),
+            instruct_template=settings.instruct.template,
+            instruct_sampling=sampling(settings.instruct.sampling),
+            model_fraction=settings.model_sample.fraction,
+            model_pairs_per_shard=settings.model_sample.max_pairs_per_shard,
+            heuristic_fill=settings.heuristic_fill,
+            demo_pool=settings.demo_pool,
+            seed=settings.seed,
+            max_attempts=settings.max_attempts,
+            flush_every=settings.flush_every,
+            max_failure_fraction=settings.max_failure_fraction,
+            retry_quarantined=settings.retry_quarantined,
+            description_min_words=settings.description_limits.min_words,
+            description_max_words=settings.description_limits.max_words,
+            instruction_max_words=settings.instruction_limits.max_words,
+            export_image_side_px=settings.export.image_side_px,
+            export_dir=settings.export.export_dir,
+            licence=settings.export.licence,
+            dataset_name=settings.export.dataset_name,
+        )
+
+    def setup_for_execution(self, context: dg.InitResourceContext) -> None:
+        # A malformed setting fails before any work (templates and backends are checked here).
+        from megapairs_assets.generation.backends import create_backend
+        from megapairs_assets.generation.prompts import load_demo_pool, load_template
+
+        settings = self.settings()
+        load_template(settings.describe.template)
+        load_template(settings.instruct.template)
+        load_demo_pool(settings.demo_pool)
+        create_backend(settings.describe.backend)
+        create_backend(settings.instruct.backend)
+
+
+def demo_generation_resource(home: Path) -> GenerationResource:
+    """The demo: SmolLM2-135M-Instruct (caption-based) on a few pairs per shard, the heuristic
+    for the rest; models cached under `<home>/models`."""
+    return GenerationResource.from_settings(demo_generation_settings(Path(home) / "models"))
+
+
+def paper_generation_resource(
+    describe_urls: list[str] | None = None,
+    instruct_urls: list[str] | None = None,
+    api_key_env: str | None = None,
+) -> GenerationResource:
+    """The paper: InternVL2-26B and Llama-3-8B-Instruct behind vLLM's OpenAI-compatible server."""
+    return GenerationResource.from_settings(
+        paper_generation_settings(describe_urls, instruct_urls, api_key_env)
+    )

@@ -1,0 +1,80 @@
+"""The generation assets in Dagster: one shard materialized through all four, checks pass, the
+resource round-trips its profiles, and the triplets page shows readable examples."""
+
+from __future__ import annotations
+
+import dagster as dg
+import pytest
+from fault_server import ChatServer
+from generation_fixtures import http_settings, make_world, with_template
+
+from megapairs_assets.generation.assets import generation_assets
+from megapairs_assets.generation.resource import (
+    GenerationResource,
+    demo_generation_resource,
+    paper_generation_resource,
+)
+from megapairs_assets.orchestration.partitions import SHARD_PARTITIONS_NAME
+from resources.storage import LineageCatalogResource, StorageResource
+
+
+def test_one_shard_through_the_four_generation_assets(tmp_path):
+    world = make_world(tmp_path, pairs_per_shard=(5,))
+    instance = dg.DagsterInstance.ephemeral()
+    instance.add_dynamic_partitions(SHARD_PARTITIONS_NAME, ["00000"])
+    with ChatServer() as server:
+        resources = {
+            "generation": GenerationResource.from_settings(http_settings(server.base_url)),
+            "storage": StorageResource(home=str(world.home), profile="test"),
+            "catalog": LineageCatalogResource(path=str(world.layout.catalog_path)),
+        }
+        result = dg.materialize(
+            generation_assets,
+            instance=instance,
+            partition_key="00000",
+            resources=resources,
+            raise_on_error=False,
+        )
+    assert result.success
+    checks = result.get_asset_check_evaluations()
+    assert len(checks) == 3 + 3 + 5 + 2
+    assert all(c.passed for c in checks), [c.check_name for c in checks if not c.passed]
+    events = {
+        m.asset_key.to_user_string(): m.metadata
+        for m in result.get_asset_materialization_events()
+        for m in [m.event_specific_data.materialization]
+    }
+    assert set(events) == {"pair_descriptions", "pair_instructions", "triplets", "triplet_export"}
+    examples = events["triplets"]["examples"].value
+    assert "data:image/png;base64," in examples and "instructions" in examples
+    assert events["triplets"]["dagster/row_count"].value == 5
+    lineage = world.catalog.query("SELECT count(*) AS n FROM triplet_lineage")["n"][0]
+    assert lineage == 5
+
+
+def test_profiles_round_trip_through_the_resource(tmp_path):
+    demo = demo_generation_resource(tmp_path)
+    settings = demo.settings()
+    assert settings.describe.backend.backend == "transformers"
+    assert settings.describe.template == "describe_captions"
+    assert settings.heuristic_fill and settings.model_sample.max_pairs_per_shard
+    assert GenerationResource.from_settings(settings).settings() == settings
+    paper = paper_generation_resource(["http://gpu-1:8000/v1", "http://gpu-2:8000/v1"]).settings()
+    assert paper.describe.backend.model_id == "OpenGVLab/InternVL2-26B"
+    assert paper.instruct.backend.model_id == "meta-llama/Meta-Llama-3-8B-Instruct"
+    assert paper.describe.backend.options["base_urls"][1] == "http://gpu-2:8000/v1"
+    assert not paper.heuristic_fill and paper.describe.template == "describe_images"
+
+
+def test_a_bad_template_name_fails_before_any_work(tmp_path):
+    bad = GenerationResource.from_settings(
+        with_template(http_settings("http://127.0.0.1:9/v1"), "describe", "no_such_template")
+    )
+
+    @dg.asset
+    def probe(generation: GenerationResource) -> None:
+        return None
+
+    with pytest.raises(dg.DagsterResourceFunctionError) as raised:
+        dg.materialize([probe], resources={"generation": bad})
+    assert "no prompt file" in str(raised.value.__cause__)
