@@ -88,10 +88,10 @@ from pathlib import Path
 class Slow(pl_lightning.Callback):
     # Long enough steps that the test can kill the run between two checkpoints.
     def on_train_batch_end(self, *args):
-        time.sleep(0.4)
+        time.sleep(0.25)
 
 torch.set_num_threads(1)
-config = tiny_config(Path({models!r}), max_steps=12, checkpoint_every_n_steps=3)
+config = tiny_config(Path({models!r}), max_steps=8, checkpoint_every_n_steps=2)
 train_checkpoint("resume", config, [Path({triplets!r})], DataLayout(Path({home!r})),
                  input_versions={{"triplets/00000": "m-1"}}, extra_callbacks=[Slow()])
 """
@@ -107,9 +107,9 @@ def _steps_logged(curve_path: Path) -> int:
 def test_run_killed_mid_epoch_resumes_at_the_checkpointed_step(
     tmp_path: Path, demo_models_dir: Path
 ) -> None:
-    triplets = write_triplets(tmp_path, rows=16, images=12)  # 4 steps an epoch
+    triplets = write_triplets(tmp_path, rows=24, images=12)  # 6 steps an epoch
     home = tmp_path / "home"
-    config = tiny_config(demo_models_dir, max_steps=12, checkpoint_every_n_steps=3)
+    config = tiny_config(demo_models_dir, max_steps=8, checkpoint_every_n_steps=2)
     script = tmp_path / "run.py"
     script.write_text(
         textwrap.dedent(_KILLABLE_RUN).format(
@@ -123,8 +123,8 @@ def test_run_killed_mid_epoch_resumes_at_the_checkpointed_step(
     process = subprocess.Popen([sys.executable, str(script)], cwd=REPO_ROOT)
     try:
         deadline = time.monotonic() + 120
-        # Past the step-3 checkpoint and inside the second epoch (steps 5-8).
-        while _steps_logged(out / "loss_curve.csv") < 5:
+        # Past the step-2 checkpoint, in the middle of the first epoch (steps 1-6).
+        while _steps_logged(out / "loss_curve.csv") < 3:
             assert process.poll() is None, "the training process ended before it was killed"
             assert time.monotonic() < deadline, "the training process made no progress"
             time.sleep(0.05)
@@ -133,10 +133,10 @@ def test_run_killed_mid_epoch_resumes_at_the_checkpointed_step(
         process.kill()
         process.wait()
     killed_at = _steps_logged(out / "loss_curve.csv")
-    assert killed_at < 12
+    assert killed_at < 8
     checkpoint = torch.load(out / "lightning" / "last.ckpt", weights_only=False)
     saved_step = checkpoint["global_step"]
-    assert saved_step in (3, 6, 9) and saved_step <= killed_at
+    assert saved_step in (2, 4, 6) and saved_step <= killed_at
 
     with OneThread():
         resumed = train_checkpoint(
@@ -151,9 +151,9 @@ def test_run_killed_mid_epoch_resumes_at_the_checkpointed_step(
         )
 
     assert resumed.metadata["resumed_from_step"] == saved_step
-    assert resumed.row_counts["steps"] == 12
+    assert resumed.row_counts["steps"] == 8
     curve = read_loss_curve(resumed.outputs["loss_curve"])
-    assert curve["step"].to_list() == list(range(1, 13))
+    assert curve["step"].to_list() == list(range(1, 9))
     # Same batches, same optimizer state: the interrupted run ends where an uninterrupted one does.
     reference_curve = read_loss_curve(reference.outputs["loss_curve"])
     assert curve["loss"].to_list() == pytest.approx(reference_curve["loss"].to_list(), rel=1e-5)

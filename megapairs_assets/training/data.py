@@ -160,8 +160,12 @@ def image_key(uri: str) -> int:
 
 
 def instruction_index(seed: int, step: int, row: int, count: int) -> int:
-    """Which of a row's `count` instructions step `step` uses (seeded, order independent)."""
-    return int(np.random.default_rng([seed, step, row]).integers(count))
+    """Which of a row's `count` instructions step `step` uses (seeded, order independent).
+
+    A keyed hash, not a generator per item: 2 us instead of 50 us, for every row of every step.
+    """
+    digest = hashlib.blake2b(f"{seed}:{step}:{row}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") % count
 
 
 class TripletImages(Dataset):
