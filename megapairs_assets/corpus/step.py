@@ -26,7 +26,7 @@ from megapairs_assets.corpus.table import (
 from megapairs_assets.lib.preview import markdown_table, thumbnail_markdown
 from megapairs_assets.lib.progress import Progress
 from megapairs_assets.lib.step import StepResult
-from megapairs_assets.lib.storage import DataLayout, write_parquet_atomic
+from megapairs_assets.lib.storage import DataLayout, read_parquet, write_parquet_atomic
 from megapairs_assets.lineage.catalog import LineageCatalog, RowTable, register_row_table
 
 ASSET_NAME = "image_corpus"
@@ -153,7 +153,7 @@ def recheck_corpus_shard(
     """The corpus checks on the shard's table as it is on disk (read-only)."""
     config = latest_config(catalog, ASSET_NAME, shard)
     min_side_px = int(config.get("limits", {}).get("min_side_px", ImageLimits().min_side_px))
-    images = pl.read_parquet(layout.corpus_images(shard))
+    images = read_parquet(layout.corpus_images(shard))
     outcomes = check_corpus(images, min_side_px)
     outcomes.append(
         check_cross_shard_duplicates(images, other_shard_copies(catalog, shard, images))

@@ -16,7 +16,6 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import polars as pl
@@ -41,7 +40,7 @@ from megapairs_assets.embeddings.device_input import (
 from megapairs_assets.embeddings.encoders import LoadedEncoder
 from megapairs_assets.lib.progress import ProgressCallback
 from megapairs_assets.lib.quality import CheckOutcome, outcome
-from megapairs_assets.lib.storage import write_atomic
+from megapairs_assets.lib.storage import DataPath, table_source, write_atomic
 
 SkippedRow = tuple[str, str, str]
 """(image_id, reason, detail) of a row that could not be embedded."""
@@ -381,12 +380,12 @@ def _coverage_failures(ids: list[str], vector_rows: int, expected_ids: Sequence[
 
 
 def write_embedding_table(
-    path: Path, ids: Sequence[str], vectors: np.ndarray, model_id: str
+    path: DataPath, ids: Sequence[str], vectors: np.ndarray, model_id: str
 ) -> None:
     """Write `image_id` + `embedding` (fixed_size_list<halffloat>[dim]) to Parquet, atomically.
 
-    The schema metadata records `model_id` and `dim`. The file appears complete or not at all:
-    it is written next to `path` under a temporary name and renamed into place.
+    The schema metadata records `model_id` and `dim`. The file appears complete or not at all
+    (`write_atomic`: a rename on local disk, one upload of the finished object on a store).
     """
     vectors = np.ascontiguousarray(vectors, dtype=np.float16)
     if vectors.ndim != 2 or vectors.shape[0] != len(ids):
@@ -398,12 +397,12 @@ def write_embedding_table(
     write_atomic(path, lambda tmp: pq.write_table(table, tmp))
 
 
-def read_embedding_table(path: Path) -> tuple[np.ndarray, np.ndarray]:
+def read_embedding_table(path: DataPath) -> tuple[np.ndarray, np.ndarray]:
     """Read a table written by `write_embedding_table`.
 
     Returns (ids as a numpy object array of str, float16 vectors of shape (N, dim)).
     """
-    table = pq.read_table(path, columns=["image_id", "embedding"])
+    table = pq.read_table(table_source(path), columns=["image_id", "embedding"])
     ids = table.column("image_id").to_numpy()
     embedding = table.column("embedding").combine_chunks()
     dim = embedding.type.list_size

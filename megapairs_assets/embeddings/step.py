@@ -19,7 +19,7 @@ from megapairs_assets.embeddings.encoders import LoadedEncoder
 from megapairs_assets.embeddings.sources import SimilaritySource
 from megapairs_assets.lib.progress import Progress
 from megapairs_assets.lib.step import StepResult
-from megapairs_assets.lib.storage import DataLayout
+from megapairs_assets.lib.storage import DataLayout, read_parquet
 from megapairs_assets.lineage.catalog import LineageCatalog, read_with_versions
 
 EMBEDDING_CHECKS = {
@@ -53,7 +53,7 @@ def embed_shard(
     """Embed one shard's valid images (or captions) and write its table."""
     asset_name = run.source.embedding_asset
     rows, versions = read_with_versions(
-        catalog, CORPUS_ASSET, [shard], lambda: pl.read_parquet(layout.corpus_images(shard))
+        catalog, CORPUS_ASSET, [shard], lambda: read_parquet(layout.corpus_images(shard))
     )
     with Progress(rows.height, f"{asset_name}[{shard}]", log=log) as progress:
         result = embed_rows(
@@ -119,7 +119,7 @@ def recheck_embedding_shard(
     from megapairs_assets.embeddings.compute import read_embedding_table
 
     ids, vectors = read_embedding_table(layout.shard_table(source.embedding_asset, shard))
-    corpus_ids = pl.read_parquet(layout.corpus_images(shard), columns=["image_id", "source_uri"])
+    corpus_ids = read_parquet(layout.corpus_images(shard), columns=["image_id", "source_uri"])
     skipped = catalog.query(
         "SELECT source_uri FROM quarantine_log WHERE stage = ? AND shard = ?",
         [source.embedding_asset, shard],

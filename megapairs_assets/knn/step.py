@@ -35,7 +35,7 @@ if TYPE_CHECKING:  # faiss is imported only where a faiss index is built (not on
     import faiss
 
     from megapairs_assets.knn.torch_search import TorchFlatIndex
-from megapairs_assets.lib.storage import DataLayout, write_parquet_atomic
+from megapairs_assets.lib.storage import DataLayout, read_parquet, write_parquet_atomic
 from megapairs_assets.lineage.catalog import LineageCatalog, read_with_versions
 
 KNN_CHECKS = {
@@ -213,7 +213,7 @@ def read_knn_tables(
             catalog,
             source.knn_asset,
             [shard],
-            lambda source=source: pl.read_parquet(layout.shard_table(source.knn_asset, shard)),
+            lambda source=source: read_parquet(layout.shard_table(source.knn_asset, shard)),
         )
         tables[source.name] = frame
         versions[f"{source.knn_asset}/{shard}"] = read.get(shard, "unknown")
@@ -227,7 +227,7 @@ def recheck_knn_shard(
     from megapairs_assets.corpus.step import latest_config
 
     k = int(latest_config(catalog, source.knn_asset, shard).get("k", 0)) or None
-    neighbors = pl.read_parquet(layout.shard_table(source.knn_asset, shard))
+    neighbors = read_parquet(layout.shard_table(source.knn_asset, shard))
     if k is None:  # no record: the widest rank on disk is the most the check can assume
         k = int(neighbors["rank"].max() or 0) + 1
     return check_knn(neighbors, k)

@@ -1,6 +1,8 @@
 """Where every artifact lives under the data root, and how it is written safely.
 
-Layout under `$MEGAPAIRS_HOME` (default `./megapairs_home`):
+Layout under `$MEGAPAIRS_HOME` (default `./megapairs_home`); the `data/` tree may instead live
+under a separate data root (`DataLayout.data_root`: a local folder, or any fsspec URL such as
+`s3://bucket/prefix` or `gs://bucket/prefix`), with the same relative paths:
 
     data/image_corpus/<shard>/images.parquet       one row per valid image
     data/image_corpus/<shard>/quarantine.parquet   one row per rejected input, with a reason
@@ -8,9 +10,9 @@ Layout under `$MEGAPAIRS_HOME` (default `./megapairs_home`):
     data/<embedding asset>/<shard>.parquet          image_id + float16 unit vector
     data/<knn asset>/<shard>.parquet                query_id, rank, neighbor_id, score
     data/mined_image_pairs/<shard>.parquet          pairs with sources, scores, hard negatives
-    models/                                         demo models built on first use
-    catalog.duckdb                                  lineage catalog (see megapairs_assets.lineage)
-    dagster/                                        the Dagster instance used by `megapairs demo`
+    models/                                         demo models built on first use (local)
+    catalog.duckdb                                  lineage catalog (local; see .lineage)
+    dagster/                                        the Dagster instance of `megapairs demo` (local)
 
 Partition keys and asset names become path components, so `DataLayout` accepts only safe ones
 (`is_safe_partition_key`) and refuses any path that would resolve outside its asset's folder.
@@ -20,18 +22,40 @@ Every table is written to a temporary file in the same folder and moved into pla
 of one, and a crash leaves at most a stray `.tmp-*` file that the next write ignores. The file
 gets the mode a plain `open()` would give it (0666 minus the umask, so 0644 by default), so a
 trainer or web server running as another user can read what the pipeline wrote.
+
+On an object store there is no rename (a "move" is a copy), so a table is written to a local
+temporary file and published with one upload of the finished object (`put_file`: one PUT, or a
+multipart upload that becomes visible only when it completes). A reader sees the old object or
+the new one, never half of one; a failed or killed write leaves no new object and no temporary
+key. Objects have no permission bits. Readers go through `read_parquet` / `table_source`, which
+read a local file in place and an object with one GET. The lineage catalog, the Dagster
+instance and the models stay on local disk under `home` (DuckDB cannot lock a file on S3; on a
+cluster the catalog is DuckLake).
 """
 
 from __future__ import annotations
 
+import io
 import os
 import re
+import tempfile
 import uuid
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 import polars as pl
+
+if TYPE_CHECKING:  # upath (and fsspec) are imported only when a data root is a URL
+    from upath import UPath
+
+DataPath: TypeAlias = "Path | UPath"
+"""A path under the data root: a `pathlib.Path` on local disk, a `UPath` on an object store.
+
+Both support `/`, `.name`, `.parent`, `.exists()` and `str()`; read and write tables with the
+helpers below, which take either."""
 
 DEFAULT_HOME_DIRNAME = "megapairs_home"
 MAX_PARTITION_KEY_CHARS = 128
@@ -44,6 +68,14 @@ SAFE_PARTITION_KEY_RULE = (
 )
 # A plain open() creates files 0666 minus the umask; tables get the same.
 _OPEN_DEFAULT_MODE = 0o666
+# `scheme://...`: a URL for fsspec. A Windows drive (`C:\\`) or a plain path never matches.
+_URL = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*)://(.*)", re.DOTALL)
+_LOCAL_PROTOCOLS = frozenset({"file", "local"})
+# Stores without folders: nothing to create before a PUT (and s3fs's makedirs would create a
+# missing bucket, a side effect a pipeline should never have).
+_OBJECT_STORE_PROTOCOLS = frozenset(
+    {"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "adl", "oci", "oss", "r2"}
+)
 
 
 def default_home() -> Path:
@@ -85,13 +117,53 @@ def _current_umask() -> int:
     return mask
 
 
-def write_atomic(path: Path, write: Callable[[Path], None]) -> None:
-    """Run `write(tmp_path)` then move the result onto `path` in one atomic step.
+def data_root_path(
+    root: str | os.PathLike[str], storage_options: Mapping[str, Any] | None = None
+) -> DataPath:
+    """The data root as a path object: a `Path` for a local path or `file://` URL, else a `UPath`.
+
+    `storage_options` go to the fsspec filesystem of a URL (for s3fs: `endpoint_url`,
+    `client_kwargs`, ...); credentials are left to the filesystem's own environment lookup.
+    """
+    text = os.fspath(root)
+    match = _URL.fullmatch(text)
+    if match is None or match.group(1).lower() in _LOCAL_PROTOCOLS:
+        return Path(match.group(2) if match else text)
+    from upath import UPath
+
+    return UPath(text, **dict(storage_options or {}))
+
+
+def is_local(path: DataPath) -> bool:
+    """Whether `path` is on local disk (a `pathlib.Path`), rather than behind fsspec."""
+    return isinstance(path, Path)
+
+
+def table_source(path: DataPath) -> Path | io.BytesIO:
+    """What `pl.read_parquet` / `pq.read_table` should read: the local file itself, or the
+    object's bytes fetched with one GET (shard tables are small enough to hold in memory)."""
+    if is_local(path):
+        return path  # type: ignore[return-value]
+    return io.BytesIO(path.fs.cat_file(path.path))
+
+
+def read_parquet(path: DataPath, columns: list[str] | None = None) -> pl.DataFrame:
+    """Read a Parquet table from local disk or the object store."""
+    return pl.read_parquet(table_source(path), columns=columns)
+
+
+def write_atomic(path: DataPath, write: Callable[[Path], None]) -> None:
+    """Run `write(tmp_path)` then publish the result at `path` in one atomic step.
 
     The one writer for every table: the file appears whole or not at all, with the permission
     bits of a plain `open()` (writers that create private temporary files, such as
-    `tempfile.mkstemp`, would otherwise leave it readable by its owner only).
+    `tempfile.mkstemp`, would otherwise leave it readable by its owner only). On an object
+    store `tmp_path` is a local file, uploaded in one piece when `write` returns (see the
+    module docstring).
     """
+    if not is_local(path):
+        _put_atomic(path, write)
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
     try:
@@ -103,7 +175,37 @@ def write_atomic(path: Path, write: Callable[[Path], None]) -> None:
             tmp.unlink()
 
 
-def write_parquet_atomic(frame: pl.DataFrame, path: Path) -> None:
+def _put_atomic(path: UPath, write: Callable[[Path], None]) -> None:
+    """Write to a local temporary folder, then upload the finished file as one object.
+
+    The object store never holds a partial or temporary object: the upload is a single PUT (or
+    a multipart upload, which s3fs aborts on failure and S3 shows only once complete). The
+    stored size is checked against the local file, so a truncated upload fails the step, and
+    the catalog then marks the materialization failed and readers refuse the table.
+    """
+    fs, key = path.fs, path.path
+    if not set(_protocols(fs)) & _OBJECT_STORE_PROTOCOLS:
+        fs.makedirs(path.parent.path, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="megapairs-put-") as folder:
+        # The table's own name, so content-type guessing and writers see a normal file name.
+        tmp = Path(folder) / path.name
+        write(tmp)
+        local_size = tmp.stat().st_size
+        fs.put_file(str(tmp), key)
+    stored_size = fs.size(key)
+    if stored_size != local_size:
+        raise OSError(
+            f"{path}: the store holds {stored_size} bytes after uploading {local_size}; "
+            "another writer replaced it, or the upload was cut short"
+        )
+
+
+def _protocols(fs: Any) -> tuple[str, ...]:
+    protocol = fs.protocol
+    return (protocol,) if isinstance(protocol, str) else tuple(protocol)
+
+
+def write_parquet_atomic(frame: pl.DataFrame, path: DataPath) -> None:
     """Write a polars frame as Parquet, atomically."""
     write_atomic(path, lambda tmp: frame.write_parquet(tmp, compression="zstd"))
 
@@ -112,16 +214,26 @@ def write_parquet_atomic(frame: pl.DataFrame, path: Path) -> None:
 class DataLayout:
     """Paths of every artifact under one data root (the only place that knows them).
 
+    home: the local folder of the models, the lineage catalog file and the Dagster instance.
+    data_root: where `data/` lives when not under `home`: a local folder, or an fsspec URL
+    (`s3://bucket/prefix`, `gs://...`); `None` keeps it under `home`. storage_options: the
+    URL's filesystem settings (see `data_root_path`); never credentials.
+
     Every per-partition path is checked: the key must be safe (`check_partition_key`) and the
     path must resolve inside its asset's folder, else a ValueError is raised and nothing is
     written.
     """
 
     home: Path
+    data_root: str | None = None
+    storage_options: Mapping[str, Any] = field(default_factory=dict, hash=False)
 
-    @property
-    def data_dir(self) -> Path:
-        return self.home / "data"
+    @cached_property
+    def data_dir(self) -> DataPath:
+        """The `data/` folder (or prefix) that holds every table."""
+        if self.data_root is None:
+            return self.home / "data"
+        return data_root_path(self.data_root, self.storage_options) / "data"
 
     @property
     def models_dir(self) -> Path:
@@ -135,35 +247,41 @@ class DataLayout:
     def dagster_home(self) -> Path:
         return self.home / "dagster"
 
-    def asset_dir(self, asset_name: str) -> Path:
+    def asset_dir(self, asset_name: str) -> DataPath:
         """The folder that holds every file of one asset."""
         return _inside(self.data_dir, check_partition_key(asset_name, "asset name"))
 
-    def corpus_images(self, shard: str) -> Path:
+    def corpus_images(self, shard: str) -> DataPath:
         return self._corpus_file(shard, "images.parquet")
 
-    def corpus_quarantine(self, shard: str) -> Path:
+    def corpus_quarantine(self, shard: str) -> DataPath:
         return self._corpus_file(shard, "quarantine.parquet")
 
-    def corpus_source_report(self) -> Path:
+    def corpus_source_report(self) -> DataPath:
         """Entries of the corpus source that no shard reads (unsafe names, unsupported files).
 
         A file, not a folder, so it can never collide with a shard's folder.
         """
         return self.asset_dir("image_corpus") / "source_report.parquet"
 
-    def shard_table(self, asset_name: str, shard: str) -> Path:
+    def shard_table(self, asset_name: str, shard: str) -> DataPath:
         """Per-shard table of a downstream asset (embeddings, KNN graphs, pairs)."""
         return _inside(self.asset_dir(asset_name), f"{check_partition_key(shard, 'shard')}.parquet")
 
-    def _corpus_file(self, shard: str, file_name: str) -> Path:
+    def _corpus_file(self, shard: str, file_name: str) -> DataPath:
         shard_dir = _inside(self.asset_dir("image_corpus"), check_partition_key(shard, "shard"))
         return shard_dir / file_name
 
 
-def _inside(folder: Path, name: str) -> Path:
-    """`folder / name`, refused when it resolves outside `folder` (a symlink pointing away)."""
+def _inside(folder: DataPath, name: str) -> DataPath:
+    """`folder / name`, refused when it resolves outside `folder` (a symlink pointing away).
+
+    An object store has no symlinks, and `name` is one checked path component, so a key under
+    a URL root needs no resolving.
+    """
     path = folder / name
+    if not is_local(folder):
+        return path
     resolved, root = path.resolve(), folder.resolve()
     if resolved.parent != root:
         raise ValueError(f"{path} resolves to {resolved}, outside {root}; refusing to use it")

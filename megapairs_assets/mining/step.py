@@ -13,7 +13,7 @@ from megapairs_assets.embeddings.sources import source_named
 from megapairs_assets.knn.step import read_knn_tables
 from megapairs_assets.lib.preview import markdown_table, thumbnail_markdown
 from megapairs_assets.lib.step import StepResult
-from megapairs_assets.lib.storage import DataLayout, write_parquet_atomic
+from megapairs_assets.lib.storage import DataLayout, read_parquet, write_parquet_atomic
 from megapairs_assets.lineage.catalog import LineageCatalog, RowTable, register_row_table
 from megapairs_assets.mining.pairs import (
     IDENTICAL_CONTENT_CHECK,
@@ -191,7 +191,7 @@ def recheck_pairs_shard(
     shard: str, layout: DataLayout, catalog: LineageCatalog, params: MiningParams
 ) -> list:
     """The pair checks on the shard's table as it is on disk (read-only)."""
-    pairs = pl.read_parquet(layout.shard_table(ASSET_NAME, shard))
+    pairs = read_parquet(layout.shard_table(ASSET_NAME, shard))
     ids = sorted(set(pairs["query_id"]) | set(pairs["target_id"]) | set(
         pairs["hard_negative_ids"].explode().drop_nulls()
     ))

@@ -1,0 +1,315 @@
+"""The data root on an S3-compatible server started here (moto in server mode, 127.0.0.1):
+
+- the mining half of the demo graph (corpus -> 3 embeddings -> 3 KNN graphs -> pairs) runs
+  with every table an object in the bucket, nothing under a local data folder, and every table
+  reads back through the same readers the steps use;
+- a write that fails or is killed part-way leaves no new object and no temporary key (an old
+  table stays whole), and an upload the store did not keep whole fails the step;
+- local paths keep plain `pathlib.Path`s (the local tests cover byte-identical behaviour);
+- credentials never go into the resource's config.
+
+The bucket is observed with boto3, a client independent of the code under test (s3fs).
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import dagster as dg
+import image_factory as factory
+import polars as pl
+import pytest
+from conftest import make_home, run_shards
+
+from megapairs_assets.corpus.step import recheck_corpus_shard
+from megapairs_assets.definitions import build_definitions
+from megapairs_assets.embeddings.sources import SOURCES
+from megapairs_assets.embeddings.step import recheck_embedding_shard
+from megapairs_assets.knn.step import recheck_knn_shard
+from megapairs_assets.lib.storage import (
+    DataLayout,
+    data_root_path,
+    is_local,
+    read_parquet,
+    write_atomic,
+    write_parquet_atomic,
+)
+from megapairs_assets.lineage.catalog import LineageCatalog
+from megapairs_assets.mining.pairs import MiningParams
+from megapairs_assets.mining.step import recheck_pairs_shard
+from resources.corpus import CorpusSourceResource
+from resources.storage import StorageResource
+
+moto_server = pytest.importorskip("moto.server")
+boto3 = pytest.importorskip("boto3")
+pytest.importorskip("s3fs")
+pytest.importorskip("upath")
+
+BUCKET = "megapairs-test"
+SHARDS = ["00000", "00001"]
+# Any value: moto accepts every key, and real credentials must never reach a test.
+_FAKE_AWS_ENV = {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_SESSION_TOKEN": "testing",
+    "AWS_DEFAULT_REGION": "us-east-1",
+}
+
+
+@dataclass(frozen=True)
+class S3Server:
+    endpoint_url: str
+    client: object  # boto3 S3 client, the independent observer
+
+    def keys(self, prefix: str = "") -> list[str]:
+        pages = self.client.get_paginator("list_objects_v2").paginate(
+            Bucket=BUCKET, Prefix=prefix
+        )
+        return sorted(item["Key"] for page in pages for item in page.get("Contents", []))
+
+    def pending_uploads(self) -> list[str]:
+        listed = self.client.list_multipart_uploads(Bucket=BUCKET)
+        return [upload["Key"] for upload in listed.get("Uploads", [])]
+
+    def layout(self, home: Path, prefix: str) -> DataLayout:
+        return StorageResource(
+            home=str(home), data_root=f"s3://{BUCKET}/{prefix}", endpoint_url=self.endpoint_url
+        ).layout()
+
+
+@pytest.fixture(scope="module")
+def s3() -> Iterator[S3Server]:
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one log line per request otherwise
+    with pytest.MonkeyPatch.context() as env:
+        for name, value in _FAKE_AWS_ENV.items():
+            env.setenv(name, value)
+        server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+        server.start()
+        try:
+            host, port = server.get_host_and_port()
+            endpoint_url = f"http://{host}:{port}"
+            client = boto3.client("s3", endpoint_url=endpoint_url, region_name="us-east-1")
+            client.create_bucket(Bucket=BUCKET)
+            yield S3Server(endpoint_url, client)
+        finally:
+            server.stop()
+
+
+@pytest.fixture(scope="module")
+def s3_run(s3: S3Server, tmp_path_factory: pytest.TempPathFactory, demo_models_dir: Path):
+    root = tmp_path_factory.mktemp("s3-run")
+    corpus = root / "corpus"
+    for index, shard in enumerate(SHARDS):
+        factory.write_wds_shard(
+            corpus / f"{shard}.tar", factory.good_items(5 + index, first_seed=30 * index)
+        )
+    home = make_home(root, demo_models_dir)
+    storage = StorageResource(
+        home=str(home), data_root=f"s3://{BUCKET}/home", endpoint_url=s3.endpoint_url
+    )
+    defs = build_definitions(
+        "demo",
+        home,
+        {
+            "corpus_source": CorpusSourceResource(kind="webdataset", path=str(corpus)),
+            "storage": storage,
+        },
+    )
+    result = run_shards(defs, dg.DagsterInstance.ephemeral(), SHARDS)
+    return result, home, storage.layout()
+
+
+def _expected_keys() -> list[str]:
+    keys = ["home/data/image_corpus/source_report.parquet"]
+    for shard in SHARDS:
+        keys += [
+            f"home/data/image_corpus/{shard}/images.parquet",
+            f"home/data/image_corpus/{shard}/quarantine.parquet",
+            f"home/data/mined_image_pairs/{shard}.parquet",
+        ]
+        for source in SOURCES:
+            keys += [
+                f"home/data/{source.embedding_asset}/{shard}.parquet",
+                f"home/data/{source.knn_asset}/{shard}.parquet",
+            ]
+    return sorted(keys)
+
+
+def test_every_table_of_the_mining_half_is_an_object_in_the_bucket(s3, s3_run) -> None:
+    result, home, _ = s3_run
+    assert result.success
+    # Exactly the tables: no temporary keys, no leftover multipart uploads.
+    assert s3.keys("home/") == _expected_keys()
+    assert s3.pending_uploads() == []
+    # Nothing went to local disk but the catalog (and the models the home links to).
+    assert not (home / "data").exists()
+    local_tables = [p for p in home.rglob("*.parquet") if "models" not in p.parts]
+    assert local_tables == []
+
+
+def test_the_catalog_records_object_urls_for_every_output(s3_run) -> None:
+    result, home, _ = s3_run
+    catalog = LineageCatalog(DataLayout(home).catalog_path)
+    frame = catalog.query(
+        "SELECT asset, partition, status, output_paths FROM materializations WHERE run_id = ?",
+        [result.run_id],
+    )
+    assert frame.height == len(SHARDS) * 8  # corpus, 3 embeddings, 3 KNN graphs, pairs
+    assert set(frame["status"]) == {"complete"}
+    for paths in frame["output_paths"]:
+        assert paths and all(
+            url.startswith(f"s3://{BUCKET}/home/data/") for url in _json_values(paths)
+        )
+
+
+def test_tables_read_back_from_the_bucket_and_pass_their_checks(s3_run) -> None:
+    _, home, layout = s3_run
+    catalog = LineageCatalog(DataLayout(home).catalog_path)
+    outcomes = []
+    for shard in SHARDS:
+        outcomes += recheck_corpus_shard(shard, layout, catalog)
+        for source in SOURCES:
+            outcomes += recheck_embedding_shard(source, shard, layout, catalog)
+            outcomes += recheck_knn_shard(source, shard, layout, catalog)
+        outcomes += recheck_pairs_shard(shard, layout, catalog, _mining_params(catalog, shard))
+    assert outcomes and [o.name for o in outcomes if not o.passed] == []
+    images = read_parquet(layout.corpus_images(SHARDS[1]))
+    assert images.height == 6  # 5 + index good items in shard 1
+    pairs = pl.concat([read_parquet(layout.shard_table("mined_image_pairs", s)) for s in SHARDS])
+    assert pairs.height > 0, "the demo bands yield pairs on this corpus"
+
+
+def test_a_failed_write_leaves_no_object_and_no_temporary_key(s3, tmp_path) -> None:
+    layout = s3.layout(tmp_path, "failed-write")
+    path = layout.shard_table("mined_image_pairs", "00000")
+
+    def half_then_fail(tmp: Path) -> None:
+        tmp.write_bytes(b"PAR1 half a table")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        write_atomic(path, half_then_fail)
+    assert s3.keys("failed-write/") == []
+    assert not path.exists()
+    # Over an existing table: the old one stays whole.
+    write_parquet_atomic(pl.DataFrame({"a": [1, 2]}), path)
+    with pytest.raises(OSError, match="disk full"):
+        write_atomic(path, half_then_fail)
+    assert read_parquet(path)["a"].to_list() == [1, 2]
+    assert s3.keys("failed-write/") == ["failed-write/data/mined_image_pairs/00000.parquet"]
+
+
+# A writer in its own interpreter that dies (SIGKILL) after writing half of its table, before
+# the upload: what a node loss or an OOM kill does to a step. It imports only the storage module.
+_KILLED_WRITER = """
+import os, signal, sys
+from pathlib import Path
+from megapairs_assets.lib.storage import DataLayout, write_atomic
+
+home, data_root, endpoint_url = sys.argv[1:4]
+layout = DataLayout(Path(home), data_root=data_root, storage_options={"endpoint_url": endpoint_url})
+
+def half_then_killed(tmp):
+    tmp.write_bytes(b"PAR1 half a table")
+    os.kill(os.getpid(), signal.SIGKILL)
+
+write_atomic(layout.shard_table("clip_image_knn", "00000"), half_then_killed)
+"""
+
+
+def test_a_killed_writer_leaves_the_old_table_and_no_temporary_key(s3, tmp_path) -> None:
+    layout = s3.layout(tmp_path, "killed-write")
+    path = layout.shard_table("clip_image_knn", "00000")
+    write_parquet_atomic(pl.DataFrame({"a": [7]}), path)
+    killed = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            _KILLED_WRITER,
+            str(tmp_path),
+            f"s3://{BUCKET}/killed-write",
+            s3.endpoint_url,
+        ],
+        cwd=Path(__file__).resolve().parents[1],
+        timeout=120,
+        check=False,
+    )
+    assert killed.returncode == -signal.SIGKILL
+    assert s3.keys("killed-write/") == ["killed-write/data/clip_image_knn/00000.parquet"]
+    assert read_parquet(path)["a"].to_list() == [7]
+    assert s3.pending_uploads() == []
+
+
+def test_an_upload_the_store_did_not_keep_whole_fails(s3, tmp_path, monkeypatch) -> None:
+    layout = s3.layout(tmp_path, "short-upload")
+    path = layout.shard_table("dino_image_knn", "00000")
+    fs = path.fs
+
+    def cut_short(lpath: str, rpath: str, **kwargs) -> None:  # a fault: a truncating proxy
+        with open(lpath, "rb") as whole:
+            fs.pipe_file(rpath, whole.read()[:10])
+
+    monkeypatch.setattr(fs, "put_file", cut_short)  # this filesystem instance only
+    with pytest.raises(OSError, match="holds 10 bytes after uploading"):
+        write_parquet_atomic(pl.DataFrame({"a": [1]}), path)
+
+
+def test_local_roots_stay_plain_paths(tmp_path) -> None:
+    default = DataLayout(tmp_path)
+    assert default.data_dir == tmp_path / "data" and is_local(default.data_dir)
+    shared = DataLayout(tmp_path / "home", data_root=str(tmp_path / "shared"))
+    assert shared.shard_table("clip_image_knn", "00000") == (
+        tmp_path / "shared" / "data" / "clip_image_knn" / "00000.parquet"
+    )
+    assert type(data_root_path(f"file://{tmp_path}")) is type(tmp_path)
+    assert not is_local(data_root_path("s3://bucket/prefix"))
+    # Paths the catalog, the models and the Dagster instance use stay local under home.
+    remote = DataLayout(tmp_path, data_root="s3://bucket/prefix")
+    assert remote.catalog_path == tmp_path / "catalog.duckdb"
+    assert remote.models_dir == tmp_path / "models"
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"key": "AKIA..."},
+        {"secret": "..."},
+        {"client_kwargs": {"aws_secret_access_key": "..."}},
+        {"client_kwargs": {"aws_access_key_id": "..."}},
+    ],
+)
+def test_credentials_are_refused_in_config(options: dict) -> None:
+    with pytest.raises(ValueError, match="look like credentials"):
+        StorageResource(home="/tmp/home", data_root="s3://b/p", storage_options=options)
+
+
+def test_unsafe_keys_are_refused_under_a_url_root() -> None:
+    layout = DataLayout(Path("/tmp/home"), data_root="s3://bucket/prefix")
+    for key in ("../escape", "a/b", ".hidden", ""):
+        with pytest.raises(ValueError, match="not safe"):
+            layout.shard_table("clip_image_knn", key)
+
+
+def _mining_params(catalog: LineageCatalog, shard: str) -> MiningParams:
+    from megapairs_assets.corpus.step import latest_config
+
+    config = latest_config(catalog, "mined_image_pairs", shard)
+    return MiningParams(
+        bands={name: tuple(band) for name, band in config["bands"].items()},
+        targets_per_source=config["targets_per_source"],
+        hard_negatives=config["hard_negatives"],
+        seed=config["seed"],
+        query_fraction=config["query_fraction"],
+    )
+
+
+def _json_values(text: str) -> list[str]:
+    import json
+
+    return list(json.loads(text).values())
