@@ -31,14 +31,15 @@ class MMRetCLIP(pl_lightning.LightningModule):
     """An open_clip model trained as a composed-image retriever (MMRet-CLIP, method.md §7).
 
     Built from `model_name` + `pretrained` through open_clip's own factory, so the weights it
-    starts from are exactly those a user of open_clip gets. `image_transform` (resize and crop
+    starts from are exactly those a user of open_clip gets (None: random, for benchmarks;
+    training itself refuses it in `resolve_config`). `image_transform` (resize and crop
     to uint8 pixels) is what the data loader applies; normalisation happens on the device.
     """
 
     def __init__(
         self,
         model_name: str,
-        pretrained: str,
+        pretrained: str | None,
         temperature: float,
         learning_rate: float,
         weight_decay: float,
