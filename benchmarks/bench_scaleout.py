@@ -1,4 +1,7 @@
-"""Lineage writes per second with 8 writer processes: DuckLake on PostgreSQL vs the DuckDB file.
+"""Scale-out figures: lineage writes on DuckLake vs the DuckDB file; data root on S3 vs local disk.
+
+Part `lineage`: lineage writes per second with 8 writer processes, DuckLake on PostgreSQL vs
+the DuckDB file.
 
 Each writer process records `--writes` materializations of its own shard (begin, then complete
 with `--rows` image lineage rows), all starting at one signal, like 8 step processes of a
@@ -7,7 +10,15 @@ run: one DuckDB file, writers queued on its file lock. PostgreSQL is pgserver's 
 on a Unix socket in a temporary folder (no network). Prints both figures and the ratio; writes
 JSON to benchmarks/results/scaleout.json.
 
-    .venv/bin/python benchmarks/bench_scaleout.py [--writers 8] [--writes 10] [--rows 20]
+Part `data-root`: MB/s of writing and reading embedding tables (`--tables` shards of
+`--table-rows` x `--dim` float16, the product's `write_embedding_table` / `read_embedding_table`)
+through `DataLayout` on an S3 server (moto, in its own process on 127.0.0.1) vs on local disk,
+measured in the same run; best of `--repeats`. moto is a test double that keeps objects in
+Python memory, so its figure is a floor for a real store's protocol path, not S3's speed.
+Writes benchmarks/results/scaleout_data_root.json (`--quick`: a smoke run, its own file).
+
+    .venv/bin/python benchmarks/bench_scaleout.py [--part lineage|data-root|all]
+        [--writers 8] [--writes 10] [--rows 20] [--tables 8] [--table-rows 10000] [--dim 768]
 """
 
 from __future__ import annotations
@@ -15,17 +26,36 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing as mp
+import os
+import socket
+import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import parse_qs, urlparse
 
+import numpy as np
 import polars as pl
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from _machine import write_result
+
 from megapairs_assets.corpus.step import IMAGE_LINEAGE
+from megapairs_assets.embeddings.compute import (
+    read_embedding_table,
+    write_embedding_table,
+)
+from megapairs_assets.lib.storage import (
+    DataLayout,
+    DataPath,
+    is_local,
+    table_source,
+    write_atomic,
+)
 from megapairs_assets.lineage.catalog import (
     LineageCatalog,
     MaterializationRecord,
@@ -104,13 +134,166 @@ def measure(location: str, data_path: str | None, writers: int, writes: int, row
     }
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--writers", type=int, default=8)
-    parser.add_argument("--writes", type=int, default=10, help="materializations per writer")
-    parser.add_argument("--rows", type=int, default=20, help="lineage rows per materialization")
-    args = parser.parse_args()
+# -- data root: object store vs local disk ------------------------------------------------------
 
+_BUCKET = "megapairs-bench"
+# Any value: moto accepts every key; real credentials must never reach a benchmark.
+_FAKE_AWS_ENV = {
+    "AWS_ACCESS_KEY_ID": "bench",
+    "AWS_SECRET_ACCESS_KEY": "bench",
+    "AWS_DEFAULT_REGION": "us-east-1",
+}
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@contextmanager
+def moto_s3_server() -> Iterator[str]:
+    """An S3-compatible server (moto) in its own process on 127.0.0.1; yields its endpoint URL.
+
+    Its own process, so the server's Python work does not share this process's GIL with the
+    client being measured.
+    """
+    port = _free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                if server.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError("the moto S3 server did not start") from None
+                time.sleep(0.2)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def _size_bytes(path: DataPath) -> int:
+    return path.stat().st_size if is_local(path) else int(path.fs.size(path.path))
+
+
+def measure_data_root(
+    layout: DataLayout, tables: int, ids: list[str], vectors: np.ndarray, repeats: int
+) -> dict:
+    """Best-of-`repeats` MB/s writing then reading `tables` embedding tables under `layout`.
+
+    `tables`: the product's table writer and reader (Parquet encode/decode included).
+    `bytes`: the same files' bytes through `write_atomic` / `table_source` alone, so the
+    storage path's own cost shows apart from Parquet's.
+    """
+    paths = [layout.shard_table("clip_image_embeddings", f"{i:05d}") for i in range(tables)]
+    timings: dict[str, list[float]] = {"write": [], "read": [], "bytes_write": [], "bytes_read": []}
+    for _ in range(repeats):
+        started = time.perf_counter()
+        for path in paths:
+            write_embedding_table(path, ids, vectors, "bench")
+        timings["write"].append(time.perf_counter() - started)
+        started = time.perf_counter()
+        for path in paths:
+            read_ids, read_vectors = read_embedding_table(path)
+            if len(read_ids) != len(ids) or read_vectors.shape != vectors.shape:
+                raise RuntimeError(f"{path} read back {read_vectors.shape}, not {vectors.shape}")
+        timings["read"].append(time.perf_counter() - started)
+        blob = _read_bytes(paths[0])
+        started = time.perf_counter()
+        for path in paths:
+            write_atomic(path, lambda tmp, blob=blob: tmp.write_bytes(blob))
+        timings["bytes_write"].append(time.perf_counter() - started)
+        started = time.perf_counter()
+        for path in paths:
+            if len(_read_bytes(path)) != len(blob):
+                raise RuntimeError(f"{path} read back a different size")
+        timings["bytes_read"].append(time.perf_counter() - started)
+    megabytes = sum(_size_bytes(path) for path in paths) / 1e6
+    best = {name: min(seconds) for name, seconds in timings.items()}
+    return {
+        "tables": tables,
+        "megabytes": round(megabytes, 2),
+        **{f"{name}_seconds": round(seconds, 3) for name, seconds in best.items()},
+        **{f"{name}_mb_per_s": round(megabytes / seconds, 2) for name, seconds in best.items()},
+        "tables_written_per_s": round(tables / best["write"], 2),
+    }
+
+
+def _read_bytes(path: DataPath) -> bytes:
+    source = table_source(path)
+    return source.read_bytes() if isinstance(source, Path) else source.getvalue()
+
+
+def _commit() -> str | None:
+    try:
+        return subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=Path(__file__).resolve().parent,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def data_root_part(args: argparse.Namespace) -> None:
+    rng = np.random.default_rng(0)
+    vectors = rng.standard_normal((args.table_rows, args.dim)).astype(np.float32)
+    vectors = (vectors / np.linalg.norm(vectors, axis=1, keepdims=True)).astype(np.float16)
+    ids = [f"00000/{i:07d}" for i in range(args.table_rows)]
+    os.environ.update(_FAKE_AWS_ENV)
+    with tempfile.TemporaryDirectory(prefix="bench-data-root-") as folder:
+        root = Path(folder)
+        local = measure_data_root(
+            DataLayout(root / "local"), args.tables, ids, vectors, args.repeats
+        )
+        print(f"local disk        : {local}")
+        with moto_s3_server() as endpoint_url:
+            import s3fs
+
+            s3fs.S3FileSystem(endpoint_url=endpoint_url).mkdir(_BUCKET)
+            layout = DataLayout(
+                root / "home",
+                data_root=f"s3://{_BUCKET}/bench",
+                storage_options={"endpoint_url": endpoint_url},
+            )
+            s3 = measure_data_root(layout, args.tables, ids, vectors, args.repeats)
+        print(f"S3 (moto, 127.0.0.1): {s3}")
+    ratios = {
+        f"{name}_s3_over_local": round(s3[f"{name}_mb_per_s"] / local[f"{name}_mb_per_s"], 3)
+        for name in ("write", "read", "bytes_write", "bytes_read")
+    }
+    print("ratio S3/local MB/s: " + ", ".join(f"{k} {v:.3f}" for k, v in ratios.items()))
+    name = "scaleout_data_root_quick" if args.quick else "scaleout_data_root"
+    path = write_result(
+        name,
+        {
+            "benchmark": "data-root throughput: embedding tables through DataLayout, "
+            "S3 server (moto, own process, 127.0.0.1) vs local disk",
+            "table": {"rows": args.table_rows, "dim": args.dim, "dtype": "float16"},
+            "repeats": args.repeats,
+            "local_disk": local,
+            "s3_moto": s3,
+            **ratios,
+            "note": "moto keeps objects in Python memory: a floor for the S3 protocol path, "
+            "not a real store's throughput",
+            "load_average_1m_at_end": round(os.getloadavg()[0], 2),
+            "commit": _commit(),
+        },
+    )
+    print(f"wrote {path}")
+
+
+def lineage_part(args: argparse.Namespace) -> None:
     import pgserver
 
     with tempfile.TemporaryDirectory(prefix="bench-scaleout-") as folder:
@@ -143,6 +326,26 @@ def main() -> None:
         )
         + "\n"
     )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--part", choices=("lineage", "data-root", "all"), default="all")
+    parser.add_argument("--writers", type=int, default=8)
+    parser.add_argument("--writes", type=int, default=10, help="materializations per writer")
+    parser.add_argument("--rows", type=int, default=20, help="lineage rows per materialization")
+    parser.add_argument("--tables", type=int, default=8, help="data-root: tables per repeat")
+    parser.add_argument("--table-rows", type=int, default=10_000, help="data-root: rows a table")
+    parser.add_argument("--dim", type=int, default=768, help="data-root: embedding width")
+    parser.add_argument("--repeats", type=int, default=3, help="data-root: keep the best")
+    parser.add_argument("--quick", action="store_true", help="data-root smoke run (own file)")
+    args = parser.parse_args()
+    if args.quick:
+        args.tables, args.table_rows, args.dim, args.repeats = 2, 1000, 64, 1
+    if args.part in ("data-root", "all"):
+        data_root_part(args)
+    if args.part in ("lineage", "all") and not args.quick:
+        lineage_part(args)
 
 
 if __name__ == "__main__":
