@@ -100,6 +100,12 @@ class StepProgress(pl_lightning.Callback):
         self._log = log
         self._progress: Progress | None = None
 
+    def __getstate__(self) -> dict[str, Any]:
+        # `ddp_spawn` pickles callbacks into its rank processes, and a run's logger (Dagster's
+        # context.log) does not pickle; a rank prints its progress instead (captured as the
+        # step's stdout).
+        return {**self.__dict__, "_log": print, "_progress": None}
+
     def on_train_start(self, trainer: pl_lightning.Trainer, pl_module: Any) -> None:
         if trainer.is_global_zero:
             self._progress = Progress(

@@ -114,11 +114,10 @@ def prepare_triplets(frame: pl.DataFrame, heldout_fraction: float = 0.0) -> Prep
         .list.eval(pl.element().filter(pl.element().str.len_chars() > 0))
         .alias("instructions"),
     )
-    blank = lambda column: pl.col(column).is_null() | (pl.col(column).str.len_chars() == 0)  # noqa: E731
     reason = (
-        pl.when(blank("q_img"))
+        pl.when(_blank("q_img"))
         .then(pl.lit("missing_query_image"))
-        .when(blank("t_img"))
+        .when(_blank("t_img"))
         .then(pl.lit("missing_target_image"))
         .when(pl.col("instructions").is_null() | (pl.col("instructions").list.len() == 0))
         .then(pl.lit("no_instruction"))
@@ -151,6 +150,10 @@ def prepare_triplets(frame: pl.DataFrame, heldout_fraction: float = 0.0) -> Prep
         input_rows=frame.height,
         heldout_rows=heldout_rows,
     )
+
+
+def _blank(column: str) -> pl.Expr:
+    return pl.col(column).is_null() | (pl.col(column).str.len_chars() == 0)
 
 
 def image_key(uri: str) -> int:

@@ -129,7 +129,7 @@ def train_on_triplets(
     from megapairs_assets.evaluation.heldout import HELDOUT_SPLIT_VERSION
 
     check_config_name(config_name)
-    say = log or (lambda _: None)
+    say = log or _quiet
     resolved = resolve_config(config, gpu_count=gpu_count)
     prepared = prepare_triplets(triplets, heldout_fraction)
     if prepared.rows.height < config.batch_size:
@@ -147,6 +147,8 @@ def train_on_triplets(
     started = time.perf_counter()
     module, trainer = _fit(config_name, resolved, prepared, out, resume_from, say, extra_callbacks)
     fit_s = time.perf_counter() - started
+    # Under ddp_spawn the steps ran in child processes; the checkpoint knows where they ended.
+    final_step = _checkpoint_step(out / "lightning" / "last.ckpt") or trainer.global_step
 
     from megapairs_assets.training.export import export_open_clip, verify_export
 
@@ -159,7 +161,7 @@ def train_on_triplets(
     curve = read_loss_curve(out / "loss_curve.csv")
     plot_markdown, png = loss_plot_markdown(curve, out / "loss.png")
     _write_json(out / "run.json", {"fingerprint": fingerprint, "complete": True})
-    say(f"{config_name}: at step {trainer.global_step} after {fit_s:.1f} s; {exported.weights}")
+    say(f"{config_name}: at step {final_step} after {fit_s:.1f} s; {exported.weights}")
 
     return StepResult(
         partition=config_name,
@@ -175,7 +177,7 @@ def train_on_triplets(
             "training_rows": prepared.rows.height,
             "quarantined_rows": prepared.quarantine.height,
             "heldout_rows": prepared.heldout_rows,
-            "steps": trainer.global_step,
+            "steps": final_step,
         },
         row_count_key="training_rows",
         config={
@@ -389,6 +391,10 @@ def _loss_decreased(curve: pl.DataFrame) -> CheckOutcome:
     return CheckOutcome(
         name, passed, ("ok: " if passed else "not decreasing: ") + detail, 0 if passed else 1
     )
+
+
+def _quiet(message: str) -> None:
+    """The default log: nothing (a module-level function, so `ddp_spawn` can pickle it)."""
 
 
 def _model_id(model: str, pretrained: str | None) -> str:
