@@ -1,9 +1,16 @@
 """Evaluation: composed-image-retrieval benchmark scores for a retriever.
 
-Plain logic (no Dagster): `metrics` (the official definitions, numpy only), `loaders` (CIRCO,
-CIRR, FashionIQ, GeneCIS from their official files), `heldout` (our own benchmark from the
-project's triplets, and the split training must share), `scoring` (top-k), `gallery_cache`
-(gallery embeddings computed once per retriever, benchmark and gallery version),
-`submissions` (server files), `run` (one benchmark for one retriever, end to end) and `cli`
-(`megapairs eval`). `assets.py` is the Dagster edge.
+Plain logic (no Dagster):
+- `metrics`: the official metric definitions (numpy only).
+- `benchmark`: what a loaded split is; `loaders/`: CIRCO, CIRR, FashionIQ, GeneCIS from their
+  official files; `heldout`: our own benchmark from the project's triplets, and the split
+  training must share; `images`: opening (and GeneCIS-cropping) benchmark images.
+- `scoring`: top-k with faiss; `gallery_cache`: gallery embeddings computed once per retriever
+  weights, split and gallery version; `submissions`: the CIRCO / CIRR server files.
+- `run`: one benchmark for one retriever, end to end; `step`: one `benchmark_scores`
+  partition as a `StepResult`; `catalog_rows`: the scores as catalog rows; `plot`: base vs
+  trained per metric.
+
+Dagster edge: `assets` (the asset, its partitions, the checkpoint sensor), `resource` (the
+settings, to move to `resources/`). `cli`: the `megapairs eval` subcommand.
 """
