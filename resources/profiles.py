@@ -93,7 +93,14 @@ def profile_from_env() -> str:
 
 def _common(home: Path, profile: str) -> dict[str, Any]:
     return {
-        "storage": StorageResource(home=str(home), profile=profile),
+        # Tables may live on object storage (any fsspec URL); models, the catalog file and the
+        # Dagster instance stay under the local home. Credentials come from the environment.
+        "storage": StorageResource(
+            home=str(home),
+            profile=profile,
+            data_root=os.environ.get("MEGAPAIRS_DATA_ROOT") or None,
+            endpoint_url=os.environ.get("MEGAPAIRS_STORAGE_ENDPOINT_URL") or None,
+        ),
         "catalog": LineageCatalogResource(path=str(home / "catalog.duckdb")),
         "device": DeviceResource(),
     }

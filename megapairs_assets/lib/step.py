@@ -44,7 +44,7 @@ class StepResult:
     """
 
     partition: str
-    outputs: Mapping[str, Path] = field(default_factory=dict)
+    outputs: Mapping[str, Path | Any] = field(default_factory=dict)  # Path or UPath
     row_counts: Mapping[str, int] = field(default_factory=dict)
     row_count_key: str | None = None
     config: Mapping[str, Any] = field(default_factory=dict)
