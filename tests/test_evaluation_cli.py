@@ -40,7 +40,7 @@ def test_eval_prints_the_table_and_shares_the_gallery_cache(
     assert "| split | R@10 | R@50 | queries |" in out
     for split in ("dress", "shirt", "toptee", "mean"):
         assert f"| {split} |" in out
-    cached = list((home / "data" / "benchmark_gallery_cache").glob("*/fashioniq-*/*/meta.json"))
+    cached = list((home / "benchmark_gallery_cache").glob("*/fashioniq-*/*/meta.json"))
     assert len(cached) == 3  # one gallery per category, reusable by the asset
 
 

@@ -2,9 +2,9 @@
 
 `score_partition` resolves the retriever (the profile's base model, or a trained checkpoint
 found under `<data>/mmret_clip_checkpoint/`), scores the benchmark with cached gallery
-embeddings, writes the scores table and any server files under
-`<data>/benchmark_scores/<retriever id>/<benchmark>/`, and returns a `StepResult` whose catalog
-rows are the scores. Dagster is not imported here.
+embeddings (`<home>/benchmark_gallery_cache/`, local disk), writes the scores table and any
+server files under `<data>/benchmark_scores/<retriever id>/<benchmark>/`, and returns a
+`StepResult` whose catalog rows are the scores. Dagster is not imported here.
 """
 
 from __future__ import annotations
@@ -32,7 +32,13 @@ from megapairs_assets.evaluation.run import (
 )
 from megapairs_assets.lib.quality import CheckOutcome, outcome
 from megapairs_assets.lib.step import StepResult
-from megapairs_assets.lib.storage import DataLayout, write_parquet_atomic
+from megapairs_assets.lib.storage import (
+    DataLayout,
+    DataPath,
+    is_local,
+    read_parquet,
+    write_parquet_atomic,
+)
 from megapairs_assets.lineage.catalog import LineageCatalog, read_with_versions
 from megapairs_assets.retriever.discovery import discover_checkpoints
 from megapairs_assets.retriever.model import (
@@ -59,13 +65,18 @@ class RetrieverNotFound(LookupError):
     """A retrievers partition that names neither the base model nor a checkpoint on disk."""
 
 
-def checkpoint_root(layout: DataLayout) -> Path:
+def checkpoint_root(layout: DataLayout) -> DataPath:
     """Where the training stage writes its checkpoints (one folder per named config)."""
     return layout.data_dir / CHECKPOINT_ASSET
 
 
 def gallery_cache(layout: DataLayout) -> GalleryCache:
-    return GalleryCache(layout.data_dir / GALLERY_CACHE_DIRNAME)
+    """The gallery embedding cache: on local disk under the home, like the models.
+
+    It is memory-mapped numpy, and a cache rather than a table: a data root on an object store
+    would add a download per read for nothing. Each machine keeps its own.
+    """
+    return GalleryCache(layout.home / GALLERY_CACHE_DIRNAME)
 
 
 def output_dir(layout: DataLayout, retriever_id: str, benchmark: str) -> Path:
@@ -73,8 +84,14 @@ def output_dir(layout: DataLayout, retriever_id: str, benchmark: str) -> Path:
 
 
 def known_retrievers(base: RetrieverSpec, layout: DataLayout) -> dict[str, RetrieverSpec]:
-    """retriever_id -> spec: the base model first, then every complete checkpoint on disk."""
-    return {base.retriever_id: base, **discover_checkpoints(checkpoint_root(layout))}
+    """retriever_id -> spec: the base model first, then every complete checkpoint on disk.
+
+    open_clip loads an export from a local folder only, so checkpoints under a data root on an
+    object store are not listed (copy them to local disk and score them with `megapairs eval`).
+    """
+    root = checkpoint_root(layout)
+    found = discover_checkpoints(root) if is_local(root) else {}
+    return {base.retriever_id: base, **found}
 
 
 def resolve_retriever(retriever_id: str, base: RetrieverSpec, layout: DataLayout) -> RetrieverSpec:
@@ -116,7 +133,7 @@ def read_triplets(
 
     def read() -> pl.DataFrame | None:
         paths = [layout.shard_table(TRIPLETS_ASSET, s) for s in shards]
-        frames = [pl.read_parquet(p) for p in paths if p.is_file()]
+        frames = [read_parquet(p) for p in paths if p.exists()]
         return pl.concat(frames, how="diagonal_relaxed") if frames else None
 
     frame, versions = read_with_versions(lineage, TRIPLETS_ASSET, shards, read)
@@ -230,8 +247,11 @@ def _checkpoint_version(
     if not spec.model_name.startswith(LOCAL_DIR_PREFIX):
         return {}
     folder = Path(spec.model_name.removeprefix(LOCAL_DIR_PREFIX))
+    root = checkpoint_root(layout)
+    if not is_local(root):
+        return {}
     try:
-        config_name = folder.resolve().relative_to(checkpoint_root(layout).resolve()).parts[0]
+        config_name = folder.resolve().relative_to(Path(root).resolve()).parts[0]
     except (ValueError, IndexError):
         return {}
     versions = lineage.latest_materialization_ids(CHECKPOINT_ASSET, [config_name])
