@@ -11,7 +11,7 @@ import polars as pl
 import pytest
 from test_training_support import tiny_config, triplet_rows, write_images
 
-from megapairs_assets.evaluation.resource import EvaluationResource
+from resources.evaluation import EvaluationResource
 from megapairs_assets.lib.step import StepResult, run_recorded
 from megapairs_assets.lib.storage import DataLayout, write_parquet_atomic
 from megapairs_assets.lineage.catalog import LineageCatalog

@@ -73,6 +73,7 @@ def tiny_config(models_dir: Path, **overrides: object) -> TrainingConfig:
         num_workers=0,
         checkpoint_every_n_steps=2,
         image_cache_items=256,
+        cpu_threads=1,
     )
     return dataclasses.replace(config, **overrides)
 

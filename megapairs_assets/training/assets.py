@@ -10,7 +10,7 @@ the evaluation's checkpoint sensor finds it.
 import dagster as dg
 
 # To move with the resource to resources/training.py (see the report to the lead).
-from megapairs_assets.evaluation.resource import EvaluationResource
+from resources.evaluation import EvaluationResource
 from megapairs_assets.orchestration.shard_step import Stage, materialize_partitions
 from megapairs_assets.training.resource import TrainingResource
 from megapairs_assets.training.step import (

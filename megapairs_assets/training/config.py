@@ -52,6 +52,7 @@ _HARDWARE_FIELDS = frozenset(
         "checkpoint_every_n_steps",
         "image_cache_items",
         "gradient_checkpointing",
+        "cpu_threads",
     }
 )
 
@@ -81,6 +82,9 @@ class TrainingConfig:
     num_workers: DataLoader processes decoding images.
     image_cache_items: preprocessed images kept in memory per loader process (the demo reads its
         320 images again and again; at paper scale every image is seen rarely, so 0).
+    cpu_threads: torch threads for a CPU run (None: torch's default, one per core). A small
+        model gains little from a second thread and loses a lot when another process wants
+        the core: the demo measured 33 s with 1 thread and 78-133 s with 2 on a busy 2-core box.
     seed: data order, instruction sampling and initial RNG state.
     """
 
@@ -102,6 +106,7 @@ class TrainingConfig:
     checkpoint_every_n_steps: int = 500
     num_workers: int = 8
     image_cache_items: int = 0
+    cpu_threads: int | None = None
     seed: int = 0
 
     def as_dict(self) -> dict[str, Any]:
@@ -202,6 +207,8 @@ def _check_numbers(config: TrainingConfig) -> None:
         if value < 1:
             hint = " (the query image, hns[0], is always one)" if name == "hard_negatives" else ""
             raise TrainingConfigError(f"{name} must be >= 1{hint}, got {value}")
+    if config.cpu_threads is not None and config.cpu_threads < 1:
+        raise TrainingConfigError(f"cpu_threads must be >= 1 or None, got {config.cpu_threads}")
     for name, value in {
         "warmup_steps": config.warmup_steps,
         "num_workers": config.num_workers,

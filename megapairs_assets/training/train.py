@@ -21,6 +21,7 @@ fingerprint) starts over.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -28,7 +29,7 @@ import re
 import shutil
 import time
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -279,9 +280,26 @@ def _fit(
     resume_path, resume_step = resume_from
     if resume_path is not None:
         say(f"{config_name}: resuming from {resume_path} (step {resume_step})")
-    with _quiet_lightning():
+    with (
+        _quiet_lightning(),
+        _torch_threads(config.cpu_threads if resolved.accelerator == "cpu" else None),
+    ):
         trainer.fit(module, datamodule=datamodule, ckpt_path=resume_path)
     return module, trainer
+
+
+@contextlib.contextmanager
+def _torch_threads(threads: int | None) -> Iterator[None]:
+    """Run with `threads` torch threads (None: unchanged), restoring the count after."""
+    import torch
+
+    previous = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 def _prepare_output_dir(
