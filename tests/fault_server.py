@@ -92,9 +92,7 @@ class ChatServer:
         class Handler(_ChatHandler):
             server_owner = owner
 
-        server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
-        server.daemon_threads = True
-        server.request_queue_size = 1024
+        server = _Server(("127.0.0.1", self.port), Handler)
         server.handle_error = lambda request, address: None  # resets and stalls are on purpose
         self._server = server
         self.port = server.server_address[1]
@@ -135,8 +133,18 @@ class ChatServer:
             return sum(1 for s in self.served if fault is None or s.fault == fault)
 
 
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    # listen() backlog: the default of 5 drops simultaneous connects, which the client then
+    # retries after a 1 s SYN timeout; that would look like slow answers.
+    request_queue_size = 1024
+
+
 class _ChatHandler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    # Headers and body go out in separate writes; with Nagle's algorithm on, the body waits
+    # for the client's delayed ACK (~40 ms), which would look like server latency.
+    disable_nagle_algorithm = True
     server_owner: ChatServer
 
     def log_message(self, format: str, *args: Any) -> None:

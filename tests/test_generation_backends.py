@@ -13,7 +13,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-import httpx
+import httpx2
 import pytest
 from generation_fixtures import build_tiny_llm, build_tiny_vlm, make_world
 
@@ -164,9 +164,9 @@ def test_openai_http_against_a_real_transformers_serve(tmp_path, models_root):
         while True:
             assert server.poll() is None, server.stderr.read()
             try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                if httpx2.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
                     break
-            except httpx.HTTPError:
+            except httpx2.HTTPError:
                 pass
             assert time.monotonic() < deadline, "transformers serve did not come up"
             time.sleep(0.5)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import polars as pl
@@ -261,18 +262,19 @@ def _model_plan(
             "query": {"image_id": query["image_id"], "content_hash": query["content_hash"]},
             "target": {"image_id": target["image_id"], "content_hash": target["content_hash"]},
         }
-        messages = describe_messages(template, word_num)
+        render = partial(describe_messages, template, word_num)
     else:
         inputs = {
             "word_num": word_num,
             "query_caption": query["caption"],
             "target_caption": target["caption"],
         }
-        messages = describe_messages(template, word_num, query["caption"], target["caption"])
+        render = partial(describe_messages, template, word_num, query["caption"], target["caption"])
     request = GenerationRequest(
         key=request_key(spec.model_id, template.hash, inputs, sampling, seed),
         step=STEP,
-        messages=messages,
+        messages=(),
+        render=render,
         sampling=sampling,
         seed=seed,
         images={

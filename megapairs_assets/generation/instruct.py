@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from functools import partial
 from typing import Any
 
 import polars as pl
@@ -51,7 +52,7 @@ from megapairs_assets.generation.prompts import (
     PromptTemplate,
     combined_hash,
     content_hash,
-    demo_ids_for,
+    demo_ids_for_pairs,
     instruction_messages,
     load_demo_pool,
     load_template,
@@ -240,6 +241,16 @@ def _plan_requests(
     sampling = settings.instruct.sampling
     model_plans: list[_Planned] = []
     heuristic_plans: list[_Planned] = []
+    model_rows = descriptions.filter(pl.col("backend") != HEURISTIC_BACKEND)
+    demo_ids_of = dict(
+        zip(
+            model_rows["pair_id"].to_list(),
+            demo_ids_for_pairs(
+                settings.seed, model_rows["pair_id"].to_list(), pool, demos_per_request
+            ),
+            strict=True,
+        )
+    )
     for row in descriptions.iter_rows(named=True):
         pair_id = row["pair_id"]
         if row["backend"] == HEURISTIC_BACKEND:
@@ -279,7 +290,7 @@ def _plan_requests(
                 )
             )
             continue
-        demo_ids = demo_ids_for(settings.seed, pair_id, pool, demos_per_request)
+        demo_ids = demo_ids_of[pair_id]
         seed = request_seed_for(settings.seed, STEP, pair_id)
         inputs = {"description": row["description"], "demo_ids": list(demo_ids)}
         model_plans.append(
@@ -287,8 +298,12 @@ def _plan_requests(
                 request=GenerationRequest(
                     key=request_key(spec.model_id, model_hash, inputs, sampling, seed),
                     step=STEP,
-                    messages=instruction_messages(
-                        template, row["description"], [pool.by_id(d) for d in demo_ids]
+                    messages=(),
+                    render=partial(
+                        instruction_messages,
+                        template,
+                        row["description"],
+                        [pool.by_id(d) for d in demo_ids],
                     ),
                     sampling=sampling,
                     seed=seed,

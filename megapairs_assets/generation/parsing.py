@@ -218,12 +218,14 @@ def filter_instructions(
     kept: list[str] = []
     seen: set[str] = set()
     rejections: list[Rejection] = []
-    description_words = _words(description)
-    description_text = " ".join(description_words)
+    # One matcher per description: its index of the description's words is built once.
+    matcher = difflib.SequenceMatcher(None, autojunk=False)
+    matcher.set_seq2(_words(description))
     for raw in items:
         text = clean_instruction(raw)
-        reason, detail = _instruction_problem(text, description_words, description_text, limits)
-        if reason is None and normalised(text) in seen:
+        key = normalised(text)
+        reason, detail = _instruction_problem(text, matcher, limits)
+        if reason is None and key in seen:
             reason, detail = REASON_DUPLICATE, "repeats an earlier instruction of the pair"
         if reason is None and len(kept) >= limits.max_instructions:
             reason, detail = REASON_BEYOND_MAX, f"more than {limits.max_instructions} valid"
@@ -231,12 +233,12 @@ def filter_instructions(
             rejections.append(Rejection(text=text or raw, reason=reason, detail=detail))
             continue
         kept.append(text)
-        seen.add(normalised(text))
+        seen.add(key)
     return kept, rejections
 
 
 def _instruction_problem(
-    text: str, description_words: list[str], description_text: str, limits: InstructionLimits
+    text: str, description: difflib.SequenceMatcher, limits: InstructionLimits
 ) -> tuple[str | None, str]:
     words = _words(text)
     if not words:
@@ -248,25 +250,28 @@ def _instruction_problem(
     named = _NAMES_IMAGE.search(text)
     if named:
         return REASON_NAMES_IMAGE, f"names an image by position: {named.group(0)!r}"
-    if _copies(words, description_words, description_text, limits):
+    if _copies(words, description, limits):
         return REASON_COPIES_DESCRIPTION, "repeats the description instead of querying"
     return None, ""
 
 
 def _copies(
-    words: list[str],
-    description_words: list[str],
-    description_text: str,
-    limits: InstructionLimits,
+    words: list[str], description: difflib.SequenceMatcher, limits: InstructionLimits
 ) -> bool:
+    description_words = description.b
     if not description_words:
         return False
-    matcher = difflib.SequenceMatcher(None, words, description_words, autojunk=False)
+    description.set_seq1(words)
+    matcher = description
     if len(words) >= limits.copy_min_words:
         block = matcher.find_longest_match(0, len(words), 0, len(description_words))
         if block.size >= limits.copy_coverage * len(words):
             return True
-    return matcher.ratio() >= limits.copy_similarity
+    # The length-only bound first: a short query next to a long description never gets close.
+    return (
+        matcher.real_quick_ratio() >= limits.copy_similarity
+        and matcher.ratio() >= limits.copy_similarity
+    )
 
 
 @dataclass(frozen=True)

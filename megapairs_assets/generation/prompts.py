@@ -21,6 +21,8 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 PROMPTS_DIR = Path(__file__).resolve().parent / "prompts"
 DEFAULT_DEMO_POOL = "instruction_demos.jsonl"
 WORD_NUM_RANGE = (60, 100)  # method.md §4: uniform per request, bounds included
@@ -178,15 +180,39 @@ def word_num_for(seed: int, pair_id: str, bounds: tuple[int, int] = WORD_NUM_RAN
 
 
 def demo_ids_for(seed: int, pair_id: str, pool: DemoPool, count: int) -> tuple[str, ...]:
-    """`count` demonstrations for a pair's instruction request, a keyed-random sample in order.
+    """`count` demonstrations for a pair's instruction request (see `demo_ids_for_pairs`)."""
+    return demo_ids_for_pairs(seed, [pair_id], pool, count)[0]
 
-    Ranking every demo by a keyed hash and taking the first `count` is a uniform sample
-    without replacement whose result depends only on (seed, pair id, pool ids).
+
+def demo_ids_for_pairs(
+    seed: int, pair_ids: Sequence[str], pool: DemoPool, count: int
+) -> list[tuple[str, ...]]:
+    """Per pair, a keyed-random sample of `count` demonstration ids without replacement.
+
+    Every (pair, demo) gets a rank from splitmix64 over (a keyed hash of the pair id) xor (a
+    keyed hash of the demo id); a pair's sample is its `count` lowest-ranked demos, in rank
+    order. It depends only on (seed, pair id, demo ids), and is vectorised over pairs because
+    a shard has hundreds of thousands of them.
     """
     if not 0 < count <= len(pool.demos):
         raise ValueError(f"cannot draw {count} demonstrations from a pool of {len(pool.demos)}")
-    ranked = sorted(pool.demos, key=lambda d: (keyed_u64(seed, "demo", pair_id, d.id), d.id))
-    return tuple(demo.id for demo in ranked[:count])
+    if not pair_ids:
+        return []
+    pair_keys = np.array([keyed_u64(seed, "demo", pid) for pid in pair_ids], dtype=np.uint64)
+    demo_keys = np.array([keyed_u64(seed, "demo-id", d.id) for d in pool.demos], dtype=np.uint64)
+    ranks = _mix64(pair_keys[:, None] ^ demo_keys[None, :])
+    chosen = np.argsort(ranks, axis=1, kind="stable")[:, :count]
+    ids = np.array([demo.id for demo in pool.demos], dtype=object)
+    return [tuple(row) for row in ids[chosen].tolist()]
+
+
+def _mix64(values: np.ndarray) -> np.ndarray:
+    """splitmix64 finaliser on uint64 arrays (wrapping arithmetic is intended)."""
+    with np.errstate(over="ignore"):
+        mixed = values + np.uint64(0x9E3779B97F4A7C15)
+        mixed = (mixed ^ (mixed >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        mixed = (mixed ^ (mixed >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return mixed ^ (mixed >> np.uint64(31))
 
 
 def request_seed_for(seed: int, step: str, pair_id: str) -> int:

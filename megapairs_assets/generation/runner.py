@@ -4,12 +4,15 @@
    quarantined ones are skipped, failed ones (under the attempt limit) are sent again.
 2. Send the rest to the backend; results are written to the store as they arrive, at least
    every `flush_every` results or `flush_interval_s` seconds (each transformers batch, each
-   vLLM chunk), so a killed run resumes where it stopped.
+   vLLM chunk), so a killed run resumes where it stopped. The writes happen on a writer
+   thread: an HTTP backend's event loop never waits for the disk (each commit is fsynced).
 3. Read back every key and report what happened (`RunStats`).
 """
 
 from __future__ import annotations
 
+import queue
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -59,6 +62,37 @@ class RunStats:
         return values
 
 
+class _StoreWriter:
+    """Commits batches of results to the store on its own thread, in submission order."""
+
+    def __init__(self, store: ResponseStore) -> None:
+        self._store = store
+        self._batches: queue.Queue[list[GenerationResult] | None] = queue.Queue()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="response-store-writer", daemon=True)
+        self._thread.start()
+
+    def submit(self, batch: list[GenerationResult]) -> None:
+        if self._error is not None:
+            raise RuntimeError(f"response store write failed: {self._error}") from self._error
+        self._batches.put(batch)
+
+    def _run(self) -> None:
+        while (batch := self._batches.get()) is not None:
+            if self._error is None:
+                try:
+                    self._store.record(batch)
+                except BaseException as error:  # reported to the caller on close()
+                    self._error = error
+
+    def close(self) -> None:
+        """Wait until everything submitted is committed; raise if a write failed."""
+        self._batches.put(None)
+        self._thread.join()
+        if self._error is not None:
+            raise RuntimeError(f"response store write failed: {self._error}") from self._error
+
+
 def run_requests(
     requests: Sequence[GenerationRequest],
     backend: GenerationBackend | Callable[[], GenerationBackend],
@@ -85,7 +119,7 @@ def run_requests(
         elif known is not None and known.status == STATUS_QUARANTINED:
             stats.skipped_quarantined += 1
         else:
-            todo.append(request)
+            todo.append(request.rendered())
     if progress is not None and len(requests) > len(todo):
         progress(len(requests) - len(todo))  # cache hits and repeated keys are settled now
 
@@ -93,10 +127,12 @@ def run_requests(
         model = backend if hasattr(backend, "generate") else backend()  # type: ignore[operator]
         buffer: list[GenerationResult] = []
         last_flush = time.perf_counter()
+        writer = _StoreWriter(store)
 
         def flush() -> None:
             nonlocal last_flush
-            store.record(buffer)
+            if buffer:
+                writer.submit(list(buffer))
             for result in buffer:
                 if result.error is None:
                     stats.succeeded += 1
@@ -118,7 +154,10 @@ def run_requests(
         try:
             model.generate(todo, on_result)
         finally:
-            flush()  # whatever finished before an error (or Ctrl-C) is kept
+            try:
+                flush()  # whatever finished before an error (or Ctrl-C) is kept
+            finally:
+                writer.close()
         stored = store.get(request.key for request in unique)
     stats.elapsed_s = time.perf_counter() - started
     return stored, stats

@@ -14,7 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 ResultCallback = Callable[[Sequence["GenerationResult"]], None]
@@ -52,9 +52,10 @@ class GenerationRequest:
     """One model call.
 
     `messages` are OpenAI-shaped chat messages whose image parts are symbolic
-    (`{"type": "image", "ref": name}`), resolved through `images`. `inputs` are the structured
-    values the prompt was rendered from (they, not the rendered text, enter the key, together
-    with the template hash); rule-based backends read them directly.
+    (`{"type": "image", "ref": name}`), resolved through `images`; they may be left empty with
+    a `render` function that builds them, called only if the request is actually sent.
+    `inputs` are the structured values the prompt was rendered from (they, not the rendered
+    text, enter the key, together with the template hash); rule-based backends read them.
     """
 
     key: str
@@ -64,6 +65,17 @@ class GenerationRequest:
     seed: int
     images: Mapping[str, ImageInput] = field(default_factory=dict)
     inputs: Mapping[str, Any] = field(default_factory=dict)
+    # Builds `messages` when they are left empty: rendering prompts (five demonstrations each)
+    # is skipped for the requests the cache answers.
+    render: Callable[[], Sequence[Mapping[str, Any]]] | None = field(
+        default=None, compare=False, repr=False
+    )
+
+    def rendered(self) -> GenerationRequest:
+        """This request with its messages built (itself if they already are)."""
+        if self.messages or self.render is None:
+            return self
+        return replace(self, messages=self.render(), render=None)
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,9 @@
 """Any OpenAI-compatible chat server: `vllm serve`, `transformers serve`, a hosted API.
 
-Connection pooling and HTTP come from httpx, retries from tenacity; this module only says
-what is worth retrying and for how long:
+Connection pooling and HTTP come from httpx2 (the maintained successor of httpx, already
+installed with huggingface_hub; httpx 0.28's pool spends most of the client's CPU on
+bookkeeping with many connections open), retries from tenacity; this module only says what is
+worth retrying and for how long:
 
 - many requests in flight (`max_in_flight`, bounded by a semaphore and the pool size), spread
   round-robin over `base_urls` (one per replica; a retry moves on to the next replica);
@@ -28,7 +30,7 @@ from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from typing import Any
 
-import httpx
+import httpx2
 import tenacity
 
 from megapairs_assets.corpus.images import ImageRejected
@@ -161,12 +163,12 @@ class OpenAIHttpBackend:
     ) -> None:
         options = self.options
         headers = {"Authorization": f"Bearer {self._api_key}"} if self._api_key else {}
-        limits = httpx.Limits(
+        limits = httpx2.Limits(
             max_connections=options.max_in_flight, max_keepalive_connections=options.max_in_flight
         )
-        timeout = httpx.Timeout(options.request_timeout_s, connect=options.connect_timeout_s)
+        timeout = httpx2.Timeout(options.request_timeout_s, connect=options.connect_timeout_s)
         in_flight = asyncio.Semaphore(options.max_in_flight)
-        async with httpx.AsyncClient(limits=limits, timeout=timeout, headers=headers) as client:
+        async with httpx2.AsyncClient(limits=limits, timeout=timeout, headers=headers) as client:
 
             async def run_one(request: GenerationRequest) -> None:
                 async with in_flight:
@@ -190,7 +192,9 @@ class OpenAIHttpBackend:
         body.update(self.options.extra_body)
         return body
 
-    async def _one(self, client: httpx.AsyncClient, request: GenerationRequest) -> GenerationResult:
+    async def _one(
+        self, client: httpx2.AsyncClient, request: GenerationRequest
+    ) -> GenerationResult:
         started = time.perf_counter()
 
         def failed(message: str) -> GenerationResult:
@@ -249,15 +253,14 @@ class OpenAIHttpBackend:
         self.retries += 1
 
     async def _post(
-        self, client: httpx.AsyncClient, body: dict[str, Any], url: str
+        self, client: httpx2.AsyncClient, body: dict[str, Any], url: str
     ) -> dict[str, Any]:
         try:
-            response = await asyncio.wait_for(
-                client.post(url, json=body), timeout=self.options.request_timeout_s
-            )
-        except (TimeoutError, httpx.TimeoutException) as error:
+            async with asyncio.timeout(self.options.request_timeout_s):
+                response = await client.post(url, json=body)
+        except (TimeoutError, httpx2.TimeoutException) as error:
             raise RetryableError(f"timeout from {url} ({type(error).__name__})") from error
-        except httpx.TransportError as error:
+        except httpx2.TransportError as error:
             raise RetryableError(f"connection to {url}: {type(error).__name__}: {error}") from error
         status = response.status_code
         snippet = response.text[:_BODY_SNIPPET_CHARS]

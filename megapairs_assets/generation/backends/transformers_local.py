@@ -136,6 +136,17 @@ class TransformersBackend:
         self._processor: Any = None  # tokenizer (text) or processor (vision-language)
         self.load_s = 0.0
 
+    @classmethod
+    def from_loaded(
+        cls, spec: BackendSpec, model: Any, processor: Any, device: str
+    ) -> TransformersBackend:
+        """A backend around a model already in memory (benchmarks on random weights)."""
+        backend = cls(spec)
+        backend._model = model.eval()
+        backend._processor = processor
+        backend._device = device
+        return backend
+
     # -- loading ---------------------------------------------------------------------------
 
     def _load(self) -> None:
