@@ -24,7 +24,7 @@ from megapairs_assets.evaluation.assets import (
     score_partition_key,
 )
 from megapairs_assets.evaluation.catalog_rows import heldout_summary_lines
-from megapairs_assets.evaluation.resource import EvaluationResource
+from resources.evaluation import EvaluationResource
 from megapairs_assets.lib.storage import DataLayout, write_parquet_atomic
 from megapairs_assets.lineage.catalog import LineageCatalog, MaterializationRecord
 from megapairs_assets.retriever.model import RetrieverSpec

@@ -9,7 +9,7 @@ scored runs again.
 import dagster as dg
 
 # To move with the resource to resources/evaluation.py (see the report to the lead).
-from megapairs_assets.evaluation.resource import EvaluationResource
+from resources.evaluation import EvaluationResource
 from megapairs_assets.evaluation.run import BENCHMARK_KEYS
 from megapairs_assets.evaluation.step import (
     ASSET_NAME,

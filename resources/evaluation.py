@@ -1,8 +1,4 @@
-"""The evaluation settings as a Dagster resource (to live in `resources/evaluation.py`).
-
-Written here because `resources/` belongs to the lead; moving it is a file move plus one import
-in `evaluation/assets.py`. Every field shows in the UI's resource tab.
-"""
+"""The evaluation settings as a Dagster resource. Every field shows in the UI's resource tab."""
 
 from __future__ import annotations
 
