@@ -11,7 +11,6 @@ import polars as pl
 import pytest
 from test_training_support import tiny_config, triplet_rows, write_images
 
-from resources.evaluation import EvaluationResource
 from megapairs_assets.lib.step import StepResult, run_recorded
 from megapairs_assets.lib.storage import DataLayout, write_parquet_atomic
 from megapairs_assets.lineage.catalog import LineageCatalog
@@ -19,8 +18,9 @@ from megapairs_assets.training.assets import (
     TRAINING_CONFIG_PARTITIONS_NAME,
     mmret_clip_checkpoint,
 )
+from megapairs_assets.training.names import TRIPLETS_ASSET
 from megapairs_assets.training.resource import TrainingResource, TrainingSettings
-from megapairs_assets.training.step import TRIPLETS_ASSET
+from resources.evaluation import EvaluationResource
 from resources.storage import LineageCatalogResource, StorageResource
 
 

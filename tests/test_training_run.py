@@ -18,7 +18,7 @@ from test_training_support import OneThread, tiny_config, write_triplets
 
 from megapairs_assets.demo.models import DEMO_CLIP_MODEL
 from megapairs_assets.embeddings.encoders import register_bundled_model_configs
-from megapairs_assets.lib.storage import DataLayout
+from megapairs_assets.lib.storage import DataLayout, read_parquet
 from megapairs_assets.training.callbacks import read_loss_curve
 from megapairs_assets.training.train import train_checkpoint
 
@@ -81,7 +81,7 @@ import lightning.pytorch as pl_lightning
 import torch
 sys.path.insert(0, {tests!r})
 from test_training_support import tiny_config
-from megapairs_assets.lib.storage import DataLayout
+from megapairs_assets.lib.storage import DataLayout, read_parquet
 from megapairs_assets.training.train import train_checkpoint
 from pathlib import Path
 
@@ -179,3 +179,21 @@ def test_finished_run_is_not_trained_again_and_new_data_starts_over(
     assert read_loss_curve(again.outputs["loss_curve"]).height == 4
     assert fresh.metadata["resumed_from_step"] == 0
     assert first.metadata["fingerprint"] != fresh.metadata["fingerprint"]
+
+
+def test_with_the_data_root_on_an_object_store_results_are_uploaded(
+    tmp_path: Path, demo_models_dir: Path
+) -> None:
+    triplets = write_triplets(tmp_path, rows=8, images=10)
+    layout = DataLayout(tmp_path / "home", data_root="memory://bucket/megapairs")
+    with OneThread():
+        result = train_checkpoint(
+            "remote", tiny_config(demo_models_dir, max_steps=2), [triplets], layout
+        )
+    weights = result.outputs["open_clip_weights"]
+    assert str(weights).startswith("memory://") and weights.exists()
+    assert (weights.parent / "open_clip_config.json").exists()
+    assert read_parquet(result.outputs["quarantine"]).height == 0
+    # Training itself ran on local disk, where the resume point stays.
+    assert result.outputs["lightning_checkpoint"].is_file()
+    assert str(result.outputs["lightning_checkpoint"]).startswith(str(tmp_path / "home"))

@@ -7,19 +7,24 @@ every shard). The export lands under `<data>/mmret_clip_checkpoint/<config>/open
 the evaluation's checkpoint sensor finds it.
 """
 
+from pathlib import Path
+
 import dagster as dg
 
-# To move with the resource to resources/training.py (see the report to the lead).
-from resources.evaluation import EvaluationResource
+from megapairs_assets.lib.step import StepResult
 from megapairs_assets.orchestration.shard_step import Stage, materialize_partitions
-from megapairs_assets.training.resource import TrainingResource
-from megapairs_assets.training.step import (
+from megapairs_assets.training.names import (
+    ASSET_NAME,
     TRAINING_CHECKS,
     TRAINING_WARNINGS,
     TRIPLETS_ASSET,
-    train_config,
 )
-from megapairs_assets.training.train import ASSET_NAME
+
+# To move with the resource to resources/training.py (see the report to the lead).
+from megapairs_assets.training.resource import TrainingResource
+
+# To move with the resource to resources/training.py (see the report to the lead).
+from resources.evaluation import EvaluationResource
 from resources.storage import LineageCatalogResource, StorageResource
 
 TRAINING_CONFIG_PARTITIONS_NAME = "training_configs"
@@ -60,9 +65,10 @@ def mmret_clip_checkpoint(
     layout, lineage = storage.layout(), catalog.catalog()
     image_root = training.image_root
 
-    def step(config_name: str):
-        from pathlib import Path
+    # Torch and Lightning load only when a checkpoint is trained, not with the definitions.
+    from megapairs_assets.training.step import train_config
 
+    def step(config_name: str) -> StepResult:
         return train_config(
             config_name,
             training.config_for(config_name),

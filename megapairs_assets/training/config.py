@@ -19,6 +19,7 @@ import difflib
 import hashlib
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -57,8 +58,20 @@ _HARDWARE_FIELDS = frozenset(
 )
 
 
+_CONFIG_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
 class TrainingConfigError(ValueError):
     """A training config that cannot work; the message says what is wrong and what to change."""
+
+
+def check_config_name(config_name: str) -> None:
+    """A config name names a folder and a partition: keep it to a safe, short key."""
+    if not _CONFIG_NAME.match(config_name):
+        raise TrainingConfigError(
+            f"training config name {config_name!r} must be 1-64 letters, digits, '.', '_' or '-' "
+            "(it names a folder and a partition)"
+        )
 
 
 @dataclass(frozen=True)

@@ -31,6 +31,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from megapairs_assets.corpus.images import ImageLimits, ImageRejected, open_image_for_model
+from megapairs_assets.lib.storage import DataPath, read_parquet
 
 _ON_LINUX = sys.platform.startswith("linux")
 TRIPLET_COLUMNS = ("q_img", "q_text", "t_img", "hns")
@@ -60,13 +61,13 @@ class PreparedTriplets:
     heldout_rows: int
 
 
-def read_triplets(paths: Sequence[Path]) -> pl.DataFrame:
+def read_triplets(paths: Sequence[DataPath]) -> pl.DataFrame:
     """All triplet tables, concatenated in the given order; raises on a wrong schema."""
     if not paths:
         raise TripletDataError("no triplet tables given; materialize the triplets asset first")
     frames = []
     for path in paths:
-        frame = pl.read_parquet(path)
+        frame = read_parquet(path)
         missing = [c for c in TRIPLET_COLUMNS if c not in frame.columns]
         if missing:
             raise TripletDataError(

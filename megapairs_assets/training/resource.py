@@ -26,8 +26,11 @@ from typing import Literal
 import dagster as dg
 from pydantic import Field
 
-from megapairs_assets.training.config import TrainingConfig, TrainingConfigError
-from megapairs_assets.training.train import check_config_name
+from megapairs_assets.training.config import (
+    TrainingConfig,
+    TrainingConfigError,
+    check_config_name,
+)
 
 DEMO_CONFIG_NAME = "demo"
 PAPER_BASE_CONFIG_NAME = "mmret-base"

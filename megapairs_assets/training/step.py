@@ -16,18 +16,11 @@ import polars as pl
 from megapairs_assets.lib.step import StepResult
 from megapairs_assets.lib.storage import DataLayout
 from megapairs_assets.lineage.catalog import LineageCatalog, read_with_versions
-from megapairs_assets.training.config import TrainingConfig, resolve_config
+from megapairs_assets.training.config import TrainingConfig, check_config_name, resolve_config
 from megapairs_assets.training.data import TripletDataError, read_triplets, resolve_image_paths
-from megapairs_assets.training.train import ASSET_NAME, check_config_name, train_on_triplets
+from megapairs_assets.training.names import ASSET_NAME, TRIPLETS_ASSET
+from megapairs_assets.training.train import train_on_triplets
 
-TRIPLETS_ASSET = "triplets"
-TRAINING_CHECKS = {
-    "open_clip_export_identical": "open_clip.create_model reloads the exported checkpoint with "
-    "bit-identical image and text embeddings",
-}
-TRAINING_WARNINGS = {
-    "loss_decreased": "Mean loss over the last 10% of steps is below that of the first 10%",
-}
 _ID_COLUMNS = ("query_id", "target_id", "hard_negative_ids")
 
 

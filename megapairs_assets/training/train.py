@@ -4,7 +4,9 @@
 queries out, bad rows quarantined), runs the Lightning Trainer, exports an open_clip checkpoint,
 proves open_clip reloads it with identical embeddings and returns a `StepResult`.
 
-Outputs, under `<data>/mmret_clip_checkpoint/<config name>/`:
+Outputs, under `<data>/mmret_clip_checkpoint/<config name>/` (with the data root on an object
+store, training runs in `<home>/training/<config name>/` and the results are uploaded there;
+the Lightning checkpoint, the resume point, stays local):
 
     open_clip/open_clip_model.safetensors + open_clip_config.json   the trained model
     lightning/last.ckpt      full training state (weights, optimizer, schedule, step)
@@ -25,7 +27,6 @@ import contextlib
 import json
 import logging
 import math
-import re
 import shutil
 import time
 import warnings
@@ -37,11 +38,18 @@ import polars as pl
 
 from megapairs_assets.lib.quality import CheckOutcome
 from megapairs_assets.lib.step import StepResult
-from megapairs_assets.lib.storage import DataLayout, write_atomic, write_parquet_atomic
+from megapairs_assets.lib.storage import (
+    DataLayout,
+    DataPath,
+    is_local,
+    write_atomic,
+    write_parquet_atomic,
+)
+from megapairs_assets.training.callbacks import read_loss_curve
 from megapairs_assets.training.config import (
     ResolvedTraining,
     TrainingConfig,
-    TrainingConfigError,
+    check_config_name,
     resolve_config,
 )
 from megapairs_assets.training.data import (
@@ -53,16 +61,25 @@ from megapairs_assets.training.data import (
     read_triplets,
     resolve_image_paths,
 )
+from megapairs_assets.training.export import CONFIG_NAME, export_open_clip, verify_export
+from megapairs_assets.training.names import ASSET_NAME
 from megapairs_assets.training.plot import loss_plot_markdown, sample_curve
 
-ASSET_NAME = "mmret_clip_checkpoint"
-_CONFIG_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _LOSS_WINDOW_FRACTION = 0.1
 
 
-def checkpoint_dir(layout: DataLayout, config_name: str) -> Path:
-    """Where one named config's outputs live."""
-    return layout.data_dir / ASSET_NAME / config_name
+def checkpoint_dir(layout: DataLayout, config_name: str) -> DataPath:
+    """Where one named config's outputs are published, under the data root."""
+    check_config_name(config_name)
+    return layout.asset_dir(ASSET_NAME) / config_name
+
+
+def work_dir(layout: DataLayout, config_name: str) -> Path:
+    """Where a config trains: its published folder on a local data root; with the data root on
+    an object store, a local folder under `home` (Lightning checkpoints and the step log need a
+    file system), from which the results are uploaded when training ends."""
+    published = checkpoint_dir(layout, config_name)
+    return published if is_local(published) else layout.home / "training" / config_name
 
 
 def train_checkpoint(
@@ -105,15 +122,6 @@ def train_checkpoint(
     )
 
 
-def check_config_name(config_name: str) -> None:
-    """A config name names a folder and a partition: keep it to a safe, short key."""
-    if not _CONFIG_NAME.match(config_name):
-        raise TrainingConfigError(
-            f"training config name {config_name!r} must be 1-64 letters, digits, '.', '_' or '-' "
-            "(it names a folder and a partition)"
-        )
-
-
 def train_on_triplets(
     config_name: str,
     config: TrainingConfig,
@@ -141,7 +149,7 @@ def train_on_triplets(
         )
     versions = dict(input_versions or {})
     split = f"{HELDOUT_SPLIT_VERSION}@{heldout_fraction}"
-    out = checkpoint_dir(layout, config_name)
+    out = work_dir(layout, config_name)
     fingerprint = config.fingerprint({**versions, "heldout_split": split})
     resume_from = _prepare_output_dir(out, fingerprint, say)
 
@@ -151,28 +159,26 @@ def train_on_triplets(
     # Under ddp_spawn the steps ran in child processes; the checkpoint knows where they ended.
     final_step = _checkpoint_step(out / "lightning" / "last.ckpt") or trainer.global_step
 
-    from megapairs_assets.training.export import export_open_clip, verify_export
-
     exported = export_open_clip(module.clip, config.model, out / "open_clip")
     export_check = verify_export(exported, module.clip, resolved.image_size_px)
     quarantine_path = out / "quarantine.parquet"
     write_parquet_atomic(prepared.quarantine, quarantine_path)
-    from megapairs_assets.training.callbacks import read_loss_curve
-
     curve = read_loss_curve(out / "loss_curve.csv")
     plot_markdown, png = loss_plot_markdown(curve, out / "loss.png")
     _write_json(out / "run.json", {"fingerprint": fingerprint, "complete": True})
-    say(f"{config_name}: at step {final_step} after {fit_s:.1f} s; {exported.weights}")
+    published = _publish(out, checkpoint_dir(layout, config_name))
+    say(f"{config_name}: at step {final_step} after {fit_s:.1f} s; {published}")
 
     return StepResult(
         partition=config_name,
         outputs={
-            "open_clip_weights": exported.weights,
-            "open_clip_dir": exported.directory,
+            "open_clip_weights": published / "open_clip" / exported.weights.name,
+            "open_clip_dir": published / "open_clip",
+            # The resume point stays where training ran (local disk).
             "lightning_checkpoint": out / "lightning" / "last.ckpt",
-            "loss_curve": out / "loss_curve.csv",
-            "quarantine": quarantine_path,
-            **({"loss_plot": png} if png else {}),
+            "loss_curve": published / "loss_curve.csv",
+            "quarantine": published / quarantine_path.name,
+            **({"loss_plot": published / png.name} if png else {}),
         },
         row_counts={
             "training_rows": prepared.rows.height,
@@ -300,6 +306,25 @@ def _torch_threads(threads: int | None) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(previous)
+
+
+_PUBLISHED_FILES = ("loss_curve.csv", "loss.png", "quarantine.parquet", "run.json")
+
+
+def _publish(work: Path, published: DataPath) -> DataPath:
+    """Copy the results to the data root when training ran elsewhere (an object store).
+
+    The export's config is uploaded last, so a reader never sees a config beside old weights.
+    """
+    if is_local(published) and Path(published) == work:
+        return published
+    names = [f"open_clip/{p.name}" for p in sorted((work / "open_clip").iterdir())]
+    names.sort(key=lambda name: name.endswith(CONFIG_NAME))
+    names += [name for name in _PUBLISHED_FILES if (work / name).is_file()]
+    for name in names:
+        source = work / name
+        write_atomic(published / name, lambda tmp, source=source: shutil.copyfile(source, tmp))
+    return published
 
 
 def _prepare_output_dir(

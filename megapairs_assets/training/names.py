@@ -1,0 +1,11 @@
+"""Names the Dagster wiring needs without importing torch or Lightning (definitions load fast)."""
+
+ASSET_NAME = "mmret_clip_checkpoint"
+TRIPLETS_ASSET = "triplets"
+TRAINING_CHECKS = {
+    "open_clip_export_identical": "open_clip.create_model reloads the exported checkpoint with "
+    "bit-identical image and text embeddings",
+}
+TRAINING_WARNINGS = {
+    "loss_decreased": "Mean loss over the last 10% of steps is below that of the first 10%",
+}
