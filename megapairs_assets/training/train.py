@@ -224,9 +224,7 @@ def _fit(
     extra_callbacks: Sequence[Any],
 ) -> tuple[Any, Any]:
     import lightning.pytorch as pl_lightning
-    from lightning.pytorch.callbacks import ModelCheckpoint
 
-    from megapairs_assets.training.callbacks import FinalCheckpoint, StepProgress, TrainingLog
     from megapairs_assets.training.module import MMRetCLIP
 
     config = resolved.config
@@ -258,8 +256,32 @@ def _fit(
         num_workers=config.num_workers,
         pin_memory=resolved.accelerator == "gpu",
     )
+    resume_path, resume_step = resume_from
+    if resume_path is not None:
+        say(f"{config_name}: resuming from {resume_path} (step {resume_step})")
+    threads = config.cpu_threads if resolved.accelerator == "cpu" else None
+    with _quiet_lightning(), _torch_threads(threads):
+        trainer = _trainer(config, resolved, out, say, config_name, extra_callbacks)
+        trainer.fit(module, datamodule=datamodule, ckpt_path=resume_path)
+    return module, trainer
+
+
+def _trainer(
+    config: TrainingConfig,
+    resolved: ResolvedTraining,
+    out: Path,
+    say: Callable[[str], None],
+    config_name: str,
+    extra_callbacks: Sequence[Any],
+) -> Any:
+    """The Trainer: hardware from the resolved config, checkpoints and logs under `out`."""
+    import lightning.pytorch as pl_lightning
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from megapairs_assets.training.callbacks import FinalCheckpoint, StepProgress, TrainingLog
+
     lightning_dir = out / "lightning"
-    trainer = pl_lightning.Trainer(
+    return pl_lightning.Trainer(
         **resolved.trainer_kwargs(),
         max_steps=config.max_steps,
         max_epochs=-1,
@@ -283,15 +305,6 @@ def _fit(
             *extra_callbacks,
         ],
     )
-    resume_path, resume_step = resume_from
-    if resume_path is not None:
-        say(f"{config_name}: resuming from {resume_path} (step {resume_step})")
-    with (
-        _quiet_lightning(),
-        _torch_threads(config.cpu_threads if resolved.accelerator == "cpu" else None),
-    ):
-        trainer.fit(module, datamodule=datamodule, ckpt_path=resume_path)
-    return module, trainer
 
 
 @contextlib.contextmanager
