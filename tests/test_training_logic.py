@@ -18,6 +18,7 @@ from megapairs_assets.lib.storage import DataLayout
 from megapairs_assets.training.config import TrainingConfigError, resolve_config
 from megapairs_assets.training.data import (
     StepBatchSampler,
+    TripletDataError,
     TripletImages,
     image_key,
     prepare_triplets,
@@ -259,3 +260,14 @@ def test_gathered_loss_over_two_devices_equals_the_single_device_loss() -> None:
     (ddp_grad,) = torch.autograd.grad(total, candidates)
     torch.testing.assert_close(total, single)
     torch.testing.assert_close(ddp_grad, single_grad)
+
+
+def test_training_refuses_rows_whose_images_cannot_be_read_at_all(
+    tmp_path: Path, demo_models_dir: Path
+) -> None:
+    rows = triplet_rows([f"images/{i}.png" for i in range(6)], 8)  # relative, no image root
+    path = tmp_path / "triplets.parquet"
+    rows.write_parquet(path)
+    config = tiny_config(demo_models_dir)
+    with pytest.raises(TripletDataError, match="none of 6 sampled query images can be read"):
+        train_checkpoint("c1", config, [path], DataLayout(tmp_path / "home"))

@@ -54,6 +54,7 @@ def test_overfits_a_small_batch_and_open_clip_reloads_the_export(
     assert {o.name: o.passed for o in result.outcomes} == {
         "open_clip_export_identical": True,
         "loss_decreased": True,
+        "images_loaded": True,
     }
     assert result.input_versions == {"triplets/00000": "m-1"}
     assert result.row_counts["steps"] == 24 and result.metadata["samples_per_s"] > 0
@@ -197,3 +198,24 @@ def test_with_the_data_root_on_an_object_store_results_are_uploaded(
     # Training itself ran on local disk, where the resume point stays.
     assert result.outputs["lightning_checkpoint"].is_file()
     assert str(result.outputs["lightning_checkpoint"]).startswith(str(tmp_path / "home"))
+
+
+def test_unreadable_images_cost_their_queries_not_the_run(
+    tmp_path: Path, demo_models_dir: Path
+) -> None:
+    triplets = write_triplets(tmp_path, rows=8, images=10)
+    (tmp_path / "images" / "img003.png").write_bytes(b"not a png")  # a target and a query
+    (tmp_path / "images" / "img007.png").unlink()
+    with OneThread():
+        result = train_checkpoint(
+            "bad-images",
+            tiny_config(demo_models_dir, max_steps=4),
+            [triplets],
+            DataLayout(tmp_path / "home"),
+        )
+    outcomes = {o.name: o for o in result.outcomes}
+    assert outcomes["open_clip_export_identical"].passed
+    assert not outcomes["images_loaded"].passed and outcomes["images_loaded"].failing_rows > 0
+    curve = read_loss_curve(result.outputs["loss_curve"])
+    assert curve["dropped_queries"].sum() > 0
+    assert curve["loss"].is_finite().all()

@@ -35,7 +35,10 @@ from megapairs_assets.lib.storage import DataPath, read_parquet
 
 _ON_LINUX = sys.platform.startswith("linux")
 TRIPLET_COLUMNS = ("q_img", "q_text", "t_img", "hns")
-ID_COLUMNS = ("triplet_id", "pair_id", "query_id", "target_id")
+# The project's ids beside the release fields: the held-out split keys on query_id, and the
+# image ids let the training step find the corpus's original files.
+ID_COLUMNS = ("triplet_id", "pair_id", "query_id", "target_id", "hard_negative_ids")
+PREFLIGHT_IMAGES = 16
 QUARANTINE_SCHEMA = pl.Schema({"row": pl.Int64, "q_img": pl.String, "reason": pl.String})
 QUARANTINE_REASONS = {
     "missing_query_image": "q_img is null or empty",
@@ -151,6 +154,27 @@ def prepare_triplets(frame: pl.DataFrame, heldout_fraction: float = 0.0) -> Prep
         input_rows=frame.height,
         heldout_rows=heldout_rows,
     )
+
+
+def check_images_readable(rows: pl.DataFrame, sample: int = PREFLIGHT_IMAGES) -> None:
+    """Open the first `sample` distinct query images; raise if none of them can be read.
+
+    One unreadable image costs its query (the loss leaves it out); all of them unreadable is a
+    wrong image root or an unmapped relative path, and hours of training on nothing.
+    """
+    uris = rows["q_img"].unique(maintain_order=True).head(sample).to_list()
+    errors = []
+    for uri in uris:
+        try:
+            open_image_for_model(uri, ImageLimits(), None)
+            return
+        except (ImageRejected, OSError, ValueError) as exc:
+            errors.append(f"{uri}: {exc}")
+    if errors:
+        raise TripletDataError(
+            f"none of {len(errors)} sampled query images can be read (first: {errors[0]}); "
+            "relative paths need an image root, or image ids the catalog knows"
+        )
 
 
 def _blank(column: str) -> pl.Expr:

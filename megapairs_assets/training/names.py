@@ -8,4 +8,6 @@ TRAINING_CHECKS = {
 }
 TRAINING_WARNINGS = {
     "loss_decreased": "Mean loss over the last 10% of steps is below that of the first 10%",
+    "images_loaded": "Every image of every training step was read (a failed target or query "
+    "image leaves its query out of the loss)",
 }

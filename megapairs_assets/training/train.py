@@ -57,6 +57,7 @@ from megapairs_assets.training.data import (
     TripletDataError,
     TripletDataModule,
     TripletImages,
+    check_images_readable,
     prepare_triplets,
     read_triplets,
     resolve_image_paths,
@@ -147,6 +148,7 @@ def train_on_triplets(
             f"{prepared.quarantine.height} quarantined, {prepared.heldout_rows} held out) are "
             f"fewer than one batch of {config.batch_size}; lower batch_size or add triplets"
         )
+    check_images_readable(prepared.rows)
     versions = dict(input_versions or {})
     split = f"{HELDOUT_SPLIT_VERSION}@{heldout_fraction}"
     out = work_dir(layout, config_name)
@@ -200,7 +202,7 @@ def train_on_triplets(
             "trained": f"open_clip:{config.model}@{ASSET_NAME}/{config_name}/{fingerprint}",
         },
         input_versions=versions,
-        outcomes=[export_check, _loss_decreased(curve)],
+        outcomes=[export_check, _loss_decreased(curve), _images_loaded(curve)],
         preview=sample_curve(curve.select("step", "loss", "learning_rate")),
         metadata={
             **_throughput(curve, config.batch_size, config.hard_negatives),
@@ -451,6 +453,22 @@ def _loss_decreased(curve: pl.DataFrame) -> CheckOutcome:
 
 def _quiet(message: str) -> None:
     """The default log: nothing (a module-level function, so `ddp_spawn` can pickle it)."""
+
+
+def _images_loaded(curve: pl.DataFrame) -> CheckOutcome:
+    """Every image of every step loaded (a failed target or query image drops its query)."""
+    name = "images_loaded"
+    failed = int(curve["failed_images"].sum()) if curve.height else 0
+    dropped = int(curve["dropped_queries"].sum()) if curve.height else 0
+    if not failed:
+        return CheckOutcome(name, True, "ok: every image of every step was read")
+    return CheckOutcome(
+        name,
+        False,
+        f"{failed} image reads failed over {curve.height} steps; {dropped} queries were left "
+        "out of the loss (their target or query image); the rest trained",
+        failed,
+    )
 
 
 def _model_id(model: str, pretrained: str | None) -> str:
