@@ -306,3 +306,30 @@ def test_vllm_backend_streams_requests_through_its_worker_process(tmp_path, monk
     assert "engine refused" in results["b"].error
     assert results["e"].error.startswith("image: missing_file")
     assert len(batches) >= 3  # results are handed over as the worker writes them
+
+
+def test_gpu_generation_benchmark_runs_its_cpu_smoke(tmp_path, monkeypatch):
+    """The GPU script's --cpu-smoke: same code path, tiny Llama on the CPU, fixed output length."""
+    import json
+
+    from benchmarks import gpu_generation
+
+    monkeypatch.setenv("OUT", str(tmp_path))
+    assert gpu_generation.main(["--cpu-smoke"]) == 0
+    record = json.loads((tmp_path / "gpu_generation_smoke.json").read_text())
+    section = record["sections"]["transformers_backend_llama3_8b_shape"]
+    assert section["status"] == "ok", section
+    for row in section["per_batch"]:
+        assert row["errors"] == []
+        assert row["generated_tokens"] == row["requests"] * 6  # every sequence to full length
+
+
+def test_shared_backends_are_built_once_per_spec():
+    from megapairs_assets.generation.backends import close_shared_backends, shared_backend
+
+    spec = BackendSpec("heuristic", "h")
+    first = shared_backend(spec)
+    assert shared_backend(BackendSpec("heuristic", "h")) is first
+    assert shared_backend(BackendSpec("heuristic", "other")) is not first
+    close_shared_backends()
+    assert shared_backend(spec) is not first

@@ -21,8 +21,8 @@ from megapairs_assets.generation.backends.base import (
     GenerationRequest,
     ImageInput,
     SamplingParams,
-    create_backend,
     request_key,
+    shared_backend,
 )
 from megapairs_assets.generation.common import (
     DESCRIPTIONS_ASSET,
@@ -123,7 +123,7 @@ def describe_pairs_for_shard(
     settings: GenerationSettings,
     *,
     log: Callable[[str], None] | None = None,
-    backend_factory: Callable[[BackendSpec], GenerationBackend] = create_backend,
+    backend_factory: Callable[[BackendSpec], GenerationBackend] = shared_backend,
 ) -> StepResult:
     """Describe one shard's pairs; see the module docstring. Re-running calls no model for a
     pair whose request is already in the cache."""

@@ -23,8 +23,8 @@ from megapairs_assets.generation.backends.base import (
     GenerationBackend,
     GenerationRequest,
     SamplingParams,
-    create_backend,
     request_key,
+    shared_backend,
 )
 from megapairs_assets.generation.backends.heuristic import HEURISTIC_BACKEND
 from megapairs_assets.generation.common import (
@@ -128,7 +128,7 @@ def write_instructions_for_shard(
     settings: GenerationSettings,
     *,
     log: Callable[[str], None] | None = None,
-    backend_factory: Callable[[BackendSpec], GenerationBackend] = create_backend,
+    backend_factory: Callable[[BackendSpec], GenerationBackend] = shared_backend,
 ) -> StepResult:
     """Write one shard's instructions; see the module docstring."""
     descriptions, input_versions = read_shard_table(catalog, layout, DESCRIPTIONS_ASSET, shard)

@@ -116,7 +116,7 @@ def smollm2_package_dir() -> Path:
 
 
 def demo_generation_settings(
-    models_dir: Path, model_pairs_per_shard: int = 6
+    models_dir: Path, model_pairs_per_shard: int = 2
 ) -> GenerationSettings:
     """SmolLM2-135M-Instruct (caption-based, no image input) on a few pairs per shard, greedy,
     on CPU; the caption heuristic fills every other pair so training has volume."""
@@ -150,6 +150,16 @@ def demo_generation_settings(
             licence="demo corpus: openclipart.org clip art (public domain, see "
             "megapairs_assets/demo/corpus/LICENSE-openclipart.txt); texts: generated"
         ),
+    )
+
+
+def ensure_demo_generation_model(models_dir: Path) -> Path:
+    """Dequantise the demo's SmolLM2 GGUF into `models_dir` once (about 20 s; later loads of
+    the saved copy take under a second). Safe to call from several processes."""
+    from megapairs_assets.generation.backends.transformers_local import ensure_converted_gguf
+
+    return ensure_converted_gguf(
+        smollm2_package_dir(), SMOLLM2_GGUF, Path(models_dir) / SMOLLM2_CONVERTED_DIRNAME
     )
 
 

@@ -19,10 +19,12 @@ from megapairs_assets.generation.backends.base import (
     ImageInput,
     SamplingParams,
     UnknownBackendError,
+    close_shared_backends,
     create_backend,
     register_backend,
     registered_backends,
     request_key,
+    shared_backend,
 )
 
 __all__ = [
@@ -33,8 +35,10 @@ __all__ = [
     "ImageInput",
     "SamplingParams",
     "UnknownBackendError",
+    "close_shared_backends",
     "create_backend",
     "register_backend",
     "registered_backends",
     "request_key",
+    "shared_backend",
 ]

@@ -171,6 +171,30 @@ def registered_backends() -> list[str]:
     return sorted(_REGISTRY)
 
 
+_SHARED: dict[str, GenerationBackend] = {}
+
+
+def shared_backend(spec: BackendSpec) -> GenerationBackend:
+    """One backend per spec per process: a step covering many shards loads its model once.
+
+    Backends hold no per-shard state (results go to the caller's callback), so sharing is
+    safe within a process; `close_shared_backends` releases them.
+    """
+    key = json.dumps(
+        [spec.backend, spec.model_id, spec.label, dict(spec.options)], sort_keys=True, default=str
+    )
+    if key not in _SHARED:
+        _SHARED[key] = create_backend(spec)
+    return _SHARED[key]
+
+
+def close_shared_backends() -> None:
+    """Release every shared backend (models, processes)."""
+    for backend in _SHARED.values():
+        backend.close()
+    _SHARED.clear()
+
+
 def create_backend(spec: BackendSpec) -> GenerationBackend:
     """Build the backend a spec names (cheap: no model is loaded yet)."""
     try:
