@@ -271,3 +271,22 @@ def test_training_refuses_rows_whose_images_cannot_be_read_at_all(
     config = tiny_config(demo_models_dir)
     with pytest.raises(TripletDataError, match="none of 6 sampled query images can be read"):
         train_checkpoint("c1", config, [path], DataLayout(tmp_path / "home"))
+
+
+def test_loss_plot_is_a_png_with_matplotlib_else_a_table(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import importlib.util
+
+    from megapairs_assets.training import plot
+
+    curve = pl.DataFrame(
+        {"step": range(1, 31), "loss": [5.0 - i / 10 for i in range(30)], "learning_rate": 1e-3}
+    )
+    if importlib.util.find_spec("matplotlib") is not None:
+        markdown, png = plot.loss_plot_markdown(curve, tmp_path / "loss.png")
+        assert png is not None and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert markdown.startswith("![training loss](data:image/png;base64,")
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    markdown, png = plot.loss_plot_markdown(curve, tmp_path / "table.png")
+    assert png is None and "| 30 | 2.1000 |" in markdown and len(markdown.splitlines()) == 14
