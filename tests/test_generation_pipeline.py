@@ -196,3 +196,45 @@ def test_export_side_is_configurable_and_rerun_is_idempotent(tmp_path, side):
     assert images
     with Image.open(images[0]) as image:
         assert image.size == (side, side)
+
+
+def test_prefetch_across_shards_leaves_each_shard_step_nothing_to_call(tmp_path):
+    from megapairs_assets.generation.describe import prefetch_descriptions
+    from megapairs_assets.generation.instruct import prefetch_instructions
+    from megapairs_assets.generation.store import ResponseStore, store_path
+
+    flaky = "00001/000001003"
+    world = make_world(
+        tmp_path, pairs_per_shard=(6, 5), caption_of={flaky: "a drawing of a MFLAKY kettle (x)"}
+    )
+    pairs = pl.concat(
+        pl.read_parquet(world.layout.shard_table("mined_image_pairs", s)) for s in world.shards
+    )
+    doomed = pairs.filter((pl.col("query_id") == flaky) | (pl.col("target_id") == flaky)).height
+    assert doomed >= 1
+    with ChatServer(faults={"MFLAKY": ["500"] * doomed}) as server:
+        settings = with_template(
+            http_settings(server.base_url, max_retries=0), "describe", "describe_captions"
+        )
+        stats = prefetch_descriptions(list(world.shards), world.layout, world.catalog, settings)
+        assert (stats.calls, stats.failed) == (pairs.height, doomed)
+        # Failures are not stored by a prefetch: the shard's own step retries and counts them.
+        stored = sum(
+            ResponseStore(store_path(world.layout.data_dir, s, "describe")).counts().get("ok", 0)
+            for s in world.shards
+        )
+        assert stored == pairs.height - doomed
+        retried = 0
+        for shard in world.shards:
+            result = describe_pairs_for_shard(shard, world.layout, world.catalog, settings)
+            record_step(world.catalog, DESCRIPTIONS_ASSET, result)
+            retried += result.metadata["model_calls"]
+            assert result.rows["quarantine_log"].is_empty()
+        assert retried == doomed
+        calls = server.count()
+        prefetch_instructions(list(world.shards), world.layout, world.catalog, settings)
+        for shard in world.shards:
+            result = write_instructions_for_shard(shard, world.layout, world.catalog, settings)
+            assert result.metadata["model_calls"] == 0
+            assert result.row_count == result.metadata["described_pairs"]
+        assert server.count() == calls + pairs.height

@@ -6,6 +6,8 @@ lineage and turns outcomes into blocking checks. The two model-calling assets ru
 connections against one server at once.
 """
 
+from collections.abc import Callable
+
 import dagster as dg
 
 from megapairs_assets.generation.common import (
@@ -15,11 +17,23 @@ from megapairs_assets.generation.common import (
     PAIRS_ASSET,
     TRIPLETS_ASSET,
 )
-from megapairs_assets.generation.describe import DESCRIPTION_CHECKS, describe_pairs_for_shard
+from megapairs_assets.generation.describe import (
+    DESCRIPTION_CHECKS,
+    describe_pairs_for_shard,
+    prefetch_descriptions,
+)
 from megapairs_assets.generation.export import EXPORT_CHECKS, export_triplets_for_shard
-from megapairs_assets.generation.instruct import INSTRUCTION_CHECKS, write_instructions_for_shard
+from megapairs_assets.generation.instruct import (
+    INSTRUCTION_CHECKS,
+    prefetch_instructions,
+    write_instructions_for_shard,
+)
 from megapairs_assets.generation.resource import GenerationResource
+from megapairs_assets.generation.runner import RunStats
+from megapairs_assets.generation.settings import GenerationSettings
 from megapairs_assets.generation.triplets import TRIPLET_CHECKS, build_triplets_for_shard
+from megapairs_assets.lib.storage import DataLayout
+from megapairs_assets.lineage.catalog import LineageCatalog
 from megapairs_assets.orchestration.partitions import DOWNSTREAM_AUTOMATION, shard_asset_options
 from megapairs_assets.orchestration.shard_step import Stage, materialize_partitions
 from resources.storage import LineageCatalogResource, StorageResource
@@ -56,6 +70,7 @@ def pair_descriptions(
     re-run with unchanged inputs makes no model call.
     """
     layout, lineage, settings = storage.layout(), catalog.catalog(), generation.settings()
+    run_metadata = _prefetch(context, prefetch_descriptions, layout, lineage, settings)
     return materialize_partitions(
         context,
         DESCRIBE_STAGE,
@@ -64,6 +79,7 @@ def pair_descriptions(
         ),
         lineage,
         storage.profile,
+        run_metadata,
     )
 
 
@@ -90,6 +106,7 @@ def pair_instructions(
     description), each rejection with its reason.
     """
     layout, lineage, settings = storage.layout(), catalog.catalog(), generation.settings()
+    run_metadata = _prefetch(context, prefetch_instructions, layout, lineage, settings)
     return materialize_partitions(
         context,
         INSTRUCT_STAGE,
@@ -98,6 +115,7 @@ def pair_instructions(
         ),
         lineage,
         storage.profile,
+        run_metadata,
     )
 
 
@@ -162,6 +180,23 @@ def triplet_export(
         lineage,
         storage.profile,
     )
+
+
+def _prefetch(
+    context: dg.AssetExecutionContext,
+    prefetch: Callable[..., RunStats],
+    layout: DataLayout,
+    lineage: LineageCatalog,
+    settings: GenerationSettings,
+) -> dict[str, int | float]:
+    """With several shards in one step, send their model requests as one stream first (a
+    local model batches across shards); the per-shard steps then find the answers cached.
+    Returns run-level metadata saying what the prefetch cost."""
+    shards = list(context.partition_keys)
+    if len(shards) < 2:
+        return {}
+    stats = prefetch(shards, layout, lineage, settings, log=context.log.info)
+    return {f"run_prefetch_{key}": value for key, value in stats.as_metadata().items()}
 
 
 generation_assets = [pair_descriptions, pair_instructions, triplets, triplet_export]

@@ -8,7 +8,7 @@ them through the shard's response cache, cleans and checks every answer, and wri
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -52,7 +52,7 @@ from megapairs_assets.generation.prompts import (
     request_seed_for,
     word_num_for,
 )
-from megapairs_assets.generation.runner import run_requests
+from megapairs_assets.generation.runner import RunStats, run_requests, run_routed
 from megapairs_assets.generation.settings import GenerationSettings
 from megapairs_assets.generation.store import (
     STATUS_OK,
@@ -65,7 +65,7 @@ from megapairs_assets.lib.progress import Progress
 from megapairs_assets.lib.quality import CheckOutcome, outcome
 from megapairs_assets.lib.step import StepResult
 from megapairs_assets.lib.storage import DataLayout, write_parquet_atomic
-from megapairs_assets.lineage.catalog import LineageCatalog
+from megapairs_assets.lineage.catalog import IncompleteCommitError, LineageCatalog
 
 STEP = "describe"
 HEURISTIC_DESCRIBE_TEMPLATE = {"id": "caption-heuristic-describe", "version": 1}
@@ -193,6 +193,49 @@ def describe_pairs_for_shard(
             "rejections_by_reason": quarantine.reason_counts(),
         },
     )
+
+
+def prefetch_descriptions(
+    shards: Sequence[str],
+    layout: DataLayout,
+    catalog: LineageCatalog,
+    settings: GenerationSettings,
+    *,
+    log: Callable[[str], None] | None = None,
+    backend_factory: Callable[[BackendSpec], GenerationBackend] = shared_backend,
+) -> RunStats:
+    """Send the model requests of several shards as one stream before their own steps run.
+
+    A local model then batches across shards (a shard may hold only a few sampled pairs),
+    and an HTTP backend keeps more requests in flight. Answers land in each shard's cache, so
+    the per-shard steps that follow find them there. Only successes are stored: a failure is
+    retried, and counted, by the shard's own step. Shards whose pairs cannot be read are left
+    to their own step, which reports why.
+    """
+    routed = []
+    for shard in shards:
+        try:
+            pairs, _ = read_shard_table(catalog, layout, PAIRS_ASSET, shard)
+        except (OSError, IncompleteCommitError, pl.exceptions.PolarsError) as error:
+            if log is not None:
+                log(f"prefetch skips {shard}: {error}")
+            continue
+        plans, _ = _plan_requests(
+            pairs.select("pair_id", "query_id", "target_id"),
+            catalog,
+            settings,
+            QuarantineLog(DESCRIPTIONS_ASSET, shard),
+        )
+        store = ResponseStore(store_path(layout.data_dir, shard, STEP), settings.max_attempts)
+        routed += [(plan.request, store) for plan in plans]
+    with Progress(len(routed), f"describe {len(shards)} shards", unit="pairs", log=log) as progress:
+        return run_routed(
+            routed,
+            lambda: backend_factory(settings.describe.backend),
+            flush_every=settings.flush_every,
+            progress=progress.update,
+            record_failures=False,
+        )
 
 
 def _missing(quarantine: QuarantineLog) -> int:

@@ -285,7 +285,7 @@ Instructions:
 - {caption_based} descriptions were written by a text-only model from the two captions
   ("caption-based"): it never saw the images.
 
-Models (rows they wrote a step of):
+Models (descriptions and instruction lists written):
 
 {_table(_sum_maps(figures, "models"), "model id")}
 

@@ -11,7 +11,7 @@ numbering or truncation) and filtered; rejected instructions and pairs left with
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from functools import partial
 from typing import Any
@@ -58,7 +58,7 @@ from megapairs_assets.generation.prompts import (
     load_template,
     request_seed_for,
 )
-from megapairs_assets.generation.runner import run_requests
+from megapairs_assets.generation.runner import RunStats, run_requests, run_routed
 from megapairs_assets.generation.settings import GenerationSettings
 from megapairs_assets.generation.store import (
     STATUS_OK,
@@ -71,7 +71,7 @@ from megapairs_assets.lib.progress import Progress
 from megapairs_assets.lib.quality import CheckOutcome, outcome
 from megapairs_assets.lib.step import StepResult
 from megapairs_assets.lib.storage import DataLayout, write_parquet_atomic
-from megapairs_assets.lineage.catalog import LineageCatalog
+from megapairs_assets.lineage.catalog import IncompleteCommitError, LineageCatalog
 
 STEP = "instruct"
 HEURISTIC_INSTRUCT_TEMPLATE = {"id": "caption-heuristic-instruct", "version": 1}
@@ -216,6 +216,43 @@ def write_instructions_for_shard(
             "rejections_by_reason": quarantine.reason_counts(),
         },
     )
+
+
+def prefetch_instructions(
+    shards: Sequence[str],
+    layout: DataLayout,
+    catalog: LineageCatalog,
+    settings: GenerationSettings,
+    *,
+    log: Callable[[str], None] | None = None,
+    backend_factory: Callable[[BackendSpec], GenerationBackend] = shared_backend,
+) -> RunStats:
+    """The model requests of several shards as one stream (see `prefetch_descriptions`)."""
+    template = load_template(settings.instruct.template)
+    routed = []
+    for shard in shards:
+        try:
+            descriptions, _ = read_shard_table(catalog, layout, DESCRIPTIONS_ASSET, shard)
+        except (OSError, IncompleteCommitError, pl.exceptions.PolarsError) as error:
+            if log is not None:
+                log(f"prefetch skips {shard}: {error}")
+            continue
+        images = lookup_images(
+            catalog, descriptions["query_id"].to_list() + descriptions["target_id"].to_list()
+        )
+        plans, _ = _plan_requests(
+            descriptions, images, template, settings, QuarantineLog(INSTRUCTIONS_ASSET, shard)
+        )
+        store = ResponseStore(store_path(layout.data_dir, shard, STEP), settings.max_attempts)
+        routed += [(plan.request, store) for plan in plans]
+    with Progress(len(routed), f"instruct {len(shards)} shards", unit="pairs", log=log) as progress:
+        return run_routed(
+            routed,
+            lambda: backend_factory(settings.instruct.backend),
+            flush_every=settings.flush_every,
+            progress=progress.update,
+            record_failures=False,
+        )
 
 
 def _limits_for(template: PromptTemplate, limits: InstructionLimits) -> InstructionLimits:

@@ -105,34 +105,74 @@ def run_requests(
     """Settle every request from the cache or the backend; see the module docstring.
 
     `backend` may be a factory, called only when something must actually be generated, so a
-    fully cached run never builds (or loads) a model. Duplicate keys are sent once.
+    fully cached run never builds (or loads) a model. Duplicate keys are sent once. Returns
+    what the store holds for every key afterwards, and the run's figures.
+    """
+    stats = run_routed(
+        [(request, store) for request in requests],
+        backend,
+        flush_every=flush_every,
+        flush_interval_s=flush_interval_s,
+        progress=progress,
+    )
+    return store.get(request.key for request in requests), stats
+
+
+def run_routed(
+    routed: Sequence[tuple[GenerationRequest, ResponseStore]],
+    backend: GenerationBackend | Callable[[], GenerationBackend],
+    *,
+    flush_every: int = 64,
+    flush_interval_s: float = 1.0,
+    progress: ProgressCallback | None = None,
+    record_failures: bool = True,
+) -> RunStats:
+    """`run_requests` for requests that belong to different stores (several shards at once).
+
+    All uncached requests go to the backend as one stream, so a local model batches across
+    shards; each result is committed to the store(s) its key belongs to. With
+    `record_failures=False` only successes are stored (a prefetch leaves failures to the
+    shard's own step, so one run counts one attempt).
     """
     started = time.perf_counter()
-    unique = list({request.key: request for request in requests}.values())
-    stored = store.get(request.key for request in unique)
-    stats = RunStats(requests=len(unique))
+    stores_of: dict[str, list[ResponseStore]] = {}
+    first: dict[str, GenerationRequest] = {}
+    for request, store in routed:
+        first.setdefault(request.key, request)
+        if store not in stores_of.setdefault(request.key, []):
+            stores_of[request.key].append(store)
+    stats = RunStats(requests=len(first))
+    by_store: dict[int, tuple[ResponseStore, list[str]]] = {}
+    for key, stores in stores_of.items():
+        for store in stores:
+            by_store.setdefault(id(store), (store, []))[1].append(key)
+    statuses: dict[str, list[str | None]] = {}
+    for store, keys in by_store.values():
+        found = store.get(keys)
+        for key in keys:
+            statuses.setdefault(key, []).append(found[key].status if key in found else None)
     todo = []
-    for request in unique:
-        known = stored.get(request.key)
-        if known is not None and known.status == STATUS_OK:
+    for key, request in first.items():
+        # Settled only when every store the key belongs to has it settled.
+        seen = statuses[key]
+        if all(status == STATUS_OK for status in seen):
             stats.cache_hits += 1
-        elif known is not None and known.status == STATUS_QUARANTINED:
+        elif all(status in (STATUS_OK, STATUS_QUARANTINED) for status in seen):
             stats.skipped_quarantined += 1
         else:
             todo.append(request.rendered())
-    if progress is not None and len(requests) > len(todo):
-        progress(len(requests) - len(todo))  # cache hits and repeated keys are settled now
+    if progress is not None and len(routed) > len(todo):
+        progress(len(routed) - len(todo))  # cache hits and repeated keys are settled now
 
     if todo:
         model = backend if hasattr(backend, "generate") else backend()  # type: ignore[operator]
         buffer: list[GenerationResult] = []
         last_flush = time.perf_counter()
-        writer = _StoreWriter(store)
+        writers = {id(store): _StoreWriter(store) for store, _ in by_store.values()}
 
         def flush() -> None:
             nonlocal last_flush
-            if buffer:
-                writer.submit(list(buffer))
+            batches: dict[int, list[GenerationResult]] = {}
             for result in buffer:
                 if result.error is None:
                     stats.succeeded += 1
@@ -140,6 +180,12 @@ def run_requests(
                     stats.completion_tokens += result.completion_tokens
                 else:
                     stats.failed += 1
+                    if not record_failures:
+                        continue
+                for store in stores_of[result.key]:
+                    batches.setdefault(id(store), []).append(result)
+            for store_id, batch in batches.items():
+                writers[store_id].submit(batch)
             if progress is not None and buffer:
                 progress(len(buffer))
             buffer.clear()
@@ -157,7 +203,13 @@ def run_requests(
             try:
                 flush()  # whatever finished before an error (or Ctrl-C) is kept
             finally:
-                writer.close()
-        stored = store.get(request.key for request in unique)
+                errors = []
+                for writer in writers.values():
+                    try:
+                        writer.close()
+                    except RuntimeError as error:
+                        errors.append(error)
+                if errors:
+                    raise errors[0]
     stats.elapsed_s = time.perf_counter() - started
-    return stored, stats
+    return stats

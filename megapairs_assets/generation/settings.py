@@ -142,7 +142,9 @@ def demo_generation_settings(
         instruct=StepSettings(
             backend=smollm2,
             template="instructions",
-            sampling=SamplingParams(max_tokens=80, temperature=0.0),
+            # Three short queries as JSON take ~40 tokens; a longer answer cut here still
+            # yields its complete items (truncated-list parsing).
+            sampling=SamplingParams(max_tokens=64, temperature=0.0),
         ),
         model_sample=PairSample(fraction=1.0, max_pairs_per_shard=model_pairs_per_shard),
         heuristic_fill=True,

@@ -28,6 +28,7 @@ from megapairs_assets.generation.common import (
     TRIPLETS_ASSET,
     QuarantineLog,
     counts_by,
+    export_dir,
     image_relpath,
     lookup_images,
     read_shard_table,
@@ -389,7 +390,10 @@ def _triplet_texts(record: pl.DataFrame, triplet_id: str) -> dict[str, Any]:
 def generation_summary(
     layout: DataLayout, shards: Sequence[str], export_root: Path | None = None
 ) -> str | None:
-    """Lines for the demo's closing summary: triplet count, generators, one sample triplet."""
+    """Lines for the demo's closing summary: triplet count, generators, one sample triplet.
+
+    `export_root` defaults to the default export folder (`<data root>/data/triplet_export`).
+    """
     paths = [layout.shard_table(TRIPLETS_ASSET, s) for s in shards]
     tables = [pl.read_parquet(p) for p in paths if p.is_file()]
     if not tables:
@@ -417,6 +421,7 @@ def generation_summary(
             f"    hns:    {json.dumps(sample['hns'])}",
             f"  trace a triplet: megapairs lineage {sample['triplet_id']}",
         ]
-    if export_root is not None and (export_root / "README.md").is_file():
+    export_root = export_root or export_dir(layout, None)
+    if (export_root / "README.md").is_file():
         lines.append(f"  export:      {export_root} (dataset card: README.md)")
     return "\n".join(lines)
