@@ -14,13 +14,20 @@ import dagster as dg
 from jobs import all_jobs
 from megapairs_assets.corpus.assets import build_shards_sensor, image_corpus
 from megapairs_assets.embeddings.assets import embedding_assets
+from megapairs_assets.evaluation.assets import (
+    benchmark_scores,
+    build_checkpoint_sensor,
+    build_rescore_sensor,
+)
+from megapairs_assets.generation.assets import generation_assets
 from megapairs_assets.knn.assets import knn_assets
 from megapairs_assets.lib.storage import default_home
 from megapairs_assets.mining.assets import mined_image_pairs
+from megapairs_assets.training.assets import build_training_configs_sensor, mmret_clip_checkpoint
 from resources.profiles import SensorSettings, build_resources, profile_from_env, sensor_settings
 
 MINING_HALF = [image_corpus, *embedding_assets, *knn_assets, mined_image_pairs]
-ALL_ASSETS = [*MINING_HALF]
+ALL_ASSETS = [*MINING_HALF, *generation_assets, mmret_clip_checkpoint, benchmark_scores]
 
 
 def _status(running: bool) -> dg.DefaultSensorStatus:
@@ -28,9 +35,13 @@ def _status(running: bool) -> dg.DefaultSensorStatus:
 
 
 def build_sensors(settings: SensorSettings) -> list[dg.SensorDefinition]:
-    """The shard sensor and the declarative-automation sensor, on or off as the profile says."""
+    """The shard, training-config and retriever sensors and the declarative-automation sensor,
+    on or off as the profile says."""
     return [
         build_shards_sensor(_status(settings.shards_sensor_running)),
+        build_training_configs_sensor(_status(settings.shards_sensor_running)),
+        build_checkpoint_sensor(_status(settings.scoring_sensors_running)),
+        build_rescore_sensor(_status(settings.scoring_sensors_running)),
         dg.AutomationConditionSensorDefinition(
             "megapairs_automation",
             target=dg.AssetSelection.all(),

@@ -33,14 +33,20 @@ from typing import Any
 
 from megapairs_assets.demo import DEMO_CORPUS_DIR
 from megapairs_assets.embeddings.sources import PAPER_BAND, SOURCE_NAMES
+from megapairs_assets.generation.resource import (
+    demo_generation_resource,
+    paper_generation_resource,
+)
 from megapairs_assets.lineage.catalog import LineageCatalog
 from resources.cluster import ClusterSettings
 from resources.corpus import CorpusSourceResource
 from resources.device import DeviceResource
 from resources.encoders import EncoderResource
+from resources.evaluation import EvaluationResource
 from resources.knn_index import FaissIndexResource
 from resources.mining import MiningResource
 from resources.storage import LineageCatalogResource, StorageResource
+from resources.training import demo_training_resource, paper_training_resource
 
 PROFILE_NAMES = ("demo", "paper")
 DEFAULT_PROFILE = "demo"
@@ -60,7 +66,10 @@ class ProfileError(ValueError):
 class SensorSettings:
     """Which sensors start running in a fresh Dagster instance (a user can flip them in the UI).
 
-    shards_sensor_running: `new_shards_sensor` registers new shards and retires removed ones.
+    shards_sensor_running: `new_shards_sensor` registers new shards and retires removed ones;
+        `training_configs_sensor` registers the training resource's named configs.
+    scoring_sensors_running: `new_retrievers_sensor` and `rescore_trained_checkpoints` score
+        new and re-trained retrievers.
     automation_running: `megapairs_automation` refreshes stale downstream partitions.
     The shard sensor starts running and automation starts off in both profiles (a refresh of
     every KNN partition after any embedding change is a choice to make, not a default); the
@@ -69,6 +78,7 @@ class SensorSettings:
 
     shards_sensor_running: bool
     automation_running: bool
+    scoring_sensors_running: bool = True
 
 
 _SENSOR_DEFAULTS = {
@@ -81,7 +91,7 @@ def sensor_settings(profile: str) -> SensorSettings:
     """The profile's sensor defaults, or both on/off from `MEGAPAIRS_SENSORS`."""
     override = os.environ.get("MEGAPAIRS_SENSORS", "").strip().lower()
     if override in ("on", "off"):
-        return SensorSettings(override == "on", override == "on")
+        return SensorSettings(override == "on", override == "on", override == "on")
     if override:
         raise ProfileError(f"MEGAPAIRS_SENSORS must be 'on' or 'off', got {override!r}")
     return _SENSOR_DEFAULTS.get(profile, _SENSOR_DEFAULTS["demo"])
@@ -145,6 +155,24 @@ def demo_resources(home: Path) -> dict[str, Any]:
             targets_per_source=3,
             hard_negatives=5,
         ),
+        "generation": demo_generation_resource(home),
+        "training": demo_training_resource(str(models_dir)),
+        "evaluation": EvaluationResource(
+            base_model=DEMO_CLIP_MODEL,
+            base_pretrained=str(models_dir / f"{DEMO_CLIP_MODEL}.pt"),
+            demo_models_dir=str(models_dir),
+            heldout_fraction=0.1,
+            num_workers=1,
+            **_benchmark_roots(),
+        ),
+    }
+
+
+def _benchmark_roots() -> dict[str, str | None]:
+    """Public CIR benchmark folders from the environment; an unset one is reported skipped."""
+    return {
+        f"{name}_root": os.environ.get(f"MEGAPAIRS_{name.upper()}_ROOT") or None
+        for name in ("circo", "cirr", "fashioniq", "genecis")
     }
 
 
@@ -182,7 +210,26 @@ def paper_resources(home: Path) -> dict[str, Any]:
             targets_per_source=3,
             hard_negatives=5,
         ),
+        # vLLM servers: MEGAPAIRS_VLLM_BASE_URLS (a cluster's Service) for both steps, else
+        # the local defaults (describe on :8000, instruct on :8001).
+        "generation": paper_generation_resource(
+            describe_urls=_vllm_urls(), instruct_urls=_vllm_urls()
+        ),
+        "training": paper_training_resource(),
+        "evaluation": EvaluationResource(
+            base_model="ViT-B-16-quickgelu",
+            base_pretrained="openai",
+            heldout_fraction=0.005,
+            heldout_max_queries=10_000,
+            batch_size=512,
+            num_workers=12,
+            **_benchmark_roots(),
+        ),
     }
+
+
+def _vllm_urls() -> list[str] | None:
+    return list(ClusterSettings.from_env().vllm_base_urls) or None
 
 
 _BUILDERS = {"demo": demo_resources, "paper": paper_resources}

@@ -7,6 +7,9 @@ import sys
 import time
 from pathlib import Path
 
+# The loop, in order; each phase is one Dagster run (a run holds one partitioning).
+PHASES = ("mine", "generate", "train", "evaluate")
+
 FAISS_HINT = (
     "faiss is not installed: install the project with one faiss extra, "
     '`.venv/bin/pip install -e ".[cpu,dev]"` (or ".[gpu,dev]" on CUDA 12 machines)'
@@ -24,7 +27,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="your own corpus instead of the bundled one: a folder of webdataset .tar shards, "
         "a folder of image folders, or a .parquet/.jsonl manifest",
     )
-    demo.add_argument("--job", default="mining_half", help="the job to run (default: mining_half)")
+    demo.add_argument(
+        "--until",
+        choices=PHASES,
+        default=PHASES[-1],
+        help="stop after this phase (default: the whole loop: mine, generate, train, evaluate)",
+    )
     demo.set_defaults(func=run_demo)
 
 
@@ -55,9 +63,12 @@ def run_demo(args: argparse.Namespace) -> int:
     from megapairs_assets.cli.summary import print_summary
     from megapairs_assets.corpus.assets import shard_changes
     from megapairs_assets.definitions import build_definitions
+    from megapairs_assets.evaluation.assets import register_retrievers, score_partition_key
+    from megapairs_assets.evaluation.step import known_retrievers
     from megapairs_assets.lib.storage import default_home
     from megapairs_assets.orchestration.partitions import SHARD_PARTITIONS_NAME
     from megapairs_assets.orchestration.runs import shard_range_tags
+    from megapairs_assets.training.assets import register_training_configs
     from resources.corpus import CorpusSourceResource
     from resources.profiles import lineage_catalog, profile_from_env
 
@@ -99,16 +110,48 @@ def run_demo(args: argparse.Namespace) -> int:
             f"from the partition set, {removed} lineage rows retired"
         )
     instance.add_dynamic_partitions(SHARD_PARTITIONS_NAME, new)
-    print(f"materializing {args.job} for {len(shards)} shards ({shards[0]}..{shards[-1]})")
     log_level = "WARNING" if args.quiet else "INFO"
-    result = defs.resolve_job_def(args.job).execute_in_process(
-        instance=instance,
-        tags=shard_range_tags(shards),
-        run_config={"loggers": {"console": {"config": {"log_level": log_level}}}},
-        raise_on_error=False,
-    )
-    print_summary(home, shards, time.perf_counter() - started, run_id=result.run_id)
-    if not result.success:
-        print("the run failed: see the log above or `megapairs ui`", file=sys.stderr)
+    run_config = {"loggers": {"console": {"config": {"log_level": log_level}}}}
+    phases = PHASES[: PHASES.index(args.until) + 1]
+    job = "mine_and_generate" if "generate" in phases else "mining_half"
+    print(f"{job}: {len(shards)} shards ({shards[0]}..{shards[-1]})")
+    results = [
+        defs.resolve_job_def(job).execute_in_process(
+            instance=instance,
+            tags=shard_range_tags(shards),
+            run_config=run_config,
+            raise_on_error=False,
+        )
+    ]
+    if "train" in phases and results[-1].success:
+        configs = register_training_configs(instance, resources["training"])
+        for config in configs:
+            print(f"train: MMRet-CLIP checkpoint for training config {config!r}")
+            results.append(
+                defs.resolve_job_def("train").execute_in_process(
+                    instance=instance,
+                    partition_key=config,
+                    run_config=run_config,
+                    raise_on_error=False,
+                )
+            )
+    if "evaluate" in phases and all(r.success for r in results):
+        evaluation, layout = resources["evaluation"], resources["storage"].layout()
+        retrievers = list(known_retrievers(evaluation.base_spec(), layout))
+        register_retrievers(instance, retrievers)
+        print(f"evaluate: held-out scores of {len(retrievers)} retrievers (base model first)")
+        for retriever_id in retrievers:
+            results.append(
+                defs.resolve_job_def("evaluate").execute_in_process(
+                    instance=instance,
+                    partition_key=str(score_partition_key(retriever_id, "heldout")),
+                    run_config=run_config,
+                    raise_on_error=False,
+                )
+            )
+    wall_s = time.perf_counter() - started
+    print_summary(resources, shards, wall_s, run_ids=[r.run_id for r in results])
+    if not all(r.success for r in results):
+        print("a run failed: see the log above or `megapairs ui`", file=sys.stderr)
         return 1
     return 0

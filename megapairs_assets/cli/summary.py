@@ -1,58 +1,99 @@
-"""The end-of-run summary printed by `megapairs demo`: what was made, and where."""
+"""The end-of-run summary printed by `megapairs demo`: what was made, and where.
+
+Everything is read back from the outputs and the catalog, not from the runs' own memory.
+"""
 
 from __future__ import annotations
 
-from pathlib import Path
+import json
+from collections.abc import Mapping
+from typing import Any
 
 import polars as pl
 
-from megapairs_assets.lib.storage import DataLayout
-from resources.profiles import lineage_catalog
+from megapairs_assets.evaluation.catalog_rows import heldout_summary_lines
+from megapairs_assets.generation.triplets import generation_summary
+from megapairs_assets.lib.storage import DataLayout, read_parquet
+from megapairs_assets.lineage.catalog import LineageCatalog
+from megapairs_assets.mining.step import ASSET_NAME as PAIRS_ASSET
+from megapairs_assets.training.names import ASSET_NAME as CHECKPOINT_ASSET
 
 
-def demo_summary(home: Path, shards: list[str]) -> dict[str, object]:
-    """Counts read back from the outputs and the catalog (not from the run's own memory)."""
-    layout = DataLayout(home)
-    catalog = lineage_catalog(home)
+def mining_summary(layout: DataLayout, catalog: LineageCatalog, shards: list[str]) -> dict:
+    """Images, quarantine by reason and pairs by source over `shards`."""
     images = catalog.query(
         "SELECT count(*) AS n FROM image_lineage WHERE shard IN (SELECT unnest(?))", [shards]
     )["n"][0]
     quarantine = catalog.query(
         "SELECT stage, reason, count(*) AS n FROM quarantine_log WHERE shard IN (SELECT unnest(?)) "
-        "GROUP BY ALL ORDER BY n DESC",
+        "GROUP BY ALL ORDER BY n DESC, stage, reason",
         [shards],
     )
-    pair_files = [layout.shard_table("mined_image_pairs", s) for s in shards]
-    pair_tables = [pl.read_parquet(p) for p in pair_files if p.exists()]
-    pairs = pl.concat(pair_tables) if pair_tables else pl.DataFrame()
+    paths = [layout.shard_table(PAIRS_ASSET, s) for s in shards]
+    tables = [read_parquet(p) for p in paths if p.exists()]
+    pairs = pl.concat(tables) if tables else pl.DataFrame()
     per_source = (
-        pairs.explode("sources").group_by("sources").len().sort("sources")
+        dict(pairs.explode("sources").group_by("sources").len().sort("sources").iter_rows())
         if pairs.height
-        else pl.DataFrame({"sources": [], "len": []})
+        else {}
     )
     return {
         "images": int(images),
         "quarantine": quarantine,
         "pairs": pairs.height,
-        "pairs_per_source": dict(per_source.iter_rows()),
+        "pairs_per_source": per_source,
         "example_pair_id": pairs["pair_id"][0] if pairs.height else None,
-        "layout": layout,
     }
 
 
-def print_summary(home: Path, shards: list[str], wall_s: float, run_id: str) -> None:
-    s = demo_summary(home, shards)
-    layout: DataLayout = s["layout"]  # type: ignore[assignment]
+def training_lines(catalog: LineageCatalog) -> list[str]:
+    """One line per trained config: its newest complete checkpoint's steps, time and loss."""
+    frame = catalog.query(
+        "SELECT partition, arg_max(row_counts, started_at) AS row_counts, "
+        "arg_max(duration_s, started_at) AS duration_s, arg_max(config, started_at) AS config "
+        "FROM materializations WHERE asset = ? AND status = 'complete' GROUP BY partition "
+        "ORDER BY partition",
+        [CHECKPOINT_ASSET],
+    )
+    lines = []
+    for row in frame.iter_rows(named=True):
+        counts = json.loads(row["row_counts"] or "{}")
+        detail = ", ".join(f"{k} {v}" for k, v in counts.items())
+        lines.append(
+            f"  checkpoint:  config {row['partition']!r}, {detail} in {row['duration_s']:.1f} s"
+        )
+    return lines
+
+
+def print_summary(
+    resources: Mapping[str, Any], shards: list[str], wall_s: float, run_ids: list[str]
+) -> None:
+    layout: DataLayout = resources["storage"].layout()
+    catalog: LineageCatalog = resources["catalog"].catalog()
+    s = mining_summary(layout, catalog, shards)
     print()
-    print(f"done in {wall_s:.1f} s (run {run_id})")
+    print(f"done in {wall_s:.1f} s ({len(run_ids)} runs: {', '.join(r[:8] for r in run_ids)})")
     print(f"  images:      {s['images']} valid across {len(shards)} shards")
-    quarantine: pl.DataFrame = s["quarantine"]  # type: ignore[assignment]
+    quarantine: pl.DataFrame = s["quarantine"]
     print(f"  quarantined: {int(quarantine['n'].sum()) if quarantine.height else 0}")
     for row in quarantine.iter_rows(named=True):
         print(f"    {row['stage']}: {row['reason']} x{row['n']}")
+    report = layout.corpus_source_report()
+    if report.exists():
+        unread = read_parquet(report)
+        if unread.height:
+            print(f"  not read:    {unread.height} entries of the corpus source ({report})")
     print(f"  mined pairs: {s['pairs']}  by source: {s['pairs_per_source']}")
+    generated = generation_summary(layout, shards)
+    if generated:
+        print(generated)
+    for line in training_lines(catalog):
+        print(line)
+    base_id = resources["evaluation"].base_spec().retriever_id
+    for line in heldout_summary_lines(catalog, base_id):
+        print(f"  {line}")
     print(f"  outputs:     {layout.data_dir}")
-    print(f"  catalog:     {layout.catalog_path}")
+    print(f"  catalog:     {catalog.location}")
     if s["example_pair_id"]:
         print(f"  trace a pair: megapairs lineage {s['example_pair_id']}")
-    print("  browse:      megapairs ui   (dagster dev on workspace.yaml, same instance)")
+    print("  browse:      megapairs ui   (the Dagster UI on workspace.yaml, same instance)")

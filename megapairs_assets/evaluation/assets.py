@@ -8,8 +8,6 @@ scored runs again.
 
 import dagster as dg
 
-# To move with the resource to resources/evaluation.py (see the report to the lead).
-from resources.evaluation import EvaluationResource
 from megapairs_assets.evaluation.run import BENCHMARK_KEYS
 from megapairs_assets.evaluation.step import (
     ASSET_NAME,
@@ -22,7 +20,11 @@ from megapairs_assets.evaluation.step import (
 )
 from megapairs_assets.lib.step import StepResult
 from megapairs_assets.orchestration.shard_step import Stage, materialize_partitions
+from megapairs_assets.training.names import ASSET_NAME as CHECKPOINT_ASSET
 from resources.device import DeviceResource
+
+# To move with the resource to resources/evaluation.py (see the report to the lead).
+from resources.evaluation import EvaluationResource
 from resources.storage import LineageCatalogResource, StorageResource
 
 RETRIEVER_PARTITIONS_NAME = "retrievers"
@@ -152,3 +154,59 @@ def register_retrievers(instance: dg.DagsterInstance, retriever_ids: list[str]) 
     if new:
         instance.add_dynamic_partitions(RETRIEVER_PARTITIONS_NAME, new)
     return new
+
+
+def build_rescore_sensor(default_status: dg.DefaultSensorStatus) -> dg.SensorDefinition:
+    """Scores a checkpoint again each time it is re-trained (same folder, so same retriever
+    id: `new_retrievers_sensor` alone would never score it twice)."""
+
+    @dg.sensor(
+        name="rescore_trained_checkpoints",
+        minimum_interval_seconds=60,
+        default_status=default_status,
+        asset_selection=[ASSET_NAME],
+    )
+    def rescore_trained_checkpoints(
+        context: dg.SensorEvaluationContext,
+        evaluation: EvaluationResource,
+        storage: StorageResource,
+    ) -> dg.SensorResult | dg.SkipReason:
+        """On every new `mmret_clip_checkpoint` materialization, request the scores of every
+        trained retriever found on disk, on the configured benchmarks and the held-out split."""
+        after = int(context.cursor) if context.cursor else None
+        records = context.instance.fetch_materializations(
+            dg.AssetRecordsFilter(
+                asset_key=dg.AssetKey(CHECKPOINT_ASSET), after_storage_id=after
+            ),
+            limit=100,
+            ascending=True,
+        ).records
+        if not records:
+            return dg.SkipReason("no new checkpoint materialization")
+        newest = max(record.storage_id for record in records)
+        base_id = evaluation.base_spec().retriever_id
+        try:
+            trained = [
+                rid for rid in known_retrievers(evaluation.base_spec(), storage.layout())
+                if rid != base_id
+            ]
+        except Exception as error:  # a bad folder must not kill the sensor daemon
+            return dg.SkipReason(f"cannot list retrievers: {error}")
+        known = set(context.instance.get_dynamic_partitions(RETRIEVER_PARTITIONS_NAME))
+        new = [rid for rid in trained if rid not in known]
+        return dg.SensorResult(
+            run_requests=[
+                dg.RunRequest(
+                    partition_key=score_partition_key(rid, benchmark),
+                    run_key=f"{newest}:{rid}:{benchmark}",
+                )
+                for rid in trained
+                for benchmark in evaluation.configured_benchmarks()
+            ],
+            dynamic_partitions_requests=[retriever_partitions.build_add_request(new)]
+            if new
+            else [],
+            cursor=str(newest),
+        )
+
+    return rescore_trained_checkpoints

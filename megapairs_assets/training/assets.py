@@ -21,11 +21,11 @@ from megapairs_assets.training.names import (
 )
 
 # To move with the resource to resources/training.py (see the report to the lead).
-from megapairs_assets.training.resource import TrainingResource
-
-# To move with the resource to resources/training.py (see the report to the lead).
 from resources.evaluation import EvaluationResource
 from resources.storage import LineageCatalogResource, StorageResource
+
+# To move with the resource to resources/training.py (see the report to the lead).
+from resources.training import TrainingResource
 
 TRAINING_CONFIG_PARTITIONS_NAME = "training_configs"
 training_config_partitions = dg.DynamicPartitionsDefinition(name=TRAINING_CONFIG_PARTITIONS_NAME)
@@ -80,3 +80,36 @@ def mmret_clip_checkpoint(
         )
 
     return materialize_partitions(context, STAGE, step, lineage, storage.profile)
+
+
+def build_training_configs_sensor(default_status: dg.DefaultSensorStatus) -> dg.SensorDefinition:
+    """Keeps the `training_configs` partition set equal to the training resource's configs."""
+
+    @dg.sensor(
+        name="training_configs_sensor",
+        minimum_interval_seconds=60,
+        default_status=default_status,
+    )
+    def training_configs_sensor(
+        context: dg.SensorEvaluationContext, training: TrainingResource
+    ) -> dg.SensorResult | dg.SkipReason:
+        """Registers each named training config as a partition (nothing is trained here)."""
+        known = set(context.instance.get_dynamic_partitions(TRAINING_CONFIG_PARTITIONS_NAME))
+        new = [name for name in training.configs if name not in known]
+        if not new:
+            return dg.SkipReason(f"no new training config ({len(known)} known)")
+        return dg.SensorResult(
+            dynamic_partitions_requests=[training_config_partitions.build_add_request(new)]
+        )
+
+    return training_configs_sensor
+
+
+def register_training_configs(instance: dg.DagsterInstance, training: TrainingResource) -> list[str]:
+    """Add the resource's config names to the partition set (for `megapairs demo`); all names."""
+    known = set(instance.get_dynamic_partitions(TRAINING_CONFIG_PARTITIONS_NAME))
+    names = list(training.configs)
+    new = [name for name in names if name not in known]
+    if new:
+        instance.add_dynamic_partitions(TRAINING_CONFIG_PARTITIONS_NAME, new)
+    return names
