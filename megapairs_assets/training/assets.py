@@ -105,7 +105,9 @@ def build_training_configs_sensor(default_status: dg.DefaultSensorStatus) -> dg.
     return training_configs_sensor
 
 
-def register_training_configs(instance: dg.DagsterInstance, training: TrainingResource) -> list[str]:
+def register_training_configs(
+    instance: dg.DagsterInstance, training: TrainingResource
+) -> list[str]:
     """Add the resource's config names to the partition set (for `megapairs demo`); all names."""
     known = set(instance.get_dynamic_partitions(TRAINING_CONFIG_PARTITIONS_NAME))
     names = list(training.configs)
