@@ -24,11 +24,11 @@ from megapairs_assets.evaluation.assets import (
     score_partition_key,
 )
 from megapairs_assets.evaluation.catalog_rows import heldout_summary_lines
-from resources.evaluation import EvaluationResource
 from megapairs_assets.lib.storage import DataLayout, write_parquet_atomic
 from megapairs_assets.lineage.catalog import LineageCatalog, MaterializationRecord
 from megapairs_assets.retriever.model import RetrieverSpec
 from resources.device import DeviceResource
+from resources.evaluation import EvaluationResource
 from resources.storage import LineageCatalogResource, StorageResource
 
 

@@ -20,9 +20,9 @@ from megapairs_assets.training.assets import (
     mmret_clip_checkpoint,
 )
 from megapairs_assets.training.names import TRIPLETS_ASSET
-from megapairs_assets.training.resource import TrainingResource, TrainingSettings
 from resources.evaluation import EvaluationResource
 from resources.storage import LineageCatalogResource, StorageResource
+from resources.training import TrainingResource, TrainingSettings
 
 
 def _commit(catalog: LineageCatalog, asset: str, shard: str, write, rows=None) -> None:
