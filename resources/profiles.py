@@ -210,10 +210,12 @@ def paper_resources(home: Path) -> dict[str, Any]:
             targets_per_source=3,
             hard_negatives=5,
         ),
-        # vLLM servers: MEGAPAIRS_VLLM_BASE_URLS (a cluster's Service) for both steps, else
-        # the local defaults (describe on :8000, instruct on :8001).
+        # vLLM servers: one per model (MEGAPAIRS_VLLM_DESCRIBE_URLS for InternVL2,
+        # MEGAPAIRS_VLLM_INSTRUCT_URLS for Llama-3), else MEGAPAIRS_VLLM_BASE_URLS when one
+        # endpoint routes by model name, else the local defaults (:8000 and :8001).
         "generation": paper_generation_resource(
-            describe_urls=_vllm_urls(), instruct_urls=_vllm_urls()
+            describe_urls=_vllm_urls("MEGAPAIRS_VLLM_DESCRIBE_URLS"),
+            instruct_urls=_vllm_urls("MEGAPAIRS_VLLM_INSTRUCT_URLS"),
         ),
         "training": paper_training_resource(),
         "evaluation": EvaluationResource(
@@ -228,8 +230,9 @@ def paper_resources(home: Path) -> dict[str, Any]:
     }
 
 
-def _vllm_urls() -> list[str] | None:
-    return list(ClusterSettings.from_env().vllm_base_urls) or None
+def _vllm_urls(variable: str) -> list[str] | None:
+    own = [url.strip() for url in os.environ.get(variable, "").split(",") if url.strip()]
+    return own or list(ClusterSettings.from_env().vllm_base_urls) or None
 
 
 _BUILDERS = {"demo": demo_resources, "paper": paper_resources}

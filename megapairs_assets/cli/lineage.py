@@ -11,6 +11,7 @@ from megapairs_assets.lineage.report import DEFAULT_PAIR_LIMIT, MAX_INPUTS_SHOWN
 def cmd_lineage(args: argparse.Namespace) -> int:
     """Print the lineage report of `args.id` from the data root's catalog."""
     import megapairs_assets.definitions  # noqa: F401  (stages declare their catalog tables)
+    from megapairs_assets.generation.triplets import describe_triplet
     from megapairs_assets.lib.storage import default_home
     from megapairs_assets.lineage.report import lineage_report
     from resources.profiles import lineage_catalog
@@ -20,7 +21,7 @@ def cmd_lineage(args: argparse.Namespace) -> int:
     if not catalog.is_ducklake and not catalog.path.exists():
         print(f"no lineage catalog at {catalog_path}: run `megapairs demo` first", file=sys.stderr)
         return 1
-    report = lineage_report(
+    report = describe_triplet(catalog, args.id) or lineage_report(
         catalog,
         args.id,
         pair_limit=None if args.all else args.limit,
