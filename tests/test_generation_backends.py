@@ -80,7 +80,7 @@ def test_transformers_backend_end_to_end_on_tiny_local_models(
     log = first.rows["quarantine_log"]
     assert first.row_count + log.height == 6
     assert set(log["reason"]) <= {"description_too_short", "description_empty", "output_truncated"}
-    stored = ResponseStore(store_path(world.layout.data_dir, "00000", "describe")).get(
+    stored = ResponseStore(store_path(world.layout, "00000", "describe")).get(
         [k for k in _keys(world)]
     )
     assert len(stored) == 6
@@ -95,7 +95,7 @@ def test_transformers_backend_end_to_end_on_tiny_local_models(
 def _keys(world) -> list[str]:
     import sqlite3
 
-    path = store_path(world.layout.data_dir, "00000", "describe")
+    path = store_path(world.layout, "00000", "describe")
     with sqlite3.connect(path) as con:
         return [row[0] for row in con.execute("SELECT key FROM responses")]
 

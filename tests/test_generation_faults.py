@@ -174,7 +174,7 @@ def _stored_texts(path: Path) -> list[str]:
 def test_a_killed_run_resumes_without_repeating_a_finished_request(tmp_path):
     world = make_world(tmp_path, pairs_per_shard=(40,), images_per_shard=12)
     total = pl.read_parquet(world.layout.shard_table("mined_image_pairs", "00000")).height
-    store = store_path(world.layout.data_dir, "00000", "describe")
+    store = store_path(world.layout, "00000", "describe")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), str(REPO_ROOT / "tests")])}
     with ChatServer(latency_s=0.1) as server:
         child = subprocess.Popen(

@@ -220,7 +220,7 @@ def test_prefetch_across_shards_leaves_each_shard_step_nothing_to_call(tmp_path)
         assert (stats.calls, stats.failed) == (pairs.height, doomed)
         # Failures are not stored by a prefetch: the shard's own step retries and counts them.
         stored = sum(
-            ResponseStore(store_path(world.layout.data_dir, s, "describe")).counts().get("ok", 0)
+            ResponseStore(store_path(world.layout, s, "describe")).counts().get("ok", 0)
             for s in world.shards
         )
         assert stored == pairs.height - doomed

@@ -3,6 +3,10 @@
 - the mining half of the demo graph (corpus -> 3 embeddings -> 3 KNN graphs -> pairs) runs
   with every table an object in the bucket, nothing under a local data folder, and every table
   reads back through the same readers the steps use;
+- the whole demo loop (mine_and_generate, train, benchmark_scores of the base and the trained
+  retriever on the held-out split), launched as `megapairs demo` launches it, runs with every
+  table, export and checkpoint an object in the bucket; only caches, the catalog and the
+  training work folder are local;
 - a write that fails or is killed part-way leaves no new object and no temporary key (an old
   table stays whole), and an upload the store did not keep whole fails the step;
 - local paths keep plain `pathlib.Path`s (the local tests cover byte-identical behaviour);
@@ -29,8 +33,14 @@ from conftest import make_home, run_shards
 
 from megapairs_assets.corpus.step import recheck_corpus_shard
 from megapairs_assets.definitions import build_definitions
+from megapairs_assets.demo.models import DEMO_CLIP_MODEL
 from megapairs_assets.embeddings.sources import SOURCES
 from megapairs_assets.embeddings.step import recheck_embedding_shard
+from megapairs_assets.evaluation.assets import register_retrievers, score_partition_key
+from megapairs_assets.evaluation.step import known_retrievers
+from megapairs_assets.generation.resource import GenerationResource
+from megapairs_assets.generation.settings import demo_generation_settings
+from megapairs_assets.generation.triplets import describe_triplet
 from megapairs_assets.knn.step import recheck_knn_shard
 from megapairs_assets.lib.storage import (
     DataLayout,
@@ -43,8 +53,11 @@ from megapairs_assets.lib.storage import (
 from megapairs_assets.lineage.catalog import LineageCatalog
 from megapairs_assets.mining.pairs import MiningParams
 from megapairs_assets.mining.step import recheck_pairs_shard
+from megapairs_assets.training.assets import register_training_configs
 from resources.corpus import CorpusSourceResource
+from resources.evaluation import EvaluationResource
 from resources.storage import StorageResource
+from resources.training import DEMO_CONFIG_NAME, TrainingResource, demo_training_settings
 
 moto_server = pytest.importorskip("moto.server")
 boto3 = pytest.importorskip("boto3")
@@ -68,9 +81,7 @@ class S3Server:
     client: object  # boto3 S3 client, the independent observer
 
     def keys(self, prefix: str = "") -> list[str]:
-        pages = self.client.get_paginator("list_objects_v2").paginate(
-            Bucket=BUCKET, Prefix=prefix
-        )
+        pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=prefix)
         return sorted(item["Key"] for page in pages for item in page.get("Contents", []))
 
     def pending_uploads(self) -> list[str]:
@@ -183,6 +194,134 @@ def test_tables_read_back_from_the_bucket_and_pass_their_checks(s3_run) -> None:
     assert images.height == 6  # 5 + index good items in shard 1
     pairs = pl.concat([read_parquet(layout.shard_table("mined_image_pairs", s)) for s in SHARDS])
     assert pairs.height > 0, "the demo bands yield pairs on this corpus"
+
+
+LOOP_PREFIX = "loop"
+GENERATED_ASSETS = ("pair_descriptions", "pair_instructions", "triplets")
+
+
+@pytest.fixture(scope="module")
+def s3_loop(s3: S3Server, tmp_path_factory: pytest.TempPathFactory, demo_models_dir: Path):
+    """The whole loop with the data root in the bucket, run as `megapairs demo` runs it: one
+    mine_and_generate run over both shards, one train run for the demo config, one
+    benchmark_scores run per retriever on the held-out split. Kept small: the heuristic writes
+    every text (no model pair), two training steps."""
+    root = tmp_path_factory.mktemp("s3-loop")
+    corpus = root / "corpus"
+    for index, shard in enumerate(SHARDS):
+        factory.write_wds_shard(
+            corpus / f"{shard}.tar", factory.good_items(8 + index, first_seed=40 * index)
+        )
+    home = make_home(root, demo_models_dir)
+    models_dir = home / "models"
+    storage = StorageResource(
+        home=str(home), data_root=f"s3://{BUCKET}/{LOOP_PREFIX}", endpoint_url=s3.endpoint_url
+    )
+    demo_config = demo_training_settings(str(models_dir))[DEMO_CONFIG_NAME]
+    tiny_config = type(demo_config)(
+        **{
+            **demo_config.model_dump(),
+            "batch_size": 2,
+            "max_steps": 2,
+            "warmup_steps": 1,
+            "checkpoint_every_n_steps": 1,
+        }
+    )
+    resources = {
+        "corpus_source": CorpusSourceResource(kind="webdataset", path=str(corpus)),
+        "storage": storage,
+        "generation": GenerationResource.from_settings(
+            demo_generation_settings(models_dir, model_pairs_per_shard=0)
+        ),
+        "training": TrainingResource(
+            configs={DEMO_CONFIG_NAME: tiny_config}, demo_models_dir=str(models_dir)
+        ),
+        "evaluation": EvaluationResource(
+            base_model=DEMO_CLIP_MODEL,
+            base_pretrained=str(models_dir / f"{DEMO_CLIP_MODEL}.pt"),
+            heldout_fraction=0.3,
+            batch_size=16,
+            num_workers=0,
+        ),
+    }
+    defs = build_definitions("demo", home, resources)
+    instance = dg.DagsterInstance.ephemeral()
+    results = {"mine_and_generate": run_shards(defs, instance, SHARDS, "mine_and_generate")}
+    for config in register_training_configs(instance, resources["training"]):
+        results[f"train {config}"] = defs.resolve_job_def("train").execute_in_process(
+            instance=instance, partition_key=config, raise_on_error=False
+        )
+    layout = storage.layout()
+    retrievers = list(known_retrievers(resources["evaluation"].base_spec(), layout))
+    register_retrievers(instance, retrievers)
+    for retriever_id in retrievers:
+        results[f"evaluate {retriever_id}"] = defs.resolve_job_def("evaluate").execute_in_process(
+            instance=instance,
+            partition_key=str(score_partition_key(retriever_id, "heldout")),
+            raise_on_error=False,
+        )
+    return results, home, layout, retrievers
+
+
+def test_the_whole_loop_runs_with_every_table_and_export_in_the_bucket(s3, s3_loop) -> None:
+    results, home, _, retrievers = s3_loop
+    assert {name: r.success for name, r in results.items()} == dict.fromkeys(results, True)
+    # The base model and the checkpoint trained from the bucket's triplets, both scored.
+    assert len(retrievers) == 2
+    assert retrievers[1] == f"{DEMO_CLIP_MODEL}__{DEMO_CONFIG_NAME}.open_clip"
+    keys = set(s3.keys(f"{LOOP_PREFIX}/"))
+    data = f"{LOOP_PREFIX}/data"
+    expected = {f"{data}/image_corpus/source_report.parquet"}
+    for shard in SHARDS:
+        expected |= {
+            f"{data}/image_corpus/{shard}/images.parquet",
+            f"{data}/mined_image_pairs/{shard}.parquet",
+            f"{data}/triplets/{shard}.jsonl",
+            f"{data}/triplet_export/triplets/{shard}.jsonl",
+            f"{data}/triplet_export/triplets/{shard}.parquet",
+            f"{data}/triplet_export/shards/{shard}.json",
+        }
+        expected |= {f"{data}/{asset}/{shard}.parquet" for asset in GENERATED_ASSETS}
+        expected |= {f"{data}/{s.knn_asset}/{shard}.parquet" for s in SOURCES}
+    checkpoint = f"{data}/mmret_clip_checkpoint/{DEMO_CONFIG_NAME}"
+    expected |= {
+        f"{data}/triplet_export/README.md",
+        f"{checkpoint}/open_clip/open_clip_config.json",
+        f"{checkpoint}/open_clip/open_clip_model.safetensors",
+        f"{checkpoint}/loss_curve.csv",
+        f"{checkpoint}/run.json",
+    }
+    expected |= {f"{data}/benchmark_scores/{r}/heldout/scores.parquet" for r in retrievers}
+    assert expected <= keys, sorted(expected - keys)
+    exported_images = [k for k in keys if k.startswith(f"{data}/triplet_export/images/")]
+    assert exported_images and all(k.endswith(".jpg") for k in exported_images)
+    # No temporary objects, no unfinished uploads, and no table on local disk.
+    assert [k for k in keys if ".tmp-" in k] == [] and s3.pending_uploads() == []
+    assert not (home / "data").exists()
+    local = [p for p in home.rglob("*") if p.suffix in (".parquet", ".jsonl", ".jpg")]
+    assert [p for p in local if "models" not in p.parts and "training" not in p.parts] == []
+
+
+def test_the_loop_reads_its_tables_back_from_the_bucket(s3_loop) -> None:
+    _, home, layout, retrievers = s3_loop
+    triplets = pl.concat([read_parquet(layout.shard_table("triplets", s)) for s in SHARDS])
+    assert triplets.height > 0
+    scores = pl.concat(
+        [
+            read_parquet(layout.asset_dir("benchmark_scores") / r / "heldout" / "scores.parquet")
+            for r in retrievers
+        ]
+    )
+    assert set(scores["retriever_id"]) == set(retrievers)
+    scored = scores.filter(pl.col("status") == "scored")
+    assert scored.height > 0 and scored["value"].is_between(0, 100).all()
+    # The lineage report reads a triplet's texts from the object its record names.
+    catalog = LineageCatalog(DataLayout(home).catalog_path)
+    report = describe_triplet(catalog, triplets["triplet_id"][0], layout)
+    assert report is not None and triplets["description"][0] in report
+    # The response store and the checkpoint copy are local caches under home.
+    assert list((home / "cache" / "generation").glob("*/*.sqlite"))
+    assert list((home / "cache" / "mmret_clip_checkpoint").rglob("open_clip_config.json"))
 
 
 def test_a_failed_write_leaves_no_object_and_no_temporary_key(s3, tmp_path) -> None:

@@ -175,9 +175,7 @@ def build_rescore_sensor(default_status: dg.DefaultSensorStatus) -> dg.SensorDef
         trained retriever found on disk, on the configured benchmarks and the held-out split."""
         after = int(context.cursor) if context.cursor else None
         records = context.instance.fetch_materializations(
-            dg.AssetRecordsFilter(
-                asset_key=dg.AssetKey(CHECKPOINT_ASSET), after_storage_id=after
-            ),
+            dg.AssetRecordsFilter(asset_key=dg.AssetKey(CHECKPOINT_ASSET), after_storage_id=after),
             limit=100,
             ascending=True,
         ).records
@@ -187,7 +185,8 @@ def build_rescore_sensor(default_status: dg.DefaultSensorStatus) -> dg.SensorDef
         base_id = evaluation.base_spec().retriever_id
         try:
             trained = [
-                rid for rid in known_retrievers(evaluation.base_spec(), storage.layout())
+                rid
+                for rid in known_retrievers(evaluation.base_spec(), storage.layout())
                 if rid != base_id
             ]
         except Exception as error:  # a bad folder must not kill the sensor daemon

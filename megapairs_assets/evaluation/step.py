@@ -1,10 +1,12 @@
 """One (retriever, benchmark) partition of `benchmark_scores`, as plain work.
 
 `score_partition` resolves the retriever (the profile's base model, or a trained checkpoint
-found under `<data>/mmret_clip_checkpoint/`), scores the benchmark with cached gallery
-embeddings (`<home>/benchmark_gallery_cache/`, local disk), writes the scores table and any
-server files under `<data>/benchmark_scores/<retriever id>/<benchmark>/`, and returns a
-`StepResult` whose catalog rows are the scores. Dagster is not imported here.
+found under `<data>/mmret_clip_checkpoint/`; under a data root on an object store it is copied
+first to `<home>/cache/mmret_clip_checkpoint/`, as open_clip loads local folders only), scores
+the benchmark with cached gallery embeddings (`<home>/benchmark_gallery_cache/`, local disk),
+writes the scores table and any server files under
+`<data>/benchmark_scores/<retriever id>/<benchmark>/`, and returns a `StepResult` whose catalog
+rows are the scores. Dagster is not imported here.
 """
 
 from __future__ import annotations
@@ -40,7 +42,10 @@ from megapairs_assets.lib.storage import (
     write_parquet_atomic,
 )
 from megapairs_assets.lineage.catalog import LineageCatalog, read_with_versions
-from megapairs_assets.retriever.discovery import discover_checkpoints
+from megapairs_assets.retriever.discovery import (
+    discover_checkpoints,
+    discover_remote_checkpoints,
+)
 from megapairs_assets.retriever.model import (
     LOCAL_DIR_PREFIX,
     Retriever,
@@ -52,6 +57,7 @@ ASSET_NAME = "benchmark_scores"
 CHECKPOINT_ASSET = "mmret_clip_checkpoint"
 TRIPLETS_ASSET = "triplets"
 GALLERY_CACHE_DIRNAME = "benchmark_gallery_cache"
+CACHE_DIRNAME = "cache"
 COMPARED_COLUMNS = ["retriever_id", "benchmark", "split", "metric", "value"]
 SCORE_CHECKS = {
     "scores_are_percentages": "Every score is a finite number between 0 and 100",
@@ -70,6 +76,13 @@ def checkpoint_root(layout: DataLayout) -> DataPath:
     return layout.data_dir / CHECKPOINT_ASSET
 
 
+def local_checkpoint_root(layout: DataLayout) -> Path:
+    """Where checkpoint exports are loaded from: the checkpoint root itself on local disk, else
+    its local copy under `<home>/cache/` (see `discover_remote_checkpoints`)."""
+    root = checkpoint_root(layout)
+    return Path(root) if is_local(root) else layout.home / CACHE_DIRNAME / CHECKPOINT_ASSET
+
+
 def gallery_cache(layout: DataLayout) -> GalleryCache:
     """The gallery embedding cache: on local disk under the home, like the models.
 
@@ -79,24 +92,34 @@ def gallery_cache(layout: DataLayout) -> GalleryCache:
     return GalleryCache(layout.home / GALLERY_CACHE_DIRNAME)
 
 
-def output_dir(layout: DataLayout, retriever_id: str, benchmark: str) -> Path:
+def output_dir(layout: DataLayout, retriever_id: str, benchmark: str) -> DataPath:
     return layout.asset_dir(ASSET_NAME) / retriever_id / benchmark
 
 
-def known_retrievers(base: RetrieverSpec, layout: DataLayout) -> dict[str, RetrieverSpec]:
-    """retriever_id -> spec: the base model first, then every complete checkpoint on disk.
+def known_retrievers(
+    base: RetrieverSpec, layout: DataLayout, *, download: bool = False
+) -> dict[str, RetrieverSpec]:
+    """retriever_id -> spec: the base model first, then every complete checkpoint export.
 
-    open_clip loads an export from a local folder only, so checkpoints under a data root on an
-    object store are not listed (copy them to local disk and score them with `megapairs eval`).
+    Under a data root on an object store the exports are listed there and mirrored to
+    `local_checkpoint_root` (open_clip loads local folders only): their configs always (the ids
+    come from them), their weights only with `download` (what scoring needs; a sensor only
+    lists). Unchanged files are not fetched again.
     """
     root = checkpoint_root(layout)
-    found = discover_checkpoints(root) if is_local(root) else {}
+    if is_local(root):
+        found = discover_checkpoints(Path(root))
+    else:
+        found = discover_remote_checkpoints(
+            root, local_checkpoint_root(layout), download_weights=download
+        )
     return {base.retriever_id: base, **found}
 
 
 def resolve_retriever(retriever_id: str, base: RetrieverSpec, layout: DataLayout) -> RetrieverSpec:
-    """The spec behind a retrievers partition key; RetrieverNotFound names the known ones."""
-    known = known_retrievers(base, layout)
+    """The spec behind a retrievers partition key, its weights on local disk; RetrieverNotFound
+    names the known ones."""
+    known = known_retrievers(base, layout, download=True)
     if retriever_id not in known:
         raise RetrieverNotFound(
             f"retriever {retriever_id!r} is neither the base model ({base.retriever_id}) nor a "
@@ -133,7 +156,7 @@ def read_triplets(
 
     def read() -> pl.DataFrame | None:
         paths = [layout.shard_table(TRIPLETS_ASSET, s) for s in shards]
-        frames = [read_parquet(p) for p in paths if p.exists()]
+        frames = [read_parquet(p) for p in paths if p.exists()]  # a Path or an object
         return pl.concat(frames, how="diagonal_relaxed") if frames else None
 
     frame, versions = read_with_versions(lineage, TRIPLETS_ASSET, shards, read)
@@ -247,11 +270,9 @@ def _checkpoint_version(
     if not spec.model_name.startswith(LOCAL_DIR_PREFIX):
         return {}
     folder = Path(spec.model_name.removeprefix(LOCAL_DIR_PREFIX))
-    root = checkpoint_root(layout)
-    if not is_local(root):
-        return {}
+    root = local_checkpoint_root(layout)  # a local copy keeps the relative folders
     try:
-        config_name = folder.resolve().relative_to(Path(root).resolve()).parts[0]
+        config_name = folder.resolve().relative_to(root.resolve()).parts[0]
     except (ValueError, IndexError):
         return {}
     versions = lineage.latest_materialization_ids(CHECKPOINT_ASSET, [config_name])

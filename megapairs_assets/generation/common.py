@@ -6,7 +6,6 @@ import json
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import polars as pl
@@ -14,7 +13,7 @@ import polars as pl
 from megapairs_assets.corpus.step import IMAGE_LINEAGE
 from megapairs_assets.generation.backends.base import BackendSpec
 from megapairs_assets.generation.runner import RunStats
-from megapairs_assets.lib.storage import DataLayout
+from megapairs_assets.lib.storage import DataLayout, DataPath, data_root_path, read_parquet
 from megapairs_assets.lineage.catalog import LineageCatalog, read_with_versions
 
 PAIRS_ASSET = "mined_image_pairs"
@@ -104,7 +103,7 @@ def read_shard_table(
     Refuses (IncompleteCommitError) a table whose newest materialization did not complete.
     """
     path = layout.shard_table(asset, shard)
-    frame, versions = read_with_versions(catalog, asset, [shard], lambda: pl.read_parquet(path))
+    frame, versions = read_with_versions(catalog, asset, [shard], lambda: read_parquet(path))
     return frame, {f"{asset}/{p}": v for p, v in versions.items()}
 
 
@@ -127,9 +126,12 @@ def _safe_part(text: str) -> str:
     return safe
 
 
-def export_dir(layout: DataLayout, configured: str | None) -> Path:
-    """The release folder: the configured one, else `<data root>/data/triplet_export`."""
-    return Path(configured) if configured else layout.data_dir / EXPORT_DIRNAME
+def export_dir(layout: DataLayout, configured: str | None) -> DataPath:
+    """The release folder: the configured one (a local path or an fsspec URL, which gets the
+    data root's storage options), else `<data root>/data/triplet_export`."""
+    if configured:
+        return data_root_path(configured, layout.storage_options)
+    return layout.data_dir / EXPORT_DIRNAME
 
 
 def generator_name(spec: BackendSpec, input_mode: str | None) -> str:

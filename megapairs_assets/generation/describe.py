@@ -131,7 +131,7 @@ def describe_pairs_for_shard(
     pairs = pairs.select("pair_id", "query_id", "target_id")
     quarantine = QuarantineLog(DESCRIPTIONS_ASSET, shard)
     model_plans, heuristic_plans = _plan_requests(pairs, catalog, settings, quarantine)
-    store = ResponseStore(store_path(layout.data_dir, shard, STEP), settings.max_attempts)
+    store = ResponseStore(store_path(layout, shard, STEP), settings.max_attempts)
     if settings.retry_quarantined:
         store.release_quarantined()
 
@@ -226,7 +226,7 @@ def prefetch_descriptions(
             settings,
             QuarantineLog(DESCRIPTIONS_ASSET, shard),
         )
-        store = ResponseStore(store_path(layout.data_dir, shard, STEP), settings.max_attempts)
+        store = ResponseStore(store_path(layout, shard, STEP), settings.max_attempts)
         routed += [(plan.request, store) for plan in plans]
     with Progress(len(routed), f"describe {len(shards)} shards", unit="pairs", log=log) as progress:
         return run_routed(

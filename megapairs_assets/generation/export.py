@@ -9,13 +9,17 @@ Layout of the export folder (default `<data root>/data/triplet_export`):
     shards/<shard>.json          one shard's figures (what the card is built from)
 
 Image paths in the triplet files are relative to the folder, so it can be moved or uploaded
-as is. MegaPairs released its images resized to 512x512 (method.md §6); the side is a setting.
+as is. The folder may be a prefix on an object store (under a URL data root, or a URL
+`export_dir`): every file is then one object, written with one PUT; only the lock that keeps
+parallel shards from interleaving card rewrites is local (under `<home>/locks/`). MegaPairs
+released its images resized to 512x512 (method.md §6); the side is a setting.
 An image that cannot be read drops the triplets that name it, each with a quarantine row.
 Re-exporting skips images already written at the right size.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -43,7 +47,13 @@ from megapairs_assets.generation.triplets import RELEASE_FIELDS, write_release_j
 from megapairs_assets.lib.progress import Progress
 from megapairs_assets.lib.quality import CheckOutcome, outcome
 from megapairs_assets.lib.step import StepResult
-from megapairs_assets.lib.storage import DataLayout, write_atomic, write_parquet_atomic
+from megapairs_assets.lib.storage import (
+    DataLayout,
+    DataPath,
+    is_local,
+    write_atomic,
+    write_parquet_atomic,
+)
 from megapairs_assets.lineage.catalog import LineageCatalog
 
 CARD_NAME = "README.md"
@@ -118,7 +128,7 @@ def export_triplets_for_shard(
         root / "shards" / f"{shard}.json",
         lambda tmp: tmp.write_text(json.dumps(figures, indent=2, sort_keys=True)),
     )
-    card = write_dataset_card(root, settings)
+    card = write_dataset_card(root, settings, layout)
     return StepResult(
         partition=shard,
         outputs={"jsonl": jsonl_path, "parquet": parquet_path, "card": card},
@@ -133,7 +143,7 @@ def export_triplets_for_shard(
 
 
 def _export_image(
-    source: dict[str, Any] | None, target: Path, side: int, settings: GenerationSettings
+    source: dict[str, Any] | None, target: DataPath, side: int, settings: GenerationSettings
 ) -> str | None:
     """Write one image at side x side unless it is already there; returns an error or None."""
     if _has_size(target, side):
@@ -152,24 +162,53 @@ def _export_image(
     return None
 
 
-def _has_size(path: Path, side: int) -> bool:
+def _has_size(path: DataPath, side: int) -> bool:
+    return _image_size(path) == (side, side)
+
+
+def _image_size(path: DataPath) -> tuple[int, int] | None:
+    """(width, height) of the image at `path` (a file or an object), None if absent or
+    unreadable. PIL reads the header only; an object is fetched with one GET."""
     try:
-        with Image.open(path) as existing:
-            return existing.size == (side, side)
-    except (OSError, ValueError):
-        return False
+        with path.open("rb") as handle, Image.open(handle) as existing:
+            return existing.size
+    except (OSError, ValueError, Image.DecompressionBombError):
+        return None
+
+
+def _exists(root: DataPath, relpaths: set[str]) -> set[str]:
+    """Which of `relpaths` exist under `root`: a stat each on local disk; on an object store
+    one listing per image folder named (a HEAD per image would be a request per image)."""
+    if is_local(root):
+        return {p for p in relpaths if (root / p).is_file()}
+    fs, base = root.fs, root.path.rstrip("/")
+    found: set[str] = set()
+    for folder in sorted({p.rpartition("/")[0] for p in relpaths}):
+        try:
+            listed = fs.find(f"{base}/{folder}")
+        except FileNotFoundError:
+            continue
+        found.update(key.removeprefix(f"{base}/") for key in listed)
+    return relpaths & found
 
 
 def check_export(
-    root: Path, exported: pl.DataFrame, image_ids: list[str], side: int
+    root: DataPath, exported: pl.DataFrame, image_ids: list[str], side: int
 ) -> list[CheckOutcome]:
     """The blocking checks of the export (names in EXPORT_CHECKS)."""
-    missing = []
-    for row in exported.select("triplet_id", "q_img", "t_img", "hns").iter_rows(named=True):
-        for path in [row["q_img"], row["t_img"], *row["hns"]]:
-            if not (root / path).is_file():
-                missing.append(f"{row['triplet_id']}: {path}")
-    wrong_size = [i for i in image_ids if not _has_size(root / image_relpath(i), side)]
+    rows = list(exported.select("triplet_id", "q_img", "t_img", "hns").iter_rows(named=True))
+    named = {p for row in rows for p in [row["q_img"], row["t_img"], *row["hns"]]}
+    present = _exists(root, named)
+    missing = [
+        f"{row['triplet_id']}: {path}"
+        for row in rows
+        for path in [row["q_img"], row["t_img"], *row["hns"]]
+        if path not in present
+    ]
+    with ThreadPoolExecutor(_WRITE_THREADS) as pool:
+        relpaths = [image_relpath(i) for i in image_ids]
+        sizes = pool.map(lambda relpath: _image_size(root / relpath), relpaths)
+        wrong_size = [i for i, size in zip(image_ids, sizes, strict=True) if size != (side, side)]
     return [
         outcome("export_paths_exist", missing, "every image path resolves inside the export"),
         outcome("export_images_sized", wrong_size, f"images are {side}x{side}"),
@@ -216,15 +255,26 @@ def _shard_figures(
     }
 
 
-def write_dataset_card(root: Path, settings: GenerationSettings) -> Path:
-    """(Re)write README.md from every shard's figures; safe when shards export in parallel."""
+def write_dataset_card(
+    root: DataPath, settings: GenerationSettings, layout: DataLayout
+) -> DataPath:
+    """(Re)write README.md from every shard's figures; safe when shards export in parallel on
+    one machine (a lock under `<home>/locks/`, local even when the folder is on an object
+    store; machines that export at once each write a whole card, the last one wins)."""
     path = root / CARD_NAME
-    root.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(root / ".card.lock")):
+    lock = card_lock_path(layout, root)
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(lock)):
         figures = [json.loads(p.read_text()) for p in sorted((root / "shards").glob("*.json"))]
         text = render_card(figures, settings)
         write_atomic(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
     return path
+
+
+def card_lock_path(layout: DataLayout, root: DataPath) -> Path:
+    """The local lock file of one export folder's card (named by a hash of the folder)."""
+    digest = hashlib.blake2b(str(root).encode(), digest_size=8).hexdigest()
+    return layout.home / "locks" / f"triplet_export-card-{digest}.lock"
 
 
 def _sum_maps(figures: list[dict[str, Any]], key: str) -> dict[str, int]:

@@ -143,7 +143,7 @@ def write_instructions_for_shard(
     model_plans, heuristic_plans = _plan_requests(
         descriptions, images, template, settings, quarantine
     )
-    store = ResponseStore(store_path(layout.data_dir, shard, STEP), settings.max_attempts)
+    store = ResponseStore(store_path(layout, shard, STEP), settings.max_attempts)
     if settings.retry_quarantined:
         store.release_quarantined()
 
@@ -243,7 +243,7 @@ def prefetch_instructions(
         plans, _ = _plan_requests(
             descriptions, images, template, settings, QuarantineLog(INSTRUCTIONS_ASSET, shard)
         )
-        store = ResponseStore(store_path(layout.data_dir, shard, STEP), settings.max_attempts)
+        store = ResponseStore(store_path(layout, shard, STEP), settings.max_attempts)
         routed += [(plan.request, store) for plan in plans]
     with Progress(len(routed), f"instruct {len(shards)} shards", unit="pairs", log=log) as progress:
         return run_routed(

@@ -1,9 +1,13 @@
 """The response store: every finished model request, kept per shard so nothing is paid twice.
 
-One SQLite file per (shard, step) under `<data root>/data/generation_cache/<shard>/<step>.sqlite`.
-Parallel steps work on different shards, so no file ever has two writers, and SQLite in WAL
-mode with `synchronous=FULL` makes each committed batch durable: a process killed mid-run
-keeps every batch committed before the kill, and the next run asks only for the rest.
+One SQLite file per (shard, step) under `<home>/cache/generation/<shard>/<step>.sqlite`, on
+local disk even when the data root is an object store: SQLite needs a file system with locks,
+and the store is a cache of responses keyed by request hash, not a table anyone reads (the
+step tables are). A machine without the cache asks the model again for what it lacks, and
+the same request key gives the same row. Parallel steps work on different shards, so no file
+ever has two writers, and SQLite in WAL mode with `synchronous=FULL` makes each committed
+batch durable: a process killed mid-run keeps every batch committed before the kill, and the
+next run asks only for the rest.
 
 Rows are keyed by the request key (sha256 of model id, template hash, inputs, sampling
 parameters and seed; see `backends.base.request_key`). A failed request keeps its attempt
@@ -22,11 +26,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from megapairs_assets.generation.backends.base import GenerationResult
+from megapairs_assets.lib.storage import DataLayout
 
 STATUS_OK = "ok"
 STATUS_FAILED = "failed"
 STATUS_QUARANTINED = "quarantined"
-CACHE_DIRNAME = "generation_cache"
+CACHE_DIRNAME = "cache"
+GENERATION_CACHE_DIRNAME = "generation"
 _SAFE_NAME = re.compile(r"[^A-Za-z0-9._-]")
 _LOOKUP_CHUNK = 900  # below SQLite's default bound-parameter limit
 
@@ -47,11 +53,13 @@ CREATE TABLE IF NOT EXISTS responses (
 """
 
 
-def store_path(data_dir: Path, shard: str, step: str) -> Path:
-    """Where a shard's responses for one step live (names made filesystem-safe)."""
+def store_path(layout: DataLayout, shard: str, step: str) -> Path:
+    """Where a shard's responses for one step live: local, under the home (names made
+    filesystem-safe); see the module docstring for why not under the data root."""
     return (
-        data_dir
+        layout.home
         / CACHE_DIRNAME
+        / GENERATION_CACHE_DIRNAME
         / _SAFE_NAME.sub("_", shard)
         / f"{_SAFE_NAME.sub('_', step)}.sqlite"
     )

@@ -37,7 +37,14 @@ from megapairs_assets.generation.settings import GenerationSettings
 from megapairs_assets.lib.preview import thumbnail_markdown
 from megapairs_assets.lib.quality import CheckOutcome, outcome
 from megapairs_assets.lib.step import StepResult
-from megapairs_assets.lib.storage import DataLayout, write_atomic, write_parquet_atomic
+from megapairs_assets.lib.storage import (
+    DataLayout,
+    DataPath,
+    data_root_path,
+    read_parquet,
+    write_atomic,
+    write_parquet_atomic,
+)
 from megapairs_assets.lineage.catalog import LineageCatalog, RowTable, register_row_table
 
 TRIPLET_ID_PREFIX = "t-"
@@ -239,7 +246,7 @@ def _release_rows(joined: pl.DataFrame) -> pl.DataFrame:
     return pl.DataFrame(rows, schema=TRIPLET_SCHEMA)
 
 
-def write_release_jsonl(triplets: pl.DataFrame, path: Path) -> None:
+def write_release_jsonl(triplets: pl.DataFrame, path: DataPath) -> None:
     """The four release fields per line, in the table's order, atomically."""
 
     def write(tmp: Path) -> None:
@@ -321,8 +328,14 @@ def triplet_examples_markdown(
 # -- reports --------------------------------------------------------------------------------
 
 
-def describe_triplet(catalog: LineageCatalog, triplet_id: str) -> str | None:
-    """The chain behind a triplet, for `megapairs lineage <triplet id>`; None if unknown."""
+def describe_triplet(
+    catalog: LineageCatalog, triplet_id: str, layout: DataLayout | None = None
+) -> str | None:
+    """The chain behind a triplet, for `megapairs lineage <triplet id>`; None if unknown.
+
+    `layout` gives the storage options (an endpoint URL) to read a triplet table recorded as an
+    object URL; without it the filesystem's own settings (environment) apply.
+    """
     if not triplet_id.startswith(TRIPLET_ID_PREFIX):
         return None
     rows = catalog.rows_for_ids(TRIPLET_LINEAGE.name, "triplet_id", [triplet_id])
@@ -330,7 +343,7 @@ def describe_triplet(catalog: LineageCatalog, triplet_id: str) -> str | None:
         return None
     row = rows.row(0, named=True)
     record = catalog.materializations([row["materialization_id"]])
-    texts = _triplet_texts(record, triplet_id)
+    texts = _triplet_texts(record, triplet_id, layout)
     image_ids = [row["query_id"], row["target_id"], *(row["hard_negative_ids"] or [])]
     images = lookup_images(catalog, image_ids)
 
@@ -370,32 +383,34 @@ def describe_triplet(catalog: LineageCatalog, triplet_id: str) -> str | None:
     return "\n".join(lines)
 
 
-def _triplet_texts(record: pl.DataFrame, triplet_id: str) -> dict[str, Any]:
-    """Description and instructions of a triplet, read from the table its record names."""
+def _triplet_texts(
+    record: pl.DataFrame, triplet_id: str, layout: DataLayout | None
+) -> dict[str, Any]:
+    """Description and instructions of a triplet, read from the table its record names (a
+    local path or an object URL); {} when it is gone or unreadable (a report never fails)."""
     if record.is_empty():
         return {}
     paths = json.loads(record["output_paths"][0] or "{}")
-    path = paths.get("triplets")
-    if not path or not Path(path).is_file():
+    if not paths.get("triplets"):
         return {}
-    found = (
-        pl.scan_parquet(path)
-        .filter(pl.col("triplet_id") == triplet_id)
-        .select("description", "q_text")
-        .collect()
-    )
+    path = data_root_path(paths["triplets"], layout.storage_options if layout else None)
+    try:
+        table = read_parquet(path, columns=["triplet_id", "description", "q_text"])
+    except (OSError, pl.exceptions.PolarsError):
+        return {}
+    found = table.filter(pl.col("triplet_id") == triplet_id).select("description", "q_text")
     return found.row(0, named=True) if found.height else {}
 
 
 def generation_summary(
-    layout: DataLayout, shards: Sequence[str], export_root: Path | None = None
+    layout: DataLayout, shards: Sequence[str], export_root: DataPath | None = None
 ) -> str | None:
     """Lines for the demo's closing summary: triplet count, generators, one sample triplet.
 
     `export_root` defaults to the default export folder (`<data root>/data/triplet_export`).
     """
     paths = [layout.shard_table(TRIPLETS_ASSET, s) for s in shards]
-    tables = [pl.read_parquet(p) for p in paths if p.is_file()]
+    tables = [read_parquet(p) for p in paths if p.exists()]
     if not tables:
         return None
     triplets = pl.concat(tables)
