@@ -43,9 +43,10 @@ from benchmarks.gpu_common import (
     matmul_tflops,
     synchronize,
 )
+from megapairs_assets.demo.models import DINOV2_TINY_CONFIG, IMAGENET_MEAN, IMAGENET_STD
+from megapairs_assets.embeddings.sources import PAPER_BAND
 
 KNN_K = 50
-PAPER_BAND = (0.8, 0.96)
 MIN_IN_BAND_FRACTION = 0.01
 FORWARD_BATCHES = 4
 DINOV2_LARGE = {
@@ -56,16 +57,7 @@ DINOV2_LARGE = {
     "patch_size": 14,
     "image_size": 518,
 }
-DINOV2_TINY = {
-    "hidden_size": 96,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "mlp_ratio": 4,
-    "patch_size": 14,
-    "image_size": 98,
-}
-_IMAGENET_MEAN = [0.485, 0.456, 0.406]
-_IMAGENET_STD = [0.229, 0.224, 0.225]
+DINOV2_TINY = DINOV2_TINY_CONFIG
 
 
 @dataclass(frozen=True)
@@ -151,8 +143,8 @@ def random_dinov2_dir(shapes: Shapes, folder: Path, device: Any) -> Path:
         do_rescale=True,
         rescale_factor=1 / 255,
         do_normalize=True,
-        image_mean=_IMAGENET_MEAN,
-        image_std=_IMAGENET_STD,
+        image_mean=IMAGENET_MEAN,
+        image_std=IMAGENET_STD,
         do_convert_rgb=True,
     ).save_pretrained(model_dir)
     return model_dir

@@ -58,7 +58,7 @@ def test_demo_uses_its_own_dagster_instance(demo_run) -> None:
 
 def test_lineage_prints_the_chain_for_the_demo_pair(demo_run) -> None:
     home, done = demo_run
-    pair_id = re.search(r"megapairs lineage (\w+)", done.stdout).group(1)
+    pair_id = re.search(r"trace a pair: megapairs lineage (\w+)", done.stdout).group(1)
     traced = _megapairs(home, "lineage", pair_id)
     assert traced.returncode == 0, traced.stderr
     text = traced.stdout
@@ -73,6 +73,30 @@ def test_lineage_prints_the_chain_for_the_demo_pair(demo_run) -> None:
         "hard negatives (query image first)",
     ):
         assert expected in text, f"{expected!r} missing from:\n{text}"
+
+
+def test_demo_runs_the_whole_loop_and_reports_it(demo_run) -> None:
+    home, done = demo_run
+    assert done.returncode == 0, done.stderr[-3000:]
+    triplets = pl.concat(
+        pl.read_parquet(p)
+        for p in sorted((DataLayout(home).data_dir / "triplets").glob("*.parquet"))
+    )
+    assert f"triplets:    {triplets.height} " in done.stdout
+    assert "SmolLM2-135M-Instruct, caption-based" in done.stdout  # every generator is named
+    assert (triplets["hns"].list.first() == triplets["q_img"]).all()
+    assert "checkpoint:  config 'demo'" in done.stdout
+    scores = re.findall(r"held-out scores \((base|trained) .*R@5 ([0-9.]+)", done.stdout)
+    assert [role for role, _ in scores] == ["base", "trained"], done.stdout[-2000:]
+
+
+def test_lineage_prints_the_chain_for_the_demo_triplet(demo_run) -> None:
+    home, done = demo_run
+    triplet_id = re.search(r"trace a triplet: megapairs lineage (t-\w+)", done.stdout).group(1)
+    traced = _megapairs(home, "lineage", triplet_id)
+    assert traced.returncode == 0, traced.stderr
+    assert triplet_id in traced.stdout
+    assert "pair" in traced.stdout
 
 
 def test_lineage_of_an_unknown_id_fails_clearly(demo_run) -> None:

@@ -39,7 +39,7 @@ DEMO_MODELS_NOTE = (
 )
 _OPEN_CLIP_RANDOM_INIT_WARNING = "No pretrained weights loaded for model"
 
-_DINOV2_TINY = {
+DINOV2_TINY_CONFIG = {
     "hidden_size": 96,
     "num_hidden_layers": 2,
     "num_attention_heads": 4,
@@ -48,8 +48,8 @@ _DINOV2_TINY = {
     "image_size": 98,
 }
 _DINOV2_RESIZE_SHORTEST_EDGE_PX = 112
-_IMAGENET_MEAN = [0.485, 0.456, 0.406]
-_IMAGENET_STD = [0.229, 0.224, 0.225]
+IMAGENET_MEAN = [0.485, 0.456, 0.406]
+IMAGENET_STD = [0.229, 0.224, 0.225]
 _BICUBIC = 3  # PIL.Image.Resampling.BICUBIC, as processor configs store it
 
 
@@ -153,12 +153,12 @@ def build_tiny_dinov2(model_dir: Path) -> None:
     """
     from transformers import BitImageProcessor, Dinov2Config, Dinov2Model
 
-    config = Dinov2Config(**_DINOV2_TINY)
+    config = Dinov2Config(**DINOV2_TINY_CONFIG)
     with torch.random.fork_rng():
         torch.manual_seed(_SEED)
         model = Dinov2Model(config)
     model.save_pretrained(model_dir)
-    crop_px = _DINOV2_TINY["image_size"]
+    crop_px = DINOV2_TINY_CONFIG["image_size"]
     # The settings of the real facebook/dinov2-* processors, scaled down to the tiny input.
     processor = BitImageProcessor(
         do_resize=True,
@@ -169,8 +169,8 @@ def build_tiny_dinov2(model_dir: Path) -> None:
         do_rescale=True,
         rescale_factor=1 / 255,
         do_normalize=True,
-        image_mean=_IMAGENET_MEAN,
-        image_std=_IMAGENET_STD,
+        image_mean=IMAGENET_MEAN,
+        image_std=IMAGENET_STD,
         do_convert_rgb=True,
     )
     processor.save_pretrained(model_dir)
