@@ -452,3 +452,35 @@ def _json_values(text: str) -> list[str]:
     import json
 
     return list(json.loads(text).values())
+
+
+def test_checkpoint_exports_are_mirrored_only_when_they_change(s3, tmp_path) -> None:
+    from megapairs_assets.retriever.discovery import discover_remote_checkpoints
+
+    root = s3.layout(tmp_path, "mirror").asset_dir("mmret_clip_checkpoint")
+    export = root / "cfg" / "open_clip"
+    config = '{"model_name": "tiny", "model_cfg": {}}'
+    write_atomic(export / "open_clip_model.safetensors", lambda tmp: tmp.write_bytes(b"w1"))
+    write_atomic(export / "open_clip_config.json", lambda tmp: tmp.write_text(config))
+    # An export still being written (no config yet) is not listed.
+    write_atomic(root / "half" / "open_clip" / "x.safetensors", lambda t: t.write_bytes(b"w"))
+    cache = tmp_path / "cache"
+    listed = discover_remote_checkpoints(root, cache, download_weights=False)
+    assert list(listed) == ["tiny__cfg.open_clip"]
+    local = cache / "cfg" / "open_clip"
+    assert (local / "open_clip_config.json").is_file()
+    assert not (local / "open_clip_model.safetensors").exists()  # a listing moves no weights
+    found = discover_remote_checkpoints(root, cache, download_weights=True)
+    weights = local / "open_clip_model.safetensors"
+    assert weights.read_bytes() == b"w1"
+    fingerprint, mtime = found["tiny__cfg.open_clip"].fingerprint(), weights.stat().st_mtime_ns
+    discover_remote_checkpoints(root, cache, download_weights=True)
+    assert weights.stat().st_mtime_ns == mtime  # unchanged: not fetched again
+    write_atomic(export / "open_clip_model.safetensors", lambda tmp: tmp.write_bytes(b"w2!"))
+    again = discover_remote_checkpoints(root, cache, download_weights=True)
+    assert weights.read_bytes() == b"w2!"
+    assert again["tiny__cfg.open_clip"].fingerprint() != fingerprint
+    # An export removed from the store loses its local copy.
+    root.fs.rm(export.path, recursive=True)
+    assert discover_remote_checkpoints(root, cache, download_weights=True) == {}
+    assert not local.exists()

@@ -135,6 +135,6 @@ def _mirror(fs: Any, remote: str, local: Path, files: dict[str, dict[str, Any]])
 def _remove_stale_copies(cache_root: Path, kept: set[Path]) -> None:
     if not cache_root.is_dir():
         return
-    for manifest in cache_root.rglob(_MANIFEST):
+    for manifest in list(cache_root.rglob(_MANIFEST)):  # listed before removing
         if manifest.parent not in kept:
             shutil.rmtree(manifest.parent, ignore_errors=True)
