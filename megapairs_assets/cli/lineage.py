@@ -14,14 +14,16 @@ def cmd_lineage(args: argparse.Namespace) -> int:
     from megapairs_assets.generation.triplets import describe_triplet
     from megapairs_assets.lib.storage import default_home
     from megapairs_assets.lineage.report import lineage_report
-    from resources.profiles import lineage_catalog
+    from resources.profiles import build_resources, lineage_catalog, profile_from_env
 
-    catalog = lineage_catalog(default_home())
+    home = default_home()
+    catalog = lineage_catalog(home)
+    layout = build_resources(profile_from_env(), home)["storage"].layout()
     catalog_path = catalog.location
     if not catalog.is_ducklake and not catalog.path.exists():
         print(f"no lineage catalog at {catalog_path}: run `megapairs demo` first", file=sys.stderr)
         return 1
-    report = describe_triplet(catalog, args.id) or lineage_report(
+    report = describe_triplet(catalog, args.id, layout) or lineage_report(
         catalog,
         args.id,
         pair_limit=None if args.all else args.limit,
