@@ -40,7 +40,9 @@ def test_build_prints_the_note_once_without_warning_or_bars(
     assert "other warnings still pass" in caplog.text  # only open_clip's warning is dropped
     assert transformers_logging.is_progress_bar_enabled()  # the setting is put back
     # Same bytes as the session's build: quieting the libraries changed no weight.
-    assert file_hashes(tmp_path) == file_hashes(demo_models_dir)
+    # The shared models folder may also hold other stages' models (the demo LLM's cache).
+    shared = {k: v for k, v in file_hashes(demo_models_dir).items() if not k.startswith("smollm2")}
+    assert file_hashes(tmp_path) == shared
     assert "megapairs-tiny-clip.pt" in file_hashes(tmp_path)
 
     ensure_demo_models(tmp_path)  # already built: says nothing
