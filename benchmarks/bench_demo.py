@@ -1,6 +1,6 @@
 """Benchmark of the whole embedded demo: `megapairs demo --quiet` end to end, as a user runs it.
 
-    python benchmarks/bench_demo.py [--quick]
+    python -m benchmarks.bench_demo [--quick]
 
 Runs the command twice in a subprocess with a fresh temporary MEGAPAIRS_HOME (and no
 DAGSTER_HOME, so the demo keeps its Dagster instance under that root):
@@ -29,8 +29,6 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks._machine import machine_info, write_result
 from benchmarks.bench_embedding import code_commit
@@ -157,7 +155,7 @@ def run(quick: bool) -> dict[str, Any]:
     first = runs[0]
     result: dict[str, Any] = {
         "benchmark": "demo",
-        "command": "python benchmarks/bench_demo.py" + (" --quick" if quick else ""),
+        "command": "python -m benchmarks.bench_demo" + (" --quick" if quick else ""),
         "demo_command": "megapairs demo --quiet (fresh MEGAPAIRS_HOME)",
         "machine": machine_info(),
         "runs": runs,

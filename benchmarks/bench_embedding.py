@@ -1,6 +1,6 @@
 """Benchmark of the embedding stage: images/s end to end through `embed_rows` vs forward only.
 
-    python benchmarks/bench_embedding.py [--images 192] [--model ViT-B-32] [--device cpu]
+    python -m benchmarks.bench_embedding [--images 192] [--model ViT-B-32] [--device cpu]
         [--dtype float32] [--batch-size 32] [--workers 0,1,2] [--threads auto] [--repeats 3]
         [--image-size 512x384] [--quick]
 
@@ -52,8 +52,6 @@ import polars as pl
 import torch
 from PIL import Image, ImageDraw
 from torch.utils.data import DataLoader
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks._machine import machine_info, write_result
 from megapairs_assets.corpus.images import ImageLimits, open_image_for_model, read_uri_bytes
@@ -554,7 +552,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     current = best["current"]
     return {
         "benchmark": "embedding",
-        "command": "python benchmarks/bench_embedding.py " + " ".join(sys.argv[1:]),
+        "command": "python -m benchmarks.bench_embedding " + " ".join(sys.argv[1:]),
         "machine": machine_info(),
         "config": {
             "model": args.model,

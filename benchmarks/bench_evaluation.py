@@ -1,6 +1,6 @@
 """Benchmark of benchmark scoring (megapairs_assets/evaluation) against bare faiss top-k.
 
-    python benchmarks/bench_evaluation.py [--gallery 1000000] [--queries 10000] [--dim 768]
+    python -m benchmarks.bench_evaluation [--gallery 1000000] [--queries 10000] [--dim 768]
                                           [--repeats 1] [--quick]
 
 What it measures, on random unit vectors (fixed seed, float32, d=768 by default):
@@ -24,15 +24,11 @@ from __future__ import annotations
 import argparse
 import gc
 import os
-import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import faiss
 import numpy as np
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks._machine import machine_info, peak_rss_mib, reset_peak_rss, write_result
 from megapairs_assets.evaluation import metrics, scoring

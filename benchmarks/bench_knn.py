@@ -1,6 +1,6 @@
 """Benchmark of the KNN stage (megapairs_assets/knn/search.py) on synthetic embeddings.
 
-    python benchmarks/bench_knn.py [--sizes 10000,100000,1000000] [--queries 2000] [--quick]
+    python -m benchmarks.bench_knn [--sizes 10000,100000,1000000] [--queries 2000] [--quick]
                                    [--full] [--repeats 1]
 
 What it measures, per corpus size N (d=512 float16 unit vectors in clusters, fixed seed;
@@ -29,14 +29,11 @@ import os
 import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import faiss
 import numpy as np
 import polars as pl
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks._machine import (
     current_rss_mib,

@@ -1,6 +1,6 @@
 """Benchmark of pair mining (method.md §3) on synthetic KNN tables.
 
-    python benchmarks/bench_mining.py [--queries 100000] [--k 50] [--copy-share 0.01] [--quick]
+    python -m benchmarks.bench_mining [--queries 100000] [--k 50] [--copy-share 0.01] [--quick]
 
 Builds one KNN table per default source (ids like "00001/000000123", scores descending per
 query, roughly a third of them inside the paper's (0.8, 0.96) band), times only `mine_pairs`
@@ -19,14 +19,11 @@ import json
 import os
 import platform
 import resource
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import polars as pl
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from megapairs_assets.mining.pairs import (
     DEFAULT_SOURCES,

@@ -273,7 +273,7 @@ def run(repeats: int, max_images: int | None) -> dict[str, Any]:
     ]
     return {
         "benchmark": "orchestration",
-        "command": "python benchmarks/bench_orchestration.py " + " ".join(sys.argv[1:]),
+        "command": "python -m benchmarks.bench_orchestration " + " ".join(sys.argv[1:]),
         "machine": machine_info(),
         "shard_images": direct["images"],
         "pairs": direct["pairs"],

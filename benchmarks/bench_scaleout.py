@@ -17,7 +17,12 @@ measured in the same run; best of `--repeats`. moto is a test double that keeps 
 Python memory, so its figure is a floor for a real store's protocol path, not S3's speed.
 Writes benchmarks/results/scaleout_data_root.json (`--quick`: a smoke run, its own file).
 
-    .venv/bin/python benchmarks/bench_scaleout.py [--part lineage|data-root|all]
+Part `demo` (run on its own): `megapairs demo --until <phase>` on the cluster deployment with
+every engine a local server (PostgreSQL instance storage and DuckLake catalog from pgserver,
+tables on moto's S3) vs the embedded default, wall time and ratio;
+benchmarks/results/scaleout_demo.json.
+
+    .venv/bin/python -m benchmarks.bench_scaleout [--part lineage|data-root|all]
         [--writers 8] [--writes 10] [--rows 20] [--tables 8] [--table-rows 10000] [--dim 768]
 """
 
@@ -40,10 +45,7 @@ from urllib.parse import parse_qs, urlparse
 import numpy as np
 import polars as pl
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from _machine import write_result
-
+from benchmarks._machine import write_result
 from megapairs_assets.corpus.step import IMAGE_LINEAGE
 from megapairs_assets.embeddings.compute import (
     read_embedding_table,
@@ -328,9 +330,98 @@ def lineage_part(args: argparse.Namespace) -> None:
     )
 
 
+def _run_demo(env: dict[str, str], until: str) -> tuple[float, str]:
+    """`megapairs demo --quiet --until <phase>` in a fresh process: (wall seconds, output)."""
+    started = time.perf_counter()
+    done = subprocess.run(
+        [sys.executable, "-m", "megapairs_assets.cli", "demo", "--quiet", "--until", until],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
+    wall_s = time.perf_counter() - started
+    if done.returncode != 0:
+        raise RuntimeError(f"demo failed ({done.returncode}): {done.stderr[-2000:]}")
+    return wall_s, done.stdout
+
+
+def demo_part(args: argparse.Namespace) -> None:
+    """The demo's wall time on the cluster deployment (PostgreSQL instance, DuckLake catalog,
+    tables on S3, all local servers) vs the embedded default, in the same run."""
+    import boto3
+    import pgserver
+
+    repo = Path(__file__).resolve().parents[1]
+    base_env = {
+        k: v for k, v in os.environ.items() if not k.startswith(("MEGAPAIRS_", "DAGSTER_"))
+    }
+    with tempfile.TemporaryDirectory(prefix="bench-scaleout-demo-") as folder:
+        root = Path(folder)
+        embedded_env = {**base_env, "MEGAPAIRS_HOME": str(root / "embedded")}
+        embedded_s, _ = _run_demo(embedded_env, args.until)
+        print(f"embedded: {embedded_s:.1f} s")
+        server = pgserver.get_server(root / "pgdata", cleanup_mode="stop")
+        try:
+            socket_dir = parse_qs(urlparse(server.get_uri()).query)["host"][0]
+            with moto_s3_server() as endpoint_url:
+                boto3.client(
+                    "s3", endpoint_url=endpoint_url, **_boto_credentials()
+                ).create_bucket(Bucket="bench")
+                dagster_home = root / "dagster"
+                dagster_home.mkdir()
+                (dagster_home / "dagster.yaml").write_text(
+                    (repo / "deployment" / "dagster.yaml").read_text()
+                )
+                cluster_env = {
+                    **base_env,
+                    **_FAKE_AWS_ENV,
+                    "MEGAPAIRS_HOME": str(root / "cluster"),
+                    "DAGSTER_HOME": str(dagster_home),
+                    "MEGAPAIRS_DEPLOYMENT": "cluster",
+                    "MEGAPAIRS_POSTGRES_URL": "postgresql+psycopg2://postgres@/postgres"
+                    f"?host={socket_dir}",
+                    "MEGAPAIRS_LINEAGE_CATALOG": "ducklake:postgres:dbname=postgres "
+                    f"host={socket_dir} user=postgres",
+                    "MEGAPAIRS_LINEAGE_DATA_PATH": str(root / "lake"),
+                    "MEGAPAIRS_DATA_ROOT": "s3://bench/home",
+                    "MEGAPAIRS_STORAGE_ENDPOINT_URL": endpoint_url,
+                }
+                cluster_s, output = _run_demo(cluster_env, args.until)
+        finally:
+            server.cleanup()
+    print(f"cluster deployment (local servers): {cluster_s:.1f} s")
+    ratio = cluster_s / embedded_s
+    print(f"ratio cluster/embedded wall time: {ratio:.2f}")
+    result = {
+        "benchmark": f"megapairs demo --until {args.until}: cluster deployment on local "
+        "servers (pgserver PostgreSQL instance, DuckLake catalog, moto S3 data root) vs the "
+        "embedded default",
+        "embedded_s": round(embedded_s, 1),
+        "cluster_s": round(cluster_s, 1),
+        "ratio_cluster_over_embedded": round(ratio, 3),
+        "cluster_summary_tail": output.strip().splitlines()[-6:],
+        "commit": _commit(),
+    }
+    path = RESULTS.with_name("scaleout_demo.json")
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {path}")
+
+
+def _boto_credentials() -> dict[str, str]:
+    return {
+        "aws_access_key_id": _FAKE_AWS_ENV["AWS_ACCESS_KEY_ID"],
+        "aws_secret_access_key": _FAKE_AWS_ENV["AWS_SECRET_ACCESS_KEY"],
+        "region_name": _FAKE_AWS_ENV["AWS_DEFAULT_REGION"],
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--part", choices=("lineage", "data-root", "all"), default="all")
+    parser.add_argument(
+        "--part", choices=("lineage", "data-root", "demo", "all"), default="all"
+    )
+    parser.add_argument("--until", default="mine", help="demo part: the last phase to run")
     parser.add_argument("--writers", type=int, default=8)
     parser.add_argument("--writes", type=int, default=10, help="materializations per writer")
     parser.add_argument("--rows", type=int, default=20, help="lineage rows per materialization")
@@ -346,6 +437,8 @@ def main() -> None:
         data_root_part(args)
     if args.part in ("lineage", "all") and not args.quick:
         lineage_part(args)
+    if args.part == "demo":
+        demo_part(args)
 
 
 if __name__ == "__main__":

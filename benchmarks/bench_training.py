@@ -1,6 +1,6 @@
 """Benchmark: MMRet-CLIP training step throughput against forward+backward alone, on this CPU.
 
-    python benchmarks/bench_training.py [--batch 32] [--steps 40] [--threads N] [--quick]
+    python -m benchmarks.bench_training [--batch 32] [--steps 40] [--threads N] [--quick]
 
 Both figures use the same model (the demo's tiny open_clip), the same batch of triplets and
 the same loss, measured in this run:
@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -29,8 +28,6 @@ import numpy as np
 import polars as pl
 import torch
 from PIL import Image
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks._machine import machine_info, write_result
 from megapairs_assets.demo.models import DEMO_CLIP_MODEL, ensure_demo_models

@@ -1,7 +1,7 @@
 """GPU benchmark of one MMRet-CLIP training step: samples/s, MFU and peak memory.
 
-    python benchmarks/gpu_training.py [--model ViT-B-16-quickgelu] [--batch 256] [--steps 10]
-    python benchmarks/gpu_training.py --cpu-smoke      # the demo's tiny model, 2 steps, CPU
+    python -m benchmarks.gpu_training [--model ViT-B-16-quickgelu] [--batch 256] [--steps 10]
+    python -m benchmarks.gpu_training --cpu-smoke      # the demo's tiny model, 2 steps, CPU
 
 Times the step `mmret_clip_checkpoint` runs on each device at the paper's settings: the
 paper's batch of 2048 queries over 8 GPUs is 256 queries per device, each with its target and
@@ -21,13 +21,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks._machine import machine_info, write_result
 from megapairs_assets.training.module import MMRetCLIP

@@ -1,0 +1,48 @@
+"""`megapairs demo` options that must fail fast and clearly (no graph run here)."""
+
+from __future__ import annotations
+
+import builtins
+import sys
+from pathlib import Path
+
+import pytest
+
+from megapairs_assets.cli.demo import FAISS_HINT, corpus_kind
+from megapairs_assets.cli.main import main as megapairs
+
+
+def test_corpus_kind_is_read_from_what_the_path_holds(tmp_path: Path) -> None:
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    (shards / "00000.tar").write_bytes(b"")
+    folders = tmp_path / "folders"
+    (folders / "a").mkdir(parents=True)
+    manifest = tmp_path / "manifest.jsonl"
+    manifest.write_text("{}\n")
+    assert corpus_kind(shards) == "webdataset"
+    assert corpus_kind(folders) == "folder"
+    assert corpus_kind(manifest) == "manifest"
+    with pytest.raises(ValueError, match="expected a folder of .tar shards"):
+        corpus_kind(tmp_path / "missing")
+
+
+def test_demo_with_a_corpus_that_does_not_exist_says_so(tmp_path: Path, capsys) -> None:
+    assert megapairs(["demo", "--corpus", str(tmp_path / "nowhere")]) == 2
+    assert "--corpus" in capsys.readouterr().err
+
+
+def test_demo_without_faiss_prints_the_install_line(monkeypatch, capsys) -> None:
+    real_import = builtins.__import__
+
+    def no_faiss(name, *args, **kwargs):
+        if name == "faiss":
+            raise ImportError("No module named 'faiss'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.delitem(sys.modules, "faiss", raising=False)
+    monkeypatch.setattr(builtins, "__import__", no_faiss)
+    assert megapairs(["demo"]) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == FAISS_HINT
+    assert '.[cpu,dev]' in err
