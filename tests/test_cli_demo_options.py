@@ -23,7 +23,7 @@ def test_corpus_kind_is_read_from_what_the_path_holds(tmp_path: Path) -> None:
     assert corpus_kind(shards) == "webdataset"
     assert corpus_kind(folders) == "folder"
     assert corpus_kind(manifest) == "manifest"
-    with pytest.raises(ValueError, match="expected a folder of .tar shards"):
+    with pytest.raises(ValueError, match=r"expected a folder of \.tar shards"):
         corpus_kind(tmp_path / "missing")
 
 
