@@ -24,14 +24,15 @@ from __future__ import annotations
 
 import difflib
 import json
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 from PIL import Image
+
+from megapairs_assets.lib.progress import quiet_library_progress
 
 EncoderBackend = Literal["open_clip_image", "open_clip_text", "dinov2", "sentence_transformers"]
 Modality = Literal["image", "text"]
@@ -347,7 +348,7 @@ def _load_dinov2(
 ) -> LoadedEncoder:
     from transformers import AutoImageProcessor, AutoModel
 
-    with _quiet_hf_progress():
+    with quiet_library_progress():
         model = AutoModel.from_pretrained(spec.model, local_files_only=True)
     model = model.to(device=device, dtype=dtype).eval()
     processor = AutoImageProcessor.from_pretrained(spec.model, local_files_only=True)
@@ -375,7 +376,7 @@ def _load_sentence_transformer(
 ) -> LoadedEncoder:
     from sentence_transformers import SentenceTransformer
 
-    with _quiet_hf_progress():
+    with quiet_library_progress():
         model = SentenceTransformer(spec.model, device=str(device), local_files_only=True)
     model = model.to(dtype=dtype).eval()
 
@@ -535,20 +536,6 @@ def _uint8_preprocess_from_processor(
     return Uint8ImagePreprocess(geometric), DeviceNormalize(
         tuple(processor.image_mean), tuple(processor.image_std)
     )
-
-
-@contextmanager
-def _quiet_hf_progress() -> Iterator[None]:
-    """No "Loading weights" bars from transformers: they interleave with Dagster's log lines."""
-    from transformers.utils import logging as hf_logging
-
-    was_enabled = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            hf_logging.enable_progress_bar()
 
 
 # --- the backend registry -------------------------------------------------------------------

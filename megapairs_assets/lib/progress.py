@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 from tqdm import tqdm
 
@@ -98,3 +99,18 @@ class Progress:
 
 ProgressCallback = Callable[[int], None]
 """What plain-Python logic accepts: called with the number of items just finished."""
+
+
+@contextmanager
+def quiet_library_progress() -> Iterator[None]:
+    """No progress bars from Hugging Face libraries while loading or converting models: they
+    interleave with Dagster's log lines, and our own `Progress` reports the work that matters."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()

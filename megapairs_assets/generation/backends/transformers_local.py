@@ -31,6 +31,7 @@ from megapairs_assets.generation.backends.base import (
     register_backend,
 )
 from megapairs_assets.generation.backends.images import has_images, load_image
+from megapairs_assets.lib.progress import quiet_library_progress
 
 TRANSFORMERS_BACKEND = "transformers"
 KINDS = ("causal_lm", "image_text_to_text")
@@ -94,10 +95,11 @@ def ensure_converted_gguf(model_dir: Path, gguf_file: str, converted_dir: Path) 
                     return converted_dir
             except ValueError:
                 pass
-        tokenizer = AutoTokenizer.from_pretrained(model_dir, gguf_file=gguf_file)
-        model = AutoModelForCausalLM.from_pretrained(
-            model_dir, gguf_file=gguf_file, dtype=torch.float32
-        )
+        with quiet_library_progress():
+            tokenizer = AutoTokenizer.from_pretrained(model_dir, gguf_file=gguf_file)
+            model = AutoModelForCausalLM.from_pretrained(
+                model_dir, gguf_file=gguf_file, dtype=torch.float32
+            )
         # transformers marks a GGUF-loaded model as quantized and refuses to save it, although
         # its weights are already plain float tensors; drop the marks to save the float copy.
         if hasattr(model.config, "quantization_config"):
@@ -107,8 +109,9 @@ def ensure_converted_gguf(model_dir: Path, gguf_file: str, converted_dir: Path) 
         staging = converted_dir.with_name(converted_dir.name + ".staging")
         if staging.exists():
             _remove_tree(staging)
-        model.save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
+        with quiet_library_progress():
+            model.save_pretrained(staging)
+            tokenizer.save_pretrained(staging)
         (staging / _CONVERTED_MARKER).write_text(json.dumps(wanted))
         if converted_dir.exists():
             _remove_tree(converted_dir)
@@ -176,11 +179,13 @@ class TransformersBackend:
             self._processor.padding_side = "left"
             if self._processor.pad_token is None:
                 self._processor.pad_token = self._processor.eos_token
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+            with quiet_library_progress():
+                model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
         else:
             self._processor = AutoProcessor.from_pretrained(path)
             self._processor.tokenizer.padding_side = "left"
-            model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype)
+            with quiet_library_progress():
+                model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype)
         self._model = model.to(device).eval()
         self._device = device
         self.load_s = time.perf_counter() - started
