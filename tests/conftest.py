@@ -7,13 +7,10 @@ from pathlib import Path
 
 import dagster as dg
 import pytest
-from dagster._core.storage.tags import (
-    ASSET_PARTITION_RANGE_END_TAG,
-    ASSET_PARTITION_RANGE_START_TAG,
-)
 
 from megapairs_assets.demo.models import ensure_demo_models
 from megapairs_assets.orchestration.partitions import SHARD_PARTITIONS_NAME
+from megapairs_assets.orchestration.runs import shard_range_tags
 
 
 @pytest.fixture(scope="session")
@@ -42,9 +39,6 @@ def run_shards(
     instance.add_dynamic_partitions(SHARD_PARTITIONS_NAME, [s for s in shards if s not in known])
     return defs.resolve_job_def(job_name).execute_in_process(
         instance=instance,
-        tags={
-            ASSET_PARTITION_RANGE_START_TAG: shards[0],
-            ASSET_PARTITION_RANGE_END_TAG: shards[-1],
-        },
+        tags=shard_range_tags(list(shards)),
         raise_on_error=False,
     )
