@@ -90,9 +90,9 @@ def test_each_partition_reports_its_own_row_count(graph, asset: str) -> None:
 def test_pairs_preview_of_a_partition_shows_only_its_queries(graph) -> None:
     _, _, _, instance, _ = graph
     preview = _latest_metadata(instance, "mined_image_pairs", "00001")["preview"]
-    rows = [line for line in preview.splitlines() if line.startswith("| ") and "---" not in line]
-    query_cells = [row.split("|")[1].strip() for row in rows[1:]]  # rows[0] is the header
+    query_cells = [record.data["query_id"] for record in preview.records]
     assert query_cells and all(cell.startswith("00001/") for cell in query_cells)
+    assert {"query_caption", "target_caption"} <= set(preview.records[0].data)
 
 
 def test_check_results_name_their_partitions(graph) -> None:

@@ -24,8 +24,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import dagster as dg
+import polars as pl
 
-from megapairs_assets.lib.preview import markdown_table
 from megapairs_assets.lib.quality import CheckOutcome, merged_detail
 from megapairs_assets.lib.step import StepResult, run_recorded
 from megapairs_assets.lineage.catalog import LineageCatalog
@@ -124,12 +124,47 @@ def partition_metadata(result: StepResult) -> dict[str, Any]:
     for name, text in result.markdown.items():
         metadata[name] = dg.MetadataValue.md(text)
     if result.preview is not None:
-        metadata["preview"] = dg.MetadataValue.md(markdown_table(result.preview))
+        metadata["preview"] = preview_table(result.preview)
     for name, path in result.outputs.items():
         metadata[f"path_{name}"] = dg.MetadataValue.path(str(path))
     failing = [o.name for o in result.outcomes if not o.passed]
     metadata["failing_checks"] = ", ".join(failing) or "none"
     return metadata
+
+
+def preview_table(frame: pl.DataFrame, max_rows: int = 10) -> dg.TableMetadataValue:
+    """A frame's first rows as a table the UI shows inline (Markdown hides behind a link)."""
+    head = frame.head(max_rows)
+    columns = [
+        dg.TableColumn(name, _table_type(dtype)) for name, dtype in head.schema.items()
+    ]
+    records = [
+        dg.TableRecord({name: _table_value(value) for name, value in row.items()})
+        for row in head.iter_rows(named=True)
+    ]
+    return dg.MetadataValue.table(records=records, schema=dg.TableSchema(columns=columns))
+
+
+def _table_type(dtype: pl.DataType) -> str:
+    if dtype.is_integer():
+        return "int"
+    if dtype.is_float():
+        return "float"
+    if dtype == pl.Boolean:
+        return "bool"
+    return "string"
+
+
+def _table_value(value: Any) -> str | int | float | bool:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return round(value, 4)
+    if isinstance(value, bool | int | str):
+        return value
+    if isinstance(value, list):
+        return ", ".join(str(v) for v in value)
+    return str(value)
 
 
 def check_results(stage: Stage, results: Iterable[StepResult]) -> list[dg.AssetCheckResult]:
