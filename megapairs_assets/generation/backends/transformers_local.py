@@ -14,10 +14,12 @@ batching.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -73,6 +75,20 @@ class TransformersOptions:
         return parsed
 
 
+@contextmanager
+def _quiet_gguf_conversion() -> Iterator[None]:
+    """transformers' GGUF loader draws its own tqdm bar (not behind its progress-bar switch);
+    the one-time conversion is reported by our log line instead."""
+    import transformers.modeling_gguf_pytorch_utils as gguf_utils
+
+    original = gguf_utils.tqdm
+    gguf_utils.tqdm = functools.partial(original, disable=True)
+    try:
+        yield
+    finally:
+        gguf_utils.tqdm = original
+
+
 def ensure_converted_gguf(model_dir: Path, gguf_file: str, converted_dir: Path) -> Path:
     """Dequantise a GGUF model once into `converted_dir` (safe across processes).
 
@@ -95,7 +111,7 @@ def ensure_converted_gguf(model_dir: Path, gguf_file: str, converted_dir: Path) 
                     return converted_dir
             except ValueError:
                 pass
-        with quiet_library_progress():
+        with quiet_library_progress(), _quiet_gguf_conversion():
             tokenizer = AutoTokenizer.from_pretrained(model_dir, gguf_file=gguf_file)
             model = AutoModelForCausalLM.from_pretrained(
                 model_dir, gguf_file=gguf_file, dtype=torch.float32
