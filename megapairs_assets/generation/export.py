@@ -23,7 +23,6 @@ import hashlib
 import json
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -310,8 +309,9 @@ def render_card(figures: list[dict[str, Any]], settings: GenerationSettings) -> 
     return f"""# {settings.export.dataset_name}
 
 Composed-image-retrieval triplets made by the megapairs pipeline, an open implementation of
-the MegaPairs data synthesis method (Zhou et al., arXiv 2412.14475). Generated on
-{datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")} from {len(figures)} shard(s).
+the MegaPairs data synthesis method (Zhou et al., arXiv 2412.14475), from {len(figures)}
+shard(s). (No date here, so the same inputs give the same card byte for byte; the lineage
+catalog records when each shard was made.)
 
 ## Counts
 
