@@ -1,4 +1,5 @@
-"""Browser-level check of the Dagster UI: screenshots of the asset graph and the pairs asset.
+"""Browser-level check of the Dagster UI: the asset graph, the pairs asset, triplets, the
+checkpoint and the scores, as screenshots.
 
     MEGAPAIRS_HOME=/tmp/mp_ui .venv/bin/megapairs demo --quiet      # data to look at
     MEGAPAIRS_HOME=/tmp/mp_ui .venv/bin/python scripts/ui_screenshots.py /tmp/mp_ui_shots
@@ -41,6 +42,10 @@ PAGES: tuple[tuple[str, str, int], ...] = (
     ("05_pairs_partition_00001", f"{PAIRS_PAGE}?view=partitions&partition=00001", 1300),
     ("06_pairs_checks", f"{PAIRS_PAGE}?view=checks", 1100),
     ("07_pairs_events", f"{PAIRS_PAGE}?view=events", 1300),
+    # The second half: what a person reads at a glance (examples, loss curve, scores).
+    ("08_triplets_partition_00000", "/assets/triplets?view=partitions&partition=00000", 1800),
+    ("09_checkpoint_overview", "/assets/mmret_clip_checkpoint?view=overview", 1700),
+    ("10_scores_overview", "/assets/benchmark_scores?view=overview", 1500),
 )
 WINDOW_WIDTH_PX = 1600
 CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
