@@ -52,7 +52,7 @@ from megapairs_assets.generation.prompts import (
     request_seed_for,
     word_num_for,
 )
-from megapairs_assets.generation.runner import RunStats, run_requests, run_routed
+from megapairs_assets.generation.runner import RunStats, prefetch_shards, settle_shard_requests
 from megapairs_assets.generation.settings import GenerationSettings
 from megapairs_assets.generation.store import (
     STATUS_OK,
@@ -61,11 +61,10 @@ from megapairs_assets.generation.store import (
     StoredResponse,
     store_path,
 )
-from megapairs_assets.lib.progress import Progress
 from megapairs_assets.lib.quality import CheckOutcome, outcome
 from megapairs_assets.lib.step import StepResult
 from megapairs_assets.lib.storage import DataLayout, write_parquet_atomic
-from megapairs_assets.lineage.catalog import IncompleteCommitError, LineageCatalog
+from megapairs_assets.lineage.catalog import LineageCatalog
 
 STEP = "describe"
 HEURISTIC_DESCRIBE_TEMPLATE = {"id": "caption-heuristic-describe", "version": 1}
@@ -131,33 +130,25 @@ def describe_pairs_for_shard(
     pairs = pairs.select("pair_id", "query_id", "target_id")
     quarantine = QuarantineLog(DESCRIPTIONS_ASSET, shard)
     model_plans, heuristic_plans = _plan_requests(pairs, catalog, settings, quarantine)
-    store = ResponseStore(store_path(layout, shard, STEP), settings.max_attempts)
-    if settings.retry_quarantined:
-        store.release_quarantined()
-
-    total = len(model_plans) + len(heuristic_plans)
-    with Progress(total, f"describe {shard}", unit="pairs", log=log) as progress:
-        model_responses, model_stats = run_requests(
-            [p.request for p in model_plans],
-            lambda: backend_factory(settings.describe.backend),
-            store,
-            flush_every=settings.flush_every,
-            progress=progress.update,
-        )
-        heuristic_responses, heuristic_stats = run_requests(
-            [p.request for p in heuristic_plans],
-            lambda: backend_factory(settings.heuristic),
-            store,
-            flush_every=settings.flush_every,
-            progress=progress.update,
-        )
+    settled = settle_shard_requests(
+        [p.request for p in model_plans],
+        [p.request for p in heuristic_plans],
+        ResponseStore(store_path(layout, shard, STEP), settings.max_attempts),
+        lambda: backend_factory(settings.describe.backend),
+        lambda: backend_factory(settings.heuristic),
+        flush_every=settings.flush_every,
+        retry_quarantined=settings.retry_quarantined,
+        label=f"describe {shard}",
+        log=log,
+    )
+    model_stats = settled.model_stats
     raise_if_backend_failing(model_stats, settings.max_failure_fraction, "describe", shard)
 
     rows = [
         row
         for plans, responses in (
-            (model_plans, model_responses),
-            (heuristic_plans, heuristic_responses),
+            (model_plans, settled.model),
+            (heuristic_plans, settled.heuristic),
         )
         for plan in plans
         if (row := _accept(plan, responses.get(plan.request.key), settings, quarantine))
@@ -166,7 +157,7 @@ def describe_pairs_for_shard(
     path = layout.shard_table(DESCRIPTIONS_ASSET, shard)
     write_parquet_atomic(table, path)
 
-    stats = model_stats.add(heuristic_stats)
+    stats = settled.stats
     by_generator = counts_by(table, "generator")
     return StepResult(
         partition=shard,
@@ -186,7 +177,10 @@ def describe_pairs_for_shard(
             "pairs": pairs.height,
             "model_requests": len(model_plans),
             "heuristic_requests": len(heuristic_plans),
-            "not_sampled": pairs.height - total - _missing(quarantine),
+            "not_sampled": pairs.height
+            - len(model_plans)
+            - len(heuristic_plans)
+            - _missing(quarantine),
             **{f"model_{k}": v for k, v in model_stats.as_metadata().items()},
             **{f"all_{k}": v for k, v in stats.as_metadata().items()},
             "rows_by_generator": by_generator,
@@ -204,22 +198,10 @@ def prefetch_descriptions(
     log: Callable[[str], None] | None = None,
     backend_factory: Callable[[BackendSpec], GenerationBackend] = shared_backend,
 ) -> RunStats:
-    """Send the model requests of several shards as one stream before their own steps run.
+    """The model requests of several shards as one stream (see `runner.prefetch_shards`)."""
 
-    A local model then batches across shards (a shard may hold only a few sampled pairs),
-    and an HTTP backend keeps more requests in flight. Answers land in each shard's cache, so
-    the per-shard steps that follow find them there. Only successes are stored: a failure is
-    retried, and counted, by the shard's own step. Shards whose pairs cannot be read are left
-    to their own step, which reports why.
-    """
-    routed = []
-    for shard in shards:
-        try:
-            pairs, _ = read_shard_table(catalog, layout, PAIRS_ASSET, shard)
-        except (OSError, IncompleteCommitError, pl.exceptions.PolarsError) as error:
-            if log is not None:
-                log(f"prefetch skips {shard}: {error}")
-            continue
+    def plan_shard(shard: str) -> tuple[list[GenerationRequest], ResponseStore]:
+        pairs, _ = read_shard_table(catalog, layout, PAIRS_ASSET, shard)
         plans, _ = _plan_requests(
             pairs.select("pair_id", "query_id", "target_id"),
             catalog,
@@ -227,15 +209,16 @@ def prefetch_descriptions(
             QuarantineLog(DESCRIPTIONS_ASSET, shard),
         )
         store = ResponseStore(store_path(layout, shard, STEP), settings.max_attempts)
-        routed += [(plan.request, store) for plan in plans]
-    with Progress(len(routed), f"describe {len(shards)} shards", unit="pairs", log=log) as progress:
-        return run_routed(
-            routed,
-            lambda: backend_factory(settings.describe.backend),
-            flush_every=settings.flush_every,
-            progress=progress.update,
-            record_failures=False,
-        )
+        return [plan.request for plan in plans], store
+
+    return prefetch_shards(
+        shards,
+        plan_shard,
+        lambda: backend_factory(settings.describe.backend),
+        flush_every=settings.flush_every,
+        label=f"describe {len(shards)} shards",
+        log=log,
+    )
 
 
 def _missing(quarantine: QuarantineLog) -> int:

@@ -58,7 +58,7 @@ from megapairs_assets.generation.prompts import (
     load_template,
     request_seed_for,
 )
-from megapairs_assets.generation.runner import RunStats, run_requests, run_routed
+from megapairs_assets.generation.runner import RunStats, prefetch_shards, settle_shard_requests
 from megapairs_assets.generation.settings import GenerationSettings
 from megapairs_assets.generation.store import (
     STATUS_OK,
@@ -67,11 +67,10 @@ from megapairs_assets.generation.store import (
     StoredResponse,
     store_path,
 )
-from megapairs_assets.lib.progress import Progress
 from megapairs_assets.lib.quality import CheckOutcome, outcome
 from megapairs_assets.lib.step import StepResult
 from megapairs_assets.lib.storage import DataLayout, write_parquet_atomic
-from megapairs_assets.lineage.catalog import IncompleteCommitError, LineageCatalog
+from megapairs_assets.lineage.catalog import LineageCatalog
 
 STEP = "instruct"
 HEURISTIC_INSTRUCT_TEMPLATE = {"id": "caption-heuristic-instruct", "version": 1}
@@ -143,34 +142,25 @@ def write_instructions_for_shard(
     model_plans, heuristic_plans = _plan_requests(
         descriptions, images, template, settings, quarantine
     )
-    store = ResponseStore(store_path(layout, shard, STEP), settings.max_attempts)
-    if settings.retry_quarantined:
-        store.release_quarantined()
-
-    with Progress(
-        len(model_plans) + len(heuristic_plans), f"instruct {shard}", unit="pairs", log=log
-    ) as progress:
-        model_responses, model_stats = run_requests(
-            [p.request for p in model_plans],
-            lambda: backend_factory(settings.instruct.backend),
-            store,
-            flush_every=settings.flush_every,
-            progress=progress.update,
-        )
-        heuristic_responses, heuristic_stats = run_requests(
-            [p.request for p in heuristic_plans],
-            lambda: backend_factory(settings.heuristic),
-            store,
-            flush_every=settings.flush_every,
-            progress=progress.update,
-        )
+    settled = settle_shard_requests(
+        [p.request for p in model_plans],
+        [p.request for p in heuristic_plans],
+        ResponseStore(store_path(layout, shard, STEP), settings.max_attempts),
+        lambda: backend_factory(settings.instruct.backend),
+        lambda: backend_factory(settings.heuristic),
+        flush_every=settings.flush_every,
+        retry_quarantined=settings.retry_quarantined,
+        label=f"instruct {shard}",
+        log=log,
+    )
+    model_stats = settled.model_stats
     raise_if_backend_failing(model_stats, settings.max_failure_fraction, STEP, shard)
 
     uri_of = {image_id: row["source_uri"] for image_id, row in images.items()}
     rows = []
     for plans, responses in (
-        (model_plans, model_responses),
-        (heuristic_plans, heuristic_responses),
+        (model_plans, settled.model),
+        (heuristic_plans, settled.heuristic),
     ):
         for plan in plans:
             row = _accept(
@@ -182,7 +172,7 @@ def write_instructions_for_shard(
     path = layout.shard_table(INSTRUCTIONS_ASSET, shard)
     write_parquet_atomic(table, path)
 
-    stats = model_stats.add(heuristic_stats)
+    stats = settled.stats
     return StepResult(
         partition=shard,
         outputs={"instructions": path},
@@ -227,16 +217,11 @@ def prefetch_instructions(
     log: Callable[[str], None] | None = None,
     backend_factory: Callable[[BackendSpec], GenerationBackend] = shared_backend,
 ) -> RunStats:
-    """The model requests of several shards as one stream (see `prefetch_descriptions`)."""
+    """The model requests of several shards as one stream (see `runner.prefetch_shards`)."""
     template = load_template(settings.instruct.template)
-    routed = []
-    for shard in shards:
-        try:
-            descriptions, _ = read_shard_table(catalog, layout, DESCRIPTIONS_ASSET, shard)
-        except (OSError, IncompleteCommitError, pl.exceptions.PolarsError) as error:
-            if log is not None:
-                log(f"prefetch skips {shard}: {error}")
-            continue
+
+    def plan_shard(shard: str) -> tuple[list[GenerationRequest], ResponseStore]:
+        descriptions, _ = read_shard_table(catalog, layout, DESCRIPTIONS_ASSET, shard)
         images = lookup_images(
             catalog, descriptions["query_id"].to_list() + descriptions["target_id"].to_list()
         )
@@ -244,15 +229,16 @@ def prefetch_instructions(
             descriptions, images, template, settings, QuarantineLog(INSTRUCTIONS_ASSET, shard)
         )
         store = ResponseStore(store_path(layout, shard, STEP), settings.max_attempts)
-        routed += [(plan.request, store) for plan in plans]
-    with Progress(len(routed), f"instruct {len(shards)} shards", unit="pairs", log=log) as progress:
-        return run_routed(
-            routed,
-            lambda: backend_factory(settings.instruct.backend),
-            flush_every=settings.flush_every,
-            progress=progress.update,
-            record_failures=False,
-        )
+        return [plan.request for plan in plans], store
+
+    return prefetch_shards(
+        shards,
+        plan_shard,
+        lambda: backend_factory(settings.instruct.backend),
+        flush_every=settings.flush_every,
+        label=f"instruct {len(shards)} shards",
+        log=log,
+    )
 
 
 def _limits_for(template: PromptTemplate, limits: InstructionLimits) -> InstructionLimits:

@@ -17,6 +17,8 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 
+import polars as pl
+
 from megapairs_assets.generation.backends.base import (
     GenerationBackend,
     GenerationRequest,
@@ -28,7 +30,8 @@ from megapairs_assets.generation.store import (
     ResponseStore,
     StoredResponse,
 )
-from megapairs_assets.lib.progress import ProgressCallback
+from megapairs_assets.lib.progress import Progress, ProgressCallback
+from megapairs_assets.lineage.catalog import IncompleteCommitError
 
 
 @dataclass
@@ -213,3 +216,83 @@ def run_routed(
                     raise errors[0]
     stats.elapsed_s = time.perf_counter() - started
     return stats
+
+
+BackendFactory = Callable[[], GenerationBackend]
+
+
+@dataclass
+class SettledStep:
+    """What one shard's generation step got back: the model's and the heuristic's answers."""
+
+    model: dict[str, StoredResponse]
+    heuristic: dict[str, StoredResponse]
+    model_stats: RunStats
+    heuristic_stats: RunStats
+
+    @property
+    def stats(self) -> RunStats:
+        return self.model_stats.add(self.heuristic_stats)
+
+
+def settle_shard_requests(
+    model_requests: Sequence[GenerationRequest],
+    heuristic_requests: Sequence[GenerationRequest],
+    store: ResponseStore,
+    model_backend: BackendFactory,
+    heuristic_backend: BackendFactory,
+    *,
+    flush_every: int,
+    retry_quarantined: bool,
+    label: str,
+    log: Callable[[str], None] | None = None,
+) -> SettledStep:
+    """Settle a shard's model-sampled and heuristic requests in its store, with one progress
+    bar (the part every generation step shares)."""
+    if retry_quarantined:
+        store.release_quarantined()
+    total = len(model_requests) + len(heuristic_requests)
+    with Progress(total, label, unit="pairs", log=log) as progress:
+        model, model_stats = run_requests(
+            model_requests, model_backend, store, flush_every=flush_every,
+            progress=progress.update,
+        )
+        heuristic, heuristic_stats = run_requests(
+            heuristic_requests, heuristic_backend, store, flush_every=flush_every,
+            progress=progress.update,
+        )
+    return SettledStep(model, heuristic, model_stats, heuristic_stats)
+
+
+def prefetch_shards(
+    shards: Sequence[str],
+    plan_shard: Callable[[str], tuple[Sequence[GenerationRequest], ResponseStore]],
+    backend: BackendFactory,
+    *,
+    flush_every: int,
+    label: str,
+    log: Callable[[str], None] | None = None,
+) -> RunStats:
+    """Send the model requests of several shards as one stream before their own steps run.
+
+    A local model then batches across shards (a shard may hold only a few sampled pairs), and
+    an HTTP backend keeps more requests in flight. Answers land in each shard's store, so the
+    per-shard steps that follow find them there. Only successes are stored: a failure is
+    retried, and counted, by the shard's own step. `plan_shard` returns a shard's model
+    requests and its store; a shard whose input cannot be read (it raises) is left to its own
+    step, which reports why.
+    """
+    routed: list[tuple[GenerationRequest, ResponseStore]] = []
+    for shard in shards:
+        try:
+            requests, store = plan_shard(shard)
+        except (OSError, IncompleteCommitError, pl.exceptions.PolarsError) as error:
+            if log is not None:
+                log(f"prefetch skips {shard}: {error}")
+            continue
+        routed += [(request, store) for request in requests]
+    with Progress(len(routed), label, unit="pairs", log=log) as progress:
+        return run_routed(
+            routed, backend, flush_every=flush_every, progress=progress.update,
+            record_failures=False,
+        )
