@@ -128,6 +128,12 @@ class RowTable:
 
 
 _ROW_TABLES: dict[str, RowTable] = {}
+# Catalog files whose schema this process has created or migrated, with the tables declared then.
+_SCHEMA_READY: set[tuple[str, int, frozenset[RowTable]]] = set()
+
+
+def _tables_key() -> frozenset[RowTable]:
+    return frozenset(_ROW_TABLES.values())
 
 
 def register_row_table(table: RowTable) -> RowTable:
@@ -264,7 +270,12 @@ class LineageCatalog:
             try:
                 con = self._open(deadline)
                 try:
-                    self._ensure_schema(con)
+                    # Once per process and file (identified by inode, so a deleted and
+                    # re-created catalog is set up again), not on every short read.
+                    ready_key = (str(self.path), os.stat(self.path).st_ino, _tables_key())
+                    if ready_key not in _SCHEMA_READY:
+                        self._ensure_schema(con)
+                        _SCHEMA_READY.add(ready_key)
                     yield con
                 finally:
                     con.close()
