@@ -233,6 +233,10 @@ def embedding_stage(
                 raw = encoder.encode_images(batches[0])
             # Rows a random-weight model turns into NaN or inf, on CPU-decoded input.
             figures["forward_nonfinite_rows"] = int((~torch.isfinite(raw).all(dim=1)).sum())
+            if device.type == "cuda" and source == "clip_image":
+                figures["unpadded_mlp"] = unpadded_mlp_comparison(
+                    spec, batches, raw, device, dtype
+                )
             del batches, raw
         rows_done, seconds, device_decoded, nonfinite, failed = 0, 0.0, 0, 0, set()
         for shard in shards:
@@ -282,6 +286,35 @@ def embedding_stage(
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
+
+
+def unpadded_mlp_comparison(
+    spec: Any, batches: list[Any], padded_raw: Any, device: Any, dtype: Any
+) -> dict[str, Any]:
+    """The same tower loaded without `mlp_padding` (EVA02's 2730-wide MLPs as they are): its
+    forward-only rate, and how close its outputs are to the padded model's on one batch."""
+    import torch
+
+    from benchmarks.bench_embedding import time_forward_only
+    from megapairs_assets.embeddings import encoders
+
+    encoders.PAD_MLP_WIDTHS_ON_CUDA = False
+    try:
+        encoder = load_on_device(spec, device, dtype)
+        figures: dict[str, Any] = time_forward_only(
+            encoder, batches, device, dtype, passes=4, autocast=False
+        )
+        with torch.inference_mode():
+            raw = encoder.encode_images(batches[0]).float()
+        padded = padded_raw.float()
+        finite = torch.isfinite(raw).all(dim=1) & torch.isfinite(padded).all(dim=1)
+        cosine = torch.nn.functional.cosine_similarity(raw[finite], padded[finite], dim=1)
+        figures["min_cosine_to_padded"] = round(float(cosine.min()), 6) if finite.any() else None
+        del encoder
+    finally:
+        encoders.PAD_MLP_WIDTHS_ON_CUDA = True
+    log(f"paper profile: EVA02 image tower without MLP padding {figures}")
+    return figures
 
 
 def knn_stage(record: dict[str, Any], shards: list[str], home: Path) -> None:

@@ -292,7 +292,7 @@ def test_a_failed_write_leaves_the_previous_table_untouched(
     path = tmp_path / "00000.parquet"
     write_embedding_table(path, ["old"], _unit_rows(1), "model-a")
 
-    def crash_midway(table: pa.Table, where: str) -> None:
+    def crash_midway(table: pa.Table, where: str, **options: object) -> None:
         Path(where).write_bytes(b"half a parquet file")
         raise OSError("disk full")
 

@@ -394,7 +394,9 @@ def write_embedding_table(
     embedding = pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), dim)
     table = pa.table({"image_id": pa.array(list(ids), type=pa.string()), "embedding": embedding})
     table = table.replace_schema_metadata({"model_id": model_id, "dim": str(dim)})
-    write_atomic(path, lambda tmp: pq.write_table(table, tmp))
+    # No dictionary encoding: ids are unique and float16 values nearly so, and building the
+    # dictionaries doubled the write and quintupled the read (benchmarks/README.md, embedding).
+    write_atomic(path, lambda tmp: pq.write_table(table, tmp, use_dictionary=False))
 
 
 def read_embedding_table(path: DataPath) -> tuple[np.ndarray, np.ndarray]:

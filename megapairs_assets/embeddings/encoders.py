@@ -32,12 +32,16 @@ from typing import Any, Literal
 import torch
 from PIL import Image
 
+from megapairs_assets.embeddings.mlp_padding import pad_gated_mlp_widths
 from megapairs_assets.lib.progress import quiet_library_progress
 
 EncoderBackend = Literal["open_clip_image", "open_clip_text", "dinov2", "sentence_transformers"]
 Modality = Literal["image", "text"]
 
 MODEL_CONFIGS_DIR: Path = Path(__file__).parent / "model_configs"
+
+# Pad odd gated-MLP widths (EVA02) on CUDA devices; a switch so the GPU benchmark can time both.
+PAD_MLP_WIDTHS_ON_CUDA = True
 
 _LOCAL_DIR_PREFIX = "local-dir:"
 _HF_HUB_PREFIX = "hf-hub:"
@@ -306,6 +310,9 @@ def _load_open_clip(
         # parameters of device memory). open_clip's factory has no text-only build to call.
         model.visual = None
     model = model.to(dtype=dtype).eval()
+    if device.type == "cuda" and PAD_MLP_WIDTHS_ON_CUDA:
+        # Same outputs, tensor-core-aligned products (EVA02's 2730-wide MLPs: mlp_padding.py).
+        pad_gated_mlp_widths(model)
     model_id = encoder_model_id(spec)
     if spec.backend == "open_clip_image":
         uint8_preprocess, normalize = _split_torchvision_preprocess(preprocess)

@@ -206,18 +206,68 @@ def search_torch_index(
     plan = plan_blocks(n_queries, index.ntotal, index.dim, candidates_for(k), element_bytes, budget)
     scores_out = np.full((n_queries, k), -np.inf, dtype=np.float32)
     rows_out = np.full((n_queries, k), -1, dtype=np.int64)
+    # On a GPU nothing below waits for the device until a block's results are read back, one
+    # block late: each query block goes up from pinned memory and its results come down into
+    # pinned memory, queued behind the maths, so the device never idles while the host copies
+    # (a synchronous copy per block drained the queue: ~7 ms idle per 8192-query block on H200).
+    pending: _PendingBlock | None = None
     with torch.inference_mode():
         for start in range(0, n_queries, plan.query_rows):
             stop = min(start + plan.query_rows, n_queries)
-            queries = torch.from_numpy(np.ascontiguousarray(query_vectors[start:stop]))
-            queries = queries.to(index.device, dtype=torch.float32)
-            excluded = torch.from_numpy(np.asarray(exclude_rows[start:stop], dtype=np.int64))
-            scores, rows = _search_block(index, queries, excluded.to(index.device), k, plan)
-            scores_out[start:stop, : scores.shape[1]] = scores.cpu().numpy()
-            rows_out[start:stop, : rows.shape[1]] = rows.cpu().numpy()
-            if on_block is not None:
-                on_block(stop - start)
+            queries = _to_device(query_vectors[start:stop], index.device).float()
+            own_rows = np.asarray(exclude_rows[start:stop], dtype=np.int64)
+            excluded = _to_device(own_rows, index.device)
+            scores, rows = _search_block(index, queries, excluded, k, plan)
+            current = _PendingBlock.queue(start, scores, rows)
+            if pending is not None:
+                pending.collect(scores_out, rows_out, on_block)
+            pending = current
+        if pending is not None:
+            pending.collect(scores_out, rows_out, on_block)
     return scores_out, rows_out
+
+
+@dataclass
+class _PendingBlock:
+    """One query block's results on their way to the host."""
+
+    start: int
+    scores: torch.Tensor
+    rows: torch.Tensor
+    done: torch.cuda.Event | None
+
+    @classmethod
+    def queue(cls, start: int, scores: torch.Tensor, rows: torch.Tensor) -> _PendingBlock:
+        if scores.device.type != "cuda":
+            return cls(start, scores, rows, None)
+        # non_blocking device-to-host copies land in pinned memory; the event marks their end.
+        host_scores = scores.to("cpu", non_blocking=True)
+        host_rows = rows.to("cpu", non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
+        return cls(start, host_scores, host_rows, done)
+
+    def collect(
+        self,
+        scores_out: np.ndarray,
+        rows_out: np.ndarray,
+        on_block: Callable[[int], None] | None,
+    ) -> None:
+        if self.done is not None:
+            self.done.synchronize()
+        stop = self.start + self.scores.shape[0]
+        scores_out[self.start : stop, : self.scores.shape[1]] = self.scores.numpy()
+        rows_out[self.start : stop, : self.rows.shape[1]] = self.rows.numpy()
+        if on_block is not None:
+            on_block(stop - self.start)
+
+
+def _to_device(values: np.ndarray, device: torch.device) -> torch.Tensor:
+    """`values` on `device` in their own dtype; from pinned memory, without waiting, on a GPU."""
+    tensor = torch.from_numpy(np.ascontiguousarray(values))
+    if device.type != "cuda":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
 
 
 def _search_block(
