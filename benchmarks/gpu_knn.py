@@ -99,6 +99,9 @@ def knn_section(record: dict[str, Any], args: argparse.Namespace, suite: Suite) 
     record["accuracy"] = _accuracy(index, vectors, scores, rows, device)
     log(f"knn: accuracy {record['accuracy']}")
     del scores, rows
+    if device.type == "cuda" and suite.has_time(90):
+        record["block_budget_sweep"] = _budget_sweep(index, queries, budget)
+        log(f"knn: block budget sweep {record['block_budget_sweep']}")
 
     if not suite.has_time(60):
         record["search_neighbors"] = "skipped: time budget"
@@ -119,6 +122,33 @@ def knn_section(record: dict[str, Any], args: argparse.Namespace, suite: Suite) 
         "failed_checks_on_first_rows": failed,
     }
     log(f"knn: search_neighbors {record['search_neighbors']}")
+
+
+def _budget_sweep(index: Any, queries: np.ndarray, default_budget: int) -> dict[str, Any]:
+    """The same search with larger score blocks (fewer, wider corpus blocks per query block):
+    whether the product's 4 GiB cap on the block budget leaves speed on a large card."""
+    import torch
+
+    from megapairs_assets.knn.torch_search import search_torch_index
+
+    free_bytes, _ = torch.cuda.mem_get_info(index.device)
+    n_queries = len(queries)
+    sweep: dict[str, Any] = {"default_bytes": default_budget}
+    for factor in (2, 4):
+        budget = default_budget * factor
+        if budget > 0.6 * free_bytes:
+            sweep[f"x{factor}"] = "skipped: not enough free memory"
+            continue
+        torch.cuda.empty_cache()
+        started = time.perf_counter()
+        search_torch_index(
+            index, queries, KNN_K, exclude_rows=np.arange(n_queries), block_budget_bytes=budget
+        )
+        sweep[f"x{factor}"] = {
+            "budget_bytes": budget,
+            "seconds": round(time.perf_counter() - started, 3),
+        }
+    return sweep
 
 
 def _matmul_only_s(index: Any, n_queries: int, plan: Any) -> float:
