@@ -218,7 +218,6 @@ def embed_rows_microbatched(
     batch_size: int,
     num_workers: int,
     device: torch.device,
-    dtype: torch.dtype,
     on_progress: ProgressCallback | None = None,
 ) -> EmbeddingResult:
     """Prototype of `embed_rows` for images where each worker decodes a slice of a batch.
@@ -386,7 +385,6 @@ def time_end_to_end(
     batch_size: int,
     num_workers: int,
     device: torch.device,
-    dtype: torch.dtype,
     table_path: Path,
     embed: Callable[..., EmbeddingResult] = embed_rows,
 ) -> dict[str, Any]:
@@ -404,9 +402,7 @@ def time_end_to_end(
         stamps.append(time.perf_counter())
 
     start = time.perf_counter()
-    result = embed(
-        rows, encoder, limits, batch_size, num_workers, device, dtype, on_progress=on_progress
-    )
+    result = embed(rows, encoder, limits, batch_size, num_workers, device, on_progress=on_progress)
     embedded = time.perf_counter()
     write_embedding_table(table_path, result.ids, result.vectors, encoder.model_id)
     seconds = time.perf_counter() - start
@@ -492,7 +488,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         batches = preprocessed_batches(rows, encoder, limits, args.batch_size, 0, device)
         cost_runs: list[dict[str, float]] = []
         # One small pass first, so the first timed pass does not pay one-time allocations.
-        embed_rows(rows.head(args.batch_size), encoder, limits, args.batch_size, 0, device, dtype)
+        embed_rows(rows.head(args.batch_size), encoder, limits, args.batch_size, 0, device)
 
         table_path = scratch_dir / "embeddings.parquet"
         forward_runs: dict[int, list[dict[str, Any]]] = {}
@@ -515,7 +511,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                             args.batch_size,
                             workers,
                             device,
-                            dtype,
                             table_path,
                             embed=EMBED_FUNCTIONS[variant],
                         )

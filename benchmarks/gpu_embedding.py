@@ -90,7 +90,7 @@ def embedding_section(
     # A short pass warms the device decoder and the loader before the timed ones.
     warm = rows.head(min(rows.height, 2 * batch_size))
     embed_rows(
-        warm, encoder, limits, batch_size, args.device_workers, device, dtype, image_decode="device"
+        warm, encoder, limits, batch_size, args.device_workers, device, image_decode="device"
     )
     table = scratch / "embeddings.parquet"
     on_device = functools.partial(embed_rows, image_decode="device")
@@ -121,7 +121,7 @@ def embedding_section(
             record[name] = "skipped: time budget"
             continue
         figures = bench.time_end_to_end(
-            run_rows, model, limits, batch_size, workers, device, dtype, table, embed=embed
+            run_rows, model, limits, batch_size, workers, device, table, embed=embed
         )
         figures["ratio_to_forward_only"] = round(figures["images_per_s"] / product_forward, 3)
         # Without the table write, which is the same for every input path.
@@ -130,7 +130,7 @@ def embedding_section(
         record[name] = figures
         log(f"embedding: {name}: {figures}")
     record["device_vs_cpu_decode"] = _compare_decode_paths(
-        encoder, rows.head(args.compare_rows), limits, batch_size, args, device, dtype
+        encoder, rows.head(args.compare_rows), limits, batch_size, args, device
     )
     log(f"embedding: device vs cpu decode {record['device_vs_cpu_decode']}")
     result = record.get("end_to_end_device_decode")
@@ -146,7 +146,6 @@ def _compare_decode_paths(
     batch_size: int,
     args: argparse.Namespace,
     device: Any,
-    dtype: Any,
 ) -> dict[str, Any]:
     """The same rows embedded through both input paths: non-finite rows and row cosines.
 
@@ -164,12 +163,9 @@ def _compare_decode_paths(
         batch_size,
         args.device_workers,
         device,
-        dtype,
         image_decode="device",
     )
-    on_cpu = embed_rows(
-        rows, encoder, limits, batch_size, args.workers, device, dtype, image_decode="cpu"
-    )
+    on_cpu = embed_rows(rows, encoder, limits, batch_size, args.workers, device, image_decode="cpu")
     if on_device.ids != on_cpu.ids:
         return {"status": "failed: the two paths embedded different rows"}
     a, b = on_device.vectors.astype(np.float32), on_cpu.vectors.astype(np.float32)

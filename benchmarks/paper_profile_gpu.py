@@ -243,7 +243,7 @@ def embedding_stage(
             rows = pl.read_parquet(layout.corpus_images(shard))
             shard_started = time.perf_counter()
             result = embed_rows(
-                rows, encoder, limits, batch_size, None, device, dtype, image_decode=image_decode
+                rows, encoder, limits, batch_size, None, device, image_decode=image_decode
             )
             write_embedding_table(
                 layout.shard_table(f"{source}_embeddings", shard),

@@ -73,10 +73,8 @@ def test_device_path_matches_the_cpu_path(tmp_path: Path, clip_encoder) -> None:
     items = [(f"{i:03d}", factory.good_jpeg_bytes(i, (160, 120 + 8 * (i % 3)))) for i in range(9)]
     rows = _rows(tmp_path / "photos.tar", items)
 
-    on_cpu = embed_rows(rows, clip_encoder, LIMITS, 4, 0, CPU, torch.float32, image_decode="cpu")
-    on_device = embed_rows(
-        rows, clip_encoder, LIMITS, 4, 0, CPU, torch.float32, image_decode="device"
-    )
+    on_cpu = embed_rows(rows, clip_encoder, LIMITS, 4, 0, CPU, image_decode="cpu")
+    on_device = embed_rows(rows, clip_encoder, LIMITS, 4, 0, CPU, image_decode="device")
 
     assert on_device.ids == on_cpu.ids == rows["image_id"].to_list()
     assert on_device.device_decoded == 9 and on_cpu.device_decoded == 0
@@ -121,10 +119,8 @@ def test_mixed_inputs_fall_back_to_the_cpu_and_keep_row_order(tmp_path: Path, cl
         [rows, pl.DataFrame({"image_id": ["g"], "source_uri": [str(tmp_path / "gone.jpg")]})]
     )
     progress: list[int] = []
-    on_device = embed_rows(
-        rows, clip_encoder, LIMITS, 4, 2, CPU, torch.float32, progress.append, "device"
-    )
-    on_cpu = embed_rows(rows, clip_encoder, LIMITS, 4, 0, CPU, torch.float32, image_decode="cpu")
+    on_device = embed_rows(rows, clip_encoder, LIMITS, 4, 2, CPU, progress.append, "device")
+    on_cpu = embed_rows(rows, clip_encoder, LIMITS, 4, 0, CPU, image_decode="cpu")
 
     assert on_device.ids == on_cpu.ids == ["a", "b", "d", "e", "f"]
     assert on_device.device_decoded == 2  # a and f; c was refused and retried on the CPU

@@ -101,9 +101,7 @@ def _norms(vectors: np.ndarray) -> np.ndarray:
 def test_images_become_unit_norm_float16_rows_in_input_order(tmp_path: Path) -> None:
     rows = _corpus(tmp_path, 7)
     progress: list[int] = []
-    result = embed_rows(
-        rows, _fake_encoder("image"), LIMITS, 3, 0, CPU, torch.float32, progress.append
-    )
+    result = embed_rows(rows, _fake_encoder("image"), LIMITS, 3, 0, CPU, progress.append)
 
     assert result.ids == rows["image_id"].to_list()
     assert result.vectors.dtype == np.float16
@@ -122,7 +120,7 @@ def test_unreadable_images_are_skipped_and_the_rest_is_embedded(tmp_path: Path) 
     uris[3] = str(tmp_path / "broken.jpg")
     rows = rows.with_columns(pl.Series("source_uri", uris))
 
-    result = embed_rows(rows, _fake_encoder("image"), LIMITS, 2, 0, CPU, torch.float32)
+    result = embed_rows(rows, _fake_encoder("image"), LIMITS, 2, 0, CPU)
 
     assert result.ids == ["img0", "img2", "img4"]
     assert result.vectors.shape == (3, FAKE_DIM)
@@ -135,8 +133,8 @@ def test_worker_processes_survive_bad_images(tmp_path: Path) -> None:
     uris = rows["source_uri"].to_list()
     uris[4] = str(tmp_path / "gone.jpg")
     rows = rows.with_columns(pl.Series("source_uri", uris))
-    single = embed_rows(rows, _fake_encoder("image"), LIMITS, 4, 0, CPU, torch.float32)
-    parallel = embed_rows(rows, _fake_encoder("image"), LIMITS, 4, 2, CPU, torch.float32)
+    single = embed_rows(rows, _fake_encoder("image"), LIMITS, 4, 0, CPU)
+    parallel = embed_rows(rows, _fake_encoder("image"), LIMITS, 4, 2, CPU)
 
     assert parallel.ids == single.ids == [f"img{i}" for i in range(9) if i != 4]
     assert [row[:2] for row in parallel.skipped] == [("img4", "missing_file")]
@@ -152,9 +150,7 @@ def test_rows_without_caption_are_skipped_for_text(tmp_path: Path) -> None:
         }
     )
     progress: list[int] = []
-    result = embed_rows(
-        rows, _fake_encoder("text"), LIMITS, 8, 0, CPU, torch.float32, progress.append
-    )
+    result = embed_rows(rows, _fake_encoder("text"), LIMITS, 8, 0, CPU, progress.append)
 
     assert result.ids == ["a", "d"]
     assert [(image_id, reason) for image_id, reason, _ in result.skipped] == [
@@ -184,7 +180,7 @@ def test_large_raw_outputs_still_give_finite_unit_rows() -> None:
     raw = _huge_text_vectors(rows["caption"].to_list()).double().numpy()
     assert raw.min() >= 1e4 and raw.max() > np.finfo(np.float16).max  # the premise holds
 
-    result = embed_rows(rows, encoder, LIMITS, 2, 0, CPU, torch.float32)
+    result = embed_rows(rows, encoder, LIMITS, 2, 0, CPU)
 
     assert np.isfinite(result.vectors).all()
     np.testing.assert_allclose(_norms(result.vectors), 1.0, atol=1e-3)
@@ -195,7 +191,7 @@ def test_large_raw_outputs_still_give_finite_unit_rows() -> None:
 
 def test_no_rows_give_an_empty_table_of_the_right_width(tmp_path: Path) -> None:
     rows = _corpus(tmp_path, 0)
-    result = embed_rows(rows, _fake_encoder("image"), LIMITS, 4, 0, CPU, torch.float32)
+    result = embed_rows(rows, _fake_encoder("image"), LIMITS, 4, 0, CPU)
     assert result.vectors.shape == (0, FAKE_DIM)
     write_embedding_table(tmp_path / "empty.parquet", result.ids, result.vectors, "fake:image")
     ids, vectors = read_embedding_table(tmp_path / "empty.parquet")
@@ -219,7 +215,7 @@ def test_tiny_clip_embeds_a_demo_shard_with_workers(
             "caption": [entry["caption"] for entry in shard],
         }
     )
-    result = embed_rows(rows, encoder, LIMITS, 8, 2, CPU, torch.float32)
+    result = embed_rows(rows, encoder, LIMITS, 8, 2, CPU)
 
     assert result.ids == rows["image_id"].to_list()
     assert result.vectors.shape == (24, 128)

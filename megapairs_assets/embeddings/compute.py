@@ -91,7 +91,6 @@ def embed_rows(
     batch_size: int,
     num_workers: int | None,
     device: torch.device,
-    dtype: torch.dtype,
     on_progress: ProgressCallback | None = None,
     image_decode: ImageDecode = "auto",
 ) -> EmbeddingResult:
@@ -102,7 +101,8 @@ def embed_rows(
     `no_caption`. `on_progress` is called per batch with the number of rows finished.
     `image_decode` says where JPEGs are decoded (see `device_input.uses_device_decode`; "auto"
     is the GPU when its decoder works, else the CPU); `num_workers=None` picks the DataLoader
-    worker count from the machine for that choice.
+    worker count from the machine for that choice. There is no dtype argument: `load_encoder`
+    has already cast the model to the step's dtype, and inputs follow the model.
     """
     start_s = time.perf_counter()
     if encoder.modality == "image":
@@ -189,9 +189,10 @@ def _embed_on_device(
     encoder: LoadedEncoder, inputs: torch.Tensor | list[str] | None
 ) -> torch.Tensor:
     """One batch's unit vectors as float16, left on the device (no host synchronisation)."""
-    # Every loader already casts its model to `dtype`, so no autocast: on one H100, autocast
-    # around a bf16 ViT-L-14 cost 32% of its throughput (1,773 vs 2,602 images/s forward only,
-    # benchmarks/results/gpu_suite.json) by inserting casts the model does not need.
+    # Every loader already casts its model to the step's dtype, so no autocast: on one H100,
+    # autocast around a bf16 ViT-L-14 cost 32% of its throughput (1,773 vs 2,602 images/s
+    # forward only, benchmarks/results/gpu_suite.json) by inserting casts the model does not
+    # need.
     with torch.inference_mode():
         if encoder.modality == "image":
             raw = encoder.encode_images(inputs)

@@ -63,7 +63,6 @@ def embed_shard(
             run.batch_size,
             run.num_workers,
             run.device,
-            run.dtype,
             on_progress=progress.update,
             image_decode=run.image_decode,
         )
