@@ -30,13 +30,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from megapairs_assets.lib.errors import ConfigurationError
 from megapairs_assets.lineage.catalog import is_ducklake_url
 from resources.storage import LineageCatalogResource
 
 DEPLOYMENTS = ("embedded", "cluster")
 
 
-class ClusterConfigError(ValueError):
+class ClusterConfigError(ConfigurationError):
     """A cluster setting is missing or malformed; the message names the variable."""
 
 

@@ -37,6 +37,7 @@ from megapairs_assets.generation.resource import (
     demo_generation_resource,
     paper_generation_resource,
 )
+from megapairs_assets.lib.errors import ConfigurationError
 from megapairs_assets.lineage.catalog import LineageCatalog
 from resources.cluster import ClusterSettings
 from resources.corpus import CorpusSourceResource
@@ -58,7 +59,7 @@ PAPER_CLIP_MODEL = "EVA02-L-14"
 PAPER_CLIP_PRETRAINED = "merged2b_s4b_b131k"
 
 
-class ProfileError(ValueError):
+class ProfileError(ConfigurationError):
     """An unknown profile name or a profile that cannot be built."""
 
 

@@ -88,11 +88,14 @@ def run_demo(args: argparse.Namespace) -> int:
         overrides["corpus_source"] = CorpusSourceResource(
             kind=kind, path=str(args.corpus.resolve())
         )
-    print(f"megapairs: profile {profile!r}, data root {home}")
+    print(f"megapairs: profile {profile!r}, home {home}")
     prepare_dagster_home(home)
     defs = build_definitions(profile, home, resource_overrides=overrides)
     resources = defs.resources
-    print("checking configuration (building demo models on first use)...")
+    print("checking configuration (building the demo profile's models on first use)...")
+    # Opens the data root's filesystem: a bad URL fails here, before any step runs.
+    tables = resources["storage"].layout().data_dir
+    print(f"  tables: {tables}")
     for key in ("clip_image_encoder", "dino_image_encoder", "caption_text_encoder"):
         dim = resources[key].validate()
         print(f"  {key}: {resources[key].model_id} ({dim}-d)")

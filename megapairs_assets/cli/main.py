@@ -8,6 +8,8 @@ import importlib
 import os
 import sys
 
+from megapairs_assets.lib.errors import ConfigurationError
+
 # Set before torch loads: OpenMP threads that spin while idle starve the other stages on a
 # small shared machine (SmolLM2 generation measured 16 s with this, 186 s without, on 2 cores).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -30,7 +32,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except ConfigurationError as error:
+        # A setting the user got wrong: the message says what to change; no traceback.
+        print(f"megapairs {args.command}: configuration error: {error}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

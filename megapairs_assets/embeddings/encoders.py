@@ -33,6 +33,7 @@ import torch
 from PIL import Image
 
 from megapairs_assets.embeddings.mlp_padding import pad_gated_mlp_widths
+from megapairs_assets.lib.errors import ConfigurationError
 from megapairs_assets.lib.progress import quiet_library_progress
 
 EncoderBackend = Literal["open_clip_image", "open_clip_text", "dinov2", "sentence_transformers"]
@@ -69,7 +70,7 @@ class EncoderSpec:
     dim: int | None = None
 
 
-class EncoderConfigError(ValueError):
+class EncoderConfigError(ConfigurationError):
     """An encoder spec that cannot work; the message says what is wrong and what to change."""
 
 

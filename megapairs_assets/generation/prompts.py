@@ -23,6 +23,8 @@ from typing import Any
 
 import numpy as np
 
+from megapairs_assets.lib.errors import ConfigurationError
+
 PROMPTS_DIR = Path(__file__).resolve().parent / "prompts"
 DEFAULT_DEMO_POOL = "instruction_demos.jsonl"
 WORD_NUM_RANGE = (60, 100)  # method.md §4: uniform per request, bounds included
@@ -66,7 +68,7 @@ class PromptTemplate:
         return self.fields[name]
 
 
-class TemplateError(ValueError):
+class TemplateError(ConfigurationError):
     """A template or demo pool file is malformed."""
 
 

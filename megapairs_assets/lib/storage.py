@@ -48,6 +48,8 @@ from typing import TYPE_CHECKING, Any, TypeAlias
 
 import polars as pl
 
+from megapairs_assets.lib.errors import DataRootError
+
 if TYPE_CHECKING:  # upath (and fsspec) are imported only when a data root is a URL
     from upath import UPath
 
@@ -131,7 +133,14 @@ def data_root_path(
         return Path(match.group(2) if match else text)
     from upath import UPath
 
-    return UPath(text, **dict(storage_options or {}))
+    try:
+        return UPath(text, **dict(storage_options or {}))
+    except (ValueError, ImportError) as error:
+        # fsspec has no such protocol, or its package (s3fs, gcsfs, ...) is not installed.
+        raise DataRootError(
+            f"cannot open the data root {text!r}: {error}. Use a local path or a URL of a "
+            "filesystem fsspec has installed here (s3:// needs the `cluster` extra: s3fs)"
+        ) from error
 
 
 def is_local(path: DataPath) -> bool:

@@ -65,6 +65,8 @@ from typing import Any
 import duckdb
 import polars as pl
 
+from megapairs_assets.lib.errors import ConfigurationError
+
 # v1: the mining half's first release (no status column, no catalog_info table).
 # v2: materializations.status; catalog_info; row tables declared by stages.
 SCHEMA_VERSION = 2
@@ -204,7 +206,7 @@ _LAKE_ALIAS = "megapairs_lake"
 _CORE_SQL_NO_CONSTRAINTS = re.sub(r"\s+PRIMARY KEY", "", _CORE_SQL)
 
 
-class CatalogConfigError(ValueError):
+class CatalogConfigError(ConfigurationError):
     """The catalog location or its DuckDB extensions are not usable as configured."""
 
 

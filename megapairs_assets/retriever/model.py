@@ -35,6 +35,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from megapairs_assets.lib.errors import ConfigurationError
 from megapairs_assets.lib.storage import MAX_PARTITION_KEY_CHARS
 from megapairs_assets.retriever.fusion import fuse_query, normalize
 
@@ -46,7 +47,7 @@ ID_SEPARATOR = "__"
 _UNSAFE_ID_CHARS = re.compile(r"[^A-Za-z0-9._-]+")
 
 
-class RetrieverConfigError(ValueError):
+class RetrieverConfigError(ConfigurationError):
     """A retriever that cannot be loaded; the message says what to change."""
 
 

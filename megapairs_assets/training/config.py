@@ -24,6 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from megapairs_assets.lib.errors import ConfigurationError
+
 Accelerator = Literal["auto", "cpu", "gpu"]
 Precision = Literal["auto", "32-true", "bf16-mixed", "16-mixed"]
 
@@ -61,7 +63,7 @@ _HARDWARE_FIELDS = frozenset(
 _CONFIG_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 
-class TrainingConfigError(ValueError):
+class TrainingConfigError(ConfigurationError):
     """A training config that cannot work; the message says what is wrong and what to change."""
 
 

@@ -1,0 +1,17 @@
+"""The one base class for configuration a user got wrong.
+
+Each stage raises its own subclass (profile, encoder, catalog, cluster, training, retriever,
+prompt template, data root) with a message that says what to change. The CLI prints such an
+error as one line and exits 2 instead of a traceback; everything else stays a traceback,
+since it is a bug or a failure worth its stack.
+"""
+
+from __future__ import annotations
+
+
+class ConfigurationError(ValueError):
+    """A setting (environment variable, profile, resource field, config file) is invalid."""
+
+
+class DataRootError(ConfigurationError):
+    """The data root URL names a filesystem that fsspec cannot open here."""

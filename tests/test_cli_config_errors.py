@@ -1,0 +1,44 @@
+"""A setting the user got wrong ends the CLI with one clear line and exit code 2, no traceback."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from megapairs_assets.cli.main import main
+from megapairs_assets.lib.errors import ConfigurationError
+from megapairs_assets.lib.storage import data_root_path
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "message"),
+    [
+        ("MEGAPAIRS_PROFILE", "bogus", "unknown profile 'bogus'"),
+        ("MEGAPAIRS_DEPLOYMENT", "cloud", "MEGAPAIRS_DEPLOYMENT must be one of"),
+        ("MEGAPAIRS_SENSORS", "maybe", "MEGAPAIRS_SENSORS must be 'on' or 'off'"),
+        ("MEGAPAIRS_DATA_ROOT", "nosuchfs://bucket/prefix", "cannot open the data root"),
+    ],
+)
+def test_a_bad_setting_is_one_line_and_exit_2(
+    variable: str,
+    value: str,
+    message: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    monkeypatch.setenv("MEGAPAIRS_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv(variable, value)
+    assert main(["demo", "--until", "mine", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "megapairs demo: configuration error:" in err
+    assert message in err
+    assert "Traceback" not in err
+    # Nothing ran: no tables were written.
+    assert not (tmp_path / "home" / "data").exists()
+
+
+def test_an_unknown_data_root_filesystem_is_a_configuration_error() -> None:
+    with pytest.raises(ConfigurationError, match="nosuchfs"):
+        data_root_path("nosuchfs://bucket/prefix")
