@@ -15,10 +15,7 @@ tar and read through the real corpus table (`iter_shard_records` + `build_shard_
 - ratio end to end / forward only, target >= 0.9;
 - where the time goes: single-threaded milliseconds per image of each CPU step (tar read,
   decode, preprocess) next to the forward's, the ratio those costs predict when nothing
-  overlaps, and the seconds until the first batch reaches the model;
-- a prototype, `microbatch` (see `embed_rows_microbatched`), end to end, so a proposed change
-  to the product code comes with a measured gain: workers decode slices of a batch instead of
-  whole batches, which shortens the wait for the first batch.
+  overlaps, and the seconds until the first batch reaches the model.
 
 The model is an open_clip architecture with random weights (a real model times the same),
 saved to a local checkpoint file first so that the real loader (`load_encoder`) reads it. Every
@@ -34,7 +31,6 @@ from __future__ import annotations
 import argparse
 import io
 import itertools
-import math
 import os
 import subprocess
 import sys
@@ -51,7 +47,6 @@ import numpy as np
 import polars as pl
 import torch
 from PIL import Image, ImageDraw
-from torch.utils.data import DataLoader
 
 from benchmarks._machine import machine_info, write_result
 from megapairs_assets.corpus.images import ImageLimits, open_image_for_model, read_uri_bytes
@@ -69,13 +64,11 @@ from megapairs_assets.embeddings.encoders import (
     load_encoder,
     register_bundled_model_configs,
 )
-from megapairs_assets.lib.progress import ProgressCallback
 
 TARGET_RATIO = 0.9
 JPEG_QUALITY = 90
 SEED = 0
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-VARIANTS = ("current", "microbatch")
 QUICK = {"images": 24, "model": "megapairs-tiny-clip", "batch_size": 8, "workers": "0,1"}
 # Images timed one by one for the per-step cost table: enough to average out noise.
 STAGE_SAMPLE_IMAGES = 48
@@ -186,10 +179,10 @@ def synchronize(device: torch.device) -> None:
 def inference_context(
     device: torch.device, dtype: torch.dtype, autocast: bool = True
 ) -> Iterator[None]:
-    """The same inference mode and autocast settings as `compute._embed_batch`.
+    """Inference mode as in `compute._embed_on_device`, plus autocast unless `autocast=False`.
 
-    `autocast=False` is a prototype: the model is already cast to `dtype`, so autocast only
-    adds casts (it runs layer norms and softmax in float32).
+    The product runs without autocast (`autocast=False` here): the model is already cast to
+    `dtype`, so autocast only adds casts (it runs layer norms and softmax in float32).
     """
     use_autocast = autocast and device.type == "cuda" and dtype in (torch.float16, torch.bfloat16)
     with (
@@ -197,102 +190,6 @@ def inference_context(
         torch.autocast(device_type=device.type, dtype=dtype, enabled=use_autocast),
     ):
         yield
-
-
-# --- prototype: workers decode slices of a batch -------------------------------------------
-
-
-def micro_batch_size(batch_size: int, num_workers: int) -> int:
-    """The largest divisor of `batch_size` that is <= batch_size / num_workers (rounded up).
-
-    A divisor keeps every model batch exactly `batch_size` images, as in the product.
-    """
-    limit = math.ceil(batch_size / max(num_workers, 1))
-    return max(d for d in range(1, limit + 1) if batch_size % d == 0)
-
-
-def embed_rows_microbatched(
-    rows: pl.DataFrame,
-    encoder: LoadedEncoder,
-    limits: ImageLimits,
-    batch_size: int,
-    num_workers: int,
-    device: torch.device,
-    on_progress: ProgressCallback | None = None,
-) -> EmbeddingResult:
-    """Prototype of `embed_rows` for images where each worker decodes a slice of a batch.
-
-    The product's DataLoader gives each worker a whole batch, so the first batch reaches the
-    model only after ONE worker has decoded `batch_size` images on its own (3.4 s for 512
-    images on the H100 machine, paid again for every shard). Here workers decode micro-batches
-    (`micro_batch_size`) that are copied to the device as they arrive and concatenated there
-    into model batches of exactly `batch_size`: the first one waits for a micro-batch per
-    worker, decoded in parallel. Same dataset, collation, forward and normalisation as the
-    product (`compute._ImageRows`, `_collate_images`, `_embed_batch`).
-    """
-    if encoder.preprocess is None:
-        raise ValueError(f"image encoder {encoder.model_id} has no preprocess")
-    start = time.perf_counter()
-    micro = micro_batch_size(batch_size, num_workers)
-    # Keep about two model batches decoded ahead, as the product's prefetch of 2 does.
-    prefetch = max(2, math.ceil(2 * batch_size / micro / max(num_workers, 1)))
-    dataset = compute._ImageRows(
-        rows["image_id"].to_list(),
-        rows["source_uri"].to_list(),
-        limits,
-        encoder.input_size_px,
-        encoder.preprocess,
-    )
-    loader = DataLoader(
-        dataset,
-        batch_size=micro,
-        shuffle=False,
-        num_workers=num_workers,
-        collate_fn=compute._collate_images,
-        pin_memory=device.type == "cuda",
-        prefetch_factor=prefetch if num_workers > 0 else None,
-        multiprocessing_context=compute._worker_start_method() if num_workers > 0 else None,
-    )
-    ids: list[str] = []
-    chunks: list[np.ndarray] = []
-    skipped: list[compute.SkippedRow] = []
-    pending_ids: list[str] = []
-    pending: list[torch.Tensor] = []
-
-    def embed_pending() -> None:
-        pixels = torch.cat(pending) if len(pending) > 1 else pending[0]
-        chunks.append(compute._embed_batch(encoder, pixels))
-        ids.extend(pending_ids)
-        if on_progress is not None:
-            on_progress(len(pending_ids))
-        pending.clear()
-        pending_ids.clear()
-
-    for part in loader:
-        skipped.extend(part.skipped)
-        if part.ids and part.inputs is not None:
-            # From pinned memory this copy is asynchronous: it overlaps the running forward.
-            pending.append(part.inputs.to(device, non_blocking=True))
-            pending_ids.extend(part.ids)
-        if len(pending_ids) >= batch_size:
-            embed_pending()
-    if pending_ids:
-        embed_pending()
-    vectors = np.concatenate(chunks) if chunks else np.zeros((0, encoder.dim), dtype=np.float16)
-    seconds = time.perf_counter() - start
-    return EmbeddingResult(
-        ids=ids,
-        vectors=vectors,
-        skipped=skipped,
-        seconds=seconds,
-        items_per_s=len(ids) / seconds if seconds > 0 else 0.0,
-    )
-
-
-EMBED_FUNCTIONS: dict[str, Callable[..., EmbeddingResult]] = {
-    "current": embed_rows,
-    "microbatch": embed_rows_microbatched,
-}
 
 
 def pipeline_only(encoder: LoadedEncoder, device: torch.device) -> LoadedEncoder:
@@ -388,7 +285,7 @@ def time_end_to_end(
     table_path: Path,
     embed: Callable[..., EmbeddingResult] = embed_rows,
 ) -> dict[str, Any]:
-    """`embed` (`embed_rows` or a prototype) + `write_embedding_table` over all rows.
+    """`embed` (`embed_rows`, or a partial of it) + `write_embedding_table` over all rows.
 
     Returns seconds, images/s and their split. `first_batch_s` is the wait until the first
     batch is embedded; `median_batch_images_per_s` times the intervals between the later
@@ -492,7 +389,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
         table_path = scratch_dir / "embeddings.parquet"
         forward_runs: dict[int, list[dict[str, Any]]] = {}
-        runs: dict[tuple[str, int, int], list[dict[str, Any]]] = {}
+        runs: dict[tuple[int, int], list[dict[str, Any]]] = {}
         for repeat in range(args.repeats):
             cost_runs.append(stage_costs(rows, encoder, limits))
             for threads in threads_to_try:
@@ -502,23 +399,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 )
                 rate = forward_runs[threads][-1]["images_per_s"]
                 log(f"[{repeat}] forward only, {threads} threads: {rate} images/s")
-                for variant in VARIANTS:
-                    for workers in worker_counts:
-                        figures = time_end_to_end(
-                            rows,
-                            encoder,
-                            limits,
-                            args.batch_size,
-                            workers,
-                            device,
-                            table_path,
-                            embed=EMBED_FUNCTIONS[variant],
-                        )
-                        runs.setdefault((variant, workers, threads), []).append(figures)
-                        log(
-                            f"[{repeat}] {variant}, {workers} workers, {threads} threads: "
-                            f"{figures['images_per_s']} images/s"
-                        )
+                for workers in worker_counts:
+                    figures = time_end_to_end(
+                        rows, encoder, limits, args.batch_size, workers, device, table_path
+                    )
+                    runs.setdefault((workers, threads), []).append(figures)
+                    log(
+                        f"[{repeat}] {workers} workers, {threads} threads: "
+                        f"{figures['images_per_s']} images/s"
+                    )
         torch.set_num_threads(default_threads)
 
     # Each step's cheapest run: the one the rest of the machine disturbed least.
@@ -531,20 +420,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     forward = max(forward_by_threads.values(), key=lambda run: run["images_per_s"])
     forward_ms = 1e3 / forward["images_per_s"]
     end_to_end = []
-    for (variant, _, threads), variant_runs in runs.items():
-        best_run = max(variant_runs, key=lambda run: run["images_per_s"])
+    for (_, threads), config_runs in runs.items():
+        best_run = max(config_runs, key=lambda run: run["images_per_s"])
         ratio = round(best_run["images_per_s"] / forward["images_per_s"], 3)
-        end_to_end.append(
-            {"variant": variant, "threads": threads, **best_run, "ratio_to_forward_only": ratio}
-        )
-    best = {
-        variant: max(
-            (run for run in end_to_end if run["variant"] == variant),
-            key=lambda run: run["images_per_s"],
-        )
-        for variant in VARIANTS
-    }
-    current = best["current"]
+        end_to_end.append({"threads": threads, **best_run, "ratio_to_forward_only": ratio})
+    current = max(end_to_end, key=lambda run: run["images_per_s"])
     return {
         "benchmark": "embedding",
         "command": "python -m benchmarks.bench_embedding " + " ".join(sys.argv[1:]),
@@ -572,18 +452,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "best_threads": current["threads"],
         "ratio_end_to_end_to_forward_only": current["ratio_to_forward_only"],
         "target_ratio": TARGET_RATIO,
-        "prototypes": {
-            variant: {
-                "workers": best[variant]["workers"],
-                "threads": best[variant]["threads"],
-                "images_per_s": best[variant]["images_per_s"],
-                "ratio_to_forward_only": best[variant]["ratio_to_forward_only"],
-                "gain_over_current": round(
-                    best[variant]["images_per_s"] / current["images_per_s"] - 1, 3
-                ),
-            }
-            for variant in VARIANTS[1:]
-        },
         "stage_ms_per_image_single_thread": {**costs, "forward_ms": round(forward_ms, 3)},
         "serial_ratio_predicted": round(forward_ms / (forward_ms + costs["input_ms"]), 3),
         "code_commit": code_commit(),
@@ -627,12 +495,12 @@ def print_summary(result: dict[str, Any]) -> None:
         f"({forward['threads']} threads)"
     )
     print(
-        f"{'variant':>10} {'workers':>7} {'threads':>7} {'images/s':>9} {'ratio':>6} "
+        f"{'workers':>7} {'threads':>7} {'images/s':>9} {'ratio':>6} "
         f"{'1st batch s':>11} {'median batch/s':>14} {'write s':>8}"
     )
     for r in result["end_to_end"]:
         print(
-            f"{r['variant']:>10} {r['workers']:>7} {r['threads']:>7} {r['images_per_s']:>9.1f} "
+            f"{r['workers']:>7} {r['threads']:>7} {r['images_per_s']:>9.1f} "
             f"{r['ratio_to_forward_only']:>6.3f} {r['first_batch_s']:>11.2f} "
             f"{r['median_batch_images_per_s']:>14.1f} {r['write_table_s']:>8.3f}"
         )
@@ -642,11 +510,6 @@ def print_summary(result: dict[str, Any]) -> None:
         f"best end to end / forward only = {ratio:.3f} with {result['best_workers']} workers, "
         f"{result['best_threads']} threads ({verdict} the {TARGET_RATIO} target)"
     )
-    for variant, figures in result["prototypes"].items():
-        print(
-            f"prototype {variant}: {figures['ratio_to_forward_only']:.3f} "
-            f"({figures['gain_over_current']:+.1%} images/s)"
-        )
     costs = result["stage_ms_per_image_single_thread"]
     print("single-threaded ms per image: " + ", ".join(f"{k} {v}" for k, v in costs.items()))
     print(f"ratio predicted if decoding never overlapped: {result['serial_ratio_predicted']}")

@@ -11,8 +11,7 @@ loader:
 - end to end: `embed_rows` + `write_embedding_table` over all rows in one call, with JPEGs
   decoded on the device (`image_decode="device"`: nvJPEG + resize on the GPU, reader
   threads) and, on fewer rows, decoded by CPU workers as before (`image_decode="cpu"`);
-- input only: the device-decode path with the forward swapped for a copy (its ceiling);
-- the micro-batched CPU loader prototype (bench_embedding.py), to decide whether to keep it.
+- input only: the device-decode path with the forward swapped for a copy (its ceiling).
 
 Target (issue 13): end to end >= 0.9 of forward only.
 """
@@ -105,13 +104,6 @@ def embedding_section(
             on_device,
         ),
         ("end_to_end_cpu_decode", encoder, rows.head(args.cpu_decode_rows), args.workers, on_cpu),
-        (
-            "end_to_end_cpu_decode_microbatch",
-            encoder,
-            rows.head(args.cpu_decode_rows),
-            args.workers,
-            bench.embed_rows_microbatched,
-        ),
     )
     for name, model, run_rows, workers, embed in runs:
         if run_rows.height == 0:

@@ -219,7 +219,6 @@ def print_summary(results: dict[str, Any]) -> None:
         "end_to_end_device_decode",
         "input_only_device_decode",
         "end_to_end_cpu_decode",
-        "end_to_end_cpu_decode_microbatch",
         "ratio_end_to_end_to_forward_only",
         "device_vs_cpu_decode",
     ):

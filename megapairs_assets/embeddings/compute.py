@@ -180,11 +180,6 @@ class _HostCopy:
         return self.host.numpy()
 
 
-def _embed_batch(encoder: LoadedEncoder, inputs: torch.Tensor | list[str] | None) -> np.ndarray:
-    """One batch's unit float16 vectors, on the host."""
-    return _embed_on_device(encoder, inputs).cpu().numpy()
-
-
 def _embed_on_device(
     encoder: LoadedEncoder, inputs: torch.Tensor | list[str] | None
 ) -> torch.Tensor:
