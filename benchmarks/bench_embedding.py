@@ -2,7 +2,7 @@
 
     python -m benchmarks.bench_embedding [--images 192] [--model ViT-B-32] [--device cpu]
         [--dtype float32] [--batch-size 32] [--workers 0,1,2] [--threads auto] [--repeats 3]
-        [--image-size 512x384] [--quick]
+        [--image-size 512x384] [--table-rows 20000] [--part all|table-write] [--quick]
 
 What it measures, on N photo-like JPEGs (default 512x384, quality 90) written into a webdataset
 tar and read through the real corpus table (`iter_shard_records` + `build_shard_table`):
@@ -15,7 +15,12 @@ tar and read through the real corpus table (`iter_shard_records` + `build_shard_
 - ratio end to end / forward only, target >= 0.9;
 - where the time goes: single-threaded milliseconds per image of each CPU step (tar read,
   decode, preprocess) next to the forward's, the ratio those costs predict when nothing
-  overlaps, and the seconds until the first batch reaches the model.
+  overlaps, and the seconds until the first batch reaches the model;
+- table write: `write_embedding_table` / `read_embedding_table` (no dictionary encoding) on
+  `--table-rows` x 768 random float16 unit vectors with string ids, against `pq.write_table` /
+  `pq.read_table` with pyarrow's defaults on the same Arrow table: seconds (best of 5), file
+  sizes and ratios. `--part table-write` takes this figure alone, without a model, and writes
+  benchmarks/results/embedding_table_write.json instead.
 
 The model is an open_clip architecture with random weights (a real model times the same),
 saved to a local checkpoint file first so that the real loader (`load_encoder`) reads it. Every
@@ -45,6 +50,8 @@ from typing import Any
 
 import numpy as np
 import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
 from PIL import Image, ImageDraw
 
@@ -56,6 +63,7 @@ from megapairs_assets.embeddings import compute
 from megapairs_assets.embeddings.compute import (
     EmbeddingResult,
     embed_rows,
+    read_embedding_table,
     write_embedding_table,
 )
 from megapairs_assets.embeddings.encoders import (
@@ -69,9 +77,21 @@ TARGET_RATIO = 0.9
 JPEG_QUALITY = 90
 SEED = 0
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-QUICK = {"images": 24, "model": "megapairs-tiny-clip", "batch_size": 8, "workers": "0,1"}
+QUICK = {
+    "images": 24,
+    "model": "megapairs-tiny-clip",
+    "batch_size": 8,
+    "workers": "0,1",
+    "table_rows": 2_000,
+}
 # Images timed one by one for the per-step cost table: enough to average out noise.
 STAGE_SAMPLE_IMAGES = 48
+# The table-write figure: one GPU-suite call's table (20k x 768, as ViT-L-14 gives), best of 5.
+TABLE_ROWS = 20_000
+TABLE_DIM = 768
+TABLE_REPEATS = 5
+# Ids shaped like the corpus's '<shard>/<key>', 1000 images per shard.
+TABLE_SHARD_IMAGES = 1000
 
 # --- test data ----------------------------------------------------------------------------
 
@@ -348,6 +368,85 @@ def stage_costs(
     return {name: round(value, 3) for name, value in costs.items()}
 
 
+def random_unit_vectors(rows: int, dim: int, seed: int = SEED) -> np.ndarray:
+    """Seeded random float16 unit vectors: values as varied as real embeddings' (few repeats)."""
+    values = np.random.default_rng(seed).standard_normal((rows, dim), dtype=np.float32)
+    values /= np.linalg.norm(values, axis=1, keepdims=True)
+    return values.astype(np.float16)
+
+
+def seconds_of(action: Callable[[], object]) -> float:
+    """Wall seconds of one call of `action`."""
+    start = time.perf_counter()
+    action()
+    return time.perf_counter() - start
+
+
+def time_table_write(
+    rows: int, dim: int, scratch: Path, repeats: int = TABLE_REPEATS
+) -> dict[str, Any]:
+    """The product's embedding table write and read against pyarrow's defaults, best of `repeats`.
+
+    The baseline writes the very Arrow table the product wrote (read back from its file:
+    schema, metadata and values), so the only difference is the product's
+    `use_dictionary=False`. The product's figures also include what the baseline skips:
+    building the Arrow table from numpy and the atomic rename on write, the conversion to numpy
+    on read. Runs are interleaved, so a busy neighbour slows both sides alike.
+    """
+    vectors = random_unit_vectors(rows, dim)
+    ids = [f"{i // TABLE_SHARD_IMAGES:05d}/{i:09d}" for i in range(rows)]
+    model_id = "benchmark:random-unit-vectors"
+    product_path, default_path = scratch / "product.parquet", scratch / "default.parquet"
+    write_embedding_table(product_path, ids, vectors, model_id)
+    table = pq.read_table(product_path)
+    actions: dict[str, Callable[[], object]] = {
+        "product_write_s": lambda: write_embedding_table(product_path, ids, vectors, model_id),
+        "default_write_s": lambda: pq.write_table(table, default_path),
+        "product_read_s": lambda: read_embedding_table(product_path),
+        "default_read_s": lambda: pq.read_table(default_path),
+        # The product reader on the default file: the read gap without the numpy step.
+        "product_read_of_default_file_s": lambda: read_embedding_table(default_path),
+    }
+    found: dict[str, list[float]] = {name: [] for name in actions}
+    for _ in range(repeats):
+        for name, action in actions.items():
+            found[name].append(seconds_of(action))
+    # Both files must hold the same data, or the comparison means nothing.
+    read_ids, read_vectors = read_embedding_table(product_path)
+    if read_ids.tolist() != ids or not np.array_equal(read_vectors, vectors):
+        raise RuntimeError("the product's embedding table did not read back as written")
+    if not pq.read_table(default_path).equals(table, check_metadata=True):
+        raise RuntimeError("the default-options file did not read back as the same table")
+    best = {name: min(times) for name, times in found.items()}
+    product_mb = product_path.stat().st_size / 1e6
+    default_mb = default_path.stat().st_size / 1e6
+    return {
+        "rows": rows,
+        "dim": dim,
+        "repeats": repeats,
+        # Not in machine_info's package list, and both sides' figures are pyarrow's.
+        "pyarrow": pa.__version__,
+        "product": {
+            "options": "use_dictionary=False (write_embedding_table / read_embedding_table)",
+            "write_s": round(best["product_write_s"], 4),
+            "read_s": round(best["product_read_s"], 4),
+            "file_mb": round(product_mb, 2),
+        },
+        "default": {
+            "options": "pyarrow defaults (pq.write_table / pq.read_table)",
+            "write_s": round(best["default_write_s"], 4),
+            "read_s": round(best["default_read_s"], 4),
+            "file_mb": round(default_mb, 2),
+        },
+        "product_read_of_default_file_s": round(best["product_read_of_default_file_s"], 4),
+        "write_ratio_product_to_default": round(
+            best["product_write_s"] / best["default_write_s"], 3
+        ),
+        "read_ratio_product_to_default": round(best["product_read_s"] / best["default_read_s"], 3),
+        "size_ratio_product_to_default": round(product_mb / default_mb, 3),
+    }
+
+
 # --- the benchmark ------------------------------------------------------------------------
 
 
@@ -409,6 +508,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                         f"{figures['images_per_s']} images/s"
                     )
         torch.set_num_threads(default_threads)
+        table_write = time_table_write(args.table_rows, TABLE_DIM, scratch_dir)
+        log(f"table write: {table_write}")
 
     # Each step's cheapest run: the one the rest of the machine disturbed least.
     costs = {name: min(run[name] for run in cost_runs) for name in cost_runs[0]}
@@ -454,6 +555,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "target_ratio": TARGET_RATIO,
         "stage_ms_per_image_single_thread": {**costs, "forward_ms": round(forward_ms, 3)},
         "serial_ratio_predicted": round(forward_ms / (forward_ms + costs["input_ms"]), 3),
+        "table_write": table_write,
         "code_commit": code_commit(),
         "note": "shared 2-core machine; other jobs may have been running, timings are noisy",
         "load_average_1_5_15_min_at_end": [round(x, 2) for x in os.getloadavg()],
@@ -513,6 +615,42 @@ def print_summary(result: dict[str, Any]) -> None:
     costs = result["stage_ms_per_image_single_thread"]
     print("single-threaded ms per image: " + ", ".join(f"{k} {v}" for k, v in costs.items()))
     print(f"ratio predicted if decoding never overlapped: {result['serial_ratio_predicted']}")
+    print_table_write(result["table_write"])
+
+
+def print_table_write(figures: dict[str, Any]) -> None:
+    """The table-write figure: seconds and sizes of both writers, and the product's ratios."""
+    print(
+        f"table write, {figures['rows']} x {figures['dim']} float16, best of {figures['repeats']}:"
+    )
+    for side, label in (("product", "no dictionary"), ("default", "pyarrow defaults")):
+        f = figures[side]
+        print(
+            f"  {side} ({label}): write {f['write_s']:.3f} s, read {f['read_s']:.3f} s, "
+            f"{f['file_mb']:.1f} MB"
+        )
+    print(
+        f"  product / default: write {figures['write_ratio_product_to_default']:.3f}, "
+        f"read {figures['read_ratio_product_to_default']:.3f}, "
+        f"size {figures['size_ratio_product_to_default']:.3f}; "
+        f"read_embedding_table of the default file "
+        f"{figures['product_read_of_default_file_s']:.3f} s"
+    )
+
+
+def table_write_only(args: argparse.Namespace) -> dict[str, Any]:
+    """`--part table-write`: the table-write figure alone (no model, no JPEGs)."""
+    with tempfile.TemporaryDirectory(prefix="bench-embedding-table-") as scratch:
+        table_write = time_table_write(args.table_rows, TABLE_DIM, Path(scratch))
+    return {
+        "benchmark": "embedding_table_write",
+        "command": "python -m benchmarks.bench_embedding " + " ".join(sys.argv[1:]),
+        "machine": machine_info(),
+        "table_write": table_write,
+        "code_commit": code_commit(),
+        "note": "shared 2-core machine; other jobs may have been running, timings are noisy",
+        "load_average_1_5_15_min_at_end": [round(x, 2) for x in os.getloadavg()],
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -529,12 +667,27 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--repeats", type=int, default=3, help="interleaved runs; best counts")
     parser.add_argument("--image-size", default="512x384", help="WIDTHxHEIGHT of the JPEGs")
+    parser.add_argument(
+        "--table-rows", type=int, default=TABLE_ROWS, help="rows of the table-write figure"
+    )
+    parser.add_argument(
+        "--part",
+        choices=("all", "table-write"),
+        default="all",
+        help="table-write: only the table-write figure (results/embedding_table_write.json)",
+    )
     parser.add_argument("--quick", action="store_true", help="tiny run for a CI smoke test")
     args = parser.parse_args(argv)
     if args.quick:
         for name, value in QUICK.items():
             setattr(args, name, value)
         args.repeats = 1
+    if args.part == "table-write":
+        result = table_write_only(args)
+        print_table_write(result["table_write"])
+        if not args.quick:
+            print(f"wrote {write_result('embedding_table_write', result)}")
+        return 0
     result = run(args)
     print_summary(result)
     if not args.quick:
