@@ -7,6 +7,8 @@ from typing import Literal
 import dagster as dg
 import torch
 
+from megapairs_assets.lib.errors import ConfigurationError
+
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -26,7 +28,9 @@ class DeviceResource(dg.ConfigurableResource):
             return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
         device = torch.device(self.device)
         if device.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"device {self.device!r} was asked for but no CUDA GPU is visible")
+            raise ConfigurationError(
+                f"device {self.device!r} was asked for but no CUDA GPU is visible"
+            )
         return device
 
     def torch_dtype(self) -> torch.dtype:

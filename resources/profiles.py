@@ -189,14 +189,16 @@ def paper_resources(home: Path) -> dict[str, Any]:
             pretrained=PAPER_CLIP_PRETRAINED,
             dim=768,
             batch_size=512,
-            num_workers=12,
+            # From the machine: reader threads for GPU JPEG decoding, else a DataLoader
+            # process per spare core (device_input.default_num_workers).
+            num_workers=None,
         ),
         "dino_image_encoder": EncoderResource(
             backend="dinov2",
             model="facebook/dinov2-large",
             dim=1024,
             batch_size=512,
-            num_workers=12,
+            num_workers=None,
         ),
         "caption_text_encoder": EncoderResource(
             backend="open_clip_text",
