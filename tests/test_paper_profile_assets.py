@@ -21,8 +21,9 @@ def test_the_paper_profile_materializes_the_mining_half(
     monkeypatch.setenv("OUT", str(tmp_path / "out"))
     (tmp_path / "out").mkdir()
     # The benchmark sets these for its own process; monkeypatch puts them back afterwards.
-    for variable in ("DAGSTER_HOME", "MEGAPAIRS_HOME", "MEGAPAIRS_SENSORS"):
+    for variable in ("DAGSTER_HOME", "MEGAPAIRS_HOME"):
         monkeypatch.setenv(variable, str(tmp_path / "unused"))
+    monkeypatch.setenv("MEGAPAIRS_SENSORS", "off")
     assert paper_profile_assets.main(["--smoke", "--scratch", str(tmp_path)]) == 0
     record = json.loads((tmp_path / "out" / "paper_profile_assets_smoke.json").read_text())
     for run in ("up_to_knn", "mining"):
