@@ -58,3 +58,6 @@ def test_eval_reports_bad_input_in_one_line(
     assert "--root does not apply to heldout" in capsys.readouterr().err
     assert _run(["eval", "--retriever", "no-such-clip@openai", "--benchmark", "genecis"]) == 1
     assert "no model named 'no-such-clip'" in capsys.readouterr().err
+    missing = str(tmp_path / "no-such-checkpoint")
+    assert _run(["eval", "--retriever", missing, "--benchmark", "heldout"]) == 1
+    assert f"no checkpoint directory at {missing}" in capsys.readouterr().err

@@ -251,6 +251,12 @@ def load_retriever_spec(spec: RetrieverSpec, device: torch.device, dtype: torch.
             )
     else:
         if open_clip.get_model_config(spec.model_name) is None:
+            if "/" in spec.model_name or spec.model_name.startswith((".", "~")):
+                # A path that does not exist reads as a model name: say which one was meant.
+                raise RetrieverConfigError(
+                    f"no checkpoint directory at {spec.model_name} (and no open_clip model of "
+                    "that name); give a trained checkpoint's directory or <name>@<pretrained>"
+                )
             raise RetrieverConfigError(
                 f"open_clip has no model named {spec.model_name!r}; use a built-in name or add "
                 "its config (megapairs_assets/embeddings/model_configs/)"
