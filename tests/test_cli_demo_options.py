@@ -46,3 +46,28 @@ def test_demo_without_faiss_prints_the_install_line(monkeypatch, capsys) -> None
     err = capsys.readouterr().err
     assert err.strip() == FAISS_HINT
     assert '.[cpu,dev]' in err
+
+
+def test_demo_on_images_without_captions_says_why_nothing_is_trained(
+    tmp_path: Path, demo_models_dir: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    # A plain folder of pictures: the demo's text-only describe step has nothing to read, so
+    # every pair is quarantined; the demo stops before training and names the fix.
+    from conftest import make_home
+    from image_factory import good_jpeg_bytes
+
+    corpus = tmp_path / "pictures"
+    corpus.mkdir()
+    for seed in range(24):
+        (corpus / f"picture{seed:02d}.jpg").write_bytes(good_jpeg_bytes(seed))
+    home = make_home(tmp_path, demo_models_dir)
+    monkeypatch.setenv("MEGAPAIRS_HOME", str(home))
+    monkeypatch.setenv("MEGAPAIRS_PROFILE", "demo")
+    monkeypatch.setenv("DAGSTER_HOME", str(home / "dagster"))
+    assert megapairs(["demo", "--corpus", str(corpus), "--quiet"]) == 1
+    captured = capsys.readouterr()
+    assert "no triplets to train on" in captured.err
+    assert "missing_caption (pair_descriptions)" in captured.err
+    assert "give each image a caption" in captured.err
+    assert "train: MMRet-CLIP" not in captured.out  # no training run was started
+    assert "Traceback" not in captured.err

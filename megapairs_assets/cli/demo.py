@@ -6,6 +6,7 @@ import argparse
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 # The loop, in order; each phase is one Dagster run (a run holds one partitioning).
 PHASES = ("mine", "generate", "train", "evaluate")
@@ -131,6 +132,11 @@ def run_demo(args: argparse.Namespace) -> int:
         )
     ]
     if "train" in phases and results[-1].success:
+        reason = nothing_to_train_on(resources, shards)
+        if reason:
+            print(reason, file=sys.stderr)
+            print_summary(resources, shards, time.perf_counter() - started, [results[0].run_id])
+            return 1
         configs = register_training_configs(instance, resources["training"])
         for config in configs:
             print(f"train: MMRet-CLIP checkpoint for training config {config!r}")
@@ -162,3 +168,39 @@ def run_demo(args: argparse.Namespace) -> int:
         print("a run failed: see the log above or `megapairs ui`", file=sys.stderr)
         return 1
     return 0
+
+
+def nothing_to_train_on(resources: Any, shards: list[str]) -> str | None:
+    """Why training cannot start (no triplets came out of generation), or None.
+
+    Said before the training run, which would only fail on an empty table, with the quarantine
+    reasons that ate the pairs and, for missing captions, what to do about them.
+    """
+    from megapairs_assets.cli.summary import mining_summary
+    from megapairs_assets.generation.common import TRIPLETS_ASSET
+    from megapairs_assets.lib.storage import read_parquet
+
+    layout = resources["storage"].layout()
+    paths = [layout.shard_table(TRIPLETS_ASSET, shard) for shard in shards]
+    if sum(read_parquet(path).height for path in paths if path.exists()):
+        return None
+    summary = mining_summary(layout, resources["catalog"].catalog(), shards)
+    generation_stages = ("pair_descriptions", "pair_instructions", TRIPLETS_ASSET)
+    reasons = [
+        f"{row['n']} x {row['reason']} ({row['stage']})"
+        for row in summary["quarantine"].iter_rows(named=True)
+        if row["stage"] in generation_stages
+    ]
+    lines = [
+        f"no triplets to train on: {summary['pairs']} mined pairs, "
+        + (f"quarantined by generation as {', '.join(reasons)}" if reasons else "none generated")
+        + "; skipping train and evaluate."
+    ]
+    if any("missing_caption" in reason for reason in reasons):
+        lines.append(
+            "The demo profile describes a pair from its two captions (its LLM reads text only): "
+            "give each image a caption (a .txt file with the image's name beside it, or a .txt "
+            "member in a webdataset shard), or describe pairs with a model that reads images "
+            "(the paper profile's InternVL2 template)."
+        )
+    return "\n".join(lines)

@@ -32,6 +32,7 @@ from megapairs_assets.evaluation.run import (
     EvaluationSettings,
     evaluate_benchmark,
 )
+from megapairs_assets.generation.common import TRIPLETS_ASSET
 from megapairs_assets.lib.quality import CheckOutcome, outcome
 from megapairs_assets.lib.step import StepResult
 from megapairs_assets.lib.storage import (
@@ -55,7 +56,6 @@ from megapairs_assets.retriever.model import (
 
 ASSET_NAME = "benchmark_scores"
 CHECKPOINT_ASSET = "mmret_clip_checkpoint"
-TRIPLETS_ASSET = "triplets"
 GALLERY_CACHE_DIRNAME = "benchmark_gallery_cache"
 CACHE_DIRNAME = "cache"
 COMPARED_COLUMNS = ["retriever_id", "benchmark", "split", "metric", "value"]

@@ -423,7 +423,8 @@ def generation_summary(
         ("instruction_generator", "instructions by"),
     ):
         counts = counts_by(triplets, column)
-        lines.append(f"    {label}: " + ", ".join(f"{k} x{v}" for k, v in counts.items()))
+        listed = ", ".join(f"{k} x{v}" for k, v in counts.items())
+        lines.append(f"    {label}: {listed or 'none'}")
     if triplets.height:
         sample = triplets.sort(
             pl.col("description_generator").str.starts_with("heuristic"), "triplet_id"

@@ -20,6 +20,7 @@ import polars as pl
 from megapairs_assets.embeddings.compute import read_embedding_table
 from megapairs_assets.embeddings.sources import SimilaritySource
 from megapairs_assets.knn.search import (
+    KNN_SCHEMA,
     IndexSpec,
     build_index,
     check_knn,
@@ -58,7 +59,7 @@ class CorpusIndex:
     corpus_shards: list[str]
     ids: np.ndarray
     vectors: np.ndarray
-    index: faiss.Index | TorchFlatIndex
+    index: faiss.Index | TorchFlatIndex | None  # None: the tables hold no vectors
     spec: IndexSpec
     versions: dict[str, str]
     missing_shards: list[str] = field(default_factory=list)
@@ -108,7 +109,9 @@ def build_corpus_index(
         corpus_shards=list(corpus_shards),
         ids=corpus_ids,
         vectors=corpus_vectors,
-        index=build_index(corpus_vectors, spec),
+        # Tables that hold no rows (a corpus without captions has no caption vectors) leave
+        # nothing to index: every shard's graph is then empty, not a failed step.
+        index=build_index(corpus_vectors, spec) if len(corpus_ids) else None,
         spec=spec,
         versions={shard: versions[shard] for shard in used},
         missing_shards=sorted(set(corpus_shards) - set(used)),
@@ -134,16 +137,20 @@ def knn_shard(
         )
     shard_ids, _ = read_embedding_table(layout.shard_table(corpus.source.embedding_asset, shard))
     rows = np.fromiter((corpus.position[i] for i in shard_ids.tolist()), dtype=np.int64)
-    with Progress(len(rows), f"{asset_name}[{shard}]", "queries", log=log) as progress:
-        neighbors = search_neighbors(
-            corpus.index,
-            corpus.ids,
-            corpus.vectors[rows],
-            corpus.ids[rows],
-            k,
-            corpus.spec,
-            on_progress=progress.update,
-        )
+    if corpus.index is None:
+        log(f"{asset_name}[{shard}]: the corpus has no {corpus.source.embedding_asset} rows")
+        neighbors = pl.DataFrame(schema=KNN_SCHEMA)
+    else:
+        with Progress(len(rows), f"{asset_name}[{shard}]", "queries", log=log) as progress:
+            neighbors = search_neighbors(
+                corpus.index,
+                corpus.ids,
+                corpus.vectors[rows],
+                corpus.ids[rows],
+                k,
+                corpus.spec,
+                on_progress=progress.update,
+            )
     path = layout.shard_table(asset_name, shard)
     write_parquet_atomic(neighbors, path)
     outcomes = check_knn(neighbors, k)
