@@ -19,6 +19,7 @@ Target (issue 13): end to end >= 0.9 of forward only.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import math
 import time
@@ -84,6 +85,18 @@ def embedding_section(
     if peak and gflop and device.type == "cuda":
         record["ceiling_images_per_s"] = round(peak * 1e3 / gflop)
         record["forward_only_mfu"] = round(product_forward * gflop / (peak * 1e3), 3)
+    if device.type == "cuda" and suite.has_time(args.reserve_s + 120):
+        # torch.compile is kept in the product only with a measured gain after warm-up.
+        batches = list(torch.split(pixels, batch_size))
+        passes = max(1, math.ceil(args.forward_images / len(pixels)))
+        compiled = dataclasses.replace(encoder, _encode_images=torch.compile(encoder.encode_images))
+        figures = bench.time_forward_only(compiled, batches, device, dtype, passes, autocast=False)
+        figures["gain_over_eager"] = round(figures["images_per_s"] / product_forward, 3)
+        record["forward_only_compiled"] = figures
+        log(f"embedding: forward only, torch.compile: {figures}")
+        del compiled
+    else:
+        record["forward_only_compiled"] = "skipped: no GPU or no time budget"
     del pixels, batches
 
     # A short pass warms the device decoder and the loader before the timed ones.
