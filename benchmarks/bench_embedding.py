@@ -2,7 +2,7 @@
 
     python -m benchmarks.bench_embedding [--images 192] [--model ViT-B-32] [--device cpu]
         [--dtype float32] [--batch-size 32] [--workers 0,1,2] [--threads auto] [--repeats 3]
-        [--image-size 512x384] [--table-rows 20000] [--part all|table-write] [--quick]
+        [--image-size 512x384] [--table-rows 20000] [--part all|table-write|shard-stream] [--quick]
 
 What it measures, on N photo-like JPEGs (default 512x384, quality 90) written into a webdataset
 tar and read through the real corpus table (`iter_shard_records` + `build_shard_table`):
@@ -242,7 +242,7 @@ def preprocessed_batches(
     """Rows decoded and preprocessed by the product's own loader, batched, moved to `device`."""
     limit = rows.height if max_batches is None else min(rows.height, max_batches * batch_size)
     loader = compute._image_batches(
-        rows.head(limit), encoder, limits, batch_size, num_workers, device
+        rows.head(limit), encoder, limits, batch_size, num_workers, device, False, [limit]
     )
     return [batch.inputs.to(device) for batch in loader if batch.inputs is not None]
 
@@ -653,6 +653,59 @@ def table_write_only(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def shard_stream_only(args: argparse.Namespace) -> dict[str, Any]:
+    """`--part shard-stream`: the bundled demo corpus's shards embedded one call per shard
+    (`embed_rows`, as each partition ran before) against one stream over all of them
+    (`embed_row_groups`, what `embed_shards` runs), with the demo profile's image encoders,
+    batch size and workers. Best of `--repeats`, interleaved."""
+    from megapairs_assets.demo import DEMO_CORPUS_DIR
+    from megapairs_assets.demo.models import ensure_demo_models
+    from megapairs_assets.embeddings.compute import embed_row_groups
+    from resources.profiles import demo_resources
+
+    limits = ImageLimits()
+    shards = [corpus_rows(path, limits) for path in sorted(DEMO_CORPUS_DIR.glob("*.tar"))]
+    groups = [(f"{index:05d}", rows) for index, rows in enumerate(shards)]
+    figures: dict[str, Any] = {"shards": len(groups), "images": sum(r.height for r in shards)}
+    with tempfile.TemporaryDirectory(prefix="bench-embedding-stream-") as scratch:
+        home = Path(scratch)
+        ensure_demo_models(home / "models")
+        resources = demo_resources(home)
+        for key in ("clip_image_encoder", "dino_image_encoder"):
+            resource = resources[key]
+            encoder = resource.load(torch.device("cpu"), torch.float32)
+            batch, workers = resource.batch_size, resource.num_workers
+            per_shard, stream = [], []
+            for _ in range(args.repeats):
+                started = time.perf_counter()
+                for _, rows in groups:
+                    embed_rows(rows, encoder, limits, batch, workers, torch.device("cpu"))
+                per_shard.append(time.perf_counter() - started)
+                started = time.perf_counter()
+                for _ in embed_row_groups(
+                    groups, encoder, limits, batch, workers, torch.device("cpu")
+                ):
+                    pass
+                stream.append(time.perf_counter() - started)
+            figures[key] = {
+                "batch_size": batch,
+                "workers": workers,
+                "per_shard_calls_s": round(min(per_shard), 3),
+                "one_stream_s": round(min(stream), 3),
+                "ratio_stream_to_per_shard": round(min(stream) / min(per_shard), 3),
+            }
+            log(f"shard stream: {key} {figures[key]}")
+    return {
+        "benchmark": "embedding_shard_stream",
+        "command": "python -m benchmarks.bench_embedding " + " ".join(sys.argv[1:]),
+        "machine": machine_info(),
+        "shard_stream": figures,
+        "code_commit": code_commit(),
+        "note": "shared 2-core machine; other jobs may have been running, timings are noisy",
+        "load_average_1_5_15_min_at_end": [round(x, 2) for x in os.getloadavg()],
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     """Parse arguments, run, print and (unless --quick) save the figures."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -672,9 +725,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--part",
-        choices=("all", "table-write"),
+        choices=("all", "table-write", "shard-stream"),
         default="all",
-        help="table-write: only the table-write figure (results/embedding_table_write.json)",
+        help="table-write: only the table-write figure (results/embedding_table_write.json); "
+        "shard-stream: per-shard calls vs one stream (results/embedding_shard_stream.json)",
     )
     parser.add_argument("--quick", action="store_true", help="tiny run for a CI smoke test")
     args = parser.parse_args(argv)
@@ -687,6 +741,11 @@ def main(argv: list[str] | None = None) -> int:
         print_table_write(result["table_write"])
         if not args.quick:
             print(f"wrote {write_result('embedding_table_write', result)}")
+        return 0
+    if args.part == "shard-stream":
+        result = shard_stream_only(args)
+        if not args.quick:
+            print(f"wrote {write_result('embedding_shard_stream', result)}")
         return 0
     result = run(args)
     print_summary(result)

@@ -177,7 +177,7 @@ def embedding_stage(
     dtype: Any,
     image_decode: str = "device",
 ) -> None:
-    """The three embedding tables, each shard through `embed_rows` + `write_embedding_table`."""
+    """The three embedding tables: all shards through one `embed_row_groups` stream."""
     import numpy as np
     import polars as pl
     import torch
@@ -186,7 +186,7 @@ def embedding_stage(
     from megapairs_assets.corpus.images import ImageLimits
     from megapairs_assets.embeddings.compute import (
         check_embeddings,
-        embed_rows,
+        embed_row_groups,
         write_embedding_table,
     )
     from megapairs_assets.embeddings.encoders import EncoderSpec
@@ -238,20 +238,19 @@ def embedding_stage(
                     spec, batches, raw, device, dtype
                 )
             del batches, raw
-        rows_done, seconds, device_decoded, nonfinite, failed = 0, 0.0, 0, 0, set()
-        for shard in shards:
-            rows = pl.read_parquet(layout.corpus_images(shard))
-            shard_started = time.perf_counter()
-            result = embed_rows(
-                rows, encoder, limits, batch_size, None, device, image_decode=image_decode
-            )
+        rows_done, device_decoded, nonfinite, failed = 0, 0, 0, set()
+        # All shards through one input stream, as the asset's `embed_shards` runs them.
+        groups = [(shard, pl.read_parquet(layout.corpus_images(shard))) for shard in shards]
+        stage_started = time.perf_counter()
+        for shard, result in embed_row_groups(
+            groups, encoder, limits, batch_size, None, device, image_decode=image_decode
+        ):
             write_embedding_table(
                 layout.shard_table(f"{source}_embeddings", shard),
                 result.ids,
                 result.vectors,
                 encoder.model_id,
             )
-            seconds += time.perf_counter() - shard_started
             rows_done += len(result.ids)
             device_decoded += result.device_decoded
             nonfinite += int((~np.isfinite(result.vectors).all(axis=1)).sum())
@@ -260,6 +259,7 @@ def embedding_stage(
                 for c in check_embeddings(result.ids, result.vectors, result.ids)
                 if not c.passed
             }
+        seconds = time.perf_counter() - stage_started
         figures.update(
             {
                 "rows": rows_done,

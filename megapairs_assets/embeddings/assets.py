@@ -4,7 +4,8 @@ import dagster as dg
 
 from megapairs_assets.corpus.assets import image_corpus
 from megapairs_assets.embeddings.sources import SOURCES, SimilaritySource
-from megapairs_assets.embeddings.step import EMBEDDING_CHECKS, EmbeddingRun, embed_shard
+from megapairs_assets.embeddings.step import EMBEDDING_CHECKS, EmbeddingRun, embed_shards
+from megapairs_assets.lib.step import StepStream
 from megapairs_assets.orchestration.partitions import (
     DOWNSTREAM_AUTOMATION,
     shard_asset_options,
@@ -51,10 +52,12 @@ def build_embedding_asset(source: SimilaritySource) -> dg.AssetsDefinition:
             image_decode=encoder_resource.image_decode,
         )
         layout, lineage = resources.storage.layout(), resources.catalog.catalog()
+        # The run's shards share one input pipeline (embed_shards), handed out per shard.
+        shards = embed_shards(context.partition_keys, run, layout, lineage, context.log.info)
         return materialize_partitions(
             context,
             stage,
-            lambda shard: embed_shard(shard, run, layout, lineage, context.log.info),
+            StepStream(shards),
             lineage,
             resources.storage.profile,
             run_metadata={"model_id": run.encoder.model_id, "device": resources.device.describe()},

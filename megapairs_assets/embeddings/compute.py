@@ -32,6 +32,7 @@ from megapairs_assets.corpus.images import (
 )
 from megapairs_assets.embeddings.device_input import (
     ImageDecode,
+    batch_bounds,
     default_num_workers,
     device_image_batches,
     tensor_geometry,
@@ -101,58 +102,164 @@ def embed_rows(
     `no_caption`. `on_progress` is called per batch with the number of rows finished.
     `image_decode` says where JPEGs are decoded (see `device_input.uses_device_decode`; "auto"
     is the GPU when its decoder works, else the CPU); `num_workers=None` picks the DataLoader
-    worker count from the machine for that choice. There is no dtype argument: `load_encoder`
-    has already cast the model to the step's dtype, and inputs follow the model.
+    worker count from the machine for that choice.
     """
-    start_s = time.perf_counter()
+    groups = embed_row_groups(
+        [("rows", rows)],
+        encoder,
+        limits,
+        batch_size,
+        num_workers,
+        device,
+        on_progress=on_progress,
+        image_decode=image_decode,
+    )
+    # Consumed to the end, so the loader and its workers finish before this returns.
+    ((_, result),) = list(groups)
+    return result
+
+
+def embed_row_groups(
+    groups: Sequence[tuple[str, pl.DataFrame]],
+    encoder: LoadedEncoder,
+    limits: ImageLimits,
+    batch_size: int,
+    num_workers: int | None,
+    device: torch.device,
+    on_progress: ProgressCallback | None = None,
+    image_decode: ImageDecode = "auto",
+) -> Iterator[tuple[str, EmbeddingResult]]:
+    """`embed_rows` over several groups of rows (shards) as one input stream.
+
+    One loader, one set of decode workers and one device queue carry on from a group to the
+    next, so a group does not pay the pipeline's start-up (worker start, first batch) again:
+    on the demo's 64-image shards, five per-shard calls took twice as long as one call over the
+    same rows. Yields `(key, result)` per group, in the given order, as soon as every row of
+    that group (and of the groups before it) is embedded or skipped. Image ids must be unique
+    across groups (corpus ids are). A group's `seconds` runs from the previous group's yield.
+    """
+    if not groups:
+        return
+    keys = [key for key, _ in groups]
+    frames = [frame for _, frame in groups]
+    rows = pl.concat(frames, how="vertical_relaxed") if len(frames) > 1 else frames[0]
+    group_of = _group_index(frames)
+    sizes = [frame.height for frame in frames]
+    states = [_GroupState(size) for size in sizes]
     if encoder.modality == "image":
         on_device = uses_device_decode(image_decode, device) and (
             tensor_geometry(encoder.preprocess) is not None
         )
         workers = default_num_workers(on_device) if num_workers is None else num_workers
         batches = _image_batches(
-            rows, encoder, limits, batch_size, workers, device, decode_on_device=on_device
+            rows, encoder, limits, batch_size, workers, device, on_device, sizes
         )
     else:
-        batches = _text_batches(rows, batch_size)
-    ids: list[str] = []
-    chunks: list[np.ndarray] = []
-    skipped: list[SkippedRow] = []
-    device_decoded = 0
-    # The previous batch: its vectors on their way to the host, and its row count.
-    in_flight: tuple[_HostCopy, int] | None = None
+        batches = _text_batches(rows, batch_size, sizes)
+    next_group = 0
+    last_yield = time.perf_counter()
+    # The previous batch: its vectors on their way to the host, its ids, and its row count.
+    in_flight: tuple[_HostCopy, list[str], int] | None = None
 
     def collect() -> None:
         if in_flight is not None:
-            copy, finished = in_flight
-            chunks.append(copy.wait())
+            copy, ids, finished = in_flight
+            vectors = copy.wait()
+            owners = np.fromiter(map(group_of, ids), dtype=np.int64, count=len(ids))
+            for group in np.unique(owners):
+                mask = owners == group
+                states[group].add_vectors(
+                    [i for i, m in zip(ids, mask, strict=True) if m], vectors[mask]
+                )
             if on_progress is not None:
                 on_progress(finished)
 
+    def finished_groups() -> Iterator[tuple[str, EmbeddingResult]]:
+        nonlocal next_group, last_yield
+        while next_group < len(states) and states[next_group].complete:
+            now = time.perf_counter()
+            yield keys[next_group], states[next_group].result(encoder.dim, now - last_yield)
+            states[next_group] = _GroupState(0)  # drop the finished group's vectors
+            next_group, last_yield = next_group + 1, now
+
+    yield from finished_groups()  # groups without rows
     for batch in batches:
-        skipped.extend(batch.skipped)
-        device_decoded += batch.device_decoded
+        for row in batch.skipped:
+            states[group_of(row[0])].add_skipped(row)
+        if batch.ids or batch.skipped:
+            first = batch.ids[0] if batch.ids else batch.skipped[0][0]
+            states[group_of(first)].device_decoded += batch.device_decoded
         if not batch.ids:
             if on_progress is not None and batch.skipped:
                 on_progress(len(batch.skipped))
+            yield from finished_groups()
             continue
         copy = _HostCopy.start(_embed_on_device(encoder, batch.inputs))
-        ids.extend(batch.ids)
         # Waiting for the previous batch's copy leaves this batch's forward queued on the
         # device, so it runs while the host prepares the next batch.
         collect()
-        in_flight = (copy, len(batch.ids) + len(batch.skipped))
+        in_flight = (copy, batch.ids, len(batch.ids) + len(batch.skipped))
+        yield from finished_groups()
     collect()
-    vectors = np.concatenate(chunks) if chunks else np.zeros((0, encoder.dim), dtype=np.float16)
-    seconds = time.perf_counter() - start_s
-    return EmbeddingResult(
-        ids=ids,
-        vectors=vectors,
-        skipped=skipped,
-        seconds=seconds,
-        items_per_s=len(ids) / seconds if seconds > 0 else 0.0,
-        device_decoded=device_decoded,
-    )
+    in_flight = None
+    yield from finished_groups()
+    if next_group < len(states):
+        raise RuntimeError(
+            f"the input stream ended with group {keys[next_group]!r} incomplete "
+            f"({states[next_group].done} of {states[next_group].expected} rows)"
+        )
+
+
+def _group_index(frames: Sequence[pl.DataFrame]) -> Callable[[str], int]:
+    """image_id -> index of the frame holding it. One frame needs no lookup (and may repeat an
+    id, which the embedding checks report); several need ids unique across frames."""
+    if len(frames) == 1:
+        return lambda _image_id: 0
+    group_of = {
+        image_id: index
+        for index, frame in enumerate(frames)
+        for image_id in frame["image_id"].to_list()
+    }
+    if len(group_of) != sum(frame.height for frame in frames):
+        raise ValueError("image ids repeat across the groups of rows to embed")
+    return group_of.__getitem__
+
+
+@dataclass
+class _GroupState:
+    """One group's results so far."""
+
+    expected: int
+    ids: list[str] = field(default_factory=list)
+    chunks: list[np.ndarray] = field(default_factory=list)
+    skipped: list[SkippedRow] = field(default_factory=list)
+    device_decoded: int = 0
+
+    @property
+    def done(self) -> int:
+        return len(self.ids) + len(self.skipped)
+
+    @property
+    def complete(self) -> bool:
+        return self.done >= self.expected
+
+    def add_vectors(self, ids: list[str], vectors: np.ndarray) -> None:
+        self.ids.extend(ids)
+        self.chunks.append(vectors)
+
+    def add_skipped(self, row: SkippedRow) -> None:
+        self.skipped.append(row)
+
+    def result(self, dim: int, seconds: float) -> EmbeddingResult:
+        vectors = np.concatenate(self.chunks) if self.chunks else np.zeros((0, dim), np.float16)
+        return EmbeddingResult(
+            ids=self.ids,
+            vectors=vectors,
+            skipped=self.skipped,
+            seconds=seconds,
+            items_per_s=len(self.ids) / seconds if seconds > 0 else 0.0,
+            device_decoded=self.device_decoded,
+        )
 
 
 @dataclass(frozen=True)
@@ -202,20 +309,27 @@ def _embed_on_device(
     return torch.nn.functional.normalize(raw.float(), dim=-1).half()
 
 
-def _text_batches(rows: pl.DataFrame, batch_size: int) -> Iterator[_Batch]:
+def _text_batches(
+    rows: pl.DataFrame, batch_size: int, group_sizes: Sequence[int]
+) -> Iterator[_Batch]:
+    """Captions in batches of at most `batch_size`, none spanning two groups of rows."""
     # The cast covers a shard whose captions are all null (a column of dtype Null).
     caption = pl.col("caption").cast(pl.String)
     has_caption = (caption.str.strip_chars().str.len_chars() > 0).fill_null(False)
-    captioned = rows.filter(has_caption)
-    uncaptioned = rows.filter(~has_caption)
-    if uncaptioned.height:
-        skipped = [
-            (image_id, NO_CAPTION, "caption is null or empty")
-            for image_id in uncaptioned["image_id"].to_list()
-        ]
-        yield _Batch(ids=[], inputs=None, skipped=skipped)
-    for frame in captioned.select("image_id", "caption").iter_slices(batch_size):
-        yield _Batch(ids=frame["image_id"].to_list(), inputs=frame["caption"].to_list())
+    offset = 0
+    for size in group_sizes:
+        group = rows.slice(offset, size)
+        offset += size
+        uncaptioned = group.filter(~has_caption)
+        if uncaptioned.height:
+            skipped = [
+                (image_id, NO_CAPTION, "caption is null or empty")
+                for image_id in uncaptioned["image_id"].to_list()
+            ]
+            yield _Batch(ids=[], inputs=None, skipped=skipped)
+        captioned = group.filter(has_caption).select("image_id", "caption")
+        for frame in captioned.iter_slices(batch_size):
+            yield _Batch(ids=frame["image_id"].to_list(), inputs=frame["caption"].to_list())
 
 
 class _ImageRows(Dataset):
@@ -270,8 +384,10 @@ def _image_batches(
     batch_size: int,
     num_workers: int,
     device: torch.device,
-    decode_on_device: bool = False,
+    decode_on_device: bool,
+    group_sizes: Sequence[int],
 ) -> Iterator[_Batch]:
+    """Decoded images in batches of at most `batch_size`, none spanning two groups of rows."""
     if encoder.preprocess is None:
         raise ValueError(f"image encoder {encoder.model_id} has no preprocess")
     if decode_on_device:
@@ -283,6 +399,7 @@ def _image_batches(
             batch_size,
             num_workers,
             device,
+            group_sizes,
         ):
             yield _Batch(batch.ids, batch.pixels, batch.skipped, batch.device_decoded)
         return
@@ -295,8 +412,7 @@ def _image_batches(
     )
     loader = DataLoader(
         dataset,
-        batch_size=batch_size,
-        shuffle=False,
+        batch_sampler=[range(start, stop) for start, stop in batch_bounds(group_sizes, batch_size)],
         num_workers=num_workers,
         collate_fn=_collate_images,
         pin_memory=device.type == "cuda",

@@ -23,7 +23,7 @@ from __future__ import annotations
 import io
 import os
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -327,12 +327,14 @@ def device_image_batches(
     batch_size: int,
     num_workers: int,
     device: torch.device,
+    group_sizes: Sequence[int] | None = None,
 ) -> Iterator[DeviceBatch]:
     """Corpus rows (`image_id`, `source_uri`) as batches of uint8 pixels on `device`.
 
-    `num_workers` reader threads (0: the calling thread reads). Raises ValueError when
-    `preprocess` has no device version (see `tensor_geometry`); callers check that first and
-    keep the CPU path.
+    `num_workers` reader threads (0: the calling thread reads). `group_sizes` splits the rows
+    into consecutive groups no batch spans (`batch_bounds`); default one group. Raises
+    ValueError when `preprocess` has no device version (see `tensor_geometry`); callers check
+    that first and keep the CPU path.
     """
     geometry = tensor_geometry(preprocess)
     if geometry is None:
@@ -341,33 +343,49 @@ def device_image_batches(
         rows["image_id"].to_list(), rows["source_uri"].to_list(), limits, input_side_px, preprocess
     )
     fallback = _CpuFallback(limits, input_side_px, preprocess)
-    for batch in _read_batches(dataset, batch_size, num_workers):
+    bounds = batch_bounds(group_sizes or [rows.height], batch_size)
+    for batch in _read_batches(dataset, bounds, num_workers):
         yield _to_device(batch, geometry, device, fallback)
 
 
+def batch_bounds(group_sizes: Sequence[int], batch_size: int) -> list[tuple[int, int]]:
+    """(start, stop) row ranges of the batches over consecutive groups of rows.
+
+    A batch never spans two groups: a shard's vectors then come from the same batches whether
+    it is embedded alone or streamed with other shards (batch composition changes the float
+    rounding of the products, and so, at band edges, which pairs are mined).
+    """
+    bounds: list[tuple[int, int]] = []
+    start = 0
+    for size in group_sizes:
+        stop = start + size
+        bounds.extend((row, min(row + batch_size, stop)) for row in range(start, stop, batch_size))
+        start = stop
+    return bounds
+
+
 def _read_batches(
-    dataset: _EncodedImages, batch_size: int, threads: int
+    dataset: _EncodedImages, bounds: Sequence[tuple[int, int]], threads: int
 ) -> Iterator[_EncodedBatch]:
     """Batches in row order, each read by one of `threads` threads, a few batches ahead."""
 
-    def read(start: int) -> _EncodedBatch:
-        stop = min(start + batch_size, len(dataset))
+    def read(start: int, stop: int) -> _EncodedBatch:
         return _collate_encoded([dataset[index] for index in range(start, stop)])
 
-    starts = iter(range(0, len(dataset), batch_size))
+    ranges = iter(bounds)
     if threads <= 0:
-        yield from (read(start) for start in starts)
+        yield from (read(start, stop) for start, stop in ranges)
         return
     with ThreadPoolExecutor(threads, thread_name_prefix="image-reader") as pool:
         pending: deque[Future[_EncodedBatch]] = deque(
-            pool.submit(read, start)
-            for _, start in zip(range(threads * PREFETCH_BATCHES_PER_WORKER), starts, strict=False)
+            pool.submit(read, *bound)
+            for _, bound in zip(range(threads * PREFETCH_BATCHES_PER_WORKER), ranges, strict=False)
         )
         while pending:
             batch = pending.popleft().result()
-            start = next(starts, None)
-            if start is not None:
-                pending.append(pool.submit(read, start))
+            bound = next(ranges, None)
+            if bound is not None:
+                pending.append(pool.submit(read, *bound))
             yield batch
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import polars as pl
@@ -11,8 +11,9 @@ import torch
 from megapairs_assets.corpus.images import ImageLimits
 from megapairs_assets.corpus.step import ASSET_NAME as CORPUS_ASSET
 from megapairs_assets.embeddings.compute import (
+    EmbeddingResult,
     check_embeddings,
-    embed_rows,
+    embed_row_groups,
     write_embedding_table,
 )
 from megapairs_assets.embeddings.encoders import LoadedEncoder
@@ -21,6 +22,10 @@ from megapairs_assets.lib.progress import Progress
 from megapairs_assets.lib.step import StepResult
 from megapairs_assets.lib.storage import DataLayout, read_parquet
 from megapairs_assets.lineage.catalog import LineageCatalog, read_with_versions
+
+# Corpus rows per input stream (see `embed_shards`): about ten img2dataset shards, so the
+# pipeline's start-up is paid once per ten, and the rows' metadata stays a few hundred MB at most.
+STREAM_WINDOW_ROWS = 100_000
 
 EMBEDDING_CHECKS = {
     "embeddings_finite": "No NaN or infinite values",
@@ -51,13 +56,53 @@ def embed_shard(
     log: Callable[[str], None] = print,
 ) -> StepResult:
     """Embed one shard's valid images (or captions) and write its table."""
+    (result,) = embed_shards([shard], run, layout, catalog, log)
+    return result
+
+
+def embed_shards(
+    shards: Sequence[str],
+    run: EmbeddingRun,
+    layout: DataLayout,
+    catalog: LineageCatalog,
+    log: Callable[[str], None] = print,
+    window_rows: int = STREAM_WINDOW_ROWS,
+) -> Iterator[StepResult]:
+    """`embed_shard` for each of `shards`, in order, through one input pipeline per window.
+
+    Shards are taken in windows of about `window_rows` corpus rows (at least one shard): the
+    window's rows go through `embed_row_groups` as one stream, so decode workers, reader threads
+    and the device queue do not start again for each shard, and each shard's table is written
+    as soon as its last row is done. A window bounds the corpus rows held in memory.
+    """
+    window: list[tuple[str, pl.DataFrame, dict[str, str]]] = []
+    for index, shard in enumerate(shards):
+        rows, versions = read_with_versions(
+            catalog,
+            CORPUS_ASSET,
+            [shard],
+            lambda shard=shard: read_parquet(layout.corpus_images(shard)),
+        )
+        window.append((shard, rows, versions))
+        if sum(rows.height for _, rows, _ in window) >= window_rows or index == len(shards) - 1:
+            yield from _embed_window(window, run, layout, log)
+            window = []
+
+
+def _embed_window(
+    window: list[tuple[str, pl.DataFrame, dict[str, str]]],
+    run: EmbeddingRun,
+    layout: DataLayout,
+    log: Callable[[str], None],
+) -> Iterator[StepResult]:
     asset_name = run.source.embedding_asset
-    rows, versions = read_with_versions(
-        catalog, CORPUS_ASSET, [shard], lambda: read_parquet(layout.corpus_images(shard))
-    )
-    with Progress(rows.height, f"{asset_name}[{shard}]", log=log) as progress:
-        result = embed_rows(
-            rows,
+    shards = [shard for shard, _, _ in window]
+    label = shards[0] if len(shards) == 1 else f"{shards[0]}..{shards[-1]}"
+    inputs = {shard: (rows, versions) for shard, rows, versions in window}
+    total = sum(rows.height for _, rows, _ in window)
+    with Progress(total, f"{asset_name}[{label}]", log=log) as progress:
+        results = embed_row_groups(
+            [(shard, rows) for shard, rows, _ in window],
             run.encoder,
             run.limits,
             run.batch_size,
@@ -66,6 +111,21 @@ def embed_shard(
             on_progress=progress.update,
             image_decode=run.image_decode,
         )
+        for shard, result in results:
+            rows, versions = inputs.pop(shard)
+            yield _shard_result(shard, rows, versions, result, run, layout)
+
+
+def _shard_result(
+    shard: str,
+    rows: pl.DataFrame,
+    versions: dict[str, str],
+    result: EmbeddingResult,
+    run: EmbeddingRun,
+    layout: DataLayout,
+) -> StepResult:
+    """Write one shard's table and describe it."""
+    asset_name = run.source.embedding_asset
     path = layout.shard_table(asset_name, shard)
     write_embedding_table(path, result.ids, result.vectors, run.encoder.model_id)
     skipped = pl.DataFrame(

@@ -11,7 +11,7 @@ plain function directly.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -110,3 +110,28 @@ def run_recorded(
         rows=result.rows,
     )
     return result
+
+
+class StepStream:
+    """A stream of results, one per partition, handed out as a per-partition step.
+
+    For stages whose partitions share one input pipeline (embeddings: one loader across
+    shards), the stream yields each partition's result in the order `materialize_partitions`
+    asks for them. A partition's outputs are written when its result is asked for (the stream
+    is suspended in between), so `run_recorded`'s pending record still comes first.
+    """
+
+    def __init__(self, results: Iterator[StepResult]) -> None:
+        self._results = results
+
+    def __call__(self, partition: str) -> StepResult:
+        try:
+            result = next(self._results)
+        except StopIteration:
+            raise RuntimeError(f"the step's stream ended before partition {partition!r}") from None
+        if result.partition != partition:
+            raise RuntimeError(
+                f"the step's stream gave partition {result.partition!r} where {partition!r} "
+                "was asked for: partitions must be asked for in the stream's order"
+            )
+        return result

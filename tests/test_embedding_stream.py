@@ -1,0 +1,119 @@
+"""Several shards through one embedding pipeline: same vectors as one shard at a time."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+import torch
+from PIL import Image
+
+from megapairs_assets.corpus.images import ImageLimits
+from megapairs_assets.embeddings.compute import embed_row_groups, embed_rows
+from megapairs_assets.embeddings.device_input import batch_bounds
+from megapairs_assets.embeddings.encoders import LoadedEncoder
+from megapairs_assets.lib.step import StepResult, StepStream
+
+CPU = torch.device("cpu")
+LIMITS = ImageLimits()
+DIM = 8
+
+
+def _pixels(image: Image.Image) -> torch.Tensor:
+    small = np.asarray(image.resize((4, 4)), dtype=np.float32) / 255.0
+    return torch.from_numpy(small).permute(2, 0, 1)
+
+
+def _batch_sensitive_image_vectors(pixels: torch.Tensor) -> torch.Tensor:
+    # The batch's size leaks into every vector, so a batch that spanned two shards would give
+    # different vectors than the same shard embedded alone.
+    return pixels.flatten(1)[:, :DIM] + 0.1 * len(pixels)
+
+
+def _batch_sensitive_text_vectors(texts: list[str]) -> torch.Tensor:
+    lengths = torch.tensor([float(len(text)) for text in texts])
+    return torch.stack([lengths + offset + len(texts) for offset in range(DIM)], dim=1)
+
+
+IMAGE_ENCODER = LoadedEncoder(
+    "fake:image", DIM, "image", _pixels, 4, _batch_sensitive_image_vectors
+)
+TEXT_ENCODER = LoadedEncoder(
+    "fake:text", DIM, "text", None, None, _encode_texts=_batch_sensitive_text_vectors
+)
+
+
+def _shard(tmp_path: Path, name: str, count: int, broken: tuple[int, ...] = ()) -> pl.DataFrame:
+    rng = np.random.default_rng(len(name) + count)
+    uris, captions = [], []
+    for index in range(count):
+        path = tmp_path / f"{name}-{index}.jpg"
+        if index in broken:
+            path.write_bytes(b"not a jpeg")
+        else:
+            Image.fromarray(rng.integers(0, 255, (30, 40, 3), dtype=np.uint8)).save(path)
+        uris.append(str(path))
+        captions.append(None if index in broken else f"{name} picture {index}")
+    return pl.DataFrame(
+        {
+            "image_id": [f"{name}/{index}" for index in range(count)],
+            "source_uri": uris,
+            "caption": captions,
+        }
+    )
+
+
+def test_batches_never_span_two_groups() -> None:
+    assert batch_bounds([5, 0, 3], 2) == [(0, 2), (2, 4), (4, 5), (5, 7), (7, 8)]
+    assert batch_bounds([], 4) == []
+
+
+@pytest.mark.parametrize("encoder", [IMAGE_ENCODER, TEXT_ENCODER], ids=["image", "text"])
+@pytest.mark.parametrize("workers", [0, 2])
+def test_each_shard_gets_what_it_gets_alone(
+    tmp_path: Path, encoder: LoadedEncoder, workers: int
+) -> None:
+    shards = [
+        ("00000", _shard(tmp_path, "a", 5)),
+        ("00001", _shard(tmp_path, "b", 0)),
+        ("00002", _shard(tmp_path, "c", 7, broken=(5,))),
+        ("00003", _shard(tmp_path, "d", 4, broken=(0, 1, 2, 3))),
+    ]
+    streamed = list(embed_row_groups(shards, encoder, LIMITS, 3, workers, CPU))
+
+    assert [key for key, _ in streamed] == [key for key, _ in shards]
+    for (key, rows), (_, result) in zip(shards, streamed, strict=True):
+        alone = embed_rows(rows, encoder, LIMITS, 3, workers, CPU)
+        assert result.ids == alone.ids, key
+        assert np.array_equal(result.vectors, alone.vectors), key
+        assert sorted(result.skipped) == sorted(alone.skipped), key
+        assert len(result.ids) + len(result.skipped) == rows.height
+
+
+def test_a_shard_is_handed_out_before_the_next_one_is_embedded(tmp_path: Path) -> None:
+    shards = [(f"{i:05d}", _shard(tmp_path, f"s{i}", 4)) for i in range(3)]
+    progress: list[int] = []
+    stream = embed_row_groups(shards, IMAGE_ENCODER, LIMITS, 2, 0, CPU, on_progress=progress.append)
+    key, first = next(stream)
+    assert key == "00000" and len(first.ids) == 4
+    # One batch of the next shard is in flight, the rest not yet read.
+    assert sum(progress) < 12
+    assert [key for key, _ in stream] == ["00001", "00002"]
+    assert sum(progress) == 12
+
+
+def test_ids_shared_by_two_shards_are_refused(tmp_path: Path) -> None:
+    rows = _shard(tmp_path, "a", 3)
+    with pytest.raises(ValueError, match="repeat across the groups"):
+        list(embed_row_groups([("0", rows), ("1", rows)], IMAGE_ENCODER, LIMITS, 2, 0, CPU))
+
+
+def test_a_step_stream_hands_out_partitions_in_its_order() -> None:
+    stream = StepStream(iter([StepResult(partition="a"), StepResult(partition="b")]))
+    assert stream("a").partition == "a"
+    with pytest.raises(RuntimeError, match="gave partition 'b' where 'c' was asked for"):
+        stream("c")
+    with pytest.raises(RuntimeError, match="ended before partition 'd'"):
+        stream("d")
