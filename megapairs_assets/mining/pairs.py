@@ -142,6 +142,10 @@ def mine_pairs(
     if unknown:
         raise ValueError(f"sources {unknown} have KNN tables but no band in MiningParams.bands")
     copies = _copies(content_hashes)
+    if params.query_fraction < 1.0:
+        # Sampled before the band filter, so unsampled queries cost no work at all. The sample
+        # is per id (a keyed hash), so a query's pairs are the same as without sampling.
+        neighbors = _sampled_queries(neighbors, params)
 
     per_source_targets = [
         _best_in_band_targets(neighbors[source], index, params.bands[source], params, copies)
@@ -158,10 +162,6 @@ def mine_pairs(
 
     ids = _IdTable.from_targets(targets)
     coded = ids.encode(targets)
-    if params.query_fraction < 1.0:
-        coded = coded.filter(pl.Series(ids.sampled_query_mask(params)).gather(coded["query_code"]))
-    if coded.height == 0:
-        return _empty_pairs(params.sources)
 
     pairs = _merge_sources(coded, params.sources)
     return _with_ids_and_negatives(pairs, ids, params, ids.content_groups(copies))
@@ -272,6 +272,22 @@ def _best_in_band_targets(
     )
 
 
+def _sampled_queries(
+    neighbors: Mapping[str, pl.DataFrame], params: MiningParams
+) -> dict[str, pl.DataFrame]:
+    """Each KNN table cut to the queries in the `query_fraction` sample."""
+    frames = [frame["query_id"] for frame in neighbors.values() if frame.height]
+    if not frames:
+        return dict(neighbors)
+    queries = pl.concat(frames).unique()
+    keys = _mix64(_seed_word(params.seed, _SAMPLE_SALT) ^ _stable_id_hashes(queries))
+    unit_interval = (keys >> np.uint64(11)).astype(np.float64) * 2.0**-53
+    kept = queries.filter(pl.Series(unit_interval < params.query_fraction)).implode()
+    return {
+        source: frame.filter(pl.col("query_id").is_in(kept)) for source, frame in neighbors.items()
+    }
+
+
 def _stable_id_hashes(ids: pl.Series) -> np.ndarray:
     """64-bit blake2b of each id; call on unique ids only, it is a Python-level loop."""
     digests = b"".join(
@@ -340,12 +356,6 @@ class _IdTable:
         labels = np.arange(self.ids.len(), dtype=np.int64)
         labels[groups["code"].to_numpy()] = groups["group"].to_numpy()
         return labels
-
-    def sampled_query_mask(self, params: MiningParams) -> np.ndarray:
-        """Per code: True if that id, used as a query, is in the `query_fraction` sample."""
-        keys = _mix64(_seed_word(params.seed, _SAMPLE_SALT) ^ self.hashes)
-        unit_interval = (keys >> np.uint64(11)).astype(np.float64) * 2.0**-53
-        return unit_interval < params.query_fraction
 
 
 def _merge_sources(coded: pl.DataFrame, sources: Sequence[str]) -> pl.DataFrame:
