@@ -97,6 +97,9 @@ def run_demo(args: argparse.Namespace) -> int:
     # Opens the data root's filesystem: a bad URL fails here, before any step runs.
     tables = resources["storage"].layout().data_dir
     print(f"  tables: {tables}")
+    # Opens (or creates) the lineage catalog: an unreachable DuckLake fails here too.
+    catalog = resources["catalog"].catalog()
+    print(f"  lineage catalog: {catalog.location} (schema v{catalog.schema_version()})")
     for key in ("clip_image_encoder", "dino_image_encoder", "caption_text_encoder"):
         dim = resources[key].validate()
         print(f"  {key}: {resources[key].model_id} ({dim}-d)")
