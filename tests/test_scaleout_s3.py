@@ -292,6 +292,12 @@ def test_the_whole_loop_runs_with_every_table_and_export_in_the_bucket(s3, s3_lo
         f"{checkpoint}/run.json",
     }
     expected |= {f"{data}/benchmark_scores/{r}/heldout/scores.parquet" for r in retrievers}
+    # Each shard's response stores, mirrored beside the tables for steps on other machines.
+    expected |= {
+        f"{data}/cache/generation/{shard}/{step}.sqlite"
+        for shard in SHARDS
+        for step in ("describe", "instruct")
+    }
     assert expected <= keys, sorted(expected - keys)
     exported_images = [k for k in keys if k.startswith(f"{data}/triplet_export/images/")]
     assert exported_images and all(k.endswith(".jpg") for k in exported_images)

@@ -59,7 +59,7 @@ from megapairs_assets.generation.store import (
     STATUS_QUARANTINED,
     ResponseStore,
     StoredResponse,
-    store_path,
+    open_store,
 )
 from megapairs_assets.lib.quality import CheckOutcome, outcome
 from megapairs_assets.lib.step import StepResult
@@ -133,7 +133,7 @@ def describe_pairs_for_shard(
     settled = settle_shard_requests(
         [p.request for p in model_plans],
         [p.request for p in heuristic_plans],
-        ResponseStore(store_path(layout, shard, STEP), settings.max_attempts),
+        open_store(layout, shard, STEP, settings.max_attempts),
         lambda: backend_factory(settings.describe.backend),
         lambda: backend_factory(settings.heuristic),
         flush_every=settings.flush_every,
@@ -208,7 +208,7 @@ def prefetch_descriptions(
             settings,
             QuarantineLog(DESCRIPTIONS_ASSET, shard),
         )
-        store = ResponseStore(store_path(layout, shard, STEP), settings.max_attempts)
+        store = open_store(layout, shard, STEP, settings.max_attempts)
         return [plan.request for plan in plans], store
 
     return prefetch_shards(

@@ -261,6 +261,7 @@ def settle_shard_requests(
             heuristic_requests, heuristic_backend, store, flush_every=flush_every,
             progress=progress.update,
         )
+    store.mirror_now()
     return SettledStep(model, heuristic, model_stats, heuristic_stats)
 
 
@@ -292,7 +293,10 @@ def prefetch_shards(
             continue
         routed += [(request, store) for request in requests]
     with Progress(len(routed), label, unit="pairs", log=log) as progress:
-        return run_routed(
+        stats = run_routed(
             routed, backend, flush_every=flush_every, progress=progress.update,
             record_failures=False,
         )
+    for store in {id(store): store for _, store in routed}.values():
+        store.mirror_now()
+    return stats

@@ -9,6 +9,14 @@ ever has two writers, and SQLite in WAL mode with `synchronous=FULL` makes each 
 batch durable: a process killed mid-run keeps every batch committed before the kill, and the
 next run asks only for the rest.
 
+Where the tables live apart from the home (`MEGAPAIRS_DATA_ROOT`: a shared folder or an object
+store, as on a cluster, where each step may run in a fresh pod), the store is mirrored beside
+them (`DataLayout.shared_cache_file`): a consistent snapshot (SQLite's backup API) is uploaded
+in one atomic write at most every `MIRROR_EVERY_S` seconds while requests settle and once when
+a step's requests are settled, and a store opened on a machine merges the mirror in first
+(an `ok` answer wins over a failure), so a retried or rescheduled step asks the model only for
+what no machine has answered yet.
+
 Rows are keyed by the request key (sha256 of model id, template hash, inputs, sampling
 parameters and seed; see `backends.base.request_key`). A failed request keeps its attempt
 count and last error; once `max_attempts` runs have failed it, it is `quarantined` and no
@@ -19,6 +27,7 @@ from __future__ import annotations
 
 import re
 import sqlite3
+import tempfile
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import closing, contextmanager
@@ -26,7 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from megapairs_assets.generation.backends.base import GenerationResult
-from megapairs_assets.lib.storage import DataLayout
+from megapairs_assets.lib.storage import DataLayout, DataPath, write_atomic
 
 STATUS_OK = "ok"
 STATUS_FAILED = "failed"
@@ -35,6 +44,9 @@ CACHE_DIRNAME = "cache"
 GENERATION_CACHE_DIRNAME = "generation"
 _SAFE_NAME = re.compile(r"[^A-Za-z0-9._-]")
 _LOOKUP_CHUNK = 900  # below SQLite's default bound-parameter limit
+# How often a mirrored store is uploaded while requests settle: a killed pod loses at most this
+# much of its answers, and a large store is not re-uploaded after every flush.
+MIRROR_EVERY_S = 60.0
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS responses (
@@ -51,6 +63,12 @@ CREATE TABLE IF NOT EXISTS responses (
     updated_at REAL
 )
 """
+
+
+def open_store(layout: DataLayout, shard: str, step: str, max_attempts: int) -> ResponseStore:
+    """The store of one shard and step, mirrored beside the tables when they live apart."""
+    mirror = layout.shared_cache_file("generation", shard, f"{_SAFE_NAME.sub('_', step)}.sqlite")
+    return ResponseStore(store_path(layout, shard, step), max_attempts, mirror=mirror)
 
 
 def store_path(layout: DataLayout, shard: str, step: str) -> Path:
@@ -83,14 +101,58 @@ class StoredResponse:
 class ResponseStore:
     """Durable key -> response map for one shard and step; see the module docstring."""
 
-    def __init__(self, path: Path, max_attempts: int = 3) -> None:
+    def __init__(
+        self,
+        path: Path,
+        max_attempts: int = 3,
+        mirror: DataPath | None = None,
+        mirror_every_s: float = MIRROR_EVERY_S,
+    ) -> None:
         if max_attempts < 1:
             raise ValueError(f"max_attempts must be >= 1, got {max_attempts}")
         self.path = Path(path)
         self.max_attempts = max_attempts
+        self.mirror = mirror
+        self.mirror_every_s = mirror_every_s
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self._connect() as con:
             con.execute(_SCHEMA)
+        if mirror is not None and mirror.exists():
+            self._merge_mirror(mirror)
+        self._mirrored_at = time.monotonic()
+
+    def mirror_now(self) -> None:
+        """Upload a consistent snapshot of the store to its mirror (no-op without one)."""
+        if self.mirror is None:
+            return
+
+        def snapshot(target: Path) -> None:
+            source = closing(sqlite3.connect(self.path, timeout=60.0))
+            with source as origin, closing(sqlite3.connect(target)) as copy:
+                origin.backup(copy)
+
+        write_atomic(self.mirror, snapshot)
+        self._mirrored_at = time.monotonic()
+
+    def _merge_mirror(self, mirror: DataPath) -> None:
+        """Take in the mirror's rows: new keys, and `ok` answers over local failures."""
+        with tempfile.TemporaryDirectory(dir=self.path.parent) as scratch:
+            copy = Path(scratch) / "mirror.sqlite"
+            copy.write_bytes(mirror.read_bytes())
+            with self._connect() as con:
+                con.execute("ATTACH DATABASE ? AS mirror", [str(copy)])
+                con.execute(
+                    "INSERT INTO responses SELECT * FROM mirror.responses WHERE true "
+                    "ON CONFLICT(key) DO UPDATE SET status=excluded.status, text=excluded.text,"
+                    " finish_reason=excluded.finish_reason,"
+                    " prompt_tokens=excluded.prompt_tokens,"
+                    " completion_tokens=excluded.completion_tokens,"
+                    " attempts=excluded.attempts, last_error=excluded.last_error,"
+                    " model_id=excluded.model_id, latency_s=excluded.latency_s,"
+                    " updated_at=excluded.updated_at"
+                    " WHERE excluded.status = ? AND responses.status != ?",
+                    [STATUS_OK, STATUS_OK],
+                )
 
     @contextmanager
     def _connect(self) -> Iterator[sqlite3.Connection]:
@@ -169,6 +231,11 @@ class ResponseStore:
                             STATUS_OK,
                         ],
                     )
+        self._mirror_if_due()
+
+    def _mirror_if_due(self) -> None:
+        if self.mirror is not None and time.monotonic() - self._mirrored_at >= self.mirror_every_s:
+            self.mirror_now()
 
     def release_quarantined(self) -> int:
         """Give quarantined requests a fresh set of attempts; returns how many."""

@@ -277,6 +277,17 @@ class DataLayout:
         """Per-shard table of a downstream asset (embeddings, KNN graphs, pairs)."""
         return _inside(self.asset_dir(asset_name), f"{check_partition_key(shard, 'shard')}.parquet")
 
+    def shared_cache_file(self, kind: str, shard: str, file_name: str) -> DataPath | None:
+        """A cache file kept beside the tables, for steps on other machines to find.
+
+        Only where the tables live apart from `home` (`data_root` set: a shared folder or an
+        object store); None otherwise, since the local cache under `home` is then the only one.
+        """
+        if self.data_root is None:
+            return None
+        folder = _inside(self.asset_dir("cache"), check_partition_key(kind, "cache kind"))
+        return _inside(_inside(folder, check_partition_key(shard, "shard")), file_name)
+
     def _corpus_file(self, shard: str, file_name: str) -> DataPath:
         shard_dir = _inside(self.asset_dir("image_corpus"), check_partition_key(shard, "shard"))
         return shard_dir / file_name
