@@ -142,7 +142,12 @@ def embed_row_groups(
         return
     keys = [key for key, _ in groups]
     frames = [frame for _, frame in groups]
-    rows = pl.concat(frames, how="vertical_relaxed") if len(frames) > 1 else frames[0]
+    if len(frames) > 1:
+        # Only the columns the batches read, so shards whose tables differ elsewhere still stack.
+        used = [c for c in ("image_id", "source_uri", "caption") if c in frames[0].columns]
+        rows = pl.concat([frame.select(used) for frame in frames], how="vertical_relaxed")
+    else:
+        rows = frames[0]
     group_of = _group_index(frames)
     sizes = [frame.height for frame in frames]
     states = [_GroupState(size) for size in sizes]
