@@ -148,7 +148,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("out_dir", type=Path, help="folder for the PNG files (created)")
     parser.add_argument("--port", type=int, default=None, help="default: a free port")
     parser.add_argument("--chromium", default=None, help="Chromium binary (default: on PATH)")
+    parser.add_argument(
+        "--page",
+        action="append",
+        default=[],
+        metavar="PATH",
+        help="another UI path to capture (repeatable), e.g. "
+        "'/assets/clip_image_embeddings?view=partitions&partition=00000'",
+    )
     args = parser.parse_args(argv)
+    pages = list(PAGES) + [
+        (f"{len(PAGES) + index + 1:02d}_extra", page, 1000) for index, page in enumerate(args.page)
+    ]
 
     chromium = find_chromium(args.chromium)
     args.out_dir.mkdir(parents=True, exist_ok=True)
@@ -162,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
         # dialog covers every screenshot.
         graphql(port, "mutation { setNuxSeen }")
         profile_dir = args.out_dir / ".chromium-profile"
-        for name, page, height_px in PAGES:
+        for name, page, height_px in pages:
             path = args.out_dir / f"{name}.png"
             screenshot(chromium, f"http://127.0.0.1:{port}{page}", path, profile_dir, height_px)
             print(f"  {page} -> {path}")
