@@ -117,3 +117,23 @@ def test_a_step_stream_hands_out_partitions_in_its_order() -> None:
         stream("c")
     with pytest.raises(RuntimeError, match="ended before partition 'd'"):
         stream("d")
+
+
+def test_a_shard_without_its_corpus_table_fails_alone(tmp_path: Path) -> None:
+    # Shards before it are embedded and handed out; the error comes when it is asked for.
+    from megapairs_assets.embeddings.sources import SOURCES
+    from megapairs_assets.embeddings.step import EmbeddingRun, embed_shards
+    from megapairs_assets.lib.storage import DataLayout, write_parquet_atomic
+    from megapairs_assets.lineage.catalog import LineageCatalog
+
+    layout = DataLayout(tmp_path / "home")
+    catalog = LineageCatalog(layout.catalog_path)
+    for shard in ("00000", "00002"):
+        rows = _shard(tmp_path, f"s{shard}", 3).with_columns(pl.col("image_id").alias("key"))
+        write_parquet_atomic(rows, layout.corpus_images(shard))
+    run = EmbeddingRun(SOURCES[0], IMAGE_ENCODER, 2, 0, CPU, torch.float32, LIMITS)
+    stream = StepStream(embed_shards(["00000", "00001", "00002"], run, layout, catalog))
+    assert stream("00000").row_counts["embedded"] == 3
+    assert layout.shard_table(SOURCES[0].embedding_asset, "00000").exists()
+    with pytest.raises(FileNotFoundError):
+        stream("00001")

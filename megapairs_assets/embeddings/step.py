@@ -77,12 +77,19 @@ def embed_shards(
     """
     window: list[tuple[str, pl.DataFrame, dict[str, str]]] = []
     for index, shard in enumerate(shards):
-        rows, versions = read_with_versions(
-            catalog,
-            CORPUS_ASSET,
-            [shard],
-            lambda shard=shard: read_parquet(layout.corpus_images(shard)),
-        )
+        try:
+            rows, versions = read_with_versions(
+                catalog,
+                CORPUS_ASSET,
+                [shard],
+                lambda shard=shard: read_parquet(layout.corpus_images(shard)),
+            )
+        except Exception:
+            # The shards before it are embedded and handed out first; the error then surfaces
+            # when this shard is asked for, so it fails this shard, not the first of its window.
+            if window:
+                yield from _embed_window(window, run, layout, log)
+            raise
         window.append((shard, rows, versions))
         if sum(rows.height for _, rows, _ in window) >= window_rows or index == len(shards) - 1:
             yield from _embed_window(window, run, layout, log)
