@@ -14,7 +14,9 @@ from megapairs_assets.corpus.sources import (
     SourceSpec,
     iter_shard_records,
     list_shards,
+    scan_source,
 )
+from megapairs_assets.lib.errors import ConfigurationError
 
 LIMITS = ImageLimits()
 
@@ -184,4 +186,29 @@ def test_manifest_missing_files_and_urls_become_error_records(tmp_path):
 def test_manifest_needs_a_path_or_url_column(tmp_path):
     manifest = factory.write_manifest(tmp_path / "m.jsonl", [{"file": "a.jpg", "caption": "x"}])
     with pytest.raises(ValueError, match="path"):
+        list_shards(SourceSpec(kind="manifest", path=str(manifest)))
+
+
+def test_malformed_manifest_lines_are_reported_and_the_rest_is_read(tmp_path):
+    rows = _manifest_rows(tmp_path, 4)
+    good = [json.dumps(row) for row in rows]
+    # Line 2 is broken JSON, line 4 a JSON string: both set aside, with their line numbers.
+    lines = [good[0], "{broken", good[1], '"just a string"', "", good[2], good[3]]
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    spec = SourceSpec(kind="manifest", path=str(manifest), shard_size=3)
+    scan = scan_source(spec)
+    reasons = {record.uri: record.error for record in scan.unread}
+    assert set(reasons) == {f"{manifest}:2", f"{manifest}:4"}
+    assert all(error.startswith("bad_manifest_line") for error in reasons.values())
+    assert "line 2 is not JSON" in reasons[f"{manifest}:2"]
+    # A bad line keeps its row number: the rows after it get the keys they would have had.
+    keys = [key for shard in scan.shards for key in _records(spec, shard)]
+    assert keys == ["000000000", "000000002", "000000004", "000000005"]
+
+
+def test_a_manifest_with_no_readable_line_names_the_problem(tmp_path):
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text("{broken\nnot json either\n", encoding="utf-8")
+    with pytest.raises(ConfigurationError, match=r"2 lines are not JSON objects, first line 1"):
         list_shards(SourceSpec(kind="manifest", path=str(manifest)))

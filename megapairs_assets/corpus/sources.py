@@ -27,6 +27,7 @@ import json
 import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
@@ -34,6 +35,7 @@ import polars as pl
 
 from megapairs_assets.corpus.images import ImageRejected, read_uri_bytes
 from megapairs_assets.corpus.uris import TAR_SUFFIX, is_remote, resolve_local, tar_member_uri
+from megapairs_assets.lib.errors import ConfigurationError
 from megapairs_assets.lib.storage import (
     SAFE_PARTITION_KEY_RULE,
     check_partition_key,
@@ -514,15 +516,69 @@ def _scan_manifest(spec: SourceSpec) -> pl.LazyFrame:
     if suffix == ".parquet":
         manifest = pl.scan_parquet(manifest_path)
     elif suffix in {".jsonl", ".ndjson"}:
-        manifest = pl.scan_ndjson(manifest_path, infer_schema_length=None)
+        manifest = _jsonl_manifest(manifest_path).rows.lazy()
     else:
-        raise ValueError(f"manifest {manifest_path} must be .parquet or .jsonl")
+        raise ConfigurationError(f"manifest {manifest_path} must be .parquet or .jsonl")
     columns = manifest.collect_schema()
     if "path" not in columns and "url" not in columns:
-        raise ValueError(f"manifest {manifest_path} needs a 'path' or 'url' column")
+        bad = _jsonl_manifest(manifest_path).bad_lines if suffix != ".parquet" else []
+        unreadable = (
+            f" ({len(bad)} lines are not JSON objects, first line {bad[0][0]})" if bad else ""
+        )
+        raise ConfigurationError(
+            f"manifest {manifest_path} needs a 'path' or 'url' column{unreadable}"
+        )
     if spec.shard_size < 1:
         raise ValueError(f"shard_size must be positive, got {spec.shard_size}")
-    return manifest.with_row_index(_ROW).with_columns(_shard_id_expr(columns, spec.shard_size))
+    if _ROW not in columns:
+        manifest = manifest.with_row_index(_ROW)
+    return manifest.with_columns(_shard_id_expr(columns, spec.shard_size))
+
+
+@dataclass(frozen=True)
+class _JsonlManifest:
+    """A JSON-lines manifest's objects, and its lines that are not JSON objects."""
+
+    rows: pl.DataFrame
+    bad_lines: list[tuple[int, str]]  # (line number from 1, why)
+
+
+def _jsonl_manifest(path: Path) -> _JsonlManifest:
+    """Read a JSON-lines manifest; a malformed line is set aside, not fatal.
+
+    polars reads a well-formed file; only when it refuses one are the lines parsed one by one,
+    so a single broken line costs a slow read instead of the whole corpus. Cached per file
+    version: every shard's step reads the same manifest.
+    """
+    stat = path.stat()
+    return _read_jsonl_manifest(str(path), stat.st_mtime_ns, stat.st_size)
+
+
+@lru_cache(maxsize=4)
+def _read_jsonl_manifest(path: str, _mtime_ns: int, _size: int) -> _JsonlManifest:
+    try:
+        return _JsonlManifest(pl.read_ndjson(path, infer_schema_length=None), [])
+    except pl.exceptions.PolarsError:
+        pass
+    objects: list[dict] = []
+    bad: list[tuple[int, str]] = []
+    with open(path, encoding="utf-8", errors="replace") as lines:
+        non_blank = ((number, line) for number, line in enumerate(lines, start=1) if line.strip())
+        # A bad line keeps its row number, so fixing it later shifts no other row's key.
+        for row, (number, line) in enumerate(non_blank):
+            try:
+                value = json.loads(line)
+            except json.JSONDecodeError as error:
+                bad.append((number, f"not JSON ({error.msg} at column {error.colno})"))
+                continue
+            if not isinstance(value, dict):
+                bad.append((number, f"a JSON {type(value).__name__}, not an object"))
+                continue
+            objects.append({**value, _ROW: row})
+    frame = pl.DataFrame(objects, infer_schema_length=None)
+    return _JsonlManifest(
+        frame.with_columns(pl.col(_ROW).cast(pl.UInt32)) if objects else frame, bad
+    )
 
 
 def _shard_id_expr(columns: pl.Schema, shard_size: int) -> pl.Expr:
@@ -541,6 +597,15 @@ def _scan_manifest_shards(spec: SourceSpec) -> SourceScan:
     shard_ids = manifest.select(pl.col(_SHARD_ID).unique()).collect()[_SHARD_ID].to_list()
     unsafe = [shard_id for shard_id in shard_ids if not is_safe_partition_key(shard_id)]
     unread: list[RawRecord] = []
+    if Path(spec.path).suffix.lower() in {".jsonl", ".ndjson"}:
+        for number, why in _jsonl_manifest(Path(spec.path)).bad_lines:
+            unread.append(
+                _unread(
+                    f"{spec.path}:{number}",
+                    "bad_manifest_line",
+                    f"manifest {spec.path} line {number} is {why}; fix it to have it read",
+                )
+            )
     if unsafe:
         rows = manifest.filter(pl.col(_SHARD_ID).is_in(unsafe)).sort(_ROW).collect()
         for row in _manifest_rows(rows, manifest.collect_schema(), _manifest_dir(spec)):
