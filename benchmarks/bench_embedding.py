@@ -643,11 +643,16 @@ def table_write_only(args: argparse.Namespace) -> dict[str, Any]:
     """`--part table-write`: the table-write figure alone (no model, no JPEGs)."""
     with tempfile.TemporaryDirectory(prefix="bench-embedding-table-") as scratch:
         table_write = time_table_write(args.table_rows, TABLE_DIM, Path(scratch))
+    return part_result("embedding_table_write", {"table_write": table_write})
+
+
+def part_result(benchmark: str, figures: dict[str, Any]) -> dict[str, Any]:
+    """The result file of one `--part`: its figures with the machine and the code measured."""
     return {
-        "benchmark": "embedding_table_write",
+        "benchmark": benchmark,
         "command": "python -m benchmarks.bench_embedding " + " ".join(sys.argv[1:]),
         "machine": machine_info(),
-        "table_write": table_write,
+        **figures,
         "code_commit": code_commit(),
         "note": "shared 2-core machine; other jobs may have been running, timings are noisy",
         "load_average_1_5_15_min_at_end": [round(x, 2) for x in os.getloadavg()],
@@ -696,15 +701,7 @@ def shard_stream_only(args: argparse.Namespace) -> dict[str, Any]:
                 "ratio_stream_to_per_shard": round(min(stream) / min(per_shard), 3),
             }
             log(f"shard stream: {key} {figures[key]}")
-    return {
-        "benchmark": "embedding_shard_stream",
-        "command": "python -m benchmarks.bench_embedding " + " ".join(sys.argv[1:]),
-        "machine": machine_info(),
-        "shard_stream": figures,
-        "code_commit": code_commit(),
-        "note": "shared 2-core machine; other jobs may have been running, timings are noisy",
-        "load_average_1_5_15_min_at_end": [round(x, 2) for x in os.getloadavg()],
-    }
+    return part_result("embedding_shard_stream", {"shard_stream": figures})
 
 
 def main(argv: list[str] | None = None) -> int:
