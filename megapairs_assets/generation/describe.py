@@ -141,24 +141,16 @@ def describe_pairs_for_shard(
         label=f"describe {shard}",
         log=log,
     )
-    model_stats = settled.model_stats
-    raise_if_backend_failing(model_stats, settings.max_failure_fraction, "describe", shard)
-
-    rows = [
-        row
-        for plans, responses in (
-            (model_plans, settled.model),
-            (heuristic_plans, settled.heuristic),
-        )
-        for plan in plans
-        if (row := _accept(plan, responses.get(plan.request.key), settings, quarantine))
-    ]
+    raise_if_backend_failing(settled.model_stats, settings.max_failure_fraction, STEP, shard)
+    rows = settled.accepted_rows(
+        model_plans,
+        heuristic_plans,
+        lambda plan, answer: _accept(plan, answer, settings, quarantine),
+    )
     table = pl.DataFrame(rows, schema=DESCRIPTION_SCHEMA).sort("pair_id")
     path = layout.shard_table(DESCRIPTIONS_ASSET, shard)
     write_parquet_atomic(table, path)
 
-    stats = settled.stats
-    by_generator = counts_by(table, "generator")
     return StepResult(
         partition=shard,
         outputs={"descriptions": path},
@@ -181,9 +173,8 @@ def describe_pairs_for_shard(
             - len(model_plans)
             - len(heuristic_plans)
             - _missing(quarantine),
-            **{f"model_{k}": v for k, v in model_stats.as_metadata().items()},
-            **{f"all_{k}": v for k, v in stats.as_metadata().items()},
-            "rows_by_generator": by_generator,
+            **settled.stats_metadata(),
+            "rows_by_generator": counts_by(table, "generator"),
             "rejections_by_reason": quarantine.reason_counts(),
         },
     )

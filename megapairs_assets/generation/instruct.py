@@ -153,26 +153,17 @@ def write_instructions_for_shard(
         label=f"instruct {shard}",
         log=log,
     )
-    model_stats = settled.model_stats
-    raise_if_backend_failing(model_stats, settings.max_failure_fraction, STEP, shard)
-
+    raise_if_backend_failing(settled.model_stats, settings.max_failure_fraction, STEP, shard)
     uri_of = {image_id: row["source_uri"] for image_id, row in images.items()}
-    rows = []
-    for plans, responses in (
-        (model_plans, settled.model),
-        (heuristic_plans, settled.heuristic),
-    ):
-        for plan in plans:
-            row = _accept(
-                plan, responses.get(plan.request.key), limits, settings, quarantine, uri_of
-            )
-            if row is not None:
-                rows.append(row)
+    rows = settled.accepted_rows(
+        model_plans,
+        heuristic_plans,
+        lambda plan, answer: _accept(plan, answer, limits, settings, quarantine, uri_of),
+    )
     table = pl.DataFrame(rows, schema=INSTRUCTION_SCHEMA).sort("pair_id")
     path = layout.shard_table(INSTRUCTIONS_ASSET, shard)
     write_parquet_atomic(table, path)
 
-    stats = settled.stats
     return StepResult(
         partition=shard,
         outputs={"instructions": path},
@@ -200,8 +191,7 @@ def write_instructions_for_shard(
             "model_requests": len(model_plans),
             "heuristic_requests": len(heuristic_plans),
             "instructions": int(table["instructions"].list.len().sum()) if table.height else 0,
-            **{f"model_{k}": v for k, v in model_stats.as_metadata().items()},
-            **{f"all_{k}": v for k, v in stats.as_metadata().items()},
+            **settled.stats_metadata(),
             "rows_by_generator": counts_by(table, "generator"),
             "rejections_by_reason": quarantine.reason_counts(),
         },

@@ -16,6 +16,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
+from typing import Any, Protocol
 
 import polars as pl
 
@@ -233,6 +234,35 @@ class SettledStep:
     @property
     def stats(self) -> RunStats:
         return self.model_stats.add(self.heuristic_stats)
+
+    def accepted_rows(
+        self,
+        model_plans: Sequence[PlannedRequest],
+        heuristic_plans: Sequence[PlannedRequest],
+        accept: Callable[[Any, StoredResponse | None], dict[str, Any] | None],
+    ) -> list[dict[str, Any]]:
+        """Each plan's row from its answer, model plans first; `accept` returns None for a
+        plan it rejects (and quarantines it)."""
+        return [
+            row
+            for plans, answers in ((model_plans, self.model), (heuristic_plans, self.heuristic))
+            for plan in plans
+            if (row := accept(plan, answers.get(plan.request.key))) is not None
+        ]
+
+    def stats_metadata(self) -> dict[str, Any]:
+        """The model calls' figures (`model_*`) and those of every request (`all_*`)."""
+        return {
+            **{f"model_{k}": v for k, v in self.model_stats.as_metadata().items()},
+            **{f"all_{k}": v for k, v in self.stats.as_metadata().items()},
+        }
+
+
+class PlannedRequest(Protocol):
+    """A step's plan for one row: the request, plus whatever the step keeps beside it."""
+
+    @property
+    def request(self) -> GenerationRequest: ...
 
 
 def settle_shard_requests(
