@@ -161,3 +161,16 @@ def test_discovery_lists_complete_exports_named_by_their_architecture(
         "megapairs-tiny-clip__demo.open_clip",
     ]
     assert discover_checkpoints(tmp_path / "absent") == {}
+
+
+def test_a_training_checkpoint_folder_means_its_open_clip_export(tmp_path: Path) -> None:
+    # What a user naturally passes: mmret_clip_checkpoint/<config>, not its open_clip/ inside.
+    folder = tmp_path / "mmret_clip_checkpoint" / "demo"
+    (folder / "open_clip").mkdir(parents=True)
+    (folder / "open_clip" / "open_clip_config.json").write_text("{}")
+    (folder / "run.json").write_text("{}")
+    from_folder = spec_from_argument(str(folder))
+    assert from_folder == spec_from_argument(str(folder / "open_clip"))
+    assert from_folder.model_name.endswith(str((folder / "open_clip").resolve()))
+    with pytest.raises(RetrieverConfigError, match=r"directory without open_clip_config\.json"):
+        spec_from_argument(str(tmp_path / "mmret_clip_checkpoint"))

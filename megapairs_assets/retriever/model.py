@@ -41,6 +41,8 @@ from megapairs_assets.retriever.fusion import fuse_query, normalize
 
 LOCAL_DIR_PREFIX = "local-dir:"
 OPEN_CLIP_CONFIG = "open_clip_config.json"
+# The folder of a training checkpoint that holds its open_clip export (training/train.py).
+TRAINED_EXPORT_DIRNAME = "open_clip"
 # What open_clip looks for as weights in a local-dir export.
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pth")
 ID_SEPARATOR = "__"
@@ -100,10 +102,14 @@ def spec_from_argument(argument: str, default_model: str | None = None) -> Retri
 
     - `<open_clip name>` or `<name>@<pretrained tag or checkpoint path>`;
     - a directory holding `open_clip_config.json` (open_clip's export): loaded as local-dir;
+    - a training checkpoint's folder: its `open_clip/` export, as above;
     - a checkpoint file: its model name from `<stem>.json` ({"model_name": ...}) beside it,
       else `default_model`.
     """
     path = Path(argument).expanduser()
+    if path.is_dir() and (path / TRAINED_EXPORT_DIRNAME / OPEN_CLIP_CONFIG).is_file():
+        # A training checkpoint's folder (mmret_clip_checkpoint/<config>): its open_clip export.
+        path = path / TRAINED_EXPORT_DIRNAME
     if path.is_dir():
         if not (path / OPEN_CLIP_CONFIG).is_file():
             raise RetrieverConfigError(
