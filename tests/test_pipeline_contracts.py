@@ -284,7 +284,7 @@ def test_automation_requests_dependants_of_a_changed_partition(graph) -> None:
     assert settled.get_num_requested(dg.AssetKey("clip_image_embeddings")) == 0
 
 
-def test_check_command_on_existing_data(graph, tmp_path: Path, capsys) -> None:
+def test_check_command_on_existing_data(graph, tmp_path: Path, capsys, monkeypatch) -> None:
     _, home, *_ = graph
     copy = tmp_path / "home"
     shutil.copytree(home, copy, symlinks=True)
@@ -325,3 +325,11 @@ def test_check_command_on_existing_data(graph, tmp_path: Path, capsys) -> None:
     assert ("dino_image_knn", "knn_no_self_neighbors", "00002", "FAIL") in failed
     assert ("mined_image_pairs", "pairs_in_band", "00000", "FAIL") in failed
     assert megapairs(["check", "--existing", "--home", str(tmp_path / "nowhere")]) == 2
+    assert not (tmp_path / "nowhere").exists()  # read-only: nothing created
+    # Without --home: the data the pipeline wrote under $MEGAPAIRS_HOME.
+    capsys.readouterr()
+    monkeypatch.setenv("MEGAPAIRS_HOME", str(copy))
+    assert megapairs(["check", "--existing"]) == 1
+    assert ("mined_image_pairs", "pairs_in_band", "00000", "FAIL") in {
+        tuple(line.split()[:4]) for line in capsys.readouterr().out.splitlines()
+    }

@@ -4,8 +4,9 @@ Two modes:
 - sample (default): materialize a selection of the graph over a small fixed sample of shards
   (the first `--shards` shards of the demo corpus, or of `--corpus DIR`) into a throwaway data
   root, with Dagster evaluating every asset check as the UI would;
-- `--existing --home DIR`: re-evaluate the checks on the tables already under a data root,
-  read-only (nothing is written there), e.g. on a production data root.
+- `--existing [--home DIR]`: re-evaluate the checks on the tables already written (under
+  `--home`, else `$MEGAPAIRS_HOME`, with `MEGAPAIRS_DATA_ROOT` and the deployment's lineage
+  catalog), read-only (nothing is written there), e.g. on a production data root.
 
 Prints one row per (asset, check, partition) and exits 0 when every blocking check passed,
 1 when a blocking check failed, 2 on a usage or configuration error, 3 when the run itself
@@ -20,6 +21,7 @@ import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 EXIT_OK, EXIT_CHECK_FAILED, EXIT_USAGE, EXIT_RUN_FAILED = 0, 1, 2, 3
 DEFAULT_SAMPLE_SHARDS = 2
@@ -59,7 +61,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     check.add_argument(
         "--existing",
         action="store_true",
-        help="re-check the tables already under --home (read-only) instead of materializing",
+        help="re-check the tables already written (under --home, else $MEGAPAIRS_HOME; "
+        "read-only) instead of materializing",
     )
     check.add_argument("--home", type=Path, help="data root (default: a throwaway folder)")
     check.add_argument("--quiet", action="store_true", help="only warnings from Dagster")
@@ -68,11 +71,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run_check(args: argparse.Namespace) -> int:
     if args.existing:
-        if args.home is None or not (args.home / "data").is_dir():
-            print("--existing needs --home pointing at a data root with data/", file=sys.stderr)
+        from megapairs_assets.lib.storage import default_home
+
+        # The tables the pipeline wrote: --home, else $MEGAPAIRS_HOME (and its data root).
+        home = (args.home or default_home()).resolve()
+        layout, catalog = _existing_data(home)
+        if not layout.data_dir.exists():
+            print(
+                f"--existing: no tables at {layout.data_dir}; point --home (or MEGAPAIRS_HOME, "
+                "MEGAPAIRS_DATA_ROOT) at the data the pipeline wrote",
+                file=sys.stderr,
+            )
             return EXIT_USAGE
-        rows = check_existing(args.home.resolve())
-        return report(rows)
+        return report(check_existing(home, layout, catalog))
     if args.shards < 1:
         print("--shards must be at least 1", file=sys.stderr)
         return EXIT_USAGE
@@ -159,21 +170,26 @@ def rows_from_evaluations(evaluations: list, defs) -> list[CheckRow]:
     return rows
 
 
-def check_existing(home: Path) -> list[CheckRow]:
-    """Re-run every stage's checks on the tables under `home`, read-only."""
+def _existing_data(home: Path) -> tuple[Any, Any]:
+    """The profile's data layout (its data root included) and lineage catalog for `home`."""
+    from resources.profiles import build_resources, profile_from_env
+
+    resources = build_resources(profile_from_env(), home)
+    return resources["storage"].layout(), resources["catalog"].catalog()
+
+
+def check_existing(home: Path, layout: Any, catalog: Any) -> list[CheckRow]:
+    """Re-run every stage's checks on the tables of `layout`, read-only."""
     import megapairs_assets.definitions  # noqa: F401  (stages declare their catalog tables)
     from megapairs_assets.corpus.step import ASSET_NAME as CORPUS
     from megapairs_assets.corpus.step import CORPUS_CHECKS, recheck_corpus_shard
     from megapairs_assets.embeddings.sources import SOURCES
     from megapairs_assets.embeddings.step import recheck_embedding_shard
     from megapairs_assets.knn.step import recheck_knn_shard
-    from megapairs_assets.lib.storage import DataLayout
     from megapairs_assets.mining.step import ASSET_NAME as PAIRS
     from megapairs_assets.mining.step import recheck_pairs_shard
-    from resources.profiles import build_resources, lineage_catalog, profile_from_env
+    from resources.profiles import build_resources, profile_from_env
 
-    layout = DataLayout(home)
-    catalog = lineage_catalog(home)
     params = build_resources(profile_from_env(), home)["mining"].params()
     rows: list[CheckRow] = []
 
