@@ -490,3 +490,21 @@ def test_checkpoint_exports_are_mirrored_only_when_they_change(s3, tmp_path) -> 
     root.fs.rm(export.path, recursive=True)
     assert discover_remote_checkpoints(root, cache, download_weights=True) == {}
     assert not local.exists()
+
+
+def test_check_existing_re_checks_the_tables_in_the_bucket(
+    s3: S3Server, s3_loop, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    from megapairs_assets.cli.main import main as megapairs
+
+    _, home, _, _ = s3_loop
+    monkeypatch.setenv("MEGAPAIRS_PROFILE", "demo")
+    monkeypatch.setenv("MEGAPAIRS_DATA_ROOT", f"s3://{BUCKET}/{LOOP_PREFIX}")
+    monkeypatch.setenv("MEGAPAIRS_STORAGE_ENDPOINT_URL", s3.endpoint_url)
+    before = set(s3.keys(f"{LOOP_PREFIX}/"))
+    assert megapairs(["check", "--existing", "--home", str(home)]) == 0
+    checked = {tuple(line.split()[:3]) for line in capsys.readouterr().out.splitlines()}
+    for shard in SHARDS:
+        assert ("mined_image_pairs", "pairs_in_band", shard) in checked
+        assert ("clip_image_knn", "knn_no_self_neighbors", shard) in checked
+    assert set(s3.keys(f"{LOOP_PREFIX}/")) == before  # read-only
