@@ -90,3 +90,33 @@ def test_gpu_assets_share_the_gpu_pool(tmp_path: Path) -> None:
 def test_unknown_profile_names_the_choices(tmp_path: Path) -> None:
     with pytest.raises(ProfileError, match="demo, paper"):
         build_resources("papr", tmp_path)
+
+
+@pytest.mark.parametrize("profile", PROFILE_NAMES)
+def test_dagster_loads_the_code_location_for_every_profile(profile: str, tmp_path: Path) -> None:
+    # `dg check defs` goes further than building Definitions: it snapshots every resource's
+    # config with its defaults, where a null inside a config map once broke the paper profile.
+    import os
+    import subprocess
+    import sys
+
+    dagster_home = tmp_path / "dagster"
+    dagster_home.mkdir()
+    (dagster_home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
+    env = {
+        **os.environ,
+        "DAGSTER_HOME": str(dagster_home),
+        "MEGAPAIRS_PROFILE": profile,
+        "MEGAPAIRS_HOME": str(tmp_path / "home"),
+    }
+    dg_cli = Path(sys.executable).parent / "dg"
+    done = subprocess.run(
+        [str(dg_cli), "check", "defs"],
+        cwd=Path(__file__).resolve().parents[1],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert "All definitions loaded successfully" in done.stdout + done.stderr

@@ -136,7 +136,9 @@ class GenerationResource(dg.ConfigurableResource):
                 backend=spec.backend,
                 model_id=spec.model_id,
                 label=spec.label,
-                options=dict(spec.options),
+                # An unset option is left out: Dagster's config maps cannot hold nulls (the
+                # code location would not load), and a backend reads a missing option as unset.
+                options={name: value for name, value in spec.options.items() if value is not None},
             )
 
         def sampling(params: SamplingParams) -> SamplingConfig:
