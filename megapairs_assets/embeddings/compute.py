@@ -22,7 +22,6 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
-from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from megapairs_assets.corpus.images import (
@@ -32,6 +31,7 @@ from megapairs_assets.corpus.images import (
 )
 from megapairs_assets.embeddings.device_input import (
     ImageDecode,
+    ImageRowInputs,
     batch_bounds,
     default_num_workers,
     device_image_batches,
@@ -337,29 +337,12 @@ def _text_batches(
             yield _Batch(ids=frame["image_id"].to_list(), inputs=frame["caption"].to_list())
 
 
-class _ImageRows(Dataset):
+class _ImageRows(ImageRowInputs, Dataset):
     """Corpus rows as decoded, preprocessed tensors; a failure is returned, never raised.
 
     Raising inside a DataLoader worker would end the whole pass, so a bad image comes back as
     (image_id, None, (reason, detail)) and `_collate_images` turns it into a skipped row.
     """
-
-    def __init__(
-        self,
-        image_ids: list[str],
-        uris: list[str],
-        limits: ImageLimits,
-        input_side_px: int | None,
-        preprocess: Callable[[Image.Image], torch.Tensor],
-    ) -> None:
-        self.image_ids = image_ids
-        self.uris = uris
-        self.limits = limits
-        self.input_side_px = input_side_px
-        self.preprocess = preprocess
-
-    def __len__(self) -> int:
-        return len(self.image_ids)
 
     def __getitem__(self, index: int) -> tuple[str, torch.Tensor | None, tuple[str, str] | None]:
         image_id = self.image_ids[index]

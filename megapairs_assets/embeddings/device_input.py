@@ -231,25 +231,23 @@ class _Item:
     failure: tuple[str, str] | None = None
 
 
-class _EncodedImages:
-    """Rows as JPEG bytes for the device, or as CPU-preprocessed pixels; never raises."""
+@dataclass
+class ImageRowInputs:
+    """What both image input paths (device decode here, CPU workers in `compute`) read per row:
+    its id, where its bytes are, and how to bring it to the model's input."""
 
-    def __init__(
-        self,
-        image_ids: list[str],
-        uris: list[str],
-        limits: ImageLimits,
-        input_side_px: int | None,
-        preprocess: Callable[[Image.Image], torch.Tensor],
-    ) -> None:
-        self.image_ids = image_ids
-        self.uris = uris
-        self.limits = limits
-        self.input_side_px = input_side_px
-        self.preprocess = preprocess
+    image_ids: list[str]
+    uris: list[str]
+    limits: ImageLimits
+    input_side_px: int | None
+    preprocess: Callable[[Image.Image], torch.Tensor]
 
     def __len__(self) -> int:
         return len(self.image_ids)
+
+
+class _EncodedImages(ImageRowInputs):
+    """Rows as JPEG bytes for the device, or as CPU-preprocessed pixels; never raises."""
 
     def __getitem__(self, index: int) -> _Item:
         item = _Item(self.image_ids[index], self.uris[index])
