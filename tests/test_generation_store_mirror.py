@@ -82,3 +82,27 @@ def test_tables_under_the_home_need_no_mirror(tmp_path: Path) -> None:
     store.record([_ok("a", "alpha")])
     store.mirror_now()  # no-op
     assert not (tmp_path / "home/data/cache").exists()
+
+
+def test_a_store_reopened_in_the_same_process_does_not_download_again(
+    tmp_path: Path, monkeypatch
+) -> None:
+    merges: list[object] = []
+    original = ResponseStore._merge_mirror
+    monkeypatch.setattr(
+        ResponseStore,
+        "_merge_mirror",
+        lambda self, mirror: (merges.append(mirror), original(self, mirror))[1],
+    )
+    layout = _pod(tmp_path, "pod-1")
+    first = open_store(layout, "00003", "describe", max_attempts=3)
+    first.record([_ok("a", "alpha")])
+    first.mirror_now()
+    open_store(layout, "00003", "describe", max_attempts=3)  # prefetch, then the step
+    assert merges == []  # the mirror holds this process's own upload
+    elsewhere = open_store(_pod(tmp_path, "pod-2"), "00003", "describe", max_attempts=3)
+    assert len(merges) == 1  # another machine's first open takes the mirror in
+    elsewhere.record([_ok("b", "beta")])
+    elsewhere.mirror_now()
+    reopened = open_store(layout, "00003", "describe", max_attempts=3)
+    assert len(merges) == 2 and reopened.get(["b"])["b"].text == "beta"  # a newer upload

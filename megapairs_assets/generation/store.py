@@ -47,6 +47,8 @@ _LOOKUP_CHUNK = 900  # below SQLite's default bound-parameter limit
 # How often a mirrored store is uploaded while requests settle: a killed pod loses at most this
 # much of its answers, and a large store is not re-uploaded after every flush.
 MIRROR_EVERY_S = 60.0
+# (local store, mirror) -> the mirror version (size, mtime) whose rows the local store holds.
+_KNOWN_MIRRORS: dict[tuple[str, str], tuple[int, float]] = {}
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS responses (
@@ -63,6 +65,12 @@ CREATE TABLE IF NOT EXISTS responses (
     updated_at REAL
 )
 """
+
+
+def _mirror_version(mirror: DataPath) -> tuple[int, float]:
+    """Size and modification time of a mirror: a changed pair means another upload."""
+    info = mirror.stat()
+    return int(info.st_size), float(info.st_mtime)
 
 
 def open_store(layout: DataLayout, shard: str, step: str, max_attempts: int) -> ResponseStore:
@@ -118,7 +126,12 @@ class ResponseStore:
         with self._connect() as con:
             con.execute(_SCHEMA)
         if mirror is not None and mirror.exists():
-            self._merge_mirror(mirror)
+            # Only a mirror this process has not already taken in (or uploaded itself): a second
+            # open of the same store (prefetch, then the step) downloads nothing.
+            version = _mirror_version(mirror)
+            if _KNOWN_MIRRORS.get((str(self.path), str(mirror))) != version:
+                self._merge_mirror(mirror)
+                _KNOWN_MIRRORS[(str(self.path), str(mirror))] = version
         self._mirrored_at = time.monotonic()
 
     def mirror_now(self) -> None:
@@ -133,6 +146,7 @@ class ResponseStore:
 
         write_atomic(self.mirror, snapshot)
         self._mirrored_at = time.monotonic()
+        _KNOWN_MIRRORS[(str(self.path), str(self.mirror))] = _mirror_version(self.mirror)
 
     def _merge_mirror(self, mirror: DataPath) -> None:
         """Take in the mirror's rows: new keys, and `ok` answers over local failures."""
