@@ -75,7 +75,10 @@ def run_check(args: argparse.Namespace) -> int:
 
         # The tables the pipeline wrote: --home, else $MEGAPAIRS_HOME (and its data root).
         home = (args.home or default_home()).resolve()
-        layout, catalog = _existing_data(home)
+        from resources.profiles import build_resources, profile_from_env
+
+        resources = build_resources(profile_from_env(), home)
+        layout = resources["storage"].layout()
         if not layout.data_dir.exists():
             print(
                 f"--existing: no tables at {layout.data_dir}; point --home (or MEGAPAIRS_HOME, "
@@ -83,7 +86,8 @@ def run_check(args: argparse.Namespace) -> int:
                 file=sys.stderr,
             )
             return EXIT_USAGE
-        return report(check_existing(home, layout, catalog))
+        catalog, params = resources["catalog"].catalog(), resources["mining"].params()
+        return report(check_existing(layout, catalog, params))
     if args.shards < 1:
         print("--shards must be at least 1", file=sys.stderr)
         return EXIT_USAGE
@@ -170,15 +174,7 @@ def rows_from_evaluations(evaluations: list, defs) -> list[CheckRow]:
     return rows
 
 
-def _existing_data(home: Path) -> tuple[Any, Any]:
-    """The profile's data layout (its data root included) and lineage catalog for `home`."""
-    from resources.profiles import build_resources, profile_from_env
-
-    resources = build_resources(profile_from_env(), home)
-    return resources["storage"].layout(), resources["catalog"].catalog()
-
-
-def check_existing(home: Path, layout: Any, catalog: Any) -> list[CheckRow]:
+def check_existing(layout: Any, catalog: Any, params: Any) -> list[CheckRow]:
     """Re-run every stage's checks on the tables of `layout`, read-only."""
     import megapairs_assets.definitions  # noqa: F401  (stages declare their catalog tables)
     from megapairs_assets.corpus.step import ASSET_NAME as CORPUS
@@ -188,9 +184,7 @@ def check_existing(home: Path, layout: Any, catalog: Any) -> list[CheckRow]:
     from megapairs_assets.knn.step import recheck_knn_shard
     from megapairs_assets.mining.step import ASSET_NAME as PAIRS
     from megapairs_assets.mining.step import recheck_pairs_shard
-    from resources.profiles import build_resources, profile_from_env
 
-    params = build_resources(profile_from_env(), home)["mining"].params()
     rows: list[CheckRow] = []
 
     def add(asset: str, shard: str, outcomes: list) -> None:
