@@ -66,7 +66,7 @@ def _shard(tmp_path: Path, name: str, count: int, broken: tuple[int, ...] = ()) 
 
 
 def test_batches_never_span_two_groups() -> None:
-    assert batch_bounds([5, 0, 3], 2) == [(0, 2), (2, 4), (4, 5), (5, 7), (7, 8)]
+    assert batch_bounds([5, 0, 3], 2) == [(0, 0, 2), (0, 2, 4), (0, 4, 5), (2, 5, 7), (2, 7, 8)]
     assert batch_bounds([], 4) == []
 
 
@@ -104,10 +104,13 @@ def test_a_shard_is_handed_out_before_the_next_one_is_embedded(tmp_path: Path) -
     assert sum(progress) == 12
 
 
-def test_ids_shared_by_two_shards_are_refused(tmp_path: Path) -> None:
+def test_each_group_gets_its_own_rows_even_when_ids_repeat(tmp_path: Path) -> None:
+    # Groups are tracked per batch, not looked up by id: the same rows twice are two results.
     rows = _shard(tmp_path, "a", 3)
-    with pytest.raises(ValueError, match="repeat across the groups"):
-        list(embed_row_groups([("0", rows), ("1", rows)], IMAGE_ENCODER, LIMITS, 2, 0, CPU))
+    results = list(embed_row_groups([("0", rows), ("1", rows)], IMAGE_ENCODER, LIMITS, 2, 0, CPU))
+    assert [key for key, _ in results] == ["0", "1"]
+    assert results[0][1].ids == results[1][1].ids == rows["image_id"].to_list()
+    assert np.array_equal(results[0][1].vectors, results[1][1].vectors)
 
 
 def test_a_step_stream_hands_out_partitions_in_its_order() -> None:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -77,6 +77,7 @@ class _Batch:
     inputs: torch.Tensor | list[str] | None
     skipped: list[SkippedRow] = field(default_factory=list)
     device_decoded: int = 0
+    group: int = 0  # which group of rows (shard) the batch holds; a batch never spans two
 
     def pin_memory(self) -> _Batch:
         # DataLoader calls this on custom batch types when pin_memory=True.
@@ -135,8 +136,8 @@ def embed_row_groups(
     next, so a group does not pay the pipeline's start-up (worker start, first batch) again:
     on the demo's 64-image shards, five per-shard calls took twice as long as one call over the
     same rows. Yields `(key, result)` per group, in the given order, as soon as every row of
-    that group (and of the groups before it) is embedded or skipped. Image ids must be unique
-    across groups (corpus ids are). A group's `seconds` runs from the previous group's yield.
+    that group (and of the groups before it) is embedded or skipped; no batch spans two groups
+    (`batch_bounds`). A group's `seconds` runs from the previous group's yield.
     """
     if not groups:
         return
@@ -148,7 +149,6 @@ def embed_row_groups(
         rows = pl.concat([frame.select(used) for frame in frames], how="vertical_relaxed")
     else:
         rows = frames[0]
-    group_of = _group_index(frames)
     sizes = [frame.height for frame in frames]
     states = [_GroupState(size) for size in sizes]
     if encoder.modality == "image":
@@ -163,21 +163,15 @@ def embed_row_groups(
         batches = _text_batches(rows, batch_size, sizes)
     next_group = 0
     last_yield = time.perf_counter()
-    # The previous batch: its vectors on their way to the host, its ids, and its row count.
-    in_flight: tuple[_HostCopy, list[str], int] | None = None
+    # The previous batch: its vectors on their way to the host, and the batch itself.
+    in_flight: tuple[_HostCopy, _Batch] | None = None
 
     def collect() -> None:
         if in_flight is not None:
-            copy, ids, finished = in_flight
-            vectors = copy.wait()
-            owners = np.fromiter(map(group_of, ids), dtype=np.int64, count=len(ids))
-            for group in np.unique(owners):
-                mask = owners == group
-                states[group].add_vectors(
-                    [i for i, m in zip(ids, mask, strict=True) if m], vectors[mask]
-                )
+            copy, batch = in_flight
+            states[batch.group].add_vectors(batch.ids, copy.wait())
             if on_progress is not None:
-                on_progress(finished)
+                on_progress(len(batch.ids) + len(batch.skipped))
 
     def finished_groups() -> Iterator[tuple[str, EmbeddingResult]]:
         nonlocal next_group, last_yield
@@ -189,11 +183,9 @@ def embed_row_groups(
 
     yield from finished_groups()  # groups without rows
     for batch in batches:
-        for row in batch.skipped:
-            states[group_of(row[0])].add_skipped(row)
-        if batch.ids or batch.skipped:
-            first = batch.ids[0] if batch.ids else batch.skipped[0][0]
-            states[group_of(first)].device_decoded += batch.device_decoded
+        state = states[batch.group]
+        state.skipped.extend(batch.skipped)
+        state.device_decoded += batch.device_decoded
         if not batch.ids:
             if on_progress is not None and batch.skipped:
                 on_progress(len(batch.skipped))
@@ -203,7 +195,7 @@ def embed_row_groups(
         # Waiting for the previous batch's copy leaves this batch's forward queued on the
         # device, so it runs while the host prepares the next batch.
         collect()
-        in_flight = (copy, batch.ids, len(batch.ids) + len(batch.skipped))
+        in_flight = (copy, batch)
         yield from finished_groups()
     collect()
     in_flight = None
@@ -213,21 +205,6 @@ def embed_row_groups(
             f"the input stream ended with group {keys[next_group]!r} incomplete "
             f"({states[next_group].done} of {states[next_group].expected} rows)"
         )
-
-
-def _group_index(frames: Sequence[pl.DataFrame]) -> Callable[[str], int]:
-    """image_id -> index of the frame holding it. One frame needs no lookup (and may repeat an
-    id, which the embedding checks report); several need ids unique across frames."""
-    if len(frames) == 1:
-        return lambda _image_id: 0
-    group_of = {
-        image_id: index
-        for index, frame in enumerate(frames)
-        for image_id in frame["image_id"].to_list()
-    }
-    if len(group_of) != sum(frame.height for frame in frames):
-        raise ValueError("image ids repeat across the groups of rows to embed")
-    return group_of.__getitem__
 
 
 @dataclass
@@ -251,9 +228,6 @@ class _GroupState:
     def add_vectors(self, ids: list[str], vectors: np.ndarray) -> None:
         self.ids.extend(ids)
         self.chunks.append(vectors)
-
-    def add_skipped(self, row: SkippedRow) -> None:
-        self.skipped.append(row)
 
     def result(self, dim: int, seconds: float) -> EmbeddingResult:
         vectors = np.concatenate(self.chunks) if self.chunks else np.zeros((0, dim), np.float16)
@@ -322,7 +296,7 @@ def _text_batches(
     caption = pl.col("caption").cast(pl.String)
     has_caption = (caption.str.strip_chars().str.len_chars() > 0).fill_null(False)
     offset = 0
-    for size in group_sizes:
+    for index, size in enumerate(group_sizes):
         group = rows.slice(offset, size)
         offset += size
         uncaptioned = group.filter(~has_caption)
@@ -331,10 +305,11 @@ def _text_batches(
                 (image_id, NO_CAPTION, "caption is null or empty")
                 for image_id in uncaptioned["image_id"].to_list()
             ]
-            yield _Batch(ids=[], inputs=None, skipped=skipped)
+            yield _Batch(ids=[], inputs=None, skipped=skipped, group=index)
         captioned = group.filter(has_caption).select("image_id", "caption")
         for frame in captioned.iter_slices(batch_size):
-            yield _Batch(ids=frame["image_id"].to_list(), inputs=frame["caption"].to_list())
+            ids, captions = frame["image_id"].to_list(), frame["caption"].to_list()
+            yield _Batch(ids=ids, inputs=captions, group=index)
 
 
 class _ImageRows(ImageRowInputs, Dataset):
@@ -378,8 +353,9 @@ def _image_batches(
     """Decoded images in batches of at most `batch_size`, none spanning two groups of rows."""
     if encoder.preprocess is None:
         raise ValueError(f"image encoder {encoder.model_id} has no preprocess")
+    bounds = batch_bounds(group_sizes, batch_size)
     if decode_on_device:
-        for batch in device_image_batches(
+        device_batches = device_image_batches(
             rows,
             encoder.preprocess,
             encoder.input_size_px,
@@ -388,8 +364,10 @@ def _image_batches(
             num_workers,
             device,
             group_sizes,
-        ):
-            yield _Batch(batch.ids, batch.pixels, batch.skipped, batch.device_decoded)
+        )
+        # One batch per bound, in order (the same `batch_bounds` cut them).
+        for bound, batch in zip(bounds, device_batches, strict=True):
+            yield _Batch(batch.ids, batch.pixels, batch.skipped, batch.device_decoded, bound.group)
         return
     dataset = _ImageRows(
         rows["image_id"].to_list(),
@@ -400,14 +378,16 @@ def _image_batches(
     )
     loader = DataLoader(
         dataset,
-        batch_sampler=[range(start, stop) for start, stop in batch_bounds(group_sizes, batch_size)],
+        batch_sampler=[range(bound.start, bound.stop) for bound in bounds],
         num_workers=num_workers,
         collate_fn=_collate_images,
         pin_memory=device.type == "cuda",
         prefetch_factor=PREFETCH_BATCHES_PER_WORKER if num_workers > 0 else None,
         multiprocessing_context=_worker_start_method() if num_workers > 0 else None,
     )
-    yield from loader
+    for bound, batch in zip(bounds, loader, strict=True):
+        batch.group = bound.group
+        yield batch
 
 
 def _worker_start_method() -> str | None:

@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import polars as pl
 import torch
@@ -346,44 +346,55 @@ def device_image_batches(
         yield _to_device(batch, geometry, device, fallback)
 
 
-def batch_bounds(group_sizes: Sequence[int], batch_size: int) -> list[tuple[int, int]]:
-    """(start, stop) row ranges of the batches over consecutive groups of rows.
+class BatchBound(NamedTuple):
+    """One batch: the group (shard) its rows belong to and its [start, stop) row range."""
+
+    group: int
+    start: int
+    stop: int
+
+
+def batch_bounds(group_sizes: Sequence[int], batch_size: int) -> list[BatchBound]:
+    """The batches over consecutive groups of rows, in row order.
 
     A batch never spans two groups: a shard's vectors then come from the same batches whether
     it is embedded alone or streamed with other shards (batch composition changes the float
     rounding of the products, and so, at band edges, which pairs are mined).
     """
-    bounds: list[tuple[int, int]] = []
+    bounds: list[BatchBound] = []
     start = 0
-    for size in group_sizes:
+    for group, size in enumerate(group_sizes):
         stop = start + size
-        bounds.extend((row, min(row + batch_size, stop)) for row in range(start, stop, batch_size))
+        bounds.extend(
+            BatchBound(group, row, min(row + batch_size, stop))
+            for row in range(start, stop, batch_size)
+        )
         start = stop
     return bounds
 
 
 def _read_batches(
-    dataset: _EncodedImages, bounds: Sequence[tuple[int, int]], threads: int
+    dataset: _EncodedImages, bounds: Sequence[BatchBound], threads: int
 ) -> Iterator[_EncodedBatch]:
     """Batches in row order, each read by one of `threads` threads, a few batches ahead."""
 
-    def read(start: int, stop: int) -> _EncodedBatch:
-        return _collate_encoded([dataset[index] for index in range(start, stop)])
+    def read(bound: BatchBound) -> _EncodedBatch:
+        return _collate_encoded([dataset[index] for index in range(bound.start, bound.stop)])
 
     ranges = iter(bounds)
     if threads <= 0:
-        yield from (read(start, stop) for start, stop in ranges)
+        yield from (read(bound) for bound in ranges)
         return
     with ThreadPoolExecutor(threads, thread_name_prefix="image-reader") as pool:
         pending: deque[Future[_EncodedBatch]] = deque(
-            pool.submit(read, *bound)
+            pool.submit(read, bound)
             for _, bound in zip(range(threads * PREFETCH_BATCHES_PER_WORKER), ranges, strict=False)
         )
         while pending:
             batch = pending.popleft().result()
             bound = next(ranges, None)
             if bound is not None:
-                pending.append(pool.submit(read, *bound))
+                pending.append(pool.submit(read, bound))
             yield batch
 
 
