@@ -39,14 +39,14 @@ from benchmarks.gpu_common import (
     provide_minilm_package_if_missing,
 )
 from benchmarks.paper_profile_gpu import (
-    MIN_IN_BAND_FRACTION,
     PAPER_SHAPES,
     SMOKE_SHAPES,
     Shapes,
+    band_for_random_weights,
     random_dinov2_dir,
     random_open_clip_checkpoint,
 )
-from megapairs_assets.embeddings.sources import PAPER_BAND, SOURCE_NAMES
+from megapairs_assets.embeddings.sources import SOURCE_NAMES
 
 EXTRAPOLATE_IMAGES = 20_000_000
 SMOKE = {"images": 240, "shard_images": 80, "image_size": (160, 120)}
@@ -127,24 +127,15 @@ def run_assets(defs: Any, instance: Any, assets: list[str], shards: list[str]) -
 
 
 def mining_bands(layout: Any, shards: list[str]) -> dict[str, Any]:
-    """Per source: the paper's band when >= 1% of its KNN scores fall in it, else its IQR."""
+    """Per source: the band `band_for_random_weights` picks from its KNN scores."""
     import polars as pl
 
     bands: dict[str, Any] = {}
     for source in SOURCE_NAMES:
-        scores = pl.concat(
-            [
-                pl.read_parquet(layout.shard_table(f"{source}_knn", s), columns=["score"])
-                for s in shards
-            ]
-        )["score"]
-        in_band = float(scores.is_between(*PAPER_BAND, closed="none").mean() or 0.0)
-        if in_band >= MIN_IN_BAND_FRACTION:
-            band = list(PAPER_BAND)
-        else:
-            low, high = float(scores.quantile(0.25)), float(scores.quantile(0.75))
-            band = [low, high] if low < high else [max(-1.0, low - 1e-3), min(1.0, high + 1e-3)]
-        bands[source] = {"band": band, "fraction_in_paper_band": round(in_band, 4)}
+        tables = [layout.shard_table(f"{source}_knn", shard) for shard in shards]
+        scores = pl.concat([pl.read_parquet(path, columns=["score"]) for path in tables])["score"]
+        band, in_band = band_for_random_weights(scores)
+        bands[source] = {"band": list(band), "fraction_in_paper_band": round(in_band, 4)}
     return bands
 
 

@@ -382,7 +382,7 @@ def mining_stage(
 
     layout = DataLayout(home)
     sources = [source for source, figures in knn.items() if isinstance(figures, dict)]
-    bands = {source: _band(layout, source, shards, knn[source]) for source in sources}
+    bands = {source: _band(layout, source, shards) for source in sources}
     params = MiningParams(bands=bands)
     record["bands"] = {source: list(band) for source, band in bands.items()}
     started = time.perf_counter()
@@ -407,15 +407,24 @@ def mining_stage(
     log(f"paper profile: mining {record}")
 
 
-def _band(layout: Any, source: str, shards: list[str], knn: dict[str, Any]) -> tuple[float, float]:
+def _band(layout: Any, source: str, shards: list[str]) -> tuple[float, float]:
     import polars as pl
 
     scores = pl.read_parquet(layout.shard_table(f"{source}_knn", shards[0]))["score"]
-    in_band = scores.is_between(*PAPER_BAND, closed="none").mean() or 0.0
+    return band_for_random_weights(scores)[0]
+
+
+def band_for_random_weights(scores: Any) -> tuple[tuple[float, float], float]:
+    """A source's mining band for random-weight models, and the share of `scores` in the
+    paper's: the paper's (0.8, 0.96) when at least 1% of the scores fall inside, else the
+    scores' own 25th-75th percentile (random weights do not put neighbours where trained ones
+    do)."""
+    in_band = float(scores.is_between(*PAPER_BAND, closed="none").mean() or 0.0)
     if in_band >= MIN_IN_BAND_FRACTION:
-        return PAPER_BAND
-    low, high = knn["score_quantiles"]["0.25"], knn["score_quantiles"]["0.75"]
-    return (low, high) if low < high else (max(-1.0, low - 1e-3), min(1.0, high + 1e-3))
+        return PAPER_BAND, in_band
+    low, high = float(scores.quantile(0.25)), float(scores.quantile(0.75))
+    band = (low, high) if low < high else (max(-1.0, low - 1e-3), min(1.0, high + 1e-3))
+    return band, in_band
 
 
 def paper_profile_section(
