@@ -168,7 +168,11 @@ def _stored_texts(path: Path) -> list[str]:
     if not path.exists():
         return []
     with sqlite3.connect(path, timeout=30) as con:
-        return [row[0] for row in con.execute("SELECT text FROM responses WHERE status = 'ok'")]
+        try:
+            rows = con.execute("SELECT text FROM responses WHERE status = 'ok'").fetchall()
+        except sqlite3.OperationalError:  # polled between the file's creation and its schema
+            return []
+        return [row[0] for row in rows]
 
 
 def test_a_killed_run_resumes_without_repeating_a_finished_request(tmp_path):
