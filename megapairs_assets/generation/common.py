@@ -12,7 +12,9 @@ import polars as pl
 
 from megapairs_assets.corpus.step import IMAGE_LINEAGE
 from megapairs_assets.generation.backends.base import BackendSpec
+from megapairs_assets.generation.parsing import REASON_REQUEST_FAILED, REASON_REQUEST_QUARANTINED
 from megapairs_assets.generation.runner import RunStats
+from megapairs_assets.generation.store import STATUS_OK, STATUS_QUARANTINED, StoredResponse
 from megapairs_assets.lib.storage import DataLayout, DataPath, data_root_path, read_parquet
 from megapairs_assets.lineage.catalog import LineageCatalog, read_with_versions
 
@@ -43,6 +45,8 @@ IMAGE_COLUMNS = pl.Schema(
         "content_hash": pl.String,
     }
 )
+PROVENANCE_COLUMNS = ("generator", "model_id", "template_id", "template_hash", "request_key")
+"""What every generated row must name: who made it, from which prompt, by which request."""
 _SAFE_PATH_PART = re.compile(r"[^A-Za-z0-9._-]")
 _DETAIL_CHARS = 500
 
@@ -73,6 +77,31 @@ class QuarantineLog:
 
     def frame(self) -> pl.DataFrame:
         return pl.DataFrame(self.rows, schema=QUARANTINE_SCHEMA)
+
+    def answered(
+        self,
+        key: str,
+        source_uri: str | None,
+        response: StoredResponse | None,
+        request_key: str,
+        max_attempts: int,
+    ) -> StoredResponse | None:
+        """The response if the model answered; else None, after quarantining the row with why
+        (failed, or given up on after `max_attempts`)."""
+        if response is not None and response.status == STATUS_OK:
+            return response
+        if response is None:
+            reason, attempts, error = REASON_REQUEST_FAILED, 0, "no response"
+        else:
+            reason = (
+                REASON_REQUEST_QUARANTINED
+                if response.status == STATUS_QUARANTINED
+                else REASON_REQUEST_FAILED
+            )
+            attempts, error = response.attempts, response.last_error
+        detail = f"attempt {attempts}/{max_attempts}: {error} (request {request_key[:16]})"
+        self.add(key, source_uri, reason, detail)
+        return None
 
     def reason_counts(self) -> dict[str, int]:
         counts: dict[str, int] = {}
@@ -156,6 +185,12 @@ def raise_if_backend_failing(
             f"{max_failure_fraction:.0%}); finished responses are cached, so a re-run "
             "resumes once the backend is healthy"
         )
+
+
+def lacking_provenance(table: pl.DataFrame) -> list[str]:
+    """The pair ids of rows that leave a provenance column empty."""
+    lacking = table.filter(pl.any_horizontal(pl.col(c).is_null() for c in PROVENANCE_COLUMNS))
+    return lacking["pair_id"].to_list()
 
 
 def counts_by(table: pl.DataFrame, column: str) -> dict[str, int]:

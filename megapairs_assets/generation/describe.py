@@ -31,6 +31,7 @@ from megapairs_assets.generation.common import (
     QuarantineLog,
     counts_by,
     generator_name,
+    lacking_provenance,
     lookup_images,
     raise_if_backend_failing,
     read_shard_table,
@@ -39,8 +40,6 @@ from megapairs_assets.generation.common import (
 from megapairs_assets.generation.parsing import (
     REASON_MISSING_CAPTION,
     REASON_MISSING_IMAGE,
-    REASON_REQUEST_FAILED,
-    REASON_REQUEST_QUARANTINED,
     DescriptionLimits,
     check_description,
     clean_description,
@@ -55,8 +54,6 @@ from megapairs_assets.generation.prompts import (
 from megapairs_assets.generation.runner import RunStats, prefetch_shards, settle_shard_requests
 from megapairs_assets.generation.settings import GenerationSettings
 from megapairs_assets.generation.store import (
-    STATUS_OK,
-    STATUS_QUARANTINED,
     ResponseStore,
     StoredResponse,
     open_store,
@@ -348,20 +345,8 @@ def _accept(
 ) -> dict[str, Any] | None:
     pair_id = plan.pair["pair_id"]
     key = plan.request.key
-    if response is None or response.status != STATUS_OK:
-        reason = (
-            REASON_REQUEST_QUARANTINED
-            if response is not None and response.status == STATUS_QUARANTINED
-            else REASON_REQUEST_FAILED
-        )
-        attempts = response.attempts if response is not None else 0
-        error = response.last_error if response is not None else "no response"
-        quarantine.add(
-            pair_id,
-            plan.query_uri,
-            reason,
-            f"attempt {attempts}/{settings.max_attempts}: {error} (request {key[:16]})",
-        )
+    response = quarantine.answered(pair_id, plan.query_uri, response, key, settings.max_attempts)
+    if response is None:
         return None
     description = clean_description(response.text)
     rejection = check_description(description, settings.description_limits, response.finish_reason)
@@ -415,8 +400,6 @@ def check_descriptions(table: pl.DataFrame, limits: DescriptionLimits) -> list[C
     """The blocking checks of pair_descriptions (names in DESCRIPTION_CHECKS)."""
     words = table["description"].str.count_matches(r"[\w']+")
     out_of_bounds = table.filter((words < limits.min_words) | (words > limits.max_words))
-    provenance_columns = ["generator", "model_id", "template_id", "template_hash", "request_key"]
-    lacking = table.filter(pl.any_horizontal(pl.col(c).is_null() for c in provenance_columns))
     return [
         outcome(
             "one_description_per_pair",
@@ -430,7 +413,7 @@ def check_descriptions(table: pl.DataFrame, limits: DescriptionLimits) -> list[C
         ),
         outcome(
             "descriptions_have_provenance",
-            lacking["pair_id"].to_list(),
+            lacking_provenance(table),
             "generator, model, template and request key are set",
         ),
     ]

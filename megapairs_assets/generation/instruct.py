@@ -34,6 +34,7 @@ from megapairs_assets.generation.common import (
     QuarantineLog,
     counts_by,
     generator_name,
+    lacking_provenance,
     lookup_images,
     raise_if_backend_failing,
     read_shard_table,
@@ -41,8 +42,6 @@ from megapairs_assets.generation.common import (
 )
 from megapairs_assets.generation.parsing import (
     REASON_MISSING_CAPTION,
-    REASON_REQUEST_FAILED,
-    REASON_REQUEST_QUARANTINED,
     REASON_TOO_FEW,
     InstructionLimits,
     filter_instructions,
@@ -61,8 +60,6 @@ from megapairs_assets.generation.prompts import (
 from megapairs_assets.generation.runner import RunStats, prefetch_shards, settle_shard_requests
 from megapairs_assets.generation.settings import GenerationSettings
 from megapairs_assets.generation.store import (
-    STATUS_OK,
-    STATUS_QUARANTINED,
     ResponseStore,
     StoredResponse,
     open_store,
@@ -344,20 +341,8 @@ def _accept(
     row = plan.row
     pair_id, key = row["pair_id"], plan.request.key
     query_uri = uri_of.get(row["query_id"])
-    if response is None or response.status != STATUS_OK:
-        reason = (
-            REASON_REQUEST_QUARANTINED
-            if response is not None and response.status == STATUS_QUARANTINED
-            else REASON_REQUEST_FAILED
-        )
-        attempts = response.attempts if response is not None else 0
-        error = response.last_error if response is not None else "no response"
-        quarantine.add(
-            pair_id,
-            query_uri,
-            reason,
-            f"attempt {attempts}/{settings.max_attempts}: {error} (request {key[:16]})",
-        )
+    response = quarantine.answered(pair_id, query_uri, response, key, settings.max_attempts)
+    if response is None:
         return None
     parsed = parse_instruction_list(response.text)
     if parsed.reason is not None:
@@ -413,8 +398,6 @@ def check_instructions(table: pl.DataFrame, limits: InstructionLimits) -> list[C
         _, rejections = filter_instructions(row["instructions"], "", limits)
         if rejections:
             breaking.append(f"{row['pair_id']}: {rejections[0].reason}")
-    provenance = ["generator", "model_id", "template_id", "template_hash", "request_key"]
-    lacking = table.filter(pl.any_horizontal(pl.col(c).is_null() for c in provenance))
     return [
         outcome(
             "enough_instructions",
@@ -424,7 +407,7 @@ def check_instructions(table: pl.DataFrame, limits: InstructionLimits) -> list[C
         outcome("instructions_pass_filters", breaking, "kept instructions obey every rule"),
         outcome(
             "instructions_have_provenance",
-            lacking["pair_id"].to_list(),
+            lacking_provenance(table),
             "generator, model, template and request key are set",
         ),
     ]

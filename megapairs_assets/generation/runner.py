@@ -284,11 +284,17 @@ def settle_shard_requests(
     total = len(model_requests) + len(heuristic_requests)
     with Progress(total, label, unit="pairs", log=log) as progress:
         model, model_stats = run_requests(
-            model_requests, model_backend, store, flush_every=flush_every,
+            model_requests,
+            model_backend,
+            store,
+            flush_every=flush_every,
             progress=progress.update,
         )
         heuristic, heuristic_stats = run_requests(
-            heuristic_requests, heuristic_backend, store, flush_every=flush_every,
+            heuristic_requests,
+            heuristic_backend,
+            store,
+            flush_every=flush_every,
             progress=progress.update,
         )
     store.mirror_now()
@@ -324,7 +330,10 @@ def prefetch_shards(
         routed += [(request, store) for request in requests]
     with Progress(len(routed), label, unit="pairs", log=log) as progress:
         stats = run_routed(
-            routed, backend, flush_every=flush_every, progress=progress.update,
+            routed,
+            backend,
+            flush_every=flush_every,
+            progress=progress.update,
             record_failures=False,
         )
     for store in {id(store): store for _, store in routed}.values():
