@@ -152,6 +152,31 @@ def test_helm_values_have_the_chart_shape_we_rely_on() -> None:
     assert "EXPOSE 3030" in dockerfile
 
 
+def test_every_shared_local_path_is_on_a_volume_every_pod_mounts() -> None:
+    # A local path that pods share (DuckLake's files, a data root that is not a URL) must sit on
+    # a mounted volume in the code location's pod and in every run and step pod; otherwise each
+    # pod writes to its own disk and the others never see the files.
+    values = yaml.safe_load((DEPLOYMENT / "helm-values.yaml").read_text())
+    (location,) = values["dagster-user-deployments"]["deployments"]
+    env = {item["name"]: item["value"] for item in location["env"]}
+    shared = [
+        env[name]
+        for name in ("MEGAPAIRS_LINEAGE_DATA_PATH", "MEGAPAIRS_DATA_ROOT")
+        if name in env and "://" not in env[name]
+    ]
+    assert shared, "the lineage catalog's data path is a local path here"
+    run_config = values["runLauncher"]["config"]["k8sRunLauncher"]["runK8sConfig"]
+    for mounts, volumes in (
+        (location["volumeMounts"], location["volumes"]),
+        (run_config["containerConfig"]["volumeMounts"], run_config["podSpecConfig"]["volumes"]),
+    ):
+        declared = {volume["name"] for volume in volumes}
+        for path in shared:
+            covering = [m for m in mounts if path.startswith(m["mountPath"].rstrip("/") + "/")]
+            assert covering, f"{path} is not under a mounted volume"
+            assert covering[0]["name"] in declared
+
+
 def test_vllm_manifest_is_a_deployment_and_service_with_gpus() -> None:
     documents = list(yaml.safe_load_all((DEPLOYMENT / "vllm.yaml").read_text()))
     kinds = {doc["kind"]: doc for doc in documents if doc}
