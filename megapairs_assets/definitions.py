@@ -23,6 +23,7 @@ from megapairs_assets.generation.assets import generation_assets
 from megapairs_assets.knn.assets import knn_assets
 from megapairs_assets.lib.storage import default_home
 from megapairs_assets.mining.assets import mined_image_pairs
+from megapairs_assets.orchestration.partitions import shard_asset_names
 from megapairs_assets.training.assets import build_training_configs_sensor, mmret_clip_checkpoint
 from resources.profiles import SensorSettings, build_resources, profile_from_env, sensor_settings
 
@@ -38,7 +39,7 @@ def build_sensors(settings: SensorSettings) -> list[dg.SensorDefinition]:
     """The shard, training-config and retriever sensors and the declarative-automation sensor,
     on or off as the profile says."""
     return [
-        build_shards_sensor(_status(settings.shards_sensor_running)),
+        build_shards_sensor(_status(settings.shards_sensor_running), shard_asset_names(ALL_ASSETS)),
         build_training_configs_sensor(_status(settings.shards_sensor_running)),
         build_checkpoint_sensor(_status(settings.scoring_sensors_running)),
         build_rescore_sensor(_status(settings.scoring_sensors_running)),

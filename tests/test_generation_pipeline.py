@@ -238,3 +238,36 @@ def test_prefetch_across_shards_leaves_each_shard_step_nothing_to_call(tmp_path)
             assert result.metadata["model_calls"] == 0
             assert result.row_count == result.metadata["described_pairs"]
         assert server.count() == calls + pairs.height
+
+
+def test_a_retired_shard_leaves_the_release_folder_and_the_training_input(tmp_path):
+    from megapairs_assets.evaluation.step import read_triplets as scoring_triplets
+    from megapairs_assets.training.step import read_triplet_shards
+
+    world = make_world(tmp_path, pairs_per_shard=(6, 5))
+    with ChatServer() as server:
+        settings = http_settings(server.base_url)
+        for shard in world.shards:
+            run_all(world, settings, shard)
+        root = world.layout.data_dir / "triplet_export"
+        assert "triplets: 11" in (root / "README.md").read_text()
+
+        world.catalog.retire_partitions(["00001"], [asset for asset, _ in STEPS])
+        frame, versions = read_triplet_shards(world.layout, world.catalog)
+        assert set(versions) == {f"{TRIPLETS_ASSET}/00000"}
+        assert frame.height == 6 and frame["triplet_id"].str.starts_with("t-").all()
+        assert set(scoring_triplets(world.layout, world.catalog)[1]) == set(versions)
+
+        run_all(world, settings, "00000", STEPS[-1:])  # the next export withdraws 00001
+    assert sorted(p.name for p in (root / "triplets").iterdir()) == ["00000.jsonl", "00000.parquet"]
+    assert [p.name for p in (root / "shards").iterdir()] == ["00000.json"]
+    assert "triplets: 6" in (root / "README.md").read_text()
+    # 00000's triplets still name some of 00001's images (pairs reach across shards): those
+    # stay, the rest of 00001's images go.
+    named = set()
+    for row in pl.read_parquet(root / "triplets" / "00000.parquet").iter_rows(named=True):
+        named |= {row["q_img"], row["t_img"], *row["hns"]}
+    assert all((root / path).is_file() for path in named)
+    left = {f"images/00001/{p.name}" for p in (root / "images" / "00001").glob("*.jpg")}
+    assert left and left <= named
+    assert len(left) < len(set(world.image_ids[8:]))

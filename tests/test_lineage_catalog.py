@@ -138,3 +138,34 @@ def test_a_partition_that_now_has_no_rows_loses_its_old_ones(tmp_path: Path) -> 
     catalog.record(_record("image_corpus", "00000"), rows={TEST_IMAGES.name: _images("00000", 0)})
     counts = catalog.query("SELECT shard, count(*) AS n FROM catalog_test_images GROUP BY shard")
     assert counts.rows() == [("00001", 2)]
+
+
+def test_retired_partitions_leave_the_dataset_until_materialized_again(tmp_path: Path) -> None:
+    from megapairs_assets.lineage.catalog import IncompleteCommitError
+
+    catalog = LineageCatalog(tmp_path / "catalog.duckdb")
+    for shard in ("a", "b"):
+        catalog.record(_record("triplets", shard))
+        catalog.record(_record("embeddings", shard))
+    catalog.record(_record("checkpoint", "b"))  # another partitioning that happens to share "b"
+    failed = _record("triplets", "c")
+    catalog.begin(failed)
+    catalog.fail(failed.materialization_id)
+
+    catalog.retire_partitions(["b"], assets=["triplets", "embeddings"])
+    catalog.retire_partitions(["b"], assets=["triplets", "embeddings"])  # re-running is a no-op
+
+    assert catalog.current_partitions("triplets") == ["a"]  # "c" never completed
+    assert catalog.retired_partitions("triplets") == ["b"]
+    assert catalog.current_partitions("embeddings") == ["a"]
+    assert catalog.current_partitions("checkpoint") == ["b"]  # not a shard asset: untouched
+    retirements = catalog.query(
+        "SELECT count(*) AS n FROM materializations WHERE status = 'retired'"
+    )["n"][0]
+    assert retirements == 2
+    with pytest.raises(IncompleteCommitError, match="left the corpus"):
+        catalog.read_versions("triplets", ["b"])
+
+    catalog.record(_record("triplets", "b"))  # the shard came back and was materialized again
+    assert catalog.current_partitions("triplets") == ["a", "b"]
+    assert catalog.retired_partitions("triplets") == []

@@ -34,7 +34,7 @@ from megapairs_assets.lineage.catalog import (
     register_row_table,
     utc_now,
 )
-from megapairs_assets.orchestration.partitions import shard_partitions
+from megapairs_assets.orchestration.partitions import shard_asset_names, shard_partitions
 from megapairs_assets.orchestration.shard_step import Stage, materialize_partitions
 from resources.corpus import CorpusSourceResource
 
@@ -333,3 +333,14 @@ def test_check_command_on_existing_data(graph, tmp_path: Path, capsys, monkeypat
     assert ("mined_image_pairs", "pairs_in_band", "00000", "FAIL") in {
         tuple(line.split()[:4]) for line in capsys.readouterr().out.splitlines()
     }
+
+    # A materialized table that went missing fails the gate; a retired shard is not checked.
+    layout.shard_table("caption_text_knn", "00001").unlink()
+    LineageCatalog(layout.catalog_path).retire_partitions(
+        ["00000"], shard_asset_names(build_definitions(home=copy).assets or [])
+    )
+    assert megapairs(["check", "--existing"]) == 1
+    rows = [tuple(line.split()[:4]) for line in capsys.readouterr().out.splitlines()]
+    assert ("caption_text_knn", "table_present", "00001", "FAIL") in rows
+    assert not [row for row in rows if row[2:3] == ("00000",)]
+    assert ("mined_image_pairs", "pairs_in_band", "00001", "pass") in rows

@@ -13,7 +13,7 @@ from megapairs_assets.orchestration.partitions import SHARD_PARTITIONS_NAME
 from resources.corpus import CorpusSourceResource
 from resources.storage import LineageCatalogResource
 
-new_shards_sensor = build_shards_sensor(dg.DefaultSensorStatus.RUNNING)
+new_shards_sensor = build_shards_sensor(dg.DefaultSensorStatus.RUNNING, ["image_corpus"])
 
 
 def _evaluate(instance: dg.DagsterInstance, corpus: Path, catalog_path: Path | None = None):
@@ -87,3 +87,7 @@ def test_removed_shards_leave_the_partition_set_and_their_lineage_retires(tmp_pa
     _apply(instance, result)
     assert instance.get_dynamic_partitions(SHARD_PARTITIONS_NAME) == ["00000"]
     assert catalog.query("SELECT count(*) AS n FROM image_lineage")["n"][0] == 0
+    # The shard's tables leave the dataset; its history stays.
+    assert catalog.current_partitions("image_corpus") == []
+    assert catalog.retired_partitions("image_corpus") == ["00001"]
+    assert catalog.materializations([record.materialization_id])["status"][0] == "complete"

@@ -19,7 +19,9 @@ import argparse
 import json
 import sys
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -174,36 +176,84 @@ def rows_from_evaluations(evaluations: list, defs) -> list[CheckRow]:
     return rows
 
 
+TABLE_PRESENT = "table_present"
+"""The row `--existing` adds for a current partition whose table is missing."""
+
+
 def check_existing(layout: Any, catalog: Any, params: Any) -> list[CheckRow]:
-    """Re-run every stage's checks on the tables of `layout`, read-only."""
+    """Re-run every stage's checks on the tables of `layout`, read-only.
+
+    The partitions checked are each asset's current ones in the lineage catalog (retired
+    shards left out): a current partition whose table is gone fails `table_present`, and a
+    file the catalog does not list is not part of the dataset, so it is not checked.
+    """
     import megapairs_assets.definitions  # noqa: F401  (stages declare their catalog tables)
     from megapairs_assets.corpus.step import ASSET_NAME as CORPUS
-    from megapairs_assets.corpus.step import CORPUS_CHECKS, recheck_corpus_shard
+    from megapairs_assets.corpus.step import CORPUS_CHECKS, latest_config, recheck_corpus_shard
     from megapairs_assets.embeddings.sources import SOURCES
     from megapairs_assets.embeddings.step import recheck_embedding_shard
+    from megapairs_assets.generation.common import (
+        DESCRIPTIONS_ASSET,
+        INSTRUCTIONS_ASSET,
+        TRIPLETS_ASSET,
+    )
+    from megapairs_assets.generation.describe import check_descriptions
+    from megapairs_assets.generation.instruct import check_instructions
+    from megapairs_assets.generation.parsing import DescriptionLimits, InstructionLimits
+    from megapairs_assets.generation.triplets import check_triplets
     from megapairs_assets.knn.step import recheck_knn_shard
+    from megapairs_assets.lib.storage import read_parquet
     from megapairs_assets.mining.step import ASSET_NAME as PAIRS
     from megapairs_assets.mining.step import recheck_pairs_shard
 
-    rows: list[CheckRow] = []
+    def recorded(asset: str, shard: str, key: str, default: Any) -> Any:
+        """A setting as the shard's newest materialization recorded it."""
+        return latest_config(catalog, asset, shard).get(key, default)
 
-    def add(asset: str, shard: str, outcomes: list) -> None:
-        for o in outcomes:
-            blocking = not (asset == CORPUS and o.name not in CORPUS_CHECKS)
-            rows.append(CheckRow(asset, o.name, shard, o.passed, blocking, o.detail))
+    def descriptions(shard: str) -> list:
+        limits = DescriptionLimits(**recorded(DESCRIPTIONS_ASSET, shard, "description_limits", {}))
+        return check_descriptions(
+            read_parquet(layout.shard_table(DESCRIPTIONS_ASSET, shard)), limits
+        )
 
-    for path in sorted((layout.data_dir / CORPUS).glob("*/images.parquet")):
-        shard = path.parent.name
-        add(CORPUS, shard, recheck_corpus_shard(shard, layout, catalog))
+    def instructions(shard: str) -> list:
+        limits = InstructionLimits(**recorded(INSTRUCTIONS_ASSET, shard, "instruction_limits", {}))
+        return check_instructions(
+            read_parquet(layout.shard_table(INSTRUCTIONS_ASSET, shard)), limits
+        )
+
+    def triplets(shard: str) -> list:
+        least = recorded(TRIPLETS_ASSET, shard, "min_instructions", 3)
+        return check_triplets(read_parquet(layout.shard_table(TRIPLETS_ASSET, shard)), least)
+
+    rechecks: dict[str, Callable[[str], list]] = {
+        CORPUS: lambda shard: recheck_corpus_shard(shard, layout, catalog)
+    }
     for source in SOURCES:
-        for asset, recheck in (
-            (source.embedding_asset, recheck_embedding_shard),
-            (source.knn_asset, recheck_knn_shard),
-        ):
-            for path in sorted((layout.data_dir / asset).glob("*.parquet")):
-                add(asset, path.stem, recheck(source, path.stem, layout, catalog))
-    for path in sorted((layout.data_dir / PAIRS).glob("*.parquet")):
-        add(PAIRS, path.stem, recheck_pairs_shard(path.stem, layout, catalog, params))
+        rechecks[source.embedding_asset] = partial(
+            recheck_embedding_shard, source, layout=layout, catalog=catalog
+        )
+        rechecks[source.knn_asset] = partial(
+            recheck_knn_shard, source, layout=layout, catalog=catalog
+        )
+    rechecks[PAIRS] = lambda shard: recheck_pairs_shard(shard, layout, catalog, params)
+    rechecks[DESCRIPTIONS_ASSET] = descriptions
+    rechecks[INSTRUCTIONS_ASSET] = instructions
+    rechecks[TRIPLETS_ASSET] = triplets
+
+    rows: list[CheckRow] = []
+    for asset, recheck in rechecks.items():
+        for shard in catalog.current_partitions(asset):
+            table = (
+                layout.corpus_images(shard) if asset == CORPUS else layout.shard_table(asset, shard)
+            )
+            if not table.exists():
+                detail = f"materialized, but its table is missing: {table}"
+                rows.append(CheckRow(asset, TABLE_PRESENT, shard, False, True, detail))
+                continue
+            for o in recheck(shard):
+                blocking = not (asset == CORPUS and o.name not in CORPUS_CHECKS)
+                rows.append(CheckRow(asset, o.name, shard, o.passed, blocking, o.detail))
     return rows
 
 

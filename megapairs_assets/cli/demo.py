@@ -71,7 +71,7 @@ def run_demo(args: argparse.Namespace) -> int:
     from megapairs_assets.evaluation.assets import register_retrievers, score_partition_key
     from megapairs_assets.evaluation.step import known_retrievers
     from megapairs_assets.lib.storage import default_home
-    from megapairs_assets.orchestration.partitions import SHARD_PARTITIONS_NAME
+    from megapairs_assets.orchestration.partitions import SHARD_PARTITIONS_NAME, shard_asset_names
     from megapairs_assets.orchestration.runs import shard_range_tags
     from megapairs_assets.training.assets import register_training_configs
     from resources.corpus import CorpusSourceResource
@@ -115,7 +115,7 @@ def run_demo(args: argparse.Namespace) -> int:
     for shard in gone:
         instance.delete_dynamic_partition(SHARD_PARTITIONS_NAME, shard)
     if gone:
-        removed = lineage_catalog(home).retire_partitions(gone)
+        removed = lineage_catalog(home).retire_partitions(gone, shard_asset_names(defs.assets))
         print(
             f"  {len(gone)} shards are no longer in the corpus ({', '.join(gone[:5])}): removed "
             f"from the partition set, {removed} lineage rows retired"

@@ -1,5 +1,7 @@
 """Dagster wiring of the image corpus: one partition per shard, and a sensor for its shards."""
 
+from collections.abc import Sequence
+
 import dagster as dg
 
 from megapairs_assets.corpus.step import (
@@ -69,8 +71,11 @@ def shard_changes(found: list[str], known: list[str]) -> tuple[list[str], list[s
     return [s for s in found if s not in known_set], sorted(known_set - found_set)
 
 
-def build_shards_sensor(default_status: dg.DefaultSensorStatus) -> dg.SensorDefinition:
-    """The sensor keeping the `shards` partition set equal to the corpus source's shards."""
+def build_shards_sensor(
+    default_status: dg.DefaultSensorStatus, shard_assets: Sequence[str]
+) -> dg.SensorDefinition:
+    """The sensor keeping the `shards` partition set equal to the corpus source's shards;
+    `shard_assets` names the shard-partitioned assets whose partitions a removed shard retires."""
 
     @dg.sensor(
         name="new_shards_sensor",
@@ -84,8 +89,8 @@ def build_shards_sensor(default_status: dg.DefaultSensorStatus) -> dg.SensorDefi
         catalog: LineageCatalogResource,
     ) -> dg.SensorResult | dg.SkipReason:
         """Registers shards that appeared in the corpus source and materializes their corpus;
-        removes shards that left it (their row lineage is retired, their files stay until
-        a user deletes them, and no KNN graph searches them again)."""
+        removes shards that left it (their row lineage and tables are retired from the dataset,
+        their files stay until a user deletes them, and no KNN graph searches them again)."""
         try:
             found = corpus_source.shard_ids()
         except Exception as error:  # a bad source must not kill the sensor daemon
@@ -99,7 +104,7 @@ def build_shards_sensor(default_status: dg.DefaultSensorStatus) -> dg.SensorDefi
         if new:
             requests.append(shard_partitions.build_add_request(new))
         if gone:
-            catalog.catalog().retire_partitions(gone)
+            catalog.catalog().retire_partitions(gone, shard_assets)
             requests.append(shard_partitions.build_delete_request(gone))
             context.log.warning(f"{len(gone)} shards left the corpus source: {gone[:10]}")
         return dg.SensorResult(

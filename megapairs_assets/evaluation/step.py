@@ -145,12 +145,9 @@ class RetrieverPool:
 def read_triplets(
     layout: DataLayout, lineage: LineageCatalog
 ) -> tuple[pl.DataFrame | None, dict[str, str]]:
-    """All complete shards of the triplets asset, and the versions read ("triplets/<shard>")."""
-    shards = lineage.query(
-        "SELECT DISTINCT partition FROM materializations WHERE asset = ? AND status = 'complete' "
-        "ORDER BY partition",
-        [TRIPLETS_ASSET],
-    )["partition"].to_list()
+    """The current shards of the triplets asset (retired ones left out), and the versions read
+    ("triplets/<shard>")."""
+    shards = lineage.current_partitions(TRIPLETS_ASSET)
     if not shards:
         return None, {}
 

@@ -2,7 +2,7 @@
 
 Layout of the export folder (default `<data root>/data/triplet_export`):
 
-    README.md                    dataset card, regenerated from every exported shard
+    README.md                    dataset card, regenerated from every exported current shard
     triplets/<shard>.jsonl       release fields only (q_img, q_text, t_img, hns)
     triplets/<shard>.parquet     release fields plus triplet_id
     images/<shard>/<key>.jpg     every image a triplet names, resized to side x side
@@ -14,14 +14,16 @@ as is. The folder may be a prefix on an object store (under a URL data root, or 
 parallel shards from interleaving card rewrites is local (under `<home>/locks/`). MegaPairs
 released its images resized to 512x512 (method.md §6); the side is a setting.
 An image that cannot be read drops the triplets that name it, each with a quarantine row.
-Re-exporting skips images already written at the right size.
+Re-exporting skips images already written at the right size. A shard that left the corpus
+(retired) is withdrawn from the folder by the next export: its triplet files and figures, and
+its images that no remaining triplet names (its tables under `data/` stay).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -50,6 +52,7 @@ from megapairs_assets.lib.storage import (
     DataLayout,
     DataPath,
     is_local,
+    read_parquet,
     write_atomic,
     write_parquet_atomic,
 )
@@ -127,7 +130,9 @@ def export_triplets_for_shard(
         root / "shards" / f"{shard}.json",
         lambda tmp: tmp.write_text(json.dumps(figures, indent=2, sort_keys=True)),
     )
-    card = write_dataset_card(root, settings, layout)
+    card = write_dataset_card(
+        root, settings, layout, retired=catalog.retired_partitions(EXPORT_ASSET)
+    )
     return StepResult(
         partition=shard,
         outputs={"jsonl": jsonl_path, "parquet": parquet_path, "card": card},
@@ -255,19 +260,55 @@ def _shard_figures(
 
 
 def write_dataset_card(
-    root: DataPath, settings: GenerationSettings, layout: DataLayout
+    root: DataPath,
+    settings: GenerationSettings,
+    layout: DataLayout,
+    retired: Sequence[str] = (),
 ) -> DataPath:
-    """(Re)write README.md from every shard's figures; safe when shards export in parallel on
-    one machine (a lock under `<home>/locks/`, local even when the folder is on an object
-    store; machines that export at once each write a whole card, the last one wins)."""
+    """Withdraw `retired` shards from the folder, then (re)write README.md from every shard's
+    figures; safe when shards export in parallel on one machine (a lock under `<home>/locks/`,
+    local even when the folder is on an object store; machines that export at once each write
+    a whole card, the last one wins)."""
     path = root / CARD_NAME
     lock = card_lock_path(layout, root)
     lock.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(lock)):
+        withdraw_shards(root, retired)
         figures = [json.loads(p.read_text()) for p in sorted((root / "shards").glob("*.json"))]
         text = render_card(figures, settings)
         write_atomic(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
     return path
+
+
+def withdraw_shards(root: DataPath, shards: Sequence[str]) -> list[str]:
+    """Take shards out of the release folder: their triplet files and figures, then their
+    images that no remaining triplet names (a current shard's triplets may name an image of a
+    withdrawn one until it is mined again). Returns the shards that had files here."""
+    withdrawn = []
+    for shard in shards:
+        files = [
+            root / "triplets" / f"{shard}.jsonl",
+            root / "triplets" / f"{shard}.parquet",
+            root / "shards" / f"{shard}.json",
+        ]
+        present = [file for file in files if file.exists()]
+        for file in present:
+            file.unlink()
+        if present:
+            withdrawn.append(shard)
+    if not withdrawn:
+        return []
+    named: set[str] = set()
+    for table in (root / "triplets").glob("*.parquet"):
+        frame = read_parquet(table, columns=["q_img", "t_img", "hns"])
+        named |= set(frame["q_img"]) | set(frame["t_img"])
+        named |= set(frame["hns"].explode().drop_nulls())
+    for shard in withdrawn:
+        folder = image_relpath(f"{shard}/-").rpartition("/")[0]  # images/<safe shard name>
+        for image in (root / folder).glob("*.jpg"):
+            if f"{folder}/{image.name}" not in named:
+                image.unlink()
+    return withdrawn
 
 
 def card_lock_path(layout: DataLayout, root: DataPath) -> Path:

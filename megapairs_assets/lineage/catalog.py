@@ -55,7 +55,7 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -92,6 +92,9 @@ ALTER TABLE materializations ADD COLUMN IF NOT EXISTS status VARCHAR DEFAULT 'co
 """
 
 STATUS_PENDING, STATUS_COMPLETE, STATUS_FAILED = "pending", "complete", "failed"
+# A partition that left the corpus: a record with this status, newer than any before it, says
+# its tables (still on disk) are no longer part of the dataset.
+STATUS_RETIRED = "retired"
 
 
 class CatalogBusyError(RuntimeError):
@@ -513,14 +516,20 @@ class LineageCatalog:
             columns = ", ".join(frame.columns)
             con.execute(f"INSERT INTO {table.name} ({columns}) SELECT {columns} FROM arrow_rows")
 
-    def retire_partitions(self, partitions: list[str]) -> int:
-        """Forget the row-level lineage of partitions that left the corpus; history stays.
+    def retire_partitions(self, partitions: list[str], assets: Sequence[str]) -> int:
+        """Take partitions that left the corpus out of the dataset; their history stays.
 
-        Returns the number of row-table rows removed. Materialization records are kept (they
-        are history), so `megapairs lineage` can still explain an old id.
+        Their row-level lineage is removed, and each of `assets` (the shard-partitioned ones)
+        that has a record of such a partition gets a newer `retired` record, so readers of
+        "the current partitions" (training, scoring, `check --existing`, the export's card)
+        leave them out; their files stay on disk until a user deletes them. A partition that
+        comes back is current again once materialized. Returns the row-table rows removed.
+        Older materialization records are kept, so `megapairs lineage` still explains an
+        old id.
         """
         if not partitions:
             return 0
+        now = utc_now()
 
         def work(con: duckdb.DuckDBPyConnection) -> int:
             removed = 0
@@ -532,9 +541,21 @@ class LineageCatalog:
                     [partitions],
                 )
                 removed += before - con.execute(f"SELECT count(*) FROM {table.name}").fetchone()[0]
+            live = con.execute(
+                "SELECT asset, partition FROM materializations "
+                "WHERE asset IN (SELECT unnest(?)) AND partition IN (SELECT unnest(?)) "
+                "GROUP BY asset, partition HAVING arg_max(status, started_at) <> ?",
+                [list(assets), partitions, STATUS_RETIRED],
+            ).fetchall()
+            for asset, partition in live:
+                self._insert(
+                    con,
+                    MaterializationRecord(asset, partition, "", "", "", now, 0.0),
+                    STATUS_RETIRED,
+                )
             return removed
 
-        return self._write(work, transaction=False)
+        return self._write(work, transaction=True)
 
     # -- reads ----------------------------------------------------------------------------
 
@@ -546,6 +567,25 @@ class LineageCatalog:
     def schema_version(self) -> int:
         frame = self.query("SELECT value FROM catalog_info WHERE key = 'schema_version'")
         return int(frame["value"][0]) if frame.height else 1
+
+    def current_partitions(self, asset: str) -> list[str]:
+        """The partitions of `asset` that are part of the dataset: materialized completely at
+        least once and not retired since. (A partition whose newest attempt failed is still
+        listed: its reader refuses it with the reason, see `read_versions`.)"""
+        return self.query(
+            "SELECT partition FROM materializations WHERE asset = ? AND partition IS NOT NULL "
+            "GROUP BY partition "
+            "HAVING arg_max(status, started_at) <> ? AND bool_or(status = ?) ORDER BY partition",
+            [asset, STATUS_RETIRED, STATUS_COMPLETE],
+        )["partition"].to_list()
+
+    def retired_partitions(self, asset: str) -> list[str]:
+        """The partitions of `asset` whose newest record is a retirement."""
+        return self.query(
+            "SELECT partition FROM materializations WHERE asset = ? AND partition IS NOT NULL "
+            "GROUP BY partition HAVING arg_max(status, started_at) = ? ORDER BY partition",
+            [asset, STATUS_RETIRED],
+        )["partition"].to_list()
 
     def latest_materialization_ids(self, asset: str, partitions: list[str]) -> dict[str, str]:
         """Newest complete materialization id of `asset` for each partition that has one."""
@@ -584,6 +624,12 @@ class LineageCatalog:
             """,
             [asset, partitions],
         )
+        retired = frame.filter(pl.col("status") == STATUS_RETIRED)["partition"].to_list()
+        if retired:
+            raise IncompleteCommitError(
+                f"{asset}: {', '.join(retired)} left the corpus (retired), so its table is no "
+                "longer part of the dataset; materialize the shard again if it is back"
+            )
         unfinished = frame.filter(pl.col("status") != STATUS_COMPLETE)
         if unfinished.height:
             listed = ", ".join(

@@ -72,9 +72,7 @@ def mine_shard(
     pairs = mine_pairs(neighbors, params, hashes)
     path = layout.shard_table(ASSET_NAME, shard)
     write_parquet_atomic(pairs, path)
-    knn_versions = {
-        s: versions[f"{source_named(s).knn_asset}/{shard}"] for s in sources
-    }
+    knn_versions = {s: versions[f"{source_named(s).knn_asset}/{shard}"] for s in sources}
     summary = summarize_pairs(pairs, sources)
     log(f"{ASSET_NAME}[{shard}]: {pairs.height} pairs")
     return StepResult(
@@ -192,7 +190,9 @@ def recheck_pairs_shard(
 ) -> list:
     """The pair checks on the shard's table as it is on disk (read-only)."""
     pairs = read_parquet(layout.shard_table(ASSET_NAME, shard))
-    ids = sorted(set(pairs["query_id"]) | set(pairs["target_id"]) | set(
-        pairs["hard_negative_ids"].explode().drop_nulls()
-    ))
+    ids = sorted(
+        set(pairs["query_id"])
+        | set(pairs["target_id"])
+        | set(pairs["hard_negative_ids"].explode().drop_nulls())
+    )
     return check_pairs(pairs, params, content_hashes(catalog, ids))

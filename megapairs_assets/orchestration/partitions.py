@@ -2,6 +2,7 @@
 shard-partitioned asset shares."""
 
 import warnings
+from collections.abc import Iterable
 from typing import Any
 
 import dagster as dg
@@ -50,3 +51,13 @@ def shard_asset_options(group: str, code_version: str, **extra: Any) -> dict[str
         "code_version": code_version,
         **extra,
     }
+
+
+def shard_asset_names(assets: Iterable[dg.AssetsDefinition]) -> list[str]:
+    """The names of the shard-partitioned assets among `assets` (what a retired shard leaves)."""
+    return sorted(
+        key.to_user_string()
+        for asset in assets
+        if asset.partitions_def == shard_partitions
+        for key in asset.keys
+    )

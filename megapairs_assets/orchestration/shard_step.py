@@ -135,9 +135,7 @@ def partition_metadata(result: StepResult) -> dict[str, Any]:
 def preview_table(frame: pl.DataFrame, max_rows: int = 10) -> dg.TableMetadataValue:
     """A frame's first rows as a table the UI shows inline (Markdown hides behind a link)."""
     head = frame.head(max_rows)
-    columns = [
-        dg.TableColumn(name, _table_type(dtype)) for name, dtype in head.schema.items()
-    ]
+    columns = [dg.TableColumn(name, _table_type(dtype)) for name, dtype in head.schema.items()]
     records = [
         dg.TableRecord({name: _table_value(value) for name, value in row.items()})
         for row in head.iter_rows(named=True)

@@ -56,12 +56,9 @@ def train_config(
 def read_triplet_shards(
     layout: DataLayout, catalog: LineageCatalog
 ) -> tuple[pl.DataFrame, dict[str, str]]:
-    """Every complete triplets shard and {"triplets/<shard>": materialization id} read."""
-    shards = catalog.query(
-        "SELECT DISTINCT partition FROM materializations WHERE asset = ? AND status = 'complete' "
-        "ORDER BY partition",
-        [TRIPLETS_ASSET],
-    )["partition"].to_list()
+    """Every current triplets shard (see `LineageCatalog.current_partitions`: retired shards
+    are left out) and {"triplets/<shard>": materialization id} read."""
+    shards = catalog.current_partitions(TRIPLETS_ASSET)
     if not shards:
         raise TripletDataError(
             f"no complete `{TRIPLETS_ASSET}` shard to train {ASSET_NAME} on; materialize the "
