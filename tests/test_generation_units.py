@@ -156,6 +156,33 @@ def test_heuristic_splits_captions_and_writes_valid_text():
     assert all("horse" in text for text in kept)
 
 
+@pytest.mark.parametrize(
+    ("query", "target"),
+    [
+        (  # ordinary long alt-text captions, a few sentences each (71 and 64 words)
+            "A wide photograph of an old red barn standing in a green field at sunset, with "
+            "a wooden fence in front and tall grass all around it. Two horses graze near the "
+            "fence while a farmer walks toward the open barn door carrying a bucket of feed "
+            "for the animals. The sky is orange and purple, and a few birds fly over the roof "
+            "of the barn toward the dark line of trees on the far hill behind it.",
+            "A detailed pencil sketch of a small stone cottage beside a river in winter, its "
+            "roof covered in snow and smoke rising from the chimney into a pale grey sky. A "
+            "narrow wooden bridge crosses the frozen river, and bare trees line the far bank "
+            "where a fox walks alone across the snow, leaving a line of prints behind it on "
+            "the white ground under the trees.",
+        ),
+        ("word " * 20_000, "an illustration of " + "very " * 5_000 + "long horse (animals)"),
+    ],
+)
+def test_heuristic_text_from_long_captions_stays_inside_the_limits(query, target):
+    description = describe_from_captions(query, target)
+    assert check_description(description, DescriptionLimits()) is None
+    kept, rejections = filter_instructions(
+        instructions_from_captions(query, target), description, InstructionLimits()
+    )
+    assert rejections == [] and len(kept) >= 3
+
+
 def test_pair_sample_depends_on_ids_not_on_order_or_company():
     ids = [f"p{i}" for i in range(200)]
     half = PairSample(fraction=0.5).select(ids, seed=0)

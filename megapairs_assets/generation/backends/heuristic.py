@@ -5,7 +5,8 @@ trailing tags ("(music, instruments)"), then fills fixed sentence patterns. It e
 demo's training stage has volume beyond the few pairs a CPU model can write in the time
 budget; every row it makes is labelled `heuristic` and the dataset card counts them apart.
 It goes through the same interface, cache, parser and filters as a model, so its output is
-judged by the same rules.
+judged by the same rules. Long captions are cut to their first clause and a few words, so a
+description or an instruction built from them stays inside the filters' length limits.
 """
 
 from __future__ import annotations
@@ -25,10 +26,17 @@ from megapairs_assets.generation.backends.base import (
 )
 
 HEURISTIC_BACKEND = "heuristic"
-HEURISTIC_MODEL_ID = "caption-heuristic-v1"
+# v2: long captions are cut (v1 copied them whole and its descriptions failed the word limit).
+HEURISTIC_MODEL_ID = "caption-heuristic-v2"
 _TAGS = re.compile(r"\(([^()]*)\)\s*$")
 _SPLITTERS = (" showing ", " depicting ", " with ", " of ")
 _ARTICLE = re.compile(r"^(?:a|an|the)\s+", re.IGNORECASE)
+_CLAUSE_END = re.compile(r"[.;:!?](?:\s|$)")
+# Words kept of a caption part: a description carries two subjects and two styles in about 30
+# words of its own (DescriptionLimits allows 150). An instruction carries one subject and three
+# or more words of its own: at most 8 subject words keep it under 25 words, and under the copy
+# rule (80% of an instruction's words in one run of the description is a copy).
+_STYLE_WORDS, _SUBJECT_WORDS, _INSTRUCTION_SUBJECT_WORDS = 8, 25, 8
 
 
 @dataclass(frozen=True)
@@ -55,6 +63,15 @@ def split_caption(caption: str) -> CaptionParts:
     return CaptionParts(style="", subject=text, tags=tags)
 
 
+def _brief(phrase: str, max_words: int) -> str:
+    """The phrase's first clause, at most `max_words` words (whole words, no dangling comma)."""
+    first = _CLAUSE_END.split(phrase, maxsplit=1)[0].strip()
+    words = first.split()
+    if len(words) <= max_words:
+        return first
+    return " ".join(words[:max_words]).rstrip(",;:-")
+
+
 def _bare(phrase: str) -> str:
     return _ARTICLE.sub("", phrase).strip()
 
@@ -65,10 +82,18 @@ def _join(words: Sequence[str]) -> str:
     return ", ".join(words[:-1]) + " and " + words[-1]
 
 
+def _briefed(parts: CaptionParts) -> CaptionParts:
+    return CaptionParts(
+        style=_brief(parts.style, _STYLE_WORDS),
+        subject=_brief(parts.subject, _SUBJECT_WORDS),
+        tags=tuple(_brief(tag, 3) for tag in parts.tags),
+    )
+
+
 def describe_from_captions(query_caption: str, target_caption: str) -> str:
     """A description in the paper's shape (common points; source differences; target's)."""
-    query, target = split_caption(query_caption), split_caption(target_caption)
-    shared_tags = [t for t in query.tags if t in target.tags]
+    query, target = _briefed(split_caption(query_caption)), _briefed(split_caption(target_caption))
+    shared_tags = [t for t in query.tags if t in target.tags][:3]
     if shared_tags:
         common = f"the theme of {_join(shared_tags)}"
     elif query.subject and _bare(query.subject) == _bare(target.subject):
@@ -88,8 +113,8 @@ def describe_from_captions(query_caption: str, target_caption: str) -> str:
 
 def instructions_from_captions(query_caption: str, target_caption: str) -> list[str]:
     """Three to four short queries that lead from the query image to the target image."""
-    query, target = split_caption(query_caption), split_caption(target_caption)
-    subject = target.subject or target_caption
+    query, target = _briefed(split_caption(query_caption)), _briefed(split_caption(target_caption))
+    subject = _brief(target.subject or target_caption, _INSTRUCTION_SUBJECT_WORDS)
     same_subject = _bare(query.subject) == _bare(target.subject)
     queries: list[str] = []
     if same_subject and target.style:
