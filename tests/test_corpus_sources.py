@@ -121,7 +121,7 @@ def test_folder_captions_come_from_txt_or_json_sidecars(tmp_path):
 def test_folder_with_root_images_and_a_root_subfolder_is_refused(tmp_path):
     factory.write_image_folder(tmp_path / "root", factory.good_items(1))
     (tmp_path / "top.jpg").write_bytes(factory.good_jpeg_bytes(4))
-    with pytest.raises(ValueError, match="root"):
+    with pytest.raises(ConfigurationError, match="root"):
         list_shards(SourceSpec(kind="folder", path=str(tmp_path)))
 
 
@@ -185,7 +185,7 @@ def test_manifest_missing_files_and_urls_become_error_records(tmp_path):
 
 def test_manifest_needs_a_path_or_url_column(tmp_path):
     manifest = factory.write_manifest(tmp_path / "m.jsonl", [{"file": "a.jpg", "caption": "x"}])
-    with pytest.raises(ValueError, match="path"):
+    with pytest.raises(ConfigurationError, match="needs a 'path' or 'url' column"):
         list_shards(SourceSpec(kind="manifest", path=str(manifest)))
 
 

@@ -159,7 +159,11 @@ def read_uri_bytes(uri: str) -> bytes:
         return _TAR_CACHE.read_member(*tar_member)
     try:
         return Path(uri).read_bytes()
-    except (FileNotFoundError, IsADirectoryError, NotADirectoryError) as exc:
+    except IsADirectoryError as exc:
+        # The same reason as a missing file for the stages after the corpus (the corpus itself
+        # never admits a folder: it reports `not_a_file`), with the truth in the detail.
+        raise ImageRejected("missing_file", f"{uri} is a folder, not a file") from exc
+    except (FileNotFoundError, NotADirectoryError) as exc:
         raise ImageRejected("missing_file", f"{uri} does not exist") from exc
     except OSError as exc:
         raise ImageRejected("read_error", f"{uri}: {exc.strerror or type(exc).__name__}") from exc

@@ -12,9 +12,13 @@ Three layouts are understood, each named by a `SourceSpec`:
   optional `key`/`id` and `shard` columns.
 
 Every entry is either read or reported. `scan_source` lists the shards and, as `unread`
-records, every entry no shard reads: a name that is not safe as a shard id (shard ids become
-file names, see `megapairs_assets.lib.storage.is_safe_partition_key`), a compressed tar or any
-other file the layout does not use. Inside a shard, reading never raises for a single bad item:
+records, every entry no shard reads: a name that cannot be made safe as a shard id (shard ids
+become file names, see `megapairs_assets.lib.storage.is_safe_partition_key`; a tar or folder
+named with spaces or accents gets a derived id, `derived_shard_id`), a compressed tar or any
+other file the layout does not use. A tar member's key is its path up to the first dot of its
+base name, folders included (webdataset's rule); in a folder an image's key is its stem, or
+its full name when an earlier image took that stem (`twin.jpg`, `twin.png`).
+Inside a shard, reading never raises for a single bad item:
 it yields a `RawRecord` whose `error` says what is wrong (links, FIFOs and unknown members of a
 tar included), so the table builder can quarantine it. Only a shard that cannot be read at all
 raises `ShardReadError`. Nothing is ever downloaded: remote URLs are reported, not fetched.
@@ -23,8 +27,11 @@ Tar directory members carry no data and are passed over.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import re
 import tarfile
+import unicodedata
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -34,9 +41,16 @@ from typing import Literal
 import polars as pl
 
 from megapairs_assets.corpus.images import ImageRejected, read_uri_bytes
-from megapairs_assets.corpus.uris import TAR_SUFFIX, is_remote, resolve_local, tar_member_uri
+from megapairs_assets.corpus.uris import (
+    TAR_SUFFIX,
+    is_remote,
+    resolve_local,
+    split_tar_member,
+    tar_member_uri,
+)
 from megapairs_assets.lib.errors import ConfigurationError
 from megapairs_assets.lib.storage import (
+    MAX_PARTITION_KEY_CHARS,
     SAFE_PARTITION_KEY_RULE,
     check_partition_key,
     is_safe_partition_key,
@@ -55,6 +69,21 @@ _CAPTION_SIDECARS = ("txt", "json")
 # img2dataset writes these next to each <shard>.tar; they repeat what the tar holds.
 _IMG2DATASET_COMPANIONS = (".parquet", "_stats.json")
 _COMPRESSED_TAR_SUFFIXES = (".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz", ".tar.zst")
+_MANIFEST_SUFFIXES = {".parquet": "parquet", ".jsonl": "jsonl", ".ndjson": "jsonl"}
+_UTF8_BOM = b"\xef\xbb\xbf"
+_UTF16_BOMS = (b"\xff\xfe", b"\xfe\xff")
+# A name that is not a safe shard id gets one derived from it: unsafe characters become '_'
+# and a short hash of the original name is appended, so two names never share an id.
+_UNSAFE_ID_CHARACTERS = re.compile(r"[^A-Za-z0-9._-]+")
+_DERIVED_ID_HASH_BYTES = 4
+_DERIVED_ID_HASH_CHARS = 2 * _DERIVED_ID_HASH_BYTES
+# Manifest columns the source reads, and the JSON value types each accepts (anything else in a
+# row is a bad value for that row, never a reason to refuse the file).
+_TEXT_COLUMNS = ("path", "url", "caption")
+_ID_COLUMNS = ("key", "id", "shard")
+_MANIFEST_COLUMNS = _TEXT_COLUMNS + _ID_COLUMNS
+_CAPTION_ISSUE = "__caption_issue"
+_ROW_ISSUE = "__row_issue"
 
 
 @dataclass(frozen=True)
@@ -72,6 +101,8 @@ class RawRecord:
 
     `uri` is a plain path, `"<tar path>#<member name>"` for a tar member, or the remote URL.
     When the bytes could not be read, `data` is None and `error` reads `"reason_code: detail"`.
+    A caption problem that does not cost the image (a sidecar that is not JSON or not UTF-8, a
+    caption that is not text) is `caption_issue`, in the same `"reason_code: detail"` form.
     """
 
     key: str
@@ -79,6 +110,7 @@ class RawRecord:
     caption: str | None
     data: bytes | None
     error: str | None = None
+    caption_issue: str | None = None
 
 
 @dataclass(frozen=True)
@@ -106,11 +138,17 @@ def scan_source(spec: SourceSpec) -> SourceScan:
     """Sorted shard ids of a source, plus every entry of it that no shard reads.
 
     Only safe shard ids are listed, so no name in the source can become a path outside the data
-    root; existing ids do not change as data is added.
+    root; existing ids do not change as data is added. A tar or folder whose name is not safe
+    gets an id derived from it (`derived_shard_id`). A source that is missing or of the wrong
+    type raises `ConfigurationError`.
     """
     root = Path(spec.path)
     if not root.exists():
-        raise FileNotFoundError(f"{spec.kind} source {spec.path} does not exist")
+        raise ConfigurationError(f"corpus source {spec.path} does not exist")
+    if spec.kind in ("webdataset", "folder") and not root.is_dir():
+        raise ConfigurationError(f"{spec.kind} corpus source {spec.path} is not a folder")
+    if spec.kind == "manifest" and not root.is_file():
+        raise ConfigurationError(f"manifest {spec.path} is not a file")
     if spec.kind == "webdataset":
         return _scan_webdataset(root)
     if spec.kind == "folder":
@@ -121,16 +159,75 @@ def scan_source(spec: SourceSpec) -> SourceScan:
 
 
 def list_shards(spec: SourceSpec) -> list[str]:
-    """Sorted ids of the shards a source holds (see `scan_source` for what is left out)."""
-    return scan_source(spec).shards
+    """Sorted ids of the shards a source holds (see `scan_source` for what is left out).
+
+    A source with no shard at all is unusable as a corpus: `ConfigurationError`, saying what
+    the source holds instead.
+    """
+    scan = scan_source(spec)
+    if not scan.shards:
+        raise ConfigurationError(_no_shards_message(spec, scan.unread))
+    return scan.shards
+
+
+def detect_source_kind(path: Path) -> SourceKind:
+    """Which layout reads `path`: a manifest file, a folder of `.tar` shards, or image folders.
+
+    Raises `ConfigurationError` saying what is wrong: the path does not exist, or is a file
+    that is not a `.parquet`/`.jsonl` manifest. Extensions are compared case-insensitively.
+    """
+    if not path.exists() and not path.is_symlink():
+        raise ConfigurationError(f"corpus {path} does not exist")
+    if not path.exists():
+        raise ConfigurationError(f"corpus {path} is a broken symbolic link")
+    if path.is_file():
+        if path.suffix.lower() in _MANIFEST_SUFFIXES:
+            return "manifest"
+        raise ConfigurationError(
+            f"corpus {path} is a file but not a manifest: a manifest ends in .parquet, .jsonl or "
+            ".ndjson; otherwise give the folder that holds the .tar shards or image folders"
+        )
+    if not path.is_dir():
+        raise ConfigurationError(f"corpus {path} is {_entry_kind(path)}, not a folder or manifest")
+    if any(_tar_stem(entry.name) is not None and entry.is_file() for entry in path.iterdir()):
+        return "webdataset"
+    return "folder"
+
+
+def derived_shard_id(name: str) -> str | None:
+    """The shard id of a tar or folder called `name`: the name itself when it is safe, else a
+    safe id made from it, or None when nothing safe can stand for it.
+
+    A derived id keeps the name's letters (accents dropped, other characters as `_`) and ends
+    with a hash of the exact name, so it is stable across runs and two names never share one:
+    `my shard` -> `my_shard-<8 hex>`. Hidden names (`.x`, `.`, `..`), names holding a path
+    separator or a NUL, and names that are not valid Unicode (undecodable bytes) get None.
+    """
+    if is_safe_partition_key(name):
+        return name
+    if not name or name.startswith(".") or "/" in name or "\x00" in name:
+        return None
+    try:
+        encoded = name.encode("utf-8")
+    except UnicodeEncodeError:  # undecodable bytes in a file name; no table could hold it
+        return None
+    ascii_name = unicodedata.normalize("NFKD", name).encode("ascii", "ignore").decode("ascii")
+    stem = _UNSAFE_ID_CHARACTERS.sub("_", ascii_name)
+    stem = re.sub(r"^[^A-Za-z0-9]+", "", stem)
+    stem = (stem or "shard")[: MAX_PARTITION_KEY_CHARS - _DERIVED_ID_HASH_CHARS - 1]
+    digest = hashlib.blake2b(encoded, digest_size=_DERIVED_ID_HASH_BYTES).hexdigest()
+    return f"{stem}-{digest}"
 
 
 def shard_uri(spec: SourceSpec, shard_id: str) -> str:
     """Where a whole shard lives: the tar, the subfolder, or the manifest file."""
     if spec.kind == "webdataset":
-        return str(Path(spec.path) / f"{shard_id}{TAR_SUFFIX}")
+        name = _shard_entry_name(Path(spec.path), shard_id, "webdataset")
+        return str(Path(spec.path) / (name or f"{shard_id}{TAR_SUFFIX}"))
     if spec.kind == "folder" and shard_id != ROOT_SHARD:
-        return str(Path(spec.path) / shard_id)
+        return str(
+            Path(spec.path) / (_shard_entry_name(Path(spec.path), shard_id, "folder") or shard_id)
+        )
     return spec.path
 
 
@@ -144,11 +241,13 @@ def iter_shard_records(spec: SourceSpec, shard_id: str) -> Iterator[RawRecord]:
     check_partition_key(shard_id, f"shard of {spec.kind} source {spec.path}")
     root = Path(spec.path)
     if spec.kind == "webdataset":
-        return _iter_tar_records(root / f"{shard_id}{TAR_SUFFIX}")
+        name = _shard_entry_name(root, shard_id, "webdataset")
+        return _iter_tar_records(root / (name or f"{shard_id}{TAR_SUFFIX}"))
     if spec.kind == "folder":
         if shard_id == ROOT_SHARD:
             return _iter_folder_records(root, is_root=True)
-        return _iter_folder_records(root / shard_id, is_root=False)
+        name = _shard_entry_name(root, shard_id, "folder")
+        return _iter_folder_records(root / (name or shard_id), is_root=False)
     if spec.kind == "manifest":
         return _iter_manifest_records(spec, shard_id)
     raise ValueError(f"unknown source kind {spec.kind!r}")
@@ -160,7 +259,104 @@ def is_image_name(name: str) -> bool:
 
 
 def _unread(uri: str, reason: str, detail: str, key: str = "") -> RawRecord:
-    return RawRecord(key=key, uri=uri, caption=None, data=None, error=f"{reason}: {detail}")
+    return RawRecord(
+        key=_printable(key),
+        uri=_printable(uri),
+        caption=None,
+        data=None,
+        error=f"{reason}: {_printable(detail)}",
+    )
+
+
+def _printable(text: str) -> str:
+    """`text` as valid Unicode: a file name's undecodable bytes (surrogates) as `\\udcXX`."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _is_valid_unicode(name: str) -> bool:
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+@dataclass(frozen=True)
+class _ShardCandidate:
+    """A tar or subfolder that may become a shard, before ids are handed out."""
+
+    name: str  # the entry's file name
+    base: str  # what its id is made from: the tar's stem or the folder's name
+    uri: str
+    where: str  # how a report names it: "tar file 'x.tar'", "folder 'x'"
+    canonical: bool  # its id reads straight back to it (safe name, lower-case .tar)
+
+
+def _assign_shard_ids(candidates: list[_ShardCandidate]) -> tuple[list[str], list[RawRecord]]:
+    """(shard ids, reports): each candidate gets `derived_shard_id(base)` unless taken.
+
+    Canonical entries claim their ids first, then the others in name order; `_shard_entry_name`
+    follows the same order, so an id always reads back the entry it was given to.
+    """
+    taken: dict[str, str] = {}
+    refused: list[RawRecord] = []
+    for candidate in sorted(candidates, key=lambda c: (not c.canonical, c.name)):
+        shard_id = derived_shard_id(candidate.base)
+        if shard_id is None:
+            refused.append(_unsafe_shard_id(candidate.uri, candidate.base, candidate.where))
+        elif shard_id in taken:
+            refused.append(
+                _unread(
+                    candidate.uri,
+                    "unsafe_shard_id",
+                    f"{candidate.where} would be shard {shard_id!r}, which {taken[shard_id]!r} "
+                    "already is; rename one of them to have both read",
+                )
+            )
+        else:
+            taken[shard_id] = candidate.name
+    return sorted(taken), refused
+
+
+def _shard_entry_name(root: Path, shard_id: str, kind: str) -> str | None:
+    """The tar or subfolder of `root` that `scan_source` gave `shard_id`, None if none."""
+    literal = f"{shard_id}{TAR_SUFFIX}" if kind == "webdataset" else shard_id
+    literal_path = root / literal
+    if literal_path.is_file() if kind == "webdataset" else literal_path.is_dir():
+        return literal
+    if not root.is_dir():
+        return None
+    for entry in sorted(root.iterdir(), key=lambda entry: entry.name):
+        base = _tar_stem(entry.name) if kind == "webdataset" else entry.name
+        is_shard = entry.is_file() if kind == "webdataset" else entry.is_dir()
+        if base is not None and is_shard and derived_shard_id(base) == shard_id:
+            return entry.name
+    return None
+
+
+def _tar_stem(name: str) -> str | None:
+    """The stem of a `.tar` shard's file name (any letter case), None for any other name."""
+    if len(name) > len(TAR_SUFFIX) and name.lower().endswith(TAR_SUFFIX):
+        return name[: -len(TAR_SUFFIX)]
+    return None
+
+
+def _no_shards_message(spec: SourceSpec, unread: list[RawRecord]) -> str:
+    if spec.kind == "manifest" and not unread:
+        return f"manifest {spec.path} has no rows"
+    if not unread:
+        what = ".tar shards" if spec.kind == "webdataset" else "images or image folders"
+        return f"{spec.kind} corpus source {spec.path} is empty: it holds no {what}"
+    reasons: dict[str, int] = {}
+    for record in unread:
+        reason = (record.error or "").partition(":")[0]
+        reasons[reason] = reasons.get(reason, 0) + 1
+    counts = ", ".join(f"{reason} x{count}" for reason, count in sorted(reasons.items()))
+    first = (unread[0].error or "").partition(":")[2].strip()
+    return (
+        f"{spec.kind} corpus source {spec.path} has no shard to read: {len(unread)} entries "
+        f"are not read ({counts}); first: {first}"
+    )
 
 
 def _unsafe_shard_id(uri: str, shard_id: str, where: str, key: str = "") -> RawRecord:
@@ -192,11 +388,11 @@ class _KeyGroup:
 
     key: str
     tar_uri: str
-    image_name: str | None = None
     image: bytes | None = None
     text: bytes | None = None
     metadata: bytes | None = None
     member_names: list[str] = field(default_factory=list)
+    names: dict[str, str] = field(default_factory=dict)  # slot -> member name
 
     def holds(self, slot: str) -> bool:
         return getattr(self, slot) is not None
@@ -204,11 +400,12 @@ class _KeyGroup:
     def put(self, slot: str, member_name: str, data: bytes) -> None:
         setattr(self, slot, data)
         self.member_names.append(member_name)
-        if slot == "image":
-            self.image_name = member_name
+        self.names[slot] = member_name
 
     def record(self) -> RawRecord:
-        caption = _caption_from_sidecars(self.text, self.metadata)
+        caption, caption_issue = _caption_from_sidecars(
+            self.text, self.metadata, self.names.get("text", ""), self.names.get("metadata", "")
+        )
         if self.image is None:
             return RawRecord(
                 key=self.key,
@@ -216,38 +413,38 @@ class _KeyGroup:
                 caption=caption,
                 data=None,
                 error=f"missing_image: key {self.key} has only {', '.join(self.member_names)}",
+                caption_issue=caption_issue,
             )
         return RawRecord(
             key=self.key,
-            uri=tar_member_uri(self.tar_uri, self.image_name or ""),
+            uri=tar_member_uri(self.tar_uri, self.names["image"]),
             caption=caption,
             data=self.image,
+            caption_issue=caption_issue,
         )
 
 
 def _scan_webdataset(root: Path) -> SourceScan:
     entries = sorted(root.iterdir(), key=lambda entry: entry.name)
     tar_stems = {
-        entry.name[: -len(TAR_SUFFIX)]
-        for entry in entries
-        if entry.name.endswith(TAR_SUFFIX) and entry.is_file()
+        stem for entry in entries if (stem := _tar_stem(entry.name)) is not None and entry.is_file()
     }
-    shards: list[str] = []
+    candidates: list[_ShardCandidate] = []
     unread: list[RawRecord] = []
     root_uri = root.resolve()
     for entry in entries:
         uri = str(root_uri / entry.name)
-        stem = entry.name[: -len(TAR_SUFFIX)] if entry.name.endswith(TAR_SUFFIX) else None
+        stem = _tar_stem(entry.name)
         if stem is not None and entry.is_file():
-            if is_safe_partition_key(stem):
-                shards.append(stem)
-            else:
-                unread.append(_unsafe_shard_id(uri, stem, f"tar file {entry.name!r}"))
+            canonical = entry.name == f"{stem}{TAR_SUFFIX}" and is_safe_partition_key(stem)
+            where = f"tar file {entry.name!r}"
+            candidates.append(_ShardCandidate(entry.name, stem, uri, where, canonical))
         elif _is_img2dataset_companion(entry, tar_stems):
             continue
         else:
             unread.append(_unsupported_webdataset_entry(entry, uri))
-    return SourceScan(shards=sorted(shards), unread=unread)
+    shards, refused = _assign_shard_ids(candidates)
+    return SourceScan(shards=shards, unread=sorted(unread + refused, key=lambda r: r.uri))
 
 
 def _is_img2dataset_companion(entry: Path, tar_stems: set[str]) -> bool:
@@ -372,7 +569,17 @@ def _member_slot(member: tarfile.TarInfo) -> str | None:
 
 
 def _member_key(member_name: str) -> str:
-    return member_name.rsplit("/", 1)[-1].split(".", 1)[0]
+    """webdataset's sample key: the member path up to the first dot of its base name.
+
+    Folders are part of the key (`a/x.jpg` and `b/x.jpg` are two samples, as in webdataset's
+    own `base_plus_ext`); a leading `./` or `/` is not, so `./000012.jpg` stays `000012`.
+    """
+    path = member_name
+    while path.startswith(("./", "/")):
+        path = path[2:] if path.startswith("./") else path[1:]
+    folder, _, base = path.rpartition("/")
+    stem = base.split(".", 1)[0]
+    return f"{folder}/{stem}" if folder and stem else stem
 
 
 def _read_member(tar: tarfile.TarFile, member: tarfile.TarInfo) -> bytes:
@@ -380,16 +587,80 @@ def _read_member(tar: tarfile.TarFile, member: tarfile.TarInfo) -> bytes:
     return extracted.read() if extracted is not None else b""
 
 
-def _caption_from_sidecars(text: bytes | None, metadata: bytes | None) -> str | None:
+def _caption_from_sidecars(
+    text: bytes | None, metadata: bytes | None, text_name: str, metadata_name: str
+) -> tuple[str | None, str | None]:
+    """(caption, caption issue) from a `.txt` caption, else the `.json`'s `caption` field.
+
+    A leading UTF-8 byte-order mark is dropped. A `.json` that is not JSON, or a caption that
+    is not text, gives no caption and a `bad_caption_file` / `bad_caption_value` issue; the
+    image is still read, since the picture is fine and image-only stages can use it.
+    """
     if text is not None:
-        return text.decode("utf-8", errors="replace")
+        return _decode_caption_text(text, text_name)
     if metadata is None:
-        return None
+        return None, None
     try:
-        caption = json.loads(metadata).get("caption")
-    except (ValueError, AttributeError):
-        return None
-    return caption if isinstance(caption, str) else None
+        value = json.loads(metadata.removeprefix(_UTF8_BOM).decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        return None, f"bad_caption_file: {metadata_name} is not UTF-8 JSON ({exc.reason})"
+    except json.JSONDecodeError as exc:
+        return None, f"bad_caption_file: {metadata_name} is not valid JSON ({_json_error(exc)})"
+    if not isinstance(value, dict):
+        return None, (
+            f"bad_caption_file: {metadata_name} holds a JSON {_json_type(value)}, not an object"
+        )
+    caption = value.get("caption")
+    if caption is None or isinstance(caption, str):
+        return caption, None
+    return None, f"bad_caption_value: 'caption' in {metadata_name} is {_describe_value(caption)}"
+
+
+def _decode_caption_text(text: bytes, name: str) -> tuple[str | None, str | None]:
+    """A `.txt` caption as text. Not UTF-8: decoded as Windows-1252 and flagged.
+
+    Captions written by older Windows tools and scrapers are mostly Windows-1252 / Latin-1;
+    decoding them that way keeps the words ('café' instead of 'caf\ufffd'), which is what the
+    text encoder and the describe step need, while the `caption_not_utf8` issue keeps the guess
+    visible. Quarantining the image for it would lose a usable picture over its sidecar, and a
+    silent replacement character would hide the problem (the old behaviour).
+    """
+    text = text.removeprefix(_UTF8_BOM)
+    try:
+        return text.decode("utf-8"), None
+    except UnicodeDecodeError as exc:
+        where = f"byte 0x{text[exc.start]:02x} at offset {exc.start}"
+    try:
+        decoded, encoding = text.decode("cp1252"), "Windows-1252"
+    except UnicodeDecodeError:  # five bytes cp1252 leaves undefined; Latin-1 maps every byte
+        decoded, encoding = text.decode("latin-1"), "Latin-1"
+    return decoded, f"caption_not_utf8: {name} is not UTF-8 ({where}); decoded as {encoding}"
+
+
+def _json_error(exc: json.JSONDecodeError) -> str:
+    return f"{exc.msg} at line {exc.lineno} column {exc.colno}"
+
+
+def _json_type(value: object) -> str:
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, (int, float)):
+        return "number"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, list):
+        return "list"
+    if isinstance(value, dict):
+        return "object"
+    return type(value).__name__
+
+
+def _describe_value(value: object, max_chars: int = 60) -> str:
+    """'a list ([1, 2])': the JSON type of a value that should have been text, and its start."""
+    shown = json.dumps(value, ensure_ascii=False, default=str)
+    if len(shown) > max_chars:
+        shown = shown[: max_chars - 3] + "..."
+    return f"a {_json_type(value)} ({shown}), not text"
 
 
 # --- folder -------------------------------------------------------------------------------
@@ -410,7 +681,10 @@ def _folder_entries(folder: Path) -> _FolderEntries:
     found.images = [
         entry
         for entry in entries
-        if entry.is_file() and not entry.name.startswith(".") and is_image_name(entry.name)
+        if entry.is_file()
+        and not entry.name.startswith(".")
+        and is_image_name(entry.name)
+        and _is_valid_unicode(entry.name)
     ]
     sidecars = {
         f"{image.stem}.{extension}" for image in found.images for extension in _CAPTION_SIDECARS
@@ -428,9 +702,8 @@ def _folder_entries(folder: Path) -> _FolderEntries:
                 _unread(uri, "missing_image", f"{entry.name} is a caption file without an image")
             )
         elif entry.is_file():
-            detail = "is a hidden file" if entry.name.startswith(".") else "is not an image"
             found.unread.append(
-                _unread(uri, "unsupported_file", f"{entry.name} {detail}; it is not read")
+                _unread(uri, "unsupported_file", f"{entry.name} {_unread_file_detail(entry.name)}")
             )
         else:
             found.unread.append(
@@ -439,13 +712,26 @@ def _folder_entries(folder: Path) -> _FolderEntries:
     return found
 
 
+def _unread_file_detail(name: str) -> str:
+    if not _is_valid_unicode(name):
+        return "has a name that is not valid UTF-8; rename it to have it read"
+    if name.startswith("."):
+        return "is a hidden file; it is not read"
+    if _tar_stem(name) is not None:
+        return (
+            "is a webdataset .tar shard, not an image; a folder of .tar shards is a webdataset "
+            "corpus (keep the shards apart from image folders)"
+        )
+    return "is not an image; it is not read"
+
+
 def _is_caption_name(name: str) -> bool:
     return not name.startswith(".") and name.rsplit(".", 1)[-1].lower() in _CAPTION_SIDECARS
 
 
 def _scan_folder(root: Path) -> SourceScan:
     top = _folder_entries(root)
-    shards: list[str] = []
+    candidates: list[_ShardCandidate] = []
     unread = list(top.unread)
     root_uri = root.resolve()
     for subfolder in top.subfolders:
@@ -454,26 +740,30 @@ def _scan_folder(root: Path) -> SourceScan:
             unread.append(
                 _unread(uri, "unsupported_file", f"folder {subfolder.name} holds no images")
             )
-        elif is_safe_partition_key(subfolder.name):
-            shards.append(subfolder.name)
         else:
-            unread.append(_unsafe_shard_id(uri, subfolder.name, f"folder {subfolder.name!r}"))
+            canonical = is_safe_partition_key(subfolder.name)
+            where = f"folder {subfolder.name!r}"
+            candidates.append(
+                _ShardCandidate(subfolder.name, subfolder.name, uri, where, canonical)
+            )
+    shards, refused = _assign_shard_ids(candidates)
     if top.images:
         if ROOT_SHARD in shards:
-            raise ValueError(
+            raise ConfigurationError(
                 f"{root} has images at the top level and a subfolder named {ROOT_SHARD!r}; "
                 f"both would be shard {ROOT_SHARD!r}: move the top-level images into a subfolder"
             )
-        shards.append(ROOT_SHARD)
-    return SourceScan(shards=sorted(shards), unread=sorted(unread, key=lambda r: r.uri))
+        shards = sorted([*shards, ROOT_SHARD])
+    return SourceScan(shards=shards, unread=sorted(unread + refused, key=lambda r: r.uri))
 
 
 def _iter_folder_records(folder: Path, is_root: bool) -> Iterator[RawRecord]:
     if not folder.is_dir():
         raise ShardReadError("missing_shard", f"{folder} is not a folder")
     found = _folder_entries(folder)
-    for image_path in found.images:
-        yield _read_local(image_path.stem, str(image_path.resolve()), _folder_caption(image_path))
+    for image_path, key in _folder_keys(found.images):
+        caption, caption_issue = _folder_caption(image_path)
+        yield _read_local(key, str(image_path.resolve()), caption, caption_issue)
     if is_root:
         return  # the top level's other entries are reported by scan_source
     yield from found.unread
@@ -486,25 +776,60 @@ def _iter_folder_records(folder: Path, is_root: bool) -> Iterator[RawRecord]:
         )
 
 
-def _folder_caption(image_path: Path) -> str | None:
+def _folder_keys(images: list[Path]) -> Iterator[tuple[Path, str]]:
+    """Each image with its key: the file stem, as always; an image whose stem an earlier one
+    (by name) already took, such as `twin.png` after `twin.jpg`, is keyed by its full name.
+
+    Every other file keeps the key it always had, so existing image ids do not change.
+    """
+    stems = {image.stem for image in images}
+    taken: set[str] = set()
+    for image in images:
+        key = image.stem
+        if key in taken and image.name not in stems:
+            key = image.name
+        taken.add(key)
+        yield image, key
+
+
+def _folder_caption(image_path: Path) -> tuple[str | None, str | None]:
     text_path = image_path.with_suffix(".txt")
     metadata_path = image_path.with_suffix(".json")
     try:
         text = text_path.read_bytes() if text_path.is_file() else None
         metadata = metadata_path.read_bytes() if metadata_path.is_file() else None
-    except OSError:
-        return None
-    return _caption_from_sidecars(text, metadata)
+    except OSError as exc:
+        return None, f"bad_caption_file: cannot read the caption of {image_path.name}: {exc}"
+    return _caption_from_sidecars(text, metadata, text_path.name, metadata_path.name)
 
 
-def _read_local(key: str, uri: str, caption: str | None) -> RawRecord:
+def _read_local(
+    key: str, uri: str, caption: str | None, caption_issue: str | None = None
+) -> RawRecord:
+    def failed(error: str) -> RawRecord:
+        return RawRecord(key, uri, caption, None, error, caption_issue)
+
+    not_a_file = _not_a_regular_file(uri)
+    if not_a_file is not None:
+        # Checked before reading: opening a FIFO would block the step forever.
+        return failed(f"not_a_file: {uri} is {not_a_file}, not an image file")
     try:
         data = read_uri_bytes(uri)
     except ImageRejected as exc:
-        return RawRecord(key=key, uri=uri, caption=caption, data=None, error=str(exc))
+        return failed(str(exc))
     except OSError as exc:
-        return RawRecord(key=key, uri=uri, caption=caption, data=None, error=f"read_error: {exc}")
-    return RawRecord(key=key, uri=uri, caption=caption, data=data)
+        return failed(f"read_error: {exc}")
+    return RawRecord(key, uri, caption, data, None, caption_issue)
+
+
+def _not_a_regular_file(uri: str) -> str | None:
+    """What a local uri names when that is something other than a file, None otherwise."""
+    if is_remote(uri) or split_tar_member(uri) is not None:
+        return None
+    path = Path(uri)
+    if path.is_file() or not path.exists():
+        return None
+    return _entry_kind(path)
 
 
 # --- manifest -----------------------------------------------------------------------------
@@ -514,14 +839,16 @@ def _scan_manifest(spec: SourceSpec) -> pl.LazyFrame:
     manifest_path = Path(spec.path)
     suffix = manifest_path.suffix.lower()
     if suffix == ".parquet":
-        manifest = pl.scan_parquet(manifest_path)
+        manifest = _parquet_manifest(manifest_path)
     elif suffix in {".jsonl", ".ndjson"}:
         manifest = _jsonl_manifest(manifest_path).rows.lazy()
     else:
         raise ConfigurationError(f"manifest {manifest_path} must be .parquet or .jsonl")
     columns = manifest.collect_schema()
+    bad = _jsonl_manifest(manifest_path).bad_lines if suffix != ".parquet" else []
+    if not bad and _collect(manifest.select(pl.len()), manifest_path).item() == 0:
+        raise ConfigurationError(f"manifest {manifest_path} is empty: it has no rows")
     if "path" not in columns and "url" not in columns:
-        bad = _jsonl_manifest(manifest_path).bad_lines if suffix != ".parquet" else []
         unreadable = (
             f" ({len(bad)} lines are not JSON objects, first line {bad[0][0]})" if bad else ""
         )
@@ -535,6 +862,33 @@ def _scan_manifest(spec: SourceSpec) -> pl.LazyFrame:
     return manifest.with_columns(_shard_id_expr(columns, spec.shard_size))
 
 
+def _parquet_manifest(path: Path) -> pl.LazyFrame:
+    try:
+        # The footer holds the schema: a cut-off file or another format fails here, at once.
+        pl.read_parquet_schema(path)
+    except (pl.exceptions.PolarsError, OSError) as error:
+        raise _unreadable_manifest(path, error) from error
+    return pl.scan_parquet(path)
+
+
+def _unreadable_manifest(path: Path, error: Exception) -> ConfigurationError:
+    first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    if path.suffix.lower() == ".parquet":
+        return ConfigurationError(
+            f"manifest {path} is not a readable Parquet file ({first_line}): it may be cut off "
+            "or be another format (CSV, JSON) under a .parquet name; rewrite it as Parquet"
+        )
+    return ConfigurationError(f"manifest {path} cannot be read ({first_line})")
+
+
+def _collect(frame: pl.LazyFrame, path: Path) -> pl.DataFrame:
+    """`frame.collect()`; a manifest whose data pages are corrupt is a ConfigurationError."""
+    try:
+        return frame.collect()
+    except (pl.exceptions.PolarsError, OSError) as error:
+        raise _unreadable_manifest(path, error) from error
+
+
 @dataclass(frozen=True)
 class _JsonlManifest:
     """A JSON-lines manifest's objects, and its lines that are not JSON objects."""
@@ -544,11 +898,12 @@ class _JsonlManifest:
 
 
 def _jsonl_manifest(path: Path) -> _JsonlManifest:
-    """Read a JSON-lines manifest; a malformed line is set aside, not fatal.
+    """Read a JSON-lines manifest; a malformed line or value is set aside, not fatal.
 
-    polars reads a well-formed file; only when it refuses one are the lines parsed one by one,
-    so a single broken line costs a slow read instead of the whole corpus. Cached per file
-    version: every shard's step reads the same manifest.
+    polars reads a well-formed file; when it refuses one, or when a column the source reads
+    holds values of mixed JSON types (polars would turn a list or a number into text), the
+    lines are parsed one by one, so a single broken line costs a slow read instead of the
+    whole corpus. Cached per file version: every shard's step reads the same manifest.
     """
     stat = path.stat()
     return _read_jsonl_manifest(str(path), stat.st_mtime_ns, stat.st_size)
@@ -556,13 +911,44 @@ def _jsonl_manifest(path: Path) -> _JsonlManifest:
 
 @lru_cache(maxsize=4)
 def _read_jsonl_manifest(path: str, _mtime_ns: int, _size: int) -> _JsonlManifest:
-    try:
-        return _JsonlManifest(pl.read_ndjson(path, infer_schema_length=None), [])
-    except pl.exceptions.PolarsError:
-        pass
-    objects: list[dict] = []
+    with open(path, "rb") as head:
+        start = head.read(len(_UTF8_BOM))
+    if start.startswith(_UTF16_BOMS):
+        raise ConfigurationError(
+            f"manifest {path} is UTF-16 text; save it as UTF-8 (one JSON object per line)"
+        )
+    if not start.startswith(_UTF8_BOM):
+        try:
+            rows = pl.read_ndjson(path, infer_schema_length=None)
+        except pl.exceptions.PolarsError:
+            rows = None
+        if rows is not None and not _has_coerced_values(path, rows.schema):
+            return _JsonlManifest(rows, [])
+    return _parse_jsonl_lines(path)
+
+
+def _has_coerced_values(path: str, schema: pl.Schema) -> bool:
+    """Whether polars may have turned a non-text value of a column the source reads into text.
+
+    polars gives a column of mixed JSON types the type String, writing `["a"]` or `5` as text.
+    A read column typed String that holds an unquoted value (not null) in the raw file needs
+    the exact, line-by-line parse. A false alarm (the pattern inside another string) only costs
+    that slower parse.
+    """
+    columns = [name for name in _MANIFEST_COLUMNS if schema.get(name) == pl.String]
+    if not columns:
+        return False
+    names = "|".join(re.escape(name) for name in columns).encode()
+    unquoted_value = re.compile(rb'"(?:' + names + rb')"\s*:\s*[^\s"n]')
+    with open(path, "rb") as raw:
+        return unquoted_value.search(raw.read()) is not None
+
+
+def _parse_jsonl_lines(path: str) -> _JsonlManifest:
+    rows: list[dict] = []
     bad: list[tuple[int, str]] = []
-    with open(path, encoding="utf-8", errors="replace") as lines:
+    # utf-8-sig: a leading byte-order mark (as Windows editors write) is not part of line 1.
+    with open(path, encoding="utf-8-sig", errors="replace") as lines:
         non_blank = ((number, line) for number, line in enumerate(lines, start=1) if line.strip())
         # A bad line keeps its row number, so fixing it later shifts no other row's key.
         for row, (number, line) in enumerate(non_blank):
@@ -572,19 +958,49 @@ def _read_jsonl_manifest(path: str, _mtime_ns: int, _size: int) -> _JsonlManifes
                 bad.append((number, f"not JSON ({error.msg} at column {error.colno})"))
                 continue
             if not isinstance(value, dict):
-                bad.append((number, f"a JSON {type(value).__name__}, not an object"))
+                bad.append((number, f"a JSON {_json_type(value)}, not an object"))
                 continue
-            objects.append({**value, _ROW: row})
-    frame = pl.DataFrame(objects, infer_schema_length=None)
-    return _JsonlManifest(
-        frame.with_columns(pl.col(_ROW).cast(pl.UInt32)) if objects else frame, bad
-    )
+            rows.append(_typed_manifest_row(value, row))
+    present = [name for name in _MANIFEST_COLUMNS if any(name in row for row in rows)]
+    schema = {name: pl.String for name in present}
+    schema.update({_ROW: pl.UInt32, _CAPTION_ISSUE: pl.String, _ROW_ISSUE: pl.String})
+    return _JsonlManifest(pl.DataFrame(rows, schema=schema), bad)
+
+
+def _typed_manifest_row(value: dict, row: int) -> dict:
+    """The columns the source reads, as text; a value of the wrong JSON type becomes null and
+    is named in the row's issue columns. Columns the source does not read are left out."""
+    typed: dict[str, object] = {_ROW: row}
+    caption_issue: str | None = None
+    row_issues: list[str] = []
+    for name in _MANIFEST_COLUMNS:
+        if name not in value:
+            continue
+        cell = value[name]
+        if cell is None or isinstance(cell, str):
+            typed[name] = cell
+        elif name in _ID_COLUMNS and isinstance(cell, int) and not isinstance(cell, bool):
+            # Integer shard numbers get the zero padding `_shard_id_expr` gives an int column.
+            typed[name] = str(cell).zfill(_SHARD_ID_DIGITS) if name == "shard" else str(cell)
+        else:
+            typed[name] = None
+            issue = f"{name!r} is {_describe_value(cell)}"
+            if name == "caption":
+                caption_issue = f"bad_caption_value: {issue}"
+            else:
+                row_issues.append(issue)
+    typed[_CAPTION_ISSUE] = caption_issue
+    typed[_ROW_ISSUE] = "; ".join(row_issues) or None
+    return typed
 
 
 def _shard_id_expr(columns: pl.Schema, shard_size: int) -> pl.Expr:
     if "shard" not in columns:
         by_row = (pl.col(_ROW) // shard_size).cast(pl.String)
         return by_row.str.zfill(_SHARD_ID_DIGITS).alias(_SHARD_ID)
+    if not (columns["shard"].is_integer() or columns["shard"] == pl.String):
+        # A list or float shard column cannot name shards; its rows are reported in `unassigned`.
+        return pl.lit(UNASSIGNED_SHARD).alias(_SHARD_ID)
     shard = pl.col("shard").cast(pl.String)
     # Integer shard numbers get the same zero padding as row-based ids so they sort numerically.
     if columns["shard"].is_integer():
@@ -594,11 +1010,13 @@ def _shard_id_expr(columns: pl.Schema, shard_size: int) -> pl.Expr:
 
 def _scan_manifest_shards(spec: SourceSpec) -> SourceScan:
     manifest = _scan_manifest(spec)
-    shard_ids = manifest.select(pl.col(_SHARD_ID).unique()).collect()[_SHARD_ID].to_list()
+    manifest_path = Path(spec.path)
+    shard_ids = _collect(manifest.select(pl.col(_SHARD_ID).unique()), manifest_path)
+    shard_ids = shard_ids[_SHARD_ID].to_list()
     unsafe = [shard_id for shard_id in shard_ids if not is_safe_partition_key(shard_id)]
     unread: list[RawRecord] = []
-    if Path(spec.path).suffix.lower() in {".jsonl", ".ndjson"}:
-        for number, why in _jsonl_manifest(Path(spec.path)).bad_lines:
+    if manifest_path.suffix.lower() in {".jsonl", ".ndjson"}:
+        for number, why in _jsonl_manifest(manifest_path).bad_lines:
             unread.append(
                 _unread(
                     f"{spec.path}:{number}",
@@ -607,7 +1025,7 @@ def _scan_manifest_shards(spec: SourceSpec) -> SourceScan:
                 )
             )
     if unsafe:
-        rows = manifest.filter(pl.col(_SHARD_ID).is_in(unsafe)).sort(_ROW).collect()
+        rows = _collect(manifest.filter(pl.col(_SHARD_ID).is_in(unsafe)).sort(_ROW), manifest_path)
         for row in _manifest_rows(rows, manifest.collect_schema(), _manifest_dir(spec)):
             where = f"manifest {spec.path} row {row.index}"
             unread.append(_unsafe_shard_id(row.uri, row.shard_id, where, key=row.key))
@@ -622,6 +1040,8 @@ class _ManifestRow:
     location: str | None
     uri: str
     caption: str | None
+    caption_issue: str | None = None
+    row_issue: str | None = None  # a path, url, key or shard value of the wrong type
 
 
 def _manifest_dir(spec: SourceSpec) -> Path:
@@ -633,29 +1053,54 @@ def _manifest_rows(
 ) -> Iterator[_ManifestRow]:
     key_column = next((name for name in ("key", "id") if name in columns), None)
     for row in rows.iter_rows(named=True):
+        row_issues = [row[_ROW_ISSUE]] if row.get(_ROW_ISSUE) else []
         key = row[key_column] if key_column else None
+        if key is not None and not _is_id_value(key):
+            row_issues.append(f"{key_column!r} is {_describe_value(key)}")
+            key = None
         key = f"{row[_ROW]:0{_ROW_KEY_DIGITS}d}" if key is None or key == "" else str(key)
+        shard = row.get("shard")
+        if shard is not None and not _is_id_value(shard):
+            row_issues.append(f"'shard' is {_describe_value(shard)}")
         location = row.get("path") or row.get("url")
-        location = str(location) if location else None
-        if location is None:
+        if location is not None and not isinstance(location, str):
+            column = "path" if row.get("path") is not None else "url"
+            row_issues.append(f"{column!r} is {_describe_value(location)}")
+            location = None
+        if not location:
             uri = ""
         elif is_remote(location):
             uri = location
         else:
             uri = resolve_local(location, manifest_dir)
+        caption, caption_issue = row.get("caption"), row.get(_CAPTION_ISSUE)
+        if caption is not None and not isinstance(caption, str):
+            caption_issue = f"bad_caption_value: 'caption' is {_describe_value(caption)}"
+            caption = None
         yield _ManifestRow(
             index=row[_ROW],
             shard_id=row[_SHARD_ID],
             key=key,
-            location=location,
+            location=location or None,
             uri=uri,
-            caption=None if row.get("caption") is None else str(row["caption"]),
+            caption=caption,
+            caption_issue=caption_issue,
+            row_issue="; ".join(row_issues) or None,
         )
+
+
+def _is_id_value(value: object) -> bool:
+    return isinstance(value, str) or (isinstance(value, int) and not isinstance(value, bool))
 
 
 def _iter_manifest_records(spec: SourceSpec, shard_id: str) -> Iterator[RawRecord]:
     manifest = _scan_manifest(spec)
-    rows = manifest.filter(pl.col(_SHARD_ID) == shard_id).sort(_ROW).collect()
+    try:
+        rows = manifest.filter(pl.col(_SHARD_ID) == shard_id).sort(_ROW).collect()
+    except (pl.exceptions.PolarsError, OSError) as error:
+        raise ShardReadError(
+            "unreadable_manifest", str(_unreadable_manifest(Path(spec.path), error))
+        ) from error
     if rows.is_empty():
         raise ShardReadError("missing_shard", f"manifest {spec.path} has no rows in {shard_id}")
     for row in _manifest_rows(rows, manifest.collect_schema(), _manifest_dir(spec)):
@@ -663,16 +1108,13 @@ def _iter_manifest_records(spec: SourceSpec, shard_id: str) -> Iterator[RawRecor
 
 
 def _manifest_record(row: _ManifestRow) -> RawRecord:
+    def failed(error: str) -> RawRecord:
+        return RawRecord(row.key, row.uri, row.caption, None, error, row.caption_issue)
+
+    if row.row_issue is not None:
+        return failed(f"bad_manifest_value: row {row.index}: {row.row_issue}")
     if row.location is None:
-        return RawRecord(
-            row.key, "", row.caption, None, f"missing_file: row {row.key} has no path or url"
-        )
+        return failed(f"missing_file: row {row.key} has no path or url")
     if is_remote(row.location):
-        return RawRecord(
-            row.key,
-            row.uri,
-            row.caption,
-            None,
-            f"remote_uri: download shards first (e.g. with img2dataset): {row.location}",
-        )
-    return _read_local(row.key, row.uri, row.caption)
+        return failed(f"remote_uri: download shards first (e.g. with img2dataset): {row.location}")
+    return _read_local(row.key, row.uri, row.caption, row.caption_issue)

@@ -85,10 +85,19 @@ def build_corpus_shard(
         check_cross_shard_duplicates(images, other_shard_copies(catalog, shard, images))
     )
     reasons = quarantine.group_by("reason").len().sort(["len", "reason"], descending=[True, False])
+    # Kept images whose caption is missing for a reason (or decoded by a guess): the image rows
+    # say why in `caption_issue`; the count makes them visible without opening the table.
+    caption_issues = int(images["caption_issue"].is_not_null().sum())
+    if caption_issues:
+        log(f"shard {shard}: {caption_issues} kept images have a caption issue (caption_issue)")
     return StepResult(
         partition=shard,
         outputs={"images": images_path, "quarantine": quarantine_path},
-        row_counts={"images": images.height, "quarantined": quarantine.height},
+        row_counts={
+            "images": images.height,
+            "quarantined": quarantine.height,
+            "caption_issues": caption_issues,
+        },
         row_count_key="images",
         config={"source": spec.__dict__, "limits": limits.__dict__},
         rows={
@@ -147,9 +156,7 @@ def _preview_images(images: pl.DataFrame, limits: ImageLimits) -> list:
     return previews
 
 
-def recheck_corpus_shard(
-    shard: str, layout: DataLayout, catalog: LineageCatalog
-) -> list:
+def recheck_corpus_shard(shard: str, layout: DataLayout, catalog: LineageCatalog) -> list:
     """The corpus checks on the shard's table as it is on disk (read-only)."""
     config = latest_config(catalog, ASSET_NAME, shard)
     min_side_px = int(config.get("limits", {}).get("min_side_px", ImageLimits().min_side_px))

@@ -33,6 +33,9 @@ CORPUS_COLUMN_DESCRIPTIONS: dict[str, str] = {
     "source_uri": "where the bytes live: a path, or '<tar path>#<member name>'",
     "caption": "cleaned caption; null when the source had none or it was empty",
     "caption_truncated": "true when the caption was cut to the configured maximum length",
+    "caption_issue": "null, or why the caption is missing or was decoded by a guess: "
+    "'bad_caption_file: ...' (sidecar not JSON), 'bad_caption_value: ...' (caption not text), "
+    "'caption_not_utf8: ...' (decoded as Windows-1252); the image itself is fine",
     "width": "width of the original image in pixels",
     "height": "height of the original image in pixels",
     "original_mode": "PIL colour mode of the original file (RGB, CMYK, I;16, ...)",
@@ -46,6 +49,7 @@ CORPUS_SCHEMA = pl.Schema(
         "source_uri": pl.String,
         "caption": pl.String,
         "caption_truncated": pl.Boolean,
+        "caption_issue": pl.String,
         "width": pl.Int32,
         "height": pl.Int32,
         "original_mode": pl.String,
@@ -59,9 +63,10 @@ QUARANTINE_COLUMN_DESCRIPTIONS: dict[str, str] = {
     "key": "the item's source key; null when the problem concerns the whole shard or a file",
     "source_uri": "where the item (or the shard, or the unread file) lives",
     "reason": "short code: decode_error, too_small, too_large, extreme_aspect_ratio, "
-    "non_finite_pixels, out_of_memory, missing_file, read_error, remote_uri, missing_image, "
-    "duplicate_key, duplicate_content, truncated_shard, not_a_tar, unsupported_member, "
-    "unsupported_file, unsafe_shard_id, ...",
+    "non_finite_pixels, out_of_memory, missing_file, not_a_file, read_error, remote_uri, "
+    "missing_image, duplicate_key, duplicate_content, truncated_shard, not_a_tar, "
+    "unsupported_member, unsupported_file, unsafe_shard_id, bad_manifest_line, "
+    "bad_manifest_value, unreadable_manifest, ...",
     "detail": "human-readable explanation (no memory addresses: reproducible byte for byte)",
 }
 QUARANTINE_SCHEMA = pl.Schema(
@@ -78,7 +83,9 @@ QUARANTINE_SCHEMA = pl.Schema(
 SOURCE_REPORT_SHARD = "_source"
 """`shard` of the source report's rows: never a shard id (those start with a letter or digit)."""
 
-_REQUIRED_COLUMNS = [name for name in CORPUS_SCHEMA if name != "caption"]
+# Nullable by design; `caption_issue` is also absent from tables written before it existed.
+_OPTIONAL_COLUMNS = ("caption", "caption_issue")
+_REQUIRED_COLUMNS = [name for name in CORPUS_SCHEMA if name not in _OPTIONAL_COLUMNS]
 
 
 def build_shard_table(
@@ -142,10 +149,12 @@ def check_corpus(
     """Two checks over a corpus table, named as the corpus asset declares them.
 
     `corpus_ids_unique`: every image_id appears once. `corpus_rows_complete`: every column of
-    `CORPUS_SCHEMA` is there, required values are not null, and both sides are at least
+    `CORPUS_SCHEMA` is there (`caption_issue` may be absent from older tables), required values
+    are not null, and both sides are at least
     `min_side_px`. Failing examples name the image_id (or the row number when it is null).
     """
     missing = [name for name in CORPUS_SCHEMA if name not in images.columns]
+    missing = [name for name in missing if name != "caption_issue"]
     if missing:
         return [
             outcome("corpus_ids_unique", [], "image_id is unique (not checked: columns missing)"),
@@ -219,6 +228,7 @@ class _ShardTableBuilder:
                 "source_uri": record.uri,
                 "caption": caption,
                 "caption_truncated": caption_truncated,
+                "caption_issue": record.caption_issue,
                 "width": decoded.width,
                 "height": decoded.height,
                 "original_mode": decoded.original_mode,
