@@ -6,30 +6,60 @@ import builtins
 import sys
 from pathlib import Path
 
+import dagster as dg
 import pytest
 
-from megapairs_assets.cli.demo import FAISS_HINT, corpus_kind
+from megapairs_assets.cli.demo import FAISS_HINT
 from megapairs_assets.cli.main import main as megapairs
 
 
-def test_corpus_kind_is_read_from_what_the_path_holds(tmp_path: Path) -> None:
-    shards = tmp_path / "shards"
-    shards.mkdir()
-    (shards / "00000.tar").write_bytes(b"")
-    folders = tmp_path / "folders"
-    (folders / "a").mkdir(parents=True)
-    manifest = tmp_path / "manifest.jsonl"
-    manifest.write_text("{}\n")
-    assert corpus_kind(shards) == "webdataset"
-    assert corpus_kind(folders) == "folder"
-    assert corpus_kind(manifest) == "manifest"
-    with pytest.raises(ValueError, match=r"expected a folder of \.tar shards"):
-        corpus_kind(tmp_path / "missing")
+def test_an_interrupted_run_is_told_apart_from_a_failed_one() -> None:
+    from dagster._core.errors import DagsterExecutionInterruptedError
+
+    from megapairs_assets.cli.demo import was_interrupted
+
+    @dg.op
+    def interrupted() -> None:
+        raise DagsterExecutionInterruptedError()  # what Dagster raises in a step on Ctrl-C
+
+    @dg.op
+    def broken() -> None:
+        raise RuntimeError("a bug")
+
+    def run(op) -> dg.ExecuteInProcessResult:
+        job = dg.GraphDefinition(name=f"{op.name}_job", node_defs=[op]).to_job()
+        return job.execute_in_process(raise_on_error=False)
+
+    assert was_interrupted(run(interrupted))
+    assert not was_interrupted(run(broken))
+
+
+def test_the_summary_lists_failed_warning_checks() -> None:
+    from megapairs_assets.cli.summary import check_lines
+
+    specs = [dg.AssetCheckSpec(name, asset="table") for name in ("rows_ok", "unique")]
+
+    @dg.asset(check_specs=specs)
+    def table() -> dg.MaterializeResult:
+        return dg.MaterializeResult(
+            check_results=[
+                dg.AssetCheckResult(check_name="rows_ok", passed=True),
+                dg.AssetCheckResult(
+                    check_name="unique",
+                    passed=False,
+                    severity=dg.AssetCheckSeverity.WARN,
+                    metadata={"failing_partitions": "s1, s2"},
+                ),
+            ]
+        )
+
+    lines = check_lines([dg.materialize([table])])
+    assert lines == ["  checks:      1 passed, 1 failed", "    warn: table unique [s1, s2]"]
 
 
 def test_demo_with_a_corpus_that_does_not_exist_says_so(tmp_path: Path, capsys) -> None:
     assert megapairs(["demo", "--corpus", str(tmp_path / "nowhere")]) == 2
-    assert "--corpus" in capsys.readouterr().err
+    assert "does not exist" in capsys.readouterr().err
 
 
 def test_demo_without_faiss_prints_the_install_line(monkeypatch, capsys) -> None:
@@ -45,7 +75,23 @@ def test_demo_without_faiss_prints_the_install_line(monkeypatch, capsys) -> None
     assert megapairs(["demo"]) == 2
     err = capsys.readouterr().err
     assert err.strip() == FAISS_HINT
-    assert '.[cpu,dev]' in err
+    assert ".[cpu,dev]" in err
+
+
+def test_demo_on_an_empty_folder_is_a_configuration_error(
+    tmp_path: Path, demo_models_dir: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    from conftest import make_home
+
+    (tmp_path / "empty").mkdir()
+    home = make_home(tmp_path, demo_models_dir)
+    monkeypatch.setenv("MEGAPAIRS_HOME", str(home))
+    monkeypatch.setenv("MEGAPAIRS_PROFILE", "demo")
+    monkeypatch.setenv("DAGSTER_HOME", str(home / "dagster"))
+    assert megapairs(["demo", "--corpus", str(tmp_path / "empty"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "configuration error:" in err and "is empty" in err
+    assert "Traceback" not in err
 
 
 def test_demo_on_images_without_captions_says_why_nothing_is_trained(

@@ -160,6 +160,21 @@ def test_rows_without_caption_are_skipped_for_text(tmp_path: Path) -> None:
     np.testing.assert_allclose(_norms(result.vectors), 1.0, atol=1e-3)
     assert sum(progress) == 4
 
+    # With the corpus's caption_issue column, a skip says why the caption is missing.
+    issues = [None, "bad_caption_file: b.json is not valid JSON", None, None]
+    result = embed_rows(
+        rows.with_columns(pl.Series("caption_issue", issues)),
+        _fake_encoder("text"),
+        LIMITS,
+        8,
+        0,
+        CPU,
+    )
+    assert [detail for _, _, detail in result.skipped] == [
+        "bad_caption_file: b.json is not valid JSON",
+        "caption is null or empty",
+    ]
+
 
 def test_large_raw_outputs_still_give_finite_unit_rows() -> None:
     rows = pl.DataFrame(

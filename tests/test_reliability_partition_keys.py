@@ -91,13 +91,16 @@ def test_webdataset_shard_named_dot_dot_is_reported_not_listed(tmp_path):
     assert "'..'" in report["detail"][0]
 
 
-def test_folder_subfolders_with_unsafe_names_are_reported(tmp_path):
+def test_folder_subfolders_get_safe_ids_and_only_hidden_ones_are_reported(tmp_path):
+    from megapairs_assets.corpus.sources import derived_shard_id
+
     for name in ["good", "has space", ".hidden"]:
         factory.write_image_folder(tmp_path / name, factory.good_items(1))
     scan = scan_source(SourceSpec(kind="folder", path=str(tmp_path)))
-    assert scan.shards == ["good"]
+    assert sorted(scan.shards) == sorted(["good", derived_shard_id("has space")])
+    assert all(is_safe_partition_key(shard) for shard in scan.shards)
     report = source_report_table(scan.unread)
-    assert sorted(Path(uri).name for uri in report["source_uri"]) == [".hidden", "has space"]
+    assert [Path(uri).name for uri in report["source_uri"]] == [".hidden"]
     assert set(report["reason"]) == {"unsafe_shard_id"}
 
 

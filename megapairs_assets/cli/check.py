@@ -102,7 +102,7 @@ def run_check(args: argparse.Namespace) -> int:
 def _check_sample(args: argparse.Namespace, home: Path) -> int:
     import dagster as dg
 
-    from megapairs_assets.cli.demo import corpus_kind
+    from megapairs_assets.corpus.sources import detect_source_kind
     from megapairs_assets.definitions import build_definitions
     from megapairs_assets.orchestration.partitions import SHARD_PARTITIONS_NAME
     from megapairs_assets.orchestration.runs import shard_range_tags
@@ -111,11 +111,7 @@ def _check_sample(args: argparse.Namespace, home: Path) -> int:
 
     source = build_definitions(profile_from_env(), home).resources["corpus_source"]
     if args.corpus is not None:
-        try:
-            kind = corpus_kind(args.corpus)
-        except ValueError as error:
-            print(error, file=sys.stderr)
-            return EXIT_USAGE
+        kind = detect_source_kind(args.corpus)  # a ConfigurationError says what is wrong
         source = CorpusSourceResource(kind=kind, path=str(args.corpus.resolve()))
     # The sample is the corpus: KNN searches exactly these shards.
     shards = source.shard_ids()[: args.shards]

@@ -37,18 +37,23 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     demo.set_defaults(func=run_demo)
 
 
-def corpus_kind(path: Path) -> str:
-    """Which corpus source reads `path`: webdataset, folder or manifest."""
-    if path.is_file() and path.suffix.lower() in (".parquet", ".jsonl"):
-        return "manifest"
-    if path.is_dir() and any(path.glob("*.tar")):
-        return "webdataset"
-    if path.is_dir():
-        return "folder"
-    raise ValueError(
-        f"--corpus {path}: expected a folder of .tar shards, a folder of image folders, or a "
-        ".parquet/.jsonl manifest"
-    )
+RESUME_HINT = (
+    "interrupted: what finished is kept (completed partitions, cached model answers, the last "
+    "training checkpoint); run the same command again to resume"
+)
+
+
+def was_interrupted(result: Any) -> bool:
+    """Whether a run ended because the user pressed Ctrl-C: Dagster turns SIGINT into a
+    DagsterExecutionInterruptedError inside the step and records the run as failed."""
+    for event in result.all_events:
+        error = getattr(event.event_specific_data, "error", None)
+        if error is not None and error.cls_name in (
+            "DagsterExecutionInterruptedError",
+            "KeyboardInterrupt",
+        ):
+            return True
+    return False
 
 
 def run_demo(args: argparse.Namespace) -> int:
@@ -67,9 +72,11 @@ def run_demo(args: argparse.Namespace) -> int:
     from megapairs_assets.cli.instance import prepare_dagster_home
     from megapairs_assets.cli.summary import print_summary
     from megapairs_assets.corpus.assets import shard_changes
+    from megapairs_assets.corpus.sources import detect_source_kind
     from megapairs_assets.definitions import build_definitions
     from megapairs_assets.evaluation.assets import register_retrievers, score_partition_key
     from megapairs_assets.evaluation.step import known_retrievers
+    from megapairs_assets.lib.errors import ConfigurationError
     from megapairs_assets.lib.storage import default_home
     from megapairs_assets.orchestration.partitions import SHARD_PARTITIONS_NAME, shard_asset_names
     from megapairs_assets.orchestration.runs import shard_range_tags
@@ -81,13 +88,8 @@ def run_demo(args: argparse.Namespace) -> int:
     home, profile = default_home(), profile_from_env()
     overrides = {}
     if args.corpus is not None:
-        try:
-            kind = corpus_kind(args.corpus)
-        except ValueError as error:
-            print(error, file=sys.stderr)
-            return 2
         overrides["corpus_source"] = CorpusSourceResource(
-            kind=kind, path=str(args.corpus.resolve())
+            kind=detect_source_kind(args.corpus), path=str(args.corpus.resolve())
         )
     print(f"megapairs: profile {profile!r}, home {home}")
     prepare_dagster_home(home)
@@ -107,8 +109,11 @@ def run_demo(args: argparse.Namespace) -> int:
     source = resources["corpus_source"]
     shards = source.shard_ids()
     if not shards:
-        print(f"no shards found in {source.path}", file=sys.stderr)
-        return 1
+        raise ConfigurationError(
+            f"no shards found in {source.path} ({source.kind}): expected webdataset .tar shards, "
+            "image files (each sub-folder a shard), or manifest rows; see the source report "
+            f"{resources['storage'].layout().corpus_source_report()} for what was not read"
+        )
     print(f"  corpus: {source.kind} {source.path}")
     instance = dg.DagsterInstance.get()
     new, gone = shard_changes(shards, list(instance.get_dynamic_partitions(SHARD_PARTITIONS_NAME)))
@@ -126,47 +131,41 @@ def run_demo(args: argparse.Namespace) -> int:
     phases = PHASES[: PHASES.index(args.until) + 1]
     job = "mine_and_generate" if "generate" in phases else "mining_half"
     print(f"{job}: {len(shards)} shards ({shards[0]}..{shards[-1]})")
-    results = [
-        defs.resolve_job_def(job).execute_in_process(
-            instance=instance,
-            tags=shard_range_tags(shards),
-            run_config=run_config,
-            raise_on_error=False,
+    results: list[Any] = []
+
+    def execute(job_name: str, **options: Any) -> bool:
+        """Run one job in process; raise KeyboardInterrupt if the user interrupted it."""
+        result = defs.resolve_job_def(job_name).execute_in_process(
+            instance=instance, run_config=run_config, raise_on_error=False, **options
         )
-    ]
-    if "train" in phases and results[-1].success:
-        reason = nothing_to_train_on(resources, shards)
-        if reason:
-            print(reason, file=sys.stderr)
-            print_summary(resources, shards, time.perf_counter() - started, [results[0].run_id])
-            return 1
-        configs = register_training_configs(instance, resources["training"])
-        for config in configs:
-            print(f"train: MMRet-CLIP checkpoint for training config {config!r}")
-            results.append(
-                defs.resolve_job_def("train").execute_in_process(
-                    instance=instance,
-                    partition_key=config,
-                    run_config=run_config,
-                    raise_on_error=False,
-                )
-            )
-    if "evaluate" in phases and all(r.success for r in results):
-        evaluation, layout = resources["evaluation"], resources["storage"].layout()
-        retrievers = list(known_retrievers(evaluation.base_spec(), layout))
-        register_retrievers(instance, retrievers)
-        print(f"evaluate: held-out scores of {len(retrievers)} retrievers (base model first)")
-        for retriever_id in retrievers:
-            results.append(
-                defs.resolve_job_def("evaluate").execute_in_process(
-                    instance=instance,
-                    partition_key=str(score_partition_key(retriever_id, "heldout")),
-                    run_config=run_config,
-                    raise_on_error=False,
-                )
-            )
-    wall_s = time.perf_counter() - started
-    print_summary(resources, shards, wall_s, run_ids=[r.run_id for r in results])
+        results.append(result)
+        if was_interrupted(result):
+            raise KeyboardInterrupt
+        return result.success
+
+    try:
+        ok = execute(job, tags=shard_range_tags(shards))
+        if "train" in phases and ok:
+            reason = nothing_to_train_on(resources, shards)
+            if reason:
+                print(reason, file=sys.stderr)
+                print_summary(resources, shards, time.perf_counter() - started, results)
+                return 1
+            for config in register_training_configs(instance, resources["training"]):
+                print(f"train: MMRet-CLIP checkpoint for training config {config!r}")
+                ok = execute("train", partition_key=config) and ok
+        if "evaluate" in phases and ok:
+            evaluation, layout = resources["evaluation"], resources["storage"].layout()
+            retrievers = list(known_retrievers(evaluation.base_spec(), layout))
+            register_retrievers(instance, retrievers)
+            print(f"evaluate: held-out scores of {len(retrievers)} retrievers (base model first)")
+            for retriever_id in retrievers:
+                key = str(score_partition_key(retriever_id, "heldout"))
+                ok = execute("evaluate", partition_key=key) and ok
+    except KeyboardInterrupt:
+        print(f"\n{RESUME_HINT}", file=sys.stderr)
+        return 130
+    print_summary(resources, shards, time.perf_counter() - started, results)
     if not all(r.success for r in results):
         print("a run failed: see the log above or `megapairs ui`", file=sys.stderr)
         return 1

@@ -6,9 +6,10 @@ Everything is read back from the outputs and the catalog, not from the runs' own
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
+import dagster as dg
 import polars as pl
 
 from megapairs_assets.evaluation.catalog_rows import heldout_summary_lines
@@ -65,12 +66,32 @@ def training_lines(catalog: LineageCatalog) -> list[str]:
     return lines
 
 
+def check_lines(results: Sequence[Any]) -> list[str]:
+    """The runs' asset check results: a count of passes, then each failure with its severity
+    and partitions (a failed warning check does not stop a run, so it is easy to miss)."""
+    passed, failed = 0, []
+    for result in results:
+        for evaluation in result.get_asset_check_evaluations():
+            if evaluation.passed:
+                passed += 1
+                continue
+            partitions = evaluation.metadata.get("failing_partitions")
+            where = f" [{partitions.value}]" if partitions is not None else ""
+            severity = "error" if evaluation.severity == dg.AssetCheckSeverity.ERROR else "warn"
+            failed.append(
+                f"    {severity}: {evaluation.asset_key.to_user_string()} "
+                f"{evaluation.check_name}{where}"
+            )
+    return [f"  checks:      {passed} passed, {len(failed)} failed", *failed]
+
+
 def print_summary(
-    resources: Mapping[str, Any], shards: list[str], wall_s: float, run_ids: list[str]
+    resources: Mapping[str, Any], shards: list[str], wall_s: float, results: Sequence[Any]
 ) -> None:
     layout: DataLayout = resources["storage"].layout()
     catalog: LineageCatalog = resources["catalog"].catalog()
     s = mining_summary(layout, catalog, shards)
+    run_ids = [result.run_id for result in results]
     print()
     print(f"done in {wall_s:.1f} s ({len(run_ids)} runs: {', '.join(r[:8] for r in run_ids)})")
     print(f"  images:      {s['images']} valid across {len(shards)} shards")
@@ -84,6 +105,8 @@ def print_summary(
         if unread.height:
             print(f"  not read:    {unread.height} entries of the corpus source ({report})")
     print(f"  mined pairs: {s['pairs']}  by source: {s['pairs_per_source']}")
+    for line in check_lines(results):
+        print(line)
     generated = generation_summary(layout, shards)
     if generated:
         print(generated)

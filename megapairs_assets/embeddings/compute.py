@@ -301,9 +301,16 @@ def _text_batches(
         offset += size
         uncaptioned = group.filter(~has_caption)
         if uncaptioned.height:
+            # The corpus says why a caption is missing when it knows (a broken sidecar file, a
+            # caption that was not text); older tables have no such column.
+            issues = (
+                uncaptioned["caption_issue"].to_list()
+                if "caption_issue" in uncaptioned.columns
+                else [None] * uncaptioned.height
+            )
             skipped = [
-                (image_id, NO_CAPTION, "caption is null or empty")
-                for image_id in uncaptioned["image_id"].to_list()
+                (image_id, NO_CAPTION, issue or "caption is null or empty")
+                for image_id, issue in zip(uncaptioned["image_id"].to_list(), issues, strict=True)
             ]
             yield _Batch(ids=[], inputs=None, skipped=skipped, group=index)
         captioned = group.filter(has_caption).select("image_id", "caption")
