@@ -183,6 +183,21 @@ def test_heuristic_text_from_long_captions_stays_inside_the_limits(query, target
     assert rejections == [] and len(kept) >= 3
 
 
+def test_heuristic_reads_the_first_sentence_of_alt_text():
+    tail = (
+        ". The drawing uses flat colors with thin dark outlines, a plain white background, and "
+        "simple shading. It is centered in the frame, with generous margins on every side."
+    )
+    query = "a flat drawing of a vinyl record (recreation, music)" + tail
+    target = "a vector-style drawing of an ice cream cone (food, desserts)" + tail
+    description = describe_from_captions(query, target)
+    assert "vinyl record as a flat drawing" in description
+    assert "outlines" not in description
+    instructions = instructions_from_captions(query, target)
+    assert all("ice cream cone" in text for text in instructions)
+    assert any("food theme" in text for text in instructions)
+
+
 def test_pair_sample_depends_on_ids_not_on_order_or_company():
     ids = [f"p{i}" for i in range(200)]
     half = PairSample(fraction=0.5).select(ids, seed=0)

@@ -82,7 +82,10 @@ def _join(words: Sequence[str]) -> str:
     return ", ".join(words[:-1]) + " and " + words[-1]
 
 
-def _briefed(parts: CaptionParts) -> CaptionParts:
+def _caption_parts(caption: str) -> CaptionParts:
+    """The parts of a caption's first clause (alt text often goes on for sentences), each cut
+    to a few words."""
+    parts = split_caption(_CLAUSE_END.split(" ".join(caption.split()), maxsplit=1)[0])
     return CaptionParts(
         style=_brief(parts.style, _STYLE_WORDS),
         subject=_brief(parts.subject, _SUBJECT_WORDS),
@@ -92,7 +95,7 @@ def _briefed(parts: CaptionParts) -> CaptionParts:
 
 def describe_from_captions(query_caption: str, target_caption: str) -> str:
     """A description in the paper's shape (common points; source differences; target's)."""
-    query, target = _briefed(split_caption(query_caption)), _briefed(split_caption(target_caption))
+    query, target = _caption_parts(query_caption), _caption_parts(target_caption)
     shared_tags = [t for t in query.tags if t in target.tags][:3]
     if shared_tags:
         common = f"the theme of {_join(shared_tags)}"
@@ -113,7 +116,7 @@ def describe_from_captions(query_caption: str, target_caption: str) -> str:
 
 def instructions_from_captions(query_caption: str, target_caption: str) -> list[str]:
     """Three to four short queries that lead from the query image to the target image."""
-    query, target = _briefed(split_caption(query_caption)), _briefed(split_caption(target_caption))
+    query, target = _caption_parts(query_caption), _caption_parts(target_caption)
     subject = _brief(target.subject or target_caption, _INSTRUCTION_SUBJECT_WORDS)
     same_subject = _bare(query.subject) == _bare(target.subject)
     queries: list[str] = []
