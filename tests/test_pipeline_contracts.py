@@ -344,3 +344,32 @@ def test_check_command_on_existing_data(graph, tmp_path: Path, capsys, monkeypat
     assert ("caption_text_knn", "table_present", "00001", "FAIL") in rows
     assert not [row for row in rows if row[2:3] == ("00000",)]
     assert ("mined_image_pairs", "pairs_in_band", "00001", "pass") in rows
+    # --select narrows --existing to one job's assets; an unknown job lists the jobs.
+    assert megapairs(["check", "--existing", "--select", "corpus_only"]) == 0
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()]
+    checked = [row for row in rows if len(row) >= 4 and row[3] in ("pass", "FAIL", "warn")]
+    assert checked and {row[0] for row in checked} == {"image_corpus"}
+    assert megapairs(["check", "--existing", "--select", "nonsense"]) == 2
+    assert "jobs: corpus_and_embeddings, corpus_only" in capsys.readouterr().err
+
+
+def test_a_sample_check_never_uses_the_configured_data_root(monkeypatch) -> None:
+    import os
+
+    from megapairs_assets.cli.check import sample_environment
+
+    monkeypatch.setenv("MEGAPAIRS_DATA_ROOT", "s3://production/tables")
+    monkeypatch.setenv("MEGAPAIRS_LINEAGE_CATALOG", "ducklake:postgres:dbname=lineage")
+    monkeypatch.setenv("MEGAPAIRS_DEPLOYMENT", "cluster")
+    monkeypatch.setenv("MEGAPAIRS_PROFILE", "demo")
+    with sample_environment():
+        assert "MEGAPAIRS_DATA_ROOT" not in os.environ
+        assert "MEGAPAIRS_LINEAGE_CATALOG" not in os.environ
+        assert os.environ["MEGAPAIRS_DEPLOYMENT"] == "embedded"
+        assert os.environ["MEGAPAIRS_PROFILE"] == "demo"  # the profile's models still apply
+        from resources.profiles import build_resources
+
+        layout = build_resources("demo", Path("/tmp/sample-home"))["storage"].layout()
+        assert str(layout.data_dir).startswith("/tmp/sample-home")
+    assert os.environ["MEGAPAIRS_DATA_ROOT"] == "s3://production/tables"
+    assert os.environ["MEGAPAIRS_DEPLOYMENT"] == "cluster"

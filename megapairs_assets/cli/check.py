@@ -1,12 +1,15 @@
 """`megapairs check`: gate a CI on the pipeline's asset checks.
 
 Two modes:
-- sample (default): materialize a selection of the graph over a small fixed sample of shards
-  (the first `--shards` shards of the demo corpus, or of `--corpus DIR`) into a throwaway data
-  root, with Dagster evaluating every asset check as the UI would;
+- sample (default): materialize a job (`--select`, default mining_half) over a small fixed
+  sample of shards (the first `--shards` shards of the profile's corpus, or of `--corpus`)
+  into a throwaway home that holds every table, the catalog and the Dagster instance
+  (`MEGAPAIRS_DATA_ROOT` and the cluster's catalog settings are ignored here, so a CI check
+  never rewrites real data), with Dagster evaluating every asset check as the UI would;
 - `--existing [--home DIR]`: re-evaluate the checks on the tables already written (under
   `--home`, else `$MEGAPAIRS_HOME`, with `MEGAPAIRS_DATA_ROOT` and the deployment's lineage
-  catalog), read-only (nothing is written there), e.g. on a production data root.
+  catalog), read-only (nothing is written there), e.g. on a production data root; `--select`
+  narrows it to one job's assets.
 
 Prints one row per (asset, check, partition) and exits 0 when every blocking check passed,
 1 when a blocking check failed, 2 on a usage or configuration error, 3 when the run itself
@@ -17,9 +20,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -53,8 +58,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     check.add_argument(
         "--select",
-        default="mining_half",
-        help="a job name (mining_half, corpus_and_embeddings, ...) to materialize",
+        help="a job name (mining_half, mine_and_generate, corpus_and_embeddings, ...): the job "
+        "the sample materializes (default mining_half), or with --existing the assets re-checked "
+        "(default all)",
     )
     check.add_argument("--corpus", type=Path, help="sample shards from this corpus instead")
     check.add_argument(
@@ -66,7 +72,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="re-check the tables already written (under --home, else $MEGAPAIRS_HOME; "
         "read-only) instead of materializing",
     )
-    check.add_argument("--home", type=Path, help="data root (default: a throwaway folder)")
+    check.add_argument(
+        "--home",
+        type=Path,
+        help="a MEGAPAIRS_HOME: the sample's (default: a throwaway folder), or with --existing "
+        "the one whose tables are re-checked (default: $MEGAPAIRS_HOME)",
+    )
     check.add_argument("--quiet", action="store_true", help="only warnings from Dagster")
     check.set_defaults(func=run_check)
 
@@ -89,7 +100,8 @@ def run_check(args: argparse.Namespace) -> int:
             )
             return EXIT_USAGE
         catalog, params = resources["catalog"].catalog(), resources["mining"].params()
-        return report(check_existing(layout, catalog, params))
+        assets = job_assets(args.select) if args.select else None
+        return report(check_existing(layout, catalog, params, assets))
     if args.shards < 1:
         print("--shards must be at least 1", file=sys.stderr)
         return EXIT_USAGE
@@ -99,7 +111,38 @@ def run_check(args: argparse.Namespace) -> int:
         return _check_sample(args, Path(tmp))
 
 
+# Where the configured pipeline keeps its data: the sample never reads these, so a CI check
+# pointed at a production environment cannot rewrite its tables or its lineage catalog.
+_PRODUCTION_DATA_SETTINGS = (
+    "MEGAPAIRS_DATA_ROOT",
+    "MEGAPAIRS_STORAGE_ENDPOINT_URL",
+    "MEGAPAIRS_LINEAGE_CATALOG",
+    "MEGAPAIRS_LINEAGE_DATA_PATH",
+    "MEGAPAIRS_POSTGRES_URL",
+)
+
+
+@contextmanager
+def sample_environment() -> Iterator[None]:
+    """The environment of a sample check: the embedded deployment, with every table and the
+    catalog under the sample's own home (the profile's models and corpus are still used)."""
+    saved = dict(os.environ)
+    for name in _PRODUCTION_DATA_SETTINGS:
+        os.environ.pop(name, None)
+    os.environ["MEGAPAIRS_DEPLOYMENT"] = "embedded"
+    try:
+        yield
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
 def _check_sample(args: argparse.Namespace, home: Path) -> int:
+    with sample_environment():
+        return _run_sample(args, home)
+
+
+def _run_sample(args: argparse.Namespace, home: Path) -> int:
     import dagster as dg
 
     from megapairs_assets.corpus.sources import detect_source_kind
@@ -121,12 +164,10 @@ def _check_sample(args: argparse.Namespace, home: Path) -> int:
     fields = {name: getattr(source, name) for name in type(source).model_fields}
     sample = CorpusSourceResource(**{**fields, "only_shards": shards})
     defs = build_definitions(profile_from_env(), home, resource_overrides={"corpus_source": sample})
-    try:
-        job = defs.resolve_job_def(args.select)
-    except Exception:
-        print(f"unknown job {args.select!r}", file=sys.stderr)
-        return EXIT_USAGE
-    print(f"megapairs check: {args.select} over {len(shards)} shards {shards} in {home}")
+    job_name = args.select or "mining_half"
+    job_assets(job_name)  # an unknown name is a configuration error that lists the jobs
+    job = defs.resolve_job_def(job_name)
+    print(f"megapairs check: {job_name} over {len(shards)} shards {shards} in {home}")
     instance = dg.DagsterInstance.ephemeral()
     instance.add_dynamic_partitions(SHARD_PARTITIONS_NAME, shards)
     log_level = "WARNING" if args.quiet else "INFO"
@@ -172,12 +213,26 @@ def rows_from_evaluations(evaluations: list, defs) -> list[CheckRow]:
     return rows
 
 
+def job_assets(job_name: str) -> set[str]:
+    """The names of the assets a job selects; ConfigurationError for an unknown job."""
+    from jobs import all_jobs
+    from megapairs_assets.definitions import ALL_ASSETS
+    from megapairs_assets.lib.errors import ConfigurationError
+
+    by_name = {job.name: job for job in all_jobs}
+    if job_name not in by_name:
+        raise ConfigurationError(f"unknown job {job_name!r}; jobs: {', '.join(sorted(by_name))}")
+    return {key.to_user_string() for key in by_name[job_name].selection.resolve(ALL_ASSETS)}
+
+
 TABLE_PRESENT = "table_present"
 """The row `--existing` adds for a current partition whose table is missing."""
 
 
-def check_existing(layout: Any, catalog: Any, params: Any) -> list[CheckRow]:
-    """Re-run every stage's checks on the tables of `layout`, read-only.
+def check_existing(
+    layout: Any, catalog: Any, params: Any, assets: set[str] | None = None
+) -> list[CheckRow]:
+    """Re-run every stage's checks (or those of `assets`) on the tables of `layout`, read-only.
 
     The partitions checked are each asset's current ones in the lineage catalog (retired
     shards left out): a current partition whose table is gone fails `table_present`, and a
@@ -239,6 +294,8 @@ def check_existing(layout: Any, catalog: Any, params: Any) -> list[CheckRow]:
 
     rows: list[CheckRow] = []
     for asset, recheck in rechecks.items():
+        if assets is not None and asset not in assets:
+            continue
         for shard in catalog.current_partitions(asset):
             table = (
                 layout.corpus_images(shard) if asset == CORPUS else layout.shard_table(asset, shard)
