@@ -20,6 +20,7 @@ from megapairs_assets.evaluation.assets import (
     RETRIEVER_PARTITIONS_NAME,
     benchmark_scores,
     build_checkpoint_sensor,
+    build_rescore_sensor,
     register_retrievers,
     score_partition_key,
 )
@@ -224,3 +225,57 @@ def test_comparison_is_a_png_or_text_bars_without_matplotlib(monkeypatch) -> Non
     assert comparison_markdown(scores, "fashioniq-val").startswith(
         "![fashioniq-val](data:image/png"
     )
+
+
+def test_rescore_sensor_scores_a_checkpoint_only_after_it_changes(setup: dict) -> None:
+    """After `megapairs demo` (checkpoint trained, then scored) the first tick requests
+    nothing; a re-materialized checkpoint is re-scored once; a checkpoint never scored is
+    `new_retrievers_sensor`'s."""
+    instance = dg.DagsterInstance.ephemeral()
+    sensor = build_rescore_sensor(dg.DefaultSensorStatus.RUNNING)
+    resources = {k: setup["resources"][k] for k in ("evaluation", "storage")}
+    cursor: list[str | None] = [None]
+
+    def tick() -> dg.SensorResult | dg.SkipReason:
+        context = dg.build_sensor_context(instance=instance, resources=resources, cursor=cursor[0])
+        result = sensor(context)
+        if isinstance(result, dg.SensorResult) and result.cursor:
+            cursor[0] = result.cursor
+        return result
+
+    def report(asset: str, partition: str) -> None:
+        instance.report_runless_asset_event(dg.AssetMaterialization(asset, partition=partition))
+
+    checkpoints = setup["layout"].data_dir / "mmret_clip_checkpoint"
+    for config in ("demo", "other"):
+        export = checkpoints / config / "open_clip"
+        export.mkdir(parents=True)
+        shutil.copy(setup["checkpoint"], export / "open_clip_model.pth")
+        config_json = {"model_cfg": {}, "model_name": DEMO_CLIP_MODEL}
+        (export / "open_clip_config.json").write_text(json.dumps(config_json))
+    trained = "megapairs-tiny-clip__demo.open_clip"
+    benchmarks = ("fashioniq-val", "heldout")
+    # What the demo does: train, register the retriever, score it on every benchmark.
+    report("mmret_clip_checkpoint", "demo")
+    register_retrievers(instance, [setup["base_id"], trained])
+    for benchmark in benchmarks:
+        report("benchmark_scores", str(score_partition_key(trained, benchmark)))
+    # A second config trained but never scored (new_retrievers_sensor registers and scores it).
+    report("mmret_clip_checkpoint", "other")
+
+    first = tick()
+    assert isinstance(first, dg.SensorResult) and not first.run_requests
+    assert cursor[0] is not None
+
+    report("mmret_clip_checkpoint", "demo")  # re-trained: new weights, same retriever id
+    second = tick()
+    assert [r.partition_key for r in second.run_requests] == [
+        score_partition_key(trained, b) for b in benchmarks
+    ]
+    assert len({r.run_key for r in second.run_requests}) == 2
+
+    for benchmark in benchmarks:  # the re-scores ran
+        report("benchmark_scores", str(score_partition_key(trained, benchmark)))
+    assert isinstance(tick(), dg.SkipReason)  # nothing new since the cursor
+    cursor[0] = None  # even a sensor that lost its cursor redoes nothing
+    assert not tick().run_requests

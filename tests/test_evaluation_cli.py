@@ -1,23 +1,19 @@
-"""`megapairs eval`: the subcommand module on its own parser (the lead wires it into main)."""
+"""`megapairs eval` through the `megapairs` entry point (configuration errors: exit 2)."""
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
 import pytest
 from test_evaluation_loaders import write_fashioniq
 
+from megapairs_assets.cli.main import main
 from megapairs_assets.demo.models import DEMO_CLIP_MODEL
-from megapairs_assets.evaluation import cli
 
 
 def _run(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="megapairs")
-    cli.register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    return args.func(args)
+    return main(argv)
 
 
 @pytest.fixture
@@ -54,10 +50,11 @@ def test_eval_reports_bad_input_in_one_line(
     argv = ["eval", "--retriever", f"{DEMO_CLIP_MODEL}@{checkpoint}", "--device", "cpu"]
     assert _run([*argv, "--benchmark", "fashioniq-val", "--root", str(tmp_path / "fiq")]) == 1
     assert "cap.toptee.val.json:2: entry 0: missing key 'target'" in capsys.readouterr().err
-    assert _run([*argv, "--benchmark", "heldout", "--root", str(tmp_path)]) == 1
-    assert "--root does not apply to heldout" in capsys.readouterr().err
-    assert _run(["eval", "--retriever", "no-such-clip@openai", "--benchmark", "genecis"]) == 1
+    # Configuration errors are the entry point's one `configuration error:` line, exit 2.
+    assert _run([*argv, "--benchmark", "heldout", "--root", str(tmp_path)]) == 2
+    assert "configuration error: --root does not apply to heldout" in capsys.readouterr().err
+    assert _run(["eval", "--retriever", "no-such-clip@openai", "--benchmark", "genecis"]) == 2
     assert "no model named 'no-such-clip'" in capsys.readouterr().err
     missing = str(tmp_path / "no-such-checkpoint")
-    assert _run(["eval", "--retriever", missing, "--benchmark", "heldout"]) == 1
+    assert _run(["eval", "--retriever", missing, "--benchmark", "heldout"]) == 2
     assert f"no checkpoint directory at {missing}" in capsys.readouterr().err

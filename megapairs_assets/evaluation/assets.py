@@ -3,7 +3,8 @@
 `benchmark_scores` is partitioned two ways: `retriever` (dynamic: the base model and every
 trained checkpoint, registered as they appear) x `benchmark` (the fixed benchmark keys of
 `evaluation.run`). A new checkpoint therefore scores only its own partitions; nothing already
-scored runs again.
+scored runs again. `rescore_trained_checkpoints` re-scores a checkpoint only when it was
+materialized again after its last scores.
 """
 
 import dagster as dg
@@ -17,6 +18,7 @@ from megapairs_assets.evaluation.step import (
     RetrieverPool,
     known_retrievers,
     score_partition,
+    trained_retrievers_by_config,
 )
 from megapairs_assets.lib.step import StepResult
 from megapairs_assets.orchestration.shard_step import Stage, materialize_partitions
@@ -171,8 +173,11 @@ def build_rescore_sensor(default_status: dg.DefaultSensorStatus) -> dg.SensorDef
         evaluation: EvaluationResource,
         storage: StorageResource,
     ) -> dg.SensorResult | dg.SkipReason:
-        """On every new `mmret_clip_checkpoint` materialization, request the scores of every
-        trained retriever found on disk, on the configured benchmarks and the held-out split."""
+        """For each `mmret_clip_checkpoint` materialization since the cursor, request its
+        retriever's scores on the configured benchmarks (and the held-out split) that were not
+        materialized after it. Scores newer than the checkpoint (e.g. `megapairs demo`'s)
+        already describe those weights and are not redone; a checkpoint never scored at all is
+        `new_retrievers_sensor`'s to register and score."""
         after = int(context.cursor) if context.cursor else None
         records = context.instance.fetch_materializations(
             dg.AssetRecordsFilter(asset_key=dg.AssetKey(CHECKPOINT_ASSET), after_storage_id=after),
@@ -182,30 +187,54 @@ def build_rescore_sensor(default_status: dg.DefaultSensorStatus) -> dg.SensorDef
         if not records:
             return dg.SkipReason("no new checkpoint materialization")
         newest = max(record.storage_id for record in records)
-        base_id = evaluation.base_spec().retriever_id
+        # The latest materialization of each training config in this batch.
+        checkpoints: dict[str, int] = {}
+        for record in records:
+            if record.partition_key is not None:
+                checkpoints[record.partition_key] = record.storage_id
         try:
-            trained = [
-                rid
-                for rid in known_retrievers(evaluation.base_spec(), storage.layout())
-                if rid != base_id
-            ]
+            by_config = trained_retrievers_by_config(evaluation.base_spec(), storage.layout())
         except Exception as error:  # a bad folder must not kill the sensor daemon
             return dg.SkipReason(f"cannot list retrievers: {error}")
-        known = set(context.instance.get_dynamic_partitions(RETRIEVER_PARTITIONS_NAME))
-        new = [rid for rid in trained if rid not in known]
+        run_requests = stale_score_requests(
+            context.instance, checkpoints, by_config, evaluation.configured_benchmarks()
+        )
         return dg.SensorResult(
-            run_requests=[
-                dg.RunRequest(
-                    partition_key=score_partition_key(rid, benchmark),
-                    run_key=f"{newest}:{rid}:{benchmark}",
-                )
-                for rid in trained
-                for benchmark in evaluation.configured_benchmarks()
-            ],
-            dynamic_partitions_requests=[retriever_partitions.build_add_request(new)]
-            if new
-            else [],
+            run_requests=run_requests or None,
+            skip_reason=None if run_requests else "every new checkpoint is already scored",
             cursor=str(newest),
         )
 
     return rescore_trained_checkpoints
+
+
+def stale_score_requests(
+    instance: dg.DagsterInstance,
+    checkpoints: dict[str, int],
+    retrievers_by_config: dict[str, list[str]],
+    benchmarks: list[str],
+) -> list[dg.RunRequest]:
+    """Score runs for the (retriever, benchmark) partitions of re-materialized checkpoints
+    whose latest score predates the checkpoint materialization (`checkpoints`: config ->
+    its storage id). Retrievers never scored, or not yet registered, are left out."""
+    known = set(instance.get_dynamic_partitions(RETRIEVER_PARTITIONS_NAME))
+    wanted = {
+        (config, retriever_id, benchmark): str(score_partition_key(retriever_id, benchmark))
+        for config in checkpoints
+        for retriever_id in retrievers_by_config.get(config, [])
+        if retriever_id in known
+        for benchmark in benchmarks
+    }
+    if not wanted:
+        return []
+    scored = instance.get_latest_storage_id_by_partition(
+        dg.AssetKey(ASSET_NAME),
+        dg.DagsterEventType.ASSET_MATERIALIZATION,
+        set(wanted.values()),
+    )
+    ever_scored = {rid for (_, rid, _), key in wanted.items() if key in scored}
+    return [
+        dg.RunRequest(partition_key=key, run_key=f"{checkpoints[config]}:{rid}:{benchmark}")
+        for (config, rid, benchmark), key in wanted.items()
+        if rid in ever_scored and scored.get(key, -1) < checkpoints[config]
+    ]

@@ -7,6 +7,12 @@ It runs the same code as the `benchmark_scores` asset (same loaders, metrics, ga
 under the data root, server files under `<data>/benchmark_scores/<retriever>/<benchmark>/`)
 and prints the same table. It does not write catalog rows: scores that should be part of the
 lineage come from materializing the asset.
+
+Exit codes (EXIT_CODES, also in `megapairs eval --help`): 0 every split of the benchmark was
+scored (or its server files written); 1 a benchmark file or image exists but cannot be used
+(the message names it); 2 usage or configuration error (`configuration error:` line, printed
+by `megapairs_assets.cli.main`); 3 a split was skipped because its files are missing (or, for
+heldout, no triplets exist yet): a benchmark asked for by name must not pass unnoticed.
 """
 
 from __future__ import annotations
@@ -16,8 +22,36 @@ import sys
 from pathlib import Path
 
 from megapairs_assets.evaluation.run import BENCHMARK_FAMILY, BENCHMARK_KEYS
+from megapairs_assets.lib.errors import ConfigurationError
 
 BASE_ALIAS = "base"
+EXIT_SCORED, EXIT_BAD_DATA, EXIT_SKIPPED = 0, 1, 3
+EXIT_CODES = (
+    "exit codes: 0 every split scored (or its server files written); 1 a benchmark file or "
+    "image cannot be used; 2 usage or configuration error; 3 a split was skipped because its "
+    "files are missing (heldout: no triplets yet)"
+)
+
+
+def _positive_int(text: str) -> int:
+    value = _int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    value = _int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
+    return value
+
+
+def _int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
 
 
 def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -30,6 +64,7 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
             "model) on one benchmark with the official metrics, and print the table the UI "
             "shows. Benchmarks: " + ", ".join(BENCHMARK_KEYS) + "."
         ),
+        epilog=EXIT_CODES,
     )
     parser.add_argument(
         "--retriever",
@@ -49,32 +84,43 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
         choices=("float32", "bfloat16", "float16"),
         help="numbers the retriever runs in (default: the profile's, else float32)",
     )
-    parser.add_argument("--batch-size", type=int, help="images per forward pass")
-    parser.add_argument("--num-workers", type=int, help="image decode worker processes")
+    parser.add_argument("--batch-size", type=_positive_int, help="images per forward pass")
+    parser.add_argument(
+        "--num-workers", type=_non_negative_int, help="image decode worker processes (0: none)"
+    )
     parser.set_defaults(func=run_eval)
     return parser
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    """Score and print; a configuration or format problem is one line on stderr, exit 1."""
+    """Score and print the table; see the module docstring for the exit codes.
+
+    A configuration error (retriever, profile, deployment, --root) propagates as
+    `ConfigurationError`, which the `megapairs` entry point prints as one line (exit 2); a
+    benchmark file or image that cannot be used is one line here (exit 1).
+    """
     from megapairs_assets.evaluation.heldout import HeldOutError
     from megapairs_assets.evaluation.loaders import BenchmarkFormatError
-    from megapairs_assets.evaluation.run import BenchmarkImageError
-    from megapairs_assets.retriever.model import RetrieverConfigError
+    from megapairs_assets.evaluation.run import STATUS_SKIPPED, BenchmarkImageError
 
     try:
         result = _evaluate(args)
-    except (
-        RetrieverConfigError,
-        BenchmarkFormatError,
-        BenchmarkImageError,
-        HeldOutError,
-        ValueError,
-    ) as error:
+    except ConfigurationError:
+        raise
+    except (BenchmarkFormatError, BenchmarkImageError, HeldOutError, ValueError) as error:
         print(f"megapairs eval: {error}", file=sys.stderr)
-        return 1
+        return EXIT_BAD_DATA
     print(result.table_markdown())
-    return 0
+    skipped = [s for s in result.splits if s.status == STATUS_SKIPPED]
+    if skipped:
+        reasons = "; ".join(f"{s.split}: {s.detail}" for s in skipped)
+        print(
+            f"megapairs eval: {args.benchmark}: {len(skipped)} split(s) skipped, not scored "
+            f"({reasons})",
+            file=sys.stderr,
+        )
+        return EXIT_SKIPPED
+    return EXIT_SCORED
 
 
 def _evaluate(args: argparse.Namespace):
@@ -92,7 +138,7 @@ def _evaluate(args: argparse.Namespace):
     evaluation = resources.get("evaluation")
     if args.retriever == BASE_ALIAS:
         if evaluation is None:
-            raise ValueError("this profile configures no base retriever; name one instead")
+            raise ConfigurationError("this profile configures no base retriever; name one instead")
         evaluation.prepare()
         spec = evaluation.base_spec()
     else:
@@ -103,10 +149,12 @@ def _evaluate(args: argparse.Namespace):
     family = BENCHMARK_FAMILY[args.benchmark]
     if args.root is not None:
         if family == "heldout":
-            raise ValueError("--root does not apply to heldout (it reads the project's triplets)")
+            raise ConfigurationError(
+                "--root does not apply to heldout (it reads the project's triplets)"
+            )
         sources = replace(sources, roots={**sources.roots, family: args.root})
     settings = evaluation.settings() if evaluation else _default_settings()
-    if args.batch_size:
+    if args.batch_size is not None:
         settings = replace(settings, batch_size=args.batch_size)
     if args.num_workers is not None:
         settings = replace(settings, num_workers=args.num_workers)

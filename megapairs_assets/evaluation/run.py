@@ -49,6 +49,7 @@ from megapairs_assets.evaluation.submissions import (
     write_circo_submission,
     write_cirr_submission,
 )
+from megapairs_assets.lib.errors import ConfigurationError
 from megapairs_assets.lib.progress import Progress
 from megapairs_assets.retriever.model import Retriever, fuse_projections, normalize_rows
 
@@ -95,6 +96,21 @@ class EvaluationSettings:
     num_workers: int = 2
     query_batch_size: int = 16_384
 
+    def __post_init__(self) -> None:
+        # A batch of 0 would embed nothing and score every query as a miss, silently.
+        problems = [
+            f"{name} must be a positive integer, got {value}"
+            for name, value in (
+                ("batch_size", self.batch_size),
+                ("query_batch_size", self.query_batch_size),
+            )
+            if value < 1
+        ]
+        if self.num_workers < 0:
+            problems.append(f"num_workers must be 0 or more, got {self.num_workers}")
+        if problems:
+            raise ConfigurationError("evaluation settings: " + "; ".join(problems))
+
 
 @dataclass(frozen=True)
 class Skipped:
@@ -104,6 +120,13 @@ class Skipped:
     split: str
     path: Path | None
     reason: str
+
+    @property
+    def detail(self) -> str:
+        """The reason, naming the path looked at once (most reasons already name it)."""
+        if self.path is None or str(self.path) in self.reason:
+            return self.reason
+        return f"{self.reason} (looked at {self.path})"
 
 
 @dataclass
@@ -223,7 +246,11 @@ def _load(
 def _heldout(sources: BenchmarkSources) -> list[BenchmarkSplit | Skipped]:
     triplets = sources.triplets() if sources.triplets is not None else None
     if triplets is None or triplets.height == 0:
-        return [Skipped("heldout", "heldout", None, "no triplets have been generated yet")]
+        reason = (
+            "no triplets have been generated yet: run `megapairs demo` or materialize "
+            "`triplets` first"
+        )
+        return [Skipped("heldout", "heldout", None, reason)]
     split = heldout_benchmark(
         triplets, sources.heldout_fraction, sources.heldout_max_queries, sources.locate_images
     )
@@ -271,8 +298,9 @@ def evaluate_benchmark(
     results = []
     for item in load_benchmark(key, sources):
         if isinstance(item, Skipped):
-            detail = item.reason if item.path is None else f"{item.reason} (looked at {item.path})"
-            results.append(SplitResult(item.benchmark, item.split, STATUS_SKIPPED, detail=detail))
+            results.append(
+                SplitResult(item.benchmark, item.split, STATUS_SKIPPED, detail=item.detail)
+            )
             continue
         results.append(evaluate_split(retriever, item, cache, output_dir, settings, log))
     mean = _mean_row(key, results)

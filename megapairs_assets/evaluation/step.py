@@ -260,17 +260,35 @@ def _headline_metadata(result: BenchmarkResult) -> dict[str, Any]:
     return metadata
 
 
+def checkpoint_config_name(spec: RetrieverSpec, layout: DataLayout) -> str | None:
+    """The training config (the `mmret_clip_checkpoint` partition) whose export `spec` loads,
+    or None for a retriever that is not a trained checkpoint of this data root."""
+    if not spec.model_name.startswith(LOCAL_DIR_PREFIX):
+        return None
+    folder = Path(spec.model_name.removeprefix(LOCAL_DIR_PREFIX))
+    root = local_checkpoint_root(layout)  # a local copy keeps the relative folders
+    try:
+        return folder.resolve().relative_to(root.resolve()).parts[0]
+    except (ValueError, IndexError):
+        return None
+
+
+def trained_retrievers_by_config(base: RetrieverSpec, layout: DataLayout) -> dict[str, list[str]]:
+    """Training config -> the retriever ids of its exports found on disk (base model left out)."""
+    by_config: dict[str, list[str]] = {}
+    for retriever_id, spec in known_retrievers(base, layout).items():
+        config_name = checkpoint_config_name(spec, layout)
+        if config_name is not None:
+            by_config.setdefault(config_name, []).append(retriever_id)
+    return by_config
+
+
 def _checkpoint_version(
     spec: RetrieverSpec, layout: DataLayout, lineage: LineageCatalog
 ) -> dict[str, str]:
     """For a trained checkpoint: the training materialization that wrote it."""
-    if not spec.model_name.startswith(LOCAL_DIR_PREFIX):
-        return {}
-    folder = Path(spec.model_name.removeprefix(LOCAL_DIR_PREFIX))
-    root = local_checkpoint_root(layout)  # a local copy keeps the relative folders
-    try:
-        config_name = folder.resolve().relative_to(root.resolve()).parts[0]
-    except (ValueError, IndexError):
+    config_name = checkpoint_config_name(spec, layout)
+    if config_name is None:
         return {}
     versions = lineage.latest_materialization_ids(CHECKPOINT_ASSET, [config_name])
     return {f"{CHECKPOINT_ASSET}/{p}": v for p, v in versions.items()}

@@ -12,6 +12,9 @@ Where weights come from is open_clip's business, as everywhere in this project:
   plus weights (open_clip's own export format).
   An export may add {"model_name": ...} to its config (open_clip ignores the key); the id then
   names the architecture instead of `local`.
+- Nothing is downloaded at run time: a pretrained tag loads only from the local caches open_clip
+  would fill (the Hugging Face hub cache, `~/.cache/clip`); a tag not cached there, or a file
+  that is not a checkpoint, is a `RetrieverConfigError` saying what to give instead.
 - `spec_from_argument("ViT-B-16@openai")`, `spec_from_argument("/ckpt/step-200.pt")`: what the
   CLI and the checkpoint sensor accept. A bare checkpoint file takes its architecture from a
   sidecar `<file stem>.json` holding {"model_name": ...}, else from `default_model`.
@@ -26,7 +29,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import pickle
 import re
+import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,6 +52,30 @@ TRAINED_EXPORT_DIRNAME = "open_clip"
 # What open_clip looks for as weights in a local-dir export.
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pth")
 ID_SEPARATOR = "__"
+ACCEPTED_RETRIEVERS = (
+    "a state dict saved with torch.save (.pt/.pth/.bin) or as .safetensors, open_clip's export "
+    "folder (open_clip_config.json + weights), a training checkpoint's folder, or <open_clip "
+    "name>@<pretrained tag> with the weights already in the local cache"
+)
+# open_clip's own download cache for weights published as plain URLs (pretrained.py).
+OPEN_CLIP_URL_CACHE = Path("~/.cache/clip")
+# What torch.load / safetensors / numpy files start with (torch's zip archive, a pickle of
+# protocol 2 or later as torch's legacy format writes, numpy's .npy).
+_ZIP_MAGIC, _PICKLE_MAGIC, _NPY_MAGIC = b"PK\x03\x04", b"\x80", b"\x93NUMPY"
+# What reading a file that is not a state dict raises inside torch.load and open_clip's loader
+# (torch's unpickler reports garbage as KeyError/IndexError, an empty dict as StopIteration).
+_UNREADABLE_CHECKPOINT = (
+    RuntimeError,
+    ValueError,
+    KeyError,
+    IndexError,
+    AttributeError,
+    TypeError,
+    EOFError,
+    StopIteration,
+    OSError,
+    pickle.UnpicklingError,
+)
 _UNSAFE_ID_CHARS = re.compile(r"[^A-Za-z0-9._-]+")
 
 
@@ -274,15 +304,132 @@ def load_retriever_spec(spec: RetrieverSpec, device: torch.device, dtype: torch.
             )
         if _is_local(spec.pretrained) and not Path(spec.pretrained).expanduser().is_file():
             raise RetrieverConfigError(f"checkpoint {spec.pretrained} does not exist")
+    pretrained, preprocess_overrides = None, {}
+    if not local_dir:
+        pretrained, preprocess_overrides = _local_pretrained(spec.model_name, spec.pretrained)
+    weight_files = weights if local_dir else [Path(pretrained)]
+    for path in weight_files:
+        check_weights_file(path)
     try:
         model, _, preprocess = open_clip.create_model_and_transforms(
-            spec.model_name, pretrained=None if local_dir else spec.pretrained, device=device
+            spec.model_name, pretrained=pretrained, device=device, **preprocess_overrides
         )
-    except (RuntimeError, FileNotFoundError, ValueError) as error:
-        raise RetrieverConfigError(f"cannot load retriever {spec.retriever_id}: {error}") from error
+    except torch.OutOfMemoryError:
+        raise
+    except _UNREADABLE_CHECKPOINT as error:
+        files = ", ".join(str(p) for p in weight_files)
+        raise RetrieverConfigError(
+            f"cannot load retriever {spec.retriever_id} from {files}: "
+            f"{type(error).__name__}: {error}; expected {ACCEPTED_RETRIEVERS}"
+        ) from error
     model = model.to(dtype=dtype).eval()
     tokenizer = open_clip.get_tokenizer(spec.model_name)
     return Retriever(spec, model, preprocess, tokenizer, device, dtype)
+
+
+def check_weights_file(path: Path) -> None:
+    """Refuse a file that cannot hold weights before torch reads it (torch's unpickler reports
+    a text file as a bare KeyError or IndexError that names neither the file nor the problem)."""
+    try:
+        with path.open("rb") as handle:
+            head = handle.read(8)
+            if path.suffix == ".safetensors":
+                size = path.stat().st_size
+                header_bytes = struct.unpack("<Q", head)[0] if len(head) == 8 else 0
+                if 0 < header_bytes <= size - 8 and handle.read(1) == b"{":
+                    return
+                problem = "not a safetensors file (no JSON header)"
+            elif head.startswith((_ZIP_MAGIC, _PICKLE_MAGIC)) or (
+                path.suffix == ".npy" and head.startswith(_NPY_MAGIC)
+            ):
+                return
+            else:
+                problem = "neither a torch.save file (zip or pickle) nor a .safetensors file"
+    except OSError as error:
+        raise RetrieverConfigError(f"cannot read checkpoint {path}: {error.strerror}") from None
+    raise RetrieverConfigError(
+        f"{path} is not a retriever checkpoint: {problem}; expected {ACCEPTED_RETRIEVERS}"
+    )
+
+
+def _local_pretrained(model_name: str, pretrained: str) -> tuple[str, dict]:
+    """(a local weights file, preprocessing overrides) for `<model_name>@<pretrained>`.
+
+    A path is used as it is. A tag is looked up where open_clip caches its downloads, never on
+    the network: open_clip itself would ask the hub (and log errors) before looking at disk.
+    The tag's own preprocessing (mean, std, interpolation, resize) is passed on, as open_clip
+    applies it when it resolves the tag itself.
+    """
+    if _is_local(pretrained):
+        return str(Path(pretrained).expanduser()), {}
+    import open_clip
+
+    config = open_clip.get_pretrained_cfg(model_name, pretrained)
+    if not config:
+        tags = open_clip.list_pretrained_tags_by_model(model_name)
+        known = f"known tags: {', '.join(tags)}" if tags else "open_clip lists no tags for it"
+        raise RetrieverConfigError(
+            f"{pretrained!r} is neither a pretrained tag of {model_name} ({known}) nor an "
+            f"existing file; give <name>@<tag> or <name>@<checkpoint file>"
+        )
+    cached, looked_at = _cached_pretrained_file(config)
+    if cached is None:
+        raise RetrieverConfigError(
+            f"the weights of {model_name}@{pretrained} are not in the local cache (looked at "
+            f"{'; '.join(looked_at)}) and nothing is downloaded at run time; fetch them once "
+            "where there is network (e.g. open_clip.create_model("
+            f"{model_name!r}, pretrained={pretrained!r})) and copy the cache here, or give a "
+            f"local file as {model_name}@/path/to/weights"
+        )
+    overrides = {
+        "image_mean": config.get("mean"),
+        "image_std": config.get("std"),
+        "image_interpolation": config.get("interpolation"),
+        "image_resize_mode": config.get("resize_mode"),
+    }
+    return str(cached), {k: v for k, v in overrides.items() if v is not None}
+
+
+def _cached_pretrained_file(config: dict) -> tuple[Path | None, list[str]]:
+    """Where open_clip's download of a pretrained config already lies on disk, if anywhere,
+    and the places looked at (the Hugging Face hub cache, then open_clip's URL cache)."""
+    looked_at: list[str] = []
+    if config.get("file"):
+        path = Path(config["file"]).expanduser()
+        return (path, looked_at) if path.is_file() else (None, [str(path)])
+    hub_name = config.get("hf_hub", "")
+    if hub_name:
+        try:
+            from huggingface_hub import constants, try_to_load_from_cache
+        except ImportError:
+            looked_at.append("the Hugging Face hub cache (huggingface_hub is not installed)")
+        else:
+            from open_clip.constants import HF_WEIGHTS_NAME
+
+            repo_id, filename = os.path.split(hub_name)
+            filename = filename or HF_WEIGHTS_NAME
+            # open_clip prefers a .safetensors twin of a .bin/.pth file; so does this lookup.
+            names = [filename]
+            if filename.endswith((".bin", ".pth")):
+                names.insert(
+                    0,
+                    "open_clip_model.safetensors"
+                    if filename == HF_WEIGHTS_NAME
+                    else filename[:-4] + ".safetensors",
+                )
+            cache_dir = constants.HF_HUB_CACHE
+            for name in names:
+                found = try_to_load_from_cache(repo_id, name, cache_dir=cache_dir)
+                if isinstance(found, str) and Path(found).is_file():
+                    return Path(found), looked_at
+            looked_at.append(f"{repo_id}/{filename} in {cache_dir}")
+    url = config.get("url", "")
+    if url:
+        path = OPEN_CLIP_URL_CACHE.expanduser() / os.path.basename(url)
+        if path.is_file():
+            return path, looked_at
+        looked_at.append(str(path))
+    return None, looked_at
 
 
 def _sidecar_model_name(checkpoint: Path) -> str | None:
