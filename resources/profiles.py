@@ -102,6 +102,21 @@ def profile_from_env() -> str:
     return os.environ.get("MEGAPAIRS_PROFILE", DEFAULT_PROFILE)
 
 
+def check_environment() -> str:
+    """Check every MEGAPAIRS_* choice the environment makes (profile, sensors, deployment and
+    its engines) and return the profile; ProfileError / ClusterConfigError say what to change.
+    The CLI calls this first, so every subcommand refuses a bad setting the same way."""
+    profile = profile_from_env()
+    if profile not in _BUILDERS:
+        raise ProfileError(
+            f"unknown profile {profile!r}: "
+            f"set MEGAPAIRS_PROFILE to one of {', '.join(PROFILE_NAMES)}"
+        )
+    sensor_settings(profile)
+    ClusterSettings.from_env()
+    return profile
+
+
 def _common(home: Path, profile: str) -> dict[str, Any]:
     return {
         # Tables may live on object storage (any fsspec URL); models, the catalog file and the
@@ -244,10 +259,7 @@ _BUILDERS = {"demo": demo_resources, "paper": paper_resources}
 def build_resources(profile: str, home: Path) -> dict[str, Any]:
     """All resources of a profile, rooted at `home`."""
     if profile not in _BUILDERS:
-        raise ProfileError(
-            f"unknown profile {profile!r}: "
-            f"set MEGAPAIRS_PROFILE to one of {', '.join(PROFILE_NAMES)}"
-        )
+        raise ProfileError(f"unknown profile {profile!r}: choose one of {', '.join(PROFILE_NAMES)}")
     # "Which models" is the profile; "where it runs" (embedded or a cluster's engines) comes
     # from the environment, as overrides of the same resources.
     return {**_BUILDERS[profile](home), **ClusterSettings.from_env().resource_overrides(home)}

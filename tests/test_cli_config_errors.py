@@ -42,3 +42,50 @@ def test_a_bad_setting_is_one_line_and_exit_2(
 def test_an_unknown_data_root_filesystem_is_a_configuration_error() -> None:
     with pytest.raises(ConfigurationError, match="nosuchfs"):
         data_root_path("nosuchfs://bucket/prefix")
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["ui"],
+        ["lineage", "00000/000000001"],
+        ["check", "--existing"],
+        ["eval", "--retriever", "base", "--benchmark", "heldout"],
+    ],
+    ids=lambda argv: argv[0],
+)
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("MEGAPAIRS_PROFILE", "nonsense"),
+        ("MEGAPAIRS_SENSORS", "maybe"),
+        ("MEGAPAIRS_DEPLOYMENT", "foo"),
+    ],
+)
+def test_every_subcommand_refuses_a_bad_setting_before_it_starts(
+    argv: list[str],
+    variable: str,
+    value: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    monkeypatch.setenv("MEGAPAIRS_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv(variable, value)
+    assert main(argv) == 2  # `ui` never reaches its exec of the Dagster server
+    err = capsys.readouterr().err
+    assert f"megapairs {argv[0]}: configuration error:" in err and variable.split("_")[1] in err
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("target", ["a_file", "a_file/below"])
+def test_a_data_root_that_cannot_hold_files_is_a_configuration_error(
+    target: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "a_file").write_text("not a folder")
+    monkeypatch.setenv("MEGAPAIRS_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("MEGAPAIRS_DATA_ROOT", str(tmp_path / target))
+    assert main(["demo", "--until", "mine", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "configuration error: the data root's data folder" in err and "cannot hold files" in err
+    assert "Traceback" not in err

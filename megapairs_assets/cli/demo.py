@@ -69,7 +69,7 @@ def run_demo(args: argparse.Namespace) -> int:
             return 2
     import dagster as dg
 
-    from megapairs_assets.cli.instance import prepare_dagster_home
+    from megapairs_assets.cli.instance import prepare_dagster_home, release_dead_runs
     from megapairs_assets.cli.summary import print_summary
     from megapairs_assets.corpus.assets import shard_changes
     from megapairs_assets.corpus.sources import detect_source_kind
@@ -77,10 +77,11 @@ def run_demo(args: argparse.Namespace) -> int:
     from megapairs_assets.evaluation.assets import register_retrievers, score_partition_key
     from megapairs_assets.evaluation.step import known_retrievers
     from megapairs_assets.lib.errors import ConfigurationError
-    from megapairs_assets.lib.storage import default_home
+    from megapairs_assets.lib.storage import check_writable_folder, default_home
     from megapairs_assets.orchestration.partitions import SHARD_PARTITIONS_NAME, shard_asset_names
     from megapairs_assets.orchestration.runs import shard_range_tags
     from megapairs_assets.training.assets import register_training_configs
+    from resources.cluster import ClusterSettings
     from resources.corpus import CorpusSourceResource
     from resources.profiles import lineage_catalog, profile_from_env
 
@@ -92,12 +93,14 @@ def run_demo(args: argparse.Namespace) -> int:
             kind=detect_source_kind(args.corpus), path=str(args.corpus.resolve())
         )
     print(f"megapairs: profile {profile!r}, home {home}")
+    check_writable_folder(home, "MEGAPAIRS_HOME")
     prepare_dagster_home(home)
     defs = build_definitions(profile, home, resource_overrides=overrides)
     resources = defs.resources
     print("checking configuration (building the demo profile's models on first use)...")
     # Opens the data root's filesystem: a bad URL fails here, before any step runs.
     tables = resources["storage"].layout().data_dir
+    check_writable_folder(tables, "the data root's data folder")
     print(f"  tables: {tables}")
     # Opens (or creates) the lineage catalog: an unreachable DuckLake fails here too.
     catalog = resources["catalog"].catalog()
@@ -116,6 +119,8 @@ def run_demo(args: argparse.Namespace) -> int:
         )
     print(f"  corpus: {source.kind} {source.path}")
     instance = dg.DagsterInstance.get()
+    if ClusterSettings.from_env().deployment == "embedded":  # runs of this machine only
+        release_dead_runs(instance, log=lambda line: print(f"  {line}"))
     new, gone = shard_changes(shards, list(instance.get_dynamic_partitions(SHARD_PARTITIONS_NAME)))
     for shard in gone:
         instance.delete_dynamic_partition(SHARD_PARTITIONS_NAME, shard)

@@ -33,6 +33,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        from resources.profiles import check_environment
+
+        check_environment()  # every subcommand refuses a bad MEGAPAIRS_* setting the same way
         return int(args.func(args) or 0)
     except ConfigurationError as error:
         # A setting the user got wrong: the message says what to change; no traceback.

@@ -50,7 +50,14 @@ def cmd_ui(args: argparse.Namespace) -> int:
     if not WORKSPACE_FILE.is_file():
         print(f"no workspace file at {WORKSPACE_FILE}: run from a clone", file=sys.stderr)
         return 1
+    import dagster as dg
+
+    from megapairs_assets.cli.instance import release_dead_runs
+    from resources.cluster import ClusterSettings
+
     dagster_home = prepare_dagster_home(default_home())
+    if ClusterSettings.from_env().deployment == "embedded":  # runs of this machine only
+        release_dead_runs(dg.DagsterInstance.get())
     command = dagster_dev_command(WORKSPACE_FILE, args.host, args.port)
     if command[2] == _DAGSTER_MODULE:
         print(

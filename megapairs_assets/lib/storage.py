@@ -143,6 +143,22 @@ def data_root_path(
         ) from error
 
 
+def check_writable_folder(path: DataPath, what: str) -> None:
+    """Make sure a local folder exists (created if need be) and takes files; DataRootError
+    saying what is wrong otherwise. A URL is left to its filesystem (checked on first write)."""
+    if not is_local(path):
+        return
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".megapairs-write-check-"):
+            pass
+    except OSError as error:
+        reason = error.strerror or str(error)
+        raise DataRootError(
+            f"{what} {path} cannot hold files ({reason}); point it at a folder you can write"
+        ) from error
+
+
 def is_local(path: DataPath) -> bool:
     """Whether `path` is on local disk (a `pathlib.Path`), rather than behind fsspec."""
     return isinstance(path, Path)
