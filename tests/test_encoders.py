@@ -73,9 +73,23 @@ def test_wrong_dinov2_dim_is_reported_even_without_the_model_files(empty_hf_cach
         validate_encoder_spec(spec)
 
 
-def test_paper_models_validate_without_loading_weights() -> None:
+def test_paper_models_validate_from_the_local_cache_without_loading_weights(
+    empty_hf_cache: Path,
+) -> None:
+    from megapairs_assets.lib.errors import ConfigurationError
+
     image = EncoderSpec("open_clip_image", "EVA02-L-14", pretrained="merged2b_s4b_b131k", dim=768)
     text = EncoderSpec("open_clip_text", "EVA02-L-14", pretrained="merged2b_s4b_b131k", dim=768)
+    # Weights not on this machine: refused before any work, never downloaded.
+    with pytest.raises(ConfigurationError, match="not in the local cache.*nothing is downloaded"):
+        validate_encoder_spec(image)
+    # The layout the hub client leaves behind (refs/main -> snapshots/<commit>/<file>).
+    repo = empty_hf_cache / "models--timm--eva02_large_patch14_clip_224.merged2b_s4b_b131k"
+    commit = "0" * 40
+    (repo / "snapshots" / commit).mkdir(parents=True)
+    (repo / "snapshots" / commit / "open_clip_model.safetensors").write_bytes(b"weights")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
     assert validate_encoder_spec(image) == 768
     assert validate_encoder_spec(text) == 768
 

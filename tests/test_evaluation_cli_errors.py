@@ -14,8 +14,8 @@ import torch
 from megapairs_assets.cli.main import main
 from megapairs_assets.demo.models import DEMO_CLIP_MODEL
 from megapairs_assets.evaluation.run import EvaluationSettings, Skipped
+from megapairs_assets.lib import open_clip_weights
 from megapairs_assets.lib.errors import ConfigurationError
-from megapairs_assets.retriever import model as retriever_model
 from megapairs_assets.retriever.model import load_retriever
 
 
@@ -36,7 +36,7 @@ def offline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     hub = tmp_path / "hf-hub"
     hub.mkdir()
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(hub))
-    monkeypatch.setattr(retriever_model, "OPEN_CLIP_URL_CACHE", tmp_path / "clip-cache")
+    monkeypatch.setattr(open_clip_weights, "OPEN_CLIP_URL_CACHE", tmp_path / "clip-cache")
 
     def no_network(*args, **kwargs):
         raise AssertionError(f"network access attempted: {args}")

@@ -34,6 +34,7 @@ from PIL import Image
 
 from megapairs_assets.embeddings.mlp_padding import pad_gated_mlp_widths
 from megapairs_assets.lib.errors import ConfigurationError
+from megapairs_assets.lib.open_clip_weights import cached_pretrained_weights
 from megapairs_assets.lib.progress import quiet_library_progress
 
 EncoderBackend = Literal["open_clip_image", "open_clip_text", "dinov2", "sentence_transformers"]
@@ -180,6 +181,8 @@ def _open_clip_dim(spec: EncoderSpec) -> int:
             f"<name>.json to {MODEL_CONFIGS_DIR} (or call open_clip.add_model_config) and use "
             "that name."
         )
+    # The size first: a wrong dim is reported even on a machine without the weights.
+    _check_dim(spec, int(config["embed_dim"]))
     _check_open_clip_pretrained(name, pretrained)
     return int(config["embed_dim"])
 
@@ -194,7 +197,10 @@ def _check_open_clip_pretrained(name: str, pretrained: str | None) -> None:
             f"open_clip model {name!r} has no `pretrained` set, so its weights would be random; "
             f"set a pretrained tag ({', '.join(tags) or 'none known'}) or a checkpoint file"
         )
-    if pretrained in tags or Path(pretrained).is_file():
+    if Path(pretrained).is_file():
+        return
+    if pretrained in tags:
+        cached_pretrained_weights(name, pretrained)  # on this machine, or a clear error now
         return
     raise EncoderConfigError(
         f"pretrained={pretrained!r} is neither a known tag for {name!r} "
@@ -303,8 +309,13 @@ def _load_open_clip(
     import open_clip
 
     name, pretrained = _open_clip_target(spec)
+    overrides: dict[str, Any] = {}
+    if pretrained is not None and not Path(pretrained).is_file():
+        # A tag: its weights from the local cache, never a download (lib.open_clip_weights).
+        weights, overrides = cached_pretrained_weights(name, pretrained)
+        pretrained = str(weights)
     model, _, preprocess = open_clip.create_model_and_transforms(
-        name, pretrained=pretrained, device=device
+        name, pretrained=pretrained, device=device, **overrides
     )
     if spec.backend == "open_clip_text" and getattr(model, "visual", None) is not None:
         # A caption encoder never runs the image tower: free it (EVA02-L-14's is ~300M

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import pickle
 import re
 import struct
@@ -42,6 +41,7 @@ import torch
 from PIL import Image
 
 from megapairs_assets.lib.errors import ConfigurationError
+from megapairs_assets.lib.open_clip_weights import cached_pretrained_weights
 from megapairs_assets.lib.storage import MAX_PARTITION_KEY_CHARS
 from megapairs_assets.retriever.fusion import fuse_query, normalize
 
@@ -58,7 +58,6 @@ ACCEPTED_RETRIEVERS = (
     "name>@<pretrained tag> with the weights already in the local cache"
 )
 # open_clip's own download cache for weights published as plain URLs (pretrained.py).
-OPEN_CLIP_URL_CACHE = Path("~/.cache/clip")
 # What torch.load / safetensors / numpy files start with (torch's zip archive, a pickle of
 # protocol 2 or later as torch's legacy format writes, numpy's .npy).
 _ZIP_MAGIC, _PICKLE_MAGIC, _NPY_MAGIC = b"PK\x03\x04", b"\x80", b"\x93NUMPY"
@@ -353,83 +352,12 @@ def check_weights_file(path: Path) -> None:
 
 
 def _local_pretrained(model_name: str, pretrained: str) -> tuple[str, dict]:
-    """(a local weights file, preprocessing overrides) for `<model_name>@<pretrained>`.
-
-    A path is used as it is. A tag is looked up where open_clip caches its downloads, never on
-    the network: open_clip itself would ask the hub (and log errors) before looking at disk.
-    The tag's own preprocessing (mean, std, interpolation, resize) is passed on, as open_clip
-    applies it when it resolves the tag itself.
-    """
+    """(a local weights file, preprocessing overrides) for `<model_name>@<pretrained>`: a path
+    as it is, a tag from the local caches only (`lib.open_clip_weights`)."""
     if _is_local(pretrained):
         return str(Path(pretrained).expanduser()), {}
-    import open_clip
-
-    config = open_clip.get_pretrained_cfg(model_name, pretrained)
-    if not config:
-        tags = open_clip.list_pretrained_tags_by_model(model_name)
-        known = f"known tags: {', '.join(tags)}" if tags else "open_clip lists no tags for it"
-        raise RetrieverConfigError(
-            f"{pretrained!r} is neither a pretrained tag of {model_name} ({known}) nor an "
-            f"existing file; give <name>@<tag> or <name>@<checkpoint file>"
-        )
-    cached, looked_at = _cached_pretrained_file(config)
-    if cached is None:
-        raise RetrieverConfigError(
-            f"the weights of {model_name}@{pretrained} are not in the local cache (looked at "
-            f"{'; '.join(looked_at)}) and nothing is downloaded at run time; fetch them once "
-            "where there is network (e.g. open_clip.create_model("
-            f"{model_name!r}, pretrained={pretrained!r})) and copy the cache here, or give a "
-            f"local file as {model_name}@/path/to/weights"
-        )
-    overrides = {
-        "image_mean": config.get("mean"),
-        "image_std": config.get("std"),
-        "image_interpolation": config.get("interpolation"),
-        "image_resize_mode": config.get("resize_mode"),
-    }
-    return str(cached), {k: v for k, v in overrides.items() if v is not None}
-
-
-def _cached_pretrained_file(config: dict) -> tuple[Path | None, list[str]]:
-    """Where open_clip's download of a pretrained config already lies on disk, if anywhere,
-    and the places looked at (the Hugging Face hub cache, then open_clip's URL cache)."""
-    looked_at: list[str] = []
-    if config.get("file"):
-        path = Path(config["file"]).expanduser()
-        return (path, looked_at) if path.is_file() else (None, [str(path)])
-    hub_name = config.get("hf_hub", "")
-    if hub_name:
-        try:
-            from huggingface_hub import constants, try_to_load_from_cache
-        except ImportError:
-            looked_at.append("the Hugging Face hub cache (huggingface_hub is not installed)")
-        else:
-            from open_clip.constants import HF_WEIGHTS_NAME
-
-            repo_id, filename = os.path.split(hub_name)
-            filename = filename or HF_WEIGHTS_NAME
-            # open_clip prefers a .safetensors twin of a .bin/.pth file; so does this lookup.
-            names = [filename]
-            if filename.endswith((".bin", ".pth")):
-                names.insert(
-                    0,
-                    "open_clip_model.safetensors"
-                    if filename == HF_WEIGHTS_NAME
-                    else filename[:-4] + ".safetensors",
-                )
-            cache_dir = constants.HF_HUB_CACHE
-            for name in names:
-                found = try_to_load_from_cache(repo_id, name, cache_dir=cache_dir)
-                if isinstance(found, str) and Path(found).is_file():
-                    return Path(found), looked_at
-            looked_at.append(f"{repo_id}/{filename} in {cache_dir}")
-    url = config.get("url", "")
-    if url:
-        path = OPEN_CLIP_URL_CACHE.expanduser() / os.path.basename(url)
-        if path.is_file():
-            return path, looked_at
-        looked_at.append(str(path))
-    return None, looked_at
+    path, overrides = cached_pretrained_weights(model_name, pretrained)
+    return str(path), overrides
 
 
 def _sidecar_model_name(checkpoint: Path) -> str | None:
