@@ -271,3 +271,16 @@ def test_a_retired_shard_leaves_the_release_folder_and_the_training_input(tmp_pa
     left = {f"images/00001/{p.name}" for p in (root / "images" / "00001").glob("*.jpg")}
     assert left and left <= named
     assert len(left) < len(set(world.image_ids[8:]))
+
+
+def test_a_step_whose_upstream_partition_was_never_materialized_says_so(tmp_path):
+    from megapairs_assets.lineage.catalog import NotMaterializedError
+
+    world = make_world(tmp_path, pairs_per_shard=(4,))
+    with ChatServer() as server, pytest.raises(NotMaterializedError) as raised:
+        build_triplets_for_shard(
+            "00000", world.layout, world.catalog, http_settings(server.base_url)
+        )
+    message = str(raised.value)
+    assert "pair_descriptions 00000: not materialized" in message
+    assert "materialize pair_descriptions" in message

@@ -83,6 +83,7 @@ def embed_shards(
                 CORPUS_ASSET,
                 [shard],
                 lambda shard=shard: read_parquet(layout.corpus_images(shard)),
+                required=True,
             )
         except Exception:
             # The shards before it are embedded and handed out first; the error then surfaces

@@ -129,10 +129,13 @@ def read_shard_table(
 ) -> tuple[pl.DataFrame, dict[str, str]]:
     """An upstream shard table and {"asset/shard": materialization id} of exactly what was read.
 
-    Refuses (IncompleteCommitError) a table whose newest materialization did not complete.
+    Refuses a partition never materialized (NotMaterializedError) and a table whose newest
+    materialization did not complete (IncompleteCommitError).
     """
     path = layout.shard_table(asset, shard)
-    frame, versions = read_with_versions(catalog, asset, [shard], lambda: read_parquet(path))
+    frame, versions = read_with_versions(
+        catalog, asset, [shard], lambda: read_parquet(path), required=True
+    )
     return frame, {f"{asset}/{p}": v for p, v in versions.items()}
 
 

@@ -32,7 +32,7 @@ from megapairs_assets.generation.store import (
     StoredResponse,
 )
 from megapairs_assets.lib.progress import Progress, ProgressCallback
-from megapairs_assets.lineage.catalog import IncompleteCommitError
+from megapairs_assets.lineage.catalog import IncompleteCommitError, NotMaterializedError
 
 
 @dataclass
@@ -323,7 +323,12 @@ def prefetch_shards(
     for shard in shards:
         try:
             requests, store = plan_shard(shard)
-        except (OSError, IncompleteCommitError, pl.exceptions.PolarsError) as error:
+        except (
+            OSError,
+            IncompleteCommitError,
+            NotMaterializedError,
+            pl.exceptions.PolarsError,
+        ) as error:
             if log is not None:
                 log(f"prefetch skips {shard}: {error}")
             continue

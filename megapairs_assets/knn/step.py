@@ -221,6 +221,7 @@ def read_knn_tables(
             source.knn_asset,
             [shard],
             lambda source=source: read_parquet(layout.shard_table(source.knn_asset, shard)),
+            required=True,
         )
         tables[source.name] = frame
         versions[f"{source.knn_asset}/{shard}"] = read.get(shard, "unknown")

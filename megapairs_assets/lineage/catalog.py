@@ -97,6 +97,10 @@ STATUS_PENDING, STATUS_COMPLETE, STATUS_FAILED = "pending", "complete", "failed"
 STATUS_RETIRED = "retired"
 
 
+class NotMaterializedError(RuntimeError):
+    """A step's upstream partition has never been materialized."""
+
+
 class CatalogBusyError(RuntimeError):
     """The catalog could not be opened within the timeout."""
 
@@ -666,12 +670,23 @@ def read_with_versions(
     partitions: list[str],
     read: Any,
     attempts: int = 3,
+    required: bool = False,
 ) -> tuple[Any, dict[str, str]]:
     """Call `read()` and return its value with the versions of exactly what it read.
 
     The versions are looked up before and after the read; if another run replaced one of the
     tables meanwhile, the read is repeated (a reader never records a version it did not read).
+    `required`: every partition must have been materialized, else `NotMaterializedError`
+    names them before anything is read (a step's own upstream partition, say).
     """
+    if required:
+        missing = sorted(set(partitions) - set(catalog.read_versions(asset, partitions)))
+        if missing:
+            raise NotMaterializedError(
+                f"{asset} {', '.join(missing)}: not materialized (no record in the lineage "
+                f"catalog); materialize {asset} for these partitions first, or run a job that "
+                "includes it (e.g. mine_and_generate)"
+            )
     for _ in range(attempts):
         before = catalog.read_versions(asset, partitions)
         value = read()
