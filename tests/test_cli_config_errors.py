@@ -89,3 +89,23 @@ def test_a_data_root_that_cannot_hold_files_is_a_configuration_error(
     err = capsys.readouterr().err
     assert "configuration error: the data root's data folder" in err and "cannot hold files" in err
     assert "Traceback" not in err
+
+
+def test_a_reader_that_goes_away_ends_the_command_without_a_traceback(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import importlib
+
+    lineage_cli = importlib.import_module("megapairs_assets.cli.lineage")
+    cli_main = importlib.import_module("megapairs_assets.cli.main")
+
+    def output_to_a_closed_pipe(args) -> int:
+        raise BrokenPipeError(32, "Broken pipe")  # what print() raises under `| head`
+
+    redirected: list[int] = []
+    monkeypatch.setattr(lineage_cli, "cmd_lineage", output_to_a_closed_pipe)
+    monkeypatch.setattr(cli_main.os, "dup2", lambda source, target: redirected.append(target))
+    monkeypatch.setattr(cli_main.sys.stdout, "fileno", lambda: 1, raising=False)
+    assert main(["lineage", "anything"]) == 1
+    assert redirected == [1]  # stdout now points at /dev/null for the final flush
+    assert "Traceback" not in capsys.readouterr().err

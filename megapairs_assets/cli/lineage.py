@@ -1,4 +1,4 @@
-"""`megapairs lineage <id>`: print the chain behind a pair, an image or a source uri."""
+"""`megapairs lineage <id>`: print the chain behind a triplet, a pair, an image or a source uri."""
 
 from __future__ import annotations
 
@@ -32,7 +32,8 @@ def cmd_lineage(args: argparse.Namespace) -> int:
     )
     if report is None:
         print(
-            f"{args.id!r} is not a pair id, an image id or a source uri in {catalog_path}",
+            f"{args.id!r} is not a triplet id, a pair id, an image id or a source uri in "
+            f"{catalog_path}",
             file=sys.stderr,
         )
         return 1
@@ -51,14 +52,15 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Add the `lineage` subcommand to the `megapairs` parser."""
     lineage = subparsers.add_parser(
         "lineage",
-        help="print the chain behind a pair id, an image id or a source uri",
+        help="print the chain behind a triplet id, a pair id, an image id or a source uri",
         description=(
-            "Print what produced a mined pair or an image: the materializations behind it, an "
-            "image's pairs and the stages that skipped it. The id may be a pair id, an image "
-            "id (00000/000000000), a source uri, or the end of one (00000.tar#000000000.jpg)."
+            "Print what produced a triplet, a mined pair or an image: the materializations "
+            "behind it, an image's pairs and the stages that skipped it. The id may be a "
+            "triplet id (t-...), a pair id, an image id (00000/000000000), a source uri, or "
+            "the end of one (00000.tar#000000000.jpg)."
         ),
     )
-    lineage.add_argument("id", help="pair id, image id, source uri or its end")
+    lineage.add_argument("id", help="triplet id, pair id, image id, source uri or its end")
     pages = lineage.add_mutually_exclusive_group()
     pages.add_argument(
         "--limit",

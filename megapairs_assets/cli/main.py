@@ -41,6 +41,11 @@ def main(argv: list[str] | None = None) -> int:
         # A setting the user got wrong: the message says what to change; no traceback.
         print(f"megapairs {args.command}: configuration error: {error}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        # The reader of our output went away (`| head`): not a failure worth a traceback.
+        # Point stdout at /dev/null so the interpreter's final flush does not raise again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
 
 
 if __name__ == "__main__":
