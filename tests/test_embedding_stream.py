@@ -127,16 +127,22 @@ def test_a_shard_without_its_corpus_table_fails_alone(tmp_path: Path) -> None:
     from megapairs_assets.embeddings.sources import SOURCES
     from megapairs_assets.embeddings.step import EmbeddingRun, embed_shards
     from megapairs_assets.lib.storage import DataLayout, write_parquet_atomic
-    from megapairs_assets.lineage.catalog import LineageCatalog
+    from megapairs_assets.lineage.catalog import (
+        LineageCatalog,
+        MaterializationRecord,
+        NotMaterializedError,
+        utc_now,
+    )
 
     layout = DataLayout(tmp_path / "home")
     catalog = LineageCatalog(layout.catalog_path)
     for shard in ("00000", "00002"):
         rows = _shard(tmp_path, f"s{shard}", 3).with_columns(pl.col("image_id").alias("key"))
         write_parquet_atomic(rows, layout.corpus_images(shard))
+        catalog.record(MaterializationRecord("image_corpus", shard, "r", "v", "t", utc_now(), 0))
     run = EmbeddingRun(SOURCES[0], IMAGE_ENCODER, 2, 0, CPU, torch.float32, LIMITS)
     stream = StepStream(embed_shards(["00000", "00001", "00002"], run, layout, catalog))
     assert stream("00000").row_counts["embedded"] == 3
     assert layout.shard_table(SOURCES[0].embedding_asset, "00000").exists()
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(NotMaterializedError, match="image_corpus 00001: not materialized"):
         stream("00001")
