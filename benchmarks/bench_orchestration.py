@@ -193,7 +193,12 @@ def run_direct(home: Path, corpus_dir: Path) -> dict[str, Any]:
     def recorded(asset: str, step: Callable[[str], Any]) -> Any:
         started = time.perf_counter()
         result = run_recorded(
-            step, SHARD, asset=asset, code_version="bench", run_id="direct", profile="demo",
+            step,
+            SHARD,
+            asset=asset,
+            code_version="bench",
+            run_id="direct",
+            profile="demo",
             catalog=catalog,
         )
         stages[asset] = time.perf_counter() - started
@@ -207,8 +212,13 @@ def run_direct(home: Path, corpus_dir: Path) -> dict[str, Any]:
         encoder_resource = resources[sim.encoder_key]
         started = time.perf_counter()
         run = EmbeddingRun(
-            sim, encoder_resource.load(device, dtype), encoder_resource.batch_size,
-            encoder_resource.num_workers, device, dtype, limits,
+            sim,
+            encoder_resource.load(device, dtype),
+            encoder_resource.batch_size,
+            encoder_resource.num_workers,
+            device,
+            dtype,
+            limits,
         )
         load_s = time.perf_counter() - started
         recorded(sim.embedding_asset, lambda s, run=run: embed_shard(s, run, layout, catalog, log))

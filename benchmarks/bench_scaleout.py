@@ -353,9 +353,7 @@ def demo_part(args: argparse.Namespace) -> None:
     import pgserver
 
     repo = Path(__file__).resolve().parents[1]
-    base_env = {
-        k: v for k, v in os.environ.items() if not k.startswith(("MEGAPAIRS_", "DAGSTER_"))
-    }
+    base_env = {k: v for k, v in os.environ.items() if not k.startswith(("MEGAPAIRS_", "DAGSTER_"))}
     with tempfile.TemporaryDirectory(prefix="bench-scaleout-demo-") as folder:
         root = Path(folder)
         embedded_env = {**base_env, "MEGAPAIRS_HOME": str(root / "embedded")}
@@ -365,9 +363,9 @@ def demo_part(args: argparse.Namespace) -> None:
         try:
             socket_dir = parse_qs(urlparse(server.get_uri()).query)["host"][0]
             with moto_s3_server() as endpoint_url:
-                boto3.client(
-                    "s3", endpoint_url=endpoint_url, **_boto_credentials()
-                ).create_bucket(Bucket="bench")
+                boto3.client("s3", endpoint_url=endpoint_url, **_boto_credentials()).create_bucket(
+                    Bucket="bench"
+                )
                 dagster_home = root / "dagster"
                 dagster_home.mkdir()
                 (dagster_home / "dagster.yaml").write_text(
@@ -418,9 +416,7 @@ def _boto_credentials() -> dict[str, str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--part", choices=("lineage", "data-root", "demo", "all"), default="all"
-    )
+    parser.add_argument("--part", choices=("lineage", "data-root", "demo", "all"), default="all")
     parser.add_argument("--until", default="mine", help="demo part: the last phase to run")
     parser.add_argument("--writers", type=int, default=8)
     parser.add_argument("--writes", type=int, default=10, help="materializations per writer")

@@ -234,9 +234,7 @@ def embedding_stage(
             # Rows a random-weight model turns into NaN or inf, on CPU-decoded input.
             figures["forward_nonfinite_rows"] = int((~torch.isfinite(raw).all(dim=1)).sum())
             if device.type == "cuda" and source == "clip_image":
-                figures["unpadded_mlp"] = unpadded_mlp_comparison(
-                    spec, batches, raw, device, dtype
-                )
+                figures["unpadded_mlp"] = unpadded_mlp_comparison(spec, batches, raw, device, dtype)
             del batches, raw
         rows_done, device_decoded, nonfinite, failed = 0, 0, 0, set()
         # All shards through one input stream, as the asset's `embed_shards` runs them.

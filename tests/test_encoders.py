@@ -81,7 +81,7 @@ def test_paper_models_validate_from_the_local_cache_without_loading_weights(
     image = EncoderSpec("open_clip_image", "EVA02-L-14", pretrained="merged2b_s4b_b131k", dim=768)
     text = EncoderSpec("open_clip_text", "EVA02-L-14", pretrained="merged2b_s4b_b131k", dim=768)
     # Weights not on this machine: refused before any work, never downloaded.
-    with pytest.raises(ConfigurationError, match="not in the local cache.*nothing is downloaded"):
+    with pytest.raises(ConfigurationError, match=r"not in the local cache.*nothing is downloaded"):
         validate_encoder_spec(image)
     # The layout the hub client leaves behind (refs/main -> snapshots/<commit>/<file>).
     repo = empty_hf_cache / "models--timm--eva02_large_patch14_clip_224.merged2b_s4b_b131k"

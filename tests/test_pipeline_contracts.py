@@ -273,9 +273,7 @@ def test_automation_requests_dependants_of_a_changed_partition(graph) -> None:
     assert before.get_num_requested(dg.AssetKey("clip_image_embeddings")) == 0
     # Re-materialize one shard's corpus: its embeddings are now stale, the others are not.
     assert run_shards(defs, instance, ["00001"], job_name="corpus_only").success
-    after = dg.evaluate_automation_conditions(
-        defs=defs, instance=instance, cursor=before.cursor
-    )
+    after = dg.evaluate_automation_conditions(defs=defs, instance=instance, cursor=before.cursor)
     for source in ("clip_image", "dino_image", "caption_text"):
         key = dg.AssetKey(f"{source}_embeddings")
         assert after.get_requested_partitions(key) == {"00001"}
@@ -305,17 +303,20 @@ def test_check_command_on_existing_data(graph, tmp_path: Path, capsys, monkeypat
     path = layout.shard_table("dino_image_knn", "00002")
     knn = pl.read_parquet(path)
     knn.with_columns(
-        pl.when(pl.int_range(pl.len()) == 0).then(pl.col("query_id")).otherwise(
-            pl.col("neighbor_id")
-        ).alias("neighbor_id")
+        pl.when(pl.int_range(pl.len()) == 0)
+        .then(pl.col("query_id"))
+        .otherwise(pl.col("neighbor_id"))
+        .alias("neighbor_id")
     ).write_parquet(path)
     # An out-of-band pair in 00000.
     path = layout.shard_table("mined_image_pairs", "00000")
     pairs = pl.read_parquet(path)
     pairs.with_columns(
-        pl.when(pl.int_range(pl.len()) == 0).then(pl.lit(0.01)).otherwise(
-            pl.col("score_caption_text")
-        ).cast(pairs["score_caption_text"].dtype).alias("score_caption_text")
+        pl.when(pl.int_range(pl.len()) == 0)
+        .then(pl.lit(0.01))
+        .otherwise(pl.col("score_caption_text"))
+        .cast(pairs["score_caption_text"].dtype)
+        .alias("score_caption_text")
     ).write_parquet(path)
 
     assert megapairs(["check", "--existing", "--home", str(copy)]) == 1

@@ -76,8 +76,16 @@ def test_removed_shards_leave_the_partition_set_and_their_lineage_retires(tmp_pa
     _apply(instance, _evaluate(instance, corpus))
     catalog = LineageCatalog(tmp_path / "catalog.duckdb")
     record = MaterializationRecord("image_corpus", "00001", "r", "v", "demo", utc_now(), 0.0)
-    row = {"image_id": "00001/a", "shard": "00001", "key": "a", "source_uri": "u",
-           "caption": "c", "content_hash": "h", "width": 16, "height": 16}
+    row = {
+        "image_id": "00001/a",
+        "shard": "00001",
+        "key": "a",
+        "source_uri": "u",
+        "caption": "c",
+        "content_hash": "h",
+        "width": 16,
+        "height": 16,
+    }
     catalog.record(record, rows={"image_lineage": pl.DataFrame([row])})
 
     (corpus / "00001.tar").unlink()
