@@ -174,9 +174,13 @@ def test_finished_run_is_not_trained_again_and_new_data_starts_over(
     layout = DataLayout(tmp_path / "home")
     with OneThread():
         first = train_checkpoint("again", config, [triplets], layout, input_versions={"t/0": "a"})
-        again = train_checkpoint("again", config, [triplets], layout, input_versions={"t/0": "a"})
-        fresh = train_checkpoint("again", config, [triplets], layout, input_versions={"t/0": "b"})
+        # The same rows under a new materialization (a re-run upstream): nothing to train.
+        again = train_checkpoint("again", config, [triplets], layout, input_versions={"t/0": "b"})
+        changed = pl.read_parquet(triplets).reverse()  # other data order: other training
+        changed.write_parquet(triplets)
+        fresh = train_checkpoint("again", config, [triplets], layout, input_versions={"t/0": "c"})
     assert again.metadata["resumed_from_step"] == 4
+    assert again.input_versions == {"t/0": "b"}  # lineage still names what was read
     assert read_loss_curve(again.outputs["loss_curve"]).height == 4
     assert fresh.metadata["resumed_from_step"] == 0
     assert first.metadata["fingerprint"] != fresh.metadata["fingerprint"]
