@@ -59,3 +59,30 @@ def test_a_killed_run_is_marked_failed_and_its_pool_slot_freed(tmp_path: Path, m
     # The pool takes the next run's step at once.
     finished = subprocess.run([sys.executable, str(script), "0"], timeout=120, check=False)
     assert finished.returncode == 0
+
+
+def test_unblock_releases_a_killed_run_from_the_command_line(
+    tmp_path: Path, monkeypatch, capsys
+) -> None:
+    from megapairs_assets.cli.main import main
+
+    home = tmp_path / "home" / "dagster"
+    home.mkdir(parents=True)
+    (home / "dagster.yaml").write_text(DAGSTER_YAML)
+    monkeypatch.setenv("MEGAPAIRS_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("DAGSTER_HOME", str(home))
+    monkeypatch.delenv("MEGAPAIRS_DEPLOYMENT", raising=False)
+    script = tmp_path / "sleeper.py"
+    script.write_text(SLEEPER)
+    instance = _instance(home)
+    sleeper = subprocess.Popen([sys.executable, str(script), "60"])
+    deadline = time.monotonic() + 60
+    while not instance.event_log_storage.get_concurrency_run_ids():
+        assert time.monotonic() < deadline, "the step never claimed its slot"
+        time.sleep(0.2)
+    sleeper.kill()
+    sleeper.wait()
+    assert main(["unblock"]) == 0
+    out = capsys.readouterr().out
+    assert "process is gone" in out and out.rstrip().endswith(f"1 runs released ({home})")
+    assert not instance.event_log_storage.get_concurrency_run_ids()

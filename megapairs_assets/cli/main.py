@@ -15,7 +15,7 @@ from megapairs_assets.lib.errors import ConfigurationError
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 # Subcommand modules, in the order `megapairs --help` lists them.
-SUBCOMMANDS = ("demo", "check", "lineage", "ui", "config")
+SUBCOMMANDS = ("demo", "check", "lineage", "ui", "config", "unblock")
 
 
 def build_parser() -> argparse.ArgumentParser:
