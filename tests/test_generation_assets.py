@@ -3,6 +3,8 @@ resource round-trips its profiles, and the triplets page shows readable examples
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import dagster as dg
 import pytest
 from fault_server import ChatServer
@@ -14,6 +16,7 @@ from megapairs_assets.generation.resource import (
     demo_generation_resource,
     paper_generation_resource,
 )
+from megapairs_assets.lib.errors import ConfigurationError
 from megapairs_assets.orchestration.partitions import SHARD_PARTITIONS_NAME
 from resources.storage import LineageCatalogResource, StorageResource
 
@@ -78,3 +81,25 @@ def test_a_bad_template_name_fails_before_any_work(tmp_path):
     with pytest.raises(dg.DagsterResourceFunctionError) as raised:
         dg.materialize([probe], resources={"generation": bad})
     assert "no prompt file" in str(raised.value.__cause__)
+
+
+def test_a_template_with_an_unknown_placeholder_fails_before_any_work(tmp_path):
+    shipped = Path(__file__).resolve().parents[1] / "megapairs_assets/generation/prompts"
+    typo = tmp_path / "describe_typo.toml"
+    text = (shipped / "describe_captions.toml").read_text(encoding="utf-8")
+    typo.write_text(text.replace("{target_caption}", "{target_captoin}"), encoding="utf-8")
+    bad = GenerationResource.from_settings(
+        with_template(http_settings("http://127.0.0.1:9/v1"), "describe", str(typo))
+    )
+
+    @dg.asset
+    def probe(generation: GenerationResource) -> None:
+        return None
+
+    with pytest.raises(dg.DagsterResourceFunctionError) as raised:
+        dg.materialize([probe], resources={"generation": bad})
+    cause = raised.value.__cause__
+    assert isinstance(cause, ConfigurationError), cause
+    message = str(cause)
+    assert str(typo) in message and "{target_captoin}" in message
+    assert "{query_caption}, {target_caption}, {word_num}" in message

@@ -142,8 +142,24 @@ def test_failed_requests_are_retried_on_later_runs_then_quarantined(tmp_path):
 def test_a_down_backend_fails_the_step_loudly_after_keeping_what_finished(tmp_path):
     world = make_world(tmp_path, pairs_per_shard=(4,))
     settings = http_settings("http://127.0.0.1:9/v1", max_retries=1)
-    with pytest.raises(GenerationStepError, match="4 of 4 model calls failed"):
+    with pytest.raises(GenerationStepError, match="4 of 4 model calls failed") as raised:
         describe_pairs_for_shard("00000", world.layout, world.catalog, settings)
+    # Why, and which server, without opening the response store.
+    assert (
+        "last error: gave up after 2 tries: connection to http://127.0.0.1:9/v1/chat/completions:"
+        " ConnectError: [Errno 111] Connection refused;" in str(raised.value)
+    )
+
+
+def test_a_failing_step_quotes_the_servers_answer(tmp_path):
+    world = make_world(tmp_path, pairs_per_shard=(3,))
+    with ChatServer(faults={"Compare the two images": ["400"] * 100}) as server:
+        settings = http_settings(server.base_url)
+        with pytest.raises(GenerationStepError) as raised:
+            describe_pairs_for_shard("00000", world.layout, world.catalog, settings)
+    message = str(raised.value)
+    assert "3 of 3 model calls failed" in message
+    assert f"last error: HTTP 400 from {server.base_url}/chat/completions" in message
 
 
 _CHILD = textwrap.dedent(

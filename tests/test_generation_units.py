@@ -30,6 +30,9 @@ from megapairs_assets.generation.parsing import (
 )
 from megapairs_assets.generation.prompts import (
     DEMO_POOL_SIZE,
+    PROMPTS_DIR,
+    TEMPLATE_PLACEHOLDERS,
+    TemplateError,
     demo_ids_for,
     describe_messages,
     instruction_messages,
@@ -97,6 +100,75 @@ def test_messages_carry_word_num_images_and_demonstrations_as_turns():
     assert [m["role"] for m in chat] == ["system"] + ["user", "assistant"] * 5 + ["user"]
     assert json.loads(chat[2]["content"]) == list(demos[0].instructions)
     assert "between 3 and 5" in chat[0]["content"]
+
+
+def test_every_shipped_template_loads():
+    shipped = sorted(PROMPTS_DIR.glob("*.toml"))
+    assert len(shipped) >= 3
+    for path in shipped:
+        assert load_template(path).step in TEMPLATE_PLACEHOLDERS
+
+
+_DESCRIBE = """id = "t"
+version = 1
+step = "describe"
+input_mode = "captions"
+user_parts = [{{ text = {text!r} }}]
+"""
+_INSTRUCT = """id = "t"
+version = 1
+step = "instruct"
+input_mode = "text"
+min_instructions = 3
+max_instructions = 5
+system = {system!r}
+demo_user = "Description: {{description}}"
+user = {user!r}
+"""
+
+
+def test_template_placeholders_are_checked_when_loaded(tmp_path):
+    def template(name: str, body: str):
+        path = tmp_path / f"{name}.toml"
+        path.write_text(body, encoding="utf-8")
+        return path
+
+    # Every allowed placeholder renders, and doubled braces stay literal braces.
+    every = template(
+        "every",
+        _DESCRIBE.format(text='{word_num} {query_caption} {target_caption} {{"json": 1}}'),
+    )
+    rendered = describe_messages(load_template(every), 70, "a cat", "a dog")[-1]["content"]
+    assert rendered == '70 a cat a dog {"json": 1}'
+    chat = instruction_messages(
+        load_template(
+            template(
+                "every_instruct",
+                _INSTRUCT.format(
+                    system="{min_instructions}-{max_instructions} {{x}}", user="{description}"
+                ),
+            )
+        ),
+        "D",
+        [],
+    )
+    assert chat[0]["content"] == "3-5 {x}" and chat[-1]["content"] == "D"
+
+    typo = template("typo", _DESCRIBE.format(text="{word_num} {target_captoin} {0} {x.y}"))
+    with pytest.raises(TemplateError) as raised:
+        load_template(typo)
+    message = str(raised.value)
+    assert str(typo) in message and "{target_captoin}" in message and "{x}" in message
+    assert "{0}" in message and "{word_num}," not in message.split("allows")[0]
+    assert "allows {query_caption}, {target_caption}, {word_num}" in message
+    # A placeholder of another step is unknown here too.
+    wrong_step = template(
+        "wrong_step", _INSTRUCT.format(system="{description}", user="{description}")
+    )
+    with pytest.raises(TemplateError, match=r"\{description\} in system; the instruct step allows"):
+        load_template(wrong_step)
+    with pytest.raises(TemplateError, match="Single '}'"):
+        load_template(template("unbalanced", _DESCRIBE.format(text="{word_num}} words")))
 
 
 def test_request_key_changes_with_each_ingredient():

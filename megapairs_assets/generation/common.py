@@ -181,12 +181,14 @@ def sampling_json(sampling: Mapping[str, Any]) -> str:
 def raise_if_backend_failing(
     stats: RunStats, max_failure_fraction: float, step: str, shard: str
 ) -> None:
-    """Fail the step when the model calls of this run mostly failed (finished ones are kept)."""
+    """Fail the step when the model calls of this run mostly failed (finished ones are kept);
+    the error quotes the last failure, which names the server it came from."""
     if stats.calls and stats.failed / stats.calls > max_failure_fraction:
+        last_error = (stats.last_error or "unknown")[:_DETAIL_CHARS]
         raise GenerationStepError(
             f"{step} {shard}: {stats.failed} of {stats.calls} model calls failed (more than "
-            f"{max_failure_fraction:.0%}); finished responses are cached, so a re-run "
-            "resumes once the backend is healthy"
+            f"{max_failure_fraction:.0%}); last error: {last_error}; finished responses are "
+            "cached, so a re-run resumes once the backend is healthy"
         )
 
 

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
+import string
 import tomllib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -29,6 +31,19 @@ PROMPTS_DIR = Path(__file__).resolve().parent / "prompts"
 DEFAULT_DEMO_POOL = "instruction_demos.jsonl"
 WORD_NUM_RANGE = (60, 100)  # method.md §4: uniform per request, bounds included
 DEMO_POOL_SIZE = 50
+
+# The placeholders each formatted field of a step's template may use: the values that step's
+# message builder (`describe_messages`, `instruction_messages`) fills in. Anything else is a
+# typo that would otherwise surface as a bare KeyError once the step builds its requests.
+TEMPLATE_PLACEHOLDERS: dict[str, dict[str, frozenset[str]]] = {
+    "describe": {"user_parts": frozenset({"word_num", "query_caption", "target_caption"})},
+    "instruct": {
+        "system": frozenset({"min_instructions", "max_instructions"}),
+        "demo_user": frozenset({"description"}),
+        "user": frozenset({"description"}),
+    },
+}
+_FIELD_NAME_END = re.compile(r"[.\[]")
 
 # A chat message in the OpenAI shape. Image parts are kept symbolic until a backend renders
 # them: {"type": "image", "ref": "query" | "target"}; every backend decides how to send pixels.
@@ -83,6 +98,7 @@ def _load_template_cached(path: Path, mtime_ns: int) -> PromptTemplate:
             raise TemplateError(f"template {path} lacks {required!r}")
     if raw["input_mode"] not in ("images", "captions", "text"):
         raise TemplateError(f"template {path}: unknown input_mode {raw['input_mode']!r}")
+    _check_placeholders(path, raw)
     return PromptTemplate(
         id=str(raw["id"]),
         version=int(raw["version"]),
@@ -91,6 +107,58 @@ def _load_template_cached(path: Path, mtime_ns: int) -> PromptTemplate:
         fields=raw,
         hash=content_hash(raw),
     )
+
+
+def _check_placeholders(path: Path, raw: Mapping[str, Any]) -> None:
+    """Refuse a template whose formatted text names a placeholder its step does not fill in
+    (or whose braces do not parse); `{{` and `}}` stay literal braces."""
+    step = raw["step"]
+    if step not in TEMPLATE_PLACEHOLDERS:
+        raise TemplateError(
+            f"template {path}: unknown step {step!r}; known: {', '.join(TEMPLATE_PLACEHOLDERS)}"
+        )
+    for field_name, allowed in TEMPLATE_PLACEHOLDERS[step].items():
+        unknown: set[str] = set()
+        for text in _formatted_texts(path, raw, field_name):
+            try:
+                unknown |= _placeholders(text) - allowed
+            except ValueError as error:
+                raise TemplateError(
+                    f"template {path}: {field_name}: {error} (write {{{{ and }}}} for literal "
+                    "braces)"
+                ) from error
+        if unknown:
+            named = ", ".join(f"{{{name}}}" for name in sorted(unknown))
+            allows = ", ".join(f"{{{name}}}" for name in sorted(allowed))
+            raise TemplateError(
+                f"template {path}: unknown placeholder(s) {named} in {field_name}; the {step} "
+                f"step allows {allows} (write {{{{ and }}}} for literal braces)"
+            )
+
+
+def _formatted_texts(path: Path, raw: Mapping[str, Any], field_name: str) -> list[str]:
+    """The strings of a template field that get `.format`ted (a user_parts list holds them in
+    its text parts)."""
+    if field_name not in raw:
+        raise TemplateError(f"template {path} lacks {field_name!r}")
+    value = raw[field_name]
+    if field_name != "user_parts":
+        return [str(value)]
+    if not isinstance(value, list):
+        raise TemplateError(f"template {path}: user_parts must be a list of tables")
+    return [str(part["text"]) for part in value if isinstance(part, dict) and "text" in part]
+
+
+def _placeholders(text: str) -> set[str]:
+    """The names `str.format` looks up in text (`{a.b}` and `{a[0]}` name `a`; `{}` names "")."""
+    names: set[str] = set()
+    for _, field_name, format_spec, _ in string.Formatter().parse(text):
+        if field_name is None:
+            continue
+        names.add(_FIELD_NAME_END.split(field_name, maxsplit=1)[0])
+        if format_spec:
+            names |= _placeholders(format_spec)  # `{x:{width}}` looks up `width` too
+    return names
 
 
 def load_template(name_or_path: str | Path) -> PromptTemplate:

@@ -48,11 +48,18 @@ class RunStats:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     elapsed_s: float = 0.0
+    # The error of the most recent failed call (the backend's message names the server), so a
+    # failing step can say why without anyone opening the response store.
+    last_error: str | None = None
 
     def add(self, other: RunStats) -> RunStats:
-        """Sum of two runs' figures (e.g. model and heuristic requests of one step)."""
-        merged = {key: value + getattr(other, key) for key, value in asdict(self).items()}
-        return RunStats(**merged)
+        """Sum of two runs' figures (e.g. model and heuristic requests of one step); the later
+        run's last error wins."""
+        merged = {key: value + getattr(other, key) for key, value in self._counts().items()}
+        return RunStats(**merged, last_error=other.last_error or self.last_error)
+
+    def _counts(self) -> dict[str, int | float]:
+        return {key: value for key, value in asdict(self).items() if key != "last_error"}
 
     @property
     def rows_per_s(self) -> float:
@@ -60,7 +67,7 @@ class RunStats:
         return self.requests / self.elapsed_s if self.elapsed_s > 0 else 0.0
 
     def as_metadata(self) -> dict[str, int | float]:
-        values: dict[str, int | float] = dict(asdict(self))
+        values = self._counts()
         values["rows_per_s"] = round(self.rows_per_s, 2)
         values["elapsed_s"] = round(self.elapsed_s, 3)
         return values
@@ -184,6 +191,7 @@ def run_routed(
                     stats.completion_tokens += result.completion_tokens
                 else:
                     stats.failed += 1
+                    stats.last_error = result.error
                     if not record_failures:
                         continue
                 for store in stores_of[result.key]:

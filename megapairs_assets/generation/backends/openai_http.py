@@ -261,7 +261,9 @@ class OpenAIHttpBackend:
         except (TimeoutError, httpx2.TimeoutException) as error:
             raise RetryableError(f"timeout from {url} ({type(error).__name__})") from error
         except httpx2.TransportError as error:
-            raise RetryableError(f"connection to {url}: {type(error).__name__}: {error}") from error
+            raise RetryableError(
+                f"connection to {url}: {type(error).__name__}: {_transport_reason(error)}"
+            ) from error
         status = response.status_code
         snippet = response.text[:_BODY_SNIPPET_CHARS]
         if status == 429 or status >= 500:
@@ -279,3 +281,16 @@ class OpenAIHttpBackend:
         except (ValueError, KeyError, IndexError, TypeError) as error:
             raise RetryableError(f"malformed response from {url}: {snippet!r}") from error
         return data
+
+
+def _transport_reason(error: BaseException) -> str:
+    """Why a connection failed, from the operating system when it said: httpx reports a refused
+    connection only as "All connection attempts failed", with the errno buried in its causes."""
+    cause: BaseException | None = error
+    seen: set[int] = set()
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        if isinstance(cause, OSError) and cause.errno:
+            return f"[Errno {cause.errno}] {os.strerror(cause.errno)}"
+        cause = cause.__cause__ or cause.__context__
+    return str(error)
