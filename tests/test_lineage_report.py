@@ -132,7 +132,27 @@ def home(tmp_path_factory: pytest.TempPathFactory) -> Path:
     for index in range(MAX_INPUTS_SHOWN + EXTRA_INPUTS - 1):
         name = f"extra_input_{index}"
         inputs[f"{name}/{SHARD}"] = record(catalog, name)
-    record(catalog, "mined_image_pairs", inputs=inputs, rows={PAIR_LINEAGE.name: pair_rows(images)})
+    pairs = record(
+        catalog, "mined_image_pairs", inputs=inputs, rows={PAIR_LINEAGE.name: pair_rows(images)}
+    )
+    # Generation dropped one pair (its quarantine rows are keyed by pair id).
+    record(
+        catalog,
+        "pair_descriptions",
+        inputs={f"mined_image_pairs/{SHARD}": pairs},
+        rows={
+            "quarantine_log": pl.DataFrame(
+                {
+                    "stage": ["pair_descriptions"],
+                    "shard": [SHARD],
+                    "key": ["pair0003"],
+                    "source_uri": [None],  # kept out of the image reports other tests read
+                    "reason": ["request_quarantined"],
+                    "detail": ["attempt 3/3: ConnectError"],
+                }
+            )
+        },
+    )
     return tmp_path
 
 
@@ -148,6 +168,13 @@ def listed_pairs(text: str) -> list[str]:
 
 def chain_lines(text: str, asset_prefix: str) -> list[str]:
     return re.findall(rf"^ +{asset_prefix}\w*\[", text, flags=re.MULTILINE)
+
+
+def test_a_pair_report_says_which_stage_dropped_the_pair(home: Path) -> None:
+    dropped = report(home, "pair0003")
+    reason = "request_quarantined (attempt 3/3: ConnectError)"
+    assert f"dropped by pair_descriptions: {reason}" in dropped
+    assert "dropped by" not in report(home, "pair0004")
 
 
 def test_an_image_lists_a_page_of_its_pairs_and_says_how_to_see_more(home: Path) -> None:

@@ -165,6 +165,13 @@ def _pair_report(
             focus={pair["query_id"].split("/")[0], pair["target_id"].split("/")[0]},
         ),
     ]
+    # A later stage that dropped the pair (generation keys its quarantine rows by pair id).
+    dropped = _quarantine_rows(
+        reader, tables, "shard = ? AND key = ?", [pair["shard"], pair["pair_id"]]
+    )
+    for row in dropped.iter_rows(named=True):
+        lines.append(f"  dropped by {row['stage']}: {row['reason']} ({row['detail']})")
+        lines += _materialization_chain(reader, row["materialization_id"], 4, options)
     if "image_lineage" in tables:
         for role in ("query_id", "target_id"):
             image = reader.query("SELECT * FROM image_lineage WHERE image_id = ?", [pair[role]])
