@@ -10,13 +10,16 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_training_support import OneThread, tiny_config, write_triplets
 
 from megapairs_assets.cli.main import main
 from megapairs_assets.demo.models import DEMO_CLIP_MODEL
 from megapairs_assets.evaluation.run import EvaluationSettings, Skipped
 from megapairs_assets.lib import open_clip_weights
 from megapairs_assets.lib.errors import ConfigurationError
-from megapairs_assets.retriever.model import load_retriever
+from megapairs_assets.lib.storage import DataLayout
+from megapairs_assets.retriever.model import load_retriever, load_retriever_spec, spec_from_argument
+from megapairs_assets.training.train import train_checkpoint
 
 
 @pytest.fixture
@@ -89,6 +92,73 @@ def test_a_torch_file_that_is_not_a_state_dict_is_refused_by_name(
     torch.save([1, 2, 3], path)  # a real torch.save file, but no weights in it
     assert _eval("--retriever", str(path), "--benchmark", "heldout") == 2
     _one_configuration_line(capsys.readouterr().err, str(path), "expected a state dict")
+
+
+# --- 1b. training's Lightning checkpoint ---------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory, demo_models_dir: Path) -> dict[str, Path]:
+    """A real (two-step) training run's outputs: its Lightning checkpoint and open_clip export."""
+    root = tmp_path_factory.mktemp("trained")
+    triplets = write_triplets(root, rows=4, images=8)
+    config = tiny_config(demo_models_dir, max_steps=2, checkpoint_every_n_steps=100)
+    with OneThread():
+        result = train_checkpoint("demo", config, [triplets], DataLayout(root / "home"))
+    return result.outputs
+
+
+def test_a_lightning_training_checkpoint_loads_as_its_trained_open_clip_model(
+    home: Path, trained: dict[str, Path], capsys: pytest.CaptureFixture
+) -> None:
+    ckpt = trained["lightning_checkpoint"]
+    # No default model: the architecture comes from the checkpoint itself.
+    spec = spec_from_argument(str(ckpt))
+    assert spec.model_name == DEMO_CLIP_MODEL
+    cpu = torch.device("cpu")
+    from_ckpt = load_retriever_spec(spec, cpu, torch.float32)
+    exported = load_retriever_spec(
+        spec_from_argument(str(trained["open_clip_dir"])), cpu, torch.float32
+    )
+    texts = ["a red chair", "two dogs"]
+    assert torch.equal(
+        torch.from_numpy(from_ckpt.encode_texts(texts)),
+        torch.from_numpy(exported.encode_texts(texts)),
+    )
+    # Through the CLI it gets as far as the benchmark (no triplets here: skipped, exit 3).
+    assert _eval("--retriever", str(ckpt), "--benchmark", "heldout") == 3
+    err = capsys.readouterr().err
+    assert "configuration error" not in err and "initialized randomly" not in err
+
+
+def test_a_renamed_lightning_state_dict_is_one_short_line_naming_the_prefix(
+    home: Path, tmp_path: Path, trained: dict[str, Path], capsys: pytest.CaptureFixture
+) -> None:
+    state = torch.load(trained["lightning_checkpoint"], weights_only=True)["state_dict"]
+    path = tmp_path / "weights.pt"
+    torch.save(state, path)  # the module's keys (`clip.`...), without Lightning's wrapper
+    assert _eval("--retriever", f"{DEMO_CLIP_MODEL}@{path}", "--benchmark", "heldout") == 2
+    err = capsys.readouterr().err
+    _one_configuration_line(
+        err, f"{len(state)} missing keys", "extra 'clip.' prefix", "training checkpoint's folder"
+    )
+    assert len(err) < 1200 and err.count("clip.") <= 4, err
+
+
+def test_a_lightning_checkpoint_of_another_architecture_lists_a_few_keys(
+    home: Path, trained: dict[str, Path], capsys: pytest.CaptureFixture
+) -> None:
+    checkpoint = torch.load(trained["lightning_checkpoint"], weights_only=True)
+    state = checkpoint["state_dict"]
+    dropped = sorted(state)[: len(state) // 2]
+    for key in dropped:
+        del state[key]
+    path = trained["lightning_checkpoint"].with_name("half.ckpt")
+    torch.save(checkpoint, path)
+    assert _eval("--retriever", str(path), "--benchmark", "heldout") == 2
+    err = capsys.readouterr().err
+    _one_configuration_line(err, str(path), f"{len(dropped)} missing keys (", ", ...)")
+    assert len(err) < 1200, err
 
 
 # --- 2. pretrained tags come from the local cache only -----------------------------------------
@@ -188,6 +258,20 @@ def test_a_requested_benchmark_that_is_skipped_exits_3_naming_the_path_once(
 
     assert _eval("--retriever", retriever, "--benchmark", "heldout") == 3
     assert "no triplets have been generated yet" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("make", ["nothing", "file"])
+def test_a_root_that_is_not_a_folder_is_a_configuration_error_naming_it(
+    home: Path, tmp_path: Path, demo_models_dir: Path, capsys: pytest.CaptureFixture, make: str
+) -> None:
+    retriever = f"{DEMO_CLIP_MODEL}@{demo_models_dir / (DEMO_CLIP_MODEL + '.pt')}"
+    root = tmp_path / "no" / "such-circo"
+    if make == "file":
+        root = tmp_path / "circo.zip"
+        root.write_bytes(b"PK")
+    assert _eval("--retriever", retriever, "--benchmark", "circo-val", "--root", str(root)) == 2
+    problem = "is not a folder" if make == "file" else "does not exist"
+    _one_configuration_line(capsys.readouterr().err, f"--root {root} {problem}")
 
 
 # --- 4. batch sizes ------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ from megapairs_assets.retriever.model import (
     Retriever,
     RetrieverConfigError,
     RetrieverSpec,
+    load_error_summary,
     load_retriever,
     load_retriever_spec,
     spec_from_argument,
@@ -174,3 +175,25 @@ def test_a_training_checkpoint_folder_means_its_open_clip_export(tmp_path: Path)
     assert from_folder.model_name.endswith(str((folder / "open_clip").resolve()))
     with pytest.raises(RetrieverConfigError, match=r"directory without open_clip_config\.json"):
         spec_from_argument(str(tmp_path / "mmret_clip_checkpoint"))
+
+
+def test_a_state_dict_mismatch_is_summarised_as_counts_and_a_few_keys() -> None:
+    model = torch.nn.Sequential(*(torch.nn.Linear(2, 2) for _ in range(40)))
+    state = {f"net.{k}": v for k, v in model.state_dict().items()}
+    state["0.weight"] = torch.zeros(3, 3)
+    with pytest.raises(RuntimeError) as error:
+        model.load_state_dict(state)
+    assert len(str(error.value)) > 1500  # torch lists every key
+    summary = load_error_summary(error.value)
+    assert "\n" not in summary and len(summary) < 600, summary
+    assert "79 missing keys (0.bias, 1.weight, 1.bias, ...)" in summary
+    assert "80 unexpected keys (net.0.weight, net.0.bias, net.1.weight, ...)" in summary
+    assert "1 of a different shape (size mismatch for 0.weight" in summary
+    assert "every checkpoint key has an extra 'net.' prefix" in summary
+    del state["net.3.bias"]  # no longer a pure prefix: no such claim
+    with pytest.raises(RuntimeError) as error:
+        model.load_state_dict(state)
+    assert "prefix" not in load_error_summary(error.value)
+    # A generic error stays one line of bounded length.
+    assert load_error_summary(ValueError("x\n" * 1000)).startswith("ValueError: x x")
+    assert len(load_error_summary(ValueError("x\n" * 1000))) < 500

@@ -33,6 +33,11 @@ EXIT_CODES = (
 )
 
 
+class BenchmarkRootError(ConfigurationError):
+    """A `--root` that names no folder: a mistyped path, not a benchmark whose files are absent
+    (a folder that exists but lacks them is a `skipped` split, exit 3)."""
+
+
 def _positive_int(text: str) -> int:
     value = _int(text)
     if value < 1:
@@ -76,7 +81,8 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     parser.add_argument(
         "--root",
         type=Path,
-        help="the benchmark's folder in its official layout (default: the profile's setting)",
+        help="the benchmark's folder in its official layout, which must exist (default: the "
+        "profile's setting)",
     )
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (default auto)")
     parser.add_argument(
@@ -151,6 +157,11 @@ def _evaluate(args: argparse.Namespace):
         if family == "heldout":
             raise ConfigurationError(
                 "--root does not apply to heldout (it reads the project's triplets)"
+            )
+        if not args.root.is_dir():
+            problem = "is not a folder" if args.root.exists() else "does not exist"
+            raise BenchmarkRootError(
+                f"--root {args.root} {problem}; give the {family} benchmark's folder"
             )
         sources = replace(sources, roots={**sources.roots, family: args.root})
     settings = evaluation.settings() if evaluation else _default_settings()

@@ -18,6 +18,9 @@ Where weights come from is open_clip's business, as everywhere in this project:
 - `spec_from_argument("ViT-B-16@openai")`, `spec_from_argument("/ckpt/step-200.pt")`: what the
   CLI and the checkpoint sensor accept. A bare checkpoint file takes its architecture from a
   sidecar `<file stem>.json` holding {"model_name": ...}, else from `default_model`.
+- Training's Lightning checkpoint (`<config>/lightning/last.ckpt`) loads too: its `state_dict`
+  is the LightningModule's, whose open_clip model sits under `clip.` (training/module.py), and
+  its hyper-parameters name the architecture.
 
 `retriever_id` is the one name of a retriever in lineage, the CLI and the UI (it is the
 `retrievers` partition key, so it keeps to the project's safe-key rule: letters, digits, '.',
@@ -27,12 +30,14 @@ embeddings are never reused for different weights under the same name.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import logging
 import pickle
 import re
 import struct
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -76,6 +81,14 @@ _UNREADABLE_CHECKPOINT = (
     pickle.UnpicklingError,
 )
 _UNSAFE_ID_CHARS = re.compile(r"[^A-Za-z0-9._-]+")
+# What Lightning's ModelCheckpoint writes, and where MMRetCLIP keeps its open_clip model.
+LIGHTNING_SUFFIX = ".ckpt"
+_LIGHTNING_VERSION_KEY = "pytorch-lightning_version"
+_LIGHTNING_CLIP_PREFIX = "clip."
+# How many state-dict keys an error message names before it only counts them.
+_KEYS_SHOWN = 3
+_ERROR_DETAIL_CHARS = 400
+_STATE_DICT_KEYS = re.compile(r"^(Missing|Unexpected) key\(s\) in state_dict: (.*?)\.?\s*$", re.S)
 
 
 class RetrieverConfigError(ConfigurationError):
@@ -147,7 +160,7 @@ def spec_from_argument(argument: str, default_model: str | None = None) -> Retri
             )
         return RetrieverSpec(f"{LOCAL_DIR_PREFIX}{path.resolve()}")
     if path.is_file():
-        model_name = _sidecar_model_name(path) or default_model
+        model_name = _sidecar_model_name(path) or _lightning_model_name(path) or default_model
         if model_name is None:
             raise RetrieverConfigError(
                 f"{argument}: cannot tell the model architecture; write it as "
@@ -309,17 +322,25 @@ def load_retriever_spec(spec: RetrieverSpec, device: torch.device, dtype: torch.
     weight_files = weights if local_dir else [Path(pretrained)]
     for path in weight_files:
         check_weights_file(path)
+    lightning_state = None if local_dir else _lightning_clip_state(Path(pretrained))
     try:
-        model, _, preprocess = open_clip.create_model_and_transforms(
-            spec.model_name, pretrained=pretrained, device=device, **preprocess_overrides
-        )
+        if lightning_state is None:
+            model, _, preprocess = open_clip.create_model_and_transforms(
+                spec.model_name, pretrained=pretrained, device=device, **preprocess_overrides
+            )
+        else:
+            with _without_random_init_warning():
+                model, _, preprocess = open_clip.create_model_and_transforms(
+                    spec.model_name, device=device
+                )
+            model.load_state_dict(lightning_state)
     except torch.OutOfMemoryError:
         raise
     except _UNREADABLE_CHECKPOINT as error:
         files = ", ".join(str(p) for p in weight_files)
         raise RetrieverConfigError(
             f"cannot load retriever {spec.retriever_id} from {files}: "
-            f"{type(error).__name__}: {error}; expected {ACCEPTED_RETRIEVERS}"
+            f"{load_error_summary(error)}; expected {ACCEPTED_RETRIEVERS}"
         ) from error
     model = model.to(dtype=dtype).eval()
     tokenizer = open_clip.get_tokenizer(spec.model_name)
@@ -349,6 +370,116 @@ def check_weights_file(path: Path) -> None:
     raise RetrieverConfigError(
         f"{path} is not a retriever checkpoint: {problem}; expected {ACCEPTED_RETRIEVERS}"
     )
+
+
+def load_error_summary(error: BaseException) -> str:
+    """`error` in one line of bounded length: torch's state-dict mismatch (which lists every
+    key, kilobytes for a real model) becomes counts with a few example keys each."""
+    text = str(error)
+    if "Error(s) in loading state_dict" not in text:
+        text = " ".join(text.split())
+        if len(text) > _ERROR_DETAIL_CHARS:
+            text = text[:_ERROR_DETAIL_CHARS] + "..."
+        return f"{type(error).__name__}: {text}"
+    header, *parts = text.split("\n\t")
+    keys: dict[str, list[str]] = {}
+    size_mismatches = [p.strip() for p in parts if p.startswith("size mismatch for ")]
+    for part in parts:
+        match = _STATE_DICT_KEYS.match(part.strip())
+        if match:
+            keys[match.group(1).lower()] = re.findall(r'"([^"]+)"', match.group(2))
+    summary = [
+        f"{len(names)} {kind} keys ({_examples(names)})" for kind, names in keys.items() if names
+    ]
+    if size_mismatches:
+        summary.append(
+            f"{len(size_mismatches)} of a different shape ({size_mismatches[0].rstrip('.')}"
+            f"{', ...' if len(size_mismatches) > 1 else ''})"
+        )
+    prefix = _extra_key_prefix(keys.get("missing", []), keys.get("unexpected", []))
+    if prefix:
+        summary.append(
+            f"every checkpoint key has an extra {prefix!r} prefix: a training module's "
+            "state, not open_clip weights; pass the training checkpoint's folder or its "
+            "open_clip export"
+        )
+    return f"{header.strip().rstrip(':')}: {'; '.join(summary) or 'keys do not match'}"
+
+
+def _examples(names: Sequence[str]) -> str:
+    shown = ", ".join(names[:_KEYS_SHOWN])
+    return f"{shown}, ..." if len(names) > _KEYS_SHOWN else shown
+
+
+def _extra_key_prefix(missing: Sequence[str], unexpected: Sequence[str]) -> str | None:
+    """The prefix (`clip.`, `model.`) that turns every missing key into an unexpected one."""
+    if not missing or len(unexpected) < len(missing):
+        return None
+    first = next((u for u in unexpected if u.endswith("." + missing[0])), None)
+    if first is None:
+        return None
+    prefix = first.removesuffix(missing[0])
+    return prefix if {prefix + m for m in missing} <= set(unexpected) else None
+
+
+def _read_lightning_checkpoint(path: Path) -> dict | None:
+    """A Lightning checkpoint's contents (tensors memory-mapped), or None if `path` is not one."""
+    if path.suffix != LIGHTNING_SUFFIX or not path.is_file():
+        return None
+    try:
+        checkpoint = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except _UNREADABLE_CHECKPOINT:
+        return None  # reported by the loader, with what to give instead
+    if not isinstance(checkpoint, dict) or _LIGHTNING_VERSION_KEY not in checkpoint:
+        return None
+    return checkpoint
+
+
+def _lightning_model_name(path: Path) -> str | None:
+    """The architecture a Lightning checkpoint was trained as: its hyper-parameters', else the
+    open_clip export beside it (`<config>/lightning/last.ckpt` next to `<config>/open_clip/`)."""
+    checkpoint = _read_lightning_checkpoint(path)
+    if checkpoint is None:
+        return None
+    hyper_parameters = checkpoint.get("hyper_parameters")
+    name = hyper_parameters.get("model_name") if isinstance(hyper_parameters, dict) else None
+    return str(name) if name else _exported_model_name(path.parent.parent / TRAINED_EXPORT_DIRNAME)
+
+
+def _lightning_clip_state(path: Path) -> dict[str, torch.Tensor] | None:
+    """The open_clip state dict inside a Lightning training checkpoint (the LightningModule's
+    keys without `clip.`), or None when `path` is not a Lightning checkpoint."""
+    checkpoint = _read_lightning_checkpoint(path)
+    if checkpoint is None:
+        return None
+    state = checkpoint.get("state_dict")
+    if not isinstance(state, dict) or not state:
+        raise RetrieverConfigError(f"{path} is a Lightning checkpoint without a state_dict")
+    others = [k for k in state if not k.startswith(_LIGHTNING_CLIP_PREFIX)]
+    if others:
+        raise RetrieverConfigError(
+            f"{path} is a Lightning training checkpoint of a module other than MMRet-CLIP "
+            f"({len(others)} keys outside {_LIGHTNING_CLIP_PREFIX!r}, e.g. {_examples(others)}); "
+            f"pass the training checkpoint's folder or its exported open_clip weights"
+        )
+    return {k.removeprefix(_LIGHTNING_CLIP_PREFIX): v for k, v in state.items()}
+
+
+class _RandomInitFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "initialized randomly" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def _without_random_init_warning() -> Iterator[None]:
+    """Drop open_clip's "initialized randomly" warning (logged on the root logger) while a
+    model is built whose weights are loaded right after, from a Lightning checkpoint."""
+    root, quiet = logging.getLogger(), _RandomInitFilter()
+    root.addFilter(quiet)
+    try:
+        yield
+    finally:
+        root.removeFilter(quiet)
 
 
 def _local_pretrained(model_name: str, pretrained: str) -> tuple[str, dict]:
