@@ -103,3 +103,19 @@ def test_a_template_with_an_unknown_placeholder_fails_before_any_work(tmp_path):
     message = str(cause)
     assert str(typo) in message and "{target_captoin}" in message
     assert "{query_caption}, {target_caption}, {word_num}" in message
+
+
+def test_a_template_set_for_the_other_step_fails_before_any_work():
+    wrong = GenerationResource.from_settings(
+        with_template(http_settings("http://127.0.0.1:9/v1"), "describe", "instructions")
+    )
+
+    @dg.asset
+    def probe(generation: GenerationResource) -> None:
+        return None
+
+    with pytest.raises(dg.DagsterResourceFunctionError) as raised:
+        dg.materialize([probe], resources={"generation": wrong})
+    message = str(raised.value.__cause__)
+    assert "'instructions' is written for step 'instruct'" in message
+    assert "the describe template" in message

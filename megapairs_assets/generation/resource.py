@@ -172,11 +172,19 @@ class GenerationResource(dg.ConfigurableResource):
     def setup_for_execution(self, context: dg.InitResourceContext) -> None:
         # A malformed setting fails before any work (templates and backends are checked here).
         from megapairs_assets.generation.backends import create_backend
-        from megapairs_assets.generation.prompts import load_demo_pool, load_template
+        from megapairs_assets.generation.prompts import TemplateError, load_demo_pool, load_template
 
         settings = self.settings()
-        load_template(settings.describe.template)
-        load_template(settings.instruct.template)
+        for step, name in (
+            ("describe", settings.describe.template),
+            ("instruct", settings.instruct.template),
+        ):
+            template = load_template(name)
+            if template.step != step:
+                raise TemplateError(
+                    f"template {name!r} is written for step {template.step!r}, but it is set as "
+                    f"the {step} template"
+                )
         load_demo_pool(settings.demo_pool)
         create_backend(settings.describe.backend)
         create_backend(settings.instruct.backend)
