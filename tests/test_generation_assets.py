@@ -69,9 +69,11 @@ def test_profiles_round_trip_through_the_resource(tmp_path):
     assert not paper.heuristic_fill and paper.describe.template == "describe_images"
 
 
-def test_a_bad_template_name_fails_before_any_work(tmp_path):
-    bad = GenerationResource.from_settings(
-        with_template(http_settings("http://127.0.0.1:9/v1"), "describe", "no_such_template")
+def _setup_error(describe_template: str) -> BaseException:
+    """Why a generation resource with this describe template fails its setup (a run that
+    only asks for the resource does no work)."""
+    resource = GenerationResource.from_settings(
+        with_template(http_settings("http://127.0.0.1:9/v1"), "describe", describe_template)
     )
 
     @dg.asset
@@ -79,8 +81,14 @@ def test_a_bad_template_name_fails_before_any_work(tmp_path):
         return None
 
     with pytest.raises(dg.DagsterResourceFunctionError) as raised:
-        dg.materialize([probe], resources={"generation": bad})
-    assert "no prompt file" in str(raised.value.__cause__)
+        dg.materialize([probe], resources={"generation": resource})
+    cause = raised.value.__cause__
+    assert isinstance(cause, ConfigurationError), cause
+    return cause
+
+
+def test_a_bad_template_name_fails_before_any_work():
+    assert "no prompt file" in str(_setup_error("no_such_template"))
 
 
 def test_a_template_with_an_unknown_placeholder_fails_before_any_work(tmp_path):
@@ -88,34 +96,12 @@ def test_a_template_with_an_unknown_placeholder_fails_before_any_work(tmp_path):
     typo = tmp_path / "describe_typo.toml"
     text = (shipped / "describe_captions.toml").read_text(encoding="utf-8")
     typo.write_text(text.replace("{target_caption}", "{target_captoin}"), encoding="utf-8")
-    bad = GenerationResource.from_settings(
-        with_template(http_settings("http://127.0.0.1:9/v1"), "describe", str(typo))
-    )
-
-    @dg.asset
-    def probe(generation: GenerationResource) -> None:
-        return None
-
-    with pytest.raises(dg.DagsterResourceFunctionError) as raised:
-        dg.materialize([probe], resources={"generation": bad})
-    cause = raised.value.__cause__
-    assert isinstance(cause, ConfigurationError), cause
-    message = str(cause)
+    message = str(_setup_error(str(typo)))
     assert str(typo) in message and "{target_captoin}" in message
     assert "{query_caption}, {target_caption}, {word_num}" in message
 
 
 def test_a_template_set_for_the_other_step_fails_before_any_work():
-    wrong = GenerationResource.from_settings(
-        with_template(http_settings("http://127.0.0.1:9/v1"), "describe", "instructions")
-    )
-
-    @dg.asset
-    def probe(generation: GenerationResource) -> None:
-        return None
-
-    with pytest.raises(dg.DagsterResourceFunctionError) as raised:
-        dg.materialize([probe], resources={"generation": wrong})
-    message = str(raised.value.__cause__)
+    message = str(_setup_error("instructions"))
     assert "'instructions' is written for step 'instruct'" in message
     assert "the describe template" in message
