@@ -6,7 +6,7 @@ Plain logic (no Dagster):
   official files; `heldout`: our own benchmark from the project's triplets, and the split
   training must share; `images`: opening (and GeneCIS-cropping) benchmark images.
 - `scoring`: top-k with faiss; `gallery_cache`: gallery embeddings computed once per retriever
-  weights, split and gallery version; `submissions`: the CIRCO / CIRR server files.
+  weights, gallery and images version; `submissions`: the CIRCO / CIRR server files.
 - `run`: one benchmark for one retriever, end to end; `step`: one `benchmark_scores`
   partition as a `StepResult`; `catalog_rows`: the scores as catalog rows; `plot`: base vs
   trained per metric.

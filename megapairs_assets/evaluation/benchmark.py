@@ -60,6 +60,8 @@ class BenchmarkSplit:
 
     files: the annotation files read, part of the gallery version.
     remove_reference: CIRR deletes the reference image from each query's ranking.
+    gallery_name: names the gallery in the embedding cache when several splits share one
+        (CIRCO val and test both rank all of COCO unlabeled2017); empty: the split's own.
     discarded: queries the official protocol leaves out, with why (GeneCIS keeps only queries
         whose gallery has the most common length).
     """
@@ -75,6 +77,7 @@ class BenchmarkSplit:
     remove_reference: bool = False
     files: list[Path] = field(default_factory=list)
     discarded: dict[str, int] = field(default_factory=dict)
+    gallery_name: str = ""
 
     def __post_init__(self) -> None:
         if len(self.image_ids) != len(self.image_refs):
@@ -92,13 +95,19 @@ class BenchmarkSplit:
         """Image id -> row in `image_ids` (and in the embedding matrix)."""
         return {image_id: row for row, image_id in enumerate(self.image_ids)}
 
-    def gallery_version(self) -> str:
-        """Changes when anything that shapes the gallery embeddings changes.
+    @property
+    def cache_name(self) -> str:
+        """The gallery's name in the embedding cache (`gallery_name`, else the split)."""
+        return self.gallery_name or self.split
+
+    def images_version(self) -> str:
+        """Changes when anything that shapes the image embeddings changes: the cache key.
 
         Hashes the image ids, where each image comes from (path, crop box) and each local
-        file's size and modification time, plus the annotation files' bytes. Replacing an
-        image file therefore invalidates cached embeddings; renaming the root does not
-        (paths are hashed relative to their common folder).
+        file's size and modification time. Replacing an image file therefore invalidates cached
+        embeddings; renaming the root does not (paths are hashed relative to their common
+        folder), nor does editing a caption (annotation files shape the queries, not the
+        images).
         """
         digest = hashlib.sha256()
         base = _common_parent([ref.uri for ref in self.image_refs])
@@ -106,6 +115,13 @@ class BenchmarkSplit:
             digest.update(json.dumps([image_id, _relative(ref.uri, base), ref.box]).encode())
             digest.update(_file_stamp(ref.uri).encode())
         digest.update(str(self.gallery_size).encode())
+        return digest.hexdigest()[:16]
+
+    def gallery_version(self, images_version: str | None = None) -> str:
+        """The version a score row records: the images (`images_version`, computed unless
+        given) plus the annotation files' bytes, so two scores with one version saw the same
+        images and queries."""
+        digest = hashlib.sha256((images_version or self.images_version()).encode())
         for path in self.files:
             digest.update(hashlib.sha256(path.read_bytes()).digest())
         return digest.hexdigest()[:16]

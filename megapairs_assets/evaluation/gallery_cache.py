@@ -1,14 +1,15 @@
-"""Gallery embeddings, computed once per (retriever weights, benchmark split, gallery version).
+"""Gallery embeddings, computed once per (retriever weights, benchmark gallery, its images).
 
 Embedding CIRCO's 123,403 images is by far the most expensive part of scoring it, and the
 gallery does not change between runs; re-scoring a retriever (or scoring it again after a code
 change elsewhere) reuses the stored raw image projections. The cache key hashes everything that
 shapes them: the retriever's id and weights fingerprint, the precision it ran in, the benchmark,
-the split, the gallery version (ids, image files, annotation files) and CACHE_FORMAT. A change
-to any of them is a new key; older entries of the same retriever and split are removed when a
-new one is stored.
+the gallery's name (the split's, or one shared by splits ranking one gallery: CIRCO val and
+test), the images' version (ids, crop boxes, image files; not the annotation files, which shape
+only the queries) and CACHE_FORMAT. A change to any of them is a new key; older entries of the
+same retriever and gallery are removed when a new one is stored.
 
-Layout: `<cache root>/<retriever id>/<benchmark>-<split>/<key>/{projections.npy, meta.json}`;
+Layout: `<cache root>/<retriever id>/<benchmark>-<gallery>/<key>/{projections.npy, meta.json}`;
 meta.json is written last, so an entry without it is incomplete and ignored.
 """
 
@@ -33,7 +34,11 @@ _META = "meta.json"
 
 @dataclass(frozen=True)
 class CacheKey:
-    """Everything that determines a gallery's embeddings."""
+    """Everything that determines a gallery's embeddings.
+
+    split: the gallery's name (`BenchmarkSplit.cache_name`); gallery_version: its images'
+    version (`BenchmarkSplit.images_version`).
+    """
 
     retriever_id: str
     weights_fingerprint: str

@@ -7,7 +7,10 @@ from PIL import Image
 from megapairs_assets.corpus.images import ImageLimits, open_image_for_model, open_image_rgb
 from megapairs_assets.evaluation.benchmark import GENECIS_BOX_DILATION, ImageRef
 
-_LIMITS = ImageLimits()
+# A benchmark's gallery is fixed: an image the corpus would refuse as too small (a product
+# thumbnail, a placeholder) is still one the official evaluation embeds, and refusing it would
+# leave the whole benchmark unscored. The pixel and aspect bounds stay: they bound memory.
+_LIMITS = ImageLimits(min_side_px=1)
 
 
 def open_benchmark_image(ref: ImageRef, input_side_px: int | None = None) -> Image.Image:

@@ -18,6 +18,7 @@ a "mean" row exists only when every split it averages was scored.
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from collections.abc import Callable, Mapping
@@ -39,6 +40,7 @@ from megapairs_assets.evaluation.loaders import (
     FASHIONIQ_CATEGORIES,
     GENECIS_TASKS,
     BenchmarkFilesMissing,
+    BenchmarkFormatError,
     load_circo,
     load_cirr,
     load_fashioniq,
@@ -210,22 +212,47 @@ class BenchmarkResult:
             for s in scored:
                 cells = [f"{s.metrics[n]:.2f}" if n in s.metrics else "" for n in names]
                 lines.append(f"| {s.split} | " + " | ".join(cells) + f" | {s.queries} |")
+        notes = []
         for s in self.splits:
             if s.status == STATUS_SKIPPED:
-                lines.append(f"\n- {s.split}: skipped ({s.detail})")
+                notes.append(f"- {s.split}: skipped ({s.detail})")
             elif s.status == STATUS_SUBMISSION:
                 files = ", ".join(f"`{p}`" for p in s.submissions)
-                lines.append(f"\n- {s.split}: server file(s) written: {files}")
-        return "\n".join(lines)
+                notes.append(f"- {s.split}: server file(s) written: {files}")
+        if notes and names:
+            lines.append("")  # a list right under a table would read as one of its rows
+        return "\n".join(lines + notes)
 
 
 # --- benchmark keys --------------------------------------------------------------------------
 
 
+# Files that mark a benchmark's folder (any one of them), for pointing at it when a root
+# names the folder above it (e.g. `data/` instead of `data/CIRCO`).
+BENCHMARK_MARKERS = {
+    "circo": ("annotations/val.json", "annotations/test.json"),
+    "cirr": tuple(
+        f"{folder}captions/cap.rc2.{split}.json"
+        for folder in ("", "cirr/")
+        for split in ("val", "test1")
+    ),
+    "fashioniq": tuple(f"captions/cap.{c}.val.json" for c in FASHIONIQ_CATEGORIES),
+    "genecis": tuple(f"{folder}{t}.json" for folder in ("genecis/", "") for t in GENECIS_TASKS),
+}
+_HINT_DEPTH = 2  # folders below the root searched for a misplaced benchmark
+_HINT_MAX_FOLDERS = 200  # sub-folders listed per level; an image folder is not walked
+
+
 def _family_root(sources: BenchmarkSources, family: str) -> Path | Skipped:
     root = sources.roots.get(family)
     if root is None:
-        return Skipped(family, "*", None, f"no {family} root configured")
+        return Skipped(
+            family,
+            "*",
+            None,
+            f"no {family} root configured (set MEGAPAIRS_{family.upper()}_ROOT, the evaluation "
+            f"resource's {family}_root, or pass `megapairs eval --root`)",
+        )
     return Path(root)
 
 
@@ -238,9 +265,50 @@ def _load(
     if not root.is_dir():
         return Skipped(family, split, root, f"{family} root folder not found at {root}")
     try:
-        return loader(root)
+        loaded = loader(root)
     except BenchmarkFilesMissing as missing:
-        return Skipped(family, split, missing.path, str(missing))
+        return Skipped(family, split, missing.path, str(missing) + _elsewhere_hint(root, family))
+    if not loaded.queries:
+        # Caught before the gallery is embedded: nothing could be scored.
+        raise BenchmarkFormatError(loaded.files[0], None, "the file lists no queries")
+    return loaded
+
+
+def _elsewhere_hint(root: Path, family: str) -> str:
+    """'; <folder> holds ... files' when the root lacks the benchmark but a folder below has it."""
+    markers = BENCHMARK_MARKERS.get(family, ())
+    if any((root / marker).is_file() for marker in markers):
+        return ""  # the root is right; something inside it is missing
+    found: list[Path] = []
+    for folder in _sub_folders(root, _HINT_DEPTH):
+        inside_found = any(folder.is_relative_to(outer) for outer in found)
+        if not inside_found and any((folder / marker).is_file() for marker in markers):
+            found.append(folder)
+    if not found:
+        return ""
+    shown = " or ".join(str(folder) for folder in found[:2])
+    return f"; {shown} holds {family} files: give that folder as the {family} root"
+
+
+def _sub_folders(root: Path, depth: int) -> list[Path]:
+    """Folders up to `depth` levels below `root`, sorted, at most _HINT_MAX_FOLDERS a level."""
+    level, found = [root], []
+    for _ in range(depth):
+        below = []
+        for folder in level:
+            try:
+                with os.scandir(folder) as entries:
+                    names = sorted(
+                        e.name for e in entries if e.is_dir() and not e.name.startswith(".")
+                    )
+            except OSError:
+                continue
+            if len(names) > _HINT_MAX_FOLDERS:
+                continue  # an image tree, not where annotation folders live
+            below += [folder / name for name in names]
+        found += below
+        level = below
+    return found
 
 
 def _heldout(sources: BenchmarkSources) -> list[BenchmarkSplit | Skipped]:
@@ -319,19 +387,25 @@ def evaluate_split(
 ) -> SplitResult:
     """Embed (or reuse) the split's images, embed its queries, rank and score."""
     started = time.perf_counter()
-    version = split.gallery_version()
+    images_version = split.images_version()
+    version = split.gallery_version(images_version)
     key = CacheKey(
         retriever_id=retriever.retriever_id,
         weights_fingerprint=retriever.spec.fingerprint(),
         benchmark=split.benchmark,
-        split=split.split,
-        gallery_version=version,
+        split=split.cache_name,
+        gallery_version=images_version,
         image_count=len(split.image_ids),
         precision=str(retriever.dtype).removeprefix("torch."),
     )
     projections, reused = cache.get_or_compute(
         key, lambda: embed_images(retriever, split, settings, log)
     )
+    if reused and log is not None:
+        log(
+            f"{split.benchmark}/{split.split} gallery: {len(split.image_ids)} image embeddings "
+            f"reused from {cache.entry_dir(key)}"
+        )
     texts = retriever.project_texts([q.text for q in split.queries], settings.batch_size)
     scored, submissions = score_split(split, projections, texts, output_dir, settings)
     return SplitResult(
@@ -484,6 +558,9 @@ class _BenchmarkImages(Dataset):
             return None, f"{ref.uri}: {error}"
 
 
+_FAILURES_SHOWN = 3  # unreadable images named in the error; the count covers them all
+
+
 class BenchmarkImageError(RuntimeError):
     """A benchmark image that exists but cannot be read: scoring without it would be wrong."""
 
@@ -514,17 +591,27 @@ def embed_images(
             "fork" if settings.num_workers > 0 and sys.platform.startswith("linux") else None
         ),
     )
-    chunks = []
-    with Progress(
-        len(split.image_refs), f"{split.benchmark}/{split.split} gallery", "images", log=log
-    ) as progress:
-        for pixels, failures in loader:
-            if failures:
-                # Raised here, not in a worker, so the message reaches the user intact.
-                raise BenchmarkImageError(
-                    f"{len(failures)} image(s) of {split.benchmark}/{split.split} cannot be "
-                    f"read, e.g. {failures[0]}; fix or replace the file(s)"
+    chunks: list[np.ndarray] = []
+    failures: list[str] = []
+    name = f"{split.benchmark}/{split.split}"
+    with Progress(len(split.image_refs), f"{name} gallery", "images", log=log) as progress:
+        for pixels, batch_failures in loader:
+            if batch_failures and not failures and log is not None:
+                log(
+                    f"{name}: an image cannot be read ({batch_failures[0]}); reading the rest "
+                    "without embedding them, to list every unreadable file at once"
                 )
-            chunks.append(retriever.project_pixels(pixels))
-            progress.update(len(pixels))
+            failures += batch_failures
+            if not failures:
+                chunks.append(retriever.project_pixels(pixels))
+            progress.update(len(batch_failures) + (0 if pixels is None else len(pixels)))
+    if failures:
+        # Raised here, not in a worker, so the message reaches the user intact.
+        listed = "; ".join(failures[:_FAILURES_SHOWN])
+        hidden = len(failures) - _FAILURES_SHOWN
+        more = f" (and {hidden} more)" if hidden > 0 else ""
+        raise BenchmarkImageError(
+            f"{len(failures)} of {len(split.image_refs)} images of {name} cannot be read: "
+            f"{listed}{more}; fix or replace the file(s)"
+        )
     return np.concatenate(chunks).astype(np.float32, copy=False)

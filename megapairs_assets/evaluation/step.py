@@ -25,6 +25,7 @@ from megapairs_assets.evaluation.catalog_rows import SCORES_TABLE, scores_for
 from megapairs_assets.evaluation.gallery_cache import GalleryCache
 from megapairs_assets.evaluation.plot import comparison_markdown
 from megapairs_assets.evaluation.run import (
+    MEAN_SPLIT,
     STATUS_SCORED,
     STATUS_SKIPPED,
     BenchmarkResult,
@@ -218,7 +219,7 @@ def score_partition(
         outcomes=check_scores(rows),
         preview=rows.select("split", "metric", "value", "status", "detail"),
         metadata={
-            **_headline_metadata(result),
+            **headline_metadata(result),
             "compared_retrievers": ", ".join(sorted(set(compared["retriever_id"]))),
         },
         markdown={
@@ -244,19 +245,31 @@ def check_scores(rows: pl.DataFrame) -> list[CheckOutcome]:
     ]
 
 
-def _headline_metadata(result: BenchmarkResult) -> dict[str, Any]:
-    """Numbers the UI can chart over materializations: the headline split's metrics."""
+def headline_metadata(result: BenchmarkResult) -> dict[str, Any]:
+    """Numbers the UI can chart over materializations: the benchmark's headline metrics.
+
+    The headline is the mean row of a multi-split benchmark (FashionIQ, GeneCIS) or the one
+    split of the others. A multi-split benchmark with a split skipped has no mean, and so no
+    headline numbers: one category's score under the benchmark's name would chart as if it
+    were the mean. `gallery_reused` is true when every gallery embedded was read from the
+    cache (test splits included; the mean row has no gallery of its own).
+    """
     scored = result.scored()
+    embedded = [s for s in result.splits if s.gallery_reused is not None]
     metadata: dict[str, Any] = {
         "retriever_id": result.retriever_id,
         "benchmark": result.benchmark,
-        "splits_scored": len(scored),
+        "splits_scored": sum(s.split != MEAN_SPLIT for s in scored),
         "splits_skipped": sum(s.status == STATUS_SKIPPED for s in result.splits),
-        "gallery_reused": all(s.gallery_reused for s in scored) if scored else False,
+        "gallery_reused": bool(embedded) and all(s.gallery_reused for s in embedded),
     }
-    if scored:
-        headline = scored[-1]  # the mean when there is one, else the only split
+    means = [s for s in scored if s.split == MEAN_SPLIT]
+    headline = means[0] if means else (scored[0] if len(result.splits) == 1 and scored else None)
+    if headline is not None:
         metadata.update({name: round(value, 4) for name, value in headline.metrics.items()})
+        metadata["headline"] = headline.split
+    elif scored:
+        metadata["headline"] = "none: a split was skipped, so there is no mean over the splits"
     return metadata
 
 

@@ -3,13 +3,15 @@
     <root>/annotations/{val,test}.json
         a list of {id, reference_img_id, target_img_id, relative_caption, shared_concept,
         gt_img_ids}; test omits target_img_id and gt_img_ids (answers are on the server).
+        Query ids are unique, and so are the ids within one `gt_img_ids`.
     <root>/COCO2017_unlabeled/annotations/image_info_unlabeled2017.json
         {"images": [{"id", "file_name", ...}, ...]}: the gallery, all 123,403 images.
     <root>/COCO2017_unlabeled/unlabeled2017/<file_name>
 
 The query text is MMRet's: "Find a picture that also {shared_concept}, but
 {relative_caption}." The reference image stays in the gallery; every id in `gt_img_ids`
-counts for mAP@K.
+counts for mAP@K. Both splits rank the same gallery, so they share one cache entry of its
+embeddings (`GALLERY_NAME`).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from megapairs_assets.evaluation.loaders.jsonfile import (
 CIRCO_SPLITS = ("val", "test")
 IMAGE_INFO = Path("COCO2017_unlabeled/annotations/image_info_unlabeled2017.json")
 IMAGE_DIR = Path("COCO2017_unlabeled/unlabeled2017")
+GALLERY_NAME = "unlabeled2017"
 
 
 def circo_query_text(shared_concept: str, relative_caption: str) -> str:
@@ -40,14 +43,25 @@ def load_circo(root: Path, split: str) -> BenchmarkSplit:
         raise ValueError(f"CIRCO has splits {CIRCO_SPLITS}, not {split!r}")
     annotations_path = root / "annotations" / f"{split}.json"
     annotations = read_json(annotations_path, f"CIRCO {split} annotations")
-    info = read_json(root / IMAGE_INFO, "COCO 2017 unlabeled image list")
+    info = read_json(
+        root / IMAGE_INFO,
+        "the COCO 2017 unlabeled image list (from COCO's image_info_unlabeled2017.zip)",
+    )
     require_image_dir(root / IMAGE_DIR, "COCO 2017 unlabeled images")
 
     image_ids, image_refs = _gallery(info, root / IMAGE_DIR)
     known = set(image_ids)
     queries = []
+    first_entry: dict[int, int] = {}
     for index, entry in enumerate(require_list(annotations, "CIRCO queries")):
         query_id = require_field(annotations, entry, index, "id", int)
+        if query_id in first_entry:
+            raise annotations.error(
+                f"query id {query_id} repeats entry {first_entry[query_id]}: a server file "
+                "keyed by query id would lose one of them",
+                index,
+            )
+        first_entry[query_id] = index
         reference = str(require_field(annotations, entry, index, "reference_img_id", int))
         concept = require_field(annotations, entry, index, "shared_concept", str)
         caption = require_field(annotations, entry, index, "relative_caption", str)
@@ -58,6 +72,9 @@ def load_circo(root: Path, split: str) -> BenchmarkSplit:
                 raise annotations.error("gt_img_ids is empty: the query has no answer", index)
             if not all(isinstance(x, int) and not isinstance(x, bool) for x in gt):
                 raise annotations.error("gt_img_ids must be integer image ids", index)
+            if len(set(gt)) != len(gt):
+                # The official mAP divides by len(gt_img_ids): a repeat would change it.
+                raise annotations.error("gt_img_ids repeats an image id", index)
             targets = tuple(str(x) for x in gt)
         unknown = [i for i in (reference, *targets) if i not in known]
         if unknown:
@@ -83,6 +100,7 @@ def load_circo(root: Path, split: str) -> BenchmarkSplit:
         queries=queries,
         has_ground_truth=split == "val",
         files=[annotations_path, root / IMAGE_INFO],
+        gallery_name=GALLERY_NAME,
     )
 
 

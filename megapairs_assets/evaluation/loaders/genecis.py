@@ -4,13 +4,15 @@
         a list of {reference, target, condition, gallery: [...]}. Attribute tasks describe each
         image as {image_id, instance_bbox: [x, y, w, h]} (a Visual Genome 1.2 image and an
         object box); object tasks as {val_image_id} (a COCO 2017 validation image).
-    <root>/VG_100K/<image_id>.jpg, <root>/VG_100K_2/<image_id>.jpg  (Visual Genome 1.2)
+    <root>/VG_100K/<image_id>.jpg, <root>/VG_100K_2/<image_id>.jpg  (Visual Genome 1.2, as
+        its two zips unpack), or <root>/VG_100K_all/<image_id>.jpg (both merged, GeneCIS's name)
     <root>/val2017/<val_image_id as 12 digits>.jpg                  (COCO 2017 val)
 
 As in the benchmark's own evaluation code: attribute images are cropped around the box
-dilated by 0.7 and padded to a square; each query ranks only `[target] + gallery`; and only
-queries whose gallery has the most common length are kept (the others are counted in
-`discarded`).
+dilated by 0.7 and padded to a square, and each query ranks only `[target] + gallery`. That
+code stacks a batch of galleries into one tensor, so it needs one gallery length per task (the
+released object tasks all have 14); a query whose gallery has another length than the most
+common one is left out here and counted in `discarded`, rather than failing the task.
 
 The query text is the bare `condition` (what GeneCIS's own evaluation feeds CLIP's text
 encoder). MMRet's GeneCIS template is not public; this is our documented choice.
@@ -33,7 +35,7 @@ from megapairs_assets.evaluation.loaders.jsonfile import (
 )
 
 GENECIS_TASKS = ("focus_attribute", "change_attribute", "focus_object", "change_object")
-VG_IMAGE_DIRS = ("VG_100K", "VG_100K_2")
+VG_IMAGE_DIRS = ("VG_100K", "VG_100K_2", "VG_100K_all")
 COCO_VAL_DIR = "val2017"
 
 
@@ -64,7 +66,7 @@ def load_genecis(root: Path, task: str) -> BenchmarkSplit:
         images = [resolve.image(document, index, item) for item in (reference, target, *gallery)]
         parsed.append((index, condition, images))
 
-    # The official evaluation keeps only queries whose gallery has the modal length.
+    # The official evaluation can only batch galleries of one length: keep the modal one.
     modal_length = Counter(len(images) for _, _, images in parsed).most_common(1)[0][0]
     kept = [item for item in parsed if len(item[2]) == modal_length]
     image_refs: dict[str, ImageRef] = {}
@@ -106,7 +108,8 @@ class _VgImages:
     def __init__(self, root: Path) -> None:
         self.dirs = [root / name for name in VG_IMAGE_DIRS if (root / name).is_dir()]
         if not self.dirs:
-            require_image_dir(root / VG_IMAGE_DIRS[0], "Visual Genome 1.2 images")
+            names = ", ".join(VG_IMAGE_DIRS[:-1]) + f" or {VG_IMAGE_DIRS[-1]}"
+            require_image_dir(root / VG_IMAGE_DIRS[0], f"Visual Genome 1.2 images ({names})")
 
     def image(self, document: JsonDocument, index: int, item: Any) -> tuple[str, ImageRef]:
         image_id = require_field(document, item, index, "image_id", (int, str))

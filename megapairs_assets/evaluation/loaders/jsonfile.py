@@ -76,7 +76,8 @@ def read_json(path: Path, what: str) -> JsonDocument:
     if not path.is_file():
         raise BenchmarkFilesMissing(path, what)
     try:
-        text = path.read_text(encoding="utf-8")
+        # utf-8-sig: a file re-saved by an editor that adds a byte-order mark still reads.
+        text = path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as error:
         raise BenchmarkFormatError(path, None, f"not UTF-8 text ({error})") from error
     try:
