@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal
 
 import dagster as dg
@@ -9,6 +10,7 @@ from pydantic import Field
 
 from megapairs_assets.corpus.images import ImageLimits
 from megapairs_assets.corpus.sources import SourceSpec, list_shards
+from megapairs_assets.lib.errors import ConfigurationError
 
 
 class CorpusSourceResource(dg.ConfigurableResource):
@@ -40,13 +42,43 @@ class CorpusSourceResource(dg.ConfigurableResource):
         description="Restrict the corpus to these shards (a fixed sample, e.g. for CI checks); "
         "None = every shard the source lists",
     )
+    setting_hint: str | None = Field(
+        default=None,
+        description="How to point the profile at another corpus (e.g. the environment variable "
+        "it reads), added to every error about the corpus path",
+    )
 
     def spec(self) -> SourceSpec:
         return SourceSpec(kind=self.kind, path=self.path, shard_size=self.shard_size)
 
+    def check_path(self) -> None:
+        """Cheap checks of `path` (it exists and has the kind's shape), without listing shards.
+
+        Raises ConfigurationError saying what is wrong, with `setting_hint` added.
+        """
+        path = Path(self.path)  # as the source reads it (no `~` expansion there either)
+        problem = None
+        if not self.path.strip():
+            problem = "the corpus path is empty"
+        elif not path.exists():
+            problem = f"corpus source {self.path} does not exist"
+        elif self.kind == "manifest" and not path.is_file():
+            problem = f"manifest corpus source {self.path} is not a file"
+        elif self.kind != "manifest" and not path.is_dir():
+            problem = (
+                f"{self.kind} corpus source {self.path} is not a folder: give the folder that "
+                "holds the .tar shards or image folders, or a .parquet/.jsonl/.ndjson manifest"
+            )
+        if problem:
+            raise ConfigurationError(self._with_hint(problem))
+
     def shard_ids(self) -> list[str]:
         """The corpus: the source's current shards (restricted to `only_shards` if set)."""
-        shards = list_shards(self.spec())
+        self.check_path()
+        try:
+            shards = list_shards(self.spec())
+        except ConfigurationError as error:
+            raise type(error)(self._with_hint(str(error))) from None
         if self.only_shards is None:
             return shards
         wanted = set(self.only_shards)
@@ -59,3 +91,6 @@ class CorpusSourceResource(dg.ConfigurableResource):
             max_caption_chars=self.max_caption_chars,
             max_aspect_ratio=self.max_aspect_ratio,
         )
+
+    def _with_hint(self, message: str) -> str:
+        return f"{message}; {self.setting_hint}" if self.setting_hint else message

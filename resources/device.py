@@ -39,6 +39,12 @@ class DeviceResource(dg.ConfigurableResource):
         return _DTYPES[self.dtype]
 
     def describe(self) -> str:
+        """`cuda:0 (NVIDIA H100 80GB HBM3), bfloat16`; on the CPU it says why the CPU, since a
+        GPU step that lands on a machine without a visible GPU (a pod without a GPU request,
+        `CUDA_VISIBLE_DEVICES` empty) still runs, many times slower."""
         device = self.torch_device()
-        name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-        return f"{device} ({name}), {str(self.torch_dtype()).removeprefix('torch.')}"
+        dtype = str(self.torch_dtype()).removeprefix("torch.")
+        if device.type == "cuda":
+            return f"{device} ({torch.cuda.get_device_name(device)}), {dtype}"
+        why = " (no CUDA GPU visible)" if self.device == "auto" else ""
+        return f"{device}{why}, {dtype}"

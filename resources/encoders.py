@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Literal
 
@@ -15,6 +17,7 @@ from megapairs_assets.embeddings.encoders import (
     load_encoder,
     validate_encoder_spec,
 )
+from megapairs_assets.lib.errors import ConfigurationError
 
 
 class EncoderResource(dg.ConfigurableResource):
@@ -40,6 +43,11 @@ class EncoderResource(dg.ConfigurableResource):
         "this stack), cpu, or device (nvJPEG on the GPU)",
     )
     demo_models_dir: str | None = Field(default=None, description="Build demo models here first")
+    setting_hint: str | None = Field(
+        default=None,
+        description="How to point the profile at other weights (e.g. the environment variable "
+        "it reads), added to every configuration error about this model",
+    )
 
     def spec(self) -> EncoderSpec:
         return EncoderSpec(
@@ -52,15 +60,28 @@ class EncoderResource(dg.ConfigurableResource):
             from megapairs_assets.demo.models import ensure_demo_models
 
             ensure_demo_models(Path(self.demo_models_dir))
-        return validate_encoder_spec(self.spec())
+        with self._hinted_errors():
+            return validate_encoder_spec(self.spec())
 
     def setup_for_execution(self, context: dg.InitResourceContext) -> None:
         self.validate()
 
     def load(self, device: torch.device, dtype: torch.dtype) -> LoadedEncoder:
         """Load the model once for a step; callers reuse it for every batch and partition."""
-        return load_encoder(self.spec(), device, dtype)
+        with self._hinted_errors():
+            return load_encoder(self.spec(), device, dtype)
 
     @property
     def model_id(self) -> str:
         return f"{self.backend}:{self.model}" + (f"@{self.pretrained}" if self.pretrained else "")
+
+    @contextmanager
+    def _hinted_errors(self) -> Iterator[None]:
+        """Add `setting_hint` to a configuration error: the loader knows what is wrong, the
+        profile knows which setting the user changes to fix it."""
+        try:
+            yield
+        except ConfigurationError as error:
+            if not self.setting_hint:
+                raise
+            raise type(error)(f"{error}. {self.setting_hint}") from None

@@ -17,6 +17,25 @@ UI's resource tab.
 | targets per query per source | 3 | 3 |
 | hard negatives (query image first) | 5 | 5 |
 
+Where the paper profile finds its weights and corpus (nothing is downloaded at run time):
+
+| variable | default | what it points at |
+|---|---|---|
+| `MEGAPAIRS_CORPUS` | `$MEGAPAIRS_HOME/corpus` | img2dataset tar shards, image folders, manifest |
+| `MEGAPAIRS_CLIP_WEIGHTS` | tag `merged2b_s4b_b131k` | EVA02-L-14 (I and T): file, folder or tag |
+| `MEGAPAIRS_DINOV2_MODEL` | `facebook/dinov2-large` | DINOv2 (D): saved folder or hub id |
+| `MEGAPAIRS_VIT_B16_WEIGHTS` | tag `openai` | OpenAI CLIP ViT-B/16: mmret-base, evaluation base |
+| `MEGAPAIRS_VIT_L14_WEIGHTS` | tag `openai` | OpenAI CLIP ViT-L/14: mmret-large |
+| `MEGAPAIRS_VLLM_DESCRIBE_URLS` | `http://127.0.0.1:8000/v1` | InternVL2-26B servers (`/v1` URLs) |
+| `MEGAPAIRS_VLLM_INSTRUCT_URLS` | `http://127.0.0.1:8001/v1` | Llama-3-8B-Instruct servers |
+| `MEGAPAIRS_VLLM_DESCRIBE_MODEL`, `_INSTRUCT_MODEL` | the hub id | name the server gives it |
+| `MEGAPAIRS_VLLM_API_KEY` | unset | bearer token for the servers |
+
+A tag or hub id is read from the local Hugging Face cache (`HF_HOME` / `HF_HUB_CACHE`, filled
+by `hf download <repo>` on a machine with internet); a path is read as it is. Each resource
+carries a `setting_hint`, so an error about its weights or corpus names the variable to set;
+`check_generation_servers` asks the servers for their models before any work.
+
 Why the demo's bands differ: the demo's image encoders are small untrained networks, so their
 cosine similarities crowd near 1 and carry little visual meaning; the bands were set from the
 measured similarity distribution on the bundled corpus (see README, "The embedded demo") so
@@ -27,16 +46,15 @@ pretrained model, and its band brackets related-but-not-identical captions.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 from megapairs_assets.demo import DEMO_CORPUS_DIR
 from megapairs_assets.embeddings.sources import PAPER_BAND, SOURCE_NAMES
-from megapairs_assets.generation.resource import (
-    demo_generation_resource,
-    paper_generation_resource,
-)
+from megapairs_assets.generation.resource import GenerationResource, demo_generation_resource
+from megapairs_assets.generation.settings import StepSettings, paper_generation_settings
 from megapairs_assets.lib.errors import ConfigurationError
 from megapairs_assets.lineage.catalog import LineageCatalog
 from resources.cluster import ClusterSettings
@@ -47,7 +65,13 @@ from resources.evaluation import EvaluationResource
 from resources.knn_index import FaissIndexResource
 from resources.mining import MiningResource
 from resources.storage import LineageCatalogResource, StorageResource
-from resources.training import demo_training_resource, paper_training_resource
+from resources.training import (
+    PAPER_BASE_CONFIG_NAME,
+    PAPER_LARGE_CONFIG_NAME,
+    TrainingResource,
+    demo_training_resource,
+    paper_training_settings,
+)
 
 PROFILE_NAMES = ("demo", "paper")
 DEFAULT_PROFILE = "demo"
@@ -57,6 +81,36 @@ SOURCES = SOURCE_NAMES
 
 PAPER_CLIP_MODEL = "EVA02-L-14"
 PAPER_CLIP_PRETRAINED = "merged2b_s4b_b131k"
+PAPER_DINOV2_MODEL = "facebook/dinov2-large"
+PAPER_OPENAI_PRETRAINED = "openai"
+
+# The paper profile's local settings: where this machine keeps the corpus and the weights.
+CORPUS_VARIABLE = "MEGAPAIRS_CORPUS"
+CLIP_WEIGHTS_VARIABLE = "MEGAPAIRS_CLIP_WEIGHTS"
+DINOV2_MODEL_VARIABLE = "MEGAPAIRS_DINOV2_MODEL"
+VIT_B16_WEIGHTS_VARIABLE = "MEGAPAIRS_VIT_B16_WEIGHTS"
+VIT_L14_WEIGHTS_VARIABLE = "MEGAPAIRS_VIT_L14_WEIGHTS"
+# step -> (servers' URLs, the name those servers give the model)
+GENERATION_VARIABLES = {
+    "describe": ("MEGAPAIRS_VLLM_DESCRIBE_URLS", "MEGAPAIRS_VLLM_DESCRIBE_MODEL"),
+    "instruct": ("MEGAPAIRS_VLLM_INSTRUCT_URLS", "MEGAPAIRS_VLLM_INSTRUCT_MODEL"),
+}
+VLLM_API_KEY_VARIABLE = "MEGAPAIRS_VLLM_API_KEY"
+CLIP_WEIGHTS_HINT = (
+    f"With the paper profile, set {CLIP_WEIGHTS_VARIABLE} to the {PAPER_CLIP_MODEL} weights: a "
+    "checkpoint file, an open_clip export folder (open_clip_config.json + weights), or an "
+    f"open_clip tag in the local Hugging Face cache (default {PAPER_CLIP_PRETRAINED})"
+)
+DINOV2_MODEL_HINT = (
+    f"With the paper profile, set {DINOV2_MODEL_VARIABLE} to a DINOv2 folder (written by "
+    "save_pretrained, or a downloaded snapshot), or a hub id in the local Hugging Face cache "
+    f"(default {PAPER_DINOV2_MODEL})"
+)
+CORPUS_HINT = (
+    f"with the paper profile, set {CORPUS_VARIABLE} to your corpus: a folder of img2dataset "
+    "webdataset .tar shards, a folder of image folders (img2dataset's `files` output), or a "
+    ".parquet/.jsonl manifest (default $MEGAPAIRS_HOME/corpus)"
+)
 
 
 class ProfileError(ConfigurationError):
@@ -192,16 +246,42 @@ def _benchmark_roots() -> dict[str, str | None]:
     }
 
 
+def _env(variable: str, default: str) -> str:
+    """An environment setting; unset or blank means the default (an empty path is never meant).
+    A leading `~` is expanded (a quoted `~/models/...` reaches us unexpanded); tags and hub ids
+    never start with one."""
+    return os.path.expanduser(os.environ.get(variable, "").strip() or default)
+
+
+def paper_corpus_source() -> CorpusSourceResource:
+    """`$MEGAPAIRS_CORPUS` (else `$MEGAPAIRS_HOME/corpus`), its layout detected as `--corpus`
+    does; a path that is not there yet stays `webdataset` and fails when a step needs it."""
+    from megapairs_assets.corpus.sources import detect_source_kind
+    from megapairs_assets.lib.storage import default_home
+
+    # The environment's home, not the `home` argument: `megapairs check` builds the profile
+    # on a throwaway home and must still read the user's corpus.
+    path = _env(CORPUS_VARIABLE, str(default_home() / "corpus"))
+    try:
+        kind = detect_source_kind(Path(path))
+    except ConfigurationError:
+        kind = "webdataset"
+    return CorpusSourceResource(kind=kind, path=path, setting_hint=CORPUS_HINT)
+
+
 def paper_resources(home: Path) -> dict[str, Any]:
-    """The paper's settings, for GPUs (method.md §2-3). Models must be in the local cache."""
-    corpus = os.environ.get("MEGAPAIRS_CORPUS", str(home / "corpus"))
+    """The paper's settings, for GPUs (method.md §2-3). Weights and corpus are local files,
+    found as the module's table of variables says."""
+    clip_weights = _env(CLIP_WEIGHTS_VARIABLE, PAPER_CLIP_PRETRAINED)
+    vit_b16_weights = _env(VIT_B16_WEIGHTS_VARIABLE, PAPER_OPENAI_PRETRAINED)
     return {
         **_common(home, "paper"),
-        "corpus_source": CorpusSourceResource(kind="webdataset", path=corpus),
+        "corpus_source": paper_corpus_source(),
         "clip_image_encoder": EncoderResource(
             backend="open_clip_image",
             model=PAPER_CLIP_MODEL,
-            pretrained=PAPER_CLIP_PRETRAINED,
+            pretrained=clip_weights,
+            setting_hint=CLIP_WEIGHTS_HINT,
             dim=768,
             batch_size=512,
             # From the machine: reader threads for GPU JPEG decoding, else a DataLoader
@@ -210,7 +290,8 @@ def paper_resources(home: Path) -> dict[str, Any]:
         ),
         "dino_image_encoder": EncoderResource(
             backend="dinov2",
-            model="facebook/dinov2-large",
+            model=_env(DINOV2_MODEL_VARIABLE, PAPER_DINOV2_MODEL),
+            setting_hint=DINOV2_MODEL_HINT,
             dim=1024,
             batch_size=512,
             num_workers=None,
@@ -218,7 +299,8 @@ def paper_resources(home: Path) -> dict[str, Any]:
         "caption_text_encoder": EncoderResource(
             backend="open_clip_text",
             model=PAPER_CLIP_MODEL,
-            pretrained=PAPER_CLIP_PRETRAINED,
+            pretrained=clip_weights,
+            setting_hint=CLIP_WEIGHTS_HINT,
             dim=768,
             batch_size=2048,
         ),
@@ -228,17 +310,11 @@ def paper_resources(home: Path) -> dict[str, Any]:
             targets_per_source=3,
             hard_negatives=5,
         ),
-        # vLLM servers: one per model (MEGAPAIRS_VLLM_DESCRIBE_URLS for InternVL2,
-        # MEGAPAIRS_VLLM_INSTRUCT_URLS for Llama-3), else MEGAPAIRS_VLLM_BASE_URLS when one
-        # endpoint routes by model name, else the local defaults (:8000 and :8001).
-        "generation": paper_generation_resource(
-            describe_urls=_vllm_urls("MEGAPAIRS_VLLM_DESCRIBE_URLS"),
-            instruct_urls=_vllm_urls("MEGAPAIRS_VLLM_INSTRUCT_URLS"),
-        ),
-        "training": paper_training_resource(),
+        "generation": paper_generation(),
+        "training": _paper_training(vit_b16_weights),
         "evaluation": EvaluationResource(
             base_model="ViT-B-16-quickgelu",
-            base_pretrained="openai",
+            base_pretrained=vit_b16_weights,
             heldout_fraction=0.005,
             heldout_max_queries=10_000,
             batch_size=512,
@@ -248,9 +324,117 @@ def paper_resources(home: Path) -> dict[str, Any]:
     }
 
 
+def _paper_training(vit_b16_weights: str) -> TrainingResource:
+    """The paper's training configs, each backbone's weights from its variable."""
+    weights = {
+        PAPER_BASE_CONFIG_NAME: vit_b16_weights,
+        PAPER_LARGE_CONFIG_NAME: _env(VIT_L14_WEIGHTS_VARIABLE, PAPER_OPENAI_PRETRAINED),
+    }
+    return TrainingResource(
+        configs={
+            name: settings.model_copy(update={"pretrained": weights.get(name, settings.pretrained)})
+            for name, settings in paper_training_settings().items()
+        }
+    )
+
+
+def paper_generation() -> GenerationResource:
+    """InternVL2-26B and Llama-3-8B-Instruct behind vLLM's OpenAI-compatible server.
+
+    Servers: one per model (`MEGAPAIRS_VLLM_DESCRIBE_URLS`, `MEGAPAIRS_VLLM_INSTRUCT_URLS`),
+    else `MEGAPAIRS_VLLM_BASE_URLS` when one endpoint routes by model name, else the local
+    defaults (:8000 and :8001). A server that serves the model under another name (`vllm serve
+    /models/InternVL2-26B` serves "/models/InternVL2-26B") is asked for that name through
+    `MEGAPAIRS_VLLM_DESCRIBE_MODEL` / `_INSTRUCT_MODEL`; request keys and lineage keep the hub
+    id, so renaming the server never re-pays for cached answers. `MEGAPAIRS_VLLM_API_KEY`, when
+    set, is sent as the bearer token (vLLM's `--api-key`, a hosted API).
+    """
+    api_key_env = VLLM_API_KEY_VARIABLE if os.environ.get(VLLM_API_KEY_VARIABLE) else None
+    settings = paper_generation_settings(
+        describe_urls=_vllm_urls(GENERATION_VARIABLES["describe"][0]),
+        instruct_urls=_vllm_urls(GENERATION_VARIABLES["instruct"][0]),
+        api_key_env=api_key_env,
+    )
+    return GenerationResource.from_settings(
+        replace(
+            settings,
+            describe=_served_as(settings.describe, GENERATION_VARIABLES["describe"][1]),
+            instruct=_served_as(settings.instruct, GENERATION_VARIABLES["instruct"][1]),
+        )
+    )
+
+
+def _served_as(step: StepSettings, variable: str) -> StepSettings:
+    served = os.environ.get(variable, "").strip()
+    if not served:
+        return step
+    options = {**step.backend.options, "served_model": served}
+    return replace(step, backend=replace(step.backend, options=options))
+
+
 def _vllm_urls(variable: str) -> list[str] | None:
     own = [url.strip() for url in os.environ.get(variable, "").split(",") if url.strip()]
     return own or list(ClusterSettings.from_env().vllm_base_urls) or None
+
+
+def check_generation_servers(generation: GenerationResource, timeout_s: float = 5.0) -> None:
+    """Ask every OpenAI-compatible server of the generation steps for its models, up front.
+
+    Meant to run before any GPU work of a run that will generate (a server that is down, a URL
+    without `/v1`, a model served under another name or a refused key would otherwise surface
+    only after the mining half, as every request of the step failing). Backends other than
+    `openai_http` are not checked. Raises one ConfigurationError listing every problem with the
+    variable that fixes it.
+    """
+    settings = generation.settings()
+    problems: list[str] = []
+    for step, step_settings in (("describe", settings.describe), ("instruct", settings.instruct)):
+        spec = step_settings.backend
+        if spec.backend != "openai_http":
+            continue
+        urls_variable, model_variable = GENERATION_VARIABLES[step]
+        served = spec.options.get("served_model") or spec.model_id
+        key_variable = spec.options.get("api_key_env")
+        key = os.environ.get(key_variable, "") if key_variable else ""
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        for base_url in spec.options.get("base_urls") or []:
+            problem = _server_problem(base_url, served, headers, timeout_s)
+            if problem is None:
+                continue
+            fix = {
+                "unreachable": f"start the server, or set {urls_variable} to its URL",
+                "no_models": f"set {urls_variable} to the server's OpenAI base URL (ending /v1)",
+                "key": f"set {VLLM_API_KEY_VARIABLE} to the server's API key",
+                "other_name": f"set {model_variable} to the name the server uses, or serve it "
+                f"as {served!r} (vllm serve <weights> --served-model-name {served})",
+            }[problem[0]]
+            problems.append(f"{step} ({spec.display_name}) at {base_url}: {problem[1]}; {fix}")
+    if problems:
+        raise ProfileError("generation servers not ready:\n  " + "\n  ".join(problems))
+
+
+def _server_problem(
+    base_url: str, served: str, headers: dict[str, str], timeout_s: float
+) -> tuple[str, str] | None:
+    """(kind, what is wrong) for one server, or None when it lists `served` (or lists none)."""
+    import httpx2
+
+    url = base_url.rstrip("/") + "/models"
+    try:
+        response = httpx2.get(url, headers=headers, timeout=timeout_s)
+    except httpx2.HTTPError as error:
+        return "unreachable", f"not reachable ({type(error).__name__}: {error})"
+    if response.status_code in (401, 403):
+        return "key", f"GET {url} answered HTTP {response.status_code}"
+    if response.status_code != 200:
+        return "no_models", f"GET {url} answered HTTP {response.status_code}"
+    try:
+        served_ids = [str(model["id"]) for model in response.json().get("data", [])]
+    except (ValueError, AttributeError, KeyError, TypeError):
+        return "no_models", f"GET {url} did not answer an OpenAI model list"
+    if served_ids and served not in served_ids:
+        return "other_name", f"serves {served_ids}, not {served!r}"
+    return None
 
 
 _BUILDERS = {"demo": demo_resources, "paper": paper_resources}
@@ -268,3 +452,94 @@ def build_resources(profile: str, home: Path) -> dict[str, Any]:
 def lineage_catalog(home: Path) -> LineageCatalog:
     """The lineage catalog of this deployment (the DuckDB file, or DuckLake on a cluster)."""
     return ClusterSettings.from_env().catalog_resource(home).catalog()
+
+
+PREFLIGHT_PHASES = ("mine", "generate", "train", "evaluate")
+
+
+def check_ready(resources: dict[str, Any], phases: tuple[str, ...] = PREFLIGHT_PHASES) -> None:
+    """Everything the given phases need that can be checked without work, all at once.
+
+    mine: the corpus path and the three encoders' weights; generate: the generation servers;
+    train: each training config's backbone weights and devices; evaluate: the base retriever's
+    weights. Raises one ConfigurationError listing every problem (each naming the setting that
+    fixes it), so a user with a fresh machine fixes them in one pass instead of one per run,
+    and nothing expensive starts before the last one is fixed.
+    """
+    unknown = sorted(set(phases) - set(PREFLIGHT_PHASES))
+    if unknown:
+        raise ValueError(f"unknown phases {unknown}; expected some of {PREFLIGHT_PHASES}")
+    checks: list[tuple[str, Any]] = []
+    if "mine" in phases:
+        checks.append(("corpus_source", resources["corpus_source"].shard_ids))
+        checks += [(name, resources[name].validate) for name in ENCODER_RESOURCES]
+    if "generate" in phases:
+        checks.append(("generation", lambda: check_generation_servers(resources["generation"])))
+    if "train" in phases:
+        checks += [
+            (f"training config {name!r}", partial(_check_training_config, resources, name))
+            for name in resources["training"].configs
+        ]
+    if "evaluate" in phases:
+        checks.append(("evaluation base model", partial(_check_base_retriever, resources)))
+    problems: list[str] = []
+    first_with: dict[str, str] = {}  # message -> the first check that raised it
+    for what, check in checks:
+        try:
+            check()
+        except ConfigurationError as error:
+            message = str(error)
+            if message in first_with:  # the image and caption encoders share one checkpoint
+                problems.append(f"{what}: the same as {first_with[message]}")
+            else:
+                first_with[message] = what
+                problems.append(f"{what}: {message}")
+    if problems:
+        raise ProfileError(
+            f"{len(problems)} setting(s) to fix before this run can start:\n"
+            + "\n".join(f"- {problem}" for problem in problems)
+        )
+
+
+ENCODER_RESOURCES = ("clip_image_encoder", "dino_image_encoder", "caption_text_encoder")
+
+
+# The paper profile's backbones: which variable sets each one's weights (named in errors).
+_BACKBONE_VARIABLES = {
+    PAPER_BASE_CONFIG_NAME: VIT_B16_WEIGHTS_VARIABLE,
+    PAPER_LARGE_CONFIG_NAME: VIT_L14_WEIGHTS_VARIABLE,
+}
+
+
+def _backbone_hint(variable: str, model: str) -> str:
+    return (
+        f"With the paper profile, set {variable} to the {model} weights: a checkpoint file or an "
+        f"open_clip tag in the local Hugging Face cache (default {PAPER_OPENAI_PRETRAINED})"
+    )
+
+
+def _check_training_config(resources: dict[str, Any], name: str) -> None:
+    from megapairs_assets.training.config import resolve_config
+
+    config = resources["training"].config_for(name)
+    try:
+        resolve_config(config)
+    except ConfigurationError as error:
+        if name not in _BACKBONE_VARIABLES or "backbone weights" not in str(error):
+            raise
+        hint = _backbone_hint(_BACKBONE_VARIABLES[name], config.model)
+        raise type(error)(f"{error}. {hint}") from None
+
+
+def _check_base_retriever(resources: dict[str, Any]) -> None:
+    from megapairs_assets.lib.open_clip_weights import cached_pretrained_weights
+
+    evaluation = resources["evaluation"]
+    evaluation.prepare()  # the demo's base model is built on first use
+    pretrained = evaluation.base_pretrained
+    if pretrained and not Path(pretrained).expanduser().exists():
+        try:
+            cached_pretrained_weights(evaluation.base_model, pretrained)
+        except ConfigurationError as error:
+            hint = _backbone_hint(VIT_B16_WEIGHTS_VARIABLE, evaluation.base_model)
+            raise type(error)(f"{error}. {hint}") from None

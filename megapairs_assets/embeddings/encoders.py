@@ -47,6 +47,8 @@ PAD_MLP_WIDTHS_ON_CUDA = True
 
 _LOCAL_DIR_PREFIX = "local-dir:"
 _HF_HUB_PREFIX = "hf-hub:"
+# The weight files open_clip looks for in a `local-dir:` folder.
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pth")
 _KNOWN_DINOV2_DIMS = {
     "facebook/dinov2-small": 384,
     "facebook/dinov2-base": 768,
@@ -152,6 +154,9 @@ def _open_clip_target(spec: EncoderSpec) -> tuple[str, str | None]:
     # open_clip reads config and weights from a directory only through the model-name schema.
     if spec.pretrained and spec.pretrained.startswith(_LOCAL_DIR_PREFIX):
         return spec.pretrained, None
+    if spec.pretrained and Path(spec.pretrained).expanduser().is_dir():
+        # A folder given as `pretrained` can only mean an open_clip export folder.
+        return _LOCAL_DIR_PREFIX + str(Path(spec.pretrained).expanduser()), None
     return spec.model, spec.pretrained
 
 
@@ -166,6 +171,13 @@ def _open_clip_dim(spec: EncoderSpec) -> int:
             raise EncoderConfigError(
                 f"{name!r} has no open_clip_config.json; point local-dir: at a directory "
                 "holding an open_clip export (open_clip_config.json + weights)"
+            )
+        if not any(path.suffix in _WEIGHT_SUFFIXES for path in config_path.parent.iterdir()):
+            # open_clip only warns and builds the model with random weights: never wanted here.
+            raise EncoderConfigError(
+                f"{name!r} holds open_clip_config.json but no weights file "
+                f"({', '.join('*' + suffix for suffix in _WEIGHT_SUFFIXES)}), so its embeddings "
+                "would be random; copy the export's weights file next to its config"
             )
         return int(_read_json(config_path)["model_cfg"]["embed_dim"])
     if name.startswith(_HF_HUB_PREFIX):

@@ -43,10 +43,9 @@ def cached_pretrained_weights(model_name: str, tag: str) -> tuple[Path, dict[str
     if cached is None:
         raise PretrainedWeightsError(
             f"the weights of {model_name}@{tag} are not in the local cache (looked at "
-            f"{'; '.join(looked_at)}) and nothing is downloaded at run time; fetch them once "
-            f"where there is network (e.g. open_clip.create_model({model_name!r}, "
-            f"pretrained={tag!r})) and copy the cache here, or give a local weights file "
-            f"instead of the tag (pretrained=/path/to/weights; for `megapairs eval`, "
+            f"{'; '.join(looked_at)}) and nothing is downloaded at run time; "
+            f"{_how_to_fetch(model_name, tag, config)}, or give a local weights file instead "
+            f"of the tag (pretrained=/path/to/weights; for `megapairs eval`, "
             f"{model_name}@/path/to/weights)"
         )
     overrides = {
@@ -56,6 +55,21 @@ def cached_pretrained_weights(model_name: str, tag: str) -> tuple[Path, dict[str
         "image_resize_mode": config.get("resize_mode"),
     }
     return cached, {k: v for k, v in overrides.items() if v is not None}
+
+
+def _how_to_fetch(model_name: str, tag: str, config: dict) -> str:
+    """The one command that fills the cache where there is internet, and where to copy it."""
+    hub_name = config.get("hf_hub", "")
+    if hub_name:
+        repo_id = os.path.split(hub_name)[0]  # "org/repo/" or "org/repo/<file>", as open_clip
+        return (
+            f"run `hf download {repo_id}` where there is internet and copy that Hugging Face "
+            "cache here (HF_HOME or HF_HUB_CACHE pointing at it)"
+        )
+    return (
+        f"run open_clip.create_model({model_name!r}, pretrained={tag!r}) where there is "
+        f"internet and copy {OPEN_CLIP_URL_CACHE} here"
+    )
 
 
 def _cached_file(config: dict) -> tuple[Path | None, list[str]]:
