@@ -261,7 +261,7 @@ def test_the_cli_flags_reach_the_report(
     assert len(listed_pairs(capsys.readouterr().out)) == 25
     args = _cli(["lineage", "no-such-id"])
     assert args.func(args) == 1
-    assert "is not a triplet id, a pair id" in capsys.readouterr().err
+    assert "is not a triplet, pair or materialization id" in capsys.readouterr().err
 
 
 def test_the_cli_refuses_contradictory_or_negative_paging(capsys) -> None:

@@ -26,6 +26,7 @@ from megapairs_assets.knn.step import build_corpus_index, corpus_complete_outcom
 from megapairs_assets.lib.step import StepResult
 from megapairs_assets.lib.storage import DataLayout
 from megapairs_assets.lineage.catalog import (
+    SCHEMA_VERSION,
     IncompleteCommitError,
     LineageCatalog,
     MaterializationRecord,
@@ -262,7 +263,7 @@ def test_a_catalog_from_before_the_change_opens_and_reads(tmp_path: Path) -> Non
     catalog = LineageCatalog(path)
     assert catalog.latest_materialization_ids("image_corpus", ["00000"]) == {"00000": "m1"}
     assert catalog.read_versions("image_corpus", ["00000"]) == {"00000": "m1"}
-    assert catalog.schema_version() == 2
+    assert catalog.schema_version() == SCHEMA_VERSION
     image = catalog.query("SELECT caption FROM image_lineage WHERE image_id = '00000/a'")
     assert image["caption"].to_list() == ["a cat"]
 

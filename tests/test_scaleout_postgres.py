@@ -28,6 +28,7 @@ from dagster._core.storage.tags import (
 from megapairs_assets.corpus.step import IMAGE_LINEAGE
 from megapairs_assets.definitions import build_definitions
 from megapairs_assets.lineage.catalog import (
+    SCHEMA_VERSION,
     LineageCatalog,
     MaterializationRecord,
     is_ducklake_url,
@@ -167,7 +168,7 @@ def test_ducklake_catalog_takes_four_writer_processes_without_loss(
     assert catalog.query("SELECT count(DISTINCT image_id) AS n FROM image_lineage")["n"][0] == (
         len(shards) * _ROWS_PER_WRITE
     )
-    assert catalog.schema_version() == 2
+    assert catalog.schema_version() == SCHEMA_VERSION
     catalog.close()
 
 

@@ -1,43 +1,139 @@
-"""`megapairs lineage <id>`: print the chain behind a triplet, a pair, an image or a source uri."""
+"""`megapairs lineage`: the chain behind an id, the catalog's schema, a read-only query, a copy.
+
+- `megapairs lineage <id> [--json]`: a triplet, pair or materialization id (or its start), an
+  image id or export path, a source uri (or its end), a quarantined input or a partition
+  (`asset[partition]`).
+- `megapairs lineage --schema`: every table and view of the catalog with what each column holds.
+- `megapairs lineage --sql "SELECT ..." [--json]`: one read-only query, holding the catalog for
+  that query only (a DuckDB session left open on the file would stop the pipeline's writers).
+- `megapairs lineage --snapshot PATH`: a consistent copy to keep open as long as you like.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+from typing import Any
 
 from megapairs_assets.lineage.report import DEFAULT_PAIR_LIMIT, MAX_INPUTS_SHOWN
 
+ID_KINDS = (
+    "a triplet, pair or materialization id (or its first 6+ characters), an image id or its "
+    "export path (images/<shard>/<key>.jpg), a source uri (or its end) or a partition "
+    "(asset[partition])"
+)
+
 
 def cmd_lineage(args: argparse.Namespace) -> int:
-    """Print the lineage report of `args.id` from the data root's catalog."""
+    """Print the lineage report of `args.id` (or the schema, a query's rows, a snapshot)."""
     import megapairs_assets.definitions  # noqa: F401  (stages declare their catalog tables)
-    from megapairs_assets.generation.triplets import describe_triplet
     from megapairs_assets.lib.storage import default_home
-    from megapairs_assets.lineage.report import lineage_report
     from resources.profiles import build_resources, lineage_catalog, profile_from_env
 
     home = default_home()
     catalog = lineage_catalog(home)
-    layout = build_resources(profile_from_env(), home)["storage"].layout()
-    catalog_path = catalog.location
     if not catalog.is_ducklake and not catalog.path.exists():
-        print(f"no lineage catalog at {catalog_path}: run `megapairs demo` first", file=sys.stderr)
-        return 1
-    report = describe_triplet(catalog, args.id, layout) or lineage_report(
-        catalog,
-        args.id,
-        pair_limit=None if args.all else args.limit,
-        pair_offset=args.offset,
-        all_inputs=args.all_inputs,
-    )
-    if report is None:
         print(
-            f"{args.id!r} is not a triplet id, a pair id, an image id or a source uri in "
-            f"{catalog_path}",
+            f"no lineage catalog at {catalog.location}: run `megapairs demo` first",
             file=sys.stderr,
         )
         return 1
-    print(report)
+    if args.schema:
+        return _print_schema(catalog, args.json)
+    if args.sql is not None:
+        return _print_query(catalog, args.sql, args.json)
+    if args.snapshot is not None:
+        path = catalog.snapshot(args.snapshot)
+        print(
+            f"catalog copied to {path}; open it with duckdb.connect({str(path)!r}, read_only=True)"
+        )
+        return 0
+    layout = build_resources(profile_from_env(), home)["storage"].layout()
+    return _print_report(catalog, args, layout.storage_options)
+
+
+def _print_report(catalog: Any, args: argparse.Namespace, storage_options: Any) -> int:
+    from megapairs_assets.lineage.report import lineage_data, not_found_hint, render, to_json
+
+    item_id = args.id.strip()
+    data = lineage_data(
+        catalog,
+        item_id,
+        pair_limit=None if args.all else args.limit,
+        pair_offset=args.offset,
+        all_inputs=args.all_inputs,
+        storage_options=storage_options,
+    )
+    if data is None:
+        hint = not_found_hint(catalog, item_id)
+        print(
+            f"{item_id!r} is not {ID_KINDS} in {catalog.location}" + (f"\n{hint}" if hint else ""),
+            file=sys.stderr,
+        )
+        return 1
+    print(to_json(data) if args.json else render(data))
+    return 0
+
+
+def _print_schema(catalog: Any, as_json: bool) -> int:
+    columns = catalog.read_only_query(
+        "SELECT c.table_name, t.kind, t.comment AS table_comment, c.column_name, c.data_type, "
+        "c.comment FROM duckdb_columns() AS c JOIN ("
+        "  SELECT table_name, 'table' AS kind, comment FROM duckdb_tables() "
+        "  WHERE database_name = current_database() "
+        "  UNION ALL SELECT view_name, 'view', comment FROM duckdb_views() "
+        "  WHERE database_name = current_database() AND NOT internal"
+        ") AS t USING (table_name) WHERE c.database_name = current_database() "
+        "ORDER BY t.kind, c.table_name, c.column_index"
+    )
+    relations: dict[str, dict[str, Any]] = {}
+    for row in columns.iter_rows(named=True):
+        relation = relations.setdefault(
+            row["table_name"],
+            {"kind": row["kind"], "comment": row["table_comment"], "columns": []},
+        )
+        relation["columns"].append(
+            {"name": row["column_name"], "type": row["data_type"], "comment": row["comment"]}
+        )
+    if as_json:
+        print(json.dumps(relations, indent=2))
+        return 0
+    print(f"lineage catalog {catalog.location}")
+    for name, relation in relations.items():
+        print(
+            f"\n{relation['kind']} {name}"
+            + (f": {relation['comment']}" if relation["comment"] else "")
+        )
+        width = max(len(c["name"]) for c in relation["columns"])
+        for column in relation["columns"]:
+            note = f"  {column['comment']}" if column["comment"] else ""
+            print(f"  {column['name']:<{width}}  {column['type']}{note}")
+    return 0
+
+
+def _print_query(catalog: Any, sql: str, as_json: bool) -> int:
+    import duckdb
+    import polars as pl
+
+    try:
+        frame = catalog.read_only_query(sql)
+    except duckdb.Error as error:
+        # The user's SQL: say what DuckDB said, no traceback.
+        print(f"megapairs lineage --sql: {error}", file=sys.stderr)
+        return 1
+    if as_json:
+        print(json.dumps(frame.to_dicts(), indent=2, default=str, ensure_ascii=False))
+        return 0
+    with pl.Config(
+        tbl_rows=-1,
+        tbl_cols=-1,
+        fmt_str_lengths=200,
+        tbl_width_chars=10_000,
+        tbl_hide_dataframe_shape=True,
+        tbl_hide_column_data_types=True,
+    ):
+        print(frame)
     return 0
 
 
@@ -52,15 +148,33 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Add the `lineage` subcommand to the `megapairs` parser."""
     lineage = subparsers.add_parser(
         "lineage",
-        help="print the chain behind a triplet id, a pair id, an image id or a source uri",
+        help="print the chain behind a triplet, pair, image or materialization; query the catalog",
         description=(
             "Print what produced a triplet, a mined pair or an image: the materializations "
-            "behind it, an image's pairs and the stages that skipped it. The id may be a "
-            "triplet id (t-...), a pair id, an image id (00000/000000000), a source uri, or "
-            "the end of one (00000.tar#000000000.jpg)."
+            "behind it (each marked current or superseded), an image's pairs and the stages "
+            f"that skipped it. The id may be {ID_KINDS}, e.g. t-..., 00000/000000000, "
+            "00000.tar#000000000.jpg, mined_image_pairs[00000]. --schema, --sql and --snapshot "
+            "read the catalog itself."
         ),
     )
-    lineage.add_argument("id", help="triplet id, pair id, image id, source uri or its end")
+    what = lineage.add_mutually_exclusive_group(required=True)
+    what.add_argument("id", nargs="?", help=f"what to trace: {ID_KINDS}")
+    what.add_argument(
+        "--schema", action="store_true", help="list the catalog's tables and views, documented"
+    )
+    what.add_argument(
+        "--sql",
+        metavar="QUERY",
+        help="run one read-only SQL query on the catalog (see --schema for its tables and views)",
+    )
+    what.add_argument(
+        "--snapshot",
+        metavar="PATH",
+        help="write a consistent copy of the catalog to PATH, for sessions that keep it open",
+    )
+    lineage.add_argument(
+        "--json", action="store_true", help="print JSON (the report, --schema or --sql rows)"
+    )
     pages = lineage.add_mutually_exclusive_group()
     pages.add_argument(
         "--limit",

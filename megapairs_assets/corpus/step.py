@@ -18,6 +18,7 @@ from megapairs_assets.corpus.sources import (
     shard_uri,
 )
 from megapairs_assets.corpus.table import (
+    CORPUS_COLUMN_DESCRIPTIONS,
     build_shard_table,
     check_corpus,
     check_cross_shard_duplicates,
@@ -40,18 +41,27 @@ CROSS_SHARD_CHECKS = {
     "corpus_content_unique_across_shards": "No image repeats the exact bytes of another shard's",
 }
 
+_IMAGE_LINEAGE_COLUMNS = (
+    ("image_id", "VARCHAR"),
+    ("shard", "VARCHAR"),
+    ("key", "VARCHAR"),
+    ("source_uri", "VARCHAR"),
+    ("caption", "VARCHAR"),
+    ("content_hash", "VARCHAR"),
+    ("width", "INTEGER"),
+    ("height", "INTEGER"),
+)
 IMAGE_LINEAGE = register_row_table(
     RowTable(
         "image_lineage",
-        (
-            ("image_id", "VARCHAR"),
-            ("shard", "VARCHAR"),
-            ("key", "VARCHAR"),
-            ("source_uri", "VARCHAR"),
-            ("caption", "VARCHAR"),
-            ("content_hash", "VARCHAR"),
-            ("width", "INTEGER"),
-            ("height", "INTEGER"),
+        _IMAGE_LINEAGE_COLUMNS,
+        description=(
+            "Every valid image of the current image_corpus materialization of each shard "
+            "(rejected inputs: quarantine_log, stage image_corpus)."
+        ),
+        # The same words as the corpus table's own column descriptions.
+        column_docs=tuple(
+            (name, CORPUS_COLUMN_DESCRIPTIONS[name]) for name, _ in _IMAGE_LINEAGE_COLUMNS
         ),
     )
 )

@@ -30,6 +30,23 @@ SCORES_TABLE = register_row_table(
             ("gallery_images", "BIGINT"),
         ),
         partition_column="partition",
+        description=(
+            "The current scores of each (benchmark, retriever) partition: one row per metric, "
+            "per skipped split and per server file written."
+        ),
+        column_docs=(
+            ("partition", "the Dagster multi-partition key 'benchmark|retriever'"),
+            ("retriever_id", "the retriever scored (checkpoint or open_clip name)"),
+            ("benchmark", "benchmark family: circo, cirr, fashioniq, genecis, heldout"),
+            ("split", "the split or sub-task scored"),
+            ("metric", "e.g. R@1, mAP@5 (NULL on a skipped row)"),
+            ("value", "the score in percent"),
+            ("status", "scored, skipped or submission"),
+            ("detail", "why a split was skipped, or the file written"),
+            ("gallery_version", "fingerprint of the gallery embedded"),
+            ("queries", "queries scored"),
+            ("gallery_images", "gallery size"),
+        ),
     )
 )
 

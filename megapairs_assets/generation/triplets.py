@@ -101,6 +101,31 @@ TRIPLET_LINEAGE = register_row_table(
             ("instruction_request_key", "VARCHAR"),
             ("input_versions", "VARCHAR"),
         ),
+        description=(
+            "Every triplet of the current triplets materialization of each shard, with the "
+            "generators behind its texts; joined with runs and image uris: view "
+            "triplet_provenance."
+        ),
+        column_docs=(
+            ("triplet_id", "'t-' + pair_id"),
+            ("pair_id", "pair_lineage.pair_id it was made from"),
+            ("shard", "the pair's shard (the partition that built it)"),
+            ("query_id", "image id of q_img"),
+            ("target_id", "image id of t_img"),
+            ("hard_negative_ids", "image ids of hns; the first is the query image"),
+            ("instruction_count", "how many instructions (q_text) it kept"),
+            ("description_generator", "who wrote the pair description (model or heuristic)"),
+            ("description_model", "the model id (name@revision or file) of the description"),
+            ("description_template", "prompt template name#hash of the description"),
+            ("word_num", "the WORD_NUM the description prompt asked for"),
+            ("description_request_key", "cache key of the description request"),
+            ("instruction_generator", "who wrote the instructions (model or heuristic)"),
+            ("instruction_model", "the model id of the instructions"),
+            ("instruction_template", "prompt template name#hash of the instructions"),
+            ("demo_ids", "in-context demonstrations the instruction prompt showed"),
+            ("instruction_request_key", "cache key of the instruction request"),
+            ("input_versions", "JSON: 'asset/shard' -> materialization id of the tables read"),
+        ),
     )
 )
 

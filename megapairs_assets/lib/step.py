@@ -94,8 +94,13 @@ def run_recorded(
     catalog.begin(record)
     try:
         result = step(partition or "")
-    except BaseException:
-        catalog.fail(record.materialization_id)
+    except BaseException as error:
+        # Kept in the catalog, so a reader learns why without the run's log.
+        catalog.fail(
+            record.materialization_id,
+            error=f"{type(error).__name__}: {error}",
+            duration_s=time.perf_counter() - started,
+        )
         raise
     catalog.complete(
         replace(
