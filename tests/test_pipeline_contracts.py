@@ -375,3 +375,32 @@ def test_a_sample_check_never_uses_the_configured_data_root(monkeypatch) -> None
         assert str(layout.data_dir).startswith("/tmp/sample-home")
     assert os.environ["MEGAPAIRS_DATA_ROOT"] == "s3://production/tables"
     assert os.environ["MEGAPAIRS_DEPLOYMENT"] == "cluster"
+
+
+def test_mining_from_a_graph_built_before_a_retirement_leaves_the_retired_images_out(
+    graph, tmp_path: Path
+) -> None:
+    """A shard retired after the KNN graphs were built: re-mining another shard from those
+    graphs passes its checks and names no image of the retired shard."""
+    from megapairs_assets.mining.step import mine_shard
+    from resources.profiles import build_resources
+
+    _, home, *_ = graph
+    copy = tmp_path / "home"
+    shutil.copytree(home, copy, symlinks=True)
+    layout = DataLayout(copy)
+    catalog = LineageCatalog(layout.catalog_path)
+    knn = pl.read_parquet(layout.shard_table("clip_image_knn", "00000"))
+    assert knn.filter(pl.col("neighbor_id").str.starts_with("00002/")).height
+    catalog.retire_partitions(["00002"], ["image_corpus"])
+    params = build_resources("demo", copy)["mining"].params()
+    logged: list[str] = []
+
+    result = mine_shard("00000", params, layout, catalog, log=logged.append)
+
+    pairs = pl.read_parquet(layout.shard_table("mined_image_pairs", "00000"))
+    named = pairs["target_id"].to_list() + pairs["hard_negative_ids"].explode().to_list()
+    assert pairs.height and not [i for i in named if i.startswith("00002/")]
+    assert all(o.passed for o in result.outcomes), [o for o in result.outcomes if not o.passed]
+    assert result.metadata["knn_rows_outside_corpus"] > 0
+    assert any("no longer in the corpus" in line for line in logged)

@@ -122,6 +122,29 @@ def knn_image_ids(neighbors: Mapping[str, pl.DataFrame]) -> list[str]:
     return pl.concat(columns).unique().sort().to_list()
 
 
+def keep_current_images(
+    neighbors: Mapping[str, pl.DataFrame], current_ids: set[str]
+) -> tuple[dict[str, pl.DataFrame], int]:
+    """The KNN rows whose query and neighbour are both images of the current corpus, and how
+    many rows were dropped.
+
+    A graph built before a shard was retired (or before a shard's corpus table was rebuilt with
+    fewer images) still lists images that are gone; mining them would make pairs nobody can
+    trace or load. Dropping them keeps the rest of the graph usable until it is rebuilt.
+    """
+    allowed = pl.Series(sorted(current_ids), dtype=pl.String).implode()
+    kept: dict[str, pl.DataFrame] = {}
+    dropped = 0
+    for source, frame in neighbors.items():
+        inside = frame.filter(
+            pl.col("query_id").cast(pl.String).is_in(allowed)
+            & pl.col("neighbor_id").cast(pl.String).is_in(allowed)
+        )
+        dropped += frame.height - inside.height
+        kept[source] = inside
+    return kept, dropped
+
+
 def mine_pairs(
     neighbors: Mapping[str, pl.DataFrame],
     params: MiningParams,

@@ -20,6 +20,7 @@ from megapairs_assets.mining.pairs import (
     IDENTICAL_CONTENT_CHECK_DESCRIPTION,
     MiningParams,
     check_pairs,
+    keep_current_images,
     knn_image_ids,
     mine_pairs,
     score_column,
@@ -83,6 +84,14 @@ def mine_shard(
     )
     # Exact copies (same bytes, other ids) are never a pair or a negative of each other.
     hashes = content_hashes(catalog, sorted(knn_image_ids(neighbors)))
+    # image_lineage holds exactly the current corpus: ids missing there left it since the graph
+    # was built (a retired shard, a rebuilt corpus table).
+    neighbors, outside_corpus = keep_current_images(neighbors, set(hashes["image_id"]))
+    if outside_corpus:
+        log(
+            f"{ASSET_NAME}[{shard}]: {outside_corpus} KNN rows name images no longer in the "
+            "corpus (left out); re-materialize the KNN graphs to search the current corpus"
+        )
     pairs = mine_pairs(neighbors, params, hashes)
     path = layout.shard_table(ASSET_NAME, shard)
     write_parquet_atomic(pairs, path)
@@ -104,7 +113,10 @@ def mine_shard(
         input_versions=versions,
         rows={PAIR_LINEAGE.name: pair_lineage_rows(pairs, shard, sources, knn_versions)},
         outcomes=check_pairs(pairs, params, hashes),
-        metadata={k: v for k, v in summary.items() if isinstance(v, int | float | str)},
+        metadata={
+            **{k: v for k, v in summary.items() if isinstance(v, int | float | str)},
+            "knn_rows_outside_corpus": outside_corpus,
+        },
         markdown={
             "pairs_by_source": markdown_table(pairs_by_source(pairs)),
             "score_distribution": markdown_table(score_distribution(pairs, sources)),
