@@ -177,7 +177,7 @@ def pair_preview(catalog: LineageCatalog, pairs: pl.DataFrame, max_rows: int = 1
     )
     score_columns = [c for c in head.columns if c.startswith("score_")]
     return (
-        head.select("query_id", "target_id", "sources", *score_columns)
+        head.select("pair_id", "query_id", "target_id", "sources", *score_columns)
         .join(
             captions.rename({"image_id": "query_id", "caption": "query_caption"}),
             on="query_id",
