@@ -34,6 +34,11 @@ class EvaluationResource(dg.ConfigurableResource):
     demo_models_dir: str | None = Field(
         default=None, description="Build the demo's tiny models here first (demo profile only)"
     )
+    setting_hint: str | None = Field(
+        default=None,
+        description="How the profile sets the base retriever's weights (e.g. the environment "
+        "variable it reads), added to every error about them",
+    )
     circo_root: str | None = Field(default=None, description="CIRCO folder (annotations/, ...)")
     cirr_root: str | None = Field(default=None, description="CIRR folder (captions/, ...)")
     fashioniq_root: str | None = Field(default=None, description="FashionIQ folder")
@@ -104,6 +109,32 @@ class EvaluationResource(dg.ConfigurableResource):
             from megapairs_assets.demo.models import ensure_demo_models
 
             ensure_demo_models(Path(self.demo_models_dir))
+
+    def base_weights_problem(self) -> str | None:
+        """Why the base retriever cannot be loaded on this machine (its pretrained file is
+        missing, or its tag's weights are in no local cache), with `setting_hint`; None when
+        they are here, or are the demo's, built on first use. Reads no weights."""
+        from megapairs_assets.lib.errors import ConfigurationError
+        from megapairs_assets.lib.open_clip_weights import cached_pretrained_weights
+
+        pretrained = self.base_pretrained
+        if self.demo_models_dir or not pretrained or Path(pretrained).expanduser().exists():
+            return None
+        try:
+            cached_pretrained_weights(self.base_model, pretrained)  # a tag, or a path not there
+        except ConfigurationError as error:
+            return f"{error}. {self.setting_hint}" if self.setting_hint else str(error)
+        return None
+
+    def check_base_weights(self) -> None:
+        """Build the demo's models if this profile uses them, then raise ConfigurationError
+        when the base retriever's weights are not here (`base_weights_problem`)."""
+        from megapairs_assets.lib.errors import ConfigurationError
+
+        self.prepare()
+        problem = self.base_weights_problem()
+        if problem:
+            raise ConfigurationError(f"base retriever {self.base_spec().retriever_id}: {problem}")
 
     def setup_for_execution(self, context: dg.InitResourceContext) -> None:
         self.prepare()

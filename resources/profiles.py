@@ -30,11 +30,13 @@ Where the paper profile finds its weights and corpus (nothing is downloaded at r
 | `MEGAPAIRS_VLLM_INSTRUCT_URLS` | `http://127.0.0.1:8001/v1` | Llama-3-8B-Instruct servers |
 | `MEGAPAIRS_VLLM_DESCRIBE_MODEL`, `_INSTRUCT_MODEL` | the hub id | name the server gives it |
 | `MEGAPAIRS_VLLM_API_KEY` | unset | bearer token for the servers |
+| `MEGAPAIRS_TRAIN_DEVICES` | `8` | GPUs per training run: a number, or `auto` (all visible) |
 
 A tag or hub id is read from the local Hugging Face cache (`HF_HOME` / `HF_HUB_CACHE`, filled
 by `hf download <repo>` on a machine with internet); a path is read as it is. Each resource
-carries a `setting_hint`, so an error about its weights or corpus names the variable to set;
-`check_generation_servers` asks the servers for their models before any work.
+carries a `setting_hint` (training configs: `setting_hints`), so an error about its weights,
+corpus or devices names the variable to set; `check_generation_servers` asks the servers for
+their models before any work, as the generation resource does when a step starts.
 
 Why the demo's bands differ: the demo's image encoders are small untrained networks, so their
 cosine similarities crowd near 1 and carry little visual meaning; the bands were set from the
@@ -57,6 +59,7 @@ from megapairs_assets.generation.resource import GenerationResource, demo_genera
 from megapairs_assets.generation.settings import StepSettings, paper_generation_settings
 from megapairs_assets.lib.errors import ConfigurationError
 from megapairs_assets.lineage.catalog import LineageCatalog
+from megapairs_assets.training.config import ALL_VISIBLE_GPUS
 from resources.cluster import ClusterSettings
 from resources.corpus import CorpusSourceResource
 from resources.device import DeviceResource
@@ -96,6 +99,8 @@ GENERATION_VARIABLES = {
     "instruct": ("MEGAPAIRS_VLLM_INSTRUCT_URLS", "MEGAPAIRS_VLLM_INSTRUCT_MODEL"),
 }
 VLLM_API_KEY_VARIABLE = "MEGAPAIRS_VLLM_API_KEY"
+TRAIN_DEVICES_VARIABLE = "MEGAPAIRS_TRAIN_DEVICES"
+PAPER_TRAIN_DEVICES = 8
 CLIP_WEIGHTS_HINT = (
     f"With the paper profile, set {CLIP_WEIGHTS_VARIABLE} to the {PAPER_CLIP_MODEL} weights: a "
     "checkpoint file, an open_clip export folder (open_clip_config.json + weights), or an "
@@ -239,11 +244,18 @@ def demo_resources(home: Path) -> dict[str, Any]:
 
 
 def _benchmark_roots() -> dict[str, str | None]:
-    """Public CIR benchmark folders from the environment; an unset one is reported skipped."""
-    return {
-        f"{name}_root": os.environ.get(f"MEGAPAIRS_{name.upper()}_ROOT") or None
-        for name in ("circo", "cirr", "fashioniq", "genecis")
-    }
+    """Public CIR benchmark folders from the environment; an unset one is reported skipped.
+
+    Stored absolute, resolved against the folder the profile is built in (the shell's, for
+    `megapairs` commands and for `megapairs ui`, whose Dagster processes inherit it): the
+    resource's config, shown in the UI and carried in a run's config, then names the folder
+    itself rather than a path that means something else in a process started elsewhere.
+    """
+    roots = {}
+    for name in ("circo", "cirr", "fashioniq", "genecis"):
+        value = os.environ.get(f"MEGAPAIRS_{name.upper()}_ROOT", "").strip()
+        roots[f"{name}_root"] = str(Path(value).expanduser().resolve()) if value else None
+    return roots
 
 
 def _env(variable: str, default: str) -> str:
@@ -315,6 +327,7 @@ def paper_resources(home: Path) -> dict[str, Any]:
         "evaluation": EvaluationResource(
             base_model="ViT-B-16-quickgelu",
             base_pretrained=vit_b16_weights,
+            setting_hint=_backbone_hint(VIT_B16_WEIGHTS_VARIABLE, "ViT-B-16-quickgelu"),
             heldout_fraction=0.005,
             heldout_max_queries=10_000,
             batch_size=512,
@@ -325,16 +338,42 @@ def paper_resources(home: Path) -> dict[str, Any]:
 
 
 def _paper_training(vit_b16_weights: str) -> TrainingResource:
-    """The paper's training configs, each backbone's weights from its variable."""
+    """The paper's training configs, each backbone's weights from its variable, the devices
+    from `MEGAPAIRS_TRAIN_DEVICES` (the global batch stays 2048 whatever the count)."""
     weights = {
         PAPER_BASE_CONFIG_NAME: vit_b16_weights,
         PAPER_LARGE_CONFIG_NAME: _env(VIT_L14_WEIGHTS_VARIABLE, PAPER_OPENAI_PRETRAINED),
     }
-    return TrainingResource(
-        configs={
-            name: settings.model_copy(update={"pretrained": weights.get(name, settings.pretrained)})
-            for name, settings in paper_training_settings().items()
-        }
+    configs = {}
+    for name, settings in paper_training_settings(devices=_train_devices()).items():
+        hints = {"devices": TRAIN_DEVICES_HINT}
+        if name in _BACKBONE_VARIABLES:
+            hints["pretrained"] = _backbone_hint(_BACKBONE_VARIABLES[name], settings.model)
+        configs[name] = settings.model_copy(
+            update={"pretrained": weights.get(name, settings.pretrained), "setting_hints": hints}
+        )
+    return TrainingResource(configs=configs)
+
+
+TRAIN_DEVICES_HINT = (
+    f"With the paper profile, set {TRAIN_DEVICES_VARIABLE} to the number of GPUs to train on (a "
+    "divisor of the global batch 2048: 1, 2, 4 or 8; each GPU then takes 2048 / devices "
+    f"queries), or to `auto` for every visible GPU (default {PAPER_TRAIN_DEVICES})"
+)
+
+
+def _train_devices() -> int:
+    """`MEGAPAIRS_TRAIN_DEVICES`: a GPU count, or `auto` (every visible GPU, decided on the
+    machine that trains: `ALL_VISIBLE_GPUS`)."""
+    value = os.environ.get(TRAIN_DEVICES_VARIABLE, "").strip().lower()
+    if not value:
+        return PAPER_TRAIN_DEVICES
+    if value == "auto":
+        return ALL_VISIBLE_GPUS
+    if value.isdigit() and int(value) >= 1:
+        return int(value)
+    raise ProfileError(
+        f"{TRAIN_DEVICES_VARIABLE} must be a number of GPUs (1 or more) or 'auto', got {value!r}"
     )
 
 
@@ -360,7 +399,16 @@ def paper_generation() -> GenerationResource:
             settings,
             describe=_served_as(settings.describe, GENERATION_VARIABLES["describe"][1]),
             instruct=_served_as(settings.instruct, GENERATION_VARIABLES["instruct"][1]),
-        )
+        ),
+        # A server problem names the variable that fixes it, in the CLI and in the UI alike.
+        server_setting_names={
+            step: {
+                "base_urls": urls_variable,
+                "served_model": model_variable,
+                "api_key": VLLM_API_KEY_VARIABLE,
+            }
+            for step, (urls_variable, model_variable) in GENERATION_VARIABLES.items()
+        },
     )
 
 
@@ -382,59 +430,16 @@ def check_generation_servers(generation: GenerationResource, timeout_s: float = 
 
     Meant to run before any GPU work of a run that will generate (a server that is down, a URL
     without `/v1`, a model served under another name or a refused key would otherwise surface
-    only after the mining half, as every request of the step failing). Backends other than
-    `openai_http` are not checked. Raises one ConfigurationError listing every problem with the
-    variable that fixes it.
+    only after the mining half, as every request of the step failing). The probe is the
+    backend's (`openai_http.probe_servers`; the generation resource runs the same one when a
+    step starts); backends other than `openai_http` are not checked. Raises one ProfileError
+    listing every problem with the variable that fixes it.
     """
-    settings = generation.settings()
-    problems: list[str] = []
-    for step, step_settings in (("describe", settings.describe), ("instruct", settings.instruct)):
-        spec = step_settings.backend
-        if spec.backend != "openai_http":
-            continue
-        urls_variable, model_variable = GENERATION_VARIABLES[step]
-        served = spec.options.get("served_model") or spec.model_id
-        key_variable = spec.options.get("api_key_env")
-        key = os.environ.get(key_variable, "") if key_variable else ""
-        headers = {"Authorization": f"Bearer {key}"} if key else {}
-        for base_url in spec.options.get("base_urls") or []:
-            problem = _server_problem(base_url, served, headers, timeout_s)
-            if problem is None:
-                continue
-            fix = {
-                "unreachable": f"start the server, or set {urls_variable} to its URL",
-                "no_models": f"set {urls_variable} to the server's OpenAI base URL (ending /v1)",
-                "key": f"set {VLLM_API_KEY_VARIABLE} to the server's API key",
-                "other_name": f"set {model_variable} to the name the server uses, or serve it "
-                f"as {served!r} (vllm serve <weights> --served-model-name {served})",
-            }[problem[0]]
-            problems.append(f"{step} ({spec.display_name}) at {base_url}: {problem[1]}; {fix}")
+    from megapairs_assets.generation.resource import SERVERS_NOT_READY
+
+    problems = generation.server_problems(timeout_s=timeout_s)
     if problems:
-        raise ProfileError("generation servers not ready:\n  " + "\n  ".join(problems))
-
-
-def _server_problem(
-    base_url: str, served: str, headers: dict[str, str], timeout_s: float
-) -> tuple[str, str] | None:
-    """(kind, what is wrong) for one server, or None when it lists `served` (or lists none)."""
-    import httpx2
-
-    url = base_url.rstrip("/") + "/models"
-    try:
-        response = httpx2.get(url, headers=headers, timeout=timeout_s)
-    except httpx2.HTTPError as error:
-        return "unreachable", f"not reachable ({type(error).__name__}: {error})"
-    if response.status_code in (401, 403):
-        return "key", f"GET {url} answered HTTP {response.status_code}"
-    if response.status_code != 200:
-        return "no_models", f"GET {url} answered HTTP {response.status_code}"
-    try:
-        served_ids = [str(model["id"]) for model in response.json().get("data", [])]
-    except (ValueError, AttributeError, KeyError, TypeError):
-        return "no_models", f"GET {url} did not answer an OpenAI model list"
-    if served_ids and served not in served_ids:
-        return "other_name", f"serves {served_ids}, not {served!r}"
-    return None
+        raise ProfileError(SERVERS_NOT_READY + "\n  " + "\n  ".join(problems))
 
 
 _BUILDERS = {"demo": demo_resources, "paper": paper_resources}
@@ -497,7 +502,7 @@ def check_ready(resources: dict[str, Any], phases: tuple[str, ...] = PREFLIGHT_P
     if problems:
         raise ProfileError(
             f"{len(problems)} setting(s) to fix before this run can start:\n"
-            + "\n".join(f"- {problem}" for problem in problems)
+            + "\n".join("- " + problem.replace("\n", "\n  ") for problem in problems)
         )
 
 
@@ -519,27 +524,8 @@ def _backbone_hint(variable: str, model: str) -> str:
 
 
 def _check_training_config(resources: dict[str, Any], name: str) -> None:
-    from megapairs_assets.training.config import resolve_config
-
-    config = resources["training"].config_for(name)
-    try:
-        resolve_config(config)
-    except ConfigurationError as error:
-        if name not in _BACKBONE_VARIABLES or "backbone weights" not in str(error):
-            raise
-        hint = _backbone_hint(_BACKBONE_VARIABLES[name], config.model)
-        raise type(error)(f"{error}. {hint}") from None
+    resources["training"].resolve(name)
 
 
 def _check_base_retriever(resources: dict[str, Any]) -> None:
-    from megapairs_assets.lib.open_clip_weights import cached_pretrained_weights
-
-    evaluation = resources["evaluation"]
-    evaluation.prepare()  # the demo's base model is built on first use
-    pretrained = evaluation.base_pretrained
-    if pretrained and not Path(pretrained).expanduser().exists():
-        try:
-            cached_pretrained_weights(evaluation.base_model, pretrained)
-        except ConfigurationError as error:
-            hint = _backbone_hint(VIT_B16_WEIGHTS_VARIABLE, evaluation.base_model)
-            raise type(error)(f"{error}. {hint}") from None
+    resources["evaluation"].check_base_weights()  # the demo's base model is built on first use

@@ -14,6 +14,10 @@ large model, a learning-rate sweep) and each checkpoint keeps its own lineage.
 | steps | 60 (2 epochs of the demo triplets) | 15,000 / 25,000 |
 | hardware | CPU, float32, 1 torch thread | 8 GPUs, `ddp_spawn`, bf16, gradient checkpointing |
 
+The paper's batch is global: on fewer GPUs (`paper_training_settings(devices=...)`, the
+profile's `MEGAPAIRS_TRAIN_DEVICES`) each device takes more of it (2048 / 4 = 512 queries on
+4 GPUs), so the maths and the checkpoint's fingerprint stay the same.
+
 The demo model starts from random weights, so it needs a learning rate a hundred times the
 paper's, which fine-tunes a pretrained CLIP. Warm-up and weight decay are not in the paper;
 the values here are ours.
@@ -21,15 +25,20 @@ the values here are ours.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Literal
 
 import dagster as dg
 from pydantic import Field
 
 from megapairs_assets.training.config import (
+    ALL_VISIBLE_GPUS,
+    ResolvedTraining,
     TrainingConfig,
     TrainingConfigError,
     check_config_name,
+    resolve_config,
 )
 
 DEMO_CONFIG_NAME = "demo"
@@ -54,7 +63,11 @@ class TrainingSettings(dg.Config):
     warmup_steps: int = Field(default=500, description="Linear warm-up steps, then linear decay")
     max_steps: int = Field(default=15_000, description="Optimizer steps in total")
     accelerator: Literal["auto", "cpu", "gpu"] = Field(default="auto", description="Trainer")
-    devices: int = Field(default=1, description="Devices per node")
+    devices: int = Field(
+        default=1,
+        description=f"Devices per node ({ALL_VISIBLE_GPUS}: every visible GPU); each takes "
+        "batch_size / (devices x num_nodes) queries",
+    )
     num_nodes: int = Field(default=1, description="Nodes")
     strategy: str = Field(
         default="auto", description="Lightning strategy; auto = ddp_spawn on several devices"
@@ -74,9 +87,14 @@ class TrainingSettings(dg.Config):
         default=None, description="torch threads for CPU runs (None: one per core)"
     )
     seed: int = Field(default=0, description="Data order, instruction sampling, RNG")
+    setting_hints: dict[str, str] = Field(
+        default_factory=dict,
+        description="Config field (pretrained, devices) -> how the profile sets it (e.g. the "
+        "environment variable it reads), added to every error about that field",
+    )
 
     def to_config(self) -> TrainingConfig:
-        return TrainingConfig(**self.model_dump())
+        return TrainingConfig(**self.model_dump(exclude={"setting_hints"}))
 
 
 class TrainingResource(dg.ConfigurableResource):
@@ -100,6 +118,22 @@ class TrainingResource(dg.ConfigurableResource):
                 "resource's `configs`, or remove the partition"
             )
         return self.configs[name].to_config()
+
+    def resolve(self, name: str, gpu_count: int | None = None) -> ResolvedTraining:
+        """`resolve_config` of one named config on this machine: every problem at once, each
+        with the profile's hint for the setting that fixes it."""
+        with self.hinted_errors(name):
+            return resolve_config(self.config_for(name), gpu_count=gpu_count)
+
+    @contextmanager
+    def hinted_errors(self, name: str) -> Iterator[None]:
+        """Add the config's `setting_hints` to a TrainingConfigError raised inside: the
+        training code knows which field is wrong, the profile which variable sets it."""
+        try:
+            yield
+        except TrainingConfigError as error:
+            hints = self.configs[name].setting_hints if name in self.configs else {}
+            raise error.with_hints(hints) from None
 
     def setup_for_execution(self, context: dg.InitResourceContext) -> None:
         for name in self.configs:
@@ -137,8 +171,10 @@ def demo_training_settings(models_dir: str) -> dict[str, TrainingSettings]:
     }
 
 
-def paper_training_settings() -> dict[str, TrainingSettings]:
-    """MMRet-base and MMRet-large at the paper's settings (method.md §7), for one 8-GPU node."""
+def paper_training_settings(devices: int = 8) -> dict[str, TrainingSettings]:
+    """MMRet-base and MMRet-large at the paper's settings (method.md §7), for one node of
+    `devices` GPUs (the paper's 8; `ALL_VISIBLE_GPUS` for every GPU the node shows). The batch
+    stays the paper's global 2048, split evenly over the devices."""
     common = {
         "pretrained": "openai",
         "batch_size": 2048,
@@ -146,7 +182,7 @@ def paper_training_settings() -> dict[str, TrainingSettings]:
         "temperature": 0.02,
         "learning_rate": 5e-6,
         "warmup_steps": 500,
-        "devices": 8,
+        "devices": devices,
         "checkpoint_every_n_steps": 500,
         "num_workers": 8,
     }

@@ -177,14 +177,18 @@ def test_every_shared_local_path_is_on_a_volume_every_pod_mounts() -> None:
             assert covering[0]["name"] in declared
 
 
-def test_vllm_manifest_is_a_deployment_and_service_with_gpus() -> None:
-    documents = list(yaml.safe_load_all((DEPLOYMENT / "vllm.yaml").read_text()))
-    kinds = {doc["kind"]: doc for doc in documents if doc}
-    deployment, service = kinds["Deployment"], kinds["Service"]
-    assert deployment["spec"]["replicas"] >= 2
-    (container,) = deployment["spec"]["template"]["spec"]["containers"]
-    assert container["command"] == ["vllm"] and container["args"][0] == "serve"
-    assert container["resources"]["limits"]["nvidia.com/gpu"]
-    selector = deployment["spec"]["selector"]["matchLabels"]
-    assert service["spec"]["selector"] == selector
-    assert service["spec"]["ports"][0]["targetPort"] == container["ports"][0]["containerPort"]
+def test_vllm_manifest_is_a_deployment_and_service_with_gpus_per_model() -> None:
+    documents = [d for d in yaml.safe_load_all((DEPLOYMENT / "vllm.yaml").read_text()) if d]
+    deployments = {d["metadata"]["name"]: d for d in documents if d["kind"] == "Deployment"}
+    services = {d["metadata"]["name"]: d for d in documents if d["kind"] == "Service"}
+    assert set(deployments) == set(services) == {"vllm-describe", "vllm-instruct"}
+    for name, deployment in deployments.items():
+        assert deployment["spec"]["replicas"] >= 2
+        (container,) = deployment["spec"]["template"]["spec"]["containers"]
+        assert container["command"] == ["vllm"] and container["args"][0] == "serve"
+        assert container["resources"]["limits"]["nvidia.com/gpu"]
+        selector = deployment["spec"]["selector"]["matchLabels"]
+        assert selector.items() <= deployment["spec"]["template"]["metadata"]["labels"].items()
+        service = services[name]
+        assert service["spec"]["selector"] == selector
+        assert service["spec"]["ports"][0]["targetPort"] == container["ports"][0]["containerPort"]

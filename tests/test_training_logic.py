@@ -47,7 +47,7 @@ def test_batch_not_divisible_by_devices_fails_with_the_fix(demo_models_dir: Path
     [
         ("megapairs-tiny-clip", None, "no backbone weights"),
         ("megapairs-tiny-clip", "/nowhere/weights.pt", "backbone weights missing"),
-        ("ViT-B-16-quickgelu", "openai", "not in the local Hugging Face cache"),
+        ("ViT-B-16-quickgelu", "openai", "not in the local cache.*hf download timm/"),
         ("ViT-B-16", "openai", "use 'ViT-B-16-quickgelu'"),
         ("ViT-B-61", "openai", "no model named 'ViT-B-61'.*ViT-B-16"),
     ],

@@ -53,6 +53,8 @@ class CheckRow:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
+    from megapairs_assets.cli.main import add_profile_option
+
     check = subparsers.add_parser(
         "check", help="run the asset checks on a small sample (or on existing data) for CI"
     )
@@ -79,6 +81,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "the one whose tables are re-checked (default: $MEGAPAIRS_HOME)",
     )
     check.add_argument("--quiet", action="store_true", help="only warnings from Dagster")
+    add_profile_option(check)
     check.set_defaults(func=run_check)
 
 
@@ -150,12 +153,18 @@ def _run_sample(args: argparse.Namespace, home: Path) -> int:
     from megapairs_assets.orchestration.partitions import SHARD_PARTITIONS_NAME
     from megapairs_assets.orchestration.runs import shard_range_tags
     from resources.corpus import CorpusSourceResource
-    from resources.profiles import profile_from_env
+    from resources.profiles import check_ready, profile_from_env
 
-    source = build_definitions(profile_from_env(), home).resources["corpus_source"]
+    job_name = args.select or "mining_half"
+    selected = job_assets(job_name)  # an unknown name is a configuration error listing the jobs
+    resources = build_definitions(profile_from_env(), home).resources
+    source = resources["corpus_source"]
     if args.corpus is not None:
         kind = detect_source_kind(args.corpus)  # a ConfigurationError says what is wrong
         source = CorpusSourceResource(kind=kind, path=str(args.corpus.resolve()))
+    # Every setting the sample needs (corpus, encoder weights, and the generation servers when
+    # the job generates), all missing ones in one configuration error, before any work.
+    check_ready({**resources, "corpus_source": source}, preflight_phases(selected))
     # The sample is the corpus: KNN searches exactly these shards.
     shards = source.shard_ids()[: args.shards]
     if not shards:
@@ -164,8 +173,6 @@ def _run_sample(args: argparse.Namespace, home: Path) -> int:
     fields = {name: getattr(source, name) for name in type(source).model_fields}
     sample = CorpusSourceResource(**{**fields, "only_shards": shards})
     defs = build_definitions(profile_from_env(), home, resource_overrides={"corpus_source": sample})
-    job_name = args.select or "mining_half"
-    job_assets(job_name)  # an unknown name is a configuration error that lists the jobs
     job = defs.resolve_job_def(job_name)
     print(f"megapairs check: {job_name} over {len(shards)} shards {shards} in {home}")
     instance = dg.DagsterInstance.ephemeral()
@@ -183,6 +190,15 @@ def _run_sample(args: argparse.Namespace, home: Path) -> int:
         print("the run failed before all checks ran: see the log above", file=sys.stderr)
         return EXIT_RUN_FAILED
     return code
+
+
+def preflight_phases(assets: set[str]) -> tuple[str, ...]:
+    """The `check_ready` phases a job of `assets` needs: mining always (the sample starts from
+    the corpus and its embeddings), generation when it sends requests to a model."""
+    from megapairs_assets.generation.common import DESCRIPTIONS_ASSET, INSTRUCTIONS_ASSET
+
+    generates = bool(assets & {DESCRIPTIONS_ASSET, INSTRUCTIONS_ASSET})
+    return ("mine", "generate") if generates else ("mine",)
 
 
 def rows_from_evaluations(evaluations: list, defs) -> list[CheckRow]:

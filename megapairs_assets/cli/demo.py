@@ -18,6 +18,8 @@ FAISS_HINT = (
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
+    from megapairs_assets.cli.main import add_profile_option
+
     demo = subparsers.add_parser(
         "demo", help="run the whole graph on the profile's corpus (or --corpus), in process"
     )
@@ -34,7 +36,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=PHASES[-1],
         help="stop after this phase (default: the whole loop: mine, generate, train, evaluate)",
     )
+    add_profile_option(demo)
     demo.set_defaults(func=run_demo)
+
+
+# What "checking configuration" does under each profile, said before it starts.
+CHECKING = {
+    "demo": "building the demo profile's small models on first use",
+    "paper": "the paper profile's corpus, weights, servers and devices; nothing is downloaded",
+}
 
 
 RESUME_HINT = (
@@ -83,7 +93,12 @@ def run_demo(args: argparse.Namespace) -> int:
     from megapairs_assets.training.assets import register_training_configs
     from resources.cluster import ClusterSettings
     from resources.corpus import CorpusSourceResource
-    from resources.profiles import lineage_catalog, profile_from_env
+    from resources.profiles import (
+        ENCODER_RESOURCES,
+        check_ready,
+        lineage_catalog,
+        profile_from_env,
+    )
 
     started = time.perf_counter()
     home, profile = default_home(), profile_from_env()
@@ -97,7 +112,8 @@ def run_demo(args: argparse.Namespace) -> int:
     prepare_dagster_home(home)
     defs = build_definitions(profile, home, resource_overrides=overrides)
     resources = defs.resources
-    print("checking configuration (building the demo profile's models on first use)...")
+    phases = PHASES[: PHASES.index(args.until) + 1]
+    print(f"checking configuration ({CHECKING.get(profile, 'the profile')})...")
     # Opens the data root's filesystem: a bad URL fails here, before any step runs.
     tables = resources["storage"].layout().data_dir
     check_writable_folder(tables, "the data root's data folder")
@@ -105,10 +121,13 @@ def run_demo(args: argparse.Namespace) -> int:
     # Opens (or creates) the lineage catalog: an unreachable DuckLake fails here too.
     catalog = resources["catalog"].catalog()
     print(f"  lineage catalog: {catalog.location} (schema v{catalog.schema_version()})")
-    for key in ("clip_image_encoder", "dino_image_encoder", "caption_text_encoder"):
-        dim = resources[key].validate()
-        print(f"  {key}: {resources[key].model_id} ({dim}-d)")
     resources["mining"].params()
+    # Everything the phases up to --until need (corpus, weights, servers, devices), every
+    # missing setting in one error, before any work.
+    check_ready(resources, phases)
+    for key in ENCODER_RESOURCES:
+        dim = resources[key].dim or resources[key].validate()
+        print(f"  {key}: {resources[key].model_id} ({dim}-d)")
     source = resources["corpus_source"]
     shards = source.shard_ids()
     if not shards:
@@ -133,7 +152,6 @@ def run_demo(args: argparse.Namespace) -> int:
     instance.add_dynamic_partitions(SHARD_PARTITIONS_NAME, new)
     log_level = "WARNING" if args.quiet else "INFO"
     run_config = {"loggers": {"console": {"config": {"log_level": log_level}}}}
-    phases = PHASES[: PHASES.index(args.until) + 1]
     job = "mine_and_generate" if "generate" in phases else "mining_half"
     print(f"{job}: {len(shards)} shards ({shards[0]}..{shards[-1]})")
     results: list[Any] = []

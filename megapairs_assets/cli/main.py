@@ -17,6 +17,21 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 # Subcommand modules, in the order `megapairs --help` lists them.
 SUBCOMMANDS = ("demo", "check", "lineage", "ui", "config", "unblock")
 
+# `resources.profiles.PROFILE_NAMES`, spelled here so `megapairs --help` needs no Dagster
+# import (a test keeps the two equal).
+PROFILE_CHOICES = ("demo", "paper")
+
+
+def add_profile_option(parser: argparse.ArgumentParser) -> None:
+    """`--profile NAME`: the profile for this command, exactly as MEGAPAIRS_PROFILE sets it
+    (which `main` does, so `resources.profiles.profile_from_env` stays the one reader)."""
+    parser.add_argument(
+        "--profile",
+        choices=PROFILE_CHOICES,
+        help="which models to run: demo (offline, CPU, small models) or paper (the paper's "
+        "settings, GPUs); default: $MEGAPAIRS_PROFILE, else demo",
+    )
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -32,6 +47,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    profile = getattr(args, "profile", None)
+    previous = os.environ.get("MEGAPAIRS_PROFILE")
+    if profile:
+        # For this command and every process it starts; restored for in-process callers.
+        os.environ["MEGAPAIRS_PROFILE"] = profile
     try:
         from resources.profiles import check_environment
 
@@ -46,6 +66,11 @@ def main(argv: list[str] | None = None) -> int:
         # Point stdout at /dev/null so the interpreter's final flush does not raise again.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
+    finally:
+        if profile and previous is None:
+            os.environ.pop("MEGAPAIRS_PROFILE", None)
+        elif profile:
+            os.environ["MEGAPAIRS_PROFILE"] = previous
 
 
 if __name__ == "__main__":

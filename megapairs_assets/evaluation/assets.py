@@ -92,6 +92,9 @@ def benchmark_scores(
 
     def step(partition: str) -> StepResult:
         retriever_id, benchmark = split_partition_key(partition)
+        if retriever_id == base.retriever_id:
+            # Said before any benchmark file is read, naming the setting of the weights.
+            evaluation.check_base_weights()
         return score_partition(
             partition,
             retriever_id,
@@ -133,7 +136,16 @@ def build_checkpoint_sensor(default_status: dg.DefaultSensorStatus) -> dg.Sensor
             return dg.SkipReason(f"cannot list retrievers: {error}")
         known = set(context.instance.get_dynamic_partitions(RETRIEVER_PARTITIONS_NAME))
         new = [retriever_id for retriever_id in found if retriever_id not in known]
+        # A scoring run of a base model whose weights are not on this machine is certain to
+        # fail: leave it unregistered (so it is new again once they are) and say why.
+        base_id = evaluation.base_spec().retriever_id
+        missing_base = evaluation.base_weights_problem() if base_id in new else None
+        if missing_base:
+            new.remove(base_id)
+            context.log.warning(f"not scoring the base retriever {base_id}: {missing_base}")
         if not new:
+            if missing_base:
+                return dg.SkipReason(f"base retriever {base_id} not scored: {missing_base}")
             return dg.SkipReason(f"no new retriever ({len(found)} known)")
         # Unconfigured benchmarks would only record `skipped`; they stay one click away.
         benchmarks = evaluation.configured_benchmarks()

@@ -2,6 +2,10 @@
 
 `GenerationResource.settings()` builds the plain `GenerationSettings` the stage functions take.
 `demo_generation_resource` and `paper_generation_resource` are the two profiles' values.
+
+At the start of every step that uses it, the resource checks its templates and backends and
+asks its `openai_http` servers for their models (`server_problems`), so a server that is down
+or serves the model under another name fails the step before any request.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import dagster as dg
 from pydantic import Field
 
 from megapairs_assets.generation.backends.base import BackendSpec, SamplingParams
+from megapairs_assets.generation.common import DESCRIPTIONS_ASSET, INSTRUCTIONS_ASSET
 from megapairs_assets.generation.parsing import DescriptionLimits, InstructionLimits
 from megapairs_assets.generation.settings import (
     ExportSettings,
@@ -23,6 +28,7 @@ from megapairs_assets.generation.settings import (
     demo_generation_settings,
     paper_generation_settings,
 )
+from megapairs_assets.lib.errors import ConfigurationError
 
 
 class BackendConfig(dg.Config):
@@ -93,6 +99,16 @@ class GenerationResource(dg.ConfigurableResource):
     )
     licence: str = Field(default="unspecified", description="licence line of the dataset card")
     dataset_name: str = "megapairs-triplets"
+    server_probe_timeout_s: float = Field(
+        default=5.0,
+        description="seconds each openai_http server has to list its models when a step starts "
+        "(0: do not ask)",
+    )
+    server_setting_names: dict[str, dict[str, str]] = Field(
+        default_factory=dict,
+        description="step -> the settings named in a server problem's fix: base_urls, "
+        "served_model, api_key (e.g. the profile's environment variables)",
+    )
 
     def settings(self) -> GenerationSettings:
         """The plain settings the stage functions take."""
@@ -128,8 +144,13 @@ class GenerationResource(dg.ConfigurableResource):
         )
 
     @classmethod
-    def from_settings(cls, settings: GenerationSettings) -> GenerationResource:
-        """The resource holding exactly these plain settings."""
+    def from_settings(
+        cls,
+        settings: GenerationSettings,
+        server_setting_names: dict[str, dict[str, str]] | None = None,
+    ) -> GenerationResource:
+        """The resource holding exactly these plain settings (and, for error messages, the
+        settings that set each step's servers: see `server_problems`)."""
 
         def backend(spec: BackendSpec) -> BackendConfig:
             return BackendConfig(
@@ -167,7 +188,34 @@ class GenerationResource(dg.ConfigurableResource):
             export_dir=settings.export.export_dir,
             licence=settings.export.licence,
             dataset_name=settings.export.dataset_name,
+            server_setting_names=server_setting_names or {},
         )
+
+    def server_problems(
+        self, steps: tuple[str, ...] = ("describe", "instruct"), timeout_s: float | None = None
+    ) -> list[str]:
+        """What is wrong with the `openai_http` servers of `steps`, one line per server, each
+        saying what to change; [] when every server lists its model (or lists none).
+
+        Backends other than `openai_http` have no server to ask.
+        """
+        from megapairs_assets.generation.backends.openai_http import (
+            ServerSettingNames,
+            probe_servers,
+        )
+
+        settings = self.settings()
+        timeout = self.server_probe_timeout_s if timeout_s is None else timeout_s
+        lines: list[str] = []
+        for step in steps:
+            spec = getattr(settings, step).backend
+            names = ServerSettingNames(**self.server_setting_names.get(step, {}))
+            lines += [
+                f"{step} ({spec.display_name}) at {problem.base_url}: {problem.detail}; "
+                + names.fix(problem)
+                for problem in probe_servers(spec, timeout)
+            ]
+        return lines
 
     def setup_for_execution(self, context: dg.InitResourceContext) -> None:
         # A malformed setting fails before any work (templates and backends are checked here).
@@ -188,6 +236,27 @@ class GenerationResource(dg.ConfigurableResource):
         load_demo_pool(settings.demo_pool)
         create_backend(settings.describe.backend)
         create_backend(settings.instruct.backend)
+        if self.server_probe_timeout_s > 0:
+            problems = self.server_problems(_steps_that_call_models(context))
+            if problems:
+                raise ConfigurationError(SERVERS_NOT_READY + "\n  " + "\n  ".join(problems))
+
+
+SERVERS_NOT_READY = "generation servers not ready:"
+
+# The assets whose steps send requests to a step's model (triplets and the export never do).
+_MODEL_ASSETS = {"describe": DESCRIPTIONS_ASSET, "instruct": INSTRUCTIONS_ASSET}
+
+
+def _steps_that_call_models(context: dg.InitResourceContext | None) -> tuple[str, ...]:
+    """The generation steps whose servers this run needs: those whose asset it materializes
+    (both when the run does not say, e.g. a whole job or a direct call)."""
+    run = context.run if context is not None else None
+    selection = run.asset_selection if run is not None else None
+    if not selection:
+        return tuple(_MODEL_ASSETS)
+    selected = {key.to_user_string() for key in selection}
+    return tuple(step for step, asset in _MODEL_ASSETS.items() if asset in selected)
 
 
 def demo_generation_resource(home: Path) -> GenerationResource:

@@ -69,15 +69,17 @@ def mmret_clip_checkpoint(
     from megapairs_assets.training.step import train_config
 
     def step(config_name: str) -> StepResult:
-        return train_config(
-            config_name,
-            training.config_for(config_name),
-            layout,
-            lineage,
-            heldout_fraction=evaluation.heldout_fraction,
-            image_root=Path(image_root) if image_root else None,
-            log=context.log.info,
-        )
+        # A settings error names the profile's variable for the field (weights, devices).
+        with training.hinted_errors(config_name):
+            return train_config(
+                config_name,
+                training.config_for(config_name),
+                layout,
+                lineage,
+                heldout_fraction=evaluation.heldout_fraction,
+                image_root=Path(image_root) if image_root else None,
+                log=context.log.info,
+            )
 
     return materialize_partitions(context, STAGE, step, lineage, storage.profile)
 

@@ -20,6 +20,7 @@ import hashlib
 import json
 import os
 import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -63,8 +64,49 @@ _HARDWARE_FIELDS = frozenset(
 _CONFIG_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 
+ALL_VISIBLE_GPUS = -1
+"""`devices` value meaning every GPU this machine shows (at least one device): Lightning's
+own convention for "all available devices"."""
+
+
 class TrainingConfigError(ConfigurationError):
-    """A training config that cannot work; the message says what is wrong and what to change."""
+    """A training config that cannot work; the message says what is wrong and what to change.
+
+    `problems` holds (setting, message) pairs: the config field a problem is about ("devices",
+    "pretrained", or None), so a profile can add the one setting of its own that changes that
+    field (`with_hints`). One error may carry several independent problems (the devices and the
+    backbone weights), said at once.
+    """
+
+    def __init__(self, message: str, setting: str | None = None) -> None:
+        super().__init__(message)
+        self.problems: tuple[tuple[str | None, str], ...] = ((setting, message),)
+
+    @classmethod
+    def of(cls, errors: Sequence[TrainingConfigError]) -> TrainingConfigError:
+        """One error saying every problem of `errors`."""
+        if len(errors) == 1:
+            return errors[0]
+        problems = tuple(problem for error in errors for problem in error.problems)
+        combined = cls("; also, ".join(message for _, message in problems))
+        combined.problems = problems
+        return combined
+
+    def with_hints(self, hints: Mapping[str, str]) -> TrainingConfigError:
+        """This error with the hint of each setting it is about after that problem (each hint
+        once)."""
+        parts, added = [], set()
+        for setting, message in self.problems:
+            hint = hints.get(setting) if setting else None
+            if hint and hint not in added:
+                added.add(hint)
+                message = f"{message}. {hint}"
+            parts.append(message)
+        if not added:
+            return self
+        hinted = type(self)("; also, ".join(parts))
+        hinted.problems = self.problems
+        return hinted
 
 
 def check_config_name(config_name: str) -> None:
@@ -89,8 +131,10 @@ class TrainingConfig:
     temperature: InfoNCE temperature (fixed; the model's own logit scale is not used).
     learning_rate / weight_decay / warmup_steps / max_steps: AdamW with linear warm-up from 0 to
         `learning_rate` over `warmup_steps`, then linear decay to 0 at `max_steps`.
-    accelerator / devices / num_nodes / strategy: the Lightning Trainer's hardware; `strategy`
-        "auto" means one device, or `ddp_spawn` for several (safe inside a Dagster step).
+    accelerator / devices / num_nodes / strategy: the Lightning Trainer's hardware; `devices`
+        -1 (`ALL_VISIBLE_GPUS`) means every visible GPU, or one device without GPUs; `strategy`
+        "auto" means one device, or `ddp_spawn` for several (safe inside a Dagster step). The
+        batch is global: each device takes batch_size / (devices x num_nodes) queries.
     precision: "auto" = bf16 mixed precision on GPU, float32 on CPU.
     gradient_checkpointing: None = on for GPU runs (the paper's batch does not fit otherwise).
     checkpoint_every_n_steps: how often `last.ckpt` is rewritten (the resume point after a kill).
@@ -150,6 +194,7 @@ class ResolvedTraining:
 
     config: TrainingConfig
     accelerator: Literal["cpu", "gpu"]
+    devices: int
     world_size: int
     per_device_batch_size: int
     strategy: str
@@ -162,7 +207,7 @@ class ResolvedTraining:
         """Hardware arguments for `lightning.pytorch.Trainer`."""
         return {
             "accelerator": self.accelerator,
-            "devices": self.config.devices,
+            "devices": self.devices,
             "num_nodes": self.config.num_nodes,
             "strategy": self.strategy,
             "precision": self.precision,
@@ -172,24 +217,28 @@ class ResolvedTraining:
 def resolve_config(config: TrainingConfig, gpu_count: int | None = None) -> ResolvedTraining:
     """Check `config` without loading weights or data and decide its "auto" settings.
 
-    `gpu_count` overrides the number of visible GPUs (tests). Raises `TrainingConfigError`.
+    `gpu_count` overrides the number of visible GPUs (tests). Raises `TrainingConfigError`,
+    with the hardware and the backbone problems together when both are wrong.
     """
     _check_numbers(config)
     if gpu_count is None:
         import torch
 
         gpu_count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    accelerator = _resolve_accelerator(config, gpu_count)
-    world_size = config.devices * config.num_nodes
-    if config.batch_size % world_size:
-        nearest = max(config.batch_size // world_size, 1) * world_size
-        raise TrainingConfigError(
-            f"batch_size={config.batch_size} does not split evenly over {world_size} devices "
-            f"(devices={config.devices} x num_nodes={config.num_nodes}); use a batch size that is "
-            f"a multiple of {world_size}, e.g. {nearest}"
-        )
-    embed_dim, image_size_px = _check_backbone(config.model, config.pretrained)
-    strategy = _resolve_strategy(config, world_size)
+    errors: list[TrainingConfigError] = []
+    try:
+        accelerator, devices = _resolve_devices(config, gpu_count)
+        world_size = devices * config.num_nodes
+        _check_batch_split(config, devices, world_size)
+        strategy = _resolve_strategy(config, world_size)
+    except TrainingConfigError as error:
+        errors.append(error)
+    try:
+        embed_dim, image_size_px = _check_backbone(config.model, config.pretrained)
+    except TrainingConfigError as error:
+        errors.append(error)
+    if errors:
+        raise TrainingConfigError.of(errors)
     precision = config.precision
     if precision == "auto":
         precision = "bf16-mixed" if accelerator == "gpu" else "32-true"
@@ -199,6 +248,7 @@ def resolve_config(config: TrainingConfig, gpu_count: int | None = None) -> Reso
     return ResolvedTraining(
         config=config,
         accelerator=accelerator,
+        devices=devices,
         world_size=world_size,
         per_device_batch_size=config.batch_size // world_size,
         strategy=strategy,
@@ -209,11 +259,29 @@ def resolve_config(config: TrainingConfig, gpu_count: int | None = None) -> Reso
     )
 
 
+def _check_batch_split(config: TrainingConfig, devices: int, world_size: int) -> None:
+    if config.batch_size % world_size:
+        nearest = max(config.batch_size // world_size, 1) * world_size
+        divisors = [n for n in range(1, 9) if config.batch_size % (n * config.num_nodes) == 0]
+        raise TrainingConfigError(
+            f"batch_size={config.batch_size} does not split evenly over {world_size} devices "
+            f"(devices={devices} x num_nodes={config.num_nodes}); use a batch size that is "
+            f"a multiple of {world_size}, e.g. {nearest}, or a device count that divides it "
+            f"({', '.join(map(str, divisors))} per node)",
+            setting="devices",
+        )
+
+
 def _check_numbers(config: TrainingConfig) -> None:
+    if config.devices < 1 and config.devices != ALL_VISIBLE_GPUS:
+        raise TrainingConfigError(
+            f"devices must be >= 1, or {ALL_VISIBLE_GPUS} for every visible GPU; "
+            f"got {config.devices}",
+            setting="devices",
+        )
     positive_ints = {
         "batch_size": config.batch_size,
         "max_steps": config.max_steps,
-        "devices": config.devices,
         "num_nodes": config.num_nodes,
         "checkpoint_every_n_steps": config.checkpoint_every_n_steps,
         "hard_negatives": config.hard_negatives,
@@ -248,7 +316,8 @@ def _check_numbers(config: TrainingConfig) -> None:
         )
 
 
-def _resolve_accelerator(config: TrainingConfig, gpu_count: int) -> Literal["cpu", "gpu"]:
+def _resolve_devices(config: TrainingConfig, gpu_count: int) -> tuple[Literal["cpu", "gpu"], int]:
+    """(accelerator, devices per node) for this machine."""
     if config.accelerator not in ("auto", "cpu", "gpu"):
         raise TrainingConfigError(
             f"accelerator={config.accelerator!r} is not one of auto, cpu, gpu"
@@ -256,18 +325,32 @@ def _resolve_accelerator(config: TrainingConfig, gpu_count: int) -> Literal["cpu
     accelerator = config.accelerator
     if accelerator == "auto":
         accelerator = "gpu" if gpu_count > 0 else "cpu"
-    if accelerator == "gpu" and config.devices > gpu_count:
+    devices = config.devices
+    if devices == ALL_VISIBLE_GPUS:
+        devices = max(gpu_count, 1) if accelerator == "gpu" else 1
+    if config.accelerator == "auto" and gpu_count == 0 and devices > 1:
+        # Lightning would start `devices` CPU processes, each holding a copy of the model:
+        # never what a config written for GPUs means.
         raise TrainingConfigError(
-            f"devices={config.devices} GPUs per node were asked for but {gpu_count} are visible; "
+            f"devices={devices} asks for {devices} GPUs, but no GPU is visible here "
+            "(accelerator='auto' would train on as many CPU processes); lower devices to 1 to "
+            "train on the CPU, set accelerator='cpu' to run several CPU processes on purpose, "
+            "or run where the GPUs are",
+            setting="devices",
+        )
+    if accelerator == "gpu" and devices > gpu_count:
+        raise TrainingConfigError(
+            f"devices={devices} GPUs per node were asked for but {gpu_count} are visible; "
             "lower devices (the batch size must stay a multiple of devices x num_nodes) or run "
-            "on a machine with more GPUs"
+            "on a machine with more GPUs",
+            setting="devices",
         )
     if accelerator == "cpu" and config.precision in ("bf16-mixed", "16-mixed"):
         raise TrainingConfigError(
             f"precision={config.precision!r} on the CPU is slower than float32, not faster; "
             "use precision='auto' or '32-true' for CPU runs"
         )
-    return accelerator
+    return accelerator, devices
 
 
 def _resolve_strategy(config: TrainingConfig, world_size: int) -> str:
@@ -301,7 +384,8 @@ def _check_backbone(model: str, pretrained: str | None) -> tuple[int, int]:
     if not pretrained:
         raise TrainingConfigError(
             f"no backbone weights: `pretrained` is empty for {model!r}, so training would start "
-            "from random weights; set a pretrained tag (e.g. 'openai') or a local checkpoint file"
+            "from random weights; set a pretrained tag (e.g. 'openai') or a local checkpoint file",
+            setting="pretrained",
         )
     tags = open_clip.list_pretrained_tags_by_model(model)
     if pretrained in tags:
@@ -312,11 +396,12 @@ def _check_backbone(model: str, pretrained: str | None) -> tuple[int, int]:
                 f"GELU, so they would load into the wrong activation; use "
                 f"'{model}-quickgelu' (the open_clip name for these weights)"
             )
-        _check_tag_cached(model, pretrained, tag_config)
+        _check_tag_cached(model, pretrained)
     elif not Path(pretrained).is_file():
         raise TrainingConfigError(
             f"backbone weights missing: pretrained={pretrained!r} is neither a known tag for "
-            f"{model!r} (known: {', '.join(tags) or 'none'}) nor an existing checkpoint file"
+            f"{model!r} (known: {', '.join(tags) or 'none'}) nor an existing checkpoint file",
+            setting="pretrained",
         )
     vision = model_config.get("vision_cfg", {})
     image_size = vision.get("image_size", 224)
@@ -324,37 +409,14 @@ def _check_backbone(model: str, pretrained: str | None) -> tuple[int, int]:
     return int(model_config["embed_dim"]), side
 
 
-def _check_tag_cached(model: str, tag: str, tag_config: dict[str, Any]) -> None:
-    """Nothing is downloaded at run time: a tag's weights must already be in a local cache."""
-    if "file" in tag_config and Path(tag_config["file"]).is_file():
-        return
-    hub = tag_config.get("hf_hub", "")
-    if hub:
-        from huggingface_hub import try_to_load_from_cache
+def _check_tag_cached(model: str, tag: str) -> None:
+    """Nothing is downloaded at run time: a tag's weights must already be in a local cache
+    (the Hugging Face hub cache or open_clip's `~/.cache/clip`, as open_clip itself looks)."""
+    from megapairs_assets.lib.open_clip_weights import cached_pretrained_weights
 
-        # open_clip's convention: "org/repo/" means the repo's default weights file.
-        if hub.endswith("/"):
-            repo_id, filename = hub.rstrip("/"), ""
-        else:
-            repo_id, filename = os.path.split(hub)
-        candidates = [filename] if filename else []
-        candidates += ["open_clip_model.safetensors", "open_clip_pytorch_model.bin"]
-        if filename.endswith((".bin", ".pth")):
-            candidates.insert(0, filename.rsplit(".", 1)[0] + ".safetensors")
-        for name in candidates:
-            if isinstance(try_to_load_from_cache(repo_id, name), str):
-                return
+    try:
+        cached_pretrained_weights(model, tag)
+    except ConfigurationError as error:
         raise TrainingConfigError(
-            f"backbone weights missing: {model!r} / {tag!r} lives at hf-hub {repo_id!r}, which "
-            "is not in the local Hugging Face cache, and nothing is downloaded at run time; run "
-            f"`hf download {repo_id}` where there is internet and copy the cache here (or set "
-            "HF_HOME), or set pretrained to a local checkpoint file"
-        )
-    url = tag_config.get("url", "")
-    cached = Path(os.path.expanduser("~/.cache/clip")) / os.path.basename(url)
-    if url and cached.is_file():
-        return
-    raise TrainingConfigError(
-        f"backbone weights missing: {model!r} / {tag!r} are not cached on this machine and "
-        "nothing is downloaded at run time; set pretrained to a local checkpoint file"
-    )
+            f"backbone weights missing: {error}", setting="pretrained"
+        ) from None

@@ -57,8 +57,16 @@ class MMRetCLIP(pl_lightning.LightningModule):
         )
 
         register_bundled_model_configs()
+        weights, preprocess_overrides = pretrained, {}
+        if pretrained and pretrained in open_clip.list_pretrained_tags_by_model(model_name):
+            # A tag's weights from the local caches only: open_clip's own lookup would ask the
+            # hub first (a stall on an offline GPU node); `resolve_config` checked they are here.
+            from megapairs_assets.lib.open_clip_weights import cached_pretrained_weights
+
+            path, preprocess_overrides = cached_pretrained_weights(model_name, pretrained)
+            weights = str(path)
         clip, _, preprocess = open_clip.create_model_and_transforms(
-            model_name, pretrained=pretrained
+            model_name, pretrained=weights, **preprocess_overrides
         )
         self.clip = clip
         for name, parameter in clip.named_parameters():

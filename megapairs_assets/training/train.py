@@ -143,6 +143,12 @@ def train_on_triplets(
     check_config_name(config_name)
     say = log or _quiet
     resolved = resolve_config(config, gpu_count=gpu_count)
+    say(
+        f"{config_name}: global batch {config.batch_size} queries over {resolved.world_size} "
+        f"{resolved.accelerator.upper()} device(s) ({resolved.devices} per node x "
+        f"{config.num_nodes} node(s)): {resolved.per_device_batch_size} per device, "
+        f"{resolved.strategy} strategy, {resolved.precision}"
+    )
     prepared = prepare_triplets(triplets, heldout_fraction)
     if prepared.rows.height < config.batch_size:
         raise TripletDataError(

@@ -16,6 +16,10 @@ worth retrying and for how long:
 
 Images travel as base64 JPEG data URLs, longer side resized to `image_side_px`; encoding
 runs in worker threads so the event loop keeps every connection busy.
+
+`probe_servers` asks each server for its model list (`GET <base_url>/models`) before any
+request, so a server that is down, a URL missing `/v1`, a refused key or a model served under
+another name is one clear error at the start of a step, not every request failing.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import itertools
 import os
 import time
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
@@ -294,3 +299,116 @@ def _transport_reason(error: BaseException) -> str:
             return f"[Errno {cause.errno}] {os.strerror(cause.errno)}"
         cause = cause.__cause__ or cause.__context__
     return str(error)
+
+
+# -- the server probe -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ServerProblem:
+    """Why one server cannot serve a step's requests, from its answer to `GET /models`.
+
+    kind: "unreachable" (no connection), "missing_v1" (the base URL lacks `/v1`: its `/models`
+    is 404 but `<base_url>/v1/models` lists models), "key" (HTTP 401/403) or "other_name" (the
+    server lists models, not this one).
+    """
+
+    base_url: str
+    kind: str
+    detail: str
+    served_model: str
+
+
+@dataclass(frozen=True)
+class ServerSettingNames:
+    """The settings a user changes to fix each kind of problem, named in the error message.
+
+    The defaults name the backend's own options; a profile that reads them from environment
+    variables passes the variables' names instead.
+    """
+
+    base_urls: str = "the backend's base_urls option"
+    served_model: str = "the backend's served_model option"
+    api_key: str = "the environment variable named by api_key_env"
+
+    def fix(self, problem: ServerProblem) -> str:
+        """What to change for `problem`, in one clause."""
+        served = problem.served_model
+        return {
+            "unreachable": f"start the server, or set {self.base_urls} to its URL",
+            "missing_v1": f"set {self.base_urls} to the server's OpenAI base URL (ending /v1)",
+            "key": f"set {self.api_key} to the server's API key",
+            "other_name": f"set {self.served_model} to the name the server uses, or serve it "
+            f"as {served!r} (vllm serve <weights> --served-model-name {served})",
+        }[problem.kind]
+
+
+def probe_server(
+    base_url: str,
+    served_model: str,
+    headers: Mapping[str, str] | None = None,
+    timeout_s: float = 5.0,
+) -> ServerProblem | None:
+    """Ask one OpenAI-compatible server for its models; the problem, or None when it is fine.
+
+    Fine means: it lists `served_model`, or it answers without a model list at all (an API
+    without `/models`, a proxy that hides it): such a server is not refused on a guess, its
+    requests will say what is wrong. A 404 on a base URL without `/v1` is a problem only when
+    `<base_url>/v1/models` does list models.
+    """
+    base = base_url.rstrip("/")
+    url = base + "/models"
+
+    def problem(kind: str, detail: str) -> ServerProblem:
+        return ServerProblem(base_url, kind, detail, served_model)
+
+    try:
+        response = httpx2.get(url, headers=dict(headers or {}), timeout=timeout_s)
+    except (httpx2.HTTPError, httpx2.InvalidURL) as error:
+        reason = _transport_reason(error)
+        return problem("unreachable", f"not reachable ({type(error).__name__}: {reason})")
+    if response.status_code in (401, 403):
+        return problem("key", f"GET {url} answered HTTP {response.status_code}")
+    if response.status_code == 404 and not base.endswith("/v1"):
+        if _listed_at(base + "/v1/models", headers, timeout_s):
+            return problem(
+                "missing_v1", f"GET {url} answered HTTP 404, but {base}/v1/models lists models"
+            )
+        return None
+    served_ids = _model_ids(response)
+    if served_ids and served_model not in served_ids:
+        return problem("other_name", f"serves {served_ids}, not {served_model!r}")
+    return None
+
+
+def _model_ids(response: httpx2.Response) -> list[str]:
+    """The model ids of an OpenAI model list; [] when the answer is not one."""
+    if response.status_code != 200:
+        return []
+    try:
+        return [str(model["id"]) for model in response.json().get("data", [])]
+    except (ValueError, AttributeError, KeyError, TypeError):
+        return []
+
+
+def _listed_at(url: str, headers: Mapping[str, str] | None, timeout_s: float) -> list[str]:
+    """The model ids `url` lists; [] when it lists none or cannot be reached."""
+    try:
+        return _model_ids(httpx2.get(url, headers=dict(headers or {}), timeout=timeout_s))
+    except httpx2.HTTPError:
+        return []
+
+
+def probe_servers(spec: BackendSpec, timeout_s: float = 5.0) -> list[ServerProblem]:
+    """`probe_server` for every base URL of an `openai_http` spec (in parallel), with its
+    served model name and API key; [] for any other backend."""
+    if spec.backend != OPENAI_HTTP_BACKEND:
+        return []
+    options = HttpOptions.from_mapping(spec.options)
+    served = options.served_model or spec.model_id
+    key = os.environ.get(options.api_key_env, "") if options.api_key_env else ""
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    urls = list(options.base_urls)
+    with ThreadPoolExecutor(max_workers=min(8, len(urls))) as pool:
+        found = pool.map(lambda url: probe_server(url, served, headers, timeout_s), urls)
+        return [problem for problem in found if problem is not None]
