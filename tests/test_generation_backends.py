@@ -90,6 +90,11 @@ def test_transformers_backend_end_to_end_on_tiny_local_models(
     )
     assert factory.built == 1  # nothing to generate: the model is never even built
     assert second.metadata["model_calls"] == 0 and second.metadata["model_cache_hits"] == 6
+    # The full breakdown is one table (model, heuristic, all), not dozens of loose numbers.
+    table = second.markdown["requests"].splitlines()
+    assert [line.split("|")[1].strip() for line in table[2:]] == ["model", "heuristic", "all"]
+    assert "cache_hits" in table[0]
+    assert len(second.metadata) <= 12
 
 
 def _keys(world) -> list[str]:

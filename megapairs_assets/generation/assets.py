@@ -7,6 +7,7 @@ connections against one server at once.
 """
 
 from collections.abc import Callable
+from typing import Any
 
 import dagster as dg
 
@@ -29,7 +30,7 @@ from megapairs_assets.generation.instruct import (
     write_instructions_for_shard,
 )
 from megapairs_assets.generation.resource import GenerationResource
-from megapairs_assets.generation.runner import RunStats
+from megapairs_assets.generation.runner import RunStats, stats_table
 from megapairs_assets.generation.settings import GenerationSettings
 from megapairs_assets.generation.triplets import TRIPLET_CHECKS, build_triplets_for_shard
 from megapairs_assets.lib.storage import DataLayout
@@ -188,7 +189,7 @@ def _prefetch(
     layout: DataLayout,
     lineage: LineageCatalog,
     settings: GenerationSettings,
-) -> dict[str, int | float]:
+) -> dict[str, Any]:
     """With several shards in one step, send their model requests as one stream first (a
     local model batches across shards); the per-shard steps then find the answers cached.
     Returns run-level metadata saying what the prefetch cost."""
@@ -196,7 +197,10 @@ def _prefetch(
     if len(shards) < 2:
         return {}
     stats = prefetch(shards, layout, lineage, settings, log=context.log.info)
-    return {f"run_prefetch_{key}": value for key, value in stats.as_metadata().items()}
+    return {
+        "run_prefetch_calls": stats.calls,
+        "run_prefetch": dg.MetadataValue.md(stats_table({"prefetch": stats})),
+    }
 
 
 generation_assets = [pair_descriptions, pair_instructions, triplets, triplet_export]

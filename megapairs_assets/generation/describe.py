@@ -174,6 +174,7 @@ def describe_pairs_for_shard(
             "rows_by_generator": counts_by(table, "generator"),
             "rejections_by_reason": quarantine.reason_counts(),
         },
+        markdown={"requests": settled.stats_markdown()},
     )
 
 

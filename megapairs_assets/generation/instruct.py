@@ -192,6 +192,7 @@ def write_instructions_for_shard(
             "rows_by_generator": counts_by(table, "generator"),
             "rejections_by_reason": quarantine.reason_counts(),
         },
+        markdown={"requests": settled.stats_markdown()},
     )
 
 

@@ -31,6 +31,7 @@ from megapairs_assets.generation.store import (
     ResponseStore,
     StoredResponse,
 )
+from megapairs_assets.lib.preview import markdown_table
 from megapairs_assets.lib.progress import Progress, ProgressCallback
 from megapairs_assets.lineage.catalog import IncompleteCommitError, NotMaterializedError
 
@@ -259,11 +260,28 @@ class SettledStep:
         ]
 
     def stats_metadata(self) -> dict[str, Any]:
-        """The model calls' figures (`model_*`) and those of every request (`all_*`)."""
+        """The few figures worth a plot across materializations (Dagster plots numeric
+        metadata); the full breakdown is `stats_markdown`."""
+        model, every = self.model_stats, self.stats
         return {
-            **{f"model_{k}": v for k, v in self.model_stats.as_metadata().items()},
-            **{f"all_{k}": v for k, v in self.stats.as_metadata().items()},
+            "model_calls": model.calls,
+            "model_cache_hits": model.cache_hits,
+            "model_failed": model.failed,
+            "model_tokens": model.prompt_tokens + model.completion_tokens,
+            "rows_per_s": round(every.rows_per_s, 2),
         }
+
+    def stats_markdown(self) -> str:
+        """Every request figure of the model, the heuristic and both, as one table."""
+        return stats_table(
+            {"model": self.model_stats, "heuristic": self.heuristic_stats, "all": self.stats}
+        )
+
+
+def stats_table(runs: dict[str, RunStats]) -> str:
+    """Request figures side by side, one row per named run (Markdown for the UI)."""
+    rows = [{"requests of": name, **stats.as_metadata()} for name, stats in runs.items()]
+    return markdown_table(pl.DataFrame(rows))
 
 
 class PlannedRequest(Protocol):
