@@ -192,6 +192,11 @@ def test_export_side_is_configurable_and_rerun_is_idempotent(tmp_path, side):
         run_all(world, settings, "00000")
         again = export_triplets_for_shard("00000", world.layout, world.catalog, settings)
     assert all(o.passed for o in again.outcomes)
+    # The asset page shows the exported rows, the first triplet's exported images and the card.
+    assert again.preview is not None and again.preview.height == min(5, again.row_count)
+    example = again.markdown["exported_example"]
+    assert example.count("data:image/png;base64,") >= 2 and "query, target" in example
+    assert again.markdown["dataset_card"] == (tmp_path / "out" / "README.md").read_text()
     images = list((tmp_path / "out" / "images").rglob("*.jpg"))
     assert images
     with Image.open(images[0]) as image:

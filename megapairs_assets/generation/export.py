@@ -45,6 +45,7 @@ from megapairs_assets.generation.common import (
 )
 from megapairs_assets.generation.settings import GenerationSettings
 from megapairs_assets.generation.triplets import RELEASE_FIELDS, write_release_jsonl
+from megapairs_assets.lib.preview import thumbnail_markdown
 from megapairs_assets.lib.progress import Progress
 from megapairs_assets.lib.quality import CheckOutcome, outcome
 from megapairs_assets.lib.step import StepResult
@@ -143,7 +144,45 @@ def export_triplets_for_shard(
         rows={"quarantine_log": quarantine.frame()},
         outcomes=check_export(root, exported, [i for i in image_ids if i not in failed], side),
         metadata={"dropped_triplets": triplets.height - exported.height, "export_dir": str(root)},
+        markdown={
+            "exported_example": exported_example_markdown(root, exported),
+            "dataset_card": _read_text(card),
+        },
+        preview=exported.select("triplet_id", *RELEASE_FIELDS).head(5),
     )
+
+
+_EXAMPLE_THUMB_PX = 96
+
+
+def exported_example_markdown(root: DataPath, exported: pl.DataFrame) -> str:
+    """The first exported triplet as a user of the release sees it: its instructions and the
+    exported query, target and negative images (read back from the export, not the corpus)."""
+    if exported.is_empty():
+        return "_(nothing exported)_"
+    row = exported.row(0, named=True)
+    roles = [("query", row["q_img"]), ("target", row["t_img"])]
+    roles += [(f"negative {n}", path) for n, path in enumerate(row["hns"][1:], start=1)]
+    pictures, names = [], []
+    for role, relative in roles:
+        try:
+            with (root / relative).open("rb") as handle, Image.open(handle) as picture:
+                pictures.append(picture.convert("RGB"))
+            names.append(role)
+        except (OSError, ValueError):  # a preview must never fail the asset
+            continue
+    instructions = "\n".join(f"- {text}" for text in row["q_text"])
+    return (
+        f"**{row['triplet_id']}** ({', '.join(names)}): "
+        f"{thumbnail_markdown(pictures, _EXAMPLE_THUMB_PX)}\n\n{instructions}"
+    )
+
+
+def _read_text(path: DataPath) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except OSError as error:  # shown in the UI only; the card's own check is the file's presence
+        return f"_(dataset card not readable: {error})_"
 
 
 def _export_image(
