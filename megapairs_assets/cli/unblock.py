@@ -1,9 +1,10 @@
 """`megapairs unblock`: release the runs of this machine whose process was killed.
 
 A killed in-process run (`dagster asset materialize`, `dagster job execute`, a demo stopped
-with SIGKILL) keeps its pool slot, and every later step of that pool waits for it. `megapairs
-demo` and `megapairs ui` release such runs when they start; this does only that, for people who
-launch runs with Dagster's own commands.
+with SIGKILL) stays `STARTED` for good: it keeps its pool slot, so every later step of that
+pool waits for it, and its partitions stay "in progress", so declarative automation skips
+them. `megapairs demo`, `megapairs ui` and every run of a job on the `megapairs_executor`
+release such runs when they start; this does only that, for runs launched another way.
 """
 
 from __future__ import annotations

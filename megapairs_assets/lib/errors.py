@@ -15,3 +15,8 @@ class ConfigurationError(ValueError):
 
 class DataRootError(ConfigurationError):
     """The data root URL names a filesystem that fsspec cannot open here."""
+
+
+class TableWriteError(OSError):
+    """A table (or other output file) could not be written: disk full, permission denied, an
+    upload cut short. Nothing was replaced; the previous version, if any, is unchanged."""

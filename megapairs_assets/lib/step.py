@@ -10,8 +10,11 @@ plain function directly.
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
 import time
 from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -19,11 +22,20 @@ from typing import Any
 import polars as pl
 
 from megapairs_assets.lib.quality import CheckOutcome
+from megapairs_assets.lib.storage import file_fingerprint
 from megapairs_assets.lineage.catalog import (
+    STATUS_FAILED,
+    STATUS_PENDING,
     LineageCatalog,
     MaterializationRecord,
     new_materialization_id,
     utc_now,
+)
+
+# What a record left `pending` by a killed attempt says once a later attempt settles it.
+ABANDONED_ERROR = (
+    "abandoned: its process ended (killed?) before it completed; settled by the later "
+    "attempt {materialization_id}"
 )
 
 
@@ -64,6 +76,21 @@ class StepResult:
         return int(next(iter(self.row_counts.values()), 0))
 
 
+def content_version(result: StepResult) -> str:
+    """A version of what one partition's step wrote: a hash over its output files' content.
+
+    Equal when a re-run wrote the same bytes (so nothing downstream is stale), different when
+    the content changed (a shard replaced in place, new model answers), whatever the run.
+    """
+    lines = []
+    for name, path in sorted(result.outputs.items()):
+        try:
+            lines.append(f"{name}={file_fingerprint(path)}")
+        except OSError:  # unreadable right after writing it: call it changed, never fail here
+            lines.append(f"{name}=unreadable-{new_materialization_id()}")
+    return hashlib.sha256("\n".join(lines).encode()).hexdigest()[:32]
+
+
 def run_recorded(
     step: Callable[[str], StepResult],
     partition: str | None,
@@ -73,48 +100,141 @@ def run_recorded(
     run_id: str,
     profile: str,
     catalog: LineageCatalog,
+    log: Callable[[str], None] | None = None,
 ) -> StepResult:
     """Run one partition's step between a pending and a complete catalog record.
 
     The record is `pending` before any output is written and completed, with the step's row
     lineage, in one transaction after; a step that raises is marked failed. This is the whole
     commit protocol; the Dagster helper and the benchmarks' plain path both use it.
+
+    Two runs of the same (asset, partition) on one machine take turns (`partition_lock`): the
+    second waits, then materializes again, so the table on disk, the newest catalog record and
+    the row lineage always come from the same attempt. Once the attempt ends, the `pending`
+    records older attempts left (killed before they completed) are marked failed, as abandoned.
     """
-    started_at, started = utc_now(), time.perf_counter()
-    record = MaterializationRecord(
-        asset=asset,
-        partition=partition,
-        run_id=run_id,
-        code_version=code_version,
-        profile=profile,
-        started_at=started_at,
-        duration_s=0.0,
-        materialization_id=new_materialization_id(),
-    )
-    catalog.begin(record)
-    try:
-        result = step(partition or "")
-    except BaseException as error:
-        # Kept in the catalog, so a reader learns why without the run's log.
-        catalog.fail(
-            record.materialization_id,
-            error=f"{type(error).__name__}: {error}",
-            duration_s=time.perf_counter() - started,
+    with partition_lock(catalog, asset, partition, log):
+        started_at, started = utc_now(), time.perf_counter()
+        record = MaterializationRecord(
+            asset=asset,
+            partition=partition,
+            run_id=run_id,
+            code_version=code_version,
+            profile=profile,
+            started_at=started_at,
+            duration_s=0.0,
+            materialization_id=new_materialization_id(),
         )
-        raise
-    catalog.complete(
-        replace(
-            record,
-            duration_s=time.perf_counter() - started,
-            config=result.config,
-            model_ids=result.model_ids,
-            input_versions=result.input_versions,
-            row_counts=result.row_counts,
-            output_paths={name: str(path) for name, path in result.outputs.items()},
-        ),
-        rows=result.rows,
-    )
-    return result
+        catalog.begin(record)
+        try:
+            result = step(partition or "")
+        except BaseException as error:
+            # Kept in the catalog, so a reader learns why without the run's log.
+            catalog.fail(
+                record.materialization_id,
+                error=f"{type(error).__name__}: {error}",
+                duration_s=time.perf_counter() - started,
+            )
+            settle_abandoned(catalog, record, log)
+            raise
+        catalog.complete(
+            replace(
+                record,
+                duration_s=time.perf_counter() - started,
+                config=result.config,
+                model_ids=result.model_ids,
+                input_versions=result.input_versions,
+                row_counts=result.row_counts,
+                output_paths={name: str(path) for name, path in result.outputs.items()},
+            ),
+            rows=result.rows,
+        )
+        settle_abandoned(catalog, record, log)
+        return result
+
+
+def partition_lock_path(catalog: LineageCatalog, asset: str, partition: str | None) -> Path | None:
+    """The lock file of one (asset, partition), beside a file catalog; None for DuckLake."""
+    if catalog.path is None:
+        return None
+    digest = hashlib.blake2b((partition or "").encode(), digest_size=8).hexdigest()
+    return catalog.path.parent / "locks" / f"{asset}-{digest}.lock"
+
+
+@contextmanager
+def partition_lock(
+    catalog: LineageCatalog,
+    asset: str,
+    partition: str | None,
+    log: Callable[[str], None] | None = None,
+) -> Iterator[None]:
+    """Hold (asset, partition) exclusively while it is materialized on this machine.
+
+    An OS file lock beside the catalog file: a second run of the same partition waits (saying
+    so) instead of writing the same table at the same time, and a killed holder releases it
+    with its process, so no lock outlives a crash. A DuckLake catalog (steps on many machines)
+    takes no lock here.
+    """
+    path = partition_lock_path(catalog, asset, partition)
+    if path is None:
+        yield
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as lock_file:
+        try:
+            fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if log is not None:
+                log(f"{asset}[{partition}]: another run is materializing it; waiting for it")
+            fcntl.flock(lock_file, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock_file, fcntl.LOCK_UN)
+
+
+def settle_abandoned(
+    catalog: LineageCatalog,
+    record: MaterializationRecord,
+    log: Callable[[str], None] | None = None,
+) -> list[str]:
+    """Mark failed the `pending` records of older attempts at the same (asset, partition).
+
+    Called while holding `partition_lock`, when every other attempt on this machine has ended:
+    a record still pending belongs to a process killed before it completed. Bookkeeping only
+    (readers already follow the newest record), so a catalog that refuses is logged, not
+    raised. A DuckLake catalog is left alone: without the lock a pending record may be a live
+    step on another machine. Returns the ids marked.
+    """
+    if catalog.path is None:
+        return []
+    try:
+        with catalog.connect() as con:
+            rows = con.execute(
+                "UPDATE materializations SET status = ?, error = coalesce(error, ?) "
+                "WHERE asset = ? AND partition IS NOT DISTINCT FROM ? AND status = ? "
+                "AND materialization_id <> ? AND started_at <= ? RETURNING materialization_id",
+                [
+                    STATUS_FAILED,
+                    ABANDONED_ERROR.format(materialization_id=record.materialization_id),
+                    record.asset,
+                    record.partition,
+                    STATUS_PENDING,
+                    record.materialization_id,
+                    record.started_at,
+                ],
+            ).fetchall()
+    except Exception as error:  # bookkeeping must never fail a finished step
+        if log is not None:
+            log(f"{record.asset}[{record.partition}]: could not settle older attempts: {error}")
+        return []
+    settled = [row[0] for row in rows]
+    if settled and log is not None:
+        log(
+            f"{record.asset}[{record.partition}]: {len(settled)} earlier attempt(s) never "
+            "completed (killed); marked failed"
+        )
+    return settled
 
 
 class StepStream:

@@ -19,9 +19,13 @@ Partition keys and asset names become path components, so `DataLayout` accepts o
 
 Every table is written to a temporary file in the same folder and moved into place with
 `os.replace`, which is atomic on POSIX: a reader sees the old table or the new one, never half
-of one, and a crash leaves at most a stray `.tmp-*` file that the next write ignores. The file
-gets the mode a plain `open()` would give it (0666 minus the umask, so 0644 by default), so a
-trainer or web server running as another user can read what the pipeline wrote.
+of one. The temporary file's name says which machine and process writes it
+(`.<name>.tmp-<machine>-<pid>-<random>`), so the first write into a folder after a crash (a
+`kill -9`, an out-of-memory kill) removes what a dead writer left there, and never a live
+writer's file. A write that fails (disk full, permission denied) removes its temporary file,
+leaves the previous table in place, and raises `TableWriteError` naming the table and the
+cause. The file gets the mode a plain `open()` would give it (0666 minus the umask, so 0644 by
+default), so a trainer or web server running as another user can read what the pipeline wrote.
 
 On an object store there is no rename (a "move" is a copy), so a table is written to a local
 temporary file and published with one upload of the finished object (`put_file`: one PUT, or a
@@ -35,10 +39,13 @@ cluster the catalog is DuckLake).
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 import re
 import tempfile
+import threading
+import time
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -48,7 +55,8 @@ from typing import TYPE_CHECKING, Any, TypeAlias
 
 import polars as pl
 
-from megapairs_assets.lib.errors import DataRootError
+from megapairs_assets.lib.errors import DataRootError, TableWriteError
+from megapairs_assets.lib.processes import machine_tag, process_alive
 
 if TYPE_CHECKING:  # upath (and fsspec) are imported only when a data root is a URL
     from upath import UPath
@@ -78,6 +86,19 @@ _LOCAL_PROTOCOLS = frozenset({"file", "local"})
 _OBJECT_STORE_PROTOCOLS = frozenset(
     {"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "adl", "oci", "oss", "r2"}
 )
+# A temporary file of `write_atomic`: `.<name>.tmp-<machine tag>-<pid>-<random>`; older releases
+# wrote `.<name>.tmp-<random>`, without the writer.
+_TEMPORARY_NAME = re.compile(
+    r"\.(?P<target>.+)\.tmp-(?:(?P<machine>[0-9a-f]{8})-(?P<pid>[0-9]+)-)?[0-9a-f]{8}"
+)
+# A temporary file whose writer cannot be asked (another machine, an older name) is removed once
+# it is this old: no table takes a day to write.
+ABANDONED_TEMPORARY_AGE_S = 24 * 3600
+# Folders this process has already cleared of dead writers' temporary files (one scan each).
+_SWEPT_FOLDERS: set[str] = set()
+_SWEPT_LOCK = threading.Lock()
+# polars reports an I/O failure as a ComputeError whose text ends in "(os error <errno>)".
+_POLARS_OS_ERROR = re.compile(r"\(os error (\d+)\)")
 
 
 def default_home() -> Path:
@@ -184,13 +205,27 @@ def write_atomic(path: DataPath, write: Callable[[Path], None]) -> None:
     bits of a plain `open()` (writers that create private temporary files, such as
     `tempfile.mkstemp`, would otherwise leave it readable by its owner only). On an object
     store `tmp_path` is a local file, uploaded in one piece when `write` returns (see the
-    module docstring).
+    module docstring). A failed write leaves the previous version of `path` as it was and
+    raises `TableWriteError` (an OSError) for an I/O failure; any other error keeps its type,
+    with a note naming the table.
     """
-    if not is_local(path):
-        _put_atomic(path, write)
-        return
+    try:
+        if is_local(path):
+            _replace_atomic(path, write)
+        else:
+            _put_atomic(path, write)
+    except Exception as error:
+        wrapped = _write_error(path, error)
+        if wrapped is error:
+            raise
+        raise wrapped from error
+
+
+def _replace_atomic(path: Path, write: Callable[[Path], None]) -> None:
+    """Write a temporary file beside `path` and rename it over `path`."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    sweep_abandoned_temporaries(path.parent, once_per_process=True)
+    tmp = path.with_name(temporary_name(path.name))
     try:
         write(tmp)
         os.chmod(tmp, new_file_mode())
@@ -198,6 +233,75 @@ def write_atomic(path: DataPath, write: Callable[[Path], None]) -> None:
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def temporary_name(name: str) -> str:
+    """The name of a temporary file for the table `name`, saying who writes it."""
+    return f".{name}.tmp-{machine_tag()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+def sweep_abandoned_temporaries(folder: Path, once_per_process: bool = False) -> list[Path]:
+    """Remove the temporary files that killed writers left in `folder`; returns them.
+
+    A file of a process of this machine that no longer runs goes at once; one written
+    elsewhere (a shared folder) or under an older name only after ABANDONED_TEMPORARY_AGE_S.
+    A live writer's file is never touched. `once_per_process`: scan each folder once per
+    process (the writes of one step into one folder then cost one listing, not one each).
+    """
+    if once_per_process:
+        with _SWEPT_LOCK:
+            if str(folder) in _SWEPT_FOLDERS:
+                return []
+            _SWEPT_FOLDERS.add(str(folder))
+    removed = []
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:  # gone, or unreadable: the write itself will say what is wrong
+        return []
+    now = time.time()
+    for entry in entries:
+        match = _TEMPORARY_NAME.fullmatch(entry.name)
+        if match is None or not entry.is_file(follow_symlinks=False):
+            continue
+        if _abandoned(match, entry, now):
+            try:
+                os.unlink(entry.path)
+            except FileNotFoundError:  # its writer finished (or another sweep got it) meanwhile
+                continue
+            removed.append(Path(entry.path))
+    return removed
+
+
+def _abandoned(match: re.Match[str], entry: os.DirEntry[str], now: float) -> bool:
+    if match["machine"] == machine_tag() and match["pid"] is not None:
+        return not process_alive(int(match["pid"]))
+    try:
+        return now - entry.stat(follow_symlinks=False).st_mtime > ABANDONED_TEMPORARY_AGE_S
+    except FileNotFoundError:
+        return False
+
+
+def _write_error(path: DataPath, error: Exception) -> Exception:
+    """The error a failed write raises: an I/O failure becomes a TableWriteError that names the
+    table and says the previous file is untouched; anything else keeps its type (a bug in a
+    writer is not an I/O problem), with a note naming the table."""
+    if isinstance(error, TableWriteError):
+        return error
+    errno: int | None = None
+    if isinstance(error, OSError):
+        errno = error.errno
+    else:
+        match = _POLARS_OS_ERROR.search(str(error))
+        if match is None:
+            error.add_note(f"while writing {path} (the previous file, if any, is unchanged)")
+            return error
+        errno = int(match.group(1))
+    cause = os.strerror(errno) if errno else str(error)
+    message = (
+        f"could not write {path}: {cause}; nothing was replaced (the previous file, if any, is "
+        f"unchanged). Cause: {type(error).__name__}: {error}"
+    )
+    return TableWriteError(errno, message) if errno else TableWriteError(message)
 
 
 def _put_atomic(path: UPath, write: Callable[[Path], None]) -> None:
@@ -228,6 +332,43 @@ def _put_atomic(path: UPath, write: Callable[[Path], None]) -> None:
 def _protocols(fs: Any) -> tuple[str, ...]:
     protocol = fs.protocol
     return (protocol,) if isinstance(protocol, str) else tuple(protocol)
+
+
+# Files up to this size are hashed whole for `file_fingerprint`; a larger one (a multi-GB
+# training checkpoint) is named by its size and modification time instead.
+FINGERPRINT_MAX_BYTES = 1 << 30
+
+
+def file_fingerprint(path: DataPath) -> str:
+    """A short string that changes when the file's content changes.
+
+    Local files: the sha256 of their bytes (up to FINGERPRINT_MAX_BYTES; larger ones by size
+    and modification time); a folder: its files' fingerprints. Objects: what the store says
+    about the content (ETag / MD5) and the size, from one HEAD. A missing path is "missing".
+    """
+    if not is_local(path):
+        try:
+            info = path.fs.info(path.path)
+        except FileNotFoundError:
+            return "missing"
+        named = {k: str(info[k]) for k in ("ETag", "etag", "md5Hash", "size") if info.get(k)}
+        return hashlib.sha256(repr(sorted(named.items())).encode()).hexdigest()[:32]
+    local = Path(path)
+    if local.is_dir():
+        inner = sorted(p for p in local.rglob("*") if p.is_file())
+        lines = [f"{p.relative_to(local)}={file_fingerprint(p)}" for p in inner]
+        return hashlib.sha256("\n".join(lines).encode()).hexdigest()[:32]
+    try:
+        stat = local.stat()
+    except FileNotFoundError:
+        return "missing"
+    if stat.st_size > FINGERPRINT_MAX_BYTES:
+        return f"size={stat.st_size},mtime_ns={stat.st_mtime_ns}"
+    digest = hashlib.sha256()
+    with open(local, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:32]
 
 
 def write_parquet_atomic(frame: pl.DataFrame, path: DataPath) -> None:

@@ -13,10 +13,20 @@ when a backfill runs many shards in one run so models load once), and for each p
 Check outcomes of all partitions are merged into one result per check (Dagster 1.13 takes one
 result per check per step); a failure names the partitions that failed. Run totals are
 reported apart, under `run_*` keys.
+
+Each materialization carries a data version made from the content it wrote
+(`lib.step.content_version`), so Dagster marks downstream partitions stale when an upstream
+table changed (a shard replaced in place) and not when a re-run wrote the same bytes. Dagster
+takes one data version per step, so a step over several partitions gets a hash of all of
+theirs: re-running the same range with unchanged content changes nothing, while a changed
+shard, or the same shards run in another range, marks the whole range's dependants stale (at
+worst more than needed, never fewer). Each partition's own version is in its metadata
+(`content_version`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -27,7 +37,7 @@ import dagster as dg
 import polars as pl
 
 from megapairs_assets.lib.quality import CheckOutcome, merged_detail
-from megapairs_assets.lib.step import StepResult, run_recorded
+from megapairs_assets.lib.step import StepResult, content_version, run_recorded
 from megapairs_assets.lineage.catalog import LineageCatalog
 
 
@@ -68,12 +78,15 @@ def materialize_partitions(
     partitioned = context.assets_def.partitions_def is not None
     partitions: list[str | None] = list(context.partition_keys) if partitioned else [None]
     results: list[StepResult] = []
+    versions: dict[str, str] = {}
     started = time.perf_counter()
     for partition in partitions:
         result = _run_one(context, stage, step, catalog, profile, partition)
         results.append(result)
+        versions[partition or ""] = content_version(result)
         if partition is not None:
-            context.add_asset_metadata(partition_metadata(result), partition_key=partition)
+            metadata = {**partition_metadata(result), "content_version": versions[partition]}
+            context.add_asset_metadata(metadata, partition_key=partition)
     elapsed_s = time.perf_counter() - started
     totals: dict[str, Any] = {
         "run_partitions": len(results),
@@ -86,7 +99,17 @@ def materialize_partitions(
     return dg.MaterializeResult(
         metadata=totals,
         check_results=check_results(stage, results),
+        data_version=dg.DataVersion(step_data_version(versions)),
     )
+
+
+def step_data_version(versions: Mapping[str, str]) -> str:
+    """The one data version of a step: its partition's content version, or for a step over
+    several partitions a hash of every partition's (see the module docstring)."""
+    if len(versions) == 1:
+        return next(iter(versions.values()))
+    lines = "\n".join(f"{partition}={versions[partition]}" for partition in sorted(versions))
+    return hashlib.sha256(lines.encode()).hexdigest()[:32]
 
 
 def _run_one(
@@ -105,6 +128,7 @@ def _run_one(
         run_id=context.run.run_id,
         profile=profile,
         catalog=catalog,
+        log=context.log.info,
     )
     failing = [o.name for o in result.outcomes if not o.passed]
     context.log.info(
