@@ -24,6 +24,7 @@ from megapairs_assets.knn.assets import knn_assets
 from megapairs_assets.lib.storage import default_home
 from megapairs_assets.mining.assets import mined_image_pairs
 from megapairs_assets.orchestration.partitions import shard_asset_names
+from megapairs_assets.orchestration.runs import megapairs_executor
 from megapairs_assets.training.assets import build_training_configs_sensor, mmret_clip_checkpoint
 from resources.profiles import SensorSettings, build_resources, profile_from_env, sensor_settings
 
@@ -69,6 +70,8 @@ def build_definitions(
         jobs=all_jobs,
         sensors=build_sensors(sensor_settings(profile)),
         resources={**resources, **(resource_overrides or {})},
+        # Dagster's default executor, after releasing this machine's killed runs (runs.py).
+        executor=megapairs_executor,
     )
 
 

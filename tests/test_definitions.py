@@ -120,3 +120,14 @@ def test_dagster_loads_the_code_location_for_every_profile(profile: str, tmp_pat
     )
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     assert "All definitions loaded successfully" in done.stdout + done.stderr
+
+
+def test_every_job_releases_killed_runs_before_it_executes() -> None:
+    """The jobs run on megapairs_executor, so re-running a killed command never waits on the
+    dead run's pool slot (tests/test_reliability_rerun_runs.py exercises the executor)."""
+    from megapairs_assets.definitions import build_definitions
+    from megapairs_assets.orchestration.runs import megapairs_executor
+
+    defs = build_definitions()
+    for job_name in ("mining_half", "generate", "train", "evaluate"):
+        assert defs.resolve_job_def(job_name).executor_def is megapairs_executor, job_name
