@@ -404,3 +404,27 @@ def test_mining_from_a_graph_built_before_a_retirement_leaves_the_retired_images
     assert all(o.passed for o in result.outcomes), [o for o in result.outcomes if not o.passed]
     assert result.metadata["knn_rows_outside_corpus"] > 0
     assert any("no longer in the corpus" in line for line in logged)
+
+
+def test_each_materialization_links_to_its_catalog_record_and_shows_its_columns(graph) -> None:
+    _, home, _, instance, _ = graph
+    catalog = LineageCatalog(DataLayout(home).catalog_path)
+    metadata = _latest_metadata(instance, "mined_image_pairs", "00001")
+    record_id = metadata["lineage_materialization_id"]
+    row = catalog.query(
+        "SELECT asset, partition, status FROM materializations WHERE materialization_id = ?",
+        [record_id],
+    )
+    assert row.rows() == [("mined_image_pairs", "00001", "complete")]
+    assert metadata["lineage"] == "megapairs lineage 'mined_image_pairs[00001]'"
+    assert set(metadata["input_versions"]) == {
+        f"{knn}/00001" for knn in ("clip_image_knn", "dino_image_knn", "caption_text_knn")
+    }
+    columns = [c.name for c in metadata["dagster/column_schema"].columns]
+    assert columns == pl.read_parquet_schema(
+        DataLayout(home).shard_table("mined_image_pairs", "00001")
+    ).names()
+    embedding = _latest_metadata(instance, "clip_image_embeddings", "00000")
+    assert embedding["model_ids"] and "embedding" in {
+        c.name for c in embedding["dagster/column_schema"].columns
+    }

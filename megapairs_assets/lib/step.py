@@ -53,6 +53,7 @@ class StepResult:
     preview: a small frame shown on the asset page.
     metadata: extra plain values for the UI (numbers, strings).
     markdown: name -> Markdown text for the UI (tables, thumbnails; see lib/preview.py).
+    materialization_id: the catalog record it was committed as (set by `run_recorded`).
     """
 
     partition: str
@@ -67,6 +68,7 @@ class StepResult:
     preview: pl.DataFrame | None = None
     metadata: Mapping[str, Any] = field(default_factory=dict)
     markdown: Mapping[str, str] = field(default_factory=dict)
+    materialization_id: str | None = None
 
     @property
     def row_count(self) -> int:
@@ -150,7 +152,7 @@ def run_recorded(
             rows=result.rows,
         )
         settle_abandoned(catalog, record, log)
-        return result
+        return replace(result, materialization_id=record.materialization_id)
 
 
 def partition_lock_path(catalog: LineageCatalog, asset: str, partition: str | None) -> Path | None:

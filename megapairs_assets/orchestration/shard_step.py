@@ -35,6 +35,8 @@ from typing import Any
 
 import dagster as dg
 import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from megapairs_assets.lib.quality import CheckOutcome, merged_detail
 from megapairs_assets.lib.step import StepResult, content_version, run_recorded
@@ -85,7 +87,10 @@ def materialize_partitions(
         results.append(result)
         versions[partition or ""] = content_version(result)
         if partition is not None:
-            metadata = {**partition_metadata(result), "content_version": versions[partition]}
+            metadata = {
+                **partition_metadata(result, stage.asset_name),
+                "content_version": versions[partition],
+            }
             context.add_asset_metadata(metadata, partition_key=partition)
     elapsed_s = time.perf_counter() - started
     totals: dict[str, Any] = {
@@ -95,7 +100,7 @@ def materialize_partitions(
         **(run_metadata or {}),
     }
     if partitions == [None] and results:
-        totals.update(partition_metadata(results[0]))
+        totals.update(partition_metadata(results[0], stage.asset_name))
     return dg.MaterializeResult(
         metadata=totals,
         check_results=check_results(stage, results),
@@ -138,9 +143,21 @@ def _run_one(
     return result
 
 
-def partition_metadata(result: StepResult) -> dict[str, Any]:
-    """One partition's own metadata for its materialization event."""
+def partition_metadata(result: StepResult, asset: str) -> dict[str, Any]:
+    """One partition's own metadata for its materialization event, with the links from the
+    Dagster event to the lineage catalog (its record id, the command that prints its chain)."""
     metadata: dict[str, Any] = {"dagster/row_count": result.row_count}
+    if result.materialization_id is not None:
+        metadata["lineage_materialization_id"] = result.materialization_id
+        target = f"{asset}[{result.partition}]" if result.partition else asset
+        metadata["lineage"] = f"megapairs lineage '{target}'"
+    if result.model_ids:
+        metadata["model_ids"] = dg.MetadataValue.json(dict(result.model_ids))
+    if result.input_versions:
+        metadata["input_versions"] = dg.MetadataValue.json(dict(result.input_versions))
+    schema = _output_column_schema(result)
+    if schema is not None:
+        metadata["dagster/column_schema"] = schema
     metadata.update({f"rows_{name}": int(n) for name, n in result.row_counts.items()})
     metadata.update(
         {k: round(v, 4) if isinstance(v, float) else v for k, v in result.metadata.items()}
@@ -154,6 +171,20 @@ def partition_metadata(result: StepResult) -> dict[str, Any]:
     failing = [o.name for o in result.outcomes if not o.passed]
     metadata["failing_checks"] = ", ".join(failing) or "none"
     return metadata
+
+
+def _output_column_schema(result: StepResult) -> dg.TableSchema | None:
+    """The columns of the partition's first Parquet output, from its footer (Dagster shows them
+    on the asset page and tracks column changes); None when it writes no Parquet table."""
+    parquet = [p for p in result.outputs.values() if str(p).endswith(".parquet")]
+    if not parquet:
+        return None
+    try:
+        with parquet[0].open("rb") as handle:
+            schema = pq.read_schema(handle)
+    except (OSError, ValueError, pa.ArrowException):  # metadata must never fail the asset
+        return None
+    return dg.TableSchema(columns=[dg.TableColumn(field.name, str(field.type)) for field in schema])
 
 
 def preview_table(frame: pl.DataFrame, max_rows: int = 10) -> dg.TableMetadataValue:
