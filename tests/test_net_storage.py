@@ -7,6 +7,7 @@ from pathlib import Path
 import polars as pl
 import pytest
 
+from megapairs_assets.lib.errors import TableWriteError
 from megapairs_assets.lib.storage import write_atomic, write_parquet_atomic
 
 
@@ -41,8 +42,10 @@ def test_a_parquet_write_dying_midway_leaves_the_previous_table(
         _half_written_then_fail(target)
 
     monkeypatch.setattr(pl.DataFrame, "write_parquet", crash_midway)
-    with pytest.raises(DiskFull):
+    # An I/O failure becomes TableWriteError (still an OSError) naming the file, cause kept.
+    with pytest.raises(TableWriteError, match="nothing was replaced") as raised:
         write_parquet_atomic(pl.DataFrame({"image_id": ["new"]}), path)
+    assert isinstance(raised.value.__cause__, DiskFull)
     monkeypatch.undo()
 
     assert pl.read_parquet(path).equals(previous)
@@ -54,15 +57,19 @@ def test_write_atomic_with_a_failing_writer_keeps_the_old_file_and_cleans_up(
 ) -> None:
     path = tmp_path / "report.json"
     path.write_text('{"old": true}')
-    with pytest.raises(DiskFull):
+    # An I/O failure becomes TableWriteError (still an OSError) naming the file, cause kept.
+    with pytest.raises(TableWriteError, match="nothing was replaced") as raised:
         write_atomic(path, _half_written_then_fail)
+    assert isinstance(raised.value.__cause__, DiskFull)
     assert path.read_text() == '{"old": true}'
     assert [p.name for p in tmp_path.iterdir()] == ["report.json"]
 
 
 def test_a_failed_first_write_leaves_nothing_behind(tmp_path: Path) -> None:
     path = tmp_path / "new" / "00000.parquet"
-    with pytest.raises(DiskFull):
+    # An I/O failure becomes TableWriteError (still an OSError) naming the file, cause kept.
+    with pytest.raises(TableWriteError, match="nothing was replaced") as raised:
         write_atomic(path, _half_written_then_fail)
+    assert isinstance(raised.value.__cause__, DiskFull)
     assert not path.exists()
     assert list(path.parent.iterdir()) == []
