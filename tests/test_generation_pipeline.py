@@ -249,33 +249,54 @@ def test_a_retired_shard_leaves_the_release_folder_and_the_training_input(tmp_pa
     from megapairs_assets.evaluation.step import read_triplets as scoring_triplets
     from megapairs_assets.training.step import read_triplet_shards
 
-    world = make_world(tmp_path, pairs_per_shard=(6, 5))
+    world = make_world(tmp_path, pairs_per_shard=(6, 5, 4))
+    root = world.layout.data_dir / "triplet_export"
+
+    def names(shard):
+        frame = pl.read_parquet(root / "triplets" / f"{shard}.parquet")
+        return {
+            p
+            for row in frame.iter_rows(named=True)
+            for p in [row["q_img"], row["t_img"], *row["hns"]]
+        }
+
     with ChatServer() as server:
         settings = http_settings(server.base_url)
         for shard in world.shards:
             run_all(world, settings, shard)
-        root = world.layout.data_dir / "triplet_export"
-        assert "triplets: 11" in (root / "README.md").read_text()
+        assert "triplets: 15" in (root / "README.md").read_text()
+        named_by_00002 = names("00002")
+        images_before = set((root / "images").rglob("*.jpg"))
 
         world.catalog.retire_partitions(["00001"], [asset for asset, _ in STEPS])
         frame, versions = read_triplet_shards(world.layout, world.catalog)
-        assert set(versions) == {f"{TRIPLETS_ASSET}/00000"}
-        assert frame.height == 6 and frame["triplet_id"].str.starts_with("t-").all()
+        assert set(versions) == {f"{TRIPLETS_ASSET}/00000", f"{TRIPLETS_ASSET}/00002"}
+        assert frame.height == 10 and frame["triplet_id"].str.starts_with("t-").all()
         assert set(scoring_triplets(world.layout, world.catalog)[1]) == set(versions)
 
-        run_all(world, settings, "00000", STEPS[-1:])  # the next export withdraws 00001
-    assert sorted(p.name for p in (root / "triplets").iterdir()) == ["00000.jsonl", "00000.parquet"]
-    assert [p.name for p in (root / "shards").iterdir()] == ["00000.json"]
-    assert "triplets: 6" in (root / "README.md").read_text()
-    # 00000's triplets still name some of 00001's images (pairs reach across shards): those
-    # stay, the rest of 00001's images go.
-    named = set()
-    for row in pl.read_parquet(root / "triplets" / "00000.parquet").iter_rows(named=True):
-        named |= {row["q_img"], row["t_img"], *row["hns"]}
-    assert all((root / path).is_file() for path in named)
+        # The next export (of 00000) withdraws 00001; the catalog no longer has 00001's images,
+        # so 00000's triplets that name one are dropped, each with a quarantine row.
+        export = run_all(world, settings, "00000", STEPS[-1:])[EXPORT_ASSET]
+    assert sorted(p.name for p in (root / "triplets").iterdir()) == [
+        f"{shard}.{ext}" for shard in ("00000", "00002") for ext in ("jsonl", "parquet")
+    ]
+    assert sorted(p.name for p in (root / "shards").iterdir()) == [
+        f"{shard}{ext}" for shard in ("00000", "00002") for ext in (".images.parquet", ".json")
+    ]
+    dropped = export.rows["quarantine_log"]
+    assert dropped.height >= 1 and set(dropped["reason"]) == {"export_image_not_in_catalog"}
+    assert export.row_count + dropped.height == 6
+    assert f"triplets: {export.row_count + 4}" in (root / "README.md").read_text()
+    named_by_00000 = names("00000")
+    assert not any(path.startswith("images/00001/") for path in named_by_00000)
+    assert all((root / path).is_file() for path in named_by_00000 | named_by_00002)
+    # 00002's exported triplets still name some of 00001's images until 00002 is exported
+    # again (pairs reach across shards): those stay, the rest of 00001's images go.
     left = {f"images/00001/{p.name}" for p in (root / "images" / "00001").glob("*.jpg")}
-    assert left and left <= named
-    assert len(left) < len(set(world.image_ids[8:]))
+    assert left and left == {p for p in named_by_00002 if p.startswith("images/00001/")}
+    images_after = set((root / "images").rglob("*.jpg"))
+    assert images_after < images_before
+    assert export.metadata["orphaned_images_removed"] == len(images_before - images_after)
 
 
 def test_a_step_whose_upstream_partition_was_never_materialized_says_so(tmp_path):

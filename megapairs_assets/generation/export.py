@@ -7,24 +7,46 @@ Layout of the export folder (default `<data root>/data/triplet_export`):
     triplets/<shard>.parquet     release fields plus triplet_id
     images/<shard>/<key>.jpg     every image a triplet names, resized to side x side
     shards/<shard>.json          one shard's figures (what the card is built from)
+    shards/<shard>.images.parquet  the image paths the shard's triplets name (see below)
 
 Image paths in the triplet files are relative to the folder, so it can be moved or uploaded
 as is. The folder may be a prefix on an object store (under a URL data root, or a URL
 `export_dir`): every file is then one object, written with one PUT; only the lock that keeps
 parallel shards from interleaving card rewrites is local (under `<home>/locks/`). MegaPairs
 released its images resized to 512x512 (method.md §6); the side is a setting.
-An image that cannot be read drops the triplets that name it, each with a quarantine row.
-Re-exporting skips images already written at the right size. A shard that left the corpus
-(retired) is withdrawn from the folder by the next export: its triplet files and figures, and
-its images that no remaining triplet names (its tables under `data/` stay).
+An image that cannot be read, or that the catalog no longer has (its shard was retired),
+drops the triplets that name it, each with a quarantine row.
+
+Re-exporting skips an image only when the file there has the right size and was made from the
+same source bytes: each JPEG carries the corpus content hash of its source in its comment, so a
+corpus shard replaced in place under the same keys gets its pictures refreshed (one header
+read per image decides). Images no exported triplet names any more are removed: on each export,
+those its previous export named (or it was about to name) and this one does not, unless another
+shard names them. A shard that left the corpus (retired) is withdrawn by the next export: its
+triplet files, figures and image list, then the images only it named (its tables under `data/`
+stay).
+
+Which images are in use is decided in one place (`remove_unused_images`), from the shards'
+image lists: an export first adds the images it is about to name to its shard's list (before it
+writes or skips any image), and narrows the list to what it exported once its triplet files
+are written, so the lists always cover what an exported or half-exported triplet file names,
+and a sweep running at the same time (on another shard, even another machine) leaves an
+export's images alone. The one gap: an export that starts after the sweep read its shard's
+list and newly names an image the sweep then deletes. Its blocking check `export_paths_exist`
+then fails (a re-run writes the image again); on one machine always, as the lock holds that
+check back until the sweep is done; across machines unless that whole export ended before the
+delete. A folder exported before these lists existed falls back to reading the triplet files
+of the shards that have no list.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable, Sequence
+import re
+from collections.abc import Callable, Collection, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +87,14 @@ EXPORT_CHECKS = {
     "export_images_sized": "Every exported image of the shard is side x side pixels",
 }
 _WRITE_THREADS = 4
+NAMED_IMAGES_SUFFIX = ".images.parquet"
+"""`shards/<shard>.images.parquet`: one column, `image_path`, relative to the folder."""
+_NAMED_IMAGES_COLUMN = "image_path"
+_SOURCE_STAMP = "megapairs source sha256:"
+"""Prefix of the JPEG comment naming the corpus content hash an exported image was made from."""
+# The only paths a sweep may delete: what `image_relpath` makes (its parts never start with a
+# dot, so never `..`), whatever a triplet or image-list file says.
+_EXPORT_IMAGE_PATH = re.compile(r"images/[A-Za-z0-9_-][A-Za-z0-9._-]*/[A-Za-z0-9._-]+\.jpg")
 
 
 def export_triplets_for_shard(
@@ -80,24 +110,28 @@ def export_triplets_for_shard(
     root = export_dir(layout, settings.export.export_dir)
     side = settings.export.image_side_px
     quarantine = QuarantineLog(EXPORT_ASSET, shard)
-    image_ids = sorted(
-        set(triplets["query_id"])
-        | set(triplets["target_id"])
-        | set(triplets["hard_negative_ids"].explode().drop_nulls())
-    )
+    image_ids = _image_ids(triplets)
     sources = lookup_images(catalog, image_ids)
+    # Before any image is written or skipped, the shard's image list covers both what its last
+    # export named and what this one may name, so no sweep removes either meanwhile.
+    named_before = _read_named_images(root, shard)
+    listed = named_before | {image_relpath(i) for i in image_ids}
+    if listed != named_before:
+        _write_named_images(root, shard, listed)
     failed: dict[str, str] = {}
+    written = 0
     with Progress(len(image_ids), f"export {shard}", unit="images", log=log) as progress:
 
-        def export_one(image_id: str) -> tuple[str, str | None]:
-            error = _export_image(
+        def export_one(image_id: str) -> tuple[str, str | None, bool]:
+            error, wrote = _export_image(
                 sources.get(image_id), root / image_relpath(image_id), side, settings
             )
             progress.update(1)
-            return image_id, error
+            return image_id, error, wrote
 
         with ThreadPoolExecutor(_WRITE_THREADS) as pool:
-            for image_id, error in pool.map(export_one, image_ids):
+            for image_id, error, wrote in pool.map(export_one, image_ids):
+                written += wrote
                 if error is not None:
                     failed[image_id] = error
 
@@ -117,7 +151,7 @@ def export_triplets_for_shard(
             quarantine.add(
                 row["triplet_id"],
                 sources.get(bad[0], {}).get("source_uri"),
-                "export_image_unreadable",
+                "export_image_unreadable" if bad[0] in sources else "export_image_not_in_catalog",
                 f"{bad[0]}: {failed[bad[0]]}",
             )
         exported = triplets.filter(~uses_failed)
@@ -131,24 +165,52 @@ def export_triplets_for_shard(
         root / "shards" / f"{shard}.json",
         lambda tmp: tmp.write_text(json.dumps(figures, indent=2, sort_keys=True)),
     )
-    card = write_dataset_card(
-        root, settings, layout, retired=catalog.retired_partitions(EXPORT_ASSET)
+    named_now = set(_named_paths(exported).to_list())
+    if named_now != listed:
+        _write_named_images(root, shard, named_now)
+    # Possibly unused now: what this shard named before, or was about to name, and no longer
+    # does (in any folder; another shard may still name it). A first export of a shard whose
+    # images all exported has none, so a backfill reads no other shard's list.
+    candidates = listed - named_now
+    update = update_release_folder(
+        root,
+        settings,
+        layout,
+        retired=catalog.retired_partitions(EXPORT_ASSET),
+        candidates=candidates,
     )
+    card = update.card
+    # An image only dropped triplets named was just removed as unused: check what is named.
+    exported_ids = _image_ids(exported)
     return StepResult(
         partition=shard,
         outputs={"jsonl": jsonl_path, "parquet": parquet_path, "card": card},
-        row_counts={"exported_triplets": exported.height, "images": len(image_ids) - len(failed)},
+        row_counts={"exported_triplets": exported.height, "images": len(exported_ids)},
         row_count_key="exported_triplets",
         config={"image_side_px": side, "export_dir": str(root), "licence": settings.export.licence},
         input_versions=versions,
         rows={"quarantine_log": quarantine.frame()},
-        outcomes=check_export(root, exported, [i for i in image_ids if i not in failed], side),
-        metadata={"dropped_triplets": triplets.height - exported.height, "export_dir": str(root)},
+        outcomes=check_export(root, exported, exported_ids, side),
+        metadata={
+            "dropped_triplets": triplets.height - exported.height,
+            "images_written": written,
+            "orphaned_images_removed": update.images_removed,
+            "export_dir": str(root),
+        },
         markdown={
             "exported_example": exported_example_markdown(root, exported),
             "dataset_card": _read_text(card),
         },
         preview=exported.select("triplet_id", *RELEASE_FIELDS).head(5),
+    )
+
+
+def _image_ids(triplets: pl.DataFrame) -> list[str]:
+    """Every image id the triplets name (query, target, hard negatives), sorted."""
+    return sorted(
+        set(triplets["query_id"])
+        | set(triplets["target_id"])
+        | set(triplets["hard_negative_ids"].explode().drop_nulls())
     )
 
 
@@ -187,36 +249,51 @@ def _read_text(path: DataPath) -> str:
 
 def _export_image(
     source: dict[str, Any] | None, target: DataPath, side: int, settings: GenerationSettings
-) -> str | None:
-    """Write one image at side x side unless it is already there; returns an error or None."""
-    if _has_size(target, side):
-        return None
-    if source is None:
-        return "not in the catalog's image rows"
+) -> tuple[str | None, bool]:
+    """Write one image at side x side unless the file there is that size and was made from the
+    same source bytes; returns (an error or None, whether the file was written)."""
+    if source is None:  # e.g. its shard was retired; a file left from before proves nothing
+        return "not in the catalog's image rows", False
+    stamp = _source_stamp(source)
+    if _image_header(target) == ((side, side), stamp):
+        return None, False
     try:
         picture = open_image_rgb(source["source_uri"], ImageLimits(), max_side_px=2 * side)
     except ImageRejected as error:
-        return f"{error.reason}: {error.detail}"
+        return f"{error.reason}: {error.detail}", False
     resized = picture.resize((side, side), Image.Resampling.BICUBIC)
     write_atomic(
         target,
-        lambda tmp: resized.save(tmp, format="JPEG", quality=settings.export.jpeg_quality),
+        lambda tmp: resized.save(
+            tmp, format="JPEG", quality=settings.export.jpeg_quality, comment=stamp
+        ),
     )
-    return None
+    return None, True
 
 
-def _has_size(path: DataPath, side: int) -> bool:
-    return _image_size(path) == (side, side)
+def _source_stamp(source: dict[str, Any]) -> str:
+    """The JPEG comment of an image exported from `source` (a catalog image row)."""
+    return f"{_SOURCE_STAMP}{source.get('content_hash') or 'unknown'}"
+
+
+def _image_header(path: DataPath) -> tuple[tuple[int, int], str | None] | None:
+    """((width, height), JPEG comment) of the image at `path` (a file or an object), None if
+    absent or unreadable. PIL reads the header only, which holds the comment; an object is
+    fetched with one GET."""
+    try:
+        with path.open("rb") as handle, Image.open(handle) as existing:
+            comment = existing.info.get("comment")
+            if isinstance(comment, bytes):
+                comment = comment.decode("utf-8", "replace")
+            return existing.size, comment
+    except (OSError, ValueError, Image.DecompressionBombError):
+        return None
 
 
 def _image_size(path: DataPath) -> tuple[int, int] | None:
-    """(width, height) of the image at `path` (a file or an object), None if absent or
-    unreadable. PIL reads the header only; an object is fetched with one GET."""
-    try:
-        with path.open("rb") as handle, Image.open(handle) as existing:
-            return existing.size
-    except (OSError, ValueError, Image.DecompressionBombError):
-        return None
+    """(width, height) of the image at `path`, None if absent or unreadable."""
+    header = _image_header(path)
+    return header[0] if header else None
 
 
 def _exists(root: DataPath, relpaths: set[str]) -> set[str]:
@@ -298,56 +375,158 @@ def _shard_figures(
     }
 
 
-def write_dataset_card(
+@dataclass(frozen=True)
+class FolderUpdate:
+    """What `update_release_folder` did."""
+
+    card: DataPath
+    withdrawn: list[str]
+    images_removed: int
+
+
+def update_release_folder(
     root: DataPath,
     settings: GenerationSettings,
     layout: DataLayout,
     retired: Sequence[str] = (),
-) -> DataPath:
-    """Withdraw `retired` shards from the folder, then (re)write README.md from every shard's
-    figures; safe when shards export in parallel on one machine (a lock under `<home>/locks/`,
+    candidates: Collection[str] = (),
+) -> FolderUpdate:
+    """Withdraw `retired` shards, remove the images among `candidates` (and the withdrawn
+    shards' images) that no shard names any more, then (re)write README.md from every shard's
+    figures. Safe when shards export in parallel on one machine (a lock under `<home>/locks/`,
     local even when the folder is on an object store; machines that export at once each write
-    a whole card, the last one wins)."""
+    a whole card, the last one wins; the image lists keep their images safe from each other's
+    sweeps)."""
     path = root / CARD_NAME
     lock = card_lock_path(layout, root)
     lock.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(lock)):
-        withdraw_shards(root, retired)
+        withdrawn, unused = withdraw_shards(root, retired)
+        removed = remove_unused_images(root, unused | set(candidates))
         figures = [json.loads(p.read_text()) for p in sorted((root / "shards").glob("*.json"))]
         text = render_card(figures, settings)
         write_atomic(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
-    return path
+    return FolderUpdate(card=path, withdrawn=withdrawn, images_removed=removed)
 
 
-def withdraw_shards(root: DataPath, shards: Sequence[str]) -> list[str]:
-    """Take shards out of the release folder: their triplet files and figures, then their
-    images that no remaining triplet names (a current shard's triplets may name an image of a
-    withdrawn one until it is mined again). Returns the shards that had files here."""
-    withdrawn = []
+def withdraw_shards(root: DataPath, shards: Sequence[str]) -> tuple[list[str], set[str]]:
+    """Take shards' triplet files, figures and image lists out of the release folder. Returns
+    the shards that had files here, and the images that may now be unused (those in their
+    image folders and those their lists named) for `remove_unused_images`: a current shard's
+    triplets may still name an image of a withdrawn one until it is mined again."""
+    withdrawn: list[str] = []
+    candidates: set[str] = set()
     for shard in shards:
         files = [
             root / "triplets" / f"{shard}.jsonl",
             root / "triplets" / f"{shard}.parquet",
             root / "shards" / f"{shard}.json",
+            _named_images_path(root, shard),
         ]
         present = [file for file in files if file.exists()]
+        if not present:
+            continue
+        candidates |= _read_named_images(root, shard) | images_in_folder(root, shard)
         for file in present:
             file.unlink()
-        if present:
-            withdrawn.append(shard)
-    if not withdrawn:
-        return []
+        withdrawn.append(shard)
+    return withdrawn, candidates
+
+
+def images_in_folder(root: DataPath, shard: str) -> set[str]:
+    """The exported images of `shard`'s own images (`images/<shard>/*.jpg`, one listing),
+    as paths relative to the folder."""
+    folder = image_relpath(f"{shard}/-").rpartition("/")[0]  # images/<safe shard name>
+    return {f"{folder}/{image.name}" for image in (root / folder).glob("*.jpg")}
+
+
+def remove_unused_images(root: DataPath, candidates: Iterable[str]) -> int:
+    """Delete those of `candidates` (image paths relative to the folder) that no shard of the
+    folder names; returns how many were deleted. The one place that decides which export
+    images are in use (see the module docstring)."""
+    wanted = {p for p in candidates if _EXPORT_IMAGE_PATH.fullmatch(p)}
+    if not wanted:
+        return 0
+    removed = 0
+    for relpath in sorted(wanted - _named_among(root, wanted)):
+        try:
+            (root / relpath).unlink()
+        except FileNotFoundError:  # never written (its source failed), or removed meanwhile
+            continue
+        removed += 1
+    return removed
+
+
+def _named_among(root: DataPath, wanted: set[str]) -> set[str]:
+    """Which of `wanted` some shard names: its image list, or for a shard without one (exported
+    before lists existed) its triplet file. One read per shard, in parallel."""
+    lists = {
+        p.name.removesuffix(NAMED_IMAGES_SUFFIX): p
+        for p in (root / "shards").glob(f"*{NAMED_IMAGES_SUFFIX}")
+    }
+    sources: list[tuple[DataPath, Callable[[DataPath], pl.Series]]] = [
+        (path, _paths_in_list) for path in lists.values()
+    ]
+    sources += [
+        (table, _paths_in)
+        for table in (root / "triplets").glob("*.parquet")
+        if table.name.removesuffix(".parquet") not in lists
+    ]
+    keys = sorted(wanted)
+
+    def named_in(source: tuple[DataPath, Callable[[DataPath], pl.Series]]) -> set[str]:
+        path, read = source
+        try:
+            paths = read(path)
+        except FileNotFoundError:  # withdrawn meanwhile
+            return set()
+        return set(paths.filter(paths.is_in(keys)).to_list())
+
     named: set[str] = set()
-    for table in (root / "triplets").glob("*.parquet"):
-        frame = read_parquet(table, columns=["q_img", "t_img", "hns"])
-        named |= set(frame["q_img"]) | set(frame["t_img"])
-        named |= set(frame["hns"].explode().drop_nulls())
-    for shard in withdrawn:
-        folder = image_relpath(f"{shard}/-").rpartition("/")[0]  # images/<safe shard name>
-        for image in (root / folder).glob("*.jpg"):
-            if f"{folder}/{image.name}" not in named:
-                image.unlink()
-    return withdrawn
+    with ThreadPoolExecutor(_WRITE_THREADS) as pool:
+        for found in pool.map(named_in, sources):
+            named |= found
+    return named
+
+
+def _named_images_path(root: DataPath, shard: str) -> DataPath:
+    return root / "shards" / f"{shard}{NAMED_IMAGES_SUFFIX}"
+
+
+def _read_named_images(root: DataPath, shard: str) -> set[str]:
+    """The images `shard`'s export names (or was about to, if it stopped half-way): its list,
+    else (exported before lists existed) its triplet file, else nothing."""
+    for path, read in (
+        (_named_images_path(root, shard), _paths_in_list),
+        (root / "triplets" / f"{shard}.parquet", _paths_in),
+    ):
+        try:
+            return set(read(path).to_list())
+        except FileNotFoundError:
+            continue
+    return set()
+
+
+def _write_named_images(root: DataPath, shard: str, paths: set[str]) -> None:
+    frame = pl.DataFrame(
+        {_NAMED_IMAGES_COLUMN: sorted(paths)}, schema={_NAMED_IMAGES_COLUMN: pl.String}
+    )
+    write_parquet_atomic(frame, _named_images_path(root, shard))
+
+
+def _paths_in_list(path: DataPath) -> pl.Series:
+    return read_parquet(path, columns=[_NAMED_IMAGES_COLUMN])[_NAMED_IMAGES_COLUMN]
+
+
+def _paths_in(table: DataPath) -> pl.Series:
+    """Every image path an exported triplet file names."""
+    return _named_paths(read_parquet(table, columns=["q_img", "t_img", "hns"]))
+
+
+def _named_paths(frame: pl.DataFrame) -> pl.Series:
+    """The distinct image paths of release rows (q_img, t_img, hns)."""
+    columns = [frame["q_img"], frame["t_img"], frame["hns"].explode()]
+    return pl.concat([column.rename("path") for column in columns]).drop_nulls().unique()
 
 
 def card_lock_path(layout: DataLayout, root: DataPath) -> Path:
