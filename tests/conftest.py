@@ -42,3 +42,13 @@ def run_shards(
         tags=shard_range_tags(list(shards)),
         raise_on_error=False,
     )
+
+
+@pytest.fixture
+def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """$MEGAPAIRS_HOME for a CLI test: a fresh folder, the demo profile, the embedded
+    deployment (a test module may define its own `home`)."""
+    monkeypatch.setenv("MEGAPAIRS_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("MEGAPAIRS_PROFILE", "demo")
+    monkeypatch.delenv("MEGAPAIRS_DEPLOYMENT", raising=False)
+    return tmp_path / "home"

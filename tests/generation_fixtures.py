@@ -18,7 +18,17 @@ import polars as pl
 from PIL import Image
 
 from megapairs_assets.generation.backends.base import BackendSpec, SamplingParams
+from megapairs_assets.generation.common import (
+    DESCRIPTIONS_ASSET,
+    EXPORT_ASSET,
+    INSTRUCTIONS_ASSET,
+    TRIPLETS_ASSET,
+)
+from megapairs_assets.generation.describe import describe_pairs_for_shard
+from megapairs_assets.generation.export import export_triplets_for_shard
+from megapairs_assets.generation.instruct import write_instructions_for_shard
 from megapairs_assets.generation.settings import GenerationSettings, PairSample, StepSettings
+from megapairs_assets.generation.triplets import build_triplets_for_shard
 from megapairs_assets.lib.storage import DataLayout, write_parquet_atomic
 from megapairs_assets.lineage.catalog import LineageCatalog, MaterializationRecord, utc_now
 from megapairs_assets.mining.pairs import pair_id_for, pairs_schema
@@ -81,7 +91,7 @@ def make_world(
                 }
             )
             image_ids.append(image_id)
-        _record(catalog, "image_corpus", shard, rows={"image_lineage": pl.DataFrame(rows)})
+        record_rows(catalog, "image_corpus", shard, rows={"image_lineage": pl.DataFrame(rows)})
     for shard_index, (shard, count) in enumerate(zip(shards, pairs_per_shard, strict=True)):
         write_pairs(
             layout, catalog, shard, _pairs_for(shard_index, count, image_ids, images_per_shard)
@@ -128,11 +138,11 @@ def write_pairs(
         schema=schema,
     ).sort("query_id", "target_id")
     write_parquet_atomic(frame, layout.shard_table("mined_image_pairs", shard))
-    _record(catalog, "mined_image_pairs", shard)
+    record_rows(catalog, "mined_image_pairs", shard)
     return frame
 
 
-def _record(
+def record_rows(
     catalog: LineageCatalog,
     asset: str,
     shard: str,
@@ -173,6 +183,25 @@ def record_step(catalog: LineageCatalog, asset: str, result) -> None:
         ),
         rows=result.rows,
     )
+
+
+# The generation steps in order, each with the asset it materializes.
+STEPS = (
+    (DESCRIPTIONS_ASSET, describe_pairs_for_shard),
+    (INSTRUCTIONS_ASSET, write_instructions_for_shard),
+    (TRIPLETS_ASSET, build_triplets_for_shard),
+    (EXPORT_ASSET, export_triplets_for_shard),
+)
+
+
+def run_all(world, settings, shard: str, steps=STEPS) -> dict:
+    """Run `steps` for one shard, recording each as a complete materialization."""
+    results = {}
+    for asset, step in steps:
+        result = step(shard, world.layout, world.catalog, settings)
+        record_step(world.catalog, asset, result)
+        results[asset] = result
+    return results
 
 
 def http_settings(base_url: str, **http_options) -> GenerationSettings:

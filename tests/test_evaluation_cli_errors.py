@@ -23,14 +23,6 @@ from megapairs_assets.training.train import train_checkpoint
 
 
 @pytest.fixture
-def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    monkeypatch.setenv("MEGAPAIRS_HOME", str(tmp_path / "home"))
-    monkeypatch.setenv("MEGAPAIRS_PROFILE", "demo")
-    monkeypatch.delenv("MEGAPAIRS_DEPLOYMENT", raising=False)
-    return tmp_path / "home"
-
-
-@pytest.fixture
 def offline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """Empty model caches, and any attempt to reach the network fails the test."""
     import huggingface_hub.constants

@@ -247,14 +247,6 @@ def test_an_annotation_file_saved_with_a_byte_order_mark_reads(tmp_path: Path) -
 # --- the same through `megapairs eval` -----------------------------------------------------
 
 
-@pytest.fixture
-def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    monkeypatch.setenv("MEGAPAIRS_HOME", str(tmp_path / "home"))
-    monkeypatch.setenv("MEGAPAIRS_PROFILE", "demo")
-    monkeypatch.delenv("MEGAPAIRS_DEPLOYMENT", raising=False)
-    return tmp_path / "home"
-
-
 def eval_argv(demo_models_dir: Path, benchmark: str, root: Path) -> list[str]:
     retriever = f"{DEMO_CLIP_MODEL}@{demo_models_dir / (DEMO_CLIP_MODEL + '.pt')}"
     return [

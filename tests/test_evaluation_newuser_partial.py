@@ -40,14 +40,6 @@ SETTINGS = EvaluationSettings(batch_size=4, num_workers=0)
 IDS = circo_ids(8)
 
 
-@pytest.fixture
-def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    monkeypatch.setenv("MEGAPAIRS_HOME", str(tmp_path / "home"))
-    monkeypatch.setenv("MEGAPAIRS_PROFILE", "demo")
-    monkeypatch.delenv("MEGAPAIRS_DEPLOYMENT", raising=False)
-    return tmp_path / "home"
-
-
 @pytest.fixture(scope="module")
 def retriever(demo_models_dir: Path) -> Retriever:
     checkpoint = demo_models_dir / f"{DEMO_CLIP_MODEL}.pt"

@@ -14,43 +14,27 @@ from pathlib import Path
 import polars as pl
 import pytest
 from fault_server import ChatServer
-from generation_fixtures import http_settings, make_world, record_step, write_pairs
+from generation_fixtures import (
+    STEPS,
+    http_settings,
+    make_world,
+    record_rows,
+    run_all,
+    write_pairs,
+)
 from PIL import Image
 
 from megapairs_assets.generation.common import (
-    DESCRIPTIONS_ASSET,
     EXPORT_ASSET,
-    INSTRUCTIONS_ASSET,
-    TRIPLETS_ASSET,
     image_relpath,
 )
-from megapairs_assets.generation.describe import describe_pairs_for_shard
 from megapairs_assets.generation.export import (
     NAMED_IMAGES_SUFFIX,
-    export_triplets_for_shard,
     remove_unused_images,
 )
-from megapairs_assets.generation.instruct import write_instructions_for_shard
-from megapairs_assets.generation.triplets import build_triplets_for_shard
-from megapairs_assets.lineage.catalog import MaterializationRecord, utc_now
 
-STEPS = (
-    (DESCRIPTIONS_ASSET, describe_pairs_for_shard),
-    (INSTRUCTIONS_ASSET, write_instructions_for_shard),
-    (TRIPLETS_ASSET, build_triplets_for_shard),
-    (EXPORT_ASSET, export_triplets_for_shard),
-)
 SIDE_PX = 32  # small images keep the tests fast; the logic does not depend on the side
 LONG_AGO_NS = 1_000_000_000 * 10**9  # 2001: any rewrite moves a file's mtime past this
-
-
-def run_all(world, settings, shard, steps=STEPS):
-    results = {}
-    for asset, step in steps:
-        result = step(shard, world.layout, world.catalog, settings)
-        record_step(world.catalog, asset, result)
-        results[asset] = result
-    return results
 
 
 def export(world, settings, shard):
@@ -111,18 +95,7 @@ def rerecord_corpus(world, shard: str, repaint: dict[str, tuple[int, int, int]],
         .replace_strict(hashes, default=pl.col("content_hash"))
         .alias("content_hash")
     )
-    world.catalog.record(
-        MaterializationRecord(
-            asset="image_corpus",
-            partition=shard,
-            run_id="test",
-            code_version="test",
-            profile="test",
-            started_at=utc_now(),
-            duration_s=0.0,
-        ),
-        rows={"image_lineage": rows},
-    )
+    record_rows(world.catalog, "image_corpus", shard, rows={"image_lineage": rows})
 
 
 def centre_colour(path) -> tuple[int, ...]:

@@ -10,9 +10,11 @@ import polars as pl
 import pytest
 from fault_server import ChatServer
 from generation_fixtures import (
+    STEPS,
     http_settings,
     make_world,
     record_step,
+    run_all,
     with_template,
     write_pairs,
 )
@@ -33,22 +35,6 @@ from megapairs_assets.generation.triplets import (
     describe_triplet,
     generation_summary,
 )
-
-STEPS = (
-    (DESCRIPTIONS_ASSET, describe_pairs_for_shard),
-    (INSTRUCTIONS_ASSET, write_instructions_for_shard),
-    (TRIPLETS_ASSET, build_triplets_for_shard),
-    (EXPORT_ASSET, export_triplets_for_shard),
-)
-
-
-def run_all(world, settings, shard, steps=STEPS):
-    results = {}
-    for asset, step in steps:
-        result = step(shard, world.layout, world.catalog, settings)
-        record_step(world.catalog, asset, result)
-        results[asset] = result
-    return results
 
 
 def test_http_pipeline_makes_release_triplets_and_a_rerun_makes_zero_calls(tmp_path):
