@@ -54,7 +54,10 @@ def test_the_summary_lists_failed_warning_checks() -> None:
         )
 
     lines = check_lines([dg.materialize([table])])
-    assert lines == ["  checks:      1 passed, 1 failed", "    warn: table unique [s1, s2]"]
+    assert lines == [
+        "  checks:      1 passed, 0 failed, 1 warning(s)",
+        "    warn: table unique [s1, s2]",
+    ]
 
 
 def test_demo_with_a_corpus_that_does_not_exist_says_so(tmp_path: Path, capsys) -> None:
