@@ -138,3 +138,19 @@ def test_the_demo_profile_says_it_builds_its_models(
     captured = capsys.readouterr()
     assert "building the demo profile's small models on first use" in captured.out
     assert "1 setting(s) to fix" in captured.err and "is empty" in captured.err
+
+
+def test_every_subcommand_takes_the_profile_option() -> None:
+    from megapairs_assets.cli.main import build_parser
+
+    parser = build_parser()
+    commands = parser._subparsers._group_actions[0].choices  # argparse keeps no public map
+    assert {"demo", "check", "ui", "config", "lineage", "unblock", "eval"} <= set(commands)
+    for name in commands:
+        assert parser.parse_args([name, "--profile", "paper", *_required(name)]).profile == "paper"
+
+
+def _required(command: str) -> list[str]:
+    """The arguments a subcommand cannot parse without."""
+    required = {"eval": ["--retriever", "x", "--benchmark", "heldout"], "lineage": ["some-id"]}
+    return required.get(command, [])

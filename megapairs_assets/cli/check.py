@@ -53,8 +53,6 @@ class CheckRow:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from megapairs_assets.cli.main import add_profile_option
-
     check = subparsers.add_parser(
         "check", help="run the asset checks on a small sample (or on existing data) for CI"
     )
@@ -81,7 +79,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "the one whose tables are re-checked (default: $MEGAPAIRS_HOME)",
     )
     check.add_argument("--quiet", action="store_true", help="only warnings from Dagster")
-    add_profile_option(check)
     check.set_defaults(func=run_check)
 
 

@@ -18,8 +18,6 @@ FAISS_HINT = (
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from megapairs_assets.cli.main import add_profile_option
-
     demo = subparsers.add_parser(
         "demo", help="run the whole graph on the profile's corpus (or --corpus), in process"
     )
@@ -36,7 +34,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=PHASES[-1],
         help="stop after this phase (default: the whole loop: mine, generate, train, evaluate)",
     )
-    add_profile_option(demo)
     demo.set_defaults(func=run_demo)
 
 

@@ -42,6 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
     for name in SUBCOMMANDS:
         importlib.import_module(f"megapairs_assets.cli.{name}").register(sub)
     importlib.import_module("megapairs_assets.evaluation.cli").register(sub)
+    for subparser in sub.choices.values():  # every command takes the profile the same way
+        add_profile_option(subparser)
     return parser
 
 
