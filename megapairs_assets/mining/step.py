@@ -114,7 +114,12 @@ def mine_shard(
         rows={PAIR_LINEAGE.name: pair_lineage_rows(pairs, shard, sources, knn_versions)},
         outcomes=check_pairs(pairs, params, hashes),
         metadata={
-            **{k: v for k, v in summary.items() if isinstance(v, int | float | str)},
+            # The pair count is already the row count (`rows_pairs`, `dagster/row_count`).
+            **{
+                k: v
+                for k, v in summary.items()
+                if isinstance(v, int | float | str) and k != "pairs"
+            },
             "knn_rows_outside_corpus": outside_corpus,
         },
         markdown={
