@@ -32,9 +32,9 @@ from megapairs_assets.generation.instruct import write_instructions_for_shard
 from megapairs_assets.generation.prompts import PROMPTS_DIR
 from megapairs_assets.generation.triplets import (
     build_triplets_for_shard,
-    describe_triplet,
     generation_summary,
 )
+from megapairs_assets.lineage.report import lineage_report
 
 
 def test_http_pipeline_makes_release_triplets_and_a_rerun_makes_zero_calls(tmp_path):
@@ -74,12 +74,11 @@ def test_http_pipeline_makes_release_triplets_and_a_rerun_makes_zero_calls(tmp_p
         triplet_id = pl.read_parquet(world.layout.shard_table(TRIPLETS_ASSET, "00000"))[
             "triplet_id"
         ][0]
-        report = describe_triplet(world.catalog, triplet_id)
+        report = lineage_report(world.catalog, triplet_id)
         assert report is not None
         assert "test-model@fault-server" in report and "describe-images" in report
-        assert "mined_image_pairs/00000" in report and "WORD_NUM" in report
-        assert describe_triplet(world.catalog, "t-unknown") is None
-        assert describe_triplet(world.catalog, "00000/000000001") is None
+        assert "mined_image_pairs[00000]" in report and "WORD_NUM" in report
+        assert lineage_report(world.catalog, "t-unknown") is None
         summary = generation_summary(world.layout, list(world.shards), export_root)
         assert "triplets:    16" in summary and triplet_id[:2] == "t-"
 

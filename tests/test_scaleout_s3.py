@@ -40,7 +40,6 @@ from megapairs_assets.evaluation.assets import register_retrievers, score_partit
 from megapairs_assets.evaluation.step import known_retrievers
 from megapairs_assets.generation.resource import GenerationResource
 from megapairs_assets.generation.settings import demo_generation_settings
-from megapairs_assets.generation.triplets import describe_triplet
 from megapairs_assets.knn.step import recheck_knn_shard
 from megapairs_assets.lib.storage import (
     DataLayout,
@@ -51,6 +50,7 @@ from megapairs_assets.lib.storage import (
     write_parquet_atomic,
 )
 from megapairs_assets.lineage.catalog import LineageCatalog
+from megapairs_assets.lineage.report import lineage_report
 from megapairs_assets.mining.pairs import MiningParams
 from megapairs_assets.mining.step import recheck_pairs_shard
 from megapairs_assets.training.assets import register_training_configs
@@ -323,7 +323,9 @@ def test_the_loop_reads_its_tables_back_from_the_bucket(s3_loop) -> None:
     assert scored.height > 0 and scored["value"].is_between(0, 100).all()
     # The lineage report reads a triplet's texts from the object its record names.
     catalog = LineageCatalog(DataLayout(home).catalog_path)
-    report = describe_triplet(catalog, triplets["triplet_id"][0], layout)
+    report = lineage_report(
+        catalog, triplets["triplet_id"][0], storage_options=layout.storage_options
+    )
     assert report is not None and triplets["description"][0] in report
     # The response store and the checkpoint copy are local caches under home.
     assert list((home / "cache" / "generation").glob("*/*.sqlite"))

@@ -7,8 +7,8 @@ query image first). Image fields are paths relative to the export folder
 travel together. Written as Parquet (with ids and generators beside the release fields) and as
 JSON Lines (the four release fields only).
 
-`describe_triplet` answers `megapairs lineage <triplet id>`; `generation_summary` is what the
-demo prints.
+`megapairs lineage <triplet id>` reads the triplet lineage rows (lineage/report.py);
+`generation_summary` is what the demo prints.
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
 
 import polars as pl
 
@@ -40,7 +39,6 @@ from megapairs_assets.lib.step import StepResult
 from megapairs_assets.lib.storage import (
     DataLayout,
     DataPath,
-    data_root_path,
     read_parquet,
     write_atomic,
     write_parquet_atomic,
@@ -351,80 +349,6 @@ def triplet_examples_markdown(
 
 
 # -- reports --------------------------------------------------------------------------------
-
-
-def describe_triplet(
-    catalog: LineageCatalog, triplet_id: str, layout: DataLayout | None = None
-) -> str | None:
-    """The chain behind a triplet, for `megapairs lineage <triplet id>`; None if unknown.
-
-    `layout` gives the storage options (an endpoint URL) to read a triplet table recorded as an
-    object URL; without it the filesystem's own settings (environment) apply.
-    """
-    if not triplet_id.startswith(TRIPLET_ID_PREFIX):
-        return None
-    rows = catalog.rows_for_ids(TRIPLET_LINEAGE.name, "triplet_id", [triplet_id])
-    if rows.is_empty():
-        return None
-    row = rows.row(0, named=True)
-    record = catalog.materializations([row["materialization_id"]])
-    texts = _triplet_texts(record, triplet_id, layout)
-    image_ids = [row["query_id"], row["target_id"], *(row["hard_negative_ids"] or [])]
-    images = lookup_images(catalog, image_ids)
-
-    def image_line(label: str, image_id: str) -> str:
-        info = images.get(image_id, {})
-        caption = info.get("caption") or "-"
-        return (
-            f"  {label:<8} {image_id}  {image_relpath(image_id)}\n"
-            f"           {info.get('source_uri', '?')}  caption: {caption}"
-        )
-
-    lines = [
-        f"triplet {triplet_id} (shard {row['shard']}, pair {row['pair_id']})",
-        image_line("query", row["query_id"]),
-        image_line("target", row["target_id"]),
-        "  hard negatives (query first): " + ", ".join(row["hard_negative_ids"] or []),
-        f"  description: {row['description_generator']} [{row['description_model']}]",
-        f"    template {row['description_template']}, WORD_NUM {row['word_num']}, "
-        f"request {row['description_request_key'][:16]}",
-    ]
-    if texts.get("description"):
-        lines.append(f"    {texts['description']}")
-    lines += [
-        f"  instructions: {row['instruction_generator']} [{row['instruction_model']}]",
-        f"    template {row['instruction_template']}, demos "
-        f"{', '.join(row['demo_ids'] or []) or '-'}, request {row['instruction_request_key'][:16]}",
-    ]
-    lines += [f"    - {text}" for text in texts.get("q_text") or []]
-    if record.height:
-        made = record.row(0, named=True)
-        lines.append(
-            f"  materialized by run {made['run_id']} at {made['started_at']} "
-            f"(profile {made['profile']}, code {made['code_version']})"
-        )
-    versions = json.loads(row["input_versions"] or "{}")
-    lines += [f"  read {name} @ {version}" for name, version in sorted(versions.items())]
-    return "\n".join(lines)
-
-
-def _triplet_texts(
-    record: pl.DataFrame, triplet_id: str, layout: DataLayout | None
-) -> dict[str, Any]:
-    """Description and instructions of a triplet, read from the table its record names (a
-    local path or an object URL); {} when it is gone or unreadable (a report never fails)."""
-    if record.is_empty():
-        return {}
-    paths = json.loads(record["output_paths"][0] or "{}")
-    if not paths.get("triplets"):
-        return {}
-    path = data_root_path(paths["triplets"], layout.storage_options if layout else None)
-    try:
-        table = read_parquet(path, columns=["triplet_id", "description", "q_text"])
-    except (OSError, pl.exceptions.PolarsError):
-        return {}
-    found = table.filter(pl.col("triplet_id") == triplet_id).select("description", "q_text")
-    return found.row(0, named=True) if found.height else {}
 
 
 def generation_summary(
