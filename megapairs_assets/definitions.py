@@ -24,8 +24,9 @@ from megapairs_assets.knn.assets import knn_assets
 from megapairs_assets.lib.storage import default_home
 from megapairs_assets.mining.assets import mined_image_pairs
 from megapairs_assets.orchestration.partitions import shard_asset_names
-from megapairs_assets.orchestration.runs import megapairs_executor
+from megapairs_assets.orchestration.runs import run_executor
 from megapairs_assets.training.assets import build_training_configs_sensor, mmret_clip_checkpoint
+from resources.cluster import ClusterSettings
 from resources.profiles import SensorSettings, build_resources, profile_from_env, sensor_settings
 
 MINING_HALF = [image_corpus, *embedding_assets, *knn_assets, mined_image_pairs]
@@ -70,8 +71,9 @@ def build_definitions(
         jobs=all_jobs,
         sensors=build_sensors(sensor_settings(profile)),
         resources={**resources, **(resource_overrides or {})},
-        # Dagster's default executor, after releasing this machine's killed runs (runs.py).
-        executor=megapairs_executor,
+        # One pod per step on a cluster; embedded, Dagster's default executor after releasing
+        # this machine's killed runs (runs.py).
+        executor=run_executor(ClusterSettings.from_env().step_executor),
     )
 
 

@@ -17,6 +17,10 @@ file in the data root. The cluster deployment points the same code at engines a 
   (nvidia.com/gpu.present=true).
 - MEGAPAIRS_GPU_TOLERATIONS: taints GPU steps tolerate, `key[=value]:Effect,...`
   (nvidia.com/gpu:NoSchedule).
+- MEGAPAIRS_STEP_EXECUTOR: where a run's steps execute: `k8s` (one pod per step, placed by its
+  `dagster-k8s/config` tag; the default inside a Kubernetes pod of a cluster deployment) or
+  `process` (subprocesses of the run's own process; the default elsewhere, e.g. a cluster
+  deployment's engines tried from one machine).
 
 Postgres passwords belong in the URL's environment variable (a Kubernetes Secret), never in a
 file of this repository.
@@ -35,6 +39,7 @@ from megapairs_assets.lineage.catalog import is_ducklake_url
 from resources.storage import LineageCatalogResource
 
 DEPLOYMENTS = ("embedded", "cluster")
+STEP_EXECUTORS = ("k8s", "process")
 
 
 class ClusterConfigError(ConfigurationError):
@@ -52,6 +57,7 @@ class ClusterSettings:
     vllm_base_urls: tuple[str, ...] = ()
     gpu_node_selector: Mapping[str, str] = field(default_factory=dict)
     gpu_tolerations: tuple[Mapping[str, str], ...] = ()
+    step_executor: str = "process"
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> ClusterSettings:
@@ -74,6 +80,7 @@ class ClusterSettings:
             ),
             gpu_node_selector=_parse_labels(env.get("MEGAPAIRS_GPU_NODE_SELECTOR", "")),
             gpu_tolerations=_parse_tolerations(env.get("MEGAPAIRS_GPU_TOLERATIONS", "")),
+            step_executor=_step_executor(env, deployment),
         )
         settings.check()
         return settings
@@ -144,3 +151,18 @@ def _parse_tolerations(text: str) -> tuple[dict[str, str], ...]:
         )
         tolerations.append(toleration)
     return tuple(tolerations)
+
+
+def _step_executor(env: Mapping[str, str], deployment: str) -> str:
+    """MEGAPAIRS_STEP_EXECUTOR, else `k8s` for a cluster deployment running in a Kubernetes pod
+    (Kubernetes sets KUBERNETES_SERVICE_HOST in every pod), else `process`."""
+    chosen = env.get("MEGAPAIRS_STEP_EXECUTOR", "").strip()
+    if not chosen:
+        in_pod = bool(env.get("KUBERNETES_SERVICE_HOST"))
+        return "k8s" if deployment == "cluster" and in_pod else "process"
+    if chosen not in STEP_EXECUTORS:
+        raise ClusterConfigError(
+            f"MEGAPAIRS_STEP_EXECUTOR must be one of {', '.join(STEP_EXECUTORS)}, got {chosen!r}"
+        )
+    return chosen
+

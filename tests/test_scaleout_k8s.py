@@ -126,7 +126,7 @@ def test_dagster_yaml_template_loads_as_a_postgres_instance_config() -> None:
     assert config["storage"]["postgres"]["postgres_url"] == {"env": "MEGAPAIRS_POSTGRES_URL"}
     assert config["concurrency"]["runs"]["max_concurrent_runs"] > 0
     limits = {limit["key"] for limit in config["concurrency"]["runs"]["tag_concurrency_limits"]}
-    assert "megapairs/pool" in limits
+    assert "dagster/backfill" in limits
     # Dagster's own validation of the file (schema of every section), without connecting.
     validated, _ = dagster_instance_config(str(DEPLOYMENT), config_filename="dagster.yaml")
     assert validated["concurrency"]["pools"]["granularity"] == "op"

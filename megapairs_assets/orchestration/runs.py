@@ -107,3 +107,19 @@ megapairs_executor = dg.ExecutorDefinition(
     "first releases this machine's runs whose process was killed (marked failed, pool slots "
     "freed), so re-running a killed command never waits on the dead run's slot.",
 )
+
+
+def run_executor(step_executor: str) -> dg.ExecutorDefinition:
+    """The executor every job runs on (`ClusterSettings.step_executor`).
+
+    `k8s`: dagster-k8s's `k8s_job_executor`, one pod per step built from the step's
+    `dagster-k8s/config` tag (its GPU request, node selector and tolerations; see
+    orchestration/k8s.py) with the run launcher's namespace, image and volumes. K8sRunLauncher
+    alone reads run tags only: with a process executor every step would run inside the run pod,
+    which asks for no GPU. `process`: `megapairs_executor`.
+    """
+    if step_executor == "k8s":
+        from dagster_k8s import k8s_job_executor  # the `cluster` extra
+
+        return k8s_job_executor
+    return megapairs_executor
