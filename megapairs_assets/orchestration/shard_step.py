@@ -35,8 +35,6 @@ from typing import Any
 
 import dagster as dg
 import polars as pl
-import pyarrow as pa
-import pyarrow.parquet as pq
 
 from megapairs_assets.lib.quality import CheckOutcome, merged_detail
 from megapairs_assets.lib.step import StepResult, content_version, run_recorded
@@ -181,10 +179,12 @@ def _output_column_schema(result: StepResult) -> dg.TableSchema | None:
         return None
     try:
         with parquet[0].open("rb") as handle:
-            schema = pq.read_schema(handle)
-    except (OSError, ValueError, pa.ArrowException):  # metadata must never fail the asset
+            schema = pl.read_parquet_schema(handle)
+    except (OSError, ValueError, pl.exceptions.PolarsError):  # metadata never fails the asset
         return None
-    return dg.TableSchema(columns=[dg.TableColumn(field.name, str(field.type)) for field in schema])
+    return dg.TableSchema(
+        columns=[dg.TableColumn(name, str(dtype)) for name, dtype in schema.items()]
+    )
 
 
 def preview_table(frame: pl.DataFrame, max_rows: int = 10) -> dg.TableMetadataValue:
