@@ -62,9 +62,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "the sample materializes (default mining_half), or with --existing the assets re-checked "
         "(default all)",
     )
-    check.add_argument("--corpus", type=Path, help="sample shards from this corpus instead")
     check.add_argument(
-        "--shards", type=int, default=DEFAULT_SAMPLE_SHARDS, help="sample size in shards"
+        "--corpus",
+        type=Path,
+        help="sample shards from this corpus instead of the profile's (a folder of webdataset "
+        ".tar shards, a folder of image folders, or a .parquet/.jsonl manifest)",
+    )
+    check.add_argument(
+        "--shards",
+        type=_positive_int,
+        default=DEFAULT_SAMPLE_SHARDS,
+        help=f"sample size: the corpus's first N shards (default {DEFAULT_SAMPLE_SHARDS})",
     )
     check.add_argument(
         "--existing",
@@ -82,7 +90,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     check.set_defaults(func=run_check)
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def run_check(args: argparse.Namespace) -> int:
+    from megapairs_assets.lib.errors import ConfigurationError
+
     if args.existing:
         from megapairs_assets.lib.storage import default_home
 
@@ -93,18 +110,14 @@ def run_check(args: argparse.Namespace) -> int:
         resources = build_resources(profile_from_env(), home)
         layout = resources["storage"].layout()
         if not layout.data_dir.exists():
-            print(
+            raise ConfigurationError(
                 f"--existing: no tables at {layout.data_dir}; point --home (or MEGAPAIRS_HOME, "
-                "MEGAPAIRS_DATA_ROOT) at the data the pipeline wrote",
-                file=sys.stderr,
+                "MEGAPAIRS_DATA_ROOT) at the data the pipeline wrote, or drop --existing to "
+                "check a fresh sample"
             )
-            return EXIT_USAGE
         catalog, params = resources["catalog"].catalog(), resources["mining"].params()
         assets = job_assets(args.select) if args.select else None
         return report(check_existing(layout, catalog, params, assets))
-    if args.shards < 1:
-        print("--shards must be at least 1", file=sys.stderr)
-        return EXIT_USAGE
     if args.home is not None:
         return _check_sample(args, args.home.resolve())
     with tempfile.TemporaryDirectory(prefix="megapairs-check-") as tmp:
@@ -165,8 +178,12 @@ def _run_sample(args: argparse.Namespace, home: Path) -> int:
     # The sample is the corpus: KNN searches exactly these shards.
     shards = source.shard_ids()[: args.shards]
     if not shards:
-        print(f"the corpus {source.path} has no shards", file=sys.stderr)
-        return EXIT_USAGE
+        from megapairs_assets.lib.errors import ConfigurationError
+
+        raise ConfigurationError(
+            f"the corpus {source.path} has no shards: give --corpus a folder of webdataset .tar "
+            "shards, a folder of image folders or a .parquet/.jsonl manifest"
+        )
     fields = {name: getattr(source, name) for name in type(source).model_fields}
     sample = CorpusSourceResource(**{**fields, "only_shards": shards})
     defs = build_definitions(profile_from_env(), home, resource_overrides={"corpus_source": sample})

@@ -19,7 +19,13 @@ FAISS_HINT = (
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     demo = subparsers.add_parser(
-        "demo", help="run the whole graph on the profile's corpus (or --corpus), in process"
+        "demo",
+        help="run the whole graph on the profile's corpus (or --corpus), in process",
+        description="Mine, generate, train and evaluate in this process, on the profile's corpus "
+        "(or --corpus), with the Dagster instance and lineage catalog under $MEGAPAIRS_HOME "
+        "(default ./megapairs_home). A home holds one corpus: shards missing from the corpus "
+        "given are retired there, so give another corpus its own MEGAPAIRS_HOME. Running the "
+        "same command again resumes; `megapairs ui` shows the runs.",
     )
     demo.add_argument("--quiet", action="store_true", help="only warnings from Dagster")
     demo.add_argument(
@@ -222,7 +228,9 @@ def nothing_to_train_on(resources: Any, shards: list[str]) -> str | None:
         lines.append(
             "The demo profile describes a pair from its two captions (its LLM reads text only): "
             "give each image a caption (a .txt file with the image's name beside it, or a .txt "
-            "member in a webdataset shard), or describe pairs with a model that reads images "
-            "(the paper profile's InternVL2 template)."
+            "member in a webdataset shard), or describe the images themselves with a model that "
+            "reads images: the paper profile (InternVL2 behind vLLM), or the generation "
+            "resource's describe_template describe_images with such a model as its backend "
+            '(README, "Generation" and "Changing a setting for one run").'
         )
     return "\n".join(lines)

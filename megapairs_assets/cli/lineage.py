@@ -35,7 +35,8 @@ def cmd_lineage(args: argparse.Namespace) -> int:
     catalog = lineage_catalog(home)
     if not catalog.is_ducklake and not catalog.path.exists():
         print(
-            f"no lineage catalog at {catalog.location}: run `megapairs demo` first",
+            f"no lineage catalog at {catalog.location}: run `megapairs demo` first, or set "
+            "MEGAPAIRS_HOME to the home the pipeline wrote (default ./megapairs_home)",
             file=sys.stderr,
         )
         return 1

@@ -37,6 +37,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="megapairs",
         description="MegaPairs-style retrieval data synthesis as Dagster assets.",
+        epilog="Data, models, lineage catalog and Dagster instance live under $MEGAPAIRS_HOME "
+        "(default ./megapairs_home); $MEGAPAIRS_PROFILE picks the models (demo or paper). "
+        "Every setting: the Environment table in README.md. `megapairs SUBCOMMAND --help` "
+        "for each subcommand's options.",
     )
     sub = parser.add_subparsers(dest="command", required=True)
     for name in SUBCOMMANDS:

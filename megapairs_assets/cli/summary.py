@@ -48,10 +48,12 @@ def mining_summary(layout: DataLayout, catalog: LineageCatalog, shards: list[str
 
 
 def training_lines(catalog: LineageCatalog) -> list[str]:
-    """One line per trained config: its newest complete checkpoint's steps, time and loss."""
+    """Per trained config: its newest complete checkpoint's row counts and time, then the
+    command that scores its export (the folder a user would otherwise have to look for)."""
     frame = catalog.query(
         "SELECT partition, arg_max(row_counts, started_at) AS row_counts, "
-        "arg_max(duration_s, started_at) AS duration_s, arg_max(config, started_at) AS config "
+        "arg_max(duration_s, started_at) AS duration_s, "
+        "arg_max(output_paths, started_at) AS output_paths "
         "FROM materializations WHERE asset = ? AND status = 'complete' GROUP BY partition "
         "ORDER BY partition",
         [CHECKPOINT_ASSET],
@@ -63,6 +65,9 @@ def training_lines(catalog: LineageCatalog) -> list[str]:
         lines.append(
             f"  checkpoint:  config {row['partition']!r}, {detail} in {row['duration_s']:.1f} s"
         )
+        export = json.loads(row["output_paths"] or "{}").get("open_clip_dir")
+        if export:
+            lines.append(f"    score it:  megapairs eval --retriever {export} --benchmark heldout")
     return lines
 
 

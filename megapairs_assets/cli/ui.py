@@ -78,7 +78,11 @@ def cmd_ui(args: argparse.Namespace) -> int:
 def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Add the `ui` subcommand to the `megapairs` parser."""
     ui = subparsers.add_parser("ui", help="open the Dagster UI on this workspace (dg dev)")
-    ui.add_argument("--host", default=DEFAULT_HOST, help=f"default {DEFAULT_HOST}")
-    ui.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"default {DEFAULT_PORT}")
+    ui.add_argument(
+        "--host", default=DEFAULT_HOST, help=f"address the UI listens on (default {DEFAULT_HOST})"
+    )
+    ui.add_argument(
+        "--port", type=int, default=DEFAULT_PORT, help=f"port of the UI (default {DEFAULT_PORT})"
+    )
     ui.set_defaults(func=cmd_ui)
     return ui
