@@ -1,6 +1,7 @@
 """Dagster wiring of the image corpus: one partition per shard, and a sensor for its shards."""
 
 from collections.abc import Sequence
+from typing import Any
 
 import dagster as dg
 
@@ -16,11 +17,29 @@ from megapairs_assets.orchestration.partitions import (
     shard_asset_options,
     shard_partitions,
 )
+from megapairs_assets.orchestration.settings_version import fields
 from megapairs_assets.orchestration.shard_step import Stage, materialize_partitions
 from resources.corpus import CorpusSourceResource
 from resources.storage import LineageCatalogResource, StorageResource
 
-STAGE = Stage(ASSET_NAME, "corpus-v1", CORPUS_CHECKS, CROSS_SHARD_CHECKS)
+
+def corpus_settings(resources: Any) -> dict[str, Any]:
+    """What decides a shard's rows: the source layout and the validation limits (not where the
+    source lives: the same bytes elsewhere make the same table)."""
+    return fields(
+        resources.corpus_source,
+        (
+            "kind",
+            "shard_size",
+            "min_side_px",
+            "max_pixels",
+            "max_caption_chars",
+            "max_aspect_ratio",
+        ),
+    )
+
+
+STAGE = Stage(ASSET_NAME, "corpus-v1", CORPUS_CHECKS, CROSS_SHARD_CHECKS, corpus_settings)
 
 
 @dg.asset(

@@ -1,5 +1,8 @@
 """Dagster wiring of the three embedding tables: one factory over the source registry."""
 
+from pathlib import PurePath
+from typing import Any
+
 import dagster as dg
 
 from megapairs_assets.corpus.assets import image_corpus
@@ -11,12 +14,40 @@ from megapairs_assets.orchestration.partitions import (
     shard_asset_options,
     step_placement,
 )
+from megapairs_assets.orchestration.settings_version import SettingsOf, fields
 from megapairs_assets.orchestration.shard_step import Stage, materialize_partitions
+
+
+def embedding_settings(source: SimilaritySource) -> SettingsOf:
+    """What decides a source's vectors: its model and the configured precision (not batch
+    size, workers or where images are decoded). Weights given as a path count by file name, so
+    moving the models folder (or the data root holding the demo's) re-embeds nothing."""
+
+    def settings(resources: Any) -> dict[str, Any]:
+        encoder = fields(
+            getattr(resources, source.encoder_key), ("backend", "model", "pretrained", "dim")
+        )
+        for name in ("model", "pretrained"):
+            if isinstance(encoder[name], str):
+                encoder[name] = PurePath(encoder[name]).name
+        return {"encoder": encoder, "dtype": resources.device.dtype}
+
+    return settings
+
+
+def embedding_stage(source: SimilaritySource) -> Stage:
+    """The stage of one source's embedding table."""
+    return Stage(
+        source.embedding_asset,
+        "embeddings-v1",
+        EMBEDDING_CHECKS,
+        settings=embedding_settings(source),
+    )
 
 
 def build_embedding_asset(source: SimilaritySource) -> dg.AssetsDefinition:
     """The asset for one source's embedding table."""
-    stage = Stage(source.embedding_asset, "embeddings-v1", EMBEDDING_CHECKS)
+    stage = embedding_stage(source)
 
     @dg.asset(
         name=source.embedding_asset,
@@ -67,3 +98,4 @@ def build_embedding_asset(source: SimilaritySource) -> dg.AssetsDefinition:
 
 
 embedding_assets = [build_embedding_asset(source) for source in SOURCES]
+embedding_stages = [embedding_stage(source) for source in SOURCES]

@@ -36,15 +36,77 @@ from megapairs_assets.generation.triplets import TRIPLET_CHECKS, build_triplets_
 from megapairs_assets.lib.storage import DataLayout
 from megapairs_assets.lineage.catalog import LineageCatalog
 from megapairs_assets.orchestration.partitions import DOWNSTREAM_AUTOMATION, shard_asset_options
+from megapairs_assets.orchestration.settings_version import fields
 from megapairs_assets.orchestration.shard_step import Stage, materialize_partitions
 from resources.storage import LineageCatalogResource, StorageResource
 
 GENERATION_POOL = "generation"
 GROUP = "generation"
-DESCRIBE_STAGE = Stage(DESCRIPTIONS_ASSET, "generation-describe-v1", DESCRIPTION_CHECKS)
-INSTRUCT_STAGE = Stage(INSTRUCTIONS_ASSET, "generation-instruct-v1", INSTRUCTION_CHECKS)
+
+# Which pairs go to the model and how requests are drawn: shared by both model steps.
+_SAMPLE_FIELDS = ("model_fraction", "model_pairs_per_shard", "heuristic_fill", "seed")
+
+
+def _file_hash(load: Callable[[str], Any], name: str) -> str:
+    """A prompt file's content hash; a missing or broken file gets a marker (the step itself
+    then fails with the loader's message) instead of breaking the code location."""
+    try:
+        return load(name).hash
+    except Exception as error:  # any loader error: the step itself reports it
+        return f"unreadable:{name}:{type(error).__name__}"
+
+
+def _step_settings(generation: Any, step: str) -> dict[str, Any]:
+    """A model step's backend model (not its servers or timeouts), template content, sampling."""
+    from megapairs_assets.generation.prompts import load_template
+
+    backend = getattr(generation, f"{step}_backend")
+    template = getattr(generation, f"{step}_template")
+    return {
+        "backend": backend.backend,
+        "model_id": backend.model_id,
+        "template": _file_hash(load_template, template),
+        "sampling": getattr(generation, f"{step}_sampling").model_dump(),
+        **fields(generation, _SAMPLE_FIELDS),
+    }
+
+
+def describe_settings(resources: Any) -> dict[str, Any]:
+    """What decides the descriptions: model, prompt file content, sampling, sample, limits."""
+    generation = resources.generation
+    return {
+        **_step_settings(generation, "describe"),
+        **fields(generation, ("description_min_words", "description_max_words")),
+    }
+
+
+def instruct_settings(resources: Any) -> dict[str, Any]:
+    """What decides the instructions: as for descriptions, plus the demonstration pool."""
+    from megapairs_assets.generation.prompts import load_demo_pool
+
+    generation = resources.generation
+    return {
+        **_step_settings(generation, "instruct"),
+        "demo_pool": _file_hash(load_demo_pool, generation.demo_pool),
+        **fields(generation, ("instruction_max_words",)),
+    }
+
+
+def export_settings(resources: Any) -> dict[str, Any]:
+    """What decides the release folder: image size, where it is, the dataset card's lines."""
+    return fields(
+        resources.generation, ("export_image_side_px", "export_dir", "licence", "dataset_name")
+    )
+
+
+DESCRIBE_STAGE = Stage(
+    DESCRIPTIONS_ASSET, "generation-describe-v1", DESCRIPTION_CHECKS, settings=describe_settings
+)
+INSTRUCT_STAGE = Stage(
+    INSTRUCTIONS_ASSET, "generation-instruct-v1", INSTRUCTION_CHECKS, settings=instruct_settings
+)
 TRIPLET_STAGE = Stage(TRIPLETS_ASSET, "generation-triplets-v1", TRIPLET_CHECKS)
-EXPORT_STAGE = Stage(EXPORT_ASSET, "generation-export-v1", EXPORT_CHECKS)
+EXPORT_STAGE = Stage(EXPORT_ASSET, "generation-export-v1", EXPORT_CHECKS, settings=export_settings)
 
 
 @dg.asset(

@@ -1,5 +1,7 @@
 """Dagster wiring of the KNN graphs: each shard's images against the defined corpus, per source."""
 
+from typing import Any
+
 import dagster as dg
 
 from megapairs_assets.embeddings.sources import SOURCES, SimilaritySource
@@ -10,12 +12,28 @@ from megapairs_assets.orchestration.partitions import (
     shard_asset_options,
     step_placement,
 )
+from megapairs_assets.orchestration.settings_version import fields
 from megapairs_assets.orchestration.shard_step import Stage, materialize_partitions
+
+# The index parameters that change which neighbours an approximate index returns.
+_INDEX_FIELDS = {"flat": (), "ivf": ("nlist", "nprobe"), "hnsw": ("hnsw_m", "ef_search")}
+
+
+def knn_settings(resources: Any) -> dict[str, Any]:
+    """What decides a graph: k and the index kind with its recall parameters (not the search
+    backend, GPU use or batch sizes: exact search gives the same neighbours on any of them)."""
+    index = resources.knn_index
+    return fields(index, ("k", "kind", *_INDEX_FIELDS.get(index.kind, ())))
+
+
+def knn_stage(source: SimilaritySource) -> Stage:
+    """The stage of one source's KNN graph."""
+    return Stage(source.knn_asset, "knn-v2", KNN_CHECKS, settings=knn_settings)
 
 
 def build_knn_asset(source: SimilaritySource) -> dg.AssetsDefinition:
     """The KNN graph asset over one source's embedding table."""
-    stage = Stage(source.knn_asset, "knn-v2", KNN_CHECKS)
+    stage = knn_stage(source)
 
     @dg.asset(
         name=source.knn_asset,
@@ -60,3 +78,4 @@ def build_knn_asset(source: SimilaritySource) -> dg.AssetsDefinition:
 
 
 knn_assets = [build_knn_asset(source) for source in SOURCES]
+knn_stages = [knn_stage(source) for source in SOURCES]

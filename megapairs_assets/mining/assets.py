@@ -1,15 +1,24 @@
 """Dagster wiring of the mined image pairs (method.md §3)."""
 
+from typing import Any
+
 import dagster as dg
 
 from megapairs_assets.embeddings.sources import SOURCES
 from megapairs_assets.mining.step import ASSET_NAME, PAIR_CHECKS, mine_shard
 from megapairs_assets.orchestration.partitions import DOWNSTREAM_AUTOMATION, shard_asset_options
+from megapairs_assets.orchestration.settings_version import fields
 from megapairs_assets.orchestration.shard_step import Stage, materialize_partitions
 from resources.mining import MiningResource
 from resources.storage import LineageCatalogResource, StorageResource
 
-STAGE = Stage(ASSET_NAME, "mining-v1", PAIR_CHECKS)
+
+def mining_settings(resources: Any) -> dict[str, Any]:
+    """Every mining setting decides which pairs are mined (a field added later counts too)."""
+    return fields(resources.mining, type(resources.mining).model_fields)
+
+
+STAGE = Stage(ASSET_NAME, "mining-v1", PAIR_CHECKS, settings=mining_settings)
 
 
 @dg.asset(

@@ -7,6 +7,7 @@ from typing import Any
 
 import dagster as dg
 
+from megapairs_assets.orchestration.automation import downstream_automation
 from megapairs_assets.orchestration.k8s import k8s_op_tags, step_resource_tags
 from resources.cluster import ClusterSettings
 
@@ -24,8 +25,9 @@ SHARD_BACKFILL_POLICY = dg.BackfillPolicy.multi_run(max_partitions_per_run=64)
 
 # Downstream assets refresh themselves when an upstream partition is new or changed, once a
 # user turns on the automation sensor (`megapairs_automation`, off by default): eager() asks
-# for a partition whose parent updated and that is not already in progress or failed upstream.
-DOWNSTREAM_AUTOMATION = dg.AutomationCondition.eager()
+# for a partition whose parent updated and that is not already in progress, and never for one
+# whose upstream partition failed a blocking check (automation.py).
+DOWNSTREAM_AUTOMATION = downstream_automation()
 
 
 def step_placement(gpu: int = 0, memory: str | None = None) -> dict[str, Any]:

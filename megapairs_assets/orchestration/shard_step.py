@@ -39,6 +39,12 @@ import polars as pl
 from megapairs_assets.lib.quality import CheckOutcome, merged_detail
 from megapairs_assets.lib.step import StepResult, content_version, run_recorded
 from megapairs_assets.lineage.catalog import LineageCatalog
+from megapairs_assets.orchestration.automation import FAILING_BLOCKING_CHECKS_KEY, NO_FAILURE
+from megapairs_assets.orchestration.settings_version import (
+    SETTINGS_VERSION_KEY,
+    SettingsOf,
+    settings_hash,
+)
 
 
 @dataclass(frozen=True)
@@ -46,13 +52,16 @@ class Stage:
     """What Dagster needs to know about one asset's stage, declared once.
 
     checks: blocking checks, name -> description. warning_checks: non-blocking ones (a
-    failure shows as a warning and stops nothing downstream).
+    failure shows as a warning and stops nothing downstream). settings: the resource settings
+    that change what the stage writes (see orchestration/settings_version.py); the code
+    location folds them into the asset's code version.
     """
 
     asset_name: str
     code_version: str
     checks: Mapping[str, str] = field(default_factory=dict)
     warning_checks: Mapping[str, str] = field(default_factory=dict)
+    settings: SettingsOf | None = None
 
     def check_specs(self) -> list[dg.AssetCheckSpec]:
         blocking = [
@@ -85,9 +94,15 @@ def materialize_partitions(
         results.append(result)
         versions[partition or ""] = content_version(result)
         if partition is not None:
+            failing_blocking = [
+                o.name for o in result.outcomes if not o.passed and o.name in stage.checks
+            ]
             metadata = {
                 **partition_metadata(result, stage.asset_name),
                 "content_version": versions[partition],
+                # Per partition, what the step's merged check results cannot say; automation
+                # holds back this partition's dependants while it is set (automation.py).
+                FAILING_BLOCKING_CHECKS_KEY: ", ".join(failing_blocking) or NO_FAILURE,
             }
             context.add_asset_metadata(metadata, partition_key=partition)
     elapsed_s = time.perf_counter() - started
@@ -99,11 +114,30 @@ def materialize_partitions(
     }
     if partitions == [None] and results:
         totals.update(partition_metadata(results[0], stage.asset_name))
+    totals.update(_run_settings_metadata(context, stage))
     return dg.MaterializeResult(
         metadata=totals,
         check_results=check_results(stage, results),
         data_version=dg.DataVersion(step_data_version(versions)),
     )
+
+
+def _run_settings_metadata(context: dg.AssetExecutionContext, stage: Stage) -> dict[str, Any]:
+    """The settings version this run wrote with, and a warning when run config made it differ
+    from the code location's (Dagster records the code location's code version either way)."""
+    if stage.settings is None:
+        return {}
+    run_version = settings_hash(stage.settings(context.resources))
+    spec = context.assets_def.specs_by_key[context.assets_def.key]
+    defined = spec.metadata.get(SETTINGS_VERSION_KEY)
+    if defined is not None and defined != run_version:
+        context.log.warning(
+            f"{stage.asset_name}: this run's settings (version {run_version}) differ from the "
+            f"code location's ({defined}), e.g. through run config; Dagster still shows these "
+            "partitions as made with the code location's settings. Re-materialize them without "
+            "the override to return to those."
+        )
+    return {SETTINGS_VERSION_KEY: run_version}
 
 
 def step_data_version(versions: Mapping[str, str]) -> str:

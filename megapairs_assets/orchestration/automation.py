@@ -1,0 +1,78 @@
+"""Declarative automation of the shard assets that never carries bad data past a blocking check.
+
+`AutomationCondition.eager()` alone requests a partition whenever its upstream partition
+updated, including when that upstream materialization failed a blocking check (Dagster records
+the materialization, then fails the step). Dagster's own `all_deps_blocking_checks_passed()`
+reads the latest evaluation of each check for the whole asset, and our checks cover a step's
+shards together, so a later passing shard would unblock an earlier failing one. Here every
+partition's materialization names the blocking checks that failed on that partition
+(`failing_blocking_checks`, written by shard_step), and `BlockingChecksFailed` reads it per
+partition: automation refreshes every healthy shard and holds back exactly the failing ones
+until they are re-materialized clean.
+
+A custom condition runs in the code server: the automation sensor sets `use_user_code_server`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import dagster as dg
+
+FAILING_BLOCKING_CHECKS_KEY = "failing_blocking_checks"
+NO_FAILURE = "none"
+
+
+def partitions_failing_blocking_checks(
+    instance: dg.DagsterInstance, asset_key: dg.AssetKey, partitions: Iterable[str]
+) -> set[str]:
+    """The partitions among `partitions` whose latest materialization failed a blocking check."""
+    latest = instance.get_latest_storage_id_by_partition(
+        asset_key, dg.DagsterEventType.ASSET_MATERIALIZATION, set(partitions)
+    )
+    if not latest:
+        return set()
+    records = instance.fetch_materializations(
+        dg.AssetRecordsFilter(asset_key=asset_key, storage_ids=list(latest.values())),
+        limit=len(latest),
+    ).records
+    failing = set()
+    for record in records:
+        value = record.asset_materialization.metadata.get(FAILING_BLOCKING_CHECKS_KEY)
+        if value is not None and value.value not in ("", NO_FAILURE):
+            failing.add(record.partition_key)
+    return failing
+
+
+class BlockingChecksFailed(dg.AutomationCondition):
+    """True for the partitions whose latest materialization failed one of its blocking checks."""
+
+    @property
+    def name(self) -> str:
+        return "blocking_checks_failed"
+
+    @property
+    def description(self) -> str:
+        return "Latest materialization of this partition failed a blocking check"
+
+    def evaluate(self, context: dg.AutomationContext) -> dg.AutomationResult:
+        candidate = context.candidate_subset
+        key = context.key
+        if candidate.is_empty or candidate.partitions_def is None:
+            return dg.AutomationResult(context, context.get_empty_subset())
+        assert isinstance(key, dg.AssetKey)
+        failing = partitions_failing_blocking_checks(
+            context.asset_graph_view.instance, key, candidate.expensively_compute_partition_keys()
+        )
+        return dg.AutomationResult(
+            context, candidate.compute_intersection_with_partition_keys(failing)
+        )
+
+
+def downstream_automation() -> dg.AutomationCondition:
+    """Eager refresh of a shard partition whose upstream is new or changed, unless an upstream
+    partition it reads failed a blocking check."""
+    return (
+        dg.AutomationCondition.eager()
+        & ~dg.AutomationCondition.any_deps_match(BlockingChecksFailed())
+    ).with_label("eager, unless an upstream partition failed a blocking check")
