@@ -104,7 +104,11 @@ class ClusterSettings:
         if not self.lineage_data_path:
             problems.append("MEGAPAIRS_LINEAGE_DATA_PATH (DuckLake data files) is not set")
         if problems:
-            raise ClusterConfigError("cluster deployment: " + "; ".join(problems))
+            raise ClusterConfigError(
+                "cluster deployment: "
+                + "; ".join(problems)
+                + " (deployment/README.md lists every variable and how to set it)"
+            )
 
     def catalog_resource(self, home: Path) -> LineageCatalogResource:
         """The lineage catalog resource: DuckLake on a cluster, the DuckDB file otherwise."""

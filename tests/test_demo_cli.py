@@ -86,6 +86,8 @@ def test_demo_runs_the_whole_loop_and_reports_it(demo_run) -> None:
     assert "SmolLM2-135M-Instruct, caption-based" in done.stdout  # every generator is named
     assert (triplets["hns"].list.first() == triplets["q_img"]).all()
     assert "checkpoint:  config 'demo'" in done.stdout
+    score_it = re.search(r"score it:  megapairs eval --retriever (\S+) --benchmark", done.stdout)
+    assert score_it and (Path(score_it.group(1)) / "open_clip_config.json").is_file()
     scores = re.findall(r"held-out scores \((base|trained) .*R@5 ([0-9.]+)", done.stdout)
     assert [role for role, _ in scores] == ["base", "trained"], done.stdout[-2000:]
 
