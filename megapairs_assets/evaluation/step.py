@@ -146,9 +146,9 @@ class RetrieverPool:
 def read_triplets(
     layout: DataLayout, lineage: LineageCatalog
 ) -> tuple[pl.DataFrame | None, dict[str, str]]:
-    """The current shards of the triplets asset (retired ones left out), and the versions read
-    ("triplets/<shard>")."""
-    shards = lineage.current_partitions(TRIPLETS_ASSET)
+    """The current shards of the triplets asset (retired ones and ones that failed blocking
+    checks left out, as training leaves them out), and the versions read ("triplets/<shard>")."""
+    shards, _ = lineage.partitions_to_combine(TRIPLETS_ASSET)
     if not shards:
         return None, {}
 

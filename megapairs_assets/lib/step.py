@@ -13,7 +13,7 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -103,6 +103,7 @@ def run_recorded(
     profile: str,
     catalog: LineageCatalog,
     log: Callable[[str], None] | None = None,
+    blocking_checks: Collection[str] | None = None,
 ) -> StepResult:
     """Run one partition's step between a pending and a complete catalog record.
 
@@ -114,6 +115,10 @@ def run_recorded(
     second waits, then materializes again, so the table on disk, the newest catalog record and
     the row lineage always come from the same attempt. Once the attempt ends, the `pending`
     records older attempts left (killed before they completed) are marked failed, as abandoned.
+
+    The complete record names the blocking checks the partition failed (`blocking_checks`: the
+    stage's blocking check names; None counts every failing outcome), so readers that combine
+    shards can leave it out.
     """
     with partition_lock(catalog, asset, partition, log):
         started_at, started = utc_now(), time.perf_counter()
@@ -148,6 +153,11 @@ def run_recorded(
                 input_versions=result.input_versions,
                 row_counts=result.row_counts,
                 output_paths={name: str(path) for name, path in result.outputs.items()},
+                failed_checks=tuple(
+                    o.name
+                    for o in result.outcomes
+                    if not o.passed and (blocking_checks is None or o.name in blocking_checks)
+                ),
             ),
             rows=result.rows,
         )

@@ -93,7 +93,8 @@ _MAX_ERROR_CHARS = 4000
 # v1: the mining half's first release (no status column, no catalog_info table).
 # v2: materializations.status; catalog_info; row tables declared by stages.
 # v3: materializations.error; comments on every table and column; the views of views.py.
-SCHEMA_VERSION = 3
+# v4: materializations.failed_checks (the blocking checks a complete partition failed).
+SCHEMA_VERSION = 4
 
 _CORE_SQL = """
 CREATE TABLE IF NOT EXISTS catalog_info (key VARCHAR PRIMARY KEY, value VARCHAR);
@@ -114,6 +115,7 @@ CREATE TABLE IF NOT EXISTS materializations (
 );
 ALTER TABLE materializations ADD COLUMN IF NOT EXISTS status VARCHAR DEFAULT 'complete';
 ALTER TABLE materializations ADD COLUMN IF NOT EXISTS error VARCHAR;
+ALTER TABLE materializations ADD COLUMN IF NOT EXISTS failed_checks VARCHAR;
 """
 
 # What the catalog's own tables hold, as comments in the database (see `_apply_docs`).
@@ -148,6 +150,11 @@ _CORE_DOCS: dict[str, tuple[str, dict[str, str]]] = {
                 "raised: outputs not trusted) or retired (the partition left the corpus)"
             ),
             "error": "for a failed record: the error the step raised",
+            "failed_checks": (
+                "for a complete record: the blocking asset checks its output failed, "
+                "comma-separated (NULL: none). Readers that combine shards (training, held-out "
+                "scores) leave such a partition out until it is re-materialized clean"
+            ),
         },
     ),
 }
@@ -277,6 +284,7 @@ class MaterializationRecord:
     row_counts: Mapping[str, int] = field(default_factory=dict)
     output_paths: Mapping[str, str] = field(default_factory=dict)
     materialization_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    failed_checks: tuple[str, ...] = ()
 
 
 def new_materialization_id() -> str:
@@ -657,7 +665,8 @@ class LineageCatalog:
         con.execute(
             "INSERT INTO materializations (materialization_id, asset, partition, run_id, "
             "code_version, profile, config, model_ids, input_versions, row_counts, "
-            "output_paths, started_at, duration_s, status) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            "output_paths, started_at, duration_s, status, failed_checks) "
+            "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
             [
                 m.materialization_id,
                 m.asset,
@@ -673,6 +682,7 @@ class LineageCatalog:
                 m.started_at,
                 m.duration_s,
                 status,
+                ", ".join(m.failed_checks) or None,
             ],
         )
 
@@ -765,6 +775,33 @@ class LineageCatalog:
             "HAVING arg_max(status, started_at) <> ? AND bool_or(status = ?) ORDER BY partition",
             [asset, STATUS_RETIRED, STATUS_COMPLETE],
         )["partition"].to_list()
+
+    def partitions_failing_checks(self, asset: str) -> dict[str, str]:
+        """The current partitions of `asset` whose newest record completed but failed blocking
+        asset checks, and which checks. Readers that combine shards leave them out (and say
+        so) until a clean re-materialization: Dagster stops a failing check's dependants only
+        within its own run."""
+        frame = self.query(
+            "SELECT partition, arg_max_null(failed_checks, started_at) AS failed_checks "
+            "FROM materializations WHERE asset = ? AND partition IS NOT NULL "
+            "GROUP BY partition HAVING arg_max(status, started_at) = ? ORDER BY partition",
+            [asset, STATUS_COMPLETE],
+        )
+        return {
+            partition: checks
+            for partition, checks in zip(
+                frame["partition"].to_list(), frame["failed_checks"].to_list(), strict=True
+            )
+            if checks
+        }
+
+    def partitions_to_combine(self, asset: str) -> tuple[list[str], dict[str, str]]:
+        """For a reader that combines every shard of `asset` (training, held-out scores): the
+        current partitions that passed their blocking checks, and the ones held back (partition
+        -> the checks it failed)."""
+        held_back = self.partitions_failing_checks(asset)
+        usable = [p for p in self.current_partitions(asset) if p not in held_back]
+        return usable, held_back
 
     def retired_partitions(self, asset: str) -> list[str]:
         """The partitions of `asset` whose newest record is a retirement."""

@@ -514,6 +514,7 @@ def _record_fields(m: dict[str, Any]) -> dict[str, Any]:
         "duration_s": m["duration_s"],
         "status": m.get("status") or _STATUS_COMPLETE,
         "error": m.get("error"),
+        "failed_checks": m.get("failed_checks"),
         "model_ids": json.loads(m["model_ids"] or "{}"),
         "row_counts": json.loads(m["row_counts"] or "{}"),
     }
@@ -756,6 +757,9 @@ def _quarantine_lines(data: dict[str, Any]) -> list[str]:
     return lines
 
 
+_HELD_BACK = "(training and held-out scores leave this partition out until it is clean)"
+
+
 def _materialization_lines(data: dict[str, Any]) -> list[str]:
     node, details = data["materialization"], data["details"]
     lines = [f"materialization {node['materialization_id']}: {node['asset']}[{node['partition']}]"]
@@ -766,6 +770,8 @@ def _materialization_lines(data: dict[str, Any]) -> list[str]:
     )
     if node.get("error"):
         lines.append(f"  error: {node['error']}")
+    if node.get("failed_checks"):
+        lines.append(f"  failed blocking checks: {node['failed_checks']} {_HELD_BACK}")
     for label, values in (
         ("models", node["model_ids"]),
         ("rows", node["row_counts"]),
@@ -808,6 +814,8 @@ def _partition_lines(data: dict[str, Any]) -> list[str]:
         )
         if r.get("error"):
             lines.append(f"    error: {_short(r['error'])}")
+        elif r.get("failed_checks"):
+            lines.append(f"    failed blocking checks: {r['failed_checks']}")
         elif r["status"] in ("failed", "pending") and r["run_id"]:
             lines.append(f"    why: the log of Dagster run {r['run_id']} (megapairs ui, Runs)")
     lines += [
@@ -913,6 +921,8 @@ def _chain_lines(node: dict[str, Any], indent: int) -> list[str]:
     ]
     if node.get("error"):
         lines.append(f"{pad}  error: {_short(node['error'])}")
+    if node.get("failed_checks"):
+        lines.append(f"{pad}  failed blocking checks: {node['failed_checks']}")
     return lines + _input_lines(node, indent + 2)
 
 

@@ -34,6 +34,8 @@ class CatalogView:
 
 # The newest record of each partition. Ties on started_at cannot happen in practice (records of a
 # partition are written one after another), and arg_max picks one row consistently if they do.
+# arg_max_null for nullable columns: plain arg_max skips NULLs, so a complete newest record would
+# show an older attempt's error.
 CURRENT_MATERIALIZATIONS = CatalogView(
     name="current_materializations",
     description=(
@@ -51,7 +53,8 @@ SELECT asset,
        arg_max(code_version, started_at) AS code_version,
        arg_max(profile, started_at) AS profile,
        arg_max(row_counts, started_at) AS row_counts,
-       arg_max(error, started_at) AS error,
+       arg_max_null(error, started_at) AS error,
+       arg_max_null(failed_checks, started_at) AS failed_checks,
        arg_max(materialization_id, started_at) FILTER (WHERE status = 'complete')
            AS last_complete_materialization_id,
        count(*) AS records,
@@ -64,6 +67,7 @@ GROUP BY asset, partition
         ("materialization_id", "the newest record's id"),
         ("status", "the newest record's status: complete, pending, failed or retired"),
         ("error", "why the newest record failed, when it did"),
+        ("failed_checks", "the blocking checks the newest record failed, when it completed"),
         (
             "last_complete_materialization_id",
             "the newest complete materialization (its row lineage is in the row tables)",

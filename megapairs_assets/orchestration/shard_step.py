@@ -166,6 +166,7 @@ def _run_one(
         profile=profile,
         catalog=catalog,
         log=context.log.info,
+        blocking_checks=stage.checks,
     )
     failing = [o.name for o in result.outcomes if not o.passed]
     context.log.info(

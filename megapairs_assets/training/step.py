@@ -37,7 +37,7 @@ def train_config(
     """Train the checkpoint of one named config on every complete triplet shard."""
     check_config_name(config_name)
     resolve_config(config)  # settings fail before any data is read
-    triplets, versions = read_triplet_shards(layout, catalog)
+    triplets, versions = read_triplet_shards(layout, catalog, log)
     if image_root is not None:
         triplets = resolve_image_paths(triplets, image_root)
     elif all(column in triplets.columns for column in _ID_COLUMNS):
@@ -54,15 +54,23 @@ def train_config(
 
 
 def read_triplet_shards(
-    layout: DataLayout, catalog: LineageCatalog
+    layout: DataLayout, catalog: LineageCatalog, log: Callable[[str], None] | None = None
 ) -> tuple[pl.DataFrame, dict[str, str]]:
-    """Every current triplets shard (see `LineageCatalog.current_partitions`: retired shards
-    are left out) and {"triplets/<shard>": materialization id} read."""
-    shards = catalog.current_partitions(TRIPLETS_ASSET)
+    """Every current triplets shard that passed its blocking checks (see
+    `LineageCatalog.partitions_to_combine`: retired and failing shards are left out) and
+    {"triplets/<shard>": materialization id} read."""
+    shards, held_back = catalog.partitions_to_combine(TRIPLETS_ASSET)
+    for shard, checks in held_back.items():
+        if log is not None:
+            log(
+                f"{TRIPLETS_ASSET}[{shard}] left out: it failed blocking checks ({checks}); "
+                "re-materialize it clean to train on it"
+            )
     if not shards:
+        held = f" ({len(held_back)} held back by failing blocking checks)" if held_back else ""
         raise TripletDataError(
-            f"no complete `{TRIPLETS_ASSET}` shard to train {ASSET_NAME} on; materialize the "
-            "triplets first"
+            f"no complete `{TRIPLETS_ASSET}` shard to train {ASSET_NAME} on{held}; materialize "
+            "the triplets first"
         )
     paths = [layout.shard_table(TRIPLETS_ASSET, shard) for shard in shards]
     frame, read = read_with_versions(
