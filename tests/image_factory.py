@@ -312,3 +312,88 @@ def write_tar_with_special_members(path: Path, image_bytes: bytes) -> Path:
             tar.addfile(info)
         _add_member(tar, "extra.npy", b"\x93NUMPY")
     return path
+
+
+# --- scale inputs: a medium corpus of varied, captioned JPEGs in shard folders ----------------
+
+SCALE_COLOURS = {
+    "red": (200, 40, 40),
+    "green": (40, 160, 60),
+    "blue": (40, 70, 200),
+    "yellow": (230, 210, 40),
+    "purple": (130, 50, 160),
+    "orange": (240, 140, 30),
+    "black": (20, 20, 20),
+    "white": (240, 240, 240),
+}
+SCALE_SHAPES = ("circle", "square", "triangle", "bar", "ring", "cross")
+SCALE_BACKGROUNDS = {"grey": (128, 128, 128), "sky": (150, 200, 240), "sand": (220, 200, 150)}
+
+
+def scale_item(seed: int) -> tuple[bytes, str]:
+    """One varied JPEG (96-256 px a side) and its caption, both chosen by `seed`.
+
+    The caption names the drawn shape, its colour and the background from a small vocabulary
+    (8 x 6 x 3 combinations), so images and captions that share words also look alike and the
+    caption and image KNN graphs both find structure.
+    """
+    from PIL import ImageDraw
+
+    rng = np.random.default_rng(seed)
+    colour = list(SCALE_COLOURS)[rng.integers(len(SCALE_COLOURS))]
+    shape = SCALE_SHAPES[rng.integers(len(SCALE_SHAPES))]
+    background = list(SCALE_BACKGROUNDS)[rng.integers(len(SCALE_BACKGROUNDS))]
+    width, height = (int(side) for side in rng.integers(96, 257, size=2))
+    image = Image.new("RGB", (width, height), SCALE_BACKGROUNDS[background])
+    draw = ImageDraw.Draw(image)
+    side = int(min(width, height) * rng.uniform(0.35, 0.8))
+    left = int(rng.integers(0, width - side + 1))
+    top = int(rng.integers(0, height - side + 1))
+    box = (left, top, left + side, top + side)
+    fill = tuple(
+        int(c) for c in np.clip(np.array(SCALE_COLOURS[colour]) + rng.normal(0, 12, 3), 0, 255)
+    )
+    if shape == "circle":
+        draw.ellipse(box, fill=fill)
+    elif shape == "square":
+        draw.rectangle(box, fill=fill)
+    elif shape == "triangle":
+        draw.polygon(
+            [(left, top + side), (left + side // 2, top), (left + side, top + side)], fill=fill
+        )
+    elif shape == "bar":
+        draw.rectangle((left, top + side // 3, left + side, top + 2 * side // 3), fill=fill)
+    elif shape == "ring":
+        draw.ellipse(box, outline=fill, width=max(3, side // 8))
+    else:
+        third = side // 3
+        draw.rectangle((left + third, top, left + 2 * third, top + side), fill=fill)
+        draw.rectangle((left, top + third, left + side, top + 2 * third), fill=fill)
+    pixels = np.asarray(image, dtype=np.int16) + rng.normal(0, 6, (height, width, 3)).astype(
+        np.int16
+    )
+    image = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8), mode="RGB")
+    size_word = "large" if side > 120 else "small"
+    caption = f"a {size_word} {colour} {shape} on a {background} background"
+    return _encode(image, "JPEG", quality=85), caption
+
+
+def write_scale_corpus(folder: Path, shard_count: int, images_per_shard: int) -> Path:
+    """A folder-of-folders corpus: `shard_count` sub-folders of `images_per_shard` JPEGs, each
+    with a `.txt` caption beside it (the layout `megapairs demo --corpus` reads)."""
+    for shard in range(shard_count):
+        items = []
+        for index in range(images_per_shard):
+            seed = shard * images_per_shard + index
+            image_bytes, caption = scale_item(seed)
+            items.append((f"{seed:09d}", image_bytes, caption))
+        write_image_folder(folder / f"shard{shard:03d}", items)
+    return folder
+
+
+if __name__ == "__main__":  # python tests/image_factory.py OUT SHARDS IMAGES_PER_SHARD
+    import sys
+
+    out, shards, per_shard = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+    write_scale_corpus(out, shards, per_shard)
+    print(f"wrote {shards * per_shard} images in {shards} shards under {out}")

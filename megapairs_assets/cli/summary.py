@@ -16,6 +16,7 @@ from megapairs_assets.evaluation.catalog_rows import heldout_summary_lines
 from megapairs_assets.generation.triplets import generation_summary
 from megapairs_assets.lib.storage import DataLayout, read_parquet
 from megapairs_assets.lineage.catalog import LineageCatalog
+from megapairs_assets.lineage.id_lists import IN_IDS, id_list
 from megapairs_assets.mining.step import ASSET_NAME as PAIRS_ASSET
 from megapairs_assets.training.names import ASSET_NAME as CHECKPOINT_ASSET
 
@@ -23,12 +24,12 @@ from megapairs_assets.training.names import ASSET_NAME as CHECKPOINT_ASSET
 def mining_summary(layout: DataLayout, catalog: LineageCatalog, shards: list[str]) -> dict:
     """Images, quarantine by reason and pairs by source over `shards`."""
     images = catalog.query(
-        "SELECT count(*) AS n FROM image_lineage WHERE shard IN (SELECT unnest(?))", [shards]
+        f"SELECT count(*) AS n FROM image_lineage WHERE shard {IN_IDS}", [id_list(shards)]
     )["n"][0]
     quarantine = catalog.query(
-        "SELECT stage, reason, count(*) AS n FROM quarantine_log WHERE shard IN (SELECT unnest(?)) "
+        f"SELECT stage, reason, count(*) AS n FROM quarantine_log WHERE shard {IN_IDS} "
         "GROUP BY ALL ORDER BY n DESC, stage, reason",
-        [shards],
+        [id_list(shards)],
     )
     paths = [layout.shard_table(PAIRS_ASSET, s) for s in shards]
     tables = [read_parquet(p) for p in paths if p.exists()]

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import tarfile
 import unicodedata
@@ -712,6 +713,23 @@ def _folder_entries(folder: Path) -> _FolderEntries:
     return found
 
 
+def _holds_an_image(folder: Path) -> bool:
+    """Whether `folder` holds a file `_folder_entries` would read as an image.
+
+    Listing a corpus lists its shards this way, stopping at the first image: every KNN step
+    lists the corpus, and sorting and checking all of a shard's files (what reading it does)
+    made each listing cost a stat of every file of every shard (~0.9 s at 9,000 images).
+    """
+    with os.scandir(folder) as entries:
+        return any(
+            not entry.name.startswith(".")
+            and is_image_name(entry.name)
+            and _is_valid_unicode(entry.name)
+            and entry.is_file()
+            for entry in entries
+        )
+
+
 def _unread_file_detail(name: str) -> str:
     if not _is_valid_unicode(name):
         return "has a name that is not valid UTF-8; rename it to have it read"
@@ -736,7 +754,7 @@ def _scan_folder(root: Path) -> SourceScan:
     root_uri = root.resolve()
     for subfolder in top.subfolders:
         uri = str(root_uri / subfolder.name)
-        if not _folder_entries(subfolder).images:
+        if not _holds_an_image(subfolder):
             unread.append(
                 _unread(uri, "unsupported_file", f"folder {subfolder.name} holds no images")
             )

@@ -29,6 +29,7 @@ from megapairs_assets.lib.progress import Progress
 from megapairs_assets.lib.step import StepResult
 from megapairs_assets.lib.storage import DataLayout, read_parquet, write_parquet_atomic
 from megapairs_assets.lineage.catalog import LineageCatalog, RowTable, register_row_table
+from megapairs_assets.lineage.id_lists import IN_IDS, id_list
 
 ASSET_NAME = "image_corpus"
 CORPUS_CHECKS = {
@@ -134,24 +135,24 @@ def other_shard_copies(catalog: LineageCatalog, shard: str, images: pl.DataFrame
     """Images of other shards, already in the catalog, that share a content hash with these."""
     return catalog.query(
         "SELECT image_id, content_hash FROM image_lineage "
-        "WHERE shard <> ? AND content_hash IN (SELECT unnest(?))",
-        [shard, images["content_hash"].to_list()],
+        f"WHERE shard <> ? AND content_hash {IN_IDS}",
+        [shard, id_list(images["content_hash"].to_list())],
     )
 
 
 def content_hashes(catalog: LineageCatalog, image_ids: list[str]) -> pl.DataFrame:
     """image_id -> content_hash for the given ids (what mining needs to drop exact copies)."""
     return catalog.query(
-        "SELECT image_id, content_hash FROM image_lineage WHERE image_id IN (SELECT unnest(?))",
-        [image_ids],
+        f"SELECT image_id, content_hash FROM image_lineage WHERE image_id {IN_IDS}",
+        [id_list(image_ids)],
     )
 
 
 def image_uris(catalog: LineageCatalog, image_ids: list[str]) -> dict[str, str]:
     """image_id -> source uri, for previews."""
     frame = catalog.query(
-        "SELECT image_id, source_uri FROM image_lineage WHERE image_id IN (SELECT unnest(?))",
-        [sorted(set(image_ids))],
+        f"SELECT image_id, source_uri FROM image_lineage WHERE image_id {IN_IDS}",
+        [id_list(sorted(set(image_ids)))],
     )
     return dict(zip(frame["image_id"], frame["source_uri"], strict=True))
 

@@ -83,6 +83,7 @@ import duckdb
 import polars as pl
 
 from megapairs_assets.lib.errors import ConfigurationError
+from megapairs_assets.lineage.id_lists import IN_IDS, id_list
 from megapairs_assets.lineage.views import VIEWS, CatalogView
 
 _LOG = logging.getLogger(__name__)
@@ -732,16 +733,15 @@ class LineageCatalog:
             for table in _ROW_TABLES.values():
                 before = con.execute(f"SELECT count(*) FROM {table.name}").fetchone()[0]
                 con.execute(
-                    f"DELETE FROM {table.name} WHERE {table.partition_column} "
-                    "IN (SELECT unnest(?))",
-                    [partitions],
+                    f"DELETE FROM {table.name} WHERE {table.partition_column} {IN_IDS}",
+                    [id_list(partitions)],
                 )
                 removed += before - con.execute(f"SELECT count(*) FROM {table.name}").fetchone()[0]
             live = con.execute(
                 "SELECT asset, partition FROM materializations "
-                "WHERE asset IN (SELECT unnest(?)) AND partition IN (SELECT unnest(?)) "
+                f"WHERE asset {IN_IDS} AND partition {IN_IDS} "
                 "GROUP BY asset, partition HAVING arg_max(status, started_at) <> ?",
-                [list(assets), partitions, STATUS_RETIRED],
+                [id_list(assets), id_list(partitions), STATUS_RETIRED],
             ).fetchall()
             for asset, partition in live:
                 self._insert(
@@ -816,13 +816,13 @@ class LineageCatalog:
         if not partitions:
             return {}
         frame = self.query(
-            """
+            f"""
             SELECT partition, arg_max(materialization_id, started_at) AS materialization_id
             FROM materializations
-            WHERE asset = ? AND partition IN (SELECT unnest(?)) AND status = 'complete'
+            WHERE asset = ? AND partition {IN_IDS} AND status = 'complete'
             GROUP BY partition
             """,
-            [asset, partitions],
+            [asset, id_list(partitions)],
         )
         return dict(
             zip(frame["partition"].to_list(), frame["materialization_id"].to_list(), strict=True)
@@ -838,15 +838,15 @@ class LineageCatalog:
         if not partitions:
             return {}
         frame = self.query(
-            """
+            f"""
             SELECT partition,
                    arg_max(materialization_id, started_at) AS materialization_id,
                    arg_max(status, started_at) AS status
             FROM materializations
-            WHERE asset = ? AND partition IN (SELECT unnest(?))
+            WHERE asset = ? AND partition {IN_IDS}
             GROUP BY partition
             """,
-            [asset, partitions],
+            [asset, id_list(partitions)],
         )
         retired = frame.filter(pl.col("status") == STATUS_RETIRED)["partition"].to_list()
         if retired:
@@ -871,17 +871,14 @@ class LineageCatalog:
     def materializations(self, ids: list[str]) -> pl.DataFrame:
         """Materialization records by id."""
         return self.query(
-            "SELECT * FROM materializations WHERE materialization_id IN (SELECT unnest(?))",
-            [ids],
+            f"SELECT * FROM materializations WHERE materialization_id {IN_IDS}", [id_list(ids)]
         )
 
     def rows_for_ids(self, table: str, id_column: str, ids: list[str]) -> pl.DataFrame:
         """Rows of a row table whose `id_column` is in `ids` (a named read for stages)."""
         if table not in _ROW_TABLES:
             raise ValueError(f"unknown row table {table!r}")
-        return self.query(
-            f"SELECT * FROM {table} WHERE {id_column} IN (SELECT unnest(?))", [list(ids)]
-        )
+        return self.query(f"SELECT * FROM {table} WHERE {id_column} {IN_IDS}", [id_list(ids)])
 
 
 def read_with_versions(

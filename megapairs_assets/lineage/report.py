@@ -31,6 +31,7 @@ import polars as pl
 
 from megapairs_assets.lib.storage import data_root_path, read_parquet
 from megapairs_assets.lineage.catalog import LineageCatalog
+from megapairs_assets.lineage.id_lists import IN_IDS, id_list
 
 DEFAULT_PAIR_LIMIT = 10
 # Inputs of one materialization shown before "(+N more inputs)"; `all_inputs` lifts it.
@@ -275,9 +276,7 @@ def _triplet_data(
     images = {}
     if "image_lineage" in tables:
         ids = [row["query_id"], row["target_id"], *(row["hard_negative_ids"] or [])]
-        found = reader.query(
-            "SELECT * FROM image_lineage WHERE image_id IN (SELECT unnest(?))", [ids]
-        )
+        found = reader.query(f"SELECT * FROM image_lineage WHERE image_id {IN_IDS}", [id_list(ids)])
         images = {r["image_id"]: _image_fields(r) for r in found.iter_rows(named=True)}
     from megapairs_assets.generation.common import image_relpath  # the export's layout
 
@@ -643,8 +642,8 @@ def _inputs_current(reader: _Reader, versions: list[str]) -> dict[str, bool]:
         "  v.materialization_id = arg_max(m.materialization_id, m.started_at) AS current "
         "FROM materializations AS v JOIN materializations AS m "
         "  ON m.asset = v.asset AND m.partition IS NOT DISTINCT FROM v.partition "
-        "WHERE v.materialization_id IN (SELECT unnest(?)) GROUP BY v.materialization_id",
-        [versions],
+        f"WHERE v.materialization_id {IN_IDS} GROUP BY v.materialization_id",
+        [id_list(versions)],
     )
     return dict(zip(found["materialization_id"], found["current"], strict=True))
 

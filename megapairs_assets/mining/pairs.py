@@ -667,6 +667,77 @@ def _check_no_duplicates(labelled: pl.DataFrame) -> CheckOutcome:
     )
 
 
+def band_positions(neighbors: Mapping[str, pl.DataFrame], params: MiningParams) -> pl.DataFrame:
+    """Per source of `params`: its KNN neighbours (the query itself left out) that scored below,
+    inside and above its band.
+
+    Why a source found few or no pairs: a corpus whose captions repeat fills a query's k
+    caption neighbours with exact copies of its caption (cosine 1, above any band), so that
+    source yields nothing however large the corpus grows.
+    """
+    rows = []
+    for source in params.sources:
+        knn = neighbors.get(source)
+        low, high = _band_literals(params.bands[source])
+        counts = {"below": 0, "inside": 0, "above": 0}
+        if knn is not None and knn.height:
+            score = pl.col("score").cast(pl.Float32)
+            counts = (
+                knn.lazy()
+                .filter(pl.col("query_id").cast(pl.String) != pl.col("neighbor_id").cast(pl.String))
+                .select(
+                    (score <= low).sum().alias("below"),
+                    ((score > low) & (score < high)).sum().alias("inside"),
+                    (score >= high).sum().alias("above"),
+                )
+                .collect()
+                .row(0, named=True)
+            )
+        rows.append(
+            {
+                "source": source,
+                "band": f"({params.bands[source][0]}, {params.bands[source][1]})",
+                "neighbours": sum(counts.values()),
+                **{name: int(count) for name, count in counts.items()},
+            }
+        )
+    return pl.DataFrame(
+        rows,
+        schema={
+            "source": pl.String,
+            "band": pl.String,
+            "neighbours": pl.Int64,
+            "below": pl.Int64,
+            "inside": pl.Int64,
+            "above": pl.Int64,
+        },
+    )
+
+
+def empty_source_notes(positions: pl.DataFrame, pairs: pl.DataFrame) -> list[str]:
+    """One sentence per source that had neighbours but gave no pair, saying where its scores
+    fell; empty when every source with neighbours gave pairs."""
+    notes = []
+    for row in positions.iter_rows(named=True):
+        column = score_column(row["source"])
+        found = pairs.height - pairs[column].null_count() if column in pairs.columns else 0
+        if found or not row["neighbours"]:
+            continue
+        hint = (
+            "near or exact duplicates (e.g. repeated captions) fill its k nearest; a larger "
+            "KNN k reaches the neighbours past them"
+            if row["above"] >= row["below"]
+            else "its scores run lower than the band: check the band against the score "
+            "percentiles of its KNN graph"
+        )
+        notes.append(
+            f"{row['source']} gave no pairs: of its {row['neighbours']} neighbours, "
+            f"{row['above']} scored at or above its band {row['band']} and {row['below']} at "
+            f"or below it; {hint}"
+        )
+    return notes
+
+
 def summarize_pairs(pairs: pl.DataFrame, sources: Sequence[str]) -> dict[str, int | float]:
     """Headline numbers for a mined-pairs table (materialization metadata).
 

@@ -15,11 +15,14 @@ from megapairs_assets.lib.preview import markdown_table, thumbnail_markdown
 from megapairs_assets.lib.step import StepResult
 from megapairs_assets.lib.storage import DataLayout, read_parquet, write_parquet_atomic
 from megapairs_assets.lineage.catalog import LineageCatalog, RowTable, register_row_table
+from megapairs_assets.lineage.id_lists import IN_IDS, id_list
 from megapairs_assets.mining.pairs import (
     IDENTICAL_CONTENT_CHECK,
     IDENTICAL_CONTENT_CHECK_DESCRIPTION,
     MiningParams,
+    band_positions,
     check_pairs,
+    empty_source_notes,
     keep_current_images,
     knn_image_ids,
     mine_pairs,
@@ -93,11 +96,14 @@ def mine_shard(
             "corpus (left out); re-materialize the KNN graphs to search the current corpus"
         )
     pairs = mine_pairs(neighbors, params, hashes)
+    positions = band_positions(neighbors, params)
     path = layout.shard_table(ASSET_NAME, shard)
     write_parquet_atomic(pairs, path)
     knn_versions = {s: versions[f"{source_named(s).knn_asset}/{shard}"] for s in sources}
     summary = summarize_pairs(pairs, sources)
-    log(f"{ASSET_NAME}[{shard}]: {pairs.height} pairs")
+    # One line per shard, naming any source that gave nothing and why.
+    notes = "".join(f"; {note}" for note in empty_source_notes(positions, pairs))
+    log(f"{ASSET_NAME}[{shard}]: {pairs.height} pairs{notes}")
     return StepResult(
         partition=shard,
         outputs={"pairs": path},
@@ -124,6 +130,7 @@ def mine_shard(
         },
         markdown={
             "pairs_by_source": markdown_table(pairs_by_source(pairs)),
+            "band_positions": markdown_table(positions),
             "score_distribution": markdown_table(score_distribution(pairs, sources)),
             "thumbnails": pair_thumbnails(catalog, pairs.head(_PREVIEW_PAIRS)),
         },
@@ -177,8 +184,8 @@ def pair_preview(catalog: LineageCatalog, pairs: pl.DataFrame, max_rows: int = 1
     if not head.height:
         return head
     captions = catalog.query(
-        "SELECT image_id, caption FROM image_lineage WHERE image_id IN (SELECT unnest(?))",
-        [sorted(set(head["query_id"]) | set(head["target_id"]))],
+        f"SELECT image_id, caption FROM image_lineage WHERE image_id {IN_IDS}",
+        [id_list(sorted(set(head["query_id"]) | set(head["target_id"])))],
     )
     score_columns = [c for c in head.columns if c.startswith("score_")]
     return (
