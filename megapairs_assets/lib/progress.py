@@ -47,6 +47,7 @@ class Progress:
         self._log_every_s = log_every_s
         self._start = time.perf_counter()
         self._last_log = self._start
+        self._logged_done: int | None = None  # `done` when the last line was logged
         show_bar = sys.stderr.isatty() if bar is None else bar
         self._bar = tqdm(total=total, desc=desc, unit=unit, file=sys.stderr) if show_bar else None
 
@@ -82,12 +83,15 @@ class Progress:
         now = time.perf_counter()
         if self._log is not None and now - self._last_log >= self._log_every_s:
             self._last_log = now
+            self._logged_done = self.done
             self._log(self.line())
 
     def close(self) -> None:
+        """Close the bar and log the final line, unless the last update already logged it."""
         if self._bar is not None:
             self._bar.close()
-        if self._log is not None:
+        if self._log is not None and self._logged_done != self.done:
+            self._logged_done = self.done
             self._log(self.line())
 
     def __enter__(self) -> Progress:
