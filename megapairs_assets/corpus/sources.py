@@ -178,7 +178,10 @@ def detect_source_kind(path: Path) -> SourceKind:
     that is not a `.parquet`/`.jsonl` manifest. Extensions are compared case-insensitively.
     """
     if not path.exists() and not path.is_symlink():
-        raise ConfigurationError(f"corpus {path} does not exist")
+        raise ConfigurationError(
+            f"corpus {path} does not exist; give a folder of webdataset .tar shards, a folder of "
+            "image folders (one per shard) or a .parquet/.jsonl/.ndjson manifest"
+        )
     if not path.exists():
         raise ConfigurationError(f"corpus {path} is a broken symbolic link")
     if path.is_file():
