@@ -20,6 +20,7 @@ from dagster._time import get_current_datetime
 
 from megapairs_assets.definitions import build_definitions
 from megapairs_assets.lib.quality import CheckOutcome
+from megapairs_assets.lineage.catalog import LineageCatalog
 from megapairs_assets.orchestration.partitions import SHARD_PARTITIONS_NAME
 from megapairs_assets.orchestration.settings_version import SETTINGS_VERSION_KEY
 from resources.corpus import CorpusSourceResource
@@ -100,6 +101,15 @@ def test_unchanged_settings_leave_every_shard_up_to_date(corpus_run) -> None:
     again = build_definitions("demo", home, {"corpus_source": source})
     for shard in SHARDS:
         assert _stale(again, instance, "image_corpus", shard) == (StaleStatus.FRESH, [])
+
+
+def test_the_catalog_records_the_code_version_dagster_shows(corpus_run) -> None:
+    _, home, _, defs, _, _ = corpus_run
+    shown = _code_versions(defs)["image_corpus"]
+    recorded = LineageCatalog(home / "catalog.duckdb").query(
+        "SELECT DISTINCT code_version FROM materializations WHERE asset = 'image_corpus'"
+    )["code_version"].to_list()
+    assert "+s." in shown and recorded == [shown]
 
 
 def test_a_changed_setting_marks_its_asset_stale_by_code_version(corpus_run) -> None:

@@ -43,6 +43,7 @@ from megapairs_assets.orchestration.automation import FAILING_BLOCKING_CHECKS_KE
 from megapairs_assets.orchestration.settings_version import (
     SETTINGS_VERSION_KEY,
     SettingsOf,
+    settings_code_version,
     settings_hash,
 )
 
@@ -157,11 +158,18 @@ def _run_one(
     profile: str,
     partition: str | None,
 ) -> StepResult:
+    # The catalog records the code version Dagster shows (stage version + settings hash), as
+    # this run's settings made it: run config overrides included.
+    code_version = (
+        settings_code_version(stage.code_version, stage.settings(context.resources))
+        if stage.settings is not None
+        else stage.code_version
+    )
     result = run_recorded(
         step,
         partition,
         asset=stage.asset_name,
-        code_version=stage.code_version,
+        code_version=code_version,
         run_id=context.run.run_id,
         profile=profile,
         catalog=catalog,
