@@ -342,6 +342,19 @@ def test_check_command_on_existing_data(graph, tmp_path: Path, capsys, monkeypat
         ["00000"], shard_asset_names(build_definitions(home=copy).assets or [])
     )
     assert megapairs(["check", "--existing"]) == 1
+    # By default: one line per (asset, check) with its pass count, each failing partition below.
+    lines = capsys.readouterr().out.splitlines()
+    rows = [tuple(line.split()[:4]) for line in lines]
+    assert ("caption_text_knn", "table_present", "00001", "FAIL") in rows
+    assert "caption_text_knn table_present 0/1 partitions pass, 1 FAIL" in {
+        " ".join(line.split()) for line in lines
+    }
+    assert not [row for row in rows if row[2:3] == ("00000",)]
+    assert not [row for row in rows if row[3:4] == ("pass",)]  # passing partitions: --verbose
+    pairs_in_band = [row for row in rows if row[:2] == ("mined_image_pairs", "pairs_in_band")]
+    assert len(pairs_in_band) == 1 and pairs_in_band[0][3] == "partitions"
+    # --verbose: one line per (asset, check, partition), passing ones included.
+    assert megapairs(["check", "--existing", "--verbose"]) == 1
     rows = [tuple(line.split()[:4]) for line in capsys.readouterr().out.splitlines()]
     assert ("caption_text_knn", "table_present", "00001", "FAIL") in rows
     assert not [row for row in rows if row[2:3] == ("00000",)]
@@ -349,10 +362,32 @@ def test_check_command_on_existing_data(graph, tmp_path: Path, capsys, monkeypat
     # --select narrows --existing to one job's assets; an unknown job lists the jobs.
     assert megapairs(["check", "--existing", "--select", "corpus_only"]) == 0
     rows = [line.split() for line in capsys.readouterr().out.splitlines()]
-    checked = [row for row in rows if len(row) >= 4 and row[3] in ("pass", "FAIL", "warn")]
+    checked = [row for row in rows if row[3:5] == ["partitions", "pass"]]
     assert checked and {row[0] for row in checked} == {"image_corpus"}
     assert megapairs(["check", "--existing", "--select", "nonsense"]) == 2
     assert "jobs: corpus_and_embeddings, corpus_only" in capsys.readouterr().err
+
+
+def test_check_report_counts_passes_per_check_and_lists_each_failure(capsys) -> None:
+    from megapairs_assets.cli.check import EXIT_CHECK_FAILED, EXIT_OK, CheckRow, report
+
+    shards = [f"{i:05d}" for i in range(18)]
+    rows = [CheckRow("pairs", "in_band", s, True, True, "") for s in shards]
+    rows[3] = CheckRow("pairs", "in_band", "00003", False, True, "2 pairs out of band: p-1, p-2")
+    rows += [CheckRow("corpus", "unique", s, s != "00007", False, "") for s in shards]
+    assert report(rows) == EXIT_CHECK_FAILED
+    lines = [" ".join(line.split()) for line in capsys.readouterr().out.splitlines()]
+    assert "pairs in_band 17/18 partitions pass, 1 FAIL" in lines
+    assert "pairs in_band 00003 FAIL 2 pairs out of band: p-1, p-2" in lines
+    assert "corpus unique 17/18 partitions pass, 1 warn" in lines
+    assert "corpus unique 00007 warn" in lines
+    assert len(lines) == 2 + 4 + 2  # header, rule; two checks, two failures; blank, totals
+    assert lines[-1] == "36 check results: 34 passed, 1 blocking failures, 1 warnings"
+    # --verbose: every partition, in the same form as a failure's line.
+    assert report(rows[18:], verbose=True) == EXIT_OK  # warnings alone never fail the command
+    lines = [" ".join(line.split()) for line in capsys.readouterr().out.splitlines()]
+    assert "corpus unique 00000 pass" in lines and "corpus unique 00007 warn" in lines
+    assert len(lines) == 2 + 18 + 2
 
 
 def test_a_sample_check_never_uses_the_configured_data_root(monkeypatch) -> None:

@@ -11,7 +11,9 @@ Two modes:
   catalog), read-only (nothing is written there), e.g. on a production data root; `--select`
   narrows it to one job's assets.
 
-Prints one row per (asset, check, partition) and exits 0 when every blocking check passed,
+Prints one line per (asset, check) with how many partitions pass, and under it every partition
+that failed with its details (`--verbose`: one line per (asset, check, partition)); exits 0 when
+every blocking check passed,
 1 when a blocking check failed, 2 on a usage or configuration error, 3 when the run itself
 failed before its checks could run. Failed warning checks print but never fail the command.
 """
@@ -87,6 +89,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "the one whose tables are re-checked (default: $MEGAPAIRS_HOME)",
     )
     check.add_argument("--quiet", action="store_true", help="only warnings from Dagster")
+    check.add_argument(
+        "--verbose",
+        action="store_true",
+        help="one line per (asset, check, partition), passing ones included (default: one line "
+        "per (asset, check) with its pass count, then each failing partition in full)",
+    )
     check.set_defaults(func=run_check)
 
 
@@ -117,7 +125,7 @@ def run_check(args: argparse.Namespace) -> int:
             )
         catalog, params = resources["catalog"].catalog(), resources["mining"].params()
         assets = job_assets(args.select) if args.select else None
-        return report(check_existing(layout, catalog, params, assets))
+        return report(check_existing(layout, catalog, params, assets), args.verbose)
     if args.home is not None:
         return _check_sample(args, args.home.resolve())
     with tempfile.TemporaryDirectory(prefix="megapairs-check-") as tmp:
@@ -199,7 +207,7 @@ def _run_sample(args: argparse.Namespace, home: Path) -> int:
         raise_on_error=False,
     )
     rows = rows_from_evaluations(result.get_asset_check_evaluations(), defs)
-    code = report(rows)
+    code = report(rows, args.verbose)
     if code == EXIT_OK and not result.success:
         print("the run failed before all checks ran: see the log above", file=sys.stderr)
         return EXIT_RUN_FAILED
@@ -340,22 +348,43 @@ def check_existing(
     return rows
 
 
-def report(rows: list[CheckRow]) -> int:
-    """Print the table and return the exit code."""
+def report(rows: list[CheckRow], verbose: bool = False) -> int:
+    """Print the checks' outcomes and return the exit code.
+
+    By default one line per (asset, check) with its pass count, each failing partition (with
+    its detail) on a line of its own below it; with `verbose`, one line per (asset, check,
+    partition). A failing partition's line is the same in both forms (asset, check, partition,
+    FAIL or warn, detail), so a search for it does not depend on the flag.
+    """
     if not rows:
         print("no checks were evaluated", file=sys.stderr)
         return EXIT_RUN_FAILED
-    widths = [
+    ordered = sorted(rows, key=lambda r: (r.asset, r.check, r.partition))
+    widths = (
         max(len(r.asset) for r in rows),
         max(len(r.check) for r in rows),
         max(len(r.partition) for r in rows),
-    ]
-    header = f"{'asset':<{widths[0]}}  {'check':<{widths[1]}}  {'partition':<{widths[2]}}  status"
-    print(header)
-    print("-" * len(header))
-    for r in sorted(rows, key=lambda r: (r.asset, r.check, r.partition)):
-        line = f"{r.asset:<{widths[0]}}  {r.check:<{widths[1]}}  {r.partition:<{widths[2]}}  "
-        print(line + r.status + (f"  {r.detail}" if r.detail else ""))
+    )
+    if verbose:
+        header = (
+            f"{'asset':<{widths[0]}}  {'check':<{widths[1]}}  {'partition':<{widths[2]}}  status"
+        )
+        print(header)
+        print("-" * len(header))
+        for r in ordered:
+            print(_partition_line(r, widths))
+    else:
+        groups: dict[tuple[str, str], list[CheckRow]] = {}
+        for r in ordered:
+            groups.setdefault((r.asset, r.check), []).append(r)
+        header = f"{'asset':<{widths[0]}}  {'check':<{widths[1]}}  result"
+        print(header)
+        print("-" * len(header))
+        for (asset, check), group in groups.items():
+            print(f"{asset:<{widths[0]}}  {check:<{widths[1]}}  {_pass_count(group)}")
+            for r in group:
+                if not r.passed:
+                    print("  " + _partition_line(r, widths))
     failed = [r for r in rows if not r.passed and r.blocking]
     warned = [r for r in rows if not r.passed and not r.blocking]
     print(
@@ -363,6 +392,24 @@ def report(rows: list[CheckRow]) -> int:
         f"{len(failed)} blocking failures, {len(warned)} warnings"
     )
     return EXIT_CHECK_FAILED if failed else EXIT_OK
+
+
+def _partition_line(r: CheckRow, widths: tuple[int, int, int]) -> str:
+    """`asset  check  partition  status  detail`, in the table's columns."""
+    line = f"{r.asset:<{widths[0]}}  {r.check:<{widths[1]}}  {r.partition:<{widths[2]}}  "
+    return line + r.status + (f"  {r.detail}" if r.detail else "")
+
+
+def _pass_count(group: list[CheckRow]) -> str:
+    """`18/18 partitions pass`, `16/18 partitions pass, 1 FAIL, 1 warn`; for an unpartitioned
+    asset (partition `-`) just its status."""
+    if len(group) == 1 and group[0].partition == "-":
+        return group[0].status
+    passed = sum(r.passed for r in group)
+    failed = sum(r.status == "FAIL" for r in group)
+    warned = sum(r.status == "warn" for r in group)
+    text = f"{passed}/{len(group)} partitions pass"
+    return text + (f", {failed} FAIL" if failed else "") + (f", {warned} warn" if warned else "")
 
 
 def _split(value: object) -> list[str]:

@@ -16,7 +16,22 @@ import json
 import sys
 from typing import Any
 
-from megapairs_assets.lineage.report import DEFAULT_PAIR_LIMIT, MAX_INPUTS_SHOWN
+# `megapairs_assets.lineage.report`'s DEFAULT_PAIR_LIMIT and MAX_INPUTS_SHOWN, spelled here so
+# that building the `megapairs` parser (every command, `--help` included) imports neither
+# DuckDB nor polars; tests/test_cli_startup.py keeps them equal.
+DEFAULT_PAIR_LIMIT = 10
+MAX_INPUTS_SHOWN = 4
+
+# The modules that declare the catalog's row tables (`register_row_table`), imported instead
+# of `megapairs_assets.definitions`: a lookup needs the tables' declarations, not Dagster's
+# asset graph and every stage's model code (~1 s). tests/test_cli_startup.py checks that
+# these declare every row table the definitions do.
+ROW_TABLE_MODULES = (
+    "megapairs_assets.corpus.step",
+    "megapairs_assets.mining.step",
+    "megapairs_assets.generation.triplets",
+    "megapairs_assets.evaluation.catalog_rows",
+)
 
 ID_KINDS = (
     "a triplet, pair or materialization id (or its first 6+ characters), an image id or its "
@@ -27,10 +42,13 @@ ID_KINDS = (
 
 def cmd_lineage(args: argparse.Namespace) -> int:
     """Print the lineage report of `args.id` (or the schema, a query's rows, a snapshot)."""
-    import megapairs_assets.definitions  # noqa: F401  (stages declare their catalog tables)
+    import importlib
+
     from megapairs_assets.lib.storage import default_home
     from resources.profiles import build_resources, lineage_catalog, profile_from_env
 
+    for module in ROW_TABLE_MODULES:  # stages declare their catalog tables on import
+        importlib.import_module(module)
     home = default_home()
     catalog = lineage_catalog(home)
     if not catalog.is_ducklake and not catalog.path.exists():

@@ -21,10 +21,27 @@ import argparse
 import sys
 from pathlib import Path
 
-from megapairs_assets.evaluation.run import BENCHMARK_FAMILY, BENCHMARK_KEYS
 from megapairs_assets.lib.errors import ConfigurationError
 
 BASE_ALIAS = "base"
+# `evaluation.run.BENCHMARK_KEYS`, spelled here because `megapairs` builds every subcommand's
+# parser at start-up and evaluation.run imports torch and faiss (~1.4 s): `megapairs lineage`
+# must not pay for them. tests/test_cli_startup.py keeps the two equal.
+BENCHMARK_KEYS = (
+    "circo-val",
+    "circo-test",
+    "cirr-val",
+    "cirr-test1",
+    "fashioniq-val",
+    "genecis",
+    "heldout",
+)
+BENCHMARK_HELP = (
+    "the benchmark and split to score: circo-val, circo-test (CIRCO), cirr-val, cirr-test1 "
+    "(CIRR), fashioniq-val (FashionIQ dress, shirt and toptee), genecis (GeneCIS, its four "
+    "tasks) or heldout (our own split of the project's triplets); circo-test and cirr-test1 "
+    "have no public answers: they write the evaluation servers' submission files"
+)
 EXIT_SCORED, EXIT_BAD_DATA, EXIT_SKIPPED = 0, 1, 3
 EXIT_CODES = (
     "exit codes: 0 every split scored (or its server files written); 1 a benchmark file or "
@@ -74,10 +91,19 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     parser.add_argument(
         "--retriever",
         required=True,
-        help="a checkpoint file or open_clip export folder, <open_clip name>[@<pretrained tag or "
-        f"file>], or '{BASE_ALIAS}' for the profile's base retriever",
+        help="a checkpoint file (a training folder's Lightning lightning/last.ckpt included), a "
+        "training folder (<data>/mmret_clip_checkpoint/<config>, read through its open_clip/ "
+        "export), an open_clip export folder, <open_clip name>[@<pretrained tag or file>] "
+        f"(weights from the local cache: nothing is downloaded), or '{BASE_ALIAS}' for the "
+        "profile's base retriever",
     )
-    parser.add_argument("--benchmark", required=True, choices=BENCHMARK_KEYS)
+    parser.add_argument(
+        "--benchmark",
+        required=True,
+        choices=BENCHMARK_KEYS,
+        metavar="BENCHMARK",  # the help lists the choices, each with what it is
+        help=BENCHMARK_HELP,
+    )
     parser.add_argument(
         "--root",
         type=Path,
@@ -132,7 +158,7 @@ def run_eval(args: argparse.Namespace) -> int:
 def _evaluate(args: argparse.Namespace):
     from dataclasses import replace
 
-    from megapairs_assets.evaluation.run import evaluate_benchmark
+    from megapairs_assets.evaluation.run import BENCHMARK_FAMILY, evaluate_benchmark
     from megapairs_assets.evaluation.step import gallery_cache, output_dir
     from megapairs_assets.lib.storage import DataLayout, default_home
     from megapairs_assets.retriever.model import load_retriever_spec, spec_from_argument
