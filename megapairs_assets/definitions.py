@@ -31,7 +31,8 @@ from megapairs_assets.orchestration.runs import run_executor
 from megapairs_assets.orchestration.settings_version import with_settings_versions
 from megapairs_assets.training.assets import build_training_configs_sensor, mmret_clip_checkpoint
 from resources.cluster import ClusterSettings
-from resources.profiles import SensorSettings, build_resources, profile_from_env, sensor_settings
+from resources.environment import SensorSettings, profile_from_env, sensor_settings
+from resources.profiles import build_resources
 
 # The automation sensor evaluates our custom condition in the code server, a parameter Dagster
 # 1.13 marks beta; the warning, printed on every load, says nothing a user can act on.

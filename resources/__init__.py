@@ -1,5 +1,5 @@
-"""Dagster resources: devices, models, index, storage and catalog, built per profile."""
+"""Dagster resources: devices, models, index, storage and catalog, built per profile.
 
-from resources.profiles import PROFILE_NAMES, SOURCES, build_resources, profile_from_env
-
-__all__ = ["PROFILE_NAMES", "SOURCES", "build_resources", "profile_from_env"]
+Import what you need from its module (`resources.profiles`, `resources.environment`, ...):
+this package imports nothing itself, so light commands do not load the model code.
+"""

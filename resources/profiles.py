@@ -48,7 +48,7 @@ pretrained model, and its band brackets related-but-not-identical captions.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -58,16 +58,20 @@ from megapairs_assets.embeddings.sources import PAPER_BAND, SOURCE_NAMES
 from megapairs_assets.generation.resource import GenerationResource, demo_generation_resource
 from megapairs_assets.generation.settings import StepSettings, paper_generation_settings
 from megapairs_assets.lib.errors import ConfigurationError
-from megapairs_assets.lineage.catalog import LineageCatalog
 from megapairs_assets.training.config import ALL_VISIBLE_GPUS
 from resources.cluster import ClusterSettings
 from resources.corpus import CorpusSourceResource
 from resources.device import DeviceResource
 from resources.encoders import EncoderResource
+from resources.environment import (
+    PROFILE_NAMES,
+    ProfileError,
+    storage_resource,
+)
 from resources.evaluation import EvaluationResource
 from resources.knn_index import FaissIndexResource
 from resources.mining import MiningResource
-from resources.storage import LineageCatalogResource, StorageResource
+from resources.storage import LineageCatalogResource
 from resources.training import (
     PAPER_BASE_CONFIG_NAME,
     PAPER_LARGE_CONFIG_NAME,
@@ -75,9 +79,6 @@ from resources.training import (
     demo_training_resource,
     paper_training_settings,
 )
-
-PROFILE_NAMES = ("demo", "paper")
-DEFAULT_PROFILE = "demo"
 
 # The three similarity sources, in canonical order (method.md §2); the registry is the one home.
 SOURCES = SOURCE_NAMES
@@ -118,74 +119,11 @@ CORPUS_HINT = (
 )
 
 
-class ProfileError(ConfigurationError):
-    """An unknown profile name or a profile that cannot be built."""
-
-
-@dataclass(frozen=True)
-class SensorSettings:
-    """Which sensors start running in a fresh Dagster instance (a user can flip them in the UI).
-
-    shards_sensor_running: `new_shards_sensor` registers new shards and retires removed ones;
-        `training_configs_sensor` registers the training resource's named configs.
-    scoring_sensors_running: `new_retrievers_sensor` and `rescore_trained_checkpoints` score
-        new and re-trained retrievers.
-    automation_running: `megapairs_automation` refreshes stale downstream partitions.
-    The shard sensor starts running and automation starts off in both profiles (a refresh of
-    every KNN partition after any embedding change is a choice to make, not a default); the
-    environment variable `MEGAPAIRS_SENSORS=on|off` overrides both.
-    """
-
-    shards_sensor_running: bool
-    automation_running: bool
-    scoring_sensors_running: bool = True
-
-
-_SENSOR_DEFAULTS = {
-    "demo": SensorSettings(shards_sensor_running=True, automation_running=False),
-    "paper": SensorSettings(shards_sensor_running=True, automation_running=False),
-}
-
-
-def sensor_settings(profile: str) -> SensorSettings:
-    """The profile's sensor defaults, or both on/off from `MEGAPAIRS_SENSORS`."""
-    override = os.environ.get("MEGAPAIRS_SENSORS", "").strip().lower()
-    if override in ("on", "off"):
-        return SensorSettings(override == "on", override == "on", override == "on")
-    if override:
-        raise ProfileError(f"MEGAPAIRS_SENSORS must be 'on' or 'off', got {override!r}")
-    return _SENSOR_DEFAULTS.get(profile, _SENSOR_DEFAULTS["demo"])
-
-
-def profile_from_env() -> str:
-    return os.environ.get("MEGAPAIRS_PROFILE", DEFAULT_PROFILE)
-
-
-def check_environment() -> str:
-    """Check every MEGAPAIRS_* choice the environment makes (profile, sensors, deployment and
-    its engines) and return the profile; ProfileError / ClusterConfigError say what to change.
-    The CLI calls this first, so every subcommand refuses a bad setting the same way."""
-    profile = profile_from_env()
-    if profile not in _BUILDERS:
-        raise ProfileError(
-            f"unknown profile {profile!r}: "
-            f"set MEGAPAIRS_PROFILE to one of {', '.join(PROFILE_NAMES)}"
-        )
-    sensor_settings(profile)
-    ClusterSettings.from_env()
-    return profile
-
-
 def _common(home: Path, profile: str) -> dict[str, Any]:
     return {
         # Tables may live on object storage (any fsspec URL); models, the catalog file and the
         # Dagster instance stay under the local home. Credentials come from the environment.
-        "storage": StorageResource(
-            home=str(home),
-            profile=profile,
-            data_root=os.environ.get("MEGAPAIRS_DATA_ROOT") or None,
-            endpoint_url=os.environ.get("MEGAPAIRS_STORAGE_ENDPOINT_URL") or None,
-        ),
+        "storage": storage_resource(home, profile),
         "catalog": LineageCatalogResource(path=str(home / "catalog.duckdb")),
         "device": DeviceResource(),
     }
@@ -454,9 +392,7 @@ def build_resources(profile: str, home: Path) -> dict[str, Any]:
     return {**_BUILDERS[profile](home), **ClusterSettings.from_env().resource_overrides(home)}
 
 
-def lineage_catalog(home: Path) -> LineageCatalog:
-    """The lineage catalog of this deployment (the DuckDB file, or DuckLake on a cluster)."""
-    return ClusterSettings.from_env().catalog_resource(home).catalog()
+assert set(_BUILDERS) == set(PROFILE_NAMES), "resources/environment.py lists the profiles"
 
 
 PREFLIGHT_PHASES = ("mine", "generate", "train", "evaluate")

@@ -88,3 +88,22 @@ def test_device_resource_imports_torch_where_a_device_is_asked_for() -> None:
     assert DeviceResource(device="cpu", dtype="float16").torch_dtype() is torch.float16
     assert DeviceResource(device="cpu").torch_dtype() is torch.float32
     assert DeviceResource(device="cpu").describe() == "cpu, float32"
+
+
+# What a lineage lookup may load: its catalog (DuckDB, polars) and the storage resource's
+# Dagster config classes, never the model or search code.
+MODEL_CODE = ("torch", "open_clip", "transformers", "faiss", "lightning", "sentence_transformers")
+
+
+def test_a_lineage_lookup_imports_no_model_code(tmp_path) -> None:
+    home = tmp_path / "home"
+    home.mkdir()
+    code = (
+        "import os\n"
+        f"os.environ['MEGAPAIRS_HOME'] = {str(home)!r}\n"
+        "from megapairs_assets.lineage.catalog import LineageCatalog\n"
+        f"LineageCatalog({str(home / 'catalog.duckdb')!r}).query('SELECT 1')\n"
+        "from megapairs_assets.cli.main import main\n"
+        "main(['lineage', 'no-such-id'])\n"
+    )
+    assert not _modules_after(code) & set(MODEL_CODE)

@@ -16,7 +16,8 @@ import dagster as dg
 import pytest
 
 from megapairs_assets.definitions import build_definitions
-from resources.profiles import PROFILE_NAMES, ProfileError, build_resources
+from resources.environment import PROFILE_NAMES, ProfileError
+from resources.profiles import build_resources
 
 SNAPSHOT = Path(__file__).parent / "snapshots" / "asset_graph.json"
 MINING_HALF = {

@@ -18,7 +18,7 @@ from megapairs_assets.generation.triplets import TRIPLET_LINEAGE
 from megapairs_assets.lib.storage import DataLayout
 from megapairs_assets.lineage.catalog import LineageCatalog, MaterializationRecord
 from megapairs_assets.lineage.report import lineage_data, lineage_report
-from megapairs_assets.mining.step import PAIR_LINEAGE
+from megapairs_assets.mining.pair_table import PAIR_LINEAGE
 
 T0 = datetime(2026, 1, 1, 12, 0, 0)
 SHARDS = ("00000", "00001")

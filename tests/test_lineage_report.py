@@ -17,7 +17,7 @@ from megapairs_assets.corpus.step import IMAGE_LINEAGE
 from megapairs_assets.lib.storage import DataLayout
 from megapairs_assets.lineage.catalog import LineageCatalog, MaterializationRecord
 from megapairs_assets.lineage.report import MAX_INPUTS_SHOWN, lineage_report
-from megapairs_assets.mining.step import PAIR_LINEAGE
+from megapairs_assets.mining.pair_table import PAIR_LINEAGE
 
 SHARD = "00000"
 CORPUS_DIR = "/data/corpus"

@@ -12,12 +12,12 @@ import pytest
 
 from megapairs_assets.cli.main import PROFILE_CHOICES
 from megapairs_assets.cli.main import main as megapairs
+from resources.environment import PROFILE_NAMES
 from resources.profiles import (
     CLIP_WEIGHTS_VARIABLE,
     CORPUS_VARIABLE,
     DINOV2_MODEL_VARIABLE,
     GENERATION_VARIABLES,
-    PROFILE_NAMES,
     TRAIN_DEVICES_VARIABLE,
     VIT_B16_WEIGHTS_VARIABLE,
     VIT_L14_WEIGHTS_VARIABLE,

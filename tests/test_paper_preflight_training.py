@@ -19,11 +19,11 @@ from megapairs_assets.lib.storage import DataLayout
 from megapairs_assets.training.assets import TRAINING_CONFIG_PARTITIONS_NAME, mmret_clip_checkpoint
 from megapairs_assets.training.config import ALL_VISIBLE_GPUS, TrainingConfigError, resolve_config
 from megapairs_assets.training.train import train_on_triplets
+from resources.environment import ProfileError
 from resources.profiles import (
     TRAIN_DEVICES_VARIABLE,
     VIT_B16_WEIGHTS_VARIABLE,
     VIT_L14_WEIGHTS_VARIABLE,
-    ProfileError,
     build_resources,
 )
 from resources.storage import LineageCatalogResource, StorageResource

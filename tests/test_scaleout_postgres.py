@@ -35,7 +35,7 @@ from megapairs_assets.lineage.catalog import (
     utc_now,
 )
 from megapairs_assets.lineage.report import lineage_report
-from megapairs_assets.mining.step import PAIR_LINEAGE
+from megapairs_assets.mining.pair_table import PAIR_LINEAGE
 from megapairs_assets.orchestration.partitions import SHARD_PARTITIONS_NAME
 from resources.cluster import ClusterSettings
 from resources.corpus import CorpusSourceResource

@@ -113,7 +113,8 @@ def run_check(args: argparse.Namespace) -> int:
 
         # The tables the pipeline wrote: --home, else $MEGAPAIRS_HOME (and its data root).
         home = (args.home or default_home()).resolve()
-        from resources.profiles import build_resources, profile_from_env
+        from resources.environment import profile_from_env
+        from resources.profiles import build_resources
 
         resources = build_resources(profile_from_env(), home)
         layout = resources["storage"].layout()
@@ -171,7 +172,8 @@ def _run_sample(args: argparse.Namespace, home: Path) -> int:
     from megapairs_assets.orchestration.partitions import SHARD_PARTITIONS_NAME
     from megapairs_assets.orchestration.runs import shard_range_tags
     from resources.corpus import CorpusSourceResource
-    from resources.profiles import check_ready, profile_from_env
+    from resources.environment import profile_from_env
+    from resources.profiles import check_ready
 
     job_name = args.select or "mining_half"
     selected = job_assets(job_name)  # an unknown name is a configuration error listing the jobs

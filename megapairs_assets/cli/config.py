@@ -48,7 +48,8 @@ def resource_run_config(resources: dict, names: list[str]) -> dict:
 
 def cmd_config(args: argparse.Namespace) -> int:
     from megapairs_assets.lib.storage import default_home
-    from resources.profiles import build_resources, profile_from_env
+    from resources.environment import profile_from_env
+    from resources.profiles import build_resources
 
     resources = build_resources(profile_from_env(), default_home())
     yaml.safe_dump(resource_run_config(resources, args.resources), sys.stdout, sort_keys=False)

@@ -96,12 +96,8 @@ def run_demo(args: argparse.Namespace) -> int:
     from megapairs_assets.training.assets import register_training_configs
     from resources.cluster import ClusterSettings
     from resources.corpus import CorpusSourceResource
-    from resources.profiles import (
-        ENCODER_RESOURCES,
-        check_ready,
-        lineage_catalog,
-        profile_from_env,
-    )
+    from resources.environment import lineage_catalog, profile_from_env
+    from resources.profiles import ENCODER_RESOURCES, check_ready
 
     started = time.perf_counter()
     home, profile = default_home(), profile_from_env()

@@ -28,7 +28,7 @@ MAX_INPUTS_SHOWN = 4
 # these declare every row table the definitions do.
 ROW_TABLE_MODULES = (
     "megapairs_assets.corpus.step",
-    "megapairs_assets.mining.step",
+    "megapairs_assets.mining.pair_table",
     "megapairs_assets.generation.triplets",
     "megapairs_assets.evaluation.catalog_rows",
 )
@@ -45,7 +45,7 @@ def cmd_lineage(args: argparse.Namespace) -> int:
     import importlib
 
     from megapairs_assets.lib.storage import default_home
-    from resources.profiles import build_resources, lineage_catalog, profile_from_env
+    from resources.environment import lineage_catalog, profile_from_env, storage_resource
 
     for module in ROW_TABLE_MODULES:  # stages declare their catalog tables on import
         importlib.import_module(module)
@@ -68,7 +68,7 @@ def cmd_lineage(args: argparse.Namespace) -> int:
             f"catalog copied to {path}; open it with duckdb.connect({str(path)!r}, read_only=True)"
         )
         return 0
-    layout = build_resources(profile_from_env(), home)["storage"].layout()
+    layout = storage_resource(home, profile_from_env()).layout()
     return _print_report(catalog, args, layout.storage_options)
 
 

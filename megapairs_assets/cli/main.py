@@ -17,14 +17,14 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 # Subcommand modules, in the order `megapairs --help` lists them.
 SUBCOMMANDS = ("demo", "check", "lineage", "ui", "config", "unblock")
 
-# `resources.profiles.PROFILE_NAMES`, spelled here so `megapairs --help` needs no Dagster
+# `resources.environment.PROFILE_NAMES`, spelled here so `megapairs --help` needs no Dagster
 # import (a test keeps the two equal).
 PROFILE_CHOICES = ("demo", "paper")
 
 
 def add_profile_option(parser: argparse.ArgumentParser) -> None:
     """`--profile NAME`: the profile for this command, exactly as MEGAPAIRS_PROFILE sets it
-    (which `main` does, so `resources.profiles.profile_from_env` stays the one reader)."""
+    (which `main` does, so `resources.environment.profile_from_env` stays the one reader)."""
     parser.add_argument(
         "--profile",
         choices=PROFILE_CHOICES,
@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
         # For this command and every process it starts; restored for in-process callers.
         os.environ["MEGAPAIRS_PROFILE"] = profile
     try:
-        from resources.profiles import check_environment
+        from resources.environment import check_environment
 
         check_environment()  # every subcommand refuses a bad MEGAPAIRS_* setting the same way
         return int(args.func(args) or 0)

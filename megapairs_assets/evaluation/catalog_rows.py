@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import polars as pl
 
-from megapairs_assets.evaluation.run import STATUS_SCORED
 from megapairs_assets.lineage.catalog import LineageCatalog, RowTable, register_row_table
+
+# A score row's status: scored (metrics computed), skipped (data missing) or submission (files
+# for a benchmark's evaluation server written, no public answers).
+STATUS_SCORED, STATUS_SKIPPED, STATUS_SUBMISSION = "scored", "skipped", "submission"
 
 SCORES_TABLE = register_row_table(
     RowTable(

@@ -214,7 +214,8 @@ def _evaluate(args: argparse.Namespace):
 
 def _profile_resources(home: Path) -> dict:
     """The profile's resources (its `evaluation` resource, when it has one, and the catalog)."""
-    from resources.profiles import build_resources, profile_from_env
+    from resources.environment import profile_from_env
+    from resources.profiles import build_resources
 
     return build_resources(profile_from_env(), home)
 

@@ -33,6 +33,11 @@ from torch.utils.data import DataLoader, Dataset
 from megapairs_assets.corpus.images import ImageRejected
 from megapairs_assets.evaluation import metrics
 from megapairs_assets.evaluation.benchmark import BenchmarkSplit, ImageRef
+from megapairs_assets.evaluation.catalog_rows import (
+    STATUS_SCORED,
+    STATUS_SKIPPED,
+    STATUS_SUBMISSION,
+)
 from megapairs_assets.evaluation.gallery_cache import CacheKey, GalleryCache
 from megapairs_assets.evaluation.heldout import ImageLocator, heldout_benchmark
 from megapairs_assets.evaluation.images import open_benchmark_image
@@ -55,7 +60,6 @@ from megapairs_assets.lib.errors import ConfigurationError
 from megapairs_assets.lib.progress import Progress
 from megapairs_assets.retriever.model import Retriever, fuse_projections, normalize_rows
 
-STATUS_SCORED, STATUS_SKIPPED, STATUS_SUBMISSION = "scored", "skipped", "submission"
 MEAN_SPLIT = "mean"
 
 SCORE_COLUMNS = {

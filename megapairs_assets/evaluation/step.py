@@ -21,13 +21,16 @@ import polars as pl
 import torch
 
 from megapairs_assets.corpus.step import image_uris
-from megapairs_assets.evaluation.catalog_rows import SCORES_TABLE, scores_for
+from megapairs_assets.evaluation.catalog_rows import (
+    SCORES_TABLE,
+    STATUS_SCORED,
+    STATUS_SKIPPED,
+    scores_for,
+)
 from megapairs_assets.evaluation.gallery_cache import GalleryCache
 from megapairs_assets.evaluation.plot import comparison_markdown
 from megapairs_assets.evaluation.run import (
     MEAN_SPLIT,
-    STATUS_SCORED,
-    STATUS_SKIPPED,
     BenchmarkResult,
     BenchmarkSources,
     EvaluationSettings,

@@ -14,8 +14,9 @@ from megapairs_assets.knn.step import read_knn_tables
 from megapairs_assets.lib.preview import markdown_table, thumbnail_markdown
 from megapairs_assets.lib.step import StepResult
 from megapairs_assets.lib.storage import DataLayout, read_parquet, write_parquet_atomic
-from megapairs_assets.lineage.catalog import LineageCatalog, RowTable, register_row_table
+from megapairs_assets.lineage.catalog import LineageCatalog
 from megapairs_assets.lineage.id_lists import IN_IDS, id_list
+from megapairs_assets.mining.pair_table import PAIR_LINEAGE
 from megapairs_assets.mining.pairs import (
     IDENTICAL_CONTENT_CHECK,
     IDENTICAL_CONTENT_CHECK_DESCRIPTION,
@@ -39,36 +40,6 @@ PAIR_CHECKS = {
     "no_self_pairs": "A query is never its own target",
     IDENTICAL_CONTENT_CHECK: IDENTICAL_CONTENT_CHECK_DESCRIPTION,
 }
-
-PAIR_LINEAGE = register_row_table(
-    RowTable(
-        "pair_lineage",
-        (
-            ("pair_id", "VARCHAR"),
-            ("query_id", "VARCHAR"),
-            ("target_id", "VARCHAR"),
-            ("shard", "VARCHAR"),
-            ("sources", "VARCHAR[]"),
-            ("scores", "VARCHAR"),
-            ("hard_negative_ids", "VARCHAR[]"),
-            ("knn_versions", "VARCHAR"),
-        ),
-        description=(
-            "Every mined pair of the current mined_image_pairs materialization of each shard; "
-            "with image uris and its triplet: view pair_provenance."
-        ),
-        column_docs=(
-            ("pair_id", "stable id of the (query, target) pair"),
-            ("query_id", "image_lineage.image_id of the query image"),
-            ("target_id", "image_lineage.image_id of the target (any shard: KNN is corpus-wide)"),
-            ("shard", "the query's shard (the partition that mined it)"),
-            ("sources", "the similarity sources whose band the pair fell in"),
-            ("scores", "JSON: score_<source> -> cosine similarity (NULL: not a neighbour there)"),
-            ("hard_negative_ids", "image ids; the first is the query image itself"),
-            ("knn_versions", "JSON: 'knn asset/shard' -> materialization id of the graphs read"),
-        ),
-    )
-)
 
 _PREVIEW_PAIRS = 4
 

@@ -1,0 +1,95 @@
+"""The light half of the profile switch: which profile and deployment the environment picks.
+
+Every `megapairs` command checks these first (`check_environment`), and `megapairs lineage`
+needs only them, the storage layout and the catalog. They live apart from `profiles.py`, whose
+resources import the model code (torch, open_clip, faiss), so those commands start in about a
+second instead of three. Import them from here.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from megapairs_assets.lib.errors import ConfigurationError
+from megapairs_assets.lineage.catalog import LineageCatalog
+from resources.cluster import ClusterSettings
+from resources.storage import StorageResource
+
+PROFILE_NAMES = ("demo", "paper")
+DEFAULT_PROFILE = "demo"
+
+
+class ProfileError(ConfigurationError):
+    """An unknown profile name or a profile that cannot be built."""
+
+
+@dataclass(frozen=True)
+class SensorSettings:
+    """Which sensors start running in a fresh Dagster instance (a user can flip them in the UI).
+
+    shards_sensor_running: `new_shards_sensor` registers new shards and retires removed ones;
+        `training_configs_sensor` registers the training resource's named configs.
+    scoring_sensors_running: `new_retrievers_sensor` and `rescore_trained_checkpoints` score
+        new and re-trained retrievers.
+    automation_running: `megapairs_automation` refreshes stale downstream partitions.
+    The shard sensor starts running and automation starts off in both profiles (a refresh of
+    every KNN partition after any embedding change is a choice to make, not a default); the
+    environment variable `MEGAPAIRS_SENSORS=on|off` overrides both.
+    """
+
+    shards_sensor_running: bool
+    automation_running: bool
+    scoring_sensors_running: bool = True
+
+
+_SENSOR_DEFAULTS = {
+    "demo": SensorSettings(shards_sensor_running=True, automation_running=False),
+    "paper": SensorSettings(shards_sensor_running=True, automation_running=False),
+}
+
+
+def sensor_settings(profile: str) -> SensorSettings:
+    """The profile's sensor defaults, or both on/off from `MEGAPAIRS_SENSORS`."""
+    override = os.environ.get("MEGAPAIRS_SENSORS", "").strip().lower()
+    if override in ("on", "off"):
+        return SensorSettings(override == "on", override == "on", override == "on")
+    if override:
+        raise ProfileError(f"MEGAPAIRS_SENSORS must be 'on' or 'off', got {override!r}")
+    return _SENSOR_DEFAULTS.get(profile, _SENSOR_DEFAULTS["demo"])
+
+
+def profile_from_env() -> str:
+    return os.environ.get("MEGAPAIRS_PROFILE", DEFAULT_PROFILE)
+
+
+def check_environment() -> str:
+    """Check every MEGAPAIRS_* choice the environment makes (profile, sensors, deployment and
+    its engines) and return the profile; ProfileError / ClusterConfigError say what to change.
+    The CLI calls this first, so every subcommand refuses a bad setting the same way."""
+    profile = profile_from_env()
+    if profile not in PROFILE_NAMES:
+        raise ProfileError(
+            f"unknown profile {profile!r}: "
+            f"set MEGAPAIRS_PROFILE to one of {', '.join(PROFILE_NAMES)}"
+        )
+    sensor_settings(profile)
+    ClusterSettings.from_env()
+    return profile
+
+
+def storage_resource(home: Path, profile: str) -> StorageResource:
+    """Where tables live: under `home`, or on object storage (any fsspec URL) when
+    `MEGAPAIRS_DATA_ROOT` says so; credentials come from the environment."""
+    return StorageResource(
+        home=str(home),
+        profile=profile,
+        data_root=os.environ.get("MEGAPAIRS_DATA_ROOT") or None,
+        endpoint_url=os.environ.get("MEGAPAIRS_STORAGE_ENDPOINT_URL") or None,
+    )
+
+
+def lineage_catalog(home: Path) -> LineageCatalog:
+    """The lineage catalog of this deployment (the DuckDB file, or DuckLake on a cluster)."""
+    return ClusterSettings.from_env().catalog_resource(home).catalog()
