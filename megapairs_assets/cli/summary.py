@@ -34,11 +34,14 @@ def mining_summary(layout: DataLayout, catalog: LineageCatalog, shards: list[str
     paths = [layout.shard_table(PAIRS_ASSET, s) for s in shards]
     tables = [read_parquet(p) for p in paths if p.exists()]
     pairs = pl.concat(tables) if tables else pl.DataFrame()
-    per_source = (
-        dict(pairs.explode("sources").group_by("sources").len().sort("sources").iter_rows())
+    found = (
+        dict(pairs.explode("sources").group_by("sources").len().iter_rows())
         if pairs.height
         else {}
     )
+    # Every configured source (a `score_<source>` column each), so one that mined nothing shows 0.
+    configured = [c.removeprefix("score_") for c in pairs.columns if c.startswith("score_")]
+    per_source = {source: found.get(source, 0) for source in sorted({*configured, *found})}
     return {
         "images": int(images),
         "quarantine": quarantine,
@@ -114,6 +117,11 @@ def print_summary(
         if unread.height:
             print(f"  not read:    {unread.height} entries of the corpus source ({report})")
     print(f"  mined pairs: {s['pairs']}  by source: {s['pairs_per_source']}")
+    if 0 in s["pairs_per_source"].values():
+        print(
+            "    a source mined no pairs: the band_positions table on mined_image_pairs (and "
+            "each shard's log line) says where its neighbours' scores fell"
+        )
     for line in check_lines(results):
         print(line)
     generated = generation_summary(layout, shards)
