@@ -504,7 +504,7 @@ def test_check_existing_re_checks_the_tables_in_the_bucket(
     monkeypatch.setenv("MEGAPAIRS_DATA_ROOT", f"s3://{BUCKET}/{LOOP_PREFIX}")
     monkeypatch.setenv("MEGAPAIRS_STORAGE_ENDPOINT_URL", s3.endpoint_url)
     before = set(s3.keys(f"{LOOP_PREFIX}/"))
-    assert megapairs(["check", "--existing", "--home", str(home)]) == 0
+    assert megapairs(["check", "--existing", "--verbose", "--home", str(home)]) == 0
     checked = {tuple(line.split()[:3]) for line in capsys.readouterr().out.splitlines()}
     for shard in SHARDS:
         assert ("mined_image_pairs", "pairs_in_band", shard) in checked
