@@ -8,7 +8,9 @@ second instead of three. Import them from here.
 
 from __future__ import annotations
 
+import difflib
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +21,44 @@ from resources.storage import StorageResource
 
 PROFILE_NAMES = ("demo", "paper")
 DEFAULT_PROFILE = "demo"
+
+# Every MEGAPAIRS_* variable the code reads (the README says what each does). One set but not
+# listed is almost always a typo that would silently leave a default in place (a misspelt
+# MEGAPAIRS_PROFILE runs the demo), so the CLI names it; tests/test_environment_variables.py
+# keeps this list equal to the names in the code.
+BENCHMARK_ROOT_VARIABLES = tuple(
+    f"MEGAPAIRS_{name}_ROOT" for name in ("CIRCO", "CIRR", "FASHIONIQ", "GENECIS")
+)
+KNOWN_VARIABLES = frozenset(
+    {
+        "MEGAPAIRS_HOME",
+        "MEGAPAIRS_PROFILE",
+        "MEGAPAIRS_SENSORS",
+        "MEGAPAIRS_CORPUS",
+        "MEGAPAIRS_DATA_ROOT",
+        "MEGAPAIRS_STORAGE_ENDPOINT_URL",
+        "MEGAPAIRS_DEPLOYMENT",
+        "MEGAPAIRS_STEP_EXECUTOR",
+        "MEGAPAIRS_POSTGRES_URL",
+        "MEGAPAIRS_LINEAGE_CATALOG",
+        "MEGAPAIRS_LINEAGE_DATA_PATH",
+        "MEGAPAIRS_DUCKDB_EXTENSION_DIR",
+        "MEGAPAIRS_GPU_NODE_SELECTOR",
+        "MEGAPAIRS_GPU_TOLERATIONS",
+        "MEGAPAIRS_CLIP_WEIGHTS",
+        "MEGAPAIRS_DINOV2_MODEL",
+        "MEGAPAIRS_VIT_B16_WEIGHTS",
+        "MEGAPAIRS_VIT_L14_WEIGHTS",
+        "MEGAPAIRS_TRAIN_DEVICES",
+        "MEGAPAIRS_VLLM_BASE_URLS",
+        "MEGAPAIRS_VLLM_DESCRIBE_URLS",
+        "MEGAPAIRS_VLLM_INSTRUCT_URLS",
+        "MEGAPAIRS_VLLM_DESCRIBE_MODEL",
+        "MEGAPAIRS_VLLM_INSTRUCT_MODEL",
+        "MEGAPAIRS_VLLM_API_KEY",
+        *BENCHMARK_ROOT_VARIABLES,
+    }
+)
 
 
 class ProfileError(ConfigurationError):
@@ -93,3 +133,14 @@ def storage_resource(home: Path, profile: str) -> StorageResource:
 def lineage_catalog(home: Path) -> LineageCatalog:
     """The lineage catalog of this deployment (the DuckDB file, or DuckLake on a cluster)."""
     return ClusterSettings.from_env().catalog_resource(home).catalog()
+
+
+def unknown_variables(env: Mapping[str, str] | None = None) -> list[tuple[str, str | None]]:
+    """The MEGAPAIRS_* variables set in `env` that no code reads, each with the known name it
+    most resembles (None when none is close), sorted."""
+    env = os.environ if env is None else env
+    unknown = sorted(n for n in env if n.startswith("MEGAPAIRS_") and n not in KNOWN_VARIABLES)
+    return [
+        (name, next(iter(difflib.get_close_matches(name, KNOWN_VARIABLES, n=1, cutoff=0.8)), None))
+        for name in unknown
+    ]

@@ -59,8 +59,11 @@ def main(argv: list[str] | None = None) -> int:
         # For this command and every process it starts; restored for in-process callers.
         os.environ["MEGAPAIRS_PROFILE"] = profile
     try:
-        from resources.environment import check_environment
+        from resources.environment import check_environment, unknown_variables
 
+        for name, known in unknown_variables():  # a typo would silently leave a default
+            hint = f"; did you mean {known}?" if known else " (README lists the settings)"
+            print(f"megapairs: warning: {name} is not a megapairs setting{hint}", file=sys.stderr)
         check_environment()  # every subcommand refuses a bad MEGAPAIRS_* setting the same way
         return int(args.func(args) or 0)
     except ConfigurationError as error:
