@@ -155,6 +155,20 @@ def test_a_shard_replaced_in_place_refreshes_exactly_the_changed_pictures(tmp_pa
     assert mtimes(root) == before
 
 
+def test_a_changed_jpeg_quality_re_encodes_every_picture_once(tmp_path):
+    world = make_world(tmp_path, pairs_per_shard=(4,))
+    root = tmp_path / "out"
+    with ChatServer() as server:
+        settings = settings_for(server, str(root))
+        first = run_all(world, settings, "00000")[EXPORT_ASSET]
+        lower = replace(settings, export=replace(settings.export, jpeg_quality=40))
+        before = age_every_image(root)
+        redone = export(world, lower, "00000")
+        assert redone.metadata["images_written"] == first.metadata["images_written"] > 0
+        assert all(mtimes(root)[p] != before[p] for p in before)
+        assert written_and_removed(export(world, lower, "00000")) == (0, 0)
+
+
 def test_an_image_the_catalog_no_longer_has_is_never_counted_as_exported(tmp_path):
     world = make_world(tmp_path, pairs_per_shard=(0,))
     i = world.image_ids

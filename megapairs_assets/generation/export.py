@@ -18,7 +18,8 @@ An image that cannot be read, or that the catalog no longer has (its shard was r
 drops the triplets that name it, each with a quarantine row.
 
 Re-exporting skips an image only when the file there has the right size and was made from the
-same source bytes: each JPEG carries the corpus content hash of its source in its comment, so a
+same source bytes at the same JPEG quality: each JPEG carries the corpus content hash of its
+source and the quality in its comment, so a changed quality setting re-encodes them and a
 corpus shard replaced in place under the same keys gets its pictures refreshed (one header
 read per image decides). Images no exported triplet names any more are removed: on each export,
 those its previous export named (or it was about to name) and this one does not, unless another
@@ -254,7 +255,7 @@ def _export_image(
     same source bytes; returns (an error or None, whether the file was written)."""
     if source is None:  # e.g. its shard was retired; a file left from before proves nothing
         return "not in the catalog's image rows", False
-    stamp = _source_stamp(source)
+    stamp = _source_stamp(source, settings.export.jpeg_quality)
     if _image_header(target) == ((side, side), stamp):
         return None, False
     try:
@@ -271,9 +272,10 @@ def _export_image(
     return None, True
 
 
-def _source_stamp(source: dict[str, Any]) -> str:
-    """The JPEG comment of an image exported from `source` (a catalog image row)."""
-    return f"{_SOURCE_STAMP}{source.get('content_hash') or 'unknown'}"
+def _source_stamp(source: dict[str, Any], jpeg_quality: int) -> str:
+    """The JPEG comment of an image exported from `source` (a catalog image row) at
+    `jpeg_quality`: a changed quality setting re-encodes the pictures, as a changed side does."""
+    return f"{_SOURCE_STAMP}{source.get('content_hash') or 'unknown'} jpeg quality {jpeg_quality}"
 
 
 def _image_header(path: DataPath) -> tuple[tuple[int, int], str | None] | None:
