@@ -456,6 +456,8 @@ def test_each_materialization_links_to_its_catalog_record_and_shows_its_columns(
         f"{knn}/00001" for knn in ("clip_image_knn", "dino_image_knn", "caption_text_knn")
     }
     columns = [c.name for c in metadata["dagster/column_schema"].columns]
+    # Each column says what it holds (the descriptions travel with the Dagster event).
+    assert all(c.description for c in metadata["dagster/column_schema"].columns)
     assert columns == pl.read_parquet_schema(
         DataLayout(home).shard_table("mined_image_pairs", "00001")
     ).names()

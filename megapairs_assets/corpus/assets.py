@@ -11,7 +11,7 @@ from megapairs_assets.corpus.step import (
     CROSS_SHARD_CHECKS,
     build_corpus_shard,
 )
-from megapairs_assets.corpus.table import write_source_report
+from megapairs_assets.corpus.table import CORPUS_COLUMN_DESCRIPTIONS, write_source_report
 from megapairs_assets.orchestration.partitions import (
     SHARD_PARTITIONS_NAME,
     shard_asset_options,
@@ -39,7 +39,14 @@ def corpus_settings(resources: Any) -> dict[str, Any]:
     )
 
 
-STAGE = Stage(ASSET_NAME, "corpus-v1", CORPUS_CHECKS, CROSS_SHARD_CHECKS, corpus_settings)
+STAGE = Stage(
+    ASSET_NAME,
+    "corpus-v1",
+    CORPUS_CHECKS,
+    CROSS_SHARD_CHECKS,
+    corpus_settings,
+    columns=CORPUS_COLUMN_DESCRIPTIONS,
+)
 
 
 @dg.asset(

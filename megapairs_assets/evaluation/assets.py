@@ -9,7 +9,8 @@ materialized again after its last scores.
 
 import dagster as dg
 
-from megapairs_assets.evaluation.run import BENCHMARK_KEYS
+from megapairs_assets.evaluation.catalog_rows import SCORES_TABLE
+from megapairs_assets.evaluation.run import BENCHMARK_KEYS, SCORE_COLUMNS
 from megapairs_assets.evaluation.step import (
     ASSET_NAME,
     SCORE_CHECKS,
@@ -37,7 +38,14 @@ score_partitions = dg.MultiPartitionsDefinition(
     {RETRIEVER_DIMENSION: retriever_partitions, BENCHMARK_DIMENSION: benchmark_partitions}
 )
 
-STAGE = Stage(ASSET_NAME, "benchmark-scores-v1", SCORE_CHECKS, SCORE_WARNINGS)
+STAGE = Stage(
+    ASSET_NAME,
+    "benchmark-scores-v1",
+    SCORE_CHECKS,
+    SCORE_WARNINGS,
+    # The catalog's words for the same columns (its extra `partition` column is not in the file).
+    columns={name: text for name, text in SCORES_TABLE.column_docs if name in SCORE_COLUMNS},
+)
 
 
 def score_partition_key(retriever_id: str, benchmark: str) -> dg.MultiPartitionKey:

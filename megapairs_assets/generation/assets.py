@@ -20,19 +20,26 @@ from megapairs_assets.generation.common import (
 )
 from megapairs_assets.generation.describe import (
     DESCRIPTION_CHECKS,
+    DESCRIPTION_COLUMN_DESCRIPTIONS,
     describe_pairs_for_shard,
     prefetch_descriptions,
 )
 from megapairs_assets.generation.export import EXPORT_CHECKS, export_triplets_for_shard
 from megapairs_assets.generation.instruct import (
     INSTRUCTION_CHECKS,
+    INSTRUCTION_COLUMN_DESCRIPTIONS,
     prefetch_instructions,
     write_instructions_for_shard,
 )
 from megapairs_assets.generation.resource import GenerationResource
 from megapairs_assets.generation.runner import RunStats, stats_table
 from megapairs_assets.generation.settings import GenerationSettings
-from megapairs_assets.generation.triplets import TRIPLET_CHECKS, build_triplets_for_shard
+from megapairs_assets.generation.triplets import (
+    RELEASE_COLUMN_DESCRIPTIONS,
+    TRIPLET_CHECKS,
+    TRIPLET_COLUMN_DESCRIPTIONS,
+    build_triplets_for_shard,
+)
 from megapairs_assets.lib.storage import DataLayout
 from megapairs_assets.lineage.catalog import LineageCatalog
 from megapairs_assets.orchestration.partitions import DOWNSTREAM_AUTOMATION, shard_asset_options
@@ -100,13 +107,29 @@ def export_settings(resources: Any) -> dict[str, Any]:
 
 
 DESCRIBE_STAGE = Stage(
-    DESCRIPTIONS_ASSET, "generation-describe-v1", DESCRIPTION_CHECKS, settings=describe_settings
+    DESCRIPTIONS_ASSET,
+    "generation-describe-v1",
+    DESCRIPTION_CHECKS,
+    settings=describe_settings,
+    columns=DESCRIPTION_COLUMN_DESCRIPTIONS,
 )
 INSTRUCT_STAGE = Stage(
-    INSTRUCTIONS_ASSET, "generation-instruct-v1", INSTRUCTION_CHECKS, settings=instruct_settings
+    INSTRUCTIONS_ASSET,
+    "generation-instruct-v1",
+    INSTRUCTION_CHECKS,
+    settings=instruct_settings,
+    columns=INSTRUCTION_COLUMN_DESCRIPTIONS,
 )
-TRIPLET_STAGE = Stage(TRIPLETS_ASSET, "generation-triplets-v1", TRIPLET_CHECKS)
-EXPORT_STAGE = Stage(EXPORT_ASSET, "generation-export-v1", EXPORT_CHECKS, settings=export_settings)
+TRIPLET_STAGE = Stage(
+    TRIPLETS_ASSET, "generation-triplets-v1", TRIPLET_CHECKS, columns=TRIPLET_COLUMN_DESCRIPTIONS
+)
+EXPORT_STAGE = Stage(
+    EXPORT_ASSET,
+    "generation-export-v1",
+    EXPORT_CHECKS,
+    settings=export_settings,
+    columns=RELEASE_COLUMN_DESCRIPTIONS,
+)
 
 
 @dg.asset(

@@ -47,6 +47,26 @@ IMAGE_COLUMNS = pl.Schema(
 )
 PROVENANCE_COLUMNS = ("generator", "model_id", "template_id", "template_hash", "request_key")
 """What every generated row must name: who made it, from which prompt, by which request."""
+
+GENERATED_COLUMN_DESCRIPTIONS: dict[str, str] = {
+    "pair_id": "the mined pair this row is about (mined_image_pairs.pair_id)",
+    "query_id": "image_id of the pair's query image",
+    "target_id": "image_id of the pair's target image",
+    "generator": "who wrote the text, for people: the model's label (', caption-based' when it "
+    "saw captions instead of pixels) or 'heuristic (caption templates)'",
+    "model_id": "the exact model that wrote the text (served name, path or hub id)",
+    "backend": "how the model was called: vllm, openai_http (an OpenAI-compatible server), "
+    "transformers or heuristic",
+    "template_id": "id of the prompt template used (generation/prompts/)",
+    "template_hash": "hash of the template's full content: a changed prompt is a new request",
+    "seed": "sampling seed of the request (keyed per pair, so a re-run asks the same)",
+    "sampling": "the sampling parameters sent, as JSON",
+    "request_key": "sha256 over model, template, inputs, sampling and seed: the key of the "
+    "response cache, so a re-run calls no model for this row",
+    "prompt_tokens": "tokens in the prompt, as the model reported (0 for the heuristic)",
+    "completion_tokens": "tokens generated, as the model reported (0 for the heuristic)",
+}
+"""Columns shared by the description and instruction tables (each adds its own)."""
 _SAFE_PATH_PART = re.compile(r"[^A-Za-z0-9._-]")
 _DETAIL_CHARS = 500
 

@@ -26,6 +26,7 @@ from megapairs_assets.generation.backends.base import (
 )
 from megapairs_assets.generation.common import (
     DESCRIPTIONS_ASSET,
+    GENERATED_COLUMN_DESCRIPTIONS,
     PAIRS_ASSET,
     GenerationStepError,
     QuarantineLog,
@@ -90,6 +91,14 @@ DESCRIPTION_SCHEMA = pl.Schema(
     }
 )
 """One accepted description per pair; every column names what made it."""
+DESCRIPTION_COLUMN_DESCRIPTIONS: dict[str, str] = {
+    **GENERATED_COLUMN_DESCRIPTIONS,
+    "description": "the MLLM's text on what the two images share and how they differ",
+    "input_mode": "what the model saw of the pair: images (pixels) or captions",
+    "word_num": "the length in words asked of the model (keyed-random per pair; null for the "
+    "heuristic)",
+    "finish_reason": "why generation stopped, as the server reported (stop, length, ...)",
+}
 
 DESCRIPTION_CHECKS = {
     "one_description_per_pair": "Each pair_id has at most one description",

@@ -29,6 +29,7 @@ from megapairs_assets.generation.backends.base import (
 from megapairs_assets.generation.backends.heuristic import HEURISTIC_BACKEND
 from megapairs_assets.generation.common import (
     DESCRIPTIONS_ASSET,
+    GENERATED_COLUMN_DESCRIPTIONS,
     INSTRUCTIONS_ASSET,
     GenerationStepError,
     QuarantineLog,
@@ -98,6 +99,18 @@ INSTRUCTION_SCHEMA = pl.Schema(
     }
 )
 """One row per pair with at least `min_instructions` accepted instructions."""
+INSTRUCTION_COLUMN_DESCRIPTIONS: dict[str, str] = {
+    **GENERATED_COLUMN_DESCRIPTIONS,
+    "instructions": "the accepted instructions: each asks for the target given the query image",
+    "demo_pool_hash": "hash of the demonstration pool the few-shot examples came from (null "
+    "for the heuristic)",
+    "demo_ids": "ids of the few-shot demonstrations in the prompt, keyed-random per pair",
+    "description_request_key": "request_key of the description this row was written from "
+    "(pair_descriptions.request_key)",
+    "parse_method": "how the list was read from the model's answer: json or numbered",
+    "rejected_instructions": "instructions the filters dropped for this pair (their reasons "
+    "are in the quarantine log)",
+}
 
 INSTRUCTION_CHECKS = {
     "enough_instructions": "Every pair has at least the minimum number of instructions (3)",

@@ -67,6 +67,26 @@ TRIPLET_SCHEMA = pl.Schema(
     }
 )
 """Release fields (q_img, q_text, t_img, hns) plus the ids and generators behind each row."""
+RELEASE_COLUMN_DESCRIPTIONS: dict[str, str] = {
+    "triplet_id": "stable id of the triplet: 't-' + its pair_id",
+    "q_img": "the query image, as a path relative to the export folder (images/...)",
+    "q_text": "the instructions: each, with q_img, asks for t_img",
+    "t_img": "the target image, as a path relative to the export folder",
+    "hns": "hard negatives as relative paths: the query image first, then other targets of "
+    "the same query",
+}
+"""The MegaPairs release fields (and our triplet id), as the export writes them."""
+TRIPLET_COLUMN_DESCRIPTIONS: dict[str, str] = {
+    **RELEASE_COLUMN_DESCRIPTIONS,
+    "pair_id": "the mined pair behind the triplet (mined_image_pairs.pair_id)",
+    "query_id": "image_id of q_img",
+    "target_id": "image_id of t_img",
+    "hard_negative_ids": "image_ids of hns, in the same order",
+    "sources": "the similarity sources that proposed the pair",
+    "description": "the pair description the instructions were written from",
+    "description_generator": "who wrote the description (pair_descriptions.generator)",
+    "instruction_generator": "who wrote the instructions (pair_instructions.generator)",
+}
 
 TRIPLET_CHECKS = {
     "hns_start_with_query": "hns[0] is the query image (q_img)",

@@ -5,7 +5,7 @@ from typing import Any
 import dagster as dg
 
 from megapairs_assets.embeddings.sources import SOURCES, SimilaritySource
-from megapairs_assets.knn.search import describe_backend
+from megapairs_assets.knn.search import KNN_COLUMN_DESCRIPTIONS, describe_backend
 from megapairs_assets.knn.step import KNN_CHECKS, build_corpus_index, knn_shard
 from megapairs_assets.orchestration.partitions import (
     DOWNSTREAM_AUTOMATION,
@@ -28,7 +28,13 @@ def knn_settings(resources: Any) -> dict[str, Any]:
 
 def knn_stage(source: SimilaritySource) -> Stage:
     """The stage of one source's KNN graph."""
-    return Stage(source.knn_asset, "knn-v2", KNN_CHECKS, settings=knn_settings)
+    return Stage(
+        source.knn_asset,
+        "knn-v2",
+        KNN_CHECKS,
+        settings=knn_settings,
+        columns=KNN_COLUMN_DESCRIPTIONS,
+    )
 
 
 def build_knn_asset(source: SimilaritySource) -> dg.AssetsDefinition:

@@ -47,6 +47,13 @@ KNN_SCHEMA = pl.Schema(
     }
 )
 """One row per (query, neighbour): rank is 0-based (best first), score is cosine similarity."""
+KNN_COLUMN_DESCRIPTIONS: dict[str, str] = {
+    "query_id": "image_id of the query image (every image of the shard is a query)",
+    "rank": "0-based position among the query's neighbours, best first (the query itself is "
+    "left out)",
+    "neighbor_id": "image_id of the neighbour, from any shard of the current corpus",
+    "score": "cosine similarity of query and neighbour in this source's embedding space",
+}
 
 # faiss' k-means warns below 39 training points per centroid; it advises up to 256, but 100
 # trains nearly as well while keeping the float32 training copy a fraction of the corpus.

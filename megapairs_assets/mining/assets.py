@@ -5,6 +5,7 @@ from typing import Any
 import dagster as dg
 
 from megapairs_assets.embeddings.sources import SOURCES
+from megapairs_assets.mining.pairs import PAIRS_COLUMN_DESCRIPTIONS
 from megapairs_assets.mining.step import ASSET_NAME, PAIR_CHECKS, mine_shard
 from megapairs_assets.orchestration.partitions import DOWNSTREAM_AUTOMATION, shard_asset_options
 from megapairs_assets.orchestration.settings_version import fields
@@ -18,7 +19,13 @@ def mining_settings(resources: Any) -> dict[str, Any]:
     return fields(resources.mining, type(resources.mining).model_fields)
 
 
-STAGE = Stage(ASSET_NAME, "mining-v1", PAIR_CHECKS, settings=mining_settings)
+STAGE = Stage(
+    ASSET_NAME,
+    "mining-v1",
+    PAIR_CHECKS,
+    settings=mining_settings,
+    columns=PAIRS_COLUMN_DESCRIPTIONS,
+)
 
 
 @dg.asset(

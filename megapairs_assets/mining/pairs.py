@@ -104,6 +104,27 @@ def pairs_schema(sources: Sequence[str]) -> dict[str, pl.DataType]:
 PAIRS_SCHEMA: dict[str, pl.DataType] = pairs_schema(DEFAULT_SOURCES)
 
 
+def pairs_column_descriptions(sources: Sequence[str]) -> dict[str, str]:
+    """What each column of the mined-pairs table means (shown beside its schema in the UI)."""
+    return {
+        "pair_id": "stable id of the (query, target) pair: blake2b of the two image ids",
+        "query_id": "image_id of the query image",
+        "target_id": "image_id of the target image (a neighbour inside some source's band)",
+        "sources": "the similarity sources that proposed this target, in canonical order",
+        **{
+            score_column(source): f"{source} cosine similarity of query and target; null when "
+            f"{source} did not propose the target"
+            for source in sources
+        },
+        "best_rank": "the best 0-based KNN rank of the target among the proposing sources",
+        "hard_negative_ids": "the query image first, then other targets of the same query in a "
+        "keyed-random order (never the target, never a copy of query or target)",
+    }
+
+
+PAIRS_COLUMN_DESCRIPTIONS = pairs_column_descriptions(DEFAULT_SOURCES)
+
+
 def pair_id_for(query_id: str, target_id: str) -> str:
     """Stable id of a (query, target) pair: first 16 hex chars of blake2b(query \\x1f target)."""
     payload = f"{query_id}{_PAIR_ID_SEPARATOR}{target_id}".encode()

@@ -55,7 +55,9 @@ class Stage:
     checks: blocking checks, name -> description. warning_checks: non-blocking ones (a
     failure shows as a warning and stops nothing downstream). settings: the resource settings
     that change what the stage writes (see orchestration/settings_version.py); the code
-    location folds them into the asset's code version.
+    location folds them into the asset's code version. columns: what each column of the
+    stage's main table means, shown with its column schema in the UI (declared beside the
+    table's schema in the stage's own module).
     """
 
     asset_name: str
@@ -63,6 +65,7 @@ class Stage:
     checks: Mapping[str, str] = field(default_factory=dict)
     warning_checks: Mapping[str, str] = field(default_factory=dict)
     settings: SettingsOf | None = None
+    columns: Mapping[str, str] = field(default_factory=dict)
 
     def check_specs(self) -> list[dg.AssetCheckSpec]:
         blocking = [
@@ -99,7 +102,7 @@ def materialize_partitions(
                 o.name for o in result.outcomes if not o.passed and o.name in stage.checks
             ]
             metadata = {
-                **partition_metadata(result, stage.asset_name),
+                **partition_metadata(result, stage.asset_name, stage.columns),
                 "content_version": versions[partition],
                 # Per partition, what the step's merged check results cannot say; automation
                 # holds back this partition's dependants while it is set (automation.py).
@@ -114,7 +117,7 @@ def materialize_partitions(
         **(run_metadata or {}),
     }
     if partitions == [None] and results:
-        totals.update(partition_metadata(results[0], stage.asset_name))
+        totals.update(partition_metadata(results[0], stage.asset_name, stage.columns))
     totals.update(_run_settings_metadata(context, stage))
     return dg.MaterializeResult(
         metadata=totals,
@@ -184,7 +187,9 @@ def _run_one(
     return result
 
 
-def partition_metadata(result: StepResult, asset: str) -> dict[str, Any]:
+def partition_metadata(
+    result: StepResult, asset: str, column_descriptions: Mapping[str, str] | None = None
+) -> dict[str, Any]:
     """One partition's own metadata for its materialization event, with the links from the
     Dagster event to the lineage catalog (its record id, the command that prints its chain)."""
     metadata: dict[str, Any] = {"dagster/row_count": result.row_count}
@@ -196,7 +201,7 @@ def partition_metadata(result: StepResult, asset: str) -> dict[str, Any]:
         metadata["model_ids"] = dg.MetadataValue.json(dict(result.model_ids))
     if result.input_versions:
         metadata["input_versions"] = dg.MetadataValue.json(dict(result.input_versions))
-    schema = _output_column_schema(result)
+    schema = _output_column_schema(result, column_descriptions or {})
     if schema is not None:
         metadata["dagster/column_schema"] = schema
     metadata.update({f"rows_{name}": int(n) for name, n in result.row_counts.items()})
@@ -214,9 +219,12 @@ def partition_metadata(result: StepResult, asset: str) -> dict[str, Any]:
     return metadata
 
 
-def _output_column_schema(result: StepResult) -> dg.TableSchema | None:
-    """The columns of the partition's first Parquet output, from its footer (Dagster shows them
-    on the asset page and tracks column changes); None when it writes no Parquet table."""
+def _output_column_schema(
+    result: StepResult, descriptions: Mapping[str, str]
+) -> dg.TableSchema | None:
+    """The columns of the partition's first Parquet output, from its footer, with what each
+    means (Dagster shows them on the asset page and tracks column changes); None when it
+    writes no Parquet table."""
     parquet = [p for p in result.outputs.values() if str(p).endswith(".parquet")]
     if not parquet:
         return None
@@ -226,7 +234,10 @@ def _output_column_schema(result: StepResult) -> dg.TableSchema | None:
     except (OSError, ValueError, pl.exceptions.PolarsError):  # metadata never fails the asset
         return None
     return dg.TableSchema(
-        columns=[dg.TableColumn(name, str(dtype)) for name, dtype in schema.items()]
+        columns=[
+            dg.TableColumn(name, str(dtype), description=descriptions.get(name))
+            for name, dtype in schema.items()
+        ]
     )
 
 
