@@ -105,3 +105,62 @@ def test_a_template_set_for_the_other_step_fails_before_any_work():
     message = str(_setup_error("instructions"))
     assert "'instructions' is written for step 'instruct'" in message
     assert "the describe template" in message
+
+
+def _materialize_range(world, shards: list[str], server) -> dg.ExecuteInProcessResult:
+    instance = dg.DagsterInstance.ephemeral()
+    instance.add_dynamic_partitions(SHARD_PARTITIONS_NAME, shards)
+    resources = {
+        "generation": GenerationResource.from_settings(http_settings(server.base_url)),
+        "storage": StorageResource(home=str(world.home), profile="test"),
+        "catalog": LineageCatalogResource(path=str(world.layout.catalog_path)),
+    }
+    return dg.materialize(
+        generation_assets,
+        instance=instance,
+        resources=resources,
+        raise_on_error=False,
+        tags={
+            "dagster/asset_partition_range_start": shards[0],
+            "dagster/asset_partition_range_end": shards[-1],
+        },
+    )
+
+
+def test_a_step_over_several_shards_writes_the_dataset_card_once(tmp_path, monkeypatch):
+    """Each card reads every shard's figures, so one per shard would be quadratic in shards."""
+    from megapairs_assets.generation import export
+
+    world = make_world(tmp_path, pairs_per_shard=(3, 4, 5))
+    rendered: list[int] = []
+    render = export.render_card
+    monkeypatch.setattr(
+        export,
+        "render_card",
+        lambda figures, s: rendered.append(len(figures)) or render(figures, s),
+    )
+    with ChatServer() as server:
+        result = _materialize_range(world, ["00000", "00001", "00002"], server)
+    assert result.success
+    assert rendered == [3]
+    card = (world.home / "data" / "triplet_export" / "README.md").read_text()
+    assert "triplets: 12" in card
+
+
+def test_a_failing_shard_still_leaves_a_card_for_the_shards_before_it(tmp_path, monkeypatch):
+    from megapairs_assets.generation import assets, export
+
+    world = make_world(tmp_path, pairs_per_shard=(3, 4))
+    export_shard = export.export_triplets_for_shard
+
+    def fail_on_the_last(shard, *args, **kwargs):
+        if shard == "00001":
+            raise OSError("disk full")
+        return export_shard(shard, *args, **kwargs)
+
+    monkeypatch.setattr(assets, "export_triplets_for_shard", fail_on_the_last)
+    with ChatServer() as server:
+        result = _materialize_range(world, ["00000", "00001"], server)
+    assert not result.success
+    card = (world.home / "data" / "triplet_export" / "README.md").read_text()
+    assert "triplets: 3" in card

@@ -17,6 +17,7 @@ from megapairs_assets.generation.common import (
     INSTRUCTIONS_ASSET,
     PAIRS_ASSET,
     TRIPLETS_ASSET,
+    export_dir,
 )
 from megapairs_assets.generation.describe import (
     DESCRIPTION_CHECKS,
@@ -24,7 +25,11 @@ from megapairs_assets.generation.describe import (
     describe_pairs_for_shard,
     prefetch_descriptions,
 )
-from megapairs_assets.generation.export import EXPORT_CHECKS, export_triplets_for_shard
+from megapairs_assets.generation.export import (
+    EXPORT_CHECKS,
+    export_triplets_for_shard,
+    update_release_folder,
+)
 from megapairs_assets.generation.instruct import (
     INSTRUCTION_CHECKS,
     INSTRUCTION_COLUMN_DESCRIPTIONS,
@@ -40,6 +45,7 @@ from megapairs_assets.generation.triplets import (
     TRIPLET_COLUMN_DESCRIPTIONS,
     build_triplets_for_shard,
 )
+from megapairs_assets.lib.step import StepResult
 from megapairs_assets.lib.storage import DataLayout
 from megapairs_assets.lineage.catalog import LineageCatalog
 from megapairs_assets.orchestration.partitions import DOWNSTREAM_AUTOMATION, shard_asset_options
@@ -257,15 +263,26 @@ def triplet_export(
     caption heuristic wrote; its licence line comes from the profile.
     """
     layout, lineage, settings = storage.layout(), catalog.catalog(), generation.settings()
-    return materialize_partitions(
-        context,
-        EXPORT_STAGE,
-        lambda shard: export_triplets_for_shard(
-            shard, layout, lineage, settings, log=context.log.info
-        ),
-        lineage,
-        storage.profile,
-    )
+    # The card reads every shard's figures: written once per step, after its last shard (or,
+    # when a shard fails first, for what the shards before it exported).
+    last_shard = context.partition_keys[-1]
+    card_written = False
+
+    def export_shard(shard: str) -> StepResult:
+        nonlocal card_written
+        result = export_triplets_for_shard(
+            shard, layout, lineage, settings, log=context.log.info, write_card=shard == last_shard
+        )
+        card_written = shard == last_shard
+        return result
+
+    try:
+        return materialize_partitions(
+            context, EXPORT_STAGE, export_shard, lineage, storage.profile
+        )
+    finally:
+        if not card_written:
+            update_release_folder(export_dir(layout, settings.export.export_dir), settings, layout)
 
 
 def _prefetch(

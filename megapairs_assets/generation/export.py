@@ -105,8 +105,11 @@ def export_triplets_for_shard(
     settings: GenerationSettings,
     *,
     log: Callable[[str], None] | None = None,
+    write_card: bool = True,
 ) -> StepResult:
-    """Export one shard's triplets and images, then regenerate the dataset card."""
+    """Export one shard's triplets and images, then regenerate the dataset card (unless
+    `write_card` is False: a step over many shards writes it once, after its last shard, since
+    each card reads every shard's figures)."""
     triplets, versions = read_shard_table(catalog, layout, TRIPLETS_ASSET, shard)
     root = export_dir(layout, settings.export.export_dir)
     side = settings.export.image_side_px
@@ -179,6 +182,7 @@ def export_triplets_for_shard(
         layout,
         retired=catalog.retired_partitions(EXPORT_ASSET),
         candidates=candidates,
+        write_card=write_card,
     )
     card = update.card
     # An image only dropped triplets named was just removed as unused: check what is named.
@@ -200,7 +204,9 @@ def export_triplets_for_shard(
         },
         markdown={
             "exported_example": exported_example_markdown(root, exported),
-            "dataset_card": _read_text(card),
+            "dataset_card": _read_text(card)
+            if write_card
+            else "_(written after the last shard of this step)_",
         },
         preview=exported.select("triplet_id", *RELEASE_FIELDS).head(5),
     )
@@ -392,22 +398,31 @@ def update_release_folder(
     layout: DataLayout,
     retired: Sequence[str] = (),
     candidates: Collection[str] = (),
+    write_card: bool = True,
 ) -> FolderUpdate:
     """Withdraw `retired` shards, remove the images among `candidates` (and the withdrawn
     shards' images) that no shard names any more, then (re)write README.md from every shard's
     figures. Safe when shards export in parallel on one machine (a lock under `<home>/locks/`,
     local even when the folder is on an object store; machines that export at once each write
     a whole card, the last one wins; the image lists keep their images safe from each other's
-    sweeps)."""
+    sweeps). With `write_card` False the card is left as it is (a later call writes it)."""
     path = root / CARD_NAME
     lock = card_lock_path(layout, root)
     lock.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(lock)):
         withdrawn, unused = withdraw_shards(root, retired)
         removed = remove_unused_images(root, unused | set(candidates))
-        figures = [json.loads(p.read_text()) for p in sorted((root / "shards").glob("*.json"))]
-        text = render_card(figures, settings)
-        write_atomic(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+        if write_card:
+            # Threads: on an object store each shard's figures are one request.
+            with ThreadPoolExecutor(_WRITE_THREADS) as pool:
+                figures = list(
+                    pool.map(
+                        lambda p: json.loads(p.read_text()),
+                        sorted((root / "shards").glob("*.json")),
+                    )
+                )
+            text = render_card(figures, settings)
+            write_atomic(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
     return FolderUpdate(card=path, withdrawn=withdrawn, images_removed=removed)
 
 
