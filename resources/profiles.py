@@ -36,7 +36,8 @@ A tag or hub id is read from the local Hugging Face cache (`HF_HOME` / `HF_HUB_C
 by `hf download <repo>` on a machine with internet); a path is read as it is. Each resource
 carries a `setting_hint` (training configs: `setting_hints`), so an error about its weights,
 corpus or devices names the variable to set; `check_generation_servers` asks the servers for
-their models before any work, as the generation resource does when a step starts.
+their models before any work, as the generation resource does before a step's first uncached
+request.
 
 Why the demo's bands differ: the demo's image encoders are small untrained networks, so their
 cosine similarities crowd near 1 and carry little visual meaning; the bands were set from the

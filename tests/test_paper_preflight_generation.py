@@ -1,5 +1,5 @@
-"""The generation resource asks its servers for their models when a step starts (UI and Dagster
-runs get the check the CLI's preflight does), before any request.
+"""The generation resource asks a step's servers for their models before its first request the
+response cache cannot answer (UI and Dagster runs get the check the CLI's preflight does).
 
 Servers are real HTTP servers on 127.0.0.1: the fault server of the generation tests (it lists
 `test-model`) and a bare one answering only `GET /v1/models` the way vLLM does, or nothing.
@@ -26,7 +26,6 @@ from megapairs_assets.generation.backends.openai_http import (
     probe_servers,
 )
 from megapairs_assets.generation.resource import GenerationResource
-from megapairs_assets.lib.errors import ConfigurationError
 from megapairs_assets.orchestration.partitions import SHARD_PARTITIONS_NAME
 from resources.storage import LineageCatalogResource, StorageResource
 
@@ -127,7 +126,7 @@ def test_probe_servers_asks_every_replica_with_the_served_name_and_key(
     assert "--served-model-name served-a" in names.fix(problems[0])
 
 
-# --- the resource, at the start of a step -----------------------------------------------------
+# --- the resource, before a step's first request ---------------------------------------------
 
 
 def _one_shard(tmp_path, generation: GenerationResource, server: ChatServer):
@@ -162,8 +161,15 @@ def test_a_model_served_under_another_name_fails_the_step_before_any_request(tmp
     assert "generation servers not ready" in message
     assert "serves ['test-model'], not 'InternVL2-26B'" in message
     assert "set DESCRIBE_MODEL_VARIABLE to the name the server uses" in message
+    # Each step asks its own servers before its first request: the run stopped at describe.
+    assert "instruct (" not in message
     # The instruct step has no variable of its own here: the backend's option is named.
-    assert "the backend's served_model option" in message
+    with ChatServer() as server:
+        generation = GenerationResource.from_settings(
+            http_settings(server.base_url, served_model="InternVL2-26B")
+        )
+        (instruct,) = generation.server_problems(("instruct",), timeout_s=3)
+    assert "the backend's served_model option" in instruct
 
 
 def test_the_fault_server_passes_the_probe_and_zero_timeout_skips_it(tmp_path) -> None:
@@ -178,27 +184,36 @@ def test_the_fault_server_passes_the_probe_and_zero_timeout_skips_it(tmp_path) -
     unchecked.setup_for_execution(dg.build_init_resource_context())
 
 
-def test_only_the_steps_a_run_materializes_are_probed() -> None:
-    generation = GenerationResource.from_settings(http_settings(_closed_port_url()))
+def test_a_fully_cached_step_runs_with_its_servers_down(tmp_path) -> None:
+    """The servers are asked only before a request the response cache cannot answer."""
+    world = make_world(tmp_path, pairs_per_shard=(3,))
+    instance = dg.DagsterInstance.ephemeral()
+    instance.add_dynamic_partitions(SHARD_PARTITIONS_NAME, ["00000"])
 
-    @dg.asset(name="pair_descriptions")
-    def describes(generation: GenerationResource) -> None:
-        return None
+    def materialize(generation: GenerationResource) -> dg.ExecuteInProcessResult:
+        return dg.materialize(
+            generation_assets,
+            instance=instance,
+            partition_key="00000",
+            resources={
+                "generation": generation,
+                "storage": StorageResource(home=str(world.home), profile="test"),
+                "catalog": LineageCatalogResource(path=str(world.layout.catalog_path)),
+            },
+            raise_on_error=False,
+        )
 
-    @dg.asset(name="triplets")
-    def exports(generation: GenerationResource) -> None:
-        return None
+    down = GenerationResource.from_settings(http_settings(_closed_port_url()))
+    first = materialize(down)  # nothing cached yet: refused before any request
+    assert not first.success
+    failure = next(e for e in first.all_events if e.is_failure)
+    message = str(failure.event_specific_data.error)
+    assert "generation servers not ready" in message
+    assert "describe (" in message and "instruct (" not in message
 
-    defs = dg.Definitions(
-        assets=[describes, exports],
-        jobs=[dg.define_asset_job("both")],
-        resources={"generation": generation},
-    )
-    job = defs.resolve_job_def("both")
-    # Triplets never call a model: a run of them alone starts with the servers down.
-    assert job.execute_in_process(asset_selection=[dg.AssetKey("triplets")]).success
-    with pytest.raises(dg.DagsterResourceFunctionError) as raised:
-        job.execute_in_process(asset_selection=[dg.AssetKey("pair_descriptions")])
-    cause = raised.value.__cause__
-    assert isinstance(cause, ConfigurationError)
-    assert "describe (" in str(cause) and "instruct (" not in str(cause)
+    with ChatServer() as server:
+        assert materialize(GenerationResource.from_settings(http_settings(server.base_url))).success
+    again = materialize(down)  # the same requests, all answered from the cache
+    assert again.success, [
+        str(e.event_specific_data.error) for e in again.all_events if e.is_failure
+    ]

@@ -11,6 +11,7 @@ from typing import Any
 
 import dagster as dg
 
+from megapairs_assets.generation.backends.base import BackendSpec, GenerationBackend
 from megapairs_assets.generation.common import (
     DESCRIPTIONS_ASSET,
     EXPORT_ASSET,
@@ -162,12 +163,13 @@ def pair_descriptions(
     re-run with unchanged inputs makes no model call.
     """
     layout, lineage, settings = storage.layout(), catalog.catalog(), generation.settings()
-    run_metadata = _prefetch(context, prefetch_descriptions, layout, lineage, settings)
+    backends = generation.backend_factory("describe")
+    run_metadata = _prefetch(context, prefetch_descriptions, layout, lineage, settings, backends)
     return materialize_partitions(
         context,
         DESCRIBE_STAGE,
         lambda shard: describe_pairs_for_shard(
-            shard, layout, lineage, settings, log=context.log.info
+            shard, layout, lineage, settings, log=context.log.info, backend_factory=backends
         ),
         lineage,
         storage.profile,
@@ -198,12 +200,13 @@ def pair_instructions(
     description), each rejection with its reason.
     """
     layout, lineage, settings = storage.layout(), catalog.catalog(), generation.settings()
-    run_metadata = _prefetch(context, prefetch_instructions, layout, lineage, settings)
+    backends = generation.backend_factory("instruct")
+    run_metadata = _prefetch(context, prefetch_instructions, layout, lineage, settings, backends)
     return materialize_partitions(
         context,
         INSTRUCT_STAGE,
         lambda shard: write_instructions_for_shard(
-            shard, layout, lineage, settings, log=context.log.info
+            shard, layout, lineage, settings, log=context.log.info, backend_factory=backends
         ),
         lineage,
         storage.profile,
@@ -291,6 +294,7 @@ def _prefetch(
     layout: DataLayout,
     lineage: LineageCatalog,
     settings: GenerationSettings,
+    backend_factory: Callable[[BackendSpec], GenerationBackend],
 ) -> dict[str, Any]:
     """With several shards in one step, send their model requests as one stream first (a
     local model batches across shards); the per-shard steps then find the answers cached.
@@ -298,7 +302,9 @@ def _prefetch(
     shards = list(context.partition_keys)
     if len(shards) < 2:
         return {}
-    stats = prefetch(shards, layout, lineage, settings, log=context.log.info)
+    stats = prefetch(
+        shards, layout, lineage, settings, log=context.log.info, backend_factory=backend_factory
+    )
     return {
         "run_prefetch_calls": stats.calls,
         "run_prefetch": dg.MetadataValue.md(stats_table({"prefetch": stats})),

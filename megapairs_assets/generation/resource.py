@@ -3,22 +3,24 @@
 `GenerationResource.settings()` builds the plain `GenerationSettings` the stage functions take.
 `demo_generation_resource` and `paper_generation_resource` are the two profiles' values.
 
-At the start of every step that uses it, the resource checks its templates and backends and
-asks its `openai_http` servers for their models (`server_problems`), so a server that is down
-or serves the model under another name fails the step before any request.
+At the start of every step that uses it, the resource checks its templates and backends.
+Before a step's first request that the response cache cannot answer, `backend_factory` asks
+the step's `openai_http` servers for their models (`server_problems`), so a server that is
+down or serves the model under another name fails the step before any request, while a step
+whose answers are all cached runs with the servers down.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import dagster as dg
 from pydantic import Field
 
 from megapairs_assets.generation.backends.base import BackendSpec, SamplingParams
-from megapairs_assets.generation.common import DESCRIPTIONS_ASSET, INSTRUCTIONS_ASSET
 from megapairs_assets.generation.parsing import DescriptionLimits, InstructionLimits
 from megapairs_assets.generation.settings import (
     ExportSettings,
@@ -29,6 +31,9 @@ from megapairs_assets.generation.settings import (
     paper_generation_settings,
 )
 from megapairs_assets.lib.errors import ConfigurationError
+
+if TYPE_CHECKING:
+    from megapairs_assets.generation.backends.base import GenerationBackend
 
 
 class BackendConfig(dg.Config):
@@ -101,8 +106,8 @@ class GenerationResource(dg.ConfigurableResource):
     dataset_name: str = "megapairs-triplets"
     server_probe_timeout_s: float = Field(
         default=5.0,
-        description="seconds each openai_http server has to list its models when a step starts "
-        "(0: do not ask)",
+        description="seconds each openai_http server has to list its models before a step's "
+        "first uncached request (0: do not ask)",
     )
     server_setting_names: dict[str, dict[str, str]] = Field(
         default_factory=dict,
@@ -217,6 +222,27 @@ class GenerationResource(dg.ConfigurableResource):
             ]
         return lines
 
+    def backend_factory(self, step: str) -> Callable[[BackendSpec], GenerationBackend]:
+        """What a step builds its backends with: the shared backend of a spec, after asking
+        the step's servers for their models (once per factory). It is called only when a
+        request is not in the response cache, so a fully cached step never asks."""
+        from megapairs_assets.generation.backends.base import shared_backend
+
+        checked: set[str] = set()
+
+        def build(spec: BackendSpec) -> GenerationBackend:
+            if self.server_probe_timeout_s > 0 and spec.model_id not in checked:
+                problems = self.server_problems((step,)) if spec == self._step_spec(step) else []
+                if problems:
+                    raise ConfigurationError(SERVERS_NOT_READY + "\n  " + "\n  ".join(problems))
+                checked.add(spec.model_id)
+            return shared_backend(spec)
+
+        return build
+
+    def _step_spec(self, step: str) -> BackendSpec:
+        return getattr(self.settings(), step).backend
+
     def setup_for_execution(self, context: dg.InitResourceContext) -> None:
         # A malformed setting fails before any work (templates and backends are checked here).
         from megapairs_assets.generation.backends import create_backend
@@ -236,28 +262,9 @@ class GenerationResource(dg.ConfigurableResource):
         load_demo_pool(settings.demo_pool)
         create_backend(settings.describe.backend)
         create_backend(settings.instruct.backend)
-        if self.server_probe_timeout_s > 0:
-            problems = self.server_problems(_steps_that_call_models(context))
-            if problems:
-                raise ConfigurationError(SERVERS_NOT_READY + "\n  " + "\n  ".join(problems))
 
 
 SERVERS_NOT_READY = "generation servers not ready:"
-
-# The assets whose steps send requests to a step's model (triplets and the export never do).
-_MODEL_ASSETS = {"describe": DESCRIPTIONS_ASSET, "instruct": INSTRUCTIONS_ASSET}
-
-
-def _steps_that_call_models(context: dg.InitResourceContext | None) -> tuple[str, ...]:
-    """The generation steps whose servers this run needs: those whose asset it materializes
-    (both when the run does not say, e.g. a whole job or a direct call)."""
-    run = context.run if context is not None else None
-    selection = run.asset_selection if run is not None else None
-    if not selection:
-        return tuple(_MODEL_ASSETS)
-    selected = {key.to_user_string() for key in selection}
-    return tuple(step for step, asset in _MODEL_ASSETS.items() if asset in selected)
-
 
 def demo_generation_resource(home: Path) -> GenerationResource:
     """The demo: SmolLM2-135M-Instruct (caption-based) on a few pairs per shard, the heuristic
