@@ -1,0 +1,249 @@
+"""The search subcommand: rank a gallery of images for a query, with a trained retriever.
+
+    megapairs search --retriever <checkpoint | export | last.ckpt | name[@tag] | base>
+                     [--gallery <image folder | .tar shard | folder of .tar shards>]
+                     --image Q.jpg --text "..." [--top-k 10] [--json] [--html out.html]
+
+A query is an image, a text, or both (fused by MMRet's rule); `--queries FILE` runs one query
+per JSON line ({"image": ..., "text": ...}). Without `--gallery` the gallery is the current
+image corpus of $MEGAPAIRS_HOME. Gallery embeddings go through the evaluation's gallery cache
+(`<home>/benchmark_gallery_cache/`), so searching the same gallery again with the same
+retriever embeds nothing. The work is `megapairs_assets.retriever.search`; torch and open_clip
+are imported when the command runs, never while the parser is built.
+
+Exit codes (EXIT_CODES, also in the command's --help), as the eval command's: 0 results
+printed (unreadable gallery images are left out and listed on stderr); 1 the data cannot be
+searched (an empty or unreadable gallery, a query image that does not decode, a malformed
+queries file); 2 usage or configuration error (a retriever that does not load, a gallery or
+query image that does not exist), printed by `megapairs_assets.cli.main`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from megapairs_assets.evaluation.cli import BASE_ALIAS, EXIT_BAD_DATA
+from megapairs_assets.lib.errors import ConfigurationError
+
+EXIT_FOUND = 0
+EXIT_CODES = (
+    "exit codes: 0 results printed (unreadable gallery images are left out and listed); 1 the "
+    "gallery or a query cannot be used (no readable image, a query image that does not decode, "
+    "a malformed queries file); 2 usage or configuration error (a retriever that does not load, "
+    "a gallery or query image that does not exist)"
+)
+DEFAULT_TOP_K = 10
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
+    return value
+
+
+def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Add the `search` subcommand to the `megapairs` parser."""
+    parser = subparsers.add_parser(
+        "search",
+        help="rank a gallery of images for an image + text query with a retriever",
+        description=(
+            "Rank a gallery (a folder of images, a webdataset .tar shard or a folder of them, "
+            "or by default the current image corpus) for a composed query: a reference image "
+            "and an instruction, fused by MMRet's rule; an image or a text alone works too. "
+            "Gallery embeddings are cached per retriever and gallery, so a second search "
+            "embeds nothing. Nothing is downloaded."
+        ),
+        epilog=EXIT_CODES,
+    )
+    parser.add_argument(
+        "--retriever",
+        required=True,
+        help="a checkpoint file (a training folder's Lightning lightning/last.ckpt included), a "
+        "training folder (<data>/mmret_clip_checkpoint/<config>, read through its open_clip/ "
+        "export), an open_clip export folder, <open_clip name>[@<pretrained tag or file>] "
+        f"(weights from the local cache: nothing is downloaded), or '{BASE_ALIAS}' for the "
+        "profile's base retriever",
+    )
+    parser.add_argument(
+        "--gallery",
+        type=Path,
+        help="the images to rank: a folder of images (searched recursively; captions from "
+        "<stem>.txt beside an image), a webdataset .tar shard or a folder of them (default: "
+        "the current image corpus of $MEGAPAIRS_HOME, with its captions)",
+    )
+    parser.add_argument("--image", type=Path, help="the query's reference image")
+    parser.add_argument("--text", help="the query's text (with --image: the modification)")
+    parser.add_argument(
+        "--queries",
+        type=Path,
+        help='several queries: a JSON Lines file, one {"image": ..., "text": ...} a line '
+        "(either may be left out; image paths relative to the file); not with --image/--text",
+    )
+    parser.add_argument(
+        "--top-k",
+        type=_positive_int,
+        default=DEFAULT_TOP_K,
+        help=f"results per query (default {DEFAULT_TOP_K})",
+    )
+    parser.add_argument(
+        "--json", action="store_true", help="print the results as JSON instead of tables"
+    )
+    parser.add_argument(
+        "--html",
+        type=Path,
+        help="also write a self-contained page with thumbnails of each query and its results",
+    )
+    parser.add_argument(
+        "--refresh",
+        action="store_true",
+        help="embed the gallery again even when its embeddings are cached",
+    )
+    parser.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (default auto)")
+    parser.add_argument(
+        "--precision",
+        choices=("float32", "bfloat16", "float16"),
+        help="numbers the retriever runs in (default: the profile's, else float32)",
+    )
+    parser.add_argument(
+        "--batch-size", type=_positive_int, help="images per forward pass (default: profile's)"
+    )
+    parser.add_argument(
+        "--num-workers",
+        type=_non_negative_int,
+        help="image decode worker processes (0: none; default: the profile's)",
+    )
+    parser.set_defaults(func=run_search)
+    return parser
+
+
+def run_search(args: argparse.Namespace) -> int:
+    """Search and print the results; see the module docstring for the exit codes.
+
+    A configuration error propagates as `ConfigurationError`, which the `megapairs` entry point
+    prints as one line (exit 2); data that cannot be searched is one line here (exit 1).
+    """
+    from megapairs_assets.retriever.search import SearchDataError
+
+    try:
+        return _search(args)
+    except ConfigurationError:
+        raise
+    except SearchDataError as error:
+        print(f"megapairs search: {error}", file=sys.stderr)
+        return EXIT_BAD_DATA
+
+
+def _queries(args: argparse.Namespace) -> list:
+    """The queries asked for: --queries FILE, or one made of --image and/or --text."""
+    from megapairs_assets.retriever.search import SearchQuery, read_queries_file
+
+    if args.queries is not None:
+        if args.image is not None or args.text is not None:
+            raise ConfigurationError("give either --queries FILE or --image/--text, not both")
+        return read_queries_file(args.queries)
+    text = args.text.strip() if args.text is not None else None
+    if args.image is None and not text:
+        raise ConfigurationError("give a query: --image, --text (not empty) or both, or --queries")
+    return [SearchQuery(args.image.expanduser() if args.image else None, text or None)]
+
+
+def _search(args: argparse.Namespace) -> int:
+    import torch
+
+    from megapairs_assets.evaluation.step import gallery_cache
+    from megapairs_assets.lib.storage import DataLayout, default_home
+    from megapairs_assets.retriever.model import load_retriever_spec, spec_from_argument
+    from megapairs_assets.retriever.search import (
+        SearchConfigError,
+        embed_gallery,
+        gallery_from_corpus,
+        gallery_from_path,
+        open_query_images,
+        results_json,
+        results_markdown,
+        search,
+        write_html,
+    )
+    from resources.device import DeviceResource
+    from resources.environment import profile_from_env
+    from resources.profiles import build_resources
+
+    def log(line: str) -> None:
+        print(line, file=sys.stderr)
+
+    queries = _queries(args)
+    if args.html is not None and not args.html.expanduser().parent.is_dir():
+        raise ConfigurationError(f"--html {args.html}: folder {args.html.parent} does not exist")
+    for query in queries:  # a mistyped path is found before any model is loaded
+        if query.image is not None and not query.image.is_file():
+            raise SearchConfigError(f"query image {query.image} does not exist")
+    home = default_home()
+    resources = build_resources(profile_from_env(), home)
+    evaluation = resources.get("evaluation")
+    if args.retriever == BASE_ALIAS:
+        if evaluation is None:
+            raise ConfigurationError("this profile configures no base retriever; name one instead")
+        evaluation.prepare()
+        spec = evaluation.base_spec()
+    else:
+        spec = spec_from_argument(
+            args.retriever, default_model=evaluation.base_model if evaluation else None
+        )
+    if args.gallery is not None:
+        gallery = gallery_from_path(args.gallery)
+    else:
+        gallery = gallery_from_corpus(resources["catalog"].catalog(), home)
+    device = DeviceResource(device=args.device).torch_device()
+    precision = args.precision or (evaluation.precision if evaluation else "float32")
+    retriever = load_retriever_spec(spec, device, getattr(torch, precision))
+    log(f"retriever {retriever.retriever_id} on {device} in {precision}")
+    images = open_query_images(queries, retriever.input_side_px)
+    started = time.perf_counter()
+    embeddings = embed_gallery(
+        retriever,
+        gallery,
+        gallery_cache(DataLayout(home)),
+        batch_size=args.batch_size or (evaluation.batch_size if evaluation else 64),
+        num_workers=(
+            args.num_workers
+            if args.num_workers is not None
+            else (evaluation.num_workers if evaluation else 0)
+        ),
+        refresh=args.refresh,
+        log=log,
+    )
+    how = "embeddings reused from" if embeddings.reused else "embedded and cached in"
+    log(
+        f"gallery {gallery.name}: {len(gallery.items)} images, {how} {embeddings.cache_entry} "
+        f"({time.perf_counter() - started:.2f} s)"
+    )
+    skipped = embeddings.skipped_message()
+    if skipped:
+        log(f"megapairs search: {skipped}")
+    results = search(retriever, queries, images, embeddings, args.top_k)
+    if args.json:
+        print(json.dumps(results_json(results, embeddings, retriever.retriever_id), indent=2))
+    else:
+        print(results_markdown(results))
+    if args.html is not None:
+        page = write_html(args.html, results, images, retriever.retriever_id, gallery.name)
+        log(f"wrote {page}")
+    return EXIT_FOUND
