@@ -273,12 +273,15 @@ def sweep_abandoned_temporaries(folder: Path, once_per_process: bool = False) ->
 
 
 def _abandoned(match: re.Match[str], entry: os.DirEntry[str], now: float) -> bool:
-    if match["machine"] == machine_tag() and match["pid"] is not None:
-        return not process_alive(int(match["pid"]))
     try:
-        return now - entry.stat(follow_symlinks=False).st_mtime > ABANDONED_TEMPORARY_AGE_S
+        stat = entry.stat(follow_symlinks=False)
     except FileNotFoundError:
         return False
+    if match["machine"] == machine_tag() and match["pid"] is not None:
+        # Its writer ran when it last changed the file (ctime: no copy can set it back), so a
+        # process with the id that started later is another one.
+        return not process_alive(int(match["pid"]), seen_at=stat.st_ctime)
+    return now - stat.st_mtime > ABANDONED_TEMPORARY_AGE_S
 
 
 def _write_error(path: DataPath, error: Exception) -> Exception:

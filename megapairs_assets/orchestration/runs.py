@@ -67,7 +67,7 @@ def release_dead_runs(instance: Any, log: Callable[[str], None] = print) -> list
         pids = _run_pids(instance, run_id)
         if run_id not in holding_slots and not pids:
             continue  # nothing says which process runs it yet
-        if any(process_alive(pid) for pid in pids):
+        if any(process_alive(pid, seen_at) for pid, seen_at in pids.items()):
             continue
         if run is not None:
             instance.report_run_failed(run, DEAD_RUN_MESSAGE)
@@ -79,13 +79,15 @@ def release_dead_runs(instance: Any, log: Callable[[str], None] = print) -> list
     return released
 
 
-def _run_pids(instance: Any, run_id: str) -> set[int]:
-    """The ids of the processes that wrote the run's events (run worker, step processes)."""
-    return {
-        entry.dagster_event.pid
-        for entry in instance.all_logs(run_id)
-        if entry.dagster_event is not None and entry.dagster_event.pid is not None
-    }
+def _run_pids(instance: Any, run_id: str) -> dict[int, float]:
+    """The ids of the processes that wrote the run's events (run worker, step processes), each
+    with the time of its last event (a process started after it reused the id)."""
+    pids: dict[int, float] = {}
+    for entry in instance.all_logs(run_id):
+        if entry.dagster_event is not None and entry.dagster_event.pid is not None:
+            pid = entry.dagster_event.pid
+            pids[pid] = max(pids.get(pid, 0.0), entry.timestamp)
+    return pids
 
 
 def _release_then_execute(init_context: dg.InitExecutorContext) -> Any:
