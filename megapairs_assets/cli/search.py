@@ -14,8 +14,9 @@ are imported when the command runs, never while the parser is built.
 Exit codes (EXIT_CODES, also in the command's --help), as the eval command's: 0 results
 printed (unreadable gallery images are left out and listed on stderr); 1 the data cannot be
 searched (an empty or unreadable gallery, a query image that does not decode, a malformed
-queries file); 2 usage or configuration error (a retriever that does not load, a gallery or
-query image that does not exist), printed by `megapairs_assets.cli.main`.
+queries file or an image it names that is not there); 2 usage or configuration error (a
+retriever that does not load, a --gallery, --image or --queries path that does not exist),
+printed by `megapairs_assets.cli.main`.
 """
 
 from __future__ import annotations
@@ -33,8 +34,9 @@ EXIT_FOUND = 0
 EXIT_CODES = (
     "exit codes: 0 results printed (unreadable gallery images are left out and listed); 1 the "
     "gallery or a query cannot be used (no readable image, a query image that does not decode, "
-    "a malformed queries file); 2 usage or configuration error (a retriever that does not load, "
-    "a gallery or query image that does not exist)"
+    "a malformed queries file, an image it names that is not there); 2 usage or configuration "
+    "error (a retriever that does not load, a --gallery, --image or --queries path that does "
+    "not exist)"
 )
 DEFAULT_TOP_K = 10
 
@@ -194,7 +196,8 @@ def _search(args: argparse.Namespace) -> int:
         raise ConfigurationError(f"--html {args.html}: folder {args.html.parent} does not exist")
     for query in queries:  # a mistyped path is found before any model is loaded
         if query.image is not None and not query.image.is_file():
-            raise SearchConfigError(f"query image {query.image} does not exist")
+            problem = "is not a file" if query.image.exists() else "does not exist"
+            raise SearchConfigError(f"query image {query.image} {problem}")
     home = default_home()
     resources = build_resources(profile_from_env(), home)
     evaluation = resources.get("evaluation")

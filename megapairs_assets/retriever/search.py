@@ -434,7 +434,7 @@ def _why_unreadable(retriever: Retriever, uri: str) -> str:
     )
     if isinstance(prepared, ImageFailure):
         return f"{uri}: {prepared.reason}: {prepared.detail}"
-    return f"{uri}: unreadable when the gallery was embedded, readable now (search with refresh)"
+    return f"{uri}: unreadable when the gallery was embedded, readable now (search with --refresh)"
 
 
 # --- queries -------------------------------------------------------------------------------
@@ -503,11 +503,15 @@ def read_queries_file(path: Path) -> list[SearchQuery]:
             image_path = Path(image).expanduser()
             image_path = image_path if image_path.is_absolute() else path.parent / image_path
             if not image_path.is_file():
-                raise SearchDataError(f"{where}: query image {image_path} does not exist")
+                raise SearchDataError(f"{where}: query image {image_path} {_missing(image_path)}")
         queries.append(SearchQuery(image_path, text.strip() if text else None))
     if not queries:
         raise SearchDataError(f"queries file {path} holds no queries")
     return queries
+
+
+def _missing(path: Path) -> str:
+    return "is not a file" if path.exists() else "does not exist"
 
 
 def open_query_images(
@@ -522,7 +526,7 @@ def open_query_images(
         if query.image is None or query.image in images:
             continue
         if not query.image.is_file():
-            raise SearchConfigError(f"query image {query.image} does not exist")
+            raise SearchConfigError(f"query image {query.image} {_missing(query.image)}")
         try:
             images[query.image] = open_image_for_model(
                 str(query.image), GALLERY_LIMITS, input_side_px
