@@ -27,7 +27,9 @@ def _modules_after(code: str) -> set[str]:
     return {name.split(".")[0] for name in json.loads(done.stdout.splitlines()[-1])}
 
 
-@pytest.mark.parametrize("argv", [["--help"], ["lineage", "--help"], ["eval", "--help"]])
+@pytest.mark.parametrize(
+    "argv", [["--help"], ["lineage", "--help"], ["eval", "--help"], ["search", "--help"]]
+)
 def test_help_imports_no_heavy_library(argv: list[str]) -> None:
     code = (
         "from megapairs_assets.cli.main import main\n"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import re
+import shlex
 from datetime import datetime
 from pathlib import Path
 
@@ -217,3 +218,7 @@ def test_the_demo_summary_says_how_to_score_the_checkpoint(tmp_path: Path) -> No
 
     parsed = build_parser().parse_args(argv[1:])
     assert parsed.retriever == str(export) and parsed.benchmark == "heldout"
+    (search,) = [line for line in lines if "megapairs search" in line]
+    search_argv = shlex.split(search.split("use it:", 1)[1])
+    parsed = build_parser().parse_args(search_argv[1:])
+    assert parsed.retriever == str(export)

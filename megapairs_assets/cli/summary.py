@@ -72,6 +72,10 @@ def training_lines(catalog: LineageCatalog) -> list[str]:
         export = json.loads(row["output_paths"] or "{}").get("open_clip_dir")
         if export:
             lines.append(f"    score it:  megapairs eval --retriever {export} --benchmark heldout")
+            lines.append(
+                f"    use it:    megapairs search --retriever {export} --image <image> "
+                "--text '<what to change>'"
+            )
     return lines
 
 
