@@ -202,6 +202,10 @@ def test_tar_shards_with_spaces_are_read_and_upper_case_tar_is_accepted(tmp_path
     images, _ = _table(spec, "UPPER")
     assert images["source_uri"][0].startswith(str((tmp_path / "UPPER.TAR").resolve()) + "#")
     assert detect_source_kind(tmp_path) == "webdataset"
+    # Every later stage reads the pixels back from that uri (embedding, export, search).
+    from megapairs_assets.corpus.images import read_uri_bytes
+
+    assert read_uri_bytes(images["source_uri"][0])[:2] in (b"\xff\xd8", b"\x89P")
 
 
 # --- 6. caption sidecar problems ------------------------------------------------------------

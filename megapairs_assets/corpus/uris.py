@@ -5,7 +5,7 @@ A `source_uri` is one of:
 
 - an absolute local path: `/data/photos/cat.jpg`;
 - a member of a webdataset tar: `<absolute tar path>#<member name>`, for example
-  `/data/shards/00000.tar#000000012.jpg` (the first `.tar#` splits the two);
+  `/data/shards/00000.tar#000000012.jpg` (the first `.tar#`, in any letter case, splits the two);
 - a remote URL (`https://...`), recorded so the row can be reported, never fetched.
 
 Locations given by a user (manifest rows) may also start with `file://`, which is dropped.
@@ -18,7 +18,7 @@ from pathlib import Path
 
 TAR_SUFFIX = ".tar"
 _MEMBER_MARK = "#"
-_TAR_MEMBER_SPLIT = TAR_SUFFIX + _MEMBER_MARK
+_TAR_MEMBER_SPLIT_ANY_CASE = re.compile(re.escape(TAR_SUFFIX + _MEMBER_MARK), re.IGNORECASE)
 _URL_SCHEME = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
 _FILE_SCHEME = "file://"
 
@@ -29,11 +29,12 @@ def tar_member_uri(tar_uri: str, member_name: str) -> str:
 
 
 def split_tar_member(uri: str) -> tuple[str, str] | None:
-    """(tar path, member name) for a tar member uri, None for any other uri."""
-    split_at = uri.find(_TAR_MEMBER_SPLIT)
-    if split_at < 0:
+    """(tar path, member name) for a tar member uri, None for any other uri. The suffix may be
+    in any letter case (`UP.TAR#x.jpg`), as the sources accept shards named so."""
+    split = _TAR_MEMBER_SPLIT_ANY_CASE.search(uri)
+    if split is None:
         return None
-    tar_end = split_at + len(TAR_SUFFIX)
+    tar_end = split.start() + len(TAR_SUFFIX)
     return uri[:tar_end], uri[tar_end + len(_MEMBER_MARK) :]
 
 
