@@ -27,7 +27,7 @@ import sys
 import time
 from pathlib import Path
 
-from megapairs_assets.evaluation.cli import BASE_ALIAS, EXIT_BAD_DATA
+from megapairs_assets.evaluation.cli import BASE_ALIAS, EXIT_BAD_DATA, retriever_spec
 from megapairs_assets.lib.errors import ConfigurationError
 
 EXIT_FOUND = 0
@@ -172,7 +172,7 @@ def _search(args: argparse.Namespace) -> int:
 
     from megapairs_assets.evaluation.step import gallery_cache
     from megapairs_assets.lib.storage import DataLayout, default_home
-    from megapairs_assets.retriever.model import load_retriever_spec, spec_from_argument
+    from megapairs_assets.retriever.model import load_retriever_spec
     from megapairs_assets.retriever.search import (
         SearchConfigError,
         embed_gallery,
@@ -201,15 +201,7 @@ def _search(args: argparse.Namespace) -> int:
     home = default_home()
     resources = build_resources(profile_from_env(), home)
     evaluation = resources.get("evaluation")
-    if args.retriever == BASE_ALIAS:
-        if evaluation is None:
-            raise ConfigurationError("this profile configures no base retriever; name one instead")
-        evaluation.prepare()
-        spec = evaluation.base_spec()
-    else:
-        spec = spec_from_argument(
-            args.retriever, default_model=evaluation.base_model if evaluation else None
-        )
+    spec = retriever_spec(args.retriever, evaluation)
     if args.gallery is not None:
         gallery = gallery_from_path(args.gallery)
     else:

@@ -20,8 +20,12 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from megapairs_assets.lib.errors import ConfigurationError
+
+if TYPE_CHECKING:
+    from megapairs_assets.retriever.model import RetrieverSpec
 
 BASE_ALIAS = "base"
 # `evaluation.run.BENCHMARK_KEYS`, spelled here because `megapairs` builds every subcommand's
@@ -161,22 +165,14 @@ def _evaluate(args: argparse.Namespace):
     from megapairs_assets.evaluation.run import BENCHMARK_FAMILY, evaluate_benchmark
     from megapairs_assets.evaluation.step import gallery_cache, output_dir
     from megapairs_assets.lib.storage import DataLayout, default_home
-    from megapairs_assets.retriever.model import load_retriever_spec, spec_from_argument
+    from megapairs_assets.retriever.model import load_retriever_spec
     from resources.device import DeviceResource
 
     home = default_home()
     layout = DataLayout(home)
     resources = _profile_resources(home)
     evaluation = resources.get("evaluation")
-    if args.retriever == BASE_ALIAS:
-        if evaluation is None:
-            raise ConfigurationError("this profile configures no base retriever; name one instead")
-        evaluation.prepare()
-        spec = evaluation.base_spec()
-    else:
-        spec = spec_from_argument(
-            args.retriever, default_model=evaluation.base_model if evaluation else None
-        )
+    spec = retriever_spec(args.retriever, evaluation)
     sources = _sources(evaluation, layout, resources["catalog"].catalog())
     family = BENCHMARK_FAMILY[args.benchmark]
     if args.root is not None:
@@ -244,3 +240,16 @@ def _default_settings():
     from megapairs_assets.evaluation.run import EvaluationSettings
 
     return EvaluationSettings()
+
+
+def retriever_spec(argument: str, evaluation: Any | None) -> RetrieverSpec:
+    """What `--retriever` names (eval and search take the same forms): `base`, the profile's
+    base retriever (its weights checked here), or a checkpoint, export or open_clip name."""
+    from megapairs_assets.retriever.model import spec_from_argument
+
+    if argument == BASE_ALIAS:
+        if evaluation is None:
+            raise ConfigurationError("this profile configures no base retriever; name one instead")
+        evaluation.prepare()
+        return evaluation.base_spec()
+    return spec_from_argument(argument, default_model=evaluation.base_model if evaluation else None)
