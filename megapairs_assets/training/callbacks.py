@@ -1,8 +1,11 @@
-"""Lightning callbacks: the loss-curve log, progress reporting and the final checkpoint."""
+"""Lightning callbacks: the loss-curve log, progress reporting, the checkpoints written at the
+end of training and on SIGTERM, the stop on a non-finite loss, and a checkpoint writer that
+publishes `last.ckpt` atomically."""
 
 from __future__ import annotations
 
 import csv
+import math
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -10,8 +13,12 @@ from typing import Any
 
 import lightning.pytorch as pl_lightning
 import polars as pl
+import torch
+from lightning.fabric.plugins import TorchCheckpointIO
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from megapairs_assets.lib.progress import Progress
+from megapairs_assets.lib.storage import write_atomic
 
 LOSS_CURVE_COLUMNS = (
     "step",
@@ -137,3 +144,88 @@ class FinalCheckpoint(pl_lightning.Callback):
 
     def on_train_end(self, trainer: pl_lightning.Trainer, pl_module: Any) -> None:
         trainer.save_checkpoint(self.path)
+
+
+class TrainingInterrupted(RuntimeError):
+    """Training stopped on SIGTERM after saving its state; materializing again resumes it."""
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite: the weights are ruined, so nothing may be exported."""
+
+
+class StopOnNonFiniteLoss(pl_lightning.Callback):
+    """Stops training at the first step whose (global) loss is not finite.
+
+    A NaN step turns every weight NaN, and the run would go on for hours, export NaN weights
+    and leave the evaluation to score them. Every rank sees the same global loss
+    (`MMRetCLIP.last_step_stats`), so all ranks stop together. Put after `TrainingLog`, so the
+    curve on disk shows the bad step; `ModelCheckpoint` runs after every other callback, so
+    the ruined state of this step is never saved.
+    """
+
+    def __init__(self, config_name: str, learning_rate: float, temperature: float) -> None:
+        self.config_name = config_name
+        self.learning_rate = learning_rate
+        self.temperature = temperature
+
+    def on_train_batch_end(self, trainer: pl_lightning.Trainer, pl_module: Any, *args: Any) -> None:
+        loss = pl_module.last_step_stats.get("loss", 0.0)
+        if math.isfinite(loss):
+            return
+        raise TrainingDiverged(
+            f"training {self.config_name!r} diverged: the loss was {loss} at step "
+            f"{trainer.global_step} (learning_rate={self.learning_rate:g}, "
+            f"temperature={self.temperature:g}); nothing was exported. Lower learning_rate (or "
+            "lengthen warmup_steps), then materialize again: a changed setting starts over"
+        )
+
+
+class SigtermCheckpoint(pl_lightning.Callback):
+    """Writes `last.ckpt` when the process is asked to stop (SIGTERM), at a step boundary.
+
+    Lightning notices SIGTERM (a `kill`, a scheduler's pre-emption, Kubernetes' pod eviction)
+    and stops after the current step, but saves nothing: without this, every step since the
+    last periodic checkpoint (up to `checkpoint_every_n_steps`) would be trained again. On one
+    device the checkpoint is written at the end of the step, where `ModelCheckpoint` writes
+    its own, so the resumed run is exactly the uninterrupted one. With several devices only
+    rank 0 receives the signal and the others learn it at the start of the next step, where
+    all ranks stop together (`on_exception`): saving is collective, so it happens there.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.saved_step: int | None = None
+
+    def on_train_batch_end(self, trainer: pl_lightning.Trainer, pl_module: Any, *args: Any) -> None:
+        if trainer.world_size == 1 and getattr(trainer, "received_sigterm", False):
+            self._save(trainer)
+
+    def on_exception(
+        self, trainer: pl_lightning.Trainer, pl_module: Any, exception: BaseException
+    ) -> None:
+        if isinstance(exception, SIGTERMException):
+            self._save(trainer)
+
+    def _save(self, trainer: pl_lightning.Trainer) -> None:
+        if self.saved_step != trainer.global_step:
+            trainer.save_checkpoint(self.path)
+            self.saved_step = trainer.global_step
+
+
+class SameFolderCheckpointIO(TorchCheckpointIO):
+    """Writes each checkpoint to a temporary file beside it, then renames it into place.
+
+    Lightning's own writer serialises the whole checkpoint in memory, writes it to the system
+    temporary folder and moves it over: across file systems (a small /tmp, a data disk) that
+    move is a copy, and a kill during it leaves a truncated `last.ckpt`, the resume point. A
+    rename within one folder is atomic, and a writer killed mid-file leaves only a temporary
+    that the next write sweeps away (`lib.storage.write_atomic`).
+    """
+
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None
+    ) -> None:
+        if storage_options is not None:
+            raise TypeError(f"{type(self).__name__} takes no storage_options")
+        write_atomic(Path(path), lambda tmp: torch.save(checkpoint, tmp))

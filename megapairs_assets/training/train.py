@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 import polars as pl
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from megapairs_assets.lib.quality import CheckOutcome
 from megapairs_assets.lib.step import StepResult
@@ -46,7 +47,7 @@ from megapairs_assets.lib.storage import (
     write_atomic,
     write_parquet_atomic,
 )
-from megapairs_assets.training.callbacks import read_loss_curve
+from megapairs_assets.training.callbacks import TrainingInterrupted, read_loss_curve
 from megapairs_assets.training.config import (
     ResolvedTraining,
     TrainingConfig,
@@ -276,7 +277,17 @@ def _fit(
     threads = config.cpu_threads if resolved.accelerator == "cpu" else None
     with _quiet_lightning(), _torch_threads(threads):
         trainer = _trainer(config, resolved, out, say, config_name, extra_callbacks)
-        trainer.fit(module, datamodule=datamodule, ckpt_path=resume_path)
+        try:
+            trainer.fit(module, datamodule=datamodule, ckpt_path=resume_path)
+        except SIGTERMException:
+            # Lightning ends a SIGTERM'd fit with SystemExit(None): exit status 0, as if the
+            # run had finished. Say what happened and fail the step instead.
+            last = out / "lightning" / "last.ckpt"
+            raise TrainingInterrupted(
+                f"training {config_name!r} stopped on SIGTERM after step {trainer.global_step} "
+                f"of {config.max_steps}; its state is saved in {last} (step "
+                f"{_checkpoint_step(last)}): materialize it again to resume from there"
+            ) from None
     return module, trainer
 
 
@@ -292,11 +303,19 @@ def _trainer(
     import lightning.pytorch as pl_lightning
     from lightning.pytorch.callbacks import ModelCheckpoint
 
-    from megapairs_assets.training.callbacks import FinalCheckpoint, StepProgress, TrainingLog
+    from megapairs_assets.training.callbacks import (
+        FinalCheckpoint,
+        SameFolderCheckpointIO,
+        SigtermCheckpoint,
+        StepProgress,
+        StopOnNonFiniteLoss,
+        TrainingLog,
+    )
 
     lightning_dir = out / "lightning"
     return pl_lightning.Trainer(
         **resolved.trainer_kwargs(),
+        plugins=[SameFolderCheckpointIO()],
         max_steps=config.max_steps,
         max_epochs=-1,
         logger=False,
@@ -314,8 +333,10 @@ def _trainer(
                 every_n_train_steps=config.checkpoint_every_n_steps,
             ),
             TrainingLog(out / "loss_curve.csv"),
+            StopOnNonFiniteLoss(config_name, config.learning_rate, config.temperature),
             StepProgress(f"training {config_name}", say),
             FinalCheckpoint(lightning_dir / "last.ckpt"),
+            SigtermCheckpoint(lightning_dir / "last.ckpt"),
             *extra_callbacks,
         ],
     )
