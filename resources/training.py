@@ -123,6 +123,9 @@ class TrainingResource(dg.ConfigurableResource):
         """`resolve_config` of one named config on this machine: every problem at once, each
         with the profile's hint for the setting that fixes it."""
         with self.hinted_errors(name):
+            # The name becomes a partition key and a folder: a bad one fails here, in the
+            # readiness check, before any work (not at the end of generation).
+            check_config_name(name)
             return resolve_config(self.config_for(name), gpu_count=gpu_count)
 
     @contextmanager
@@ -136,8 +139,8 @@ class TrainingResource(dg.ConfigurableResource):
             raise error.with_hints(hints) from None
 
     def setup_for_execution(self, context: dg.InitResourceContext) -> None:
-        for name in self.configs:
-            check_config_name(name)
+        # Config names are not checked here: one bad name would fail every run that uses the
+        # resource, the good configs' training included. Each partition's step checks its own.
         if self.demo_models_dir:
             from pathlib import Path
 

@@ -7,12 +7,14 @@ every shard). The export lands under `<data>/mmret_clip_checkpoint/<config>/open
 the evaluation's checkpoint sensor finds it.
 """
 
+from collections.abc import Iterable
 from pathlib import Path
 
 import dagster as dg
 
 from megapairs_assets.lib.step import StepResult
 from megapairs_assets.orchestration.shard_step import Stage, materialize_partitions
+from megapairs_assets.training.config import TrainingConfigError, check_config_name
 from megapairs_assets.training.names import (
     ASSET_NAME,
     TRAINING_CHECKS,
@@ -95,11 +97,19 @@ def build_training_configs_sensor(default_status: dg.DefaultSensorStatus) -> dg.
     def training_configs_sensor(
         context: dg.SensorEvaluationContext, training: TrainingResource
     ) -> dg.SensorResult | dg.SkipReason:
-        """Registers each named training config as a partition (nothing is trained here)."""
+        """Registers each named training config as a partition (nothing is trained here).
+
+        A name that cannot be a partition key and a folder is left out and named in the tick's
+        log: a partition, once added, stays until someone deletes it by hand.
+        """
+        valid, invalid = split_config_names(training.configs)
+        for problem in invalid.values():
+            context.log.warning(f"training config not registered: {problem}")
         known = set(context.instance.get_dynamic_partitions(TRAINING_CONFIG_PARTITIONS_NAME))
-        new = [name for name in training.configs if name not in known]
+        new = [name for name in valid if name not in known]
         if not new:
-            return dg.SkipReason(f"no new training config ({len(known)} known)")
+            refused = f"; {len(invalid)} invalid name(s) left out" if invalid else ""
+            return dg.SkipReason(f"no new training config ({len(known)} known{refused})")
         return dg.SensorResult(
             dynamic_partitions_requests=[training_config_partitions.build_add_request(new)]
         )
@@ -110,10 +120,28 @@ def build_training_configs_sensor(default_status: dg.DefaultSensorStatus) -> dg.
 def register_training_configs(
     instance: dg.DagsterInstance, training: TrainingResource
 ) -> list[str]:
-    """Add the resource's config names to the partition set (for `megapairs demo`); all names."""
+    """Add the resource's config names to the partition set (for `megapairs demo`); all names.
+
+    Raises `TrainingConfigError`, registering nothing, when a name cannot be a partition key.
+    """
+    names, invalid = split_config_names(training.configs)
+    if invalid:
+        raise TrainingConfigError("; ".join(invalid.values()))
     known = set(instance.get_dynamic_partitions(TRAINING_CONFIG_PARTITIONS_NAME))
-    names = list(training.configs)
     new = [name for name in names if name not in known]
     if new:
         instance.add_dynamic_partitions(TRAINING_CONFIG_PARTITIONS_NAME, new)
     return names
+
+
+def split_config_names(names: Iterable[str]) -> tuple[list[str], dict[str, str]]:
+    """(names fit to be partition keys and folders, {bad name: why}), in the given order."""
+    valid, invalid = [], {}
+    for name in names:
+        try:
+            check_config_name(name)
+        except TrainingConfigError as error:
+            invalid[name] = str(error)
+        else:
+            valid.append(name)
+    return valid, invalid

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from megapairs_assets.embeddings.encoders import MODEL_CONFIGS_DIR
 from megapairs_assets.lib.quality import CheckOutcome
 from megapairs_assets.lib.storage import write_atomic
 
@@ -37,11 +38,23 @@ class ExportedCheckpoint:
     model_name: str
 
     def load_snippet(self) -> str:
-        """Python that loads the checkpoint with open_clip."""
-        return (
-            f"open_clip.create_model_and_transforms({self.model_name!r}, "
-            f"pretrained={str(self.weights)!r})  # or 'local-dir:{self.directory}'"
+        """Python that loads the checkpoint with a plain `import open_clip` (no project code).
+
+        `local-dir:` first: the config travels with the weights, so it works for every model,
+        including the project's own configs (the demo's tiny CLIP), which open_clip does not
+        know by name in a fresh process. The by-name form is offered for open_clip's own models.
+        """
+        spec = f"local-dir:{self.directory}"
+        snippet = (
+            f"model, _, preprocess = open_clip.create_model_and_transforms({spec!r}); "
+            f"tokenizer = open_clip.get_tokenizer({spec!r})"
         )
+        if not (MODEL_CONFIGS_DIR / f"{self.model_name}.json").is_file():
+            snippet += (
+                f"  # or create_model_and_transforms({self.model_name!r}, "
+                f"pretrained={str(self.weights)!r})"
+            )
+        return snippet
 
 
 def export_open_clip(clip: torch.nn.Module, model_name: str, directory: Path) -> ExportedCheckpoint:
