@@ -6,15 +6,25 @@ from typing import Any
 import dagster as dg
 
 from megapairs_assets.corpus.assets import image_corpus
+from megapairs_assets.embeddings.encoders import LoadedEncoder, encoder_backend, encoder_model_id
 from megapairs_assets.embeddings.sources import SOURCES, SimilaritySource
-from megapairs_assets.embeddings.step import EMBEDDING_CHECKS, EmbeddingRun, embed_shards
+from megapairs_assets.embeddings.step import (
+    EMBEDDING_CHECKS,
+    EmbeddingRun,
+    LazyEncoder,
+    embed_shards,
+)
 from megapairs_assets.lib.step import StepStream
 from megapairs_assets.orchestration.partitions import (
     DOWNSTREAM_AUTOMATION,
     shard_asset_options,
     step_placement,
 )
-from megapairs_assets.orchestration.settings_version import SettingsOf, fields
+from megapairs_assets.orchestration.settings_version import (
+    SettingsOf,
+    fields,
+    settings_code_version,
+)
 from megapairs_assets.orchestration.shard_step import Stage, materialize_partitions
 
 
@@ -33,6 +43,16 @@ def embedding_settings(source: SimilaritySource) -> SettingsOf:
         return {"encoder": encoder, "dtype": resources.device.dtype}
 
     return settings
+
+
+def reuse_unchanged(encoder_resource: Any) -> bool:
+    """The encoder resource's `reuse_unchanged` switch; True where the resource has none.
+
+    False re-embeds every shard of the run even when its table was written for the same
+    inputs (after a change the stage version does not capture, or to rule reuse out).
+    """
+    value = getattr(encoder_resource, "reuse_unchanged", True)
+    return True if value is None else bool(value)
 
 
 def embedding_stage(source: SimilaritySource) -> Stage:
@@ -71,28 +91,48 @@ def build_embedding_asset(source: SimilaritySource) -> dg.AssetsDefinition:
         resources = context.resources
         encoder_resource = getattr(resources, source.encoder_key)
         device, dtype = resources.device.torch_device(), resources.device.torch_dtype()
-        context.log.info(f"loading {encoder_resource.model_id} on {resources.device.describe()}")
+        model_id = encoder_model_id(encoder_resource.spec())
+
+        def load() -> LoadedEncoder:
+            context.log.info(f"loading {model_id} on {resources.device.describe()}")
+            return encoder_resource.load(device, dtype)
+
+        # Loaded only when a shard has to be embedded: shards whose inputs are unchanged keep
+        # their tables (embeddings/reuse.py), and loading is a large part of a short step.
+        encoder = LazyEncoder(encoder_backend(encoder_resource.backend).modality, load)
         run = EmbeddingRun(
             source=source,
-            encoder=encoder_resource.load(device, dtype),
+            encoder=encoder,
             batch_size=encoder_resource.batch_size,
             num_workers=encoder_resource.num_workers,
             device=device,
             dtype=dtype,
             limits=resources.corpus_source.limits(),
             image_decode=encoder_resource.image_decode,
+            # What Dagster shows as the code version, with this run's settings (as shard_step
+            # records it), so a run-config override of the model never reuses a table.
+            code_version=settings_code_version(stage.code_version, stage.settings(resources)),
+            reuse_unchanged=reuse_unchanged(encoder_resource),
         )
+        if not run.reuse_unchanged:
+            context.log.info(f"{source.embedding_asset}: reuse_unchanged is off; embedding all")
         layout, lineage = resources.storage.layout(), resources.catalog.catalog()
         # The run's shards share one input pipeline (embed_shards), handed out per shard.
         shards = embed_shards(context.partition_keys, run, layout, lineage, context.log.info)
-        return materialize_partitions(
+        result = materialize_partitions(
             context,
             stage,
             StepStream(shards),
             lineage,
             resources.storage.profile,
-            run_metadata={"model_id": run.encoder.model_id, "device": resources.device.describe()},
+            run_metadata={"model_id": model_id, "device": resources.device.describe()},
         )
+        if not encoder.loaded:
+            context.log.info(
+                f"{source.embedding_asset}: every shard's inputs were unchanged; "
+                f"{model_id} was not loaded"
+            )
+        return result
 
     return _embedding_asset
 

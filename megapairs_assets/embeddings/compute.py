@@ -14,7 +14,7 @@ from __future__ import annotations
 import sys
 import time
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -467,12 +467,18 @@ def _coverage_failures(ids: list[str], vector_rows: int, expected_ids: Sequence[
 
 
 def write_embedding_table(
-    path: DataPath, ids: Sequence[str], vectors: np.ndarray, model_id: str
+    path: DataPath,
+    ids: Sequence[str],
+    vectors: np.ndarray,
+    model_id: str,
+    metadata: Mapping[str, str] | None = None,
 ) -> None:
     """Write `image_id` + `embedding` (fixed_size_list<halffloat>[dim]) to Parquet, atomically.
 
-    The schema metadata records `model_id` and `dim`. The file appears complete or not at all
-    (`write_atomic`: a rename on local disk, one upload of the finished object on a store).
+    The schema metadata records `model_id`, `dim` and any extra `metadata` (the shard's reuse
+    key, see `embeddings.reuse`), in the same file, so they can never disagree with the
+    vectors. The file appears complete or not at all (`write_atomic`: a rename on local disk,
+    one upload of the finished object on a store).
     """
     vectors = np.ascontiguousarray(vectors, dtype=np.float16)
     if vectors.ndim != 2 or vectors.shape[0] != len(ids):
@@ -480,7 +486,9 @@ def write_embedding_table(
     dim = vectors.shape[1]
     embedding = pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), dim)
     table = pa.table({"image_id": pa.array(list(ids), type=pa.string()), "embedding": embedding})
-    table = table.replace_schema_metadata({"model_id": model_id, "dim": str(dim)})
+    table = table.replace_schema_metadata(
+        {**(metadata or {}), "model_id": model_id, "dim": str(dim)}
+    )
     # No dictionary encoding: ids are unique and float16 values nearly so, and with the
     # dictionaries a 20k x 768 table took about 1.8 x as long to write and 5 x to read, for a
     # file only 6 % smaller (benchmarks/README.md, "embedding table write").
@@ -492,7 +500,11 @@ def read_embedding_table(path: DataPath) -> tuple[np.ndarray, np.ndarray]:
 
     Returns (ids as a numpy object array of str, float16 vectors of shape (N, dim)).
     """
-    table = pq.read_table(table_source(path), columns=["image_id", "embedding"])
+    return embedding_arrays(pq.read_table(table_source(path), columns=["image_id", "embedding"]))
+
+
+def embedding_arrays(table: pa.Table) -> tuple[np.ndarray, np.ndarray]:
+    """(ids, float16 vectors of shape (N, dim)) of an embedding table read into memory."""
     ids = table.column("image_id").to_numpy()
     embedding = table.column("embedding").combine_chunks()
     dim = embedding.type.list_size

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import Any
 
 import polars as pl
 import torch
@@ -12,15 +14,25 @@ from megapairs_assets.corpus.images import ImageLimits
 from megapairs_assets.corpus.step import ASSET_NAME as CORPUS_ASSET
 from megapairs_assets.embeddings.compute import (
     EmbeddingResult,
+    SkippedRow,
     check_embeddings,
     embed_row_groups,
     write_embedding_table,
 )
-from megapairs_assets.embeddings.encoders import LoadedEncoder
+from megapairs_assets.embeddings.encoders import LoadedEncoder, Modality
+from megapairs_assets.embeddings.reuse import (
+    NoTable,
+    NotReusable,
+    ReusedShard,
+    reusable_shard,
+    shard_reuse_key,
+    stored_metadata,
+)
 from megapairs_assets.embeddings.sources import SimilaritySource
 from megapairs_assets.lib.progress import Progress
+from megapairs_assets.lib.quality import CheckOutcome
 from megapairs_assets.lib.step import StepResult
-from megapairs_assets.lib.storage import DataLayout, read_parquet
+from megapairs_assets.lib.storage import DataLayout, DataPath, read_parquet
 from megapairs_assets.lineage.catalog import LineageCatalog, read_with_versions
 
 # Corpus rows per input stream (see `embed_shards`): about ten img2dataset shards, so the
@@ -34,18 +46,58 @@ EMBEDDING_CHECKS = {
 }
 
 
+@dataclass
+class LazyEncoder:
+    """An encoder loaded on first use: a step whose shards are all reused never loads it."""
+
+    modality: Modality
+    load: Callable[[], LoadedEncoder]
+    _loaded: LoadedEncoder | None = field(default=None, init=False, repr=False)
+
+    @property
+    def loaded(self) -> bool:
+        """Whether the model has been loaded."""
+        return self._loaded is not None
+
+    def get(self) -> LoadedEncoder:
+        """The model, loaded now if it was not yet."""
+        if self._loaded is None:
+            self._loaded = self.load()
+        return self._loaded
+
+
 @dataclass(frozen=True)
 class EmbeddingRun:
-    """What every shard of one embedding step shares: the loaded model and its settings."""
+    """What every shard of one embedding step shares: the model and its settings.
+
+    encoder: the model, or a `LazyEncoder` loaded only when a shard must be embedded.
+    code_version: the stage's settings-aware code version (what Dagster shows); with it, each
+        table records its shard's reuse key (`embeddings.reuse`) and an unchanged shard keeps
+        its table. None: no key is written and nothing is reused.
+    reuse_unchanged: False embeds every shard again (the keys are still written).
+    """
 
     source: SimilaritySource
-    encoder: LoadedEncoder
+    encoder: LoadedEncoder | LazyEncoder
     batch_size: int
     num_workers: int | None
     device: torch.device
     dtype: torch.dtype
     limits: ImageLimits
     image_decode: str = "auto"
+    code_version: str | None = None
+    reuse_unchanged: bool = True
+
+    @property
+    def modality(self) -> Modality:
+        """What the encoder embeds, known without loading it."""
+        return self.encoder.modality
+
+    def loaded_encoder(self) -> LoadedEncoder:
+        """The model, loading it now when it is lazy and not loaded yet."""
+        if isinstance(self.encoder, LazyEncoder):
+            return self.encoder.get()
+        return self.encoder
 
 
 def embed_shard(
@@ -104,14 +156,27 @@ def _embed_window(
     log: Callable[[str], None],
 ) -> Iterator[StepResult]:
     asset_name = run.source.embedding_asset
-    shards = [shard for shard, _, _ in window]
-    label = shards[0] if len(shards) == 1 else f"{shards[0]}..{shards[-1]}"
-    inputs = {shard: (rows, versions) for shard, rows, versions in window}
-    total = sum(rows.height for _, rows, _ in window)
-    with Progress(total, f"{asset_name}[{label}]", log=log) as progress:
+    keys = {shard: _reuse_key(rows, run) for shard, rows, _ in window}
+    # Decided before anything is embedded, so a window whose shards are all unchanged never
+    # needs the model; a reused shard's vectors are checked here and not kept.
+    reused = {
+        shard: kept
+        for shard, rows, _ in window
+        if (kept := _reusable(shard, rows, keys[shard], run, layout, log)) is not None
+    }
+    to_embed = [(shard, rows) for shard, rows, _ in window if shard not in reused]
+    results: Iterator[tuple[str, EmbeddingResult]] = iter(())
+    progress: Any = nullcontext()
+    if to_embed:
+        encoder = run.loaded_encoder()  # before the progress clock starts, as before
+        shards = [shard for shard, _ in to_embed]
+        label = shards[0] if len(shards) == 1 else f"{shards[0]}..{shards[-1]}"
+        progress = Progress(
+            sum(rows.height for _, rows in to_embed), f"{asset_name}[{label}]", log=log
+        )
         results = embed_row_groups(
-            [(shard, rows) for shard, rows, _ in window],
-            run.encoder,
+            to_embed,
+            encoder,
             run.limits,
             run.batch_size,
             run.num_workers,
@@ -119,9 +184,49 @@ def _embed_window(
             on_progress=progress.update,
             image_decode=run.image_decode,
         )
-        for shard, result in results:
-            rows, versions = inputs.pop(shard)
-            yield _shard_result(shard, rows, versions, result, run, layout)
+    with progress:
+        for shard, rows, versions in window:
+            if shard in reused:
+                log(f"{asset_name}[{shard}]: inputs unchanged, table reused")
+                yield _reused_result(shard, rows, versions, reused.pop(shard), run, layout)
+                continue
+            embedded_shard, result = next(results)
+            if embedded_shard != shard:  # embed_row_groups keeps the given order
+                raise RuntimeError(f"embedded {embedded_shard!r} where {shard!r} was expected")
+            yield _shard_result(shard, rows, versions, result, run, layout, keys[shard])
+        # The stream to its end, so its loader and workers finish, as a for loop over it would.
+        for extra, _ in results:
+            raise RuntimeError(f"embedded {extra!r}, which this window does not hold")
+
+
+def _reuse_key(rows: pl.DataFrame, run: EmbeddingRun) -> str | None:
+    if run.code_version is None:
+        return None
+    return shard_reuse_key(
+        run.code_version, run.source.embedding_asset, run.modality, rows, run.limits
+    )
+
+
+def _reusable(
+    shard: str,
+    rows: pl.DataFrame,
+    reuse_key: str | None,
+    run: EmbeddingRun,
+    layout: DataLayout,
+    log: Callable[[str], None],
+) -> ReusedShard | None:
+    """The shard's existing table when it can stand for this run, else None (embed it)."""
+    if reuse_key is None or not run.reuse_unchanged:
+        return None
+    try:
+        return reusable_shard(
+            layout.shard_table(run.source.embedding_asset, shard), reuse_key, rows
+        )
+    except NoTable:
+        return None
+    except NotReusable as why:
+        log(f"{run.source.embedding_asset}[{shard}]: embedding it: {why}")
+        return None
 
 
 def _shard_result(
@@ -131,37 +236,100 @@ def _shard_result(
     result: EmbeddingResult,
     run: EmbeddingRun,
     layout: DataLayout,
+    reuse_key: str | None,
 ) -> StepResult:
-    """Write one shard's table and describe it."""
-    asset_name = run.source.embedding_asset
-    path = layout.shard_table(asset_name, shard)
-    write_embedding_table(path, result.ids, result.vectors, run.encoder.model_id)
-    skipped = pl.DataFrame(
-        result.skipped,
-        schema={"image_id": pl.String, "reason": pl.String, "detail": pl.String},
-        orient="row",
+    """Write one shard's table (with its reuse key) and describe it."""
+    encoder = run.loaded_encoder()
+    path = layout.shard_table(run.source.embedding_asset, shard)
+    write_embedding_table(
+        path,
+        result.ids,
+        result.vectors,
+        encoder.model_id,
+        metadata=stored_metadata(reuse_key, result.skipped),
     )
+    skipped = _skipped_frame(result.skipped)
     expected = rows.filter(~pl.col("image_id").is_in(skipped["image_id"].implode()))
+    outcomes = check_embeddings(result.ids, result.vectors, expected["image_id"].to_list())
+    return _describe(
+        shard,
+        rows,
+        versions,
+        run,
+        path,
+        embedded=len(result.ids),
+        skipped=skipped,
+        model_id=encoder.model_id,
+        outcomes=outcomes,
+        metadata={
+            "dim": encoder.dim,
+            "reused": False,
+            "items_per_s": round(result.items_per_s, 1),
+        },
+    )
+
+
+def _reused_result(
+    shard: str,
+    rows: pl.DataFrame,
+    versions: dict[str, str],
+    kept: ReusedShard,
+    run: EmbeddingRun,
+    layout: DataLayout,
+) -> StepResult:
+    """Describe a kept table exactly as if it had just been written (nothing is written)."""
+    return _describe(
+        shard,
+        rows,
+        versions,
+        run,
+        layout.shard_table(run.source.embedding_asset, shard),
+        embedded=len(kept.ids),
+        skipped=_skipped_frame(kept.skipped),
+        model_id=kept.model_id,
+        outcomes=kept.outcomes,
+        metadata={"dim": kept.dim, "reused": True},
+    )
+
+
+def _describe(
+    shard: str,
+    rows: pl.DataFrame,
+    versions: dict[str, str],
+    run: EmbeddingRun,
+    path: DataPath,
+    embedded: int,
+    skipped: pl.DataFrame,
+    model_id: str,
+    outcomes: list[CheckOutcome],
+    metadata: dict[str, Any],
+) -> StepResult:
+    """One shard's StepResult, the same for a computed and a reused table."""
+    asset_name = run.source.embedding_asset
     return StepResult(
         partition=shard,
         outputs={"embeddings": path},
-        row_counts={"embedded": len(result.ids), "skipped": skipped.height},
+        row_counts={"embedded": embedded, "skipped": skipped.height},
         row_count_key="embedded",
         config={
             "batch_size": run.batch_size,
             "dtype": str(run.dtype),
             "device": str(run.device),
         },
-        model_ids={run.source.name: run.encoder.model_id},
+        model_ids={run.source.name: model_id},
         input_versions={f"{CORPUS_ASSET}/{p}": v for p, v in versions.items()},
         rows={"quarantine_log": _skipped_rows(skipped, rows, asset_name, shard)},
-        outcomes=check_embeddings(result.ids, result.vectors, expected["image_id"].to_list()),
-        metadata={
-            "model_id": run.encoder.model_id,
-            "dim": run.encoder.dim,
-            "items_per_s": round(result.items_per_s, 1),
-        },
+        outcomes=outcomes,
+        metadata={"model_id": model_id, **metadata},
         preview=skipped.head(10) if skipped.height else None,
+    )
+
+
+def _skipped_frame(skipped: list[SkippedRow]) -> pl.DataFrame:
+    return pl.DataFrame(
+        skipped,
+        schema={"image_id": pl.String, "reason": pl.String, "detail": pl.String},
+        orient="row",
     )
 
 
