@@ -159,6 +159,7 @@ def train_on_triplets(
         )
     check_images_readable(prepared.rows)
     versions = dict(input_versions or {})
+    say(f"{config_name}: {_data_summary(prepared, len(versions), config)}")
     split = f"{HELDOUT_SPLIT_VERSION}@{heldout_fraction}"
     out = work_dir(layout, config_name)
     # What is trained on, not which materializations held it: triplets re-materialized with
@@ -167,6 +168,7 @@ def train_on_triplets(
         {"rows": rows_fingerprint(prepared.rows), "heldout_split": split}
     )
     resume_from = _prepare_output_dir(out, fingerprint, say)
+    _withdraw_stale_publication(checkpoint_dir(layout, config_name), out, fingerprint, say)
 
     started = time.perf_counter()
     module, trainer = _fit(config_name, resolved, prepared, out, resume_from, say, extra_callbacks)
@@ -222,10 +224,99 @@ def train_on_triplets(
             **_loss_summary(curve),
             "fit_s": round(fit_s, 2),
             "resumed_from_step": resume_from[1],
+            "epochs": round(final_step * config.batch_size / prepared.rows.height, 2),
+            "device": _device_label(resolved),
+            "settings": _science_settings(config),
+            **_quarantine_reasons(prepared.quarantine),
             "fingerprint": fingerprint,
             "load_with": exported.load_snippet(),
         },
         markdown={"loss_plot": plot_markdown},
+        rows={"quarantine_log": _quarantine_log_rows(prepared.quarantine, triplets, config_name)},
+    )
+
+
+def _data_summary(prepared: PreparedTriplets, tables: int, config: TrainingConfig) -> str:
+    """What the run trains on, said before it starts (a paper run takes hours)."""
+    rows = prepared.rows.height
+    read = f" from {tables} triplet table(s)" if tables else ""
+    reasons = _quarantine_reasons(prepared.quarantine).get("quarantine_reasons", {})
+    why = f" ({', '.join(f'{r} x{n}' for r, n in reasons.items())})" if reasons else ""
+    epochs = config.max_steps * config.batch_size / rows
+    return (
+        f"{rows} training rows of {prepared.input_rows} read{read}; {prepared.heldout_rows} "
+        f"held out for evaluation, {prepared.quarantine.height} quarantined{why}; "
+        f"{config.max_steps} steps of {config.batch_size} queries = {epochs:.1f} epochs"
+    )
+
+
+def _science_settings(config: TrainingConfig) -> dict[str, Any]:
+    """The settings that decide what is learnt (the hardware ones are in `device`)."""
+    names = (
+        "model",
+        "pretrained",
+        "batch_size",
+        "hard_negatives",
+        "temperature",
+        "learning_rate",
+        "weight_decay",
+        "warmup_steps",
+        "max_steps",
+        "seed",
+    )
+    settings = config.as_dict()
+    return {name: settings[name] for name in names}
+
+
+def _device_label(resolved: ResolvedTraining) -> str:
+    """Where it trained, e.g. "gpu x8 (NVIDIA H100 80GB HBM3), bf16-mixed, ddp_spawn"."""
+    label = f"{resolved.accelerator} x{resolved.world_size}"
+    if resolved.accelerator == "gpu":
+        import torch
+
+        if torch.cuda.is_available():
+            label += f" ({torch.cuda.get_device_name(0)})"
+    return f"{label}, {resolved.precision}, {resolved.strategy} strategy"
+
+
+def _quarantine_reasons(quarantine: pl.DataFrame) -> dict[str, dict[str, int]]:
+    """{"quarantine_reasons": {reason: rows}}, or nothing when no row was quarantined."""
+    if quarantine.is_empty():
+        return {}
+    counts = quarantine["reason"].value_counts(sort=True)
+    return {"quarantine_reasons": dict(zip(counts["reason"], counts["count"], strict=True))}
+
+
+def _quarantine_log_rows(
+    quarantine: pl.DataFrame, triplets: pl.DataFrame, config_name: str
+) -> pl.DataFrame:
+    """The quarantined triplet rows for the catalog's `quarantine_log` (shard = the config):
+    keyed by triplet id where the tables have one, else by row number in the rows read."""
+    from megapairs_assets.training.data import QUARANTINE_REASONS
+
+    ids = (
+        triplets["triplet_id"].cast(pl.String)
+        if "triplet_id" in triplets.columns
+        else pl.Series("triplet_id", [None] * triplets.height, dtype=pl.String)
+    )
+    keys = [ids[row] or f"row {row}" for row in quarantine["row"].to_list()]
+    return pl.DataFrame(
+        {
+            "stage": ASSET_NAME,
+            "shard": config_name,
+            "key": keys,
+            "source_uri": quarantine["q_img"],
+            "reason": quarantine["reason"],
+            "detail": quarantine["reason"].replace_strict(QUARANTINE_REASONS, default=None),
+        },
+        schema={
+            "stage": pl.String,
+            "shard": pl.String,
+            "key": pl.String,
+            "source_uri": pl.String,
+            "reason": pl.String,
+            "detail": pl.String,
+        },
     )
 
 
@@ -373,6 +464,34 @@ def _publish(work: Path, published: DataPath) -> DataPath:
         source = work / name
         write_atomic(published / name, lambda tmp, source=source: shutil.copyfile(source, tmp))
     return published
+
+
+def _withdraw_stale_publication(
+    published: DataPath, work: Path, fingerprint: str, say: Callable[[str], None]
+) -> None:
+    """Remove results another fingerprint published to an object store before training anew.
+
+    On a local data root `_prepare_output_dir` already cleared them (the folders are one). On
+    an object store the old export would otherwise stay there for the whole new run, and for
+    good if it fails, as this config's checkpoint: the evaluation would find and score it.
+    """
+    if is_local(published) and Path(published) == work:
+        return
+    state = published / "run.json"
+    try:
+        published_fingerprint = json.loads(state.read_text()).get("fingerprint")
+    except (FileNotFoundError, ValueError):
+        published_fingerprint = None
+    export = published / "open_clip"
+    if published_fingerprint == fingerprint or not (export.exists() or state.exists()):
+        return
+    # The config first: an export folder without it is incomplete to every reader.
+    names = [p.name for p in export.iterdir()] if export.exists() else []
+    names.sort(key=lambda name: name != CONFIG_NAME)
+    for path in [*(export / name for name in names), *(published / n for n in _PUBLISHED_FILES)]:
+        if path.exists():
+            path.unlink()
+    say(f"removed the results of earlier settings or data from {published}")
 
 
 def rows_fingerprint(rows: pl.DataFrame) -> str:
