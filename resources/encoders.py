@@ -42,6 +42,11 @@ class EncoderResource(dg.ConfigurableResource):
         description="Where JPEGs are decoded: auto (CPU until device decoding is verified on "
         "this stack), cpu, or device (nvJPEG on the GPU)",
     )
+    reuse_unchanged: bool = Field(
+        default=True,
+        description="Keep a shard's table when its images (or captions) and the encoder settings "
+        "are unchanged (a content key in the table's footer); false embeds every shard again",
+    )
     demo_models_dir: str | None = Field(default=None, description="Build demo models here first")
     setting_hint: str | None = Field(
         default=None,

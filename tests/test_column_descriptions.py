@@ -6,6 +6,7 @@ import polars as pl
 import pytest
 
 from megapairs_assets.corpus.table import CORPUS_COLUMN_DESCRIPTIONS, CORPUS_SCHEMA
+from megapairs_assets.embeddings.assets import embedding_stages as EMBEDDING_STAGES
 from megapairs_assets.evaluation.assets import STAGE as SCORES_STAGE
 from megapairs_assets.evaluation.run import SCORE_COLUMNS
 from megapairs_assets.generation.assets import (
@@ -23,8 +24,28 @@ from megapairs_assets.mining.assets import STAGE as MINING_STAGE
 from megapairs_assets.mining.pairs import PAIRS_SCHEMA, pairs_column_descriptions
 from megapairs_assets.orchestration.shard_step import Stage, partition_metadata
 
+
+def _embedding_table_columns() -> list[str]:
+    """The columns `write_embedding_table` actually writes (read back from a tiny table)."""
+    import tempfile
+    from pathlib import Path
+
+    import numpy as np
+
+    from megapairs_assets.embeddings.compute import write_embedding_table
+
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "00000.parquet"
+        write_embedding_table(path, ["a/1"], np.ones((1, 4), dtype=np.float16) / 2, "m")
+        return pl.read_parquet_schema(path).names()
+
+
+EMBEDDING_TABLE_COLUMNS = _embedding_table_columns()
+
+
 DECLARED = [
     ("image_corpus", CORPUS_COLUMN_DESCRIPTIONS, list(CORPUS_SCHEMA)),
+    ("embeddings", EMBEDDING_STAGES[0].columns, EMBEDDING_TABLE_COLUMNS),
     ("knn", KNN_COLUMN_DESCRIPTIONS, list(KNN_SCHEMA)),
     ("mined_image_pairs", MINING_STAGE.columns, list(PAIRS_SCHEMA)),
     ("pair_descriptions", DESCRIBE_STAGE.columns, list(DESCRIPTION_SCHEMA)),

@@ -406,13 +406,13 @@ def test_a_no_change_rerun_of_the_assets_loads_no_model(
     from megapairs_assets.embeddings.sources import SOURCES
     from resources.corpus import CorpusSourceResource
     from resources.encoders import EncoderResource
+    from resources.profiles import build_resources
 
     corpus = tmp_path / "corpus"
     factory.write_wds_shard(corpus / "00000.tar", factory.good_items(3))
     source = CorpusSourceResource(kind="webdataset", path=str(corpus))
-    defs = build_definitions(
-        "demo", make_home(tmp_path, demo_models_dir), {"corpus_source": source}
-    )
+    home = make_home(tmp_path, demo_models_dir)
+    defs = build_definitions("demo", home, {"corpus_source": source})
     loads: list[str] = []
     real_load = EncoderResource.load
 
@@ -441,12 +441,16 @@ def test_a_no_change_rerun_of_the_assets_loads_no_model(
     )
     assert any("was not loaded" in m for m in messages)
 
-
-def test_the_resource_switch_defaults_to_reuse() -> None:
-    from types import SimpleNamespace
-
-    from megapairs_assets.embeddings.assets import reuse_unchanged
-
-    assert reuse_unchanged(SimpleNamespace()) is True  # a resource without the field
-    assert reuse_unchanged(SimpleNamespace(reuse_unchanged=False)) is False
-    assert reuse_unchanged(SimpleNamespace(reuse_unchanged=True)) is True
+    # The resource's switch (run config or a resource override) re-embeds that table only.
+    clip_key = SOURCES[0].encoder_key
+    clip = build_resources("demo", home)[clip_key]
+    assert clip.reuse_unchanged is True  # the default
+    fields = {name: getattr(clip, name) for name in EncoderResource.model_fields}
+    fields["reuse_unchanged"] = False
+    forced = build_definitions(
+        "demo",
+        home,
+        {"corpus_source": source, clip_key: EncoderResource(**fields)},
+    )
+    third = run_shards(forced, instance, ["00000"], job_name="corpus_and_embeddings")
+    assert reused(third) == [False, True, True] and loads[3:] == [clip.backend]

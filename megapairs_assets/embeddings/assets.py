@@ -6,6 +6,7 @@ from typing import Any
 import dagster as dg
 
 from megapairs_assets.corpus.assets import image_corpus
+from megapairs_assets.embeddings.compute import EMBEDDING_COLUMN_DESCRIPTIONS
 from megapairs_assets.embeddings.encoders import LoadedEncoder, encoder_backend, encoder_model_id
 from megapairs_assets.embeddings.sources import SOURCES, SimilaritySource
 from megapairs_assets.embeddings.step import (
@@ -45,16 +46,6 @@ def embedding_settings(source: SimilaritySource) -> SettingsOf:
     return settings
 
 
-def reuse_unchanged(encoder_resource: Any) -> bool:
-    """The encoder resource's `reuse_unchanged` switch; True where the resource has none.
-
-    False re-embeds every shard of the run even when its table was written for the same
-    inputs (after a change the stage version does not capture, or to rule reuse out).
-    """
-    value = getattr(encoder_resource, "reuse_unchanged", True)
-    return True if value is None else bool(value)
-
-
 def embedding_stage(source: SimilaritySource) -> Stage:
     """The stage of one source's embedding table."""
     return Stage(
@@ -62,6 +53,7 @@ def embedding_stage(source: SimilaritySource) -> Stage:
         "embeddings-v1",
         EMBEDDING_CHECKS,
         settings=embedding_settings(source),
+        columns=EMBEDDING_COLUMN_DESCRIPTIONS,
     )
 
 
@@ -112,7 +104,7 @@ def build_embedding_asset(source: SimilaritySource) -> dg.AssetsDefinition:
             # What Dagster shows as the code version, with this run's settings (as shard_step
             # records it), so a run-config override of the model never reuses a table.
             code_version=settings_code_version(stage.code_version, stage.settings(resources)),
-            reuse_unchanged=reuse_unchanged(encoder_resource),
+            reuse_unchanged=encoder_resource.reuse_unchanged,
         )
         if not run.reuse_unchanged:
             context.log.info(f"{source.embedding_asset}: reuse_unchanged is off; embedding all")

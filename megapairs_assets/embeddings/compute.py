@@ -465,6 +465,12 @@ def _coverage_failures(ids: list[str], vector_rows: int, expected_ids: Sequence[
 
 # --- table on disk ------------------------------------------------------------------------
 
+EMBEDDING_COLUMN_DESCRIPTIONS: dict[str, str] = {
+    "image_id": "the corpus image (image_corpus.image_id), one row per embedded image",
+    "embedding": "its L2-normalised vector, float16 (the encoder's dimension); the footer names "
+    "the model and the reuse key",
+}
+
 
 def write_embedding_table(
     path: DataPath,
