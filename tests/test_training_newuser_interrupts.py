@@ -15,6 +15,7 @@ import textwrap
 import time
 from pathlib import Path
 
+import lightning.pytorch as pl_lightning
 import polars as pl
 import pytest
 import torch
@@ -140,3 +141,60 @@ def test_checkpoints_are_written_beside_last_ckpt_not_in_the_temporary_folder(
     last = result.outputs["lightning_checkpoint"]
     assert torch.load(last, weights_only=False)["global_step"] == 4
     assert os.listdir(last.parent) == ["last.ckpt"]  # no temporaries left behind
+
+
+class _Interrupted(Exception):
+    """Stands in for Dagster's DagsterExecutionInterruptedError (its SIGINT handler raises it)."""
+
+
+class _CtrlC(pl_lightning.Callback):
+    """Presses Ctrl-C `times` times as step `at_step` starts (the signal lands mid-step)."""
+
+    def __init__(self, at_step: int, times: int = 1) -> None:
+        self.at_step, self.times = at_step, times
+
+    def on_train_batch_start(self, trainer: pl_lightning.Trainer, *args: object) -> None:
+        if trainer.global_step == self.at_step - 1:
+            for _ in range(self.times):
+                os.kill(os.getpid(), signal.SIGINT)
+
+
+def _raise_interrupted(signum: int, frame: object) -> None:
+    raise _Interrupted
+
+
+def test_ctrl_c_finishes_the_step_saves_it_and_raises_what_the_host_expects(
+    tmp_path: Path, demo_models_dir: Path
+) -> None:
+    triplets = write_triplets(tmp_path, rows=24, images=12)
+    home = tmp_path / "home"
+    config = tiny_config(demo_models_dir, max_steps=8, checkpoint_every_n_steps=100)
+    previous = signal.signal(signal.SIGINT, _raise_interrupted)  # as Dagster's step does
+    try:
+        with OneThread(), pytest.raises(_Interrupted):
+            train_checkpoint(
+                "ctrl-c", config, [triplets], DataLayout(home), extra_callbacks=[_CtrlC(3)]
+            )
+        assert signal.getsignal(signal.SIGINT) is _raise_interrupted  # the host's is back
+        out = home / "data" / "mmret_clip_checkpoint" / "ctrl-c"
+        assert torch.load(out / "lightning" / "last.ckpt", weights_only=False)["global_step"] == 3
+        assert read_loss_curve(out / "loss_curve.csv")["step"].to_list() == [1, 2, 3]
+
+        # Twice: stop at once, mid-step, as before (nothing saved: no periodic checkpoint yet).
+        with OneThread(), pytest.raises(_Interrupted):
+            train_checkpoint(
+                "twice", config, [triplets], DataLayout(home), extra_callbacks=[_CtrlC(3, 2)]
+            )
+        assert not (home / "data" / "mmret_clip_checkpoint" / "twice" / "lightning").exists()
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+    with OneThread():
+        resumed = train_checkpoint("ctrl-c", config, [triplets], DataLayout(home))
+        reference = train_checkpoint(
+            "ctrl-c", config, [triplets], DataLayout(tmp_path / "uninterrupted")
+        )
+    assert resumed.metadata["resumed_from_step"] == 3
+    got = read_loss_curve(resumed.outputs["loss_curve"])["loss"].to_list()
+    want = read_loss_curve(reference.outputs["loss_curve"])["loss"].to_list()
+    assert got == pytest.approx(want, rel=1e-5)

@@ -6,9 +6,12 @@ from __future__ import annotations
 
 import csv
 import math
+import signal
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 import lightning.pytorch as pl_lightning
@@ -181,31 +184,83 @@ class StopOnNonFiniteLoss(pl_lightning.Callback):
         )
 
 
-class SigtermCheckpoint(pl_lightning.Callback):
-    """Writes `last.ckpt` when the process is asked to stop (SIGTERM), at a step boundary.
+class StopRequested(Exception):
+    """Raised at the end of the step during which SIGINT arrived, once its state is saved."""
 
-    Lightning notices SIGTERM (a `kill`, a scheduler's pre-emption, Kubernetes' pod eviction)
-    and stops after the current step, but saves nothing: without this, every step since the
-    last periodic checkpoint (up to `checkpoint_every_n_steps`) would be trained again. On one
-    device the checkpoint is written at the end of the step, where `ModelCheckpoint` writes
-    its own, so the resumed run is exactly the uninterrupted one. With several devices only
-    rank 0 receives the signal and the others learn it at the start of the next step, where
-    all ranks stop together (`on_exception`): saving is collective, so it happens there.
+
+class StopCheckpoint(pl_lightning.Callback):
+    """Saves `last.ckpt` at a step boundary when the run is asked to stop (SIGTERM, SIGINT).
+
+    Without it every step since the last periodic checkpoint (up to
+    `checkpoint_every_n_steps`: minutes of a GPU node) is lost and trained again.
+
+    SIGTERM (a `kill`, a scheduler's pre-emption, Kubernetes' pod eviction): Lightning notices
+    it and stops after the current step, but saves nothing. On one device the checkpoint is
+    written at the end of the step, where `ModelCheckpoint` writes its own, so the resumed run
+    is exactly the uninterrupted one. With several devices only rank 0 receives the signal and
+    the others learn it at the start of the next step, where all ranks stop together
+    (`on_exception`): saving is collective, so it happens there.
+
+    SIGINT (Ctrl-C; Dagster's "terminate run"): the handler in place (Python's, or Dagster's,
+    which raises at once, mid-step) is replaced while training runs on one device in the main
+    thread. The first SIGINT lets the step finish, saves it and raises `StopRequested`;
+    `raise_interrupt` then raises what the replaced handler would have (KeyboardInterrupt,
+    Dagster's interruption). A second SIGINT stops at once, as before.
     """
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self.saved_step: int | None = None
+        self.stop_requested = False
+        self._replaced_handler: Any = None
+        self._installed = False
+
+    def __getstate__(self) -> dict[str, Any]:
+        # `ddp_spawn` pickles callbacks into its ranks; a signal handler need not pickle.
+        return {**self.__dict__, "_replaced_handler": None, "_installed": False}
+
+    def on_train_start(self, trainer: pl_lightning.Trainer, pl_module: Any) -> None:
+        if trainer.world_size != 1 or threading.current_thread() is not threading.main_thread():
+            return
+        current = signal.getsignal(signal.SIGINT)
+        if current in (signal.SIG_IGN, None):
+            return  # SIGINT is ignored (or not ours to handle): leave it so
+        self._replaced_handler, self._installed = current, True
+        signal.signal(signal.SIGINT, self._on_sigint)
+
+    def _on_sigint(self, signum: int, frame: FrameType | None) -> None:
+        if self.stop_requested:  # a second Ctrl-C: stop now, as the replaced handler would
+            self.restore_handler()
+            self.raise_interrupt(frame)
+        self.stop_requested = True
 
     def on_train_batch_end(self, trainer: pl_lightning.Trainer, pl_module: Any, *args: Any) -> None:
-        if trainer.world_size == 1 and getattr(trainer, "received_sigterm", False):
+        if trainer.world_size == 1 and (trainer.received_sigterm or self.stop_requested):
             self._save(trainer)
+        if self.stop_requested:
+            raise StopRequested(f"stopped on SIGINT after step {trainer.global_step}")
 
     def on_exception(
         self, trainer: pl_lightning.Trainer, pl_module: Any, exception: BaseException
     ) -> None:
+        self.restore_handler()
         if isinstance(exception, SIGTERMException):
             self._save(trainer)
+
+    def on_train_end(self, trainer: pl_lightning.Trainer, pl_module: Any) -> None:
+        self.restore_handler()
+
+    def restore_handler(self) -> None:
+        """Put the replaced SIGINT handler back (idempotent)."""
+        if self._installed:
+            signal.signal(signal.SIGINT, self._replaced_handler)
+            self._installed = False
+
+    def raise_interrupt(self, frame: FrameType | None = None) -> None:
+        """Raise what the replaced SIGINT handler raises (KeyboardInterrupt if it raises none)."""
+        if callable(self._replaced_handler):
+            self._replaced_handler(signal.SIGINT, frame)
+        raise KeyboardInterrupt
 
     def _save(self, trainer: pl_lightning.Trainer) -> None:
         if self.saved_step != trainer.global_step:

@@ -17,8 +17,12 @@ the Lightning checkpoint, the resume point, stays local):
 
 Re-running is safe: a run killed mid-way resumes from `lightning/last.ckpt` at the step it had
 reached, with the same data order; a finished run re-materializes from its final checkpoint
-without training again. A change of science settings or of the triplets' versions (the
-fingerprint) starts over.
+without training again. A change of science settings or of the training rows (the
+fingerprint) starts over, and withdraws the old export first. `last.ckpt` is rewritten every
+`checkpoint_every_n_steps` and, when the run is stopped by SIGTERM or Ctrl-C (Dagster's
+"terminate"), at the end of the step it was in (a second Ctrl-C stops at once); only SIGKILL
+loses the steps since the last one. A loss that turns NaN or infinite stops the run before
+anything is exported.
 """
 
 from __future__ import annotations
@@ -47,7 +51,12 @@ from megapairs_assets.lib.storage import (
     write_atomic,
     write_parquet_atomic,
 )
-from megapairs_assets.training.callbacks import TrainingInterrupted, read_loss_curve
+from megapairs_assets.training.callbacks import (
+    StopCheckpoint,
+    StopRequested,
+    TrainingInterrupted,
+    read_loss_curve,
+)
 from megapairs_assets.training.config import (
     ResolvedTraining,
     TrainingConfig,
@@ -366,19 +375,30 @@ def _fit(
     if resume_path is not None:
         say(f"{config_name}: resuming from {resume_path} (step {resume_step})")
     threads = config.cpu_threads if resolved.accelerator == "cpu" else None
+    last = out / "lightning" / "last.ckpt"
+    stop = StopCheckpoint(last)
     with _quiet_lightning(), _torch_threads(threads):
-        trainer = _trainer(config, resolved, out, say, config_name, extra_callbacks)
+        trainer = _trainer(config, resolved, out, say, config_name, [stop, *extra_callbacks])
         try:
             trainer.fit(module, datamodule=datamodule, ckpt_path=resume_path)
         except SIGTERMException:
             # Lightning ends a SIGTERM'd fit with SystemExit(None): exit status 0, as if the
             # run had finished. Say what happened and fail the step instead.
-            last = out / "lightning" / "last.ckpt"
             raise TrainingInterrupted(
                 f"training {config_name!r} stopped on SIGTERM after step {trainer.global_step} "
                 f"of {config.max_steps}; its state is saved in {last} (step "
                 f"{_checkpoint_step(last)}): materialize it again to resume from there"
             ) from None
+        except StopRequested:
+            pass  # Ctrl-C (or Dagster's terminate) with the step's state saved: see below
+        finally:
+            stop.restore_handler()
+    if stop.stop_requested:  # also when the interrupt came after the last step
+        say(
+            f"{config_name}: interrupted after step {trainer.global_step} of {config.max_steps}; "
+            f"its state is saved in {last}: run it again to resume from there"
+        )
+        stop.raise_interrupt()
     return module, trainer
 
 
@@ -390,14 +410,16 @@ def _trainer(
     config_name: str,
     extra_callbacks: Sequence[Any],
 ) -> Any:
-    """The Trainer: hardware from the resolved config, checkpoints and logs under `out`."""
+    """The Trainer: hardware from the resolved config, checkpoints and logs under `out`.
+
+    `extra_callbacks` run after the project's own (the stop checkpoint, tests' probes).
+    """
     import lightning.pytorch as pl_lightning
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     from megapairs_assets.training.callbacks import (
         FinalCheckpoint,
         SameFolderCheckpointIO,
-        SigtermCheckpoint,
         StepProgress,
         StopOnNonFiniteLoss,
         TrainingLog,
@@ -427,7 +449,6 @@ def _trainer(
             StopOnNonFiniteLoss(config_name, config.learning_rate, config.temperature),
             StepProgress(f"training {config_name}", say),
             FinalCheckpoint(lightning_dir / "last.ckpt"),
-            SigtermCheckpoint(lightning_dir / "last.ckpt"),
             *extra_callbacks,
         ],
     )
