@@ -114,3 +114,23 @@ def test_the_run_says_what_it_trained_on_where_and_with_which_settings(
             "hns is empty or hns[0] is not q_img",
         )
     ]
+
+
+def test_starting_over_says_which_setting_or_that_the_rows_changed(
+    tmp_path: Path, demo_models_dir: Path
+) -> None:
+    triplets = write_triplets(tmp_path, rows=8, images=10)
+    layout = DataLayout(tmp_path / "home")
+    config = tiny_config(demo_models_dir, max_steps=2, learning_rate=1e-3)
+    said: list[str] = []
+    with OneThread():
+        train_checkpoint("sweep", config, [triplets], layout, log=said.append)
+        faster = dataclasses.replace(config, learning_rate=1e-2, checkpoint_every_n_steps=1)
+        train_checkpoint("sweep", faster, [triplets], layout, log=said.append)
+        pl.read_parquet(triplets).reverse().write_parquet(triplets)
+        train_checkpoint("sweep", faster, [triplets], layout, log=said.append)
+    restarts = [line for line in said if "training from scratch" in line]
+    assert len(restarts) == 2
+    assert "learning_rate 0.001 -> 0.01" in restarts[0]
+    assert "checkpoint_every" not in restarts[0]  # hardware settings never restart a run
+    assert "the training rows changed" in restarts[1] and "learning_rate" not in restarts[1]

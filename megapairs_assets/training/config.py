@@ -178,14 +178,21 @@ class TrainingConfig:
         Hardware settings are left out, so a run killed on 8 GPUs may finish on 4 (the global
         batch, hence the data order and the maths, stay the same).
         """
+        payload = json.dumps(
+            {"config": self.science_settings(), "data": data_versions}, sort_keys=True
+        )
+        return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+    def science_settings(self) -> dict[str, Any]:
+        """The settings that decide what a run computes (all but the hardware ones); a local
+        `pretrained` file stands for its name, size and modification time."""
         science = {k: v for k, v in self.as_dict().items() if k not in _HARDWARE_FIELDS}
         if self.pretrained and Path(self.pretrained).is_file():
             # A path says nothing about its bytes; its size and mtime are a cheap proxy.
             path = Path(self.pretrained)
             stat = path.stat()
             science["pretrained"] = f"{path.name}:{stat.st_size}:{stat.st_mtime_ns}"
-        payload = json.dumps({"config": science, "data": data_versions}, sort_keys=True)
-        return hashlib.sha256(payload.encode()).hexdigest()[:16]
+        return science
 
 
 @dataclass(frozen=True)

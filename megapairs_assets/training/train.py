@@ -173,10 +173,10 @@ def train_on_triplets(
     out = work_dir(layout, config_name)
     # What is trained on, not which materializations held it: triplets re-materialized with
     # the same content (every `megapairs demo` run) resume instead of training again.
-    fingerprint = config.fingerprint(
-        {"rows": rows_fingerprint(prepared.rows), "heldout_split": split}
-    )
-    resume_from = _prepare_output_dir(out, fingerprint, say)
+    data = {"rows": rows_fingerprint(prepared.rows), "heldout_split": split}
+    fingerprint = config.fingerprint(data)
+    state = {"fingerprint": fingerprint, "settings": config.science_settings(), "data": data}
+    resume_from = _prepare_output_dir(out, state, say)
     _withdraw_stale_publication(checkpoint_dir(layout, config_name), out, fingerprint, say)
 
     started = time.perf_counter()
@@ -191,7 +191,7 @@ def train_on_triplets(
     write_parquet_atomic(prepared.quarantine, quarantine_path)
     curve = read_loss_curve(out / "loss_curve.csv")
     plot_markdown, png = loss_plot_markdown(curve, out / "loss.png")
-    _write_json(out / "run.json", {"fingerprint": fingerprint, "complete": True})
+    _write_json(out / "run.json", {**state, "complete": True})
     published = _publish(out, checkpoint_dir(layout, config_name))
     say(f"{config_name}: at step {final_step} after {fit_s:.1f} s; {published}")
 
@@ -525,21 +525,24 @@ def rows_fingerprint(rows: pl.DataFrame) -> str:
 
 
 def _prepare_output_dir(
-    out: Path, fingerprint: str, say: Callable[[str], None]
+    out: Path, state: dict[str, Any], say: Callable[[str], None]
 ) -> tuple[Path | None, int]:
-    """Clear outputs of another fingerprint; return (checkpoint to resume, its step)."""
+    """Clear outputs of another fingerprint than `state`'s; return (checkpoint to resume, its
+    step). `state` (fingerprint, science settings, data) becomes `run.json`."""
     out.mkdir(parents=True, exist_ok=True)
     state_path = out / "run.json"
-    state = _read_json(state_path)
+    previous = _read_json(state_path)
     last = out / "lightning" / "last.ckpt"
-    if state.get("fingerprint") != fingerprint:
-        if state or last.exists():
-            say(f"settings or data changed since the last run in {out}; training from scratch")
+    if previous.get("fingerprint") != state["fingerprint"]:
+        if previous or last.exists():
+            say(
+                f"{out}: {_what_changed(previous, state)} since the last run; training from scratch"
+            )
         # The old export goes too: the checkpoint sensor must not score it as this config's.
         for stale in ("lightning", "open_clip"):
             shutil.rmtree(out / stale, ignore_errors=True)
         (out / "loss_curve.csv").unlink(missing_ok=True)
-        _write_json(state_path, {"fingerprint": fingerprint, "complete": False})
+        _write_json(state_path, {**state, "complete": False})
         return None, 0
     if not last.is_file():
         return None, 0
@@ -550,6 +553,26 @@ def _prepare_output_dir(
         say(f"{last} cannot be read; moved to {aside.name} and training from scratch")
         return None, 0
     return last, step
+
+
+def _what_changed(previous: dict[str, Any], current: dict[str, Any]) -> str:
+    """Why a run starts over, e.g. "learning_rate 0.0005 -> 0.001; the training rows changed"."""
+    old_settings, new_settings = previous.get("settings"), current["settings"]
+    if old_settings is None:  # written before run.json kept them
+        return "settings or data changed"
+    changes = [
+        f"{name} {old_settings.get(name)!r} -> {value!r}"
+        for name, value in new_settings.items()
+        if old_settings.get(name) != value
+    ]
+    old_data, new_data = previous.get("data", {}), current["data"]
+    if old_data.get("rows") != new_data["rows"]:
+        changes.append("the training rows changed (triplets, held-out split or image paths)")
+    elif old_data.get("heldout_split") != new_data["heldout_split"]:
+        changes.append(
+            f"held-out split {old_data.get('heldout_split')} -> {new_data['heldout_split']}"
+        )
+    return "; ".join(changes) or "settings or data changed"
 
 
 def _checkpoint_step(path: Path) -> int | None:
