@@ -6,6 +6,7 @@ Everything is read back from the outputs and the catalog, not from the runs' own
 from __future__ import annotations
 
 import json
+import shlex
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -13,7 +14,7 @@ import dagster as dg
 import polars as pl
 
 from megapairs_assets.evaluation.catalog_rows import heldout_summary_lines
-from megapairs_assets.generation.triplets import generation_summary
+from megapairs_assets.generation.triplets import generation_summary, sample_query
 from megapairs_assets.lib.storage import DataLayout, read_parquet
 from megapairs_assets.lineage.catalog import LineageCatalog
 from megapairs_assets.lineage.id_lists import IN_IDS, id_list
@@ -35,9 +36,7 @@ def mining_summary(layout: DataLayout, catalog: LineageCatalog, shards: list[str
     tables = [read_parquet(p) for p in paths if p.exists()]
     pairs = pl.concat(tables) if tables else pl.DataFrame()
     found = (
-        dict(pairs.explode("sources").group_by("sources").len().iter_rows())
-        if pairs.height
-        else {}
+        dict(pairs.explode("sources").group_by("sources").len().iter_rows()) if pairs.height else {}
     )
     # Every configured source (a `score_<source>` column each), so one that mined nothing shows 0.
     configured = [c.removeprefix("score_") for c in pairs.columns if c.startswith("score_")]
@@ -51,9 +50,10 @@ def mining_summary(layout: DataLayout, catalog: LineageCatalog, shards: list[str
     }
 
 
-def training_lines(catalog: LineageCatalog) -> list[str]:
+def training_lines(catalog: LineageCatalog, query: tuple[Any, str] | None = None) -> list[str]:
     """Per trained config: its newest complete checkpoint's row counts and time, then the
-    command that scores its export (the folder a user would otherwise have to look for)."""
+    commands that score its export (the folder a user would otherwise have to look for) and
+    search with it (`query`: an image and a text to try, e.g. the sample triplet's)."""
     frame = catalog.query(
         "SELECT partition, arg_max(row_counts, started_at) AS row_counts, "
         "arg_max(duration_s, started_at) AS duration_s, "
@@ -72,9 +72,10 @@ def training_lines(catalog: LineageCatalog) -> list[str]:
         export = json.loads(row["output_paths"] or "{}").get("open_clip_dir")
         if export:
             lines.append(f"    score it:  megapairs eval --retriever {export} --benchmark heldout")
+            image, text = query or ("<image>", "<what to change>")
             lines.append(
-                f"    use it:    megapairs search --retriever {export} --image <image> "
-                "--text '<what to change>'"
+                f"    use it:    megapairs search --retriever {export} "
+                f"--image {shlex.quote(str(image))} --text {shlex.quote(text)}"
             )
     return lines
 
@@ -131,7 +132,7 @@ def print_summary(
     generated = generation_summary(layout, shards)
     if generated:
         print(generated)
-    for line in training_lines(catalog):
+    for line in training_lines(catalog, sample_query(layout, shards)):
         print(line)
     base_id = resources["evaluation"].base_spec().retriever_id
     for line in heldout_summary_lines(catalog, base_id):

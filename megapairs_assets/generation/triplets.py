@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import polars as pl
 
@@ -378,11 +379,9 @@ def generation_summary(
 
     `export_root` defaults to the default export folder (`<data root>/data/triplet_export`).
     """
-    paths = [layout.shard_table(TRIPLETS_ASSET, s) for s in shards]
-    tables = [read_parquet(p) for p in paths if p.exists()]
-    if not tables:
+    triplets = _current_triplets(layout, shards)
+    if triplets is None:
         return None
-    triplets = pl.concat(tables)
     lines = [
         f"  triplets:    {triplets.height} "
         f"({int(triplets['q_text'].list.len().sum()) if triplets.height else 0} instructions)"
@@ -394,10 +393,8 @@ def generation_summary(
         counts = counts_by(triplets, column)
         listed = ", ".join(f"{k} x{v}" for k, v in counts.items())
         lines.append(f"    {label}: {listed or 'none'}")
-    if triplets.height:
-        sample = triplets.sort(
-            pl.col("description_generator").str.starts_with("heuristic"), "triplet_id"
-        ).row(0, named=True)
+    sample = _sample(triplets)
+    if sample is not None:
         lines += [
             f"  sample triplet {sample['triplet_id']} ({sample['description_generator']}):",
             f"    q_img:  {sample['q_img']}",
@@ -410,3 +407,31 @@ def generation_summary(
     if (export_root / "README.md").is_file():
         lines.append(f"  export:      {export_root} (dataset card: README.md)")
     return "\n".join(lines)
+
+
+def sample_query(
+    layout: DataLayout, shards: Sequence[str], export_root: DataPath | None = None
+) -> tuple[DataPath, str] | None:
+    """The summary's sample triplet as a query to try a retriever with: its exported query
+    image and first instruction; None before anything was exported."""
+    triplets = _current_triplets(layout, shards)
+    sample = _sample(triplets) if triplets is not None else None
+    if sample is None or not sample["q_text"]:
+        return None
+    image = (export_root or export_dir(layout, None)) / sample["q_img"]
+    return (image, sample["q_text"][0]) if image.is_file() else None
+
+
+def _current_triplets(layout: DataLayout, shards: Sequence[str]) -> pl.DataFrame | None:
+    paths = [layout.shard_table(TRIPLETS_ASSET, s) for s in shards]
+    tables = [read_parquet(p) for p in paths if p.exists()]
+    return pl.concat(tables) if tables else None
+
+
+def _sample(triplets: pl.DataFrame) -> dict[str, Any] | None:
+    """One triplet to show: a model-written one when there is any, else the first by id."""
+    if not triplets.height:
+        return None
+    return triplets.sort(
+        pl.col("description_generator").str.starts_with("heuristic"), "triplet_id"
+    ).row(0, named=True)
