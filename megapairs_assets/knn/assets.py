@@ -6,13 +6,13 @@ import dagster as dg
 
 from megapairs_assets.embeddings.sources import SOURCES, SimilaritySource
 from megapairs_assets.knn.search import KNN_COLUMN_DESCRIPTIONS, describe_backend
-from megapairs_assets.knn.step import KNN_CHECKS, build_corpus_index, knn_shard
+from megapairs_assets.knn.step import KNN_CHECKS, KnnRun, plan_knn_step
 from megapairs_assets.orchestration.partitions import (
     DOWNSTREAM_AUTOMATION,
     shard_asset_options,
     step_placement,
 )
-from megapairs_assets.orchestration.settings_version import fields
+from megapairs_assets.orchestration.settings_version import fields, settings_code_version
 from megapairs_assets.orchestration.shard_step import Stage, materialize_partitions
 
 # The index parameters that change which neighbours an approximate index returns.
@@ -59,26 +59,40 @@ def build_knn_asset(source: SimilaritySource) -> dg.AssetsDefinition:
         resources = context.resources
         layout, lineage = resources.storage.layout(), resources.catalog.catalog()
         knn = resources.knn_index
-        corpus_shards = resources.corpus_source.shard_ids()
         spec = knn.spec()
-        corpus = build_corpus_index(source, corpus_shards, spec, layout, lineage)
-        context.log.info(
-            f"{spec.kind} index over {len(corpus.ids)} vectors of {len(corpus.versions)} shards"
-            + (f"; missing: {corpus.missing_shards}" if corpus.missing_shards else "")
+        run = KnnRun(
+            source=source,
+            corpus_shards=resources.corpus_source.shard_ids(),
+            spec=spec,
+            k=knn.k,
+            allow_partial_corpus=knn.allow_partial_corpus,
+            # What Dagster shows as the code version, with this run's settings (as shard_step
+            # records it), so a run-config override of k or the index never reuses a graph.
+            code_version=settings_code_version(stage.code_version, stage.settings(resources)),
+            # The resource's switch; read with a default until every resource has the field.
+            reuse_unchanged=getattr(knn, "reuse_unchanged", True),
         )
-        return materialize_partitions(
+        if not run.reuse_unchanged:
+            context.log.info(f"{source.knn_asset}: reuse_unchanged is off; searching all")
+        # Shards whose inputs are unchanged keep their graphs (knn/reuse.py); the corpus index
+        # is built only when a shard has to be searched.
+        step = plan_knn_step(context.partition_keys, run, layout, lineage, context.log.info)
+        result = materialize_partitions(
             context,
             stage,
-            lambda shard: knn_shard(
-                shard, corpus, knn.k, layout, knn.allow_partial_corpus, context.log.info
-            ),
+            step,
             lineage,
             resources.storage.profile,
             run_metadata={
                 "index": f"{spec.kind}, {describe_backend(spec)}",
-                "corpus_version": corpus.corpus_version,
+                "corpus_version": step.state.corpus_version,
             },
         )
+        if not step.index_built:
+            context.log.info(
+                f"{source.knn_asset}: every shard's inputs were unchanged; the index was not built"
+            )
+        return result
 
     return _knn_asset
 

@@ -205,6 +205,35 @@ def index_nlist(spec: IndexSpec, n_vectors: int) -> int:
     return spec.nlist if spec.nlist is not None else default_nlist(n_vectors)
 
 
+def index_build_identity(spec: IndexSpec, n_vectors: int) -> dict[str, Any]:
+    """What, beyond the vectors (in their order) and the configured settings, decides the index
+    `build_index` makes under `spec` for a corpus of `n_vectors`: a KNN shard's reuse key
+    includes it, so a kept graph always names the index build that produced it.
+
+    Exact search ("flat") gives the same neighbours on any backend, so nothing. An IVF index
+    depends on its list count as resolved for this corpus, its training sample (a fixed seed
+    and size, drawn by row position), faiss' k-means (seeded inside faiss, so its version) and
+    where it trains (GPU k-means differs from CPU). An HNSW graph depends on its construction
+    beam and faiss' build. Search-time parameters (nprobe, ef_search) and k are in the stage's
+    settings already.
+    """
+    if spec.kind == "flat":
+        return {"kind": "flat"}
+    faiss_version = str(getattr(_faiss(), "__version__", "unknown"))
+    if spec.kind == "ivf":
+        return {
+            "kind": "ivf",
+            "nlist": index_nlist(spec, n_vectors),
+            "train_points_per_list": _TRAIN_POINTS_PER_LIST,
+            "train_sample_seed": _TRAIN_SAMPLE_SEED,
+            "on_gpu": resolve_backend(spec).use_gpu,
+            "faiss": faiss_version,
+        }
+    if spec.kind == "hnsw":
+        return {"kind": "hnsw", "ef_construction": spec.ef_construction, "faiss": faiss_version}
+    raise ValueError(f"unknown index kind {spec.kind!r}; expected flat, ivf or hnsw")
+
+
 def search_neighbors(
     index: faiss.Index | TorchFlatIndex,
     corpus_ids: np.ndarray,
