@@ -320,12 +320,26 @@ def test_check_command_on_existing_data(graph, tmp_path: Path, capsys, monkeypat
         .alias("score_caption_text")
     ).write_parquet(path)
 
-    assert megapairs(["check", "--existing", "--home", str(copy)]) == 1
+    junit = tmp_path / "reports" / "checks.xml"
+    argv = ["check", "--existing", "--home", str(copy), "--junit-xml", str(junit)]
+    assert megapairs(argv) == 1
     out = capsys.readouterr().out
     failed = {tuple(line.split()[:4]) for line in out.splitlines() if " FAIL" in line}
     assert ("clip_image_embeddings", "embeddings_unit_norm", "00001", "FAIL") in failed
     assert ("dino_image_knn", "knn_no_self_neighbors", "00002", "FAIL") in failed
     assert ("mined_image_pairs", "pairs_in_band", "00000", "FAIL") in failed
+    # The same results for a CI system's test report: each failure a failed test case.
+    from xml.etree import ElementTree
+
+    suites = ElementTree.parse(junit).getroot()
+    failing = {
+        (case.get("classname"), case.get("name"))
+        for case in suites.iter("testcase")
+        if case.find("failure") is not None
+    }
+    assert {(a, f"{c}[{p}]") for a, c, p, status in failed if status == "FAIL"} == failing
+    cases = len(list(suites.iter("testcase")))
+    assert cases == sum(int(suite.get("tests")) for suite in suites) > len(failing)
     assert megapairs(["check", "--existing", "--home", str(tmp_path / "nowhere")]) == 2
     assert not (tmp_path / "nowhere").exists()  # read-only: nothing created
     # Without --home: the data the pipeline wrote under $MEGAPAIRS_HOME.
@@ -366,6 +380,29 @@ def test_check_command_on_existing_data(graph, tmp_path: Path, capsys, monkeypat
     assert checked and {row[0] for row in checked} == {"image_corpus"}
     assert megapairs(["check", "--existing", "--select", "nonsense"]) == 2
     assert "jobs: corpus_and_embeddings, corpus_only" in capsys.readouterr().err
+
+
+def test_check_junit_report_keeps_warnings_passing_and_a_failed_run_as_an_error(
+    tmp_path: Path, capsys
+) -> None:
+    from xml.etree import ElementTree
+
+    from megapairs_assets.cli.check import EXIT_OK, CheckRow, report
+
+    rows = [
+        CheckRow("image_corpus", "corpus_ids_unique", "00000", True, True, ""),
+        CheckRow("image_corpus", "content_unique", "00000", False, False, "00000/1 repeats"),
+    ]
+    path = tmp_path / "junit.xml"
+    assert report(rows, junit_xml=path, run_error="run abc failed") == EXIT_OK
+    root = ElementTree.parse(path).getroot()
+    cases = {case.get("name"): case for case in root.iter("testcase")}
+    assert set(cases) == {"corpus_ids_unique[00000]", "content_unique[00000]", "run"}
+    warned = cases["content_unique[00000]"]
+    assert warned.find("failure") is None
+    assert warned.findtext("system-out") == "warning: 00000/1 repeats"
+    assert cases["run"].find("error").get("message") == "run abc failed"
+    capsys.readouterr()
 
 
 def test_check_report_counts_passes_per_check_and_lists_each_failure(capsys) -> None:

@@ -95,6 +95,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="one line per (asset, check, partition), passing ones included (default: one line "
         "per (asset, check) with its pass count, then each failing partition in full)",
     )
+    check.add_argument(
+        "--junit-xml",
+        type=Path,
+        metavar="PATH",
+        help="also write the results as a JUnit XML report (one test case per asset, check and "
+        "partition; a blocking failure is a failure, a failed warning passes with its detail), "
+        "which CI systems show as test results",
+    )
     check.set_defaults(func=run_check)
 
 
@@ -126,7 +134,8 @@ def run_check(args: argparse.Namespace) -> int:
             )
         catalog, params = resources["catalog"].catalog(), resources["mining"].params()
         assets = job_assets(args.select) if args.select else None
-        return report(check_existing(layout, catalog, params, assets), args.verbose)
+        rows = check_existing(layout, catalog, params, assets)
+        return report(rows, args.verbose, args.junit_xml)
     if args.home is not None:
         return _check_sample(args, args.home.resolve())
     with tempfile.TemporaryDirectory(prefix="megapairs-check-") as tmp:
@@ -209,7 +218,8 @@ def _run_sample(args: argparse.Namespace, home: Path) -> int:
         raise_on_error=False,
     )
     rows = rows_from_evaluations(result.get_asset_check_evaluations(), defs)
-    code = report(rows, args.verbose)
+    run_error = None if result.success else f"run {result.run_id} failed: see the log above"
+    code = report(rows, args.verbose, args.junit_xml, run_error)
     if code == EXIT_OK and not result.success:
         print("the run failed before all checks ran: see the log above", file=sys.stderr)
         return EXIT_RUN_FAILED
@@ -350,14 +360,22 @@ def check_existing(
     return rows
 
 
-def report(rows: list[CheckRow], verbose: bool = False) -> int:
+def report(
+    rows: list[CheckRow],
+    verbose: bool = False,
+    junit_xml: Path | None = None,
+    run_error: str | None = None,
+) -> int:
     """Print the checks' outcomes and return the exit code.
 
     By default one line per (asset, check) with its pass count, each failing partition (with
     its detail) on a line of its own below it; with `verbose`, one line per (asset, check,
     partition). A failing partition's line is the same in both forms (asset, check, partition,
-    FAIL or warn, detail), so a search for it does not depend on the flag.
+    FAIL or warn, detail), so a search for it does not depend on the flag. `junit_xml`: the
+    same results as a JUnit report (with `run_error`, a failed run, as an error case).
     """
+    if junit_xml is not None:
+        write_junit_xml(rows, junit_xml, run_error)
     if not rows:
         print("no checks were evaluated", file=sys.stderr)
         return EXIT_RUN_FAILED
@@ -418,3 +436,48 @@ def _split(value: object) -> list[str]:
     if not value or value == "-":
         return []
     return [part.strip() for part in str(value).split(",") if part.strip()]
+
+
+def write_junit_xml(rows: list[CheckRow], path: Path, run_error: str | None = None) -> None:
+    """The results as JUnit XML: a test suite per asset, a case per (check, partition). A
+    blocking failure is a `failure`; a failed warning check passes, its detail in
+    `system-out` (JUnit has no warning); a run that failed before its checks is an `error`."""
+    from xml.etree import ElementTree
+
+    from megapairs_assets.lib.storage import write_atomic
+
+    suites = ElementTree.Element("testsuites", name="megapairs check")
+    by_asset: dict[str, list[CheckRow]] = {}
+    for r in sorted(rows, key=lambda r: (r.asset, r.check, r.partition)):
+        by_asset.setdefault(r.asset, []).append(r)
+    if run_error is not None:
+        by_asset.setdefault("run", [])
+    for asset, group in by_asset.items():
+        failures = sum(r.status == "FAIL" for r in group)
+        errors = int(asset == "run" and run_error is not None)
+        suite = ElementTree.SubElement(
+            suites,
+            "testsuite",
+            name=asset,
+            tests=str(len(group) + errors),
+            failures=str(failures),
+            errors=str(errors),
+        )
+        for r in group:
+            case = ElementTree.SubElement(
+                suite, "testcase", classname=asset, name=f"{r.check}[{r.partition}]"
+            )
+            if r.status == "FAIL":
+                failure = ElementTree.SubElement(case, "failure", message=r.detail[:500])
+                failure.text = r.detail
+            elif r.status == "warn":
+                ElementTree.SubElement(case, "system-out").text = f"warning: {r.detail}"
+        if errors:
+            case = ElementTree.SubElement(suite, "testcase", classname="run", name="run")
+            ElementTree.SubElement(case, "error", message=run_error or "").text = run_error
+    tree = ElementTree.ElementTree(suites)
+    ElementTree.indent(tree)
+    path.expanduser().parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(
+        path.expanduser(), lambda tmp: tree.write(tmp, encoding="utf-8", xml_declaration=True)
+    )
