@@ -63,6 +63,22 @@ def test_a_bad_config_name_never_becomes_a_partition_nor_blocks_the_good_configs
     assert instance.get_dynamic_partitions(TRAINING_CONFIG_PARTITIONS_NAME) == []
 
 
+def test_the_sensor_removes_the_partition_of_a_config_taken_out_of_the_resource(
+    demo_models_dir: Path,
+) -> None:
+    training = _resource(demo_models_dir)
+    instance = dg.DagsterInstance.ephemeral()
+    instance.add_dynamic_partitions(TRAINING_CONFIG_PARTITIONS_NAME, ["tiny", "retired"])
+    sensor = build_training_configs_sensor(dg.DefaultSensorStatus.RUNNING)
+    result = sensor(dg.build_sensor_context(instance=instance, resources={"training": training}))
+    (request,) = result.dynamic_partitions_requests
+    assert type(request).__name__ == "DeleteDynamicPartitionsRequest"
+    assert list(request.partition_keys) == ["retired"]
+    instance.delete_dynamic_partition(TRAINING_CONFIG_PARTITIONS_NAME, "retired")
+    again = sensor(dg.build_sensor_context(instance=instance, resources={"training": training}))
+    assert isinstance(again, dg.SkipReason)
+
+
 def test_the_load_snippet_works_in_a_fresh_python_with_only_open_clip(tmp_path: Path) -> None:
     """The asset page's `load_with` is what a user pastes: it must run without project code,
     also for a model open_clip does not know by name (the demo's tiny CLIP)."""

@@ -9,6 +9,7 @@ the evaluation's checkpoint sensor finds it.
 
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 import dagster as dg
 
@@ -97,22 +98,30 @@ def build_training_configs_sensor(default_status: dg.DefaultSensorStatus) -> dg.
     def training_configs_sensor(
         context: dg.SensorEvaluationContext, training: TrainingResource
     ) -> dg.SensorResult | dg.SkipReason:
-        """Registers each named training config as a partition (nothing is trained here).
+        """Registers each named training config as a partition and removes the partitions of
+        configs the resource no longer has (nothing is trained here; a removed config's
+        checkpoints, scores and history stay).
 
         A name that cannot be a partition key and a folder is left out and named in the tick's
-        log: a partition, once added, stays until someone deletes it by hand.
+        log.
         """
         valid, invalid = split_config_names(training.configs)
         for problem in invalid.values():
             context.log.warning(f"training config not registered: {problem}")
-        known = set(context.instance.get_dynamic_partitions(TRAINING_CONFIG_PARTITIONS_NAME))
+        known = context.instance.get_dynamic_partitions(TRAINING_CONFIG_PARTITIONS_NAME)
         new = [name for name in valid if name not in known]
-        if not new:
+        # A partition without a config could only fail (`Materialize all` would try it).
+        gone = [name for name in known if name not in valid]
+        if not new and not gone:
             refused = f"; {len(invalid)} invalid name(s) left out" if invalid else ""
             return dg.SkipReason(f"no new training config ({len(known)} known{refused})")
-        return dg.SensorResult(
-            dynamic_partitions_requests=[training_config_partitions.build_add_request(new)]
-        )
+        requests: list[Any] = []
+        if new:
+            requests.append(training_config_partitions.build_add_request(new))
+        if gone:
+            context.log.info(f"training configs no longer in the resource, removed: {gone}")
+            requests.append(training_config_partitions.build_delete_request(gone))
+        return dg.SensorResult(dynamic_partitions_requests=requests)
 
     return training_configs_sensor
 
