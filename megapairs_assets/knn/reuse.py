@@ -14,15 +14,22 @@ A KNN shard's rows are decided by (see `knn_reuse_key`):
   `allow_partial_corpus`) counts as missing, so materializing it later changes every key;
 - for an approximate index, what else decides its build (`search.index_build_identity`:
   the resolved IVF list count, the training sample's seed and size, faiss' version, GPU or CPU
-  training), so a kept graph never comes from another index build than its key names.
+  training), so a kept graph never comes from another index build than its key names. The
+  IVF build is deterministic for these (the sample is drawn by row position with a fixed
+  seed, faiss seeds its k-means). faiss adds HNSW vertices on several threads, so two HNSW
+  builds from the same inputs may differ slightly: a kept HNSW graph is one such build, as a
+  new search would be.
 
 An embedding table stands in the key by a digest of its Parquet footer (`TableFooter`), read
 with two small reads and no vector. The footer holds the embedding table's own reuse key (its
 inputs: each image's sha256 or each caption, the encoder and its settings), the rows it skipped
 (a shard embedded again after a transient skip has the same key but more rows), its row count,
-and the byte size and statistics of every column chunk, which change when the same inputs are
-embedded into different vectors. pyarrow writes no time into a footer, so a table rewritten
-with the same vectors keeps its digest. A table without an embedding reuse key (written before
+and each column chunk's compressed size and min/max. The last two follow the values, so the
+same inputs embedded into other vectors (another batch size, a non-deterministic kernel) give
+another digest in practice; only a rewrite keeping every chunk's size and extremes would go
+unseen, and its vectors could then differ by rounding only, the embedding key being the same.
+pyarrow writes no time into a footer, so a table rewritten with the same vectors keeps its
+digest. A table without an embedding reuse key (written before
 reuse existed, or outside the asset) cannot vouch for its content, so no graph over it is
 reused. The catalog's materialization ids are not used: a reused embedding table gets a new one
 on every run, although its content did not change.
