@@ -98,14 +98,7 @@ def without_reuse(home: Path) -> dict[str, Any]:
         overrides[source.encoder_key] = EncoderResource(**{**fields, "reuse_unchanged": False})
     index = resources["knn_index"]
     fields = {name: getattr(index, name) for name in FaissIndexResource.model_fields}
-    if "reuse_unchanged" in FaissIndexResource.model_fields:
-        overrides["knn_index"] = FaissIndexResource(**{**fields, "reuse_unchanged": False})
-    else:  # until the resource declares the switch, the KNN asset reads it with a default
-
-        class IndexWithoutReuse(FaissIndexResource):
-            reuse_unchanged: bool = False
-
-        overrides["knn_index"] = IndexWithoutReuse(**fields)
+    overrides["knn_index"] = FaissIndexResource(**{**fields, "reuse_unchanged": False})
     return overrides
 
 

@@ -40,6 +40,11 @@ class FaissIndexResource(dg.ConfigurableResource):
         description="Search a corpus with shards still missing embeddings (the check "
         "knn_corpus_complete then passes, saying so); off by default",
     )
+    reuse_unchanged: bool = Field(
+        default=True,
+        description="Keep a shard's graph when the corpus, its query shard and the settings are "
+        "unchanged (a key in the table's footer); false searches every shard again",
+    )
 
     def spec(self) -> IndexSpec:
         use_gpu = self.use_gpu == "yes" or (self.use_gpu == "auto" and faiss_has_gpu())

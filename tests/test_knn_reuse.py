@@ -457,15 +457,15 @@ def test_the_asset_keeps_unchanged_graphs_without_building_an_index(
     third = run_shards(defs, instance, SHARDS, job_name="__ASSET_JOB")
     assert reused(third) == [False, False, False] and counts.builds == 1
 
-    # The resource's switch (read with a default until resources/knn_index.py declares it).
-    class ForcedIndex(FaissIndexResource):
-        reuse_unchanged: bool = False
-
+    # The resource's switch forces a search of every shard.
+    assert FaissIndexResource(k=K).reuse_unchanged is True  # the default
     forced = dg.Definitions(
         assets=defs.assets,
         resources={
             **defs.resources,
-            "knn_index": ForcedIndex(k=K, backend="faiss", use_gpu="no"),
+            "knn_index": FaissIndexResource(
+                k=K, backend="faiss", use_gpu="no", reuse_unchanged=False
+            ),
         },
     )
     counts.reset()

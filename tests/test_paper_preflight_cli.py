@@ -152,5 +152,9 @@ def test_every_subcommand_takes_the_profile_option() -> None:
 
 def _required(command: str) -> list[str]:
     """The arguments a subcommand cannot parse without."""
-    required = {"eval": ["--retriever", "x", "--benchmark", "heldout"], "lineage": ["some-id"]}
+    required = {
+        "eval": ["--retriever", "x", "--benchmark", "heldout"],
+        "lineage": ["some-id"],
+        "search": ["--retriever", "x"],
+    }
     return required.get(command, [])

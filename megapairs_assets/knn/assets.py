@@ -70,7 +70,7 @@ def build_knn_asset(source: SimilaritySource) -> dg.AssetsDefinition:
             # records it), so a run-config override of k or the index never reuses a graph.
             code_version=settings_code_version(stage.code_version, stage.settings(resources)),
             # The resource's switch; read with a default until every resource has the field.
-            reuse_unchanged=getattr(knn, "reuse_unchanged", True),
+            reuse_unchanged=knn.reuse_unchanged,
         )
         if not run.reuse_unchanged:
             context.log.info(f"{source.knn_asset}: reuse_unchanged is off; searching all")
