@@ -1,5 +1,5 @@
 """Browser-level check of the Dagster UI: the asset graph, the pairs asset, triplets, the
-checkpoint and the scores, as screenshots.
+checkpoint, the scores, the corpus and KNN partitions and the runs list, as screenshots.
 
     MEGAPAIRS_HOME=/tmp/mp_ui .venv/bin/megapairs demo --quiet      # data to look at
     MEGAPAIRS_HOME=/tmp/mp_ui .venv/bin/python scripts/ui_screenshots.py /tmp/mp_ui_shots
@@ -7,7 +7,8 @@ checkpoint and the scores, as screenshots.
 Starts the UI the way `megapairs ui` does (this environment's Dagster on workspace.yaml, the
 data root's Dagster instance) on a free port, waits until the code location has loaded, then
 opens each page in headless Chromium and saves a PNG per page into the folder given. The
-server is stopped at the end, whatever happened. Needs a Chromium binary (Debian:
+server is stopped at the end, whatever happened. `--page PATH` adds any page (e.g. a run's
+`/runs/<run id>` log; `--only-pages` skips the tour). Needs a Chromium binary (Debian:
 `apt-get install chromium`); `--chromium PATH` picks another.
 
 Chromium's own `--screenshot` mode is used: `--virtual-time-budget` lets the page run its
@@ -20,6 +21,7 @@ import argparse
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -46,11 +48,25 @@ PAGES: tuple[tuple[str, str, int], ...] = (
     ("08_triplets_partition_00000", "/assets/triplets?view=partitions&partition=00000", 1800),
     ("09_checkpoint_overview", "/assets/mmret_clip_checkpoint?view=overview", 1700),
     ("10_scores_overview", "/assets/benchmark_scores?view=overview", 1500),
+    # The first half's partitions: thumbnails, the KNN score histogram, the run's log.
+    ("11_corpus_partition_00000", "/assets/image_corpus?view=partitions&partition=00000", 1500),
+    ("12_knn_partition_00000", "/assets/clip_image_knn?view=partitions&partition=00000", 1900),
+    ("13_runs", "/runs", 1000),
 )
 WINDOW_WIDTH_PX = 1600
 CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
 STARTUP_TIMEOUT_S = 180.0
 PAGE_TIMEOUT_S = 120.0
+
+
+def page_file_name(page: str) -> str:
+    """A readable file name for a UI path: '/assets/x?view=partitions&partition=00001' ->
+    'x_partitions_00001' (only letters, digits, '_' and '-')."""
+    path, _, query = page.partition("?")
+    parts = [path.removeprefix("/assets/").strip("/")]
+    parts += [value for _, _, value in (item.partition("=") for item in query.split("&")) if value]
+    name = re.sub(r"[^A-Za-z0-9_-]+", "_", "_".join(p for p in parts if p)).strip("_")
+    return name[:80] or "page"
 
 
 def free_port() -> int:
@@ -156,9 +172,22 @@ def main(argv: list[str] | None = None) -> int:
         help="another UI path to capture (repeatable), e.g. "
         "'/assets/clip_image_embeddings?view=partitions&partition=00000'",
     )
+    parser.add_argument(
+        "--height",
+        type=int,
+        default=1600,
+        metavar="PX",
+        help="window height of the --page captures (default 1600; asset pages run long)",
+    )
+    parser.add_argument(
+        "--only-pages",
+        action="store_true",
+        help="capture only the --page paths, not the built-in tour",
+    )
     args = parser.parse_args(argv)
-    pages = list(PAGES) + [
-        (f"{len(PAGES) + index + 1:02d}_extra", page, 1000) for index, page in enumerate(args.page)
+    pages = ([] if args.only_pages else list(PAGES)) + [
+        (f"{len(PAGES) + index + 1:02d}_{page_file_name(page)}", page, args.height)
+        for index, page in enumerate(args.page)
     ]
 
     chromium = find_chromium(args.chromium)

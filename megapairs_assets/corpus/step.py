@@ -126,7 +126,7 @@ def build_corpus_shard(
         preview=images.select("image_id", "caption", "width", "height").head(10),
         markdown={
             "quarantine_by_reason": markdown_table(reasons),
-            "thumbnails": thumbnail_markdown(_preview_images(images, limits)),
+            "thumbnails": corpus_thumbnails(images, limits),
         },
     )
 
@@ -157,14 +157,17 @@ def image_uris(catalog: LineageCatalog, image_ids: list[str]) -> dict[str, str]:
     return dict(zip(frame["image_id"], frame["source_uri"], strict=True))
 
 
-def _preview_images(images: pl.DataFrame, limits: ImageLimits) -> list:
-    previews = []
-    for uri in images["source_uri"].head(_PREVIEW_IMAGES).to_list():
+def corpus_thumbnails(images: pl.DataFrame, limits: ImageLimits) -> str:
+    """The shard's first images as a small table: thumbnail, image_id, caption."""
+    lines = ["| image | image_id | caption |", "|---|---|---|"]
+    for row in images.head(_PREVIEW_IMAGES).iter_rows(named=True):
         try:
-            previews.append(open_image_rgb(uri, limits, max_side_px=64))
+            image = open_image_rgb(row["source_uri"], limits, max_side_px=64)
         except Exception:  # a preview must never fail the asset
             continue
-    return previews
+        caption = (row["caption"] or "_(no caption)_").replace("|", "\\|")
+        lines.append(f"| {thumbnail_markdown([image])} | `{row['image_id']}` | {caption} |")
+    return "\n".join(lines) if len(lines) > 2 else "_(no images)_"
 
 
 def recheck_corpus_shard(shard: str, layout: DataLayout, catalog: LineageCatalog) -> list:

@@ -29,6 +29,7 @@ from megapairs_assets.embeddings.reuse import (
     stored_metadata,
 )
 from megapairs_assets.embeddings.sources import SimilaritySource
+from megapairs_assets.lib.preview import markdown_table
 from megapairs_assets.lib.progress import Progress
 from megapairs_assets.lib.quality import CheckOutcome
 from megapairs_assets.lib.step import StepResult
@@ -172,7 +173,10 @@ def _embed_window(
         shards = [shard for shard, _ in to_embed]
         label = shards[0] if len(shards) == 1 else f"{shards[0]}..{shards[-1]}"
         progress = Progress(
-            sum(rows.height for _, rows in to_embed), f"{asset_name}[{label}]", log=log
+            sum(rows.height for _, rows in to_embed),
+            f"{asset_name}[{label}]",
+            "captions" if run.modality == "text" else "images",
+            log=log,
         )
         results = embed_row_groups(
             to_embed,
@@ -262,7 +266,7 @@ def _shard_result(
         model_id=encoder.model_id,
         outcomes=outcomes,
         metadata={
-            "dim": encoder.dim,
+            "vector_dim": encoder.dim,
             "reused": False,
             "items_per_s": round(result.items_per_s, 1),
         },
@@ -288,7 +292,7 @@ def _reused_result(
         skipped=_skipped_frame(kept.skipped),
         model_id=kept.model_id,
         outcomes=kept.outcomes,
-        metadata={"dim": kept.dim, "reused": True},
+        metadata={"vector_dim": kept.dim, "reused": True},
     )
 
 
@@ -321,8 +325,15 @@ def _describe(
         rows={"quarantine_log": _skipped_rows(skipped, rows, asset_name, shard)},
         outcomes=outcomes,
         metadata={"model_id": model_id, **metadata},
+        markdown={"skipped_by_reason": _reason_counts(skipped)} if skipped.height else {},
         preview=skipped.head(10) if skipped.height else None,
     )
+
+
+def _reason_counts(skipped: pl.DataFrame) -> str:
+    """Skipped rows per reason, most frequent first (a short table the UI shows inline)."""
+    counts = skipped.group_by("reason").len().sort(["len", "reason"], descending=[True, False])
+    return markdown_table(counts.rename({"len": "rows"}))
 
 
 def _skipped_frame(skipped: list[SkippedRow]) -> pl.DataFrame:

@@ -44,7 +44,7 @@ from megapairs_assets.knn.search import (
     index_build_identity,
     search_neighbors,
 )
-from megapairs_assets.lib.preview import percentile_table
+from megapairs_assets.lib.preview import histogram_markdown, percentile_table
 from megapairs_assets.lib.progress import Progress
 from megapairs_assets.lib.quality import CheckOutcome
 from megapairs_assets.lib.step import StepResult
@@ -477,8 +477,9 @@ def _describe(
     return StepResult(
         partition=shard,
         outputs={"knn": path},
-        row_counts={"queries": queries, "edges": neighbors.height},
-        row_count_key="edges",
+        # One row per (query, neighbour): "neighbours" says what a row is.
+        row_counts={"queries": queries, "neighbours": neighbors.height},
+        row_count_key="neighbours",
         config=config,
         input_versions={
             f"{state.source.embedding_asset}/{s}": v for s, v in state.versions.items()
@@ -488,10 +489,14 @@ def _describe(
             "corpus_size": state.corpus_size,
             "corpus_version": state.corpus_version,
             "missing_corpus_shards": ", ".join(state.missing_shards) or "none",
-            "k": k,
+            "neighbours_per_query": k,
             "reused": reused,
         },
-        markdown={"score_percentiles": percentile_table(neighbors["score"])},
+        markdown={
+            # What mining's score band cuts: the shape of every neighbour's cosine similarity.
+            "score_histogram": histogram_markdown(neighbors["score"], label="cosine score"),
+            "score_percentiles": percentile_table(neighbors["score"]),
+        },
         preview=neighbors.head(10),
     )
 

@@ -11,7 +11,7 @@ from megapairs_assets.corpus.images import ImageLimits, open_image_rgb
 from megapairs_assets.corpus.step import content_hashes, image_uris
 from megapairs_assets.embeddings.sources import source_named
 from megapairs_assets.knn.step import read_knn_tables
-from megapairs_assets.lib.preview import markdown_table, thumbnail_markdown
+from megapairs_assets.lib.preview import histogram_markdown, markdown_table, thumbnail_markdown
 from megapairs_assets.lib.step import StepResult
 from megapairs_assets.lib.storage import DataLayout, read_parquet, write_parquet_atomic
 from megapairs_assets.lineage.catalog import LineageCatalog
@@ -42,6 +42,9 @@ PAIR_CHECKS = {
 }
 
 _PREVIEW_PAIRS = 4
+_PREVIEW_CAPTION_CHARS = 48
+# Summary keys renamed for the UI, where "queries" alone does not say what was counted.
+_METADATA_NAMES = {"queries": "query_images_with_pairs"}
 
 
 def mine_shard(
@@ -72,9 +75,10 @@ def mine_shard(
     write_parquet_atomic(pairs, path)
     knn_versions = {s: versions[f"{source_named(s).knn_asset}/{shard}"] for s in sources}
     summary = summarize_pairs(pairs, sources)
-    # One line per shard, naming any source that gave nothing and why.
-    notes = "".join(f"; {note}" for note in empty_source_notes(positions, pairs))
-    log(f"{ASSET_NAME}[{shard}]: {pairs.height} pairs{notes}")
+    # Only when a source gave nothing, and why (the shard's count is logged by the caller).
+    notes = "; ".join(empty_source_notes(positions, pairs))
+    if notes:
+        log(f"{ASSET_NAME}[{shard}]: {pairs.height} pairs; {notes}")
     return StepResult(
         partition=shard,
         outputs={"pairs": path},
@@ -91,18 +95,26 @@ def mine_shard(
         rows={PAIR_LINEAGE.name: pair_lineage_rows(pairs, shard, sources, knn_versions)},
         outcomes=check_pairs(pairs, params, hashes),
         metadata={
-            # The pair count is already the row count (`rows_pairs`, `dagster/row_count`).
+            # The pair count is already the row count (`rows_pairs`, `dagster/row_count`);
+            # pairs per source are `pairs_from_<source>` (numbers the UI can plot).
             **{
-                k: v
+                _METADATA_NAMES.get(k, k): v
                 for k, v in summary.items()
                 if isinstance(v, int | float | str) and k != "pairs"
             },
             "knn_rows_outside_corpus": outside_corpus,
         },
         markdown={
-            "pairs_by_source": markdown_table(pairs_by_source(pairs)),
             "band_positions": markdown_table(positions),
             "score_distribution": markdown_table(score_distribution(pairs, sources)),
+            # Where each band cuts its source's neighbour scores (short: shown inline).
+            **{
+                f"knn_score_histogram_{source}": histogram_markdown(
+                    neighbors[source]["score"], label=f"{source} score", band=params.bands[source]
+                )
+                for source in sources
+                if source in neighbors
+            },
             "thumbnails": pair_thumbnails(catalog, pairs.head(_PREVIEW_PAIRS)),
         },
         preview=pair_preview(catalog, pairs),
@@ -125,18 +137,6 @@ def pair_lineage_rows(
     )
 
 
-def pairs_by_source(pairs: pl.DataFrame) -> pl.DataFrame:
-    if not pairs.height:
-        return pl.DataFrame({"source": [], "pairs": []})
-    return (
-        pairs.explode("sources")
-        .group_by("sources")
-        .len()
-        .sort("sources")
-        .rename({"sources": "source", "len": "pairs"})
-    )
-
-
 def score_distribution(pairs: pl.DataFrame, sources: list[str]) -> pl.DataFrame:
     """Per source: count and quantiles of the scores of the pairs it found."""
     rows = []
@@ -150,17 +150,31 @@ def score_distribution(pairs: pl.DataFrame, sources: list[str]) -> pl.DataFrame:
 
 
 def pair_preview(catalog: LineageCatalog, pairs: pl.DataFrame, max_rows: int = 10) -> pl.DataFrame:
-    """The first pairs with their captions and scores, readable at a glance."""
+    """The first pairs with their captions and scores, readable at a glance.
+
+    Narrow enough for the asset page: one `scores` column ("clip_image 0.9953") instead of a
+    mostly empty column per source, and captions cut to a line.
+    """
     head = pairs.head(max_rows)
     if not head.height:
         return head
     captions = catalog.query(
         f"SELECT image_id, caption FROM image_lineage WHERE image_id {IN_IDS}",
         [id_list(sorted(set(head["query_id"]) | set(head["target_id"])))],
-    )
+    ).with_columns(pl.col("caption").map_elements(_short_caption, return_dtype=pl.String))
     score_columns = [c for c in head.columns if c.startswith("score_")]
+    scores = pl.concat_str(
+        [
+            pl.when(pl.col(c).is_not_null()).then(
+                pl.format("{} {}", pl.lit(c.removeprefix("score_")), pl.col(c).round(4))
+            )
+            for c in score_columns
+        ],
+        separator="; ",
+        ignore_nulls=True,
+    )
     return (
-        head.select("pair_id", "query_id", "target_id", "sources", *score_columns)
+        head.select("query_id", "target_id", scores.alias("scores"))
         .join(
             captions.rename({"image_id": "query_id", "caption": "query_caption"}),
             on="query_id",
@@ -171,7 +185,14 @@ def pair_preview(catalog: LineageCatalog, pairs: pl.DataFrame, max_rows: int = 1
             on="target_id",
             how="left",
         )
+        .select("query_id", "query_caption", "target_id", "target_caption", "scores")
     )
+
+
+def _short_caption(caption: str) -> str:
+    if len(caption) <= _PREVIEW_CAPTION_CHARS:
+        return caption
+    return caption[: _PREVIEW_CAPTION_CHARS - 3] + "..."
 
 
 def pair_thumbnails(catalog: LineageCatalog, pairs: pl.DataFrame) -> str:

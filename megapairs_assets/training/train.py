@@ -75,7 +75,11 @@ from megapairs_assets.training.data import (
 )
 from megapairs_assets.training.export import CONFIG_NAME, export_open_clip, verify_export
 from megapairs_assets.training.names import ASSET_NAME
-from megapairs_assets.training.plot import loss_plot_markdown, sample_curve
+from megapairs_assets.training.plot import (
+    loss_plot_markdown,
+    loss_sparkline_markdown,
+    sample_curve,
+)
 
 _LOSS_WINDOW_FRACTION = 0.1
 
@@ -240,7 +244,7 @@ def train_on_triplets(
             "fingerprint": fingerprint,
             "load_with": exported.load_snippet(),
         },
-        markdown={"loss_plot": plot_markdown},
+        markdown={"loss_curve": loss_sparkline_markdown(curve), "loss_plot": plot_markdown},
         rows={"quarantine_log": _quarantine_log_rows(prepared.quarantine, triplets, config_name)},
     )
 
