@@ -222,17 +222,47 @@ class GenerationResource(dg.ConfigurableResource):
             ]
         return lines
 
+    def image_input_problems(self, step: str, timeout_s: float | None = None) -> list[str]:
+        """When `step`'s template shows the model the pictures: one line per `openai_http`
+        server whose model drops or refuses them, each saying what to change; else [].
+
+        Unlike `server_problems` (a GET), this sends two one-token chat requests per server
+        (`probe_image_input`), so it runs only before a step's first uncached request.
+        """
+        from megapairs_assets.generation.backends.openai_http import (
+            ServerSettingNames,
+            image_input_problems,
+        )
+        from megapairs_assets.generation.prompts import load_template
+
+        settings = self.settings()
+        step_settings = getattr(settings, step)
+        if load_template(step_settings.template).input_mode != "images":
+            return []
+        timeout = self.server_probe_timeout_s if timeout_s is None else timeout_s
+        spec = step_settings.backend
+        names = ServerSettingNames(**self.server_setting_names.get(step, {}))
+        return [
+            f"{step} ({spec.display_name}) at {problem.base_url}: {problem.detail}; "
+            + names.fix(problem)
+            for problem in image_input_problems(spec, timeout)
+        ]
+
     def backend_factory(self, step: str) -> Callable[[BackendSpec], GenerationBackend]:
         """What a step builds its backends with: the shared backend of a spec, after asking
-        the step's servers for their models (once per factory). It is called only when a
-        request is not in the response cache, so a fully cached step never asks."""
+        the step's servers for their models and, when its template sends pictures, whether
+        their model reads them (once per factory). It is called only when a request is not in
+        the response cache, so a fully cached step never asks."""
         from megapairs_assets.generation.backends.base import shared_backend
 
         checked: set[str] = set()
 
         def build(spec: BackendSpec) -> GenerationBackend:
             if self.server_probe_timeout_s > 0 and spec.model_id not in checked:
-                problems = self.server_problems((step,)) if spec == self._step_spec(step) else []
+                if spec == self._step_spec(step):
+                    problems = self.server_problems((step,)) or self.image_input_problems(step)
+                else:
+                    problems = []
                 if problems:
                     raise ConfigurationError(SERVERS_NOT_READY + "\n  " + "\n  ".join(problems))
                 checked.add(spec.model_id)

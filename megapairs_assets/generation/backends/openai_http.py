@@ -20,11 +20,16 @@ runs in worker threads so the event loop keeps every connection busy.
 `probe_servers` asks each server for its model list (`GET <base_url>/models`) before any
 request, so a server that is down, a URL missing `/v1`, a refused key or a model served under
 another name is one clear error at the start of a step, not every request failing.
+`probe_image_input` then asks a server that must see images whether it does: a text-only
+model behind an OpenAI-compatible server may drop image parts without an error (`transformers
+serve` does) and describe pictures it never saw.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
+import io
 import itertools
 import os
 import time
@@ -33,10 +38,12 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
+from functools import cache
 from typing import Any
 
 import httpx2
 import tenacity
+from PIL import Image
 
 from megapairs_assets.corpus.images import ImageRejected
 from megapairs_assets.generation.backends.base import (
@@ -309,8 +316,9 @@ class ServerProblem:
     """Why one server cannot serve a step's requests, from its answer to `GET /models`.
 
     kind: "unreachable" (no connection), "missing_v1" (the base URL lacks `/v1`: its `/models`
-    is 404 but `<base_url>/v1/models` lists models), "key" (HTTP 401/403) or "other_name" (the
-    server lists models, not this one).
+    is 404 but `<base_url>/v1/models` lists models), "key" (HTTP 401/403), "other_name" (the
+    server lists models, not this one) or "no_images" (the model drops or refuses image input;
+    see `probe_image_input`).
     """
 
     base_url: str
@@ -330,6 +338,7 @@ class ServerSettingNames:
     base_urls: str = "the backend's base_urls option"
     served_model: str = "the backend's served_model option"
     api_key: str = "the environment variable named by api_key_env"
+    captions_template: str = "describe_template to describe_captions"
 
     def fix(self, problem: ServerProblem) -> str:
         """What to change for `problem`, in one clause."""
@@ -340,6 +349,9 @@ class ServerSettingNames:
             "key": f"set {self.api_key} to the server's API key",
             "other_name": f"set {self.served_model} to the name the server uses, or serve it "
             f"as {served!r} (vllm serve <weights> --served-model-name {served})",
+            "no_images": "serve a vision-language model there, or set "
+            f"{self.captions_template} (caption-based: the model reads the two captions instead "
+            "of the pictures)",
         }[problem.kind]
 
 
@@ -399,16 +411,119 @@ def _listed_at(url: str, headers: Mapping[str, str] | None, timeout_s: float) ->
         return []
 
 
+def _probe_headers(options: HttpOptions) -> dict[str, str]:
+    """The API key header a probe sends (none when no key is configured or set)."""
+    key = os.environ.get(options.api_key_env, "") if options.api_key_env else ""
+    return {"Authorization": f"Bearer {key}"} if key else {}
+
+
 def probe_servers(spec: BackendSpec, timeout_s: float = 5.0) -> list[ServerProblem]:
     """`probe_server` for every base URL of an `openai_http` spec (in parallel), with its
     served model name and API key; [] for any other backend."""
     if spec.backend != OPENAI_HTTP_BACKEND:
         return []
     options = HttpOptions.from_mapping(spec.options)
-    served = options.served_model or spec.model_id
-    key = os.environ.get(options.api_key_env, "") if options.api_key_env else ""
-    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    served, headers = options.served_model or spec.model_id, _probe_headers(options)
     urls = list(options.base_urls)
     with ThreadPoolExecutor(max_workers=min(8, len(urls))) as pool:
         found = pool.map(lambda url: probe_server(url, served, headers, timeout_s), urls)
+        return [problem for problem in found if problem is not None]
+
+
+# A text that a model reads the same with or without a picture beside it.
+_IMAGE_PROBE_TEXT = "What colour is this picture? Answer in one word."
+
+
+@cache
+def _probe_image_url() -> str:
+    """A small plain JPEG as a data URL (the probe's picture; its content does not matter)."""
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 64), (90, 140, 200)).save(buffer, format="JPEG")
+    return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def probe_image_input(
+    base_url: str,
+    served_model: str,
+    headers: Mapping[str, str] | None = None,
+    timeout_s: float = 5.0,
+) -> ServerProblem | None:
+    """Whether a server's model reads images: the problem, or None when it does (or when the
+    answers cannot tell).
+
+    Two one-token chat requests with the same text, the second with a picture added. A model
+    that takes images counts the picture's tokens in `usage.prompt_tokens`; equal counts mean
+    the server dropped the picture. A refused picture (HTTP 4xx while the text alone is
+    answered) is a problem too. Anything else (a timeout, an error on both, no usage figures)
+    is not refused on a guess: the step's own requests will say what is wrong.
+    """
+    url = base_url.rstrip("/") + "/chat/completions"
+
+    def ask(content: str | list[dict[str, Any]]) -> httpx2.Response | None:
+        body = {
+            "model": served_model,
+            "messages": [{"role": "user", "content": content}],
+            "max_tokens": 1,
+            "temperature": 0.0,
+            "stream": False,
+        }
+        try:
+            return httpx2.post(url, json=body, headers=dict(headers or {}), timeout=timeout_s)
+        except httpx2.HTTPError:
+            return None
+
+    text_only = ask(_IMAGE_PROBE_TEXT)
+    if text_only is None or text_only.status_code != 200:
+        return None
+    with_image = ask(
+        [
+            {"type": "text", "text": _IMAGE_PROBE_TEXT},
+            {"type": "image_url", "image_url": {"url": _probe_image_url()}},
+        ]
+    )
+    if with_image is None:
+        return None
+    if 400 <= with_image.status_code < 500 and with_image.status_code != 429:
+        snippet = with_image.text[:_BODY_SNIPPET_CHARS]
+        return ServerProblem(
+            base_url,
+            "no_images",
+            f"{served_model!r} refused a request with an image (HTTP {with_image.status_code}: "
+            f"{snippet})",
+            served_model,
+        )
+    tokens_text, tokens_image = _prompt_tokens(text_only), _prompt_tokens(with_image)
+    if tokens_text and tokens_image and tokens_text == tokens_image:
+        return ServerProblem(
+            base_url,
+            "no_images",
+            f"{served_model!r} drops images: a request with a picture counted the same "
+            f"{tokens_text} prompt tokens as the text alone, so its descriptions would not "
+            "come from the pictures",
+            served_model,
+        )
+    return None
+
+
+def _prompt_tokens(response: httpx2.Response) -> int:
+    """`usage.prompt_tokens` of a chat completion; 0 when the answer has none."""
+    if response.status_code != 200:
+        return 0
+    try:
+        return int(response.json()["usage"]["prompt_tokens"] or 0)
+    except (ValueError, KeyError, TypeError):
+        return 0
+
+
+def image_input_problems(spec: BackendSpec, timeout_s: float = 5.0) -> list[ServerProblem]:
+    """`probe_image_input` for every base URL of an `openai_http` spec (in parallel); [] for
+    any other backend (the transformers backend refuses images itself when its model has no
+    image input)."""
+    if spec.backend != OPENAI_HTTP_BACKEND:
+        return []
+    options = HttpOptions.from_mapping(spec.options)
+    served, headers = options.served_model or spec.model_id, _probe_headers(options)
+    urls = list(options.base_urls)
+    with ThreadPoolExecutor(max_workers=min(8, len(urls))) as pool:
+        found = pool.map(lambda url: probe_image_input(url, served, headers, timeout_s), urls)
         return [problem for problem in found if problem is not None]
