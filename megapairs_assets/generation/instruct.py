@@ -45,6 +45,7 @@ from megapairs_assets.generation.parsing import (
     REASON_MISSING_CAPTION,
     REASON_TOO_FEW,
     InstructionLimits,
+    drop_cut_item,
     filter_instructions,
     parse_instruction_list,
 )
@@ -367,7 +368,9 @@ def _accept(
             f"{plan.spec.display_name}: {(response.text or '')[:300]!r}",
         )
         return None
+    parsed, cut = drop_cut_item(parsed, response.text, response.finish_reason)
     kept, rejections = filter_instructions(parsed.items, row["description"], limits)
+    rejections = [cut, *rejections] if cut is not None else rejections
     for rejection in rejections:
         quarantine.add(
             pair_id, query_uri, rejection.reason, f"{rejection.detail}: {rejection.text!r}"

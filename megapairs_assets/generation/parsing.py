@@ -89,6 +89,26 @@ def parse_instruction_list(text: str | None) -> ParsedList:
     return ParsedList((), None, REASON_NO_LIST)
 
 
+def drop_cut_item(
+    parsed: ParsedList, text: str | None, finish_reason: str | None
+) -> tuple[ParsedList, Rejection | None]:
+    """A numbered or bulleted list whose last item runs to the end of an answer that the token
+    limit stopped (`finish_reason == "length"`) loses that item: it was cut mid-way ("3. Find
+    the same owl but"). JSON lists need no such care: a cut string literal is never read.
+
+    Returns the list to use and the rejection of the dropped item, if any.
+    """
+    if finish_reason != "length" or parsed.how != "numbered" or not parsed.items or not text:
+        return parsed, None
+    last_line = text.rstrip().splitlines()[-1]
+    match = _LIST_ITEM.match(last_line)
+    if match is None or match.group(1) != parsed.items[-1]:
+        return parsed, None  # the answer went on after the list: its last item is whole
+    cut = parsed.items[-1]
+    rejection = Rejection(cut, REASON_TRUNCATED, "stopped by the token limit inside this item")
+    return ParsedList(parsed.items[:-1], parsed.how, parsed.reason), rejection
+
+
 def _coerce_items(values: Sequence[object]) -> tuple[str, ...]:
     items = []
     for value in values:

@@ -2,7 +2,9 @@
 
 1. Look every request key up in the shard's `ResponseStore`: finished ones are cache hits,
    quarantined ones are skipped, failed ones (under the attempt limit) are sent again.
-2. Send the rest to the backend; results are written to the store as they arrive, at least
+2. Send the rest to the backend, with progress (rate and ETA) over these calls alone: cache
+   hits and caption-heuristic answers take no time, and counting them in would promise a
+   finish hours early or late. Results are written to the store as they arrive, at least
    every `flush_every` results or `flush_interval_s` seconds (each transformers batch, each
    vLLM chunk), so a killed run resumes where it stopped. The writes happen on a writer
    thread: an HTTP backend's event loop never waits for the disk (each commit is fsynced).
@@ -32,7 +34,7 @@ from megapairs_assets.generation.store import (
     StoredResponse,
 )
 from megapairs_assets.lib.preview import markdown_table
-from megapairs_assets.lib.progress import Progress, ProgressCallback
+from megapairs_assets.lib.progress import Progress
 from megapairs_assets.lineage.catalog import IncompleteCommitError, NotMaterializedError
 
 
@@ -112,7 +114,8 @@ def run_requests(
     *,
     flush_every: int = 64,
     flush_interval_s: float = 1.0,
-    progress: ProgressCallback | None = None,
+    label: str | None = None,
+    log: Callable[[str], None] | None = None,
 ) -> tuple[dict[str, StoredResponse], RunStats]:
     """Settle every request from the cache or the backend; see the module docstring.
 
@@ -125,7 +128,8 @@ def run_requests(
         backend,
         flush_every=flush_every,
         flush_interval_s=flush_interval_s,
-        progress=progress,
+        label=label,
+        log=log,
     )
     return store.get(request.key for request in requests), stats
 
@@ -136,7 +140,8 @@ def run_routed(
     *,
     flush_every: int = 64,
     flush_interval_s: float = 1.0,
-    progress: ProgressCallback | None = None,
+    label: str | None = None,
+    log: Callable[[str], None] | None = None,
     record_failures: bool = True,
 ) -> RunStats:
     """`run_requests` for requests that belong to different stores (several shards at once).
@@ -144,7 +149,8 @@ def run_routed(
     All uncached requests go to the backend as one stream, so a local model batches across
     shards; each result is committed to the store(s) its key belongs to. With
     `record_failures=False` only successes are stored (a prefetch leaves failures to the
-    shard's own step, so one run counts one attempt).
+    shard's own step, so one run counts one attempt). With a `label`, `log` gets one line on
+    what the cache answered and progress lines over the calls (see the module docstring).
     """
     started = time.perf_counter()
     stores_of: dict[str, list[ResponseStore]] = {}
@@ -173,11 +179,16 @@ def run_routed(
             stats.skipped_quarantined += 1
         else:
             todo.append(request.rendered())
-    if progress is not None and len(routed) > len(todo):
-        progress(len(routed) - len(todo))  # cache hits and repeated keys are settled now
+    if label is not None and log is not None and len(todo) < len(first):
+        log(
+            f"{label}: {stats.cache_hits} of {len(first)} requests answered from the cache, "
+            f"{stats.skipped_quarantined} given up on earlier (quarantined); "
+            f"{len(todo)} to send"
+        )
 
     if todo:
         model = backend if hasattr(backend, "generate") else backend()  # type: ignore[operator]
+        progress = Progress(len(todo), label, unit="requests", log=log) if label else None
         buffer: list[GenerationResult] = []
         last_flush = time.perf_counter()
         writers = {id(store): _StoreWriter(store) for store, _ in by_store.values()}
@@ -200,7 +211,7 @@ def run_routed(
             for store_id, batch in batches.items():
                 writers[store_id].submit(batch)
             if progress is not None and buffer:
-                progress(len(buffer))
+                progress.update(len(buffer))
             buffer.clear()
             last_flush = time.perf_counter()
 
@@ -216,6 +227,8 @@ def run_routed(
             try:
                 flush()  # whatever finished before an error (or Ctrl-C) is kept
             finally:
+                if progress is not None:
+                    progress.close()
                 errors = []
                 for writer in writers.values():
                     try:
@@ -303,26 +316,27 @@ def settle_shard_requests(
     label: str,
     log: Callable[[str], None] | None = None,
 ) -> SettledStep:
-    """Settle a shard's model-sampled and heuristic requests in its store, with one progress
-    bar (the part every generation step shares)."""
+    """Settle a shard's model-sampled and heuristic requests in its store (the part every
+    generation step shares); each part reports its own progress, `<label> (model)` and
+    `<label> (heuristic)`, so the model's rate and ETA count model calls only."""
     if retry_quarantined:
         store.release_quarantined()
-    total = len(model_requests) + len(heuristic_requests)
-    with Progress(total, label, unit="pairs", log=log) as progress:
-        model, model_stats = run_requests(
-            model_requests,
-            model_backend,
-            store,
-            flush_every=flush_every,
-            progress=progress.update,
-        )
-        heuristic, heuristic_stats = run_requests(
-            heuristic_requests,
-            heuristic_backend,
-            store,
-            flush_every=flush_every,
-            progress=progress.update,
-        )
+    model, model_stats = run_requests(
+        model_requests,
+        model_backend,
+        store,
+        flush_every=flush_every,
+        label=f"{label} (model)",
+        log=log,
+    )
+    heuristic, heuristic_stats = run_requests(
+        heuristic_requests,
+        heuristic_backend,
+        store,
+        flush_every=flush_every,
+        label=f"{label} (heuristic)",
+        log=log,
+    )
     store.mirror_now()
     return SettledStep(model, heuristic, model_stats, heuristic_stats)
 
@@ -359,14 +373,9 @@ def prefetch_shards(
                 log(f"prefetch skips {shard}: {error}")
             continue
         routed += [(request, store) for request in requests]
-    with Progress(len(routed), label, unit="pairs", log=log) as progress:
-        stats = run_routed(
-            routed,
-            backend,
-            flush_every=flush_every,
-            progress=progress.update,
-            record_failures=False,
-        )
+    stats = run_routed(
+        routed, backend, flush_every=flush_every, label=label, log=log, record_failures=False
+    )
     for store in {id(store): store for _, store in routed}.values():
         store.mirror_now()
     return stats
