@@ -49,7 +49,7 @@ def test_one_shard_through_the_four_generation_assets(tmp_path):
     }
     assert set(events) == {"pair_descriptions", "pair_instructions", "triplets", "triplet_export"}
     examples = events["triplets"]["examples"].value
-    assert "data:image/png;base64," in examples and "instructions" in examples
+    assert "data:image/jpeg;base64," in examples and "instructions" in examples
     assert events["triplets"]["dagster/row_count"].value == 5
     lineage = world.catalog.query("SELECT count(*) AS n FROM triplet_lineage")["n"][0]
     assert lineage == 5

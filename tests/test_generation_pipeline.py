@@ -180,7 +180,7 @@ def test_export_side_is_configurable_and_rerun_is_idempotent(tmp_path, side):
     # The asset page shows the exported rows, the first triplet's exported images and the card.
     assert again.preview is not None and again.preview.height == min(5, again.row_count)
     example = again.markdown["exported_example"]
-    assert example.count("data:image/png;base64,") >= 2 and "query, target" in example
+    assert example.count("data:image/jpeg;base64,") >= 2 and "query, target" in example
     assert again.markdown["dataset_card"] == (tmp_path / "out" / "README.md").read_text()
     images = list((tmp_path / "out" / "images").rglob("*.jpg"))
     assert images
