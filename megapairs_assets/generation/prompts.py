@@ -43,6 +43,15 @@ TEMPLATE_PLACEHOLDERS: dict[str, dict[str, frozenset[str]]] = {
         "user": frozenset({"description"}),
     },
 }
+# The placeholders a step's template must use, or the model never sees the pair it writes
+# about: every request of a shard would then ask the same question.
+REQUIRED_PLACEHOLDERS: dict[tuple[str, str], dict[str, frozenset[str]]] = {
+    ("describe", "captions"): {"user_parts": frozenset({"query_caption", "target_caption"})},
+    ("instruct", "text"): {
+        "demo_user": frozenset({"description"}),
+        "user": frozenset({"description"}),
+    },
+}
 _FIELD_NAME_END = re.compile(r"[.\[]")
 
 # A chat message in the OpenAI shape. Image parts are kept symbolic until a backend renders
@@ -99,6 +108,7 @@ def _load_template_cached(path: Path, mtime_ns: int) -> PromptTemplate:
     if raw["input_mode"] not in ("images", "captions", "text"):
         raise TemplateError(f"template {path}: unknown input_mode {raw['input_mode']!r}")
     _check_placeholders(path, raw)
+    _check_pair_is_shown(path, raw)
     return PromptTemplate(
         id=str(raw["id"]),
         version=int(raw["version"]),
@@ -133,6 +143,33 @@ def _check_placeholders(path: Path, raw: Mapping[str, Any]) -> None:
             raise TemplateError(
                 f"template {path}: unknown placeholder(s) {named} in {field_name}; the {step} "
                 f"step allows {allows} (write {{{{ and }}}} for literal braces)"
+            )
+
+
+def _check_pair_is_shown(path: Path, raw: Mapping[str, Any]) -> None:
+    """Refuse a template that never shows the model the pair: a caption template without both
+    captions, an image template without both pictures, an instruction template without the
+    description (`REQUIRED_PLACEHOLDERS`)."""
+    step, mode = raw["step"], raw["input_mode"]
+    for field_name, required in REQUIRED_PLACEHOLDERS.get((step, mode), {}).items():
+        used: set[str] = set()
+        for text in _formatted_texts(path, raw, field_name):
+            used |= _placeholders(text)
+        if missing := required - used:
+            named = ", ".join(f"{{{name}}}" for name in sorted(missing))
+            raise TemplateError(
+                f"template {path}: {field_name} never uses {named}; without it the model does "
+                f"not see what it writes about (step {step!r}, input_mode {mode!r})"
+            )
+    if (step, mode) == ("describe", "images"):
+        parts = raw.get("user_parts") or []
+        shown = {part.get("image") for part in parts if isinstance(part, dict)}
+        if missing_images := {"query", "target"} - shown:
+            named = " and ".join(f'{{ image = "{ref}" }}' for ref in sorted(missing_images))
+            raise TemplateError(
+                f"template {path}: user_parts lacks {named}: an images template shows the model "
+                "both pictures (or use input_mode \"captions\" with {query_caption} and "
+                "{target_caption})"
             )
 
 
@@ -172,7 +209,10 @@ def _resolve(name_or_path: str | Path, suffix: str) -> Path:
     if candidate.suffix != suffix:
         candidate = PROMPTS_DIR / f"{name_or_path}{suffix}"
     if not candidate.is_file():
-        raise TemplateError(f"no prompt file {candidate}")
+        raise TemplateError(
+            f"no prompt file {candidate} (a name is looked up in {PROMPTS_DIR}; give a path "
+            f"ending {suffix} for a file elsewhere)"
+        )
     return candidate.resolve()
 
 

@@ -1,0 +1,62 @@
+"""A user writes their own prompt template and forgets to show the model the pair.
+
+An instruction template whose `user` message was rewritten without `{description}` loaded,
+passed the resource's start-up check and sent every pair of a shard the same question; the
+model's answers then had nothing to do with the pairs. Such templates are now refused when
+loaded, naming the field and the placeholder.
+"""
+
+from __future__ import annotations
+
+import dagster as dg
+import pytest
+
+from megapairs_assets.generation.prompts import PROMPTS_DIR, TemplateError, load_template
+from megapairs_assets.generation.resource import GenerationResource
+from megapairs_assets.generation.settings import paper_generation_settings
+
+
+def _variant(tmp_path, shipped: str, old: str, new: str):
+    text = (PROMPTS_DIR / f"{shipped}.toml").read_text(encoding="utf-8")
+    assert old in text
+    path = tmp_path / f"my_{shipped}.toml"
+    path.write_text(text.replace(old, new), encoding="utf-8")
+    return path
+
+
+def test_a_template_that_hides_the_pair_is_refused_when_loaded(tmp_path):
+    no_description = _variant(
+        tmp_path, "instructions", 'user = "Description: {description}"', 'user = "Write queries."'
+    )
+    with pytest.raises(TemplateError, match=r"user never uses \{description\}"):
+        load_template(no_description)
+    one_caption = _variant(
+        tmp_path, "describe_captions", "Target image caption: {target_caption}", "Target image:"
+    )
+    with pytest.raises(TemplateError, match=r"user_parts never uses \{target_caption\}"):
+        load_template(one_caption)
+    one_picture = _variant(tmp_path, "describe_images", '{ image = "target" },', "")
+    with pytest.raises(TemplateError, match=r'lacks \{ image = "target" \}'):
+        load_template(one_picture)
+    # Rewording that keeps what the model must see loads, with a new hash (a new request key).
+    reworded = _variant(
+        tmp_path,
+        "instructions",
+        'user = "Description: {description}"',
+        'user = "Pair: {description}"',
+    )
+    assert load_template(reworded).hash != load_template("instructions").hash
+
+
+def test_the_resource_refuses_it_before_any_work_and_says_where_names_are_looked_up(tmp_path):
+    no_description = _variant(
+        tmp_path, "instructions", 'user = "Description: {description}"', 'user = "Write queries."'
+    )
+    resource = GenerationResource.from_settings(paper_generation_settings())
+    fields = {name: getattr(resource, name) for name in type(resource).model_fields}
+    mine = GenerationResource(**{**fields, "instruct_template": str(no_description)})
+    with pytest.raises(TemplateError, match=str(no_description)):
+        mine.setup_for_execution(dg.build_init_resource_context())
+    by_name = GenerationResource(**{**fields, "describe_template": "my_describe"})
+    with pytest.raises(TemplateError, match=r"give a path ending \.toml for a file elsewhere"):
+        by_name.setup_for_execution(dg.build_init_resource_context())
