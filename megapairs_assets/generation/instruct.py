@@ -108,7 +108,8 @@ INSTRUCTION_COLUMN_DESCRIPTIONS: dict[str, str] = {
     "demo_ids": "ids of the few-shot demonstrations in the prompt, keyed-random per pair",
     "description_request_key": "request_key of the description this row was written from "
     "(pair_descriptions.request_key)",
-    "parse_method": "how the list was read from the model's answer: json or numbered",
+    "parse_method": "how the list was read from the model's answer: json, json_object (one "
+    "query per key), json_truncated, python_list or numbered",
     "rejected_instructions": "instructions the filters dropped for this pair (their reasons "
     "are in the quarantine log)",
 }

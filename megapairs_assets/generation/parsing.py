@@ -54,12 +54,18 @@ _LEAD_IN = re.compile(
     re.IGNORECASE,
 )
 _SENTENCE_END = (".", "!", "?", '"', "'", ")")
+_STRONG = re.compile(r"(\*\*|__)(\S(?:.*?\S)?)\1")
+_EMPHASIS = re.compile(r"(?<![\w*])([*_])(\S(?:.*?\S)?)\1(?![\w*])")
+# "Query 2:", "Instruction #1 -", "Search query:" before an item's text.
+_ITEM_LABEL = re.compile(
+    r"^(?:search\s+)?(?:query|instruction|q)\s*#?\s*\d{0,2}\s*[:\-–]\s+", re.IGNORECASE
+)
 
 
 @dataclass(frozen=True)
 class ParsedList:
-    """Items recovered from an answer and how (`json`, `json_truncated`, `python_list`,
-    `numbered`), or a `reason` when nothing list-like was found."""
+    """Items recovered from an answer and how (`json`, `json_object`, `json_truncated`,
+    `python_list`, `numbered`), or a `reason` when nothing list-like was found."""
 
     items: tuple[str, ...]
     how: str | None
@@ -137,7 +143,8 @@ def _json_list(body: str) -> ParsedList | None:
                 return ParsedList(items, "json")
         elif isinstance(value, dict):
             continue
-    # {"instructions": [...]} style answers
+    # {"instructions": [...]} style answers, and {"query1": "...", "query2": "..."}: an object
+    # of strings only, one query per key (what SmolLM2-135M answers)
     for match in re.finditer(r"\{", body):
         try:
             value, _ = decoder.raw_decode(body, match.start())
@@ -147,6 +154,8 @@ def _json_list(body: str) -> ParsedList | None:
             for inner in value.values():
                 if isinstance(inner, list) and _coerce_items(inner):
                     return ParsedList(_coerce_items(inner), "json")
+            if value and all(isinstance(inner, str) for inner in value.values()):
+                return ParsedList(tuple(value.values()), "json_object")
     return None
 
 
@@ -183,11 +192,20 @@ def _line_list(body: str) -> ParsedList | None:
 
 
 def clean_instruction(text: str) -> str:
-    """Collapse whitespace, drop wrapping quotes and a trailing period or comma."""
-    cleaned = " ".join(text.split())
+    """Collapse whitespace; drop Markdown emphasis, a leading "Query 2:" label, wrapping quotes
+    and a trailing period or comma (small models often answer in Markdown)."""
+    cleaned = strip_markdown_emphasis(" ".join(text.split()))
     for _ in range(2):
         cleaned = cleaned.strip().strip("\"'`“”‘’").strip()
+        cleaned = _ITEM_LABEL.sub("", cleaned, count=1)
     return cleaned.rstrip(".,;").strip()
+
+
+def strip_markdown_emphasis(text: str) -> str:
+    """`**bold**`, `__bold__`, `*italic*` and `_italic_` become their plain words (an
+    underscore inside a word, as in snake_case, stays)."""
+    text = _STRONG.sub(r"\2", text)
+    return _EMPHASIS.sub(r"\2", text)
 
 
 def _words(text: str) -> list[str]:
@@ -310,7 +328,7 @@ def clean_description(text: str | None) -> str:
     fenced = _FENCE.search(body)
     if fenced and fenced.group(1).strip():
         body = fenced.group(1)
-    body = _LEAD_IN.sub("", body, count=1)
+    body = strip_markdown_emphasis(_LEAD_IN.sub("", body, count=1))
     return " ".join(body.split()).strip().strip("\"'“”").strip()
 
 
