@@ -7,7 +7,9 @@ At the start of every step that uses it, the resource checks its templates and b
 Before a step's first request that the response cache cannot answer, `backend_factory` asks
 the step's `openai_http` servers for their models (`server_problems`), so a server that is
 down or serves the model under another name fails the step before any request, while a step
-whose answers are all cached runs with the servers down.
+whose answers are all cached runs with the servers down. A describe step whose template shows
+the model the pictures also asks whether the served model reads them (`image_input_problems`):
+a text-only model behind `transformers serve` drops image parts without an error.
 """
 
 from __future__ import annotations
