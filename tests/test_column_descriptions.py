@@ -84,3 +84,25 @@ def test_the_materialization_column_schema_carries_the_descriptions(tmp_path) ->
     assert by_name["neighbor_id"] == KNN_COLUMN_DESCRIPTIONS["neighbor_id"]
     # A column no one described still shows, without a made-up text.
     assert by_name["extra"] is None
+
+
+def test_the_column_schema_is_the_stage_table_not_its_quarantine(tmp_path) -> None:
+    rejects = tmp_path / "quarantine.parquet"
+    pl.DataFrame({"row": [1], "reason": ["bad"]}).write_parquet(rejects)
+    table = tmp_path / "00000.parquet"
+    pl.DataFrame({"query_id": ["a"]}).write_parquet(table)
+    result = StepResult(partition="00000", outputs={"quarantine": rejects, "knn": table})
+    schema = partition_metadata(result, "clip_image_knn", KNN_COLUMN_DESCRIPTIONS)
+    assert [c.name for c in schema["dagster/column_schema"].columns] == ["query_id"]
+    only_rejects = StepResult(partition="demo", outputs={"quarantine": rejects})
+    assert "dagster/column_schema" not in partition_metadata(only_rejects, "mmret_clip_checkpoint")
+
+
+def test_long_preview_cells_are_cut_to_stay_readable() -> None:
+    from megapairs_assets.orchestration.shard_step import preview_table
+
+    long = "word " * 100
+    table = preview_table(pl.DataFrame({"q_text": [[long, long]], "n": [3]}))
+    (record,) = table.records
+    assert len(record.data["q_text"]) == 80 and record.data["q_text"].endswith("…")
+    assert record.data["n"] == 3

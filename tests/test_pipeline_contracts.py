@@ -105,6 +105,16 @@ def test_check_results_name_their_partitions(graph) -> None:
         assert checked.split(", ") == SHARDS, evaluation.check_name
 
 
+def test_a_step_over_a_range_logs_progress_over_its_partitions_and_names_what_it_counted(
+    graph,
+) -> None:
+    result, _, _, instance, _ = graph
+    messages = [e.message or "" for e in instance.all_logs(result.run_id)]
+    done = f"mined_image_pairs partitions: {len(SHARDS)}/{len(SHARDS)} partitions (100%)"
+    assert any(m.startswith(done) and "ETA" in m for m in messages)
+    assert any(m.startswith("mined_image_pairs[00001]: ") and " pairs" in m for m in messages)
+
+
 def test_knn_lineage_records_the_embedding_versions_it_read(graph) -> None:
     _, home, *_ = graph
     catalog = LineageCatalog(DataLayout(home).catalog_path)

@@ -36,6 +36,7 @@ from typing import Any
 import dagster as dg
 import polars as pl
 
+from megapairs_assets.lib.progress import Progress
 from megapairs_assets.lib.quality import CheckOutcome, merged_detail
 from megapairs_assets.lib.step import StepResult, content_version, run_recorded
 from megapairs_assets.lineage.catalog import LineageCatalog
@@ -93,8 +94,19 @@ def materialize_partitions(
     results: list[StepResult] = []
     versions: dict[str, str] = {}
     started = time.perf_counter()
+    # Across a range (a backfill runs up to 64 shards per step): done/total, rate and ETA in the
+    # run log, whatever progress the stage itself reports within a shard (log only: the stage's
+    # own bar is the one a terminal shows).
+    over_range = Progress(
+        len(partitions) if len(partitions) > 1 else None,
+        f"{stage.asset_name} partitions",
+        unit="partitions",
+        log=context.log.info if len(partitions) > 1 else None,
+        bar=False,
+    )
     for partition in partitions:
         result = _run_one(context, stage, step, catalog, profile, partition)
+        over_range.update(1)
         results.append(result)
         versions[partition or ""] = content_version(result)
         if partition is not None:
@@ -109,6 +121,7 @@ def materialize_partitions(
                 FAILING_BLOCKING_CHECKS_KEY: ", ".join(failing_blocking) or NO_FAILURE,
             }
             context.add_asset_metadata(metadata, partition_key=partition)
+    over_range.close()
     elapsed_s = time.perf_counter() - started
     totals: dict[str, Any] = {
         "run_partitions": len(results),
@@ -180,8 +193,9 @@ def _run_one(
         blocking_checks=stage.checks,
     )
     failing = [o.name for o in result.outcomes if not o.passed]
+    counted = (result.row_count_key or "rows").replace("_", " ")
     context.log.info(
-        f"{stage.asset_name}[{partition}]: {result.row_count} rows"
+        f"{stage.asset_name}[{partition}]: {result.row_count} {counted}"
         + (f"; failing checks: {', '.join(failing)}" if failing else "")
     )
     return result
@@ -225,7 +239,12 @@ def _output_column_schema(
     """The columns of the partition's first Parquet output, from its footer, with what each
     means (Dagster shows them on the asset page and tracks column changes); None when it
     writes no Parquet table."""
-    parquet = [p for p in result.outputs.values() if str(p).endswith(".parquet")]
+    # The stage's table, not a side table of rejects (training writes no other Parquet).
+    parquet = [
+        path
+        for name, path in result.outputs.items()
+        if str(path).endswith(".parquet") and name != "quarantine"
+    ]
     if not parquet:
         return None
     try:
@@ -239,6 +258,9 @@ def _output_column_schema(
             for name, dtype in schema.items()
         ]
     )
+
+
+_MAX_CELL_CHARS = 80
 
 
 def preview_table(frame: pl.DataFrame, max_rows: int = 10) -> dg.TableMetadataValue:
@@ -267,11 +289,12 @@ def _table_value(value: Any) -> str | int | float | bool:
         return "-"
     if isinstance(value, float):
         return round(value, 4)
-    if isinstance(value, bool | int | str):
+    if isinstance(value, bool | int):
         return value
-    if isinstance(value, list):
-        return ", ".join(str(v) for v in value)
-    return str(value)
+    text = ", ".join(str(v) for v in value) if isinstance(value, list) else str(value)
+    # A long cell (an instruction list, a description) would make its column one word wide and
+    # the table hundreds of pixels tall; the full value is in the table itself.
+    return text if len(text) <= _MAX_CELL_CHARS else text[: _MAX_CELL_CHARS - 1] + "…"
 
 
 def check_results(stage: Stage, results: Iterable[StepResult]) -> list[dg.AssetCheckResult]:
