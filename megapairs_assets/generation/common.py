@@ -199,17 +199,41 @@ def sampling_json(sampling: Mapping[str, Any]) -> str:
 
 
 def raise_if_backend_failing(
-    stats: RunStats, max_failure_fraction: float, step: str, shard: str
+    stats: RunStats,
+    max_failure_fraction: float,
+    step: str,
+    shard: str,
+    spec: BackendSpec | None = None,
 ) -> None:
-    """Fail the step when the model calls of this run mostly failed (finished ones are kept);
-    the error quotes the last failure, which names the server it came from."""
-    if stats.calls and stats.failed / stats.calls > max_failure_fraction:
-        last_error = (stats.last_error or "unknown")[:_DETAIL_CHARS]
+    """Fail the step when the model calls of this run mostly failed, or when any failed and a
+    server of `spec` no longer answers at all (it went away mid-step: the calls left after it
+    did all fail, however few they were). Finished responses are kept either way; the error
+    quotes the last failure, which names the server it came from."""
+    if not stats.calls or not stats.failed:
+        return
+    last_error = (stats.last_error or "unknown")[:_DETAIL_CHARS]
+    resume = "finished responses are cached, so a re-run resumes once the backend is healthy"
+    if stats.failed / stats.calls > max_failure_fraction:
         raise GenerationStepError(
             f"{step} {shard}: {stats.failed} of {stats.calls} model calls failed (more than "
-            f"{max_failure_fraction:.0%}); last error: {last_error}; finished responses are "
-            "cached, so a re-run resumes once the backend is healthy"
+            f"{max_failure_fraction:.0%}); last error: {last_error}; {resume}"
         )
+    gone = [problem.base_url for problem in _unreachable_servers(spec)]
+    if gone:
+        raise GenerationStepError(
+            f"{step} {shard}: {', '.join(gone)} stopped answering during the step: "
+            f"{stats.failed} of {stats.calls} model calls failed; last error: {last_error}; "
+            f"{resume}"
+        )
+
+
+def _unreachable_servers(spec: BackendSpec | None) -> list[Any]:
+    """The `openai_http` servers of `spec` that refuse connections now ([] for other backends)."""
+    if spec is None:
+        return []
+    from megapairs_assets.generation.backends.openai_http import probe_servers
+
+    return [problem for problem in probe_servers(spec) if problem.kind == "unreachable"]
 
 
 def lacking_provenance(table: pl.DataFrame) -> list[str]:

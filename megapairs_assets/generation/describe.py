@@ -147,7 +147,13 @@ def describe_pairs_for_shard(
         label=f"describe {shard}",
         log=log,
     )
-    raise_if_backend_failing(settled.model_stats, settings.max_failure_fraction, STEP, shard)
+    raise_if_backend_failing(
+        settled.model_stats,
+        settings.max_failure_fraction,
+        STEP,
+        shard,
+        settings.describe.backend,
+    )
     rows = settled.accepted_rows(
         model_plans,
         heuristic_plans,

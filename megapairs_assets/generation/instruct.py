@@ -165,7 +165,13 @@ def write_instructions_for_shard(
         label=f"instruct {shard}",
         log=log,
     )
-    raise_if_backend_failing(settled.model_stats, settings.max_failure_fraction, STEP, shard)
+    raise_if_backend_failing(
+        settled.model_stats,
+        settings.max_failure_fraction,
+        STEP,
+        shard,
+        settings.instruct.backend,
+    )
     uri_of = {image_id: row["source_uri"] for image_id, row in images.items()}
     rows = settled.accepted_rows(
         model_plans,
