@@ -87,3 +87,29 @@ def test_a_server_gone_mid_shard_fails_the_step_and_the_rerun_resumes(tmp_path):
     assert result.row_count == 30 and result.rows["quarantine_log"].is_empty()
     assert result.metadata["model_cache_hits"] == answered
     assert result.metadata["model_calls"] == calls == 30 - answered
+
+
+def test_a_quarantined_request_says_how_to_send_it_again(tmp_path):
+    captions = {"00000/000000001": "a drawing of a REFUSED teapot (objects, food)"}
+    world = make_world(tmp_path, pairs_per_shard=(6,), caption_of=captions)
+    with ChatServer(faults={"REFUSED": ["400"] * 4}) as server:
+        settings = replace(
+            http_settings(server.base_url),
+            describe=replace(http_settings(server.base_url).describe, template="describe_captions"),
+            max_attempts=1,
+            max_failure_fraction=1.0,
+        )
+        first = describe_pairs_for_shard("00000", world.layout, world.catalog, settings)
+        log = first.rows["quarantine_log"]
+        assert set(log["reason"]) == {"request_quarantined"}
+        assert all(
+            d.startswith("not sent again until a run sets retry_quarantined") for d in log["detail"]
+        )
+        assert "HTTP 400" in log["detail"][0]
+        # The user fixes what the server refused, then asks once with retry_quarantined.
+        server.faults.clear()
+        again = describe_pairs_for_shard(
+            "00000", world.layout, world.catalog, replace(settings, retry_quarantined=True)
+        )
+    assert again.rows["quarantine_log"].is_empty()
+    assert again.metadata["model_calls"] == log.height and again.row_count == 6

@@ -19,6 +19,7 @@ from megapairs_assets.generation.settings import paper_generation_settings
 def _variant(tmp_path, shipped: str, old: str, new: str):
     text = (PROMPTS_DIR / f"{shipped}.toml").read_text(encoding="utf-8")
     assert old in text
+    tmp_path.mkdir(parents=True, exist_ok=True)
     path = tmp_path / f"my_{shipped}.toml"
     path.write_text(text.replace(old, new), encoding="utf-8")
     return path
@@ -60,3 +61,30 @@ def test_the_resource_refuses_it_before_any_work_and_says_where_names_are_looked
     by_name = GenerationResource(**{**fields, "describe_template": "my_describe"})
     with pytest.raises(TemplateError, match=r"give a path ending \.toml for a file elsewhere"):
         by_name.setup_for_execution(dg.build_init_resource_context())
+
+
+def test_instruction_counts_are_checked_when_loaded_and_against_the_pool(tmp_path):
+    # Before: each of these loaded and passed start-up, then the step broke (KeyError,
+    # ValueError) or quarantined every pair (min above max: no answer could pass).
+    bad = {
+        "words": ("demos_per_request = 5", 'demos_per_request = "five"', "whole number >= 1"),
+        "zero": ("min_instructions = 3", "min_instructions = 0", "whole number >= 1"),
+        "inverted": ("min_instructions = 3", "min_instructions = 6", "no answer could pass"),
+    }
+    for name, (old, new, expected) in bad.items():
+        path = _variant(tmp_path / name, "instructions", old, new)
+        with pytest.raises(TemplateError, match=expected):
+            load_template(path)
+    # Left out, a count takes the method's value.
+    default = load_template(_variant(tmp_path / "d", "instructions", "demos_per_request = 5", ""))
+    assert default.instruction_count("demos_per_request") == 5
+
+    many = _variant(
+        tmp_path / "m", "instructions", "demos_per_request = 5", "demos_per_request = 80"
+    )
+    resource = GenerationResource.from_settings(paper_generation_settings())
+    fields = {name: getattr(resource, name) for name in type(resource).model_fields}
+    with pytest.raises(TemplateError, match="asks for 80 demonstrations per request; the pool"):
+        GenerationResource(**{**fields, "instruct_template": str(many)}).setup_for_execution(
+            dg.build_init_resource_context()
+        )

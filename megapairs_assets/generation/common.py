@@ -120,6 +120,9 @@ class QuarantineLog:
             )
             attempts, error = response.attempts, response.last_error
         detail = f"attempt {attempts}/{max_attempts}: {error} (request {request_key[:16]})"
+        if reason == REASON_REQUEST_QUARANTINED:
+            # Put first: the detail column is cut at _DETAIL_CHARS, and a long error would hide it.
+            detail = "not sent again until a run sets retry_quarantined; " + detail
         self.add(key, source_uri, reason, detail)
         return None
 

@@ -254,8 +254,8 @@ def _limits_for(template: PromptTemplate, limits: InstructionLimits) -> Instruct
     """The template's requested count range wins over the defaults, so prompt and filter agree."""
     return replace(
         limits,
-        min_instructions=int(template.fields.get("min_instructions", limits.min_instructions)),
-        max_instructions=int(template.fields.get("max_instructions", limits.max_instructions)),
+        min_instructions=template.instruction_count("min_instructions"),
+        max_instructions=template.instruction_count("max_instructions"),
     )
 
 
@@ -267,7 +267,7 @@ def _plan_requests(
     quarantine: QuarantineLog,
 ) -> tuple[list[_Planned], list[_Planned]]:
     pool = load_demo_pool(settings.demo_pool)
-    demos_per_request = int(template.field("demos_per_request"))
+    demos_per_request = template.instruction_count("demos_per_request")
     model_hash = combined_hash(template.hash, pool.hash)
     spec = settings.instruct.backend
     sampling = settings.instruct.sampling

@@ -52,6 +52,8 @@ REQUIRED_PLACEHOLDERS: dict[tuple[str, str], dict[str, frozenset[str]]] = {
         "user": frozenset({"description"}),
     },
 }
+# An instruction template may leave these out: the method's values (method.md §5) apply.
+INSTRUCTION_COUNT_DEFAULTS = {"demos_per_request": 5, "min_instructions": 3, "max_instructions": 5}
 _FIELD_NAME_END = re.compile(r"[.\[]")
 
 # A chat message in the OpenAI shape. Image parts are kept symbolic until a backend renders
@@ -86,6 +88,11 @@ class PromptTemplate:
         """Short human reference, `id@v<version>#<hash prefix>`."""
         return f"{self.id}@v{self.version}#{self.hash[:12]}"
 
+    def instruction_count(self, name: str) -> int:
+        """`demos_per_request`, `min_instructions` or `max_instructions` of an instruction
+        template (checked when loaded), or its default."""
+        return int(self.fields.get(name, INSTRUCTION_COUNT_DEFAULTS[name]))
+
     def field(self, name: str) -> Any:
         if name not in self.fields:
             raise KeyError(f"template {self.id!r} has no field {name!r}")
@@ -109,6 +116,8 @@ def _load_template_cached(path: Path, mtime_ns: int) -> PromptTemplate:
         raise TemplateError(f"template {path}: unknown input_mode {raw['input_mode']!r}")
     _check_placeholders(path, raw)
     _check_pair_is_shown(path, raw)
+    if raw["step"] == "instruct":
+        _check_instruction_counts(path, raw)
     return PromptTemplate(
         id=str(raw["id"]),
         version=int(raw["version"]),
@@ -171,6 +180,25 @@ def _check_pair_is_shown(path: Path, raw: Mapping[str, Any]) -> None:
                 "both pictures (or use input_mode \"captions\" with {query_caption} and "
                 "{target_caption})"
             )
+
+
+def _check_instruction_counts(path: Path, raw: Mapping[str, Any]) -> None:
+    """An instruction template's numbers (each optional, see `INSTRUCTION_COUNT_DEFAULTS`):
+    whole, at least 1, min_instructions <= max_instructions."""
+    counts = {}
+    for name, default in INSTRUCTION_COUNT_DEFAULTS.items():
+        value = raw.get(name, default)
+        # bool is an int to Python, never a count to a person
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise TemplateError(
+                f"template {path}: {name} must be a whole number >= 1, got {value!r}"
+            )
+        counts[name] = value
+    if counts["min_instructions"] > counts["max_instructions"]:
+        raise TemplateError(
+            f"template {path}: min_instructions ({counts['min_instructions']}) is above "
+            f"max_instructions ({counts['max_instructions']}): no answer could pass"
+        )
 
 
 def _formatted_texts(path: Path, raw: Mapping[str, Any], field_name: str) -> list[str]:
@@ -371,8 +399,8 @@ def instruction_messages(
 ) -> list[ChatMessage]:
     """Chat messages of an instruction request: rules, demonstrations as turns, the description."""
     values = {
-        "min_instructions": template.field("min_instructions"),
-        "max_instructions": template.field("max_instructions"),
+        "min_instructions": template.instruction_count("min_instructions"),
+        "max_instructions": template.instruction_count("max_instructions"),
     }
     messages: list[ChatMessage] = [
         {"role": "system", "content": str(template.field("system")).format_map(values)}

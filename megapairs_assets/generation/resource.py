@@ -291,7 +291,13 @@ class GenerationResource(dg.ConfigurableResource):
                     f"template {name!r} is written for step {template.step!r}, but it is set as "
                     f"the {step} template"
                 )
-        load_demo_pool(settings.demo_pool)
+        pool = load_demo_pool(settings.demo_pool)
+        wanted = load_template(settings.instruct.template).instruction_count("demos_per_request")
+        if wanted > len(pool.demos):
+            raise TemplateError(
+                f"template {settings.instruct.template!r} asks for {wanted} demonstrations per "
+                f"request; the pool {settings.demo_pool!r} holds {len(pool.demos)}"
+            )
         create_backend(settings.describe.backend)
         create_backend(settings.instruct.backend)
 
