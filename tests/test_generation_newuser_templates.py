@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import dagster as dg
 import pytest
+from fault_server import ChatServer
+from generation_fixtures import STEPS, http_settings, make_world, run_all, with_template
 
+from megapairs_assets.generation.common import INSTRUCTIONS_ASSET, TRIPLETS_ASSET
 from megapairs_assets.generation.prompts import PROMPTS_DIR, TemplateError, load_template
 from megapairs_assets.generation.resource import GenerationResource
 from megapairs_assets.generation.settings import paper_generation_settings
@@ -88,3 +91,28 @@ def test_instruction_counts_are_checked_when_loaded_and_against_the_pool(tmp_pat
         GenerationResource(**{**fields, "instruct_template": str(many)}).setup_for_execution(
             dg.build_init_resource_context()
         )
+
+
+def test_a_template_asking_for_two_instructions_passes_the_triplet_checks(tmp_path):
+    """Before: pair_instructions kept pairs with the template's two instructions, then the
+    blocking triplets check held them to the default three and failed the shard."""
+    two = _variant(tmp_path, "instructions", "min_instructions = 3", "min_instructions = 2")
+    world = make_world(tmp_path, pairs_per_shard=(3,))
+
+    def answer(body: dict) -> str:
+        if "JSON list" in str(body["messages"]):
+            return '["the same owl but at night", "this bird covered in snow"]'
+        return (
+            "Both images share a round owl drawn in flat colours; however, the source image "
+            "shows it by day, whereas the target image shows it at night under the moon."
+        )
+
+    with ChatServer(responder=answer) as server:
+        settings = with_template(http_settings(server.base_url), "instruct", str(two))
+        results = run_all(world, settings, "00000", STEPS[:3])
+    assert results[INSTRUCTIONS_ASSET].row_count == 3
+    triplets = results[TRIPLETS_ASSET]
+    assert triplets.row_count == 3
+    failed = [o for o in triplets.outcomes if not o.passed]
+    assert failed == []
+    assert triplets.config["min_instructions"] == 2

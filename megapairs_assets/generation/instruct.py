@@ -250,6 +250,12 @@ def prefetch_instructions(
     )
 
 
+def instruction_limits_for(settings: GenerationSettings) -> InstructionLimits:
+    """The limits instructions are held to: the settings' word bounds with the instruction
+    template's count range (what pair_instructions keeps, and triplets check)."""
+    return _limits_for(load_template(settings.instruct.template), settings.instruction_limits)
+
+
 def _limits_for(template: PromptTemplate, limits: InstructionLimits) -> InstructionLimits:
     """The template's requested count range wins over the defaults, so prompt and filter agree."""
     return replace(

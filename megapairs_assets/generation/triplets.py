@@ -33,6 +33,7 @@ from megapairs_assets.generation.common import (
     lookup_images,
     read_shard_table,
 )
+from megapairs_assets.generation.instruct import instruction_limits_for
 from megapairs_assets.generation.settings import GenerationSettings
 from megapairs_assets.lib.preview import thumbnail_markdown
 from megapairs_assets.lib.quality import CheckOutcome, outcome
@@ -238,7 +239,9 @@ def build_triplets_for_shard(
         "instruction_request_key",
         pl.lit(json.dumps(versions, sort_keys=True)).alias("input_versions"),
     )
-    min_instructions = settings.instruction_limits.min_instructions
+    # The instruction template's minimum, as pair_instructions applied it (a user's template
+    # may ask for fewer or more than the default three).
+    min_instructions = instruction_limits_for(settings).min_instructions
     return StepResult(
         partition=shard,
         outputs={"triplets": parquet_path, "triplets_jsonl": jsonl_path},
