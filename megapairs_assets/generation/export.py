@@ -206,7 +206,7 @@ def export_triplets_for_shard(
             "exported_example": exported_example_markdown(root, exported),
             "dataset_card": _read_text(card)
             if write_card
-            else "_(written after the last shard of this step)_",
+            else f"_(written once per step, after its last shard, which shows it: `{card}`)_",
         },
         preview=exported.select("triplet_id", *RELEASE_FIELDS).head(5),
     )
