@@ -27,7 +27,11 @@ import sys
 import time
 from pathlib import Path
 
-from megapairs_assets.evaluation.cli import BASE_ALIAS, EXIT_BAD_DATA, retriever_spec
+from megapairs_assets.evaluation.cli import (
+    EXIT_BAD_DATA,
+    add_retriever_argument,
+    retriever_spec,
+)
 from megapairs_assets.lib.errors import ConfigurationError
 
 EXIT_FOUND = 0
@@ -75,15 +79,7 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
         ),
         epilog=EXIT_CODES,
     )
-    parser.add_argument(
-        "--retriever",
-        required=True,
-        help="a checkpoint file (a training folder's Lightning lightning/last.ckpt included), a "
-        "training folder (<data>/mmret_clip_checkpoint/<config>, read through its open_clip/ "
-        "export), an open_clip export folder, <open_clip name>[@<pretrained tag or file>] "
-        f"(weights from the local cache: nothing is downloaded), or '{BASE_ALIAS}' for the "
-        "profile's base retriever",
-    )
+    add_retriever_argument(parser)
     parser.add_argument(
         "--gallery",
         type=Path,

@@ -92,15 +92,7 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
         ),
         epilog=EXIT_CODES,
     )
-    parser.add_argument(
-        "--retriever",
-        required=True,
-        help="a checkpoint file (a training folder's Lightning lightning/last.ckpt included), a "
-        "training folder (<data>/mmret_clip_checkpoint/<config>, read through its open_clip/ "
-        "export), an open_clip export folder, <open_clip name>[@<pretrained tag or file>] "
-        f"(weights from the local cache: nothing is downloaded), or '{BASE_ALIAS}' for the "
-        "profile's base retriever",
-    )
+    add_retriever_argument(parser)
     parser.add_argument(
         "--benchmark",
         required=True,
@@ -253,3 +245,16 @@ def retriever_spec(argument: str, evaluation: Any | None) -> RetrieverSpec:
         evaluation.prepare()
         return evaluation.base_spec()
     return spec_from_argument(argument, default_model=evaluation.base_model if evaluation else None)
+
+
+def add_retriever_argument(parser: argparse.ArgumentParser) -> None:
+    """`--retriever`, as `eval` and `search` take it (resolved by `retriever_spec`)."""
+    parser.add_argument(
+        "--retriever",
+        required=True,
+        help="a checkpoint file (a training folder's Lightning lightning/last.ckpt included), a "
+        "training folder (<data>/mmret_clip_checkpoint/<config>, read through its open_clip/ "
+        "export), an open_clip export folder, <open_clip name>[@<pretrained tag or file>] "
+        f"(weights from the local cache: nothing is downloaded), or '{BASE_ALIAS}' for the "
+        "profile's base retriever",
+    )
