@@ -33,7 +33,7 @@ import io
 import itertools
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -420,14 +420,7 @@ def _probe_headers(options: HttpOptions) -> dict[str, str]:
 def probe_servers(spec: BackendSpec, timeout_s: float = 5.0) -> list[ServerProblem]:
     """`probe_server` for every base URL of an `openai_http` spec (in parallel), with its
     served model name and API key; [] for any other backend."""
-    if spec.backend != OPENAI_HTTP_BACKEND:
-        return []
-    options = HttpOptions.from_mapping(spec.options)
-    served, headers = options.served_model or spec.model_id, _probe_headers(options)
-    urls = list(options.base_urls)
-    with ThreadPoolExecutor(max_workers=min(8, len(urls))) as pool:
-        found = pool.map(lambda url: probe_server(url, served, headers, timeout_s), urls)
-        return [problem for problem in found if problem is not None]
+    return _probe_every_url(spec, probe_server, timeout_s)
 
 
 # A text that a model reads the same with or without a picture beside it.
@@ -519,11 +512,21 @@ def image_input_problems(spec: BackendSpec, timeout_s: float = 5.0) -> list[Serv
     """`probe_image_input` for every base URL of an `openai_http` spec (in parallel); [] for
     any other backend (the transformers backend refuses images itself when its model has no
     image input)."""
+    return _probe_every_url(spec, probe_image_input, timeout_s)
+
+
+def _probe_every_url(
+    spec: BackendSpec,
+    probe: Callable[[str, str, Mapping[str, str], float], ServerProblem | None],
+    timeout_s: float,
+) -> list[ServerProblem]:
+    """`probe(url, served model, headers, timeout)` for every base URL of an `openai_http`
+    spec, in parallel; [] for any other backend."""
     if spec.backend != OPENAI_HTTP_BACKEND:
         return []
     options = HttpOptions.from_mapping(spec.options)
     served, headers = options.served_model or spec.model_id, _probe_headers(options)
     urls = list(options.base_urls)
     with ThreadPoolExecutor(max_workers=min(8, len(urls))) as pool:
-        found = pool.map(lambda url: probe_image_input(url, served, headers, timeout_s), urls)
+        found = pool.map(lambda url: probe(url, served, headers, timeout_s), urls)
         return [problem for problem in found if problem is not None]
