@@ -13,7 +13,7 @@ import multiprocessing as mp
 import os
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from urllib.parse import parse_qs, urlparse
 
@@ -27,6 +27,7 @@ from dagster._core.storage.tags import (
 
 from megapairs_assets.corpus.step import IMAGE_LINEAGE
 from megapairs_assets.definitions import build_definitions
+from megapairs_assets.lib.step import StepResult, run_recorded
 from megapairs_assets.lineage.catalog import (
     SCHEMA_VERSION,
     LineageCatalog,
@@ -332,4 +333,45 @@ def test_dagster_instance_on_postgres_runs_parallel_steps_and_reads_history_back
         "image_corpus": 4,
     }
     assert catalog.query("SELECT count(*) AS n FROM image_lineage")["n"][0] == 12
+    catalog.close()
+
+
+def test_ducklake_settles_only_the_pending_attempts_whose_run_has_ended(
+    postgres: Postgres, tmp_path: Path
+) -> None:
+    """Without a machine-wide lock, a pending record may be a live step elsewhere: a new
+    attempt settles an older one only when its run is over (or is this run's earlier try)."""
+    url, data_path = _lake(postgres, tmp_path, "settle_pending")
+    catalog = LineageCatalog(url, data_path=data_path)
+    older = {}
+    for run_id in ("dead-run", "live-run", "retried-run"):
+        record = replace(_record("image_corpus", "00000"), run_id=run_id)
+        catalog.begin(record)
+        older[run_id] = record.materialization_id
+    done = _record("image_corpus", "00001")
+    catalog.record(done)
+    # A record that completed meanwhile is never turned into a failure.
+    assert catalog.settle_pending([done.materialization_id], "late") == []
+
+    messages: list[str] = []
+    result = run_recorded(
+        lambda partition: StepResult(partition=partition),
+        "00000",
+        asset="image_corpus",
+        code_version="v1",
+        run_id="retried-run",
+        profile="cluster-test",
+        catalog=catalog,
+        log=messages.append,
+        run_finished=lambda run_id: run_id == "dead-run",
+    )
+    status = dict(
+        catalog.query("SELECT materialization_id, status FROM materializations").iter_rows()
+    )
+    assert status[older["dead-run"]] == "failed"
+    assert status[older["retried-run"]] == "failed"
+    assert status[older["live-run"]] == "pending"
+    assert status[result.materialization_id] == "complete"
+    assert status[done.materialization_id] == "complete"
+    assert any("2 earlier attempt(s)" in line for line in messages)
     catalog.close()

@@ -24,7 +24,6 @@ import polars as pl
 from megapairs_assets.lib.quality import CheckOutcome
 from megapairs_assets.lib.storage import file_fingerprint
 from megapairs_assets.lineage.catalog import (
-    STATUS_FAILED,
     STATUS_PENDING,
     LineageCatalog,
     MaterializationRecord,
@@ -104,6 +103,7 @@ def run_recorded(
     catalog: LineageCatalog,
     log: Callable[[str], None] | None = None,
     blocking_checks: Collection[str] | None = None,
+    run_finished: Callable[[str], bool] | None = None,
 ) -> StepResult:
     """Run one partition's step between a pending and a complete catalog record.
 
@@ -115,6 +115,8 @@ def run_recorded(
     second waits, then materializes again, so the table on disk, the newest catalog record and
     the row lineage always come from the same attempt. Once the attempt ends, the `pending`
     records older attempts left (killed before they completed) are marked failed, as abandoned.
+    On DuckLake (no machine-wide lock) only the older attempts whose run `run_finished` says
+    has ended are settled; without it they stay pending (see `settle_abandoned`).
 
     The complete record names the blocking checks the partition failed (`blocking_checks`: the
     stage's blocking check names; None counts every failing outcome), so readers that combine
@@ -142,7 +144,7 @@ def run_recorded(
                 error=f"{type(error).__name__}: {error}",
                 duration_s=time.perf_counter() - started,
             )
-            settle_abandoned(catalog, record, log)
+            settle_abandoned(catalog, record, log, run_finished)
             raise
         catalog.complete(
             replace(
@@ -161,7 +163,7 @@ def run_recorded(
             ),
             rows=result.rows,
         )
-        settle_abandoned(catalog, record, log)
+        settle_abandoned(catalog, record, log, run_finished)
         return replace(result, materialization_id=record.materialization_id)
 
 
@@ -209,38 +211,47 @@ def settle_abandoned(
     catalog: LineageCatalog,
     record: MaterializationRecord,
     log: Callable[[str], None] | None = None,
+    run_finished: Callable[[str], bool] | None = None,
 ) -> list[str]:
     """Mark failed the `pending` records of older attempts at the same (asset, partition).
 
-    Called while holding `partition_lock`, when every other attempt on this machine has ended:
-    a record still pending belongs to a process killed before it completed. Bookkeeping only
-    (readers already follow the newest record), so a catalog that refuses is logged, not
-    raised. A DuckLake catalog is left alone: without the lock a pending record may be a live
-    step on another machine. Returns the ids marked.
+    File catalog: called while holding `partition_lock`, when every other attempt on this
+    machine has ended, so a record still pending belongs to a process killed before it
+    completed. DuckLake catalog (steps on many machines, no lock): a pending record may be a
+    live step elsewhere, so only those whose run has ended are settled: an earlier attempt of
+    this same run (a retried step), or a run `run_finished(run_id)` says is over (the Dagster
+    instance, which every machine shares, knows); without `run_finished` they are left.
+    Bookkeeping only (readers already follow the newest record), so a catalog that refuses is
+    logged, not raised. Returns the ids marked.
     """
-    if catalog.path is None:
+    if catalog.path is None and run_finished is None:
         return []
+    error = ABANDONED_ERROR.format(materialization_id=record.materialization_id)
     try:
-        with catalog.connect() as con:
-            rows = con.execute(
-                "UPDATE materializations SET status = ?, error = coalesce(error, ?) "
-                "WHERE asset = ? AND partition IS NOT DISTINCT FROM ? AND status = ? "
-                "AND materialization_id <> ? AND started_at <= ? RETURNING materialization_id",
-                [
-                    STATUS_FAILED,
-                    ABANDONED_ERROR.format(materialization_id=record.materialization_id),
-                    record.asset,
-                    record.partition,
-                    STATUS_PENDING,
-                    record.materialization_id,
-                    record.started_at,
-                ],
-            ).fetchall()
+        older = catalog.query(
+            "SELECT materialization_id, run_id FROM materializations "
+            "WHERE asset = ? AND partition IS NOT DISTINCT FROM ? AND status = ? "
+            "AND materialization_id <> ? AND started_at <= ?",
+            [
+                record.asset,
+                record.partition,
+                STATUS_PENDING,
+                record.materialization_id,
+                record.started_at,
+            ],
+        )
+        ended = [
+            materialization_id
+            for materialization_id, run_id in older.iter_rows()
+            if catalog.path is not None
+            or run_id == record.run_id
+            or (run_finished is not None and run_finished(run_id))
+        ]
+        settled = catalog.settle_pending(ended, error)
     except Exception as error:  # bookkeeping must never fail a finished step
         if log is not None:
             log(f"{record.asset}[{record.partition}]: could not settle older attempts: {error}")
         return []
-    settled = [row[0] for row in rows]
     if settled and log is not None:
         log(
             f"{record.asset}[{record.partition}]: {len(settled)} earlier attempt(s) never "

@@ -653,6 +653,35 @@ class LineageCatalog:
             transaction=False,
         )
 
+    def settle_pending(self, materialization_ids: Sequence[str], error: str) -> list[str]:
+        """Mark failed those of `materialization_ids` still `pending` (attempts known to have
+        ended without completing); a record that completed meanwhile is left as it is.
+        Returns the ids it marked."""
+        if not materialization_ids:
+            return []
+        ids = list(materialization_ids)
+        placeholders = ", ".join("?" for _ in ids)
+
+        def work(con: duckdb.DuckDBPyConnection) -> list[str]:
+            still_pending = [
+                row[0]
+                for row in con.execute(
+                    f"SELECT materialization_id FROM materializations WHERE status = ? "
+                    f"AND materialization_id IN ({placeholders})",
+                    [STATUS_PENDING, *ids],
+                ).fetchall()
+            ]
+            if still_pending:
+                marks = ", ".join("?" for _ in still_pending)
+                con.execute(
+                    f"UPDATE materializations SET status = ?, error = coalesce(error, ?) "
+                    f"WHERE status = ? AND materialization_id IN ({marks})",
+                    [STATUS_FAILED, error[:_MAX_ERROR_CHARS], STATUS_PENDING, *still_pending],
+                )
+            return still_pending
+
+        return self._write(work, transaction=True)
+
     def record(
         self,
         materialization: MaterializationRecord,

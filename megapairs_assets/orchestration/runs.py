@@ -79,6 +79,14 @@ def release_dead_runs(instance: Any, log: Callable[[str], None] = print) -> list
     return released
 
 
+def run_has_ended(instance: Any, run_id: str) -> bool:
+    """True when the instance knows the run and it has finished (success, failure, canceled).
+
+    An unknown run (another instance's, a benchmark's plain call) is not taken as ended."""
+    run = instance.get_run_by_id(run_id)
+    return run is not None and run.is_finished
+
+
 def _run_pids(instance: Any, run_id: str) -> dict[int, float]:
     """The ids of the processes that wrote the run's events (run worker, step processes), each
     with the time of its last event (a process started after it reused the id)."""

@@ -41,6 +41,7 @@ from megapairs_assets.lib.quality import CheckOutcome, merged_detail
 from megapairs_assets.lib.step import StepResult, content_version, run_recorded
 from megapairs_assets.lineage.catalog import LineageCatalog
 from megapairs_assets.orchestration.automation import FAILING_BLOCKING_CHECKS_KEY, NO_FAILURE
+from megapairs_assets.orchestration.runs import run_has_ended
 from megapairs_assets.orchestration.settings_version import (
     SETTINGS_VERSION_KEY,
     SettingsOf,
@@ -191,6 +192,9 @@ def _run_one(
         catalog=catalog,
         log=context.log.info,
         blocking_checks=stage.checks,
+        # DuckLake: older pending attempts are settled once the shared instance says their run
+        # is over (a file catalog knows it from its lock).
+        run_finished=lambda run_id: run_has_ended(context.instance, run_id),
     )
     failing = [o.name for o in result.outcomes if not o.passed]
     counted = (result.row_count_key or "rows").replace("_", " ")
