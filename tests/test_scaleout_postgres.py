@@ -32,6 +32,7 @@ from megapairs_assets.lineage.catalog import (
     SCHEMA_VERSION,
     LineageCatalog,
     MaterializationRecord,
+    ReadOnlyQueryError,
     is_ducklake_url,
     utc_now,
 )
@@ -374,4 +375,24 @@ def test_ducklake_settles_only_the_pending_attempts_whose_run_has_ended(
     assert status[result.materialization_id] == "complete"
     assert status[done.materialization_id] == "complete"
     assert any("2 earlier attempt(s)" in line for line in messages)
+    catalog.close()
+
+
+def test_ducklake_read_only_query_refuses_statements_that_could_write(
+    postgres: Postgres, tmp_path: Path
+) -> None:
+    url, data_path = _lake(postgres, tmp_path, "read_only_sql")
+    catalog = LineageCatalog(url, data_path=data_path)
+    catalog.record(_record("image_corpus", "00000"))
+    count = "SELECT count(*) AS n FROM materializations"
+    assert catalog.read_only_query(count)["n"].to_list() == [1]
+    assert catalog.read_only_query("DESCRIBE materializations").height > 5
+    for sql in (
+        "SELECT 1; COMMIT; DELETE FROM materializations",
+        "DELETE FROM materializations",
+        "COMMIT",
+    ):
+        with pytest.raises(ReadOnlyQueryError):
+            catalog.read_only_query(sql)
+    assert catalog.read_only_query(count)["n"].to_list() == [1]
     catalog.close()

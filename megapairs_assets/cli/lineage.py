@@ -135,9 +135,11 @@ def _print_query(catalog: Any, sql: str, as_json: bool) -> int:
     import duckdb
     import polars as pl
 
+    from megapairs_assets.lineage.catalog import ReadOnlyQueryError
+
     try:
         frame = catalog.read_only_query(sql)
-    except duckdb.Error as error:
+    except (duckdb.Error, ReadOnlyQueryError) as error:
         # The user's SQL: say what DuckDB said, no traceback.
         print(f"megapairs lineage --sql: {error}", file=sys.stderr)
         return 1

@@ -307,6 +307,23 @@ _LAKE_ALIAS = "megapairs_lake"
 _CORE_SQL_NO_CONSTRAINTS = re.sub(r"\s+PRIMARY KEY", "", _CORE_SQL)
 
 
+class ReadOnlyQueryError(ValueError):
+    """A query given as read-only that could change a DuckLake catalog."""
+
+
+_READ_STATEMENT_TYPES = (duckdb.StatementType.SELECT, duckdb.StatementType.EXPLAIN)
+
+
+def _require_one_read_statement(sql: str) -> None:
+    statements = duckdb.extract_statements(sql)
+    if len(statements) != 1 or statements[0].type not in _READ_STATEMENT_TYPES:
+        kinds = ", ".join(statement.type.name for statement in statements) or "none"
+        raise ReadOnlyQueryError(
+            "a DuckLake catalog takes one SELECT (or EXPLAIN, DESCRIBE, SHOW) statement here, "
+            f"got: {kinds}"
+        )
+
+
 class CatalogConfigError(ConfigurationError):
     """The catalog location or its DuckDB extensions are not usable as configured."""
 
@@ -474,12 +491,15 @@ class LineageCatalog:
         """Run a user's query without letting it change the catalog, and return its rows.
 
         File backend: a read-only connection under the lock, held for the query only, so a
-        running pipeline waits milliseconds, not for a whole session. DuckLake: the query runs
-        in a transaction that is rolled back.
+        running pipeline waits milliseconds, not for a whole session; DuckDB refuses writes.
+        DuckLake has no read-only connection here, so the text must be one SELECT (or
+        EXPLAIN) statement, else `ReadOnlyQueryError` (a `COMMIT; DELETE ...` would otherwise
+        escape the rolled-back transaction it runs in).
         """
         if not self.is_ducklake:
             with self.connect(read_only=True) as con:
                 return con.execute(sql, params or []).pl()
+        _require_one_read_statement(sql)
         with self._lake_cursor() as con:
             con.execute("BEGIN TRANSACTION")
             try:
