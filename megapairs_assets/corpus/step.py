@@ -14,6 +14,7 @@ from megapairs_assets.corpus.images import ImageLimits, open_image_rgb
 from megapairs_assets.corpus.sources import (
     ShardReadError,
     SourceSpec,
+    count_shard_records,
     iter_shard_records,
     shard_uri,
 )
@@ -79,7 +80,9 @@ def build_corpus_shard(
     log: Callable[[str], None] = print,
 ) -> StepResult:
     """Read and validate one shard; write its images and quarantine tables."""
-    with Progress(None, f"{ASSET_NAME}[{shard}]", "images", log=log) as progress:
+    # A total (tar headers, folder listing or manifest rows) gives the run log and bar an ETA.
+    total = count_shard_records(spec, shard)
+    with Progress(total, f"{ASSET_NAME}[{shard}]", "items", log=log) as progress:
         try:
             images, quarantine = build_shard_table(
                 shard, iter_shard_records(spec, shard), limits, on_progress=progress.update

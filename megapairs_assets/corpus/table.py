@@ -22,6 +22,7 @@ from megapairs_assets.corpus.images import (
     validate_image,
 )
 from megapairs_assets.corpus.sources import RawRecord, ShardReadError, SourceSpec, scan_source
+from megapairs_assets.corpus.uris import split_tar_member
 from megapairs_assets.lib.progress import ProgressCallback
 from megapairs_assets.lib.quality import CheckOutcome, outcome
 from megapairs_assets.lib.storage import DataLayout, write_parquet_atomic
@@ -189,7 +190,7 @@ class _ShardTableBuilder:
     limits: ImageLimits
     kept_rows: list[dict[str, Any]] = field(default_factory=list)
     quarantined_rows: list[dict[str, Any]] = field(default_factory=list)
-    kept_keys: set[str] = field(default_factory=set)
+    kept_uri_by_key: dict[str, str] = field(default_factory=dict)
     kept_id_by_hash: dict[str, str] = field(default_factory=dict)
 
     def admit(self, record: RawRecord) -> None:
@@ -201,8 +202,15 @@ class _ShardTableBuilder:
             return
         image_id = f"{self.shard_id}/{record.key}"
         # Only accepted keys count, so a later good copy can replace an earlier broken one.
-        if record.key in self.kept_keys:
-            self.quarantine(record, "duplicate_key", f"key already taken by {image_id}")
+        kept_uri = self.kept_uri_by_key.get(record.key)
+        if kept_uri is not None:
+            # Naming the kept file shows why two files share a key (`k.jpg` + `k.png` in a
+            # tar, `a.1.jpg` + `a.2.jpg` under webdataset's first-dot rule, copies).
+            self.quarantine(
+                record,
+                "duplicate_key",
+                f"key already taken by {image_id} ({_file_name(kept_uri)})",
+            )
             return
         if record.data is None:
             self.quarantine(record, "read_error", "the source returned no bytes")
@@ -218,7 +226,7 @@ class _ShardTableBuilder:
             self.quarantine(record, exc.reason, exc.detail)
             return
         caption, caption_truncated = clean_caption(record.caption, self.limits)
-        self.kept_keys.add(record.key)
+        self.kept_uri_by_key[record.key] = record.uri
         self.kept_id_by_hash[decoded.content_hash] = image_id
         self.kept_rows.append(
             {
@@ -251,6 +259,12 @@ class _ShardTableBuilder:
         images = pl.DataFrame(self.kept_rows, schema=CORPUS_SCHEMA).sort("image_id")
         quarantine = pl.DataFrame(self.quarantined_rows, schema=QUARANTINE_SCHEMA)
         return images, quarantine
+
+
+def _file_name(uri: str) -> str:
+    """The last part of a source uri: a tar member's name, or a path's file name."""
+    parts = split_tar_member(uri)
+    return parts[1] if parts is not None else uri.rsplit("/", 1)[-1]
 
 
 def _split_error(error: str) -> tuple[str, str]:

@@ -8,19 +8,23 @@ A `source_uri` is one of:
   `/data/shards/00000.tar#000000012.jpg` (the first `.tar#`, in any letter case, splits the two);
 - a remote URL (`https://...`), recorded so the row can be reported, never fetched.
 
-Locations given by a user (manifest rows) may also start with `file://`, which is dropped.
+Locations given by a user (manifest rows) may also be `file://` URIs (percent escapes such as
+`%20` decoded, a `localhost` host dropped) or start with `~` (the user's home folder).
 """
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
+from urllib.parse import unquote
 
 TAR_SUFFIX = ".tar"
 _MEMBER_MARK = "#"
 _TAR_MEMBER_SPLIT_ANY_CASE = re.compile(re.escape(TAR_SUFFIX + _MEMBER_MARK), re.IGNORECASE)
 _URL_SCHEME = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
 _FILE_SCHEME = "file://"
+_LOCALHOST = "localhost/"
 
 
 def tar_member_uri(tar_uri: str, member_name: str) -> str:
@@ -40,20 +44,37 @@ def split_tar_member(uri: str) -> tuple[str, str] | None:
 
 def is_remote(location: str) -> bool:
     """Whether a location names another machine (any URL scheme except `file://`)."""
-    return bool(_URL_SCHEME.match(location)) and not location.startswith(_FILE_SCHEME)
+    return bool(_URL_SCHEME.match(location)) and not _is_file_uri(location)
 
 
 def without_file_scheme(location: str) -> str:
-    """A local location without its optional `file://` prefix."""
-    return location.removeprefix(_FILE_SCHEME)
+    """A local location without its optional `file://` prefix.
+
+    A file URI is read as RFC 8089 writes it: `file:///data/my%20photos/a.jpg` and
+    `file://localhost/data/...` both name `/data/my photos/a.jpg`. Any other location is
+    returned unchanged (a plain path's `%` is part of its name).
+    """
+    if not _is_file_uri(location):
+        return location
+    rest = location[len(_FILE_SCHEME) :]
+    if rest[: len(_LOCALHOST)].lower() == _LOCALHOST:
+        rest = rest[len(_LOCALHOST) - 1 :]
+    return unquote(rest)
+
+
+def _is_file_uri(location: str) -> bool:
+    return location[: len(_FILE_SCHEME)].lower() == _FILE_SCHEME
 
 
 def resolve_local(location: str, base_dir: Path) -> str:
     """The absolute `source_uri` of a local location given relative to `base_dir`.
 
     A `<tar>#<member>` location keeps its member part as written; only the file is resolved.
+    `~` and `~user` at the start name a home folder, as a shell would read them.
     """
     location = without_file_scheme(location)
+    if location.startswith("~"):
+        location = os.path.expanduser(location)
     parts = split_tar_member(location)
     if parts is None:
         return str((base_dir / location).resolve())
