@@ -67,14 +67,19 @@ def gallery_dir(tmp_path: Path) -> Path:
 
 
 def _search_folder(
-    retriever: Retriever, folder: Path, queries: list[SearchQuery], cache_root: Path, k: int = 5
+    retriever: Retriever,
+    folder: Path,
+    queries: list[SearchQuery],
+    cache_root: Path,
+    k: int = 5,
+    include_query: bool = False,
 ):
     embeddings = embed_gallery(retriever, gallery_from_path(folder), GalleryCache(cache_root))
     images = open_query_images(queries, retriever.input_side_px)
-    return search(retriever, queries, images, embeddings, k), embeddings
+    return search(retriever, queries, images, embeddings, k, include_query), embeddings
 
 
-def test_an_image_searched_for_itself_ranks_first(
+def test_an_image_searched_for_itself_ranks_first_with_include_query(
     retriever: Retriever, gallery_dir: Path, tmp_path: Path
 ) -> None:
     targets = [
@@ -83,13 +88,39 @@ def test_an_image_searched_for_itself_ranks_first(
         gallery_dir / "more/deep.jpg",
     ]
     queries = [SearchQuery(image=path) for path in targets]
-    results, _ = _search_folder(retriever, gallery_dir, queries, tmp_path / "cache")
+    results, _ = _search_folder(
+        retriever, gallery_dir, queries, tmp_path / "cache", include_query=True
+    )
     for target, result in zip(targets, results, strict=True):
         assert result.hits[0].item.uri == str(target.resolve())
         assert result.hits[0].score == pytest.approx(1.0, abs=1e-4)
         assert result.hits[1].score < result.hits[0].score - 1e-3  # the pictures differ
         assert [hit.rank for hit in result.hits] == [1, 2, 3, 4, 5]
+        assert result.query_copies_left_out == 0
     assert results[2].hits[0].caption == "a deeper photo"  # read from the .txt beside it
+
+
+def test_the_query_image_and_its_byte_copies_are_left_out_by_default(
+    retriever: Retriever, gallery_dir: Path, tmp_path: Path
+) -> None:
+    target = gallery_dir / "000000002.jpg"
+    (gallery_dir / "more/copy of 2.jpg").write_bytes(target.read_bytes())  # same bytes
+    outside = tmp_path / "query.jpg"  # a query from elsewhere with a gallery image's bytes
+    outside.write_bytes((gallery_dir / "000000005.jpg").read_bytes())
+    queries = [SearchQuery(target), SearchQuery(outside, "at night"), SearchQuery(text="a cat")]
+    cache = tmp_path / "cache"
+    kept, _ = _search_folder(retriever, gallery_dir, queries, cache, k=3, include_query=True)
+    left, _ = _search_folder(retriever, gallery_dir, queries, cache, k=3)
+    copies = [{"000000002.jpg", "more/copy of 2.jpg"}, {"000000005.jpg"}, set()]
+    for with_copies, without, own in zip(kept, left, copies, strict=True):
+        assert without.query_copies_left_out == len(own)
+        assert not {hit.item.item_id for hit in without.hits} & own
+        # The rest keep their order and scores, ranked from 1, still k of them.
+        expected = [(h.item, h.score) for h in with_copies.hits if h.item.item_id not in own]
+        assert [(h.item, h.score) for h in without.hits][: len(expected)] == expected
+        assert [hit.rank for hit in without.hits] == [1, 2, 3]
+    assert {hit.item.item_id for hit in kept[0].hits[:2]} == copies[0]  # they did rank first
+    assert kept[2].hits == left[2].hits  # a text query leaves out nothing
 
 
 def test_composed_and_text_rankings_equal_brute_force_with_mmrets_fusion(
@@ -98,7 +129,7 @@ def test_composed_and_text_rankings_equal_brute_force_with_mmrets_fusion(
     reference, text = gallery_dir / "000000003.jpg", "the same scene at night"
     queries = [SearchQuery(reference, text), SearchQuery(text="a red block")]
     results, embeddings = _search_folder(
-        retriever, gallery_dir, queries, tmp_path / "cache", k=GALLERY_SIZE
+        retriever, gallery_dir, queries, tmp_path / "cache", k=GALLERY_SIZE, include_query=True
     )
     paths = [item.uri for item in embeddings.gallery.items]
     gallery = retriever.project_images(paths)
@@ -174,15 +205,14 @@ def test_webdataset_shards_search_with_their_captions_and_report_a_bad_shard(
     gallery = gallery_from_path(shards)
     assert len(gallery.items) == 5 and "00002.tar: not a readable tar" in gallery.unlisted[0]
     embeddings = embed_gallery(retriever, gallery, GalleryCache(tmp_path / "cache"))
-    results = search(
-        retriever,
-        [SearchQuery(query_path)],
-        open_query_images([SearchQuery(query_path)]),
-        embeddings,
-        2,
-    )
+    query = [SearchQuery(query_path)]
+    images = open_query_images(query)
+    results = search(retriever, query, images, embeddings, 2, include_query=True)
     best = results[0].hits[0]
     assert best.item.uri == f"{target}#000000011.jpg" and best.caption == "photo 1"
+    # By default the member with the query's bytes is left out (its size from the tar header).
+    (left,) = search(retriever, query, images, embeddings, 2)
+    assert left.query_copies_left_out == 1 and best.item not in [h.item for h in left.hits]
     assert "00002.tar" in embeddings.skipped_message()
     # One shard alone is a gallery too.
     assert [item.item_id for item in gallery_from_path(target).items] == [
@@ -198,7 +228,9 @@ def test_bad_galleries_and_query_files_are_named(tmp_path: Path) -> None:
     with pytest.raises(SearchDataError, match="holds no images"):
         gallery_from_path(tmp_path / "empty")
     (tmp_path / "notes.txt").write_text("x")
-    with pytest.raises(SearchConfigError, match=r"not a webdataset \.tar shard"):
+    with pytest.raises(
+        SearchConfigError, match=r"neither a webdataset \.tar shard nor a \.parquet"
+    ):
         gallery_from_path(tmp_path / "notes.txt")
     with pytest.raises(SearchConfigError, match="does not exist"):
         read_queries_file(tmp_path / "queries.jsonl")
@@ -243,6 +275,8 @@ def test_json_and_html_outputs(
     assert report["gallery"]["images"] == GALLERY_SIZE and report["gallery"]["unreadable"] == 0
     (only,) = report["queries"]
     assert only["kind"] == "image+text" and [r["rank"] for r in only["results"]] == [1, 2, 3]
+    assert only["query_copies_left_out"] == 1  # the query is one of the gallery's pictures
+    assert "000000006.jpg" not in {r["id"] for r in only["results"]}
     assert all(Path(r["path"]).is_file() and r["caption"] for r in only["results"])
     assert f"wrote {page}" in captured.err
     html = page.read_text()
@@ -255,6 +289,12 @@ def test_json_and_html_outputs(
     assert "| rank | score | path | caption |" in captured.out
     assert captured.out.count(f"| {gallery_dir}") == 2
     assert "embeddings reused from" in captured.err
+    assert "1 gallery image is the query image itself (same bytes)" in captured.out
+    # --include-query keeps it: the reference picture comes back among the results.
+    assert _command([*argv, "--top-k", "8", "--include-query", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert "000000006.jpg" in {r["id"] for r in report["queries"][0]["results"]}
+    assert report["queries"][0]["query_copies_left_out"] == 0
 
 
 def test_several_queries_from_a_file(
@@ -270,7 +310,8 @@ def test_several_queries_from_a_file(
     assert _command([*command_args, "--queries", str(queries), "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert [q["kind"] for q in report["queries"]] == ["image", "text"]
-    assert report["queries"][0]["results"][0]["id"] == "000000000.jpg"
+    assert [q["query_copies_left_out"] for q in report["queries"]] == [1, 0]
+    assert "000000000.jpg" not in {r["id"] for r in report["queries"][0]["results"]}
 
 
 def test_bad_input_is_one_message_with_the_evaluations_exit_codes(

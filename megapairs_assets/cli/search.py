@@ -1,12 +1,14 @@
 """The search subcommand: rank a gallery of images for a query, with a trained retriever.
 
     megapairs search --retriever <checkpoint | export | last.ckpt | name[@tag] | base>
-                     [--gallery <image folder | .tar shard | folder of .tar shards>]
+                     [--gallery <image folder | .tar shard | folder of .tar shards | manifest>]
                      --image Q.jpg --text "..." [--top-k 10] [--json] [--html out.html]
 
 A query is an image, a text, or both (fused by MMRet's rule); `--queries FILE` runs one query
 per JSON line ({"image": ..., "text": ...}). Without `--gallery` the gallery is the current
-image corpus of $MEGAPAIRS_HOME. Gallery embeddings go through the evaluation's gallery cache
+image corpus of $MEGAPAIRS_HOME. A gallery image with exactly the query image's bytes (a query
+picked from the gallery) is left out and counted in the output; `--include-query` keeps it.
+Gallery embeddings go through the evaluation's gallery cache
 (`<home>/benchmark_gallery_cache/`), so searching the same gallery again with the same
 retriever embeds nothing. The work is `megapairs_assets.retriever.search`; torch and open_clip
 are imported when the command runs, never while the parser is built.
@@ -84,7 +86,8 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "--gallery",
         type=Path,
         help="the images to rank: a folder of images (searched recursively; captions from "
-        "<stem>.txt beside an image), a webdataset .tar shard or a folder of them (default: "
+        "<stem>.txt beside an image), a webdataset .tar shard or a folder of them, or a "
+        ".parquet/.jsonl manifest as `demo --corpus` takes (rows with path, caption) (default: "
         "the current image corpus of $MEGAPAIRS_HOME, with its captions)",
     )
     parser.add_argument("--image", type=Path, help="the query's reference image")
@@ -100,6 +103,13 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
         type=_positive_int,
         default=DEFAULT_TOP_K,
         help=f"results per query (default {DEFAULT_TOP_K})",
+    )
+    parser.add_argument(
+        "--include-query",
+        action="store_true",
+        help="keep gallery images identical (same bytes) to the query image in the results "
+        "(default: left out and counted, as a query picked from the gallery would rank itself "
+        "first)",
     )
     parser.add_argument(
         "--json", action="store_true", help="print the results as JSON instead of tables"
@@ -229,7 +239,9 @@ def _search(args: argparse.Namespace) -> int:
     skipped = embeddings.skipped_message()
     if skipped:
         log(f"megapairs search: {skipped}")
-    results = search(retriever, queries, images, embeddings, args.top_k)
+    results = search(
+        retriever, queries, images, embeddings, args.top_k, include_query=args.include_query
+    )
     if args.json:
         print(json.dumps(results_json(results, embeddings, retriever.retriever_id), indent=2))
     else:

@@ -44,12 +44,20 @@ from megapairs_assets.corpus.images import (
     ImageFailure,
     ImageLimits,
     ImageRejected,
+    content_hash,
     open_image_for_model,
     open_image_rgb,
     prepare_image_for_model,
     read_uri_bytes,
 )
-from megapairs_assets.corpus.sources import detect_source_kind, is_image_name
+from megapairs_assets.corpus.sources import (
+    ShardReadError,
+    SourceSpec,
+    detect_source_kind,
+    is_image_name,
+    iter_shard_records,
+    scan_source,
+)
 from megapairs_assets.corpus.uris import TAR_SUFFIX, split_tar_member, tar_member_uri
 from megapairs_assets.evaluation.benchmark import BenchmarkSplit, ImageRef
 from megapairs_assets.evaluation.gallery_cache import CacheKey, GalleryCache
@@ -91,13 +99,18 @@ class SearchDataError(ValueError):
 class GalleryItem:
     """One candidate image: its id in the gallery, where its pixels are, its caption if known.
 
-    item_id: the path below the gallery folder, `<tar name>#<member>`, or the corpus image_id.
-    uri: an absolute path or `<tar path>#<member>` (corpus.uris), as `read_uri_bytes` reads.
+    item_id: the path below the gallery folder, `<tar name>#<member>`, `<shard>/<key>` of a
+    manifest row, or the corpus image_id. uri: an absolute path or `<tar path>#<member>`
+    (corpus.uris), as `read_uri_bytes` reads. content_hash (sha256 hex of the file's bytes) and
+    size_bytes: when the listing knew them (the corpus and manifests: the hash; tars: the
+    size); they find the gallery's copies of a query image (`identical_rows`).
     """
 
     item_id: str
     uri: str
     caption: str | None = None
+    content_hash: str | None = None
+    size_bytes: int | None = None
 
 
 @dataclass
@@ -117,26 +130,33 @@ class Gallery:
     captions_listed: bool = False
 
 
+GALLERY_FORMS = (
+    "a folder of images, a webdataset .tar shard, a folder of them, or a .parquet/.jsonl "
+    "manifest (rows with `path` and `caption`)"
+)
+
+
 def gallery_from_path(path: Path) -> Gallery:
-    """The gallery at `path`: a folder of images, a `.tar` shard, or a folder of `.tar` shards.
+    """The gallery at `path`: a folder of images, a `.tar` shard, a folder of `.tar` shards, or
+    a corpus manifest (`.parquet`/`.jsonl`/`.ndjson`, read by the corpus's own reader).
 
     Raises SearchConfigError when `path` does not exist or is another kind of file, and
-    SearchDataError when it holds no image at all.
+    SearchDataError when it holds no image at all or is a manifest that cannot be read.
     """
     path = Path(path).expanduser()
     if not path.exists():
-        raise SearchConfigError(
-            f"gallery {path} does not exist; give a folder of images, a webdataset .tar shard or "
-            "a folder of them"
-        )
+        raise SearchConfigError(f"gallery {path} does not exist; give {GALLERY_FORMS}")
     path = path.resolve()
     if path.is_file():
-        if not path.name.lower().endswith(TAR_SUFFIX):
+        if _is_manifest(path):
+            gallery = _manifest_gallery(path)
+        elif path.name.lower().endswith(TAR_SUFFIX):
+            gallery = _tar_gallery(path, [path])
+        else:
             raise SearchConfigError(
-                f"gallery {path} is a file but not a webdataset .tar shard; give a folder of "
-                "images, a .tar shard or a folder of them"
+                f"gallery {path} is a file but neither a webdataset .tar shard nor a "
+                f".parquet/.jsonl manifest; give {GALLERY_FORMS}"
             )
-        gallery = _tar_gallery(path, [path])
     elif not path.is_dir():
         raise SearchConfigError(f"gallery {path} is neither a folder nor a .tar file")
     elif detect_source_kind(path) == "webdataset":  # the corpus's rule: a folder with .tar files
@@ -164,30 +184,40 @@ def gallery_from_corpus(catalog: Any, home: Path) -> Gallery:
     if getattr(catalog, "path", None) is not None and not catalog.path.exists():
         raise SearchDataError(missing)
     frame = catalog.read_only_query(
-        "SELECT image_id, source_uri, caption FROM image_lineage ORDER BY image_id"
+        "SELECT image_id, source_uri, caption, content_hash FROM image_lineage ORDER BY image_id"
     )
     if frame.height == 0:
         raise SearchDataError(missing)
     items = [
-        GalleryItem(image_id, uri, caption)
-        for image_id, uri, caption in zip(
-            frame["image_id"], frame["source_uri"], frame["caption"], strict=True
+        GalleryItem(image_id, uri, caption, content_hash)
+        for image_id, uri, caption, content_hash in zip(
+            frame["image_id"],
+            frame["source_uri"],
+            frame["caption"],
+            frame["content_hash"],
+            strict=True,
         )
     ]
     return Gallery(f"image corpus of {home}", CORPUS_GALLERY, items, captions_listed=True)
 
 
 def _folder_gallery(root: Path) -> Gallery:
-    """Every image file below `root` (hidden entries skipped, links not followed), by path."""
-    items = []
+    """Every image file below `root` (hidden entries skipped, folder links not followed), by
+    path. An image name that is not a regular file (a FIFO would block the read forever, a
+    broken link has nothing to read) is listed in `unlisted`, not ranked."""
+    items, unlisted = [], []
     for folder, subfolders, files in os.walk(root):
         subfolders[:] = sorted(name for name in subfolders if not name.startswith("."))
         for name in sorted(files):
             if name.startswith(".") or not is_image_name(name):
                 continue
             path = Path(folder) / name
+            if not path.is_file():
+                what = "a broken link" if not path.exists() else "not a regular file"
+                unlisted.append(f"{path}: {what}")
+                continue
             items.append(GalleryItem(path.relative_to(root).as_posix(), str(path)))
-    return Gallery(str(root), _cache_name(root), items)
+    return Gallery(str(root), _cache_name(root), items, unlisted)
 
 
 def _tar_gallery(where: Path, tars: Sequence[Path]) -> Gallery:
@@ -203,11 +233,57 @@ def _tar_gallery(where: Path, tars: Sequence[Path]) -> Gallery:
                     if member.isfile() and is_image_name(member.name) and member.name not in seen:
                         seen.add(member.name)
                         uri = tar_member_uri(str(tar_path), member.name)
-                        items.append(GalleryItem(f"{tar_path.name}#{member.name}", uri))
+                        item_id = f"{tar_path.name}#{member.name}"
+                        items.append(GalleryItem(item_id, uri, size_bytes=member.size))
         except (tarfile.TarError, OSError, EOFError) as error:
             state = f"read up to image {len(seen)}" if seen else "not a readable tar"
             unlisted.append(f"{tar_path}: {state} ({type(error).__name__}: {error})")
     return Gallery(str(where), _cache_name(where), items, unlisted)
+
+
+def _is_manifest(path: Path) -> bool:
+    """Whether the corpus reads the file `path` as a manifest (its rule: the suffix)."""
+    try:
+        return detect_source_kind(path) == "manifest"
+    except ConfigurationError:  # a file, but not a manifest
+        return False
+
+
+def _manifest_gallery(manifest: Path) -> Gallery:
+    """Every row of a corpus manifest, read by the corpus's reader (`corpus.sources`): `path`
+    relative to the manifest or absolute, `caption`, optional `key`/`shard`; an item's id is
+    `<shard>/<key>`, as the corpus would name it. A row the corpus would not read (no path, a
+    URL, a missing file, a malformed line) is listed in `unlisted` with its reason.
+
+    The reader reads each row's bytes, so the listing also knows each image's sha256: a
+    manifest gallery costs one read of its files per search (hashing ~1 GB/s), on top of the
+    embedding pass that a cache hit saves.
+    """
+    spec = SourceSpec("manifest", str(manifest))
+    try:
+        scan = scan_source(spec)
+    except ConfigurationError as error:  # empty, no path column, not Parquet: the data's fault
+        raise SearchDataError(f"gallery {error}") from None
+    items: list[GalleryItem] = []
+    unlisted = [f"{record.uri}: {record.error}" for record in scan.unread]
+    for shard in scan.shards:
+        try:
+            for record in iter_shard_records(spec, shard):
+                if record.data is None:
+                    unlisted.append(f"{record.uri or f'row {record.key}'}: {record.error}")
+                    continue
+                items.append(
+                    GalleryItem(
+                        f"{shard}/{record.key}",
+                        record.uri,
+                        record.caption,
+                        content_hash(record.data),
+                        len(record.data),
+                    )
+                )
+        except ShardReadError as error:
+            unlisted.append(f"{manifest} shard {shard}: {error}")
+    return Gallery(str(manifest), _cache_name(manifest), items, unlisted, captions_listed=True)
 
 
 def _cache_name(place: Path) -> str:
@@ -291,10 +367,15 @@ class GalleryEmbeddings:
                 f"{self.unreadable_count} of {len(self.gallery.items)} gallery images cannot be "
                 f"read and are left out: {'; '.join(self.failures[:FAILURES_SHOWN])}{more}"
             )
-        if self.gallery.unlisted:
+        unlisted = self.gallery.unlisted
+        if unlisted:
+            hidden = len(unlisted) - FAILURES_SHOWN
+            more = f" (and {hidden} more)" if hidden > 0 else ""
             parts.append(
-                f"{len(self.gallery.unlisted)} shard(s) could not be listed in full: "
-                + "; ".join(self.gallery.unlisted[:FAILURES_SHOWN])
+                f"{len(unlisted)} gallery entr{'y' if len(unlisted) == 1 else 'ies'} could not be "
+                f"listed in full and {'is' if len(unlisted) == 1 else 'are'} left out: "
+                + "; ".join(unlisted[:FAILURES_SHOWN])
+                + more
             )
         return "; ".join(parts) or None
 
@@ -573,17 +654,76 @@ class Hit:
 
 @dataclass
 class QueryResult:
+    """A query's hits; query_copies_left_out: gallery images holding exactly the query image's
+    bytes, not ranked (0 when they were kept, or for a text query)."""
+
     query: SearchQuery
     hits: list[Hit]
+    query_copies_left_out: int = 0
+
+
+def identical_rows(gallery: Gallery, image_paths: Sequence[Path]) -> dict[Path, list[int]]:
+    """For each query image, the gallery rows whose file holds exactly its bytes (sha256).
+
+    Cheap on any gallery: a listed hash (the corpus, a manifest) is compared as it is; any
+    other item is read and hashed only when its size equals the query file's (a tar member's
+    size comes with the listing, a file's is one stat). SearchDataError when a query image
+    cannot be read.
+    """
+    sizes: dict[int, int | None] = {}
+    hashes: dict[int, str | None] = {}
+    found: dict[Path, list[int]] = {}
+    for path in dict.fromkeys(image_paths):
+        try:
+            data = path.read_bytes()
+        except OSError as error:
+            raise SearchDataError(
+                f"query image {path} cannot be read: {error.strerror or error}"
+            ) from None
+        digest, rows = content_hash(data), []
+        for row, item in enumerate(gallery.items):
+            if item.content_hash is None:
+                if row not in sizes:
+                    sizes[row] = _size_bytes(item)
+                if sizes[row] != len(data):
+                    continue
+                if row not in hashes:
+                    hashes[row] = _item_hash(item)
+            if (item.content_hash or hashes[row]) == digest:
+                rows.append(row)
+        found[path] = rows
+    return found
+
+
+def _size_bytes(item: GalleryItem) -> int | None:
+    if item.size_bytes is not None:
+        return item.size_bytes
+    if split_tar_member(item.uri) is not None:
+        return None  # not listed: hash it (a tar gallery always lists sizes)
+    try:
+        return os.stat(item.uri).st_size
+    except OSError:
+        return -1  # gone: it cannot be a copy of anything
+
+
+def _item_hash(item: GalleryItem) -> str | None:
+    try:
+        return content_hash(read_uri_bytes(item.uri))
+    except ImageRejected:
+        return None
 
 
 def rank_gallery(
-    query_embeddings: np.ndarray, embeddings: GalleryEmbeddings, top_k_images: int
+    query_embeddings: np.ndarray,
+    embeddings: GalleryEmbeddings,
+    top_k_images: int,
+    left_out: Sequence[Sequence[int]] | None = None,
 ) -> list[list[tuple[int, float]]]:
     """Per query, the best (gallery row, score) pairs, best first (ties by gallery order).
 
-    Candidates are the readable rows' normalised projections; exact inner-product search
-    (evaluation.scoring.top_k). SearchDataError when no gallery image is readable.
+    Candidates are the readable rows' normalised projections, less the query's `left_out`
+    rows (one sequence per query); exact inner-product search (evaluation.scoring.top_k).
+    SearchDataError when no gallery image is readable.
     """
     rows = embeddings.readable_rows
     if len(rows) == 0:
@@ -593,12 +733,21 @@ def rank_gallery(
         )
     if top_k_images < 1:
         raise ValueError(f"top_k_images must be positive, got {top_k_images}")
+    left_out = left_out or [()] * len(query_embeddings)
     candidates = normalize_rows(embeddings.projections[rows])
-    found = top_k(query_embeddings, candidates, min(top_k_images, len(rows)))
-    return [
-        [(int(rows[i]), float(s)) for i, s in zip(indices, scores, strict=True) if i >= 0]
-        for indices, scores in zip(found.indices, found.scores, strict=True)
-    ]
+    # Search deep enough that the best `top_k_images` remain once a query's rows are dropped.
+    extra = max((len(out) for out in left_out), default=0)
+    found = top_k(query_embeddings, candidates, min(top_k_images + extra, len(rows)))
+    ranked = []
+    for indices, scores, out in zip(found.indices, found.scores, left_out, strict=True):
+        dropped = set(out)
+        hits = [
+            (int(rows[i]), float(s))
+            for i, s in zip(indices, scores, strict=True)
+            if i >= 0 and int(rows[i]) not in dropped
+        ]
+        ranked.append(hits[:top_k_images])
+    return ranked
 
 
 def search(
@@ -607,11 +756,22 @@ def search(
     images: dict[Path, Image.Image],
     embeddings: GalleryEmbeddings,
     top_k_images: int = 10,
+    include_query: bool = False,
 ) -> list[QueryResult]:
-    """Rank the gallery for every query; the hits carry captions (read for hits only)."""
+    """Rank the gallery for every query; the hits carry captions (read for hits only).
+
+    A gallery image with exactly the bytes of the query's image (the query picked from the
+    gallery itself) is left out and counted, unless `include_query`; text queries leave out
+    nothing.
+    """
     query_embeddings = encode_search_queries(retriever, queries, images)
-    ranked = rank_gallery(query_embeddings, embeddings, top_k_images)
     items = embeddings.gallery.items
+    copies: dict[Path, list[int]] = {}
+    if not include_query:
+        copies = identical_rows(embeddings.gallery, [q.image for q in queries if q.image])
+    left_out = [copies.get(query.image, []) if query.image else [] for query in queries]
+    ranked = rank_gallery(query_embeddings, embeddings, top_k_images, left_out)
+    readable = set(embeddings.readable_rows.tolist())
     return [
         QueryResult(
             query,
@@ -619,9 +779,22 @@ def search(
                 Hit(rank, score, items[row], item_caption(items[row]))
                 for rank, (row, score) in enumerate(hits, start=1)
             ],
+            sum(row in readable for row in out),
         )
-        for query, hits in zip(queries, ranked, strict=True)
+        for query, hits, out in zip(queries, ranked, left_out, strict=True)
     ]
+
+
+def left_out_note(result: QueryResult) -> str | None:
+    """One line on the query's own copies left out of its results, None when there were none."""
+    count = result.query_copies_left_out
+    if not count:
+        return None
+    copies = "image is" if count == 1 else "images are"
+    return (
+        f"{count} gallery {copies} the query image itself (same bytes) and left out; "
+        "--include-query keeps them"
+    )
 
 
 # --- output --------------------------------------------------------------------------------
@@ -632,6 +805,12 @@ def results_markdown(results: Sequence[QueryResult]) -> str:
     blocks = []
     for number, result in enumerate(results, start=1):
         lines = [f"**query {number}** · {result.query.describe()}", ""]
+        note = left_out_note(result)
+        lines += [f"_{note}_", ""] if note else []
+        if not result.hits:
+            lines.append("no gallery image left to rank")
+            blocks.append("\n".join(lines))
+            continue
         lines += ["| rank | score | path | caption |", "|---|---|---|---|"]
         for hit in result.hits:
             caption = _cell(hit.caption or "")
@@ -668,6 +847,7 @@ def results_json(
                 "image": str(result.query.image) if result.query.image is not None else None,
                 "text": result.query.text,
                 "kind": result.query.kind,
+                "query_copies_left_out": result.query_copies_left_out,
                 "results": [
                     {
                         "rank": hit.rank,
@@ -698,6 +878,8 @@ def write_html(
         query = result.query
         picture = _thumbnail_tag(images[query.image], str(query.image)) if query.image else ""
         text = f"<p class='text'>{html.escape(query.text)}</p>" if query.text else ""
+        note = left_out_note(result) or ("" if result.hits else "no gallery image left to rank")
+        text += f"<p class='note'>{html.escape(note)}</p>" if note else ""
         cards = []
         for hit in result.hits:
             thumbnail = _gallery_thumbnail(hit.item.uri)
@@ -717,7 +899,7 @@ def write_html(
         "<style>body{font-family:sans-serif;margin:1em}figure{display:inline-block;"
         "width:180px;vertical-align:top;margin:4px}figcaption{font-size:12px;"
         "overflow-wrap:anywhere}.path{color:#666}.query{margin-bottom:.5em}"
-        ".text{font-size:18px}img{max-width:160px;max-height:160px}</style></head><body>"
+        ".text{font-size:18px}.note{color:#666;font-style:italic}img{max-width:160px;max-height:160px}</style></head><body>"
         f"<h1>megapairs search</h1><p>retriever <code>{html.escape(retriever_id)}</code>, "
         f"gallery <code>{html.escape(gallery_name)}</code></p>{''.join(sections)}</body></html>"
     )
