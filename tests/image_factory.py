@@ -314,6 +314,28 @@ def write_tar_with_special_members(path: Path, image_bytes: bytes) -> Path:
     return path
 
 
+# --- new-user inputs: other formats, animated GIFs, phone photos Pillow cannot open ----------
+
+
+def encoded_bytes(seed: int, image_format: str, size_px: tuple[int, int] = GOOD_SIZE_PX) -> bytes:
+    """A seed-dependent picture in any format Pillow writes (`WEBP`, `BMP`, `TIFF`, `AVIF`)."""
+    return _encode(picture(seed, size_px), image_format)
+
+
+def animated_gif_bytes(seed: int, frames: int = 3) -> bytes:
+    """An animated GIF of `frames` different pictures."""
+    images = [picture(seed + index).convert("P") for index in range(frames)]
+    buffer = io.BytesIO()
+    images[0].save(buffer, format="GIF", save_all=True, append_images=images[1:], duration=100)
+    return buffer.getvalue()
+
+
+def heic_like_bytes() -> bytes:
+    """The start of a HEIC phone photo (an ISO media `ftyp` box of brand `heic`), which no
+    stock Pillow build decodes."""
+    return struct.pack(">I", 24) + b"ftypheic" + b"\x00" * 4 + b"mif1heic" + b"\x00" * 64
+
+
 # --- scale inputs: a medium corpus of varied, captioned JPEGs in shard folders ----------------
 
 SCALE_COLOURS = {

@@ -52,9 +52,13 @@ _CONTROL_CHARACTERS = {
     for code in range(0xA0)
     if unicodedata.category(chr(code)) == "Cc"
 }
+_LINE_BREAK = re.compile(r"[ \t]*(?:\r\n|\r|\n)\s*")
 # "<_io.BytesIO object at 0x7f...>", "<function f at 0x...>": an address differs on every run.
 _OBJECT_ADDRESS = re.compile(r"<([^<>]*?) at 0x[0-9A-Fa-f]+>")
 _SIGNATURE_BYTES = 8
+# An ISO base media file (HEIF, AVIF, MP4) starts with a box: 4-byte size, then `ftyp` and
+# the major brand (`heic`, `mif1`, `avif`, ...).
+_ISO_BOX_TYPE, _ISO_BRAND = slice(4, 8), slice(8, 12)
 _Prepared = TypeVar("_Prepared")
 
 
@@ -228,12 +232,14 @@ def prepare_image_for_model(
 def clean_caption(caption: str | None, limits: ImageLimits) -> tuple[str | None, bool]:
     """Return (cleaned caption or None when empty, whether it was truncated).
 
-    Control characters are dropped (line breaks and tabs become spaces), surrounding whitespace
-    is stripped, and captions over `max_caption_chars` are cut at the last word boundary.
+    Control characters are dropped (line breaks and tabs become spaces; a line break and the
+    spaces around it, as CRLF files with trailing spaces have them, become one space),
+    surrounding whitespace is stripped, and captions over `max_caption_chars` are cut at the
+    last word boundary.
     """
     if caption is None:
         return None, False
-    text = caption.translate(_CONTROL_CHARACTERS).strip()
+    text = _LINE_BREAK.sub(" ", caption).translate(_CONTROL_CHARACTERS).strip()
     if not text:
         return None, False
     if len(text) <= limits.max_caption_chars:
@@ -245,11 +251,7 @@ def _decode(data: bytes, limits: ImageLimits, draft_side_px: int | None) -> Deco
     try:
         image = Image.open(io.BytesIO(data))
     except UnidentifiedImageError as exc:
-        # PIL's message names the buffer object (and its address); the leading bytes say more.
-        signature = data[:_SIGNATURE_BYTES].hex()
-        raise ImageRejected(
-            "decode_error", f"not a recognised image format (first bytes {signature or 'none'})"
-        ) from exc
+        raise ImageRejected("decode_error", _unrecognised_format_detail(data)) from exc
     except Exception as exc:  # a malformed header can raise almost anything inside PIL
         raise ImageRejected(
             "decode_error", f"unreadable header ({type(exc).__name__}: {exc})"
@@ -279,6 +281,23 @@ def _decode(data: bytes, limits: ImageLimits, draft_side_px: int | None) -> Deco
         original_mode=original_mode,
         content_hash=content_hash(data),
     )
+
+
+def _unrecognised_format_detail(data: bytes) -> str:
+    """Why Pillow found no image in `data`, in words a user can act on.
+
+    PIL's own message names the buffer object (and its address); the leading bytes say more.
+    HEIC/HEIF phone photos (and AVIF, where Pillow was built without it) are ISO media files:
+    naming their brand tells the user to convert them rather than suspect a broken file.
+    """
+    if data[_ISO_BOX_TYPE] == b"ftyp":
+        brand = data[_ISO_BRAND].decode("ascii", "replace").strip()
+        return (
+            f"an ISO media file of brand '{brand}' (HEIC/HEIF/AVIF photo or video) that this "
+            "Pillow cannot decode; convert it to JPEG or PNG"
+        )
+    signature = data[:_SIGNATURE_BYTES].hex()
+    return f"not a recognised image format (first bytes {signature or 'none'})"
 
 
 def content_hash(data: bytes) -> str:

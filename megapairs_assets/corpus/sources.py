@@ -475,23 +475,25 @@ class _SampleGrouping:
     Consecutive members with one key form a sample holding at most one member per slot
     (image, text, metadata). A member whose slot the sample already holds starts a new sample
     with the same key (a repeated key, which the table builder quarantines), except an image
-    in another format (`k.png` after `k.jpg`): that is an extra image of the same sample, so
-    the sample's caption still reaches its first image. Reading and counting both use this.
+    under another field name (webdataset's name for what follows the key: `k.png` after
+    `k.jpg`, `k.target.jpg` after `k.input.jpg`): that is an extra image of the same sample,
+    so the sample's caption still reaches its first image. Reading and counting both use this.
     """
 
     def __init__(self) -> None:
         self.key: str | None = None
-        self._slots: dict[str, str] = {}  # slot -> extension of the member holding it
+        self._fields: dict[str, str] = {}  # slot -> field name of the member holding it
 
     def place(self, key: str, slot: str, member_name: str) -> Literal["join", "extra", "new"]:
-        extension = member_name.rsplit(".", 1)[-1].lower()
-        if key == self.key and slot in self._slots:
-            if slot == "image" and self._slots[slot] != extension:
+        base, key_base = member_name.rpartition("/")[2], key.rpartition("/")[2]
+        field_name = base[len(key_base) + 1 :].lower()
+        if key == self.key and slot in self._fields:
+            if slot == "image" and self._fields[slot] != field_name:
                 return "extra"
         elif key == self.key:
-            self._slots[slot] = extension
+            self._fields[slot] = field_name
             return "join"
-        self.key, self._slots = key, {slot: extension}
+        self.key, self._fields = key, {slot: field_name}
         return "new"
 
 
@@ -926,8 +928,11 @@ def _folder_entries(folder: Path) -> _FolderEntries:
     folder_uri = folder.resolve()
     claimed = set(found.image_names)
     unread: list[tuple[str, str, str]] = []  # (name, reason, detail)
-    for name in names:
-        if not is_file[name] or name in claimed or not _is_caption_name(name):
+    caption_names = [name for name in names if is_file[name] and _is_caption_name(name)]
+    # `.txt` before `.caption` before `.json`, so the preferred sidecar claims its image first.
+    caption_names.sort(key=lambda name: (_CAPTION_SIDECARS.index(_extension(name)), name))
+    for name in caption_names:
+        if name in claimed:
             continue
         stem, slot = _stem(name), _sidecar_slot(name)
         if stem not in stems:
@@ -967,9 +972,13 @@ def _stem(name: str) -> str:
     return name.rsplit(".", 1)[0] if "." in name.lstrip(".") else name
 
 
+def _extension(name: str) -> str:
+    return name.rsplit(".", 1)[-1].lower()
+
+
 def _sidecar_slot(name: str) -> str:
     """`text` for a `.txt` / `.caption` caption file, `metadata` for `.json` (any case)."""
-    return "metadata" if name.rsplit(".", 1)[-1].lower() == "json" else "text"
+    return "metadata" if _extension(name) == "json" else "text"
 
 
 def _holds_an_image(folder: Path) -> bool:
@@ -1059,7 +1068,8 @@ def _iter_folder_records(folder: Path, is_root: bool) -> Iterator[RawRecord]:
     folder_uri = folder.resolve()
     for subfolder in found.subfolders:
         images = _count_images_below(subfolder)
-        lost = f"; its {images} images are not read" if images else ""
+        count = "1 image" if images == 1 else f"{images} images"
+        lost = f"; {count} in it not read" if images else ""
         yield _unread(
             str(folder_uri / subfolder.name),
             "unsupported_file",
