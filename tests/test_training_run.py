@@ -10,6 +10,7 @@ import textwrap
 import time
 from pathlib import Path
 
+import lightning.pytorch as pl_lightning
 import open_clip
 import polars as pl
 import pytest
@@ -19,7 +20,8 @@ from test_training_support import OneThread, tiny_config, write_triplets
 from megapairs_assets.demo.models import DEMO_CLIP_MODEL
 from megapairs_assets.embeddings.encoders import register_bundled_model_configs
 from megapairs_assets.lib.storage import DataLayout, read_parquet
-from megapairs_assets.training.callbacks import read_loss_curve
+from megapairs_assets.training.callbacks import TrainingImagesMissing, read_loss_curve
+from megapairs_assets.training.data import TripletDataError
 from megapairs_assets.training.train import train_checkpoint
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -199,9 +201,10 @@ def test_with_the_data_root_on_an_object_store_results_are_uploaded(
     assert str(weights).startswith("memory://") and weights.exists()
     assert (weights.parent / "open_clip_config.json").exists()
     assert read_parquet(result.outputs["quarantine"]).height == 0
-    # Training itself ran on local disk, where the resume point stays.
-    assert result.outputs["lightning_checkpoint"].is_file()
-    assert str(result.outputs["lightning_checkpoint"]).startswith(str(tmp_path / "home"))
+    # Training itself ran on local disk; the resume point is uploaded beside the export.
+    assert (tmp_path / "home" / "training" / "remote" / "lightning" / "last.ckpt").is_file()
+    assert str(result.outputs["lightning_checkpoint"]).startswith("memory://")
+    assert result.outputs["lightning_checkpoint"].exists()
 
 
 def test_unreadable_images_cost_their_queries_not_the_run(
@@ -223,3 +226,43 @@ def test_unreadable_images_cost_their_queries_not_the_run(
     curve = read_loss_curve(result.outputs["loss_curve"])
     assert curve["dropped_queries"].sum() > 0
     assert curve["loss"].is_finite().all()
+
+
+class _CorpusVanishes(pl_lightning.Callback):
+    """The corpus images are deleted once training has started (past the sampled preflight)."""
+
+    def __init__(self, images: Path) -> None:
+        self.images = images
+
+    def on_train_start(self, *args: object) -> None:
+        for image in self.images.iterdir():
+            image.unlink()
+
+
+def test_a_run_whose_images_vanish_stops_naming_how_many_and_which(
+    tmp_path: Path, demo_models_dir: Path
+) -> None:
+    triplets = write_triplets(tmp_path, rows=8, images=10)
+    config = tiny_config(demo_models_dir, max_steps=4, image_cache_items=0)
+    layout = DataLayout(tmp_path / "home")
+    with OneThread(), pytest.raises(TrainingImagesMissing) as stopped:
+        train_checkpoint(
+            "vanished",
+            config,
+            [triplets],
+            layout,
+            extra_callbacks=[_CorpusVanishes(tmp_path / "images")],
+        )
+    # 4 queries x (target + 3 negatives) at step 1, every one gone.
+    message = str(stopped.value)
+    assert "stopped at step 1: 16 of 16 image reads failed (100%" in message
+    assert "allows 50%" in message and str(tmp_path / "images" / "img") in message
+    out = layout.asset_dir("mmret_clip_checkpoint") / "vanished"
+    assert not (out / "open_clip").exists()  # nothing exported
+
+    # Most images gone before the run: refused before the model is even loaded, the same rule.
+    triplets = write_triplets(tmp_path, rows=8, images=10)
+    for index in range(7):
+        (tmp_path / "images" / f"img{index:03d}.png").unlink()
+    with pytest.raises(TripletDataError, match=r"7 of 9 sampled query and target images .*img000"):
+        train_checkpoint("vanished", config, [triplets], layout)

@@ -22,6 +22,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from megapairs_assets.lib.progress import Progress
 from megapairs_assets.lib.storage import write_atomic
+from megapairs_assets.training.resume import ResumePointMirror
 
 LOSS_CURVE_COLUMNS = (
     "step",
@@ -139,14 +140,91 @@ class FinalCheckpoint(pl_lightning.Callback):
     """Writes `last.ckpt` at the end of training too, so it always holds the final state.
 
     (`ModelCheckpoint` writes it every n steps; a run whose last step is not a multiple of n
-    would otherwise leave a `last.ckpt` that is behind the exported weights.)
+    would otherwise leave a `last.ckpt` that is behind the exported weights.) A process that
+    trained no step (a finished run materialized again) leaves the checkpoint it resumed from
+    as it is: rewriting it would only re-upload gigabytes to an object store.
     """
 
     def __init__(self, path: Path) -> None:
         self.path = path
+        self._start_step: int | None = None
+
+    def on_train_start(self, trainer: pl_lightning.Trainer, pl_module: Any) -> None:
+        self._start_step = trainer.global_step
 
     def on_train_end(self, trainer: pl_lightning.Trainer, pl_module: Any) -> None:
-        trainer.save_checkpoint(self.path)
+        if trainer.global_step != self._start_step or not self.path.is_file():
+            trainer.save_checkpoint(self.path)
+
+
+class RunRecord(pl_lightning.Callback):
+    """Stores in every checkpoint the fingerprint of the run it belongs to and the fit time
+    spent reaching it, over every process that trained it (a killed run resumed twice has
+    three); a resumed run goes on counting from the checkpoint's figure.
+
+    The time between a checkpoint and a kill (steps trained again after the resume) counts
+    in the process that trains them again, not twice.
+    """
+
+    def __init__(self, fingerprint: str) -> None:
+        self.fingerprint = fingerprint
+        self.earlier_fit_s = 0.0
+        self._started: float | None = None
+
+    def on_fit_start(self, trainer: pl_lightning.Trainer, pl_module: Any) -> None:
+        self._started = time.perf_counter()
+
+    def state_dict(self) -> dict[str, Any]:
+        running = time.perf_counter() - self._started if self._started is not None else 0.0
+        return {"fingerprint": self.fingerprint, "fit_s": self.earlier_fit_s + running}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        # Which checkpoint may be resumed is decided before the fit (`train._prepare_output_dir`
+        # compares this fingerprint too); here only the time carries over.
+        self.earlier_fit_s = float(state_dict.get("fit_s", 0.0))
+
+
+class TrainingImagesMissing(RuntimeError):
+    """More of the training images than allowed could not be read; the run stopped."""
+
+
+class ImageReadGuard(pl_lightning.Callback):
+    """Stops the run once more than `max_fraction` of this process's image reads have failed.
+
+    A failed image costs its query (or its slot as a negative) and training goes on; but a
+    corpus moved or deleted after the triplets were made, or a wrong image root, would
+    otherwise "train" for hours on zeroed images that the loss leaves out. Every rank sees
+    the global counts (`MMRetCLIP.last_step_stats`), so all ranks stop together; the paths
+    named are this rank's. Lightning runs `ModelCheckpoint` after every other callback, so
+    the failing step is not saved over the resume point.
+    """
+
+    EXAMPLES = 5
+
+    def __init__(self, config_name: str, max_fraction: float) -> None:
+        self.config_name = config_name
+        self.max_fraction = max_fraction
+        self.reads = 0
+        self.failed = 0
+        self.examples: list[str] = []
+
+    def on_train_batch_end(self, trainer: pl_lightning.Trainer, pl_module: Any, *args: Any) -> None:
+        stats = pl_module.last_step_stats
+        self.reads += int(stats.get("image_reads", 0))
+        self.failed += int(stats.get("failed_images", 0))
+        for uri in getattr(pl_module, "last_failed_images", ()):
+            if len(self.examples) < self.EXAMPLES and uri not in self.examples:
+                self.examples.append(uri)
+        if self.failed and self.failed > self.max_fraction * self.reads:
+            raise TrainingImagesMissing(
+                f"training {self.config_name!r} stopped at step {trainer.global_step}: "
+                f"{self.failed} of {self.reads} image reads failed ({self.failed / self.reads:.0%}"
+                f"; max_unreadable_image_fraction allows {self.max_fraction:.0%}); first: "
+                f"{', '.join(self.examples) or '(none on this device)'}. The images the "
+                "triplets name are missing or unreadable where this step runs (a corpus moved "
+                "or deleted, a wrong image root): restore them and materialize again, which "
+                "resumes from the last checkpoint; nothing was exported"
+            )
 
 
 class TrainingInterrupted(RuntimeError):
@@ -269,7 +347,9 @@ class StopCheckpoint(pl_lightning.Callback):
 
 
 class SameFolderCheckpointIO(TorchCheckpointIO):
-    """Writes each checkpoint to a temporary file beside it, then renames it into place.
+    """Writes each checkpoint to a temporary file beside it, then renames it into place; with
+    a `mirror` (`resume.ResumePointMirror`, the data root on an object store) each `last.ckpt`
+    is then uploaded, whichever callback wrote it (periodic, SIGTERM/Ctrl-C, final).
 
     Lightning's own writer serialises the whole checkpoint in memory, writes it to the system
     temporary folder and moves it over: across file systems (a small /tmp, a data disk) that
@@ -278,9 +358,15 @@ class SameFolderCheckpointIO(TorchCheckpointIO):
     that the next write sweeps away (`lib.storage.write_atomic`).
     """
 
+    def __init__(self, mirror: ResumePointMirror | None = None) -> None:
+        super().__init__()
+        self.mirror = mirror
+
     def save_checkpoint(
         self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None
     ) -> None:
         if storage_options is not None:
             raise TypeError(f"{type(self).__name__} takes no storage_options")
         write_atomic(Path(path), lambda tmp: torch.save(checkpoint, tmp))
+        if self.mirror is not None and Path(path).name == "last.ckpt":
+            self.mirror.upload(Path(path), int(checkpoint["global_step"]))

@@ -59,6 +59,9 @@ _HARDWARE_FIELDS = frozenset(
         "cpu_threads",
     }
 )
+# Guards that decide whether a run may go on, not what it computes: never in the fingerprint.
+_GUARD_FIELDS = frozenset({"max_unreadable_image_fraction"})
+DEFAULT_MAX_UNREADABLE_IMAGE_FRACTION = 0.5
 
 
 _CONFIG_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -145,6 +148,10 @@ class TrainingConfig:
         model gains little from a second thread and loses a lot when another process wants
         the core: the demo measured 33 s with 1 thread and 78-133 s with 2 on a busy 2-core box.
     seed: data order, instruction sampling and initial RNG state.
+    max_unreadable_image_fraction: the share of image reads that may fail (missing or broken
+        corpus images) before the run stops with an error naming them; below it a failed image
+        costs its query (or its slot as a negative) and the `images_loaded` check reports it.
+        0 allows none. Not part of the fingerprint.
     """
 
     model: str
@@ -167,6 +174,7 @@ class TrainingConfig:
     image_cache_items: int = 0
     cpu_threads: int | None = None
     seed: int = 0
+    max_unreadable_image_fraction: float = DEFAULT_MAX_UNREADABLE_IMAGE_FRACTION
 
     def as_dict(self) -> dict[str, Any]:
         """Plain values, for metadata and lineage."""
@@ -186,7 +194,11 @@ class TrainingConfig:
     def science_settings(self) -> dict[str, Any]:
         """The settings that decide what a run computes (all but the hardware ones); a local
         `pretrained` file stands for its name, size and modification time."""
-        science = {k: v for k, v in self.as_dict().items() if k not in _HARDWARE_FIELDS}
+        science = {
+            k: v
+            for k, v in self.as_dict().items()
+            if k not in _HARDWARE_FIELDS and k not in _GUARD_FIELDS
+        }
         if self.pretrained and Path(self.pretrained).is_file():
             # A path says nothing about its bytes; its size and mtime are a cheap proxy.
             path = Path(self.pretrained)
@@ -317,6 +329,11 @@ def _check_numbers(config: TrainingConfig) -> None:
         raise TrainingConfigError(f"learning_rate must be > 0, got {config.learning_rate}")
     if config.weight_decay < 0:
         raise TrainingConfigError(f"weight_decay must be >= 0, got {config.weight_decay}")
+    if not 0.0 <= config.max_unreadable_image_fraction < 1.0:
+        raise TrainingConfigError(
+            "max_unreadable_image_fraction must be at least 0 (every image must load) and below "
+            f"1 (a run with no image is never useful), got {config.max_unreadable_image_fraction}"
+        )
     if config.precision not in ("auto", "32-true", "bf16-mixed", "16-mixed"):
         raise TrainingConfigError(
             f"precision={config.precision!r} is not one of auto, 32-true, bf16-mixed, 16-mixed"

@@ -32,6 +32,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from megapairs_assets.corpus.images import ImageLimits, ImageRejected, open_image_for_model
 from megapairs_assets.lib.storage import DataPath, read_parquet
+from megapairs_assets.training.config import DEFAULT_MAX_UNREADABLE_IMAGE_FRACTION
 
 _ON_LINUX = sys.platform.startswith("linux")
 TRIPLET_COLUMNS = ("q_img", "q_text", "t_img", "hns")
@@ -156,24 +157,34 @@ def prepare_triplets(frame: pl.DataFrame, heldout_fraction: float = 0.0) -> Prep
     )
 
 
-def check_images_readable(rows: pl.DataFrame, sample: int = PREFLIGHT_IMAGES) -> None:
-    """Open the first `sample` distinct query images; raise if none of them can be read.
+def check_images_readable(
+    rows: pl.DataFrame,
+    max_unreadable_fraction: float = DEFAULT_MAX_UNREADABLE_IMAGE_FRACTION,
+    sample: int = PREFLIGHT_IMAGES,
+) -> None:
+    """Open a sample of the rows' query and target images spread over all rows; raise when more
+    than `max_unreadable_fraction` of them cannot be read.
 
-    One unreadable image costs its query (the loss leaves it out); all of them unreadable is a
-    wrong image root or an unmapped relative path, and hours of training on nothing.
+    A few unreadable images cost their queries (the loss leaves them out); most of them
+    unreadable is a wrong image root, an unmapped relative path or a corpus that moved, and
+    hours of training on nothing. The training steps apply the same rule to every read
+    (`callbacks.ImageReadGuard`); this sample catches it before the model is even loaded.
     """
-    uris = rows["q_img"].unique(maintain_order=True).head(sample).to_list()
+    uris = pl.concat([rows["q_img"], rows["t_img"]]).unique(maintain_order=True)
+    if uris.len() > sample:  # evenly spaced: the first shard's images alone could mislead
+        uris = uris.gather(np.linspace(0, uris.len() - 1, sample).round().astype(np.int64))
     errors = []
-    for uri in uris:
+    for uri in uris.to_list():
         try:
             open_image_for_model(uri, ImageLimits(), None)
-            return
         except (ImageRejected, OSError, ValueError) as exc:
             errors.append(f"{uri}: {exc}")
-    if errors:
+    if errors and len(errors) > max_unreadable_fraction * uris.len():
         raise TripletDataError(
-            f"none of {len(errors)} sampled query images can be read (first: {errors[0]}); "
-            "relative paths need an image root, or image ids the catalog knows"
+            f"{len(errors)} of {uris.len()} sampled query and target images cannot be read "
+            f"(max_unreadable_image_fraction allows {max_unreadable_fraction:.0%}); first: "
+            f"{'; '.join(errors[:3])}. Relative paths need an image root, image ids the "
+            "catalog knows, and the corpus files must still be where the corpus step read them"
         )
 
 
@@ -202,7 +213,8 @@ class TripletImages(Dataset):
     Returns `images` uint8 (K, 3, S, S) with slot 0 the target, slot 1 the query image and
     slots 2.. the other hard negatives; `valid` (K,) False for padding or an image that failed
     to load; `keys` (K,) image identities; `tokens` the sampled instruction, tokenized;
-    `failed` how many of the row's images could not be loaded.
+    `reads` how many images the row has (padding excluded), `failed` how many of them could not
+    be loaded and `failed_uris` which (newline-separated, so batches collate them as strings).
     A bad image never raises: it comes back zeroed and invalid, and the loss leaves it out (or
     drops the whole query when it was the target or the query image).
     """
@@ -247,12 +259,12 @@ class TripletImages(Dataset):
         images = torch.zeros((self.images_per_query, *shape), dtype=torch.uint8)
         valid = torch.zeros(self.images_per_query, dtype=torch.bool)
         keys = torch.zeros(self.images_per_query, dtype=torch.int64)
-        failed = 0
+        failed: list[str] = []
         for slot, uri in enumerate(uris):
             pixels = self._load(uri)
             keys[slot] = image_key(uri)
             if pixels is None:
-                failed += 1
+                failed.append(uri)
             else:
                 images[slot] = pixels
                 valid[slot] = True
@@ -263,7 +275,9 @@ class TripletImages(Dataset):
             "valid": valid,
             "keys": keys,
             "tokens": self.tokenizer([text])[0],
-            "failed": failed,
+            "reads": len(uris),
+            "failed": len(failed),
+            "failed_uris": "\n".join(failed),
             "row": row,
             "step": step,
         }

@@ -90,6 +90,7 @@ class MMRetCLIP(pl_lightning.LightningModule):
         )
         self.tokenizer = open_clip.get_tokenizer(model_name)
         self.last_step_stats: dict[str, float] = {}
+        self.last_failed_images: list[str] = []
 
     # --- encoders -------------------------------------------------------------------------
 
@@ -153,11 +154,13 @@ class MMRetCLIP(pl_lightning.LightningModule):
         return trainer.world_size if trainer is not None else 1
 
     def _record_step(self, loss: torch.Tensor, batch: dict[str, torch.Tensor], world: int) -> None:
-        """The step's global mean loss and counts, read by `TrainingLog` after the step."""
+        """The step's global mean loss and counts, read by `TrainingLog` after the step, and
+        this device's unreadable images (`ImageReadGuard` names a few when it stops a run)."""
         stats = torch.stack(
             [
                 loss.detach().float() / world,
                 batch["failed"].sum().float(),
+                batch["reads"].sum().float(),
                 (~batch["valid"][:, POSITIVE_SLOT] | ~batch["valid"][:, QUERY_IMAGE_SLOT])
                 .sum()
                 .float(),
@@ -168,8 +171,12 @@ class MMRetCLIP(pl_lightning.LightningModule):
         self.last_step_stats = {
             "loss": float(stats[0]),
             "failed_images": float(stats[1]),
-            "dropped_queries": float(stats[2]),
+            "image_reads": float(stats[2]),
+            "dropped_queries": float(stats[3]),
         }
+        self.last_failed_images = [
+            uri for joined in batch.get("failed_uris", ()) for uri in joined.split("\n") if uri
+        ]
 
     def configure_optimizers(self) -> dict[str, Any]:
         """AdamW; linear warm-up then linear decay to 0 at `max_steps`, stepped per batch."""

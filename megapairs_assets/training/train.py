@@ -6,14 +6,16 @@ proves open_clip reloads it with identical embeddings and returns a `StepResult`
 
 Outputs, under `<data>/mmret_clip_checkpoint/<config name>/` (with the data root on an object
 store, training runs in `<home>/training/<config name>/` and the results are uploaded there;
-the Lightning checkpoint, the resume point, stays local):
+the resume point, `lightning/last.ckpt`, is uploaded each time it is written and fetched by a
+retry on a machine that lacks it: `training.resume`):
 
     open_clip/open_clip_model.safetensors + open_clip_config.json   the trained model
     lightning/last.ckpt      full training state (weights, optimizer, schedule, step)
     loss_curve.csv           step, loss, learning rate, step time
     loss.png                 when matplotlib is installed
     quarantine.parquet       triplet rows that could not be trained on, with a reason
-    run.json                 the fingerprint of config + data the checkpoint belongs to
+    run.json                 the fingerprint of config + data the checkpoint belongs to, and
+                             the step of the uploaded resume point
 
 Re-running is safe: a run killed mid-way resumes from `lightning/last.ckpt` at the step it had
 reached, with the same data order; a finished run re-materializes from its final checkpoint
@@ -22,7 +24,10 @@ fingerprint) starts over, and withdraws the old export first. `last.ckpt` is rew
 `checkpoint_every_n_steps` and, when the run is stopped by SIGTERM or Ctrl-C (Dagster's
 "terminate"), at the end of the step it was in (a second Ctrl-C stops at once); only SIGKILL
 loses the steps since the last one. A loss that turns NaN or infinite stops the run before
-anything is exported.
+anything is exported, and so does a run in which more than `max_unreadable_image_fraction` of
+the image reads fail (the corpus images gone); fewer failures cost their queries and are
+reported by the `images_loaded` check. `fit_s` counts the fit time of every process that
+trained the checkpoint (carried inside it), `fit_s_this_run` this process's part.
 """
 
 from __future__ import annotations
@@ -32,7 +37,6 @@ import hashlib
 import json
 import logging
 import math
-import shutil
 import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -52,6 +56,7 @@ from megapairs_assets.lib.storage import (
     write_parquet_atomic,
 )
 from megapairs_assets.training.callbacks import (
+    RunRecord,
     StopCheckpoint,
     StopRequested,
     TrainingInterrupted,
@@ -79,6 +84,15 @@ from megapairs_assets.training.plot import (
     loss_plot_markdown,
     loss_sparkline_markdown,
     sample_curve,
+)
+from megapairs_assets.training.resume import (
+    RESUME_POINT,
+    CheckpointRecord,
+    ResumePointMirror,
+    clear_work_folder,
+    fetch_resume_point,
+    read_checkpoint_record,
+    upload_file,
 )
 
 _LOSS_WINDOW_FRACTION = 0.1
@@ -170,7 +184,7 @@ def train_on_triplets(
             f"{prepared.quarantine.height} quarantined, {prepared.heldout_rows} held out) are "
             f"fewer than one batch of {config.batch_size}; lower batch_size or add triplets"
         )
-    check_images_readable(prepared.rows)
+    check_images_readable(prepared.rows, config.max_unreadable_image_fraction)
     versions = dict(input_versions or {})
     say(f"{config_name}: {_data_summary(prepared, len(versions), config)}")
     split = f"{HELDOUT_SPLIT_VERSION}@{heldout_fraction}"
@@ -180,14 +194,24 @@ def train_on_triplets(
     data = {"rows": rows_fingerprint(prepared.rows), "heldout_split": split}
     fingerprint = config.fingerprint(data)
     state = {"fingerprint": fingerprint, "settings": config.science_settings(), "data": data}
+    published_dir = checkpoint_dir(layout, config_name)
+    _withdraw_stale_publication(published_dir, out, fingerprint, say)
+    mirror = None
+    if not (is_local(published_dir) and Path(published_dir) == out):
+        # Training runs on local disk apart from the data root: keep the resume point there too.
+        fetch_resume_point(published_dir, out, state, say)
+        mirror = ResumePointMirror(published_dir, out, state, say)
     resume_from = _prepare_output_dir(out, state, say)
-    _withdraw_stale_publication(checkpoint_dir(layout, config_name), out, fingerprint, say)
 
     started = time.perf_counter()
-    module, trainer = _fit(config_name, resolved, prepared, out, resume_from, say, extra_callbacks)
-    fit_s = time.perf_counter() - started
+    module, trainer = _fit(
+        config_name, resolved, prepared, out, resume_from, say, extra_callbacks, fingerprint, mirror
+    )
+    fit_s_this_run = time.perf_counter() - started
+    fit_s = fit_s_this_run + (resume_from[1].fit_s if resume_from[1] else 0.0)
     # Under ddp_spawn the steps ran in child processes; the checkpoint knows where they ended.
-    final_step = _checkpoint_step(out / "lightning" / "last.ckpt") or trainer.global_step
+    final = read_checkpoint_record(out / RESUME_POINT)
+    final_step = final.step if final else trainer.global_step
 
     exported = export_open_clip(module.clip, config.model, out / "open_clip")
     export_check = verify_export(exported, module.clip, resolved.image_size_px)
@@ -195,17 +219,22 @@ def train_on_triplets(
     write_parquet_atomic(prepared.quarantine, quarantine_path)
     curve = read_loss_curve(out / "loss_curve.csv")
     plot_markdown, png = loss_plot_markdown(curve, out / "loss.png")
-    _write_json(out / "run.json", {**state, "complete": True})
-    published = _publish(out, checkpoint_dir(layout, config_name))
-    say(f"{config_name}: at step {final_step} after {fit_s:.1f} s; {published}")
+    if mirror is not None:
+        mirror.upload_if_behind(final_step)
+    _write_json(out / "run.json", {**state, "complete": True, "resume_step": final_step})
+    published = _publish(out, published_dir)
+    say(
+        f"{config_name}: at step {final_step} after {fit_s_this_run:.1f} s of fitting here "
+        f"({fit_s:.1f} s in all); {published}"
+    )
 
     return StepResult(
         partition=config_name,
         outputs={
             "open_clip_weights": published / "open_clip" / exported.weights.name,
             "open_clip_dir": published / "open_clip",
-            # The resume point stays where training ran (local disk).
-            "lightning_checkpoint": out / "lightning" / "last.ckpt",
+            # Uploaded beside the export when training ran apart from the data root.
+            "lightning_checkpoint": (published if mirror else out) / RESUME_POINT,
             "loss_curve": published / "loss_curve.csv",
             "quarantine": published / quarantine_path.name,
             **({"loss_plot": published / png.name} if png else {}),
@@ -236,7 +265,8 @@ def train_on_triplets(
             **_throughput(curve, config.batch_size, config.hard_negatives),
             **_loss_summary(curve),
             "fit_s": round(fit_s, 2),
-            "resumed_from_step": resume_from[1],
+            "fit_s_this_run": round(fit_s_this_run, 2),
+            "resumed_from_step": resume_from[1].step if resume_from[1] else 0,
             "epochs": round(final_step * config.batch_size / prepared.rows.height, 2),
             "device": _device_label(resolved),
             "settings": _science_settings(config),
@@ -338,9 +368,11 @@ def _fit(
     resolved: ResolvedTraining,
     prepared: PreparedTriplets,
     out: Path,
-    resume_from: tuple[Path | None, int],
+    resume_from: tuple[Path | None, CheckpointRecord | None],
     say: Callable[[str], None],
     extra_callbacks: Sequence[Any],
+    fingerprint: str,
+    mirror: ResumePointMirror | None = None,
 ) -> tuple[Any, Any]:
     import lightning.pytorch as pl_lightning
 
@@ -375,14 +407,16 @@ def _fit(
         num_workers=config.num_workers,
         pin_memory=resolved.accelerator == "gpu",
     )
-    resume_path, resume_step = resume_from
-    if resume_path is not None:
-        say(f"{config_name}: resuming from {resume_path} (step {resume_step})")
+    resume_path, resumed = resume_from
+    if resume_path is not None and resumed is not None:
+        say(f"{config_name}: resuming from {resume_path} (step {resumed.step})")
     threads = config.cpu_threads if resolved.accelerator == "cpu" else None
     last = out / "lightning" / "last.ckpt"
     stop = StopCheckpoint(last)
     with _quiet_lightning(), _torch_threads(threads):
-        trainer = _trainer(config, resolved, out, say, config_name, [stop, *extra_callbacks])
+        trainer = _trainer(
+            config, resolved, out, say, config_name, [stop, *extra_callbacks], fingerprint, mirror
+        )
         try:
             trainer.fit(module, datamodule=datamodule, ckpt_path=resume_path)
         except SIGTERMException:
@@ -391,7 +425,7 @@ def _fit(
             raise TrainingInterrupted(
                 f"training {config_name!r} stopped on SIGTERM after step {trainer.global_step} "
                 f"of {config.max_steps}; its state is saved in {last} (step "
-                f"{_checkpoint_step(last)}): materialize it again to resume from there"
+                f"{_saved_step(last)}): materialize it again to resume from there"
             ) from None
         except StopRequested:
             pass  # Ctrl-C (or Dagster's terminate) with the step's state saved: see below
@@ -413,16 +447,20 @@ def _trainer(
     say: Callable[[str], None],
     config_name: str,
     extra_callbacks: Sequence[Any],
+    fingerprint: str = "",
+    mirror: ResumePointMirror | None = None,
 ) -> Any:
     """The Trainer: hardware from the resolved config, checkpoints and logs under `out`.
 
     `extra_callbacks` run after the project's own (the stop checkpoint, tests' probes).
+    `mirror` uploads every `last.ckpt` written (the data root on an object store).
     """
     import lightning.pytorch as pl_lightning
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     from megapairs_assets.training.callbacks import (
         FinalCheckpoint,
+        ImageReadGuard,
         SameFolderCheckpointIO,
         StepProgress,
         StopOnNonFiniteLoss,
@@ -432,7 +470,7 @@ def _trainer(
     lightning_dir = out / "lightning"
     return pl_lightning.Trainer(
         **resolved.trainer_kwargs(),
-        plugins=[SameFolderCheckpointIO()],
+        plugins=[SameFolderCheckpointIO(mirror)],
         max_steps=config.max_steps,
         max_epochs=-1,
         logger=False,
@@ -450,7 +488,10 @@ def _trainer(
                 every_n_train_steps=config.checkpoint_every_n_steps,
             ),
             TrainingLog(out / "loss_curve.csv"),
+            # Before the NaN stop: a step whose images all failed has no loss to speak of.
+            ImageReadGuard(config_name, config.max_unreadable_image_fraction),
             StopOnNonFiniteLoss(config_name, config.learning_rate, config.temperature),
+            RunRecord(fingerprint),
             StepProgress(f"training {config_name}", say),
             FinalCheckpoint(lightning_dir / "last.ckpt"),
             *extra_callbacks,
@@ -487,14 +528,15 @@ def _publish(work: Path, published: DataPath) -> DataPath:
     names += [name for name in _PUBLISHED_FILES if (work / name).is_file()]
     for name in names:
         source = work / name
-        write_atomic(published / name, lambda tmp, source=source: shutil.copyfile(source, tmp))
+        upload_file(source, published / name)
     return published
 
 
 def _withdraw_stale_publication(
     published: DataPath, work: Path, fingerprint: str, say: Callable[[str], None]
 ) -> None:
-    """Remove results another fingerprint published to an object store before training anew.
+    """Remove results and the resume point another fingerprint published to an object store
+    before training anew.
 
     On a local data root `_prepare_output_dir` already cleared them (the folders are one). On
     an object store the old export would otherwise stay there for the whole new run, and for
@@ -502,21 +544,22 @@ def _withdraw_stale_publication(
     """
     if is_local(published) and Path(published) == work:
         return
-    state = published / "run.json"
-    try:
-        published_fingerprint = json.loads(state.read_text()).get("fingerprint")
-    except (FileNotFoundError, ValueError):
-        published_fingerprint = None
-    export = published / "open_clip"
-    if published_fingerprint == fingerprint or not (export.exists() or state.exists()):
+    if _read_json(published / "run.json").get("fingerprint") == fingerprint:
         return
     # The config first: an export folder without it is incomplete to every reader.
+    export = published / "open_clip"
     names = [p.name for p in export.iterdir()] if export.exists() else []
     names.sort(key=lambda name: name != CONFIG_NAME)
-    for path in [*(export / name for name in names), *(published / n for n in _PUBLISHED_FILES)]:
-        if path.exists():
-            path.unlink()
-    say(f"removed the results of earlier settings or data from {published}")
+    stale = [
+        *(export / name for name in names),
+        published / RESUME_POINT,
+        *(published / name for name in _PUBLISHED_FILES),
+    ]
+    removed = [path for path in stale if path.exists()]
+    for path in removed:
+        path.unlink()
+    if removed:
+        say(f"removed the results of earlier settings or data from {published}")
 
 
 def rows_fingerprint(rows: pl.DataFrame) -> str:
@@ -530,33 +573,33 @@ def rows_fingerprint(rows: pl.DataFrame) -> str:
 
 def _prepare_output_dir(
     out: Path, state: dict[str, Any], say: Callable[[str], None]
-) -> tuple[Path | None, int]:
+) -> tuple[Path | None, CheckpointRecord | None]:
     """Clear outputs of another fingerprint than `state`'s; return (checkpoint to resume, its
-    step). `state` (fingerprint, science settings, data) becomes `run.json`."""
+    record). `state` (fingerprint, science settings, data) becomes `run.json`."""
     out.mkdir(parents=True, exist_ok=True)
     state_path = out / "run.json"
     previous = _read_json(state_path)
-    last = out / "lightning" / "last.ckpt"
+    last = out / RESUME_POINT
     if previous.get("fingerprint") != state["fingerprint"]:
         if previous or last.exists():
             say(
                 f"{out}: {_what_changed(previous, state)} since the last run; training from scratch"
             )
         # The old export goes too: the checkpoint sensor must not score it as this config's.
-        for stale in ("lightning", "open_clip"):
-            shutil.rmtree(out / stale, ignore_errors=True)
-        (out / "loss_curve.csv").unlink(missing_ok=True)
+        clear_work_folder(out)
         _write_json(state_path, {**state, "complete": False})
-        return None, 0
+        return None, None
     if not last.is_file():
-        return None, 0
-    step = _checkpoint_step(last)
-    if step is None:
-        aside = last.with_name(f"last.ckpt.unreadable-{int(time.time())}")
+        return None, None
+    record = read_checkpoint_record(last)
+    if record is None or record.fingerprint not in (None, state["fingerprint"]):
+        # None: written before checkpoints carried their fingerprint; run.json vouches for it.
+        aside = last.with_name(f"last.ckpt.unusable-{int(time.time())}")
         last.rename(aside)
-        say(f"{last} cannot be read; moved to {aside.name} and training from scratch")
-        return None, 0
-    return last, step
+        why = "cannot be read" if record is None else "belongs to another run"
+        say(f"{last} {why}; moved to {aside.name} and training from scratch")
+        return None, None
+    return last, record
 
 
 def _what_changed(previous: dict[str, Any], current: dict[str, Any]) -> str:
@@ -579,15 +622,9 @@ def _what_changed(previous: dict[str, Any], current: dict[str, Any]) -> str:
     return "; ".join(changes) or "settings or data changed"
 
 
-def _checkpoint_step(path: Path) -> int | None:
-    import torch
-
-    try:
-        # mmap: only the small header is read, not gigabytes of weights.
-        checkpoint = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
-        return int(checkpoint["global_step"])
-    except Exception:  # any unreadable checkpoint is handled the same way by the caller
-        return None
+def _saved_step(path: Path) -> int | None:
+    record = read_checkpoint_record(path)
+    return record.step if record else None
 
 
 class _quiet_lightning:
@@ -602,6 +639,8 @@ class _quiet_lightning:
         r".*does not have many workers.*",
         r".*`max_epochs=-1`.*",
         r".*Checkpoint directory .* exists and is not empty.*",
+        # A resume point fetched onto another machine (or home): the folder differs, by design.
+        r".*The dirpath has changed from .* won't be reloaded.*",
         r".*The number of training batches .* is smaller than the logging interval.*",
     )
 
@@ -686,7 +725,7 @@ def _model_id(model: str, pretrained: str | None) -> str:
     return f"open_clip:{model}" + (f"@{pretrained}" if pretrained else "")
 
 
-def _read_json(path: Path) -> dict[str, Any]:
+def _read_json(path: DataPath) -> dict[str, Any]:
     try:
         return json.loads(path.read_text())
     except (FileNotFoundError, ValueError):
