@@ -31,6 +31,7 @@ from megapairs_assets.corpus.sources import (
     scan_source,
 )
 from megapairs_assets.corpus.table import build_shard_table
+from megapairs_assets.lib.errors import ConfigurationError
 
 LIMITS = ImageLimits()
 
@@ -144,9 +145,12 @@ def test_loose_images_and_a_manifest_beside_tar_shards_are_reported_with_the_fix
     write_wds_shard(tmp_path / "00000.tar", [("k", good_jpeg_bytes(1), "a caption")])
     (tmp_path / "loose.JPG").write_bytes(good_jpeg_bytes(2))
     write_manifest(tmp_path / "list.jsonl", [{"path": "loose.JPG"}])
+    (tmp_path / "holiday").mkdir()
+    (tmp_path / "holiday" / "x.png").write_bytes(good_png_bytes(3))
     assert detect_source_kind(tmp_path) == "webdataset"
     report = _report(SourceSpec("webdataset", str(tmp_path)))
     assert "image beside .tar shards" in report["loose.JPG"]
+    assert "folder of images beside .tar shards" in report["holiday"]
     assert "give the manifest as the corpus" in report["list.jsonl"]
 
 
@@ -236,3 +240,11 @@ def test_manifest_locations_written_as_uris_home_paths_or_on_windows(
     assert quarantine["reason"].unique().to_list() == ["missing_file"]
     assert "is a Windows path (drive C:)" in details["drive"]
     assert "is a Windows path (network share)" in details["share"]
+
+
+def test_an_unexpanded_home_in_the_corpus_path_says_how_to_write_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HOME", str(tmp_path))
+    with pytest.raises(ConfigurationError, match=rf"write {tmp_path}/photos instead"):
+        detect_source_kind(Path("~/photos"))

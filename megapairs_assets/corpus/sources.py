@@ -6,8 +6,9 @@ Three layouts are understood, each named by a `SourceSpec`:
   `000000012.txt` / `000000012.json`); one tar is one shard, read as a stream. img2dataset's
   own bookkeeping beside a shard (`<shard>.parquet`, `<shard>_stats.json`) is recognised and
   skipped: the tar holds the same captions.
-- `folder`: a folder of images with optional sidecar captions (`<stem>.txt` or `<stem>.json`);
-  each immediate subfolder holding images is a shard, images at the top level form `root`.
+- `folder`: a folder of images with optional sidecar captions (`<stem>.txt`, `<stem>.caption`
+  or `<stem>.json`, extension in any letter case); each immediate subfolder holding images is
+  a shard, images at the top level form `root`. Deeper folders are reported, not read.
 - `manifest`: a parquet or jsonl table with a `path` or `url` column, a `caption` column and
   optional `key`/`id` and `shard` columns.
 
@@ -16,8 +17,11 @@ records, every entry no shard reads: a name that cannot be made safe as a shard 
 become file names, see `megapairs_assets.lib.storage.is_safe_partition_key`; a tar or folder
 named with spaces or accents gets a derived id, `derived_shard_id`), a compressed tar or any
 other file the layout does not use. A tar member's key is its path up to the first dot of its
-base name, folders included (webdataset's rule); in a folder an image's key is its stem, or
-its full name when an earlier image took that stem (`twin.jpg`, `twin.png`).
+base name, folders included (webdataset's rule), unless the tar's names only pair up when cut
+at the last dot (`a.b.c.jpg` + `a.b.c.txt`, see `_choose_key_rule`); a sample's further
+images (`k.png` after `k.jpg`) are records of their own with the sample's caption. In a folder
+an image's key is its stem, or its full name when an earlier image took that stem (`twin.jpg`,
+`twin.png`). `count_shard_records` says how many records a shard holds before reading it.
 Inside a shard, reading never raises for a single bad item:
 it yields a `RawRecord` whose `error` says what is wrong (links, FIFOs and unknown members of a
 tar included), so the table builder can quarantine it. Only a shard that cannot be read at all
@@ -186,9 +190,15 @@ def detect_source_kind(path: Path) -> SourceKind:
     that is not a `.parquet`/`.jsonl` manifest. Extensions are compared case-insensitively.
     """
     if not path.exists() and not path.is_symlink():
+        # A quoted `--corpus "~/photos"` reaches us unexpanded; the shell only expands bare `~`.
+        home_hint = (
+            f" (a leading ~ is not expanded here: write {Path(path).expanduser()} instead)"
+            if str(path).startswith("~")
+            else ""
+        )
         raise ConfigurationError(
-            f"corpus {path} does not exist; give a folder of webdataset .tar shards, a folder of "
-            "image folders (one per shard) or a .parquet/.jsonl/.ndjson manifest"
+            f"corpus {path} does not exist{home_hint}; give a folder of webdataset .tar shards, "
+            "a folder of image folders (one per shard) or a .parquet/.jsonl/.ndjson manifest"
         )
     if not path.exists():
         raise ConfigurationError(f"corpus {path} is a broken symbolic link")
@@ -536,6 +546,12 @@ def _unsupported_webdataset_entry(entry: Path, uri: str) -> RawRecord:
             "is an image beside .tar shards: a folder that holds .tar files is read as a "
             "webdataset corpus, which reads only the tars (keep loose images in a folder of "
             "their own, or pack them into a .tar shard)"
+        )
+    elif entry.is_dir() and _holds_an_image(entry):
+        detail = (
+            "is a folder of images beside .tar shards: a folder that holds .tar files is read "
+            "as a webdataset corpus, which reads only the tars (give image folders a corpus "
+            "folder of their own)"
         )
     elif entry.is_file() and Path(entry.name).suffix.lower() in _MANIFEST_SUFFIXES:
         detail = "is a manifest, not a .tar shard (to read it, give the manifest as the corpus)"
