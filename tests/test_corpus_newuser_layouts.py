@@ -151,7 +151,7 @@ def test_loose_images_and_a_manifest_beside_tar_shards_are_reported_with_the_fix
     report = _report(SourceSpec("webdataset", str(tmp_path)))
     assert "image beside .tar shards" in report["loose.JPG"]
     assert "folder of images beside .tar shards" in report["holiday"]
-    assert "give the manifest as the corpus" in report["list.jsonl"]
+    assert "a manifest is read only when it is itself given as the corpus" in report["list.jsonl"]
 
 
 # --- webdataset tars --------------------------------------------------------------------------

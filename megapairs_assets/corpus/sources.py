@@ -554,7 +554,10 @@ def _unsupported_webdataset_entry(entry: Path, uri: str) -> RawRecord:
             "folder of their own)"
         )
     elif entry.is_file() and Path(entry.name).suffix.lower() in _MANIFEST_SUFFIXES:
-        detail = "is a manifest, not a .tar shard (to read it, give the manifest as the corpus)"
+        detail = (
+            f"is a {Path(entry.name).suffix} file, not a .tar shard (a manifest is read only "
+            "when it is itself given as the corpus)"
+        )
     elif entry.is_file():
         detail = "is not a .tar shard"
     else:
@@ -1037,7 +1040,10 @@ def _unread_file_detail(name: str) -> str:
             "corpus (keep the shards apart from image folders)"
         )
     if Path(name).suffix.lower() in _MANIFEST_SUFFIXES:
-        return "is a manifest, not an image; to read it, give the manifest itself as the corpus"
+        return (
+            f"is a {Path(name).suffix} file, not an image; it is not read (a manifest is read "
+            "only when it is itself given as the corpus)"
+        )
     return f"is not an image the corpus reads ({_IMAGE_EXTENSIONS_TEXT}); it is not read"
 
 
