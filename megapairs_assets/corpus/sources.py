@@ -688,8 +688,7 @@ def _tar_member_kinds(tar_path: Path) -> tuple[tuple[str, str], ...]:
 
 
 # Header fields of a ustar block (POSIX.1-1988), as byte offsets.
-_NAME, _SIZE, _TYPE, _MAGIC, _PREFIX = (0, 100), (124, 136), 156, (257, 263), (345, 500)
-_POSIX_MAGIC = b"ustar\x00"
+_NAME, _SIZE, _TYPE, _PREFIX = (0, 100), (124, 136), 156, (345, 500)
 # tarfile's own classes: regular files carry data, the others (links, devices, FIFOs) none.
 _FILE_TYPES = frozenset(b"07\x00")
 _DATALESS_TYPES = {ord("5"): "dir", **{ord(flag): "other" for flag in "12346"}}
@@ -716,14 +715,15 @@ def _read_tar_member_kinds(
             flag, size_field = header[_TYPE], header[_SIZE[0] : _SIZE[1]]
             if (flag not in _FILE_TYPES and flag not in _DATALESS_TYPES) or size_field[0] & 0x80:
                 break
+            # As tarfile reads a header: a non-empty ustar prefix is the name's folder.
             name = header[_NAME[0] : _NAME[1]].split(b"\x00", 1)[0]
-            if header[_MAGIC[0] : _MAGIC[1]] == _POSIX_MAGIC:
-                prefix = header[_PREFIX[0] : _PREFIX[1]].split(b"\x00", 1)[0]
-                name = prefix + b"/" + name if prefix else name
+            prefix = header[_PREFIX[0] : _PREFIX[1]].split(b"\x00", 1)[0]
+            name = prefix + b"/" + name if prefix else name
             text = name.decode("utf-8", "surrogateescape")
             size = int(size_field.split(b"\x00", 1)[0].strip() or b"0", 8)
             if flag in _FILE_TYPES:
-                kind = "dir" if text.endswith("/") else "file"  # tarfile's old-style folder
+                # An old (V7) tar writes a folder as a type-NUL file whose name ends in '/'.
+                kind = "dir" if flag == 0 and text.endswith("/") else "file"
                 offset += tarfile.BLOCKSIZE * (1 + -(-size // tarfile.BLOCKSIZE))
             else:
                 kind = _DATALESS_TYPES[flag]
