@@ -82,6 +82,31 @@ def test_long_and_non_ascii_member_names_are_counted(tmp_path: Path) -> None:
     }
 
 
+@pytest.mark.parametrize("tar_format", [tarfile.GNU_FORMAT, tarfile.USTAR_FORMAT])
+def test_header_walk_agrees_with_tarfile_on_folders_links_and_long_names(
+    tmp_path: Path, tar_format: int
+) -> None:
+    from megapairs_assets.corpus.sources import _tar_member_kinds
+
+    path = tmp_path / "00000.tar"
+    with tarfile.open(path, "w", format=tar_format) as tar:
+        folder = tarfile.TarInfo("photos")
+        folder.type = tarfile.DIRTYPE
+        tar.addfile(folder)
+        link = tarfile.TarInfo("photos/link.jpg")
+        link.type, link.linkname = tarfile.SYMTYPE, "a.jpg"
+        tar.addfile(link)
+        _add(tar, "photos/a.jpg", good_jpeg_bytes(1))
+        # GNU writes a long name as an extra member; ustar splits it into prefix and name.
+        _add(tar, "photos/" + "n" * 120 + "/b.jpg", good_jpeg_bytes(2))
+    with tarfile.open(path) as tar:
+        expected = [
+            (member.name, "dir" if member.isdir() else "file" if member.isfile() else "other")
+            for member in tar
+        ]
+    assert list(_tar_member_kinds(path)) == expected
+
+
 def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     import io
 

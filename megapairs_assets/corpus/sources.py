@@ -728,7 +728,7 @@ def _read_tar_member_kinds(
             else:
                 kind = _DATALESS_TYPES[flag]
                 offset += tarfile.BLOCKSIZE
-            kinds.append((text, kind))
+            kinds.append((text.rstrip("/") if kind == "dir" else text, kind))
     # Random-access mode on a regular file seeks over each member's data: headers only.
     with tarfile.open(tar_path, mode="r:") as tar:
         return tuple(
