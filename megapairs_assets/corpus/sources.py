@@ -297,8 +297,7 @@ def count_shard_records(spec: SourceSpec, shard_id: str) -> int | None:
             found = _folder_entries(root / (name or shard_id))
             return len(found.image_names) + len(found.unread) + len(found.subfolders)
         if spec.kind == "manifest":
-            manifest = _scan_manifest(spec).filter(pl.col(_SHARD_ID) == shard_id)
-            return int(manifest.select(pl.len()).collect().item())
+            return _manifest_shard_rows(spec, shard_id)[0].height
     except Exception:  # a progress total must never fail the step; reading reports the problem
         return None
     return None
@@ -1452,6 +1451,28 @@ def _is_id_value(value: object) -> bool:
 
 
 def _iter_manifest_records(spec: SourceSpec, shard_id: str) -> Iterator[RawRecord]:
+    rows, columns = _manifest_shard_rows(spec, shard_id)
+    if rows.is_empty():
+        raise ShardReadError("missing_shard", f"manifest {spec.path} has no rows in {shard_id}")
+    for row in _manifest_rows(rows, columns, _manifest_dir(spec)):
+        yield _manifest_record(row)
+
+
+def _manifest_shard_rows(spec: SourceSpec, shard_id: str) -> tuple[pl.DataFrame, pl.Schema]:
+    """One shard's manifest rows in row order, and the manifest's columns.
+
+    Cached per file version: finding a shard's rows scans the whole manifest (a second or so
+    at tens of millions of rows), and counting a shard for its progress total and then reading
+    it must not pay that twice.
+    """
+    stat = Path(spec.path).stat()
+    return _read_manifest_shard_rows(spec, shard_id, stat.st_mtime_ns, stat.st_size)
+
+
+@lru_cache(maxsize=2)
+def _read_manifest_shard_rows(
+    spec: SourceSpec, shard_id: str, _mtime_ns: int, _size: int
+) -> tuple[pl.DataFrame, pl.Schema]:
     manifest = _scan_manifest(spec)
     try:
         rows = manifest.filter(pl.col(_SHARD_ID) == shard_id).sort(_ROW).collect()
@@ -1459,10 +1480,7 @@ def _iter_manifest_records(spec: SourceSpec, shard_id: str) -> Iterator[RawRecor
         raise ShardReadError(
             "unreadable_manifest", str(_unreadable_manifest(Path(spec.path), error))
         ) from error
-    if rows.is_empty():
-        raise ShardReadError("missing_shard", f"manifest {spec.path} has no rows in {shard_id}")
-    for row in _manifest_rows(rows, manifest.collect_schema(), _manifest_dir(spec)):
-        yield _manifest_record(row)
+    return rows, manifest.collect_schema()
 
 
 def _manifest_record(row: _ManifestRow) -> RawRecord:
