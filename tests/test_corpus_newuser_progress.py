@@ -171,3 +171,19 @@ def test_counting_reads_no_image_bytes(tmp_path: Path, kind: str, monkeypatch) -
 
 def _fail(*args: object) -> bytes:
     raise AssertionError("counting read an image")
+
+
+def test_counting_then_reading_a_manifest_shard_scans_the_manifest_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from megapairs_assets.corpus import sources
+
+    write_image_folder(tmp_path / "images", good_items(2))
+    rows = [{"path": f"images/{key}.jpg", "caption": caption} for key, _, caption in good_items(2)]
+    spec = SourceSpec("manifest", str(write_manifest(tmp_path / "m.parquet", rows)))
+    scans: list[SourceSpec] = []
+    real_scan = sources._scan_manifest
+    monkeypatch.setattr(sources, "_scan_manifest", lambda s: scans.append(s) or real_scan(s))
+    assert count_shard_records(spec, "00000") == 2
+    assert len(list(iter_shard_records(spec, "00000"))) == 2
+    assert len(scans) == 1
