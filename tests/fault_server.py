@@ -75,6 +75,8 @@ class ChatServer:
     faults: dict[str, list[str]] = field(default_factory=dict)
     responder: Callable[[dict[str, Any]], str] = canned_answer
     port: int = 0
+    # False: answers carry no `usage` (as some proxies and older servers send them).
+    usage: bool = True
     served: list[Served] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -199,30 +201,30 @@ class _ChatHandler(BaseHTTPRequestHandler):
         elif kind == "nochoices":
             self._send(200, b'{"object":"chat.completion","choices":[]}')
         else:
-            self._send(200, _completion(body, owner.responder(body)))
+            self._send(200, _completion(body, owner.responder(body), owner.usage))
 
 
-def _completion(body: dict[str, Any], text: str) -> bytes:
+def _completion(body: dict[str, Any], text: str, usage: bool = True) -> bytes:
     prompt_words = len(json.dumps(body.get("messages")).split())
-    return json.dumps(
-        {
-            "id": "chatcmpl-test",
-            "object": "chat.completion",
-            "model": body.get("model"),
-            "choices": [
-                {
-                    "index": 0,
-                    "message": {"role": "assistant", "content": text},
-                    "finish_reason": "stop",
-                }
-            ],
-            "usage": {
-                "prompt_tokens": prompt_words,
-                "completion_tokens": len(text.split()),
-                "total_tokens": prompt_words + len(text.split()),
-            },
+    completion: dict[str, Any] = {
+        "id": "chatcmpl-test",
+        "object": "chat.completion",
+        "model": body.get("model"),
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": text},
+                "finish_reason": "stop",
+            }
+        ],
+    }
+    if usage:
+        completion["usage"] = {
+            "prompt_tokens": prompt_words,
+            "completion_tokens": len(text.split()),
+            "total_tokens": prompt_words + len(text.split()),
         }
-    ).encode()
+    return json.dumps(completion).encode()
 
 
 def main() -> None:

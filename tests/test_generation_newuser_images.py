@@ -125,6 +125,9 @@ def test_a_server_that_reads_or_refuses_images_is_told_apart(text_only_server):
     with ChatServer(faults={"image_url": ["400"]}) as refuses:
         refused = probe_image_input(refuses.base_url, "test-model", timeout_s=5)
     assert refused is not None and "refused a request with an image (HTTP 400" in refused.detail
-    # A server that cannot answer at all is not judged here (the model-list probe reports it).
+    # A server that cannot answer at all is not judged here (the model-list probe reports it):
+    # the check says it could not be made, a warning rather than a refusal.
     with ChatServer(faults={"": ["500"]}) as broken:
-        assert probe_image_input(broken.base_url, "test-model", timeout_s=5) is None
+        unchecked = probe_image_input(broken.base_url, "test-model", timeout_s=5)
+    assert unchecked is not None and unchecked.kind == "image_check_skipped"
+    assert "text-only request failed (HTTP 500" in unchecked.detail

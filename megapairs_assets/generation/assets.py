@@ -59,6 +59,8 @@ GROUP = "generation"
 
 # Which pairs go to the model and how requests are drawn: shared by both model steps.
 _SAMPLE_FIELDS = ("model_fraction", "model_pairs_per_shard", "heuristic_fill", "seed")
+# Which answers are kept as written in the wanted language: shared by both model steps.
+_LANGUAGE_FIELDS = ("answer_language", "answer_language_min_confidence")
 
 
 def _file_hash(load: Callable[[str], Any], name: str) -> str:
@@ -90,7 +92,7 @@ def describe_settings(resources: Any) -> dict[str, Any]:
     generation = resources.generation
     return {
         **_step_settings(generation, "describe"),
-        **fields(generation, ("description_min_words", "description_max_words")),
+        **fields(generation, ("description_min_words", "description_max_words", *_LANGUAGE_FIELDS)),
     }
 
 
@@ -102,7 +104,7 @@ def instruct_settings(resources: Any) -> dict[str, Any]:
     return {
         **_step_settings(generation, "instruct"),
         "demo_pool": _file_hash(load_demo_pool, generation.demo_pool),
-        **fields(generation, ("instruction_max_words",)),
+        **fields(generation, ("instruction_max_words", *_LANGUAGE_FIELDS)),
     }
 
 
@@ -159,8 +161,9 @@ def pair_descriptions(
     The profile's multimodal model sees both images (the demo's text-only model reads the two
     captions instead, and its rows say "caption-based"); pairs outside the model sample get
     caption-heuristic text when enabled. Every row names its generator, model, template and
-    request key; every rejection is a quarantine row with a reason. Cached per request: a
-    re-run with unchanged inputs makes no model call.
+    request key; every rejection is a quarantine row with a reason (a model answer in another
+    language than `answer_language`: wrong_language). Cached per request: a re-run with
+    unchanged inputs makes no model call.
     """
     layout, lineage, settings = storage.layout(), catalog.catalog(), generation.settings()
     backends = generation.backend_factory("describe")
@@ -196,8 +199,8 @@ def pair_instructions(
 
     Each model request carries five demonstrations drawn (per pair id) from the shipped pool of
     fifty; answers are parsed out of chatter, fences, numbering or truncation, then filtered
-    (empty, duplicate, overlong, naming "the target image" or "image 2", copying the
-    description), each rejection with its reason.
+    (empty, in another language than `answer_language`, duplicate, overlong, naming "the
+    target image" or "image 2", copying the description), each rejection with its reason.
     """
     layout, lineage, settings = storage.layout(), catalog.catalog(), generation.settings()
     backends = generation.backend_factory("instruct")
@@ -280,9 +283,7 @@ def triplet_export(
         return result
 
     try:
-        return materialize_partitions(
-            context, EXPORT_STAGE, export_shard, lineage, storage.profile
-        )
+        return materialize_partitions(context, EXPORT_STAGE, export_shard, lineage, storage.profile)
     finally:
         if not card_written:
             update_release_folder(export_dir(layout, settings.export.export_dir), settings, layout)

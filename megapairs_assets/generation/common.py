@@ -207,11 +207,17 @@ def raise_if_backend_failing(
     step: str,
     shard: str,
     spec: BackendSpec | None = None,
+    probe_timeout_s: float = 5.0,
 ) -> None:
     """Fail the step when the model calls of this run mostly failed, or when any failed and a
     server of `spec` no longer answers at all (it went away mid-step: the calls left after it
     did all fail, however few they were). Finished responses are kept either way; the error
-    quotes the last failure, which names the server it came from."""
+    quotes the last failure, which names the server it came from.
+
+    "No longer answers" is asked only after a failed call: each server of `spec` gets
+    `probe_timeout_s` seconds (the `stopped_probe_timeout_s` setting) to list its models; a
+    refused connection or no answer in that time counts as gone.
+    """
     if not stats.calls or not stats.failed:
         return
     last_error = (stats.last_error or "unknown")[:_DETAIL_CHARS]
@@ -221,7 +227,7 @@ def raise_if_backend_failing(
             f"{step} {shard}: {stats.failed} of {stats.calls} model calls failed (more than "
             f"{max_failure_fraction:.0%}); last error: {last_error}; {resume}"
         )
-    gone = [problem.base_url for problem in _unreachable_servers(spec)]
+    gone = [problem.base_url for problem in _unreachable_servers(spec, probe_timeout_s)]
     if gone:
         raise GenerationStepError(
             f"{step} {shard}: {', '.join(gone)} stopped answering during the step: "
@@ -230,13 +236,14 @@ def raise_if_backend_failing(
         )
 
 
-def _unreachable_servers(spec: BackendSpec | None) -> list[Any]:
-    """The `openai_http` servers of `spec` that refuse connections now ([] for other backends)."""
+def _unreachable_servers(spec: BackendSpec | None, timeout_s: float) -> list[Any]:
+    """The `openai_http` servers of `spec` that refuse connections, or do not answer within
+    `timeout_s`, now ([] for other backends)."""
     if spec is None:
         return []
     from megapairs_assets.generation.backends.openai_http import probe_servers
 
-    return [problem for problem in probe_servers(spec) if problem.kind == "unreachable"]
+    return [problem for problem in probe_servers(spec, timeout_s) if problem.kind == "unreachable"]
 
 
 def lacking_provenance(table: pl.DataFrame) -> list[str]:

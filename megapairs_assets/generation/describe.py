@@ -24,6 +24,7 @@ from megapairs_assets.generation.backends.base import (
     request_key,
     shared_backend,
 )
+from megapairs_assets.generation.backends.heuristic import HEURISTIC_BACKEND
 from megapairs_assets.generation.common import (
     DESCRIPTIONS_ASSET,
     GENERATED_COLUMN_DESCRIPTIONS,
@@ -153,6 +154,7 @@ def describe_pairs_for_shard(
         STEP,
         shard,
         settings.describe.backend,
+        settings.stopped_probe_timeout_s,
     )
     rows = settled.accepted_rows(
         model_plans,
@@ -365,7 +367,14 @@ def _accept(
     if response is None:
         return None
     description = clean_description(response.text)
-    rejection = check_description(description, settings.description_limits, response.finish_reason)
+    rejection = check_description(
+        description,
+        settings.description_limits,
+        response.finish_reason,
+        # The caption heuristic writes English templates around the captions: only a model
+        # can drift into another language.
+        None if plan.spec.backend == HEURISTIC_BACKEND else settings.answer_language,
+    )
     if rejection is not None:
         quarantine.add(
             pair_id,
@@ -409,6 +418,7 @@ def _config(settings: GenerationSettings) -> dict[str, Any]:
         "word_num_range": list(settings.word_num_range),
         "max_attempts": settings.max_attempts,
         "description_limits": vars(settings.description_limits),
+        "answer_language": vars(settings.answer_language),
     }
 
 

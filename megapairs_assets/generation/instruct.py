@@ -171,6 +171,7 @@ def write_instructions_for_shard(
         STEP,
         shard,
         settings.instruct.backend,
+        settings.stopped_probe_timeout_s,
     )
     uri_of = {image_id: row["source_uri"] for image_id, row in images.items()}
     rows = settled.accepted_rows(
@@ -195,6 +196,7 @@ def write_instructions_for_shard(
             "seed": settings.seed,
             "max_attempts": settings.max_attempts,
             "instruction_limits": vars(limits),
+            "answer_language": vars(settings.answer_language),
         },
         input_versions=input_versions,
         model_ids={
@@ -382,7 +384,8 @@ def _accept(
         )
         return None
     parsed, cut = drop_cut_item(parsed, response.text, response.finish_reason)
-    kept, rejections = filter_instructions(parsed.items, row["description"], limits)
+    language = None if plan.spec.backend == HEURISTIC_BACKEND else settings.answer_language
+    kept, rejections = filter_instructions(parsed.items, row["description"], limits, language)
     rejections = [cut, *rejections] if cut is not None else rejections
     for rejection in rejections:
         quarantine.add(

@@ -4,7 +4,8 @@ Models rarely answer with a clean JSON list: they add a preamble, wrap the list 
 fence, number the items, or run out of tokens mid-list. `parse_instruction_list` recovers the
 items from all of these. `filter_instructions` and `check_description` then apply the rules;
 every rejected item gets a short reason code (the `REASON_*` constants) that lands in the
-quarantine table, so nothing is dropped silently.
+quarantine table, so nothing is dropped silently. Both take an optional `LanguageCheck`
+(language.py): a model's answer in another language is `wrong_language`.
 """
 
 from __future__ import annotations
@@ -15,6 +16,12 @@ import json
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+
+from megapairs_assets.generation.language import (
+    REASON_WRONG_LANGUAGE,
+    LanguageCheck,
+    language_rejection,
+)
 
 # Rejection reasons (quarantine_log.reason). Request-level failures come from the runner.
 REASON_EMPTY_OUTPUT = "empty_output"
@@ -245,13 +252,18 @@ class Rejection:
 
 
 def filter_instructions(
-    items: Sequence[str], description: str, limits: InstructionLimits
+    items: Sequence[str],
+    description: str,
+    limits: InstructionLimits,
+    language: LanguageCheck | None = None,
 ) -> tuple[list[str], list[Rejection]]:
     """Apply the instruction rules; returns (kept in order, rejections with reasons).
 
     At most `limits.max_instructions` are kept; later valid ones are rejected as
     `beyond_max_instructions`. Fewer than `min_instructions` is judged by the caller, which
-    rejects the pair as a whole (`too_few_instructions`).
+    rejects the pair as a whole (`too_few_instructions`). With `language`, an instruction in
+    another language is rejected as `wrong_language` (model answers; the caption heuristic
+    writes from templates and is not checked).
     """
     kept: list[str] = []
     seen: set[str] = set()
@@ -262,7 +274,7 @@ def filter_instructions(
     for raw in items:
         text = clean_instruction(raw)
         key = normalised(text)
-        reason, detail = _instruction_problem(text, matcher, limits)
+        reason, detail = _instruction_problem(text, matcher, limits, language)
         if reason is None and key in seen:
             reason, detail = REASON_DUPLICATE, "repeats an earlier instruction of the pair"
         if reason is None and len(kept) >= limits.max_instructions:
@@ -276,11 +288,17 @@ def filter_instructions(
 
 
 def _instruction_problem(
-    text: str, description: difflib.SequenceMatcher, limits: InstructionLimits
+    text: str,
+    description: difflib.SequenceMatcher,
+    limits: InstructionLimits,
+    language: LanguageCheck | None,
 ) -> tuple[str | None, str]:
     words = _words(text)
     if not words:
         return REASON_EMPTY_INSTRUCTION, "nothing left after cleaning"
+    # Before the word counts: they mean little in a language written without spaces.
+    if (wrong := language_rejection(text, language)) is not None:
+        return REASON_WRONG_LANGUAGE, wrong
     if len(words) > limits.max_words or len(text) > limits.max_chars:
         return REASON_TOO_LONG, f"{len(words)} words / {len(text)} chars"
     if len(words) < limits.min_words:
@@ -333,16 +351,23 @@ def clean_description(text: str | None) -> str:
 
 
 def check_description(
-    text: str, limits: DescriptionLimits, finish_reason: str | None = None
+    text: str,
+    limits: DescriptionLimits,
+    finish_reason: str | None = None,
+    language: LanguageCheck | None = None,
 ) -> Rejection | None:
     """None when a cleaned description is acceptable, else why not.
 
     An answer cut by the token limit (`finish_reason == "length"`) that does not end a
-    sentence is rejected as truncated: a half description makes a wrong instruction.
+    sentence is rejected as truncated: a half description makes a wrong instruction. With
+    `language`, a description in another language is rejected as `wrong_language`.
     """
     words = _words(text)
     if not words:
         return Rejection(text, REASON_DESCRIPTION_EMPTY, "no words")
+    # Before the word counts: they mean little in a language written without spaces.
+    if (wrong := language_rejection(text, language)) is not None:
+        return Rejection(text, REASON_WRONG_LANGUAGE, wrong)
     if len(words) < limits.min_words:
         return Rejection(text, REASON_DESCRIPTION_SHORT, f"{len(words)} < {limits.min_words} words")
     if len(words) > limits.max_words:

@@ -177,7 +177,7 @@ def _check_pair_is_shown(path: Path, raw: Mapping[str, Any]) -> None:
             named = " and ".join(f'{{ image = "{ref}" }}' for ref in sorted(missing_images))
             raise TemplateError(
                 f"template {path}: user_parts lacks {named}: an images template shows the model "
-                "both pictures (or use input_mode \"captions\" with {query_caption} and "
+                'both pictures (or use input_mode "captions" with {query_caption} and '
                 "{target_caption})"
             )
 

@@ -9,7 +9,13 @@ the step's `openai_http` servers for their models (`server_problems`), so a serv
 down or serves the model under another name fails the step before any request, while a step
 whose answers are all cached runs with the servers down. A describe step whose template shows
 the model the pictures also asks whether the served model reads them (`image_input_problems`):
-a text-only model behind `transformers serve` drops image parts without an error.
+a text-only model behind `transformers serve` drops image parts without an error. A server that
+reports no token counts cannot be checked so: the step log gets a warning and the step goes on.
+
+Settings beyond the models: `answer_language` (model answers in another language are
+quarantined as `wrong_language`; see generation/language.py), `server_probe_timeout_s` (the
+checks above) and `stopped_probe_timeout_s` (after failed calls mid-step, how long each server
+has to answer before the step calls it gone and fails).
 """
 
 from __future__ import annotations
@@ -23,6 +29,11 @@ import dagster as dg
 from pydantic import Field
 
 from megapairs_assets.generation.backends.base import BackendSpec, SamplingParams
+from megapairs_assets.generation.language import (
+    DEFAULT_LANGUAGE,
+    LanguageCheck,
+    require_known_language,
+)
 from megapairs_assets.generation.parsing import DescriptionLimits, InstructionLimits
 from megapairs_assets.generation.settings import (
     ExportSettings,
@@ -100,6 +111,16 @@ class GenerationResource(dg.ConfigurableResource):
     description_min_words: int = 12
     description_max_words: int = 150
     instruction_max_words: int = 25
+    answer_language: str = Field(
+        default=DEFAULT_LANGUAGE,
+        description="ISO 639 code of the language model answers must be in; others are "
+        "quarantined as wrong_language ('' turns the check off)",
+    )
+    answer_language_min_confidence: float = Field(
+        default=LanguageCheck().min_confidence,
+        description="how sure the language identifier must be that a text is in another "
+        "language before it is quarantined (0.5 to below 1)",
+    )
     export_image_side_px: int = 512
     export_dir: str | None = Field(
         default=None, description="release folder; default <data root>/data/triplet_export"
@@ -108,8 +129,15 @@ class GenerationResource(dg.ConfigurableResource):
     dataset_name: str = "megapairs-triplets"
     server_probe_timeout_s: float = Field(
         default=5.0,
+        ge=0,
         description="seconds each openai_http server has to list its models before a step's "
         "first uncached request (0: do not ask)",
+    )
+    stopped_probe_timeout_s: float = Field(
+        default=5.0,
+        gt=0,
+        description="after failed calls, seconds each openai_http server has to answer before "
+        "the step calls it gone and fails (a server that stopped answering mid-step)",
     )
     server_setting_names: dict[str, dict[str, str]] = Field(
         default_factory=dict,
@@ -137,11 +165,15 @@ class GenerationResource(dg.ConfigurableResource):
             max_attempts=self.max_attempts,
             flush_every=self.flush_every,
             max_failure_fraction=self.max_failure_fraction,
+            stopped_probe_timeout_s=self.stopped_probe_timeout_s,
             retry_quarantined=self.retry_quarantined,
             description_limits=DescriptionLimits(
                 self.description_min_words, self.description_max_words
             ),
             instruction_limits=replace(InstructionLimits(), max_words=self.instruction_max_words),
+            answer_language=LanguageCheck(
+                self.answer_language, self.answer_language_min_confidence
+            ),
             export=ExportSettings(
                 image_side_px=self.export_image_side_px,
                 export_dir=self.export_dir,
@@ -187,10 +219,13 @@ class GenerationResource(dg.ConfigurableResource):
             max_attempts=settings.max_attempts,
             flush_every=settings.flush_every,
             max_failure_fraction=settings.max_failure_fraction,
+            stopped_probe_timeout_s=settings.stopped_probe_timeout_s,
             retry_quarantined=settings.retry_quarantined,
             description_min_words=settings.description_limits.min_words,
             description_max_words=settings.description_limits.max_words,
             instruction_max_words=settings.instruction_limits.max_words,
+            answer_language=settings.answer_language.target,
+            answer_language_min_confidence=settings.answer_language.min_confidence,
             export_image_side_px=settings.export.image_side_px,
             export_dir=settings.export.export_dir,
             licence=settings.export.licence,
@@ -224,14 +259,22 @@ class GenerationResource(dg.ConfigurableResource):
             ]
         return lines
 
-    def image_input_problems(self, step: str, timeout_s: float | None = None) -> list[str]:
+    def image_input_problems(
+        self,
+        step: str,
+        timeout_s: float | None = None,
+        warn: Callable[[str], None] | None = None,
+    ) -> list[str]:
         """When `step`'s template shows the model the pictures: one line per `openai_http`
         server whose model drops or refuses them, each saying what to change; else [].
 
         Unlike `server_problems` (a GET), this sends two one-token chat requests per server
-        (`probe_image_input`), so it runs only before a step's first uncached request.
+        (`probe_image_input`), so it runs only before a step's first uncached request. A server
+        whose answers cannot tell (no `usage.prompt_tokens`, an error) is not a problem: `warn`
+        (default: the Dagster step log's warning) gets a line saying the check was not made.
         """
         from megapairs_assets.generation.backends.openai_http import (
+            IMAGE_CHECK_SKIPPED,
             ServerSettingNames,
             image_input_problems,
         )
@@ -244,11 +287,17 @@ class GenerationResource(dg.ConfigurableResource):
         timeout = self.server_probe_timeout_s if timeout_s is None else timeout_s
         spec = step_settings.backend
         names = ServerSettingNames(**self.server_setting_names.get(step, {}))
-        return [
-            f"{step} ({spec.display_name}) at {problem.base_url}: {problem.detail}; "
-            + names.fix(problem)
-            for problem in image_input_problems(spec, timeout)
-        ]
+        problems = []
+        for problem in image_input_problems(spec, timeout):
+            line = (
+                f"{step} ({spec.display_name}) at {problem.base_url}: {problem.detail}; "
+                + names.fix(problem)
+            )
+            if problem.kind == IMAGE_CHECK_SKIPPED:
+                (warn or dg.get_dagster_logger().warning)(line)
+            else:
+                problems.append(line)
+        return problems
 
     def backend_factory(self, step: str) -> Callable[[BackendSpec], GenerationBackend]:
         """What a step builds its backends with: the shared backend of a spec, after asking
@@ -260,13 +309,13 @@ class GenerationResource(dg.ConfigurableResource):
         checked: set[str] = set()
 
         def build(spec: BackendSpec) -> GenerationBackend:
-            if self.server_probe_timeout_s > 0 and spec.model_id not in checked:
-                if spec == self._step_spec(step):
+            if spec.model_id not in checked and spec == self._step_spec(step):
+                # A misspelt answer_language fails before any request, not after every answer.
+                require_known_language(self.settings().answer_language)
+                if self.server_probe_timeout_s > 0:
                     problems = self.server_problems((step,)) or self.image_input_problems(step)
-                else:
-                    problems = []
-                if problems:
-                    raise ConfigurationError(SERVERS_NOT_READY + "\n  " + "\n  ".join(problems))
+                    if problems:
+                        raise ConfigurationError(SERVERS_NOT_READY + "\n  " + "\n  ".join(problems))
                 checked.add(spec.model_id)
             return shared_backend(spec)
 
@@ -303,6 +352,7 @@ class GenerationResource(dg.ConfigurableResource):
 
 
 SERVERS_NOT_READY = "generation servers not ready:"
+
 
 def demo_generation_resource(home: Path) -> GenerationResource:
     """The demo: SmolLM2-135M-Instruct (caption-based) on a few pairs per shard, the heuristic

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from megapairs_assets.generation.backends.base import BackendSpec, SamplingParams
 from megapairs_assets.generation.backends.heuristic import HEURISTIC_BACKEND, HEURISTIC_MODEL_ID
+from megapairs_assets.generation.language import LanguageCheck
 from megapairs_assets.generation.parsing import DescriptionLimits, InstructionLimits
 from megapairs_assets.generation.prompts import WORD_NUM_RANGE, keyed_u64
 
@@ -97,10 +98,21 @@ class GenerationSettings:
     # A step whose calls fail more often than this raises after saving what succeeded, so a
     # down server fails the run loudly instead of leaving empty partitions.
     max_failure_fraction: float = 0.5
+    # After failed calls, each server of the step gets this long to accept a connection
+    # before the step calls it gone (see common.raise_if_backend_failing).
+    stopped_probe_timeout_s: float = 5.0
     retry_quarantined: bool = False
     description_limits: DescriptionLimits = field(default_factory=DescriptionLimits)
     instruction_limits: InstructionLimits = field(default_factory=InstructionLimits)
+    # The language model answers must be in (descriptions and instructions; `wrong_language`).
+    answer_language: LanguageCheck = field(default_factory=LanguageCheck)
     export: ExportSettings = field(default_factory=ExportSettings)
+
+    def __post_init__(self) -> None:
+        if not self.stopped_probe_timeout_s > 0:
+            raise ValueError(
+                f"stopped_probe_timeout_s must be > 0 seconds, got {self.stopped_probe_timeout_s}"
+            )
 
 
 def smollm2_package_dir() -> Path:

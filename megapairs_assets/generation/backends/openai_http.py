@@ -56,6 +56,8 @@ from megapairs_assets.generation.backends.base import (
 from megapairs_assets.generation.backends.images import has_images, openai_messages
 
 OPENAI_HTTP_BACKEND = "openai_http"
+# ServerProblem.kind of a picture check that could not be made (a warning, never a failure).
+IMAGE_CHECK_SKIPPED = "image_check_skipped"
 _BODY_SNIPPET_CHARS = 200
 
 
@@ -317,8 +319,9 @@ class ServerProblem:
 
     kind: "unreachable" (no connection), "missing_v1" (the base URL lacks `/v1`: its `/models`
     is 404 but `<base_url>/v1/models` lists models), "key" (HTTP 401/403), "other_name" (the
-    server lists models, not this one) or "no_images" (the model drops or refuses image input;
-    see `probe_image_input`).
+    server lists models, not this one), "no_images" (the model drops or refuses image input;
+    see `probe_image_input`) or `IMAGE_CHECK_SKIPPED` (that could not be told: a warning, not a
+    reason to stop).
     """
 
     base_url: str
@@ -352,6 +355,9 @@ class ServerSettingNames:
             "no_images": "serve a vision-language model there, or set "
             f"{self.captions_template} (caption-based: the model reads the two captions instead "
             "of the pictures)",
+            IMAGE_CHECK_SKIPPED: "the step goes on unchecked; if the model there reads text "
+            f"only, its descriptions would not come from the pictures: then set "
+            f"{self.captions_template}",
         }[problem.kind]
 
 
@@ -441,18 +447,21 @@ def probe_image_input(
     headers: Mapping[str, str] | None = None,
     timeout_s: float = 5.0,
 ) -> ServerProblem | None:
-    """Whether a server's model reads images: the problem, or None when it does (or when the
-    answers cannot tell).
+    """Whether a server's model reads images: None when it does, a `no_images` problem when
+    it drops or refuses them, an `image_check_skipped` one when the answers cannot tell.
 
     Two one-token chat requests with the same text, the second with a picture added. A model
     that takes images counts the picture's tokens in `usage.prompt_tokens`; equal counts mean
     the server dropped the picture. A refused picture (HTTP 4xx while the text alone is
-    answered) is a problem too. Anything else (a timeout, an error on both, no usage figures)
-    is not refused on a guess: the step's own requests will say what is wrong.
+    answered) is a problem too. Anything else (a timeout, an error, a server that reports no
+    `usage.prompt_tokens`, as some proxies do) is `image_check_skipped`: a warning that the
+    check could not be made, never a refusal on a guess. Without usage figures there is no
+    other sound signal: a model that sees the picture may answer the same words as one that
+    does not.
     """
     url = base_url.rstrip("/") + "/chat/completions"
 
-    def ask(content: str | list[dict[str, Any]]) -> httpx2.Response | None:
+    def ask(content: str | list[dict[str, Any]]) -> httpx2.Response | str:
         body = {
             "model": served_model,
             "messages": [{"role": "user", "content": content}],
@@ -462,20 +471,28 @@ def probe_image_input(
         }
         try:
             return httpx2.post(url, json=body, headers=dict(headers or {}), timeout=timeout_s)
-        except httpx2.HTTPError:
-            return None
+        except httpx2.HTTPError as error:
+            return f"{type(error).__name__} within {timeout_s:g} s: {_transport_reason(error)}"
+
+    def skipped(why: str) -> ServerProblem:
+        return ServerProblem(
+            base_url,
+            IMAGE_CHECK_SKIPPED,
+            f"could not check whether {served_model!r} reads pictures: {why}",
+            served_model,
+        )
 
     text_only = ask(_IMAGE_PROBE_TEXT)
-    if text_only is None or text_only.status_code != 200:
-        return None
+    if isinstance(text_only, str) or text_only.status_code != 200:
+        return skipped(f"the text-only request failed ({_outcome(text_only)})")
     with_image = ask(
         [
             {"type": "text", "text": _IMAGE_PROBE_TEXT},
             {"type": "image_url", "image_url": {"url": _probe_image_url()}},
         ]
     )
-    if with_image is None:
-        return None
+    if isinstance(with_image, str):
+        return skipped(f"the request with a picture failed ({with_image})")
     if 400 <= with_image.status_code < 500 and with_image.status_code != 429:
         snippet = with_image.text[:_BODY_SNIPPET_CHARS]
         return ServerProblem(
@@ -485,8 +502,12 @@ def probe_image_input(
             f"{snippet})",
             served_model,
         )
+    if with_image.status_code != 200:
+        return skipped(f"the request with a picture failed ({_outcome(with_image)})")
     tokens_text, tokens_image = _prompt_tokens(text_only), _prompt_tokens(with_image)
-    if tokens_text and tokens_image and tokens_text == tokens_image:
+    if not (tokens_text and tokens_image):
+        return skipped("the server's answers carry no usage.prompt_tokens to compare")
+    if tokens_text == tokens_image:
         return ServerProblem(
             base_url,
             "no_images",
@@ -496,6 +517,13 @@ def probe_image_input(
             served_model,
         )
     return None
+
+
+def _outcome(answer: httpx2.Response | str) -> str:
+    """A failed probe request in a few words: its error, or its status and body's start."""
+    if isinstance(answer, str):
+        return answer
+    return f"HTTP {answer.status_code}: {answer.text[:_BODY_SNIPPET_CHARS]}"
 
 
 def _prompt_tokens(response: httpx2.Response) -> int:
