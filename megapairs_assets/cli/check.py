@@ -189,8 +189,9 @@ def _run_sample(args: argparse.Namespace, home: Path) -> int:
     resources = build_definitions(profile_from_env(), home).resources
     source = resources["corpus_source"]
     if args.corpus is not None:
-        kind = detect_source_kind(args.corpus)  # a ConfigurationError says what is wrong
-        source = CorpusSourceResource(kind=kind, path=str(args.corpus.resolve()))
+        corpus = args.corpus.expanduser()  # a quoted "~/photos" reaches us unexpanded
+        kind = detect_source_kind(corpus)  # a ConfigurationError says what is wrong
+        source = CorpusSourceResource(kind=kind, path=str(corpus.resolve()))
     # Every setting the sample needs (corpus, encoder weights, and the generation servers when
     # the job generates), all missing ones in one configuration error, before any work.
     check_ready({**resources, "corpus_source": source}, preflight_phases(selected))

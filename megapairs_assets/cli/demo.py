@@ -103,8 +103,9 @@ def run_demo(args: argparse.Namespace) -> int:
     home, profile = default_home(), profile_from_env()
     overrides = {}
     if args.corpus is not None:
+        corpus = args.corpus.expanduser()  # a quoted "~/photos" reaches us unexpanded
         overrides["corpus_source"] = CorpusSourceResource(
-            kind=detect_source_kind(args.corpus), path=str(args.corpus.resolve())
+            kind=detect_source_kind(corpus), path=str(corpus.resolve())
         )
     print(f"megapairs: profile {profile!r}, home {home}")
     check_writable_folder(home, "MEGAPAIRS_HOME")
