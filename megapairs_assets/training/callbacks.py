@@ -166,17 +166,20 @@ class RunRecord(pl_lightning.Callback):
     in the process that trains them again, not twice.
     """
 
-    def __init__(self, fingerprint: str) -> None:
+    def __init__(self, fingerprint: str, started_at: float | None = None) -> None:
         self.fingerprint = fingerprint
         self.earlier_fit_s = 0.0
-        self._started: float | None = None
+        # Wall-clock start of this process's fit as the step measures it (`time.time()`: the
+        # same clock in `ddp_spawn`'s rank processes), so the figures agree; else the fit start.
+        self.started_at = started_at
 
     def on_fit_start(self, trainer: pl_lightning.Trainer, pl_module: Any) -> None:
-        self._started = time.perf_counter()
+        if self.started_at is None:
+            self.started_at = time.time()
 
     def state_dict(self) -> dict[str, Any]:
-        running = time.perf_counter() - self._started if self._started is not None else 0.0
-        return {"fingerprint": self.fingerprint, "fit_s": self.earlier_fit_s + running}
+        running = time.time() - self.started_at if self.started_at is not None else 0.0
+        return {"fingerprint": self.fingerprint, "fit_s": self.earlier_fit_s + max(running, 0.0)}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         # Which checkpoint may be resumed is decided before the fit (`train._prepare_output_dir`

@@ -203,11 +203,12 @@ def train_on_triplets(
         mirror = ResumePointMirror(published_dir, out, state, say)
     resume_from = _prepare_output_dir(out, state, say)
 
-    started = time.perf_counter()
+    started_at = time.time()  # wall clock: RunRecord counts on from it in rank processes too
+    record = RunRecord(fingerprint, started_at)
     module, trainer = _fit(
-        config_name, resolved, prepared, out, resume_from, say, extra_callbacks, fingerprint, mirror
+        config_name, resolved, prepared, out, resume_from, say, extra_callbacks, record, mirror
     )
-    fit_s_this_run = time.perf_counter() - started
+    fit_s_this_run = time.time() - started_at
     fit_s = fit_s_this_run + (resume_from[1].fit_s if resume_from[1] else 0.0)
     # Under ddp_spawn the steps ran in child processes; the checkpoint knows where they ended.
     final = read_checkpoint_record(out / RESUME_POINT)
@@ -371,7 +372,7 @@ def _fit(
     resume_from: tuple[Path | None, CheckpointRecord | None],
     say: Callable[[str], None],
     extra_callbacks: Sequence[Any],
-    fingerprint: str,
+    record: RunRecord,
     mirror: ResumePointMirror | None = None,
 ) -> tuple[Any, Any]:
     import lightning.pytorch as pl_lightning
@@ -409,13 +410,24 @@ def _fit(
     )
     resume_path, resumed = resume_from
     if resume_path is not None and resumed is not None:
-        say(f"{config_name}: resuming from {resume_path} (step {resumed.step})")
+        if resumed.step >= config.max_steps:
+            say(
+                f"{config_name}: already trained ({resumed.step} of {config.max_steps} steps) "
+                f"with these settings and rows; exporting {resume_path} without training"
+            )
+        else:
+            say(
+                f"{config_name}: resuming from {resume_path} at step {resumed.step} of "
+                f"{config.max_steps}"
+            )
     threads = config.cpu_threads if resolved.accelerator == "cpu" else None
-    last = out / "lightning" / "last.ckpt"
+    last = out / RESUME_POINT
+    # Where a retry finds the state: the upload when there is one (another machine may retry).
+    saved_in = f"{last} and {mirror.published / RESUME_POINT}" if mirror else str(last)
     stop = StopCheckpoint(last)
     with _quiet_lightning(), _torch_threads(threads):
         trainer = _trainer(
-            config, resolved, out, say, config_name, [stop, *extra_callbacks], fingerprint, mirror
+            config, resolved, out, say, config_name, [stop, *extra_callbacks], record, mirror
         )
         try:
             trainer.fit(module, datamodule=datamodule, ckpt_path=resume_path)
@@ -424,7 +436,7 @@ def _fit(
             # run had finished. Say what happened and fail the step instead.
             raise TrainingInterrupted(
                 f"training {config_name!r} stopped on SIGTERM after step {trainer.global_step} "
-                f"of {config.max_steps}; its state is saved in {last} (step "
+                f"of {config.max_steps}; its state is saved in {saved_in} (step "
                 f"{_saved_step(last)}): materialize it again to resume from there"
             ) from None
         except StopRequested:
@@ -434,7 +446,7 @@ def _fit(
     if stop.stop_requested:  # also when the interrupt came after the last step
         say(
             f"{config_name}: interrupted after step {trainer.global_step} of {config.max_steps}; "
-            f"its state is saved in {last}: run it again to resume from there"
+            f"its state is saved in {saved_in}: run it again to resume from there"
         )
         stop.raise_interrupt()
     return module, trainer
@@ -447,13 +459,14 @@ def _trainer(
     say: Callable[[str], None],
     config_name: str,
     extra_callbacks: Sequence[Any],
-    fingerprint: str = "",
+    record: RunRecord | None = None,
     mirror: ResumePointMirror | None = None,
 ) -> Any:
     """The Trainer: hardware from the resolved config, checkpoints and logs under `out`.
 
     `extra_callbacks` run after the project's own (the stop checkpoint, tests' probes).
-    `mirror` uploads every `last.ckpt` written (the data root on an object store).
+    `record` stores the run's fingerprint and fit time in every checkpoint; `mirror` uploads
+    every `last.ckpt` written (the data root on an object store).
     """
     import lightning.pytorch as pl_lightning
     from lightning.pytorch.callbacks import ModelCheckpoint
@@ -491,7 +504,7 @@ def _trainer(
             # Before the NaN stop: a step whose images all failed has no loss to speak of.
             ImageReadGuard(config_name, config.max_unreadable_image_fraction),
             StopOnNonFiniteLoss(config_name, config.learning_rate, config.temperature),
-            RunRecord(fingerprint),
+            record or RunRecord(""),
             StepProgress(f"training {config_name}", say),
             FinalCheckpoint(lightning_dir / "last.ckpt"),
             *extra_callbacks,
