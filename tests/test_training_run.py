@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -187,6 +188,14 @@ def test_finished_run_is_not_trained_again_and_new_data_starts_over(
     assert fresh.metadata["resumed_from_step"] == 0
     assert first.metadata["fingerprint"] != fresh.metadata["fingerprint"]
 
+    # The checkpoint of a finished run deleted (to save space): said, then trained again.
+    fresh.outputs["lightning_checkpoint"].unlink()
+    said: list[str] = []
+    with OneThread():
+        again = train_checkpoint("again", config, [triplets], layout, log=said.append)
+    assert any("last.ckpt is gone" in line for line in said), said
+    assert again.row_counts["steps"] == 4 and again.metadata["resumed_from_step"] == 0
+
 
 def test_with_the_data_root_on_an_object_store_results_are_uploaded(
     tmp_path: Path, demo_models_dir: Path
@@ -223,6 +232,13 @@ def test_unreadable_images_cost_their_queries_not_the_run(
     outcomes = {o.name: o for o in result.outcomes}
     assert outcomes["open_clip_export_identical"].passed
     assert not outcomes["images_loaded"].passed and outcomes["images_loaded"].failing_rows > 0
+    # How many of how many (4 steps x 4 queries x target + 3 negatives), and which.
+    assert re.match(r"\d+ of 64 \([\d.]+%\) image reads failed", outcomes["images_loaded"].detail)
+    assert {Path(p).name for p in outcomes["images_loaded"].examples} <= {
+        "img003.png",
+        "img007.png",
+    }
+    assert outcomes["images_loaded"].examples
     curve = read_loss_curve(result.outputs["loss_curve"])
     assert curve["dropped_queries"].sum() > 0
     assert curve["loss"].is_finite().all()

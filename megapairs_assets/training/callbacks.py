@@ -31,6 +31,7 @@ LOSS_CURVE_COLUMNS = (
     "step_s",
     "failed_images",
     "dropped_queries",
+    "image_reads",
 )
 
 
@@ -82,6 +83,7 @@ class TrainingLog(pl_lightning.Callback):
                     step_s,
                     int(stats.get("failed_images", 0)),
                     int(stats.get("dropped_queries", 0)),
+                    int(stats.get("image_reads", 0)),
                 ]
             )
 
@@ -95,10 +97,17 @@ def read_loss_curve(path: Path) -> pl.DataFrame:
         "step_s": pl.Float64,
         "failed_images": pl.Int64,
         "dropped_queries": pl.Int64,
+        "image_reads": pl.Int64,
     }
     if not path.is_file():
         return pl.DataFrame(schema=schema)
-    frame = pl.read_csv(path, schema=schema)
+    frame = pl.read_csv(path, schema_overrides=schema)
+    # A curve written before a column existed (a run resumed across versions): nulls there.
+    frame = frame.with_columns(
+        pl.lit(None, dtype=dtype).alias(name)
+        for name, dtype in schema.items()
+        if name not in frame.columns
+    ).select(list(schema))
     # A step redone after a resume appears once: the later (resumed) row wins.
     return frame.unique(subset="step", keep="last").sort("step")
 

@@ -260,7 +260,13 @@ def train_on_triplets(
             "trained": f"open_clip:{config.model}@{ASSET_NAME}/{config_name}/{fingerprint}",
         },
         input_versions=versions,
-        outcomes=[export_check, _loss_decreased(curve), _images_loaded(curve)],
+        outcomes=[
+            export_check,
+            _loss_decreased(curve),
+            _images_loaded(
+                curve, config.max_unreadable_image_fraction, _failed_image_examples(trainer)
+            ),
+        ],
         preview=sample_curve(curve.select("step", "loss", "learning_rate")),
         metadata={
             **_throughput(curve, config.batch_size, config.hard_negatives),
@@ -603,6 +609,11 @@ def _prepare_output_dir(
         _write_json(state_path, {**state, "complete": False})
         return None, None
     if not last.is_file():
+        if previous.get("complete"):
+            say(
+                f"{last} is gone (deleted to save space?); the finished run cannot be exported "
+                "again without it, so it trains again from scratch with the same settings"
+            )
         return None, None
     record = read_checkpoint_record(last)
     if record is None or record.fingerprint not in (None, state["fingerprint"]):
@@ -716,19 +727,33 @@ def _quiet(message: str) -> None:
     """The default log: nothing (a module-level function, so `ddp_spawn` can pickle it)."""
 
 
-def _images_loaded(curve: pl.DataFrame) -> CheckOutcome:
+def _failed_image_examples(trainer: Any) -> tuple[str, ...]:
+    """A few images this process failed to read (none known when ranks ran in children)."""
+    from megapairs_assets.training.callbacks import ImageReadGuard
+
+    guards = [c for c in trainer.callbacks if isinstance(c, ImageReadGuard)]
+    return tuple(guards[0].examples) if guards else ()
+
+
+def _images_loaded(
+    curve: pl.DataFrame, max_unreadable_fraction: float, examples: tuple[str, ...] = ()
+) -> CheckOutcome:
     """Every image of every step loaded (a failed target or query image drops its query)."""
     name = "images_loaded"
     failed = int(curve["failed_images"].sum()) if curve.height else 0
     dropped = int(curve["dropped_queries"].sum()) if curve.height else 0
     if not failed:
         return CheckOutcome(name, True, "ok: every image of every step was read")
+    reads = int(curve["image_reads"].sum()) if curve.height else 0
+    share = f" of {reads} ({failed / reads:.1%})" if reads else ""
     return CheckOutcome(
         name,
         False,
-        f"{failed} image reads failed over {curve.height} steps; {dropped} queries were left "
-        "out of the loss (their target or query image); the rest trained",
+        f"{failed}{share} image reads failed over {curve.height} steps; {dropped} queries were "
+        "left out of the loss (their target or query image); the rest trained (a run stops "
+        f"when more than {max_unreadable_fraction:.0%} fail: max_unreadable_image_fraction)",
         failed,
+        examples,
     )
 
 
