@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import io
 import json
 import os
 from pathlib import Path
@@ -26,6 +27,7 @@ from image_factory import (
     write_not_a_tar,
     write_wds_shard,
 )
+from PIL import Image
 from test_cli_startup import HEAVY, _modules_after
 
 from megapairs_assets.cli import search as search_cli
@@ -289,7 +291,7 @@ def test_json_and_html_outputs(
     assert "| rank | score | path | caption |" in captured.out
     assert captured.out.count(f"| {gallery_dir}") == 2
     assert "embeddings reused from" in captured.err
-    assert "1 gallery image is the query image itself (same bytes)" in captured.out
+    assert "1 gallery image is the query image itself, left out" in captured.out
     # --include-query keeps it: the reference picture comes back among the results.
     assert _command([*argv, "--top-k", "8", "--include-query", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
@@ -366,6 +368,20 @@ def test_the_default_gallery_is_the_homes_corpus(
         f"00000/{i:09d}" for i in range(4)
     }
     assert all(r["caption"].startswith("photo ") for r in report["queries"][0]["results"])
+    # A query that is one of the corpus's pictures is left out: a byte copy (the corpus's
+    # content hash), or the triplet export's re-encoded copy `images/<shard>/<key>.jpg` (the
+    # query the demo's summary suggests).
+    copy = tmp_path / "copy.jpg"
+    copy.write_bytes(good_jpeg_bytes(2))
+    exported = home / "data/triplet_export/images/00000/000000001.jpg"
+    exported.parent.mkdir(parents=True)
+    picture = Image.open(io.BytesIO(good_jpeg_bytes(1)))
+    picture.save(exported, quality=60)  # other bytes: only the export's naming finds it
+    for query, own in ((copy, "00000/000000002"), (exported, "00000/000000001")):
+        assert _command([*argv[:2], "--image", str(query), "--json"]) == 0
+        (only,) = json.loads(capsys.readouterr().out)["queries"]
+        assert only["query_copies_left_out"] == 1
+        assert own not in {r["id"] for r in only["results"]} and len(only["results"]) == 3
 
 
 def test_building_the_search_parser_imports_no_heavy_library() -> None:

@@ -27,6 +27,7 @@ import argparse
 import json
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from megapairs_assets.evaluation.cli import (
@@ -166,11 +167,27 @@ def _queries(args: argparse.Namespace) -> list:
     if args.queries is not None:
         if args.image is not None or args.text is not None:
             raise ConfigurationError("give either --queries FILE or --image/--text, not both")
-        return read_queries_file(args.queries)
-    text = args.text.strip() if args.text is not None else None
-    if args.image is None and not text:
-        raise ConfigurationError("give a query: --image, --text (not empty) or both, or --queries")
-    return [SearchQuery(args.image.expanduser() if args.image else None, text or None)]
+        queries = read_queries_file(args.queries)
+    else:
+        text = args.text.strip() if args.text is not None else None
+        if args.image is None and not text:
+            raise ConfigurationError(
+                "give a query: --image, --text (not empty) or both, or --queries"
+            )
+        queries = [SearchQuery(args.image.expanduser() if args.image else None, text or None)]
+    # Absolute, as the hits' paths are: the output makes sense from any folder.
+    return [replace(q, image=q.image.absolute()) if q.image else q for q in queries]
+
+
+def _local_export_root(resources: dict, home: Path) -> Path | None:
+    """The home's triplet export folder (the generation resource's, else the default), when it
+    is on this machine: a query picked from it is a copy of a corpus image."""
+    from megapairs_assets.generation.common import export_dir
+    from megapairs_assets.lib.storage import DataLayout, is_local
+
+    configured = getattr(resources.get("generation"), "export_dir", None)
+    root = export_dir(DataLayout(home), configured)
+    return Path(root) if is_local(root) else None
 
 
 def _search(args: argparse.Namespace) -> int:
@@ -211,7 +228,9 @@ def _search(args: argparse.Namespace) -> int:
     if args.gallery is not None:
         gallery = gallery_from_path(args.gallery)
     else:
-        gallery = gallery_from_corpus(resources["catalog"].catalog(), home)
+        gallery = gallery_from_corpus(
+            resources["catalog"].catalog(), home, _local_export_root(resources, home)
+        )
     device = DeviceResource(device=args.device).torch_device()
     precision = args.precision or (evaluation.precision if evaluation else "float32")
     retriever = load_retriever_spec(spec, device, getattr(torch, precision))
@@ -242,6 +261,9 @@ def _search(args: argparse.Namespace) -> int:
     results = search(
         retriever, queries, images, embeddings, args.top_k, include_query=args.include_query
     )
+    searchable = len(embeddings.readable_rows)
+    if args.top_k > searchable:
+        log(f"--top-k {args.top_k}: the gallery has {searchable} readable images, all ranked")
     if args.json:
         print(json.dumps(results_json(results, embeddings, retriever.retriever_id), indent=2))
     else:

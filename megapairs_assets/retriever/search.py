@@ -62,6 +62,7 @@ from megapairs_assets.corpus.uris import TAR_SUFFIX, split_tar_member, tar_membe
 from megapairs_assets.evaluation.benchmark import BenchmarkSplit, ImageRef
 from megapairs_assets.evaluation.gallery_cache import CacheKey, GalleryCache
 from megapairs_assets.evaluation.scoring import top_k
+from megapairs_assets.generation.common import image_relpath
 from megapairs_assets.lib.errors import ConfigurationError
 from megapairs_assets.lib.progress import Progress
 from megapairs_assets.lib.storage import write_atomic
@@ -121,6 +122,8 @@ class Gallery:
     made from the gallery's place); unlisted: "<where>: <why>" for what could not even be listed
     (an unreadable tar); captions_listed: captions came with the listing (the corpus), else a
     hit's caption is read from its sidecar (`<stem>.txt`/`.json`, webdataset's `<key>.txt`).
+    export_root (the corpus only): the home's triplet export folder, whose
+    `images/<shard>/<key>.jpg` is a re-encoded copy of the corpus image `<shard>/<key>`.
     """
 
     name: str
@@ -128,6 +131,7 @@ class Gallery:
     items: list[GalleryItem]
     unlisted: list[str] = field(default_factory=list)
     captions_listed: bool = False
+    export_root: Path | None = None
 
 
 GALLERY_FORMS = (
@@ -172,9 +176,11 @@ def gallery_from_path(path: Path) -> Gallery:
     return gallery
 
 
-def gallery_from_corpus(catalog: Any, home: Path) -> Gallery:
+def gallery_from_corpus(catalog: Any, home: Path, export_root: Path | None = None) -> Gallery:
     """The current image corpus of `home`: every row of the catalog's `image_lineage` table,
-    with its caption. SearchDataError when no corpus has been built there yet."""
+    with its caption and content hash. `export_root`: the home's triplet export folder, so a
+    query picked from it (as the demo's summary suggests) counts as its corpus image.
+    SearchDataError when no corpus has been built there yet."""
     import megapairs_assets.corpus.step  # noqa: F401  (declares the image_lineage table)
 
     missing = (
@@ -198,7 +204,13 @@ def gallery_from_corpus(catalog: Any, home: Path) -> Gallery:
             strict=True,
         )
     ]
-    return Gallery(f"image corpus of {home}", CORPUS_GALLERY, items, captions_listed=True)
+    return Gallery(
+        f"image corpus of {home}",
+        CORPUS_GALLERY,
+        items,
+        captions_listed=True,
+        export_root=export_root,
+    )
 
 
 def _folder_gallery(root: Path) -> Gallery:
@@ -371,9 +383,9 @@ class GalleryEmbeddings:
         if unlisted:
             hidden = len(unlisted) - FAILURES_SHOWN
             more = f" (and {hidden} more)" if hidden > 0 else ""
+            entries = "entry is" if len(unlisted) == 1 else "entries are"
             parts.append(
-                f"{len(unlisted)} gallery entr{'y' if len(unlisted) == 1 else 'ies'} could not be "
-                f"listed in full and {'is' if len(unlisted) == 1 else 'are'} left out: "
+                f"{len(unlisted)} other gallery {entries} left out: "
                 + "; ".join(unlisted[:FAILURES_SHOWN])
                 + more
             )
@@ -663,7 +675,9 @@ class QueryResult:
 
 
 def identical_rows(gallery: Gallery, image_paths: Sequence[Path]) -> dict[Path, list[int]]:
-    """For each query image, the gallery rows whose file holds exactly its bytes (sha256).
+    """For each query image, the gallery rows that are that image: the rows whose file holds
+    exactly its bytes (sha256), and for the corpus, the image whose triplet-export copy
+    (`<export>/images/<shard>/<key>.jpg`, re-encoded, so other bytes) the query is.
 
     Cheap on any gallery: a listed hash (the corpus, a manifest) is compared as it is; any
     other item is read and hashed only when its size equals the query file's (a tar member's
@@ -691,8 +705,22 @@ def identical_rows(gallery: Gallery, image_paths: Sequence[Path]) -> dict[Path, 
                     hashes[row] = _item_hash(item)
             if (item.content_hash or hashes[row]) == digest:
                 rows.append(row)
-        found[path] = rows
+        exported = _exported_from(gallery, path)
+        found[path] = sorted(set(rows) | set(exported))
     return found
+
+
+def _exported_from(gallery: Gallery, path: Path) -> list[int]:
+    """The corpus rows whose triplet-export copy is the file at `path` (none elsewhere)."""
+    if gallery.export_root is None:
+        return []
+    try:
+        relative = path.resolve().relative_to(gallery.export_root.resolve()).as_posix()
+    except (OSError, ValueError):  # not under the export folder
+        return []
+    return [
+        row for row, item in enumerate(gallery.items) if image_relpath(item.item_id) == relative
+    ]
 
 
 def _size_bytes(item: GalleryItem) -> int | None:
@@ -791,10 +819,7 @@ def left_out_note(result: QueryResult) -> str | None:
     if not count:
         return None
     copies = "image is" if count == 1 else "images are"
-    return (
-        f"{count} gallery {copies} the query image itself (same bytes) and left out; "
-        "--include-query keeps them"
-    )
+    return f"{count} gallery {copies} the query image itself, left out (--include-query keeps it)"
 
 
 # --- output --------------------------------------------------------------------------------
