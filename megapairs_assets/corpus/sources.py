@@ -574,6 +574,10 @@ def _iter_tar_records(tar_path: Path) -> Iterator[RawRecord]:
         failure: Exception | None = None
         try:
             for member in tar:
+                # A streamed TarFile keeps every header it has read (tar.members); nothing here
+                # looks back, so dropping them keeps a long tar's memory flat (webdataset's own
+                # tar reader does the same).
+                tar.members = []
                 if member.isdir():
                     continue
                 slot = _member_slot(member)
@@ -929,10 +933,6 @@ class _FolderEntries:
     subfolders: list[Path] = field(default_factory=list)
     unread: list[RawRecord] = field(default_factory=list)
 
-    @property
-    def images(self) -> list[Path]:
-        return [self.folder / name for name in self.image_names]
-
 
 def _folder_entries(folder: Path) -> _FolderEntries:
     # scandir's entries know their type from the listing itself (no stat per file on local
@@ -1080,8 +1080,10 @@ def _iter_folder_records(folder: Path, is_root: bool) -> Iterator[RawRecord]:
     if not folder.is_dir():
         raise ShardReadError("missing_shard", f"{folder} is not a folder")
     found = _folder_entries(folder)
-    for image_path, key in _folder_keys(found.images):
-        caption, caption_issue = _folder_caption(image_path, found.sidecars.get(image_path.stem))
+    # Paths are made one image at a time: a Path per listed image costs ~0.5 KiB each.
+    for name, key in _folder_keys(found.image_names):
+        image_path = folder / name
+        caption, caption_issue = _folder_caption(image_path, found.sidecars.get(_stem(name)))
         yield _read_local(key, str(image_path.resolve()), caption, caption_issue)
     if is_root:
         return  # the top level's other entries are reported by scan_source
@@ -1110,20 +1112,21 @@ def _imageless_folder_detail(folder: Path) -> str:
     )
 
 
-def _folder_keys(images: list[Path]) -> Iterator[tuple[Path, str]]:
-    """Each image with its key: the file stem, as always; an image whose stem an earlier one
-    (by name) already took, such as `twin.png` after `twin.jpg`, is keyed by its full name.
+def _folder_keys(image_names: list[str]) -> Iterator[tuple[str, str]]:
+    """Each image file name with its key: the file stem, as always; an image whose stem an
+    earlier one (by name) already took, such as `twin.png` after `twin.jpg`, is keyed by its
+    full name.
 
     Every other file keeps the key it always had, so existing image ids do not change.
     """
-    stems = {image.stem for image in images}
+    stems = {_stem(name) for name in image_names}
     taken: set[str] = set()
-    for image in images:
-        key = image.stem
-        if key in taken and image.name not in stems:
-            key = image.name
+    for name in image_names:
+        key = _stem(name)
+        if key in taken and name not in stems:
+            key = name
         taken.add(key)
-        yield image, key
+        yield name, key
 
 
 def _folder_caption(
