@@ -152,3 +152,17 @@ def test_concurrent_stores_and_loads_never_fail_nor_read_a_torn_entry(tmp_path: 
     assert 1 <= len(_entries(folder)) <= writers  # at most one per writer racing at the end
     cache.store(KEY, np.zeros((3, 2), dtype=np.float32))  # the next store alone: one entry
     assert _entries(folder) == [KEY.digest]
+
+
+def test_a_cache_that_cannot_be_written_costs_the_cache_not_the_embeddings(
+    tmp_path: Path,
+) -> None:
+    blocked = tmp_path / "cache"
+    blocked.write_text("a file where the cache folder should be")  # as a full or read-only disk
+    cache = GalleryCache(blocked)
+    projections = np.ones((3, 2), dtype=np.float32)
+    said: list[str] = []
+    got, reused = cache.get_or_compute(KEY, lambda: projections, said.append)
+    assert got is projections and not reused
+    assert len(said) == 1 and "gallery embeddings not cached" in said[0]
+    assert cache.try_store(KEY, projections) is not None

@@ -151,3 +151,19 @@ def test_a_user_folder_with_spaces_odd_files_and_an_rgba_query(
     assert "broken.jpg: decode_error" in captured.err
     assert " " not in Path(report["gallery"]["cache_entry"]).parent.name  # a safe folder name
     assert page.read_text().count("<figure>") == 3
+
+
+def test_a_home_whose_cache_cannot_be_written_still_searches(
+    command_args: list[str], home: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    folder = write_image_folder(tmp_path / "photos", good_items(2))
+    home.mkdir(parents=True, exist_ok=True)
+    (home / "benchmark_gallery_cache").write_text("not a folder")
+    argv = [*command_args, "--gallery", str(folder), "--text", "x", "--json"]
+    assert _command(argv) == 0
+    captured = capsys.readouterr()
+    report = json.loads(captured.out)
+    assert report["gallery"]["cache_entry"] is None and len(report["queries"][0]["results"]) == 2
+    assert "gallery embeddings not cached" in captured.err and "embedded (not cached)" in (
+        captured.err
+    )

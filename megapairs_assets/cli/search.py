@@ -250,9 +250,13 @@ def _search(args: argparse.Namespace) -> int:
         refresh=args.refresh,
         log=log,
     )
-    how = "embeddings reused from" if embeddings.reused else "embedded and cached in"
+    if embeddings.cache_entry is None:
+        how = "embedded (not cached)"
+    else:
+        verb = "embeddings reused from" if embeddings.reused else "embedded and cached in"
+        how = f"{verb} {embeddings.cache_entry}"
     log(
-        f"gallery {gallery.name}: {len(gallery.items)} images, {how} {embeddings.cache_entry} "
+        f"gallery {gallery.name}: {len(gallery.items)} images, {how} "
         f"({time.perf_counter() - started:.2f} s)"
     )
     skipped = embeddings.skipped_message()

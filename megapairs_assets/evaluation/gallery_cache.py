@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 import time
@@ -138,15 +139,35 @@ class GalleryCache:
                 removed.append(path)
         return removed
 
+    def try_store(self, key: CacheKey, projections: np.ndarray) -> str | None:
+        """`store`, for a caller that goes on without the cache: None when stored, else why
+        not (a full disk, a read-only home). The embeddings just computed are never lost to a
+        cache that cannot be written."""
+        try:
+            self.store(key, projections)
+        except OSError as error:
+            return (
+                f"gallery embeddings not cached ({error}); going on without the cache, so the "
+                "next run embeds this gallery again"
+            )
+        return None
+
     def get_or_compute(
-        self, key: CacheKey, compute: Callable[[], np.ndarray]
+        self,
+        key: CacheKey,
+        compute: Callable[[], np.ndarray],
+        log: Callable[[str], None] | None = None,
     ) -> tuple[np.ndarray, bool]:
-        """(projections, reused): the cached entry, or `compute()` stored under `key`."""
+        """(projections, reused): the cached entry, or `compute()` stored under `key` (when
+        the entry cannot be written, the projections still come back: `log`, else a logging
+        warning, says why)."""
         cached = self.load(key)
         if cached is not None:
             return cached, True
         projections = compute()
-        self.store(key, projections)
+        problem = self.try_store(key, projections)
+        if problem is not None:
+            (log or logging.getLogger(__name__).warning)(problem)
         return projections, False
 
 

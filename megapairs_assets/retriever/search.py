@@ -353,13 +353,14 @@ class GalleryEmbeddings:
 
     failures: "<uri>: <why>" for unreadable images (all of them when just embedded; after a
     cache hit, the first FAILURES_SHOWN read again for their reason). reused: from the cache.
+    cache_entry: where they are cached, None when the cache could not be written.
     """
 
     gallery: Gallery
     projections: np.ndarray
     failures: list[str]
     reused: bool
-    cache_entry: Path
+    cache_entry: Path | None  # None: the cache could not be written
 
     @property
     def readable_rows(self) -> np.ndarray:
@@ -440,12 +441,21 @@ def embed_gallery(
         failures.extend(found)
         return projections
 
+    not_cached: list[str] = []
+
+    def cache_failed(problem: str) -> None:  # a full disk costs the cache, not the search
+        not_cached.append(problem)
+        (log or _stderr)(f"megapairs search: {problem}")
+
     if refresh:
         projections, reused = compute(), False
-        cache.store(key, projections)
+        problem = cache.try_store(key, projections)
+        if problem is not None:
+            cache_failed(problem)
     else:
-        projections, reused = cache.get_or_compute(key, compute)
-    embeddings = GalleryEmbeddings(gallery, projections, failures, reused, cache.entry_dir(key))
+        projections, reused = cache.get_or_compute(key, compute, cache_failed)
+    entry = None if not_cached else cache.entry_dir(key)
+    embeddings = GalleryEmbeddings(gallery, projections, failures, reused, entry)
     if reused:
         unreadable = np.flatnonzero(~np.isfinite(projections).all(axis=1))
         embeddings.failures = [
@@ -453,6 +463,10 @@ def embed_gallery(
             for row in unreadable[:FAILURES_SHOWN]
         ]
     return embeddings
+
+
+def _stderr(line: str) -> None:
+    print(line, file=sys.stderr)
 
 
 def embed_images(
@@ -862,7 +876,7 @@ def results_json(
             "images": len(gallery.items),
             "searched": len(embeddings.readable_rows),
             "embeddings_reused": embeddings.reused,
-            "cache_entry": str(embeddings.cache_entry),
+            "cache_entry": str(embeddings.cache_entry) if embeddings.cache_entry else None,
             "unreadable": embeddings.unreadable_count,
             "unreadable_examples": embeddings.failures[:FAILURES_SHOWN],
             "unlisted": gallery.unlisted,
