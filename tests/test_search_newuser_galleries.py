@@ -35,7 +35,9 @@ from megapairs_assets.retriever.search import (
     gallery_from_path,
     identical_rows,
     open_query_images,
+    results_markdown,
     search,
+    write_html,
 )
 
 CPU = torch.device("cpu")
@@ -167,3 +169,19 @@ def test_a_home_whose_cache_cannot_be_written_still_searches(
     assert "gallery embeddings not cached" in captured.err and "embedded (not cached)" in (
         captured.err
     )
+
+
+def test_a_gallery_that_is_only_the_query_image_ranks_nothing_and_says_so(
+    retriever: Retriever, tmp_path: Path
+) -> None:
+    folder = write_image_folder(tmp_path / "one", good_items(1))
+    query = [SearchQuery(folder / "000000000.jpg", "in red")]
+    embeddings = embed_gallery(retriever, gallery_from_path(folder), GalleryCache(tmp_path / "c"))
+    images = open_query_images(query, retriever.input_side_px)
+    results = search(retriever, query, images, embeddings, 3)
+    assert results[0].hits == [] and results[0].query_copies_left_out == 1
+    table = results_markdown(results)
+    assert "no gallery image left to rank" in table and "| rank |" not in table
+    page = write_html(tmp_path / "page.html", results, images, "r", "one")
+    assert "no gallery image left to rank" not in page.read_text()  # the left-out note instead
+    assert "the query image itself, left out" in page.read_text()
