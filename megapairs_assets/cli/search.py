@@ -15,8 +15,8 @@ are imported when the command runs, never while the parser is built.
 
 Exit codes (EXIT_CODES, also in the command's --help), as the eval command's: 0 results
 printed (unreadable gallery images are left out and listed on stderr); 1 the data cannot be
-searched (an empty or unreadable gallery, a query image that does not decode, a malformed
-queries file or an image it names that is not there); 2 usage or configuration error (a
+searched (an empty or unreadable gallery or manifest, a query image that does not decode, a
+malformed queries file or an image it names that is not there); 2 usage or configuration error (a
 retriever that does not load, a --gallery, --image or --queries path that does not exist),
 printed by `megapairs_assets.cli.main`.
 """
@@ -40,7 +40,8 @@ from megapairs_assets.lib.errors import ConfigurationError
 EXIT_FOUND = 0
 EXIT_CODES = (
     "exit codes: 0 results printed (unreadable gallery images are left out and listed); 1 the "
-    "gallery or a query cannot be used (no readable image, a query image that does not decode, "
+    "gallery or a query cannot be used (no readable image, a manifest that cannot be read, a "
+    "query image that does not decode, "
     "a malformed queries file, an image it names that is not there); 2 usage or configuration "
     "error (a retriever that does not load, a --gallery, --image or --queries path that does "
     "not exist)"
@@ -74,8 +75,9 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "search",
         help="rank a gallery of images for an image + text query with a retriever",
         description=(
-            "Rank a gallery (a folder of images, a webdataset .tar shard or a folder of them, "
-            "or by default the current image corpus) for a composed query: a reference image "
+            "Rank a gallery (a folder of images, a webdataset .tar shard or a folder of them, a "
+            ".parquet/.jsonl manifest, or by default the current image corpus) for a composed "
+            "query: a reference image "
             "and an instruction, fused by MMRet's rule; an image or a text alone works too. "
             "Gallery embeddings are cached per retriever and gallery, so a second search "
             "embeds nothing. Nothing is downloaded."
@@ -108,9 +110,9 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     parser.add_argument(
         "--include-query",
         action="store_true",
-        help="keep gallery images identical (same bytes) to the query image in the results "
-        "(default: left out and counted, as a query picked from the gallery would rank itself "
-        "first)",
+        help="keep the query image itself in the results: gallery images with its exact bytes "
+        "and, on the corpus, the image whose triplet-export copy it is (default: left out and "
+        "counted, as a query picked from the gallery would rank itself first)",
     )
     parser.add_argument(
         "--json", action="store_true", help="print the results as JSON instead of tables"

@@ -3,7 +3,8 @@
 What the search command runs, as plain functions (no argparse, no Dagster):
 
 - a gallery is a folder of images (walked recursively), one webdataset `.tar` shard or a folder
-  of them, or the current image corpus of a home (the catalog's `image_lineage` rows);
+  of them, a corpus manifest (`.parquet`/`.jsonl`, read by `corpus.sources`), or the current
+  image corpus of a home (the catalog's `image_lineage` rows);
 - its raw image projections go through the evaluation's gallery cache (`evaluation.
   gallery_cache`, under `<home>/benchmark_gallery_cache/<retriever>/search-<gallery>/`), keyed
   by the retriever's weights, the precision and the images' version (ids, paths, file sizes
@@ -11,10 +12,16 @@ What the search command runs, as plain functions (no argparse, no Dagster):
   gallery with the same retriever embeds nothing;
 - a query is an image, a text, or both fused by MMRet's rule (`Retriever.encode_queries`:
   the raw projections summed, then normalised); candidates are normalised image projections,
-  so a score is a cosine similarity.
+  so a score is a cosine similarity;
+- the query image itself is not a result (`identical_rows`): gallery images with exactly its
+  bytes (sha256: the corpus's and a manifest's listed hash, else hashed only when the sizes
+  match), and on the corpus the image whose triplet-export copy it is, are left out and
+  counted, unless the caller keeps them (`include_query`).
 
 An image that cannot be read is left out of the ranking and listed (count and first few), never
-fatal; its cached row is NaN, so a cached search still knows which ones they were. A gallery
+fatal; its cached row is NaN, so a cached search still knows which ones they were. Entries that
+cannot even be listed (an unreadable tar, a FIFO or broken link, a manifest row without a local
+file) are listed too. A cache that cannot be written costs the cache, not the search. A gallery
 with nothing readable, a query image that cannot be decoded or a malformed queries file is a
 `SearchDataError`; a gallery path or query image that does not exist is a `SearchConfigError`.
 """
