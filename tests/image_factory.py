@@ -240,6 +240,39 @@ def write_image_folder(
     return folder
 
 
+@functools.cache
+def _tiny_jpeg() -> bytes:
+    return good_jpeg_bytes(0, size_px=(16, 16))
+
+
+def unique_tiny_jpeg_bytes(index: int) -> bytes:
+    """A valid 16x16 JPEG whose bytes (not pixels) differ with `index`: one shared picture with
+    a comment segment naming `index`, so thousands cost no encoding and no two share a hash."""
+    picture_bytes, text = _tiny_jpeg(), b"photo %d" % index
+    comment = b"\xff\xfe" + struct.pack(">H", len(text) + 2) + text
+    return picture_bytes[:2] + comment + picture_bytes[2:]
+
+
+def write_loose_photos(folder: Path, count: int, caption_every: int = 1) -> dict[str, str | None]:
+    """`count` tiny unique JPEGs `IMG_<n>.jpg` straight in `folder`, as a phone export holds
+    them; every `caption_every`-th gets a caption, in turn as `.txt`, `.caption` and `.json`.
+
+    Returns image key -> its caption (None without one).
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    captions: dict[str, str | None] = {}
+    for index in range(count):
+        key = f"IMG_{index:05d}"
+        (folder / f"{key}.jpg").write_bytes(unique_tiny_jpeg_bytes(index))
+        caption = f"holiday photo {index}" if index % caption_every == 0 else None
+        if caption is not None:
+            sidecar = ("txt", "caption", "json")[(index // caption_every) % 3]
+            text = json.dumps({"caption": caption}) if sidecar == "json" else caption
+            (folder / f"{key}.{sidecar}").write_text(text, encoding="utf-8")
+        captions[key] = caption
+    return captions
+
+
 def write_manifest(path: Path, rows: list[dict[str, object]]) -> Path:
     """Write manifest rows as `.parquet` or `.jsonl`, chosen by the path's suffix."""
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -8,9 +8,12 @@ Three layouts are understood, each named by a `SourceSpec`:
   skipped: the tar holds the same captions.
 - `folder`: a folder of images with optional sidecar captions (`<stem>.txt`, `<stem>.caption`
   or `<stem>.json`, extension in any letter case); each immediate subfolder holding images is
-  a shard, images at the top level form `root`. Deeper folders are reported, not read.
+  a shard, images at the top level form `root`, or, when there are more of them than the
+  spec's `shard_size`, shards `root-00000`, `root-00001`, ... of `shard_size` images each in
+  name order (`loose_image_shard_ids`). Deeper folders are reported, not read.
 - `manifest`: a parquet or jsonl table with a `path` or `url` column, a `caption` column and
-  optional `key`/`id` and `shard` columns.
+  optional `key`/`id` and `shard` columns; without a `shard` column every `shard_size` rows
+  form a shard.
 
 Every entry is either read or reported. `scan_source` lists the shards and, as `unread`
 records, every entry no shard reads: a name that cannot be made safe as a shard id (shard ids
@@ -32,12 +35,13 @@ Tar directory members carry no data and are passed over.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import re
 import tarfile
 import unicodedata
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -71,6 +75,9 @@ IMAGE_EXTENSIONS = frozenset(
 )
 _IMAGE_EXTENSIONS_TEXT = "." + ", .".join(sorted(IMAGE_EXTENSIONS))
 ROOT_SHARD = "root"
+DEFAULT_SHARD_SIZE = 1000
+"""Images per shard where the source does not group them itself: manifest rows without a
+`shard` column, and a folder's loose top-level images (see `loose_image_shard_ids`)."""
 UNASSIGNED_SHARD = "unassigned"
 _SHARD_ID_DIGITS = 5
 _ROW_KEY_DIGITS = 9
@@ -101,11 +108,12 @@ _ROW_ISSUE = "__row_issue"
 
 @dataclass(frozen=True)
 class SourceSpec:
-    """One image source: its layout, where it lives and (manifest only) rows per shard."""
+    """One image source: its layout, where it lives and how many images make a shard where the
+    source does not say (manifest rows without a shard column, a folder's loose images)."""
 
     kind: SourceKind
     path: str
-    shard_size: int = 1000
+    shard_size: int = DEFAULT_SHARD_SIZE
 
 
 @dataclass(frozen=True)
@@ -165,7 +173,7 @@ def scan_source(spec: SourceSpec) -> SourceScan:
     if spec.kind == "webdataset":
         return _scan_webdataset(root)
     if spec.kind == "folder":
-        return _scan_folder(root)
+        return _scan_folder(root, spec.shard_size)
     if spec.kind == "manifest":
         return _scan_manifest_shards(spec)
     raise ValueError(f"unknown source kind {spec.kind!r}")
@@ -246,7 +254,7 @@ def shard_uri(spec: SourceSpec, shard_id: str) -> str:
     if spec.kind == "webdataset":
         name = _shard_entry_name(Path(spec.path), shard_id, "webdataset")
         return str(Path(spec.path) / (name or f"{shard_id}{TAR_SUFFIX}"))
-    if spec.kind == "folder" and shard_id != ROOT_SHARD:
+    if spec.kind == "folder" and not _is_loose_image_id(Path(spec.path), shard_id):
         return str(
             Path(spec.path) / (_shard_entry_name(Path(spec.path), shard_id, "folder") or shard_id)
         )
@@ -266,10 +274,10 @@ def iter_shard_records(spec: SourceSpec, shard_id: str) -> Iterator[RawRecord]:
         name = _shard_entry_name(root, shard_id, "webdataset")
         return _iter_tar_records(root / (name or f"{shard_id}{TAR_SUFFIX}"))
     if spec.kind == "folder":
-        if shard_id == ROOT_SHARD:
-            return _iter_folder_records(root, is_root=True)
+        if _is_loose_image_id(root, shard_id):
+            return _iter_loose_records(root, shard_id, spec.shard_size)
         name = _shard_entry_name(root, shard_id, "folder")
-        return _iter_folder_records(root / (name or shard_id), is_root=False)
+        return _iter_folder_records(root / (name or shard_id))
     if spec.kind == "manifest":
         return _iter_manifest_records(spec, shard_id)
     raise ValueError(f"unknown source kind {spec.kind!r}")
@@ -291,8 +299,9 @@ def count_shard_records(spec: SourceSpec, shard_id: str) -> int | None:
             name = _shard_entry_name(root, shard_id, "webdataset")
             return _count_tar_records(root / (name or f"{shard_id}{TAR_SUFFIX}"))
         if spec.kind == "folder":
-            if shard_id == ROOT_SHARD:
-                return len(_folder_entries(root).image_names)
+            loose = _loose_images_of(root, shard_id, spec.shard_size)
+            if loose is not None:
+                return loose.stop - loose.start
             name = _shard_entry_name(root, shard_id, "folder")
             found = _folder_entries(root / (name or shard_id))
             return len(found.image_names) + len(found.unread) + len(found.subfolders)
@@ -1050,7 +1059,7 @@ def _is_caption_name(name: str) -> bool:
     return not name.startswith(".") and name.rsplit(".", 1)[-1].lower() in _CAPTION_SIDECARS
 
 
-def _scan_folder(root: Path) -> SourceScan:
+def _scan_folder(root: Path, shard_size: int) -> SourceScan:
     top = _folder_entries(root)
     candidates: list[_ShardCandidate] = []
     unread = list(top.unread)
@@ -1067,26 +1076,22 @@ def _scan_folder(root: Path) -> SourceScan:
             )
     shards, refused = _assign_shard_ids(candidates)
     if top.image_names:
-        if ROOT_SHARD in shards:
+        loose_ids = loose_image_shard_ids(len(top.image_names), shard_size)
+        both = sorted(set(loose_ids) & set(shards))
+        if both:
             raise ConfigurationError(
-                f"{root} has images at the top level and a subfolder named {ROOT_SHARD!r}; "
-                f"both would be shard {ROOT_SHARD!r}: move the top-level images into a subfolder"
+                f"{root} has images at the top level and a subfolder named {both[0]!r}; both "
+                f"would be shard {both[0]!r}: move the top-level images into a subfolder"
             )
-        shards = sorted([*shards, ROOT_SHARD])
+        shards = sorted([*shards, *loose_ids])
     return SourceScan(shards=shards, unread=sorted(unread + refused, key=lambda r: r.uri))
 
 
-def _iter_folder_records(folder: Path, is_root: bool) -> Iterator[RawRecord]:
+def _iter_folder_records(folder: Path) -> Iterator[RawRecord]:
     if not folder.is_dir():
         raise ShardReadError("missing_shard", f"{folder} is not a folder")
     found = _folder_entries(folder)
-    # Paths are made one image at a time: a Path per listed image costs ~0.5 KiB each.
-    for name, key in _folder_keys(found.image_names):
-        image_path = folder / name
-        caption, caption_issue = _folder_caption(image_path, found.sidecars.get(_stem(name)))
-        yield _read_local(key, str(image_path.resolve()), caption, caption_issue)
-    if is_root:
-        return  # the top level's other entries are reported by scan_source
+    yield from _folder_image_records(found, _folder_keys(found.image_names))
     yield from found.unread
     folder_uri = folder.resolve()
     for subfolder in found.subfolders:
@@ -1099,6 +1104,89 @@ def _iter_folder_records(folder: Path, is_root: bool) -> Iterator[RawRecord]:
             f"{subfolder.name} is a folder inside shard {folder.name}; only one level is read"
             f"{lost} (move them into the shard folder, or make the folder a shard of its own)",
         )
+
+
+def _folder_image_records(
+    found: _FolderEntries, keyed_names: Iterable[tuple[str, str]]
+) -> Iterator[RawRecord]:
+    """A record per (image file name, key) of a listed folder, its caption read beside it."""
+    # Paths are made one image at a time: a Path per listed image costs ~0.5 KiB each.
+    for name, key in keyed_names:
+        image_path = found.folder / name
+        caption, caption_issue = _folder_caption(image_path, found.sidecars.get(_stem(name)))
+        yield _read_local(key, str(image_path.resolve()), caption, caption_issue)
+
+
+def loose_image_shard_ids(image_count: int, shard_size: int) -> list[str]:
+    """The shard ids of a folder's `image_count` loose (top-level) images.
+
+    Up to `shard_size` images are the one shard `root`, as always, so existing homes keep their
+    ids. More are cut, in file-name order, into shards of `shard_size` images named
+    `root-00000`, `root-00001`, ... (the zero padding of a manifest's row-based shard ids), so a
+    flat folder of phone photos gets shards that run in parallel and resume one by one.
+    """
+    if shard_size < 1:
+        raise ValueError(f"shard_size must be positive, got {shard_size}")
+    if image_count <= shard_size:
+        return [ROOT_SHARD]
+    parts = -(-image_count // shard_size)
+    return [f"{ROOT_SHARD}-{part:0{_SHARD_ID_DIGITS}d}" for part in range(parts)]
+
+
+_LOOSE_PART_ID = re.compile(rf"{ROOT_SHARD}-\d{{{_SHARD_ID_DIGITS},}}")
+
+
+@dataclass(frozen=True)
+class _LooseImages:
+    """The loose images one shard of a folder's top level holds."""
+
+    found: _FolderEntries  # the top level's listing
+    start: int  # this shard's first image, by position among them in name order
+    stop: int
+
+
+def _loose_images_of(root: Path, shard_id: str, shard_size: int) -> _LooseImages | None:
+    """Which loose images shard `shard_id` reads; None when it is a subfolder's id.
+
+    `root` and `root-NNNNN` name loose images only as `loose_image_shard_ids` gives them for
+    the folder as it is now: any other of those ids (a retired `root` after the folder grew,
+    a part beyond the last) is a missing shard, so no image is read by two shards. Derived ids
+    end in 8 hex digits, so only a subfolder with exactly that name can share such an id.
+    """
+    if not _is_loose_image_id(root, shard_id):
+        return None  # a subfolder's id (scan_source refuses a subfolder that clashes)
+    found = _folder_entries(root)
+    ids = loose_image_shard_ids(len(found.image_names), shard_size)
+    if shard_id not in ids:
+        raise ShardReadError(
+            "missing_shard",
+            f"{root} holds {len(found.image_names)} loose images, read as shard "
+            f"{ids[0]!r}{f' to {ids[-1]!r}' if len(ids) > 1 else ''}, not {shard_id!r}",
+        )
+    if shard_id == ROOT_SHARD:
+        return _LooseImages(found, 0, len(found.image_names))
+    start = ids.index(shard_id) * shard_size
+    return _LooseImages(found, start, min(start + shard_size, len(found.image_names)))
+
+
+def _is_loose_image_id(root: Path, shard_id: str) -> bool:
+    """Whether `shard_id` has the form of a loose-image shard and no subfolder holds it."""
+    is_loose_form = shard_id == ROOT_SHARD or _LOOSE_PART_ID.fullmatch(shard_id) is not None
+    return is_loose_form and not (root / shard_id).is_dir()
+
+
+def _iter_loose_records(root: Path, shard_id: str, shard_size: int) -> Iterator[RawRecord]:
+    """The records of one shard of a folder's loose images. Keys are given over all loose
+    images before cutting, so an image's key never depends on where a cut falls. The top
+    level's other entries are reported by scan_source, not by a shard."""
+    if not root.is_dir():
+        raise ShardReadError("missing_shard", f"{root} is not a folder")
+    loose = _loose_images_of(root, shard_id, shard_size)
+    if loose is None:  # a subfolder of that name appeared since the shard was listed
+        yield from _iter_folder_records(root / shard_id)
+        return
+    keyed = _folder_keys(loose.found.image_names)
+    yield from _folder_image_records(loose.found, itertools.islice(keyed, loose.start, loose.stop))
 
 
 def _imageless_folder_detail(folder: Path) -> str:
