@@ -20,6 +20,7 @@ from image_factory import (
     truncated_jpeg_bytes,
     write_image_folder,
     write_manifest,
+    write_wds_shard,
 )
 from test_cli_search import _command
 
@@ -29,6 +30,7 @@ from megapairs_assets.retriever.model import Retriever, load_retriever
 from megapairs_assets.retriever.search import (
     Gallery,
     GalleryItem,
+    SearchConfigError,
     SearchDataError,
     SearchQuery,
     embed_gallery,
@@ -129,7 +131,7 @@ def test_the_export_copy_of_a_corpus_image_counts_as_that_image(tmp_path: Path) 
     elsewhere = tmp_path / "b.jpg"
     elsewhere.write_bytes(good_jpeg_bytes(3))
     assert identical_rows(gallery, [copy, elsewhere]) == {copy: [1], elsewhere: []}
-    with pytest.raises(SearchDataError, match=r"query image .*gone\.jpg cannot be read"):
+    with pytest.raises(SearchConfigError, match=r"query image .*gone\.jpg does not exist"):
         identical_rows(gallery, [tmp_path / "gone.jpg"])
 
 
@@ -185,3 +187,20 @@ def test_a_gallery_that_is_only_the_query_image_ranks_nothing_and_says_so(
     page = write_html(tmp_path / "page.html", results, images, "r", "one")
     assert "no gallery image left to rank" not in page.read_text()  # the left-out note instead
     assert "the query image itself, left out" in page.read_text()
+
+
+def test_a_hits_tar_member_path_is_a_query_image(retriever: Retriever, tmp_path: Path) -> None:
+    """A user pastes a hit's path (`<tar>#<member>`) as the next query: more like this one."""
+    shard = write_wds_shard(tmp_path / "shards/00000.tar", good_items(4))
+    embeddings = embed_gallery(retriever, gallery_from_path(shard), GalleryCache(tmp_path / "c"))
+    hit = Path(f"{shard}#000000002.jpg")
+    query = [SearchQuery(hit, "brighter")]
+    images = open_query_images(query, retriever.input_side_px)
+    (result,) = search(retriever, query, images, embeddings, 5)
+    assert result.query_copies_left_out == 1 and len(result.hits) == 3
+    (kept,) = search(retriever, query, images, embeddings, 1, include_query=True)
+    assert kept.hits[0].item.uri == str(hit)
+    with pytest.raises(SearchConfigError, match="does not exist"):
+        open_query_images([SearchQuery(Path(f"{tmp_path}/gone.tar#000000002.jpg"))])
+    with pytest.raises(SearchDataError, match=r"cannot be used: missing_file"):
+        open_query_images([SearchQuery(Path(f"{shard}#nope.jpg"))])

@@ -204,6 +204,7 @@ def _search(args: argparse.Namespace) -> int:
         gallery_from_corpus,
         gallery_from_path,
         open_query_images,
+        query_image_problem,
         results_json,
         results_markdown,
         search,
@@ -220,8 +221,8 @@ def _search(args: argparse.Namespace) -> int:
     if args.html is not None and not args.html.expanduser().parent.is_dir():
         raise ConfigurationError(f"--html {args.html}: folder {args.html.parent} does not exist")
     for query in queries:  # a mistyped path is found before any model is loaded
-        if query.image is not None and not query.image.is_file():
-            problem = "is not a file" if query.image.exists() else "does not exist"
+        problem = query_image_problem(query.image) if query.image is not None else None
+        if problem is not None:
             raise SearchConfigError(f"query image {query.image} {problem}")
     home = default_home()
     resources = build_resources(profile_from_env(), home)

@@ -616,16 +616,36 @@ def read_queries_file(path: Path) -> list[SearchQuery]:
         if image:
             image_path = Path(image).expanduser()
             image_path = image_path if image_path.is_absolute() else path.parent / image_path
-            if not image_path.is_file():
-                raise SearchDataError(f"{where}: query image {image_path} {_missing(image_path)}")
+            problem = query_image_problem(image_path)
+            if problem is not None:
+                raise SearchDataError(f"{where}: query image {image_path} {problem}")
         queries.append(SearchQuery(image_path, text.strip() if text else None))
     if not queries:
         raise SearchDataError(f"queries file {path} holds no queries")
     return queries
 
 
-def _missing(path: Path) -> str:
-    return "is not a file" if path.exists() else "does not exist"
+def query_image_problem(path: Path) -> str | None:
+    """Why `path` cannot be a query image ("does not exist", "is not a file"), None when it
+    can. A `<tar>#<member>` uri, as a hit's path reads (search more like a hit), names the
+    member: its tar must be a file; a missing member is found when it is read."""
+    member = split_tar_member(str(path))
+    where = Path(member[0]) if member is not None else path
+    if where.is_file():
+        return None
+    return "is not a file" if where.exists() else "does not exist"
+
+
+def read_query_image(path: Path) -> bytes:
+    """The bytes of a query image (a file or a `<tar>#<member>` uri); SearchConfigError when
+    it is not there, SearchDataError when it cannot be read."""
+    problem = query_image_problem(path)
+    if problem is not None:
+        raise SearchConfigError(f"query image {path} {problem}")
+    try:
+        return read_uri_bytes(str(path))
+    except ImageRejected as error:
+        raise SearchDataError(f"query image {path} cannot be read: {error}") from None
 
 
 def open_query_images(
@@ -639,8 +659,9 @@ def open_query_images(
     for query in queries:
         if query.image is None or query.image in images:
             continue
-        if not query.image.is_file():
-            raise SearchConfigError(f"query image {query.image} {_missing(query.image)}")
+        problem = query_image_problem(query.image)
+        if problem is not None:
+            raise SearchConfigError(f"query image {query.image} {problem}")
         try:
             images[query.image] = open_image_for_model(
                 str(query.image), GALLERY_LIMITS, input_side_px
@@ -709,12 +730,7 @@ def identical_rows(gallery: Gallery, image_paths: Sequence[Path]) -> dict[Path, 
     hashes: dict[int, str | None] = {}
     found: dict[Path, list[int]] = {}
     for path in dict.fromkeys(image_paths):
-        try:
-            data = path.read_bytes()
-        except OSError as error:
-            raise SearchDataError(
-                f"query image {path} cannot be read: {error.strerror or error}"
-            ) from None
+        data = read_query_image(path)
         digest, rows = content_hash(data), []
         for row, item in enumerate(gallery.items):
             if item.content_hash is None:
