@@ -142,3 +142,4 @@ def print_summary(
     if s["example_pair_id"]:
         print(f"  trace a pair: megapairs lineage {s['example_pair_id']}")
     print("  browse:      megapairs ui   (the Dagster UI on workspace.yaml, same instance)")
+    print("  status:      megapairs status   (each asset's partitions; any that need attention)")
