@@ -40,16 +40,10 @@ ID_KINDS = (
 )
 
 
-def cmd_lineage(args: argparse.Namespace) -> int:
-    """Print the lineage report of `args.id` (or the schema, a query's rows, a snapshot)."""
-    import importlib
+def existing_catalog(home: Any) -> Any:
+    """The home's lineage catalog, or None (saying how to make one) when it does not exist."""
+    from resources.environment import lineage_catalog
 
-    from megapairs_assets.lib.storage import default_home
-    from resources.environment import lineage_catalog, profile_from_env, storage_resource
-
-    for module in ROW_TABLE_MODULES:  # stages declare their catalog tables on import
-        importlib.import_module(module)
-    home = default_home()
     catalog = lineage_catalog(home)
     if not catalog.is_ducklake and not catalog.path.exists():
         print(
@@ -57,6 +51,22 @@ def cmd_lineage(args: argparse.Namespace) -> int:
             "MEGAPAIRS_HOME to the home the pipeline wrote (default ./megapairs_home)",
             file=sys.stderr,
         )
+        return None
+    return catalog
+
+
+def cmd_lineage(args: argparse.Namespace) -> int:
+    """Print the lineage report of `args.id` (or the schema, a query's rows, a snapshot)."""
+    import importlib
+
+    from megapairs_assets.lib.storage import default_home
+    from resources.environment import profile_from_env, storage_resource
+
+    for module in ROW_TABLE_MODULES:  # stages declare their catalog tables on import
+        importlib.import_module(module)
+    home = default_home()
+    catalog = existing_catalog(home)
+    if catalog is None:
         return 1
     if args.schema:
         return _print_schema(catalog, args.json)

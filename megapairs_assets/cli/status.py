@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 
 
 def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -31,19 +30,15 @@ def cmd_status(args: argparse.Namespace) -> int:
     import dagster as dg
 
     from megapairs_assets.cli.instance import prepare_dagster_home
+    from megapairs_assets.cli.lineage import existing_catalog
     from megapairs_assets.definitions import build_definitions
     from megapairs_assets.lib.storage import default_home
     from megapairs_assets.lineage.status import asset_status, format_status
-    from resources.environment import lineage_catalog, profile_from_env
+    from resources.environment import profile_from_env
 
     home = default_home()
-    catalog = lineage_catalog(home)
-    if not catalog.is_ducklake and not catalog.path.exists():
-        print(
-            f"no lineage catalog at {catalog.location}: run `megapairs demo` first, or set "
-            "MEGAPAIRS_HOME to the home the pipeline wrote (default ./megapairs_home)",
-            file=sys.stderr,
-        )
+    catalog = existing_catalog(home)
+    if catalog is None:
         return 1
     # Importing the definitions also declares every stage's catalog tables.
     graph = build_definitions(profile_from_env(), home).resolve_asset_graph()
