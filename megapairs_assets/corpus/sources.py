@@ -3,7 +3,8 @@
 Three layouts are understood, each named by a `SourceSpec`:
 
 - `webdataset`: a folder of `*.tar` shards as written by img2dataset (`000000012.jpg` next to
-  `000000012.txt` / `000000012.json`); one tar is one shard, read as a stream. img2dataset's
+  `000000012.txt` / `000000012.json`; a `.caption` member is read as a folder's is, after
+  `.txt` and before `.json`); one tar is one shard, read as a stream. img2dataset's
   own bookkeeping beside a shard (`<shard>.parquet`, `<shard>_stats.json`) is recognised and
   skipped: the tar holds the same captions.
 - `folder`: a folder of images with optional sidecar captions (`<stem>.txt`, `<stem>.caption`
@@ -85,6 +86,10 @@ _ROW = "__row_index"
 _SHARD_ID = "__shard_id"
 # A folder image's caption files: `<stem>.txt` or `<stem>.caption` (text), `<stem>.json`.
 _CAPTION_SIDECARS = ("txt", "caption", "json")
+# A tar member's part of its sample, by extension: the caption files a folder reads, in the
+# same order of preference.
+_MEMBER_SLOTS = dict(zip(_CAPTION_SIDECARS, ("text", "caption", "metadata"), strict=True))
+_CAPTION_TEXT_SLOTS = ("text", "caption")
 # img2dataset writes these next to each <shard>.tar; they repeat what the tar holds.
 _IMG2DATASET_COMPANIONS = (".parquet", "_stats.json")
 _COMPRESSED_TAR_SUFFIXES = (".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz", ".tar.zst")
@@ -443,12 +448,14 @@ def _entry_kind(entry: Path) -> str:
 
 @dataclass
 class _KeyGroup:
-    """The members of one sample key inside a tar (image, .txt caption, .json metadata)."""
+    """The members of one sample key inside a tar (image, .txt / .caption caption, .json
+    metadata)."""
 
     key: str
     tar_uri: str
     image: bytes | None = None
     text: bytes | None = None
+    caption: bytes | None = None  # a `.caption` member: the caption when there is no `.txt`
     metadata: bytes | None = None
     member_names: list[str] = field(default_factory=list)
     names: dict[str, str] = field(default_factory=dict)  # slot -> member name
@@ -462,9 +469,17 @@ class _KeyGroup:
 
     def records(self) -> Iterator[RawRecord]:
         """The sample's record, then one per extra image with the same key and caption: the
-        table builder keeps the first that decodes and quarantines the rest (duplicate_key)."""
+        table builder keeps the first that decodes and quarantines the rest (duplicate_key).
+
+        The caption comes from `.txt`, else `.caption`, else the `.json` (a folder's order); a
+        `.caption` beside a `.txt` is reported after them as not read, never silently dropped.
+        """
+        text_slot = "text" if self.text is not None else "caption"
         caption, caption_issue = _caption_from_sidecars(
-            self.text, self.metadata, self.names.get("text", ""), self.names.get("metadata", "")
+            self.text if self.text is not None else self.caption,
+            self.metadata,
+            self.names.get(text_slot, ""),
+            self.names.get("metadata", ""),
         )
         if self.image is None:
             yield RawRecord(
@@ -475,15 +490,23 @@ class _KeyGroup:
                 error=f"missing_image: key {self.key} has only {', '.join(self.member_names)}",
                 caption_issue=caption_issue,
             )
-            return
-        images = [(self.names["image"], self.image), *self.extras]
-        for member_name, data in images:
-            yield RawRecord(
+        else:
+            images = [(self.names["image"], self.image), *self.extras]
+            for member_name, data in images:
+                yield RawRecord(
+                    key=self.key,
+                    uri=tar_member_uri(self.tar_uri, member_name),
+                    caption=caption,
+                    data=data,
+                    caption_issue=caption_issue,
+                )
+        if self.text is not None and self.caption is not None:
+            unused, used = self.names["caption"], self.names["text"]
+            yield _unread(
+                tar_member_uri(self.tar_uri, unused),
+                "unsupported_member",
+                f"{unused} is not read: {used} already gives the caption of {self.key}",
                 key=self.key,
-                uri=tar_member_uri(self.tar_uri, member_name),
-                caption=caption,
-                data=data,
-                caption_issue=caption_issue,
             )
 
 
@@ -501,6 +524,10 @@ class _SampleGrouping:
     def __init__(self) -> None:
         self.key: str | None = None
         self._fields: dict[str, str] = {}  # slot -> field name of the member holding it
+
+    def holds_both_captions(self) -> bool:
+        """Whether the current sample has a `.txt` and a `.caption` (one is reported unread)."""
+        return "text" in self._fields and "caption" in self._fields
 
     def place(self, key: str, slot: str, member_name: str) -> Literal["join", "extra", "new"]:
         base, key_base = member_name.rpartition("/")[2], key.rpartition("/")[2]
@@ -653,6 +680,9 @@ def _group_members(
         placement = grouping.place(key, slot, name)
         if placement == "join":
             has_image = has_image or slot == "image"
+            # The second of a `.txt` and a `.caption` makes the sample report one unread.
+            if slot in _CAPTION_TEXT_SLOTS and grouping.holds_both_captions():
+                records += 1
             continue
         records += 1
         if placement == "extra":
@@ -797,7 +827,7 @@ def _unsupported_member(
     elif member.ischr() or member.isblk():
         what = "a device"
     elif member.isfile():
-        what = "a file of a kind the corpus does not read (image, .txt or .json)"
+        what = "a file of a kind the corpus does not read (image, .txt, .caption or .json)"
     else:
         what = f"a tar entry of type {member.type!r}"
     return _unread(
@@ -813,11 +843,12 @@ def _member_slot(member: tarfile.TarInfo) -> str | None:
 
 
 def _slot_of(file_name: str) -> str | None:
-    """Which part of a sample a regular member named so is: image, text or metadata."""
+    """Which part of a sample a regular member named so is: image, text (`.txt`), caption
+    (`.caption`) or metadata (`.json`); extensions in any letter case, as in a folder."""
     if is_image_name(file_name):
         return "image"
     extension = file_name.rsplit(".", 1)[-1].lower()
-    return {"txt": "text", "json": "metadata"}.get(extension)
+    return _MEMBER_SLOTS.get(extension)
 
 
 def _member_key(member_name: str) -> str:
