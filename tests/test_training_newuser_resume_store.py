@@ -122,6 +122,10 @@ def test_a_retry_on_a_fresh_machine_resumes_from_the_uploaded_checkpoint(
         result = train_checkpoint("remote", config, [triplets], layout("pod2"), log=said.append)
     assert result.metadata["resumed_from_step"] == 2 and result.row_counts["steps"] == 4
     assert any("fetched the resume point of step 2" in line for line in said), said
+    # Every checkpoint after the fetch went to last.ckpt (the resume point), no `last-v1.ckpt`.
+    assert [p.name for p in (tmp_path / "pod2/training/remote/lightning").iterdir()] == [
+        "last.ckpt"
+    ]
     # The curve is whole: the first machine's steps came back with the checkpoint.
     assert read_loss_curve(tmp_path / "pod2/training/remote/loss_curve.csv")["step"].to_list() == [
         1,
@@ -131,6 +135,7 @@ def test_a_retry_on_a_fresh_machine_resumes_from_the_uploaded_checkpoint(
     ]
     # fit_s: both machines' fit time; fit_s_this_run: the second's alone.
     earlier = checkpoint["callbacks"]["RunRecord"]["fit_s"]
+    assert result.metadata["fit_s_this_run"] > 0
     assert result.metadata["fit_s"] == pytest.approx(
         earlier + result.metadata["fit_s_this_run"], abs=0.02
     )

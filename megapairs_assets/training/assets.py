@@ -63,7 +63,10 @@ def mmret_clip_checkpoint(
     devices. AdamW with linear warm-up and decay, counted in steps; all weights trained. The
     evaluation's held-out query images are never trained on. Exports an open_clip checkpoint
     (`create_model(name, pretrained=<weights>)` or `local-dir:<dir>`) plus the Lightning
-    checkpoint; a killed run resumes from its last checkpoint when re-materialized.
+    checkpoint; a killed run resumes from its last checkpoint when re-materialized (with the
+    data root on an object store the checkpoint is uploaded as it is written, so a retry on
+    another machine resumes too). More than `max_unreadable_image_fraction` of the image
+    reads failing stops the run with the count and the first paths.
     """
     layout, lineage = storage.layout(), catalog.catalog()
     image_root = training.image_root

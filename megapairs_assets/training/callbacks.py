@@ -148,22 +148,27 @@ class StepProgress(pl_lightning.Callback):
 class FinalCheckpoint(pl_lightning.Callback):
     """Writes `last.ckpt` at the end of training too, so it always holds the final state.
 
-    (`ModelCheckpoint` writes it every n steps; a run whose last step is not a multiple of n
-    would otherwise leave a `last.ckpt` that is behind the exported weights.) A process that
-    trained no step (a finished run materialized again) leaves the checkpoint it resumed from
-    as it is: rewriting it would only re-upload gigabytes to an object store.
+    (`ModelCheckpoint` writes it every `every_n_steps`; a run whose last step is not a multiple
+    of n would otherwise leave a `last.ckpt` that is behind the exported weights.) When the
+    last step is a multiple, or this process trained no step (a finished run materialized
+    again), the checkpoint on disk already is the final state: writing it again would only
+    re-upload gigabytes to an object store. Both tests give every rank the same answer (a
+    save is collective).
     """
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, every_n_steps: int) -> None:
         self.path = path
+        self.every_n_steps = every_n_steps
         self._start_step: int | None = None
 
     def on_train_start(self, trainer: pl_lightning.Trainer, pl_module: Any) -> None:
         self._start_step = trainer.global_step
 
     def on_train_end(self, trainer: pl_lightning.Trainer, pl_module: Any) -> None:
-        if trainer.global_step != self._start_step or not self.path.is_file():
-            trainer.save_checkpoint(self.path)
+        step = trainer.global_step
+        if step == self._start_step or step % self.every_n_steps == 0:
+            return
+        trainer.save_checkpoint(self.path)
 
 
 class RunRecord(pl_lightning.Callback):

@@ -208,10 +208,14 @@ def train_on_triplets(
     module, trainer = _fit(
         config_name, resolved, prepared, out, resume_from, say, extra_callbacks, record, mirror
     )
-    fit_s_this_run = time.time() - started_at
-    fit_s = fit_s_this_run + (resume_from[1].fit_s if resume_from[1] else 0.0)
+    measured_s = time.time() - started_at
     # Under ddp_spawn the steps ran in child processes; the checkpoint knows where they ended.
     final = read_checkpoint_record(out / RESUME_POINT)
+    earlier_s = resume_from[1].fit_s if resume_from[1] else 0.0
+    # The fit time is the one the final checkpoint carries (every process that trained it, up
+    # to its last save), so the figures of a run and of its resumption add up.
+    fit_s = final.fit_s if final and final.fingerprint == fingerprint else earlier_s + measured_s
+    fit_s_this_run = max(fit_s - earlier_s, 0.0)
     final_step = final.step if final else trainer.global_step
 
     exported = export_open_clip(module.clip, config.model, out / "open_clip")
@@ -505,6 +509,10 @@ def _trainer(
                 save_top_k=0,
                 save_last=True,
                 every_n_train_steps=config.checkpoint_every_n_steps,
+                # Always `last.ckpt`: after a resume from another folder (a fetched resume
+                # point, a moved home) it would otherwise write `last-v1.ckpt` beside it, and
+                # the resume point would stay behind.
+                enable_version_counter=False,
             ),
             TrainingLog(out / "loss_curve.csv"),
             # Before the NaN stop: a step whose images all failed has no loss to speak of.
@@ -512,7 +520,7 @@ def _trainer(
             StopOnNonFiniteLoss(config_name, config.learning_rate, config.temperature),
             record or RunRecord(""),
             StepProgress(f"training {config_name}", say),
-            FinalCheckpoint(lightning_dir / "last.ckpt"),
+            FinalCheckpoint(lightning_dir / "last.ckpt", config.checkpoint_every_n_steps),
             *extra_callbacks,
         ],
     )
