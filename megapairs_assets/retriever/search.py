@@ -721,43 +721,55 @@ def identical_rows(gallery: Gallery, image_paths: Sequence[Path]) -> dict[Path, 
     exactly its bytes (sha256), and for the corpus, the image whose triplet-export copy
     (`<export>/images/<shard>/<key>.jpg`, re-encoded, so other bytes) the query is.
 
-    Cheap on any gallery: a listed hash (the corpus, a manifest) is compared as it is; any
-    other item is read and hashed only when its size equals the query file's (a tar member's
-    size comes with the listing, a file's is one stat). SearchDataError when a query image
-    cannot be read.
+    Cheap on any gallery, for any number of queries: listed hashes (the corpus, a manifest)
+    are looked up; any other item is read and hashed only when its size equals a query file's
+    (a tar member's size comes with the listing, a file's is one stat, once per search).
+    SearchConfigError / SearchDataError when a query image is not there / cannot be read.
     """
-    sizes: dict[int, int | None] = {}
+    by_hash: dict[str, list[int]] = {}
+    unhashed = []
+    for row, item in enumerate(gallery.items):
+        if item.content_hash is not None:
+            by_hash.setdefault(item.content_hash, []).append(row)
+        else:
+            unhashed.append(row)
+    by_size: dict[int | None, list[int]] | None = None  # built at the first image query
+    by_export_path: dict[str, list[int]] | None = None  # built at the first exported query
     hashes: dict[int, str | None] = {}
     found: dict[Path, list[int]] = {}
     for path in dict.fromkeys(image_paths):
         data = read_query_image(path)
-        digest, rows = content_hash(data), []
-        for row, item in enumerate(gallery.items):
-            if item.content_hash is None:
-                if row not in sizes:
-                    sizes[row] = _size_bytes(item)
-                if sizes[row] != len(data):
-                    continue
+        digest = content_hash(data)
+        rows = set(by_hash.get(digest, ()))
+        if unhashed:
+            if by_size is None:
+                by_size = {}
+                for row in unhashed:
+                    by_size.setdefault(_size_bytes(gallery.items[row]), []).append(row)
+            for row in by_size.get(len(data), []) + by_size.get(None, []):
                 if row not in hashes:
-                    hashes[row] = _item_hash(item)
-            if (item.content_hash or hashes[row]) == digest:
-                rows.append(row)
-        exported = _exported_from(gallery, path)
-        found[path] = sorted(set(rows) | set(exported))
+                    hashes[row] = _item_hash(gallery.items[row])
+                if hashes[row] == digest:
+                    rows.add(row)
+        exported = _export_relative_path(gallery, path)
+        if exported is not None:
+            if by_export_path is None:
+                by_export_path = {}
+                for row, item in enumerate(gallery.items):
+                    by_export_path.setdefault(image_relpath(item.item_id), []).append(row)
+            rows.update(by_export_path.get(exported, ()))
+        found[path] = sorted(rows)
     return found
 
 
-def _exported_from(gallery: Gallery, path: Path) -> list[int]:
-    """The corpus rows whose triplet-export copy is the file at `path` (none elsewhere)."""
+def _export_relative_path(gallery: Gallery, path: Path) -> str | None:
+    """`path` relative to the gallery's triplet export folder, None when it is not inside."""
     if gallery.export_root is None:
-        return []
+        return None
     try:
-        relative = path.resolve().relative_to(gallery.export_root.resolve()).as_posix()
+        return path.resolve().relative_to(gallery.export_root.resolve()).as_posix()
     except (OSError, ValueError):  # not under the export folder
-        return []
-    return [
-        row for row, item in enumerate(gallery.items) if image_relpath(item.item_id) == relative
-    ]
+        return None
 
 
 def _size_bytes(item: GalleryItem) -> int | None:
