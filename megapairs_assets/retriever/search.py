@@ -708,8 +708,8 @@ class Hit:
 
 @dataclass
 class QueryResult:
-    """A query's hits; query_copies_left_out: gallery images holding exactly the query image's
-    bytes, not ranked (0 when they were kept, or for a text query)."""
+    """A query's hits; query_copies_left_out: readable gallery images that are the query image
+    itself (`identical_rows`), not ranked (0 when they were kept, or for a text query)."""
 
     query: SearchQuery
     hits: list[Hit]
