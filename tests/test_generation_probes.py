@@ -42,6 +42,15 @@ def test_a_server_without_usage_is_not_judged_on_pictures():
     assert "the step goes on unchecked" in warning and "describe_captions" in warning
 
 
+def test_a_server_still_loading_its_model_is_not_judged_on_pictures():
+    # `transformers serve` without a model argument loads it on the first request.
+    with ChatServer(faults={"What colour": ["stall:1"]}) as loading:
+        skipped = probe_image_input(loading.base_url, "test-model", timeout_s=0.3)
+    assert skipped is not None and skipped.kind == "image_check_skipped"
+    assert "no answer within 0.3 s" in skipped.detail
+    assert "longer server_probe_timeout_s" in skipped.detail
+
+
 def test_the_describe_step_logs_the_skipped_picture_check_and_goes_on(tmp_path):
     world = make_world(tmp_path, pairs_per_shard=(2,))
     instance = dg.DagsterInstance.ephemeral()

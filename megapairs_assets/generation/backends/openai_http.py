@@ -471,8 +471,14 @@ def probe_image_input(
         }
         try:
             return httpx2.post(url, json=body, headers=dict(headers or {}), timeout=timeout_s)
+        except httpx2.TimeoutException:
+            # `transformers serve` without a model argument loads the model on first use.
+            return (
+                f"no answer within {timeout_s:g} s; a server that loads its model on the first "
+                "request may need a longer server_probe_timeout_s"
+            )
         except httpx2.HTTPError as error:
-            return f"{type(error).__name__} within {timeout_s:g} s: {_transport_reason(error)}"
+            return f"{type(error).__name__}: {_transport_reason(error)}"
 
     def skipped(why: str) -> ServerProblem:
         return ServerProblem(
