@@ -34,6 +34,7 @@ from pydantic import Field
 
 from megapairs_assets.training.config import (
     ALL_VISIBLE_GPUS,
+    DEFAULT_MAX_UNREADABLE_IMAGE_FRACTION,
     ResolvedTraining,
     TrainingConfig,
     TrainingConfigError,
@@ -87,6 +88,11 @@ class TrainingSettings(dg.Config):
         default=None, description="torch threads for CPU runs (None: one per core)"
     )
     seed: int = Field(default=0, description="Data order, instruction sampling, RNG")
+    max_unreadable_image_fraction: float = Field(
+        default=DEFAULT_MAX_UNREADABLE_IMAGE_FRACTION,
+        description="Share of image reads that may fail (moved or deleted corpus images) before "
+        "the run stops and exports nothing (0: none may)",
+    )
     setting_hints: dict[str, str] = Field(
         default_factory=dict,
         description="Config field (pretrained, devices) -> how the profile sets it (e.g. the "

@@ -290,6 +290,8 @@ def test_the_whole_loop_runs_with_every_table_and_export_in_the_bucket(s3, s3_lo
         f"{checkpoint}/open_clip/open_clip_model.safetensors",
         f"{checkpoint}/loss_curve.csv",
         f"{checkpoint}/run.json",
+        # the resume point, for a retry on another machine
+        f"{checkpoint}/lightning/last.ckpt",
     }
     expected |= {f"{data}/benchmark_scores/{r}/heldout/scores.parquet" for r in retrievers}
     # Each shard's response stores, mirrored beside the tables for steps on other machines.
