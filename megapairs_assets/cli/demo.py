@@ -69,6 +69,20 @@ def was_interrupted(result: Any) -> bool:
     return False
 
 
+def last_run_messages(instance: Any, run_id: str, count: int = 3) -> list[str]:
+    """The last `count` messages the run's steps logged (Dagster's own events left out).
+
+    After Ctrl-C they are what the user needs (training: "interrupted after step 13 of 60;
+    its state is saved in ..."), and the terminal may not have shown them: Dagster's captured
+    step output is copied by child processes that the same Ctrl-C stops first."""
+    messages = [
+        entry
+        for entry in instance.all_logs(run_id)
+        if entry.dagster_event is None and entry.user_message and entry.step_key
+    ]
+    return [f"{entry.step_key}: {entry.user_message}" for entry in messages[-count:]]
+
+
 def run_demo(args: argparse.Namespace) -> int:
     """Materialize a job for every shard of the corpus in one in-process run, then summarize."""
     import torch
@@ -190,6 +204,11 @@ def run_demo(args: argparse.Namespace) -> int:
                 key = str(score_partition_key(retriever_id, "heldout"))
                 ok = execute("evaluate", partition_key=key) and ok
     except KeyboardInterrupt:
+        if results:
+            lines = last_run_messages(instance, results[-1].run_id)
+            if lines:
+                print("\nthe interrupted run's last messages:", file=sys.stderr)
+                print("\n".join(f"  {line}" for line in lines), file=sys.stderr)
         print(f"\n{RESUME_HINT}", file=sys.stderr)
         return 130
     print_summary(resources, shards, time.perf_counter() - started, results)
