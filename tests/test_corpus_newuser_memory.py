@@ -13,6 +13,7 @@ import tracemalloc
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import pytest
 from image_factory import (
     good_jpeg_bytes,
     not_an_image_bytes,
@@ -21,7 +22,12 @@ from image_factory import (
 )
 
 from megapairs_assets.corpus import table
-from megapairs_assets.corpus.images import ImageLimits
+from megapairs_assets.corpus.images import (
+    ImageLimits,
+    ImageRejected,
+    close_tar_cache,
+    read_uri_bytes,
+)
 from megapairs_assets.corpus.sources import (
     RawRecord,
     SourceSpec,
@@ -138,3 +144,41 @@ def test_reading_a_long_tar_does_not_keep_its_headers(tmp_path):
         )
     # tarfile's stream keeps every header (~0.9 KB a sample of two members) unless dropped.
     assert (peaks[large] - peaks[small]) / (large - small) < 200, peaks
+
+
+def test_tar_members_are_read_from_a_compact_index(tmp_path):
+    first, second = good_jpeg_bytes(1), good_jpeg_bytes(2)
+    tar_path = tmp_path / "00000.tar"
+    with tarfile.open(tar_path, "w") as tar:
+        for name, data in (("a.jpg", first), ("b.jpg", second), ("a.jpg", second)):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    close_tar_cache()
+    assert read_uri_bytes(f"{tar_path}#b.jpg") == second
+    assert read_uri_bytes(f"{tar_path}#a.jpg") == first  # the first copy of a name, as before
+    with pytest.raises(ImageRejected, match="missing_file"):
+        read_uri_bytes(f"{tar_path}#c.jpg")
+    # Cut inside b.jpg's data: the index still has it (its header is whole), reading fails.
+    whole = tar_path.read_bytes()
+    cut_at = whole.index(second) + len(second) // 2
+    cut_path = tmp_path / "cut.tar"
+    cut_path.write_bytes(whole[:cut_at])
+    assert read_uri_bytes(f"{cut_path}#a.jpg") == first
+    with pytest.raises(ImageRejected, match=r"decode_error: cannot read b\.jpg: unexpected end"):
+        read_uri_bytes(f"{cut_path}#b.jpg")
+    close_tar_cache()
+
+
+def test_a_link_member_is_still_followed(tmp_path):
+    tar_path = tmp_path / "links.tar"
+    with tarfile.open(tar_path, "w") as tar:
+        info = tarfile.TarInfo("a.jpg")
+        info.size = len(good_jpeg_bytes(1))
+        tar.addfile(info, io.BytesIO(good_jpeg_bytes(1)))
+        link = tarfile.TarInfo("alias.jpg")
+        link.type, link.linkname = tarfile.SYMTYPE, "a.jpg"
+        tar.addfile(link)
+    close_tar_cache()
+    assert read_uri_bytes(f"{tar_path}#alias.jpg") == good_jpeg_bytes(1)
+    close_tar_cache()

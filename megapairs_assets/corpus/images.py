@@ -43,6 +43,7 @@ _ALPHA_MODES = frozenset({"RGBA", "RGBa", "LA", "La", "PA"})
 _WIDE_INT_MODES = frozenset({"I", "I;16", "I;16B", "I;16L", "I;16N"})
 _UINT16_MAX = 65535
 _OPEN_TARS_PER_PROCESS = 16
+_PLAIN_FILE_TYPES = frozenset({tarfile.REGTYPE, tarfile.AREGTYPE, tarfile.CONTTYPE})
 # A JPEG decoded at 1/2..1/8 scale still reads every byte, so it proves the file is whole.
 _VALIDATION_DRAFT_SIDE_PX = 256
 # Unicode's control characters (category Cc) all lie below U+00A0. Line breaks and tabs
@@ -406,6 +407,8 @@ class _TarMemberCache:
             member = indexed.members.get(member_name)
             if member is None:
                 raise ImageRejected("missing_file", f"{member_name} is not in {tar_path}")
+            if isinstance(member, tuple):
+                return indexed.read_plain(member_name, *member)
             extracted = indexed.tar.extractfile(member)
             if extracted is None:
                 raise ImageRejected("missing_file", f"{member_name} in {tar_path} is not a file")
@@ -455,8 +458,24 @@ class _TarMemberCache:
 @dataclass
 class _IndexedTar:
     tar: tarfile.TarFile
-    members: dict[str, tarfile.TarInfo]
+    # Plain files as (data offset, size), read with one pread: a TarInfo costs ~0.5 KB a member,
+    # which over a 5,000-sample shard (15,000 members) and 16 open tars per worker adds up.
+    # Other members (links, sparse files) keep their TarInfo, so tarfile reads them as before.
+    members: dict[str, tuple[int, int] | tarfile.TarInfo]
     version: tuple[int, int]
+
+    def read_plain(self, member_name: str, offset: int, size: int) -> bytes:
+        """The bytes of a plain-file member; a tar cut off inside them is a decode_error."""
+        try:
+            # pread leaves the file's offset alone, so tarfile's own reads are unaffected.
+            data = os.pread(self.tar.fileobj.fileno(), size, offset)
+        except OSError as exc:
+            raise ImageRejected("decode_error", f"cannot read {member_name}: {exc}") from exc
+        if len(data) < size:
+            raise ImageRejected(
+                "decode_error", f"cannot read {member_name}: unexpected end of data"
+            )
+        return data
 
     @classmethod
     def open(cls, tar_path: str, version: tuple[int, int]) -> _IndexedTar:
@@ -465,14 +484,22 @@ class _IndexedTar:
             tar = tarfile.open(tar_path, mode="r:")  # noqa: SIM115
         except (tarfile.TarError, OSError) as exc:
             raise ImageRejected("decode_error", f"{tar_path} is not a readable tar: {exc}") from exc
-        members: dict[str, tarfile.TarInfo] = {}
+        members: dict[str, tuple[int, int] | tarfile.TarInfo] = {}
+        all_plain = True
         try:
             for member in tar:
+                plain = member.type in _PLAIN_FILE_TYPES and member.sparse is None
+                all_plain = all_plain and plain
                 # The first copy of a repeated name wins, as the corpus table keeps the first.
-                members.setdefault(member.name, member)
+                members.setdefault(
+                    member.name, (member.offset_data, member.size) if plain else member
+                )
         except (tarfile.TarError, OSError, EOFError):
             # A truncated shard still serves the members that were indexed before the break.
             pass
+        if all_plain:
+            # tarfile's own list of every header is needed only to follow links (none here).
+            tar.members = []
         return cls(tar=tar, members=members, version=version)
 
 
