@@ -20,7 +20,8 @@ from fault_server import ChatServer
 from generation_fixtures import http_settings, make_world
 
 from megapairs_assets.generation.assets import generation_assets
-from megapairs_assets.generation.backends.openai_http import probe_image_input
+from megapairs_assets.generation.backends.base import GenerationRequest, SamplingParams
+from megapairs_assets.generation.backends.openai_http import OpenAIHttpBackend, probe_image_input
 from megapairs_assets.generation.common import GenerationStepError, raise_if_backend_failing
 from megapairs_assets.generation.resource import GenerationResource
 from megapairs_assets.generation.runner import RunStats
@@ -115,3 +116,24 @@ def test_the_stopped_server_probe_timeout_is_validated():
                     "stopped_probe_timeout_s": bad,
                 }
             )
+
+
+def test_a_timed_out_request_says_which_settings_to_change():
+    # A server that answers one request at a time keeps the rest waiting: the error a user
+    # reads names the two settings that fix it.
+    with ChatServer(faults={"SLOW": ["stall:1"]}) as server:
+        spec = http_settings(
+            server.base_url, request_timeout_s=0.3, max_retries=0, max_in_flight=8
+        ).describe.backend
+        request = GenerationRequest(
+            key="k",
+            step="describe",
+            messages=({"role": "user", "content": "SLOW"},),
+            sampling=SamplingParams(max_tokens=8),
+            seed=0,
+        )
+        results = []
+        OpenAIHttpBackend(spec).generate([request], results.extend)
+    (result,) = results
+    assert "request_timeout_s=0.3 with up to max_in_flight=8" in result.error
+    assert "needs a lower max_in_flight or a longer request_timeout_s" in result.error

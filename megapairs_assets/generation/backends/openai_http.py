@@ -273,7 +273,14 @@ class OpenAIHttpBackend:
             async with asyncio.timeout(self.options.request_timeout_s):
                 response = await client.post(url, json=body)
         except (TimeoutError, httpx2.TimeoutException) as error:
-            raise RetryableError(f"timeout from {url} ({type(error).__name__})") from error
+            # A server that answers one request at a time (`transformers serve` without
+            # --continuous-batching) queues the rest: the last of max_in_flight waits for all.
+            raise RetryableError(
+                f"timeout from {url} ({type(error).__name__}) after request_timeout_s="
+                f"{self.options.request_timeout_s:g} with up to max_in_flight="
+                f"{self.options.max_in_flight} requests at once (a server that answers one at a "
+                "time needs a lower max_in_flight or a longer request_timeout_s)"
+            ) from error
         except httpx2.TransportError as error:
             raise RetryableError(
                 f"connection to {url}: {type(error).__name__}: {_transport_reason(error)}"
