@@ -478,18 +478,26 @@ class _IndexedTar:
         return data
 
     @classmethod
-    def open(cls, tar_path: str, version: tuple[int, int]) -> _IndexedTar:
+    def open(
+        cls, tar_path: str, version: tuple[int, int], keep_headers: bool = False
+    ) -> _IndexedTar:
+        """Index a tar's members. Headers are dropped as they are read unless the tar has a
+        link or sparse file, which tarfile can only read with every header it has seen: the
+        first such member starts the walk again with `keep_headers`."""
         try:
             # Held open across calls on purpose: the cache closes it on eviction or clear().
             tar = tarfile.open(tar_path, mode="r:")  # noqa: SIM115
         except (tarfile.TarError, OSError) as exc:
             raise ImageRejected("decode_error", f"{tar_path} is not a readable tar: {exc}") from exc
         members: dict[str, tuple[int, int] | tarfile.TarInfo] = {}
-        all_plain = True
         try:
             for member in tar:
                 plain = member.type in _PLAIN_FILE_TYPES and member.sparse is None
-                all_plain = all_plain and plain
+                if not plain and not keep_headers:
+                    tar.close()
+                    return cls.open(tar_path, version, keep_headers=True)
+                if not keep_headers:
+                    tar.members = []  # tarfile keeps every header it has read here
                 # The first copy of a repeated name wins, as the corpus table keeps the first.
                 members.setdefault(
                     member.name, (member.offset_data, member.size) if plain else member
@@ -497,9 +505,6 @@ class _IndexedTar:
         except (tarfile.TarError, OSError, EOFError):
             # A truncated shard still serves the members that were indexed before the break.
             pass
-        if all_plain:
-            # tarfile's own list of every header is needed only to follow links (none here).
-            tar.members = []
         return cls(tar=tar, members=members, version=version)
 
 
