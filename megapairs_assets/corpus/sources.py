@@ -211,7 +211,8 @@ def detect_source_kind(path: Path) -> SourceKind:
         )
         raise ConfigurationError(
             f"corpus {path} does not exist{home_hint}; give a folder of webdataset .tar shards, "
-            "a folder of image folders (one per shard) or a .parquet/.jsonl/.ndjson manifest"
+            "a folder of images or of image folders (one per shard) or a .parquet/.jsonl/.ndjson "
+            "manifest"
         )
     if not path.exists():
         raise ConfigurationError(f"corpus {path} is a broken symbolic link")
