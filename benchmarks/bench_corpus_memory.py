@@ -14,17 +14,20 @@ pictures, each file made unique by a JPEG comment, so no two share a content has
 
 The marginal cost per image is (peak at the largest size - peak at the smallest) / (size
 difference): what each further image of a shard adds. An image's bytes and pixels are held
-only while it is checked, so that figure is the table's rows and the duplicate indexes, not
-pictures. With `--baseline-ref` (default HEAD~0 means none) the package as it was at that
-git commit is measured in the same run, on the same files, for a before/after ratio.
+only while it is checked, so that figure is the table's rows, the duplicate indexes and the
+folder listing or tar index, not pictures. With `--baseline-ref REF` the `megapairs_assets`
+package as it was at git commit REF is measured too, in the same run on the same files, and
+the ratios before / now are printed (without it, only now). The recorded result compares
+against a4e918e, the commit before the memory changes.
 
 Writes benchmarks/results/corpus_memory.json (not with --quick). Timings are noisy on a shared
-machine; memory figures are steadier.
+machine; memory figures are steadier (RSS within about 1 MiB from run to run).
 """
 
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import struct
@@ -41,8 +44,9 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 PHOTO_SIZE_PX = (1024, 768)
 DISTINCT_PICTURES = 16
 
-# Run in a fresh interpreter with the code root first on sys.path: argv = code root, corpus
-# kind, corpus path, shard, home, "rss" | "trace". Prints one JSON line.
+# Run in a fresh interpreter with the code root first on sys.path; argv: code root, corpus kind,
+# corpus path, shard, home, "rss" | "trace", repository root (for benchmarks._machine), warm-up
+# corpus path, warm-up shard. Prints one JSON line.
 _CHILD = r"""
 import json, sys, time, tracemalloc
 code_root, kind, path, shard, home, mode = sys.argv[1:7]
@@ -57,7 +61,8 @@ from megapairs_assets.lineage.catalog import LineageCatalog
 import megapairs_assets
 assert megapairs_assets.__file__.startswith(code_root), megapairs_assets.__file__
 spec = SourceSpec(kind, path)
-layout = DataLayout(__import__("pathlib").Path(home))
+from pathlib import Path
+layout = DataLayout(Path(home))
 catalog = LineageCatalog(layout.home / "catalog.duckdb")
 quiet = lambda message: None
 # Warm-up on the same code paths (imports, decoder, parquet writer, catalog query).
@@ -110,22 +115,32 @@ def write_corpora(root: Path, size: int, pictures: list[bytes]) -> dict[str, tup
             for name, payload in (("jpg", data), ("txt", caption), ("json", metadata)):
                 info = tarfile.TarInfo(f"{index:06d}.{name}")
                 info.size, info.mtime = len(payload), 1_700_000_000
-                tar.addfile(info, _reader(payload))
+                tar.addfile(info, io.BytesIO(payload))
     return {"folder": (str(folder.parent), "photos"), "webdataset": (str(tar_root), "00000")}
 
 
-def _reader(data: bytes):
-    import io
-
-    return io.BytesIO(data)
-
-
-def measure(code_root: Path, kind: str, corpus: tuple[str, str], warm: tuple[str, str],
-            home: Path, mode: str) -> dict:
+def measure(
+    code_root: Path,
+    kind: str,
+    corpus: tuple[str, str],
+    warm: tuple[str, str],
+    home: Path,
+    mode: str,
+) -> dict:
     """One fresh process running `build_corpus_shard` with the package under `code_root`."""
     command = [
-        sys.executable, "-c", _CHILD, str(code_root), kind, corpus[0], corpus[1], str(home),
-        mode, str(REPO_ROOT), warm[0], warm[1],
+        sys.executable,
+        "-c",
+        _CHILD,
+        str(code_root),
+        kind,
+        corpus[0],
+        corpus[1],
+        str(home),
+        mode,
+        str(REPO_ROOT),
+        warm[0],
+        warm[1],
     ]
     env = {**os.environ, "PYTHONPATH": ""}
     done = subprocess.run(command, capture_output=True, text=True, check=False, env=env)
@@ -138,7 +153,8 @@ def export_package(ref: str, into: Path) -> Path:
     """The `megapairs_assets` package as it was at git `ref`, under `into`."""
     archive = subprocess.run(
         ["git", "-C", str(REPO_ROOT), "archive", ref, "megapairs_assets"],
-        capture_output=True, check=True,
+        capture_output=True,
+        check=True,
     ).stdout
     into.mkdir(parents=True)
     subprocess.run(["tar", "-x", "-C", str(into)], input=archive, check=True)
@@ -168,11 +184,12 @@ def main() -> None:
                 for size in sizes:
                     home = root / f"home-{label}-{kind}-{size}"
                     rss = measure(code_root, kind, corpora[size][kind], warm[kind], home, "rss")
-                    heap = measure(code_root, kind, corpora[size][kind], warm[kind], home,
-                                   "trace")
+                    heap = measure(code_root, kind, corpora[size][kind], warm[kind], home, "trace")
                     assert rss["row_counts"]["images"] == size, rss
-                    by_size[size] = {**rss, **{"python_heap_peak_mib":
-                                               heap["python_heap_peak_mib"]}}
+                    by_size[size] = {
+                        **rss,
+                        **{"python_heap_peak_mib": heap["python_heap_peak_mib"]},
+                    }
                     print(
                         f"{label:6s} {kind:10s} {size:6d} images: peak RSS +"
                         f"{rss['rss_peak_above_start_mib']:.1f} MiB, Python heap peak "
@@ -183,11 +200,23 @@ def main() -> None:
                 results.setdefault(label, {})[kind] = {
                     "by_size": by_size,
                     "rss_kib_per_image": round(
-                        (by_size[large]["rss_peak_above_start_mib"]
-                         - by_size[small]["rss_peak_above_start_mib"]) * 1024 / span, 2),
+                        (
+                            by_size[large]["rss_peak_above_start_mib"]
+                            - by_size[small]["rss_peak_above_start_mib"]
+                        )
+                        * 1024
+                        / span,
+                        2,
+                    ),
                     "python_heap_kib_per_image": round(
-                        (by_size[large]["python_heap_peak_mib"]
-                         - by_size[small]["python_heap_peak_mib"]) * 1024 / span, 2),
+                        (
+                            by_size[large]["python_heap_peak_mib"]
+                            - by_size[small]["python_heap_peak_mib"]
+                        )
+                        * 1024
+                        / span,
+                        2,
+                    ),
                 }
                 figures = results[label][kind]
                 print(
@@ -199,22 +228,30 @@ def main() -> None:
         for kind in ("folder", "webdataset"):
             before, now = results["before"][kind], results["now"][kind]
             large = sizes[-1]
-            ratio = (before["by_size"][large]["python_heap_peak_mib"]
-                     / max(now["by_size"][large]["python_heap_peak_mib"], 1e-6))
+            ratio = before["by_size"][large]["python_heap_peak_mib"] / max(
+                now["by_size"][large]["python_heap_peak_mib"], 1e-6
+            )
             results.setdefault("ratio_before_over_now", {})[kind] = {
                 f"python_heap_peak_at_{large}": round(ratio, 2),
                 f"rss_peak_at_{large}": round(
                     before["by_size"][large]["rss_peak_above_start_mib"]
-                    / max(now["by_size"][large]["rss_peak_above_start_mib"], 1e-6), 2),
+                    / max(now["by_size"][large]["rss_peak_above_start_mib"], 1e-6),
+                    2,
+                ),
             }
-            print(f"{kind}: before / now at {large} images: "
-                  f"{results['ratio_before_over_now'][kind]}")
+            print(
+                f"{kind}: before / now at {large} images: {results['ratio_before_over_now'][kind]}"
+            )
     payload = {
         "sizes": sizes,
         "photo_size_px": list(PHOTO_SIZE_PX),
         "baseline_ref": args.baseline_ref,
-        "commit": subprocess.run(["git", "-C", str(REPO_ROOT), "rev-parse", "--short", "HEAD"],
-                                 capture_output=True, text=True, check=False).stdout.strip(),
+        "commit": subprocess.run(
+            ["git", "-C", str(REPO_ROOT), "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=False,
+        ).stdout.strip(),
         "load_average_end": os.getloadavg()[0],
         "wall_s": round(time.perf_counter() - started, 1),
         "results": results,
