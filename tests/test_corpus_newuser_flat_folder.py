@@ -165,3 +165,10 @@ def test_the_corpus_step_builds_a_cut_shard(tmp_path):
     assert images["caption"].to_list() == [captions["IMG_00006"]]
     assert result.row_counts["quarantined"] == 0
     assert any("1/1" in line for line in lines), lines  # progress knew the total
+
+
+def test_the_corpus_resource_cuts_at_the_same_size_as_the_source():
+    from resources.corpus import CorpusSourceResource
+
+    spec = CorpusSourceResource(kind="folder", path="photos").spec()
+    assert spec.shard_size == DEFAULT_SHARD_SIZE
