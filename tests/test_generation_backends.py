@@ -79,7 +79,9 @@ def test_transformers_backend_end_to_end_on_tiny_local_models(
     # Random weights write nonsense: each pair is a row or a quarantine row with a reason.
     log = first.rows["quarantine_log"]
     assert first.row_count + log.height == 6
-    assert set(log["reason"]) <= {"description_too_short", "description_empty", "output_truncated"}
+    # (nonsense in no language is also `wrong_language`)
+    nonsense = {"description_too_short", "description_empty", "output_truncated", "wrong_language"}
+    assert set(log["reason"]) <= nonsense
     stored = ResponseStore(store_path(world.layout, "00000", "describe")).get(
         [k for k in _keys(world)]
     )
