@@ -9,7 +9,7 @@ import dagster as dg
 from pydantic import Field
 
 from megapairs_assets.corpus.images import ImageLimits
-from megapairs_assets.corpus.sources import SourceSpec, list_shards
+from megapairs_assets.corpus.sources import DEFAULT_SHARD_SIZE, SourceSpec, list_shards
 from megapairs_assets.lib.errors import ConfigurationError
 
 
@@ -20,12 +20,15 @@ class CorpusSourceResource(dg.ConfigurableResource):
     """
 
     kind: Literal["webdataset", "folder", "manifest"] = Field(
-        description="webdataset: folder of *.tar shards; folder: one subfolder per shard; "
-        "manifest: parquet/jsonl with path|url, caption[, key][, shard]"
+        description="webdataset: folder of *.tar shards; folder: images, or one subfolder per "
+        "shard; manifest: parquet/jsonl with path|url, caption[, key][, shard]"
     )
     path: str = Field(description="The tar folder, image folder or manifest file")
     shard_size: int = Field(
-        default=1000, description="Manifest rows per shard without a shard column"
+        default=DEFAULT_SHARD_SIZE,
+        description="Images per shard where the source does not group them: manifest rows "
+        "without a shard column, and a folder's loose top-level images beyond this many (cut "
+        "into root-00000, root-00001, ...)",
     )
     min_side_px: int = Field(default=16, description="Smaller images are quarantined (too_small)")
     max_pixels: int = Field(

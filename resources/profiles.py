@@ -115,8 +115,8 @@ DINOV2_MODEL_HINT = (
 )
 CORPUS_HINT = (
     f"with the paper profile, set {CORPUS_VARIABLE} to your corpus: a folder of img2dataset "
-    "webdataset .tar shards, a folder of image folders (img2dataset's `files` output), or a "
-    ".parquet/.jsonl manifest (default $MEGAPAIRS_HOME/corpus)"
+    "webdataset .tar shards, a folder of images or of image folders (img2dataset's `files` "
+    "output), or a .parquet/.jsonl manifest (default $MEGAPAIRS_HOME/corpus)"
 )
 
 

@@ -68,7 +68,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--corpus",
         type=Path,
         help="sample shards from this corpus instead of the profile's (a folder of webdataset "
-        ".tar shards, a folder of image folders, or a .parquet/.jsonl manifest)",
+        ".tar shards, a folder of images or of image folders, or a .parquet/.jsonl manifest)",
     )
     check.add_argument(
         "--shards",
@@ -202,7 +202,7 @@ def _run_sample(args: argparse.Namespace, home: Path) -> int:
 
         raise ConfigurationError(
             f"the corpus {source.path} has no shards: give --corpus a folder of webdataset .tar "
-            "shards, a folder of image folders or a .parquet/.jsonl manifest"
+            "shards, a folder of images or of image folders or a .parquet/.jsonl manifest"
         )
     fields = {name: getattr(source, name) for name in type(source).model_fields}
     sample = CorpusSourceResource(**{**fields, "only_shards": shards})
