@@ -358,7 +358,7 @@ class ServerSettingNames:
             "missing_v1": f"set {self.base_urls} to the server's OpenAI base URL (ending /v1)",
             "key": f"set {self.api_key} to the server's API key",
             "other_name": f"set {self.served_model} to the name the server uses, or serve it "
-            f"as {served!r} (vllm serve <weights> --served-model-name {served})",
+            f"as {served!r} (with vLLM: vllm serve <weights> --served-model-name {served})",
             "no_images": "serve a vision-language model there, or set "
             f"{self.captions_template} (caption-based: the model reads the two captions instead "
             "of the pictures)",
