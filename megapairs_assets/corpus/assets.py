@@ -5,6 +5,7 @@ from typing import Any
 
 import dagster as dg
 
+from megapairs_assets.corpus.sources import SourceListings
 from megapairs_assets.corpus.step import (
     ASSET_NAME,
     CORPUS_CHECKS,
@@ -72,7 +73,10 @@ def image_corpus(
     spec, limits = corpus_source.spec(), corpus_source.limits()
     # Entries of the source that no shard reads (odd files, unsafe names) are reported, never
     # silently dropped: data/image_corpus/source_report.parquet.
-    unread = write_source_report(spec, layout)
+    # One listing of a folder source for the whole step: every shard reads from it (see
+    # SourceListings for why that is never stale).
+    listings = SourceListings()
+    unread = write_source_report(spec, layout, listings)
     if unread.height:
         context.log.warning(
             f"{unread.height} entries of the corpus source are not read by any shard: "
@@ -81,7 +85,9 @@ def image_corpus(
     return materialize_partitions(
         context,
         STAGE,
-        lambda shard: build_corpus_shard(shard, spec, limits, layout, lineage, context.log.info),
+        lambda shard: build_corpus_shard(
+            shard, spec, limits, layout, lineage, context.log.info, listings
+        ),
         lineage,
         storage.profile,
         run_metadata={

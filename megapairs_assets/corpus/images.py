@@ -133,13 +133,15 @@ def decode_image(data: bytes, limits: ImageLimits, max_side_px: int | None = Non
     return decoded
 
 
-def validate_image(data: bytes, limits: ImageLimits) -> DecodedImage:
+def validate_image(data: bytes, limits: ImageLimits, known_hash: str | None = None) -> DecodedImage:
     """Prove that bytes are an image the corpus accepts, as cheaply as a full check allows.
 
     Same rejections as `decode_image`, but JPEGs are decoded at a reduced DCT scale and nothing
     is resized: `image` is whatever rendition was cheapest, for inspection, not for models.
+    `known_hash`: `content_hash(data)` when the caller has already computed it (the corpus
+    table hashes every record to find copies before decoding), so the bytes are hashed once.
     """
-    return _decode(data, limits, draft_side_px=_VALIDATION_DRAFT_SIDE_PX)
+    return _decode(data, limits, draft_side_px=_VALIDATION_DRAFT_SIDE_PX, known_hash=known_hash)
 
 
 def open_image_rgb(uri: str, limits: ImageLimits, max_side_px: int | None = None) -> Image.Image:
@@ -248,7 +250,9 @@ def clean_caption(caption: str | None, limits: ImageLimits) -> tuple[str | None,
     return _cut_at_word(text, limits.max_caption_chars), True
 
 
-def _decode(data: bytes, limits: ImageLimits, draft_side_px: int | None) -> DecodedImage:
+def _decode(
+    data: bytes, limits: ImageLimits, draft_side_px: int | None, known_hash: str | None = None
+) -> DecodedImage:
     try:
         image = Image.open(io.BytesIO(data))
     except UnidentifiedImageError as exc:
@@ -280,7 +284,7 @@ def _decode(data: bytes, limits: ImageLimits, draft_side_px: int | None) -> Deco
         width=width_px,
         height=height_px,
         original_mode=original_mode,
-        content_hash=content_hash(data),
+        content_hash=known_hash if known_hash is not None else content_hash(data),
     )
 
 

@@ -13,6 +13,7 @@ import polars as pl
 from megapairs_assets.corpus.images import ImageLimits, open_image_rgb
 from megapairs_assets.corpus.sources import (
     ShardReadError,
+    SourceListings,
     SourceSpec,
     count_shard_records,
     iter_shard_records,
@@ -78,14 +79,21 @@ def build_corpus_shard(
     layout: DataLayout,
     catalog: LineageCatalog,
     log: Callable[[str], None] = print,
+    listings: SourceListings | None = None,
 ) -> StepResult:
-    """Read and validate one shard; write its images and quarantine tables."""
+    """Read and validate one shard; write its images and quarantine tables.
+
+    `listings`: the folder listings the run's shards share (`SourceListings`: the asset makes
+    one per step); None makes one for this shard, so its count and its read list it once.
+    """
+    listings = listings or SourceListings()
     # A total (tar headers, folder listing or manifest rows) gives the run log and bar an ETA.
-    total = count_shard_records(spec, shard)
+    total = count_shard_records(spec, shard, listings)
     with Progress(total, f"{ASSET_NAME}[{shard}]", "items", log=log) as progress:
         try:
+            records = iter_shard_records(spec, shard, listings)
             images, quarantine = build_shard_table(
-                shard, iter_shard_records(spec, shard), limits, on_progress=progress.update
+                shard, records, limits, on_progress=progress.update
             )
         except ShardReadError as error:
             log(f"shard {shard} is unreadable: {error}")

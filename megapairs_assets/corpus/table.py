@@ -21,7 +21,13 @@ from megapairs_assets.corpus.images import (
     stable_detail,
     validate_image,
 )
-from megapairs_assets.corpus.sources import RawRecord, ShardReadError, SourceSpec, scan_source
+from megapairs_assets.corpus.sources import (
+    RawRecord,
+    ShardReadError,
+    SourceListings,
+    SourceSpec,
+    scan_source,
+)
 from megapairs_assets.corpus.uris import split_tar_member
 from megapairs_assets.lib.progress import ProgressCallback
 from megapairs_assets.lib.quality import CheckOutcome, outcome
@@ -132,14 +138,17 @@ def source_report_table(unread: Iterable[RawRecord]) -> pl.DataFrame:
     return builder.frames()[1]
 
 
-def write_source_report(spec: SourceSpec, layout: DataLayout) -> pl.DataFrame:
+def write_source_report(
+    spec: SourceSpec, layout: DataLayout, listings: SourceListings | None = None
+) -> pl.DataFrame:
     """Scan the source and write its report (`layout.corpus_source_report()`) atomically.
 
     Returns the report: one row per entry no shard reads (see `source_report_table`), empty
     when every entry is read. Idempotent; cheap next to reading a shard (a folder listing, or
-    the manifest's shard column).
+    the manifest's shard column). `listings`: the run's shared folder listings, so its shards
+    reuse the top folder's listing made here (`SourceListings`).
     """
-    report = source_report_table(scan_source(spec).unread)
+    report = source_report_table(scan_source(spec, listings).unread)
     write_parquet_atomic(report, layout.corpus_source_report())
     return report
 
@@ -242,20 +251,22 @@ class _ShardTableBuilder:
         if record.data is None:
             self.quarantine(record, "read_error", "the source returned no bytes")
             return
-        # Hashing is far cheaper than decoding, so exact copies are caught first.
-        kept_key = self.kept_key_by_digest.get(bytes.fromhex(content_hash(record.data)))
+        # Hashing is far cheaper than decoding, so exact copies are caught first; the digest
+        # is handed to validation, so each image's bytes are hashed once.
+        digest = content_hash(record.data)
+        kept_key = self.kept_key_by_digest.get(bytes.fromhex(digest))
         if kept_key is not None:
             kept_id = f"{self.shard_id}/{kept_key}"
             self.quarantine(record, "duplicate_content", f"same bytes as {kept_id}")
             return
         try:
-            decoded = validate_image(record.data, self.limits)
+            decoded = validate_image(record.data, self.limits, known_hash=digest)
         except ImageRejected as exc:
             self.quarantine(record, exc.reason, exc.detail)
             return
         caption, caption_truncated = clean_caption(record.caption, self.limits)
         self.kept_file_by_key[record.key] = _file_name(record.uri)
-        self.kept_key_by_digest[bytes.fromhex(decoded.content_hash)] = record.key
+        self.kept_key_by_digest[bytes.fromhex(digest)] = record.key
         self.kept.append(
             {
                 "image_id": image_id,
