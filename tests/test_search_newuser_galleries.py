@@ -81,7 +81,7 @@ def test_a_manifest_is_a_gallery_with_its_captions(
     images = open_query_images(query, retriever.input_side_px)
     (kept,) = search(retriever, query, images, embeddings, 5, include_query=True)
     assert kept.hits[0].item.item_id == "00000/b" and kept.hits[0].caption == "second"
-    # The manifest's hash of each row finds the query's copy: left out by default.
+    # The row of the query's size and bytes is the query's copy: left out by default.
     (left,) = search(retriever, query, images, embeddings, 5)
     assert left.query_copies_left_out == 1
     assert [h.item.item_id for h in left.hits] == [h.item.item_id for h in kept.hits[1:]]
@@ -98,6 +98,35 @@ def test_a_manifest_that_cannot_be_a_gallery_is_named(tmp_path: Path) -> None:
     gone = write_manifest(tmp_path / "gone.jsonl", [{"path": "nowhere.jpg", "caption": "x"}])
     with pytest.raises(SearchDataError, match=r"holds no images \(.*nowhere\.jpg"):
         gallery_from_path(gone)
+
+
+def test_a_manifest_gallery_reads_no_image_to_list_and_only_same_size_rows_for_copies(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Listing a manifest is what every search does, cache hit or not: it must not read the
+    gallery's files (it used to read and hash every one of them)."""
+    from megapairs_assets.corpus import images, sources
+    from megapairs_assets.retriever import search as search_module
+
+    manifest = write_manifest(tmp_path / "gallery.jsonl", _manifest_rows(tmp_path))
+    (tmp_path / "images/000000002.jpg").write_bytes(good_jpeg_bytes(1))  # a copy of row b
+    read: list[str] = []
+    real = images.read_uri_bytes
+
+    def recording(uri: str) -> bytes:
+        read.append(Path(uri).name)
+        return real(uri)
+
+    for module in (images, sources, search_module):
+        monkeypatch.setattr(module, "read_uri_bytes", recording)
+    gallery = gallery_from_path(manifest)
+    assert read == [] and [i.size_bytes for i in gallery.items] == [
+        (tmp_path / f"images/00000000{n}.jpg").stat().st_size for n in range(3)
+    ]
+    query = tmp_path / "images/000000001.jpg"
+    assert gallery.items[0].size_bytes != query.stat().st_size  # so row a is never read
+    assert identical_rows(gallery, [query]) == {query: [1, 2]}
+    assert sorted(read) == ["000000001.jpg", "000000001.jpg", "000000002.jpg"]  # query, b, c
 
 
 @pytest.fixture

@@ -25,7 +25,9 @@ base name, folders included (webdataset's rule), unless the tar's names only pai
 at the last dot (`a.b.c.jpg` + `a.b.c.txt`, see `_choose_key_rule`); a sample's further
 images (`k.png` after `k.jpg`) are records of their own with the sample's caption. In a folder
 an image's key is its stem, or its full name when an earlier image took that stem (`twin.jpg`,
-`twin.png`). `count_shard_records` says how many records a shard holds before reading it.
+`twin.png`). `count_shard_records` says how many records a shard holds before reading it;
+`SourceListings` lets the shards of one run share a folder's listing; `list_manifest_rows`
+lists a manifest's rows as its records would hold them, without reading an image.
 Inside a shard, reading never raises for a single bad item:
 it yields a `RawRecord` whose `error` says what is wrong (links, FIFOs and unknown members of a
 tar included), so the table builder can quarantine it. Only a shard that cannot be read at all
@@ -45,6 +47,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
+from stat import S_ISREG
 from typing import Literal
 
 import polars as pl
@@ -1334,7 +1337,7 @@ def _read_local(
     not_a_file = _not_a_regular_file(uri)
     if not_a_file is not None:
         # Checked before reading: opening a FIFO would block the step forever.
-        return failed(f"not_a_file: {uri} is {not_a_file}, not an image file")
+        return failed(_not_a_file_error(uri, not_a_file))
     try:
         data = read_uri_bytes(uri)
     except ImageRejected as exc:
@@ -1342,6 +1345,27 @@ def _read_local(
     except OSError as exc:
         return failed(f"read_error: {exc}")
     return RawRecord(key, uri, caption, data, None, caption_issue)
+
+
+def _not_a_file_error(uri: str, what: str) -> str:
+    return f"not_a_file: {uri} is {what}, not an image file"
+
+
+def _local_file_state(uri: str) -> tuple[str | None, int | None]:
+    """(why `_read_local` would fail on a local file, in its record's words; the file's size in
+    bytes), from one stat and without reading it. (None, None) for a tar member, whose bytes
+    only a read finds."""
+    if split_tar_member(uri) is not None:
+        return None, None
+    try:
+        status = os.stat(uri)
+    except (FileNotFoundError, NotADirectoryError):
+        return f"missing_file: {uri} does not exist", None  # as `read_uri_bytes` says it
+    except OSError as exc:
+        return f"read_error: {uri}: {exc.strerror or type(exc).__name__}", None
+    if not S_ISREG(status.st_mode):
+        return _not_a_file_error(uri, _entry_kind(Path(uri))), None
+    return None, status.st_size
 
 
 def _not_a_regular_file(uri: str) -> str | None:
@@ -1668,19 +1692,84 @@ def _read_manifest_shard_rows(
 
 
 def _manifest_record(row: _ManifestRow) -> RawRecord:
-    def failed(error: str) -> RawRecord:
-        return RawRecord(row.key, row.uri, row.caption, None, error, row.caption_issue)
+    problem = _manifest_row_problem(row)
+    if problem is not None:
+        return RawRecord(row.key, row.uri, row.caption, None, problem, row.caption_issue)
+    return _read_local(row.key, row.uri, row.caption, row.caption_issue)
 
+
+def _manifest_row_problem(row: _ManifestRow) -> str | None:
+    """Why a row names no file the corpus can read ("reason: detail"), from the row alone."""
     if row.row_issue is not None:
-        return failed(f"bad_manifest_value: row {row.index}: {row.row_issue}")
+        return f"bad_manifest_value: row {row.index}: {row.row_issue}"
     if row.location is None:
-        return failed(f"missing_file: row {row.key} has no path or url")
+        return f"missing_file: row {row.key} has no path or url"
     if is_remote(row.location):
-        return failed(f"remote_uri: download shards first (e.g. with img2dataset): {row.location}")
+        return f"remote_uri: download shards first (e.g. with img2dataset): {row.location}"
     windows = _windows_absolute(row.location)
     if windows is not None and not Path(row.uri).exists():
-        return failed(
+        return (
             f"missing_file: {row.location} is a Windows path ({windows}), which this machine "
             "cannot open: write paths relative to the manifest (images/a.jpg) or absolute here"
         )
-    return _read_local(row.key, row.uri, row.caption, row.caption_issue)
+    return None
+
+
+@dataclass(frozen=True)
+class ManifestEntry:
+    """One manifest row as `iter_shard_records` reads it, without its image's bytes.
+
+    `shard` and `key` make its image id (`<shard>/<key>`); `uri` is its `source_uri` ("" for a
+    row without path or url); `caption` (as written, not yet cleaned) and `caption_issue` are
+    its record's. `problem`: why the corpus could not read the row's image, in the words of
+    its record's `error` ("reason: detail": a bad value, no path, a remote URL, a Windows path,
+    a missing file, something that is not a regular file), None when the file is there (its
+    bytes may still fail to read or decode). `size_bytes`: the file's size from its stat, None
+    with a problem or for a tar member.
+    """
+
+    shard: str
+    key: str
+    uri: str
+    caption: str | None
+    caption_issue: str | None
+    problem: str | None
+    size_bytes: int | None
+
+
+@dataclass(frozen=True)
+class ManifestListing:
+    """A manifest's rows (`entries`, in the order the shards read them: shard id, then row),
+    and the entries no shard reads (`unread`, as `scan_source` reports them: lines that are not
+    JSON objects, rows of a shard id that is unsafe as a file name)."""
+
+    entries: list[ManifestEntry]
+    unread: list[RawRecord]
+
+
+def list_manifest_rows(spec: SourceSpec) -> ManifestListing:
+    """Every row of a manifest source, as its shards' records would hold it, reading no image.
+
+    What the corpus's reader knows of a row before it reads the file (its parse, the same one
+    `iter_shard_records` uses, and one stat of the file), for listing a manifest cheaply, such
+    as `megapairs search --gallery manifest.jsonl` on every search. The manifest is parsed
+    once for all shards. Raises `ConfigurationError` as `scan_source` does (no such file, empty,
+    no `path`/`url` column, not readable).
+    """
+    if spec.kind != "manifest":
+        raise ValueError(f"list_manifest_rows reads a manifest source, not {spec.kind!r}")
+    scan = scan_source(spec)
+    manifest = _scan_manifest(spec)
+    listed = manifest.filter(pl.col(_SHARD_ID).is_in(scan.shards)).sort([_SHARD_ID, _ROW])
+    rows = _collect(listed, Path(spec.path))
+    entries: list[ManifestEntry] = []
+    for row in _manifest_rows(rows, manifest.collect_schema(), _manifest_dir(spec)):
+        problem, size_bytes = _manifest_row_problem(row), None
+        if problem is None:
+            problem, size_bytes = _local_file_state(row.uri)
+        entries.append(
+            ManifestEntry(
+                row.shard_id, row.key, row.uri, row.caption, row.caption_issue, problem, size_bytes
+            )
+        )
+    return ManifestListing(entries, scan.unread)

@@ -14,9 +14,9 @@ What the search command runs, as plain functions (no argparse, no Dagster):
   the raw projections summed, then normalised); candidates are normalised image projections,
   so a score is a cosine similarity;
 - the query image itself is not a result (`identical_rows`): gallery images with exactly its
-  bytes (sha256: the corpus's and a manifest's listed hash, else hashed only when the sizes
-  match), and on the corpus the image whose triplet-export copy it is, are left out and
-  counted, unless the caller keeps them (`include_query`).
+  bytes (sha256: the corpus's listed hash, else hashed only when the sizes match; tars and
+  manifests list sizes), and on the corpus the image whose triplet-export copy it is, are
+  left out and counted, unless the caller keeps them (`include_query`).
 
 An image that cannot be read is left out of the ranking and listed (count and first few), never
 fatal; its cached row is NaN, so a cached search still knows which ones they were. Entries that
@@ -58,12 +58,10 @@ from megapairs_assets.corpus.images import (
     read_uri_bytes,
 )
 from megapairs_assets.corpus.sources import (
-    ShardReadError,
     SourceSpec,
     detect_source_kind,
     is_image_name,
-    iter_shard_records,
-    scan_source,
+    list_manifest_rows,
 )
 from megapairs_assets.corpus.uris import TAR_SUFFIX, split_tar_member, tar_member_uri
 from megapairs_assets.evaluation.benchmark import BenchmarkSplit, ImageRef
@@ -110,7 +108,7 @@ class GalleryItem:
     item_id: the path below the gallery folder, `<tar name>#<member>`, `<shard>/<key>` of a
     manifest row, or the corpus image_id. uri: an absolute path or `<tar path>#<member>`
     (corpus.uris), as `read_uri_bytes` reads. content_hash (sha256 hex of the file's bytes) and
-    size_bytes: when the listing knew them (the corpus and manifests: the hash; tars: the
+    size_bytes: when the listing knew them (the corpus: the hash; tars and manifests: the
     size); they find the gallery's copies of a query image (`identical_rows`).
     """
 
@@ -269,39 +267,29 @@ def _is_manifest(path: Path) -> bool:
 
 
 def _manifest_gallery(manifest: Path) -> Gallery:
-    """Every row of a corpus manifest, read by the corpus's reader (`corpus.sources`): `path`
-    relative to the manifest or absolute, `caption`, optional `key`/`shard`; an item's id is
-    `<shard>/<key>`, as the corpus would name it. A row the corpus would not read (no path, a
-    URL, a missing file, a malformed line) is listed in `unlisted` with its reason.
+    """Every row of a corpus manifest, parsed by the corpus's reader (`corpus.sources.
+    list_manifest_rows`): `path` relative to the manifest or absolute, `caption`, optional
+    `key`/`shard`; an item's id is `<shard>/<key>`, as the corpus would name it. A row the
+    corpus would not read (no path, a URL, a missing file or one that is not a regular file, a
+    malformed line) is listed in `unlisted` with its reason.
 
-    The reader reads each row's bytes, so the listing also knows each image's sha256: a
-    manifest gallery costs one read of its files per search (hashing ~1 GB/s), on top of the
-    embedding pass that a cache hit saves.
+    No image is read here (a stat per row gives its size), so a search whose embeddings come
+    from the cache reads no image file at all; finding a query's copies reads only the rows of
+    its size (`identical_rows`). A file that is there but cannot be read or decoded is found by
+    the embedding pass, which leaves it out and says so, as in any gallery.
     """
-    spec = SourceSpec("manifest", str(manifest))
     try:
-        scan = scan_source(spec)
+        listing = list_manifest_rows(SourceSpec("manifest", str(manifest)))
     except ConfigurationError as error:  # empty, no path column, not Parquet: the data's fault
         raise SearchDataError(f"gallery {error}") from None
     items: list[GalleryItem] = []
-    unlisted = [f"{record.uri}: {record.error}" for record in scan.unread]
-    for shard in scan.shards:
-        try:
-            for record in iter_shard_records(spec, shard):
-                if record.data is None:
-                    unlisted.append(f"{record.uri or f'row {record.key}'}: {record.error}")
-                    continue
-                items.append(
-                    GalleryItem(
-                        f"{shard}/{record.key}",
-                        record.uri,
-                        record.caption,
-                        content_hash(record.data),
-                        len(record.data),
-                    )
-                )
-        except ShardReadError as error:
-            unlisted.append(f"{manifest} shard {shard}: {error}")
+    unlisted = [f"{record.uri}: {record.error}" for record in listing.unread]
+    for entry in listing.entries:
+        if entry.problem is not None:
+            unlisted.append(f"{entry.uri or f'row {entry.key}'}: {entry.problem}")
+            continue
+        item_id = f"{entry.shard}/{entry.key}"
+        items.append(GalleryItem(item_id, entry.uri, entry.caption, size_bytes=entry.size_bytes))
     return Gallery(str(manifest), _cache_name(manifest), items, unlisted, captions_listed=True)
 
 
@@ -721,9 +709,10 @@ def identical_rows(gallery: Gallery, image_paths: Sequence[Path]) -> dict[Path, 
     exactly its bytes (sha256), and for the corpus, the image whose triplet-export copy
     (`<export>/images/<shard>/<key>.jpg`, re-encoded, so other bytes) the query is.
 
-    Cheap on any gallery, for any number of queries: listed hashes (the corpus, a manifest)
-    are looked up; any other item is read and hashed only when its size equals a query file's
-    (a tar member's size comes with the listing, a file's is one stat, once per search).
+    Cheap on any gallery, for any number of queries: listed hashes (the corpus) are looked
+    up; any other item is read and hashed only when its size equals a query file's (a tar
+    member's or manifest row's size comes with the listing, a file's is one stat, once per
+    search).
     SearchConfigError / SearchDataError when a query image is not there / cannot be read.
     """
     by_hash: dict[str, list[int]] = {}
