@@ -21,6 +21,7 @@ from megapairs_assets.lineage.catalog import (
     LineageCatalog,
     MaterializationRecord,
     MissingTableError,
+    ReadOnlyQueryError,
     RowTable,
     read_with_versions,
     register_row_table,
@@ -308,7 +309,8 @@ def test_ducklake_gets_the_same_views_and_rolls_back_a_read_only_query(tmp_path:
             "SELECT input_is_current FROM materialization_inputs WHERE asset = 'mined_image_pairs'"
         )
         assert stale["input_is_current"].to_list() == [False]
-        catalog.read_only_query("DELETE FROM materializations")
+        with pytest.raises(ReadOnlyQueryError):
+            catalog.read_only_query("DELETE FROM materializations")
         assert catalog.query("SELECT count(*) AS n FROM materializations")["n"][0] == 3
         assert catalog.schema_version() == SCHEMA_VERSION
     finally:
