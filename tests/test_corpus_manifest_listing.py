@@ -129,3 +129,48 @@ def test_a_manifest_that_cannot_be_listed_says_why(tmp_path: Path) -> None:
         list_manifest_rows(SourceSpec("manifest", str(empty)))
     with pytest.raises(ValueError, match="not 'folder'"):
         list_manifest_rows(SourceSpec("folder", str(tmp_path)))
+
+
+def test_resolving_many_locations_with_their_folders_kept_gives_the_same_uris(
+    tmp_path: Path,
+) -> None:
+    from megapairs_assets.corpus.uris import resolve_local
+
+    real = tmp_path / "real"
+    (real / "sub").mkdir(parents=True)
+    (real / "a.jpg").write_bytes(b"a")
+    (real / "sub" / "b.jpg").write_bytes(b"b")
+    (tmp_path / "linked_folder").symlink_to(real)
+    (real / "link.jpg").symlink_to(real / "sub" / "b.jpg")
+    (real / "loop.jpg").symlink_to(real / "loop.jpg")
+    locations = [
+        "real/a.jpg",
+        "linked_folder/a.jpg",  # a folder link: resolved to the real folder
+        "linked_folder/link.jpg",  # a file link: resolved to its target
+        "real/sub/../a.jpg",
+        "real/./sub/b.jpg",
+        "real/sub/",
+        "real/..",
+        "linked_folder/never.jpg",
+        "real/a.jpg/inside.jpg",
+        str(real / "sub" / "b.jpg"),
+        "real/loop.jpg",
+        "linked_folder/shard.tar#x/y.jpg",
+    ]
+    kept: dict[str, str] = {}
+    fast = [resolve_local(location, tmp_path, kept) for location in locations]
+    assert fast == [resolve_local(location, tmp_path) for location in locations]
+    assert fast[1] == str(real / "a.jpg") and fast[2] == str(real / "sub" / "b.jpg")
+    assert fast[-1] == f"{real}/shard.tar#x/y.jpg"
+    assert fast[-2] == str(real / "loop.jpg")  # a link loop is named, not a crash
+
+
+def test_a_row_naming_a_link_loop_is_quarantined_not_fatal(tmp_path: Path) -> None:
+    (tmp_path / "loop.jpg").symlink_to(tmp_path / "loop.jpg")
+    (tmp_path / "a.jpg").write_bytes(good_jpeg_bytes(1))
+    rows = [{"path": "loop.jpg", "key": "loop"}, {"path": "a.jpg", "key": "a"}]
+    spec = SourceSpec("manifest", str(write_manifest(tmp_path / "m.jsonl", rows)))
+    records = list(iter_shard_records(spec, "00000"))
+    assert [r.key for r in records] == ["loop", "a"] and records[1].data
+    assert records[0].error == f"read_error: {tmp_path}/loop.jpg: Too many levels of symbolic links"
+    assert [e.problem for e in list_manifest_rows(spec).entries] == [records[0].error, None]

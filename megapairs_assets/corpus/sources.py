@@ -1598,6 +1598,7 @@ def _manifest_rows(
     rows: pl.DataFrame, columns: pl.Schema, manifest_dir: Path
 ) -> Iterator[_ManifestRow]:
     key_column = next((name for name in ("key", "id") if name in columns), None)
+    resolved_folders: dict[str, str] = {}  # for this pass only: never reused by a later read
     for row in rows.iter_rows(named=True):
         row_issues = [row[_ROW_ISSUE]] if row.get(_ROW_ISSUE) else []
         key = row[key_column] if key_column else None
@@ -1618,7 +1619,7 @@ def _manifest_rows(
         elif is_remote(location):
             uri = location
         else:
-            uri = _manifest_local_uri(location, manifest_dir)
+            uri = _manifest_local_uri(location, manifest_dir, resolved_folders)
         caption, caption_issue = row.get("caption"), row.get(_CAPTION_ISSUE)
         if caption is not None and not isinstance(caption, str):
             caption_issue = f"bad_caption_value: 'caption' is {_describe_value(caption)}"
@@ -1635,13 +1636,16 @@ def _manifest_rows(
         )
 
 
-def _manifest_local_uri(location: str, manifest_dir: Path) -> str:
+def _manifest_local_uri(
+    location: str, manifest_dir: Path, resolved_folders: dict[str, str] | None = None
+) -> str:
     """The `source_uri` of a manifest's local path. A relative path written on Windows
-    (`images\\a.jpg`) names `images/a.jpg` unless a file with the backslash in its name exists."""
-    uri = resolve_local(location, manifest_dir)
+    (`images\\a.jpg`) names `images/a.jpg` unless a file with the backslash in its name exists.
+    `resolved_folders`: see `resolve_local`."""
+    uri = resolve_local(location, manifest_dir, resolved_folders)
     if "\\" not in location or _windows_absolute(location) or Path(uri).exists():
         return uri
-    return resolve_local(location.replace("\\", "/"), manifest_dir)
+    return resolve_local(location.replace("\\", "/"), manifest_dir, resolved_folders)
 
 
 def _windows_absolute(location: str) -> str | None:

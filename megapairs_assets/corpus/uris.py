@@ -66,17 +66,45 @@ def _is_file_uri(location: str) -> bool:
     return location[: len(_FILE_SCHEME)].lower() == _FILE_SCHEME
 
 
-def resolve_local(location: str, base_dir: Path) -> str:
+def resolve_local(
+    location: str, base_dir: Path, resolved_folders: dict[str, str] | None = None
+) -> str:
     """The absolute `source_uri` of a local location given relative to `base_dir`.
 
     A `<tar>#<member>` location keeps its member part as written; only the file is resolved.
     `~` and `~user` at the start name a home folder, as a shell would read them.
+    `resolved_folders`: a dict the caller keeps for one pass over many locations (a manifest's
+    rows), so each folder is resolved once (`Path.resolve` costs a stat per path part, most
+    of a manifest's parse); the result is the same string either way.
     """
     location = without_file_scheme(location)
     if location.startswith("~"):
         location = os.path.expanduser(location)
     parts = split_tar_member(location)
     if parts is None:
-        return str((base_dir / location).resolve())
+        return _resolve(base_dir / location, resolved_folders)
     tar_path, member_name = parts
-    return tar_member_uri(str((base_dir / tar_path).resolve()), member_name)
+    return tar_member_uri(_resolve(base_dir / tar_path, resolved_folders), member_name)
+
+
+def _resolve(path: Path, resolved_folders: dict[str, str] | None) -> str:
+    """`str(path.resolve())`. With `resolved_folders`, the folder is looked up there (resolved
+    and stored the first time) and only the last part is checked: a name that is no symbolic
+    link (nor `.` or `..`) resolves to itself inside its resolved folder."""
+    name = path.name
+    if resolved_folders is None or name in ("", ".", "..") or os.path.islink(path):
+        return _resolved_or_absolute(path)
+    folder = str(path.parent)
+    resolved = resolved_folders.get(folder)
+    if resolved is None:
+        resolved = resolved_folders[folder] = _resolved_or_absolute(path.parent)
+    return os.path.join(resolved, name)
+
+
+def _resolved_or_absolute(path: Path) -> str:
+    try:
+        return str(path.resolve())
+    except RuntimeError:
+        # A symbolic link loop (Python < 3.13 raises): the path as written, whose read then
+        # fails with a reason ("Too many levels of symbolic links") instead of ending the run.
+        return os.path.abspath(path)
