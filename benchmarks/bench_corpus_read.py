@@ -7,9 +7,10 @@ Three measurements, each with the `megapairs_assets` package as it was at git co
 processes on the same files, best of a few repeats:
 
 - corpus step: `build_corpus_shard` on one folder shard of 2,000 photo-sized JPEGs (1024x768,
-  ~200 KB; plus copies, cut-off files and non-images, so every rule runs). Also counted: the
-  bytes sha256 hashed during the step (each image's bytes were hashed twice), and whether
-  both versions write byte-identical images/quarantine tables.
+  ~200 KB; plus copies, cut-off files and non-images, so every rule runs), wall and CPU time.
+  Also counted: the bytes sha256 hashed during the step (each image's bytes were hashed
+  twice), and whether both versions write byte-identical images/quarantine tables, for that
+  shard and for a manifest shard naming the same files (half through a folder link).
 - flat folder: a run over 20,000 loose files cut into 20 shards of 1,000 (`root-00000`...):
   `scan_source`, then per shard its progress count and every record (the files are tiny, so
   this is the listing work plus 20,000 small reads, the same for both). Also counted: how
@@ -59,12 +60,15 @@ from pathlib import Path
 from megapairs_assets.corpus import sources
 answer = {}
 
+cpu = []
 def best(repeats, work):
     times = []
+    cpu.clear()
     for _ in range(repeats):
-        started = time.perf_counter()
+        started, started_cpu = time.perf_counter(), time.process_time()
         result = work()
         times.append(time.perf_counter() - started)
+        cpu.append(time.process_time() - started_cpu)
     return min(times), result
 
 if task == "step":
@@ -85,9 +89,17 @@ if task == "step":
         name: real_sha256(Path(path).read_bytes()).hexdigest()
         for name, path in sorted(result.outputs.items())
     }
+    manifest = sources.SourceSpec("manifest", args["manifest"], shard_size=10**6)
+    by_manifest = build_corpus_shard("00000", manifest, ImageLimits(), layout, catalog, log=quiet)
+    answer["manifest_row_counts"] = by_manifest.row_counts
+    answer["manifest_tables_sha256"] = {
+        name: real_sha256(Path(path).read_bytes()).hexdigest()
+        for name, path in sorted(by_manifest.outputs.items())
+    }
     limits = ImageLimits()
     step = lambda: build_corpus_shard(args["shard"], spec, limits, layout, catalog, log=quiet)
     answer["seconds"] = best(args["repeats"], step)[0]
+    answer["cpu_seconds"] = min(cpu)  # steadier than wall time on a shared machine
 elif task == "flat":
     spec = sources.SourceSpec("folder", args["corpus"], shard_size=args["shard_size"])
     listed = [0]
@@ -130,7 +142,8 @@ def unique_jpeg(picture: bytes, index: int) -> bytes:
 
 def write_step_corpus(root: Path, images: int) -> Path:
     """Folder corpus with shard `photos` (`images` photos with captions, 1% copies, 1% cut-off
-    JPEGs, 0.5% non-images) and a 4-photo warm-up shard `warm`."""
+    JPEGs, 0.5% non-images) and a 4-photo warm-up shard `warm`; beside it `manifest.jsonl`
+    naming the same files (half through a folder link, plus a missing file)."""
     sys.path.insert(0, str(REPO_ROOT / "tests"))
     from image_factory import good_jpeg_bytes
 
@@ -149,6 +162,14 @@ def write_step_corpus(root: Path, images: int) -> Path:
         (folder / f"cut_{index:04d}.jpg").write_bytes(copy[: len(copy) // 2])
     for index in range(images // 200):
         (folder / f"text_{index:04d}.png").write_bytes(b"not a picture %d" % index)
+    (root.parent / "photos_link").symlink_to(folder)
+    pictures_only = sorted(path.name for path in folder.iterdir() if path.suffix != ".txt")
+    names = [*pictures_only, "never_written.jpg"]
+    lines = [
+        json.dumps({"path": f"{('step/photos', 'photos_link')[n % 2]}/{name}", "caption": name})
+        for n, name in enumerate(names)
+    ]
+    (root.parent / "manifest.jsonl").write_text("\n".join(lines) + "\n")
     return root
 
 
@@ -219,7 +240,12 @@ def main() -> None:
         flat = write_flat_folder(root / "flat", flat_files)
         manifest, query = write_manifest_gallery(root / "manifest", manifest_rows)
         for label, code_root in codes.items():
-            step = {"corpus": str(corpus), "shard": "photos", "home": str(root / f"home-{label}")}
+            step = {
+                "corpus": str(corpus),
+                "shard": "photos",
+                "home": str(root / f"home-{label}"),
+                "manifest": str(root / "manifest.jsonl"),
+            }
             flat_args = {"corpus": str(flat), "shard_size": shard_size}
             gallery = {"manifest": str(manifest), "query": str(query)}
             results[label] = {
@@ -228,12 +254,13 @@ def main() -> None:
                 "manifest_gallery": measure(code_root, "manifest", {**gallery, "repeats": 3}),
             }
     before, now = results["before"], results["now"]
-    identical = (
-        before["corpus_step"]["tables_sha256"] == now["corpus_step"]["tables_sha256"]
-        and before["corpus_step"]["row_counts"] == now["corpus_step"]["row_counts"]
+    identical = all(
+        before["corpus_step"][name] == now["corpus_step"][name]
+        for name in ("tables_sha256", "manifest_tables_sha256", "row_counts", "manifest_row_counts")
     )
     ratios = {
         "corpus_step": before["corpus_step"]["seconds"] / now["corpus_step"]["seconds"],
+        "corpus_step_cpu": before["corpus_step"]["cpu_seconds"] / now["corpus_step"]["cpu_seconds"],
         "flat_folder": before["flat_folder"]["seconds"] / now["flat_folder"]["seconds"],
         "manifest_gallery": before["manifest_gallery"]["seconds"]
         / now["manifest_gallery"]["seconds"],
@@ -245,8 +272,10 @@ def main() -> None:
             results[label]["manifest_gallery"],
         )
         print(
-            f"{label:6s} corpus step ({step_images} photos + bad/copies): {step['seconds']:.2f} s, "
-            f"{step['bytes_hashed'] / 2**20:.0f} MiB hashed, rows {step['row_counts']}"
+            f"{label:6s} corpus step ({step_images} photos + bad/copies): {step['seconds']:.2f} s "
+            f"({step['cpu_seconds']:.2f} s CPU), "
+            f"{step['bytes_hashed'] / 2**20:.0f} MiB hashed, rows {step['row_counts']}; "
+            f"manifest shard of the same files: rows {step['manifest_row_counts']}"
         )
         print(
             f"{label:6s} flat folder {flat_files} files, {flat_run['shards']} shards: "
@@ -260,7 +289,7 @@ def main() -> None:
     print(
         "before/now: "
         + ", ".join(f"{name} {ratio:.2f}x" for name, ratio in ratios.items())
-        + f"; tables byte-identical: {identical}"
+        + f"; tables (folder and manifest shard) byte-identical: {identical}"
     )
     print(f"({time.perf_counter() - started:.0f} s in all)")
     if not identical:

@@ -158,3 +158,22 @@ def test_a_run_reads_its_snapshot_and_the_next_run_lists_again(tmp_path: Path) -
     keys = [r.key for r in iter_shard_records(spec, "root-00000", next_run)]
     assert keys == ["A_new", "B_new"]
     assert count_shard_records(spec, "root-00002", next_run) == 1
+
+
+def test_folder_images_get_their_resolved_paths_with_the_folder_resolved_once(
+    tmp_path: Path,
+) -> None:
+    real = tmp_path / "elsewhere" / "trip"
+    real.mkdir(parents=True)
+    (real / "a.jpg").write_bytes(good_jpeg_bytes(1))
+    (tmp_path / "elsewhere" / "b.jpg").write_bytes(good_jpeg_bytes(2))
+    (real / "b.jpg").symlink_to(tmp_path / "elsewhere" / "b.jpg")
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "trip").symlink_to(real)  # a shard folder reached through a link
+    spec = SourceSpec("folder", str(corpus))
+    records = list(iter_shard_records(spec, "trip"))
+    assert [r.uri for r in records] == [
+        str((corpus / "trip" / name).resolve()) for name in ("a.jpg", "b.jpg")
+    ]
+    assert records[1].uri == str(tmp_path / "elsewhere" / "b.jpg")

@@ -57,6 +57,7 @@ from megapairs_assets.corpus.uris import (
     TAR_SUFFIX,
     is_remote,
     resolve_local,
+    resolved_path,
     split_tar_member,
     tar_member_uri,
 )
@@ -1201,11 +1202,14 @@ def _folder_image_records(
     found: _FolderEntries, keyed_names: Iterable[tuple[str, str]]
 ) -> Iterator[RawRecord]:
     """A record per (image file name, key) of a listed folder, its caption read beside it."""
-    # Paths are made one image at a time: a Path per listed image costs ~0.5 KiB each.
+    # Paths are made one image at a time: a Path per listed image costs ~0.5 KiB each. The
+    # folder is resolved once for all its images (each still checked for being a link).
+    resolved_folders: dict[str, str] = {}
     for name, key in keyed_names:
         image_path = found.folder / name
         caption, caption_issue = _folder_caption(image_path, found.sidecars.get(_stem(name)))
-        yield _read_local(key, str(image_path.resolve()), caption, caption_issue)
+        uri = resolved_path(image_path, resolved_folders)
+        yield _read_local(key, uri, caption, caption_issue)
 
 
 def loose_image_shard_ids(image_count: int, shard_size: int) -> list[str]:

@@ -82,15 +82,18 @@ def resolve_local(
         location = os.path.expanduser(location)
     parts = split_tar_member(location)
     if parts is None:
-        return _resolve(base_dir / location, resolved_folders)
+        return resolved_path(base_dir / location, resolved_folders)
     tar_path, member_name = parts
-    return tar_member_uri(_resolve(base_dir / tar_path, resolved_folders), member_name)
+    return tar_member_uri(resolved_path(base_dir / tar_path, resolved_folders), member_name)
 
 
-def _resolve(path: Path, resolved_folders: dict[str, str] | None) -> str:
-    """`str(path.resolve())`. With `resolved_folders`, the folder is looked up there (resolved
-    and stored the first time) and only the last part is checked: a name that is no symbolic
-    link (nor `.` or `..`) resolves to itself inside its resolved folder."""
+def resolved_path(path: Path, resolved_folders: dict[str, str] | None = None) -> str:
+    """`str(path.resolve())` (a symbolic link loop: the absolute path as written).
+
+    With `resolved_folders`, a dict the caller keeps for one pass over many paths, the folder
+    is looked up there (resolved and stored the first time) and only the last part is checked:
+    a name that is no symbolic link (nor `.` or `..`) resolves to itself inside its resolved
+    folder. Same string, one lstat instead of one per path part."""
     name = path.name
     if resolved_folders is None or name in ("", ".", "..") or os.path.islink(path):
         return _resolved_or_absolute(path)
