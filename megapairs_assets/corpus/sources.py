@@ -168,11 +168,11 @@ class SourceListings:
 
     A folder corpus's loose images (`root`, `root-00000`, ...) are cut from a listing of the
     whole top folder, so without sharing every shard lists that folder twice (its progress
-    count, then its read): ~100 listings for the 50 shards of a 100,000-image folder, ~0.3 s
-    each. Instead the `image_corpus` asset makes one `SourceListings` per Dagster step (one
-    run's partitions, read one after another) and hands it to `scan_source`,
-    `count_shard_records` and `iter_shard_records`; `build_corpus_shard` makes its own when
-    given none, so a shard's count and read share one listing.
+    count, then its read) and works out every image's key again: 200 listings for the 100
+    shards of a 100,000-image folder, ~0.3 s each. Instead the `image_corpus` asset makes one
+    `SourceListings` per Dagster step (one run's partitions, read one after another) and hands
+    it to `scan_source`, `count_shard_records` and `iter_shard_records`; `build_corpus_shard`
+    makes its own when given none, so a shard's count and read share one listing.
 
     Why this is never stale: an instance lives only as long as the step that made it and is
     passed down explicitly, never kept in a global or keyed by time, so each run lists the
@@ -1025,7 +1025,7 @@ class _FolderEntries:
     sidecars: dict[str, dict[str, str]] = field(default_factory=dict)
     subfolders: list[Path] = field(default_factory=list)
     unread: list[RawRecord] = field(default_factory=list)
-    _keys: list[str] | None = None
+    _keys: list[str] | None = field(default=None, init=False, repr=False)
 
     def image_keys(self) -> list[str]:
         """The key of each of `image_names` (`_folder_keys`), worked out once per listing: the
