@@ -119,3 +119,29 @@ def _gpu_name() -> str | None:
     except (OSError, subprocess.SubprocessError):
         return None
     return ", ".join(line.strip() for line in names.splitlines() if line.strip()) or None
+
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def export_package(ref: str, into: Path) -> Path:
+    """The `megapairs_assets` package as it was at git `ref`, under `into` (a baseline that a
+    benchmark runs in a fresh process beside the current code)."""
+    archive = subprocess.run(
+        ["git", "-C", str(REPO_ROOT), "archive", ref, "megapairs_assets"],
+        capture_output=True,
+        check=True,
+    ).stdout
+    into.mkdir(parents=True)
+    subprocess.run(["tar", "-x", "-C", str(into)], input=archive, check=True)
+    return into
+
+
+def run_json_child(command: list[str], what: str) -> dict:
+    """Run a benchmark child process (no inherited PYTHONPATH, so the package it measures is
+    the one its command puts first) and return the JSON object its last stdout line holds."""
+    env = {**os.environ, "PYTHONPATH": ""}
+    done = subprocess.run(command, capture_output=True, text=True, check=False, env=env)
+    if done.returncode != 0:
+        raise RuntimeError(f"{what} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])

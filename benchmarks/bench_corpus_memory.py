@@ -38,9 +38,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks._machine import write_result
+from benchmarks._machine import REPO_ROOT, export_package, run_json_child, write_result
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 PHOTO_SIZE_PX = (1024, 768)
 DISTINCT_PICTURES = 16
 
@@ -142,23 +141,7 @@ def measure(
         warm[0],
         warm[1],
     ]
-    env = {**os.environ, "PYTHONPATH": ""}
-    done = subprocess.run(command, capture_output=True, text=True, check=False, env=env)
-    if done.returncode != 0:
-        raise RuntimeError(f"{kind} {mode} failed:\n{done.stderr[-3000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
-
-
-def export_package(ref: str, into: Path) -> Path:
-    """The `megapairs_assets` package as it was at git `ref`, under `into`."""
-    archive = subprocess.run(
-        ["git", "-C", str(REPO_ROOT), "archive", ref, "megapairs_assets"],
-        capture_output=True,
-        check=True,
-    ).stdout
-    into.mkdir(parents=True)
-    subprocess.run(["tar", "-x", "-C", str(into)], input=archive, check=True)
-    return into
+    return run_json_child(command, f"{kind} {mode}")
 
 
 def main() -> None:

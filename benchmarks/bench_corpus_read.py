@@ -30,15 +30,13 @@ import json
 import os
 import random
 import struct
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from benchmarks._machine import write_result
+from benchmarks._machine import REPO_ROOT, export_package, run_json_child, write_result
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_BASELINE = "c143cf4"
 PHOTO_SIZE_PX = (1024, 768)
 DISTINCT_PICTURES = 16
@@ -201,23 +199,7 @@ def write_manifest_gallery(root: Path, rows: int) -> tuple[Path, Path]:
 def measure(code_root: Path, task: str, arguments: dict) -> dict:
     """One fresh process running `task` with the package under `code_root`."""
     command = [sys.executable, "-c", _CHILD, str(code_root), task, json.dumps(arguments)]
-    env = {**os.environ, "PYTHONPATH": ""}
-    done = subprocess.run(command, capture_output=True, text=True, check=False, env=env)
-    if done.returncode != 0:
-        raise RuntimeError(f"{task} with {code_root} failed:\n{done.stderr[-3000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
-
-
-def export_package(ref: str, into: Path) -> Path:
-    """The `megapairs_assets` package as it was at git `ref`, under `into`."""
-    archive = subprocess.run(
-        ["git", "-C", str(REPO_ROOT), "archive", ref, "megapairs_assets"],
-        capture_output=True,
-        check=True,
-    ).stdout
-    into.mkdir(parents=True)
-    subprocess.run(["tar", "-x", "-C", str(into)], input=archive, check=True)
-    return into
+    return run_json_child(command, f"{task} with {code_root}")
 
 
 def main() -> None:
