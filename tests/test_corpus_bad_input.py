@@ -22,6 +22,7 @@ from megapairs_assets.corpus.images import (
     close_tar_cache,
     decode_image,
     open_image_rgb,
+    validate_image,
 )
 from megapairs_assets.corpus.sources import (
     RawRecord,
@@ -351,3 +352,10 @@ def test_a_folder_path_is_not_an_image(tmp_path: Path):
     with pytest.raises(ImageRejected) as rejected:
         open_image_rgb(str(tmp_path), LIMITS)
     assert rejected.value.reason == "missing_file"
+
+
+def test_an_empty_file_says_it_is_empty():
+    with pytest.raises(ImageRejected) as rejected:
+        validate_image(b"", ImageLimits())
+    assert rejected.value.reason == "decode_error"
+    assert "empty (0 bytes)" in str(rejected.value)

@@ -295,6 +295,8 @@ def _unrecognised_format_detail(data: bytes) -> str:
     HEIC/HEIF phone photos (and AVIF, where Pillow was built without it) are ISO media files:
     naming their brand tells the user to convert them rather than suspect a broken file.
     """
+    if not data:
+        return "the file is empty (0 bytes)"
     if data[_ISO_BOX_TYPE] == b"ftyp":
         brand = data[_ISO_BRAND].decode("ascii", "replace").strip()
         return (
@@ -302,7 +304,7 @@ def _unrecognised_format_detail(data: bytes) -> str:
             "Pillow cannot decode; convert it to JPEG or PNG"
         )
     signature = data[:_SIGNATURE_BYTES].hex()
-    return f"not a recognised image format (first bytes {signature or 'none'})"
+    return f"not a recognised image format (first bytes {signature})"
 
 
 def content_hash(data: bytes) -> str:
