@@ -773,13 +773,23 @@ def _choose_key_rule(members: tuple[tuple[str, str], ...]) -> Callable[[str], st
     return _member_key_at_last_dot if lost_last_dot < lost_first_dot else _member_key
 
 
+def _file_version(path: Path) -> tuple[int, ...]:
+    """What the per-file caches below are keyed by: inode, size, mtime and ctime in ns.
+
+    ctime as well as mtime: tools that copy a file's mtime (`cp -p`, `rsync -a`) can give a
+    rewritten file its old mtime and size, never its old ctime (nothing sets it but a write),
+    so a long-lived process (the code server running sensors) never reads a stale version.
+    """
+    stat = path.stat()
+    return (stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns)
+
+
 def _tar_member_kinds(tar_path: Path) -> tuple[tuple[str, str], ...]:
     """(member name, "file" | "dir" | "other") of each member of a tar, from its headers.
 
     Cached per file version: counting a shard and choosing its key rule read them once.
     """
-    stat = tar_path.stat()
-    return _read_tar_member_kinds(str(tar_path), stat.st_mtime_ns, stat.st_size)
+    return _read_tar_member_kinds(str(tar_path), _file_version(tar_path))
 
 
 # Header fields of a ustar block (POSIX.1-1988), as byte offsets.
@@ -791,7 +801,7 @@ _DATALESS_TYPES = {ord("5"): "dir", **{ord(flag): "other" for flag in "12346"}}
 
 @lru_cache(maxsize=4)
 def _read_tar_member_kinds(
-    tar_path: str, _mtime_ns: int, _size: int
+    tar_path: str, _version: tuple[int, ...]
 ) -> tuple[tuple[str, str], ...]:
     """(member name, "file" | "dir" | "other") of each member, reading only the headers.
 
@@ -1455,12 +1465,11 @@ def _jsonl_manifest(path: Path) -> _JsonlManifest:
     lines are parsed one by one, so a single broken line costs a slow read instead of the
     whole corpus. Cached per file version: every shard's step reads the same manifest.
     """
-    stat = path.stat()
-    return _read_jsonl_manifest(str(path), stat.st_mtime_ns, stat.st_size)
+    return _read_jsonl_manifest(str(path), _file_version(path))
 
 
 @lru_cache(maxsize=4)
-def _read_jsonl_manifest(path: str, _mtime_ns: int, _size: int) -> _JsonlManifest:
+def _read_jsonl_manifest(path: str, _version: tuple[int, ...]) -> _JsonlManifest:
     with open(path, "rb") as head:
         start = head.read(len(_UTF8_BOM))
     if start.startswith(_UTF16_BOMS):
@@ -1681,13 +1690,12 @@ def _manifest_shard_rows(spec: SourceSpec, shard_id: str) -> tuple[pl.DataFrame,
     at tens of millions of rows), and counting a shard for its progress total and then reading
     it must not pay that twice.
     """
-    stat = Path(spec.path).stat()
-    return _read_manifest_shard_rows(spec, shard_id, stat.st_mtime_ns, stat.st_size)
+    return _read_manifest_shard_rows(spec, shard_id, _file_version(Path(spec.path)))
 
 
 @lru_cache(maxsize=2)
 def _read_manifest_shard_rows(
-    spec: SourceSpec, shard_id: str, _mtime_ns: int, _size: int
+    spec: SourceSpec, shard_id: str, _version: tuple[int, ...]
 ) -> tuple[pl.DataFrame, pl.Schema]:
     manifest = _scan_manifest(spec)
     try:
