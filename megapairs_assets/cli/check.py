@@ -60,9 +60,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     check.add_argument(
         "--select",
-        help="a job name (mining_half, mine_and_generate, corpus_and_embeddings, ...): the job "
-        "the sample materializes (default mining_half), or with --existing the assets re-checked "
-        "(default all)",
+        help="a job name (mining_half, mine_and_generate, corpus_and_embeddings, corpus_only): "
+        "the job the sample materializes (default mining_half); with --existing, a job or an "
+        "asset name (e.g. mined_image_pairs): the assets re-checked (default all)",
     )
     check.add_argument(
         "--corpus",
@@ -73,7 +73,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     check.add_argument(
         "--shards",
         type=_positive_int,
-        default=DEFAULT_SAMPLE_SHARDS,
         help=f"sample size: the corpus's first N shards (default {DEFAULT_SAMPLE_SHARDS})",
     )
     check.add_argument(
@@ -116,8 +115,19 @@ def _positive_int(text: str) -> int:
 def run_check(args: argparse.Namespace) -> int:
     from megapairs_assets.lib.errors import ConfigurationError
 
+    # Every mistake in the arguments is reported before any data is read or any model loads.
+    if args.existing and (args.corpus is not None or args.shards is not None):
+        raise ConfigurationError(
+            "--corpus and --shards choose the shards of a fresh sample; --existing re-checks the "
+            "tables already written: drop one or the other"
+        )
+    if args.junit_xml is not None:
+        args.junit_xml = args.junit_xml.expanduser()
+        ensure_writable_file(args.junit_xml, "--junit-xml")
     if args.existing:
         from megapairs_assets.lib.storage import default_home
+
+        assets = resolve_selection(args.select, existing=True) if args.select else None
 
         # The tables the pipeline wrote: --home, else $MEGAPAIRS_HOME (and its data root).
         home = (args.home or default_home()).resolve()
@@ -133,13 +143,62 @@ def run_check(args: argparse.Namespace) -> int:
                 "check a fresh sample"
             )
         catalog, params = resources["catalog"].catalog(), resources["mining"].params()
-        assets = job_assets(args.select) if args.select else None
         rows = check_existing(layout, catalog, params, assets)
-        return report(rows, args.verbose, args.junit_xml)
+        if not rows:
+            # Not a pass: a gate that checked nothing must not let a CI job through.
+            raise ConfigurationError(
+                f"--existing: the lineage catalog of {home} lists no current partition of "
+                + (f"the assets of --select {args.select}" if args.select else "any asset")
+                + ", so there is nothing to check; materialize them first (megapairs demo), or "
+                "point --home at the home that did"
+            )
+        code = report(rows, args.verbose, args.junit_xml)
+        if assets is None or "image_corpus" in assets:
+            print_quarantine(layout, catalog.current_partitions("image_corpus"))
+        return code
+    resolve_selection(args.select or "mining_half", existing=False)
     if args.home is not None:
-        return _check_sample(args, args.home.resolve())
-    with tempfile.TemporaryDirectory(prefix="megapairs-check-") as tmp:
+        home = args.home.expanduser().resolve()
+        ensure_writable_dir(home, f"--home {home}")
+        return _check_sample(args, home)
+    try:
+        throwaway = tempfile.TemporaryDirectory(prefix="megapairs-check-")
+    except OSError as error:
+        raise ConfigurationError(
+            f"cannot create the sample's throwaway home in {tempfile.gettempdir()}: "
+            f"{error.strerror or error}; set TMPDIR to a writable folder, or give --home one"
+        ) from error
+    with throwaway as tmp:
         return _check_sample(args, Path(tmp))
+
+
+def ensure_writable_dir(folder: Path, what: str) -> None:
+    """Create `folder` if needed and prove a file can be written in it; a ConfigurationError
+    that starts with `what` otherwise (a read-only mount, a path through a file, no permission).
+    """
+    from megapairs_assets.lib.errors import ConfigurationError
+
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".megapairs-check-probe-"):
+            pass
+    except OSError as error:
+        raise ConfigurationError(
+            f"{what}: cannot write in {folder} ({error.strerror or error}); give a path this "
+            "user can write"
+        ) from error
+
+
+def ensure_writable_file(path: Path, option: str) -> None:
+    """Fail before any work when `path` cannot be written (its folder is created), so a long
+    run never ends in a traceback instead of its report."""
+    from megapairs_assets.lib.errors import ConfigurationError
+
+    if path.is_dir():
+        raise ConfigurationError(
+            f"{option} {path} is a folder; give a file path, e.g. {path / 'checks.xml'}"
+        )
+    ensure_writable_dir(path.parent, f"{option} {path}")
 
 
 # Where the configured pipeline keeps its data: the sample never reads these, so a CI check
@@ -185,7 +244,7 @@ def _run_sample(args: argparse.Namespace, home: Path) -> int:
     from resources.profiles import check_ready
 
     job_name = args.select or "mining_half"
-    selected = job_assets(job_name)  # an unknown name is a configuration error listing the jobs
+    selected = job_assets(job_name)  # resolve_selection has vetted it
     resources = build_definitions(profile_from_env(), home).resources
     source = resources["corpus_source"]
     if args.corpus is not None:
@@ -196,7 +255,7 @@ def _run_sample(args: argparse.Namespace, home: Path) -> int:
     # the job generates), all missing ones in one configuration error, before any work.
     check_ready({**resources, "corpus_source": source}, preflight_phases(selected))
     # The sample is the corpus: KNN searches exactly these shards.
-    shards = source.shard_ids()[: args.shards]
+    shards = source.shard_ids()[: args.shards or DEFAULT_SAMPLE_SHARDS]
     if not shards:
         from megapairs_assets.lib.errors import ConfigurationError
 
@@ -221,19 +280,57 @@ def _run_sample(args: argparse.Namespace, home: Path) -> int:
     rows = rows_from_evaluations(result.get_asset_check_evaluations(), defs)
     run_error = None if result.success else f"run {result.run_id} failed: see the log above"
     code = report(rows, args.verbose, args.junit_xml, run_error)
+    # Read now: a throwaway home, and with it the quarantine tables, is gone once we return.
+    print_quarantine(defs.resources["storage"].layout(), shards)
     if code == EXIT_OK and not result.success:
         print("the run failed before all checks ran: see the log above", file=sys.stderr)
         return EXIT_RUN_FAILED
     return code
 
 
+QUARANTINE_LINES_PER_SHARD = 5
+
+
+def quarantine_lines(layout: Any, shards: list[str]) -> list[str]:
+    """One line per input the corpus step quarantined in `shards` (at most
+    QUARANTINE_LINES_PER_SHARD a shard, then a count): a corrupt image is not a check failure
+    (the run leaves it out, by design), but a CI log should still say which inputs were lost."""
+    from megapairs_assets.lib.storage import read_parquet
+
+    lines = []
+    for shard in shards:
+        path = layout.corpus_quarantine(shard)
+        if not path.exists():
+            continue
+        rows = read_parquet(path, columns=["source_uri", "reason", "detail"]).to_dicts()
+        for row in rows[:QUARANTINE_LINES_PER_SHARD]:
+            lines.append(
+                f"image_corpus[{shard}]  {row['reason']}  {row['source_uri']}  {row['detail']}"
+            )
+        if len(rows) > QUARANTINE_LINES_PER_SHARD:
+            more = len(rows) - QUARANTINE_LINES_PER_SHARD
+            lines.append(f"image_corpus[{shard}]  ... and {more} more: {path}")
+    return lines
+
+
+def print_quarantine(layout: Any, shards: list[str]) -> None:
+    """Print `quarantine_lines` under a heading that says they do not fail the check."""
+    lines = quarantine_lines(layout, shards)
+    if lines:
+        print("\nquarantined inputs (left out of the run; not check failures):")
+        print("\n".join("  " + line for line in lines))
+
+
 def preflight_phases(assets: set[str]) -> tuple[str, ...]:
-    """The `check_ready` phases a job of `assets` needs: mining always (the sample starts from
-    the corpus and its embeddings), generation when it sends requests to a model."""
+    """The `check_ready` phases a job of `assets` needs: mining when it embeds (the encoders'
+    weights; a `corpus_only` sample loads, and so builds, no model), generation when it sends
+    requests to a model. The corpus itself is read right after, whatever the job."""
+    from megapairs_assets.embeddings.sources import SOURCES
     from megapairs_assets.generation.common import DESCRIPTIONS_ASSET, INSTRUCTIONS_ASSET
 
+    embeds = bool(assets & {source.embedding_asset for source in SOURCES})
     generates = bool(assets & {DESCRIPTIONS_ASSET, INSTRUCTIONS_ASSET})
-    return ("mine", "generate") if generates else ("mine",)
+    return ("mine",) * embeds + ("generate",) * generates
 
 
 def rows_from_evaluations(evaluations: list, defs) -> list[CheckRow]:
@@ -274,6 +371,75 @@ def job_assets(job_name: str) -> set[str]:
     if job_name not in by_name:
         raise ConfigurationError(f"unknown job {job_name!r}; jobs: {', '.join(sorted(by_name))}")
     return {key.to_user_string() for key in by_name[job_name].selection.resolve(ALL_ASSETS)}
+
+
+def resolve_selection(name: str, existing: bool) -> set[str]:
+    """The asset names `--select NAME` stands for; ConfigurationError when it cannot be used.
+
+    With `existing`, NAME is a job (its assets) or an asset (just it). A sample starts from an
+    empty home, so there NAME must be a job that includes everything its assets read: `generate`
+    alone would fail on the missing mined pairs after loading every model.
+    """
+    import difflib
+
+    from jobs import all_jobs
+    from megapairs_assets.definitions import ALL_ASSETS
+    from megapairs_assets.lib.errors import ConfigurationError
+
+    jobs = {job.name: job for job in all_jobs}
+    asset_names = sorted(
+        key.to_user_string() for assets_def in ALL_ASSETS for key in assets_def.keys
+    )
+    if name not in jobs and name not in asset_names:
+        close = difflib.get_close_matches(name, [*jobs, *asset_names], n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        known = f"jobs: {', '.join(sorted(jobs))}"
+        if existing:
+            known += f"; assets: {', '.join(asset_names)}"
+        what = "job or asset" if existing else "job"
+        raise ConfigurationError(f"unknown {what} {name!r}; {hint}{known}")
+    if name not in jobs:  # an asset
+        if existing:
+            return {name}
+        holders = [
+            j
+            for _, j in sorted((len(job_assets(j)), j) for j in jobs)
+            if name in job_assets(j) and not _missing_upstream(j)
+        ]
+        raise ConfigurationError(
+            f"--select {name} is an asset; a sample materializes a job: "
+            + (f"use --select {holders[0]}" if holders else "pick one of the jobs")
+            + f", or re-check its tables with --existing --select {name}"
+        )
+    selected = job_assets(name)
+    missing = _missing_upstream(name)
+    if existing or not missing:
+        return selected
+    (job,) = [job for job in all_jobs if job.name == name]
+    parents = {key.to_user_string() for key in job.selection.upstream(depth=1).resolve(ALL_ASSETS)}
+    whole = sorted(
+        (len(job_assets(j)), j)
+        for j in jobs
+        if selected | missing <= job_assets(j) and not _missing_upstream(j)
+    )
+    again = f"re-check the tables already written with --existing --select {name}"
+    instead = (
+        f"use --select {whole[0][1]}, or {again}" if whole else f"no job samples that: {again}"
+    )
+    raise ConfigurationError(
+        f"--select {name}: a sample starts from an empty home, and {name} reads "
+        f"{', '.join(sorted(parents - selected))}, which it does not materialize; {instead}"
+    )
+
+
+def _missing_upstream(job_name: str) -> set[str]:
+    """The assets a job's assets read that the job itself does not materialize."""
+    from jobs import all_jobs
+    from megapairs_assets.definitions import ALL_ASSETS
+
+    (job,) = [job for job in all_jobs if job.name == job_name]
+    upstream = job.selection.upstream().resolve(ALL_ASSETS)
+    return {key.to_user_string() for key in upstream} - job_assets(job_name)
 
 
 TABLE_PRESENT = "table_present"
@@ -375,8 +541,19 @@ def report(
     FAIL or warn, detail), so a search for it does not depend on the flag. `junit_xml`: the
     same results as a JUnit report (with `run_error`, a failed run, as an error case).
     """
+    code = _print_report(rows, verbose)
     if junit_xml is not None:
-        write_junit_xml(rows, junit_xml, run_error)
+        # Written after the results are printed, so a write that fails still leaves them shown.
+        try:
+            write_junit_xml(rows, junit_xml, run_error)
+        except OSError as error:
+            print(f"megapairs check: could not write {junit_xml}: {error}", file=sys.stderr)
+            return code if code != EXIT_OK else EXIT_USAGE
+    return code
+
+
+def _print_report(rows: list[CheckRow], verbose: bool) -> int:
+    """`report`'s printing; returns the exit code the rows give."""
     if not rows:
         print("no checks were evaluated", file=sys.stderr)
         return EXIT_RUN_FAILED
@@ -448,6 +625,7 @@ def write_junit_xml(rows: list[CheckRow], path: Path, run_error: str | None = No
     from megapairs_assets.lib.storage import write_atomic
 
     suites = ElementTree.Element("testsuites", name="megapairs check")
+    totals = {"tests": 0, "failures": 0, "errors": 0}
     by_asset: dict[str, list[CheckRow]] = {}
     for r in sorted(rows, key=lambda r: (r.asset, r.check, r.partition)):
         by_asset.setdefault(r.asset, []).append(r)
@@ -456,17 +634,21 @@ def write_junit_xml(rows: list[CheckRow], path: Path, run_error: str | None = No
     for asset, group in by_asset.items():
         failures = sum(r.status == "FAIL" for r in group)
         errors = int(asset == "run" and run_error is not None)
+        counts = {"tests": len(group) + errors, "failures": failures, "errors": errors}
+        # `skipped` and `time` too: some readers (Jenkins, dorny/test-reporter) expect them.
         suite = ElementTree.SubElement(
             suites,
             "testsuite",
             name=asset,
-            tests=str(len(group) + errors),
-            failures=str(failures),
-            errors=str(errors),
+            **{key: str(value) for key, value in counts.items()},
+            skipped="0",
+            time="0",
         )
+        for key, value in counts.items():
+            totals[key] += value
         for r in group:
             case = ElementTree.SubElement(
-                suite, "testcase", classname=asset, name=f"{r.check}[{r.partition}]"
+                suite, "testcase", classname=asset, name=f"{r.check}[{r.partition}]", time="0"
             )
             if r.status == "FAIL":
                 failure = ElementTree.SubElement(case, "failure", message=r.detail[:500])
@@ -474,8 +656,9 @@ def write_junit_xml(rows: list[CheckRow], path: Path, run_error: str | None = No
             elif r.status == "warn":
                 ElementTree.SubElement(case, "system-out").text = f"warning: {r.detail}"
         if errors:
-            case = ElementTree.SubElement(suite, "testcase", classname="run", name="run")
+            case = ElementTree.SubElement(suite, "testcase", classname="run", name="run", time="0")
             ElementTree.SubElement(case, "error", message=run_error or "").text = run_error
+    suites.attrib.update({key: str(value) for key, value in totals.items()})
     tree = ElementTree.ElementTree(suites)
     ElementTree.indent(tree)
     path.expanduser().parent.mkdir(parents=True, exist_ok=True)
