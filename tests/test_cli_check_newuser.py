@@ -5,6 +5,7 @@ function calls or runs that stop at their first check."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from xml.etree import ElementTree
 
@@ -21,6 +22,7 @@ from megapairs_assets.cli.check import (
 )
 from megapairs_assets.cli.main import main
 from megapairs_assets.lib.errors import ConfigurationError
+from megapairs_assets.lineage.catalog import LineageCatalog
 
 
 def test_a_misspelt_job_or_asset_gets_a_did_you_mean() -> None:
@@ -78,13 +80,38 @@ def test_an_unwritable_home_or_report_path_is_a_usage_error_before_any_work(
     assert "is a folder; give a file path" in capsys.readouterr().err
 
 
-def test_existing_on_a_home_whose_catalog_lists_nothing_is_not_a_pass(
-    tmp_path: Path, capsys
-) -> None:
+def test_existing_on_a_home_with_nothing_materialized_is_not_a_pass(tmp_path: Path, capsys) -> None:
     home = tmp_path / "home"
     (home / "data").mkdir(parents=True)
     assert main(["check", "--existing", "--home", str(home)]) == EXIT_USAGE
+    assert "no lineage catalog at" in capsys.readouterr().err
+    assert sorted(p.name for p in home.iterdir()) == ["data"]  # read-only: no catalog created
+    LineageCatalog(home / "catalog.duckdb").current_partitions("image_corpus")  # an empty one
+    assert main(["check", "--existing", "--home", str(home)]) == EXIT_USAGE
     assert "nothing to check" in capsys.readouterr().err
+
+
+def test_existing_reads_a_copy_of_a_catalog_it_cannot_lock(tmp_path: Path, monkeypatch) -> None:
+    """A read-only mount of a production home: the catalog's lock file cannot be opened there,
+    so the check reads a private copy (root ignores permissions, so the fault is simulated)."""
+    from contextlib import ExitStack
+
+    from megapairs_assets.cli import check
+
+    catalog = LineageCatalog(tmp_path / "home" / "catalog.duckdb")
+    assert catalog.current_partitions("image_corpus") == []
+    before = sorted(p.name for p in catalog.path.parent.iterdir())
+    real_access = os.access
+    monkeypatch.setattr(
+        check.os,
+        "access",
+        lambda path, mode: real_access(path, mode) and not str(path).startswith(str(tmp_path)),
+    )
+    with ExitStack() as stack:
+        copy = check.existing_catalog(catalog, stack)
+        assert copy.path != catalog.path and copy.current_partitions("image_corpus") == []
+    assert not copy.path.exists()  # removed with the stack
+    assert sorted(p.name for p in catalog.path.parent.iterdir()) == before
 
 
 def test_results_print_even_when_the_junit_report_cannot_be_written(tmp_path: Path, capsys) -> None:

@@ -26,7 +26,7 @@ import os
 import sys
 import tempfile
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -125,37 +125,8 @@ def run_check(args: argparse.Namespace) -> int:
         args.junit_xml = args.junit_xml.expanduser()
         ensure_writable_file(args.junit_xml, "--junit-xml")
     if args.existing:
-        from megapairs_assets.lib.storage import default_home
-
-        assets = resolve_selection(args.select, existing=True) if args.select else None
-
-        # The tables the pipeline wrote: --home, else $MEGAPAIRS_HOME (and its data root).
-        home = (args.home or default_home()).resolve()
-        from resources.environment import profile_from_env
-        from resources.profiles import build_resources
-
-        resources = build_resources(profile_from_env(), home)
-        layout = resources["storage"].layout()
-        if not layout.data_dir.exists():
-            raise ConfigurationError(
-                f"--existing: no tables at {layout.data_dir}; point --home (or MEGAPAIRS_HOME, "
-                "MEGAPAIRS_DATA_ROOT) at the data the pipeline wrote, or drop --existing to "
-                "check a fresh sample"
-            )
-        catalog, params = resources["catalog"].catalog(), resources["mining"].params()
-        rows = check_existing(layout, catalog, params, assets)
-        if not rows:
-            # Not a pass: a gate that checked nothing must not let a CI job through.
-            raise ConfigurationError(
-                f"--existing: the lineage catalog of {home} lists no current partition of "
-                + (f"the assets of --select {args.select}" if args.select else "any asset")
-                + ", so there is nothing to check; materialize them first (megapairs demo), or "
-                "point --home at the home that did"
-            )
-        code = report(rows, args.verbose, args.junit_xml)
-        if assets is None or "image_corpus" in assets:
-            print_quarantine(layout, catalog.current_partitions("image_corpus"))
-        return code
+        with ExitStack() as stack:
+            return _check_existing_home(args, stack)
     resolve_selection(args.select or "mining_half", existing=False)
     if args.home is not None:
         home = args.home.expanduser().resolve()
@@ -170,6 +141,75 @@ def run_check(args: argparse.Namespace) -> int:
         ) from error
     with throwaway as tmp:
         return _check_sample(args, Path(tmp))
+
+
+def _check_existing_home(args: argparse.Namespace, stack: ExitStack) -> int:
+    """`--existing`: re-check the tables under --home (else $MEGAPAIRS_HOME), writing nothing
+    there (`stack` removes the catalog copy `existing_catalog` may make)."""
+    from megapairs_assets.lib.errors import ConfigurationError
+    from megapairs_assets.lib.storage import default_home
+    from resources.environment import profile_from_env
+    from resources.profiles import build_resources
+
+    assets = resolve_selection(args.select, existing=True) if args.select else None
+    # The tables the pipeline wrote: --home, else $MEGAPAIRS_HOME (and its data root).
+    home = (args.home.expanduser() if args.home else default_home()).resolve()
+    resources = build_resources(profile_from_env(), home)
+    layout = resources["storage"].layout()
+    if not layout.data_dir.exists():
+        raise ConfigurationError(
+            f"--existing: no tables at {layout.data_dir}; point --home (or MEGAPAIRS_HOME, "
+            "MEGAPAIRS_DATA_ROOT) at the data the pipeline wrote, or drop --existing to "
+            "check a fresh sample"
+        )
+    catalog = existing_catalog(resources["catalog"].catalog(), stack)
+    rows = check_existing(layout, catalog, resources["mining"].params(), assets)
+    if not rows:
+        # Not a pass: a gate that checked nothing must not let a CI job through.
+        raise ConfigurationError(
+            f"--existing: the lineage catalog of {home} lists no current partition of "
+            + (f"the assets of --select {args.select}" if args.select else "any asset")
+            + ", so there is nothing to check; materialize them first (megapairs demo), or "
+            "point --home at the home that did"
+        )
+    code = report(rows, args.verbose, args.junit_xml)
+    if assets is None or "image_corpus" in assets:
+        print_quarantine(layout, catalog.current_partitions("image_corpus"))
+    return code
+
+
+def existing_catalog(catalog: Any, stack: ExitStack) -> Any:
+    """The lineage catalog `--existing` reads: `catalog` itself where this process may take its
+    file lock (the lock file lives beside it), else a private copy in a temporary folder that
+    `stack` removes, so a read-only mount of a production home can be checked. ConfigurationError
+    when a file catalog does not exist: opening it would create one in the home."""
+    import shutil
+
+    from megapairs_assets.lib.errors import ConfigurationError
+    from megapairs_assets.lineage.catalog import LineageCatalog
+
+    if catalog.is_ducklake:
+        return catalog  # no file lock to take
+    path: Path = catalog.path
+    if not path.exists():
+        raise ConfigurationError(
+            f"--existing: no lineage catalog at {path}, so nothing was materialized under this "
+            "home; point --home (or MEGAPAIRS_HOME) at the home the pipeline ran in"
+        )
+    lock = path.with_name(path.name + ".lock")
+    if os.access(path.parent, os.W_OK) and (not lock.exists() or os.access(lock, os.W_OK)):
+        return catalog
+    folder = stack.enter_context(tempfile.TemporaryDirectory(prefix="megapairs-check-"))
+    copy = Path(folder) / path.name
+    shutil.copyfile(path, copy)
+    wal = path.with_name(path.name + ".wal")  # commits not yet checkpointed into the file
+    if wal.exists():
+        shutil.copyfile(wal, copy.with_name(copy.name + ".wal"))
+    print(
+        f"megapairs check: {path.parent} is read-only here: reading a copy of {path.name}",
+        file=sys.stderr,
+    )
+    return LineageCatalog(copy, lock_timeout_s=catalog.lock_timeout_s)
 
 
 def ensure_writable_dir(folder: Path, what: str) -> None:
