@@ -172,3 +172,20 @@ def test_a_corpus_sample_with_a_corrupt_image_passes_and_names_the_lost_input(
     names = {case.get("name") for case in ElementTree.parse(junit).getroot().iter("testcase")}
     assert {"corpus_rows_complete[a]", "corpus_rows_complete[b]"} <= names
     assert not (tmp_path / "home" / "models").exists()  # no model was built for corpus_only
+
+
+def test_a_sample_never_writes_into_a_home_that_holds_pipeline_data(tmp_path: Path, capsys) -> None:
+    """`--home` names the data for --existing; a sample pointed at a real home is refused
+    rather than mixing its tables into that data. A sample's own home is reused freely."""
+    from megapairs_assets.cli.check import claim_sample_home
+
+    real = tmp_path / "real"
+    (real / "data").mkdir(parents=True)
+    assert main(["check", "--home", str(real)]) == EXIT_USAGE
+    assert f"use --existing --home {real}" in capsys.readouterr().err
+    assert sorted(p.name for p in real.iterdir()) == ["data"]
+    sample = tmp_path / "sample"
+    sample.mkdir()
+    claim_sample_home(sample)
+    (sample / "data").mkdir()
+    claim_sample_home(sample)  # its own earlier sample: fine

@@ -5,17 +5,23 @@ Two modes:
   sample of shards (the first `--shards` shards of the profile's corpus, or of `--corpus`)
   into a throwaway home that holds every table, the catalog and the Dagster instance
   (`MEGAPAIRS_DATA_ROOT` and the cluster's catalog settings are ignored here, so a CI check
-  never rewrites real data), with Dagster evaluating every asset check as the UI would;
+  never rewrites real data), with Dagster evaluating every asset check as the UI would. The
+  job must make everything its assets read (`generate` alone is refused: use
+  mine_and_generate);
 - `--existing [--home DIR]`: re-evaluate the checks on the tables already written (under
   `--home`, else `$MEGAPAIRS_HOME`, with `MEGAPAIRS_DATA_ROOT` and the deployment's lineage
-  catalog), read-only (nothing is written there), e.g. on a production data root; `--select`
-  narrows it to one job's assets.
+  catalog), read-only (nothing is written there; a catalog it cannot lock, as on a read-only
+  mount, is read from a private copy), e.g. on a production data root; `--select` narrows it to
+  one job's assets or to one asset. Checks that only a run can evaluate (`knn_corpus_complete`:
+  the index covered every shard) are not re-evaluated.
 
 Prints one line per (asset, check) with how many partitions pass, and under it every partition
-that failed with its details (`--verbose`: one line per (asset, check, partition)); exits 0 when
-every blocking check passed,
-1 when a blocking check failed, 2 on a usage or configuration error, 3 when the run itself
-failed before its checks could run. Failed warning checks print but never fail the command.
+that failed with its details (`--verbose`: one line per (asset, check, partition)), then the
+inputs the corpus step quarantined (not failures). Exits 0 when every blocking check passed,
+1 when a blocking check failed, 2 on a usage or configuration error (found before any work:
+an unknown `--select`, an unwritable `--home` or `--junit-xml`, `--existing` with nothing to
+check), 3 when the run itself failed before its checks could run. Failed warning checks print
+but never fail the command.
 """
 
 from __future__ import annotations
@@ -131,6 +137,7 @@ def run_check(args: argparse.Namespace) -> int:
     if args.home is not None:
         home = args.home.expanduser().resolve()
         ensure_writable_dir(home, f"--home {home}")
+        claim_sample_home(home)
         return _check_sample(args, home)
     try:
         throwaway = tempfile.TemporaryDirectory(prefix="megapairs-check-")
@@ -210,6 +217,26 @@ def existing_catalog(catalog: Any, stack: ExitStack) -> Any:
         file=sys.stderr,
     )
     return LineageCatalog(copy, lock_timeout_s=catalog.lock_timeout_s)
+
+
+SAMPLE_HOME_MARKER = ".megapairs-check-sample"
+"""The file that marks a folder as a `check` sample's home, which a later sample may reuse."""
+
+
+def claim_sample_home(home: Path) -> None:
+    """Mark `home` as a sample's home; ConfigurationError when it already holds a pipeline's
+    tables or catalog that a sample did not write (`--home` of `--existing` names the data to
+    re-check; here it would mix a sample into that data)."""
+    from megapairs_assets.lib.errors import ConfigurationError
+
+    marker = home / SAMPLE_HOME_MARKER
+    if not marker.exists() and ((home / "catalog.duckdb").exists() or (home / "data").exists()):
+        raise ConfigurationError(
+            f"--home {home} holds a pipeline's data; a sample would write its tables and "
+            "catalog there. To re-check that data use --existing --home "
+            f"{home}; for a sample give an empty folder (or drop --home for a throwaway one)"
+        )
+    marker.write_text("A `megapairs check` sample home: a later sample may overwrite it.\n")
 
 
 def ensure_writable_dir(folder: Path, what: str) -> None:
