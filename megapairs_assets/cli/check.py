@@ -90,8 +90,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     check.add_argument(
         "--home",
         type=Path,
-        help="a MEGAPAIRS_HOME: the sample's (default: a throwaway folder), or with --existing "
-        "the one whose tables are re-checked (default: $MEGAPAIRS_HOME)",
+        help="a MEGAPAIRS_HOME: the sample's (an empty folder or an earlier sample's, kept "
+        "after the run; default: a throwaway folder), or with --existing the one whose tables "
+        "are re-checked (default: $MEGAPAIRS_HOME)",
     )
     check.add_argument("--quiet", action="store_true", help="only warnings from Dagster")
     check.add_argument(
