@@ -920,22 +920,23 @@ def _member_key(member_name: str) -> str:
     Folders are part of the key (`a/x.jpg` and `b/x.jpg` are two samples, as in webdataset's
     own `base_plus_ext`); a leading `./` or `/` is not, so `./000012.jpg` stays `000012`.
     """
-    path = member_name
-    while path.startswith(("./", "/")):
-        path = path[2:] if path.startswith("./") else path[1:]
-    folder, _, base = path.rpartition("/")
-    stem = base.split(".", 1)[0]
-    return f"{folder}/{stem}" if folder and stem else stem
+    return _cut_member_name(member_name, at_last_dot=False)
 
 
 def _member_key_at_last_dot(member_name: str) -> str:
     """The key of a member of a tar whose names carry dots (`_choose_key_rule`): its path up to
     the last dot of its base name (`photos/a.b.c.jpg` -> `photos/a.b.c`)."""
+    return _cut_member_name(member_name, at_last_dot=True)
+
+
+def _cut_member_name(member_name: str, at_last_dot: bool) -> str:
+    """A member's path without a leading `./` or `/`, cut at the first or last dot of its base
+    name; folders stay part of the key."""
     path = member_name
     while path.startswith(("./", "/")):
         path = path[2:] if path.startswith("./") else path[1:]
     folder, _, base = path.rpartition("/")
-    stem = base.rsplit(".", 1)[0]
+    stem = base.rsplit(".", 1)[0] if at_last_dot else base.split(".", 1)[0]
     return f"{folder}/{stem}" if folder and stem else stem
 
 
