@@ -429,7 +429,7 @@ def test_check_report_counts_passes_per_check_and_lists_each_failure(capsys) -> 
     assert "corpus unique 17/18 partitions pass, 1 warn" in lines
     assert "corpus unique 00007 warn" in lines
     assert len(lines) == 2 + 4 + 2  # header, rule; two checks, two failures; blank, totals
-    assert lines[-1] == "36 check results: 34 passed, 1 blocking failures, 1 warnings"
+    assert lines[-1] == "36 check results: 34 passed, 1 blocking failure, 1 warning"
     # --verbose: every partition, in the same form as a failure's line.
     assert report(rows[18:], verbose=True) == EXIT_OK  # warnings alone never fail the command
     lines = [" ".join(line.split()) for line in capsys.readouterr().out.splitlines()]

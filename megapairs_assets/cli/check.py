@@ -655,7 +655,7 @@ def _print_report(rows: list[CheckRow], verbose: bool) -> int:
     warned = [r for r in rows if not r.passed and not r.blocking]
     print(
         f"\n{len(rows)} check results: {len(rows) - len(failed) - len(warned)} passed, "
-        f"{len(failed)} blocking failures, {len(warned)} warnings"
+        f"{_count(len(failed), 'blocking failure')}, {_count(len(warned), 'warning')}"
     )
     return EXIT_CHECK_FAILED if failed else EXIT_OK
 
@@ -733,3 +733,8 @@ def write_junit_xml(rows: list[CheckRow], path: Path, run_error: str | None = No
     write_atomic(
         path.expanduser(), lambda tmp: tree.write(tmp, encoding="utf-8", xml_declaration=True)
     )
+
+
+def _count(n: int, noun: str) -> str:
+    """'1 warning', '2 warnings', '0 warnings'."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
