@@ -32,7 +32,7 @@ import os
 import sys
 import tempfile
 from collections.abc import Callable, Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -139,7 +139,7 @@ def run_check(args: argparse.Namespace) -> int:
         home = args.home.expanduser().resolve()
         ensure_writable_dir(home, f"--home {home}")
         claim_sample_home(home)
-        return _check_sample(args, home)
+        return _check_sample(args, home, kept=True)
     try:
         throwaway = tempfile.TemporaryDirectory(prefix="megapairs-check-")
     except OSError as error:
@@ -148,7 +148,7 @@ def run_check(args: argparse.Namespace) -> int:
             f"{error.strerror or error}; set TMPDIR to a writable folder, or give --home one"
         ) from error
     with throwaway as tmp:
-        return _check_sample(args, Path(tmp))
+        return _check_sample(args, Path(tmp), kept=False)
 
 
 def _check_existing_home(args: argparse.Namespace, stack: ExitStack) -> int:
@@ -182,6 +182,7 @@ def _check_existing_home(args: argparse.Namespace, stack: ExitStack) -> int:
         )
     code = report(rows, args.verbose, args.junit_xml)
     if assets is None or "image_corpus" in assets:
+        print_unread(layout, resources["corpus_source"].path, kept=True)
         print_quarantine(layout, catalog.current_partitions("image_corpus"))
     return code
 
@@ -295,12 +296,15 @@ def sample_environment() -> Iterator[None]:
         os.environ.update(saved)
 
 
-def _check_sample(args: argparse.Namespace, home: Path) -> int:
-    with sample_environment():
-        return _run_sample(args, home)
+def _check_sample(args: argparse.Namespace, home: Path, kept: bool) -> int:
+    """A sample run in `home` (`kept`: it outlives the run, so its files may be named)."""
+    from megapairs_assets.demo.models import quiet_demo_models_note
+
+    with sample_environment(), quiet_demo_models_note() if args.quiet else nullcontext():
+        return _run_sample(args, home, kept)
 
 
-def _run_sample(args: argparse.Namespace, home: Path) -> int:
+def _run_sample(args: argparse.Namespace, home: Path, kept: bool) -> int:
     import dagster as dg
 
     from megapairs_assets.corpus.sources import detect_source_kind
@@ -319,18 +323,13 @@ def _run_sample(args: argparse.Namespace, home: Path) -> int:
         corpus = args.corpus.expanduser()  # a quoted "~/photos" reaches us unexpanded
         kind = detect_source_kind(corpus)  # a ConfigurationError says what is wrong
         source = CorpusSourceResource(kind=kind, path=str(corpus.resolve()))
-    # Every setting the sample needs (corpus, encoder weights, and the generation servers when
+    # The sample is the corpus: KNN searches exactly these shards. Listed first, so a corpus
+    # with no shard (an empty folder) is one configuration error at once, before the checks
+    # below build or load any model.
+    shards = source.shard_ids()[: args.shards or DEFAULT_SAMPLE_SHARDS]
+    # Every other setting the sample needs (encoder weights, and the generation servers when
     # the job generates), all missing ones in one configuration error, before any work.
     check_ready({**resources, "corpus_source": source}, preflight_phases(selected))
-    # The sample is the corpus: KNN searches exactly these shards.
-    shards = source.shard_ids()[: args.shards or DEFAULT_SAMPLE_SHARDS]
-    if not shards:
-        from megapairs_assets.lib.errors import ConfigurationError
-
-        raise ConfigurationError(
-            f"the corpus {source.path} has no shards: give --corpus a folder of webdataset .tar "
-            "shards, a folder of images or of image folders or a .parquet/.jsonl manifest"
-        )
     fields = {name: getattr(source, name) for name in type(source).model_fields}
     sample = CorpusSourceResource(**{**fields, "only_shards": shards})
     defs = build_definitions(profile_from_env(), home, resource_overrides={"corpus_source": sample})
@@ -349,7 +348,9 @@ def _run_sample(args: argparse.Namespace, home: Path) -> int:
     run_error = None if result.success else f"run {result.run_id} failed: see the log above"
     code = report(rows, args.verbose, args.junit_xml, run_error)
     # Read now: a throwaway home, and with it the quarantine tables, is gone once we return.
-    print_quarantine(defs.resources["storage"].layout(), shards)
+    layout = defs.resources["storage"].layout()
+    print_unread(layout, source.path, kept)
+    print_quarantine(layout, shards)
     if code == EXIT_OK and not result.success:
         print("the run failed before all checks ran: see the log above", file=sys.stderr)
         return EXIT_RUN_FAILED
@@ -379,6 +380,41 @@ def quarantine_lines(layout: Any, shards: list[str]) -> list[str]:
             more = len(rows) - QUARANTINE_LINES_PER_SHARD
             lines.append(f"image_corpus[{shard}]  ... and {more} more: {path}")
     return lines
+
+
+UNREAD_LINES = 10
+"""How many entries of the corpus source that no shard reads `megapairs check` names."""
+
+
+def unread_lines(layout: Any, source_path: str, kept: bool) -> list[str]:
+    """One line per entry of the corpus source that no shard reads (its source report, less
+    the bundled demo corpus's own licence and provenance files), at most UNREAD_LINES, then a
+    count: with the report's path when the home is `kept`, else how to keep it (a throwaway
+    home is deleted when the check ends, so naming a file in it would help no one)."""
+    from megapairs_assets.corpus.table import unexpected_unread
+    from megapairs_assets.lib.storage import read_parquet
+
+    path = layout.corpus_source_report()
+    if not path.exists():
+        return []
+    report = unexpected_unread(read_parquet(path), source_path)
+    lines = [
+        f"{row['reason']}  {row['source_uri']}  {row['detail']}"
+        for row in report.head(UNREAD_LINES).iter_rows(named=True)
+    ]
+    if report.height > UNREAD_LINES:
+        more = report.height - UNREAD_LINES
+        where = f": {path}" if kept else " (--home DIR keeps the full list in a source report)"
+        lines.append(f"... and {more} more{where}")
+    return lines
+
+
+def print_unread(layout: Any, source_path: str, kept: bool) -> None:
+    """Print `unread_lines` under a heading that says they do not fail the check."""
+    lines = unread_lines(layout, source_path, kept)
+    if lines:
+        print("\ncorpus entries no shard reads (left out of the run; not check failures):")
+        print("\n".join("  " + line for line in lines))
 
 
 def print_quarantine(layout: Any, shards: list[str]) -> None:

@@ -8,7 +8,8 @@ it broke, so a person can decide whether to fix the source or accept the loss.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 import polars as pl
@@ -151,6 +152,41 @@ def write_source_report(
     report = source_report_table(scan_source(spec, listings).unread)
     write_parquet_atomic(report, layout.corpus_source_report())
     return report
+
+
+BUNDLED_CORPUS_COMPANIONS: dict[str, str] = {
+    "LICENSE-openclipart.txt": "the licence of its images",
+    "manifest.jsonl": "where each image came from (not a corpus manifest)",
+}
+"""Files that sit beside the bundled demo corpus's shards on purpose (file name -> what it is):
+the source report still lists them (no shard reads them), but they are no news to a user, so
+`unexpected_unread` leaves them out of the warnings and of `megapairs check`'s output."""
+
+
+def unexpected_unread(report: pl.DataFrame, source_path: str) -> pl.DataFrame:
+    """The rows of a source report (`source_report_table`) worth telling a user about: all of
+    them, except `BUNDLED_CORPUS_COMPANIONS` when `source_path` is the bundled demo corpus."""
+    from megapairs_assets.demo import DEMO_CORPUS_DIR
+
+    root = Path(source_path)
+    if report.is_empty() or root.resolve() != DEMO_CORPUS_DIR.resolve():
+        return report
+    companions = [str(root / name) for name in BUNDLED_CORPUS_COMPANIONS]
+    return report.filter(
+        ~((pl.col("reason") == "unsupported_file") & pl.col("source_uri").is_in(companions))
+    )
+
+
+def unread_summary(report: pl.DataFrame, first: int = 3) -> str:
+    """`N entries of the corpus source are not read by any shard: <detail> (<reason>); ...`,
+    naming the first `first` entries with their reasons (and how many more there are), so the
+    sentence alone says what was left out."""
+    rows = report.head(first).iter_rows(named=True)
+    named = "; ".join(f"{row['detail']} ({row['reason']})" for row in rows)
+    more = f"; and {report.height - first} more" if report.height > first else ""
+    entries = "1 entry" if report.height == 1 else f"{report.height} entries"
+    verb = "is" if report.height == 1 else "are"
+    return f"{entries} of the corpus source {verb} not read by any shard: {named}{more}"
 
 
 def check_corpus(
@@ -323,13 +359,38 @@ def check_cross_shard_duplicates(images: pl.DataFrame, other_shards: pl.DataFram
     check reports them. The near-duplicate end of each mining band keeps them from becoming
     pairs.
     """
-    joined = images.select("image_id", "content_hash").join(
-        other_shards.select(pl.col("image_id").alias("other_id"), "content_hash"),
-        on="content_hash",
+    joined = (
+        images.select("image_id", "content_hash")
+        .join(
+            other_shards.select(pl.col("image_id").alias("other_id"), "content_hash"),
+            on="content_hash",
+        )
+        .sort("image_id", "other_id")
     )
     examples = [f"{row[0]} = {row[1]}" for row in joined.select("image_id", "other_id").rows()]
-    return outcome(
-        "corpus_content_unique_across_shards",
-        examples,
-        "no image repeats the exact bytes of an image in another shard",
+    rule = "no image repeats the exact bytes of an image in another shard"
+    result = outcome("corpus_content_unique_across_shards", examples, rule)
+    if result.passed:
+        return result
+    # The detail is what `megapairs check` and the check's description show: name the copies
+    # by shard and key (an image_id is '<shard>/<key>'; a shard id never holds a '/').
+    shown = "; ".join(
+        f"{_shard_and_key(image_id)} has the same bytes (sha256 {digest[:12]}...) as "
+        f"{_shard_and_key(other_id)}"
+        for image_id, other_id, digest in joined.head(_DUPLICATES_NAMED)
+        .select("image_id", "other_id", "content_hash")
+        .rows()
     )
+    more = joined.height - _DUPLICATES_NAMED
+    shown += f"; and {more} more" if more > 0 else ""
+    return replace(result, detail=f"{result.detail}: {shown}")
+
+
+def _shard_and_key(image_id: str) -> str:
+    """`key k of shard s` for the image_id `s/k`."""
+    shard, _, key = image_id.partition("/")
+    return f"key {key!r} of shard {shard}"
+
+
+_DUPLICATES_NAMED = 3
+"""How many cross-shard copies a failed `corpus_content_unique_across_shards` names."""

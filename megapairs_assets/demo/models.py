@@ -38,6 +38,23 @@ DEMO_MODELS_NOTE = (
     "by design: they run the real pipeline offline, not find good pairs"
 )
 _OPEN_CLIP_RANDOM_INIT_WARNING = "No pretrained weights loaded for model"
+# False inside `quiet_demo_models_note()`: a command's --quiet asks for warnings only, and the
+# note is not one. A process-wide switch, not a context variable: the build may happen in a
+# thread Dagster starts, which a context variable would not reach.
+_say_note = True
+
+
+@contextmanager
+def quiet_demo_models_note() -> Iterator[None]:
+    """Within this block, building the demo models prints no `DEMO_MODELS_NOTE` (for a
+    command's `--quiet`); the setting before it is put back afterwards."""
+    global _say_note
+    before, _say_note = _say_note, False
+    try:
+        yield
+    finally:
+        _say_note = before
+
 
 DINOV2_TINY_CONFIG = {
     "hidden_size": 96,
@@ -85,7 +102,8 @@ def _is_current(models_dir: Path, paths: dict[str, Path]) -> bool:
 
 def _build(models_dir: Path, paths: dict[str, Path]) -> None:
     (models_dir / _MARKER_NAME).unlink(missing_ok=True)
-    print(DEMO_MODELS_NOTE, flush=True)
+    if _say_note:
+        print(DEMO_MODELS_NOTE, flush=True)
     with (
         _quiet_model_libraries(),
         tempfile.TemporaryDirectory(dir=models_dir, prefix=".building-") as staging,
