@@ -50,6 +50,7 @@ SkippedRow = tuple[str, str, str]
 UNIT_NORM_TOLERANCE = 1e-2
 PREFETCH_BATCHES_PER_WORKER = 2
 NO_CAPTION = "no_caption"
+INPUT_DIGEST_COLUMN = "input_digest"
 
 
 @dataclass(frozen=True)
@@ -469,6 +470,9 @@ EMBEDDING_COLUMN_DESCRIPTIONS: dict[str, str] = {
     "image_id": "the corpus image (image_corpus.image_id), one row per embedded image",
     "embedding": "its L2-normalised vector, float16 (the encoder's dimension); the footer names "
     "the model and the reuse key",
+    INPUT_DIGEST_COLUMN: "digest of the input the vector was computed from (the image's sha256, "
+    "or the caption), so a later run keeps the vector while that input is unchanged; null when "
+    "the table was written without reuse keys",
 }
 
 
@@ -478,20 +482,32 @@ def write_embedding_table(
     vectors: np.ndarray,
     model_id: str,
     metadata: Mapping[str, str] | None = None,
+    input_digests: Sequence[str] | None = None,
 ) -> None:
-    """Write `image_id` + `embedding` (fixed_size_list<halffloat>[dim]) to Parquet, atomically.
+    """Write `image_id` + `embedding` (fixed_size_list<halffloat>[dim]) + `input_digest` to
+    Parquet, atomically.
 
     The schema metadata records `model_id`, `dim` and any extra `metadata` (the shard's reuse
-    key, see `embeddings.reuse`), in the same file, so they can never disagree with the
-    vectors. The file appears complete or not at all (`write_atomic`: a rename on local disk,
-    one upload of the finished object on a store).
+    keys, see `embeddings.reuse`), in the same file, so they can never disagree with the
+    vectors. `input_digests` (one per id) say which input each vector came from, for reuse row
+    by row; without them the column is null. The file appears complete or not at all
+    (`write_atomic`: a rename on local disk, one upload of the finished object on a store).
     """
     vectors = np.ascontiguousarray(vectors, dtype=np.float16)
     if vectors.ndim != 2 or vectors.shape[0] != len(ids):
         raise ValueError(f"need one row of vectors per id: {len(ids)} ids, shape {vectors.shape}")
+    if input_digests is not None and len(input_digests) != len(ids):
+        raise ValueError(f"need one input digest per id: {len(ids)} ids, {len(input_digests)}")
     dim = vectors.shape[1]
     embedding = pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), dim)
-    table = pa.table({"image_id": pa.array(list(ids), type=pa.string()), "embedding": embedding})
+    digests = [None] * len(ids) if input_digests is None else list(input_digests)
+    table = pa.table(
+        {
+            "image_id": pa.array(list(ids), type=pa.string()),
+            "embedding": embedding,
+            INPUT_DIGEST_COLUMN: pa.array(digests, type=pa.string()),
+        }
+    )
     table = table.replace_schema_metadata(
         {**(metadata or {}), "model_id": model_id, "dim": str(dim)}
     )

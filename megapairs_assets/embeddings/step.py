@@ -24,9 +24,13 @@ from megapairs_assets.embeddings.reuse import (
     NoTable,
     NotReusable,
     ReusedShard,
-    reusable_shard,
-    shard_reuse_key,
-    stored_metadata,
+    RowReuse,
+    ShardKeys,
+    input_digests,
+    merge_rows,
+    reuse_plan,
+    shard_keys,
+    shard_metadata,
 )
 from megapairs_assets.embeddings.sources import SimilaritySource
 from megapairs_assets.lib.preview import markdown_table
@@ -73,9 +77,10 @@ class EmbeddingRun:
 
     encoder: the model, or a `LazyEncoder` loaded only when a shard must be embedded.
     code_version: the stage's settings-aware code version (what Dagster shows); with it, each
-        table records its shard's reuse key (`embeddings.reuse`) and an unchanged shard keeps
-        its table. None: no key is written and nothing is reused.
-    reuse_unchanged: False embeds every shard again (the keys are still written).
+        table records its shard's reuse keys (`embeddings.reuse`): an unchanged shard keeps
+        its table, a changed one keeps its unchanged rows' vectors and embeds the rest. None:
+        no key is written and nothing is reused.
+    reuse_unchanged: False embeds every row of every shard again (the keys are still written).
     """
 
     source: SimilaritySource
@@ -157,15 +162,19 @@ def _embed_window(
     log: Callable[[str], None],
 ) -> Iterator[StepResult]:
     asset_name = run.source.embedding_asset
-    keys = {shard: _reuse_key(rows, run) for shard, rows, _ in window}
-    # Decided before anything is embedded, so a window whose shards are all unchanged never
-    # needs the model; a reused shard's vectors are checked here and not kept.
-    reused = {
-        shard: kept
-        for shard, rows, _ in window
-        if (kept := _reusable(shard, rows, keys[shard], run, layout, log)) is not None
+    keys = {shard: _shard_keys(rows, run) for shard, rows, _ in window}
+    # Decided before anything is embedded, so a window whose shards are all unchanged (or
+    # changed only by removals) never needs the model; a reused shard's vectors are checked
+    # here and not kept, a partly reused shard keeps only its unchanged rows' vectors.
+    plans = {
+        shard: _reuse_plan(shard, rows, keys[shard], run, layout, log) for shard, rows, _ in window
     }
-    to_embed = [(shard, rows) for shard, rows, _ in window if shard not in reused]
+    to_embed = [
+        (shard, rows if plan is None else plan.to_embed)
+        for shard, rows, _ in window
+        if not isinstance(plan := plans[shard], ReusedShard)
+        and (plan is None or plan.to_embed.height)
+    ]
     results: Iterator[tuple[str, EmbeddingResult]] = iter(())
     progress: Any = nullcontext()
     if to_embed:
@@ -188,88 +197,115 @@ def _embed_window(
             on_progress=progress.update,
             image_decode=run.image_decode,
         )
+    embedding = {shard for shard, _ in to_embed}
     with progress:
         for shard, rows, versions in window:
-            if shard in reused:
+            plan = plans.pop(shard)
+            if isinstance(plan, ReusedShard):
                 log(f"{asset_name}[{shard}]: inputs unchanged, table reused")
-                yield _reused_result(shard, rows, versions, reused.pop(shard), run, layout)
+                yield _reused_result(shard, rows, versions, plan, run, layout)
                 continue
-            embedded_shard, result = next(results)
-            if embedded_shard != shard:  # embed_row_groups keeps the given order
-                raise RuntimeError(f"embedded {embedded_shard!r} where {shard!r} was expected")
-            yield _shard_result(shard, rows, versions, result, run, layout, keys[shard])
+            result = None
+            if shard in embedding:
+                embedded_shard, result = next(results)
+                if embedded_shard != shard:  # embed_row_groups keeps the given order
+                    raise RuntimeError(f"embedded {embedded_shard!r} where {shard!r} was expected")
+            yield _shard_result(shard, rows, versions, result, plan, run, layout, keys[shard])
         # The stream to its end, so its loader and workers finish, as a for loop over it would.
         for extra, _ in results:
             raise RuntimeError(f"embedded {extra!r}, which this window does not hold")
 
 
-def _reuse_key(rows: pl.DataFrame, run: EmbeddingRun) -> str | None:
+def _shard_keys(rows: pl.DataFrame, run: EmbeddingRun) -> ShardKeys | None:
     if run.code_version is None:
         return None
-    return shard_reuse_key(
-        run.code_version, run.source.embedding_asset, run.modality, rows, run.limits
-    )
+    return shard_keys(run.code_version, run.source.embedding_asset, run.modality, rows, run.limits)
 
 
-def _reusable(
+def _reuse_plan(
     shard: str,
     rows: pl.DataFrame,
-    reuse_key: str | None,
+    keys: ShardKeys | None,
     run: EmbeddingRun,
     layout: DataLayout,
     log: Callable[[str], None],
-) -> ReusedShard | None:
-    """The shard's existing table when it can stand for this run, else None (embed it)."""
-    if reuse_key is None or not run.reuse_unchanged:
+) -> ReusedShard | RowReuse | None:
+    """What of the shard's existing table stands for this run: all of it, its unchanged rows,
+    or nothing (None: embed every row)."""
+    if keys is None or not run.reuse_unchanged:
         return None
+    asset_name = run.source.embedding_asset
     try:
-        return reusable_shard(
-            layout.shard_table(run.source.embedding_asset, shard), reuse_key, rows
-        )
+        plan = reuse_plan(layout.shard_table(asset_name, shard), keys, rows)
     except NoTable:
         return None
     except NotReusable as why:
-        log(f"{run.source.embedding_asset}[{shard}]: embedding it: {why}")
+        log(f"{asset_name}[{shard}]: embedding it: {why}")
         return None
+    if isinstance(plan, RowReuse):
+        log(
+            f"{asset_name}[{shard}]: {plan.why}; keeping {plan.reused_rows} unchanged rows, "
+            f"embedding {plan.to_embed.height} of {rows.height}"
+        )
+    return plan
 
 
 def _shard_result(
     shard: str,
     rows: pl.DataFrame,
     versions: dict[str, str],
-    result: EmbeddingResult,
+    result: EmbeddingResult | None,
+    plan: RowReuse | None,
     run: EmbeddingRun,
     layout: DataLayout,
-    reuse_key: str | None,
+    keys: ShardKeys | None,
 ) -> StepResult:
-    """Write one shard's table (with its reuse key) and describe it."""
-    encoder = run.loaded_encoder()
+    """Write one shard's table (with its reuse keys) and describe it.
+
+    `result` holds the rows embedded now (None: none were); `plan` the rows kept from the old
+    table (None: every row was embedded now).
+    """
+    if plan is None:
+        if result is None:
+            raise RuntimeError(f"shard {shard!r} was neither embedded nor reused")
+        ids, vectors, skipped_rows = result.ids, result.vectors, result.skipped
+    else:
+        ids, vectors, skipped_rows = merge_rows(rows, plan, result)
+    # The model's id without loading it: a shard whose rows all stand needs no model, and the
+    # old table was written under the same settings key (so by the same model).
+    model_id = run.loaded_encoder().model_id if result is not None else plan.model_id
     path = layout.shard_table(run.source.embedding_asset, shard)
     write_embedding_table(
         path,
-        result.ids,
-        result.vectors,
-        encoder.model_id,
-        metadata=stored_metadata(reuse_key, result.skipped),
+        ids,
+        vectors,
+        model_id,
+        metadata=shard_metadata(keys, skipped_rows),
+        input_digests=input_digests(keys, ids),
     )
-    skipped = _skipped_frame(result.skipped)
+    skipped = _skipped_frame(skipped_rows)
     expected = rows.filter(~pl.col("image_id").is_in(skipped["image_id"].implode()))
-    outcomes = check_embeddings(result.ids, result.vectors, expected["image_id"].to_list())
+    outcomes = check_embeddings(ids, vectors, expected["image_id"].to_list())
+    reused_rows = 0 if plan is None else plan.reused_rows
+    metadata: dict[str, Any] = {
+        "vector_dim": int(vectors.shape[1]),
+        "reused": False,
+        "rows_reused": reused_rows,
+        "rows_computed": rows.height - reused_rows,
+    }
+    if result is not None:
+        metadata["items_per_s"] = round(result.items_per_s, 1)
     return _describe(
         shard,
         rows,
         versions,
         run,
         path,
-        embedded=len(result.ids),
+        embedded=len(ids),
         skipped=skipped,
-        model_id=encoder.model_id,
+        model_id=model_id,
         outcomes=outcomes,
-        metadata={
-            "vector_dim": encoder.dim,
-            "reused": False,
-            "items_per_s": round(result.items_per_s, 1),
-        },
+        metadata=metadata,
     )
 
 
@@ -292,7 +328,12 @@ def _reused_result(
         skipped=_skipped_frame(kept.skipped),
         model_id=kept.model_id,
         outcomes=kept.outcomes,
-        metadata={"vector_dim": kept.dim, "reused": True},
+        metadata={
+            "vector_dim": kept.dim,
+            "reused": True,
+            "rows_reused": rows.height,
+            "rows_computed": 0,
+        },
     )
 
 
