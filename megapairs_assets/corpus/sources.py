@@ -10,11 +10,12 @@ Three layouts are understood, each named by a `SourceSpec`:
 - `folder`: a folder of images with optional sidecar captions (`<stem>.txt`, `<stem>.caption`
   or `<stem>.json`, extension in any letter case); each immediate subfolder holding images is
   a shard, images at the top level form `root`, or, when there are more of them than the
-  spec's `shard_size`, shards `root-00000`, `root-00001`, ... of `shard_size` images each in
-  name order (`loose_image_shard_ids`). Deeper folders are reported, not read.
+  spec's `shard_size`, shards cut where their sorted names say (content-defined, so adding
+  photos re-cuts only the shard they fall in): `root`, `root-IMG_0412`, ... named by their
+  first image (`cut_loose_images`). Deeper folders are reported, not read.
 - `manifest`: a parquet or jsonl table with a `path` or `url` column, a `caption` column and
   optional `key`/`id` and `shard` columns; without a `shard` column every `shard_size` rows
-  form a shard.
+  form a shard, by position (see `_shard_id_expr` for why not cut like loose images).
 
 Every entry is either read or reported. `scan_source` lists the shards and, as `unread`
 records, every entry no shard reads: a name that cannot be made safe as a shard id (shard ids
@@ -81,7 +82,7 @@ _IMAGE_EXTENSIONS_TEXT = "." + ", .".join(sorted(IMAGE_EXTENSIONS))
 ROOT_SHARD = "root"
 DEFAULT_SHARD_SIZE = 1000
 """Images per shard where the source does not group them itself: manifest rows without a
-`shard` column, and a folder's loose top-level images (see `loose_image_shard_ids`)."""
+`shard` column, and, on average, a folder's loose top-level images (see `cut_loose_images`)."""
 UNASSIGNED_SHARD = "unassigned"
 _SHARD_ID_DIGITS = 5
 _ROW_KEY_DIGITS = 9
@@ -166,13 +167,14 @@ class ShardReadError(Exception):
 class SourceListings:
     """The folder listings of one corpus run, made once each and shared by its shards.
 
-    A folder corpus's loose images (`root`, `root-00000`, ...) are cut from a listing of the
+    A folder corpus's loose images (`root`, `root-IMG_0412`, ...) are cut from a listing of the
     whole top folder, so without sharing every shard lists that folder twice (its progress
-    count, then its read) and works out every image's key again: 200 listings for the 100
-    shards of a 100,000-image folder, ~0.3 s each. Instead the `image_corpus` asset makes one
-    `SourceListings` per Dagster step (one run's partitions, read one after another) and hands
-    it to `scan_source`, `count_shard_records` and `iter_shard_records`; `build_corpus_shard`
-    makes its own when given none, so a shard's count and read share one listing.
+    count, then its read) and works out every image's key and the cut again: ~180 listings
+    for the ~90 shards of a 100,000-image folder, ~0.3 s each. Instead the `image_corpus` asset
+    makes one `SourceListings` per Dagster step (one run's partitions, read one after another)
+    and hands it to `scan_source`, `count_shard_records` and `iter_shard_records`;
+    `build_corpus_shard` makes its own when given none, so a shard's count and read share one
+    listing.
 
     Why this is never stale: an instance lives only as long as the step that made it and is
     passed down explicitly, never kept in a global or keyed by time, so each run lists the
@@ -180,8 +182,8 @@ class SourceListings:
     cut from the same list, so a file added or removed while the run goes cannot move a cut
     between two of its shards (an image read by two shards, or by none); a listed file gone by
     the time it is read is quarantined as `missing_file`, and the next run sees the change.
-    The top folder's listing (and its images' keys) is kept for the whole run; of any other
-    folder (a subfolder shard) only the latest, so memory stays one shard's listing. Not
+    The top folder's listing (and its images' keys and cut) is kept for the whole run; of any
+    other folder (a subfolder shard) only the latest, so memory stays one shard's listing. Not
     thread-safe: one step reads its shards one after another.
     """
 
@@ -304,10 +306,10 @@ def shard_uri(spec: SourceSpec, shard_id: str) -> str:
     if spec.kind == "webdataset":
         name = _shard_entry_name(Path(spec.path), shard_id, "webdataset")
         return str(Path(spec.path) / (name or f"{shard_id}{TAR_SUFFIX}"))
-    if spec.kind == "folder" and not _is_loose_image_id(Path(spec.path), shard_id):
-        return str(
-            Path(spec.path) / (_shard_entry_name(Path(spec.path), shard_id, "folder") or shard_id)
-        )
+    if spec.kind == "folder":
+        name = _shard_entry_name(Path(spec.path), shard_id, "folder")
+        if name is not None or not _has_loose_form(shard_id):
+            return str(Path(spec.path) / (name or shard_id))
     return spec.path
 
 
@@ -328,7 +330,7 @@ def iter_shard_records(
         name = _shard_entry_name(root, shard_id, "webdataset")
         return _iter_tar_records(root / (name or f"{shard_id}{TAR_SUFFIX}"))
     if spec.kind == "folder":
-        if _is_loose_image_id(root, shard_id):
+        if _has_loose_form(shard_id):
             return _iter_loose_records(root, shard_id, spec.shard_size, listings)
         name = _shard_entry_name(root, shard_id, "folder")
         return _iter_folder_records(root / (name or shard_id), listings)
@@ -1037,6 +1039,7 @@ class _FolderEntries:
     subfolders: list[Path] = field(default_factory=list)
     unread: list[RawRecord] = field(default_factory=list)
     _keys: list[str] | None = field(default=None, init=False, repr=False)
+    _cuts: dict[int, dict[str, LooseCut]] = field(default_factory=dict, init=False, repr=False)
 
     def image_keys(self) -> list[str]:
         """The key of each of `image_names` (`_folder_keys`), worked out once per listing: the
@@ -1044,6 +1047,14 @@ class _FolderEntries:
         if self._keys is None:
             self._keys = [key for _, key in _folder_keys(self.image_names)]
         return self._keys
+
+    def loose_cuts(self, shard_size: int) -> dict[str, LooseCut]:
+        """Shard id -> cut of `image_names` as loose images (`cut_loose_images`), in name
+        order, worked out once per listing and shard size (it hashes every name)."""
+        if shard_size not in self._cuts:
+            cuts = _cut_loose_images(self.image_names, self.image_keys(), shard_size)
+            self._cuts[shard_size] = {cut.shard_id: cut for cut in cuts}
+        return self._cuts[shard_size]
 
 
 def _folder_entries(folder: Path) -> _FolderEntries:
@@ -1179,7 +1190,7 @@ def _scan_folder(root: Path, shard_size: int, listings: SourceListings) -> Sourc
             )
     shards, refused = _assign_shard_ids(candidates)
     if top.image_names:
-        loose_ids = loose_image_shard_ids(len(top.image_names), shard_size)
+        loose_ids = list(top.loose_cuts(shard_size))
         both = sorted(set(loose_ids) & set(shards))
         if both:
             raise ConfigurationError(
@@ -1223,23 +1234,113 @@ def _folder_image_records(
         yield _read_local(key, uri, caption, caption_issue)
 
 
-def loose_image_shard_ids(image_count: int, shard_size: int) -> list[str]:
-    """The shard ids of a folder's `image_count` loose (top-level) images.
+# --- a folder's loose images: content-defined cuts ------------------------------------------
 
-    Up to `shard_size` images are the one shard `root`, as always, so existing homes keep their
-    ids. More are cut, in file-name order, into shards of `shard_size` images named
-    `root-00000`, `root-00001`, ... (the zero padding of a manifest's row-based shard ids), so a
-    flat folder of phone photos gets shards that run in parallel and resume one by one.
-    """
+_LOOSE_ID_PREFIX = f"{ROOT_SHARD}-"
+# A loose image's name is a cut name when the first 8 bytes of its BLAKE2b digest, read as a
+# number, fall under 1/shard_size of their range: a hash of the name alone, never Python's
+# `hash`, which is salted per process (PYTHONHASHSEED).
+_CUT_HASH_BYTES = 8
+_CUT_HASH_RANGE = 1 << (8 * _CUT_HASH_BYTES)
+
+
+@dataclass(frozen=True)
+class LooseCut:
+    """One shard of a folder's loose images: its id and its images, by position in name order
+    (`start` to `stop`, stop excluded) among all the folder's loose images."""
+
+    shard_id: str
+    start: int
+    stop: int
+
+
+def loose_shard_bounds(shard_size: int) -> tuple[int, int]:
+    """(fewest, most) images of a shard cut from more than `shard_size` loose images: a
+    quarter of `shard_size` (at least 1) and four times it."""
     if shard_size < 1:
         raise ValueError(f"shard_size must be positive, got {shard_size}")
-    if image_count <= shard_size:
-        return [ROOT_SHARD]
-    parts = -(-image_count // shard_size)
-    return [f"{ROOT_SHARD}-{part:0{_SHARD_ID_DIGITS}d}" for part in range(parts)]
+    return max(1, shard_size // 4), 4 * shard_size
 
 
-_LOOSE_PART_ID = re.compile(rf"{ROOT_SHARD}-\d{{{_SHARD_ID_DIGITS},}}")
+def is_cut_name(name: str, shard_size: int) -> bool:
+    """Whether the loose image file `name` starts a piece of the folder's cut: the first bytes
+    of a BLAKE2b digest of the name fall under 1/`shard_size` of their range, so about one
+    name in `shard_size` does, the same in every process and on every machine."""
+    digest = hashlib.blake2b(name.encode("utf-8", "surrogateescape"), digest_size=_CUT_HASH_BYTES)
+    return int.from_bytes(digest.digest(), "big") * shard_size < _CUT_HASH_RANGE
+
+
+def cut_loose_images(image_names: list[str], shard_size: int) -> list[LooseCut]:
+    """The shards of a folder's loose (top-level) images, given their file names sorted.
+
+    Up to `shard_size` images are the one shard `root`, as always, so existing homes keep it.
+    More are cut where the names say, not by position (the idea of rsync's and FastCDC's
+    content-defined chunking, applied to the sorted names), so adding photos re-cuts little:
+
+    - a piece starts at the first name and at every cut name (`is_cut_name`, about one name in
+      `shard_size`);
+    - a piece of fewer than a quarter of `shard_size` images joins the shard before it (the
+      first shard takes pieces until it holds that many). Each piece is judged by its own
+      size, so, unlike skipping cut names near the previous cut (FastCDC's minimum), one new
+      name cannot move a chain of later cuts;
+    - a shard of more than four times `shard_size` images (a long run without a cut name,
+      ~2% of shards) is split into equal parts by position.
+
+    So adding or removing an image that is not a cut name changes only the shard it falls in,
+    unless its piece crosses a quarter of `shard_size` (the piece then splits off as a shard of
+    its own, or joins the shard before) or the shard crosses four times `shard_size` (its equal
+    parts move). Adding a cut name splits one shard in two (or, when the new piece before it
+    is too short to stand alone, hands those images to the shard before). Shards hold ~1.3 x
+    `shard_size` images on average, within `loose_shard_bounds`.
+
+    Ids never count positions, which shift when a cut appears: the first shard is always `root`
+    (a photo sorting before all others joins it); every other is `root-<key of its first
+    image>` (`root-IMG_0412`), or, where that is not a safe shard id (spaces, accents, over 128
+    characters), `derived_shard_id`'s safe form of it, ending in a hash. Keys are
+    `_folder_keys`', given over all loose images and unique, so ids are too; should a hash
+    collision give an id twice, that cut is not made. No images, no shard.
+    """
+    keys = [key for _, key in _folder_keys(image_names)]
+    return _cut_loose_images(image_names, keys, shard_size)
+
+
+def _cut_loose_images(names: list[str], keys: list[str], shard_size: int) -> list[LooseCut]:
+    fewest, most = loose_shard_bounds(shard_size)
+    count = len(names)
+    if count <= shard_size:
+        return [LooseCut(ROOT_SHARD, 0, count)] if count else []
+    piece_starts = [0, *(i for i in range(1, count) if is_cut_name(names[i], shard_size))]
+    piece_stops = [*piece_starts[1:], count]
+    shard_starts = [0]
+    for start, stop in zip(piece_starts[1:], piece_stops[1:], strict=True):
+        # A short piece, or one after a first shard still too short, joins the shard before.
+        if stop - start >= fewest and start - shard_starts[-1] >= fewest:
+            shard_starts.append(start)
+    starts: list[int] = []
+    for start, stop in zip(shard_starts, [*shard_starts[1:], count], strict=True):
+        parts = -(-(stop - start) // most)
+        starts.extend(start + (stop - start) * part // parts for part in range(parts))
+    cuts: list[LooseCut] = []
+    for start, stop in zip(starts, [*starts[1:], count], strict=True):
+        shard_id = _loose_shard_id(keys[start]) if start else ROOT_SHARD
+        if any(cut.shard_id == shard_id for cut in cuts):
+            cuts[-1] = LooseCut(cuts[-1].shard_id, cuts[-1].start, stop)
+        else:
+            cuts.append(LooseCut(shard_id, start, stop))
+    return cuts
+
+
+def _loose_shard_id(key: str) -> str:
+    """`root-<key>`, or a safe id derived from it (with a hash) where it is not safe."""
+    derived = derived_shard_id(f"{_LOOSE_ID_PREFIX}{key}")
+    if derived is None:  # only a key with '/', NUL or undecodable bytes, which none has
+        raise ValueError(f"loose image key {key!r} cannot name a shard")
+    return derived
+
+
+def _has_loose_form(shard_id: str) -> bool:
+    """Whether `shard_id` looks like a loose-image shard's id (`root`, `root-...`)."""
+    return shard_id == ROOT_SHARD or shard_id.startswith(_LOOSE_ID_PREFIX)
 
 
 @dataclass(frozen=True)
@@ -1256,44 +1357,47 @@ def _loose_images_of(
 ) -> _LooseImages | None:
     """Which loose images shard `shard_id` reads; None when it is a subfolder's id.
 
-    `root` and `root-NNNNN` name loose images only as `loose_image_shard_ids` gives them for
-    the folder as it is now: any other of those ids (a retired `root` after the folder grew,
-    a part beyond the last) is a missing shard, so no image is read by two shards. Derived ids
-    end in 8 hex digits, so only a subfolder with exactly that name can share such an id.
+    A subfolder named `shard_id` is that subfolder (scan_source refuses one whose id is also a
+    loose shard's). Otherwise `root` and `root-...` name loose images only as
+    `cut_loose_images` cuts the folder as it is now; such an id that is neither a current cut
+    nor a subfolder's derived id (a retired cut: `root-IMG_0412` after a cut name joined it to
+    the shard before, or a positional `root-00003` of an older version) is a missing shard, so
+    no image is read by two shards.
     """
-    if not _is_loose_image_id(root, shard_id):
-        return None  # a subfolder's id (scan_source refuses a subfolder that clashes)
+    if not _has_loose_form(shard_id) or (root / shard_id).is_dir():
+        return None
     found = listings.top_folder(root)
-    ids = loose_image_shard_ids(len(found.image_names), shard_size)
-    if shard_id not in ids:
-        raise ShardReadError(
-            "missing_shard",
-            f"{root} holds {len(found.image_names)} loose images, read as shard "
-            f"{ids[0]!r}{f' to {ids[-1]!r}' if len(ids) > 1 else ''}, not {shard_id!r}",
-        )
-    if shard_id == ROOT_SHARD:
-        return _LooseImages(found, 0, len(found.image_names))
-    start = ids.index(shard_id) * shard_size
-    return _LooseImages(found, start, min(start + shard_size, len(found.image_names)))
-
-
-def _is_loose_image_id(root: Path, shard_id: str) -> bool:
-    """Whether `shard_id` has the form of a loose-image shard and no subfolder holds it."""
-    is_loose_form = shard_id == ROOT_SHARD or _LOOSE_PART_ID.fullmatch(shard_id) is not None
-    return is_loose_form and not (root / shard_id).is_dir()
+    cuts = found.loose_cuts(shard_size)
+    cut = cuts.get(shard_id)
+    if cut is not None:
+        return _LooseImages(found, cut.start, cut.stop)
+    if _shard_entry_name(root, shard_id, "folder") is not None:
+        return None  # a subfolder whose name derives to this id (`root-my trip`)
+    if not cuts:
+        raise ShardReadError("missing_shard", f"{root} holds no loose images nor {shard_id!r}")
+    ids = list(cuts)
+    span = repr(ids[0]) if len(ids) == 1 else f"{ids[0]!r} to {ids[-1]!r}"
+    raise ShardReadError(
+        "missing_shard",
+        f"{root} holds {len(found.image_names)} loose images, read as {len(ids)} "
+        f"shard{'s' if len(ids) > 1 else ''} ({span}), not {shard_id!r}: the folder changed "
+        "since that shard was listed, and its images are now read by those",
+    )
 
 
 def _iter_loose_records(
     root: Path, shard_id: str, shard_size: int, listings: SourceListings
 ) -> Iterator[RawRecord]:
-    """The records of one shard of a folder's loose images. Keys are given over all loose
-    images before cutting, so an image's key never depends on where a cut falls. The top
-    level's other entries are reported by scan_source, not by a shard."""
+    """The records of one shard of a folder's loose images, or of the subfolder `shard_id`
+    names. Keys are given over all loose images before cutting, so an image's key never
+    depends on where a cut falls. The top level's other entries are reported by scan_source,
+    not by a shard."""
     if not root.is_dir():
         raise ShardReadError("missing_shard", f"{root} is not a folder")
     loose = _loose_images_of(root, shard_id, shard_size, listings)
-    if loose is None:  # a subfolder of that name appeared since the shard was listed
-        yield from _iter_folder_records(root / shard_id, listings)
+    if loose is None:
+        name = _shard_entry_name(root, shard_id, "folder")
+        yield from _iter_folder_records(root / (name or shard_id), listings)
         return
     names = loose.found.image_names[loose.start : loose.stop]
     keys = loose.found.image_keys()[loose.start : loose.stop]
@@ -1555,6 +1659,14 @@ def _typed_manifest_row(value: dict, row: int) -> dict:
 
 
 def _shard_id_expr(columns: pl.Schema, shard_size: int) -> pl.Expr:
+    """The shard id of each manifest row: its `shard` value, else `<row // shard_size>`.
+
+    Rows without a `shard` column are cut by position, unlike a folder's loose images
+    (`cut_loose_images`), on purpose: a manifest grows by appending rows, which changes only its
+    last shard and adds new ones, and a row without a `key` is keyed by its row number, so a
+    row inserted in the middle renumbers every later image anyway (no cut could keep their
+    tables). A user who edits a manifest in the middle can give `key` and `shard` columns.
+    """
     if "shard" not in columns:
         by_row = (pl.col(_ROW) // shard_size).cast(pl.String)
         return by_row.str.zfill(_SHARD_ID_DIGITS).alias(_SHARD_ID)
