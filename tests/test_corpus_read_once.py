@@ -21,9 +21,11 @@ from megapairs_assets.corpus import sources
 from megapairs_assets.corpus import table as table_module
 from megapairs_assets.corpus.images import ImageLimits
 from megapairs_assets.corpus.sources import (
+    ShardReadError,
     SourceListings,
     SourceSpec,
     count_shard_records,
+    cut_loose_images,
     iter_shard_records,
     scan_source,
 )
@@ -111,8 +113,10 @@ def test_a_runs_shards_share_one_listing_of_a_flat_folder(
         for shard in shards
     }
 
-    assert listed_folders == [photos]  # scan, 3 counts and 3 reads: one listing
-    assert shards == ["root-00000", "root-00001", "root-00002"]
+    assert listed_folders == [photos]  # scan, then a count and a read per shard: one listing
+    cut = cut_loose_images([f"{key}.jpg" for key in sorted(captions)], 3)
+    assert len(shards) > 1
+    assert shards == sorted(c.shard_id for c in cut)
     assert shared == fresh  # the same records, keys, uris and captions as unshared reads
     assert counted == {shard: len(records) for shard, records in shared.items()}
     assert {key for records in shared.values() for key, _, _ in records} == set(captions)
@@ -125,11 +129,13 @@ def test_the_corpus_step_lists_its_shard_once(tmp_path: Path, listed_folders: li
     home = tmp_path / "home"
     layout, catalog = DataLayout(home), LineageCatalog(home / "catalog.duckdb")
     spec = SourceSpec("folder", str(photos), shard_size=3)
+    last = cut_loose_images([f"IMG_{index:05d}.jpg" for index in range(5)], 3)[-1]
+    assert last.shard_id != "root"
 
-    for shard in ("root-00001", "trip"):
+    for shard, images in ((last.shard_id, last.stop - last.start), ("trip", 2)):
         listed_folders.clear()
         result = build_corpus_shard(shard, spec, LIMITS, layout, catalog, log=lambda _: None)
-        assert result.row_counts["images"] == 2
+        assert result.row_counts["images"] == images
         assert listed_folders == [photos if shard.startswith("root") else photos / "trip"]
 
 
@@ -138,26 +144,36 @@ def test_a_run_reads_its_snapshot_and_the_next_run_lists_again(tmp_path: Path) -
     write_loose_photos(photos, 4)
     spec = SourceSpec("folder", str(photos), shard_size=2)
     listings = SourceListings()
-    assert scan_source(spec, listings).shards == ["root-00000", "root-00001"]
+    shards = scan_source(spec, listings).shards
+    last = max(shards, key=lambda shard: [r.key for r in iter_shard_records(spec, shard)])
+    assert len(shards) > 1 and last.startswith("root-")
 
-    # While the run goes, one photo leaves and two arrive (before the cut in name order).
+    # While the run goes, one photo leaves and two arrive (before all others in name order).
     (photos / "IMG_00003.jpg").unlink()
     for name in ("A_new.jpg", "B_new.jpg"):
         (photos / name).write_bytes(good_jpeg_bytes(9 if name[0] == "A" else 10))
 
     # The run's shards keep the cut they were listed with: nothing moves between them, and
     # the photo that left is quarantined, not silently skipped.
-    second = list(iter_shard_records(spec, "root-00001", listings))
-    assert [(r.key, (r.error or "").split(":")[0]) for r in second] == [
-        ("IMG_00002", ""),
-        ("IMG_00003", "missing_file"),
+    read = {shard: list(iter_shard_records(spec, shard, listings)) for shard in shards}
+    assert sorted(r.key for records in read.values() for r in records) == [
+        f"IMG_{index:05d}" for index in range(4)
     ]
+    assert [(r.key, (r.error or "").split(":")[0]) for r in read[last]][-1] == (
+        "IMG_00003",
+        "missing_file",
+    )
     # The next run (a new SourceListings, as each asset step makes) sees the folder as it is.
     next_run = SourceListings()
-    assert scan_source(spec, next_run).shards == ["root-00000", "root-00001", "root-00002"]
-    keys = [r.key for r in iter_shard_records(spec, "root-00000", next_run)]
-    assert keys == ["A_new", "B_new"]
-    assert count_shard_records(spec, "root-00002", next_run) == 1
+    names = ["A_new.jpg", "B_new.jpg", "IMG_00000.jpg", "IMG_00001.jpg", "IMG_00002.jpg"]
+    cut = cut_loose_images(names, 2)
+    assert scan_source(spec, next_run).shards == sorted(c.shard_id for c in cut)
+    assert next(r.key for r in iter_shard_records(spec, "root", next_run)) == "A_new"
+    assert count_shard_records(spec, cut[-1].shard_id, next_run) == cut[-1].stop - cut[-1].start
+    # The shard named by the photo that left is gone: reading it is refused, not re-cut.
+    assert last == "root-IMG_00003" and last not in {c.shard_id for c in cut}
+    with pytest.raises(ShardReadError, match="missing_shard"):
+        list(iter_shard_records(spec, last, next_run))
 
 
 def test_folder_images_get_their_resolved_paths_with_the_folder_resolved_once(
