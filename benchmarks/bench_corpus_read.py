@@ -11,10 +11,14 @@ processes on the same files, best of a few repeats:
   Also counted: the bytes sha256 hashed during the step (each image's bytes were hashed
   twice), and whether both versions write byte-identical images/quarantine tables, for that
   shard and for a manifest shard naming the same files (half through a folder link).
-- flat folder: a run over 20,000 loose files cut into 20 shards of 1,000 (`root-00000`...):
-  `scan_source`, then per shard its progress count and every record (the files are tiny, so
-  this is the listing work plus 20,000 small reads, the same for both). Also counted: how
-  many times the top folder is listed.
+- flat folder: a run over 20,000 loose files cut into shards of ~1,000 (before: 20 by position,
+  `root-00000`...; now where the names say, `root`, `root-IMG_001234`, ...): `scan_source`,
+  then per shard its progress count and every record (the files are tiny, so this is the
+  listing work plus 20,000 small reads, the same for both). Also counted: how many times the
+  top folder is listed.
+- flat folder growth: the shards a run must redo (a new id, or an id whose images changed)
+  after 10 photos are added to that folder: a burst sorting together in the middle
+  (`IMG_010000_0.jpg`...), and 10 edits spread over it (`IMG_001000_edit.jpg`, ...).
 - manifest gallery: `megapairs search`'s listing of a `.jsonl` manifest of 20,000 rows of
   2-4 KB files (`gallery_from_path`), and the query-copy check for one image query
   (`identical_rows`), which now reads only the rows of the query's size.
@@ -120,6 +124,30 @@ elif task == "flat":
     answer["shards"], answer["records"] = run()
     answer["listings_per_run"] = listed[0]
     answer["seconds"] = best(args["repeats"], run)[0]
+elif task == "growth":
+    spec = sources.SourceSpec("folder", args["corpus"], shard_size=args["shard_size"])
+    def shards():
+        extra = (sources.SourceListings(),) if hasattr(sources, "SourceListings") else ()
+        return {
+            shard: [record.key for record in sources.iter_shard_records(spec, shard, *extra)]
+            for shard in sources.scan_source(spec, *extra).shards
+        }
+    before = shards()
+    folder = Path(args["corpus"])
+    for scenario, names in args["scenarios"].items():
+        try:
+            for name in names:
+                (folder / name).write_bytes(b"new")
+            after = shards()
+        finally:
+            for name in names:
+                (folder / name).unlink(missing_ok=True)
+        answer[scenario] = {
+            "shards_before": len(before),
+            "shards_after": len(after),
+            "redo": sum(1 for shard, keys in after.items() if before.get(shard) != keys),
+            "retired": len(before.keys() - after.keys()),
+        }
 elif task == "manifest":
     from megapairs_assets.retriever.search import gallery_from_path, identical_rows
     gallery_from_path(Path(args["manifest"]))  # warm: the manifest parse, the page cache
@@ -179,6 +207,17 @@ def write_flat_folder(folder: Path, files: int) -> Path:
     return folder
 
 
+def growth_scenarios(files: int) -> dict[str, list[str]]:
+    """10 photos added to `write_flat_folder(files)`: a burst sorting together in the middle,
+    and 10 edits spread evenly over the folder."""
+    middle = files // 2
+    spread = [files * (2 * part + 1) // 20 for part in range(10)]
+    return {
+        "burst": [f"IMG_{middle:06d}_{index}.jpg" for index in range(10)],
+        "spread": [f"IMG_{index:06d}_edit.jpg" for index in spread],
+    }
+
+
 def write_manifest_gallery(root: Path, rows: int) -> tuple[Path, Path]:
     """(manifest, a query file that is a copy of row 7): `rows` files of 2-4 KB, .jsonl."""
     images = root / "images"
@@ -229,10 +268,12 @@ def main() -> None:
                 "manifest": str(root / "manifest.jsonl"),
             }
             flat_args = {"corpus": str(flat), "shard_size": shard_size}
+            growth = {**flat_args, "scenarios": growth_scenarios(flat_files)}
             gallery = {"manifest": str(manifest), "query": str(query)}
             results[label] = {
                 "corpus_step": measure(code_root, "step", {**step, "repeats": repeats}),
                 "flat_folder": measure(code_root, "flat", {**flat_args, "repeats": repeats}),
+                "flat_folder_growth": measure(code_root, "growth", growth),
                 "manifest_gallery": measure(code_root, "manifest", {**gallery, "repeats": 3}),
             }
     before, now = results["before"], results["now"]
@@ -263,6 +304,11 @@ def main() -> None:
             f"{label:6s} flat folder {flat_files} files, {flat_run['shards']} shards: "
             f"{flat_run['seconds']:.2f} s a run, {flat_run['listings_per_run']} listings"
         )
+        for scenario, grown in results[label]["flat_folder_growth"].items():
+            print(
+                f"{label:6s} flat folder + 10 photos ({scenario}): {grown['redo']} of "
+                f"{grown['shards_after']} shards to redo, {grown['retired']} retired"
+            )
         print(
             f"{label:6s} manifest gallery {gallery['items']} rows: listing {gallery['seconds']:.3f}"
             f" s; query-copy check {gallery['query_copies_seconds'] * 1e3:.1f} ms"
