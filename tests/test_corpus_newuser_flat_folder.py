@@ -27,6 +27,7 @@ from megapairs_assets.corpus.sources import (
     SourceSpec,
     count_shard_records,
     cut_loose_images,
+    derived_shard_id,
     iter_shard_records,
     list_shards,
     loose_shard_bounds,
@@ -143,14 +144,16 @@ def test_a_subfolder_named_like_a_loose_shard_is_refused_only_when_they_clash(tm
     head = cut_loose_images(names, 2)[1].shard_id  # the second shard, as 6 images are cut
     write_image_folder(tmp_path / head, good_items(1))
     write_image_folder(tmp_path / "root-trip", good_items(1))  # a shard, never a loose one
+    write_image_folder(tmp_path / "root-my trip", good_items(1))  # read by its derived id
+    derived = derived_shard_id("root-my trip")
     write_loose_photos(tmp_path, 2)
     spec = SourceSpec("folder", str(tmp_path), shard_size=2)
     # Two loose images fit one shard: they are `root`, and the subfolders are themselves.
-    assert list_shards(spec) == ["root", head, "root-trip"]
-    for shard in (head, "root-trip"):
+    assert list_shards(spec) == sorted(["root", head, "root-trip", derived])
+    for shard, folder in ((head, head), ("root-trip", "root-trip"), (derived, "root-my trip")):
         assert [r.key for r in iter_shard_records(spec, shard)] == ["000000000"]
         assert count_shard_records(spec, shard) == 1
-        assert shard_uri(spec, shard) == str(tmp_path / shard)
+        assert shard_uri(spec, shard) == str(tmp_path / folder)
     write_loose_photos(tmp_path, 6)  # now a loose shard is named like the subfolder: a clash
     with pytest.raises(ConfigurationError, match=head):
         list_shards(spec)

@@ -1289,9 +1289,10 @@ def cut_loose_images(image_names: list[str], shard_size: int) -> list[LooseCut]:
     So adding or removing an image that is not a cut name changes only the shard it falls in,
     unless its piece crosses a quarter of `shard_size` (the piece then splits off as a shard of
     its own, or joins the shard before) or the shard crosses four times `shard_size` (its equal
-    parts move). Adding a cut name splits one shard in two (or, when the new piece before it
-    is too short to stand alone, hands those images to the shard before). Shards hold ~1.3 x
-    `shard_size` images on average, within `loose_shard_bounds`.
+    parts move). Adding a cut name splits one shard in two where it falls (when fewer than a
+    quarter of `shard_size` images follow it before the next cut name, it just joins its
+    shard; when that few precede it in its shard's first piece, those join the shard before).
+    Shards hold ~1.3 x `shard_size` images on average, within `loose_shard_bounds`.
 
     Ids never count positions, which shift when a cut appears: the first shard is always `root`
     (a photo sorting before all others joins it); every other is `root-<key of its first
@@ -1321,11 +1322,13 @@ def _cut_loose_images(names: list[str], keys: list[str], shard_size: int) -> lis
         parts = -(-(stop - start) // most)
         starts.extend(start + (stop - start) * part // parts for part in range(parts))
     cuts: list[LooseCut] = []
+    taken: set[str] = set()
     for start, stop in zip(starts, [*starts[1:], count], strict=True):
         shard_id = _loose_shard_id(keys[start]) if start else ROOT_SHARD
-        if any(cut.shard_id == shard_id for cut in cuts):
+        if shard_id in taken:
             cuts[-1] = LooseCut(cuts[-1].shard_id, cuts[-1].start, stop)
         else:
+            taken.add(shard_id)
             cuts.append(LooseCut(shard_id, start, stop))
     return cuts
 
