@@ -28,7 +28,7 @@ class CorpusSourceResource(dg.ConfigurableResource):
         default=DEFAULT_SHARD_SIZE,
         description="Images per shard where the source does not group them: manifest rows "
         "without a shard column, and a folder's loose top-level images beyond this many (cut "
-        "into root-00000, root-00001, ...)",
+        "by file name into shards of about this many: root, root-<first image>, ...)",
     )
     min_side_px: int = Field(default=16, description="Smaller images are quarantined (too_small)")
     max_pixels: int = Field(
