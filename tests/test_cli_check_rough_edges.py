@@ -5,15 +5,26 @@ refused before any model is built."""
 
 from __future__ import annotations
 
+import os
 import re
+import signal
+import time
 from pathlib import Path
+from xml.etree import ElementTree
 
 import dagster as dg
 import image_factory as factory
 import polars as pl
 import pytest
 
-from megapairs_assets.cli.check import EXIT_OK, EXIT_USAGE, UNREAD_LINES
+from megapairs_assets.cli.check import (
+    EXIT_CHECK_FAILED,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_USAGE,
+    SAMPLE_HAS_IMAGES,
+    UNREAD_LINES,
+)
 from megapairs_assets.cli.main import main
 from megapairs_assets.corpus.sources import SourceSpec, scan_source
 from megapairs_assets.corpus.table import (
@@ -153,3 +164,84 @@ def test_quiet_builds_the_demo_models_without_their_note(
     assert (home / "models" / "demo-models.json").exists()  # built in this call
     assert DEMO_MODELS_NOTE not in out + err
     assert "untrained" not in out + err
+
+
+def test_a_sample_whose_every_input_is_corrupt_is_not_a_pass(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    corpus = tmp_path / "corpus"
+    for shard in ("a", "b"):
+        (corpus / shard).mkdir(parents=True)
+        (corpus / shard / "bad.jpg").write_bytes(factory.truncated_jpeg_bytes())
+    junit = tmp_path / "junit.xml"
+    argv = ["check", "--select", "corpus_only", "--corpus", str(corpus), "--quiet"]
+    assert main([*argv, "--junit-xml", str(junit)]) == EXIT_CHECK_FAILED
+    out = capfd.readouterr().out
+    lines = [" ".join(line.split()) for line in out.splitlines()]
+    assert "image_corpus corpus_rows_complete 2/2 partitions pass" in lines  # vacuously
+    failed = [line for line in lines if line.startswith(f"image_corpus {SAMPLE_HAS_IMAGES} - FAIL")]
+    assert len(failed) == 1 and "none of the 2 sampled shards holds an accepted image" in failed[0]
+    assert sum("decode_error" in line for line in lines) == 2  # the lost inputs, listed
+    failures = [f.text for f in ElementTree.parse(junit).getroot().iter("failure")]
+    assert len(failures) == 1 and failures[0].startswith("none of the 2 sampled shards")
+
+
+@pytest.fixture
+def own_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The temporary folder `tempfile` hands out (a throwaway home's parent), empty at first."""
+    import tempfile
+
+    folder = tmp_path / "tmp"
+    folder.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(folder))
+    return folder
+
+
+def test_sigterm_before_the_run_removes_the_throwaway_home(
+    own_tmp: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """A cancelled CI job gets SIGTERM, which Python's default answers by dying on the spot; the
+    check turns it into an interrupt, so its home in the temporary folder is removed."""
+    import resources.profiles
+
+    seen: list[Path] = []
+
+    def terminated_during_preflight(*args: object, **kwargs: object) -> None:
+        seen.extend(own_tmp.iterdir())
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # the handler raises before this ends
+        raise AssertionError("SIGTERM did not interrupt the check")
+
+    monkeypatch.setattr(resources.profiles, "check_ready", terminated_during_preflight)
+    handler = signal.getsignal(signal.SIGTERM)
+    assert main(["check", "--select", "corpus_only"]) == EXIT_INTERRUPTED
+    assert [p.name.startswith("megapairs-check-") for p in seen] == [True]
+    assert list(own_tmp.iterdir()) == []
+    assert "megapairs check: interrupted" in capfd.readouterr().err
+    assert signal.getsignal(signal.SIGTERM) is handler  # put back
+
+
+def test_ctrl_c_during_the_run_prints_no_partial_results(
+    own_tmp: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capfd: pytest.CaptureFixture[str],
+) -> None:
+    """Ctrl-C while a step runs: Dagster ends the run as failed; the check says it was
+    interrupted instead of printing the checks that happened to run as a result."""
+    import megapairs_assets.corpus.assets as corpus_assets
+
+    def interrupted(*args: object, **kwargs: object) -> None:
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(5)
+        raise AssertionError("SIGINT did not interrupt the step")
+
+    monkeypatch.setattr(corpus_assets, "build_corpus_shard", interrupted)
+    corpus = tmp_path / "corpus"
+    factory.write_wds_shard(corpus / "00000.tar", [("a", factory.good_jpeg_bytes(1), "x")])
+    junit = tmp_path / "junit.xml"
+    argv = ["check", "--select", "corpus_only", "--corpus", str(corpus), "--junit-xml", str(junit)]
+    assert main(argv) == EXIT_INTERRUPTED
+    out, err = capfd.readouterr()
+    assert "check results" not in out and "megapairs check: interrupted" in err
+    assert not junit.exists() and list(own_tmp.iterdir()) == []

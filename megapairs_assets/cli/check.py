@@ -17,11 +17,15 @@ Two modes:
 
 Prints one line per (asset, check) with how many partitions pass, and under it every partition
 that failed with its details (`--verbose`: one line per (asset, check, partition)), then the
-inputs the corpus step quarantined (not failures). Exits 0 when every blocking check passed,
-1 when a blocking check failed, 2 on a usage or configuration error (found before any work:
-an unknown `--select`, an unwritable `--home` or `--junit-xml`, `--existing` with nothing to
-check), 3 when the run itself failed before its checks could run. Failed warning checks print
-but never fail the command.
+entries of the corpus source that no shard reads and the inputs the corpus step quarantined
+(neither is a failure; the bundled demo corpus's licence and provenance files are not listed).
+A sample adds `image_corpus sample_has_images`, which fails when no sampled image was accepted
+(a corpus of corrupt files), since every other check then passes on empty tables. Exits 0 when
+every blocking check passed, 1 when a blocking check failed, 2 on a usage or configuration error
+(found before any work, an empty corpus before any model is built: an unknown `--select`, an
+unwritable `--home` or `--junit-xml`, `--existing` with nothing to check), 3 when the run itself
+failed before its checks could run, 130 when Ctrl-C or SIGTERM stopped it (a throwaway home is
+removed then too). Failed warning checks print but never fail the command.
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 EXIT_OK, EXIT_CHECK_FAILED, EXIT_USAGE, EXIT_RUN_FAILED = 0, 1, 2, 3
+EXIT_INTERRUPTED = 130  # the shell's code for a command stopped by Ctrl-C (128 + SIGINT)
 DEFAULT_SAMPLE_SHARDS = 2
 
 
@@ -62,10 +67,18 @@ class CheckRow:
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     check = subparsers.add_parser(
-        "check", help="run the asset checks on a small sample (or on existing data) for CI"
+        "check",
+        help="run the asset checks on a small sample (or on existing data) for CI",
+        description="Materialize a job over the corpus's first shards in a throwaway home "
+        "(removed afterwards, also on Ctrl-C) and print every asset check's result, or "
+        "re-check tables already written (--existing). Exit codes: 0 every blocking check "
+        "passed (failed warning checks print but pass), 1 a blocking check failed, 2 a usage "
+        "or configuration error (found before any work), 3 the run failed before its checks "
+        "ran, 130 interrupted.",
     )
     check.add_argument(
         "--select",
+        metavar="NAME",
         help="a job name (mining_half, mine_and_generate, corpus_and_embeddings, corpus_only): "
         "the job the sample materializes (default mining_half); with --existing, a job or an "
         "asset name (e.g. mined_image_pairs): the assets re-checked (default all)",
@@ -73,12 +86,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     check.add_argument(
         "--corpus",
         type=Path,
+        metavar="PATH",
         help="sample shards from this corpus instead of the profile's (a folder of webdataset "
         ".tar shards, a folder of images or of image folders, or a .parquet/.jsonl manifest)",
     )
     check.add_argument(
         "--shards",
         type=_positive_int,
+        metavar="N",
         help=f"sample size: the corpus's first N shards (default {DEFAULT_SAMPLE_SHARDS})",
     )
     check.add_argument(
@@ -90,11 +105,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     check.add_argument(
         "--home",
         type=Path,
+        metavar="DIR",
         help="a MEGAPAIRS_HOME: the sample's (an empty folder or an earlier sample's, kept "
         "after the run; default: a throwaway folder), or with --existing the one whose tables "
         "are re-checked (default: $MEGAPAIRS_HOME)",
     )
-    check.add_argument("--quiet", action="store_true", help="only warnings from Dagster")
+    check.add_argument(
+        "--quiet",
+        action="store_true",
+        help="print only warnings of the run's log (and the results), no progress or notes",
+    )
     check.add_argument(
         "--verbose",
         action="store_true",
@@ -120,6 +140,40 @@ def _positive_int(text: str) -> int:
 
 
 def run_check(args: argparse.Namespace) -> int:
+    """`megapairs check`: the exit code (see the module docstring); Ctrl-C or SIGTERM stops it
+    with EXIT_INTERRUPTED and no results, having removed a throwaway home."""
+    try:
+        with interrupt_on_sigterm():
+            return _run_check(args)
+    except KeyboardInterrupt:
+        print("megapairs check: interrupted; nothing to report", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+@contextmanager
+def interrupt_on_sigterm() -> Iterator[None]:
+    """Within this block SIGTERM (a cancelled CI job, `timeout`) raises KeyboardInterrupt as
+    Ctrl-C does, so the sample's throwaway home is removed on the way out: Python's default
+    would end the process at once and leave it in the temporary folder. Only the main thread
+    can set a handler; elsewhere nothing changes. The previous handler is put back."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+
+
+def _run_check(args: argparse.Namespace) -> int:
     from megapairs_assets.lib.errors import ConfigurationError
 
     # Every mistake in the arguments is reported before any data is read or any model loads.
@@ -307,6 +361,7 @@ def _check_sample(args: argparse.Namespace, home: Path, kept: bool) -> int:
 def _run_sample(args: argparse.Namespace, home: Path, kept: bool) -> int:
     import dagster as dg
 
+    from megapairs_assets.cli.demo import was_interrupted
     from megapairs_assets.corpus.sources import detect_source_kind
     from megapairs_assets.definitions import build_definitions
     from megapairs_assets.orchestration.partitions import SHARD_PARTITIONS_NAME
@@ -335,26 +390,58 @@ def _run_sample(args: argparse.Namespace, home: Path, kept: bool) -> int:
     defs = build_definitions(profile_from_env(), home, resource_overrides={"corpus_source": sample})
     job = defs.resolve_job_def(job_name)
     print(f"megapairs check: {job_name} over {len(shards)} shards {shards} in {home}")
-    instance = dg.DagsterInstance.ephemeral()
-    instance.add_dynamic_partitions(SHARD_PARTITIONS_NAME, shards)
     log_level = "WARNING" if args.quiet else "INFO"
-    result = job.execute_in_process(
-        instance=instance,
-        tags=shard_range_tags(shards),
-        run_config={"loggers": {"console": {"config": {"log_level": log_level}}}},
-        raise_on_error=False,
-    )
+    # The instance's files (compute logs) go under the home too, so a throwaway home takes
+    # them along, and they are released when the run ends.
+    with dg.DagsterInstance.ephemeral(tempdir=str(home / "dagster")) as instance:
+        instance.add_dynamic_partitions(SHARD_PARTITIONS_NAME, shards)
+        result = job.execute_in_process(
+            instance=instance,
+            tags=shard_range_tags(shards),
+            run_config={"loggers": {"console": {"config": {"log_level": log_level}}}},
+            raise_on_error=False,
+        )
+    if was_interrupted(result):
+        # Ctrl-C (or SIGTERM) reached the run's steps: a table of the checks that happened to
+        # run before it would read like a result.
+        raise KeyboardInterrupt
+    layout = defs.resources["storage"].layout()
     rows = rows_from_evaluations(result.get_asset_check_evaluations(), defs)
+    if "image_corpus" in selected:
+        rows += sample_image_rows(layout, shards)
     run_error = None if result.success else f"run {result.run_id} failed: see the log above"
     code = report(rows, args.verbose, args.junit_xml, run_error)
     # Read now: a throwaway home, and with it the quarantine tables, is gone once we return.
-    layout = defs.resources["storage"].layout()
     print_unread(layout, source.path, kept)
     print_quarantine(layout, shards)
     if code == EXIT_OK and not result.success:
         print("the run failed before all checks ran: see the log above", file=sys.stderr)
         return EXIT_RUN_FAILED
     return code
+
+
+SAMPLE_HAS_IMAGES = "sample_has_images"
+"""The row a sample adds: its shards hold at least one accepted image (else every other check
+passed on empty tables, which proves nothing)."""
+
+
+def sample_image_rows(layout: Any, shards: list[str]) -> list[CheckRow]:
+    """`image_corpus  sample_has_images  -`: fails (blocking) when no image of the sampled
+    shards was accepted, e.g. a corpus of corrupt files. None when a shard's corpus table is
+    missing: the run failed before it, which the report says already."""
+    from megapairs_assets.lib.storage import read_parquet
+
+    paths = [layout.corpus_images(shard) for shard in shards]
+    if not all(path.exists() for path in paths):
+        return []
+    images = sum(read_parquet(path, columns=["image_id"]).height for path in paths)
+    detail = (
+        ""
+        if images
+        else f"none of the {len(shards)} sampled shards holds an accepted image (every input "
+        "was quarantined: see the list below), so the other checks ran on empty tables"
+    )
+    return [CheckRow("image_corpus", SAMPLE_HAS_IMAGES, "-", images > 0, True, detail)]
 
 
 QUARANTINE_LINES_PER_SHARD = 5
