@@ -46,14 +46,19 @@ def test_the_bundled_corpus_licence_and_provenance_files_are_not_news(tmp_path: 
         BUNDLED_CORPUS_COMPANIONS
     )
     # ... but not reported as unread for the bundled corpus itself,
-    assert unexpected_unread(report, str(DEMO_CORPUS_DIR)).is_empty()
+    assert unexpected_unread(report).is_empty()
+    link = tmp_path / "demo-link"  # however the folder is named
+    link.symlink_to(DEMO_CORPUS_DIR, target_is_directory=True)
+    assert unexpected_unread(source_report_table(scan_source(spec).unread)).is_empty()
+    linked = source_report_table(scan_source(SourceSpec("webdataset", str(link))).unread)
+    assert linked.height == 2 and unexpected_unread(linked).is_empty()
     # while the same files beside a user's shards are.
     user = tmp_path / "corpus"
     factory.write_wds_shard(user / "00000.tar", [("a", factory.good_jpeg_bytes(1), "x")])
     for name in BUNDLED_CORPUS_COMPANIONS:
         (user / name).write_text("{}\n")
     user_report = source_report_table(scan_source(SourceSpec("webdataset", str(user))).unread)
-    assert unexpected_unread(user_report, str(user)).height == len(BUNDLED_CORPUS_COMPANIONS)
+    assert unexpected_unread(user_report).height == len(BUNDLED_CORPUS_COMPANIONS)
 
 
 def test_the_unread_summary_names_the_entries_themselves() -> None:

@@ -236,7 +236,7 @@ def _check_existing_home(args: argparse.Namespace, stack: ExitStack) -> int:
         )
     code = report(rows, args.verbose, args.junit_xml)
     if assets is None or "image_corpus" in assets:
-        print_unread(layout, resources["corpus_source"].path, kept=True)
+        print_unread(layout, kept=True)
         print_quarantine(layout, catalog.current_partitions("image_corpus"))
     return code
 
@@ -412,7 +412,7 @@ def _run_sample(args: argparse.Namespace, home: Path, kept: bool) -> int:
     run_error = None if result.success else f"run {result.run_id} failed: see the log above"
     code = report(rows, args.verbose, args.junit_xml, run_error)
     # Read now: a throwaway home, and with it the quarantine tables, is gone once we return.
-    print_unread(layout, source.path, kept)
+    print_unread(layout, kept)
     print_quarantine(layout, shards)
     if code == EXIT_OK and not result.success:
         print("the run failed before all checks ran: see the log above", file=sys.stderr)
@@ -473,7 +473,7 @@ UNREAD_LINES = 10
 """How many entries of the corpus source that no shard reads `megapairs check` names."""
 
 
-def unread_lines(layout: Any, source_path: str, kept: bool) -> list[str]:
+def unread_lines(layout: Any, kept: bool) -> list[str]:
     """One line per entry of the corpus source that no shard reads (its source report, less
     the bundled demo corpus's own licence and provenance files), at most UNREAD_LINES, then a
     count: with the report's path when the home is `kept`, else how to keep it (a throwaway
@@ -484,7 +484,7 @@ def unread_lines(layout: Any, source_path: str, kept: bool) -> list[str]:
     path = layout.corpus_source_report()
     if not path.exists():
         return []
-    report = unexpected_unread(read_parquet(path), source_path)
+    report = unexpected_unread(read_parquet(path))
     lines = [
         f"{row['reason']}  {row['source_uri']}  {row['detail']}"
         for row in report.head(UNREAD_LINES).iter_rows(named=True)
@@ -496,9 +496,9 @@ def unread_lines(layout: Any, source_path: str, kept: bool) -> list[str]:
     return lines
 
 
-def print_unread(layout: Any, source_path: str, kept: bool) -> None:
+def print_unread(layout: Any, kept: bool) -> None:
     """Print `unread_lines` under a heading that says they do not fail the check."""
-    lines = unread_lines(layout, source_path, kept)
+    lines = unread_lines(layout, kept)
     if lines:
         print("\ncorpus entries no shard reads (left out of the run; not check failures):")
         print("\n".join("  " + line for line in lines))

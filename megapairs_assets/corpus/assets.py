@@ -89,7 +89,7 @@ def image_corpus(
     # that is gone by the time someone reads the log (`megapairs check`'s throwaway one); the
     # materialization's metadata names it. The bundled demo corpus's licence and provenance
     # files are expected there, so they are not news.
-    unexpected = unexpected_unread(unread, spec.path)
+    unexpected = unexpected_unread(unread)
     if unexpected.height:
         every = " (every entry: the source_report of this materialization's metadata)"
         context.log.warning(

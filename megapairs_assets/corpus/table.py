@@ -163,18 +163,22 @@ the source report still lists them (no shard reads them), but they are no news t
 `unexpected_unread` leaves them out of the warnings and of `megapairs check`'s output."""
 
 
-def unexpected_unread(report: pl.DataFrame, source_path: str) -> pl.DataFrame:
+def unexpected_unread(report: pl.DataFrame) -> pl.DataFrame:
     """The rows of a source report (`source_report_table`) worth telling a user about: all of
-    them, except `BUNDLED_CORPUS_COMPANIONS` when `source_path` is the bundled demo corpus."""
+    them, less the bundled demo corpus's own `BUNDLED_CORPUS_COMPANIONS` (matched by their real
+    path, however the corpus folder was named)."""
     from megapairs_assets.demo import DEMO_CORPUS_DIR
 
-    root = Path(source_path)
-    if report.is_empty() or root.resolve() != DEMO_CORPUS_DIR.resolve():
+    if report.is_empty():
         return report
-    companions = [str(root / name) for name in BUNDLED_CORPUS_COMPANIONS]
-    return report.filter(
-        ~((pl.col("reason") == "unsupported_file") & pl.col("source_uri").is_in(companions))
+    companions = {str((DEMO_CORPUS_DIR / name).resolve()) for name in BUNDLED_CORPUS_COMPANIONS}
+    # Only rows with a companion's file name are resolved (a stat each), however long the report.
+    candidates = report.filter(
+        (pl.col("reason") == "unsupported_file")
+        & pl.col("source_uri").str.split("/").list.last().is_in(list(BUNDLED_CORPUS_COMPANIONS))
     )
+    bundled = [uri for uri in candidates["source_uri"] if str(Path(uri).resolve()) in companions]
+    return report.filter(~pl.col("source_uri").is_in(bundled)) if bundled else report
 
 
 def unread_summary(report: pl.DataFrame, first: int = 3) -> str:
