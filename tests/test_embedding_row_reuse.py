@@ -28,6 +28,8 @@ from PIL import Image
 from megapairs_assets.corpus.images import ImageLimits
 from megapairs_assets.embeddings.compute import (
     INPUT_DIGEST_COLUMN,
+    NO_CAPTION,
+    embed_row_groups,
     read_embedding_table,
     write_embedding_table,
 )
@@ -484,3 +486,20 @@ def test_the_table_records_each_rows_input(world: World) -> None:
     _embed(world, "caption_text", CountingEncoder("text"), code_version=None)
     unkeyed = pq.read_table(world.table("caption_text"))
     assert unkeyed[INPUT_DIGEST_COLUMN].null_count == unkeyed.num_rows
+
+
+def test_an_uncaptioned_rows_skip_says_why_in_a_window_of_shards(world: World) -> None:
+    # Both shards go through one input stream; the corpus's caption_issue still words the skip
+    # (a merged table's carried skip and a full embed's must read the same).
+    results = _embed(world, "caption_text", CountingEncoder("text"))
+    assert results[0].rows["quarantine_log"]["detail"].to_list() == ["bad_caption_file: x.json"]
+
+    # A shard from before the corpus recorded caption issues stacks with one that has them.
+    encoder = CountingEncoder("text").lazy().get()
+    older = pl.DataFrame({"image_id": ["a/0", "a/1"], "caption": ["a cat", None]})
+    newer = pl.DataFrame(
+        {"image_id": ["b/0"], "caption": [None], "caption_issue": ["caption_not_text"]}
+    )
+    groups = dict(embed_row_groups([("a", older), ("b", newer)], encoder, LIMITS, 2, 0, CPU))
+    assert groups["a"].skipped == [("a/1", NO_CAPTION, "caption is null or empty")]
+    assert groups["b"].skipped == [("b/0", NO_CAPTION, "caption_not_text")]

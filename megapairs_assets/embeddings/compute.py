@@ -147,7 +147,22 @@ def embed_row_groups(
     if len(frames) > 1:
         # Only the columns the batches read, so shards whose tables differ elsewhere still stack.
         used = [c for c in ("image_id", "source_uri", "caption") if c in frames[0].columns]
-        rows = pl.concat([frame.select(used) for frame in frames], how="vertical_relaxed")
+        # `caption_issue` words an uncaptioned row's skip; a shard without it (an older table)
+        # gets nulls, so its rows are worded as before.
+        optional = [c for c in ("caption_issue",) if any(c in frame.columns for frame in frames)]
+        rows = pl.concat(
+            [
+                frame.select(
+                    *used,
+                    *(
+                        (pl.col(c) if c in frame.columns else pl.lit(None)).cast(pl.String).alias(c)
+                        for c in optional
+                    ),
+                )
+                for frame in frames
+            ],
+            how="vertical_relaxed",
+        )
     else:
         rows = frames[0]
     sizes = [frame.height for frame in frames]

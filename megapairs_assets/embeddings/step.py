@@ -169,12 +169,14 @@ def _embed_window(
     plans = {
         shard: _reuse_plan(shard, rows, keys[shard], run, layout, log) for shard, rows, _ in window
     }
-    to_embed = [
-        (shard, rows if plan is None else plan.to_embed)
-        for shard, rows, _ in window
-        if not isinstance(plan := plans[shard], ReusedShard)
-        and (plan is None or plan.to_embed.height)
-    ]
+    # The rows the model must see: a whole shard, or a changed shard's new and changed rows.
+    to_embed: list[tuple[str, pl.DataFrame]] = []
+    for shard, rows, _ in window:
+        plan = plans[shard]
+        if plan is None:
+            to_embed.append((shard, rows))
+        elif isinstance(plan, RowReuse) and plan.to_embed.height:
+            to_embed.append((shard, plan.to_embed))
     results: Iterator[tuple[str, EmbeddingResult]] = iter(())
     progress: Any = nullcontext()
     if to_embed:
