@@ -95,6 +95,9 @@ def test_demo_on_an_empty_folder_is_a_configuration_error(
     err = capsys.readouterr().err
     assert "configuration error:" in err and "is empty" in err
     assert "Traceback" not in err
+    # The corpus is looked at before the model preflight: one line, not a list of settings.
+    assert "setting(s) to fix" not in err
+    assert [line for line in err.splitlines() if "configuration error" in line] == [err.strip()]
 
 
 def test_demo_on_images_without_captions_says_why_nothing_is_trained(

@@ -334,3 +334,12 @@ def test_folder_images_sharing_a_stem_are_both_kept_and_others_keep_their_keys(t
     assert sorted(images["key"].to_list()) == ["solo", "twin", "twin.png"]
     uris = dict(zip(images["key"], images["source_uri"], strict=True))
     assert uris["twin"].endswith("twin.jpg") and uris["twin.png"].endswith("twin.png")
+
+
+def test_a_missing_corpus_with_a_close_sibling_name_suggests_it(tmp_path):
+    (tmp_path / "photos_2024").mkdir()
+    with pytest.raises(ConfigurationError, match=r"did you mean .*photos_2024\?"):
+        detect_source_kind(tmp_path / "photo_2024")
+    with pytest.raises(ConfigurationError) as raised:
+        detect_source_kind(tmp_path / "unrelated")
+    assert "did you mean" not in str(raised.value)

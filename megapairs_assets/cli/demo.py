@@ -85,6 +85,15 @@ def last_run_messages(instance: Any, run_id: str, count: int = 3) -> list[str]:
 
 def run_demo(args: argparse.Namespace) -> int:
     """Materialize a job for every shard of the corpus in one in-process run, then summarize."""
+    from megapairs_assets.demo.models import quiet_demo_models_note
+
+    if args.quiet:  # warnings only: the untrained-demo-models note is not one
+        with quiet_demo_models_note():
+            return _run_demo(args)
+    return _run_demo(args)
+
+
+def _run_demo(args: argparse.Namespace) -> int:
     import torch
 
     # Without a CUDA GPU every KNN runs on faiss (with one, exact torch search needs no faiss).
@@ -136,20 +145,17 @@ def run_demo(args: argparse.Namespace) -> int:
     catalog = resources["catalog"].catalog()
     print(f"  lineage catalog: {catalog.location} (schema v{catalog.schema_version()})")
     resources["mining"].params()
+    # The corpus first: an empty or unreadable one is one line, before any model is built.
+    source = resources["corpus_source"]
+    shards = source.shard_ids()  # an empty source raises; only_shards may still leave none
+    if not shards:
+        raise ConfigurationError(f"none of the shards asked for is in {source.path}")
     # Everything the phases up to --until need (corpus, weights, servers, devices), every
     # missing setting in one error, before any work.
     check_ready(resources, phases)
     for key in ENCODER_RESOURCES:
         dim = resources[key].dim or resources[key].validate()
         print(f"  {key}: {resources[key].model_id} ({dim}-d)")
-    source = resources["corpus_source"]
-    shards = source.shard_ids()
-    if not shards:
-        raise ConfigurationError(
-            f"no shards found in {source.path} ({source.kind}): expected webdataset .tar shards, "
-            "image files (each sub-folder a shard), or manifest rows; see the source report "
-            f"{resources['storage'].layout().corpus_source_report()} for what was not read"
-        )
     print(f"  corpus: {source.kind} {source.path}")
     instance = dg.DagsterInstance.get()
     if ClusterSettings.from_env().deployment == "embedded":  # runs of this machine only

@@ -70,6 +70,10 @@ def main(argv: list[str] | None = None) -> int:
         # A setting the user got wrong: the message says what to change; no traceback.
         print(f"megapairs {args.command}: configuration error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        # Ctrl-C outside a run's own handling (during imports, a preflight): no traceback.
+        print(f"megapairs {args.command}: interrupted", file=sys.stderr)
+        return 130
     except BrokenPipeError:
         # The reader of our output went away (`| head`): not a failure worth a traceback.
         # Point stdout at /dev/null so the interpreter's final flush does not raise again.

@@ -38,6 +38,7 @@ Tar directory members carry no data and are passed over.
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
 import os
@@ -242,6 +243,17 @@ def list_shards(spec: SourceSpec) -> list[str]:
     return scan.shards
 
 
+def _similar_name_hint(path: Path) -> str:
+    """` (did you mean <sibling>?)` when the missing path's folder holds a close name (a typo
+    in the last part of `--corpus`), else ""."""
+    try:
+        siblings = [entry.name for entry in path.parent.iterdir()]
+    except OSError:  # the folder is missing too, or unreadable: nothing to suggest
+        return ""
+    close = difflib.get_close_matches(path.name, siblings, n=1)
+    return f" (did you mean {path.parent / close[0]}?)" if close else ""
+
+
 def detect_source_kind(path: Path) -> SourceKind:
     """Which layout reads `path`: a manifest file, a folder of `.tar` shards, or image folders.
 
@@ -253,7 +265,7 @@ def detect_source_kind(path: Path) -> SourceKind:
         home_hint = (
             f" (a leading ~ is not expanded here: write {Path(path).expanduser()} instead)"
             if str(path).startswith("~")
-            else ""
+            else _similar_name_hint(path)
         )
         raise ConfigurationError(
             f"corpus {path} does not exist{home_hint}; give a folder of webdataset .tar shards, "
