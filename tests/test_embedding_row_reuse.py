@@ -503,3 +503,20 @@ def test_an_uncaptioned_rows_skip_says_why_in_a_window_of_shards(world: World) -
     groups = dict(embed_row_groups([("a", older), ("b", newer)], encoder, LIMITS, 2, 0, CPU))
     assert groups["a"].skipped == [("a/1", NO_CAPTION, "caption is null or empty")]
     assert groups["b"].skipped == [("b/0", NO_CAPTION, "caption_not_text")]
+
+
+def test_a_shard_emptied_by_removals_writes_an_empty_table_without_the_model(
+    world: World,
+) -> None:
+    _embed(world, "clip_image", CountingEncoder("image"))
+    for image_id in [row["image_id"] for row in world.rows[STEADY]]:
+        world.remove(STEADY, image_id)
+
+    encoder = CountingEncoder("image")
+    results = _embed(world, "clip_image", encoder)
+
+    assert encoder.loads == 0
+    assert results[1].row_counts == {"embedded": 0, "skipped": 0}
+    assert all(o.passed for o in results[1].outcomes)
+    ids, vectors = read_embedding_table(world.table("clip_image", STEADY))
+    assert len(ids) == 0 and vectors.shape == (0, DIM)
