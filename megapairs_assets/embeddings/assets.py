@@ -121,8 +121,8 @@ def build_embedding_asset(source: SimilaritySource) -> dg.AssetsDefinition:
         )
         if not encoder.loaded:
             context.log.info(
-                f"{source.embedding_asset}: every shard's inputs were unchanged; "
-                f"{model_id} was not loaded"
+                f"{source.embedding_asset}: no shard needed the model (unchanged, or changed "
+                f"only by removed rows); {model_id} was not loaded"
             )
         return result
 
