@@ -10,7 +10,11 @@ image corpus of $MEGAPAIRS_HOME. A gallery image with exactly the query image's 
 picked from the gallery) is left out and counted in the output; `--include-query` keeps it.
 Gallery embeddings go through the evaluation's gallery cache
 (`<home>/benchmark_gallery_cache/`), so searching the same gallery again with the same
-retriever embeds nothing. The work is `megapairs_assets.retriever.search`; torch and open_clip
+retriever embeds nothing. The cache is bounded (`evaluation.gallery_cache`: least recently used
+entries are evicted past its size and entry budget) and cleaned on each search: entries of
+retrievers whose weights were deleted are removed. Evictions, those removals and a gallery
+embedded again because its images or the retriever changed are said on stderr; nothing is said
+when nothing happened. The work is `megapairs_assets.retriever.search`; torch and open_clip
 are imported when the command runs, never while the parser is built.
 
 Exit codes (EXIT_CODES, also in the command's --help), as the eval command's: 0 results
@@ -192,6 +196,20 @@ def _local_export_root(resources: dict, home: Path) -> Path | None:
     return Path(root) if is_local(root) else None
 
 
+def _weights_location(spec: object) -> list[Path]:
+    """Where a retriever's weights live on this machine: an export folder or a weights
+    file; none for an open_clip tag (downloaded weights live in open_clip's own cache)."""
+    from megapairs_assets.retriever.model import LOCAL_DIR_PREFIX
+
+    model_name = getattr(spec, "model_name", "")
+    if model_name.startswith(LOCAL_DIR_PREFIX):
+        return [Path(model_name.removeprefix(LOCAL_DIR_PREFIX)).expanduser()]
+    pretrained = getattr(spec, "pretrained", None)
+    if pretrained and Path(pretrained).expanduser().is_file():
+        return [Path(pretrained).expanduser()]
+    return []
+
+
 def _search(args: argparse.Namespace) -> int:
     import torch
 
@@ -240,10 +258,14 @@ def _search(args: argparse.Namespace) -> int:
     log(f"retriever {retriever.retriever_id} on {device} in {precision}")
     images = open_query_images(queries, retriever.input_side_px)
     started = time.perf_counter()
+    cache = gallery_cache(DataLayout(home))
+    cache.notice = log
+    cache.record_retriever(retriever.retriever_id, _weights_location(spec))
+    cache.prune()
     embeddings = embed_gallery(
         retriever,
         gallery,
-        gallery_cache(DataLayout(home)),
+        cache,
         batch_size=args.batch_size or (evaluation.batch_size if evaluation else 64),
         num_workers=(
             args.num_workers
