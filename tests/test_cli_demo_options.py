@@ -49,15 +49,19 @@ def test_the_summary_lists_failed_warning_checks() -> None:
                     passed=False,
                     severity=dg.AssetCheckSeverity.WARN,
                     metadata={"failing_partitions": "s1, s2"},
+                    description="key 'c' of shard s2 repeats key 'a' of shard s1 " + "x" * 400,
                 ),
             ]
         )
 
     lines = check_lines([dg.materialize([table])])
-    assert lines == [
+    assert lines[:2] == [
         "  checks:      1 passed, 0 failed, 1 warning(s)",
         "    warn: table unique [s1, s2]",
     ]
+    # The check's own description follows, shortened to one readable line.
+    assert lines[2].startswith("      key 'c' of shard s2 repeats key 'a' of shard s1")
+    assert lines[2].endswith(" ...") and len(lines[2]) <= 306
 
 
 def test_demo_with_a_corpus_that_does_not_exist_says_so(tmp_path: Path, capsys) -> None:

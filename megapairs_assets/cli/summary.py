@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import shlex
+import textwrap
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -84,7 +85,8 @@ def training_lines(catalog: LineageCatalog, query: tuple[Any, str] | None = None
 def check_lines(results: Sequence[Any]) -> list[str]:
     """The runs' asset check results: a count of passes, then each failure with its severity
     and partitions (a failed warning check does not stop a run, so it is easy to miss)."""
-    passed, failed, warnings = 0, [], 0
+    passed, failures, warnings = 0, 0, 0
+    failed: list[str] = []
     for result in results:
         for evaluation in result.get_asset_check_evaluations():
             if evaluation.passed:
@@ -94,12 +96,17 @@ def check_lines(results: Sequence[Any]) -> list[str]:
             where = f" [{partitions.value}]" if partitions is not None else ""
             severity = "error" if evaluation.severity == dg.AssetCheckSeverity.ERROR else "warn"
             warnings += severity == "warn"
+            failures += severity == "error"
+            # The check's own words say what is wrong (which images repeat, which rows fail).
+            words = textwrap.shorten(evaluation.description or "", 300, placeholder=" ...")
             failed.append(
                 f"    {severity}: {evaluation.asset_key.to_user_string()} "
                 f"{evaluation.check_name}{where}"
             )
+            if words:
+                failed.append(f"      {words}")
     # A failed warning check is a warning, not a failure: the run went on (README, "Checks").
-    counts = f"{passed} passed, {len(failed) - warnings} failed, {warnings} warning(s)"
+    counts = f"{passed} passed, {failures} failed, {warnings} warning(s)"
     return [f"  checks:      {counts}", *failed]
 
 
