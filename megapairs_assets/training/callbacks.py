@@ -363,10 +363,28 @@ class StopCheckpoint(pl_lightning.Callback):
             self.saved_step = trainer.global_step
 
 
+class UploadsFinished(pl_lightning.Callback):
+    """Waits for the background uploads of the resume point (`ResumePointMirror`) when a fit
+    ends or stops, in the process that queued them (a `ddp_spawn` rank as well). Put last, so
+    the checkpoints written at the end or on a stop are queued before it waits."""
+
+    def __init__(self, mirror: ResumePointMirror) -> None:
+        self.mirror = mirror
+
+    def on_train_end(self, trainer: pl_lightning.Trainer, pl_module: Any) -> None:
+        self.mirror.wait()
+
+    def on_exception(
+        self, trainer: pl_lightning.Trainer, pl_module: Any, exception: BaseException
+    ) -> None:
+        self.mirror.wait()
+
+
 class SameFolderCheckpointIO(TorchCheckpointIO):
     """Writes each checkpoint to a temporary file beside it, then renames it into place; with
     a `mirror` (`resume.ResumePointMirror`, the data root on an object store) each `last.ckpt`
-    is then uploaded, whichever callback wrote it (periodic, SIGTERM/Ctrl-C, final).
+    is then queued for upload in the background, whichever callback wrote it (periodic,
+    SIGTERM/Ctrl-C, final); `UploadsFinished` and the training step wait for it.
 
     Lightning's own writer serialises the whole checkpoint in memory, writes it to the system
     temporary folder and moves it over: across file systems (a small /tmp, a data disk) that

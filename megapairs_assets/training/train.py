@@ -40,6 +40,7 @@ import math
 import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -78,7 +79,12 @@ from megapairs_assets.training.data import (
     read_triplets,
     resolve_image_paths,
 )
-from megapairs_assets.training.export import CONFIG_NAME, export_open_clip, verify_export
+from megapairs_assets.training.export import (
+    CONFIG_NAME,
+    WEIGHTS_NAME,
+    export_open_clip,
+    verify_export,
+)
 from megapairs_assets.training.names import ASSET_NAME
 from megapairs_assets.training.plot import (
     loss_plot_markdown,
@@ -198,6 +204,14 @@ def train_on_triplets(
     _withdraw_stale_publication(published_dir, out, fingerprint, say)
     mirror = None
     if not (is_local(published_dir) and Path(published_dir) == out):
+        finished = _published_export(published_dir, fingerprint, config.max_steps)
+        if finished is not None:
+            # A finished config run again on a machine that lacks it: nothing to download,
+            # train or export; the result is read from what the store holds.
+            return _published_result(
+                config_name, config, resolved, prepared, triplets, versions, split,
+                published_dir, out, finished, say,
+            )  # fmt: skip
         # Training runs on local disk apart from the data root: keep the resume point there too.
         fetch_resume_point(published_dir, out, state, say)
         mirror = ResumePointMirror(published_dir, out, state, say)
@@ -225,68 +239,208 @@ def train_on_triplets(
     curve = read_loss_curve(out / "loss_curve.csv")
     plot_markdown, png = loss_plot_markdown(curve, out / "loss.png")
     if mirror is not None:
-        mirror.upload_if_behind(final_step)
-    _write_json(out / "run.json", {**state, "complete": True, "resume_step": final_step})
+        if not mirror.upload_if_behind(final_step):
+            raise OSError(
+                f"training {config_name!r} finished at step {final_step}, but its final resume "
+                f"point could not be uploaded to {published_dir}; it is kept in "
+                f"{out / RESUME_POINT}: materialize again to publish it (nothing is trained "
+                "again)"
+            )
+        if mirror.failed_uploads:
+            say(
+                f"warning: {config_name}: {mirror.failed_uploads} upload(s) of the resume point "
+                "failed during training (see above); the final one is published"
+            )
+    _write_json(
+        out / "run.json",
+        {
+            **state,
+            "complete": True,
+            "resume_step": final_step,
+            "fit_s": round(fit_s, 2),
+            "export_check": export_check.detail if export_check.passed else None,
+        },
+    )
     published = _publish(out, published_dir)
     say(
         f"{config_name}: at step {final_step} after {fit_s_this_run:.1f} s of fitting here "
         f"({fit_s:.1f} s in all); {published}"
     )
+    return _step_result(
+        _RunFigures(
+            config_name=config_name,
+            config=config,
+            resolved=resolved,
+            prepared=prepared,
+            triplets=triplets,
+            versions=versions,
+            split=split,
+            fingerprint=fingerprint,
+            published=published,
+            lightning_checkpoint=(published if mirror else out) / RESUME_POINT,
+            curve=curve,
+            plot=(plot_markdown, png),
+            export_check=export_check,
+            final_step=final_step,
+            fit_s=fit_s,
+            fit_s_this_run=fit_s_this_run,
+            resumed_from_step=resume_from[1].step if resume_from[1] else 0,
+            failed_uploads=mirror.failed_uploads if mirror is not None else 0,
+            failed_image_examples=_failed_image_examples(trainer),
+            load_with=exported.load_snippet(),
+        )
+    )
 
+
+def _published_result(
+    config_name: str,
+    config: TrainingConfig,
+    resolved: ResolvedTraining,
+    prepared: PreparedTriplets,
+    triplets: pl.DataFrame,
+    versions: dict[str, str],
+    split: str,
+    published: DataPath,
+    out: Path,
+    remote: dict[str, Any],
+    say: Callable[[str], None],
+) -> StepResult:
+    """The result of a finished config whose export the store holds (`_published_export`):
+    only the loss curve (kilobytes) is downloaded; the checkpoint and export stay put."""
+    out.mkdir(parents=True, exist_ok=True)
+    curve_path = out / "loss_curve.csv"
+    source = published / "loss_curve.csv"
+    if source.exists():
+        write_atomic(curve_path, lambda tmp: source.fs.get_file(source.path, str(tmp)))
+    curve = read_loss_curve(curve_path)
+    step = int(remote["resume_step"])
+    say(
+        f"{config_name}: already trained ({step} of {config.max_steps} steps) and exported to "
+        f"{published / 'open_clip'} from the checkpoint published there; nothing downloaded, "
+        "trained or exported"
+    )
+    fit_s = float(remote.get("fit_s") or 0.0)
+    return _step_result(
+        _RunFigures(
+            config_name=config_name,
+            config=config,
+            resolved=resolved,
+            prepared=prepared,
+            triplets=triplets,
+            versions=versions,
+            split=split,
+            fingerprint=str(remote["fingerprint"]),
+            published=published,
+            lightning_checkpoint=published / RESUME_POINT,
+            curve=curve,
+            plot=loss_plot_markdown(curve, out / "loss.png"),
+            export_check=CheckOutcome(
+                "open_clip_export_identical",
+                True,
+                f"{remote['export_check']} (checked when it was exported; the export and its "
+                "checkpoint are unchanged in the store since)",
+            ),
+            final_step=step,
+            fit_s=fit_s,
+            fit_s_this_run=0.0,
+            resumed_from_step=step,
+            failed_uploads=0,
+            failed_image_examples=(),
+            load_with=(
+                f"download {published / 'open_clip'} to a folder, then "
+                "open_clip.create_model_and_transforms('local-dir:<that folder>')"
+            ),
+        )
+    )
+
+
+@dataclass(frozen=True)
+class _RunFigures:
+    """What a step's result is made of, whether it trained or found its export published."""
+
+    config_name: str
+    config: TrainingConfig
+    resolved: ResolvedTraining
+    prepared: PreparedTriplets
+    triplets: pl.DataFrame
+    versions: dict[str, str]
+    split: str
+    fingerprint: str
+    published: DataPath
+    lightning_checkpoint: DataPath
+    curve: pl.DataFrame
+    plot: tuple[str | None, Path | None]  # (Markdown, local PNG) of the loss curve
+    export_check: CheckOutcome
+    final_step: int
+    fit_s: float
+    fit_s_this_run: float
+    resumed_from_step: int
+    failed_uploads: int
+    failed_image_examples: tuple[str, ...]
+    load_with: str
+
+
+def _step_result(run: _RunFigures) -> StepResult:
+    """The StepResult of a finished config (its outputs, counts, checks and figures)."""
+    config, prepared, published, curve = run.config, run.prepared, run.published, run.curve
+    plot_markdown, png = run.plot
     return StepResult(
-        partition=config_name,
+        partition=run.config_name,
         outputs={
-            "open_clip_weights": published / "open_clip" / exported.weights.name,
+            "open_clip_weights": published / "open_clip" / WEIGHTS_NAME,
             "open_clip_dir": published / "open_clip",
             # Uploaded beside the export when training ran apart from the data root.
-            "lightning_checkpoint": (published if mirror else out) / RESUME_POINT,
+            "lightning_checkpoint": run.lightning_checkpoint,
             "loss_curve": published / "loss_curve.csv",
-            "quarantine": published / quarantine_path.name,
+            "quarantine": published / "quarantine.parquet",
             **({"loss_plot": published / png.name} if png else {}),
         },
         row_counts={
             "training_rows": prepared.rows.height,
             "quarantined_rows": prepared.quarantine.height,
             "heldout_rows": prepared.heldout_rows,
-            "steps": final_step,
+            "steps": run.final_step,
         },
         row_count_key="training_rows",
         config={
             **config.as_dict(),
-            "heldout_split": split,
-            "resolved_strategy": resolved.strategy,
-            "resolved_precision": resolved.precision,
-            "per_device_batch_size": resolved.per_device_batch_size,
-            "gradient_checkpointing_on": resolved.gradient_checkpointing,
+            "heldout_split": run.split,
+            "resolved_strategy": run.resolved.strategy,
+            "resolved_precision": run.resolved.precision,
+            "per_device_batch_size": run.resolved.per_device_batch_size,
+            "gradient_checkpointing_on": run.resolved.gradient_checkpointing,
         },
         model_ids={
             "base": _model_id(config.model, config.pretrained),
-            "trained": f"open_clip:{config.model}@{ASSET_NAME}/{config_name}/{fingerprint}",
+            "trained": f"open_clip:{config.model}@{ASSET_NAME}/{run.config_name}/{run.fingerprint}",
         },
-        input_versions=versions,
+        input_versions=run.versions,
         outcomes=[
-            export_check,
+            run.export_check,
             _loss_decreased(curve),
-            _images_loaded(
-                curve, config.max_unreadable_image_fraction, _failed_image_examples(trainer)
-            ),
+            _images_loaded(curve, config.max_unreadable_image_fraction, run.failed_image_examples),
         ],
         preview=sample_curve(curve.select("step", "loss", "learning_rate")),
         metadata={
             **_throughput(curve, config.batch_size, config.hard_negatives),
             **_loss_summary(curve),
-            "fit_s": round(fit_s, 2),
-            "fit_s_this_run": round(fit_s_this_run, 2),
-            "resumed_from_step": resume_from[1].step if resume_from[1] else 0,
-            "epochs": round(final_step * config.batch_size / prepared.rows.height, 2),
-            "device": _device_label(resolved),
+            "fit_s": round(run.fit_s, 2),
+            "fit_s_this_run": round(run.fit_s_this_run, 2),
+            "failed_uploads": run.failed_uploads,
+            "resumed_from_step": run.resumed_from_step,
+            "epochs": round(run.final_step * config.batch_size / prepared.rows.height, 2),
+            "device": _device_label(run.resolved),
             "settings": _science_settings(config),
             **_quarantine_reasons(prepared.quarantine),
-            "fingerprint": fingerprint,
-            "load_with": exported.load_snippet(),
+            "fingerprint": run.fingerprint,
+            "load_with": run.load_with,
         },
         markdown={"loss_curve": loss_sparkline_markdown(curve), "loss_plot": plot_markdown},
-        rows={"quarantine_log": _quarantine_log_rows(prepared.quarantine, triplets, config_name)},
+        rows={
+            "quarantine_log": _quarantine_log_rows(
+                prepared.quarantine, run.triplets, run.config_name
+            )
+        },
     )
 
 
@@ -440,7 +594,13 @@ def _fit(
             config, resolved, out, say, config_name, [stop, *extra_callbacks], record, mirror
         )
         try:
-            trainer.fit(module, datamodule=datamodule, ckpt_path=resume_path)
+            try:
+                trainer.fit(module, datamodule=datamodule, ckpt_path=resume_path)
+            finally:
+                # The upload of the last resume point finishes before the step says where
+                # its state is, on every way out (the end, SIGTERM, Ctrl-C, an error).
+                if mirror is not None:
+                    mirror.wait()
         except SIGTERMException:
             # Lightning ends a SIGTERM'd fit with SystemExit(None): exit status 0, as if the
             # run had finished. Say what happened and fail the step instead.
@@ -488,6 +648,7 @@ def _trainer(
         StepProgress,
         StopOnNonFiniteLoss,
         TrainingLog,
+        UploadsFinished,
     )
 
     lightning_dir = out / "lightning"
@@ -522,6 +683,8 @@ def _trainer(
             StepProgress(f"training {config_name}", say),
             FinalCheckpoint(lightning_dir / "last.ckpt", config.checkpoint_every_n_steps),
             *extra_callbacks,
+            # Last: the checkpoints of the end or of a stop are queued before it waits.
+            *([UploadsFinished(mirror)] if mirror is not None else []),
         ],
     )
 
@@ -547,16 +710,68 @@ def _publish(work: Path, published: DataPath) -> DataPath:
     """Copy the results to the data root when training ran elsewhere (an object store).
 
     The export's config is uploaded last, so a reader never sees a config beside old weights.
+    `run.json` goes last of all, naming what the store then says about the content of each
+    export file and of the resume point (`published_objects`: ETag and size), so a later run
+    can tell that the export there is still the one made from that checkpoint
+    (`_published_export`).
     """
     if is_local(published) and Path(published) == work:
         return published
     names = [f"open_clip/{p.name}" for p in sorted((work / "open_clip").iterdir())]
     names.sort(key=lambda name: name.endswith(CONFIG_NAME))
-    names += [name for name in _PUBLISHED_FILES if (work / name).is_file()]
+    names += [name for name in _PUBLISHED_FILES if (work / name).is_file() and name != "run.json"]
     for name in names:
-        source = work / name
-        upload_file(source, published / name)
+        upload_file(work / name, published / name)
+    exported = [name for name in names if name.startswith("open_clip/")]
+    stamps = {name: _object_stamp(published / name) for name in [*exported, RESUME_POINT]}
+    state = _read_json(work / "run.json")
+    if all(stamps.values()):  # a store that names content (S3's ETag); else never skipped
+        state["published_objects"] = stamps
+        _write_json(work / "run.json", state)
+    upload_file(work / "run.json", published / "run.json")
     return published
+
+
+# What must be among a finished run's `published_objects` for its export to be reused.
+_EXPORT_OBJECTS = {RESUME_POINT, f"open_clip/{WEIGHTS_NAME}", f"open_clip/{CONFIG_NAME}"}
+
+
+def _object_stamp(path: DataPath) -> str | None:
+    """What the store says about an object's content (ETag or MD5, and size; one HEAD), None
+    when it names no content (a store without ETags) or the object is missing."""
+    try:
+        info = path.fs.info(path.path)
+    except (FileNotFoundError, OSError):
+        return None
+    content = info.get("ETag") or info.get("etag") or info.get("md5Hash")
+    return f"{content}:{info.get('size')}" if content else None
+
+
+def _published_export(
+    published: DataPath, fingerprint: str, max_steps: int
+) -> dict[str, Any] | None:
+    """The published `run.json` when the store already holds this run's finished export, made
+    from the resume point it holds (every object as `_publish` left it); else None.
+
+    "Finished" is what it is on the training machine: a `run.json` of this fingerprint marked
+    complete at (or past) `max_steps`, here with its export verified when it was made.
+    """
+    remote = _read_json(published / "run.json")
+    objects = remote.get("published_objects")
+    step = remote.get("resume_step")
+    if (
+        remote.get("fingerprint") != fingerprint
+        or remote.get("complete") is not True
+        or not isinstance(step, int)
+        or step < max_steps
+        or not remote.get("export_check")
+        or not isinstance(objects, dict)
+        or not _EXPORT_OBJECTS.issubset(objects)
+    ):
+        return None
+    if any(_object_stamp(published / name) != stamp for name, stamp in objects.items()):
+        return None  # replaced since (by hand, or a run that failed half-way): export again
+    return remote
 
 
 def _withdraw_stale_publication(
