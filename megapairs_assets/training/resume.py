@@ -21,6 +21,7 @@ checkpoint, `callbacks.RunRecord`, must agree); results of other settings are wi
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -159,6 +160,9 @@ class ResumePointMirror:
         with self._condition:
             while self._pending is not None or self._running is not None:
                 self._condition.wait()
+        # Called by the thread that queues (the training loop), so no snapshot is being made.
+        with contextlib.suppress(OSError):
+            self._snapshots.rmdir()
 
     def upload_now(self, checkpoint: Path, step: int) -> bool:
         """Upload and wait; whether the store now holds the resume point of `step`."""
