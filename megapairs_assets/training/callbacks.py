@@ -296,6 +296,21 @@ class StopCheckpoint(pl_lightning.Callback):
     the others learn it at the start of the next step, where all ranks stop together
     (`on_exception`): saving is collective, so it happens there.
 
+    Under `ddp_spawn` (the project's multi-device strategy) SIGTERM still loses the steps
+    since the last periodic checkpoint, for two reasons found in Lightning 2.6's code: (1) the
+    signal reaches the parent process (what `kill` or Kubernetes hits), which waits in
+    `mp.start_processes(...).join()` with no Lightning handler (handlers are registered inside
+    the ranks, `_SignalConnector.register_signal_handlers` in `Trainer._run`), so the parent
+    dies and the ranks never see it; (2) a rank's exception travels to the parent as a
+    `ProcessRaisedException`, and `on_exception` hooks run only there, on the parent's
+    trainer, so the collective save in `on_exception` above never runs inside the ranks. What
+    would work: the parent forwarding SIGTERM to rank 0's process (`trainer.strategy.launcher.
+    procs[0]`) while it joins, and the ranks agreeing on `received_sigterm` at the end of each
+    step (one `strategy.broadcast` from rank 0) to save together there. It is not done here:
+    Lightning 2.6's own SIGTERM handler issues a `dist.broadcast` from inside the signal
+    handler on rank 0 (Lightning-AI/pytorch-lightning#20825), which can pair with another
+    collective of the step on gloo, and it could not be verified without a multi-device run.
+
     SIGINT (Ctrl-C; Dagster's "terminate run"): the handler in place (Python's, or Dagster's,
     which raises at once, mid-step) is replaced while training runs on one device in the main
     thread. The first SIGINT lets the step finish, saves it and raises `StopRequested`;
