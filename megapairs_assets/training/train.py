@@ -6,8 +6,11 @@ proves open_clip reloads it with identical embeddings and returns a `StepResult`
 
 Outputs, under `<data>/mmret_clip_checkpoint/<config name>/` (with the data root on an object
 store, training runs in `<home>/training/<config name>/` and the results are uploaded there;
-the resume point, `lightning/last.ckpt`, is uploaded each time it is written and fetched by a
-retry on a machine that lacks it: `training.resume`):
+the resume point, `lightning/last.ckpt`, is uploaded in the background each time it is written
+(the step waits for the last upload before it ends or stops; failed uploads are warned about and
+counted in `failed_uploads`) and fetched by a retry on a machine that lacks it:
+`training.resume`. A finished config run again where the store already holds its export, made
+from the checkpoint it holds (ETags recorded in `run.json`), downloads and exports nothing):
 
     open_clip/open_clip_model.safetensors + open_clip_config.json   the trained model
     lightning/last.ckpt      full training state (weights, optimizer, schedule, step)
