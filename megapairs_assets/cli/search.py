@@ -196,20 +196,6 @@ def _local_export_root(resources: dict, home: Path) -> Path | None:
     return Path(root) if is_local(root) else None
 
 
-def _weights_location(spec: object) -> list[Path]:
-    """Where a retriever's weights live on this machine: an export folder or a weights
-    file; none for an open_clip tag (downloaded weights live in open_clip's own cache)."""
-    from megapairs_assets.retriever.model import LOCAL_DIR_PREFIX
-
-    model_name = getattr(spec, "model_name", "")
-    if model_name.startswith(LOCAL_DIR_PREFIX):
-        return [Path(model_name.removeprefix(LOCAL_DIR_PREFIX)).expanduser()]
-    pretrained = getattr(spec, "pretrained", None)
-    if pretrained and Path(pretrained).expanduser().is_file():
-        return [Path(pretrained).expanduser()]
-    return []
-
-
 def _search(args: argparse.Namespace) -> int:
     import torch
 
@@ -260,8 +246,7 @@ def _search(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     cache = gallery_cache(DataLayout(home))
     cache.notice = log
-    cache.record_retriever(retriever.retriever_id, _weights_location(spec))
-    cache.prune()
+    cache.keep_tidy(retriever.retriever_id, spec)
     embeddings = embed_gallery(
         retriever,
         gallery,

@@ -189,11 +189,13 @@ def _evaluate(args: argparse.Namespace):
     precision = args.precision or (evaluation.precision if evaluation else "float32")
     retriever = load_retriever_spec(spec, device, getattr(torch, precision))
     print(f"retriever {retriever.retriever_id} on {device} in {precision}", file=sys.stderr)
+    cache = gallery_cache(layout)
+    cache.keep_tidy(retriever.retriever_id, spec)  # drops entries of deleted checkpoints
     return evaluate_benchmark(
         retriever,
         args.benchmark,
         sources,
-        gallery_cache(layout),
+        cache,
         output_dir(layout, retriever.retriever_id, args.benchmark),
         settings,
         log=lambda line: print(line, file=sys.stderr),

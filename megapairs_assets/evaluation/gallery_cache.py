@@ -268,6 +268,12 @@ class GalleryCache:
                 lambda tmp: tmp.write_text(json.dumps({"weights": merged[:_RECORDED_PATHS]})),
             )
 
+    def keep_tidy(self, retriever_id: str, spec: object) -> None:
+        """Record where `spec`'s weights live, then `prune`: the one call every user of the
+        cache (search, evaluation) makes before embedding a gallery."""
+        self.record_retriever(retriever_id, weights_location(spec))
+        self.prune()
+
     def prune(self) -> None:
         """Remove the entries of retrievers whose weights are all deleted, then keep the
         cache within its budget. Never raises (a cache that cannot be cleaned is still used)."""
@@ -484,3 +490,17 @@ def _plural(count: int, noun: str) -> str:
 
 def _mb(size_bytes: int) -> str:
     return f"{size_bytes / 1e9:.1f} GB" if size_bytes >= 1e9 else f"{size_bytes / 1e6:.1f} MB"
+
+
+def weights_location(spec: object) -> list[Path]:
+    """Where a retriever's weights live on this machine: an export folder or a weights file;
+    none for an open_clip tag (downloaded weights live in open_clip's own cache)."""
+    from megapairs_assets.retriever.model import LOCAL_DIR_PREFIX
+
+    model_name = getattr(spec, "model_name", "")
+    if model_name.startswith(LOCAL_DIR_PREFIX):
+        return [Path(model_name.removeprefix(LOCAL_DIR_PREFIX)).expanduser()]
+    pretrained = getattr(spec, "pretrained", None)
+    if pretrained and Path(pretrained).expanduser().is_file():
+        return [Path(pretrained).expanduser()]
+    return []

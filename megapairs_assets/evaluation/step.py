@@ -197,8 +197,10 @@ def score_partition(
     def locate(image_ids: list[str]) -> dict[str, str]:
         return image_uris(lineage, image_ids)
 
+    cache = gallery_cache(layout)
+    cache.keep_tidy(retriever.retriever_id, spec)  # drops entries of deleted checkpoints
     result = evaluate_benchmark(
-        retriever, benchmark, sources(triplets, locate), gallery_cache(layout), out, settings, log
+        retriever, benchmark, sources(triplets, locate), cache, out, settings, log
     )
     input_versions.update(_checkpoint_version(spec, layout, lineage))
     rows = result.rows()
