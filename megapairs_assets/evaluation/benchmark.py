@@ -11,9 +11,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
+
+from megapairs_assets.corpus.uris import split_tar_member
 
 MetricKind = Literal["circo", "cirr", "recall", "genecis", "heldout"]
 """Which official definition scores the split (see `megapairs_assets.evaluation.metrics`)."""
@@ -100,7 +103,7 @@ class BenchmarkSplit:
         """The gallery's name in the embedding cache (`gallery_name`, else the split)."""
         return self.gallery_name or self.split
 
-    def images_version(self) -> str:
+    def images_version(self, file_stamps: Sequence[str] | None = None) -> str:
         """Changes when anything that shapes the image embeddings changes: the cache key.
 
         Hashes the image ids, where each image comes from (path, crop box) and each local
@@ -108,12 +111,21 @@ class BenchmarkSplit:
         embeddings; renaming the root does not (paths are hashed relative to their common
         folder), nor does editing a caption (annotation files shape the queries, not the
         images).
+
+        file_stamps: each image's `file_stamp`, one per image, when the caller already stat'ed
+        the files (a search gallery's listing does), so none is stat'ed again; None: they are
+        stat'ed here (`stamp_files`: once per file, once per tar for all its members).
         """
+        uris = [ref.uri for ref in self.image_refs]
+        if file_stamps is None:
+            file_stamps = stamp_files(uris)
+        elif len(file_stamps) != len(uris):
+            raise ValueError(f"{len(file_stamps)} file stamps for {len(uris)} images")
         digest = hashlib.sha256()
-        base = _common_parent([ref.uri for ref in self.image_refs])
-        for image_id, ref in zip(self.image_ids, self.image_refs, strict=True):
+        base = _common_parent(uris)
+        for image_id, ref, stamp in zip(self.image_ids, self.image_refs, file_stamps, strict=True):
             digest.update(json.dumps([image_id, _relative(ref.uri, base), ref.box]).encode())
-            digest.update(_file_stamp(ref.uri).encode())
+            digest.update(stamp.encode())
         digest.update(str(self.gallery_size).encode())
         return digest.hexdigest()[:16]
 
@@ -127,13 +139,41 @@ class BenchmarkSplit:
         return digest.hexdigest()[:16]
 
 
-def _file_stamp(uri: str) -> str:
-    path = uri.split(".tar#", 1)[0] + (".tar" if ".tar#" in uri else "")
+ABSENT_FILE_STAMP = "absent"
+"""The stamp of a file that cannot be stat'ed (gone, or a remote URL)."""
+
+
+def file_stamp(status: os.stat_result) -> str:
+    """What `images_version` hashes of one file: its size in bytes and modification time (ns),
+    from a stat the caller already made."""
+    return f"{status.st_size}:{status.st_mtime_ns}"
+
+
+def stamp_of_path(path: str) -> str:
+    """`file_stamp` of the file at `path` (one stat, links followed), ABSENT_FILE_STAMP when it
+    cannot be stat'ed."""
     try:
-        stat = os.stat(path)
-    except OSError:
-        return "absent"
-    return f"{stat.st_size}:{stat.st_mtime_ns}"
+        return file_stamp(os.stat(path))
+    except (OSError, ValueError):  # ValueError: a NUL byte in a uri read from a manifest
+        return ABSENT_FILE_STAMP
+
+
+def stamp_files(uris: Iterable[str]) -> list[str]:
+    """Each uri's stamp: its file's, or for a tar member (`<tar>#<member>`, corpus.uris) its
+    tar's, which is stat'ed once for all its members (a tar gallery of 1M members on network
+    storage would otherwise stat the one tar 1M times)."""
+    tars: dict[str, str] = {}
+    stamps = []
+    for uri in uris:
+        member = split_tar_member(uri)
+        if member is None:
+            stamps.append(stamp_of_path(uri))
+            continue
+        tar_path = member[0]
+        if tar_path not in tars:
+            tars[tar_path] = stamp_of_path(tar_path)
+        stamps.append(tars[tar_path])
+    return stamps
 
 
 def _common_parent(uris: list[str]) -> str:

@@ -29,12 +29,15 @@ with nothing readable, a query image that cannot be decoded or a malformed queri
 from __future__ import annotations
 
 import base64
+import dataclasses
+import errno
 import hashlib
 import html
 import io
 import json
 import os
 import re
+import stat
 import sys
 import tarfile
 from collections.abc import Callable, Sequence
@@ -64,7 +67,13 @@ from megapairs_assets.corpus.sources import (
     list_manifest_rows,
 )
 from megapairs_assets.corpus.uris import TAR_SUFFIX, split_tar_member, tar_member_uri
-from megapairs_assets.evaluation.benchmark import BenchmarkSplit, ImageRef
+from megapairs_assets.evaluation.benchmark import (
+    BenchmarkSplit,
+    ImageRef,
+    file_stamp,
+    stamp_files,
+    stamp_of_path,
+)
 from megapairs_assets.evaluation.gallery_cache import CacheKey, GalleryCache
 from megapairs_assets.evaluation.scoring import top_k
 from megapairs_assets.generation.common import image_relpath
@@ -108,8 +117,11 @@ class GalleryItem:
     item_id: the path below the gallery folder, `<tar name>#<member>`, `<shard>/<key>` of a
     manifest row, or the corpus image_id. uri: an absolute path or `<tar path>#<member>`
     (corpus.uris), as `read_uri_bytes` reads. content_hash (sha256 hex of the file's bytes) and
-    size_bytes: when the listing knew them (the corpus: the hash; tars and manifests: the
-    size); they find the gallery's copies of a query image (`identical_rows`).
+    size_bytes: when the listing knew them (the corpus: the hash; folders, tars and manifests:
+    the size); they find the gallery's copies of a query image (`identical_rows`).
+    file_stamp: the image file's (a member's: its tar's) size and modification time as the
+    listing stat'ed them (`evaluation.benchmark.file_stamp`), hashed into the cache key so that
+    key costs no second stat per file; None (the corpus): stat'ed when the key is built.
     """
 
     item_id: str
@@ -117,6 +129,7 @@ class GalleryItem:
     caption: str | None = None
     content_hash: str | None = None
     size_bytes: int | None = None
+    file_stamp: str | None = None
 
 
 @dataclass
@@ -169,9 +182,12 @@ def gallery_from_path(path: Path) -> Gallery:
     elif not path.is_dir():
         raise SearchConfigError(f"gallery {path} is neither a folder nor a .tar file")
     elif detect_source_kind(path) == "webdataset":  # the corpus's rule: a folder with .tar files
-        tars = sorted(
-            p for p in path.iterdir() if p.is_file() and p.name.lower().endswith(TAR_SUFFIX)
-        )
+        with os.scandir(path) as entries:
+            tars = sorted(
+                Path(entry.path)
+                for entry in entries
+                if entry.name.lower().endswith(TAR_SUFFIX) and _is_file_entry(entry)
+            )
         gallery = _tar_gallery(path, tars)
     else:
         gallery = _folder_gallery(path)
@@ -220,30 +236,88 @@ def gallery_from_corpus(catalog: Any, home: Path, export_root: Path | None = Non
 
 def _folder_gallery(root: Path) -> Gallery:
     """Every image file below `root` (hidden entries skipped, folder links not followed), by
-    path. An image name that is not a regular file (a FIFO would block the read forever, a
-    broken link has nothing to read) is listed in `unlisted`, not ranked."""
-    items, unlisted = [], []
-    for folder, subfolders, files in os.walk(root):
-        subfolders[:] = sorted(name for name in subfolders if not name.startswith("."))
-        for name in sorted(files):
-            if name.startswith(".") or not is_image_name(name):
+    path, in `os.walk`'s order: a folder's files by name, then its subfolders by name.
+
+    Each image is stat'ed once, and that one stat serves twice: it says whether the image is a
+    regular file, and it gives the size and time the cache key hashes (`file_stamp`), so a
+    search of 1M files on network storage stats 1M times, not 2M. An image name that is not a
+    regular file (a FIFO would block the read forever, a broken link has nothing to read) and a
+    subfolder that cannot be listed are listed in `unlisted`, not ranked.
+    """
+    items: list[GalleryItem] = []
+    unlisted: list[str] = []
+    folders = [str(root)]  # a stack, so a folder's subfolders are walked in name order
+    while folders:
+        folder = folders.pop()
+        try:
+            with os.scandir(folder) as scan:
+                entries = sorted(scan, key=lambda entry: entry.name)
+        except OSError as error:
+            unlisted.append(f"{folder}: cannot be listed ({_os_reason(error)})")
+            continue
+        subfolders: list[str] = []
+        for entry in entries:
+            if entry.name.startswith("."):
                 continue
-            path = Path(folder) / name
-            if not path.is_file():
-                what = "a broken link" if not path.exists() else "not a regular file"
-                unlisted.append(f"{path}: {what}")
+            if not is_image_name(entry.name):
+                if _is_walked_folder(entry):
+                    subfolders.append(entry.path)
                 continue
-            items.append(GalleryItem(path.relative_to(root).as_posix(), str(path)))
+            try:
+                status = os.stat(entry.path)  # links followed, as reading the image does
+            except OSError as error:
+                gone = error.errno in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP)
+                what = "a broken link" if gone else f"cannot be stat'ed ({_os_reason(error)})"
+                unlisted.append(f"{entry.path}: {what}")
+                continue
+            if stat.S_ISDIR(status.st_mode):  # a folder named like an image: walked as one
+                if not entry.is_symlink():
+                    subfolders.append(entry.path)
+                continue
+            if not stat.S_ISREG(status.st_mode):
+                unlisted.append(f"{entry.path}: not a regular file")
+                continue
+            item_id = Path(entry.path).relative_to(root).as_posix()
+            items.append(
+                GalleryItem(
+                    item_id, entry.path, size_bytes=status.st_size, file_stamp=file_stamp(status)
+                )
+            )
+        folders.extend(reversed(subfolders))
     return Gallery(str(root), _cache_name(root), items, unlisted)
+
+
+def _is_walked_folder(entry: os.DirEntry[str]) -> bool:
+    """Whether `os.walk` (links not followed) would walk into `entry`: a folder, not a link.
+    Free on most file systems (the listing's entry type), a stat only where it lacks one."""
+    try:
+        return entry.is_dir() and not entry.is_symlink()
+    except OSError:
+        return False
+
+
+def _is_file_entry(entry: os.DirEntry[str]) -> bool:
+    """Whether `entry` is a regular file, links followed (as `Path.is_file`), from the listing's
+    entry type where the file system gives one."""
+    try:
+        return entry.is_file()
+    except OSError:
+        return False
+
+
+def _os_reason(error: OSError) -> str:
+    return error.strerror or type(error).__name__
 
 
 def _tar_gallery(where: Path, tars: Sequence[Path]) -> Gallery:
     """The image members of each tar, in archive order (a name repeated in one tar: the first
-    copy, the one `read_uri_bytes` serves). Only headers are read here, not the images."""
+    copy, the one `read_uri_bytes` serves). Only headers are read here, not the images; each
+    tar is stat'ed once, its members' `file_stamp`."""
     items: list[GalleryItem] = []
     unlisted: list[str] = []
     for tar_path in tars:
         seen: set[str] = set()
+        stamp = stamp_of_path(str(tar_path))
         try:
             with tarfile.open(tar_path, mode="r:") as tar:
                 for member in tar:
@@ -251,7 +325,9 @@ def _tar_gallery(where: Path, tars: Sequence[Path]) -> Gallery:
                         seen.add(member.name)
                         uri = tar_member_uri(str(tar_path), member.name)
                         item_id = f"{tar_path.name}#{member.name}"
-                        items.append(GalleryItem(item_id, uri, size_bytes=member.size))
+                        items.append(
+                            GalleryItem(item_id, uri, size_bytes=member.size, file_stamp=stamp)
+                        )
         except (tarfile.TarError, OSError, EOFError) as error:
             state = f"read up to image {len(seen)}" if seen else "not a readable tar"
             unlisted.append(f"{tar_path}: {state} ({type(error).__name__}: {error})")
@@ -273,10 +349,12 @@ def _manifest_gallery(manifest: Path) -> Gallery:
     corpus would not read (no path, a URL, a missing file or one that is not a regular file, a
     malformed line) is listed in `unlisted` with its reason.
 
-    No image is read here (a stat per row gives its size), so a search whose embeddings come
-    from the cache reads no image file at all; finding a query's copies reads only the rows of
-    its size (`identical_rows`). A file that is there but cannot be read or decoded is found by
-    the embedding pass, which leaves it out and says so, as in any gallery.
+    No image is read here (the corpus's stat per row gives its size; one more stat per row, or
+    per tar for tar members, gives the time the cache key hashes: `corpus.sources` does not
+    return it yet), so a search whose embeddings come from the cache reads no image file at
+    all; finding a query's copies reads only the rows of its size (`identical_rows`). A file
+    that is there but cannot be read or decoded is found by the embedding pass, which leaves
+    it out and says so, as in any gallery.
     """
     try:
         listing = list_manifest_rows(SourceSpec("manifest", str(manifest)))
@@ -290,6 +368,11 @@ def _manifest_gallery(manifest: Path) -> Gallery:
             continue
         item_id = f"{entry.shard}/{entry.key}"
         items.append(GalleryItem(item_id, entry.uri, entry.caption, size_bytes=entry.size_bytes))
+    stamps = stamp_files(item.uri for item in items)  # a tar shared by many rows: one stat
+    items = [
+        dataclasses.replace(item, file_stamp=stamp)
+        for item, stamp in zip(items, stamps, strict=True)
+    ]
     return Gallery(str(manifest), _cache_name(manifest), items, unlisted, captions_listed=True)
 
 
@@ -391,8 +474,12 @@ class GalleryEmbeddings:
 def gallery_cache_key(retriever: Retriever, gallery: Gallery) -> CacheKey:
     """The cache key of `gallery` embedded by `retriever`, as the evaluation builds one: the
     images' version comes from `BenchmarkSplit.images_version` (a gallery is a split without
-    queries), so a replaced file is a new key and a renamed root is not."""
+    queries), so a replaced file is a new key and a renamed root is not. The files' sizes and
+    times are the listing's (`GalleryItem.file_stamp`); only items listed without one (the
+    corpus) are stat'ed here, a tar once for all its members."""
     items = gallery.items
+    unstamped = iter(stamp_files(item.uri for item in items if item.file_stamp is None))
+    stamps = [next(unstamped) if item.file_stamp is None else item.file_stamp for item in items]
     as_split = BenchmarkSplit(
         benchmark=SEARCH_CACHE_NAMESPACE,
         split=gallery.cache_name,
@@ -408,7 +495,7 @@ def gallery_cache_key(retriever: Retriever, gallery: Gallery) -> CacheKey:
         weights_fingerprint=retriever.spec.fingerprint(),
         benchmark=SEARCH_CACHE_NAMESPACE,
         split=gallery.cache_name,
-        gallery_version=as_split.images_version(),
+        gallery_version=as_split.images_version(stamps),
         image_count=len(items),
         precision=str(retriever.dtype).removeprefix("torch."),
     )
