@@ -22,6 +22,10 @@ processes on the same files, best of a few repeats:
 - manifest gallery: `megapairs search`'s listing of a `.jsonl` manifest of 20,000 rows of
   2-4 KB files (`gallery_from_path`), and the query-copy check for one image query
   (`identical_rows`), which now reads only the rows of the query's size.
+- search gallery key: what every `megapairs search --gallery` does before it can use cached
+  embeddings, listing the gallery and building its cache key (`gallery_cache_key`), for the
+  flat folder (20,000 files) and the manifest gallery: seconds, and `os.stat` calls per image
+  (each folder image was stat'ed twice, once to list it and once for the key).
 
 Writes benchmarks/results/corpus_read.json (not with --quick). Scratch data goes to a temporary
 folder that is removed at the end.
@@ -156,6 +160,24 @@ elif task == "manifest":
     query = Path(args["query"])
     copies_s, found = best(args["repeats"], lambda: identical_rows(gallery, [query]))
     answer["query_copies_seconds"], answer["query_copies"] = copies_s, len(found[query])
+elif task == "search_key":
+    import os, types
+    from megapairs_assets.retriever.search import gallery_cache_key, gallery_from_path
+    stats = [0]
+    real_stat = os.stat
+    def counting_stat(*a, **k):
+        stats[0] += 1
+        return real_stat(*a, **k)
+    os.stat = counting_stat  # Path.stat/is_file/exists call it too
+    # The key reads only these of a retriever: no model is loaded.
+    spec = types.SimpleNamespace(fingerprint=lambda: "bench")
+    retriever = types.SimpleNamespace(retriever_id="bench", spec=spec, dtype="torch.float32")
+    key = lambda: gallery_cache_key(retriever, gallery_from_path(Path(args["gallery"])))
+    key()  # warm: imports, the page cache
+    stats[0] = 0
+    answer["gallery_version"] = key().gallery_version
+    answer["stats"] = stats[0]
+    answer["seconds"] = best(args["repeats"], key)[0]
 print(json.dumps(answer))
 """
 
@@ -275,6 +297,12 @@ def main() -> None:
                 "flat_folder": measure(code_root, "flat", {**flat_args, "repeats": repeats}),
                 "flat_folder_growth": measure(code_root, "growth", growth),
                 "manifest_gallery": measure(code_root, "manifest", {**gallery, "repeats": 3}),
+                "folder_gallery_key": measure(
+                    code_root, "search_key", {"gallery": str(flat), "repeats": 3}
+                ),
+                "manifest_gallery_key": measure(
+                    code_root, "search_key", {"gallery": str(manifest), "repeats": 3}
+                ),
             }
     before, now = results["before"], results["now"]
     identical = all(
@@ -287,6 +315,8 @@ def main() -> None:
         "flat_folder": before["flat_folder"]["seconds"] / now["flat_folder"]["seconds"],
         "manifest_gallery": before["manifest_gallery"]["seconds"]
         / now["manifest_gallery"]["seconds"],
+        "folder_gallery_key": before["folder_gallery_key"]["seconds"]
+        / now["folder_gallery_key"]["seconds"],
     }
     for label in ("before", "now"):
         step, flat_run, gallery = (
@@ -314,6 +344,12 @@ def main() -> None:
             f" s; query-copy check {gallery['query_copies_seconds'] * 1e3:.1f} ms"
             f" ({gallery['query_copies']} copy)"
         )
+        for name, images in (("folder", flat_files), ("manifest", manifest_rows)):
+            keyed = results[label][f"{name}_gallery_key"]
+            print(
+                f"{label:6s} {name} gallery {images} images, listing + cache key: "
+                f"{keyed['seconds']:.3f} s, {keyed['stats'] / images:.2f} os.stat per image"
+            )
     print(
         "before/now: "
         + ", ".join(f"{name} {ratio:.2f}x" for name, ratio in ratios.items())
@@ -322,6 +358,9 @@ def main() -> None:
     print(f"({time.perf_counter() - started:.0f} s in all)")
     if not identical:
         raise SystemExit("the corpus tables differ between before and now")
+    for name in ("folder_gallery_key", "manifest_gallery_key"):
+        if before[name]["gallery_version"] != now[name]["gallery_version"]:
+            raise SystemExit(f"{name}: the search cache key differs between before and now")
     if not args.quick:
         payload = {
             "baseline_ref": args.baseline_ref,

@@ -14,8 +14,8 @@ What the search command runs, as plain functions (no argparse, no Dagster):
   the raw projections summed, then normalised); candidates are normalised image projections,
   so a score is a cosine similarity;
 - the query image itself is not a result (`identical_rows`): gallery images with exactly its
-  bytes (sha256: the corpus's listed hash, else hashed only when the sizes match; tars and
-  manifests list sizes), and on the corpus the image whose triplet-export copy it is, are
+  bytes (sha256: the corpus's listed hash, else hashed only when the sizes match; folders,
+  tars and manifests list sizes), and on the corpus the image whose triplet-export copy it is, are
   left out and counted, unless the caller keeps them (`include_query`).
 
 An image that cannot be read is left out of the ranking and listed (count and first few), never
@@ -797,9 +797,9 @@ def identical_rows(gallery: Gallery, image_paths: Sequence[Path]) -> dict[Path, 
     (`<export>/images/<shard>/<key>.jpg`, re-encoded, so other bytes) the query is.
 
     Cheap on any gallery, for any number of queries: listed hashes (the corpus) are looked
-    up; any other item is read and hashed only when its size equals a query file's (a tar
-    member's or manifest row's size comes with the listing, a file's is one stat, once per
-    search).
+    up; any other item is read and hashed only when its size equals a query file's (a folder
+    image's, tar member's or manifest row's size comes with the listing; an item listed
+    without one is stat'ed, once per search).
     SearchConfigError / SearchDataError when a query image is not there / cannot be read.
     """
     by_hash: dict[str, list[int]] = {}
