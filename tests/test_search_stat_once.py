@@ -21,7 +21,6 @@ import pytest
 import torch
 from image_factory import unique_tiny_jpeg_bytes, write_manifest, write_tar_members
 
-from megapairs_assets.corpus.sources import ManifestEntry
 from megapairs_assets.demo.models import DEMO_CLIP_MODEL
 from megapairs_assets.evaluation.benchmark import BenchmarkSplit, ImageRef
 from megapairs_assets.retriever.model import Retriever, load_retriever
@@ -155,10 +154,9 @@ def test_a_manifest_gallery_stats_each_row_once_beyond_what_the_corpus_reader_do
     with count_stats() as keying:
         key = _key(retriever, gallery)
     assert len(gallery.items) == FOLDER_IMAGES + 10
-    # The corpus's reader stats each row's file once (its size); the cache key's time takes one
-    # more until `ManifestEntry` carries the time too, then none.
-    stamp_stats = 0 if "mtime_ns" in ManifestEntry.__dataclass_fields__ else 1
-    assert [listing[str(path)] for path in images] == [1 + stamp_stats] * FOLDER_IMAGES
+    # The corpus's reader stats each row's file once, which gives the size and time the cache
+    # key hashes: no second stat.
+    assert [listing[str(path)] for path in images] == [1] * FOLDER_IMAGES
     assert listing[str(shard)] <= 1 and not any("#" in path for path in listing)
     assert _under(keying, tmp_path) == {}  # (the retriever's fingerprint stats its weights)
     assert key == _key_stating_every_file(gallery)

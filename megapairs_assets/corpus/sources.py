@@ -814,9 +814,7 @@ _DATALESS_TYPES = {ord("5"): "dir", **{ord(flag): "other" for flag in "12346"}}
 
 
 @lru_cache(maxsize=4)
-def _read_tar_member_kinds(
-    tar_path: str, _version: tuple[int, ...]
-) -> tuple[tuple[str, str], ...]:
+def _read_tar_member_kinds(tar_path: str, _version: tuple[int, ...]) -> tuple[tuple[str, str], ...]:
     """(member name, "file" | "dir" | "other") of each member, reading only the headers.
 
     Plain ustar headers (what img2dataset and Python's tarfile write for ordinary names) are
@@ -1485,10 +1483,10 @@ def _not_a_file_error(uri: str, what: str) -> str:
     return f"not_a_file: {uri} is {what}, not an image file"
 
 
-def _local_file_state(uri: str) -> tuple[str | None, int | None]:
-    """(why `_read_local` would fail on a local file, in its record's words; the file's size in
-    bytes), from one stat and without reading it. (None, None) for a tar member, whose bytes
-    only a read finds."""
+def _local_file_state(uri: str) -> tuple[str | None, os.stat_result | None]:
+    """(why `_read_local` would fail on a local file, in its record's words; the file's stat
+    when it is a regular file), from one stat and without reading it. (None, None) for a tar
+    member, whose bytes only a read finds."""
     if split_tar_member(uri) is not None:
         return None, None
     try:
@@ -1499,7 +1497,7 @@ def _local_file_state(uri: str) -> tuple[str | None, int | None]:
         return f"read_error: {uri}: {exc.strerror or type(exc).__name__}", None
     if not S_ISREG(status.st_mode):
         return _not_a_file_error(uri, _entry_kind(Path(uri))), None
-    return None, status.st_size
+    return None, status
 
 
 def _not_a_regular_file(uri: str) -> str | None:
@@ -1868,8 +1866,8 @@ class ManifestEntry:
     its record's. `problem`: why the corpus could not read the row's image, in the words of
     its record's `error` ("reason: detail": a bad value, no path, a remote URL, a Windows path,
     a missing file, something that is not a regular file), None when the file is there (its
-    bytes may still fail to read or decode). `size_bytes`: the file's size from its stat, None
-    with a problem or for a tar member.
+    bytes may still fail to read or decode). `size_bytes` and `mtime_ns`: the file's size and
+    modification time from its stat, None with a problem or for a tar member.
     """
 
     shard: str
@@ -1879,6 +1877,7 @@ class ManifestEntry:
     caption_issue: str | None
     problem: str | None
     size_bytes: int | None
+    mtime_ns: int | None = None
 
 
 @dataclass(frozen=True)
@@ -1908,12 +1907,19 @@ def list_manifest_rows(spec: SourceSpec) -> ManifestListing:
     rows = _collect(listed, Path(spec.path))
     entries: list[ManifestEntry] = []
     for row in _manifest_rows(rows, manifest.collect_schema(), _manifest_dir(spec)):
-        problem, size_bytes = _manifest_row_problem(row), None
+        problem, status = _manifest_row_problem(row), None
         if problem is None:
-            problem, size_bytes = _local_file_state(row.uri)
+            problem, status = _local_file_state(row.uri)
         entries.append(
             ManifestEntry(
-                row.shard_id, row.key, row.uri, row.caption, row.caption_issue, problem, size_bytes
+                row.shard_id,
+                row.key,
+                row.uri,
+                row.caption,
+                row.caption_issue,
+                problem,
+                size_bytes=status.st_size if status else None,
+                mtime_ns=status.st_mtime_ns if status else None,
             )
         )
     return ManifestListing(entries, scan.unread)

@@ -349,12 +349,11 @@ def _manifest_gallery(manifest: Path) -> Gallery:
     corpus would not read (no path, a URL, a missing file or one that is not a regular file, a
     malformed line) is listed in `unlisted` with its reason.
 
-    No image is read here (the corpus's stat per row gives its size; one more stat per row, or
-    per tar for tar members, gives the time the cache key hashes: `corpus.sources` does not
-    return it yet), so a search whose embeddings come from the cache reads no image file at
-    all; finding a query's copies reads only the rows of its size (`identical_rows`). A file
-    that is there but cannot be read or decoded is found by the embedding pass, which leaves
-    it out and says so, as in any gallery.
+    No image is read here (the corpus's one stat per row gives the size and time the cache key
+    hashes; a tar of member rows is stat'ed once more), so a search whose embeddings come from the
+    cache reads no image file at all; finding a query's copies reads only the rows of its size
+    (`identical_rows`). A file that is there but cannot be read or decoded is found by the embedding
+    pass, which leaves it out and says so, as in any gallery.
     """
     try:
         listing = list_manifest_rows(SourceSpec("manifest", str(manifest)))
@@ -367,12 +366,17 @@ def _manifest_gallery(manifest: Path) -> Gallery:
             unlisted.append(f"{entry.uri or f'row {entry.key}'}: {entry.problem}")
             continue
         item_id = f"{entry.shard}/{entry.key}"
-        items.append(GalleryItem(item_id, entry.uri, entry.caption, size_bytes=entry.size_bytes))
-    stamps = stamp_files(item.uri for item in items)  # a tar shared by many rows: one stat
-    items = [
-        dataclasses.replace(item, file_stamp=stamp)
-        for item, stamp in zip(items, stamps, strict=True)
-    ]
+        # The corpus's one stat per row gives the stamp; tar members get theirs below.
+        stamp = None if entry.mtime_ns is None else f"{entry.size_bytes}:{entry.mtime_ns}"
+        items.append(
+            GalleryItem(
+                item_id, entry.uri, entry.caption, size_bytes=entry.size_bytes, file_stamp=stamp
+            )
+        )
+    unstamped = [index for index, item in enumerate(items) if item.file_stamp is None]
+    stamps = stamp_files(items[index].uri for index in unstamped)  # a tar: one stat for all
+    for index, stamp in zip(unstamped, stamps, strict=True):
+        items[index] = dataclasses.replace(items[index], file_stamp=stamp)
     return Gallery(str(manifest), _cache_name(manifest), items, unlisted, captions_listed=True)
 
 
