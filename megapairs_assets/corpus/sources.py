@@ -16,6 +16,10 @@ Three layouts are understood, each named by a `SourceSpec`:
 - `manifest`: a parquet or jsonl table with a `path` or `url` column, a `caption` column and
   optional `key`/`id` and `shard` columns; without a `shard` column every `shard_size` rows
   form a shard, by position (see `_shard_id_expr` for why not cut like loose images).
+  A problem with one row names the place a user finds it in the file: `line N` (the file's
+  line, counted from 1, blank lines included) in a jsonl manifest, `row N` (the row index,
+  counted from 0, as polars and pandas show it) in a parquet one. A row without `key`/`id` is
+  keyed by its row index among the non-blank rows, zero-padded (`000000013`).
 
 Every entry is either read or reported. `scan_source` lists the shards and, as `unread`
 records, every entry no shard reads: a name that cannot be made safe as a shard id (shard ids
@@ -88,6 +92,8 @@ UNASSIGNED_SHARD = "unassigned"
 _SHARD_ID_DIGITS = 5
 _ROW_KEY_DIGITS = 9
 _ROW = "__row_index"
+# A jsonl manifest row's line in its file, counted from 1: what its problems are reported by.
+_LINE = "__line_number"
 _SHARD_ID = "__shard_id"
 # A folder image's caption files: `<stem>.txt` or `<stem>.caption` (text), `<stem>.json`.
 _CAPTION_SIDECARS = ("txt", "caption", "json")
@@ -1599,12 +1605,26 @@ def _read_jsonl_manifest(path: str, _version: tuple[int, ...]) -> _JsonlManifest
             rows = pl.read_ndjson(path, infer_schema_length=None)
         except pl.exceptions.PolarsError:
             rows = None
-        if rows is not None and not _has_coerced_values(path, rows.schema):
-            return _JsonlManifest(rows, [])
+        if rows is not None:
+            with open(path, "rb") as raw:
+                text = raw.read()
+            # polars skips blank lines: with none, a row's line is its index + 1; with some,
+            # the line-by-line parse counts them.
+            if not _has_coerced_values(text, rows.schema) and not _has_blank_lines(text):
+                rows = rows.with_row_index(_ROW)
+                return _JsonlManifest(rows.with_columns((pl.col(_ROW) + 1).alias(_LINE)), [])
     return _parse_jsonl_lines(path)
 
 
-def _has_coerced_values(path: str, schema: pl.Schema) -> bool:
+# A whitespace-only line ending in a newline, or a whitespace-only last line without one.
+_BLANK_LINE = re.compile(rb"(?:\A|\n)[ \t\r\f\v]*\n|\n[ \t\r\f\v]+\Z")
+
+
+def _has_blank_lines(text: bytes) -> bool:
+    return _BLANK_LINE.search(text) is not None
+
+
+def _has_coerced_values(text: bytes, schema: pl.Schema) -> bool:
     """Whether polars may have turned a non-text value of a column the source reads into text.
 
     polars gives a column of mixed JSON types the type String, writing `["a"]` or `5` as text.
@@ -1617,8 +1637,7 @@ def _has_coerced_values(path: str, schema: pl.Schema) -> bool:
         return False
     names = "|".join(re.escape(name) for name in columns).encode()
     unquoted_value = re.compile(rb'"(?:' + names + rb')"\s*:\s*[^\s"n]')
-    with open(path, "rb") as raw:
-        return unquoted_value.search(raw.read()) is not None
+    return unquoted_value.search(text) is not None
 
 
 def _parse_jsonl_lines(path: str) -> _JsonlManifest:
@@ -1637,10 +1656,11 @@ def _parse_jsonl_lines(path: str) -> _JsonlManifest:
             if not isinstance(value, dict):
                 bad.append((number, f"a JSON {_json_type(value)}, not an object"))
                 continue
-            rows.append(_typed_manifest_row(value, row))
+            rows.append(_typed_manifest_row(value, row) | {_LINE: number})
     present = [name for name in _MANIFEST_COLUMNS if any(name in row for row in rows)]
     schema = {name: pl.String for name in present}
     schema.update({_ROW: pl.UInt32, _CAPTION_ISSUE: pl.String, _ROW_ISSUE: pl.String})
+    schema[_LINE] = pl.UInt32
     return _JsonlManifest(pl.DataFrame(rows, schema=schema), bad)
 
 
@@ -1712,14 +1732,18 @@ def _scan_manifest_shards(spec: SourceSpec) -> SourceScan:
     if unsafe:
         rows = _collect(manifest.filter(pl.col(_SHARD_ID).is_in(unsafe)).sort(_ROW), manifest_path)
         for row in _manifest_rows(rows, manifest.collect_schema(), _manifest_dir(spec)):
-            where = f"manifest {spec.path} row {row.index}"
+            where = f"manifest {spec.path} {row.place}"
             unread.append(_unsafe_shard_id(row.uri, row.shard_id, where, key=row.key))
     return SourceScan(sorted(set(shard_ids) - set(unsafe)), unread)
 
 
 @dataclass(frozen=True)
 class _ManifestRow:
+    """One manifest row as parsed. `place`: where a user finds it in the file, `line N` (from
+    1) in a jsonl manifest, `row N` (the row index, from 0) in a parquet one."""
+
     index: int
+    place: str
     shard_id: str
     key: str
     location: str | None
@@ -1763,8 +1787,10 @@ def _manifest_rows(
         if caption is not None and not isinstance(caption, str):
             caption_issue = f"bad_caption_value: 'caption' is {_describe_value(caption)}"
             caption = None
+        line = row.get(_LINE)
         yield _ManifestRow(
             index=row[_ROW],
+            place=f"line {line}" if line is not None else f"row {row[_ROW]}",
             shard_id=row[_SHARD_ID],
             key=key,
             location=location or None,
@@ -1843,9 +1869,9 @@ def _manifest_record(row: _ManifestRow) -> RawRecord:
 def _manifest_row_problem(row: _ManifestRow) -> str | None:
     """Why a row names no file the corpus can read ("reason: detail"), from the row alone."""
     if row.row_issue is not None:
-        return f"bad_manifest_value: row {row.index}: {row.row_issue}"
+        return f"bad_manifest_value: {row.place}: {row.row_issue}"
     if row.location is None:
-        return f"missing_file: row {row.key} has no path or url"
+        return f"missing_file: {row.place} has no path or url"
     if is_remote(row.location):
         return f"remote_uri: download shards first (e.g. with img2dataset): {row.location}"
     windows = _windows_absolute(row.location)

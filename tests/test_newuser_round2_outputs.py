@@ -1,0 +1,79 @@
+"""A new user's second round of findings on what megapairs says: one numbering for manifest
+problems, a single webdataset tar as a corpus, one `triplets[...]` line per shard, a truthful
+cache count for model requests, and a summary that tells images without a caption apart from
+quarantined ones."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import image_factory as factory
+import polars as pl
+
+from megapairs_assets.corpus.images import ImageLimits
+from megapairs_assets.corpus.sources import SourceSpec, iter_shard_records, scan_source
+from megapairs_assets.corpus.table import build_shard_table
+
+LIMITS = ImageLimits()
+
+
+def _quarantine_details(spec: SourceSpec, shard: str) -> dict[str, str]:
+    _, quarantine = build_shard_table(shard, iter_shard_records(spec, shard), LIMITS)
+    return dict(zip(quarantine["reason"], quarantine["detail"], strict=True))
+
+
+def _jsonl_rows(folder: Path, count: int) -> list[dict]:
+    (folder / "img").mkdir(parents=True, exist_ok=True)
+    rows = []
+    for index in range(count):
+        (folder / "img" / f"{index}.jpg").write_bytes(factory.good_jpeg_bytes(index))
+        rows.append({"path": f"img/{index}.jpg", "caption": f"photo {index}"})
+    return rows
+
+
+# --- 1. one numbering for a manifest's problems -----------------------------------------------
+
+
+def test_jsonl_manifest_problems_name_the_files_line(tmp_path):
+    rows = _jsonl_rows(tmp_path, 6)
+    rows[2] = {"path": 42, "caption": "path is a number"}
+    rows[4] = {"caption": "no path at all"}
+    lines = [json.dumps(row) for row in rows]
+    lines.insert(1, "{not json")  # line 2
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text("\n".join(lines) + "\n")
+    # Line 1: row 0; line 2: bad; line 3: row 1; line 4: path 42; line 5; line 6: no path.
+    spec = SourceSpec(kind="manifest", path=str(manifest))
+    details = _quarantine_details(spec, "00000")
+    assert details["bad_manifest_value"].startswith("line 4: 'path' is a number (42)")
+    assert details["missing_file"] == "line 6 has no path or url"
+    unread = scan_source(spec).unread
+    assert [record.error.split(":")[0] for record in unread] == ["bad_manifest_line"]
+    assert "line 2 is not JSON" in unread[0].error
+
+
+def test_blank_lines_count_in_a_jsonl_manifests_line_numbers(tmp_path):
+    # polars skips blank lines; the line number must still be the file's.
+    rows = _jsonl_rows(tmp_path, 3)
+    rows[2] = {"caption": "no path"}
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text(json.dumps(rows[0]) + "\n\n  \n" + "\n".join(map(json.dumps, rows[1:])))
+    details = _quarantine_details(SourceSpec(kind="manifest", path=str(manifest)), "00000")
+    assert details["missing_file"] == "line 5 has no path or url"
+
+
+def test_parquet_manifest_problems_name_the_row_index(tmp_path):
+    rows = _jsonl_rows(tmp_path, 4)
+    table = pl.DataFrame(
+        {
+            "path": [row["path"] for row in rows[:3]] + [None],
+            "caption": [row["caption"] for row in rows],
+            "key": ["a", "b", "c", "d"],
+        }
+    )
+    manifest = tmp_path / "m.parquet"
+    table.write_parquet(manifest)
+    details = _quarantine_details(SourceSpec(kind="manifest", path=str(manifest)), "00000")
+    # The key ("d") is not where it is; the 0-based row index is.
+    assert details["missing_file"] == "row 3 has no path or url"
