@@ -292,7 +292,7 @@ def test_read_only_queries_cannot_change_the_catalog(tmp_path: Path) -> None:
     catalog = LineageCatalog(path)
     record(catalog, "image_corpus", "00000", 0)
     assert catalog.read_only_query("SELECT count(*) AS n FROM materializations")["n"][0] == 1
-    with pytest.raises(duckdb.Error, match="read-only"):
+    with pytest.raises(ReadOnlyQueryError, match="read-only"):
         catalog.read_only_query("DELETE FROM materializations")
     assert catalog.query("SELECT count(*) AS n FROM materializations")["n"][0] == 1
 

@@ -287,6 +287,6 @@ def test_the_cli_shows_the_schema_and_runs_read_only_sql(
     code, out, _ = _run(["--sql", sql, "--json"], capsys)
     assert json.loads(out) == [{"triplet_id": TRIPLET, "instruction_model": "tiny-llm@rev1"}]
     code, _, err = _run(["--sql", "DELETE FROM materializations"], capsys)
-    assert code == 1 and "read-only" in err and "Traceback" not in err
+    assert code == 2 and "read-only" in err and "Traceback" not in err
     code, out, _ = _run(["--snapshot", str(world.home / "copy.duckdb")], capsys)
     assert code == 0 and (world.home / "copy.duckdb").exists()

@@ -5,7 +5,9 @@
   (`asset[partition]`).
 - `megapairs lineage --schema`: every table and view of the catalog with what each column holds.
 - `megapairs lineage --sql "SELECT ..." [--json]`: one read-only query, holding the catalog for
-  that query only (a DuckDB session left open on the file would stop the pipeline's writers).
+  that query only (a DuckDB session left open on the file would stop the pipeline's writers);
+  anything but one SELECT/EXPLAIN/DESCRIBE/SHOW, or a query that reaches past the catalog
+  (files, other databases), is refused with exit code 2.
 - `megapairs lineage --snapshot PATH`: a consistent copy to keep open as long as you like.
 """
 
@@ -149,7 +151,19 @@ def _print_query(catalog: Any, sql: str, as_json: bool) -> int:
 
     try:
         frame = catalog.read_only_query(sql)
-    except (duckdb.Error, ReadOnlyQueryError) as error:
+    except ReadOnlyQueryError as error:
+        # Refused before it ran: more than one statement, or one that is not a read.
+        print(f"megapairs lineage --sql: refused: {error}", file=sys.stderr)
+        return 2
+    except duckdb.PermissionException as error:
+        # It tried to reach past the catalog (a file, another database, an extension).
+        print(
+            "megapairs lineage --sql: refused: a query may read the lineage catalog only, "
+            f"not files, other databases or extensions ({_first_line(error)})",
+            file=sys.stderr,
+        )
+        return 2
+    except duckdb.Error as error:
         # The user's SQL: say what DuckDB said, no traceback.
         print(f"megapairs lineage --sql: {error}", file=sys.stderr)
         return 1
@@ -166,6 +180,10 @@ def _print_query(catalog: Any, sql: str, as_json: bool) -> int:
     ):
         print(frame)
     return 0
+
+
+def _first_line(error: Exception) -> str:
+    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
 
 
 def _count(text: str) -> int:
@@ -196,7 +214,8 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     what.add_argument(
         "--sql",
         metavar="QUERY",
-        help="run one read-only SQL query on the catalog (see --schema for its tables and views)",
+        help="run one read-only SQL query (SELECT, EXPLAIN, DESCRIBE or SHOW) on the catalog, "
+        "which reads the catalog only, no files (see --schema for its tables and views)",
     )
     what.add_argument(
         "--snapshot",

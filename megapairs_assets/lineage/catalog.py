@@ -308,20 +308,36 @@ _CORE_SQL_NO_CONSTRAINTS = re.sub(r"\s+PRIMARY KEY", "", _CORE_SQL)
 
 
 class ReadOnlyQueryError(ValueError):
-    """A query given as read-only that could change a DuckLake catalog."""
+    """A query given as read-only that is not exactly one reading statement."""
 
 
+# DESCRIBE, SHOW and SUMMARIZE parse as SELECT; EXPLAIN ANALYZE of a write still meets a
+# read-only connection (file) or a rolled-back transaction on a read-only attach (DuckLake).
 _READ_STATEMENT_TYPES = (duckdb.StatementType.SELECT, duckdb.StatementType.EXPLAIN)
 
 
-def _require_one_read_statement(sql: str) -> None:
+def require_one_read_statement(sql: str) -> None:
+    """Refuse (ReadOnlyQueryError) any text that is not exactly one SELECT, EXPLAIN, DESCRIBE
+    or SHOW statement, as DuckDB's own parser splits and classifies it: `SELECT 1; DELETE ...`
+    and `COPY ... TO` never reach a connection. A syntax error raises DuckDB's ParserException.
+    """
     statements = duckdb.extract_statements(sql)
     if len(statements) != 1 or statements[0].type not in _READ_STATEMENT_TYPES:
         kinds = ", ".join(statement.type.name for statement in statements) or "none"
         raise ReadOnlyQueryError(
-            "a DuckLake catalog takes one SELECT (or EXPLAIN, DESCRIBE, SHOW) statement here, "
-            f"got: {kinds}"
+            "the lineage catalog takes one read-only statement here (SELECT, EXPLAIN, "
+            f"DESCRIBE or SHOW), got: {kinds}"
         )
+
+
+# A user's query may read the catalog and nothing else: no files (COPY ... TO, read_csv),
+# no other databases, no extensions; the configuration is locked so SET cannot undo it.
+_SANDBOX_CONFIG = {
+    "enable_external_access": False,
+    "autoinstall_known_extensions": False,
+    "autoload_known_extensions": False,
+    "lock_configuration": True,
+}
 
 
 class CatalogConfigError(ConfigurationError):
@@ -371,13 +387,16 @@ class LineageCatalog:
         return str(self.path)
 
     @contextmanager
-    def connect(self, read_only: bool = False) -> Iterator[duckdb.DuckDBPyConnection]:
+    def connect(
+        self, read_only: bool = False, config: Mapping[str, Any] | None = None
+    ) -> Iterator[duckdb.DuckDBPyConnection]:
         """A short-lived connection (schema created or migrated on first use).
 
         File backend: exclusive, under the file lock; `read_only` opens the file read-only
         (after creating or migrating the schema if this process has not yet). DuckLake: a
         cursor on this process's attached lake; no lock, commits are checked for conflicts by
-        DuckLake (`read_only` is not enforced there: see `read_only_query`).
+        DuckLake (`read_only` is not enforced there: see `read_only_query`). `config`: DuckDB
+        settings for the file's connection (ignored on DuckLake).
         """
         if self.is_ducklake:
             with self._lake_cursor() as con:
@@ -394,7 +413,7 @@ class LineageCatalog:
                 # re-created catalog is set up again), not on every short read.
                 if self._schema_key() not in _SCHEMA_READY:
                     self._ensure_schema_once(deadline, optional=read_only and self.path.exists())
-                con = self._open(deadline, read_only=read_only)
+                con = self._open(deadline, read_only=read_only, config=config)
                 try:
                     yield con
                 finally:
@@ -451,13 +470,15 @@ class LineageCatalog:
                     ) from None
                 time.sleep(0.02)
 
-    def _open(self, deadline: float, read_only: bool = False) -> duckdb.DuckDBPyConnection:
+    def _open(
+        self, deadline: float, read_only: bool = False, config: Mapping[str, Any] | None = None
+    ) -> duckdb.DuckDBPyConnection:
         # Another program (not ours, so not holding our lock) may have the file open: a DuckDB
         # shell or notebook, even read-only, keeps every writer out until it closes.
         warn_at = time.monotonic() + _HELD_WARNING_AFTER_S
         while True:
             try:
-                return duckdb.connect(str(self.path), read_only=read_only)
+                return duckdb.connect(str(self.path), read_only=read_only, config=dict(config or {}))
             except duckdb.ConnectionException as error:
                 # This very process holds the file with other settings (a notebook's own
                 # `duckdb.connect(path, read_only=True)`): waiting cannot help.
@@ -488,24 +509,50 @@ class LineageCatalog:
     # -- reading from outside a step --------------------------------------------------------
 
     def read_only_query(self, sql: str, params: list[Any] | None = None) -> pl.DataFrame:
-        """Run a user's query without letting it change the catalog, and return its rows.
+        """Run a user's query without letting it change the catalog or touch anything else,
+        and return its rows.
 
-        File backend: a read-only connection under the lock, held for the query only, so a
-        running pipeline waits milliseconds, not for a whole session; DuckDB refuses writes.
-        DuckLake has no read-only connection here, so the text must be one SELECT (or
-        EXPLAIN) statement, else `ReadOnlyQueryError` (a `COMMIT; DELETE ...` would otherwise
-        escape the rolled-back transaction it runs in).
+        The text must be one SELECT (or EXPLAIN, DESCRIBE, SHOW) statement, else
+        `ReadOnlyQueryError`. It then runs on a connection of its own that cannot write and
+        cannot reach files, other databases or extensions (DuckDB's `enable_external_access`
+        off, configuration locked; a refused access raises `duckdb.PermissionException`).
+        File backend: the file opened read-only under the lock, held for the query only, so a
+        running pipeline waits milliseconds, not for a whole session. DuckLake: the lake
+        attached READ_ONLY on a fresh in-memory DuckDB whose only readable paths are the
+        lake's data files, inside a transaction that is rolled back.
         """
+        require_one_read_statement(sql)
         if not self.is_ducklake:
-            with self.connect(read_only=True) as con:
+            with self.connect(read_only=True, config=_SANDBOX_CONFIG) as con:
                 return con.execute(sql, params or []).pl()
-        _require_one_read_statement(sql)
-        with self._lake_cursor() as con:
+        assert self.url is not None and self.data_path is not None
+        if self._lake_key() in _LAKES and not self.url.startswith(DUCKLAKE_PREFIX + "postgres:"):
+            # A lake whose metadata is a local file (tests, a laptop) already attached by this
+            # process cannot be attached a second time: query it as it is, in a transaction
+            # that is rolled back (the one-read-statement rule above still holds).
+            with self._lake_cursor() as cursor:
+                cursor.execute("BEGIN TRANSACTION")
+                try:
+                    return cursor.execute(sql, params or []).pl()
+                finally:
+                    _rollback_quietly(cursor)
+        con = _attach_lake(self.url, self.data_path, read_only=True)
+        try:
+            # Only now, after the extensions are loaded and Postgres reached: from here on
+            # the connection reads the lake's data files and nothing else.
+            con.execute(
+                f"SET allowed_directories = [{_sql_literal(self.data_path)}]; "
+                "SET enable_external_access = false; "
+                "SET lock_configuration = true"
+            )
+            con.execute(f"USE {_LAKE_ALIAS}")
             con.execute("BEGIN TRANSACTION")
             try:
                 return con.execute(sql, params or []).pl()
             finally:
                 _rollback_quietly(con)
+        finally:
+            con.close()
 
     def snapshot(self, destination: Path | str) -> Path:
         """A consistent copy of the catalog file, for sessions that keep it open.
@@ -1138,10 +1185,19 @@ def _attached_lake(key: tuple[int, str, str]) -> duckdb.DuckDBPyConnection:
         return database
 
 
-def _attach_lake(url: str, data_path: str, timeout_s: float = 60.0) -> duckdb.DuckDBPyConnection:
+def _attach_lake(
+    url: str, data_path: str, timeout_s: float = 60.0, read_only: bool = False
+) -> duckdb.DuckDBPyConnection:
+    """A new in-memory DuckDB with the lake attached as `_LAKE_ALIAS` (READ_ONLY if asked)."""
     database = duckdb.connect(config={"autoinstall_known_extensions": False})
     load_ducklake_extensions(database)
-    statement = f"ATTACH {_sql_literal(url)} AS {_LAKE_ALIAS} (DATA_PATH {_sql_literal(data_path)})"
+    if "://" in data_path:
+        # Remote data files: load httpfs now, while loading is allowed (a read-only query's
+        # connection turns extension loading off before DuckLake would autoload it).
+        with contextlib.suppress(duckdb.Error):
+            database.execute("LOAD httpfs")
+    options = f"DATA_PATH {_sql_literal(data_path)}" + (", READ_ONLY" if read_only else "")
+    statement = f"ATTACH {_sql_literal(url)} AS {_LAKE_ALIAS} ({options})"
     deadline = time.monotonic() + timeout_s
     while True:
         try:
