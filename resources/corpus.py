@@ -55,7 +55,8 @@ class CorpusSourceResource(dg.ConfigurableResource):
         return SourceSpec(kind=self.kind, path=self.path, shard_size=self.shard_size)
 
     def check_path(self) -> None:
-        """Cheap checks of `path` (it exists and has the kind's shape), without listing shards.
+        """Cheap checks of `path` (it exists and has the kind's shape: a folder, a manifest
+        file, or for webdataset also a single `.tar` shard), without listing shards.
 
         Raises ConfigurationError saying what is wrong, with `setting_hint` added.
         """
@@ -67,10 +68,13 @@ class CorpusSourceResource(dg.ConfigurableResource):
             problem = f"corpus source {self.path} does not exist"
         elif self.kind == "manifest" and not path.is_file():
             problem = f"manifest corpus source {self.path} is not a file"
+        elif self.kind == "webdataset" and path.is_file() and path.suffix.lower() == ".tar":
+            pass  # a single shard: a corpus of one tar
         elif self.kind != "manifest" and not path.is_dir():
             problem = (
                 f"{self.kind} corpus source {self.path} is not a folder: give the folder that "
-                "holds the .tar shards or image folders, or a .parquet/.jsonl/.ndjson manifest"
+                "holds the .tar shards or image folders, a .tar shard, or a "
+                ".parquet/.jsonl/.ndjson manifest"
             )
         if problem:
             raise ConfigurationError(self._with_hint(problem))

@@ -291,7 +291,7 @@ def test_a_folder_read_as_images_that_holds_tar_shards_names_them(tmp_path):
 
 def test_detect_source_kind_explains_a_file_that_is_not_a_manifest(tmp_path):
     (tmp_path / "list.csv").write_text("path\n")
-    with pytest.raises(ConfigurationError, match=r"not a manifest"):
+    with pytest.raises(ConfigurationError, match=r"neither a manifest nor a \.tar shard"):
         detect_source_kind(tmp_path / "list.csv")
     (tmp_path / "m.JSONL").write_text("{}\n")
     assert detect_source_kind(tmp_path / "m.JSONL") == "manifest"

@@ -10,10 +10,20 @@ from pathlib import Path
 
 import image_factory as factory
 import polars as pl
+import pytest
 
 from megapairs_assets.corpus.images import ImageLimits
-from megapairs_assets.corpus.sources import SourceSpec, iter_shard_records, scan_source
+from megapairs_assets.corpus.sources import (
+    ShardReadError,
+    SourceSpec,
+    count_shard_records,
+    detect_source_kind,
+    iter_shard_records,
+    scan_source,
+    shard_uri,
+)
 from megapairs_assets.corpus.table import build_shard_table
+from resources.corpus import CorpusSourceResource
 
 LIMITS = ImageLimits()
 
@@ -77,3 +87,42 @@ def test_parquet_manifest_problems_name_the_row_index(tmp_path):
     details = _quarantine_details(SourceSpec(kind="manifest", path=str(manifest)), "00000")
     # The key ("d") is not where it is; the 0-based row index is.
     assert details["missing_file"] == "row 3 has no path or url"
+
+
+# --- 2. a single .tar file is a webdataset corpus of one shard ---------------------------------
+
+
+@pytest.mark.parametrize("name", ["000012.tar", "My Shard.TAR"])
+def test_a_single_tar_is_a_corpus_of_one_shard_read_as_in_a_folder(tmp_path, name):
+    in_folder = tmp_path / "folder"
+    in_folder.mkdir()
+    factory.write_wds_shard(in_folder / name, factory.good_items(3))
+    single = tmp_path / name
+    single.write_bytes((in_folder / name).read_bytes())
+    (tmp_path / "other.tar").write_bytes(single.read_bytes())  # a sibling is not in the corpus
+    assert detect_source_kind(single) == "webdataset"
+    folder_spec = SourceSpec(kind="webdataset", path=str(in_folder))
+    spec = SourceSpec(kind="webdataset", path=str(single))
+    [shard] = scan_source(folder_spec).shards
+    assert scan_source(spec).shards == [shard]
+    assert scan_source(spec).unread == []
+    assert shard_uri(spec, shard) == str(single)
+    assert count_shard_records(spec, shard) == 3
+    records = list(iter_shard_records(spec, shard))
+    assert [(r.key, r.caption, r.data) for r in records] == [
+        (r.key, r.caption, r.data) for r in iter_shard_records(folder_spec, shard)
+    ]
+    assert all(r.uri.startswith(f"{single.resolve()}#") for r in records)
+    # What `megapairs demo --corpus one.tar` builds, with the same checks.
+    resource = CorpusSourceResource(kind=detect_source_kind(single), path=str(single))
+    resource.check_path()
+    assert resource.shard_ids() == [shard]
+    single.unlink()
+    with pytest.raises(ShardReadError) as gone:
+        list(iter_shard_records(spec, shard))
+    assert gone.value.reason == "missing_shard"
+    assert count_shard_records(spec, shard) is None
+    other_spec = SourceSpec(kind="webdataset", path=str(tmp_path / "other.tar"))
+    with pytest.raises(ShardReadError) as other:
+        list(iter_shard_records(other_spec, shard))
+    assert other.value.reason == "missing_shard"

@@ -4,7 +4,9 @@ Three layouts are understood, each named by a `SourceSpec`:
 
 - `webdataset`: a folder of `*.tar` shards as written by img2dataset (`000000012.jpg` next to
   `000000012.txt` / `000000012.json`; a `.caption` member is read as a folder's is, after
-  `.txt` and before `.json`); one tar is one shard, read as a stream. img2dataset's
+  `.txt` and before `.json`); one tar is one shard, read as a stream. A single `.tar` file
+  given as the source is a corpus of that one shard, its id made from its name as in a
+  folder of tars (`000012.tar` is shard `000012`). img2dataset's
   own bookkeeping beside a shard (`<shard>.parquet`, `<shard>_stats.json`) is recognised and
   skipped: the tar holds the same captions.
 - `folder`: a folder of images with optional sidecar captions (`<stem>.txt`, `<stem>.caption`
@@ -224,6 +226,8 @@ def scan_source(spec: SourceSpec, listings: SourceListings | None = None) -> Sou
     root = Path(spec.path)
     if not root.exists():
         raise ConfigurationError(f"corpus source {spec.path} does not exist")
+    if spec.kind == "webdataset" and _is_single_tar(root):
+        return _scan_webdataset(root)
     if spec.kind in ("webdataset", "folder") and not root.is_dir():
         raise ConfigurationError(f"{spec.kind} corpus source {spec.path} is not a folder")
     if spec.kind == "manifest" and not root.is_file():
@@ -261,10 +265,12 @@ def _similar_name_hint(path: Path) -> str:
 
 
 def detect_source_kind(path: Path) -> SourceKind:
-    """Which layout reads `path`: a manifest file, a folder of `.tar` shards, or image folders.
+    """Which layout reads `path`: a manifest file, a `.tar` shard or a folder of them
+    (webdataset), or image folders.
 
     Raises `ConfigurationError` saying what is wrong: the path does not exist, or is a file
-    that is not a `.parquet`/`.jsonl` manifest. Extensions are compared case-insensitively.
+    that is neither a `.parquet`/`.jsonl` manifest nor a `.tar` shard. Extensions are compared
+    case-insensitively.
     """
     if not path.exists() and not path.is_symlink():
         # A quoted `--corpus "~/photos"` reaches us unexpanded; the shell only expands bare `~`.
@@ -283,9 +289,12 @@ def detect_source_kind(path: Path) -> SourceKind:
     if path.is_file():
         if path.suffix.lower() in _MANIFEST_SUFFIXES:
             return "manifest"
+        if _tar_stem(path.name) is not None:
+            return "webdataset"
         raise ConfigurationError(
-            f"corpus {path} is a file but not a manifest: a manifest ends in .parquet, .jsonl or "
-            ".ndjson; otherwise give the folder that holds the .tar shards or image folders"
+            f"corpus {path} is a file but neither a manifest nor a .tar shard: a manifest ends "
+            "in .parquet, .jsonl or .ndjson; otherwise give a .tar shard or the folder that "
+            "holds the .tar shards or image folders"
         )
     if not path.is_dir():
         raise ConfigurationError(f"corpus {path} is {_entry_kind(path)}, not a folder or manifest")
@@ -322,8 +331,7 @@ def derived_shard_id(name: str) -> str | None:
 def shard_uri(spec: SourceSpec, shard_id: str) -> str:
     """Where a whole shard lives: the tar, the subfolder, or the manifest file."""
     if spec.kind == "webdataset":
-        name = _shard_entry_name(Path(spec.path), shard_id, "webdataset")
-        return str(Path(spec.path) / (name or f"{shard_id}{TAR_SUFFIX}"))
+        return str(_webdataset_tar(Path(spec.path), shard_id) or spec.path)
     if spec.kind == "folder":
         name = _shard_entry_name(Path(spec.path), shard_id, "folder")
         if name is not None or not _has_loose_form(shard_id):
@@ -345,8 +353,10 @@ def iter_shard_records(
     root = Path(spec.path)
     listings = listings or SourceListings()
     if spec.kind == "webdataset":
-        name = _shard_entry_name(root, shard_id, "webdataset")
-        return _iter_tar_records(root / (name or f"{shard_id}{TAR_SUFFIX}"))
+        tar_path = _webdataset_tar(root, shard_id)
+        if tar_path is None:
+            return _missing_shard(f"{root} is a single .tar shard, and not shard {shard_id!r}")
+        return _iter_tar_records(tar_path)
     if spec.kind == "folder":
         if _has_loose_form(shard_id):
             return _iter_loose_records(root, shard_id, spec.shard_size, listings)
@@ -374,8 +384,8 @@ def count_shard_records(
         check_partition_key(shard_id, f"shard of {spec.kind} source {spec.path}")
         root = Path(spec.path)
         if spec.kind == "webdataset":
-            name = _shard_entry_name(root, shard_id, "webdataset")
-            return _count_tar_records(root / (name or f"{shard_id}{TAR_SUFFIX}"))
+            tar_path = _webdataset_tar(root, shard_id)
+            return None if tar_path is None else _count_tar_records(tar_path)
         if spec.kind == "folder":
             loose = _loose_images_of(root, shard_id, spec.shard_size, listings)
             if loose is not None:
@@ -469,6 +479,28 @@ def _shard_entry_name(root: Path, shard_id: str, kind: str) -> str | None:
         if base is not None and is_shard and derived_shard_id(base) == shard_id:
             return entry.name
     return None
+
+
+def _is_single_tar(root: Path) -> bool:
+    """Whether a webdataset source is one `.tar` file rather than a folder of them; a source
+    that is gone still counts by its name, so its shard reads as `missing_shard`."""
+    return _tar_stem(root.name) is not None and not root.is_dir()
+
+
+def _webdataset_tar(root: Path, shard_id: str) -> Path | None:
+    """The tar a webdataset source gave `shard_id`: the source itself when it is that one tar,
+    None when it is another single tar, else the folder's tar of that id (a path that may not
+    be there: reading it is then `missing_shard`)."""
+    if _is_single_tar(root):
+        return root if derived_shard_id(_tar_stem(root.name) or "") == shard_id else None
+    name = _shard_entry_name(root, shard_id, "webdataset")
+    return root / (name or f"{shard_id}{TAR_SUFFIX}")
+
+
+def _missing_shard(detail: str) -> Iterator[RawRecord]:
+    """Raises `missing_shard` at the first item, as reading a tar that is gone does."""
+    raise ShardReadError("missing_shard", detail)
+    yield  # a generator: the error comes while iterating, as `iter_shard_records` says
 
 
 def _tar_stem(name: str) -> str | None:
@@ -616,7 +648,8 @@ class _SampleGrouping:
 
 
 def _scan_webdataset(root: Path) -> SourceScan:
-    entries = sorted(root.iterdir(), key=lambda entry: entry.name)
+    # A single tar is read as a folder holding just it (no sibling of it is part of the corpus).
+    entries = [root] if _is_single_tar(root) else sorted(root.iterdir(), key=lambda e: e.name)
     tar_stems = {
         stem for entry in entries if (stem := _tar_stem(entry.name)) is not None and entry.is_file()
     }
@@ -624,7 +657,7 @@ def _scan_webdataset(root: Path) -> SourceScan:
     unread: list[RawRecord] = []
     root_uri = root.resolve()
     for entry in entries:
-        uri = str(root_uri / entry.name)
+        uri = str(root_uri if entry == root else root_uri / entry.name)
         stem = _tar_stem(entry.name)
         if stem is not None and entry.is_file():
             canonical = entry.name == f"{stem}{TAR_SUFFIX}" and is_safe_partition_key(stem)
