@@ -11,6 +11,8 @@ from pathlib import Path
 import image_factory as factory
 import polars as pl
 import pytest
+from fault_server import ChatServer
+from generation_fixtures import STEPS, http_settings, make_world, record_rows, run_all
 
 from megapairs_assets.corpus.images import ImageLimits
 from megapairs_assets.corpus.sources import (
@@ -23,6 +25,9 @@ from megapairs_assets.corpus.sources import (
     shard_uri,
 )
 from megapairs_assets.corpus.table import build_shard_table
+from megapairs_assets.generation.describe import describe_pairs_for_shard, prefetch_descriptions
+from megapairs_assets.generation.triplets import build_triplets_for_shard
+from megapairs_assets.lib.storage import write_parquet_atomic
 from resources.corpus import CorpusSourceResource
 
 LIMITS = ImageLimits()
@@ -126,3 +131,63 @@ def test_a_single_tar_is_a_corpus_of_one_shard_read_as_in_a_folder(tmp_path, nam
     with pytest.raises(ShardReadError) as other:
         list(iter_shard_records(other_spec, shard))
     assert other.value.reason == "missing_shard"
+
+
+# --- 3. one `triplets[<shard>]: N triplets` line: the shard step's -----------------------------
+
+
+def test_the_triplet_step_leaves_the_count_line_to_the_shard_step(tmp_path):
+    world = make_world(tmp_path, pairs_per_shard=(4,))
+    with ChatServer() as server:
+        settings = http_settings(server.base_url)
+        run_all(world, settings, "00000", STEPS[:2])
+    lines: list[str] = []
+    result = build_triplets_for_shard(
+        "00000", world.layout, world.catalog, settings, log=lines.append
+    )
+    assert result.row_count == 4 and result.row_count_key == "triplets"
+    assert lines == []  # the count is in the result, logged once by shard_step
+    # What only this step knows is still said: instructions whose mined pair is gone.
+    path = world.layout.shard_table("mined_image_pairs", "00000")
+    write_parquet_atomic(pl.read_parquet(path).slice(1), path)
+    record_rows(world.catalog, "mined_image_pairs", "00000")
+    result = build_triplets_for_shard(
+        "00000", world.layout, world.catalog, settings, log=lines.append
+    )
+    assert lines == [
+        "triplets[00000]: 1 pair's instructions have no mined pair (quarantined: pair_not_found)"
+    ]
+    assert result.rows["quarantine_log"]["reason"].to_list() == ["pair_not_found"]
+
+
+# --- 4. what the model answered in this step is not "from the cache" ---------------------------
+
+
+def test_answers_of_this_steps_prefetch_are_the_models_not_the_caches(tmp_path):
+    world = make_world(tmp_path, pairs_per_shard=(3, 2))
+    with ChatServer() as server:
+        settings = http_settings(server.base_url)
+        # What the asset does with several shards: one stream first, then each shard's step.
+        prefetch_descriptions(list(world.shards), world.layout, world.catalog, settings)
+        calls = server.count()
+        lines: list[str] = []
+        first = describe_pairs_for_shard(
+            "00000", world.layout, world.catalog, settings, log=lines.append
+        )
+        assert server.count() == calls  # the prefetch answered them all
+        said = "\n".join(lines)
+        assert (
+            "describe 00000 (model): 3 of 3 requests answered by the model just now "
+            "(sent with this step's other shards); 0 to send"
+        ) in said
+        assert "cache" not in said
+        assert first.metadata["model_prefetched"] == 3
+        assert first.metadata["model_cache_hits"] == 0
+        # A later run finds them in the cache an earlier run filled, and says so.
+        lines.clear()
+        again = describe_pairs_for_shard(
+            "00000", world.layout, world.catalog, settings, log=lines.append
+        )
+    assert "3 of 3 requests answered from an earlier run's cache; 0 to send" in "\n".join(lines)
+    assert again.metadata["model_prefetched"] == 0
+    assert again.metadata["model_cache_hits"] == 3

@@ -1,7 +1,10 @@
 """Cache first, then the model: the loop every generation step runs its requests through.
 
 1. Look every request key up in the shard's `ResponseStore`: finished ones are cache hits,
-   quarantined ones are skipped, failed ones (under the attempt limit) are sent again.
+   quarantined ones are skipped, failed ones (under the attempt limit) are sent again. A
+   finished answer that the model gave moments before, in the prefetch that sent several
+   shards' requests as one stream (`prefetch_shards`), is counted and logged as the model's
+   (`RunStats.prefetched`), not as an earlier run's cache hit.
 2. Send the rest to the backend, with progress (rate and ETA) over these calls alone: cache
    hits and caption-heuristic answers take no time, and counting them in would promise a
    finish hours early or late. Results are written to the store as they arrive, at least
@@ -16,7 +19,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, Protocol
 
@@ -40,10 +43,16 @@ from megapairs_assets.lineage.catalog import IncompleteCommitError, NotMateriali
 
 @dataclass
 class RunStats:
-    """What one step's requests cost: cache hits, calls made, failures, tokens, time."""
+    """What one step's requests cost: cache hits, calls made, failures, tokens, time.
+
+    `cache_hits`: answers an earlier run stored. `prefetched`: answers the model gave in this
+    process's prefetch just before the step (see `prefetch_shards`); its calls and tokens
+    are the prefetch's figures, not the step's.
+    """
 
     requests: int = 0
     cache_hits: int = 0
+    prefetched: int = 0
     calls: int = 0
     succeeded: int = 0
     failed: int = 0
@@ -74,6 +83,37 @@ class RunStats:
         values["rows_per_s"] = round(self.rows_per_s, 2)
         values["elapsed_s"] = round(self.elapsed_s, 3)
         return values
+
+
+class _PrefetchedAnswers:
+    """The keys a prefetch in this process had the model answer, per store file, until the
+    shard's own step has counted them (it takes them: a later run calls them cache hits).
+
+    The prefetch and the steps that follow it run in one process (one Dagster step), so
+    process memory is where "answered just now" can be known without a column in the store
+    (whose rows may come from other machines through the mirror).
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._keys: dict[str, set[str]] = {}
+
+    def start(self, stores: Iterable[ResponseStore]) -> None:
+        """Forget what an earlier prefetch left for these stores (its step never ran)."""
+        with self._lock:
+            for store in stores:
+                self._keys.pop(str(store.path), None)
+
+    def add(self, store: ResponseStore, keys: Iterable[str]) -> None:
+        with self._lock:
+            self._keys.setdefault(str(store.path), set()).update(keys)
+
+    def take(self, store: ResponseStore) -> set[str]:
+        with self._lock:
+            return self._keys.pop(str(store.path), set())
+
+
+_PREFETCHED = _PrefetchedAnswers()
 
 
 class _StoreWriter:
@@ -143,14 +183,17 @@ def run_routed(
     label: str | None = None,
     log: Callable[[str], None] | None = None,
     record_failures: bool = True,
+    prefetch: bool = False,
 ) -> RunStats:
     """`run_requests` for requests that belong to different stores (several shards at once).
 
     All uncached requests go to the backend as one stream, so a local model batches across
     shards; each result is committed to the store(s) its key belongs to. With
     `record_failures=False` only successes are stored (a prefetch leaves failures to the
-    shard's own step, so one run counts one attempt). With a `label`, `log` gets one line on
-    what the cache answered and progress lines over the calls (see the module docstring).
+    shard's own step, so one run counts one attempt). With `prefetch=True` the keys the model
+    answers are remembered for the shard steps that follow, which count them as the model's
+    (`RunStats.prefetched`). With a `label`, `log` gets one line on what was already answered
+    (by the prefetch, or by an earlier run) and progress lines over the calls.
     """
     started = time.perf_counter()
     stores_of: dict[str, list[ResponseStore]] = {}
@@ -164,9 +207,14 @@ def run_routed(
     for key, stores in stores_of.items():
         for store in stores:
             by_store.setdefault(id(store), (store, []))[1].append(key)
+    if prefetch:
+        _PREFETCHED.start(store for store, _ in by_store.values())
     statuses: dict[str, list[str | None]] = {}
+    # Keys the model answered in this process's prefetch, per store (taken: counted once).
+    answered_now: dict[int, set[str]] = {}
     for store, keys in by_store.values():
         found = store.get(keys)
+        answered_now[id(store)] = _PREFETCHED.take(store)
         for key in keys:
             statuses.setdefault(key, []).append(found[key].status if key in found else None)
     todo = []
@@ -174,17 +222,16 @@ def run_routed(
         # Settled only when every store the key belongs to has it settled.
         seen = statuses[key]
         if all(status == STATUS_OK for status in seen):
-            stats.cache_hits += 1
+            if all(key in answered_now[id(store)] for store in stores_of[key]):
+                stats.prefetched += 1
+            else:
+                stats.cache_hits += 1
         elif all(status in (STATUS_OK, STATUS_QUARANTINED) for status in seen):
             stats.skipped_quarantined += 1
         else:
             todo.append(request.rendered())
     if label is not None and log is not None and len(todo) < len(first):
-        log(
-            f"{label}: {stats.cache_hits} of {len(first)} requests answered from the cache, "
-            f"{stats.skipped_quarantined} given up on earlier (quarantined); "
-            f"{len(todo)} to send"
-        )
+        log(f"{label}: {_settled_line(stats, len(first), len(todo))}")
 
     if todo:
         model = backend if hasattr(backend, "generate") else backend()  # type: ignore[operator]
@@ -210,6 +257,9 @@ def run_routed(
                     batches.setdefault(id(store), []).append(result)
             for store_id, batch in batches.items():
                 writers[store_id].submit(batch)
+                if prefetch:
+                    store = by_store[store_id][0]
+                    _PREFETCHED.add(store, (r.key for r in batch if r.error is None))
             if progress is not None and buffer:
                 progress.update(len(buffer))
             buffer.clear()
@@ -239,6 +289,25 @@ def run_routed(
                     raise errors[0]
     stats.elapsed_s = time.perf_counter() - started
     return stats
+
+
+def _settled_line(stats: RunStats, requests: int, to_send: int) -> str:
+    """What was settled before any call, e.g. `2 of 2 requests answered by the model just now
+    (sent with this step's other shards); 0 to send` or `3 of 5 requests answered from an
+    earlier run's cache, 1 given up on earlier (quarantined); 1 to send` (a zero part left out,
+    except the cache's when nothing else was settled)."""
+    parts = []
+    if stats.prefetched:
+        parts.append(
+            f"{stats.prefetched} of {requests} requests answered by the model just now "
+            "(sent with this step's other shards)"
+        )
+    if stats.cache_hits or not parts:
+        counted = f"{stats.cache_hits}" if parts else f"{stats.cache_hits} of {requests} requests"
+        parts.append(f"{counted} answered from an earlier run's cache")
+    if stats.skipped_quarantined:
+        parts.append(f"{stats.skipped_quarantined} given up on earlier (quarantined)")
+    return f"{', '.join(parts)}; {to_send} to send"
 
 
 BackendFactory = Callable[[], GenerationBackend]
@@ -279,6 +348,7 @@ class SettledStep:
         return {
             "model_calls": model.calls,
             "model_cache_hits": model.cache_hits,
+            "model_prefetched": model.prefetched,
             "model_failed": model.failed,
             "model_tokens": model.prompt_tokens + model.completion_tokens,
             "rows_per_s": round(every.rows_per_s, 2),
@@ -374,7 +444,13 @@ def prefetch_shards(
             continue
         routed += [(request, store) for request in requests]
     stats = run_routed(
-        routed, backend, flush_every=flush_every, label=label, log=log, record_failures=False
+        routed,
+        backend,
+        flush_every=flush_every,
+        label=label,
+        log=log,
+        record_failures=False,
+        prefetch=True,
     )
     for store in {id(store): store for _, store in routed}.values():
         store.mirror_now()

@@ -163,7 +163,12 @@ def build_triplets_for_shard(
     *,
     log: Callable[[str], None] | None = None,
 ) -> StepResult:
-    """Join one shard's pairs, descriptions and instructions into release-schema triplets."""
+    """Join one shard's pairs, descriptions and instructions into release-schema triplets.
+
+    The shard's triplet count is logged once, by the shard step's summary of the returned
+    result; `log` hears only what that summary does not say (instructions left without a mined
+    pair, each quarantined as `pair_not_found`).
+    """
     pairs, pair_versions = read_shard_table(catalog, layout, PAIRS_ASSET, shard)
     descriptions, description_versions = read_shard_table(
         catalog, layout, DESCRIPTIONS_ASSET, shard
@@ -207,17 +212,21 @@ def build_triplets_for_shard(
         .sort("pair_id")
     )
     quarantine = QuarantineLog(TRIPLETS_ASSET, shard)
-    orphans = instructions.height - joined.height
-    if orphans:
-        for pair_id in sorted(set(instructions["pair_id"]) - set(joined["pair_id"])):
-            quarantine.add(pair_id, None, "pair_not_found", "instructions without a mined pair")
+    orphans = sorted(set(instructions["pair_id"]) - set(joined["pair_id"]))
+    for pair_id in orphans:
+        quarantine.add(pair_id, None, "pair_not_found", "instructions without a mined pair")
     triplets = _release_rows(joined)
     parquet_path = layout.shard_table(TRIPLETS_ASSET, shard)
     jsonl_path = parquet_path.with_suffix(".jsonl")
     write_parquet_atomic(triplets, parquet_path)
     write_release_jsonl(triplets, jsonl_path)
-    if log is not None:
-        log(f"{TRIPLETS_ASSET}[{shard}]: {triplets.height} triplets")
+    if orphans and log is not None:
+        pairs_word = (
+            "1 pair's instructions have"
+            if len(orphans) == 1
+            else f"{len(orphans)} pairs' instructions have"
+        )
+        log(f"{TRIPLETS_ASSET}[{shard}]: {pairs_word} no mined pair (quarantined: pair_not_found)")
 
     lineage_rows = joined.select(
         (pl.lit(TRIPLET_ID_PREFIX) + pl.col("pair_id")).alias("triplet_id"),
