@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import difflib
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from megapairs_assets.lib.errors import ConfigurationError
+from megapairs_assets.lib.errors import ConfigurationError, DataRootError
+from megapairs_assets.lib.storage import data_root_path
 from megapairs_assets.lineage.catalog import LineageCatalog
 from resources.cluster import ClusterSettings
 from resources.storage import StorageResource
@@ -106,8 +108,9 @@ def profile_from_env() -> str:
 
 def check_environment() -> str:
     """Check every MEGAPAIRS_* choice the environment makes (profile, sensors, deployment and
-    its engines) and return the profile; ProfileError / ClusterConfigError say what to change.
-    The CLI calls this first, so every subcommand refuses a bad setting the same way."""
+    its engines, home and data root folders) and return the profile; ProfileError /
+    ClusterConfigError / DataRootError say what to change. The CLI calls this first, so every
+    subcommand refuses a bad setting the same way."""
     profile = profile_from_env()
     if profile not in PROFILE_NAMES:
         raise ProfileError(
@@ -116,7 +119,31 @@ def check_environment() -> str:
         )
     sensor_settings(profile)
     ClusterSettings.from_env()
+    check_folder_settings()
     return profile
+
+
+# `scheme://` at the start of a setting: a URL (fsspec), not a local path.
+_URL_SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*)://")
+
+
+def check_folder_settings(env: Mapping[str, str] | None = None) -> None:
+    """Refuse (DataRootError) a MEGAPAIRS_HOME, or a local MEGAPAIRS_DATA_ROOT, that exists
+    and is not a folder: every table and the catalog would otherwise fail later, or a command
+    would report an empty home. Cheap: one stat each, nothing created, no network (a remote
+    data root is left to its filesystem)."""
+    env = os.environ if env is None else env
+    for name in ("MEGAPAIRS_HOME", "MEGAPAIRS_DATA_ROOT"):
+        text = env.get(name) or ""
+        scheme = _URL_SCHEME.match(text)
+        if not text or (scheme and scheme.group(1).lower() not in ("file", "local")):
+            continue
+        path = data_root_path(text)
+        if path.exists() and not path.is_dir():
+            raise DataRootError(
+                f"{name}={text} is a file, not a folder: point {name} at a folder "
+                "(a missing one is created)"
+            )
 
 
 def storage_resource(home: Path, profile: str) -> StorageResource:

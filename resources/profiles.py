@@ -59,6 +59,7 @@ from megapairs_assets.embeddings.sources import PAPER_BAND, SOURCE_NAMES
 from megapairs_assets.generation.resource import GenerationResource, demo_generation_resource
 from megapairs_assets.generation.settings import StepSettings, paper_generation_settings
 from megapairs_assets.lib.errors import ConfigurationError
+from megapairs_assets.lib.words import plural
 from megapairs_assets.training.config import ALL_VISIBLE_GPUS
 from resources.cluster import ClusterSettings
 from resources.corpus import CorpusSourceResource
@@ -438,7 +439,7 @@ def check_ready(resources: dict[str, Any], phases: tuple[str, ...] = PREFLIGHT_P
                 problems.append(f"{what}: {message}")
     if problems:
         raise ProfileError(
-            f"{len(problems)} setting(s) to fix before this run can start:\n"
+            f"{plural(len(problems), 'setting')} to fix before this run can start:\n"
             + "\n".join("- " + problem.replace("\n", "\n  ") for problem in problems)
         )
 

@@ -56,7 +56,7 @@ def test_the_summary_lists_failed_warning_checks() -> None:
 
     lines = check_lines([dg.materialize([table])])
     assert lines[:2] == [
-        "  checks:      1 passed, 0 failed, 1 warning(s)",
+        "  checks:      1 passed, 0 failed, 1 warning",
         "    warn: table unique [s1, s2]",
     ]
     # The check's own description follows, shortened to one readable line.
@@ -100,7 +100,7 @@ def test_demo_on_an_empty_folder_is_a_configuration_error(
     assert "configuration error:" in err and "is empty" in err
     assert "Traceback" not in err
     # The corpus is looked at before the model preflight: one line, not a list of settings.
-    assert "setting(s) to fix" not in err
+    assert "to fix before this run can start" not in err
     assert [line for line in err.splitlines() if "configuration error" in line] == [err.strip()]
 
 

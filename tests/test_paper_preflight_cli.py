@@ -83,7 +83,7 @@ def test_demo_profile_paper_lists_what_the_mining_half_needs_at_once(
     assert "megapairs: profile 'paper'" in captured.out
     assert "the paper profile's corpus, weights, servers and devices" in captured.out
     assert "demo profile's" not in captured.out
-    assert "megapairs demo: configuration error: 4 setting(s) to fix" in captured.err
+    assert "megapairs demo: configuration error: 4 settings to fix" in captured.err
     problems = _problems(captured.err)
     assert set(problems) == {
         "corpus_source", "clip_image_encoder", "dino_image_encoder", "caption_text_encoder",
@@ -137,7 +137,7 @@ def test_the_demo_profile_says_it_builds_its_models(
     assert megapairs(["demo", "--corpus", str(tmp_path / "empty"), "--until", "mine"]) == 2
     captured = capsys.readouterr()
     assert "building the demo profile's small models on first use" in captured.out
-    assert "1 setting(s) to fix" in captured.err and "is empty" in captured.err
+    assert "1 setting to fix" in captured.err and "is empty" in captured.err
 
 
 def test_every_subcommand_takes_the_profile_option() -> None:

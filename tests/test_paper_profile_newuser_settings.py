@@ -127,7 +127,7 @@ def test_nothing_configured_lists_every_missing_setting_by_its_variable(paper_en
     assert VIT_B16_WEIGHTS_VARIABLE in lines["training config 'mmret-base'"]
     assert VIT_L14_WEIGHTS_VARIABLE in lines["training config 'mmret-large'"]
     assert VIT_B16_WEIGHTS_VARIABLE in lines["evaluation base model"]
-    assert message.startswith("7 setting(s) to fix")
+    assert message.startswith("7 settings to fix")
 
 
 def test_local_weights_from_the_environment_load_and_embed(

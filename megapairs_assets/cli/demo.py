@@ -114,6 +114,7 @@ def _run_demo(args: argparse.Namespace) -> int:
     from megapairs_assets.evaluation.step import known_retrievers
     from megapairs_assets.lib.errors import ConfigurationError
     from megapairs_assets.lib.storage import check_writable_folder, default_home
+    from megapairs_assets.lib.words import is_or_are, plural
     from megapairs_assets.orchestration.partitions import SHARD_PARTITIONS_NAME, shard_asset_names
     from megapairs_assets.orchestration.runs import shard_range_tags
     from megapairs_assets.training.assets import register_training_configs
@@ -166,14 +167,15 @@ def _run_demo(args: argparse.Namespace) -> int:
     if gone:
         removed = lineage_catalog(home).retire_partitions(gone, shard_asset_names(defs.assets))
         print(
-            f"  {len(gone)} shards are no longer in the corpus ({', '.join(gone[:5])}): removed "
+            f"  {plural(len(gone), 'shard')} {is_or_are(len(gone))} no longer in the corpus "
+            f"({', '.join(gone[:5])}): removed "
             f"from the partition set, {removed} lineage rows retired"
         )
     instance.add_dynamic_partitions(SHARD_PARTITIONS_NAME, new)
     log_level = "WARNING" if args.quiet else "INFO"
     run_config = {"loggers": {"console": {"config": {"log_level": log_level}}}}
     job = "mine_and_generate" if "generate" in phases else "mining_half"
-    print(f"{job}: {len(shards)} shards ({shards[0]}..{shards[-1]})")
+    print(f"{job}: {plural(len(shards), 'shard')} ({shards[0]}..{shards[-1]})")
     results: list[Any] = []
 
     def execute(job_name: str, **options: Any) -> bool:

@@ -22,11 +22,16 @@ SUBCOMMANDS = ("demo", "check", "status", "lineage", "search", "ui", "config", "
 PROFILE_CHOICES = ("demo", "paper")
 
 
-def add_profile_option(parser: argparse.ArgumentParser) -> None:
+def add_profile_option(parser: argparse.ArgumentParser, dest: str = "profile") -> None:
     """`--profile NAME`: the profile for this command, exactly as MEGAPAIRS_PROFILE sets it
-    (which `main` does, so `resources.environment.profile_from_env` stays the one reader)."""
+    (which `main` does, so `resources.environment.profile_from_env` stays the one reader).
+
+    Both `megapairs --profile X SUB` and `megapairs SUB --profile X` take it; the two spellings
+    store under different `dest`s, since a subcommand's default (None) would otherwise
+    overwrite the value given before it."""
     parser.add_argument(
         "--profile",
+        dest=dest,
         choices=PROFILE_CHOICES,
         help="which models to run: demo (offline, CPU, small models) or paper (the paper's "
         "settings, GPUs); default: $MEGAPAIRS_PROFILE, else demo",
@@ -42,6 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
         "Every setting: the Environment table in README.md. `megapairs SUBCOMMAND --help` "
         "for each subcommand's options.",
     )
+    add_profile_option(parser, dest="profile_before_command")
     sub = parser.add_subparsers(dest="command", required=True)
     for name in SUBCOMMANDS:
         importlib.import_module(f"megapairs_assets.cli.{name}").register(sub)
@@ -52,8 +58,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     profile = getattr(args, "profile", None)
+    before = getattr(args, "profile_before_command", None)
+    if before and profile and before != profile:
+        parser.error(f"--profile given twice: {before} before {args.command}, {profile} after it")
+    profile = profile or before
     previous = os.environ.get("MEGAPAIRS_PROFILE")
     if profile:
         # For this command and every process it starts; restored for in-process callers.

@@ -30,9 +30,11 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import textwrap
 import time
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 from megapairs_assets.evaluation.cli import (
     EXIT_BAD_DATA,
@@ -40,6 +42,7 @@ from megapairs_assets.evaluation.cli import (
     retriever_spec,
 )
 from megapairs_assets.lib.errors import ConfigurationError
+from megapairs_assets.lib.words import plural
 
 EXIT_FOUND = 0
 EXIT_CODES = (
@@ -51,6 +54,9 @@ EXIT_CODES = (
     "not exist)"
 )
 DEFAULT_TOP_K = 10
+# How much of a query's text the Markdown header and the HTML page echo (a pasted document
+# would otherwise bury the results); --json keeps the whole text.
+QUERY_CHARS_SHOWN = 200
 
 
 def _positive_int(text: str) -> int:
@@ -196,6 +202,22 @@ def _local_export_root(resources: dict, home: Path) -> Path | None:
     return Path(root) if is_local(root) else None
 
 
+def shown_text(text: str | None) -> str | None:
+    """A query text as headers echo it: whitespace collapsed and at most QUERY_CHARS_SHOWN
+    characters, saying how long the whole was when it had to be cut."""
+    if text is None or len(text) <= QUERY_CHARS_SHOWN:
+        return text
+    return textwrap.shorten(
+        text, QUERY_CHARS_SHOWN, placeholder=f" ... ({len(text)} characters in all)"
+    )
+
+
+def shown_results(results: list[Any]) -> list[Any]:
+    """`results` with each query's text shortened for the Markdown header and the HTML page;
+    the search itself (the model) had the full text."""
+    return [replace(r, query=replace(r.query, text=shown_text(r.query.text))) for r in results]
+
+
 def _search(args: argparse.Namespace) -> int:
     import torch
 
@@ -266,7 +288,7 @@ def _search(args: argparse.Namespace) -> int:
         verb = "embeddings reused from" if embeddings.reused else "embedded and cached in"
         how = f"{verb} {embeddings.cache_entry}"
     log(
-        f"gallery {gallery.name}: {len(gallery.items)} images, {how} "
+        f"gallery {gallery.name}: {plural(len(gallery.items), 'image')}, {how} "
         f"({time.perf_counter() - started:.2f} s)"
     )
     skipped = embeddings.skipped_message()
@@ -278,11 +300,13 @@ def _search(args: argparse.Namespace) -> int:
     searchable = len(embeddings.readable_rows)
     if args.top_k > searchable:
         log(f"--top-k {args.top_k}: the gallery has {searchable} readable images, all ranked")
-    if args.json:
+    if args.json:  # data for programs: each query's text in full
         print(json.dumps(results_json(results, embeddings, retriever.retriever_id), indent=2))
     else:
-        print(results_markdown(results))
+        print(results_markdown(shown_results(results)))
     if args.html is not None:
-        page = write_html(args.html, results, images, retriever.retriever_id, gallery.name)
+        page = write_html(
+            args.html, shown_results(results), images, retriever.retriever_id, gallery.name
+        )
         log(f"wrote {page}")
     return EXIT_FOUND

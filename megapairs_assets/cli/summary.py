@@ -18,6 +18,7 @@ from megapairs_assets.corpus.table import unexpected_unread
 from megapairs_assets.evaluation.catalog_rows import heldout_summary_lines
 from megapairs_assets.generation.triplets import generation_summary, sample_query
 from megapairs_assets.lib.storage import DataLayout, read_parquet
+from megapairs_assets.lib.words import plural
 from megapairs_assets.lineage.catalog import LineageCatalog
 from megapairs_assets.lineage.id_lists import IN_IDS, id_list
 from megapairs_assets.mining.step import ASSET_NAME as PAIRS_ASSET
@@ -106,7 +107,7 @@ def check_lines(results: Sequence[Any]) -> list[str]:
             if words:
                 failed.append(f"      {words}")
     # A failed warning check is a warning, not a failure: the run went on (README, "Checks").
-    counts = f"{passed} passed, {failures} failed, {warnings} warning(s)"
+    counts = f"{passed} passed, {failures} failed, {plural(warnings, 'warning')}"
     return [f"  checks:      {counts}", *failed]
 
 
@@ -118,8 +119,9 @@ def print_summary(
     s = mining_summary(layout, catalog, shards)
     run_ids = [result.run_id for result in results]
     print()
-    print(f"done in {wall_s:.1f} s ({len(run_ids)} runs: {', '.join(r[:8] for r in run_ids)})")
-    print(f"  images:      {s['images']} valid across {len(shards)} shards")
+    runs = plural(len(run_ids), "run")
+    print(f"done in {wall_s:.1f} s ({runs}: {', '.join(r[:8] for r in run_ids)})")
+    print(f"  images:      {s['images']} valid across {plural(len(shards), 'shard')}")
     quarantine: pl.DataFrame = s["quarantine"]
     print(f"  quarantined: {int(quarantine['n'].sum()) if quarantine.height else 0}")
     for row in quarantine.iter_rows(named=True):
@@ -128,7 +130,8 @@ def print_summary(
     if report.exists():
         unread = unexpected_unread(read_parquet(report))  # not the demo corpus's licence
         if unread.height:
-            print(f"  not read:    {unread.height} entries of the corpus source ({report})")
+            entries = plural(unread.height, "entry")
+            print(f"  not read:    {entries} of the corpus source ({report})")
     print(f"  mined pairs: {s['pairs']}  by source: {s['pairs_per_source']}")
     if 0 in s["pairs_per_source"].values():
         print(
