@@ -478,7 +478,9 @@ class LineageCatalog:
         warn_at = time.monotonic() + _HELD_WARNING_AFTER_S
         while True:
             try:
-                return duckdb.connect(str(self.path), read_only=read_only, config=dict(config or {}))
+                return duckdb.connect(
+                    str(self.path), read_only=read_only, config=dict(config or {})
+                )
             except duckdb.ConnectionException as error:
                 # This very process holds the file with other settings (a notebook's own
                 # `duckdb.connect(path, read_only=True)`): waiting cannot help.
