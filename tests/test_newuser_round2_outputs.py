@@ -14,6 +14,7 @@ import pytest
 from fault_server import ChatServer
 from generation_fixtures import STEPS, http_settings, make_world, record_rows, run_all
 
+from megapairs_assets.cli.summary import mining_lines, mining_summary, source_hint_lines
 from megapairs_assets.corpus.images import ImageLimits
 from megapairs_assets.corpus.sources import (
     ShardReadError,
@@ -25,9 +26,11 @@ from megapairs_assets.corpus.sources import (
     shard_uri,
 )
 from megapairs_assets.corpus.table import build_shard_table
+from megapairs_assets.embeddings.compute import NO_CAPTION
 from megapairs_assets.generation.describe import describe_pairs_for_shard, prefetch_descriptions
 from megapairs_assets.generation.triplets import build_triplets_for_shard
-from megapairs_assets.lib.storage import write_parquet_atomic
+from megapairs_assets.lib.storage import DataLayout, write_parquet_atomic
+from megapairs_assets.lineage.catalog import LineageCatalog, MaterializationRecord, utc_now
 from resources.corpus import CorpusSourceResource
 
 LIMITS = ImageLimits()
@@ -191,3 +194,72 @@ def test_answers_of_this_steps_prefetch_are_the_models_not_the_caches(tmp_path):
     assert "3 of 3 requests answered from an earlier run's cache; 0 to send" in "\n".join(lines)
     assert again.metadata["model_prefetched"] == 0
     assert again.metadata["model_cache_hits"] == 3
+
+
+# --- 5. images without a caption are kept, not quarantined; "no captions" is the reason -------
+
+
+def _record_quarantine(catalog: LineageCatalog, stage: str, rows: list[tuple[str, str]]) -> None:
+    frame = pl.DataFrame(
+        [
+            {"stage": stage, "shard": "00000", "key": key, "source_uri": None, "reason": reason}
+            | {"detail": "-"}
+            for key, reason in rows
+        ]
+    )
+    record = MaterializationRecord(
+        asset=stage,
+        partition="00000",
+        run_id="test",
+        code_version="test",
+        profile="test",
+        started_at=utc_now(),
+        duration_s=0.0,
+    )
+    catalog.record(record, rows={"quarantine_log": frame})
+
+
+def _summary_of_a_corpus_without_captions(tmp_path: Path, dino_rows: int) -> dict:
+    layout = DataLayout(tmp_path)
+    catalog = LineageCatalog(tmp_path / "catalog.duckdb")
+    _record_quarantine(catalog, "image_corpus", [("bad", "decode_error")])
+    no_caption = [(f"{n:04d}", NO_CAPTION) for n in range(3)]
+    _record_quarantine(catalog, "caption_text_embeddings", no_caption)
+    pairs = pl.DataFrame(
+        {
+            "pair_id": ["p1"],
+            "sources": [["clip_image"]],
+            "score_clip_image": [0.9],
+            "score_dino_image": pl.Series([None], dtype=pl.Float32),
+            "score_caption_text": pl.Series([None], dtype=pl.Float32),
+        }
+    )
+    write_parquet_atomic(pairs, layout.shard_table("mined_image_pairs", "00000"))
+    for asset, rows in (("caption_text_embeddings", 0), ("dino_image_embeddings", dino_rows)):
+        table = pl.DataFrame(
+            {"image_id": [f"00000/{n}" for n in range(rows)]}, schema={"image_id": pl.String}
+        )
+        write_parquet_atomic(table, layout.shard_table(asset, "00000"))
+    return mining_summary(layout, catalog, ["00000"])
+
+
+def test_images_without_a_caption_are_counted_apart_from_the_quarantine(tmp_path):
+    summary = _summary_of_a_corpus_without_captions(tmp_path, dino_rows=3)
+    assert mining_lines(summary) == [
+        "  quarantined: 1",
+        "    image_corpus: decode_error x1",
+        "  no caption:  3 images (kept; the caption source skips them)",
+    ]
+    hints = source_hint_lines(summary)
+    assert hints[0].startswith("    caption_text mined no pairs: no captions")
+    # dino_image has rows and still mined nothing: that one is the band's story.
+    assert hints[1].startswith("    a source mined no pairs: the band_positions table")
+    assert len(hints) == 2
+
+
+def test_no_band_hint_when_the_only_silent_source_had_no_captions(tmp_path):
+    summary = _summary_of_a_corpus_without_captions(tmp_path / "a", dino_rows=3)
+    summary["pairs_per_source"]["dino_image"] = 5
+    hints = source_hint_lines(summary)
+    assert len(hints) == 1 and "no captions" in hints[0]
+    assert not any("band_positions" in line for line in hints)

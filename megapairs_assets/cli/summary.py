@@ -15,6 +15,7 @@ import dagster as dg
 import polars as pl
 
 from megapairs_assets.corpus.table import unexpected_unread
+from megapairs_assets.embeddings.sources import source_named
 from megapairs_assets.evaluation.catalog_rows import heldout_summary_lines
 from megapairs_assets.generation.triplets import generation_summary, sample_query
 from megapairs_assets.lib.storage import DataLayout, read_parquet
@@ -24,17 +25,30 @@ from megapairs_assets.lineage.id_lists import IN_IDS, id_list
 from megapairs_assets.mining.step import ASSET_NAME as PAIRS_ASSET
 from megapairs_assets.training.names import ASSET_NAME as CHECKPOINT_ASSET
 
+# embeddings.compute.NO_CAPTION (not imported: that module loads torch). An image without a
+# caption is kept; only the caption source skips it, so it is no quarantine.
+_NO_CAPTION = "no_caption"
+_CAPTION_SOURCE = "caption_text"
+
 
 def mining_summary(layout: DataLayout, catalog: LineageCatalog, shards: list[str]) -> dict:
-    """Images, quarantine by reason and pairs by source over `shards`."""
+    """Images, quarantine by reason and pairs by source over `shards`.
+
+    `quarantine`: rejected items by stage and reason; images the caption source skipped for
+    having no caption are kept, so they are not in it but counted as `no_caption`.
+    `empty_sources`: sources that mined no pair because their embedding tables hold no row
+    (the caption source on a corpus without captions).
+    """
     images = catalog.query(
         f"SELECT count(*) AS n FROM image_lineage WHERE shard {IN_IDS}", [id_list(shards)]
     )["n"][0]
-    quarantine = catalog.query(
+    by_reason = catalog.query(
         f"SELECT stage, reason, count(*) AS n FROM quarantine_log WHERE shard {IN_IDS} "
         "GROUP BY ALL ORDER BY n DESC, stage, reason",
         [id_list(shards)],
     )
+    skipped = by_reason.filter(pl.col("reason") == _NO_CAPTION)
+    quarantine = by_reason.filter(pl.col("reason") != _NO_CAPTION)
     paths = [layout.shard_table(PAIRS_ASSET, s) for s in shards]
     tables = [read_parquet(p) for p in paths if p.exists()]
     pairs = pl.concat(tables) if tables else pl.DataFrame()
@@ -47,10 +61,63 @@ def mining_summary(layout: DataLayout, catalog: LineageCatalog, shards: list[str
     return {
         "images": int(images),
         "quarantine": quarantine,
+        "no_caption": int(skipped["n"].sum()) if skipped.height else 0,
+        "empty_sources": [
+            source
+            for source, count in per_source.items()
+            if count == 0 and _has_only_empty_tables(layout, source, shards)
+        ],
         "pairs": pairs.height,
         "pairs_per_source": per_source,
         "example_pair_id": pairs["pair_id"][0] if pairs.height else None,
     }
+
+
+def _has_only_empty_tables(layout: DataLayout, source: str, shards: list[str]) -> bool:
+    """Whether `source`'s embedding tables over `shards` exist and hold no row at all."""
+    try:
+        asset = source_named(source).embedding_asset
+    except KeyError:
+        return False
+    paths = [layout.shard_table(asset, shard) for shard in shards]
+    tables = [read_parquet(path, columns=["image_id"]) for path in paths if path.exists()]
+    return bool(tables) and all(table.is_empty() for table in tables)
+
+
+def mining_lines(summary: Mapping[str, Any]) -> list[str]:
+    """The summary's quarantine lines, the images without a caption (kept, so apart from the
+    quarantine), and why a source mined no pairs."""
+    quarantine: pl.DataFrame = summary["quarantine"]
+    lines = [f"  quarantined: {int(quarantine['n'].sum()) if quarantine.height else 0}"]
+    lines += [
+        f"    {row['stage']}: {row['reason']} x{row['n']}"
+        for row in quarantine.iter_rows(named=True)
+    ]
+    if summary["no_caption"]:
+        images = plural(summary["no_caption"], "image")
+        lines.append(f"  no caption:  {images} (kept; the caption source skips them)")
+    return lines
+
+
+def source_hint_lines(summary: Mapping[str, Any]) -> list[str]:
+    """Why sources mined no pairs: no rows to compare (no captions at all, for the caption
+    source), else where the band_positions table says their neighbours' scores fell."""
+    lines = []
+    empty = summary["empty_sources"]
+    for source in empty:
+        if source == _CAPTION_SOURCE:
+            lines.append(
+                f"    {source} mined no pairs: no captions (its caption table has no rows; give "
+                "images captions, e.g. a <stem>.txt beside each, to mine by caption)"
+            )
+        else:
+            lines.append(f"    {source} mined no pairs: its embedding table has no rows")
+    if any(count == 0 and s not in empty for s, count in summary["pairs_per_source"].items()):
+        lines.append(
+            "    a source mined no pairs: the band_positions table on mined_image_pairs (and "
+            "each shard's log line) says where its neighbours' scores fell"
+        )
+    return lines
 
 
 def training_lines(catalog: LineageCatalog, query: tuple[Any, str] | None = None) -> list[str]:
@@ -122,10 +189,8 @@ def print_summary(
     runs = plural(len(run_ids), "run")
     print(f"done in {wall_s:.1f} s ({runs}: {', '.join(r[:8] for r in run_ids)})")
     print(f"  images:      {s['images']} valid across {plural(len(shards), 'shard')}")
-    quarantine: pl.DataFrame = s["quarantine"]
-    print(f"  quarantined: {int(quarantine['n'].sum()) if quarantine.height else 0}")
-    for row in quarantine.iter_rows(named=True):
-        print(f"    {row['stage']}: {row['reason']} x{row['n']}")
+    for line in mining_lines(s):
+        print(line)
     report = layout.corpus_source_report()
     if report.exists():
         unread = unexpected_unread(read_parquet(report))  # not the demo corpus's licence
@@ -133,11 +198,8 @@ def print_summary(
             entries = plural(unread.height, "entry")
             print(f"  not read:    {entries} of the corpus source ({report})")
     print(f"  mined pairs: {s['pairs']}  by source: {s['pairs_per_source']}")
-    if 0 in s["pairs_per_source"].values():
-        print(
-            "    a source mined no pairs: the band_positions table on mined_image_pairs (and "
-            "each shard's log line) says where its neighbours' scores fell"
-        )
+    for line in source_hint_lines(s):
+        print(line)
     for line in check_lines(results):
         print(line)
     generated = generation_summary(layout, shards)
