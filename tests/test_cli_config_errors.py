@@ -87,7 +87,11 @@ def test_a_data_root_that_cannot_hold_files_is_a_configuration_error(
     monkeypatch.setenv("MEGAPAIRS_DATA_ROOT", str(tmp_path / target))
     assert main(["demo", "--until", "mine", "--quiet"]) == 2
     err = capsys.readouterr().err
-    assert "configuration error: the data root's data folder" in err and "cannot hold files" in err
+    if target == "a_file":  # refused by the environment check, before any folder is made
+        assert "configuration error: MEGAPAIRS_DATA_ROOT=" in err and "not a folder" in err
+    else:
+        assert "configuration error: the data root's data folder" in err
+        assert "cannot hold files" in err
     assert "Traceback" not in err
 
 

@@ -162,8 +162,9 @@ def cmd_ui(args: argparse.Namespace) -> int:
                 "`megapairs ui` (whose `dg dev` would start a second daemon)"
             )
         print(
-            f"megapairs ui: warning: {seen}. If a `dagster dev` or dagster-daemon still runs on "
-            "this instance, stop it or this UI: two daemons would launch runs twice.",
+            f"megapairs ui: warning: {seen}: fine if it was a UI stopped a moment ago; if a "
+            "`dagster dev` or dagster-daemon still runs on this instance, stop it or this UI "
+            "(two daemons would launch runs twice)",
             file=sys.stderr,
         )
     if embedded:  # runs of this machine only
