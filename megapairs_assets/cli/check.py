@@ -378,13 +378,15 @@ def _run_sample(args: argparse.Namespace, home: Path, kept: bool) -> int:
         corpus = args.corpus.expanduser()  # a quoted "~/photos" reaches us unexpanded
         kind = detect_source_kind(corpus)  # a ConfigurationError says what is wrong
         source = CorpusSourceResource(kind=kind, path=str(corpus.resolve()))
-    # The sample is the corpus: KNN searches exactly these shards. Listed first, so a corpus
-    # with no shard (an empty folder) is one configuration error at once, before the checks
-    # below build or load any model.
-    shards = source.shard_ids()[: args.shards or DEFAULT_SAMPLE_SHARDS]
-    # Every other setting the sample needs (encoder weights, and the generation servers when
-    # the job generates), all missing ones in one configuration error, before any work.
+    if profile_from_env() == "demo":
+        # Every other demo setting is local, and checking the encoders builds the demo models:
+        # a corpus with no shard (an empty folder) is one configuration error at once.
+        source.shard_ids()
+    # Every setting the sample needs (the corpus, encoder weights, and the generation servers
+    # when the job generates), all missing ones in one configuration error, before any work.
     check_ready({**resources, "corpus_source": source}, preflight_phases(selected))
+    # The sample is the corpus: KNN searches exactly these shards.
+    shards = source.shard_ids()[: args.shards or DEFAULT_SAMPLE_SHARDS]
     fields = {name: getattr(source, name) for name in type(source).model_fields}
     sample = CorpusSourceResource(**{**fields, "only_shards": shards})
     defs = build_definitions(profile_from_env(), home, resource_overrides={"corpus_source": sample})

@@ -146,14 +146,17 @@ def _run_demo(args: argparse.Namespace) -> int:
     catalog = resources["catalog"].catalog()
     print(f"  lineage catalog: {catalog.location} (schema v{catalog.schema_version()})")
     resources["mining"].params()
-    # The corpus first: an empty or unreadable one is one line, before any model is built.
     source = resources["corpus_source"]
-    shards = source.shard_ids()  # an empty source raises; only_shards may still leave none
-    if not shards:
-        raise ConfigurationError(f"none of the shards asked for is in {source.path}")
+    if profile == "demo":
+        # Every other demo setting is local, and checking the encoders builds the demo models:
+        # a bad corpus is the one thing to fix, said in one line before any model is built.
+        source.shard_ids()
     # Everything the phases up to --until need (corpus, weights, servers, devices), every
     # missing setting in one error, before any work.
     check_ready(resources, phases)
+    shards = source.shard_ids()  # an empty source raises; only_shards may still leave none
+    if not shards:
+        raise ConfigurationError(f"none of the shards asked for is in {source.path}")
     for key in ENCODER_RESOURCES:
         dim = resources[key].dim or resources[key].validate()
         print(f"  {key}: {resources[key].model_id} ({dim}-d)")
