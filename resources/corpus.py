@@ -20,10 +20,10 @@ class CorpusSourceResource(dg.ConfigurableResource):
     """
 
     kind: Literal["webdataset", "folder", "manifest"] = Field(
-        description="webdataset: folder of *.tar shards; folder: images, or one subfolder per "
-        "shard; manifest: parquet/jsonl with path|url, caption[, key][, shard]"
+        description="webdataset: a .tar shard or a folder of them; folder: images, or one "
+        "subfolder per shard; manifest: parquet/jsonl with path|url, caption[, key][, shard]"
     )
-    path: str = Field(description="The tar folder, image folder or manifest file")
+    path: str = Field(description="The tar file or folder, image folder or manifest file")
     shard_size: int = Field(
         default=DEFAULT_SHARD_SIZE,
         description="Images per shard where the source does not group them: manifest rows "

@@ -88,7 +88,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         type=Path,
         metavar="PATH",
         help="sample shards from this corpus instead of the profile's (a folder of webdataset "
-        ".tar shards, a folder of images or of image folders, or a .parquet/.jsonl manifest)",
+        ".tar shards, a single .tar shard, a folder of images or of image folders, or a "
+        ".parquet/.jsonl manifest)",
     )
     check.add_argument(
         "--shards",

@@ -32,7 +32,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--corpus",
         type=Path,
         help="your own corpus instead of the bundled one: a folder of webdataset .tar shards, "
-        "a folder of images or of image folders, or a .parquet/.jsonl manifest",
+        "a single .tar shard, a folder of images or of image folders, or a .parquet/.jsonl "
+        "manifest",
     )
     demo.add_argument(
         "--until",

@@ -363,7 +363,7 @@ def _manifest_gallery(manifest: Path) -> Gallery:
     unlisted = [f"{record.uri}: {record.error}" for record in listing.unread]
     for entry in listing.entries:
         if entry.problem is not None:
-            unlisted.append(f"{entry.uri or f'row {entry.key}'}: {entry.problem}")
+            unlisted.append(f"{entry.uri}: {entry.problem}" if entry.uri else entry.problem)
             continue
         item_id = f"{entry.shard}/{entry.key}"
         # The corpus's one stat per row gives the stamp; tar members get theirs below.
