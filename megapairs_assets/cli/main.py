@@ -15,7 +15,7 @@ from megapairs_assets.lib.errors import ConfigurationError
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 # Subcommand modules, in the order `megapairs --help` lists them.
-SUBCOMMANDS = ("demo", "check", "status", "lineage", "search", "ui", "config", "unblock")
+SUBCOMMANDS = ("demo", "check", "status", "lineage", "search", "ui", "config", "sync", "unblock")
 
 # `resources.environment.PROFILE_NAMES`, spelled here so `megapairs --help` needs no Dagster
 # import (a test keeps the two equal).
