@@ -172,7 +172,13 @@ def pair_descriptions(
         context,
         DESCRIBE_STAGE,
         lambda shard: describe_pairs_for_shard(
-            shard, layout, lineage, settings, log=context.log.info, backend_factory=backends
+            shard,
+            layout,
+            lineage,
+            settings,
+            log=context.log.info,
+            backend_factory=backends,
+            warn=context.log.warning,
         ),
         lineage,
         storage.profile,
@@ -209,7 +215,13 @@ def pair_instructions(
         context,
         INSTRUCT_STAGE,
         lambda shard: write_instructions_for_shard(
-            shard, layout, lineage, settings, log=context.log.info, backend_factory=backends
+            shard,
+            layout,
+            lineage,
+            settings,
+            log=context.log.info,
+            backend_factory=backends,
+            warn=context.log.warning,
         ),
         lineage,
         storage.profile,
@@ -304,10 +316,17 @@ def _prefetch(
     if len(shards) < 2:
         return {}
     stats = prefetch(
-        shards, layout, lineage, settings, log=context.log.info, backend_factory=backend_factory
+        shards,
+        layout,
+        lineage,
+        settings,
+        log=context.log.info,
+        backend_factory=backend_factory,
+        warn=context.log.warning,
     )
     return {
         "run_prefetch_calls": stats.calls,
+        "run_prefetch_retries": stats.retries,
         "run_prefetch": dg.MetadataValue.md(stats_table({"prefetch": stats})),
     }
 

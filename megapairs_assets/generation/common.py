@@ -54,7 +54,10 @@ GENERATED_COLUMN_DESCRIPTIONS: dict[str, str] = {
     "target_id": "image_id of the pair's target image",
     "generator": "who wrote the text, for people: the model's label (', caption-based' when it "
     "saw captions instead of pixels) or 'heuristic (caption templates)'",
-    "model_id": "the exact model that wrote the text (served name, path or hub id)",
+    "model_id": "the configured model id (the one request keys and lineage use)",
+    "served_model": "the model that answered, as the backend reported it: an OpenAI-compatible "
+    "server's `model` field (a server asked under another name, `served_model`, says which); "
+    "for a local backend or the heuristic, its model id",
     "backend": "how the model was called: vllm, openai_http (an OpenAI-compatible server), "
     "transformers or heuristic",
     "template_id": "id of the prompt template used (generation/prompts/)",

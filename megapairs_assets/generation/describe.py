@@ -66,7 +66,9 @@ from megapairs_assets.lib.storage import DataLayout, write_parquet_atomic
 from megapairs_assets.lineage.catalog import LineageCatalog
 
 STEP = "describe"
-HEURISTIC_DESCRIBE_TEMPLATE = {"id": "caption-heuristic-describe", "version": 1}
+# v2: styles made plural by their head noun ("both pieces of clip art", not "both piece of
+# clip arts"); a new version is a new request key, so no cached v1 text is reused.
+HEURISTIC_DESCRIBE_TEMPLATE = {"id": "caption-heuristic-describe", "version": 2}
 HEURISTIC_DESCRIBE_HASH = content_hash(HEURISTIC_DESCRIBE_TEMPLATE)
 HEURISTIC_SAMPLING = SamplingParams(max_tokens=1, temperature=0.0)
 
@@ -78,6 +80,7 @@ DESCRIPTION_SCHEMA = pl.Schema(
         "description": pl.String,
         "generator": pl.String,
         "model_id": pl.String,
+        "served_model": pl.String,
         "backend": pl.String,
         "input_mode": pl.String,
         "template_id": pl.String,
@@ -130,6 +133,7 @@ def describe_pairs_for_shard(
     *,
     log: Callable[[str], None] | None = None,
     backend_factory: Callable[[BackendSpec], GenerationBackend] = shared_backend,
+    warn: Callable[[str], None] | None = None,
 ) -> StepResult:
     """Describe one shard's pairs; see the module docstring. Re-running calls no model for a
     pair whose request is already in the cache."""
@@ -147,6 +151,7 @@ def describe_pairs_for_shard(
         retry_quarantined=settings.retry_quarantined,
         label=f"describe {shard}",
         log=log,
+        warn=warn,
     )
     raise_if_backend_failing(
         settled.model_stats,
@@ -189,6 +194,7 @@ def describe_pairs_for_shard(
             - _missing(quarantine),
             **settled.stats_metadata(),
             "rows_by_generator": counts_by(table, "generator"),
+            "rows_by_served_model": counts_by(table, "served_model"),
             "rejections_by_reason": quarantine.reason_counts(),
         },
         markdown={"requests": settled.stats_markdown()},
@@ -203,6 +209,7 @@ def prefetch_descriptions(
     *,
     log: Callable[[str], None] | None = None,
     backend_factory: Callable[[BackendSpec], GenerationBackend] = shared_backend,
+    warn: Callable[[str], None] | None = None,
 ) -> RunStats:
     """The model requests of several shards as one stream (see `runner.prefetch_shards`)."""
 
@@ -224,6 +231,7 @@ def prefetch_descriptions(
         flush_every=settings.flush_every,
         label=f"describe {len(shards)} shards",
         log=log,
+        warn=warn,
     )
 
 
@@ -390,6 +398,9 @@ def _accept(
         "description": description,
         "generator": generator_name(plan.spec, plan.input_mode),
         "model_id": plan.spec.model_id,
+        # What the backend says wrote the answer (an HTTP server's `model` field); an answer
+        # stored without one was the configured model's.
+        "served_model": response.model_id or plan.spec.model_id,
         "backend": plan.spec.backend,
         "input_mode": plan.input_mode,
         "template_id": plan.template_id,

@@ -72,7 +72,9 @@ from megapairs_assets.lib.storage import DataLayout, write_parquet_atomic
 from megapairs_assets.lineage.catalog import LineageCatalog
 
 STEP = "instruct"
-HEURISTIC_INSTRUCT_TEMPLATE = {"id": "caption-heuristic-instruct", "version": 1}
+# v2: articles chosen per word ("an illustration", "on the theme of animals"); a new
+# version is a new request key, so no cached v1 text with "a illustration" is reused.
+HEURISTIC_INSTRUCT_TEMPLATE = {"id": "caption-heuristic-instruct", "version": 2}
 HEURISTIC_INSTRUCT_HASH = content_hash(HEURISTIC_INSTRUCT_TEMPLATE)
 HEURISTIC_SAMPLING = SamplingParams(max_tokens=1, temperature=0.0)
 
@@ -84,6 +86,7 @@ INSTRUCTION_SCHEMA = pl.Schema(
         "instructions": pl.List(pl.String),
         "generator": pl.String,
         "model_id": pl.String,
+        "served_model": pl.String,
         "backend": pl.String,
         "template_id": pl.String,
         "template_hash": pl.String,
@@ -140,6 +143,7 @@ def write_instructions_for_shard(
     *,
     log: Callable[[str], None] | None = None,
     backend_factory: Callable[[BackendSpec], GenerationBackend] = shared_backend,
+    warn: Callable[[str], None] | None = None,
 ) -> StepResult:
     """Write one shard's instructions; see the module docstring."""
     descriptions, input_versions = read_shard_table(catalog, layout, DESCRIPTIONS_ASSET, shard)
@@ -164,6 +168,7 @@ def write_instructions_for_shard(
         retry_quarantined=settings.retry_quarantined,
         label=f"instruct {shard}",
         log=log,
+        warn=warn,
     )
     raise_if_backend_failing(
         settled.model_stats,
@@ -213,6 +218,7 @@ def write_instructions_for_shard(
             "instructions": int(table["instructions"].list.len().sum()) if table.height else 0,
             **settled.stats_metadata(),
             "rows_by_generator": counts_by(table, "generator"),
+            "rows_by_served_model": counts_by(table, "served_model"),
             "rejections_by_reason": quarantine.reason_counts(),
         },
         markdown={"requests": settled.stats_markdown()},
@@ -227,6 +233,7 @@ def prefetch_instructions(
     *,
     log: Callable[[str], None] | None = None,
     backend_factory: Callable[[BackendSpec], GenerationBackend] = shared_backend,
+    warn: Callable[[str], None] | None = None,
 ) -> RunStats:
     """The model requests of several shards as one stream (see `runner.prefetch_shards`)."""
     template = load_template(settings.instruct.template)
@@ -249,6 +256,7 @@ def prefetch_instructions(
         flush_every=settings.flush_every,
         label=f"instruct {len(shards)} shards",
         log=log,
+        warn=warn,
     )
 
 
@@ -406,6 +414,9 @@ def _accept(
         "instructions": kept,
         "generator": generator_name(plan.spec, None),
         "model_id": plan.spec.model_id,
+        # What the backend says wrote the answer (an HTTP server's `model` field); an answer
+        # stored without one was the configured model's.
+        "served_model": response.model_id or plan.spec.model_id,
         "backend": plan.spec.backend,
         "template_id": plan.template_id,
         "template_hash": plan.template_hash,

@@ -12,6 +12,11 @@
    vLLM chunk), so a killed run resumes where it stopped. The writes happen on a writer
    thread: an HTTP backend's event loop never waits for the disk (each commit is fsynced).
 3. Read back every key and report what happened (`RunStats`).
+
+A backend that retries (the HTTP one) tells the run about each retry; the run's warning log
+gets the first retry of each kind of error in full (try n of max, the wait, the error and
+its URL) and then at most one summary line every `RETRY_LOG_EVERY_S` seconds, so a server
+that restarts is visible without a line per request at hundreds of requests in flight.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from megapairs_assets.generation.backends.base import (
     GenerationBackend,
     GenerationRequest,
     GenerationResult,
+    RetryEvent,
 )
 from megapairs_assets.generation.store import (
     STATUS_OK,
@@ -38,7 +44,11 @@ from megapairs_assets.generation.store import (
 )
 from megapairs_assets.lib.preview import markdown_table
 from megapairs_assets.lib.progress import Progress
+from megapairs_assets.lib.words import plural
 from megapairs_assets.lineage.catalog import IncompleteCommitError, NotMaterializedError
+
+# After the first retry of each kind of error, retries are summed up at most this often.
+RETRY_LOG_EVERY_S = 10.0
 
 
 @dataclass
@@ -47,7 +57,9 @@ class RunStats:
 
     `cache_hits`: answers an earlier run stored. `prefetched`: answers the model gave in this
     process's prefetch just before the step (see `prefetch_shards`); its calls and tokens
-    are the prefetch's figures, not the step's.
+    are the prefetch's figures, not the step's. `retries`: tries the backend repeated after a
+    transient error (a call that succeeded on its third try counts 2); a call that failed
+    every try counts its retries here and itself in `failed`.
     """
 
     requests: int = 0
@@ -57,6 +69,7 @@ class RunStats:
     succeeded: int = 0
     failed: int = 0
     skipped_quarantined: int = 0
+    retries: int = 0
     prompt_tokens: int = 0
     completion_tokens: int = 0
     elapsed_s: float = 0.0
@@ -147,6 +160,78 @@ class _StoreWriter:
             raise RuntimeError(f"response store write failed: {self._error}") from self._error
 
 
+class RetryLog:
+    """The retry lines of one run (see the module docstring) and its retry count.
+
+    Called with each `RetryEvent`: the first retry of a kind of error ("connection", "HTTP
+    503") is one line in full; later ones are counted and summed up in one line at most every
+    `every_s` seconds, and once more by `close` for what is left.
+    """
+
+    def __init__(
+        self,
+        label: str,
+        warn: Callable[[str], None] | None,
+        every_s: float = RETRY_LOG_EVERY_S,
+    ) -> None:
+        self.label = label
+        self.count = 0
+        self._warn = warn
+        self._every_s = every_s
+        self._kinds_told: set[str] = set()
+        self._untold: dict[str, int] = {}  # kind -> retries not yet in a line
+        self._latest: RetryEvent | None = None
+        self._last_line = time.monotonic()
+
+    def __call__(self, event: RetryEvent) -> None:
+        self.count += 1
+        if self._warn is None:
+            return
+        if event.kind not in self._kinds_told:
+            self._kinds_told.add(event.kind)
+            self._warn(
+                f"{self.label}: retrying: {_retry_clause(event)}: {_with_url(event)} "
+                f"(later retries are summed up at most every {self._every_s:g} s)"
+            )
+            return
+        self._untold[event.kind] = self._untold.get(event.kind, 0) + 1
+        self._latest = event
+        if time.monotonic() - self._last_line >= self._every_s:
+            self.flush()
+
+    def flush(self) -> None:
+        """One line on the retries not yet told, if any."""
+        if self._warn is None or not self._untold or self._latest is None:
+            return
+        now = time.monotonic()
+        total = sum(self._untold.values())
+        kinds = ", ".join(f"{kind}: {n}" for kind, n in sorted(self._untold.items()))
+        latest = self._latest
+        self._warn(
+            f"{self.label}: {plural(total, 'more retry')} in the last "
+            f"{now - self._last_line:.0f} s ({kinds}); latest: {_retry_clause(latest)}: "
+            f"{_with_url(latest)}"
+        )
+        self._untold.clear()
+        self._last_line = now
+
+    def close(self) -> None:
+        self.flush()
+
+
+def _retry_clause(event: RetryEvent) -> str:
+    """`try 2/7 failed (connection), next in 1.3 s`."""
+    wait = f"{event.wait_s:.1f}" if event.wait_s >= 1 else f"{event.wait_s:.2f}"
+    return f"try {event.attempt}/{event.max_attempts} failed ({event.kind}), next in {wait} s"
+
+
+def _with_url(event: RetryEvent) -> str:
+    """The error, with the URL it came from when its message does not name it."""
+    if event.url and event.url not in event.error:
+        return f"{event.error} ({event.url})"
+    return event.error
+
+
 def run_requests(
     requests: Sequence[GenerationRequest],
     backend: GenerationBackend | Callable[[], GenerationBackend],
@@ -156,6 +241,7 @@ def run_requests(
     flush_interval_s: float = 1.0,
     label: str | None = None,
     log: Callable[[str], None] | None = None,
+    warn: Callable[[str], None] | None = None,
 ) -> tuple[dict[str, StoredResponse], RunStats]:
     """Settle every request from the cache or the backend; see the module docstring.
 
@@ -170,6 +256,7 @@ def run_requests(
         flush_interval_s=flush_interval_s,
         label=label,
         log=log,
+        warn=warn,
     )
     return store.get(request.key for request in requests), stats
 
@@ -184,6 +271,7 @@ def run_routed(
     log: Callable[[str], None] | None = None,
     record_failures: bool = True,
     prefetch: bool = False,
+    warn: Callable[[str], None] | None = None,
 ) -> RunStats:
     """`run_requests` for requests that belong to different stores (several shards at once).
 
@@ -193,7 +281,8 @@ def run_routed(
     shard's own step, so one run counts one attempt). With `prefetch=True` the keys the model
     answers are remembered for the shard steps that follow, which count them as the model's
     (`RunStats.prefetched`). With a `label`, `log` gets one line on what was already answered
-    (by the prefetch, or by an earlier run) and progress lines over the calls.
+    (by the prefetch, or by an earlier run) and progress lines over the calls, and `warn`
+    (default: `log`) the retry lines (`RetryLog`).
     """
     started = time.perf_counter()
     stores_of: dict[str, list[ResponseStore]] = {}
@@ -239,10 +328,16 @@ def run_routed(
         buffer: list[GenerationResult] = []
         last_flush = time.perf_counter()
         writers = {id(store): _StoreWriter(store) for store, _ in by_store.values()}
+        retry_log = RetryLog(label or "generation", (warn or log) if label else None)
+        # A shared backend serves one run at a time; its retries are this run's while it runs.
+        tells_retries = hasattr(model, "on_retry")
+        if tells_retries:
+            model.on_retry = retry_log  # type: ignore[union-attr]
 
         def flush() -> None:
             nonlocal last_flush
             batches: dict[int, list[GenerationResult]] = {}
+            failed = 0
             for result in buffer:
                 if result.error is None:
                     stats.succeeded += 1
@@ -250,6 +345,7 @@ def run_routed(
                     stats.completion_tokens += result.completion_tokens
                 else:
                     stats.failed += 1
+                    failed += 1
                     stats.last_error = result.error
                     if not record_failures:
                         continue
@@ -261,7 +357,7 @@ def run_routed(
                     store = by_store[store_id][0]
                     _PREFETCHED.add(store, (r.key for r in batch if r.error is None))
             if progress is not None and buffer:
-                progress.update(len(buffer))
+                progress.update(len(buffer), failed=failed)
             buffer.clear()
             last_flush = time.perf_counter()
 
@@ -274,6 +370,10 @@ def run_routed(
         try:
             model.generate(todo, on_result)
         finally:
+            if tells_retries:
+                model.on_retry = None  # type: ignore[union-attr]
+            stats.retries = retry_log.count
+            retry_log.close()
             try:
                 flush()  # whatever finished before an error (or Ctrl-C) is kept
             finally:
@@ -350,6 +450,7 @@ class SettledStep:
             "model_cache_hits": model.cache_hits,
             "model_prefetched": model.prefetched,
             "model_failed": model.failed,
+            "model_retries": model.retries,
             "model_tokens": model.prompt_tokens + model.completion_tokens,
             "rows_per_s": round(every.rows_per_s, 2),
         }
@@ -385,6 +486,7 @@ def settle_shard_requests(
     retry_quarantined: bool,
     label: str,
     log: Callable[[str], None] | None = None,
+    warn: Callable[[str], None] | None = None,
 ) -> SettledStep:
     """Settle a shard's model-sampled and heuristic requests in its store (the part every
     generation step shares); each part reports its own progress, `<label> (model)` and
@@ -398,6 +500,7 @@ def settle_shard_requests(
         flush_every=flush_every,
         label=f"{label} (model)",
         log=log,
+        warn=warn,
     )
     heuristic, heuristic_stats = run_requests(
         heuristic_requests,
@@ -406,6 +509,7 @@ def settle_shard_requests(
         flush_every=flush_every,
         label=f"{label} (heuristic)",
         log=log,
+        warn=warn,
     )
     store.mirror_now()
     return SettledStep(model, heuristic, model_stats, heuristic_stats)
@@ -419,6 +523,7 @@ def prefetch_shards(
     flush_every: int,
     label: str,
     log: Callable[[str], None] | None = None,
+    warn: Callable[[str], None] | None = None,
 ) -> RunStats:
     """Send the model requests of several shards as one stream before their own steps run.
 
@@ -451,6 +556,7 @@ def prefetch_shards(
         log=log,
         record_failures=False,
         prefetch=True,
+        warn=warn,
     )
     for store in {id(store): store for _, store in routed}.values():
         store.mirror_now()

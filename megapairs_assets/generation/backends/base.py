@@ -22,6 +22,26 @@ ResultCallback = Callable[[Sequence["GenerationResult"]], None]
 
 
 @dataclass(frozen=True)
+class RetryEvent:
+    """One failed try that a backend is about to retry (after `wait_s` seconds).
+
+    `attempt` is the try that failed, of `max_attempts`; `kind` groups errors for a summary
+    ("connection", "timeout", "HTTP 503", "malformed response"); `error` is the full message.
+    """
+
+    attempt: int
+    max_attempts: int
+    wait_s: float
+    kind: str
+    error: str
+    url: str
+
+
+RetryCallback = Callable[[RetryEvent], None]
+"""Told about every retry; a backend that retries has an `on_retry` attribute the caller sets."""
+
+
+@dataclass(frozen=True)
 class ImageInput:
     """An image a request refers to: where its bytes are and what they hash to."""
 

@@ -7,6 +7,9 @@ budget; every row it makes is labelled `heuristic` and the dataset card counts t
 It goes through the same interface, cache, parser and filters as a model, so its output is
 judged by the same rules. Long captions are cut to their first clause and a few words, so a
 description or an instruction built from them stays inside the filters' length limits.
+
+Its text becomes training data, so the articles are chosen per word: "an illustration", "a
+food theme", and a plural tag takes none ("on the theme of animals", never "a animals").
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from megapairs_assets.generation.backends.base import (
     ResultCallback,
     register_backend,
 )
+from megapairs_assets.lib.words import plural
 
 HEURISTIC_BACKEND = "heuristic"
 # v2: long captions are cut (v1 copied them whole and its descriptions failed the word limit).
@@ -37,6 +41,15 @@ _CLAUSE_END = re.compile(r"[.;:!?](?:\s|$)")
 # or more words of its own: at most 8 subject words keep it under 25 words, and under the copy
 # rule (80% of an instruction's words in one run of the description is a copy).
 _STYLE_WORDS, _SUBJECT_WORDS, _INSTRUCTION_SUBJECT_WORDS = 8, 25, 8
+# Words whose spelling misleads the a/an rule: a vowel letter sounding as a consonant ("a
+# unicorn", "a one-line drawing") or a silent h ("an hour").
+_CONSONANT_SOUND_STARTS = ("uni", "use", "usu", "uti", "ure", "euro", "eu", "one", "once")
+_VOWEL_SOUND_STARTS = ("hour", "honest", "honour", "honor", "heir")
+# Plurals not ending in s, and words ending in s that are not plurals ("electronics").
+_IRREGULAR_PLURALS = frozenset({"people", "children", "men", "women", "mice", "geese", "feet"})
+_SINGULAR_S_ENDINGS = ("ss", "us", "is", "ics", "news")
+# Nouns with no plural: "both clip art", not "both clip arts".
+_UNCOUNTABLE = frozenset({"art", "artwork", "clipart", "line art", "pixel art"})
 
 
 @dataclass(frozen=True)
@@ -76,6 +89,52 @@ def _bare(phrase: str) -> str:
     return _ARTICLE.sub("", phrase).strip()
 
 
+def indefinite_article(phrase: str) -> str:
+    """The article, a or an, for the first word of `phrase` (by its sound, as spelt)."""
+    word = phrase.strip().lower()
+    if word.startswith(_VOWEL_SOUND_STARTS):
+        return "an"
+    if word.startswith(_CONSONANT_SOUND_STARTS):
+        return "a"
+    return "an" if word[:1] in "aeiou" and word[:1] else "a"
+
+
+def with_article(phrase: str) -> str:
+    """`phrase` after "a" or "an" ("an illustration", "a flat drawing")."""
+    return f"{indefinite_article(phrase)} {phrase}"
+
+
+def is_plural(phrase: str) -> bool:
+    """Whether a tag names several things ("animals", "signs and symbols") rather than one
+    subject ("food", "electronics"); decides whether it may follow "a" or "an"."""
+    words = phrase.strip().lower().split()
+    if not words:
+        return False
+    if " and " in f" {phrase.lower()} ":
+        return True
+    last = words[-1]
+    if last in _IRREGULAR_PLURALS:
+        return True
+    return last.endswith("s") and not last.endswith(_SINGULAR_S_ENDINGS)
+
+
+def plural_phrase(phrase: str) -> str:
+    """The plural of a noun phrase: its head noun (before any "of") made plural ("flat
+    drawings", "pieces of clip art"); an uncountable noun stays as it is ("clip art")."""
+    head, of, rest = phrase.partition(" of ")
+    if not head.split() or head.lower() in _UNCOUNTABLE or head.lower().split()[-1:] == ["art"]:
+        return phrase
+    *before, noun = head.split()
+    return " ".join([*before, plural(2, noun).split(" ", 1)[1]]) + (of + rest if of else "")
+
+
+def _theme_phrase(theme: str) -> str:
+    """`on a food theme`, `on an education theme`, `on the theme of animals`."""
+    if is_plural(theme):
+        return f"on the theme of {theme}"
+    return f"on {with_article(theme)} theme"
+
+
 def _join(words: Sequence[str]) -> str:
     if len(words) <= 1:
         return "".join(words)
@@ -104,7 +163,7 @@ def describe_from_captions(query_caption: str, target_caption: str) -> str:
     else:
         common = "a general visual resemblance in their content"
     if query.style and _bare(query.style) == _bare(target.style):
-        common += f" and are both {_bare(target.style)}s"
+        common += f" and are both {plural_phrase(_bare(target.style))}"
     query_style = f" as {query.style}" if query.style else ""
     target_style = f" as {target.style}" if target.style else ""
     return (
@@ -124,7 +183,7 @@ def instructions_from_captions(query_caption: str, target_caption: str) -> list[
         queries += [
             f"this drawn as {target.style}",
             f"the same subject rendered as {target.style}",
-            f"a {_bare(target.style)} version of this",
+            f"{with_article(_bare(target.style))} version of this",
         ]
     else:
         queries += [
@@ -133,7 +192,7 @@ def instructions_from_captions(query_caption: str, target_caption: str) -> list[
         ]
         theme = target.tags[0] if target.tags else ""
         queries.append(
-            f"something similar on a {theme} theme featuring {subject}"
+            f"something similar {_theme_phrase(theme)} featuring {subject}"
             if theme
             else f"something similar featuring {subject}"
         )

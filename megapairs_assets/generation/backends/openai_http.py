@@ -51,6 +51,8 @@ from megapairs_assets.generation.backends.base import (
     GenerationRequest,
     GenerationResult,
     ResultCallback,
+    RetryCallback,
+    RetryEvent,
     register_backend,
 )
 from megapairs_assets.generation.backends.images import has_images, openai_messages
@@ -62,11 +64,23 @@ _BODY_SNIPPET_CHARS = 200
 
 
 class RetryableError(Exception):
-    """A failure worth another try; `retry_after_s` is the server's requested wait, if any."""
+    """A failure worth another try; `retry_after_s` is the server's requested wait, if any.
 
-    def __init__(self, message: str, retry_after_s: float | None = None) -> None:
+    `kind` groups it for the retry log ("connection", "timeout", "HTTP 503", "malformed
+    response"); `url` is where the try went.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        retry_after_s: float | None = None,
+        kind: str = "error",
+        url: str = "",
+    ) -> None:
         super().__init__(message)
         self.retry_after_s = retry_after_s
+        self.kind = kind
+        self.url = url
 
 
 class PermanentError(Exception):
@@ -141,7 +155,13 @@ class HttpOptions:
 
 @register_backend(OPENAI_HTTP_BACKEND)
 class OpenAIHttpBackend:
-    """Chat completions over HTTP against one or more OpenAI-compatible servers."""
+    """Chat completions over HTTP against one or more OpenAI-compatible servers.
+
+    `retries` counts every retry since construction; `on_retry`, when set (the runner sets
+    it for each `generate`), is told about each one as it is scheduled. A result's `model_id`
+    is the model the server says answered (the response's `model` field), so rows can record
+    what actually wrote them even when `served_model` names something other than `model_id`.
+    """
 
     name = OPENAI_HTTP_BACKEND
     accepts_images = True
@@ -153,6 +173,7 @@ class OpenAIHttpBackend:
         self._urls = [url.rstrip("/") + "/chat/completions" for url in self.options.base_urls]
         self._next_start = itertools.count()
         self.retries = 0
+        self.on_retry: RetryCallback | None = None
         self._api_key = self._read_api_key()
 
     def _read_api_key(self) -> str | None:
@@ -260,11 +281,27 @@ class OpenAIHttpBackend:
             completion_tokens=int(usage.get("completion_tokens") or 0),
             finish_reason=choice.get("finish_reason"),
             latency_s=time.perf_counter() - started,
-            model_id=self.model_id,
+            # What the server says answered; the name asked for when it does not say.
+            model_id=str(data.get("model") or self.served_model),
         )
 
     def _count_retry(self, retry_state: tenacity.RetryCallState) -> None:
+        """tenacity's before_sleep: count the retry and tell `on_retry` about it."""
         self.retries += 1
+        if self.on_retry is None:
+            return
+        outcome = retry_state.outcome
+        error = outcome.exception() if outcome is not None else None
+        self.on_retry(
+            RetryEvent(
+                attempt=retry_state.attempt_number,
+                max_attempts=self.options.max_retries + 1,
+                wait_s=float(retry_state.upcoming_sleep),
+                kind=getattr(error, "kind", type(error).__name__),
+                error=str(error),
+                url=getattr(error, "url", ""),
+            )
+        )
 
     async def _post(
         self, client: httpx2.AsyncClient, body: dict[str, Any], url: str
@@ -279,11 +316,15 @@ class OpenAIHttpBackend:
                 f"timeout from {url} ({type(error).__name__}) after request_timeout_s="
                 f"{self.options.request_timeout_s:g} with up to max_in_flight="
                 f"{self.options.max_in_flight} requests at once (a server that answers one at a "
-                "time needs a lower max_in_flight or a longer request_timeout_s)"
+                "time needs a lower max_in_flight or a longer request_timeout_s)",
+                kind="timeout",
+                url=url,
             ) from error
         except httpx2.TransportError as error:
             raise RetryableError(
-                f"connection to {url}: {type(error).__name__}: {_transport_reason(error)}"
+                f"connection to {url}: {type(error).__name__}: {_transport_reason(error)}",
+                kind="connection",
+                url=url,
             ) from error
         status = response.status_code
         snippet = response.text[:_BODY_SNIPPET_CHARS]
@@ -291,6 +332,8 @@ class OpenAIHttpBackend:
             raise RetryableError(
                 f"HTTP {status} from {url}: {snippet}",
                 retry_after_s=parse_retry_after(response.headers.get("retry-after")),
+                kind=f"HTTP {status}",
+                url=url,
             )
         if status >= 400:
             raise PermanentError(f"HTTP {status} from {url}: {snippet}")
@@ -300,7 +343,9 @@ class OpenAIHttpBackend:
             if not isinstance(message, dict):
                 raise TypeError("message is not an object")
         except (ValueError, KeyError, IndexError, TypeError) as error:
-            raise RetryableError(f"malformed response from {url}: {snippet!r}") from error
+            raise RetryableError(
+                f"malformed response from {url}: {snippet!r}", kind="malformed response", url=url
+            ) from error
         return data
 
 
