@@ -1,10 +1,11 @@
 """`megapairs status`: where every asset of the home stands, partition by partition.
 
 Reads the lineage catalog (the newest record of each partition) and the Dagster instance's
-partition sets (registered shards, training configs, retrievers), and prints per asset how many
-partitions are complete, failed a blocking check, read an input re-materialized since, failed,
-are pending (running, or left by a killed step), are missing (registered, never materialized)
-or retired, and how many inputs it quarantined; then each partition that needs attention.
+partition sets (registered shards, training configs; for `benchmark_scores` every registered
+retriever x benchmark), and prints per asset how many partitions are complete, failed a
+blocking check, read an input re-materialized since, failed, are pending (running, or left by a
+killed step), are missing (registered, never materialized) or retired, and how many inputs it
+quarantined; then each partition that needs attention.
 `--json` prints the same as JSON. Exit code 0 either way (1 when there is no catalog yet).
 """
 
@@ -49,8 +50,12 @@ def cmd_status(args: argparse.Namespace) -> int:
         name = key.to_user_string()
         assets.append(name)
         partitions = graph.get(key).partitions_def
-        if isinstance(partitions, dg.DynamicPartitionsDefinition) and partitions.name:
-            expected[name] = instance.get_dynamic_partitions(partitions.name)
+        if partitions is not None:
+            # Dagster's own list: a dynamic set's registered keys; a multi-partitioned asset's
+            # product of its dimensions' keys (benchmark_scores: retrievers x benchmarks), each
+            # as the string the catalog records.
+            keys = partitions.get_partition_keys(dynamic_partitions_store=instance)
+            expected[name] = [str(partition) for partition in keys]
     report = asset_status(catalog, assets, expected)
     if args.json:
         print(json.dumps([s.as_dict() for s in report], indent=2, default=str))

@@ -2,18 +2,26 @@
 
 With matplotlib installed, grouped bars rendered to a PNG embedded in Markdown; without it,
 the same comparison as Markdown text bars (so the page never depends on an optional package).
+Metrics read in their family's order, then by K as a number (`mAP@5, mAP@10, mAP@25, mAP@50`,
+not the string order), and the PNG's legend sits right of the axes so it hides no bar.
 """
 
 from __future__ import annotations
 
 import base64
 import io
+import re
+from typing import TYPE_CHECKING
 
 import polars as pl
 
 from megapairs_assets.evaluation.run import MEAN_SPLIT
 
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
 _TEXT_BAR_WIDTH = 25
+_METRIC_AT_K = re.compile(r"^(?P<family>.+)@(?P<k>\d+)$")
 _BLOCK = "█"
 
 
@@ -26,15 +34,33 @@ def headline_scores(scores: pl.DataFrame) -> pl.DataFrame:
     return scores
 
 
+def metric_sort_key(metric: str) -> tuple[str, int]:
+    """`Recall@10` -> ("Recall", 10): a metric's family, then its K as a number (a metric
+    without `@K` sorts before its family's K values)."""
+    match = _METRIC_AT_K.match(metric)
+    return (match["family"], int(match["k"])) if match else (metric, -1)
+
+
+def ordered_scores(rows: pl.DataFrame) -> pl.DataFrame:
+    """`rows` with splits in their first-seen order and, within a split, metrics by
+    `metric_sort_key` (the order every comparison shows them in)."""
+    split_rank = {split: i for i, split in enumerate(dict.fromkeys(rows["split"]))}
+    order = sorted(
+        range(rows.height),
+        key=lambda i: (split_rank[rows["split"][i]], metric_sort_key(rows["metric"][i])),
+    )
+    return rows[order]
+
+
 def comparison_markdown(scores: pl.DataFrame, title: str) -> str:
     """Markdown comparing retrievers per metric (`retriever_id`, `split`, `metric`, `value`)."""
     rows = headline_scores(scores)
     if rows.height == 0:
         return f"_{title}: no scores yet_"
     try:
-        return _png_markdown(rows, title)
+        return _png_markdown(comparison_figure(rows, title), title)
     except ImportError:
-        return _text_bars(rows, title)
+        return _text_bars(ordered_scores(rows), title)
 
 
 def _labels(rows: pl.DataFrame) -> list[str]:
@@ -60,12 +86,15 @@ def _text_bars(rows: pl.DataFrame, title: str) -> str:
     return "\n".join(lines)
 
 
-def _png_markdown(rows: pl.DataFrame, title: str) -> str:
+def comparison_figure(scores: pl.DataFrame, title: str) -> Figure:
+    """Grouped bars (one per retriever) per headline metric, in `ordered_scores` order, with the
+    legend outside the axes. Raises ImportError without matplotlib. The caller closes it."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    rows = ordered_scores(headline_scores(scores))
     rows = rows.with_columns(label=pl.Series(_labels(rows)))
     labels = list(dict.fromkeys(rows["label"]))
     retrievers = list(dict.fromkeys(rows["retriever_id"]))
@@ -82,10 +111,17 @@ def _png_markdown(rows: pl.DataFrame, title: str) -> str:
     axes.set_xticklabels(labels)
     axes.set_ylabel("percent")
     axes.set_title(title)
-    axes.legend(fontsize="small")
-    figure.tight_layout()
+    # Right of the axes: inside them it would hide the tallest bars. No tight_layout: it would
+    # squeeze the axes to fit a long retriever id; the PNG is saved "tight" around both instead.
+    axes.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
+    return figure
+
+
+def _png_markdown(figure: Figure, title: str) -> str:
+    import matplotlib.pyplot as plt
+
     buffer = io.BytesIO()
-    figure.savefig(buffer, format="png")
+    figure.savefig(buffer, format="png", bbox_inches="tight")  # "tight" keeps the legend
     plt.close(figure)
     encoded = base64.b64encode(buffer.getvalue()).decode()
     return f"![{title}](data:image/png;base64,{encoded})"

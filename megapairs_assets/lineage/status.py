@@ -1,7 +1,8 @@
 """Where every asset stands, per partition, from the lineage catalog (`megapairs status`).
 
 Plain code, no Dagster: the caller passes the partitions each asset should have (Dagster's
-dynamic partition sets) and the assets' order. For each asset it counts the partitions whose
+partition sets: a dynamic set's registered keys, a multi-partitioned asset's product of its
+dimensions' keys) and the assets' order. For each asset it counts the partitions whose
 newest record is complete (and of those, the ones that failed a blocking check or read an input
 that has been re-materialized since), failed, pending (being written, or left by a killed step)
 and retired, and the expected partitions with no record at all (missing); plus how many inputs
@@ -86,8 +87,9 @@ def asset_status(
             expected=None if wanted is None else len(wanted),
             quarantined=int(quarantined.get(name, 0)),
         )
+        wanted_set = None if wanted is None else set(wanted)  # many shards: no list scans
         for row in rows.iter_rows(named=True):
-            _count(status, row, wanted)
+            _count(status, row, wanted_set)
         if wanted is not None:
             recorded = set(rows["partition"].to_list())
             absent = [partition for partition in wanted if partition not in recorded]
@@ -99,7 +101,7 @@ def asset_status(
     return report
 
 
-def _count(status: AssetStatus, row: dict, wanted: Sequence[str] | None) -> None:
+def _count(status: AssetStatus, row: dict, wanted: set[str] | None) -> None:
     target = f"{status.asset}[{row['partition']}]" if row["partition"] else status.asset
     state = row["status"]
     if state == "retired":

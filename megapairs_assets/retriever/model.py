@@ -83,6 +83,27 @@ _UNREADABLE_CHECKPOINT = (
 _UNSAFE_ID_CHARS = re.compile(r"[^A-Za-z0-9._-]+")
 # What Lightning's ModelCheckpoint writes, and where MMRetCLIP keeps its open_clip model.
 LIGHTNING_SUFFIX = ".ckpt"
+# Where training writes Lightning's checkpoints (`<config>/lightning/last.ckpt`, training/train.py).
+LIGHTNING_DIRNAME, LIGHTNING_LAST = "lightning", "last.ckpt"
+# File stems and folder names that say nothing about which checkpoint they hold: an id of such
+# a file names the folder above too, so `run-a/final/model.pt` and `run-b/final/model.pt` differ.
+_GENERIC_STEMS = frozenset(
+    {
+        "last",
+        "best",
+        "final",
+        "model",
+        "checkpoint",
+        "weights",
+        "state_dict",
+        "pytorch_model",
+        "open_clip_model",
+        "open_clip_pytorch_model",
+    }
+)
+# Folders of one run's checkpoints (Lightning's `.../checkpoints/epoch=3-step=100.ckpt`); a
+# shared folder of named models (`models/`) is not one.
+_GENERIC_DIRS = frozenset({LIGHTNING_DIRNAME, "checkpoints", "checkpoint", "ckpt"})
 _LIGHTNING_VERSION_KEY = "pytorch-lightning_version"
 _LIGHTNING_CLIP_PREFIX = "clip."
 # How many state-dict keys an error message names before it only counts them.
@@ -107,7 +128,11 @@ class RetrieverSpec:
         """A stable, machine-independent name, safe as a partition key and a folder name.
 
         `<model>__<tag>` for a pretrained tag, `<model>__<folder>.<file stem>` for local weights
-        (`<model>` is `local` for an export that does not name its architecture).
+        (`<model>` is `local` for an export that does not name its architecture). A training
+        config's checkpoint is `<model>__<config>.open_clip` whichever form names it (the
+        config's folder, its `open_clip/` export or a weights file in it, its Lightning
+        `lightning/last.ckpt`); a file with a generic name (`last.ckpt`, `model.pt`) or in a
+        generic folder (`checkpoints/`) is `<model>__<grandparent>.<folder>.<file stem>`.
         """
         if self.model_name.startswith(LOCAL_DIR_PREFIX):
             folder = Path(self.model_name.removeprefix(LOCAL_DIR_PREFIX)).expanduser()
@@ -524,8 +549,22 @@ def _is_local(pretrained: str) -> bool:
 
 
 def _tail(path: Path) -> str:
-    # The folder and the file (without suffix) name a checkpoint on any machine.
-    return f"{path.parent.name}.{path.stem if path.suffix else path.name}"
+    """The folder names and file stem that name a checkpoint on any machine (see `_id_label`).
+
+    A training config's export, its weights file and its Lightning `last.ckpt` are one
+    checkpoint, so all three read `<config>.open_clip`; a file or folder whose own name or
+    folder says nothing (`last.ckpt`, `model.pt`, `checkpoints/`) also names the folder above.
+    """
+    stem = path.stem if path.suffix else path.name
+    parent = path.parent
+    if parent.name == LIGHTNING_DIRNAME and path.name == LIGHTNING_LAST:
+        # training/train.py keeps `last.ckpt` at the exported weights' state (FinalCheckpoint).
+        return f"{parent.parent.name}.{TRAINED_EXPORT_DIRNAME}"
+    if path.suffix and parent.name == TRAINED_EXPORT_DIRNAME:
+        return f"{parent.parent.name}.{TRAINED_EXPORT_DIRNAME}"  # the export's weights file
+    if path.suffix and (stem.lower() in _GENERIC_STEMS or parent.name.lower() in _GENERIC_DIRS):
+        return f"{parent.parent.name}.{parent.name}.{stem}"
+    return f"{parent.name}.{stem}"
 
 
 def _as_image(item: Image.Image | str | Path) -> Image.Image:
