@@ -22,7 +22,11 @@ import torch
 from test_training_support import OneThread, tiny_config, write_triplets
 
 from megapairs_assets.lib.storage import DataLayout
-from megapairs_assets.training.callbacks import TrainingDiverged, read_loss_curve
+from megapairs_assets.training.callbacks import (
+    StopCheckpoint,
+    TrainingDiverged,
+    read_loss_curve,
+)
 from megapairs_assets.training.train import train_checkpoint
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -164,14 +168,14 @@ def _raise_interrupted(signum: int, frame: object) -> None:
 
 
 def test_ctrl_c_finishes_the_step_saves_it_and_raises_what_the_host_expects(
-    tmp_path: Path, demo_models_dir: Path
+    tmp_path: Path, demo_models_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     triplets = write_triplets(tmp_path, rows=24, images=12)
     home = tmp_path / "home"
     config = tiny_config(demo_models_dir, max_steps=8, checkpoint_every_n_steps=100)
     previous = signal.signal(signal.SIGINT, _raise_interrupted)  # as Dagster's step does
     try:
-        with OneThread(), pytest.raises(_Interrupted):
+        with OneThread(), pytest.raises(_Interrupted, match=r"stopped at step 3 of 8; saved"):
             train_checkpoint(
                 "ctrl-c", config, [triplets], DataLayout(home), extra_callbacks=[_CtrlC(3)]
             )
@@ -180,8 +184,10 @@ def test_ctrl_c_finishes_the_step_saves_it_and_raises_what_the_host_expects(
         assert torch.load(out / "lightning" / "last.ckpt", weights_only=False)["global_step"] == 3
         assert read_loss_curve(out / "loss_curve.csv")["step"].to_list() == [1, 2, 3]
 
-        # Twice: stop at once, mid-step, as before (nothing saved: no periodic checkpoint yet).
-        with OneThread(), pytest.raises(_Interrupted):
+        # Twice, the second past the grace for a forwarded copy of the first: stop at once,
+        # mid-step, as before (nothing saved: no periodic checkpoint yet).
+        monkeypatch.setattr(StopCheckpoint, "REPEAT_GRACE_S", 0.0)
+        with OneThread(), pytest.raises(_Interrupted, match="before any checkpoint was saved"):
             train_checkpoint(
                 "twice", config, [triplets], DataLayout(home), extra_callbacks=[_CtrlC(3, 2)]
             )

@@ -245,7 +245,7 @@ class ImageReadGuard(pl_lightning.Callback):
 
 
 class TrainingInterrupted(RuntimeError):
-    """Training stopped on SIGTERM after saving its state; materializing again resumes it."""
+    """Training stopped on a signal after saving its state; materializing again resumes it."""
 
 
 class TrainingDiverged(RuntimeError):
@@ -280,7 +280,7 @@ class StopOnNonFiniteLoss(pl_lightning.Callback):
 
 
 class StopRequested(Exception):
-    """Raised at the end of the step during which SIGINT arrived, once its state is saved."""
+    """Raised at the end of the step during which the stop was asked for, once it is saved."""
 
 
 class StopCheckpoint(pl_lightning.Callback):
@@ -311,68 +311,118 @@ class StopCheckpoint(pl_lightning.Callback):
     handler on rank 0 (Lightning-AI/pytorch-lightning#20825), which can pair with another
     collective of the step on gloo, and it could not be verified without a multi-device run.
 
-    SIGINT (Ctrl-C; Dagster's "terminate run"): the handler in place (Python's, or Dagster's,
-    which raises at once, mid-step) is replaced while training runs on one device in the main
-    thread. The first SIGINT lets the step finish, saves it and raises `StopRequested`;
-    `raise_interrupt` then raises what the replaced handler would have (KeyboardInterrupt,
-    Dagster's interruption). A second SIGINT stops at once, as before.
+    SIGINT (Ctrl-C; Dagster's "terminate run"), and SIGTERM where the host handles it in
+    Python (Dagster maps SIGTERM to its SIGINT handler, which raises at once, mid-step; Lightning
+    calls it after its own): while training runs on one device in the main thread, the
+    handlers in place are replaced. The first signal lets the step finish, saves it and raises
+    `StopRequested`; `raise_interrupt` then raises what the replaced handler would have
+    (KeyboardInterrupt, Dagster's interruption), carrying the caller's message.
+
+    Repeats: Dagster's multiprocess executor forwards the interrupt it receives to its step
+    processes, which a terminal's Ctrl-C (or `timeout -s INT`, which signals the whole process
+    group) has already reached, so one Ctrl-C arrives twice. A repeat within `REPEAT_GRACE_S`
+    of the first is therefore the same request. A later one, while the step still computes,
+    stops at once (mid-step, as before: the resume point is the last one saved). From the
+    moment the stop's save begins, repeats are only counted (`deferred_signals`): the save is
+    not cut short before `last.ckpt` is renamed into place, and the stop that follows honours
+    them (the run fails with the host's interruption either way).
     """
+
+    REPEAT_GRACE_S = 3.0
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self.saved_step: int | None = None
         self.stop_requested = False
-        self._replaced_handler: Any = None
-        self._installed = False
+        self.stopped_at_once = False
+        self.deferred_signals = 0
+        self._stop_signal: int | None = None
+        self._requested_at = 0.0
+        self._stopping = False  # the stop's save has begun: later signals wait
+        self._replaced: dict[int, Any] = {}
+        # The host's SIGTERM handler before Lightning wraps it (read in the main thread when
+        # the callback is made, i.e. before the fit; Lightning restores it after).
+        self._host_sigterm = (
+            signal.getsignal(signal.SIGTERM)
+            if threading.current_thread() is threading.main_thread()
+            else None
+        )
 
     def __getstate__(self) -> dict[str, Any]:
-        # `ddp_spawn` pickles callbacks into its ranks; a signal handler need not pickle.
-        return {**self.__dict__, "_replaced_handler": None, "_installed": False}
+        # `ddp_spawn` pickles callbacks into its ranks; signal handlers need not pickle.
+        return {**self.__dict__, "_replaced": {}, "_host_sigterm": None}
 
     def on_train_start(self, trainer: pl_lightning.Trainer, pl_module: Any) -> None:
         if trainer.world_size != 1 or threading.current_thread() is not threading.main_thread():
             return
         current = signal.getsignal(signal.SIGINT)
-        if current in (signal.SIG_IGN, None):
-            return  # SIGINT is ignored (or not ours to handle): leave it so
-        self._replaced_handler, self._installed = current, True
-        signal.signal(signal.SIGINT, self._on_sigint)
+        if current not in (signal.SIG_IGN, None):  # else ignored, or not ours to handle
+            self._replaced[signal.SIGINT] = current
+            signal.signal(signal.SIGINT, self._on_signal)
+        if callable(self._host_sigterm):
+            # A host handler (Dagster's) that Lightning calls after its own notice: it would
+            # raise mid-step. Without one, Lightning's SIGTERM path below applies.
+            # Put back as the host's own: Lightning's teardown restores that one too.
+            self._replaced[signal.SIGTERM] = self._host_sigterm
+            signal.signal(signal.SIGTERM, self._on_signal)
 
-    def _on_sigint(self, signum: int, frame: FrameType | None) -> None:
-        if self.stop_requested:  # a second Ctrl-C: stop now, as the replaced handler would
-            self.restore_handler()
-            self.raise_interrupt(frame)
-        self.stop_requested = True
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        if not self.stop_requested:
+            self.stop_requested, self._stop_signal = True, signum
+            self._requested_at = time.monotonic()
+            return
+        if self._stopping or time.monotonic() - self._requested_at < self.REPEAT_GRACE_S:
+            self.deferred_signals += 1  # the same request delivered twice, or the save runs
+            return
+        # A second request while the step computes: stop now, as the replaced handler would.
+        self.stopped_at_once = True
+        self.raise_interrupt(None, frame)
 
     def on_train_batch_end(self, trainer: pl_lightning.Trainer, pl_module: Any, *args: Any) -> None:
         if trainer.world_size == 1 and (trainer.received_sigterm or self.stop_requested):
-            self._save(trainer)
+            self._save(trainer, stopping=self.stop_requested)
         if self.stop_requested:
-            raise StopRequested(f"stopped on SIGINT after step {trainer.global_step}")
+            raise StopRequested(f"stopped on a signal after step {trainer.global_step}")
 
     def on_exception(
         self, trainer: pl_lightning.Trainer, pl_module: Any, exception: BaseException
     ) -> None:
-        self.restore_handler()
+        if not isinstance(exception, StopRequested):
+            self.restore_handler()  # on a stop, repeats stay deferred until it is raised
         if isinstance(exception, SIGTERMException):
             self._save(trainer)
 
     def on_train_end(self, trainer: pl_lightning.Trainer, pl_module: Any) -> None:
-        self.restore_handler()
+        if not self.stop_requested:  # a stop after the last step is raised by the caller
+            self.restore_handler()
 
     def restore_handler(self) -> None:
-        """Put the replaced SIGINT handler back (idempotent)."""
-        if self._installed:
-            signal.signal(signal.SIGINT, self._replaced_handler)
-            self._installed = False
+        """Put the replaced signal handlers back (idempotent)."""
+        for signum, handler in self._replaced.items():
+            signal.signal(signum, handler)
+        self._replaced = {}
 
-    def raise_interrupt(self, frame: FrameType | None = None) -> None:
-        """Raise what the replaced SIGINT handler raises (KeyboardInterrupt if it raises none)."""
-        if callable(self._replaced_handler):
-            self._replaced_handler(signal.SIGINT, frame)
-        raise KeyboardInterrupt
+    def raise_interrupt(self, message: str | None = None, frame: FrameType | None = None) -> None:
+        """Raise what the replaced handler of the stop's signal raises (KeyboardInterrupt if it
+        raises none), with `message` as its text; the handlers are restored first."""
+        signum = self._stop_signal or signal.SIGINT
+        host = self._host_sigterm if signum == signal.SIGTERM else None
+        handler = self._replaced.get(signum, host)
+        self.restore_handler()
+        error: BaseException = (
+            KeyboardInterrupt() if signum == signal.SIGINT else TrainingInterrupted()
+        )
+        if callable(handler):
+            try:
+                handler(signum, frame)
+            except BaseException as raised:  # re-raised below, with the message
+                error = raised
+        if message is not None:
+            error.args = (message,)
+        raise error
 
-    def _save(self, trainer: pl_lightning.Trainer) -> None:
+    def _save(self, trainer: pl_lightning.Trainer, stopping: bool = False) -> None:
+        self._stopping = self._stopping or stopping
         if self.saved_step != trainer.global_step:
             trainer.save_checkpoint(self.path)
             self.saved_step = trainer.global_step

@@ -597,32 +597,64 @@ def _fit(
             config, resolved, out, say, config_name, [stop, *extra_callbacks], record, mirror
         )
         try:
-            try:
-                trainer.fit(module, datamodule=datamodule, ckpt_path=resume_path)
-            finally:
-                # The upload of the last resume point finishes before the step says where
-                # its state is, on every way out (the end, SIGTERM, Ctrl-C, an error).
-                if mirror is not None:
-                    mirror.wait()
+            _fit_until_stopped(trainer, module, datamodule, resume_path, mirror, stop)
         except SIGTERMException:
             # Lightning ends a SIGTERM'd fit with SystemExit(None): exit status 0, as if the
             # run had finished. Say what happened and fail the step instead.
+            stop.restore_handler()
             raise TrainingInterrupted(
                 f"training {config_name!r} stopped on SIGTERM after step {trainer.global_step} "
                 f"of {config.max_steps}; its state is saved in {saved_in} (step "
                 f"{_saved_step(last)}): materialize it again to resume from there"
             ) from None
-        except StopRequested:
-            pass  # Ctrl-C (or Dagster's terminate) with the step's state saved: see below
-        finally:
+        except BaseException as error:
             stop.restore_handler()
+            if stop.stopped_at_once:  # a second request: stopped mid-step, before any save
+                error.args = (_stop_message(config_name, config.max_steps, last, saved_in),)
+            raise
     if stop.stop_requested:  # also when the interrupt came after the last step
-        say(
-            f"{config_name}: interrupted after step {trainer.global_step} of {config.max_steps}; "
-            f"its state is saved in {saved_in}: run it again to resume from there"
-        )
-        stop.raise_interrupt()
+        message = _stop_message(config_name, config.max_steps, last, saved_in)
+        say(message)
+        # The host's own interruption (Dagster's, KeyboardInterrupt) with the message as its
+        # text, so the failure (`megapairs status`, the run's log) says how to go on. Repeated
+        # signals stay deferred until here: the message is never cut off.
+        stop.raise_interrupt(message)
+    stop.restore_handler()
     return module, trainer
+
+
+def _fit_until_stopped(
+    trainer: Any,
+    module: Any,
+    datamodule: Any,
+    resume_path: Path | None,
+    mirror: ResumePointMirror | None,
+    stop: StopCheckpoint,
+) -> None:
+    """`trainer.fit`, returning normally when a stop request ended it (`StopRequested`)."""
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=resume_path)
+    except StopRequested:
+        pass  # Ctrl-C (or Dagster's terminate) with the step's state saved: the caller raises
+    finally:
+        # The upload of the last resume point finishes before the step says where its state
+        # is, on every way out (the end, SIGTERM, Ctrl-C, an error).
+        if mirror is not None:
+            mirror.wait()
+
+
+def _stop_message(config_name: str, max_steps: int, last: Path, saved_in: str) -> str:
+    """What a stopped run says: the step its resume point holds, where, and how to go on."""
+    step = _saved_step(last)
+    if step is None:
+        return (
+            f"{config_name}: stopped before any checkpoint was saved (of {max_steps} steps); "
+            "materialize it again to train from the start"
+        )
+    return (
+        f"{config_name}: stopped at step {step} of {max_steps}; saved {saved_in}; "
+        f"materialize it again to resume from step {step}"
+    )
 
 
 def _trainer(
