@@ -84,6 +84,11 @@ def test_a_cross_shard_copy_is_named_by_shard_and_key() -> None:
     assert result.detail.endswith("as key 'a' of shard 00000")
     assert result.examples == ("00001/c = 00000/a",)  # the metadata's examples, unchanged
     assert check_cross_shard_duplicates(images, others.head(0)).passed
+    # Only the copy in the later shard is flagged, whichever shard ran first.
+    earlier = pl.DataFrame({"image_id": ["00000/a"], "content_hash": ["h1" * 32]})
+    later = pl.DataFrame({"image_id": ["00001/c"], "content_hash": ["h1" * 32]})
+    assert check_cross_shard_duplicates(earlier, later).passed
+    assert not check_cross_shard_duplicates(later, earlier).passed
 
 
 def test_a_sample_names_unread_entries_and_duplicates_and_no_file_of_its_throwaway_home(

@@ -15,7 +15,7 @@ import torch
 from megapairs_assets.cli.main import main
 from megapairs_assets.demo.models import DEMO_CLIP_MODEL
 from megapairs_assets.evaluation.assets import RETRIEVER_PARTITIONS_NAME, score_partition_key
-from megapairs_assets.evaluation.run import BENCHMARK_KEYS
+from megapairs_assets.evaluation.run import BENCHMARK_FAMILY, BENCHMARK_KEYS
 from megapairs_assets.lib.storage import is_safe_partition_key
 from megapairs_assets.lineage.catalog import (
     LineageCatalog,
@@ -165,9 +165,17 @@ def _scored(catalog: LineageCatalog, partition: str) -> None:
 
 
 def test_status_counts_registered_unscored_benchmark_partitions_as_missing(
-    home: Path, capsys: pytest.CaptureFixture[str]
+    home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     home.mkdir(parents=True)
+    # Scores are expected on the benchmarks this home can score: held-out, and those whose
+    # folders are set (here CIRCO and CIRR, not FashionIQ or GeneCIS).
+    for family in ("CIRCO", "CIRR"):
+        (tmp_path / family).mkdir()
+        monkeypatch.setenv(f"MEGAPAIRS_{family}_ROOT", str(tmp_path / family))
+    monkeypatch.delenv("MEGAPAIRS_FASHIONIQ_ROOT", raising=False)
+    monkeypatch.delenv("MEGAPAIRS_GENECIS_ROOT", raising=False)
+    scorable = [k for k in BENCHMARK_KEYS if BENCHMARK_FAMILY[k] in ("heldout", "circo", "cirr")]
     catalog = LineageCatalog(home / "catalog.duckdb")
     retrievers = ["base-clip__openai", "tiny__demo.open_clip", "tiny__demo-lr1e3.open_clip"]
     scored = [score_partition_key(r, "heldout") for r in retrievers]
@@ -182,7 +190,8 @@ def test_status_counts_registered_unscored_benchmark_partitions_as_missing(
     assert main(["status", "--json"]) == 0
     report = {row["asset"]: row for row in json.loads(capsys.readouterr().out)}
     scores = report["benchmark_scores"]
-    expected = len(retrievers) * len(BENCHMARK_KEYS)
+    expected = len(retrievers) * len(scorable)
+    assert len(scorable) < len(BENCHMARK_KEYS)
     assert (scores["expected"], scores["complete"]) == (expected, len(scored))
     assert scores["missing"] == expected - len(scored) and not scores["healthy"]
     assert main(["status"]) == 0
@@ -190,3 +199,5 @@ def test_status_counts_registered_unscored_benchmark_partitions_as_missing(
     unscored = score_partition_key("tiny__demo-lr1e3.open_clip", "cirr-val")
     assert f"benchmark_scores[{unscored}]: never materialized" in out
     assert f"benchmark_scores[{scored[0]}]: never materialized" not in out
+    unconfigured = score_partition_key("tiny__demo-lr1e3.open_clip", "fashioniq-val")
+    assert str(unconfigured) not in out

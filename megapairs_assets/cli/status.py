@@ -33,6 +33,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     from megapairs_assets.cli.instance import prepare_dagster_home
     from megapairs_assets.cli.lineage import existing_catalog
     from megapairs_assets.definitions import build_definitions
+    from megapairs_assets.evaluation.assets import BENCHMARK_DIMENSION
     from megapairs_assets.lib.storage import default_home
     from megapairs_assets.lineage.status import asset_status, format_status
     from resources.environment import profile_from_env
@@ -42,7 +43,11 @@ def cmd_status(args: argparse.Namespace) -> int:
     if catalog is None:
         return 1
     # Importing the definitions also declares every stage's catalog tables.
-    graph = build_definitions(profile_from_env(), home).resolve_asset_graph()
+    defs = build_definitions(profile_from_env(), home)
+    graph = defs.resolve_asset_graph()
+    # Scores are expected only on the benchmarks this home can score (their folders set, and
+    # the held-out split), as the demo and the retriever sensors score them.
+    scored_benchmarks = set(defs.resources["evaluation"].configured_benchmarks())
     prepare_dagster_home(home)
     instance = dg.DagsterInstance.get()
     assets, expected = [], {}
@@ -55,7 +60,13 @@ def cmd_status(args: argparse.Namespace) -> int:
             # product of its dimensions' keys (benchmark_scores: retrievers x benchmarks), each
             # as the string the catalog records.
             keys = partitions.get_partition_keys(dynamic_partitions_store=instance)
-            expected[name] = [str(partition) for partition in keys]
+            expected[name] = [
+                str(partition)
+                for partition in keys
+                if not isinstance(partition, dg.MultiPartitionKey)
+                or partition.keys_by_dimension.get(BENCHMARK_DIMENSION, "") in scored_benchmarks
+                or BENCHMARK_DIMENSION not in partition.keys_by_dimension
+            ]
     report = asset_status(catalog, assets, expected)
     if args.json:
         print(json.dumps([s.as_dict() for s in report], indent=2, default=str))

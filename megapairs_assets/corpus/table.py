@@ -355,7 +355,11 @@ def _split_error(error: str) -> tuple[str, str]:
 
 def check_cross_shard_duplicates(images: pl.DataFrame, other_shards: pl.DataFrame) -> CheckOutcome:
     """`corpus_content_unique_across_shards`: no image of this shard has the exact bytes
-    (sha256) of an image already registered from another shard.
+    (sha256) of an image registered from a shard whose id sorts before this one's.
+
+    Only the later copy is flagged, as `duplicate_key` keeps the first file within a shard: the
+    result then does not depend on the order in which shards ran (the first shard of a first
+    run sees no other shard; a re-run sees them all), so two runs over the same corpus agree.
 
     `other_shards` holds `image_id` and `content_hash` of the rest of the corpus (the lineage
     catalog's image rows). Within a shard such copies are quarantined as `duplicate_content`;
@@ -363,12 +367,14 @@ def check_cross_shard_duplicates(images: pl.DataFrame, other_shards: pl.DataFram
     check reports them. The near-duplicate end of each mining band keeps them from becoming
     pairs.
     """
+    shard_of = pl.col("image_id").str.split("/").list.first()  # an image_id is <shard>/<key>
     joined = (
         images.select("image_id", "content_hash")
         .join(
             other_shards.select(pl.col("image_id").alias("other_id"), "content_hash"),
             on="content_hash",
         )
+        .filter(pl.col("other_id").str.split("/").list.first() < shard_of)
         .sort("image_id", "other_id")
     )
     examples = [f"{row[0]} = {row[1]}" for row in joined.select("image_id", "other_id").rows()]

@@ -190,7 +190,6 @@ def _evaluate(args: argparse.Namespace):
     retriever = load_retriever_spec(spec, device, getattr(torch, precision))
     print(f"retriever {retriever.retriever_id} on {device} in {precision}", file=sys.stderr)
     cache = gallery_cache(layout)
-    cache.keep_tidy(retriever.retriever_id, spec)  # drops entries of deleted checkpoints
     return evaluate_benchmark(
         retriever,
         args.benchmark,
@@ -199,6 +198,8 @@ def _evaluate(args: argparse.Namespace):
         output_dir(layout, retriever.retriever_id, args.benchmark),
         settings,
         log=lambda line: print(line, file=sys.stderr),
+        # Drops the cache entries of deleted checkpoints, once the benchmark has loaded.
+        before_first_split=lambda: cache.keep_tidy(retriever.retriever_id, spec),
     )
 
 

@@ -365,8 +365,13 @@ def evaluate_benchmark(
     output_dir: Path,
     settings: EvaluationSettings = EvaluationSettings(),
     log: Callable[[str], None] | None = None,
+    before_first_split: Callable[[], None] | None = None,
 ) -> BenchmarkResult:
-    """Load benchmark `key`, score every available split, add means, write server files."""
+    """Load benchmark `key`, score every available split, add means, write server files.
+
+    `before_first_split` runs once, after the first split loaded and before it is embedded
+    (the callers tidy the gallery cache there, so a benchmark refused while loading touches
+    nothing)."""
     results = []
     for item in load_benchmark(key, sources):
         if isinstance(item, Skipped):
@@ -374,6 +379,9 @@ def evaluate_benchmark(
                 SplitResult(item.benchmark, item.split, STATUS_SKIPPED, detail=item.detail)
             )
             continue
+        if before_first_split is not None:
+            before_first_split()
+            before_first_split = None
         results.append(evaluate_split(retriever, item, cache, output_dir, settings, log))
     mean = _mean_row(key, results)
     if mean is not None:

@@ -198,9 +198,16 @@ def score_partition(
         return image_uris(lineage, image_ids)
 
     cache = gallery_cache(layout)
-    cache.keep_tidy(retriever.retriever_id, spec)  # drops entries of deleted checkpoints
     result = evaluate_benchmark(
-        retriever, benchmark, sources(triplets, locate), cache, out, settings, log
+        retriever,
+        benchmark,
+        sources(triplets, locate),
+        cache,
+        out,
+        settings,
+        log,
+        # Drops the cache entries of deleted checkpoints, once the benchmark has loaded.
+        before_first_split=lambda: cache.keep_tidy(retriever.retriever_id, spec),
     )
     input_versions.update(_checkpoint_version(spec, layout, lineage))
     rows = result.rows()
