@@ -207,3 +207,57 @@ def test_sigterm_where_the_host_raises_on_it_finishes_the_step_and_saves_it(
     out = home / "data" / "mmret_clip_checkpoint" / "evicted"
     assert torch.load(out / "lightning" / "last.ckpt", weights_only=False)["global_step"] == 3
     assert read_loss_curve(out / "loss_curve.csv")["step"].to_list() == [1, 2, 3]
+
+
+def _triplets_under(images: Path, rows: pl.DataFrame, path: Path) -> Path:
+    """The triplet rows with their image folder replaced by `images` (absolute paths)."""
+
+    def moved(expr: pl.Expr) -> pl.Expr:
+        return pl.lit(str(images) + "/") + expr.str.split("/").list.last()
+
+    rows.with_columns(
+        moved(pl.col("q_img")).alias("q_img"),
+        moved(pl.col("t_img")).alias("t_img"),
+        pl.col("hns").list.eval(moved(pl.element())).alias("hns"),
+    ).write_parquet(path)
+    return path
+
+
+def test_a_moved_image_folder_resumes_and_changed_image_bytes_start_over(
+    tmp_path: Path, demo_models_dir: Path
+) -> None:
+    triplets = write_triplets(tmp_path, rows=24, images=12)
+    rows = pl.read_parquet(triplets)
+    home = DataLayout(tmp_path / "home")
+    config = tiny_config(demo_models_dir, max_steps=4, checkpoint_every_n_steps=2)
+    said: list[str] = []
+    with OneThread():
+        first = train_checkpoint("moves", config, [triplets], home, log=said.append)
+    assert first.metadata["resumed_from_step"] == 0
+
+    # The corpus remounted elsewhere, byte for byte: the finished run is kept, not retrained.
+    moved = tmp_path / "remounted" / "images"
+    moved.parent.mkdir()
+    (tmp_path / "images").rename(moved)
+    moved_triplets = _triplets_under(moved, rows, tmp_path / "moved.parquet")
+    said.clear()
+    with OneThread():
+        again = train_checkpoint("moves", config, [moved_triplets], home, log=said.append)
+    assert again.metadata["resumed_from_step"] == 4, said
+    assert again.metadata["fingerprint"] == first.metadata["fingerprint"]
+    assert any("images moved since the last run (same contents)" in line for line in said)
+    assert not any("training from scratch" in line for line in said)
+
+    # One image's bytes changed (same path): that is other data, so training starts over.
+    changed = sorted(moved.iterdir())[0]
+    changed.write_bytes(changed.read_bytes() + b"\0")  # a JPEG/PNG reader ignores the tail
+    said.clear()
+    with OneThread():
+        redone = train_checkpoint("moves", config, [moved_triplets], home, log=said.append)
+    assert redone.metadata["resumed_from_step"] == 0
+    assert redone.metadata["fingerprint"] != first.metadata["fingerprint"]
+    assert any(
+        "the training rows changed (triplets, held-out split or image contents)" in line
+        and "training from scratch" in line
+        for line in said
+    ), said

@@ -38,10 +38,12 @@ def train_config(
     check_config_name(config_name)
     resolve_config(config)  # settings fail before any data is read
     triplets, versions = read_triplet_shards(layout, catalog, log)
+    image_hashes: dict[str, str] = {}
     if image_root is not None:
         triplets = resolve_image_paths(triplets, image_root)
     elif all(column in triplets.columns for column in _ID_COLUMNS):
         triplets = with_corpus_locations(triplets, catalog)
+        image_hashes = corpus_content_hashes(triplets, catalog)
     return train_on_triplets(
         config_name,
         config,
@@ -50,6 +52,7 @@ def train_config(
         input_versions=versions,
         heldout_fraction=heldout_fraction,
         log=log,
+        image_hashes=image_hashes,
     )
 
 
@@ -119,3 +122,17 @@ def with_corpus_locations(triplets: pl.DataFrame, catalog: LineageCatalog) -> pl
         .otherwise(pl.col("hns").list.drop_nulls())
         .alias("hns")
     )
+
+
+def corpus_content_hashes(triplets: pl.DataFrame, catalog: LineageCatalog) -> dict[str, str]:
+    """uri -> the corpus's content hash (sha256 of the original bytes) of the triplets' images,
+    from the catalog, so the run's fingerprint needs no image read (`training.content`)."""
+    from megapairs_assets.corpus.step import content_hashes, image_uris
+
+    ids = set(triplets["query_id"]) | set(triplets["target_id"])
+    ids |= set(triplets["hard_negative_ids"].explode().drop_nulls())
+    known = sorted(i for i in ids if i is not None)
+    uris = image_uris(catalog, known)
+    hashes = content_hashes(catalog, known)
+    by_id = dict(zip(hashes["image_id"], hashes["content_hash"], strict=True))
+    return {uri: by_id[image_id] for image_id, uri in uris.items() if by_id.get(image_id)}

@@ -72,6 +72,12 @@ from megapairs_assets.training.config import (
     check_config_name,
     resolve_config,
 )
+from megapairs_assets.training.content import (
+    HASH_CACHE_FILE,
+    content_rows,
+    image_contents,
+    image_uris_of,
+)
 from megapairs_assets.training.data import (
     PreparedTriplets,
     TripletDataError,
@@ -173,8 +179,14 @@ def train_on_triplets(
     log: Callable[[str], None] | None = None,
     extra_callbacks: Sequence[Any] = (),
     gpu_count: int | None = None,
+    image_hashes: Mapping[str, str] | None = None,
 ) -> StepResult:
-    """`train_checkpoint` on triplet rows already read (image paths resolved)."""
+    """`train_checkpoint` on triplet rows already read (image paths resolved).
+
+    image_hashes: image path -> sha256 of its bytes where the caller knows it (the corpus
+        catalog's `content_hash`); other images are hashed here (`training.content`). The
+        run's fingerprint keys on image contents, not paths.
+    """
     from megapairs_assets.evaluation.heldout import HELDOUT_SPLIT_VERSION
 
     check_config_name(config_name)
@@ -198,11 +210,24 @@ def train_on_triplets(
     say(f"{config_name}: {_data_summary(prepared, len(versions), config)}")
     split = f"{HELDOUT_SPLIT_VERSION}@{heldout_fraction}"
     out = work_dir(layout, config_name)
-    # What is trained on, not which materializations held it: triplets re-materialized with
-    # the same content (every `megapairs demo` run) resume instead of training again.
-    data = {"rows": rows_fingerprint(prepared.rows), "heldout_split": split}
+    # What is trained on, not which materializations held it nor where the images sit:
+    # triplets re-materialized with the same content (every `megapairs demo` run) and a corpus
+    # moved or remounted with the same bytes resume instead of training again.
+    contents = image_contents(
+        image_uris_of(prepared.rows), image_hashes or {}, out / HASH_CACHE_FILE, say
+    )
+    data = {
+        "rows": rows_fingerprint(content_rows(prepared.rows, contents)),
+        "heldout_split": split,
+    }
     fingerprint = config.fingerprint(data)
-    state = {"fingerprint": fingerprint, "settings": config.science_settings(), "data": data}
+    state = {
+        "fingerprint": fingerprint,
+        "settings": config.science_settings(),
+        "data": data,
+        # For information only (not in the fingerprint): where the images were read from.
+        "image_paths": rows_fingerprint(prepared.rows),
+    }
     published_dir = checkpoint_dir(layout, config_name)
     _withdraw_stale_publication(published_dir, out, fingerprint, say)
     mirror = None
@@ -866,6 +891,11 @@ def _prepare_output_dir(
         clear_work_folder(out)
         _write_json(state_path, {**state, "complete": False})
         return None, None
+    if previous.get("image_paths") not in (None, state["image_paths"]):
+        say(
+            f"{out}: the training images moved since the last run (same contents): its "
+            "checkpoint still applies"
+        )
     if not last.is_file():
         if previous.get("complete"):
             say(
@@ -896,7 +926,7 @@ def _what_changed(previous: dict[str, Any], current: dict[str, Any]) -> str:
     ]
     old_data, new_data = previous.get("data", {}), current["data"]
     if old_data.get("rows") != new_data["rows"]:
-        changes.append("the training rows changed (triplets, held-out split or image paths)")
+        changes.append("the training rows changed (triplets, held-out split or image contents)")
     elif old_data.get("heldout_split") != new_data["heldout_split"]:
         changes.append(
             f"held-out split {old_data.get('heldout_split')} -> {new_data['heldout_split']}"
