@@ -22,15 +22,19 @@ from the checkpoint it holds (ETags recorded in `run.json`), downloads and expor
 
 Re-running is safe: a run killed mid-way resumes from `lightning/last.ckpt` at the step it had
 reached, with the same data order; a finished run re-materializes from its final checkpoint
-without training again. A change of science settings or of the training rows (the
-fingerprint) starts over, and withdraws the old export first. `last.ckpt` is rewritten every
-`checkpoint_every_n_steps` and, when the run is stopped by SIGTERM or Ctrl-C (Dagster's
-"terminate"), at the end of the step it was in (a second Ctrl-C stops at once); only SIGKILL
-loses the steps since the last one. A loss that turns NaN or infinite stops the run before
-anything is exported, and so does a run in which more than `max_unreadable_image_fraction` of
-the image reads fail (the corpus images gone); fewer failures cost their queries and are
-reported by the `images_loaded` check. `fit_s` counts the fit time of every process that
-trained the checkpoint (carried inside it), `fit_s_this_run` this process's part.
+without training again. A change of science settings or of the training rows (the fingerprint:
+triplets, held-out split and image contents, not where the images sit, so a moved corpus
+resumes; `training.content`) starts over, and withdraws the old export first. `last.ckpt` is
+rewritten every `checkpoint_every_n_steps` and, when the run is stopped by SIGTERM or Ctrl-C
+(Dagster's "terminate"), at the end of the step it was in, and the run fails with "<config>:
+stopped at step N of M; saved <path>; materialize it again to resume from step N" (a second
+Ctrl-C more than 3 s after the first stops at once; an earlier one is the same Ctrl-C forwarded
+by Dagster's executor); only SIGKILL loses the steps since the last one. A loss that turns NaN
+or infinite stops the run before anything is exported, and so does a run in which more than
+`max_unreadable_image_fraction` of the image reads fail (the corpus images gone); fewer failures
+cost their queries and are reported by the `images_loaded` check. `fit_s` counts the fit time of
+every process that trained the checkpoint (carried inside it), `fit_s_this_run` this process's
+part.
 """
 
 from __future__ import annotations
