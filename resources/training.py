@@ -11,7 +11,7 @@ large model, a learning-rate sweep) and each checkpoint keeps its own lineage.
 | batch, negatives | 64 queries, query image + 3 | 2048 queries (8 x 256), query image + 3 |
 | temperature | 0.02 | 0.02 |
 | AdamW lr, schedule | 5e-4, 6 warm-up steps, decay to 0 | 5e-6, 500 warm-up steps, decay to 0 |
-| steps | 60 (2 epochs of the demo triplets) | 15,000 / 25,000 |
+| steps | 60 (3,840 queries: about 1.8 epochs of the demo triplets) | 15,000 / 25,000 |
 | hardware | CPU, float32, 1 torch thread | 8 GPUs, `ddp_spawn`, bf16, gradient checkpointing |
 
 The paper's batch is global: on fewer GPUs (`paper_training_settings(devices=...)`, the
