@@ -59,15 +59,12 @@ RESUME_HINT = (
 
 def was_interrupted(result: Any) -> bool:
     """Whether a run ended because the user pressed Ctrl-C: Dagster turns SIGINT into a
-    DagsterExecutionInterruptedError inside the step and records the run as failed."""
-    for event in result.all_events:
-        error = getattr(event.event_specific_data, "error", None)
-        if error is not None and error.cls_name in (
-            "DagsterExecutionInterruptedError",
-            "KeyboardInterrupt",
-        ):
-            return True
-    return False
+    DagsterExecutionInterruptedError inside the step and records the run as failed. A library
+    interrupted mid-call may fail with its own error instead (DuckDB: "Query interrupted"),
+    caused by Dagster's: the whole chain of each error counts."""
+    from megapairs_assets.orchestration.console import event_error, is_interrupt
+
+    return any(is_interrupt(event_error(event)) for event in result.all_events)
 
 
 def last_run_messages(instance: Any, run_id: str, count: int = 3) -> list[str]:
@@ -116,6 +113,7 @@ def _run_demo(args: argparse.Namespace) -> int:
     from megapairs_assets.lib.errors import ConfigurationError
     from megapairs_assets.lib.storage import check_writable_folder, default_home
     from megapairs_assets.lib.words import is_or_are, plural
+    from megapairs_assets.orchestration.console import interrupt_quiet_console_logger
     from megapairs_assets.orchestration.partitions import SHARD_PARTITIONS_NAME, shard_asset_names
     from megapairs_assets.orchestration.runs import shard_range_tags
     from megapairs_assets.training.assets import register_training_configs
@@ -135,7 +133,12 @@ def _run_demo(args: argparse.Namespace) -> int:
     print(f"megapairs: profile {profile!r}, home {home}")
     check_writable_folder(home, "MEGAPAIRS_HOME")
     prepare_dagster_home(home)
-    defs = build_definitions(profile, home, resource_overrides=overrides)
+    # Dagster's console logger, except that an interrupted run's errors print without their
+    # stack (Ctrl-C is not a bug); every job of the demo gets it as its "console" logger.
+    defs = dg.Definitions.merge(
+        build_definitions(profile, home, resource_overrides=overrides),
+        dg.Definitions(loggers={"console": interrupt_quiet_console_logger}),
+    )
     resources = defs.resources
     phases = PHASES[: PHASES.index(args.until) + 1]
     print(f"checking configuration ({CHECKING.get(profile, 'the profile')})...")

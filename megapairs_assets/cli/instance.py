@@ -10,7 +10,9 @@ from typing import Any
 # Telemetry and the first-visit dialog off (this runs offline); one step at a time per pool
 # by default, so a backfill of non-adjacent shards (several runs) never loads two models on
 # one GPU at once. Raise a pool's limit to its number of GPUs:
-# `dagster instance concurrency set gpu N`.
+# `dagster instance concurrency set gpu N`. Steps' output is captured as by Dagster's default
+# (same files, shown by the UI), by a manager whose copy to the terminal survives Ctrl-C
+# without tracebacks (megapairs_assets/orchestration/console.py).
 DAGSTER_YAML = """telemetry:
   enabled: false
 nux:
@@ -18,7 +20,23 @@ nux:
 concurrency:
   pools:
     default_limit: 1
+compute_logs:
+  module: megapairs_assets.orchestration.console
+  class: InterruptQuietComputeLogManager
 """
+
+# dagster.yaml files this module wrote before: replaced by DAGSTER_YAML on the next command.
+# A file that differs from all of them is the user's own and is left alone.
+EARLIER_DAGSTER_YAMLS = (
+    """telemetry:
+  enabled: false
+nux:
+  enabled: false
+concurrency:
+  pools:
+    default_limit: 1
+""",
+)
 
 
 def prepare_dagster_home(home: Path) -> Path:
@@ -26,7 +44,7 @@ def prepare_dagster_home(home: Path) -> Path:
     dagster_home = Path(os.environ.get("DAGSTER_HOME") or home / "dagster")
     dagster_home.mkdir(parents=True, exist_ok=True)
     config = dagster_home / "dagster.yaml"
-    if not config.exists():
+    if not config.exists() or config.read_text() in EARLIER_DAGSTER_YAMLS:
         config.write_text(DAGSTER_YAML)
     os.environ["DAGSTER_HOME"] = str(dagster_home)
     return dagster_home
