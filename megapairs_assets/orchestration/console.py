@@ -39,8 +39,8 @@ INTERRUPT_ERROR_CLASSES = frozenset({"DagsterExecutionInterruptedError", "Keyboa
 DAGSTER_RECORD_METADATA = "dagster_meta"
 
 
-def is_interrupt(error: Any) -> bool:
-    """Whether a Dagster error (a SerializableErrorInfo) is, or was caused by, an interrupt.
+def interrupt_in(error: Any) -> Any:
+    """The interrupt in a Dagster error's chain (a SerializableErrorInfo), or None.
 
     A step interrupted inside a library often fails with that library's own error (DuckDB's
     "RuntimeError: Query interrupted", wrapped in Dagster's step execution error); the
@@ -54,9 +54,21 @@ def is_interrupt(error: Any) -> bool:
             continue
         seen.add(id(current))
         if current.cls_name in INTERRUPT_ERROR_CLASSES:
-            return True
+            return current
         pending.extend([getattr(current, "cause", None), getattr(current, "context", None)])
-    return False
+    return None
+
+
+def is_interrupt(error: Any) -> bool:
+    """Whether a Dagster error (a SerializableErrorInfo) is, or was caused by, an interrupt."""
+    return interrupt_in(error) is not None
+
+
+def interrupt_text(interrupt: Any) -> str:
+    """What an interrupt says besides its class ("" for a bare Ctrl-C): training's stop puts
+    where it saved its state and how to resume there."""
+    first, _, text = interrupt.message.strip().partition(": ")
+    return " ".join(text.split()) if first.endswith(interrupt.cls_name) else ""
 
 
 def event_error(event: Any) -> Any:
@@ -65,13 +77,19 @@ def event_error(event: Any) -> Any:
 
 
 class _InterruptStackFilter(logging.Filter):
-    """Cuts the error text (Dagster appends it after a blank line) from an interrupt's events."""
+    """Replaces an interrupt's error text (Dagster appends it after a blank line: the error, its
+    stack and its causes) with "(interrupted)" and what the interrupt itself says."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         metadata = getattr(record, DAGSTER_RECORD_METADATA, None) or {}
-        if is_interrupt(event_error(metadata.get("dagster_event"))):
+        event = metadata.get("dagster_event")
+        interrupt = interrupt_in(event_error(event))
+        if interrupt is not None:
             headline = record.getMessage().split("\n\n", 1)[0]
-            record.msg, record.args = f"{headline} (interrupted)", ()
+            # Said once, by the step that was stopped; the run's failure that follows repeats it.
+            text = interrupt_text(interrupt) if event.is_step_event else ""
+            record.msg = f"{headline} (interrupted{': ' + text if text else ''})"
+            record.args = ()
         return True
 
 
