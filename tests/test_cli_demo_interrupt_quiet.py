@@ -23,6 +23,7 @@ from megapairs_assets.cli.instance import DAGSTER_YAML, EARLIER_DAGSTER_YAMLS, p
 from megapairs_assets.orchestration.console import (
     InterruptQuietComputeLogManager,
     interrupt_quiet_console_logger,
+    interrupts_survive_finalizers,
     is_interrupt,
 )
 
@@ -109,6 +110,42 @@ def test_a_real_failure_still_prints_its_stack(capsys) -> None:
     assert "Stack Trace" in printed
     assert "ValueError: a real bug in the step" in printed
     assert "test_cli_demo_interrupt_quiet.py" in printed  # the user's own frame is shown
+
+
+class _PressesCtrlCWhileCollected:
+    """A finalizer that is running when Ctrl-C arrives (as garbage collection during a model
+    load can be): Dagster's handler raises inside it, where Python can only print the error."""
+
+    def __del__(self) -> None:
+        os.kill(os.getpid(), signal.SIGINT)
+        deadline = time.monotonic() + 2
+        while time.monotonic() < deadline:  # the handler raises in here
+            pass
+
+
+@dg.asset
+def interrupted_in_a_finalizer() -> None:
+    _PressesCtrlCWhileCollected()  # collected at once
+    time.sleep(3)  # the step goes on unless the interrupt is sent again
+
+
+def test_a_ctrl_c_that_lands_in_a_finalizer_still_stops_the_run(capsys) -> None:
+    with interrupts_survive_finalizers():
+        interrupted, printed = _run(interrupted_in_a_finalizer, capsys)
+    assert interrupted, printed
+    assert "Exception ignored" not in printed and "Traceback" not in printed, printed
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_without_the_hook_python_swallows_that_ctrl_c() -> None:
+    """Why the hook exists: the same step succeeds when nothing sends the interrupt again."""
+    job = dg.define_asset_job("job", selection=[interrupted_in_a_finalizer])
+    defs = dg.Definitions(assets=[interrupted_in_a_finalizer], jobs=[job])
+    with dg.DagsterInstance.ephemeral() as instance:
+        result = defs.resolve_job_def("job").execute_in_process(
+            instance=instance, raise_on_error=False
+        )
+    assert result.success
 
 
 def test_prepare_dagster_home_upgrades_only_a_config_it_wrote(tmp_path, monkeypatch) -> None:

@@ -113,7 +113,10 @@ def _run_demo(args: argparse.Namespace) -> int:
     from megapairs_assets.lib.errors import ConfigurationError
     from megapairs_assets.lib.storage import check_writable_folder, default_home
     from megapairs_assets.lib.words import is_or_are, plural
-    from megapairs_assets.orchestration.console import interrupt_quiet_console_logger
+    from megapairs_assets.orchestration.console import (
+        interrupt_quiet_console_logger,
+        interrupts_survive_finalizers,
+    )
     from megapairs_assets.orchestration.partitions import SHARD_PARTITIONS_NAME, shard_asset_names
     from megapairs_assets.orchestration.runs import shard_range_tags
     from megapairs_assets.training.assets import register_training_configs
@@ -187,9 +190,10 @@ def _run_demo(args: argparse.Namespace) -> int:
 
     def execute(job_name: str, **options: Any) -> bool:
         """Run one job in process; raise KeyboardInterrupt if the user interrupted it."""
-        result = defs.resolve_job_def(job_name).execute_in_process(
-            instance=instance, run_config=run_config, raise_on_error=False, **options
-        )
+        with interrupts_survive_finalizers():  # a Ctrl-C during garbage collection counts too
+            result = defs.resolve_job_def(job_name).execute_in_process(
+                instance=instance, run_config=run_config, raise_on_error=False, **options
+            )
         results.append(result)
         if was_interrupted(result):
             raise KeyboardInterrupt

@@ -14,6 +14,12 @@ tracebacks that say nothing the user can act on:
   dies before the step has said where it stopped. `InterruptQuietComputeLogManager` starts them
   with SIGINT blocked, so they keep copying until the step ends and Dagster stops them
   (SIGTERM), as it does after every step. The captured files, and so the UI, are unchanged.
+
+And one Python default loses the Ctrl-C itself: Dagster's SIGINT handler raises at once, and
+when that happens inside a finalizer (a `__del__` or weakref callback run by the garbage
+collector, often while a model loads), Python prints "Exception ignored in ..." with a traceback
+and carries on, so the run goes on to the end. `interrupts_survive_finalizers` sends such a
+swallowed interrupt again, a moment later, outside the finalizer.
 """
 
 from __future__ import annotations
@@ -21,6 +27,8 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import sys
+import threading
 from collections.abc import Generator, Sequence
 from contextlib import ExitStack, contextmanager
 from typing import Any
@@ -158,3 +166,30 @@ class InterruptQuietComputeLogManager(LocalComputeLogManager):
             with sigint_blocked():
                 context = stack.enter_context(super().capture_logs(log_key))
             yield context
+
+
+# How long after a finalizer swallowed an interrupt it is sent again: long enough for the
+# finalizer (and the garbage collection that ran it) to have returned.
+RESEND_INTERRUPT_AFTER_S = 0.05
+
+
+@contextmanager
+def interrupts_survive_finalizers() -> Generator[None, None, None]:
+    """Within this block an interrupt raised inside a finalizer is not lost: SIGINT is sent
+    to this process again, from a short-lived thread, instead of printing the traceback Python
+    prints for an error a finalizer cannot raise. Other such errors print as before."""
+    previous = sys.unraisablehook
+
+    def resend_interrupts(unraisable: Any) -> None:
+        if getattr(unraisable.exc_type, "__name__", None) not in INTERRUPT_ERROR_CLASSES:
+            previous(unraisable)
+            return
+        resend = threading.Timer(RESEND_INTERRUPT_AFTER_S, os.kill, (os.getpid(), signal.SIGINT))
+        resend.daemon = True
+        resend.start()
+
+    sys.unraisablehook = resend_interrupts
+    try:
+        yield
+    finally:
+        sys.unraisablehook = previous
