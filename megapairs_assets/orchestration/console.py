@@ -47,8 +47,8 @@ INTERRUPT_ERROR_CLASSES = frozenset({"DagsterExecutionInterruptedError", "Keyboa
 DAGSTER_RECORD_METADATA = "dagster_meta"
 
 
-def interrupt_in(error: Any) -> Any:
-    """The interrupt in a Dagster error's chain (a SerializableErrorInfo), or None.
+def is_interrupt(error: Any) -> bool:
+    """Whether a Dagster error (a SerializableErrorInfo) is, or was caused by, an interrupt.
 
     A step interrupted inside a library often fails with that library's own error (DuckDB's
     "RuntimeError: Query interrupted", wrapped in Dagster's step execution error); the
@@ -62,21 +62,9 @@ def interrupt_in(error: Any) -> Any:
             continue
         seen.add(id(current))
         if current.cls_name in INTERRUPT_ERROR_CLASSES:
-            return current
+            return True
         pending.extend([getattr(current, "cause", None), getattr(current, "context", None)])
-    return None
-
-
-def is_interrupt(error: Any) -> bool:
-    """Whether a Dagster error (a SerializableErrorInfo) is, or was caused by, an interrupt."""
-    return interrupt_in(error) is not None
-
-
-def interrupt_text(interrupt: Any) -> str:
-    """What an interrupt says besides its class ("" for a bare Ctrl-C): training's stop puts
-    where it saved its state and how to resume there."""
-    first, _, text = interrupt.message.strip().partition(": ")
-    return " ".join(text.split()) if first.endswith(interrupt.cls_name) else ""
+    return False
 
 
 def event_error(event: Any) -> Any:
@@ -86,18 +74,14 @@ def event_error(event: Any) -> Any:
 
 class _InterruptStackFilter(logging.Filter):
     """Replaces an interrupt's error text (Dagster appends it after a blank line: the error, its
-    stack and its causes) with "(interrupted)" and what the interrupt itself says."""
+    stack and its causes) with "(interrupted)". What the stopped step said last (training: where
+    its state is saved) is in its own log lines, which `megapairs demo` repeats at the end."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         metadata = getattr(record, DAGSTER_RECORD_METADATA, None) or {}
-        event = metadata.get("dagster_event")
-        interrupt = interrupt_in(event_error(event))
-        if interrupt is not None:
+        if is_interrupt(event_error(metadata.get("dagster_event"))):
             headline = record.getMessage().split("\n\n", 1)[0]
-            # Said once, by the step that was stopped; the run's failure that follows repeats it.
-            text = interrupt_text(interrupt) if event.is_step_event else ""
-            record.msg = f"{headline} (interrupted{': ' + text if text else ''})"
-            record.args = ()
+            record.msg, record.args = f"{headline} (interrupted)", ()
         return True
 
 
