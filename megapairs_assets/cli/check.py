@@ -365,6 +365,10 @@ def _run_sample(args: argparse.Namespace, home: Path, kept: bool) -> int:
     from megapairs_assets.cli.demo import was_interrupted
     from megapairs_assets.corpus.sources import detect_source_kind
     from megapairs_assets.definitions import build_definitions
+    from megapairs_assets.orchestration.console import (
+        interrupt_quiet_console_logger,
+        interrupts_survive_finalizers,
+    )
     from megapairs_assets.orchestration.partitions import SHARD_PARTITIONS_NAME
     from megapairs_assets.orchestration.runs import shard_range_tags
     from resources.corpus import CorpusSourceResource
@@ -390,7 +394,12 @@ def _run_sample(args: argparse.Namespace, home: Path, kept: bool) -> int:
     shards = source.shard_ids()[: args.shards or DEFAULT_SAMPLE_SHARDS]
     fields = {name: getattr(source, name) for name in type(source).model_fields}
     sample = CorpusSourceResource(**{**fields, "only_shards": shards})
-    defs = build_definitions(profile_from_env(), home, resource_overrides={"corpus_source": sample})
+    # Dagster's console logger, except that an interrupted run's errors print without their
+    # stack (as in `megapairs demo`).
+    defs = dg.Definitions.merge(
+        build_definitions(profile_from_env(), home, resource_overrides={"corpus_source": sample}),
+        dg.Definitions(loggers={"console": interrupt_quiet_console_logger}),
+    )
     job = defs.resolve_job_def(job_name)
     print(f"megapairs check: {job_name} over {len(shards)} shards {shards} in {home}")
     log_level = "WARNING" if args.quiet else "INFO"
@@ -398,12 +407,13 @@ def _run_sample(args: argparse.Namespace, home: Path, kept: bool) -> int:
     # them along, and they are released when the run ends.
     with dg.DagsterInstance.ephemeral(tempdir=str(home / "dagster")) as instance:
         instance.add_dynamic_partitions(SHARD_PARTITIONS_NAME, shards)
-        result = job.execute_in_process(
-            instance=instance,
-            tags=shard_range_tags(shards),
-            run_config={"loggers": {"console": {"config": {"log_level": log_level}}}},
-            raise_on_error=False,
-        )
+        with interrupts_survive_finalizers():  # a Ctrl-C during garbage collection counts too
+            result = job.execute_in_process(
+                instance=instance,
+                tags=shard_range_tags(shards),
+                run_config={"loggers": {"console": {"config": {"log_level": log_level}}}},
+                raise_on_error=False,
+            )
     if was_interrupted(result):
         # Ctrl-C (or SIGTERM) reached the run's steps: a table of the checks that happened to
         # run before it would read like a result.
