@@ -8,7 +8,8 @@ from __future__ import annotations
 import json
 import shlex
 import textwrap
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import dagster as dg
@@ -31,6 +32,24 @@ _NO_CAPTION = "no_caption"
 _CAPTION_SOURCE = "caption_text"
 
 
+def storage_errors() -> tuple[type[BaseException], ...]:
+    """The errors a data root that cannot be read raises: an OSError (a local disk, or s3fs's
+    translation of a refused request) or botocore's own (an unreachable endpoint, no
+    credentials), which are no OSErrors."""
+    errors: list[type[BaseException]] = [OSError]
+    try:
+        from botocore.exceptions import BotoCoreError, ClientError
+    except ImportError:  # no object-store support installed: only local paths
+        return tuple(errors)
+    return (*errors, BotoCoreError, ClientError)
+
+
+def first_line(error: BaseException) -> str:
+    """An error as one line: its type and the first line of its message."""
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
+
+
 def mining_summary(layout: DataLayout, catalog: LineageCatalog, shards: list[str]) -> dict:
     """Images, quarantine by reason and pairs by source over `shards`.
 
@@ -39,6 +58,12 @@ def mining_summary(layout: DataLayout, catalog: LineageCatalog, shards: list[str
     `empty_sources`: sources that mined no pair because their embedding tables hold no row
     (the caption source on a corpus without captions).
     """
+    return {**catalog_mining_summary(catalog, shards), **stored_pairs_summary(layout, shards)}
+
+
+def catalog_mining_summary(catalog: LineageCatalog, shards: list[str]) -> dict:
+    """The part of `mining_summary` the lineage catalog alone holds (images, quarantine), so
+    the summary can still say it when the data root cannot be read."""
     images = catalog.query(
         f"SELECT count(*) AS n FROM image_lineage WHERE shard {IN_IDS}", [id_list(shards)]
     )["n"][0]
@@ -48,7 +73,17 @@ def mining_summary(layout: DataLayout, catalog: LineageCatalog, shards: list[str
         [id_list(shards)],
     )
     skipped = by_reason.filter(pl.col("reason") == _NO_CAPTION)
-    quarantine = by_reason.filter(pl.col("reason") != _NO_CAPTION)
+    return {
+        "images": int(images),
+        "quarantine": by_reason.filter(pl.col("reason") != _NO_CAPTION),
+        "no_caption": int(skipped["n"].sum()) if skipped.height else 0,
+    }
+
+
+def stored_pairs_summary(layout: DataLayout, shards: list[str]) -> dict:
+    """The part of `mining_summary` read from the data root: pairs by source, the sources
+    that had nothing to mine, an example pair. Raises a `storage_errors()` error when the data
+    root cannot be read."""
     paths = [layout.shard_table(PAIRS_ASSET, s) for s in shards]
     tables = [read_parquet(p) for p in paths if p.exists()]
     pairs = pl.concat(tables) if tables else pl.DataFrame()
@@ -59,9 +94,6 @@ def mining_summary(layout: DataLayout, catalog: LineageCatalog, shards: list[str
     configured = [c.removeprefix("score_") for c in pairs.columns if c.startswith("score_")]
     per_source = {source: found.get(source, 0) for source in sorted({*configured, *found})}
     return {
-        "images": int(images),
-        "quarantine": quarantine,
-        "no_caption": int(skipped["n"].sum()) if skipped.height else 0,
         "empty_sources": [
             source
             for source, count in per_source.items()
@@ -120,10 +152,18 @@ def source_hint_lines(summary: Mapping[str, Any]) -> list[str]:
     return lines
 
 
-def training_lines(catalog: LineageCatalog, query: tuple[Any, str] | None = None) -> list[str]:
+def training_lines(
+    catalog: LineageCatalog,
+    query: tuple[Any, str] | None = None,
+    layout: DataLayout | None = None,
+) -> list[str]:
     """Per trained config: its newest complete checkpoint's row counts and time, then the
     commands that score its export (the folder a user would otherwise have to look for) and
-    search with it (`query`: an image and a text to try, e.g. the sample triplet's)."""
+    search with it (`query`: an image and a text to try, e.g. the sample triplet's).
+
+    Both commands load from this machine: an export on an object store is named by its local
+    copy under `layout`'s home (where evaluation mirrors it), and a query image that is not a
+    local file is left out of the search command, with a line saying where it is."""
     frame = catalog.query(
         "SELECT partition, arg_max(row_counts, started_at) AS row_counts, "
         "arg_max(duration_s, started_at) AS duration_s, "
@@ -140,14 +180,60 @@ def training_lines(catalog: LineageCatalog, query: tuple[Any, str] | None = None
             f"  checkpoint:  config {row['partition']!r}, {detail} in {row['duration_s']:.1f} s"
         )
         export = json.loads(row["output_paths"] or "{}").get("open_clip_dir")
-        if export:
-            lines.append(f"    score it:  megapairs eval --retriever {export} --benchmark heldout")
-            image, text = query or ("<image>", "<what to change>")
+        if not export:
+            continue
+        export = _local_export(str(export), layout)
+        quoted = shlex.quote(export)
+        lines.append(f"    score it:  megapairs eval --retriever {quoted} --benchmark heldout")
+        image, text = query or ("<image>", "<what to change>")
+        if _is_url(str(image)):
             lines.append(
-                f"    use it:    megapairs search --retriever {export} "
+                f"    use it:    megapairs search --retriever {quoted} --text {shlex.quote(text)}"
+            )
+            lines.append(
+                f"               (its query image is {image}; search reads local files: "
+                "copy it here and add --image <that file>)"
+            )
+        else:
+            lines.append(
+                f"    use it:    megapairs search --retriever {quoted} "
                 f"--image {shlex.quote(str(image))} --text {shlex.quote(text)}"
             )
     return lines
+
+
+def _is_url(path: str) -> bool:
+    return "://" in path
+
+
+def _local_export(export: str, layout: DataLayout | None) -> str:
+    """`export` itself when it is a local folder, else its local copy under the home (eval and
+    search load open_clip exports from this machine only)."""
+    marker = f"/{CHECKPOINT_ASSET}/"
+    if not _is_url(export) or layout is None or marker not in export:
+        return export
+    from megapairs_assets.evaluation.step import local_checkpoint_root  # imports torch
+
+    relative = export.split(marker, 1)[1]
+    return str(local_checkpoint_root(layout) / relative)
+
+
+def local_query(query: tuple[Any, str] | None, catalog: LineageCatalog) -> tuple[Any, str] | None:
+    """`query` with its image made a local file where one exists: an exported image on an
+    object store (`images/<shard>/<key>.jpg`) is replaced by its corpus source image when that
+    is a plain local file; otherwise the query is kept as it is (the caller says where)."""
+    if query is None or not _is_url(str(query[0])):
+        return query
+    image, text = query
+    parts = str(image).rstrip("/").split("/")
+    image_id = f"{parts[-2]}/{parts[-1].removesuffix('.jpg')}"
+    found = catalog.query(
+        "SELECT source_uri FROM image_lineage WHERE image_id = ? LIMIT 1", [image_id]
+    )
+    source = found["source_uri"][0] if found.height else None
+    if source and not _is_url(source) and "#" not in source and Path(source).is_file():
+        return Path(source), text
+    return query
 
 
 def check_lines(results: Sequence[Any]) -> list[str]:
@@ -181,9 +267,25 @@ def check_lines(results: Sequence[Any]) -> list[str]:
 def print_summary(
     resources: Mapping[str, Any], shards: list[str], wall_s: float, results: Sequence[Any]
 ) -> None:
+    """Print the end-of-run summary. Never raises for a data root that cannot be read (an
+    object store that went away, missing credentials): what the catalog knows is still
+    printed, the tables' parts are left out, and one line says why."""
     layout: DataLayout = resources["storage"].layout()
     catalog: LineageCatalog = resources["catalog"].catalog()
-    s = mining_summary(layout, catalog, shards)
+    unreadable: list[BaseException] = []  # the first storage error; later reads are skipped
+
+    def stored(read: Callable[[], Any], default: Any = None) -> Any:
+        """`read()` from the data root, or `default` once the data root failed to read."""
+        if unreadable:
+            return default
+        try:
+            return read()
+        except storage_errors() as error:
+            unreadable.append(error)
+            return default
+
+    s = catalog_mining_summary(catalog, shards)
+    s.update(stored(lambda: stored_pairs_summary(layout, shards), {}))
     run_ids = [result.run_id for result in results]
     print()
     runs = plural(len(run_ids), "run")
@@ -192,27 +294,40 @@ def print_summary(
     for line in mining_lines(s):
         print(line)
     report = layout.corpus_source_report()
-    if report.exists():
-        unread = unexpected_unread(read_parquet(report))  # not the demo corpus's licence
-        if unread.height:
-            entries = plural(unread.height, "entry")
-            print(f"  not read:    {entries} of the corpus source ({report})")
-    print(f"  mined pairs: {s['pairs']}  by source: {s['pairs_per_source']}")
-    for line in source_hint_lines(s):
-        print(line)
+    unread = stored(lambda: _unread_entries(report))
+    if unread is not None and unread.height:
+        entries = plural(unread.height, "entry")
+        print(f"  not read:    {entries} of the corpus source ({report})")
+    if "pairs" in s:
+        print(f"  mined pairs: {s['pairs']}  by source: {s['pairs_per_source']}")
+        for line in source_hint_lines(s):
+            print(line)
     for line in check_lines(results):
         print(line)
-    generated = generation_summary(layout, shards)
+    generated = stored(lambda: generation_summary(layout, shards))
     if generated:
         print(generated)
-    for line in training_lines(catalog, sample_query(layout, shards)):
+    query = stored(lambda: sample_query(layout, shards))
+    for line in training_lines(catalog, local_query(query, catalog), layout):
         print(line)
     base_id = resources["evaluation"].base_spec().retriever_id
     for line in heldout_summary_lines(catalog, base_id):
         print(f"  {line}")
+    if unreadable:
+        print(
+            f"  data root:   could not be read ({first_line(unreadable[0])}); pairs, triplets "
+            "and the corpus report are left out"
+        )
     print(f"  outputs:     {layout.data_dir}")
     print(f"  catalog:     {catalog.location}")
-    if s["example_pair_id"]:
+    if s.get("example_pair_id"):
         print(f"  trace a pair: megapairs lineage {s['example_pair_id']}")
     print("  browse:      megapairs ui   (the Dagster UI on workspace.yaml, same instance)")
     print("  status:      megapairs status   (each asset's partitions; any that need attention)")
+
+
+def _unread_entries(report: Any) -> pl.DataFrame | None:
+    """The corpus source report's unexpected unread entries; None when there is no report."""
+    if not report.exists():
+        return None
+    return unexpected_unread(read_parquet(report))  # not the demo corpus's licence
