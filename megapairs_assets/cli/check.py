@@ -187,8 +187,23 @@ def _run_check(args: argparse.Namespace) -> int:
         args.junit_xml = args.junit_xml.expanduser()
         ensure_writable_file(args.junit_xml, "--junit-xml")
     if args.existing:
-        with ExitStack() as stack:
-            return _check_existing_home(args, stack)
+        from megapairs_assets.cli.summary import first_line, storage_errors
+        from megapairs_assets.lineage.catalog import MissingTableError
+
+        try:
+            with ExitStack() as stack:
+                return _check_existing_home(args, stack)
+        except MissingTableError:
+            raise  # a table the catalog records is gone: the data's fault, not the store's
+        except storage_errors() as error:
+            # An object store that is down or refuses our credentials is an infrastructure
+            # fault: not "a blocking check failed" (1), which CI would report as bad data.
+            print(
+                f"megapairs check: the data root could not be read ({first_line(error)}); "
+                "no check ran",
+                file=sys.stderr,
+            )
+            return EXIT_RUN_FAILED
     resolve_selection(args.select or "mining_half", existing=False)
     if args.home is not None:
         home = args.home.expanduser().resolve()
@@ -219,14 +234,22 @@ def _check_existing_home(args: argparse.Namespace, stack: ExitStack) -> int:
     home = (args.home.expanduser() if args.home else default_home()).resolve()
     resources = build_resources(profile_from_env(), home)
     layout = resources["storage"].layout()
-    if not layout.data_dir.exists():
-        raise ConfigurationError(
-            f"--existing: no tables at {layout.data_dir}; point --home (or MEGAPAIRS_HOME, "
-            "MEGAPAIRS_DATA_ROOT) at the data the pipeline wrote, or drop --existing to "
-            "check a fresh sample"
-        )
     catalog = existing_catalog(resources["catalog"].catalog(), stack)
     rows = check_existing(layout, catalog, resources["mining"].params(), assets)
+    if not layout.data_dir.exists():
+        if not rows:
+            raise ConfigurationError(
+                f"--existing: no tables at {layout.data_dir}; point --home (or MEGAPAIRS_HOME, "
+                "MEGAPAIRS_DATA_ROOT) at the data the pipeline wrote, or drop --existing to "
+                "check a fresh sample"
+            )
+        # The catalog records partitions whose tables should be here: each fails
+        # table_present below (a deleted data root is bad data, not a usage error).
+        print(
+            f"megapairs check: nothing at {layout.data_dir}, where the lineage catalog records "
+            "complete partitions",
+            file=sys.stderr,
+        )
     if not rows:
         # Not a pass: a gate that checked nothing must not let a CI job through.
         raise ConfigurationError(

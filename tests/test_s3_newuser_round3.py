@@ -1,0 +1,125 @@
+"""A new user's third round with the data root on S3 (moto in server mode on 127.0.0.1):
+
+- the demo summary prints what the catalog knows and one line when the data root cannot be
+  read (the server went away), never a traceback;
+- `check --existing` with the store down is one line and exit 3 (no check ran), not exit 1;
+- `check --existing` on an emptied bucket whose catalog records complete partitions fails
+  `table_present` (exit 1), not a configuration error;
+- the summary's `score it` / `use it` commands name files on this machine, and `search`
+  refuses an S3 URL for --image / --retriever with one line naming what to pass;
+- `lineage --snapshot` on a DuckLake catalog says how to open it offline;
+- a table missing because the data root moved says where it was recorded.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from datetime import datetime
+from pathlib import Path
+from types import SimpleNamespace
+
+import polars as pl
+import pytest
+
+from megapairs_assets.cli.main import main
+from megapairs_assets.lineage.catalog import LineageCatalog, MaterializationRecord
+
+moto_server = pytest.importorskip("moto.server")
+boto3 = pytest.importorskip("boto3")
+pytest.importorskip("s3fs")
+
+BUCKET = "round3"
+_FAKE_AWS_ENV = {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_SESSION_TOKEN": "testing",
+    "AWS_DEFAULT_REGION": "us-east-1",
+}
+
+
+@pytest.fixture
+def s3(monkeypatch: pytest.MonkeyPatch) -> Iterator[SimpleNamespace]:
+    """A moto server with an empty bucket; `stop()` kills it mid-test (the store goes away)."""
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    for name, value in _FAKE_AWS_ENV.items():
+        monkeypatch.setenv(name, value)
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint_url = f"http://{host}:{port}"
+    client = boto3.client("s3", endpoint_url=endpoint_url, region_name="us-east-1")
+    client.create_bucket(Bucket=BUCKET)
+    stopped = []
+
+    def stop() -> None:
+        server.stop()
+        stopped.append(True)
+
+    yield SimpleNamespace(endpoint_url=endpoint_url, client=client, stop=stop)
+    if not stopped:
+        server.stop()
+
+
+@pytest.fixture
+def s3_home(tmp_path: Path, s3: SimpleNamespace, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A home whose data root is `s3://BUCKET/prefix`, set as a user sets it."""
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("MEGAPAIRS_HOME", str(home))
+    monkeypatch.setenv("MEGAPAIRS_PROFILE", "demo")
+    monkeypatch.setenv("MEGAPAIRS_DATA_ROOT", f"s3://{BUCKET}/prefix")
+    monkeypatch.setenv("MEGAPAIRS_STORAGE_ENDPOINT_URL", s3.endpoint_url)
+    # Unreachable: botocore would otherwise retry a refused connection for a long time.
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
+    monkeypatch.setenv("AWS_RETRY_MODE", "standard")
+    return home
+
+
+def _record_complete(catalog: LineageCatalog, asset: str, partition: str, path: str) -> None:
+    catalog.record(
+        MaterializationRecord(
+            asset=asset,
+            partition=partition,
+            run_id="r",
+            code_version="v",
+            profile="demo",
+            started_at=datetime(2026, 1, 1),
+            duration_s=1.0,
+            row_counts={"images": 1},
+            output_paths={"images": path},
+        )
+    )
+
+
+# -- 2: check --existing with the store down ---------------------------------------------------
+
+
+def test_check_existing_with_the_store_down_is_one_line_and_exit_3(
+    s3_home: Path, s3: SimpleNamespace, capsys: pytest.CaptureFixture[str]
+) -> None:
+    catalog = LineageCatalog(s3_home / "catalog.duckdb")
+    _record_complete(catalog, "image_corpus", "00000", f"s3://{BUCKET}/prefix/data/x.parquet")
+    catalog.close() if hasattr(catalog, "close") else None
+    s3.stop()
+    code = main(["check", "--existing"])
+    err = capsys.readouterr().err
+    assert code == 3, err
+    assert "Traceback" not in err
+    assert "the data root could not be read" in err and "no check ran" in err
+
+
+# -- 3: check --existing on an emptied bucket --------------------------------------------------
+
+
+def test_check_existing_on_an_emptied_bucket_fails_table_present(
+    s3_home: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    catalog = LineageCatalog(s3_home / "catalog.duckdb")
+    path = f"s3://{BUCKET}/prefix/data/image_corpus/00000/images.parquet"
+    _record_complete(catalog, "image_corpus", "00000", path)
+    code = main(["check", "--existing"])
+    captured = capsys.readouterr()
+    assert code == 1, captured.err
+    assert "configuration error" not in captured.err
+    assert "table_present" in captured.out and "Traceback" not in captured.err
