@@ -235,6 +235,12 @@ def test_a_daemon_heartbeat_warns_embedded_and_stops_a_cluster_ui(
     monkeypatch.setenv("MEGAPAIRS_POSTGRES_URL", "postgresql://unused")
     monkeypatch.setenv("MEGAPAIRS_LINEAGE_CATALOG", "ducklake:postgres:dbname=unused")
     monkeypatch.setenv("MEGAPAIRS_LINEAGE_DATA_PATH", str(home / "lake"))
+    # This instance is SQLite: on the cluster deployment that alone is refused first.
+    assert main(["ui", "--port", str(_free_port())]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert "configuration error: MEGAPAIRS_DEPLOYMENT=cluster" in line and "PostgreSQL" in line
+    # Taken as PostgreSQL (the heartbeats are what this test is about): a recent one refuses.
+    monkeypatch.setattr("megapairs_assets.cli.instance._uses_postgres", lambda config: True)
     assert main(["ui", "--port", str(_free_port())]) == 2
     (line,) = capsys.readouterr().err.strip().splitlines()
     assert "configuration error: a Dagster daemon (SENSOR)" in line

@@ -40,14 +40,40 @@ concurrency:
 
 
 def prepare_dagster_home(home: Path) -> Path:
-    """Use `$DAGSTER_HOME` if set, else `<home>/dagster`, so the UI later shows the same runs."""
+    """Use `$DAGSTER_HOME` if set, else `<home>/dagster`, so the UI later shows the same runs.
+
+    On the cluster deployment the instance must be the shared PostgreSQL one: a `DAGSTER_HOME`
+    whose dagster.yaml has no postgres storage (or none set, which would make a private SQLite
+    instance here) is a configuration error, before anything is written.
+    """
+    from megapairs_assets.lib.errors import ConfigurationError
+    from resources.cluster import ClusterSettings
+
     dagster_home = Path(os.environ.get("DAGSTER_HOME") or home / "dagster")
-    dagster_home.mkdir(parents=True, exist_ok=True)
     config = dagster_home / "dagster.yaml"
+    if ClusterSettings.from_env().deployment == "cluster" and not _uses_postgres(config):
+        raise ConfigurationError(
+            f"MEGAPAIRS_DEPLOYMENT=cluster, but the Dagster instance at {dagster_home} is not "
+            "on PostgreSQL (no postgres storage in its dagster.yaml): set DAGSTER_HOME to a "
+            "folder holding deployment/dagster.yaml, which reads MEGAPAIRS_POSTGRES_URL"
+        )
+    dagster_home.mkdir(parents=True, exist_ok=True)
     if not config.exists() or config.read_text() in EARLIER_DAGSTER_YAMLS:
         config.write_text(DAGSTER_YAML)
     os.environ["DAGSTER_HOME"] = str(dagster_home)
     return dagster_home
+
+
+def _uses_postgres(config: Path) -> bool:
+    """Whether the dagster.yaml at `config` puts the instance's storage on PostgreSQL."""
+    import yaml
+
+    try:
+        settings = yaml.safe_load(config.read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        return False
+    storage = settings.get("storage") if isinstance(settings, dict) else None
+    return isinstance(storage, dict) and "postgres" in storage
 
 
 def release_dead_runs(instance: Any, log: Callable[[str], None] = print) -> list[str]:
