@@ -7,7 +7,7 @@ file in the data root. The cluster deployment points the same code at engines a 
 
 - MEGAPAIRS_DEPLOYMENT: `embedded` (default) or `cluster`.
 - MEGAPAIRS_POSTGRES_URL: Dagster instance storage, read by deployment/dagster.yaml
-  (postgresql://dagster:<password>@db:5432/dagster).
+  (postgresql+psycopg2://dagster:<password>@db:5432/dagster).
 - MEGAPAIRS_LINEAGE_CATALOG: DuckLake URL of the lineage catalog
   (ducklake:postgres:dbname=lineage host=db user=megapairs).
 - MEGAPAIRS_LINEAGE_DATA_PATH: where DuckLake writes its Parquet files (/mnt/shared/lineage/).
