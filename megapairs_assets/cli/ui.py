@@ -159,7 +159,8 @@ def cmd_ui(args: argparse.Namespace) -> int:
             # A cluster's daemon runs all the time: a second one would run sensors twice.
             raise UiStartError(
                 f"{seen}: this deployment already runs a daemon; use its Dagster UI, not "
-                "`megapairs ui` (whose `dg dev` would start a second daemon)"
+                "`megapairs ui` (whose `dg dev` would start a second daemon); if that daemon "
+                f"was a UI stopped a moment ago, try again in {RECENT_HEARTBEAT_S - age_s:.0f} s"
             )
         print(
             f"megapairs ui: warning: {seen}: fine if it was a UI stopped a moment ago; if a "
