@@ -22,6 +22,7 @@ from megapairs_assets.evaluation.step import (
     trained_retrievers_by_config,
 )
 from megapairs_assets.lib.step import StepResult
+from megapairs_assets.orchestration.partitions import step_placement
 from megapairs_assets.orchestration.shard_step import Stage, materialize_partitions
 from megapairs_assets.training.names import ASSET_NAME as CHECKPOINT_ASSET
 from resources.device import DeviceResource
@@ -69,6 +70,9 @@ def split_partition_key(partition: str) -> tuple[str, str]:
     kinds={"faiss", "open_clip"},
     check_specs=STAGE.check_specs(),
     backfill_policy=dg.BackfillPolicy.multi_run(max_partitions_per_run=16),
+    # On Kubernetes: one GPU embeds the queries and the gallery (as the embedding assets ask),
+    # memory for the gallery's cached vectors and the FAISS index beside the model.
+    **step_placement(1, "32Gi"),
 )
 def benchmark_scores(
     context: dg.AssetExecutionContext,

@@ -14,8 +14,13 @@ from typing import Any
 import dagster as dg
 
 from megapairs_assets.lib.step import StepResult
+from megapairs_assets.orchestration.partitions import step_placement
 from megapairs_assets.orchestration.shard_step import Stage, materialize_partitions
-from megapairs_assets.training.config import TrainingConfigError, check_config_name
+from megapairs_assets.training.config import (
+    ALL_VISIBLE_GPUS,
+    TrainingConfigError,
+    check_config_name,
+)
 from megapairs_assets.training.names import (
     ASSET_NAME,
     TRAINING_CHECKS,
@@ -24,7 +29,9 @@ from megapairs_assets.training.names import (
 )
 
 # To move with the resource to resources/training.py (see the report to the lead).
+from resources.environment import ProfileError
 from resources.evaluation import EvaluationResource
+from resources.profiles import PAPER_TRAIN_DEVICES, _train_devices
 from resources.storage import LineageCatalogResource, StorageResource
 
 # To move with the resource to resources/training.py (see the report to the lead).
@@ -34,6 +41,29 @@ TRAINING_CONFIG_PARTITIONS_NAME = "training_configs"
 training_config_partitions = dg.DynamicPartitionsDefinition(name=TRAINING_CONFIG_PARTITIONS_NAME)
 
 STAGE = Stage(ASSET_NAME, "mmret-clip-v1", TRAINING_CHECKS, TRAINING_WARNINGS)
+
+# Host memory per training GPU: each device's process holds the model and its optimizer state on
+# the CPU while it loads, and feeds its GPU from `num_workers` (8) image-decoding processes.
+TRAINING_MEMORY_PER_GPU_GI = 24
+
+
+def training_step_gpus() -> int:
+    """GPUs one training step's pod asks for on Kubernetes.
+
+    Tags are fixed per asset when the code location loads, while the GPU count is a field of
+    each training config (one partition each). Every config of the paper profile uses the
+    profile's setting (`MEGAPAIRS_TRAIN_DEVICES`, 8 by default), so the pod asks for that.
+    `auto` (every visible GPU) asks for the paper's 8: a pod sees only the GPUs it asked for. A
+    malformed value asks for 8 too; building the paper profile's resources names the error.
+    """
+    try:
+        devices = _train_devices()
+    except ProfileError:
+        return PAPER_TRAIN_DEVICES
+    return PAPER_TRAIN_DEVICES if devices == ALL_VISIBLE_GPUS else devices
+
+
+TRAINING_GPUS = training_step_gpus()
 
 
 @dg.asset(
@@ -47,6 +77,8 @@ STAGE = Stage(ASSET_NAME, "mmret-clip-v1", TRAINING_CHECKS, TRAINING_WARNINGS)
     check_specs=STAGE.check_specs(),
     # One config per run: a training run holds its devices for hours.
     backfill_policy=dg.BackfillPolicy.multi_run(max_partitions_per_run=1),
+    # On Kubernetes: the paper profile's GPUs per run, and host memory to feed them.
+    **step_placement(TRAINING_GPUS, f"{TRAINING_MEMORY_PER_GPU_GI * TRAINING_GPUS}Gi"),
 )
 def mmret_clip_checkpoint(
     context: dg.AssetExecutionContext,
