@@ -19,7 +19,6 @@ from datetime import datetime
 from pathlib import Path
 from types import SimpleNamespace
 
-import polars as pl
 import pytest
 
 from megapairs_assets.cli.main import main
@@ -100,7 +99,6 @@ def test_check_existing_with_the_store_down_is_one_line_and_exit_3(
 ) -> None:
     catalog = LineageCatalog(s3_home / "catalog.duckdb")
     _record_complete(catalog, "image_corpus", "00000", f"s3://{BUCKET}/prefix/data/x.parquet")
-    catalog.close() if hasattr(catalog, "close") else None
     s3.stop()
     code = main(["check", "--existing"])
     err = capsys.readouterr().err
@@ -123,3 +121,87 @@ def test_check_existing_on_an_emptied_bucket_fails_table_present(
     assert code == 1, captured.err
     assert "configuration error" not in captured.err
     assert "table_present" in captured.out and "Traceback" not in captured.err
+
+
+# -- 1 and 4: the demo summary -----------------------------------------------------------------
+
+
+def _summary_resources(home: Path, s3: SimpleNamespace) -> dict:
+    from resources.storage import StorageResource
+
+    catalog = LineageCatalog(home / "catalog.duckdb")
+    storage = StorageResource(
+        home=str(home), data_root=f"s3://{BUCKET}/prefix", endpoint_url=s3.endpoint_url
+    )
+    return {
+        "storage": storage,
+        "catalog": SimpleNamespace(catalog=lambda: catalog),
+        "evaluation": SimpleNamespace(base_spec=lambda: SimpleNamespace(retriever_id="base")),
+    }
+
+
+def test_summary_with_the_store_down_prints_one_line_not_a_traceback(
+    s3_home: Path, s3: SimpleNamespace, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from megapairs_assets.cli.summary import print_summary
+
+    resources = _summary_resources(s3_home, s3)
+    s3.stop()
+    print_summary(resources, ["00000"], 1.0, [])  # raised before: p.exists() on a dead store
+    out = capsys.readouterr().out
+    assert "images:      0 valid across 1 shard" in out  # the catalog's part still prints
+    (line,) = [line for line in out.splitlines() if "data root:" in line]
+    assert "could not be read" in line and "\n" not in line
+    assert "outputs:" in out and "mined pairs" not in out
+
+
+def test_summary_commands_name_local_files_for_an_s3_data_root(
+    s3_home: Path, s3: SimpleNamespace
+) -> None:
+    import shlex
+
+    from megapairs_assets.cli.main import build_parser
+    from megapairs_assets.cli.summary import local_query, training_lines
+    from megapairs_assets.evaluation.step import local_checkpoint_root
+
+    resources = _summary_resources(s3_home, s3)
+    layout = resources["storage"].layout()
+    catalog: LineageCatalog = resources["catalog"].catalog()
+    export = f"s3://{BUCKET}/prefix/data/mmret_clip_checkpoint/demo/open_clip"
+    catalog.record(
+        MaterializationRecord(
+            asset="mmret_clip_checkpoint",
+            partition="demo",
+            run_id="r",
+            code_version="v",
+            profile="demo",
+            started_at=datetime(2026, 1, 1),
+            duration_s=1.5,
+            output_paths={"open_clip_dir": export},
+        )
+    )
+    remote_image = f"s3://{BUCKET}/prefix/data/triplet_export/images/00000/k1.jpg"
+    local = local_checkpoint_root(layout) / "demo" / "open_clip"
+    lines = training_lines(catalog, (remote_image, "make it red"), layout)
+    (score,) = [line for line in lines if "score it:" in line]
+    argv = shlex.split(score.split("score it:", 1)[1])
+    assert build_parser().parse_args(argv[1:]).retriever == str(local)
+    (use,) = [line for line in lines if "use it:" in line]
+    assert "s3://" not in use.split("(")[0] and "--image" not in use
+    assert any(remote_image in line for line in lines)  # says where the query image is
+    assert local_query(None, catalog) is None
+
+
+def test_search_refuses_s3_urls_with_what_to_pass_instead(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("MEGAPAIRS_HOME", str(tmp_path))
+    url = f"s3://{BUCKET}/prefix/data/mmret_clip_checkpoint/demo/open_clip"
+    assert main(["search", "--retriever", url, "--text", "red"]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    local = tmp_path / "cache" / "mmret_clip_checkpoint" / "demo" / "open_clip"
+    assert f"--retriever {local}" in line
+    image = f"s3://{BUCKET}/prefix/data/triplet_export/images/00000/k1.jpg"
+    assert main(["search", "--retriever", "base", "--image", image]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert f"--image {image} is a URL" in line and "s3:/round3" not in line

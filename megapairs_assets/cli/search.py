@@ -79,6 +79,41 @@ def _non_negative_int(text: str) -> int:
     return value
 
 
+def local_image(text: str) -> Path:
+    """The --image path; a URL (s3://...) is a ConfigurationError saying what to pass instead,
+    since `Path` would turn it into a local path that does not exist (`s3:/bucket/...`)."""
+    if "://" in text:
+        raise ConfigurationError(
+            f"--image {text} is a URL; search reads query images from this machine: copy it "
+            "here (e.g. `aws s3 cp`) and pass that file, or leave --image out and search by "
+            "--text"
+        )
+    return Path(text).expanduser()
+
+
+def refuse_remote_retriever(argument: str) -> None:
+    """A ConfigurationError for a --retriever given as a URL, naming the local copy to pass:
+    open_clip loads exports from this machine only, and evaluation mirrors the data root's
+    checkpoints under `<home>/cache/mmret_clip_checkpoint/`."""
+    if "://" not in argument:
+        return
+    from megapairs_assets.evaluation.step import CACHE_DIRNAME, CHECKPOINT_ASSET
+    from megapairs_assets.lib.storage import default_home
+
+    marker = f"/{CHECKPOINT_ASSET}/"
+    if marker in argument:
+        relative = argument.split(marker, 1)[1]
+        local = default_home() / CACHE_DIRNAME / CHECKPOINT_ASSET / relative
+        instead = f"its local copy, --retriever {local}"
+    else:
+        instead = "a local checkpoint or export folder"
+    raise ConfigurationError(
+        f"--retriever {argument} is a URL; search loads retrievers from this machine: pass "
+        f"{instead} (benchmark_scores or `megapairs eval` copies the data root's checkpoints "
+        "there)"
+    )
+
+
 def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Add the `search` subcommand to the `megapairs` parser."""
     parser = subparsers.add_parser(
@@ -103,7 +138,7 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
         ".parquet/.jsonl manifest as `demo --corpus` takes (rows with path, caption) (default: "
         "the current image corpus of $MEGAPAIRS_HOME, with its captions)",
     )
-    parser.add_argument("--image", type=Path, help="the query's reference image")
+    parser.add_argument("--image", help="the query's reference image (a file on this machine)")
     parser.add_argument("--text", help="the query's text (with --image: the modification)")
     parser.add_argument(
         "--queries",
@@ -163,6 +198,7 @@ def run_search(args: argparse.Namespace) -> int:
     """
     from megapairs_assets.retriever.search import SearchDataError
 
+    refuse_remote_retriever(args.retriever)
     try:
         return _search(args)
     except ConfigurationError:
@@ -186,7 +222,7 @@ def _queries(args: argparse.Namespace) -> list:
             raise ConfigurationError(
                 "give a query: --image, --text (not empty) or both, or --queries"
             )
-        queries = [SearchQuery(args.image.expanduser() if args.image else None, text or None)]
+        queries = [SearchQuery(local_image(args.image) if args.image else None, text or None)]
     # Absolute, as the hits' paths are: the output makes sense from any folder.
     return [replace(q, image=q.image.absolute()) if q.image else q for q in queries]
 
