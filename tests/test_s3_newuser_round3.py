@@ -205,3 +205,29 @@ def test_search_refuses_s3_urls_with_what_to_pass_instead(
     assert main(["search", "--retriever", "base", "--image", image]) == 2
     (line,) = capsys.readouterr().err.strip().splitlines()
     assert f"--image {image} is a URL" in line and "s3:/round3" not in line
+
+
+# -- 6: a data root set one level too deep -----------------------------------------------------
+
+
+def test_a_moved_data_root_is_named_instead_of_a_rematerialization(tmp_path: Path) -> None:
+    from megapairs_assets.lineage.catalog import MissingTableError, read_with_versions
+
+    catalog = LineageCatalog(tmp_path / "catalog.duckdb")
+    recorded = tmp_path / "home" / "data" / "clip_image_knn" / "00002.parquet"
+    recorded.parent.mkdir(parents=True)
+    recorded.write_bytes(b"PAR1")  # still there: only the data root setting changed
+    _record_complete(catalog, "clip_image_knn", "00002", str(recorded))
+    too_deep = tmp_path / "home" / "data" / "data" / "clip_image_knn" / "00002.parquet"
+
+    def read() -> None:
+        raise FileNotFoundError(2, "No such file or directory", str(too_deep))
+
+    with pytest.raises(MissingTableError) as raised:
+        read_with_versions(catalog, "clip_image_knn", ["00002"], read)
+    message = str(raised.value)
+    assert f"recorded at {recorded}" in message
+    # The user set the data root to the printed `outputs:` folder (home/data); it was home.
+    home = tmp_path / "home"
+    assert f"the data root is now {home / 'data'} (it was {home} then)" in message
+    assert "Re-materialize" not in message

@@ -1141,6 +1141,9 @@ def _missing_table(
     """The catalog says complete, the storage says gone: name the partitions, their recorded
     files that are missing (local ones can be checked), and the way out."""
     records = catalog.materializations(list(versions.values()))
+    moved = _moved_data_root(records, error)
+    if moved is not None:
+        return MissingTableError(f"{asset}: {moved}")
     gone: list[str] = []
     for partition, paths in zip(records["partition"], records["output_paths"], strict=True):
         for path in json.loads(paths or "{}").values():
@@ -1157,6 +1160,37 @@ def _missing_table(
         f"Re-materialize {asset} for {', '.join(partitions[:5])}"
         + (f" (+{len(partitions) - 5} more)" if len(partitions) > 5 else "")
     )
+
+
+def _moved_data_root(records: pl.DataFrame, error: OSError) -> str | None:
+    """Where the read looked and where the catalog recorded the table differ only above the
+    table's own folders: the data root moved (e.g. set one level too deep), so say so instead
+    of suggesting a re-materialization. None when no recorded path explains the error."""
+    text = str(getattr(error, "filename", None) or "") + " " + str(error)
+    for partition, paths in zip(records["partition"], records["output_paths"], strict=True):
+        for recorded in json.loads(paths or "{}").values():
+            recorded = str(recorded)
+            parts = recorded.rstrip("/").split("/")
+            tail = "/".join(parts[-2:])  # <asset or shard>/<file>: the layout below the root
+            for word in text.replace("'", " ").replace('"', " ").split():
+                attempted = word.rstrip(".,;:)")
+                if attempted == recorded or not attempted.endswith("/" + tail):
+                    continue
+                common = 2
+                ours, theirs = attempted.split("/"), parts
+                while (
+                    common < min(len(ours), len(theirs))
+                    and ours[-common - 1] == theirs[-common - 1]
+                ):
+                    common += 1
+                was, now = "/".join(theirs[:-common]), "/".join(ours[:-common])
+                return (
+                    f"{partition}'s table was recorded at {recorded}; the data root is now "
+                    f"{now} (it was {was} then), so it reads {attempted}. Set MEGAPAIRS_DATA_ROOT "
+                    "(or MEGAPAIRS_HOME) back to where the tables are, or move them; nothing "
+                    "needs re-materializing"
+                )
+    return None
 
 
 # -- DuckLake connections, one attached lake per (process, url, data path) ----------------------
