@@ -14,14 +14,15 @@ Check outcomes of all partitions are merged into one result per check (Dagster 1
 result per check per step); a failure names the partitions that failed. Run totals are
 reported apart, under `run_*` keys.
 
-Each materialization carries a data version made from the content it wrote
+Each partition's materialization carries a data version made from the content it wrote
 (`lib.step.content_version`), so Dagster marks downstream partitions stale when an upstream
-table changed (a shard replaced in place) and not when a re-run wrote the same bytes. Dagster
-takes one data version per step, so a step over several partitions gets a hash of all of
-theirs: re-running the same range with unchanged content changes nothing, while a changed
-shard, or the same shards run in another range, marks the whole range's dependants stale (at
-worst more than needed, never fewer). Each partition's own version is in its metadata
-(`content_version`).
+table changed (a shard replaced in place) and not when a re-run wrote the same bytes, whatever
+range the shard ran in. Dagster 1.13 gives every partition of a range step the one data version
+of the step's output (dagster-io/dagster#18123), so a range step records, right after that
+output, one more materialization per partition: the same metadata and provenance tags, with
+the partition's own data version (the latest materialization is what staleness reads). Check
+results follow those, so they describe the latest materializations. Each partition's version is
+also in its metadata (`content_version`).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -88,8 +89,12 @@ def materialize_partitions(
     catalog: LineageCatalog,
     profile: str,
     run_metadata: Mapping[str, Any] | None = None,
-) -> dg.MaterializeResult:
-    """Run `step` for each partition of this Dagster step; see the module docstring."""
+) -> Iterator[StepEvent]:
+    """Run `step` for each partition of this Dagster step; see the module docstring.
+
+    The work is done before this returns; what it returns is the step's events for Dagster
+    (an asset returns it as it is).
+    """
     partitioned = context.assets_def.partitions_def is not None
     partitions: list[str | None] = list(context.partition_keys) if partitioned else [None]
     results: list[StepResult] = []
@@ -133,11 +138,81 @@ def materialize_partitions(
     if partitions == [None] and results:
         totals.update(partition_metadata(results[0], stage.asset_name, stage.columns))
     totals.update(_run_settings_metadata(context, stage))
-    return dg.MaterializeResult(
-        metadata=totals,
-        check_results=check_results(stage, results),
-        data_version=dg.DataVersion(step_data_version(versions)),
+    checks = check_results(stage, results)
+    if len(versions) == 1:
+        return _single_step_events(
+            dg.MaterializeResult(
+                metadata=totals,
+                check_results=checks,
+                data_version=dg.DataVersion(next(iter(versions.values()))),
+            )
+        )
+    return _range_step_events(context, totals, versions, checks)
+
+
+# The event tag holding a materialization's data version (dagster's DATA_VERSION_TAG, which
+# staleness reads; not exported by `dagster`).
+DATA_VERSION_TAG = "dagster/data_version"
+
+StepEvent = dg.MaterializeResult | dg.AssetMaterialization | dg.AssetCheckResult
+
+
+def _single_step_events(result: dg.MaterializeResult) -> Iterator[StepEvent]:
+    yield result
+
+
+def _range_step_events(
+    context: dg.AssetExecutionContext,
+    totals: Mapping[str, Any],
+    versions: Mapping[str, str],
+    checks: list[dg.AssetCheckResult],
+) -> Iterator[StepEvent]:
+    """A range step's events: its output (one materialization per partition, all with the
+    step's data version), then each partition again with its own data version, then the checks.
+
+    The second events copy the first ones' metadata and provenance tags from the instance (they
+    are stored once the output is handled, before this generator resumes); only the data version
+    differs. A partition whose first event cannot be read back still gets its own version, with
+    the provenance Dagster needs to compare code versions.
+    """
+    yield dg.MaterializeResult(
+        metadata=dict(totals), data_version=dg.DataVersion(step_data_version(versions))
     )
+    key = context.assets_def.key
+    first_events = _this_runs_materializations(context, key, list(versions))
+    for partition, version in versions.items():
+        event = first_events.get(partition)
+        if event is None:
+            context.log.warning(
+                f"{key.to_user_string()}[{partition}]: its materialization was not found to copy; "
+                "recording its data version without input provenance"
+            )
+            code_version = context.assets_def.code_versions_by_key.get(key)
+            tags = {"dagster/code_version": code_version} if code_version else {}
+            metadata: Mapping[str, Any] = {**totals, "content_version": version}
+        else:
+            tags, metadata = dict(event.tags or {}), event.metadata
+        tags[DATA_VERSION_TAG] = version
+        tags["dagster/data_version_is_user_provided"] = "true"
+        yield dg.AssetMaterialization(key, partition=partition, metadata=metadata, tags=tags)
+    yield from checks
+
+
+def _this_runs_materializations(
+    context: dg.AssetExecutionContext, key: dg.AssetKey, partitions: list[str]
+) -> dict[str, dg.AssetMaterialization]:
+    """partition -> the latest materialization of `key` this run recorded for it."""
+    records = context.instance.fetch_materializations(
+        dg.AssetRecordsFilter(asset_key=key, asset_partitions=partitions),
+        limit=2 * len(partitions),
+    ).records
+    latest: dict[str, dg.AssetMaterialization] = {}
+    for record in records:  # newest first
+        if record.run_id == context.run.run_id and record.partition_key not in latest:
+            event = record.asset_materialization
+            if event is not None and record.partition_key is not None:
+                latest[record.partition_key] = event
+    return latest
 
 
 def _run_settings_metadata(context: dg.AssetExecutionContext, stage: Stage) -> dict[str, Any]:
@@ -159,8 +234,9 @@ def _run_settings_metadata(context: dg.AssetExecutionContext, stage: Stage) -> d
 
 
 def step_data_version(versions: Mapping[str, str]) -> str:
-    """The one data version of a step: its partition's content version, or for a step over
-    several partitions a hash of every partition's (see the module docstring)."""
+    """The data version of a step's output: its partition's content version, or for a step over
+    several partitions a hash of every partition's (each partition then records its own as well;
+    see the module docstring)."""
     if len(versions) == 1:
         return next(iter(versions.values()))
     lines = "\n".join(f"{partition}={versions[partition]}" for partition in sorted(versions))
