@@ -231,3 +231,20 @@ def test_a_moved_data_root_is_named_instead_of_a_rematerialization(tmp_path: Pat
     home = tmp_path / "home"
     assert f"the data root is now {home / 'data'} (it was {home} then)" in message
     assert "Re-materialize" not in message
+
+
+# -- 5: lineage --snapshot on DuckLake ---------------------------------------------------------
+
+
+def test_snapshot_of_a_ducklake_catalog_says_how_to_read_it_offline(tmp_path: Path) -> None:
+    pytest.importorskip("duckdb_extension_ducklake")
+    from megapairs_assets.lineage.catalog import CatalogConfigError
+
+    catalog = LineageCatalog(
+        f"ducklake:{tmp_path / 'lake.ducklake'}", data_path=str(tmp_path / "lake")
+    )
+    with pytest.raises(CatalogConfigError) as raised:
+        catalog.snapshot(tmp_path / "copy.duckdb")
+    message = str(raised.value)
+    assert "megapairs lineage --sql" in message
+    assert "LOAD '" in message and "ducklake.duckdb_extension" in message

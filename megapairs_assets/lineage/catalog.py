@@ -565,9 +565,13 @@ class LineageCatalog:
         needs no snapshot.
         """
         if self.is_ducklake:
+            shipped = _shipped_ducklake_extension()
+            load = f"LOAD '{shipped}'; " if shipped else "INSTALL ducklake; LOAD ducklake; "
             raise CatalogConfigError(
                 f"{self.location} is a DuckLake catalog: readers never block its writers, so "
-                "attach it directly (ATTACH '<url>' AS lake (DATA_PATH '<data path>', READ_ONLY))"
+                'no snapshot is needed: query it with `megapairs lineage --sql "..."`, or in '
+                f"duckdb attach it directly ({load}ATTACH '{redact(self.url or '')}' AS lake "
+                f"(DATA_PATH '{self.data_path}', READ_ONLY))"
             )
         assert self.path is not None
         target = Path(destination)
@@ -1283,6 +1287,22 @@ def load_ducklake_extensions(con: duckdb.DuckDBPyConnection) -> None:
                 f"{package}=={duckdb.__version__} (or duckdb at the package's version)"
             )
         con.execute(f"LOAD {_sql_literal(str(_named_as(shipped, load_name, version)))}")
+
+
+def _shipped_ducklake_extension() -> Path | None:
+    """The ducklake extension file the duckdb-extension-ducklake package installed for this
+    duckdb (what a plain duckdb session LOADs offline), or None without the package."""
+    try:
+        import duckdb_extension_ducklake as module
+    except ImportError:
+        return None
+    shipped = (
+        Path(module.__file__).parent
+        / "extensions"
+        / f"v{duckdb.__version__}"
+        / "ducklake.duckdb_extension"
+    )
+    return shipped if shipped.exists() else None
 
 
 def _named_as(shipped: Path, load_name: str, version: str) -> Path:
