@@ -187,7 +187,7 @@ def _run_check(args: argparse.Namespace) -> int:
         args.junit_xml = args.junit_xml.expanduser()
         ensure_writable_file(args.junit_xml, "--junit-xml")
     if args.existing:
-        from megapairs_assets.cli.summary import first_line, storage_errors
+        from megapairs_assets.lib.errors import first_line, storage_errors
         from megapairs_assets.lineage.catalog import MissingTableError
 
         try:

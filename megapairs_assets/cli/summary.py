@@ -19,6 +19,7 @@ from megapairs_assets.corpus.table import unexpected_unread
 from megapairs_assets.embeddings.sources import source_named
 from megapairs_assets.evaluation.catalog_rows import heldout_summary_lines
 from megapairs_assets.generation.triplets import generation_summary, sample_query
+from megapairs_assets.lib.errors import first_line, storage_errors
 from megapairs_assets.lib.storage import DataLayout, read_parquet
 from megapairs_assets.lib.words import plural
 from megapairs_assets.lineage.catalog import LineageCatalog
@@ -30,24 +31,6 @@ from megapairs_assets.training.names import ASSET_NAME as CHECKPOINT_ASSET
 # caption is kept; only the caption source skips it, so it is no quarantine.
 _NO_CAPTION = "no_caption"
 _CAPTION_SOURCE = "caption_text"
-
-
-def storage_errors() -> tuple[type[BaseException], ...]:
-    """The errors a data root that cannot be read raises: an OSError (a local disk, or s3fs's
-    translation of a refused request) or botocore's own (an unreachable endpoint, no
-    credentials), which are no OSErrors."""
-    errors: list[type[BaseException]] = [OSError]
-    try:
-        from botocore.exceptions import BotoCoreError, ClientError
-    except ImportError:  # no object-store support installed: only local paths
-        return tuple(errors)
-    return (*errors, BotoCoreError, ClientError)
-
-
-def first_line(error: BaseException) -> str:
-    """An error as one line: its type and the first line of its message."""
-    lines = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
 
 
 def mining_summary(layout: DataLayout, catalog: LineageCatalog, shards: list[str]) -> dict:

@@ -20,3 +20,21 @@ class DataRootError(ConfigurationError):
 class TableWriteError(OSError):
     """A table (or other output file) could not be written: disk full, permission denied, an
     upload cut short. Nothing was replaced; the previous version, if any, is unchanged."""
+
+
+def storage_errors() -> tuple[type[BaseException], ...]:
+    """The errors a data root that cannot be read raises: an OSError (a local disk, or s3fs's
+    translation of a refused request) or botocore's own (an unreachable endpoint, no
+    credentials), which are no OSErrors."""
+    errors: list[type[BaseException]] = [OSError]
+    try:
+        from botocore.exceptions import BotoCoreError, ClientError
+    except ImportError:  # no object-store support installed: only local paths
+        return tuple(errors)
+    return (*errors, BotoCoreError, ClientError)
+
+
+def first_line(error: BaseException) -> str:
+    """An error as one line: its type and the first line of its message."""
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
