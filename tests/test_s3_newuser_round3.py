@@ -248,3 +248,13 @@ def test_snapshot_of_a_ducklake_catalog_says_how_to_read_it_offline(tmp_path: Pa
     message = str(raised.value)
     assert "megapairs lineage --sql" in message
     assert "LOAD '" in message and "ducklake.duckdb_extension" in message
+
+
+def test_eval_refuses_a_retriever_url_naming_its_local_copy(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("MEGAPAIRS_HOME", str(tmp_path / "home"))
+    url = "s3://bucket/prefix/data/mmret_clip_checkpoint/demo/open_clip"
+    assert main(["eval", "--retriever", url, "--benchmark", "heldout"]) == 2
+    err = capsys.readouterr().err
+    assert "configuration error:" in err and "cache/mmret_clip_checkpoint/demo/open_clip" in err

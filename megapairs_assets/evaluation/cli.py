@@ -154,6 +154,7 @@ def run_eval(args: argparse.Namespace) -> int:
 def _evaluate(args: argparse.Namespace):
     from dataclasses import replace
 
+    from megapairs_assets.cli.search import refuse_remote_retriever
     from megapairs_assets.evaluation.run import BENCHMARK_FAMILY, evaluate_benchmark
     from megapairs_assets.evaluation.step import gallery_cache, output_dir
     from megapairs_assets.lib.storage import DataLayout, default_home
@@ -164,6 +165,7 @@ def _evaluate(args: argparse.Namespace):
     layout = DataLayout(home)
     resources = _profile_resources(home)
     evaluation = resources.get("evaluation")
+    refuse_remote_retriever(args.retriever)  # open_clip loads from this machine only
     spec = retriever_spec(args.retriever, evaluation)
     sources = _sources(evaluation, layout, resources["catalog"].catalog())
     family = BENCHMARK_FAMILY[args.benchmark]
