@@ -285,7 +285,7 @@ def _paper_training(vit_b16_weights: str) -> TrainingResource:
         PAPER_LARGE_CONFIG_NAME: _env(VIT_L14_WEIGHTS_VARIABLE, PAPER_OPENAI_PRETRAINED),
     }
     configs = {}
-    for name, settings in paper_training_settings(devices=_train_devices()).items():
+    for name, settings in paper_training_settings(devices=train_devices()).items():
         hints = {"devices": TRAIN_DEVICES_HINT}
         if name in _BACKBONE_VARIABLES:
             hints["pretrained"] = _backbone_hint(_BACKBONE_VARIABLES[name], settings.model)
@@ -302,7 +302,7 @@ TRAIN_DEVICES_HINT = (
 )
 
 
-def _train_devices() -> int:
+def train_devices() -> int:
     """`MEGAPAIRS_TRAIN_DEVICES`: a GPU count, or `auto` (every visible GPU, decided on the
     machine that trains: `ALL_VISIBLE_GPUS`)."""
     value = os.environ.get(TRAIN_DEVICES_VARIABLE, "").strip().lower()

@@ -31,7 +31,7 @@ from megapairs_assets.training.names import (
 # To move with the resource to resources/training.py (see the report to the lead).
 from resources.environment import ProfileError
 from resources.evaluation import EvaluationResource
-from resources.profiles import PAPER_TRAIN_DEVICES, _train_devices
+from resources.profiles import PAPER_TRAIN_DEVICES, train_devices
 from resources.storage import LineageCatalogResource, StorageResource
 
 # To move with the resource to resources/training.py (see the report to the lead).
@@ -57,7 +57,7 @@ def training_step_gpus() -> int:
     malformed value asks for 8 too; building the paper profile's resources names the error.
     """
     try:
-        devices = _train_devices()
+        devices = train_devices()
     except ProfileError:
         return PAPER_TRAIN_DEVICES
     return PAPER_TRAIN_DEVICES if devices == ALL_VISIBLE_GPUS else devices
