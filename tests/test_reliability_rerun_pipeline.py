@@ -25,7 +25,6 @@ from test_reliability_rerun_storage import stop
 
 from megapairs_assets.definitions import build_definitions
 from megapairs_assets.lib.storage import DataLayout
-from megapairs_assets.orchestration.shard_step import step_data_version
 from resources.corpus import CorpusSourceResource
 
 MINED = ["clip_image_knn", "dino_image_knn", "caption_text_knn", "mined_image_pairs"]
@@ -128,19 +127,6 @@ def test_a_replaced_then_an_appended_shard_flow_down_and_a_rerun_is_consistent(
         named |= set(pairs["hard_negative_ids"].explode().drop_nulls())
         knn = pl.read_parquet(layout.shard_table("clip_image_knn", shard))
         assert named | set(knn["neighbor_id"]) <= images
-
-
-@pytest.mark.parametrize(
-    ("versions", "same_as"),
-    [({"00000": "a"}, "a"), ({"00000": "a", "00001": "b"}, None)],
-)
-def test_a_step_data_version_is_its_partitions_content(versions, same_as) -> None:
-    version = step_data_version(versions)
-    if same_as is not None:
-        assert version == same_as  # one partition: exactly its own content version
-    else:  # several: changes when any one does, not with their order
-        assert version == step_data_version(dict(reversed(list(versions.items()))))
-        assert version != step_data_version({**versions, "00001": "c"})
 
 
 # The corpus of 2 shards in its own process, paused (to be killed) just before the first table
