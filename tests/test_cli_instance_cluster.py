@@ -46,3 +46,16 @@ def test_a_postgres_dagster_yaml_is_accepted_and_left_as_it_is(
     (instance_dir / "dagster.yaml").write_text("storage:\n  sqlite:\n    base_dir: x\n")
     with pytest.raises(ConfigurationError, match="not on PostgreSQL"):
         prepare_dagster_home(cluster / "home")
+
+
+def test_the_helm_charts_run_storage_form_counts_as_postgres(
+    cluster: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    instance_dir = cluster / "chart"
+    instance_dir.mkdir()
+    (instance_dir / "dagster.yaml").write_text(
+        "run_storage:\n  module: dagster_postgres.run_storage\n  class: PostgresRunStorage\n"
+        "  config:\n    postgres_db:\n      hostname: db\n"
+    )
+    monkeypatch.setenv("DAGSTER_HOME", str(instance_dir))
+    assert prepare_dagster_home(cluster / "home") == instance_dir

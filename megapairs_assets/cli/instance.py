@@ -65,15 +65,24 @@ def prepare_dagster_home(home: Path) -> Path:
 
 
 def _uses_postgres(config: Path) -> bool:
-    """Whether the dagster.yaml at `config` puts the instance's storage on PostgreSQL."""
+    """Whether the dagster.yaml at `config` puts the instance's runs on PostgreSQL: the
+    `storage: postgres:` form (deployment/dagster.yaml) or a `run_storage` whose class is
+    dagster-postgres's (the form the Helm chart writes)."""
     import yaml
 
     try:
         settings = yaml.safe_load(config.read_text()) or {}
     except (OSError, yaml.YAMLError):
         return False
-    storage = settings.get("storage") if isinstance(settings, dict) else None
-    return isinstance(storage, dict) and "postgres" in storage
+    if not isinstance(settings, dict):
+        return False
+    storage, run_storage = settings.get("storage"), settings.get("run_storage")
+    if isinstance(storage, dict) and "postgres" in storage:
+        return True
+    if isinstance(run_storage, dict):
+        names = f"{run_storage.get('module', '')} {run_storage.get('class', '')}"
+        return "postgres" in names.lower()
+    return False
 
 
 def release_dead_runs(instance: Any, log: Callable[[str], None] = print) -> list[str]:
