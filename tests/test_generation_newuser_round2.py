@@ -227,3 +227,53 @@ def test_rows_record_the_model_the_server_says_answered(tmp_path, monkeypatch):
     assert set(instructions["model_id"]) == {configured}
     assert set(instructions["served_model"]) == {"/models/Other-7B"}
     assert instructed.metadata["rows_by_served_model"] == {"/models/Other-7B": 3}
+
+
+def test_triplets_lineage_and_the_card_say_which_model_the_server_answered_as(
+    tmp_path, monkeypatch
+):
+    from megapairs_assets.generation.common import INSTRUCTIONS_ASSET, TRIPLETS_ASSET
+    from megapairs_assets.generation.export import _shard_figures, render_card
+    from megapairs_assets.generation.triplets import build_triplets_for_shard
+    from megapairs_assets.lineage.report import lineage_report
+
+    world = make_world(tmp_path, pairs_per_shard=(3,), images_per_shard=6)
+    real = fault_server._completion
+
+    def reports_its_own_model(body, text, usage=True):
+        answer = json.loads(real(body, text, usage))
+        answer["model"] = "/models/Other-7B"
+        return json.dumps(answer).encode()
+
+    with ChatServer() as server:
+        settings = http_settings(server.base_url)
+        described = describe_pairs_for_shard("00000", world.layout, world.catalog, settings)
+        record_step(world.catalog, DESCRIPTIONS_ASSET, described)
+        monkeypatch.setattr(fault_server, "_completion", reports_its_own_model)
+        instructed = write_instructions_for_shard("00000", world.layout, world.catalog, settings)
+        record_step(world.catalog, INSTRUCTIONS_ASSET, instructed)
+    built = build_triplets_for_shard("00000", world.layout, world.catalog, settings)
+    record_step(world.catalog, TRIPLETS_ASSET, built)
+    configured = settings.describe.backend.model_id
+
+    lineage = world.catalog.query("SELECT * FROM triplet_lineage")
+    assert lineage.height == 3
+    # The description server answered as the model asked for (by its name, without our
+    # `@label`); the instruction one named another model.
+    assert set(lineage["description_served_model"]) == {configured.partition("@")[0]}
+    assert set(lineage["instruction_served_model"]) == {"/models/Other-7B"}
+
+    report = lineage_report(world.catalog, lineage["triplet_id"][0])
+    assert report is not None
+    description_line = next(line for line in report.splitlines() if "description:" in line)
+    instruction_line = next(line for line in report.splitlines() if "instructions:" in line)
+    assert "served as" not in description_line
+    assert f"{configured}; served as /models/Other-7B" in instruction_line
+
+    exported = pl.read_parquet(built.outputs["triplets"])
+    figures = _shard_figures("00000", exported, settings, world.catalog, {})
+    assert figures["served_as"] == {f"{configured} -> /models/Other-7B": 3}
+    card = render_card([figures], settings)
+    assert f"| {configured} -> /models/Other-7B | 3 |" in card
+    # A card whose servers all answered as asked has no such section.
+    assert "answered as another model" not in render_card([{**figures, "served_as": {}}], settings)

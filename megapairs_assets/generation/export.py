@@ -81,6 +81,7 @@ from megapairs_assets.lib.storage import (
     write_parquet_atomic,
 )
 from megapairs_assets.lineage.catalog import LineageCatalog
+from megapairs_assets.lineage.report import served_as_other_model
 
 CARD_NAME = "README.md"
 EXPORT_CHECKS = {
@@ -356,6 +357,7 @@ def _shard_figures(
     )
     templates: dict[str, int] = {}
     models: dict[str, int] = {}
+    served_as: dict[str, int] = {}
     if lineage.height:
         for column in ("description_template", "instruction_template"):
             for name, count in counts_by(lineage, column).items():
@@ -363,6 +365,7 @@ def _shard_figures(
         for column in ("description_model", "instruction_model"):
             for name, count in counts_by(lineage, column).items():
                 models[name] = models.get(name, 0) + count
+        served_as = _served_as(lineage)
     sources = counts_by(exported.explode("sources"), "sources") if exported.height else {}
     return {
         "shard": shard,
@@ -377,6 +380,7 @@ def _shard_figures(
         "description_generators": counts_by(exported, "description_generator"),
         "instruction_generators": counts_by(exported, "instruction_generator"),
         "models": models,
+        "served_as": served_as,
         "templates": templates,
         "input_versions": versions,
         "image_side_px": settings.export.image_side_px,
@@ -560,12 +564,39 @@ def _sum_maps(figures: list[dict[str, Any]], key: str) -> dict[str, int]:
     return dict(sorted(total.items(), key=lambda item: (-item[1], item[0])))
 
 
+def _served_as(lineage: pl.DataFrame) -> dict[str, int]:
+    """`model id -> served model` counts of texts whose server said another model answered
+    (served under another name, or another model altogether); empty when all agree."""
+    counts: dict[str, int] = {}
+    for configured, served in (
+        ("description_model", "description_served_model"),
+        ("instruction_model", "instruction_served_model"),
+    ):
+        if served not in lineage.columns:  # a catalog from before served models were kept
+            continue
+        for (model, answered), group in lineage.group_by([configured, served]):
+            if served_as_other_model(model, answered):
+                name = f"{model} -> {answered}"
+                counts[name] = counts.get(name, 0) + group.height
+    return counts
+
+
 def _table(counts: dict[str, int], header: str) -> str:
     if not counts:
         return "_(none)_"
     lines = [f"| {header} | rows |", "|---|---|"]
     lines += [f"| {name} | {count} |" for name, count in counts.items()]
     return "\n".join(lines)
+
+
+def _served_as_section(served_as: dict[str, int]) -> str:
+    """The card's note on texts whose server answered as another model; nothing when none."""
+    if not served_as:
+        return ""
+    return (
+        "\nThe server answered as another model for some texts (model id -> the model the "
+        "server named):\n\n" + _table(served_as, "model id -> served model") + "\n"
+    )
 
 
 def render_card(figures: list[dict[str, Any]], settings: GenerationSettings) -> str:
@@ -614,7 +645,7 @@ Instructions:
 Models (descriptions and instruction lists written):
 
 {_table(_sum_maps(figures, "models"), "model id")}
-
+{_served_as_section(_sum_maps(figures, "served_as"))}
 Templates (id#hash):
 
 {_table(_sum_maps(figures, "templates"), "template")}

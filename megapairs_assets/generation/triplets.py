@@ -120,6 +120,8 @@ TRIPLET_LINEAGE = register_row_table(
             ("demo_ids", "VARCHAR[]"),
             ("instruction_request_key", "VARCHAR"),
             ("input_versions", "VARCHAR"),
+            ("description_served_model", "VARCHAR"),
+            ("instruction_served_model", "VARCHAR"),
         ),
         description=(
             "Every triplet of the current triplets materialization of each shard, with the "
@@ -145,6 +147,13 @@ TRIPLET_LINEAGE = register_row_table(
             ("demo_ids", "in-context demonstrations the instruction prompt showed"),
             ("instruction_request_key", "cache key of the instruction request"),
             ("input_versions", "JSON: 'asset/shard' -> materialization id of the tables read"),
+            (
+                "description_served_model",
+                "the model the server said wrote the description (a server may serve "
+                "description_model under another name, or another model); null for rows "
+                "written before this was recorded",
+            ),
+            ("instruction_served_model", "likewise, for the instructions"),
         ),
     )
 )
@@ -183,6 +192,7 @@ def build_triplets_for_shard(
             pl.col("instructions").alias("q_text"),
             pl.col("generator").alias("instruction_generator"),
             pl.col("model_id").alias("instruction_model"),
+            _served_model(instructions).alias("instruction_served_model"),
             (pl.col("template_id") + "#" + pl.col("template_hash").str.slice(0, 12)).alias(
                 "instruction_template"
             ),
@@ -195,6 +205,7 @@ def build_triplets_for_shard(
                 "description",
                 pl.col("generator").alias("description_generator"),
                 pl.col("model_id").alias("description_model"),
+                _served_model(descriptions).alias("description_served_model"),
                 (pl.col("template_id") + "#" + pl.col("template_hash").str.slice(0, 12)).alias(
                     "description_template"
                 ),
@@ -247,6 +258,8 @@ def build_triplets_for_shard(
         "demo_ids",
         "instruction_request_key",
         pl.lit(json.dumps(versions, sort_keys=True)).alias("input_versions"),
+        "description_served_model",
+        "instruction_served_model",
     )
     # The instruction template's minimum, as pair_instructions applied it (a user's template
     # may ask for fewer or more than the default three).
@@ -275,6 +288,14 @@ def build_triplets_for_shard(
         },
         markdown={"examples": triplet_examples_markdown(catalog, triplets)},
     )
+
+
+def _served_model(table: pl.DataFrame) -> pl.Expr:
+    """A generation table's `served_model` column; null for a table written before it existed
+    (a re-run keeps such rows until their shard is generated again)."""
+    if "served_model" in table.columns:
+        return pl.col("served_model")
+    return pl.lit(None, dtype=pl.String)
 
 
 def _release_rows(joined: pl.DataFrame) -> pl.DataFrame:

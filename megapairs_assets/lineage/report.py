@@ -674,6 +674,24 @@ def render(data: dict[str, Any]) -> str:
     )
 
 
+def served_as_other_model(model_id: str | None, served_model: str | None) -> bool:
+    """Whether a server said another model answered than the configured `model_id`: served
+    under another name, or another model altogether. The id's `@revision` or `@label` part
+    is ours, so a server naming the model without it answered as asked; no record (rows from
+    before servers' answers were kept) is not a difference."""
+    if not served_model or not model_id:
+        return False
+    return served_model not in (model_id, model_id.partition("@")[0])
+
+
+def _model_label(row: dict[str, Any], configured: str, served: str) -> str:
+    """The model a text's rows name, and the one the server said answered when that differs."""
+    model, answered = row.get(configured), row.get(served)
+    if served_as_other_model(model, answered):
+        return f"{model}; served as {answered}"
+    return str(model)
+
+
 def _triplet_lines(data: dict[str, Any]) -> list[str]:
     t, texts, images = data["triplet"], data["texts"], data["images"]
 
@@ -689,14 +707,16 @@ def _triplet_lines(data: dict[str, Any]) -> list[str]:
         *image_line("query", t["query_id"]),
         *image_line("target", t["target_id"]),
         "  hard negatives (query first): " + ", ".join(t["hard_negative_ids"] or []),
-        f"  description: {t['description_generator']} [{t['description_model']}]",
+        f"  description: {t['description_generator']} "
+        f"[{_model_label(t, 'description_model', 'description_served_model')}]",
         f"    template {t['description_template']}, WORD_NUM {t['word_num']}, "
         f"request {str(t['description_request_key'])[:16]}",
     ]
     if texts.get("description"):
         lines.append(f"    {texts['description']}")
     lines += [
-        f"  instructions: {t['instruction_generator']} [{t['instruction_model']}]",
+        f"  instructions: {t['instruction_generator']} "
+        f"[{_model_label(t, 'instruction_model', 'instruction_served_model')}]",
         f"    template {t['instruction_template']}, demos "
         f"{', '.join(t['demo_ids'] or []) or '-'}, "
         f"request {str(t['instruction_request_key'])[:16]}",
