@@ -12,7 +12,7 @@ import pytest
 
 from megapairs_assets.evaluation import metrics
 from megapairs_assets.evaluation.metrics import EmptyGroundTruthError, RankingError
-from megapairs_assets.evaluation.scoring import stable_order, top_k
+from megapairs_assets.evaluation.scoring import exact_scores, stable_order, top_k
 
 
 def test_circo_map_with_several_ground_truths_and_gt_smaller_than_k() -> None:
@@ -146,6 +146,12 @@ def test_rank_by_score_keeps_gallery_order_among_equal_scores() -> None:
     assert metrics.rank_by_score(scores, depth=2).tolist() == [[1, 2], [0, 1]]
 
 
+def _stable_full_sort(queries: np.ndarray, gallery: np.ndarray, depth: int) -> np.ndarray:
+    """The documented rule: exact scores, higher first, equal scores by gallery index."""
+    every = np.broadcast_to(gallery, (len(queries), *gallery.shape))
+    return metrics.rank_by_score(exact_scores(queries, every), depth=depth)
+
+
 def test_top_k_equals_a_stable_full_sort_and_orders_ties_by_index() -> None:
     rng = np.random.default_rng(1)
     gallery = rng.standard_normal((300, 16)).astype(np.float32)
@@ -153,9 +159,45 @@ def test_top_k_equals_a_stable_full_sort_and_orders_ties_by_index() -> None:
     gallery /= np.linalg.norm(gallery, axis=1, keepdims=True)
     queries = gallery[[100, 5, 7]] + 0.01 * rng.standard_normal((3, 16)).astype(np.float32)
     result = top_k(queries, gallery, k=10, query_batch_size=2)
-    expected = metrics.rank_by_score(queries @ gallery.T, depth=10)
-    assert result.indices.tolist() == expected.tolist()
+    assert result.indices.tolist() == _stable_full_sort(queries, gallery, 10).tolist()
     assert result.indices[0, :2].tolist() == [100, 200]
+
+    # A tie straddling the cut-off: 61 copies of one picture, scattered through the gallery,
+    # rank 4th to 64th behind three better images stored last. A search heap fills with copies
+    # and drops an arbitrary one for each better image it meets; the top 10 must be the three
+    # and then the 7 copies of lowest index.
+    copies = np.sort([3, *rng.choice(np.arange(10, 290), 60, replace=False)])
+    gallery[copies] = gallery[3]
+    query = gallery[3] + 0.1 * rng.standard_normal(16).astype(np.float32)
+    query /= np.linalg.norm(query)
+    best = query + 0.01 * rng.standard_normal((3, 16)).astype(np.float32)
+    gallery[297:] = best / np.linalg.norm(best, axis=1, keepdims=True)
+    both = np.stack([query, *queries])
+    result = top_k(both, gallery, k=10, query_batch_size=3)
+    assert result.indices.tolist() == _stable_full_sort(both, gallery, 10).tolist()
+    assert sorted(result.indices[0, :3]) == [297, 298, 299]
+    assert result.indices[0, 3:].tolist() == copies[:7].tolist()
+
+
+def test_top_k_on_galleries_of_repeated_vectors_equals_the_stable_full_sort() -> None:
+    # Five distinct pictures repeated 300 times: every cut-off falls inside a tie group.
+    rng = np.random.default_rng(0)
+    for _ in range(30):
+        base = rng.standard_normal((5, 8)).astype(np.float32)
+        base /= np.linalg.norm(base, axis=1, keepdims=True)
+        gallery = base[rng.integers(0, 5, size=300)]
+        queries = rng.standard_normal((3, 8)).astype(np.float32)
+        queries /= np.linalg.norm(queries, axis=1, keepdims=True)
+        result = top_k(queries, gallery, 50)
+        assert result.indices.tolist() == _stable_full_sort(queries, gallery, 50).tolist()
+        # Copies of one picture carry exactly one score.
+        for row in range(3):
+            picture_of = {tuple(gallery[i]) for i in result.indices[row]}
+            scores = {
+                (tuple(gallery[i]), s)
+                for i, s in zip(result.indices[row], result.scores[row], strict=True)
+            }
+            assert len(scores) == len(picture_of)
 
 
 def test_top_k_pads_past_the_gallery_and_stable_order_puts_padding_last() -> None:

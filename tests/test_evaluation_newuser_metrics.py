@@ -147,6 +147,7 @@ def test_cirr_recall_and_recall_subset_by_hand(tmp_path: Path) -> None:
     #   R@1 = 1/3; R@5 = R@10 = R@50 = 3/3.
     # Target ranks among the five members other than the reference: 1, 2, 1.
     #   R_subset@1 = 2/3; R_subset@2 = R_subset@3 = 3/3.
+    # CIRR's headline Avg = (R@5 + R_subset@1) / 2 = (100 + 66.67) / 2.
     assert files == []
     assert scored == pytest.approx(
         {
@@ -157,6 +158,7 @@ def test_cirr_recall_and_recall_subset_by_hand(tmp_path: Path) -> None:
             "R_subset@1": 200 / 3,
             "R_subset@2": 100.0,
             "R_subset@3": 100.0,
+            "Avg(R@5,R_subset@1)": (100.0 + 200 / 3) / 2,
         }
     )
 

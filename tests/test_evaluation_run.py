@@ -19,6 +19,7 @@ from megapairs_assets.evaluation import metrics
 from megapairs_assets.evaluation.gallery_cache import GalleryCache
 from megapairs_assets.evaluation.loaders import load_circo, load_cirr, load_genecis
 from megapairs_assets.evaluation.run import (
+    CIRR_AVERAGE,
     BenchmarkImageError,
     BenchmarkSources,
     EvaluationSettings,
@@ -55,7 +56,16 @@ def test_a_query_fused_onto_its_target_scores_full_marks(tmp_path: Path) -> None
     images = _projections(len(cirr.image_ids))
     scored, files = score_split(cirr, images, _perfect_texts(cirr, images), tmp_path)
     assert files == [] and all(v == pytest.approx(100.0) for v in scored.values())
-    assert set(scored) == {"R@1", "R@5", "R@10", "R@50", "R_subset@1", "R_subset@2", "R_subset@3"}
+    assert set(scored) == {
+        "R@1",
+        "R@5",
+        "R@10",
+        "R@50",
+        "R_subset@1",
+        "R_subset@2",
+        "R_subset@3",
+        CIRR_AVERAGE,
+    }
 
     write_genecis(tmp_path / "genecis")
     genecis = load_genecis(tmp_path / "genecis", "focus_attribute")

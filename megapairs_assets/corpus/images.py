@@ -9,6 +9,10 @@ is decoded. Details never hold memory addresses, so quarantine tables are reprod
 
 `open_image_rgb` reads a corpus row's `source_uri` (see `megapairs_assets.corpus.uris`);
 `prepare_image_for_model` is the per-image step of the embedding stages and never raises.
+
+`as_stored=True` (the benchmarks' evaluation only) keeps every check but decodes the file as
+the benchmarks' official loaders open it, `Image.open(path).convert("RGB")`: no EXIF rotation,
+no reduced-scale JPEG decode, PIL's own RGB conversion (alpha dropped, not composited on white).
 """
 
 from __future__ import annotations
@@ -144,12 +148,21 @@ def validate_image(data: bytes, limits: ImageLimits, known_hash: str | None = No
     return _decode(data, limits, draft_side_px=_VALIDATION_DRAFT_SIDE_PX, known_hash=known_hash)
 
 
-def open_image_rgb(uri: str, limits: ImageLimits, max_side_px: int | None = None) -> Image.Image:
+def open_image_rgb(
+    uri: str, limits: ImageLimits, max_side_px: int | None = None, *, as_stored: bool = False
+) -> Image.Image:
     """Read the image at a corpus `source_uri` (path or `<tar>#<member>`) as validated RGB.
 
-    Raises `ImageRejected` (`missing_file`, `remote_uri`, or any reason of `decode_image`).
+    `as_stored`: decode as the benchmarks' official loaders do (module docstring); then
+    `max_side_px` must be None. Raises `ImageRejected` (`missing_file`, `remote_uri`, or any
+    reason of `decode_image`).
     """
-    return decode_image(read_uri_bytes(uri), limits, max_side_px=max_side_px).image
+    data = read_uri_bytes(uri)
+    if as_stored:
+        if max_side_px is not None:
+            raise ValueError("as_stored decodes the picture at its stored size")
+        return _decode(data, limits, draft_side_px=None, as_stored=True).image
+    return decode_image(data, limits, max_side_px=max_side_px).image
 
 
 def read_uri_bytes(uri: str) -> bytes:
@@ -251,7 +264,11 @@ def clean_caption(caption: str | None, limits: ImageLimits) -> tuple[str | None,
 
 
 def _decode(
-    data: bytes, limits: ImageLimits, draft_side_px: int | None, known_hash: str | None = None
+    data: bytes,
+    limits: ImageLimits,
+    draft_side_px: int | None,
+    known_hash: str | None = None,
+    as_stored: bool = False,
 ) -> DecodedImage:
     try:
         image = Image.open(io.BytesIO(data))
@@ -269,7 +286,7 @@ def _decode(
     try:
         # Decoding everything now is what exposes truncated or corrupt files.
         image.load()
-        rgb = _to_rgb(_upright(image))
+        rgb = image.convert("RGB") if as_stored else _to_rgb(_upright(image))
     except ImageRejected:
         raise
     except MemoryError as exc:

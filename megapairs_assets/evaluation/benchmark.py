@@ -21,6 +21,15 @@ from megapairs_assets.corpus.uris import split_tar_member
 MetricKind = Literal["circo", "cirr", "recall", "genecis", "heldout"]
 """Which official definition scores the split (see `megapairs_assets.evaluation.metrics`)."""
 
+OFFICIAL_DECODING = "pil-open-convert-rgb-v1"
+"""Image decoding of the public benchmarks: as their official loaders open a file,
+`Image.open(path).convert("RGB")` (no EXIF rotation, no reduced-scale JPEG decode)."""
+CORPUS_DECODING = "corpus-upright-jpeg-draft-v1"
+"""Image decoding of the corpus, training and search (`corpus.images.open_image_for_model`:
+EXIF orientation applied, JPEGs decoded at reduced scale): the held-out split, whose images
+are corpus images, is embedded as training saw them."""
+# Both names are part of the gallery cache key: change one whenever that decoding changes.
+
 # GeneCIS attribute crops: the box grows by this fraction of its size on each side (left/top),
 # then is padded to a square with black, as the benchmark's own evaluation code does.
 GENECIS_BOX_DILATION = 0.7
@@ -67,6 +76,7 @@ class BenchmarkSplit:
         (CIRCO val and test both rank all of COCO unlabeled2017); empty: the split's own.
     discarded: queries the official protocol leaves out, with why (GeneCIS keeps only queries
         whose gallery has the most common length).
+    image_decoding: how its images are decoded (OFFICIAL_DECODING or CORPUS_DECODING).
     """
 
     benchmark: str
@@ -81,6 +91,7 @@ class BenchmarkSplit:
     files: list[Path] = field(default_factory=list)
     discarded: dict[str, int] = field(default_factory=dict)
     gallery_name: str = ""
+    image_decoding: str = OFFICIAL_DECODING
 
     def __post_init__(self) -> None:
         if len(self.image_ids) != len(self.image_refs):

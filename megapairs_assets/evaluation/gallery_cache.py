@@ -6,8 +6,8 @@ change elsewhere) reuses the stored raw image projections. The cache key hashes 
 shapes them: the retriever's id and weights fingerprint, the precision it ran in, the benchmark,
 the gallery's name (the split's, or one shared by splits ranking one gallery: CIRCO val and
 test, or a searched folder), the images' version (ids, crop boxes, image files; not the
-annotation files, which shape only the queries) and CACHE_FORMAT. A change to any of them is a
-new key.
+annotation files, which shape only the queries), how the images are decoded (the benchmarks'
+official way or the corpus's) and CACHE_FORMAT. A change to any of them is a new key.
 
 Layout: `<cache root>/<retriever id>/<benchmark>-<gallery>/<key>/{projections.npy, meta.json,
 last_used}`; meta.json is written last, so an entry without it is incomplete and ignored.
@@ -58,6 +58,7 @@ from pathlib import Path
 
 import numpy as np
 
+from megapairs_assets.evaluation.benchmark import CORPUS_DECODING
 from megapairs_assets.lib.storage import write_atomic
 
 # Bump when what is stored changes meaning (e.g. normalised instead of raw projections).
@@ -84,7 +85,8 @@ class CacheKey:
     """Everything that determines a gallery's embeddings.
 
     split: the gallery's name (`BenchmarkSplit.cache_name`); gallery_version: its images'
-    version (`BenchmarkSplit.images_version`).
+    version (`BenchmarkSplit.images_version`); image_decoding: how its images were decoded
+    (`BenchmarkSplit.image_decoding`; a searched gallery is decoded as the corpus is).
     """
 
     retriever_id: str
@@ -94,6 +96,7 @@ class CacheKey:
     gallery_version: str
     image_count: int
     precision: str = "float32"
+    image_decoding: str = CORPUS_DECODING
     cache_format: str = CACHE_FORMAT
 
     @property
@@ -403,6 +406,8 @@ def _what_changed(old: dict, new: dict) -> str:
         return "the gallery's image files changed since it was cached"
     if old.get("precision") != new["precision"]:
         return f"it was cached in {old.get('precision')}, this run is in {new['precision']}"
+    if "image_decoding" in old and old["image_decoding"] != new["image_decoding"]:
+        return "its images are decoded differently since it was cached"
     return "the cache format changed"
 
 

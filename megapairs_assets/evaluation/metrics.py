@@ -22,7 +22,9 @@ What each definition follows (facts checked against the official code; the code 
 Ties. A ranking of a gallery orders equal scores by gallery index (a stable sort), so one
 input always gives one ranking (`rank_by_score`). GeneCIS puts the target first in its
 candidate list, where that rule would favour it; its recall therefore counts every gallery
-candidate scoring at least as high as the target as ranked above it.
+candidate scoring at least as high as the target as ranked above it. Scores come from
+`scoring.exact_scores`, under which identical embeddings (one image listed twice, two copies of
+one picture) score exactly equal, so these rules meet real ties only, never float noise.
 """
 
 from __future__ import annotations

@@ -6,14 +6,16 @@ The benchmark keys are the `benchmarks` partition keys and the CLI's `--benchmar
 |---|---|---|
 | circo-val | val | mAP@5/10/25/50 |
 | circo-test | test | none: the CIRCO server file |
-| cirr-val | val | R@1/5/10/50, R_subset@1/2/3 |
+| cirr-val | val | R@1/5/10/50, R_subset@1/2/3, Avg(R@5,R_subset@1) |
 | cirr-test1 | test1 | none: the two CIRR server files |
 | fashioniq-val | dress, shirt, toptee, mean | R@10/50 |
 | genecis | 4 tasks, mean | R@1/2/3 |
 | heldout | heldout | R@1/5/10, mAP@5 |
 
 A split whose files are absent is a `skipped` row naming the path looked at, never a number;
-a "mean" row exists only when every split it averages was scored.
+a "mean" row exists only when every split it averages was scored. Queries a benchmark's protocol
+leaves out (GeneCIS: a gallery of another length than the task's most common one; held-out:
+an image not found in the corpus) are counted in the scored rows' `detail` and in the table.
 """
 
 from __future__ import annotations
@@ -53,6 +55,9 @@ from megapairs_assets.evaluation.loaders import (
 )
 from megapairs_assets.evaluation.scoring import candidate_scores, top_k
 from megapairs_assets.evaluation.submissions import (
+    CIRCO_TOP,
+    CIRR_TOP,
+    SubmissionError,
     write_circo_submission,
     write_cirr_submission,
 )
@@ -147,6 +152,7 @@ class SplitResult:
     gallery_version: str | None = None
     queries: int = 0
     gallery_images: int = 0
+    queries_left_out: int = 0
     gallery_reused: bool | None = None
     submissions: list[Path] = field(default_factory=list)
     seconds: float = 0.0
@@ -161,7 +167,11 @@ class BenchmarkResult:
     splits: list[SplitResult]
 
     def rows(self) -> pl.DataFrame:
-        """The catalog rows: one per metric scored, one per skipped split or submission."""
+        """The catalog rows: one per metric scored, one per skipped split or submission.
+
+        `detail` says why a split was skipped, which file a submission row is, and on scored
+        rows what the number covers ("9 of 12 queries scored; 3 left out: ...", "mean over
+        ..."), empty when it covers every query of its split."""
         records = []
         for result in self.splits:
             base = {
@@ -174,7 +184,13 @@ class BenchmarkResult:
             }
             if result.status == STATUS_SCORED:
                 records += [
-                    {**base, "metric": m, "value": v, "status": result.status, "detail": ""}
+                    {
+                        **base,
+                        "metric": m,
+                        "value": v,
+                        "status": result.status,
+                        "detail": result.detail,
+                    }
                     for m, v in result.metrics.items()
                 ]
             elif result.status == STATUS_SUBMISSION:
@@ -204,7 +220,8 @@ class BenchmarkResult:
         return [s for s in self.splits if s.status == STATUS_SCORED]
 
     def table_markdown(self) -> str:
-        """One row per split (and mean), one column per metric; skipped splits say why."""
+        """One row per split (and mean), one column per metric; notes under it say which splits
+        were skipped and why, which left queries out, and which server files were written."""
         scored = self.scored()
         names = list(dict.fromkeys(m for s in scored for m in s.metrics))
         lines = [f"**{self.benchmark}** · retriever `{self.retriever_id}`", ""]
@@ -220,6 +237,8 @@ class BenchmarkResult:
         for s in self.splits:
             if s.status == STATUS_SKIPPED:
                 notes.append(f"- {s.split}: skipped ({s.detail})")
+            elif s.queries_left_out and s.split != MEAN_SPLIT:
+                notes.append(f"- {s.split}: {s.detail}")
             elif s.status == STATUS_SUBMISSION:
                 files = ", ".join(f"`{p}`" for p in s.submissions)
                 notes.append(f"- {s.split}: server file(s) written: {files}")
@@ -409,7 +428,9 @@ def evaluate_split(
         gallery_version=images_version,
         image_count=len(split.image_ids),
         precision=str(retriever.dtype).removeprefix("torch."),
+        image_decoding=split.image_decoding,
     )
+    check_server_gallery(split)
     projections, reused = cache.get_or_compute(
         key, lambda: embed_images(retriever, split, settings, log)
     )
@@ -425,10 +446,11 @@ def evaluate_split(
         split=split.split,
         status=STATUS_SCORED if split.has_ground_truth else STATUS_SUBMISSION,
         metrics=scored,
-        detail=_discarded_note(split),
+        detail=left_out_note(split),
         gallery_version=version,
         queries=len(split.queries),
         gallery_images=split.gallery_size,
+        queries_left_out=sum(split.discarded.values()),
         gallery_reused=reused,
         submissions=submissions,
         seconds=time.perf_counter() - started,
@@ -455,6 +477,7 @@ def score_split(
     query_ids = [q.query_id for q in split.queries]
     kind = split.metric_kind
 
+    check_server_gallery(split)
     if kind == "genecis":
         candidates = [[row_of[c] for c in q.candidates] for q in split.queries]
         recall = metrics.genecis_recall_at_k(candidate_scores(queries, unit, candidates))
@@ -484,7 +507,7 @@ def score_split(
         subset = metrics.cirr_recall_subset_at_k(
             members, member_scores, references, single, metrics.CIRR_SUBSET_KS, query_ids
         )
-        return _named("R", recall) | _named("R_subset", subset), []
+        return _named("R", recall) | _named("R_subset", subset) | cirr_average(recall, subset), []
     if kind == "recall":
         recall = metrics.recall_at_k(ranked, targets, metrics.FASHIONIQ_KS, query_ids)
         return _named("R", recall), []
@@ -521,6 +544,50 @@ def _id_rankings(
     return {q: [ids[i] for i in row if i >= 0] for q, row in zip(query_ids, ranked, strict=True)}
 
 
+CIRR_AVERAGE = "Avg(R@5,R_subset@1)"
+"""CIRR's headline (its leaderboard's "Avg"): the mean of Recall@5 and Recall_subset@1."""
+
+
+def cirr_average(recall: Mapping[int, float], subset: Mapping[int, float]) -> dict[str, float]:
+    """{CIRR_AVERAGE: (R@5 + R_subset@1) / 2}, as CIRR reports it."""
+    return {CIRR_AVERAGE: (recall[5] + subset[1]) / 2.0}
+
+
+# Results per query each server file lists, and what that asks of the gallery besides the
+# query's own reference (CIRR deletes it from the ranking; CIRCO keeps it).
+_SERVER_DEPTH = {"circo": (CIRCO_TOP, False), "cirr": (CIRR_TOP["recall"], True)}
+
+
+def check_server_gallery(split: BenchmarkSplit) -> None:
+    """Refuse, before anything is embedded, a test split whose gallery is too small for the
+    server file (CIRCO: 50 results per query; CIRR: 50 besides the reference): a
+    SubmissionError naming the gallery's size and the file that lists it."""
+    if split.has_ground_truth or split.metric_kind not in _SERVER_DEPTH:
+        return
+    depth, reference_removed = _SERVER_DEPTH[split.metric_kind]
+    gallery = set(split.gallery_ids)
+    # Candidates a query can list: the gallery, less its reference where the ranking drops it.
+    fewest = min(
+        (
+            split.gallery_size - 1
+            if reference_removed and q.reference_id in gallery
+            else split.gallery_size
+            for q in split.queries
+        ),
+        default=split.gallery_size,
+    )
+    if fewest >= depth:
+        return
+    needed = depth + 1 if reference_removed else depth
+    besides = " besides the query's reference" if reference_removed else ""
+    source = f" (listed in {split.files[-1]})" if split.files else ""
+    raise SubmissionError(
+        f"{split.benchmark} {split.split}: the gallery is too small for the server file: it "
+        f"holds {split.gallery_size} images{source}, and the server wants {depth} results per "
+        f"query{besides}, so at least {needed}; is the image list complete?"
+    )
+
+
 def _named(prefix: str, values: Mapping[int, float]) -> dict[str, float]:
     return {f"{prefix}@{k}": v for k, v in values.items()}
 
@@ -532,20 +599,46 @@ def _mean_row(key: str, results: list[SplitResult]) -> SplitResult | None:
     if any(r.status != STATUS_SCORED for r in results):
         return None
     names = list(results[0].metrics)
+    left_out = sum(r.queries_left_out for r in results)
+    scored = sum(r.queries for r in results)
+    detail = f"mean over {', '.join(r.split for r in results)}"
+    if left_out:
+        detail += f"; they scored {scored} of {scored + left_out} queries ({left_out} left out)"
     return SplitResult(
         benchmark=results[0].benchmark,
         split=MEAN_SPLIT,
         status=STATUS_SCORED,
         metrics={n: metrics.mean_of([r.metrics[n] for r in results]) for n in names},
-        detail=f"mean over {', '.join(r.split for r in results)}",
+        detail=detail,
         gallery_version="+".join(r.gallery_version or "" for r in results),
-        queries=sum(r.queries for r in results),
+        queries=scored,
         gallery_images=sum(r.gallery_images for r in results),
+        queries_left_out=left_out,
     )
 
 
-def _discarded_note(split: BenchmarkSplit) -> str:
-    return "; ".join(f"{n} queries left out: {why}" for why, n in split.discarded.items())
+# Why a protocol leaves queries out, in words (the code stays in the detail, for queries).
+LEFT_OUT_REASONS = {
+    "gallery_length_not_modal": (
+        "their gallery length is not the task's most common one (GeneCIS's evaluation code "
+        "batches one gallery length per task)"
+    ),
+    "image_not_located": "an image of theirs is not in the corpus",
+}
+
+
+def left_out_note(split: BenchmarkSplit) -> str:
+    """'9 of 12 queries scored; 3 left out: <code> (<why>)' when the split's protocol left
+    queries out, else empty."""
+    left_out = {why: n for why, n in split.discarded.items() if n}
+    if not left_out:
+        return ""
+    total = len(split.queries) + sum(left_out.values())
+    reasons = "; ".join(
+        f"{n} left out: {why}" + (f" ({LEFT_OUT_REASONS[why]})" if why in LEFT_OUT_REASONS else "")
+        for why, n in left_out.items()
+    )
+    return f"{len(split.queries)} of {total} queries scored; {reasons}"
 
 
 # --- embedding images ------------------------------------------------------------------------
@@ -554,8 +647,9 @@ def _discarded_note(split: BenchmarkSplit) -> str:
 class _BenchmarkImages(Dataset):
     """Benchmark images as preprocessed tensors; a failure comes back as a message."""
 
-    def __init__(self, refs: list[ImageRef], retriever: Retriever) -> None:
+    def __init__(self, refs: list[ImageRef], decoding: str, retriever: Retriever) -> None:
         self.refs = refs
+        self.decoding = decoding
         self.preprocess = retriever.preprocess
         self.input_side_px = retriever.input_side_px
 
@@ -565,7 +659,8 @@ class _BenchmarkImages(Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor | None, str | None]:
         ref = self.refs[index]
         try:
-            return self.preprocess(open_benchmark_image(ref, self.input_side_px)), None
+            image = open_benchmark_image(ref, self.decoding, self.input_side_px)
+            return self.preprocess(image), None
         except (ImageRejected, OSError, ValueError) as error:
             return None, f"{ref.uri}: {error}"
 
@@ -593,7 +688,7 @@ def embed_images(
 ) -> np.ndarray:
     """Raw image projections of every image of `split`, in `split.image_ids` order."""
     loader = DataLoader(
-        _BenchmarkImages(split.image_refs, retriever),
+        _BenchmarkImages(split.image_refs, split.image_decoding, retriever),
         batch_size=settings.batch_size,
         shuffle=False,
         num_workers=settings.num_workers,

@@ -264,7 +264,9 @@ def headline_metadata(result: BenchmarkResult) -> dict[str, Any]:
     split of the others. A multi-split benchmark with a split skipped has no mean, and so no
     headline numbers: one category's score under the benchmark's name would chart as if it
     were the mean. `gallery_reused` is true when every gallery embedded was read from the
-    cache (test splits included; the mean row has no gallery of its own).
+    cache (test splits included; the mean row has no gallery of its own). `queries_left_out`
+    counts the queries the benchmark's protocol left out (GeneCIS: galleries of another length
+    than the task's most common), `queries_left_out_detail` says where and why.
     """
     scored = result.scored()
     embedded = [s for s in result.splits if s.gallery_reused is not None]
@@ -273,10 +275,17 @@ def headline_metadata(result: BenchmarkResult) -> dict[str, Any]:
         "benchmark": result.benchmark,
         "splits_scored": sum(s.split != MEAN_SPLIT for s in scored),
         "splits_skipped": sum(s.status == STATUS_SKIPPED for s in result.splits),
+        # Queries the protocol left out (GeneCIS's odd gallery lengths), told per split.
+        "queries_left_out": sum(s.queries_left_out for s in scored if s.split != MEAN_SPLIT),
         "gallery_reused": bool(embedded) and all(s.gallery_reused for s in embedded),
     }
     means = [s for s in scored if s.split == MEAN_SPLIT]
     headline = means[0] if means else (scored[0] if len(result.splits) == 1 and scored else None)
+    left_out = [
+        f"{s.split}: {s.detail}" for s in scored if s.queries_left_out and s.split != MEAN_SPLIT
+    ]
+    if left_out:
+        metadata["queries_left_out_detail"] = "\n".join(left_out)
     if headline is not None:
         metadata.update({name: round(value, 4) for name, value in headline.metrics.items()})
         metadata["headline"] = headline.split

@@ -30,6 +30,8 @@ CIRCO_SPLITS = ("val", "test")
 IMAGE_INFO = Path("COCO2017_unlabeled/annotations/image_info_unlabeled2017.json")
 IMAGE_DIR = Path("COCO2017_unlabeled/unlabeled2017")
 GALLERY_NAME = "unlabeled2017"
+# The official files hold numbers; ids as strings mean an edited file (refused, not guessed).
+INTEGER_IDS = "the official CIRCO files use integer ids"
 
 
 def circo_query_text(shared_concept: str, relative_caption: str) -> str:
@@ -54,7 +56,7 @@ def load_circo(root: Path, split: str) -> BenchmarkSplit:
     queries = []
     first_entry: dict[int, int] = {}
     for index, entry in enumerate(require_list(annotations, "CIRCO queries")):
-        query_id = require_field(annotations, entry, index, "id", int)
+        query_id = require_field(annotations, entry, index, "id", int, type_hint=INTEGER_IDS)
         if query_id in first_entry:
             raise annotations.error(
                 f"query id {query_id} repeats entry {first_entry[query_id]}: a server file "
@@ -62,7 +64,9 @@ def load_circo(root: Path, split: str) -> BenchmarkSplit:
                 index,
             )
         first_entry[query_id] = index
-        reference = str(require_field(annotations, entry, index, "reference_img_id", int))
+        reference = str(
+            require_field(annotations, entry, index, "reference_img_id", int, type_hint=INTEGER_IDS)
+        )
         concept = require_field(annotations, entry, index, "shared_concept", str)
         caption = require_field(annotations, entry, index, "relative_caption", str)
         targets: tuple[str, ...] = ()
@@ -71,7 +75,9 @@ def load_circo(root: Path, split: str) -> BenchmarkSplit:
             if not gt:
                 raise annotations.error("gt_img_ids is empty: the query has no answer", index)
             if not all(isinstance(x, int) and not isinstance(x, bool) for x in gt):
-                raise annotations.error("gt_img_ids must be integer image ids", index)
+                raise annotations.error(
+                    f"gt_img_ids must be integer image ids ({INTEGER_IDS})", index
+                )
             if len(set(gt)) != len(gt):
                 # The official mAP divides by len(gt_img_ids): a repeat would change it.
                 raise annotations.error("gt_img_ids repeats an image id", index)
@@ -109,7 +115,9 @@ def _gallery(info, image_dir: Path) -> tuple[list[str], list[ImageRef]]:
         raise info.error('expected an object with an "images" list')
     ids, refs = [], []
     for index, image in enumerate(info.value["images"]):
-        image_id = require_field(info, image, index, "id", int, under_key="images")
+        image_id = require_field(
+            info, image, index, "id", int, under_key="images", type_hint=INTEGER_IDS
+        )
         file_name = require_field(info, image, index, "file_name", str, under_key="images")
         ids.append(str(image_id))
         refs.append(ImageRef(str(image_dir / file_name)))

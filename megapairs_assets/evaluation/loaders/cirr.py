@@ -52,7 +52,14 @@ def load_cirr(root: Path, split: str) -> BenchmarkSplit:
     queries = []
     first_entry: dict[int, int] = {}
     for index, entry in enumerate(require_list(captions, "CIRR pairs")):
-        pair_id = require_field(captions, entry, index, "pairid", int)
+        pair_id = require_field(
+            captions,
+            entry,
+            index,
+            "pairid",
+            int,
+            type_hint="the official CIRR files use integer pairids",
+        )
         if pair_id in first_entry:
             raise captions.error(
                 f"pairid {pair_id} repeats entry {first_entry[pair_id]}: a server file keyed "

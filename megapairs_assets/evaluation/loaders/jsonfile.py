@@ -106,8 +106,10 @@ def require_field(
     name: str,
     kind: type | tuple[type, ...],
     under_key: str | None = None,
+    type_hint: str = "",
 ) -> Any:
-    """`entry[name]`, checked to be of `kind`; otherwise a format error naming entry and line."""
+    """`entry[name]`, checked to be of `kind`; otherwise a format error naming entry and line
+    (and, for a value of the wrong type, ending with `type_hint` when given)."""
     if not isinstance(entry, dict):
         raise document.error(f"expected an object, got {type(entry).__name__}", index, under_key)
     if name not in entry:
@@ -116,8 +118,11 @@ def require_field(
     # bool is an int in Python; an id or count given as true/false is still malformed.
     if not isinstance(value, kind) or (isinstance(value, bool) and bool not in _kinds(kind)):
         expected = " or ".join(k.__name__ for k in _kinds(kind))
+        hint = f" ({type_hint})" if type_hint else ""
         raise document.error(
-            f"key {name!r} should be {expected}, got {type(value).__name__}", index, under_key
+            f"key {name!r} should be {expected}, got {type(value).__name__}{hint}",
+            index,
+            under_key,
         )
     return value
 
