@@ -8,6 +8,7 @@ import pytest
 from megapairs_assets.evaluation.heldout import (
     HeldOutError,
     held_out_mask,
+    held_out_query_keys,
     heldout_benchmark,
     split_triplets,
 )
@@ -111,3 +112,17 @@ def test_benchmark_cap_keeps_a_nested_subset_and_empty_is_refused() -> None:
         heldout_benchmark(triplets, fraction=0.0)
     with pytest.raises(HeldOutError, match="lack the column"):
         heldout_benchmark(triplets.drop("hns"), fraction=0.5)
+
+
+def test_with_a_cap_training_leaves_out_exactly_the_query_images_the_benchmark_scores() -> None:
+    """The paper profile caps the benchmark at 10,000 query images: those beyond the cap are
+    trained on, not dropped from training unscored."""
+    triplets = tiny_triplets(queries=200)
+    train, held = split_triplets(triplets, fraction=0.5, max_queries=7)
+    scored = {q.reference_id for q in heldout_benchmark(triplets, 0.5, max_queries=7).queries}
+    assert set(held["query_id"]) == scored and len(scored) == 7
+    assert train.height + held.height == triplets.height
+    uncapped = held_out_query_keys(triplets["query_id"].to_list(), 0.5)
+    assert len(uncapped) > 7 and scored < uncapped
+    assert uncapped - scored <= set(train["query_id"])  # beyond the cap: training queries
+    assert held_out_query_keys(["a", None], 0.9999) == {"a"}  # a null key is never held out

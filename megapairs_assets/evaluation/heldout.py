@@ -4,10 +4,14 @@ The split. A pair is held out when its query image is: `held_out_mask` hashes th
 id (SHA-256 of a salted id, read as a number in [0, 1)) and holds it out when that number is
 below `fraction`. The decision depends only on the id, never on the order, the shard or the
 run, so the held-out set is the same everywhere; and every triplet of a held-out query image is
-held out together, so training never sees that image as a query. Training MUST drop the rows
-`held_out_mask` marks (use `split_triplets`, or `is_held_out` per row); `HELDOUT_SPLIT_VERSION`
-names the rule so both sides can record it. A held-out image may still appear in training as
-another pair's target or negative: the split is by query image, as the issue defines it.
+held out together, so training never sees that image as a query. With a cap on the number of
+held-out query images (`max_queries`, the paper profile's 10,000) only the capped ones are held
+out: `held_out_query_keys` is the one rule, and training and the benchmark both apply it to the
+same triplet tables (`split_triplets`), so every query image training leaves out is scored and
+none that is scored was trained on. `HELDOUT_SPLIT_VERSION` names the rule so both sides can
+record it. Training also keeps the held-out query images out of its targets and hard negatives
+(`training.data.prepare_triplets`): mined pairs are symmetric, so the reverse of a held-out
+pair would otherwise be a training pair.
 
 The benchmark. Each held-out triplet gives one query per instruction in `q_text`: the query
 image plus that instruction, with the triplet's target image as the one correct answer. The
@@ -15,8 +19,6 @@ gallery is every distinct image of the held-out triplets (queries, targets and h
 negatives). Query images stay in the gallery: `hns[0]` is the query image, the hardest negative
 MMRet trains against, so ranking it first is exactly the mistake the score should show. Scores:
 Recall@1/5/10 and mAP@5 (CIRCO's definition with one ground truth).
-Images are decoded as training decodes them (EXIF orientation applied: `CORPUS_DECODING`),
-not as the public benchmarks' official loaders open theirs.
 
 Columns read: the MegaPairs release schema, `q_img`, `q_text` (list of instructions or one
 string), `t_img`, `hns` (list). The project's triplets also carry image ids (`query_id`,
@@ -33,12 +35,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 import numpy as np
 import polars as pl
 
-from megapairs_assets.evaluation.benchmark import (
-    CORPUS_DECODING,
-    BenchmarkSplit,
-    CirQuery,
-    ImageRef,
-)
+from megapairs_assets.evaluation.benchmark import BenchmarkSplit, CirQuery, ImageRef
 
 HELDOUT_SPLIT_VERSION = "query-image-sha256-v1"
 HELDOUT_SALT = "megapairs-heldout-v1"
@@ -63,9 +60,13 @@ def held_out_score(query_image_ids: Iterable[str], salt: str = HELDOUT_SALT) -> 
 
 def held_out_mask(query_image_ids: Sequence[str], fraction: float) -> np.ndarray:
     """True for ids whose pairs are held out (about `fraction` of distinct query images)."""
+    _check_fraction(fraction)
+    return held_out_score(query_image_ids) < fraction
+
+
+def _check_fraction(fraction: float) -> None:
     if not 0.0 <= fraction < 1.0:
         raise ValueError(f"held-out fraction must be in [0, 1), got {fraction}")
-    return held_out_score(query_image_ids) < fraction
 
 
 def is_held_out(query_image_id: str, fraction: float) -> bool:
@@ -82,10 +83,31 @@ def query_key_column(triplets: pl.DataFrame) -> str:
     raise HeldOutError("triplets have neither `query_id` nor `q_img`; cannot split them")
 
 
-def split_triplets(triplets: pl.DataFrame, fraction: float) -> tuple[pl.DataFrame, pl.DataFrame]:
-    """(training rows, held-out rows): the one split training and evaluation share."""
-    keys = triplets[query_key_column(triplets)].cast(pl.String).to_list()
-    mask = pl.Series(held_out_mask(keys, fraction))
+def held_out_query_keys(
+    query_keys: Iterable[str | None], fraction: float, max_queries: int | None = None
+) -> set[str]:
+    """The held-out query image keys among `query_keys`: those whose hash is below `fraction`
+    (`held_out_mask`), and with `max_queries` only that many of them, the lowest hashes first
+    (so a smaller cap keeps a subset of a larger one). Nulls are never held out.
+
+    The one rule training and the benchmark share: with a cap the result depends on which keys
+    there are, so both apply it to all of the triplets (`split_triplets`).
+    """
+    _check_fraction(fraction)
+    keys = sorted({key for key in query_keys if key is not None})
+    scores = held_out_score(keys)
+    order = [i for i in np.argsort(scores, kind="stable") if scores[i] < fraction]
+    return {keys[i] for i in order[:max_queries]}
+
+
+def split_triplets(
+    triplets: pl.DataFrame, fraction: float, max_queries: int | None = None
+) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """(training rows, held-out rows): the one split training and evaluation share; every
+    triplet of a held-out query image (`held_out_query_keys`) is held out."""
+    keys = triplets[query_key_column(triplets)].cast(pl.String)
+    held = held_out_query_keys(keys.to_list(), fraction, max_queries)
+    mask = keys.is_in(sorted(held)).fill_null(False)
     return triplets.filter(~mask), triplets.filter(mask)
 
 
@@ -114,12 +136,7 @@ def heldout_benchmark(
     if missing:
         raise HeldOutError(f"triplets lack the column(s) {missing}; expected {TRIPLET_COLUMNS}")
     key_column = query_key_column(triplets)
-    _, held = split_triplets(triplets, fraction)
-    if max_queries is not None:
-        keys = held[key_column].cast(pl.String).unique().to_list()
-        order = np.argsort(held_out_score(keys), kind="stable")
-        kept = {keys[i] for i in order[:max_queries]}
-        held = held.filter(pl.col(key_column).cast(pl.String).is_in(sorted(kept)))
+    _, held = split_triplets(triplets, fraction, max_queries)
     if held.height == 0:
         raise HeldOutError(
             f"no triplet is held out at fraction {fraction} ({triplets.height} triplets); raise "
@@ -170,7 +187,6 @@ def heldout_benchmark(
         queries=queries,
         has_ground_truth=True,
         discarded={"image_not_located": unlocated} if unlocated else {},
-        image_decoding=CORPUS_DECODING,
     )
 
 
