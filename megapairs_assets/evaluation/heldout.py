@@ -19,6 +19,8 @@ gallery is every distinct image of the held-out triplets (queries, targets and h
 negatives). Query images stay in the gallery: `hns[0]` is the query image, the hardest negative
 MMRet trains against, so ranking it first is exactly the mistake the score should show. Scores:
 Recall@1/5/10 and mAP@5 (CIRCO's definition with one ground truth).
+Images are decoded as training decodes them (EXIF orientation applied: `CORPUS_DECODING`),
+not as the public benchmarks' official loaders open theirs.
 
 Columns read: the MegaPairs release schema, `q_img`, `q_text` (list of instructions or one
 string), `t_img`, `hns` (list). The project's triplets also carry image ids (`query_id`,
@@ -35,7 +37,12 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 import numpy as np
 import polars as pl
 
-from megapairs_assets.evaluation.benchmark import BenchmarkSplit, CirQuery, ImageRef
+from megapairs_assets.evaluation.benchmark import (
+    CORPUS_DECODING,
+    BenchmarkSplit,
+    CirQuery,
+    ImageRef,
+)
 
 HELDOUT_SPLIT_VERSION = "query-image-sha256-v1"
 HELDOUT_SALT = "megapairs-heldout-v1"
@@ -187,6 +194,7 @@ def heldout_benchmark(
         queries=queries,
         has_ground_truth=True,
         discarded={"image_not_located": unlocated} if unlocated else {},
+        image_decoding=CORPUS_DECODING,
     )
 
 
