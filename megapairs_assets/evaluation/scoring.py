@@ -30,12 +30,12 @@ import numpy as np
 from megapairs_assets.lib.progress import ProgressCallback
 
 DEFAULT_QUERY_BATCH_SIZE = 16_384
-# faiss fetches k + max(k, this) candidates per query, so exact re-scoring has room below the
-# cut-off and only near-ties there send a query to the full re-rank.
+# faiss fetches k + max(k // 2, this) candidates per query, so exact re-scoring has room below
+# the cut-off and only (near-)ties there send a query to the full re-rank.
 _MIN_EXTRA_CANDIDATES = 16
-# Float64 elements re-scored at once (the gathered candidate vectors): bounds the transient
-# memory at 64 MB whatever the batch, depth and dimension.
-_RESCORE_CHUNK_ELEMENTS = 8 * 1024 * 1024
+# Candidate vector elements re-scored at once: bounds the transient memory (about 24 MB of
+# gathered float32 rows and their float64 products) and keeps a chunk in cache.
+_RESCORE_CHUNK_ELEMENTS = 2 * 1024 * 1024
 # Bound on a float32 inner product's rounding error, per dimension and unit of |q| * |g|: a
 # sum of d products carries at most about d * 2^-24 relative error; doubled for safety.
 _FLOAT32_ERROR_PER_DIM = 2.0 * 2.0**-24
@@ -58,10 +58,12 @@ def exact_scores(queries: np.ndarray, vectors: np.ndarray) -> np.ndarray:
     they sit, which a float32 BLAS product does not promise.
     """
     query64 = np.asarray(queries, dtype=np.float64)
-    vectors64 = np.asarray(vectors, dtype=np.float64)
-    # Elementwise products are exact; numpy reduces each row along its last axis with the same
-    # (pairwise) order whatever the row's position or alignment. No BLAS here on purpose.
-    return (vectors64 * query64[..., None, :]).sum(axis=-1)
+    # Elementwise float64 products of float32 values are exact (the ufunc casts as it goes, so
+    # no float64 copy of the vectors is made); numpy then reduces each row along its last axis
+    # in the same (pairwise) order whatever the row's position or alignment. No BLAS here on
+    # purpose: its blocking is what makes a row's float32 score depend on its position.
+    products = np.multiply(np.asarray(vectors), query64[..., None, :], dtype=np.float64)
+    return products.sum(axis=-1)
 
 
 def top_k(
@@ -83,14 +85,15 @@ def top_k(
         )
     if k < 1:
         raise ValueError(f"k must be positive, got {k}")
-    fetch = min(len(gallery), k + max(k, _MIN_EXTRA_CANDIDATES))
+    fetch = min(len(gallery), k + max(k // 2, _MIN_EXTRA_CANDIDATES))
     scores = np.full((len(queries), k), -np.inf)
     indices = np.full((len(queries), k), -1, dtype=np.int64)
     if fetch == 0:
         return TopK(scores=scores, indices=indices)
     index = faiss.IndexFlatIP(gallery.shape[1])
     index.add(gallery)
-    gallery_norm = float(np.linalg.norm(gallery, axis=1).max())
+    # One pass without a temporary copy (np.linalg.norm makes one): the bound needs only this.
+    gallery_norm = float(np.sqrt(np.einsum("ij,ij->i", gallery, gallery).max()))
     for start in range(0, len(queries), query_batch_size):
         batch = queries[start : start + query_batch_size]
         approximate, fetched = index.search(batch, fetch)
