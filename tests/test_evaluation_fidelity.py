@@ -233,9 +233,9 @@ def test_genecis_queries_left_out_are_told_in_rows_table_and_metadata(
     rows = result.rows()
     attribute = rows.filter(rows["split"] == "focus_attribute")
     assert set(attribute["detail"]) == {
-        "2 of 3 queries scored; 1 left out: gallery_length_not_modal (their gallery length is "
-        "not the task's most common one (GeneCIS's evaluation code batches one gallery length "
-        "per task))"
+        "2 of 3 queries scored; 1 left out: gallery_length_not_modal (a gallery of another "
+        "length than the task's most common; GeneCIS's evaluation code batches one gallery "
+        "length per task)"
     }
     assert set(rows.filter(rows["split"] == "focus_object")["detail"]) == {""}
     mean = rows.filter(rows["split"] == "mean")

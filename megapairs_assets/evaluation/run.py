@@ -620,8 +620,8 @@ def _mean_row(key: str, results: list[SplitResult]) -> SplitResult | None:
 # Why a protocol leaves queries out, in words (the code stays in the detail, for queries).
 LEFT_OUT_REASONS = {
     "gallery_length_not_modal": (
-        "their gallery length is not the task's most common one (GeneCIS's evaluation code "
-        "batches one gallery length per task)"
+        "a gallery of another length than the task's most common; GeneCIS's evaluation code "
+        "batches one gallery length per task"
     ),
     "image_not_located": "an image of theirs is not in the corpus",
 }
