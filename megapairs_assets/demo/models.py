@@ -13,8 +13,10 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -24,6 +26,7 @@ from filelock import FileLock
 
 from megapairs_assets.demo import MINILM_LOCAL_DIR
 from megapairs_assets.embeddings.encoders import register_bundled_model_configs
+from megapairs_assets.lib.processes import machine_tag, process_alive
 
 DEMO_CLIP_MODEL = "megapairs-tiny-clip"
 DEMO_DINOV2_DIRNAME = "dinov2-tiny"
@@ -31,6 +34,15 @@ DEMO_DINOV2_DIRNAME = "dinov2-tiny"
 DEMO_MODELS_BUILD_VERSION = 1
 _MARKER_NAME = "demo-models.json"
 _SEED = 0
+# A build stages its files in `.building-<machine tag>-<pid>-<random>` and removes the folder
+# when it ends; a killed build (kill -9, out of memory) cannot, so the next build removes it:
+# at once when its process is gone from this machine, else (another machine, or a folder of
+# an older release named `.building-<random>`) once it is this old.
+_STAGING_PREFIX = ".building-"
+_STAGING_NAME = re.compile(
+    rf"{re.escape(_STAGING_PREFIX)}(?:(?P<machine>[0-9a-f]{{8}})-(?P<pid>[0-9]+)-)?[^/]+"
+)
+ABANDONED_STAGING_AGE_S = 30 * 60
 # Said once, when the models are built, instead of open_clip's "No pretrained weights loaded
 # ... initialized randomly" warning, which reads like a fault in a demo where it is the design.
 DEMO_MODELS_NOTE = (
@@ -85,9 +97,43 @@ def ensure_demo_models(models_dir: Path) -> dict[str, Path]:
     }
     # Dagster's multiprocess executor may start several steps that all want the models.
     with FileLock(str(models_dir / ".demo-models.lock")):
+        sweep_abandoned_staging(models_dir)
         if not _is_current(models_dir, paths):
             _build(models_dir, paths)
     return paths
+
+
+def sweep_abandoned_staging(models_dir: Path) -> list[Path]:
+    """Remove the staging folders that killed builds left in `models_dir`; returns them.
+
+    One of a process of this machine that no longer runs goes at once; one whose writer
+    cannot be asked (another machine sharing the folder, an older release's name) once it is
+    ABANDONED_STAGING_AGE_S old. A live build's folder is never touched.
+    """
+    removed = []
+    try:
+        entries = [entry for entry in os.scandir(models_dir) if entry.is_dir(follow_symlinks=False)]
+    except OSError:  # no folder yet: nothing to sweep
+        return []
+    now = time.time()
+    for entry in entries:
+        match = _STAGING_NAME.fullmatch(entry.name)
+        if match is None:
+            continue
+        try:
+            stat = entry.stat(follow_symlinks=False)
+        except FileNotFoundError:
+            continue
+        if match["machine"] == machine_tag() and match["pid"] is not None:
+            # A process with that id that started after the folder changed is another one
+            # (ctime: no copy can set it back).
+            abandoned = not process_alive(int(match["pid"]), seen_at=stat.st_ctime)
+        else:
+            abandoned = now - stat.st_mtime > ABANDONED_STAGING_AGE_S
+        if abandoned:
+            shutil.rmtree(entry.path, ignore_errors=True)
+            removed.append(Path(entry.path))
+    return removed
 
 
 def _is_current(models_dir: Path, paths: dict[str, Path]) -> bool:
@@ -106,7 +152,9 @@ def _build(models_dir: Path, paths: dict[str, Path]) -> None:
         print(DEMO_MODELS_NOTE, flush=True)
     with (
         _quiet_model_libraries(),
-        tempfile.TemporaryDirectory(dir=models_dir, prefix=".building-") as staging,
+        tempfile.TemporaryDirectory(
+            dir=models_dir, prefix=f"{_STAGING_PREFIX}{machine_tag()}-{os.getpid()}-"
+        ) as staging,
     ):
         staging_dir = Path(staging)
         clip_file = staging_dir / paths["clip_checkpoint"].name

@@ -51,7 +51,9 @@ When a table stands (`reuse_plan`):
   current row order, with the new keys; its checks run on the merged table.
 
 Anything else (no table, an unreadable one, other settings, a table written before per-row
-inputs were recorded) embeds the whole shard, as before.
+inputs were recorded) embeds the whole shard, as before. "Reads back whole" includes every
+page's checksum (tables are written with one per page, lib/storage.py): a flipped bit or a
+damaged page makes the table unreadable, and the reason logged names the file.
 """
 
 from __future__ import annotations
@@ -76,6 +78,7 @@ from megapairs_assets.embeddings.compute import (
     embedding_arrays,
 )
 from megapairs_assets.embeddings.encoders import Modality
+from megapairs_assets.lib.errors import first_line
 from megapairs_assets.lib.quality import CheckOutcome
 from megapairs_assets.lib.storage import DataPath
 
@@ -266,7 +269,7 @@ def reusable_shard(path: DataPath, reuse_key: str, rows: pl.DataFrame) -> Reused
     """
     try:
         with path.open("rb") as handle:
-            parquet = pq.ParquetFile(handle)
+            parquet = pq.ParquetFile(handle, page_checksum_verification=True)
             footer = parquet.schema_arrow.metadata or {}
             stored_key = footer.get(REUSE_KEY_FIELD.encode())
             if stored_key is None:
@@ -282,7 +285,7 @@ def reusable_shard(path: DataPath, reuse_key: str, rows: pl.DataFrame) -> Reused
     except NotReusable:
         raise
     except Exception as error:  # a damaged table is embedded again, never a failed step
-        raise NotReusable(f"the table is unreadable ({type(error).__name__}: {error})") from error
+        raise unreadable(path, error) from error
     transient = sorted({reason for _, reason, _ in skipped} - CONTENT_SKIP_REASONS)
     if transient:
         raise NotReusable(f"it skipped rows for reasons that may pass ({', '.join(transient)})")
@@ -299,6 +302,11 @@ def reusable_shard(path: DataPath, reuse_key: str, rows: pl.DataFrame) -> Reused
         dim=int(vectors.shape[1]),
         outcomes=outcomes,
     )
+
+
+def unreadable(path: DataPath, error: BaseException) -> NotReusable:
+    """Why a table that cannot be read back is not reused: the file and what is wrong."""
+    return NotReusable(f"the table {path} is damaged or unreadable ({first_line(error)})")
 
 
 def reuse_plan(path: DataPath, keys: ShardKeys, rows: pl.DataFrame) -> ReusedShard | RowReuse:
@@ -324,7 +332,7 @@ def reusable_rows(path: DataPath, keys: ShardKeys, rows: pl.DataFrame, why: str 
     under other settings, before per-row inputs were recorded, or cannot be read."""
     try:
         with path.open("rb") as handle:
-            parquet = pq.ParquetFile(handle)
+            parquet = pq.ParquetFile(handle, page_checksum_verification=True)
             footer = parquet.schema_arrow.metadata or {}
             stored_settings = footer.get(SETTINGS_KEY_FIELD.encode())
             if stored_settings is None or INPUT_DIGEST_COLUMN not in parquet.schema_arrow.names:
@@ -342,7 +350,7 @@ def reusable_rows(path: DataPath, keys: ShardKeys, rows: pl.DataFrame, why: str 
     except NotReusable:
         raise
     except Exception as error:  # a damaged table is embedded again, never a failed step
-        raise NotReusable(f"the table is unreadable ({type(error).__name__}: {error})") from error
+        raise unreadable(path, error) from error
     old_ids = [str(i) for i in ids]
     skipped_ids = [image_id for image_id, _, _ in skipped]
     if len(set(old_ids)) != len(old_ids) or set(old_ids) & set(skipped_ids):

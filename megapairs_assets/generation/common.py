@@ -169,18 +169,28 @@ def image_relpath(image_id: str) -> str:
     """Where an image sits inside an export folder: `images/<shard>/<key>.jpg`.
 
     Characters outside [A-Za-z0-9._-] become `_`; a part that had to change gets a short hash
-    of the original so two different ids never share a file.
+    of the original so two different ids never share a file. A part longer than
+    MAX_EXPORT_PART_CHARS is cut and ends with that hash, so every file name fits a file system
+    (255 bytes) with room for the temporary name it is written under.
     """
     shard, _, key = image_id.partition("/")
     return f"images/{_safe_part(shard)}/{_safe_part(key or shard)}.jpg"
 
 
+# The longest shard or key part of an exported image's path: ASCII only, so characters are
+# bytes; with ".jpg" and a temporary file's suffix far below the 255-byte name limit.
+MAX_EXPORT_PART_CHARS = 100
+
+
 def _safe_part(text: str) -> str:
     import hashlib
 
-    safe = _SAFE_PATH_PART.sub("_", text).strip(".") or "_"
-    if safe != text:
-        safe = f"{safe}-{hashlib.blake2b(text.encode(), digest_size=4).hexdigest()}"
+    digest = hashlib.blake2b(text.encode(errors="surrogatepass"), digest_size=4).hexdigest()
+    cleaned = _SAFE_PATH_PART.sub("_", text).strip(".") or "_"
+    # Unchanged for every part that fit before the cap: exported paths stay where they were.
+    safe = cleaned if cleaned == text else f"{cleaned}-{digest}"
+    if len(safe) > MAX_EXPORT_PART_CHARS:
+        safe = f"{cleaned[: MAX_EXPORT_PART_CHARS - len(digest) - 1]}-{digest}"
     return safe
 
 

@@ -17,6 +17,11 @@ a step's requests are settled, and a store opened on a machine merges the mirror
 (an `ok` answer wins over a failure), so a retried or rescheduled step asks the model only for
 what no machine has answered yet.
 
+The store is only a cache: a damaged file (`database disk image is malformed`: a disk fault, a
+file cut short by a full disk or a copy) is moved aside as `<name>.corrupt-<UTC time>` (with
+its `-wal`/`-shm` files), a warning names both files, and an empty store takes its place, so
+the step asks the model again for what the damaged file held instead of failing every shard.
+
 Rows are keyed by the request key (sha256 of model id, template hash, inputs, sampling
 parameters and seed; see `backends.base.request_key`). A failed request keeps its attempt
 count and last error; once `max_attempts` runs have failed it, it is `quarantined` and no
@@ -25,14 +30,17 @@ longer sent until released (`release_quarantined`).
 
 from __future__ import annotations
 
+import logging
+import os
 import re
 import sqlite3
 import tempfile
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import closing, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 from megapairs_assets.generation.backends.base import GenerationResult
 from megapairs_assets.lib.storage import DataLayout, DataPath, write_atomic
@@ -49,6 +57,11 @@ _LOOKUP_CHUNK = 900  # below SQLite's default bound-parameter limit
 MIRROR_EVERY_S = 60.0
 # (local store, mirror) -> the mirror version (size, mtime) whose rows the local store holds.
 _KNOWN_MIRRORS: dict[tuple[str, str], tuple[int, float]] = {}
+# SQLite's result codes for a damaged file (the low byte; extended codes add detail above it).
+_CORRUPT_CODES = frozenset({sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB})
+_SIDE_FILE_SUFFIXES = ("-wal", "-shm")
+_LOG = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS responses (
@@ -73,10 +86,30 @@ def _mirror_version(mirror: DataPath) -> tuple[int, float]:
     return int(info.st_size), float(info.st_mtime)
 
 
-def open_store(layout: DataLayout, shard: str, step: str, max_attempts: int) -> ResponseStore:
-    """The store of one shard and step, mirrored beside the tables when they live apart."""
+def open_store(
+    layout: DataLayout,
+    shard: str,
+    step: str,
+    max_attempts: int,
+    log: Callable[[str], None] | None = None,
+) -> ResponseStore:
+    """The store of one shard and step, mirrored beside the tables when they live apart.
+
+    log: where a warning about a damaged store goes (default: this module's logger).
+    """
     mirror = layout.shared_cache_file("generation", shard, f"{_SAFE_NAME.sub('_', step)}.sqlite")
-    return ResponseStore(store_path(layout, shard, step), max_attempts, mirror=mirror)
+    return ResponseStore(store_path(layout, shard, step), max_attempts, mirror=mirror, log=log)
+
+
+def is_corrupt(error: BaseException) -> bool:
+    """Whether a SQLite error says the database file is damaged (not busy, not full)."""
+    if not isinstance(error, sqlite3.DatabaseError):
+        return False
+    code = getattr(error, "sqlite_errorcode", None)
+    if code is not None:
+        return code & 0xFF in _CORRUPT_CODES
+    text = str(error)
+    return "malformed" in text or "not a database" in text
 
 
 def store_path(layout: DataLayout, shard: str, step: str) -> Path:
@@ -115,6 +148,7 @@ class ResponseStore:
         max_attempts: int = 3,
         mirror: DataPath | None = None,
         mirror_every_s: float = MIRROR_EVERY_S,
+        log: Callable[[str], None] | None = None,
     ) -> None:
         if max_attempts < 1:
             raise ValueError(f"max_attempts must be >= 1, got {max_attempts}")
@@ -122,9 +156,9 @@ class ResponseStore:
         self.max_attempts = max_attempts
         self.mirror = mirror
         self.mirror_every_s = mirror_every_s
+        self.log = log or _LOG.warning
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self._connect() as con:
-            con.execute(_SCHEMA)
+        self._run(lambda con: con.execute(_SCHEMA))
         if mirror is not None and mirror.exists():
             # Only a mirror this process has not already taken in (or uploaded itself): a second
             # open of the same store (prefetch, then the step) downloads nothing.
@@ -144,7 +178,14 @@ class ResponseStore:
             with source as origin, closing(sqlite3.connect(target)) as copy:
                 origin.backup(copy)
 
-        write_atomic(self.mirror, snapshot)
+        try:
+            write_atomic(self.mirror, snapshot)
+        except sqlite3.DatabaseError as error:
+            if not is_corrupt(error):
+                raise
+            # The mirror keeps its last good snapshot; the damaged store starts afresh.
+            self._replace_damaged(error)
+            return
         self._mirrored_at = time.monotonic()
         _KNOWN_MIRRORS[(str(self.path), str(self.mirror))] = _mirror_version(self.mirror)
 
@@ -153,7 +194,16 @@ class ResponseStore:
         with tempfile.TemporaryDirectory(dir=self.path.parent) as scratch:
             copy = Path(scratch) / "mirror.sqlite"
             copy.write_bytes(mirror.read_bytes())
-            with self._connect() as con:
+            problem = _damage(copy)
+            if problem is not None:
+                # A cache too: what it held is asked again; the next upload replaces it.
+                self.log(
+                    f"the shared generation cache {mirror} is damaged ({problem}); not merged "
+                    "(its requests are sent to the model again, and the next upload replaces it)"
+                )
+                return
+
+            def merge(con: sqlite3.Connection) -> None:
                 con.execute("ATTACH DATABASE ? AS mirror", [str(copy)])
                 con.execute(
                     "INSERT INTO responses SELECT * FROM mirror.responses WHERE true "
@@ -168,6 +218,41 @@ class ResponseStore:
                     [STATUS_OK, STATUS_OK],
                 )
 
+            self._run(merge)
+
+    def _run(self, operation: Callable[[sqlite3.Connection], _T]) -> _T:
+        """Run `operation` in one transaction; on a damaged store, set the file aside (see
+        the module docstring) and run it once more on a new, empty store."""
+        try:
+            with self._connect() as con:
+                return operation(con)
+        except sqlite3.DatabaseError as error:
+            if not is_corrupt(error):
+                raise
+            self._replace_damaged(error)
+        with self._connect() as con:
+            return operation(con)
+
+    def _replace_damaged(self, error: sqlite3.DatabaseError) -> None:
+        """Move the damaged store (and its WAL files) aside and create an empty one."""
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        aside = self.path.with_name(f"{self.path.name}.corrupt-{stamp}")
+        number = 1
+        while aside.exists():
+            number += 1
+            aside = self.path.with_name(f"{self.path.name}.corrupt-{stamp}-{number}")
+        os.replace(self.path, aside)
+        for suffix in _SIDE_FILE_SUFFIXES:
+            side = self.path.with_name(self.path.name + suffix)
+            if side.exists():  # beside the moved file, under the name SQLite looks for
+                os.replace(side, aside.with_name(aside.name + suffix))
+        self.log(
+            f"the generation cache {self.path} is damaged ({error}); moved it to {aside} and "
+            "started an empty one: the requests it held are sent to the model again"
+        )
+        with self._connect() as con:
+            con.execute(_SCHEMA)
+
     @contextmanager
     def _connect(self) -> Iterator[sqlite3.Connection]:
         with closing(sqlite3.connect(self.path, timeout=60.0)) as con:
@@ -179,8 +264,9 @@ class ResponseStore:
     def get(self, keys: Iterable[str]) -> dict[str, StoredResponse]:
         """Stored rows for the keys that have one."""
         unique = list(dict.fromkeys(keys))
-        found: dict[str, StoredResponse] = {}
-        with self._connect() as con:
+
+        def lookup(con: sqlite3.Connection) -> dict[str, StoredResponse]:
+            found: dict[str, StoredResponse] = {}
             for start in range(0, len(unique), _LOOKUP_CHUNK):
                 chunk = unique[start : start + _LOOKUP_CHUNK]
                 marks = ",".join("?" * len(chunk))
@@ -191,14 +277,17 @@ class ResponseStore:
                 )
                 for row in rows:
                     found[row[0]] = StoredResponse(*row)
-        return found
+            return found
+
+        return self._run(lookup)
 
     def record(self, results: Sequence[GenerationResult]) -> None:
         """Persist a batch of results in one transaction (successes replace failures)."""
         if not results:
             return
         now = time.time()
-        with self._connect() as con:
+
+        def store(con: sqlite3.Connection) -> None:
             for result in results:
                 if result.error is None:
                     con.execute(
@@ -245,6 +334,8 @@ class ResponseStore:
                             STATUS_OK,
                         ],
                     )
+
+        self._run(store)
         self._mirror_if_due()
 
     def _mirror_if_due(self) -> None:
@@ -253,15 +344,34 @@ class ResponseStore:
 
     def release_quarantined(self) -> int:
         """Give quarantined requests a fresh set of attempts; returns how many."""
-        with self._connect() as con:
-            cursor = con.execute(
-                "UPDATE responses SET status=?, attempts=0 WHERE status=?",
-                [STATUS_FAILED, STATUS_QUARANTINED],
+        return self._run(
+            lambda con: (
+                con.execute(
+                    "UPDATE responses SET status=?, attempts=0 WHERE status=?",
+                    [STATUS_FAILED, STATUS_QUARANTINED],
+                ).rowcount
             )
-            return cursor.rowcount
+        )
 
     def counts(self) -> dict[str, int]:
         """Rows per status (for metadata and tests)."""
-        with self._connect() as con:
-            rows = con.execute("SELECT status, count(*) FROM responses GROUP BY status").fetchall()
+        rows = self._run(
+            lambda con: con.execute(
+                "SELECT status, count(*) FROM responses GROUP BY status"
+            ).fetchall()
+        )
         return {status: int(count) for status, count in rows}
+
+
+def _damage(path: Path) -> str | None:
+    """What is wrong with the SQLite file at `path` (a full quick check), or None if sound."""
+    try:
+        with closing(sqlite3.connect(path)) as con:
+            verdict = con.execute("PRAGMA quick_check").fetchall()
+    except sqlite3.DatabaseError as error:
+        if not is_corrupt(error):
+            raise
+        return str(error)
+    if verdict == [("ok",)]:
+        return None
+    return "; ".join(str(row[0]) for row in verdict[:3])

@@ -35,8 +35,10 @@ reused. The catalog's materialization ids are not used: a reused embedding table
 on every run, although its content did not change.
 
 The key lives in the KNN table's own Parquet footer, written by the same atomic write as the
-rows. A table is reused only when it reads back whole, its key matches and every KNN check
-passes on it again; anything else searches the shard as before.
+rows. A table is reused only when it reads back whole (every page that carries a checksum
+matching it: see lib/storage.py), its key matches and every KNN check passes on it again;
+anything else, a damaged table included, searches the shard as before, and the reason logged
+names the file.
 """
 
 from __future__ import annotations
@@ -53,8 +55,9 @@ import pyarrow.parquet as pq
 
 from megapairs_assets.embeddings.reuse import REUSE_KEY_FIELD as EMBEDDING_REUSE_KEY_FIELD
 from megapairs_assets.knn.search import KNN_SCHEMA, check_knn
+from megapairs_assets.lib.errors import first_line
 from megapairs_assets.lib.quality import CheckOutcome
-from megapairs_assets.lib.storage import DataPath, read_parquet
+from megapairs_assets.lib.storage import DataPath, TableReadError, read_parquet
 
 # Bumped when what goes into the key changes, so older keys stop matching.
 KEY_SCHEME = "knn-reuse-v1"
@@ -171,11 +174,17 @@ def stored_reuse_key(path: DataPath) -> str:
     except FileNotFoundError:
         raise NoTable("no table yet") from None
     except Exception as error:  # a damaged graph is searched again, never a failed step
-        raise NotReusable(f"the table is unreadable ({type(error).__name__}: {error})") from error
+        raise unreadable(path, error) from error
     key = footer.metadata.get(REUSE_KEY_FIELD)
     if key is None:
         raise NotReusable("the table has no reuse key (written before reuse existed)")
     return key
+
+
+def unreadable(path: DataPath, error: BaseException) -> NotReusable:
+    """Why a table that cannot be read back is not reused: the file and what is wrong."""
+    cause = error.__cause__ if isinstance(error, TableReadError) and error.__cause__ else error
+    return NotReusable(f"the table {path} is damaged or unreadable ({first_line(cause)})")
 
 
 def reusable_graph(
@@ -186,11 +195,13 @@ def reusable_graph(
     if stored_reuse_key(path) != reuse_key:
         raise NotReusable("its inputs or settings changed")
     try:
+        # Every page is checked against its checksum: a flipped bit is a damaged table here,
+        # never other neighbours that pass the checks.
         neighbors = read_parquet(path)
     except FileNotFoundError:
         raise NoTable("the table disappeared") from None
-    except Exception as error:
-        raise NotReusable(f"the table is unreadable ({type(error).__name__}: {error})") from error
+    except Exception as error:  # a damaged graph is searched again, never a failed step
+        raise unreadable(path, error) from error
     if neighbors.schema != KNN_SCHEMA:
         raise NotReusable(f"its columns are {dict(neighbors.schema)}, not the KNN schema")
     outcomes = check_knn(neighbors, k)

@@ -22,10 +22,19 @@ Every table is written to a temporary file in the same folder and moved into pla
 of one. The temporary file's name says which machine and process writes it
 (`.<name>.tmp-<machine>-<pid>-<random>`), so the first write into a folder after a crash (a
 `kill -9`, an out-of-memory kill) removes what a dead writer left there, and never a live
-writer's file. A write that fails (disk full, permission denied) removes its temporary file,
-leaves the previous table in place, and raises `TableWriteError` naming the table and the
-cause. The file gets the mode a plain `open()` would give it (0666 minus the umask, so 0644 by
-default), so a trainer or web server running as another user can read what the pipeline wrote.
+writer's file, and is never longer than a file name may be (`temporary_name`). A write that
+fails (disk full, permission denied) removes its temporary file, leaves the previous table in
+place, and raises `TableWriteError` naming the table and the cause; when the target's file
+system is (nearly) full, whatever the writer raised (torch.save says "unexpected pos"), the
+error says the disk is full and how many bytes are free. The file gets the mode a plain
+`open()` would give it (0666 minus the umask, so 0644 by default), so a trainer or web server
+running as another user can read what the pipeline wrote.
+
+Parquet tables are written by pyarrow with a CRC-32 on every page and read back by pyarrow
+with each page verified (`read_parquet` / `read_arrow_table`): a flipped bit or a damaged
+page is a `TableReadError` naming the file, never other values that pass every check, nor a
+panic of polars' own reader (which no `except Exception` catches). Reuse of a kept table
+(embeddings, KNN) treats such an error as "not reusable" and computes the shard again.
 
 On an object store there is no rename (a "move" is a copy), so a table is written to a local
 temporary file and published with one upload of the finished object (`put_file`: one PUT, or a
@@ -39,6 +48,7 @@ cluster the catalog is DuckLake).
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import os
@@ -54,8 +64,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeAlias
 
 import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
 
-from megapairs_assets.lib.errors import DataRootError, TableWriteError
+from megapairs_assets.lib.errors import DataRootError, TableWriteError, first_line
 from megapairs_assets.lib.processes import machine_tag, process_alive
 
 if TYPE_CHECKING:  # upath (and fsspec) are imported only when a data root is a URL
@@ -193,9 +205,72 @@ def table_source(path: DataPath) -> Path | io.BytesIO:
     return io.BytesIO(path.fs.cat_file(path.path))
 
 
+class TableReadError(OSError):
+    """A table exists but cannot be read back: damaged (a page fails its checksum or does not
+    decode), cut short, not Parquet, or without a column the reader needs. The message names
+    the file and says what to do."""
+
+
 def read_parquet(path: DataPath, columns: list[str] | None = None) -> pl.DataFrame:
-    """Read a Parquet table from local disk or the object store."""
-    return pl.read_parquet(table_source(path), columns=columns)
+    """Read a Parquet table from local disk or the object store, every page checked.
+
+    See `read_arrow_table`; a missing file raises FileNotFoundError, a damaged one
+    `TableReadError` naming it.
+    """
+    table = read_arrow_table(path, columns)
+    try:
+        return pl.from_arrow(table)  # type: ignore[return-value]  # a Table gives a DataFrame
+    except BaseException as error:  # a Rust panic is a BaseException: never let one escape
+        if not _is_rust_panic(error) and not isinstance(error, Exception):
+            raise
+        raise _read_error(path, error) from error
+
+
+def read_arrow_table(path: DataPath, columns: list[str] | None = None) -> pa.Table:
+    """Read a Parquet table into Arrow, verifying every page that carries a checksum.
+
+    Tables written by `write_parquet_atomic` / `write_arrow_atomic` carry a CRC-32 on each
+    page, so a flipped bit is an error here instead of different data (a table written before
+    that, or by another program, is read unverified). pyarrow decodes it: a damaged page is an
+    error, where polars' own reader can panic (a BaseException no `except Exception` catches).
+    Raises FileNotFoundError when there is no file and `TableReadError` naming the file when it
+    is damaged, cut short, not Parquet or lacks one of `columns`.
+    """
+    source = table_source(path)  # a missing file, an unreachable store: raised as they are
+    try:
+        with pq.ParquetFile(
+            str(source) if isinstance(source, Path) else source, page_checksum_verification=True
+        ) as parquet:
+            if columns is not None:
+                # ParquetFile.read ignores a column it does not hold; a caller needs each one.
+                missing = [name for name in columns if name not in parquet.schema_arrow.names]
+                if missing:
+                    raise TableReadError(
+                        f"{path} has no column {', '.join(map(repr, missing))} (it has "
+                        f"{', '.join(parquet.schema_arrow.names)}): it is not the table this "
+                        "step expects; materialize its shard again"
+                    )
+            return parquet.read(columns=columns)
+    except (FileNotFoundError, PermissionError, IsADirectoryError, TableReadError):
+        raise
+    except BaseException as error:
+        if not _is_rust_panic(error) and not isinstance(error, Exception):
+            raise  # KeyboardInterrupt, SystemExit
+        raise _read_error(path, error) from error
+
+
+def _read_error(path: DataPath, error: BaseException) -> TableReadError:
+    return TableReadError(
+        f"cannot read the table {path}: it is damaged (a page fails its checksum or does not "
+        "decode), cut short, or not Parquet. Delete it and materialize its shard again. "
+        f"Cause: {first_line(error)}"
+    )
+
+
+def _is_rust_panic(error: BaseException) -> bool:
+    """A panic inside a Rust extension (polars): pyo3 raises it as a BaseException subclass
+    named PanicException, from a module each extension creates, so it is known by name."""
+    return type(error).__name__ == "PanicException"
 
 
 def write_atomic(path: DataPath, write: Callable[[Path], None]) -> None:
@@ -206,8 +281,9 @@ def write_atomic(path: DataPath, write: Callable[[Path], None]) -> None:
     `tempfile.mkstemp`, would otherwise leave it readable by its owner only). On an object
     store `tmp_path` is a local file, uploaded in one piece when `write` returns (see the
     module docstring). A failed write leaves the previous version of `path` as it was and
-    raises `TableWriteError` (an OSError) for an I/O failure; any other error keeps its type,
-    with a note naming the table.
+    raises `TableWriteError` (an OSError) for an I/O failure, or for any failure on a (nearly)
+    full disk (saying so, with the free bytes); any other error keeps its type, with a note
+    naming the table.
     """
     try:
         if is_local(path):
@@ -223,21 +299,86 @@ def write_atomic(path: DataPath, write: Callable[[Path], None]) -> None:
 
 def _replace_atomic(path: Path, write: Callable[[Path], None]) -> None:
     """Write a temporary file beside `path` and rename it over `path`."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    sweep_abandoned_temporaries(path.parent, once_per_process=True)
     tmp = path.with_name(temporary_name(path.name))
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        sweep_abandoned_temporaries(path.parent, once_per_process=True)
         write(tmp)
         os.chmod(tmp, new_file_mode())
         os.replace(tmp, path)
+    except Exception as error:
+        # Asked while the partial file still holds its space: once it is removed, the disk
+        # that just filled up has room again.
+        full = _disk_full_error(path, path.parent, error)
+        if full is not None:
+            raise full from error
+        raise
     finally:
         if tmp.exists():
             tmp.unlink()
 
 
+# The longest file name (in bytes) Linux and macOS file systems take.
+MAX_FILE_NAME_BYTES = 255
+
+
 def temporary_name(name: str) -> str:
-    """The name of a temporary file for the table `name`, saying who writes it."""
-    return f".{name}.tmp-{machine_tag()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    """The name of a temporary file for the table `name`, saying who writes it.
+
+    Never longer than MAX_FILE_NAME_BYTES: a long `name` is cut (at a byte count, its
+    encoding being UTF-8) and ends with a hash of the whole name instead, so any table whose
+    own name fits can be written.
+    """
+    suffix = f".tmp-{machine_tag()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    room = MAX_FILE_NAME_BYTES - len(".") - len(suffix.encode())
+    encoded = os.fsencode(name)
+    if len(encoded) > room:
+        digest = hashlib.blake2b(encoded, digest_size=4).hexdigest()
+        # A character split by the cut is dropped whole: every writer can encode the name.
+        name = f"{encoded[: room - len(digest) - 1].decode('utf-8', 'ignore')}~{digest}"
+    return f".{name}{suffix}"
+
+
+# A write that fails with less than this free on its file system is reported as a full disk:
+# a writer fails when its next buffer (kilobytes to a few megabytes) no longer fits, whatever
+# error its library makes of that (torch.save: "unexpected pos ...", no errno).
+DISK_FULL_MARGIN_BYTES = 16 << 20
+_DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+
+
+def free_bytes(folder: Path) -> int | None:
+    """Bytes this process may still write on the file system of `folder` (or of its nearest
+    existing parent); None where the system cannot say."""
+    for candidate in (folder, *folder.parents):
+        try:
+            stats = os.statvfs(candidate)
+        except FileNotFoundError:
+            continue
+        except (OSError, AttributeError):  # no statvfs (Windows), or unreadable
+            return None
+        # root may also fill the blocks the file system keeps for it; others may not.
+        blocks = stats.f_bfree if os.geteuid() == 0 else stats.f_bavail
+        return blocks * stats.f_frsize
+    return None
+
+
+def _disk_full_error(path: DataPath, folder: Path, error: BaseException) -> TableWriteError | None:
+    """The TableWriteError of a write that failed on a full disk: `error` says so (ENOSPC,
+    EDQUOT) or `folder`'s file system has less than DISK_FULL_MARGIN_BYTES left. None when
+    the disk has room (the failure is something else)."""
+    if isinstance(error, TableWriteError):
+        return None
+    free = free_bytes(folder)
+    said_full = isinstance(error, OSError) and error.errno in _DISK_FULL_ERRNOS
+    if not said_full and (free is None or free >= DISK_FULL_MARGIN_BYTES):
+        return None
+    left = "" if free is None else f", {free} bytes free on the file system of {folder}"
+    return TableWriteError(
+        errno.ENOSPC,
+        f"could not write {path}: the disk is full ({os.strerror(errno.ENOSPC)}{left}); "
+        "nothing was replaced (the previous file, if any, is unchanged). Free some space and "
+        f"run the step again. Cause: {type(error).__name__}: {error}",
+    )
 
 
 def sweep_abandoned_temporaries(folder: Path, once_per_process: bool = False) -> list[Path]:
@@ -321,7 +462,13 @@ def _put_atomic(path: UPath, write: Callable[[Path], None]) -> None:
     with tempfile.TemporaryDirectory(prefix="megapairs-put-") as folder:
         # The table's own name, so content-type guessing and writers see a normal file name.
         tmp = Path(folder) / path.name
-        write(tmp)
+        try:
+            write(tmp)
+        except Exception as error:  # the local disk the object is staged on may be full
+            full = _disk_full_error(path, Path(folder), error)
+            if full is not None:
+                raise full from error
+            raise
         local_size = tmp.stat().st_size
         fs.put_file(str(tmp), key)
     stored_size = fs.size(key)
@@ -374,9 +521,56 @@ def file_fingerprint(path: DataPath) -> str:
     return digest.hexdigest()[:32]
 
 
-def write_parquet_atomic(frame: pl.DataFrame, path: DataPath) -> None:
-    """Write a polars frame as Parquet, atomically."""
-    write_atomic(path, lambda tmp: frame.write_parquet(tmp, compression="zstd"))
+# Every table is written by pyarrow with a CRC-32 on each page (`read_arrow_table` checks
+# them): without them a flipped bit in a page reads back as other values that pass every check.
+# The cost, measured by benchmarks/bench_table_checksums.py, is in benchmarks/README.md.
+PARQUET_COMPRESSION = "zstd"
+
+
+def parquet_write_options() -> dict[str, Any]:
+    """pyarrow's `write_table` options of every table (a fresh dict: callers may add to it)."""
+    return {"compression": PARQUET_COMPRESSION, "write_page_checksum": True}
+
+
+def write_parquet_atomic(
+    frame: pl.DataFrame, path: DataPath, metadata: Mapping[str, str] | None = None
+) -> None:
+    """Write a polars frame as Parquet, atomically, with a checksum on every page.
+
+    metadata: key-value entries for the table's footer (a reuse key), written in the same
+    atomic write as the rows.
+    """
+    if metadata:
+        table = frame.to_arrow()
+        write_arrow_atomic(table, path, metadata=metadata)
+        return
+    # polars' own pyarrow route keeps polars' type mapping and stays the one call that writes.
+    write_atomic(
+        path,
+        lambda tmp: frame.write_parquet(
+            tmp,
+            compression=PARQUET_COMPRESSION,
+            use_pyarrow=True,
+            pyarrow_options={"write_page_checksum": True},
+        ),
+    )
+
+
+def write_arrow_atomic(
+    table: pa.Table,
+    path: DataPath,
+    metadata: Mapping[str, str] | None = None,
+    **options: Any,
+) -> None:
+    """Write an Arrow table as Parquet, atomically, with a checksum on every page.
+
+    metadata: footer entries added to the table's own schema metadata. options: more
+    `pyarrow.parquet.write_table` options (`use_dictionary=False`, ...).
+    """
+    if metadata:
+        table = table.replace_schema_metadata({**(table.schema.metadata or {}), **metadata})
+    settings = {**parquet_write_options(), **options}
+    write_atomic(path, lambda tmp: pq.write_table(table, tmp, **settings))
 
 
 @dataclass(frozen=True)
