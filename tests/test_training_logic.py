@@ -179,11 +179,14 @@ def test_batches_are_a_function_of_the_step_and_ranks_split_them() -> None:
         assert halves[0][step] + halves[1][step] == whole[step]
 
 
-def test_linear_warmup_then_decay_to_zero() -> None:
+def test_linear_warmup_from_zero_to_one_peak_then_decay_to_zero() -> None:
     factors = [linear_warmup_decay(step, 4, 12) for step in range(13)]
-    assert factors[:4] == [0.25, 0.5, 0.75, 1.0]
-    assert factors[4] == 1.0 and factors[12] == 0.0
-    assert all(a >= b for a, b in itertools.pairwise(factors[4:]))
+    assert factors[:5] == pytest.approx([0.2, 0.4, 0.6, 0.8, 1.0])
+    assert factors.count(1.0) == 1  # the peak at step `warmup_steps` only, not two steps
+    assert factors[11] > 0.0 and factors[12] == 0.0  # the last step (11) still learns
+    assert all(a > b for a, b in itertools.pairwise(factors[4:]))
+    assert linear_warmup_decay(0, 1, 10) == 0.5  # one warm-up step is a warm-up
+    assert linear_warmup_decay(0, 0, 10) == 1.0  # none: the peak at once
 
 
 # --- the science of one step -----------------------------------------------------------------

@@ -91,9 +91,10 @@ def mmret_clip_checkpoint(
 
     Query = L2-normalise(raw image projection + raw text projection) of the query image and
     one instruction sampled per step; candidates are images; InfoNCE at temperature 0.02 over
-    the batch's images plus each query's hard negatives (its query image first), gathered over
-    devices. AdamW with linear warm-up and decay, counted in steps; all weights trained. The
-    evaluation's held-out query images are never trained on. Exports an open_clip checkpoint
+    the batch's images plus each query's hard negatives (its query image first, the others
+    drawn per step from its mined ones), gathered over devices. AdamW with linear warm-up and
+    decay, counted in steps; all weights trained. The evaluation's held-out query images are
+    never trained on (not as queries, targets or hard negatives). Exports an open_clip checkpoint
     (`create_model(name, pretrained=<weights>)` or `local-dir:<dir>`) plus the Lightning
     checkpoint; a killed run resumes from its last checkpoint when re-materialized (with the
     data root on an object store the checkpoint is uploaded as it is written, so a retry on
@@ -115,6 +116,7 @@ def mmret_clip_checkpoint(
                 layout,
                 lineage,
                 heldout_fraction=evaluation.heldout_fraction,
+                heldout_max_queries=evaluation.heldout_max_queries,
                 image_root=Path(image_root) if image_root else None,
                 log=context.log.info,
             )

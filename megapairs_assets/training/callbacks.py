@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import csv
 import math
+import multiprocessing
+import os
 import signal
 import threading
 import time
@@ -42,11 +44,14 @@ class TrainingLog(pl_lightning.Callback):
     run is whole: on start, rows past the restored step (logged after the last checkpoint by
     the killed run, and about to be redone) are dropped. `step_s` is the wall time from the end
     of the previous step, data loading included; the first step of a process has none.
+    `learning_rate` is the one the step's update used, read before the step (by the end of the
+    step Lightning has already moved the schedule on to the next one).
     """
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self._last_end: float | None = None
+        self._step_learning_rate = float("nan")
 
     def on_train_start(self, trainer: pl_lightning.Trainer, pl_module: Any) -> None:
         if not trainer.is_global_zero:
@@ -58,6 +63,12 @@ class TrainingLog(pl_lightning.Callback):
             writer.writerow(LOSS_CURVE_COLUMNS)
             writer.writerows(kept.rows())
         self._last_end = None
+
+    def on_train_batch_start(
+        self, trainer: pl_lightning.Trainer, pl_module: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if trainer.is_global_zero:
+            self._step_learning_rate = trainer.optimizers[0].param_groups[0]["lr"]
 
     def on_train_batch_end(
         self,
@@ -73,7 +84,7 @@ class TrainingLog(pl_lightning.Callback):
         step_s = now - self._last_end if self._last_end is not None else float("nan")
         self._last_end = now
         stats = pl_module.last_step_stats
-        learning_rate = trainer.optimizers[0].param_groups[0]["lr"]
+        learning_rate = self._step_learning_rate
         with self.path.open("a", newline="") as handle:
             csv.writer(handle).writerow(
                 [
@@ -153,7 +164,8 @@ class FinalCheckpoint(pl_lightning.Callback):
     last step is a multiple, or this process trained no step (a finished run materialized
     again), the checkpoint on disk already is the final state: writing it again would only
     re-upload gigabytes to an object store. Both tests give every rank the same answer (a
-    save is collective).
+    save is collective). It is also what saves the step at which several devices stopped on a
+    signal (`StopCheckpoint`): their training ends there like a finished one.
     """
 
     def __init__(self, path: Path, every_n_steps: int) -> None:
@@ -168,7 +180,7 @@ class FinalCheckpoint(pl_lightning.Callback):
         step = trainer.global_step
         if step == self._start_step or step % self.every_n_steps == 0:
             return
-        trainer.save_checkpoint(self.path)
+        trainer.save_checkpoint(self.path, weights_only=False)
 
 
 class RunRecord(pl_lightning.Callback):
@@ -289,43 +301,41 @@ class StopCheckpoint(pl_lightning.Callback):
     Without it every step since the last periodic checkpoint (up to
     `checkpoint_every_n_steps`: minutes of a GPU node) is lost and trained again.
 
-    SIGTERM (a `kill`, a scheduler's pre-emption, Kubernetes' pod eviction): Lightning notices
-    it and stops after the current step, but saves nothing. On one device the checkpoint is
-    written at the end of the step, where `ModelCheckpoint` writes its own, so the resumed run
-    is exactly the uninterrupted one. With several devices only rank 0 receives the signal and
-    the others learn it at the start of the next step, where all ranks stop together
-    (`on_exception`): saving is collective, so it happens there.
+    One device. SIGTERM (a `kill`, a scheduler's pre-emption, Kubernetes' pod eviction):
+    Lightning notices it and stops after the current step, but saves nothing; the checkpoint
+    is written at the end of the step, where `ModelCheckpoint` writes its own, so the resumed
+    run is exactly the uninterrupted one. SIGINT (Ctrl-C; Dagster's "terminate run"), and
+    SIGTERM where the host handles it in Python (Dagster maps SIGTERM to its SIGINT handler,
+    which raises at once, mid-step; Lightning calls it after its own): while training runs in
+    the main thread, the handlers in place are replaced. The first signal lets the step finish,
+    saves it and raises `StopRequested`; `raise_interrupt` then raises what the replaced handler
+    would have (KeyboardInterrupt, Dagster's interruption), carrying the caller's message.
 
-    Under `ddp_spawn` (the project's multi-device strategy) SIGTERM still loses the steps
-    since the last periodic checkpoint, for two reasons found in Lightning 2.6's code: (1) the
-    signal reaches the parent process (what `kill` or Kubernetes hits), which waits in
-    `mp.start_processes(...).join()` with no Lightning handler (handlers are registered inside
-    the ranks, `_SignalConnector.register_signal_handlers` in `Trainer._run`), so the parent
-    dies and the ranks never see it; (2) a rank's exception travels to the parent as a
-    `ProcessRaisedException`, and `on_exception` hooks run only there, on the parent's
-    trainer, so the collective save in `on_exception` above never runs inside the ranks. What
-    would work: the parent forwarding SIGTERM to rank 0's process (`trainer.strategy.launcher.
-    procs[0]`) while it joins, and the ranks agreeing on `received_sigterm` at the end of each
-    step (one `strategy.broadcast` from rank 0) to save together there. It is not done here:
-    Lightning 2.6's own SIGTERM handler issues a `dist.broadcast` from inside the signal
-    handler on rank 0 (Lightning-AI/pytorch-lightning#20825), which can pair with another
-    collective of the step on gloo, and it could not be verified without a multi-device run.
-
-    SIGINT (Ctrl-C; Dagster's "terminate run"), and SIGTERM where the host handles it in
-    Python (Dagster maps SIGTERM to its SIGINT handler, which raises at once, mid-step; Lightning
-    calls it after its own): while training runs on one device in the main thread, the
-    handlers in place are replaced. The first signal lets the step finish, saves it and raises
-    `StopRequested`; `raise_interrupt` then raises what the replaced handler would have
-    (KeyboardInterrupt, Dagster's interruption), carrying the caller's message.
+    Several devices (`ddp_spawn`: every hook runs in the rank processes, none in the process
+    that started them, which only waits for them). The signal reaches that parent process
+    (what `kill`, Kubernetes and Dagster hit); Lightning gives it no handler there, and its
+    Ctrl-C path exits while multiprocessing waits for the ranks, which train on to `max_steps`.
+    So the parent's SIGINT and SIGTERM handlers are replaced too (`forward_to_ranks`): the
+    first signal only writes the request into memory shared with the ranks. Each rank reads it
+    at the end of every step (with any signal the rank received itself, e.g. a terminal's
+    Ctrl-C, which reaches the whole process group, and the parent having died), and the ranks
+    agree with one all-reduce (`reduce_boolean_decision`), so all of them stop after the same
+    step: they set `trainer.should_stop`, training ends there, the state of that step is
+    saved collectively at the end of training (`FinalCheckpoint`, or `ModelCheckpoint` when
+    the step is one of its own) and the ranks exit; the parent's fit returns and `raise_interrupt`
+    fails the run as on one device. Lightning's own SIGTERM handler in the ranks is replaced as
+    well: it broadcasts from inside the signal handler (Lightning-AI/pytorch-lightning#20825),
+    which can pair with another collective of the step.
 
     Repeats: Dagster's multiprocess executor forwards the interrupt it receives to its step
     processes, which a terminal's Ctrl-C (or `timeout -s INT`, which signals the whole process
     group) has already reached, so one Ctrl-C arrives twice. A repeat within `REPEAT_GRACE_S`
     of the first is therefore the same request. A later one, while the step still computes,
-    stops at once (mid-step, as before: the resume point is the last one saved). From the
-    moment the stop's save begins, repeats are only counted (`deferred_signals`): the save is
-    not cut short before `last.ckpt` is renamed into place, and the stop that follows honours
-    them (the run fails with the host's interruption either way).
+    stops at once (mid-step, as before: the resume point is the last one saved; with several
+    devices the rank processes are killed first). From the moment the stop's save begins,
+    repeats are only counted (`deferred_signals`): the save is not cut short before
+    `last.ckpt` is renamed into place, and the stop that follows honours them (the run fails
+    with the host's interruption either way).
     """
 
     REPEAT_GRACE_S = 3.0
@@ -347,13 +357,38 @@ class StopCheckpoint(pl_lightning.Callback):
             if threading.current_thread() is threading.main_thread()
             else None
         )
+        # Several devices: [signal asked for (0: none), 1 once the ranks stop and save], in
+        # memory shared with the ranks (`forward_to_ranks`); the parent's id and its ranks.
+        self._shared: Any = None
+        self._parent_pid: int | None = None
+        self._launcher: Any = None
+        self._rank_signal = 0  # a signal a rank process received itself
 
     def __getstate__(self) -> dict[str, Any]:
-        # `ddp_spawn` pickles callbacks into its ranks; signal handlers need not pickle.
-        return {**self.__dict__, "_replaced": {}, "_host_sigterm": None}
+        # `ddp_spawn` pickles callbacks into its ranks; signal handlers need not pickle, and
+        # the shared request travels as shared memory (allowed while processes are spawned).
+        return {**self.__dict__, "_replaced": {}, "_host_sigterm": None, "_launcher": None}
+
+    def forward_to_ranks(self, launcher: Any) -> None:
+        """In the process that spawns the ranks (`ddp_spawn`), before the fit: SIGINT and
+        SIGTERM become a stop request the ranks read after their current step; a repeat more
+        than `REPEAT_GRACE_S` later kills them (`launcher.kill`) and stops at once."""
+        if threading.current_thread() is not threading.main_thread():
+            return
+        self._shared = multiprocessing.get_context("spawn").RawArray("i", 2)
+        self._parent_pid = os.getpid()
+        self._launcher = launcher
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            current = signal.getsignal(signum)
+            if current not in (signal.SIG_IGN, None):  # else ignored, or not ours to handle
+                self._replaced[signum] = current
+                signal.signal(signum, self._on_signal)
 
     def on_train_start(self, trainer: pl_lightning.Trainer, pl_module: Any) -> None:
-        if trainer.world_size != 1 or threading.current_thread() is not threading.main_thread():
+        if threading.current_thread() is not threading.main_thread():
+            return
+        if trainer.world_size != 1:
+            self._listen_in_rank()
             return
         current = signal.getsignal(signal.SIGINT)
         if current not in (signal.SIG_IGN, None):  # else ignored, or not ours to handle
@@ -366,23 +401,64 @@ class StopCheckpoint(pl_lightning.Callback):
             self._replaced[signal.SIGTERM] = self._host_sigterm
             signal.signal(signal.SIGTERM, self._on_signal)
 
+    def _listen_in_rank(self) -> None:
+        """A rank process: a SIGINT or SIGTERM it receives itself only asks for the stop, which
+        the ranks agree on after the step (`_agree_on_stop`)."""
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            current = signal.getsignal(signum)
+            if current not in (signal.SIG_IGN, None):
+                self._replaced[signum] = current
+                signal.signal(signum, self._on_rank_signal)
+
+    def _on_rank_signal(self, signum: int, frame: FrameType | None) -> None:
+        self._rank_signal = self._rank_signal or signum
+
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         if not self.stop_requested:
             self.stop_requested, self._stop_signal = True, signum
             self._requested_at = time.monotonic()
+            if self._shared is not None and not self._shared[0]:
+                self._shared[0] = signum  # the ranks read it after their current step
             return
-        if self._stopping or time.monotonic() - self._requested_at < self.REPEAT_GRACE_S:
+        saving = self._stopping or (self._shared is not None and self._shared[1])
+        if saving or time.monotonic() - self._requested_at < self.REPEAT_GRACE_S:
             self.deferred_signals += 1  # the same request delivered twice, or the save runs
             return
         # A second request while the step computes: stop now, as the replaced handler would.
         self.stopped_at_once = True
+        if self._launcher is not None:
+            self._launcher.kill(signal.SIGKILL)  # else multiprocessing waits for them at exit
         self.raise_interrupt(None, frame)
 
     def on_train_batch_end(self, trainer: pl_lightning.Trainer, pl_module: Any, *args: Any) -> None:
-        if trainer.world_size == 1 and (trainer.received_sigterm or self.stop_requested):
+        if trainer.world_size != 1:
+            self._agree_on_stop(trainer)
+            return
+        if trainer.received_sigterm or self.stop_requested:
             self._save(trainer, stopping=self.stop_requested)
         if self.stop_requested:
             raise StopRequested(f"stopped on a signal after step {trainer.global_step}")
+
+    def _agree_on_stop(self, trainer: pl_lightning.Trainer) -> None:
+        """Every rank, after every step: stop here when any rank was asked to (one all-reduce,
+        so all ranks stop after the same step and save it together at the end of training)."""
+        asked = bool(self._rank_signal) or (
+            self._shared is not None and (bool(self._shared[0]) or os.getppid() != self._parent_pid)
+        )
+        if not trainer.strategy.reduce_boolean_decision(asked, all=False):
+            return
+        self.stop_requested = True
+        if self._shared is not None:
+            if not self._shared[0]:
+                self._shared[0] = self._rank_signal or signal.SIGTERM  # the parent is gone
+            self._shared[1] = 1  # the parent defers repeats from now on: the save runs
+        trainer.should_stop = True
+
+    def collect_rank_stop(self) -> None:
+        """After a several-device fit, in the parent: take over a stop the ranks agreed on
+        without this process having been signalled (a signal sent to a rank only)."""
+        if self._shared is not None and self._shared[0] and not self.stop_requested:
+            self.stop_requested, self._stop_signal = True, int(self._shared[0])
 
     def on_exception(
         self, trainer: pl_lightning.Trainer, pl_module: Any, exception: BaseException
@@ -393,7 +469,9 @@ class StopCheckpoint(pl_lightning.Callback):
             self._save(trainer)
 
     def on_train_end(self, trainer: pl_lightning.Trainer, pl_module: Any) -> None:
-        if not self.stop_requested:  # a stop after the last step is raised by the caller
+        # A stop after the last step is raised by the caller, which restores the handlers then;
+        # a rank process has nothing more to raise.
+        if not self.stop_requested or trainer.world_size != 1:
             self.restore_handler()
 
     def restore_handler(self) -> None:
@@ -424,7 +502,7 @@ class StopCheckpoint(pl_lightning.Callback):
     def _save(self, trainer: pl_lightning.Trainer, stopping: bool = False) -> None:
         self._stopping = self._stopping or stopping
         if self.saved_step != trainer.global_step:
-            trainer.save_checkpoint(self.path)
+            trainer.save_checkpoint(self.path, weights_only=False)
             self.saved_step = trainer.global_step
 
 

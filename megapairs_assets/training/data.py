@@ -4,13 +4,22 @@ Input rows follow the MegaPairs release schema (method.md §6): `q_img` (image p
 `source_uri`), `q_text` (instructions; one is sampled per step), `t_img` (the target image) and
 `hns` (hard-negative images, `hns[0]` the query image), plus whatever id columns the triplets
 asset writes. `prepare_triplets` keeps the rows a model can learn from and quarantines the rest
-with a reason; it also drops the evaluation's held-out queries, so they never enter training.
-Relative image paths (the release layout) are resolved against an image root.
+with a reason; it also keeps the evaluation's held-out query images out of training altogether:
+their rows, the rows whose target is one of them (mined pairs are symmetric: the reverse of a
+held-out pair) and their slots among other rows' hard negatives. Relative image paths (the
+release layout) are resolved against an image root.
 
 Batches are a pure function of (seed, step): the permutation of an epoch comes from the seed
-and the epoch number, and the instruction of a row from (seed, step, row). A run killed at step
-k and resumed from its checkpoint therefore sees exactly the batches an uninterrupted run sees,
-and several devices each take their slice of the same global batch.
+and the epoch number, and the instruction and mined hard negatives of a row from (seed, step,
+row). A run killed at step k and resumed from its checkpoint therefore sees exactly the batches
+an uninterrupted run sees, and several devices each take their slice of the same global batch.
+
+Hard negatives: the paper trains with 1 positive + 4 hard negatives per query (method.md §7)
+and does not say which of a pair's mined negatives (the release lists five, the query image
+first) are used at a step. Here the query image is always one (`hns[0]`: without it a retriever
+learns to return the query) and the other `hard_negatives - 1` are drawn afresh at every step
+from all of the row's mined ones, as BGE-style trainers sample a query's negatives: every mined
+negative is used over an epoch, not always the same first few.
 """
 
 from __future__ import annotations
@@ -63,6 +72,9 @@ class PreparedTriplets:
     quarantine: pl.DataFrame
     input_rows: int
     heldout_rows: int
+    # Rows whose target is a held-out query image, and hard negatives that were one (removed).
+    heldout_target_rows: int = 0
+    heldout_negatives: int = 0
 
 
 def read_triplets(paths: Sequence[DataPath]) -> pl.DataFrame:
@@ -103,14 +115,19 @@ def resolve_image_paths(frame: pl.DataFrame, image_root: Path | None) -> pl.Data
     )
 
 
-def prepare_triplets(frame: pl.DataFrame, heldout_fraction: float = 0.0) -> PreparedTriplets:
-    """Keep trainable rows, quarantine the rest with a reason, drop held-out queries.
+def prepare_triplets(
+    frame: pl.DataFrame, heldout_fraction: float = 0.0, heldout_max_queries: int | None = None
+) -> PreparedTriplets:
+    """Keep trainable rows, quarantine the rest with a reason, keep held-out query images out.
 
-    The held-out split is evaluation's (`evaluation.heldout.held_out_mask`, keyed by
-    `query_id`, else `q_img`), so a query image scored by the held-out benchmark is never a
-    training query.
+    The held-out query images are evaluation's (`evaluation.heldout.held_out_query_keys` over
+    all of `frame`, keyed by `query_id`, else `q_img`, capped at `heldout_max_queries` as the
+    benchmark is), so an image the held-out benchmark queries with is never trained on: not as
+    a query, not as a target (which drops the reverse of every held-out pair) and not as a hard
+    negative (its slot is removed; the row keeps its others). Those beyond the cap are trained
+    on like any other.
     """
-    from megapairs_assets.evaluation.heldout import held_out_mask, query_key_column
+    from megapairs_assets.evaluation.heldout import held_out_query_keys, query_key_column
 
     numbered = frame.with_row_index("row").with_columns(
         pl.col("row").cast(pl.Int64),
@@ -142,18 +159,38 @@ def prepare_triplets(frame: pl.DataFrame, heldout_fraction: float = 0.0) -> Prep
     checked = numbered.with_columns(reason)
     quarantine = checked.filter(pl.col("reason").is_not_null()).select("row", "q_img", "reason")
     good = checked.filter(pl.col("reason").is_null())
-    heldout_rows = 0
-    if heldout_fraction > 0 and good.height:
-        keys = good[query_key_column(good)].cast(pl.String).to_list()
-        heldout = pl.Series(held_out_mask(keys, heldout_fraction), dtype=pl.Boolean)
-        heldout_rows = int(heldout.sum())
-        good = good.filter(~heldout)
+    heldout_rows = heldout_target_rows = heldout_negatives = 0
+    if heldout_fraction > 0 and frame.height:
+        # Over every row read, quarantined ones too: the benchmark's cap counts them as well.
+        keys = numbered[query_key_column(numbered)].cast(pl.String)
+        held = sorted(held_out_query_keys(keys.to_list(), heldout_fraction, heldout_max_queries))
+        held_rows = keys.is_in(held).fill_null(False)
+        # The images as this frame names them (paths or corpus URIs), for targets and negatives.
+        held_images = numbered.filter(held_rows)["q_img"].drop_nulls().unique().sort().to_list()
+        is_held_query = pl.col(query_key_column(numbered)).cast(pl.String).is_in(held)
+        heldout_rows = good.filter(is_held_query.fill_null(False)).height
+        good = good.filter(~is_held_query.fill_null(False))
+        targets_held = pl.col("t_img").is_in(held_images)
+        heldout_target_rows = good.filter(targets_held).height
+        good = good.filter(~targets_held)
+        # hns[0] is the row's own query image, not held out (its row would be gone).
+        kept_negatives = pl.concat_list(
+            pl.col("hns").list.first(),
+            pl.col("hns")
+            .list.slice(1)
+            .list.eval(pl.element().filter(~pl.element().is_in(held_images))),
+        )
+        before = int(good["hns"].list.len().sum() or 0)
+        good = good.with_columns(kept_negatives.alias("hns"))
+        heldout_negatives = before - int(good["hns"].list.len().sum() or 0)
     rows = good.select("row", "q_img", "instructions", "t_img", "hns")
     return PreparedTriplets(
         rows=rows,
         quarantine=quarantine.cast(dict(QUARANTINE_SCHEMA)),
         input_rows=frame.height,
         heldout_rows=heldout_rows,
+        heldout_target_rows=heldout_target_rows,
+        heldout_negatives=heldout_negatives,
     )
 
 
@@ -207,11 +244,25 @@ def instruction_index(seed: int, step: int, row: int, count: int) -> int:
     return int.from_bytes(digest, "little") % count
 
 
+def mined_negative_indices(seed: int, step: int, row: int, count: int, wanted: int) -> list[int]:
+    """Which of a row's `count` mined hard negatives (hns[1:]) step `step` uses: `wanted` of
+    them (all when there are no more), drawn without replacement, seeded by (seed, step, row)
+    like `instruction_index`, returned in list order."""
+    if count <= wanted:
+        return list(range(count))
+    keys = [
+        hashlib.blake2b(f"{seed}:{step}:{row}:hns{i}".encode(), digest_size=8).digest()
+        for i in range(count)
+    ]
+    return sorted(sorted(range(count), key=keys.__getitem__)[:wanted])
+
+
 class TripletImages(Dataset):
     """One query row as model inputs, addressed by (row, step).
 
     Returns `images` uint8 (K, 3, S, S) with slot 0 the target, slot 1 the query image and
-    slots 2.. the other hard negatives; `valid` (K,) False for padding or an image that failed
+    slots 2.. the other hard negatives (`hard_negatives - 1` of the row's mined ones, drawn for
+    this step: `mined_negative_indices`); `valid` (K,) False for padding or an image that failed
     to load; `keys` (K,) image identities; `tokens` the sampled instruction, tokenized;
     `reads` how many images the row has (padding excluded), `failed` how many of them could not
     be loaded and `failed_uris` which (newline-separated, so batches collate them as strings).
@@ -232,9 +283,8 @@ class TripletImages(Dataset):
     ) -> None:
         self.targets: list[str] = rows["t_img"].to_list()
         self.instructions: list[list[str]] = rows["instructions"].to_list()
-        self.negatives: list[list[str]] = [
-            list(hns[:hard_negatives]) for hns in rows["hns"].to_list()
-        ]
+        # Every mined negative is kept (hns[0], the query image, is always used).
+        self.negatives: list[list[str]] = [list(hns) for hns in rows["hns"].to_list()]
         self.hard_negatives = hard_negatives
         self.pixels = pixels
         self.image_size_px = image_size_px
@@ -253,8 +303,9 @@ class TripletImages(Dataset):
 
     def __getitem__(self, item: tuple[int, int]) -> dict[str, Any]:
         row, step = item
-        negatives = self.negatives[row]
-        uris = [self.targets[row], *negatives]
+        query_image, *mined = self.negatives[row]
+        chosen = mined_negative_indices(self.seed, step, row, len(mined), self.hard_negatives - 1)
+        uris = [self.targets[row], query_image, *(mined[i] for i in chosen)]
         shape = (3, self.image_size_px, self.image_size_px)
         images = torch.zeros((self.images_per_query, *shape), dtype=torch.uint8)
         valid = torch.zeros(self.images_per_query, dtype=torch.bool)

@@ -208,7 +208,13 @@ class MMRetCLIP(pl_lightning.LightningModule):
 
 
 def linear_warmup_decay(step: int, warmup_steps: int, max_steps: int) -> float:
-    """Learning-rate factor at optimizer step `step` (0-based): up linearly, then down to 0."""
+    """Learning-rate factor of optimizer step `step` (0-based): up linearly from 0 over
+    `warmup_steps` steps, the peak at step `warmup_steps` only, then down linearly towards 0.
+
+    Warm-up steps take (s + 1) / (W + 1): no step trains at 0 and even W = 1 warms up (half the
+    peak first); the decay (max_steps - s) / (max_steps - W) reaches 0 just after the last step.
+    A pure function of the step, so a resumed run follows the same schedule exactly.
+    """
     if step < warmup_steps:
-        return (step + 1) / warmup_steps
+        return (step + 1) / (warmup_steps + 1)
     return max(0.0, (max_steps - step) / max(1, max_steps - warmup_steps))

@@ -31,6 +31,7 @@ def train_config(
     catalog: LineageCatalog,
     *,
     heldout_fraction: float,
+    heldout_max_queries: int | None = None,
     image_root: Path | None = None,
     log: Callable[[str], None] | None = None,
 ) -> StepResult:
@@ -51,6 +52,7 @@ def train_config(
         layout,
         input_versions=versions,
         heldout_fraction=heldout_fraction,
+        heldout_max_queries=heldout_max_queries,
         log=log,
         image_hashes=image_hashes,
     )

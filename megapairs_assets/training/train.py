@@ -115,6 +115,11 @@ from megapairs_assets.training.resume import (
 )
 
 _LOSS_WINDOW_FRACTION = 0.1
+# What a checkpoint's steps were computed with beyond settings and rows: v2 draws each step's
+# mined hard negatives afresh (`data.mined_negative_indices`) and warms up from 0
+# (`module.linear_warmup_decay`); v1 (no "recipe" in run.json) took the first ones and
+# reached the peak a step early.
+TRAINING_RECIPE = "mmret-clip-v2"
 
 
 def checkpoint_dir(layout: DataLayout, config_name: str) -> DataPath:
@@ -139,6 +144,7 @@ def train_checkpoint(
     *,
     input_versions: Mapping[str, str] | None = None,
     heldout_fraction: float = 0.0,
+    heldout_max_queries: int | None = None,
     image_root: Path | None = None,
     log: Callable[[str], None] | None = None,
     extra_callbacks: Sequence[Any] = (),
@@ -149,8 +155,9 @@ def train_checkpoint(
     input_versions: "asset/partition" -> materialization id of each triplet table read; it is
         the data version recorded with the checkpoint (its fingerprint hashes the rows
         themselves, `rows_fingerprint`).
-    heldout_fraction: the evaluation's held-out share of query images; their rows are not
-        trained on (`evaluation.heldout`, the split both sides share).
+    heldout_fraction / heldout_max_queries: the evaluation's held-out share of query images and
+        its cap on them; those images are not trained on (`evaluation.heldout`, the split both
+        sides share; `data.prepare_triplets`).
     image_root: where relative image paths (the release layout) live.
     extra_callbacks: more Lightning callbacks (tests, profiling).
     Raises `TrainingConfigError` / `TripletDataError` before any training on bad settings or
@@ -166,6 +173,7 @@ def train_checkpoint(
         layout,
         input_versions=input_versions,
         heldout_fraction=heldout_fraction,
+        heldout_max_queries=heldout_max_queries,
         log=log,
         extra_callbacks=extra_callbacks,
         gpu_count=gpu_count,
@@ -180,6 +188,7 @@ def train_on_triplets(
     *,
     input_versions: Mapping[str, str] | None = None,
     heldout_fraction: float = 0.0,
+    heldout_max_queries: int | None = None,
     log: Callable[[str], None] | None = None,
     extra_callbacks: Sequence[Any] = (),
     gpu_count: int | None = None,
@@ -202,17 +211,20 @@ def train_on_triplets(
         f"{config.num_nodes} node(s)): {resolved.per_device_batch_size} per device, "
         f"{resolved.strategy} strategy, {resolved.precision}"
     )
-    prepared = prepare_triplets(triplets, heldout_fraction)
+    prepared = prepare_triplets(triplets, heldout_fraction, heldout_max_queries)
     if prepared.rows.height < config.batch_size:
         raise TripletDataError(
             f"{prepared.rows.height} usable triplet rows ({prepared.input_rows} read, "
-            f"{prepared.quarantine.height} quarantined, {prepared.heldout_rows} held out) are "
+            f"{prepared.quarantine.height} quarantined, "
+            f"{prepared.heldout_rows + prepared.heldout_target_rows} held out) are "
             f"fewer than one batch of {config.batch_size}; lower batch_size or add triplets"
         )
     check_images_readable(prepared.rows, config.max_unreadable_image_fraction)
     versions = dict(input_versions or {})
     say(f"{config_name}: {_data_summary(prepared, len(versions), config)}")
     split = f"{HELDOUT_SPLIT_VERSION}@{heldout_fraction}"
+    if heldout_max_queries is not None:
+        split += f"/max{heldout_max_queries}"
     out = work_dir(layout, config_name)
     # What is trained on, not which materializations held it nor where the images sit:
     # triplets re-materialized with the same content (every `megapairs demo` run) and a corpus
@@ -223,6 +235,9 @@ def train_on_triplets(
     data = {
         "rows": rows_fingerprint(content_rows(prepared.rows, contents)),
         "heldout_split": split,
+        # How batches and the schedule are drawn from the rows: a checkpoint of an older
+        # recipe is not resumed under a newer one.
+        "recipe": TRAINING_RECIPE,
     }
     fingerprint = config.fingerprint(data)
     state = {
@@ -431,6 +446,7 @@ def _step_result(run: _RunFigures) -> StepResult:
             "training_rows": prepared.rows.height,
             "quarantined_rows": prepared.quarantine.height,
             "heldout_rows": prepared.heldout_rows,
+            "heldout_target_rows": prepared.heldout_target_rows,
             "steps": run.final_step,
         },
         row_count_key="training_rows",
@@ -483,9 +499,15 @@ def _data_summary(prepared: PreparedTriplets, tables: int, config: TrainingConfi
     reasons = _quarantine_reasons(prepared.quarantine).get("quarantine_reasons", {})
     why = f" ({', '.join(f'{r} x{n}' for r, n in reasons.items())})" if reasons else ""
     epochs = config.max_steps * config.batch_size / rows
+    held = f"{prepared.heldout_rows} held out for evaluation"
+    if prepared.heldout_target_rows or prepared.heldout_negatives:
+        held += (
+            f" (and {prepared.heldout_target_rows} whose target is a held-out query image; "
+            f"{prepared.heldout_negatives} hard negatives that were one removed)"
+        )
     return (
-        f"{rows} training rows of {prepared.input_rows} read{read}; {prepared.heldout_rows} "
-        f"held out for evaluation, {prepared.quarantine.height} quarantined{why}; "
+        f"{rows} training rows of {prepared.input_rows} read{read}; {held}, "
+        f"{prepared.quarantine.height} quarantined{why}; "
         f"{config.max_steps} steps of {config.batch_size} queries = {epochs:.1f} epochs"
     )
 
@@ -572,6 +594,7 @@ def _fit(
     mirror: ResumePointMirror | None = None,
 ) -> tuple[Any, Any]:
     import lightning.pytorch as pl_lightning
+    from lightning.pytorch.strategies.launchers import _MultiProcessingLauncher
 
     from megapairs_assets.training.module import MMRetCLIP
 
@@ -625,8 +648,12 @@ def _fit(
         trainer = _trainer(
             config, resolved, out, say, config_name, [stop, *extra_callbacks], record, mirror
         )
+        if isinstance(trainer.strategy.launcher, _MultiProcessingLauncher):
+            # `ddp_spawn`: the ranks run in child processes; a signal here must reach them.
+            stop.forward_to_ranks(trainer.strategy.launcher)
         try:
             _fit_until_stopped(trainer, module, datamodule, resume_path, mirror, stop)
+            stop.collect_rank_stop()
         except SIGTERMException:
             # Lightning ends a SIGTERM'd fit with SystemExit(None): exit status 0, as if the
             # run had finished. Say what happened and fail the step instead.
@@ -934,6 +961,11 @@ def _what_changed(previous: dict[str, Any], current: dict[str, Any]) -> str:
     elif old_data.get("heldout_split") != new_data["heldout_split"]:
         changes.append(
             f"held-out split {old_data.get('heldout_split')} -> {new_data['heldout_split']}"
+        )
+    if old_data.get("recipe") != new_data.get("recipe"):
+        changes.append(
+            f"training recipe {old_data.get('recipe') or 'mmret-clip-v1'} -> "
+            f"{new_data.get('recipe')} (how hard negatives are drawn, the warm-up)"
         )
     return "; ".join(changes) or "settings or data changed"
 
