@@ -18,6 +18,7 @@ import polars as pl
 from megapairs_assets.corpus.table import unexpected_unread
 from megapairs_assets.embeddings.sources import source_named
 from megapairs_assets.evaluation.catalog_rows import heldout_summary_lines
+from megapairs_assets.generation.common import TRIPLETS_ASSET
 from megapairs_assets.generation.triplets import generation_summary, sample_query
 from megapairs_assets.lib.errors import first_line, storage_errors
 from megapairs_assets.lib.storage import DataLayout, read_parquet
@@ -31,6 +32,8 @@ from megapairs_assets.training.names import ASSET_NAME as CHECKPOINT_ASSET
 # caption is kept; only the caption source skips it, so it is no quarantine.
 _NO_CAPTION = "no_caption"
 _CAPTION_SOURCE = "caption_text"
+# evaluation.step.ASSET_NAME (not imported: that module loads torch).
+SCORES_ASSET = "benchmark_scores"
 
 
 def mining_summary(layout: DataLayout, catalog: LineageCatalog, shards: list[str]) -> dict:
@@ -139,10 +142,16 @@ def training_lines(
     catalog: LineageCatalog,
     query: tuple[Any, str] | None = None,
     layout: DataLayout | None = None,
+    trained_now: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> list[str]:
     """Per trained config: its newest complete checkpoint's row counts and time, then the
     commands that score its export (the folder a user would otherwise have to look for) and
     search with it (`query`: an image and a text to try, e.g. the sample triplet's).
+
+    `trained_now`: config -> the metadata of its checkpoint materialized by this command's
+    runs (`checkpoint_metadata`), which says whether the run trained, resumed, or found the
+    config already trained and only exported it (then the time is the export's, and the line
+    says so).
 
     Both commands load from this machine: an export on an object store is named by its local
     copy under `layout`'s home (where evaluation mirrors it), and a query image that is not a
@@ -159,9 +168,10 @@ def training_lines(
     for row in frame.iter_rows(named=True):
         counts = json.loads(row["row_counts"] or "{}")
         detail = ", ".join(f"{k} {v}" for k, v in counts.items())
-        lines.append(
-            f"  checkpoint:  config {row['partition']!r}, {detail} in {row['duration_s']:.1f} s"
+        how = _how_trained(
+            counts.get("steps"), (trained_now or {}).get(row["partition"]), row["duration_s"]
         )
+        lines.append(f"  checkpoint:  config {row['partition']!r}, {detail} {how}")
         export = json.loads(row["output_paths"] or "{}").get("open_clip_dir")
         if not export:
             continue
@@ -183,6 +193,50 @@ def training_lines(
                 f"--image {shlex.quote(str(image))} --text {shlex.quote(text)}"
             )
     return lines
+
+
+def _how_trained(steps: Any, metadata: Mapping[str, Any] | None, duration_s: float) -> str:
+    """'in 10.3 s', or what the run did instead of training from the start: found the config
+    already trained (its resume point at the last step) and only exported it, or resumed."""
+    resumed = int((metadata or {}).get("resumed_from_step") or 0)
+    if steps and resumed >= int(steps):
+        return (
+            f"(already trained in an earlier run: exported again without training, "
+            f"{duration_s:.1f} s)"
+        )
+    if resumed:
+        return f"(resumed at step {resumed}, trained to step {steps} in {duration_s:.1f} s)"
+    return f"in {duration_s:.1f} s"
+
+
+def checkpoint_metadata(results: Sequence[Any]) -> dict[str, dict[str, Any]]:
+    """config -> the metadata (plain values) of the checkpoint each of `results` (Dagster run
+    results) materialized for it; the newest run wins."""
+    found: dict[str, dict[str, Any]] = {}
+    for result in results:
+        for event in result.get_asset_materialization_events():
+            materialization = event.materialization
+            if (
+                materialization.asset_key.to_user_string() == CHECKPOINT_ASSET
+                and materialization.partition
+            ):
+                found[materialization.partition] = {
+                    key: getattr(value, "value", value)
+                    for key, value in materialization.metadata.items()
+                }
+    return found
+
+
+def remade_assets(catalog: LineageCatalog, run_ids: Sequence[str]) -> set[str]:
+    """The assets `run_ids` completed a materialization of (any partition), per the catalog."""
+    if not run_ids:
+        return set()
+    frame = catalog.query(
+        f"SELECT DISTINCT asset FROM materializations WHERE status = 'complete' "
+        f"AND run_id {IN_IDS}",
+        [id_list(list(run_ids))],
+    )
+    return set(frame["asset"].to_list())
 
 
 def _is_url(path: str) -> bool:
@@ -287,15 +341,38 @@ def print_summary(
             print(line)
     for line in check_lines(results):
         print(line)
+    # Outputs of later stages that these runs did not remake (`--until mine` over an older
+    # full run) were made from other pairs: they are named, not shown as if they were current.
+    remade = remade_assets(catalog, run_ids)
+    earlier: list[str] = []
     generated = stored(lambda: generation_summary(layout, shards))
-    if generated:
+    if generated and TRIPLETS_ASSET in remade:
         print(generated)
-    query = stored(lambda: sample_query(layout, shards))
-    for line in training_lines(catalog, local_query(query, catalog), layout):
-        print(line)
+    elif generated:
+        earlier.append("triplets")
+    trained = training_lines(
+        catalog,
+        local_query(stored(lambda: sample_query(layout, shards)), catalog),
+        layout,
+        checkpoint_metadata(results),
+    )
+    if trained and CHECKPOINT_ASSET in remade:
+        for line in trained:
+            print(line)
+    elif trained:
+        earlier.append("checkpoint")
     base_id = resources["evaluation"].base_spec().retriever_id
-    for line in heldout_summary_lines(catalog, base_id):
-        print(f"  {line}")
+    scores = heldout_summary_lines(catalog, base_id)
+    if scores and SCORES_ASSET in remade:
+        for line in scores:
+            print(f"  {line}")
+    elif scores:
+        earlier.append("held-out scores")
+    if earlier:
+        print(
+            f"  earlier:     {', '.join(earlier)} left out: made by earlier runs, not remade "
+            "now, so they may not match these pairs (`megapairs demo` remakes them)"
+        )
     if unreadable:
         print(
             f"  data root:   could not be read ({first_line(unreadable[0])}); pairs, triplets "

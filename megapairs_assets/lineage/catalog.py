@@ -31,11 +31,20 @@ waits for it until `lock_timeout_s` and then fails. Short reads go through this 
 `megapairs lineage --sql`); a long analysis session opens a copy (`snapshot`, `megapairs
 lineage --snapshot PATH`).
 
+Only a lock held by another program is waited for: DuckDB's "Could not set lock on file". A
+file DuckDB cannot read (truncated, overwritten, a bad checksum) raises `CatalogDamagedError`
+at once, saying to restore it from a backup or move it aside (a new catalog is started; the
+tables stay, and re-materializing them records their lineage again). A catalog this process
+may not write (a home archived on a read-only file system) is still read: read-only DuckDB
+connections, and no lock file where none can be made; writing it is a `CatalogConfigError`.
+
 A materialization is written in two steps: `begin` records it as `pending` before any output
 is written, `complete` fills in what it did and replaces its partition's rows in one
 transaction. A step killed in between leaves a `pending` record newer than the last complete
-one, and `read_version` refuses that partition until it is re-materialized: a table without
-its catalog record is never read as if it were finished.
+one, and `read_versions` refuses that partition until it is re-materialized: a table without
+its catalog record is never read as if it were finished. A pending partition that a live step
+of this machine is still writing (another run of the same home: it holds the partition's lock)
+is waited for instead, up to `pending_wait_s`.
 
 Row tables hold the latest materialization of each partition: completing a materialization
 replaces the partition's rows (scoped by the table's partition column and, for tables shared
@@ -60,6 +69,7 @@ Two backends serve the same API, chosen by the location given to `LineageCatalog
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import json
@@ -344,6 +354,53 @@ class CatalogConfigError(ConfigurationError):
     """The catalog location or its DuckDB extensions are not usable as configured."""
 
 
+class CatalogDamagedError(CatalogConfigError):
+    """The catalog file is damaged (truncated, overwritten, a bad checksum): waiting cannot
+    help; it is restored from a backup or moved aside (the message says how)."""
+
+
+# What DuckDB says when another process holds the file (duckdb 1.x: 'IO Error: Could not set
+# lock on file "...": Conflicting lock is held in <program> (PID n)'): only this is worth
+# waiting for. Any other IOException on opening is about the file itself.
+_LOCK_CONFLICT = "Could not set lock on file"
+# An opening refused by the file system, not by the file's content (strerror texts).
+_FILE_SYSTEM_REFUSALS = (
+    "Permission denied",
+    "Read-only file system",
+    "No space left on device",
+    "Disk quota exceeded",
+    "Too many open files",
+)
+# What DuckDB says of a file whose content is broken, also when a query meets a bad block.
+_DAMAGE_MARKERS = (
+    "Corrupt database file",
+    "not a valid DuckDB database file",
+    "Could not read enough bytes",
+)
+# Creating the lock file failed because this user may not write there.
+_NOT_WRITABLE_ERRNOS = (errno.EROFS, errno.EACCES, errno.EPERM)
+
+
+# How often a reader waiting for another run's partition looks again.
+_PENDING_POLL_S = 0.5
+
+
+def _listed(rows: Any) -> str:
+    """'00001 (pending), 00003 (failed)' for rows (dicts or a frame) with partition, status."""
+    if isinstance(rows, pl.DataFrame):
+        rows = rows.iter_rows(named=True)
+    return ", ".join(f"{row['partition']} ({row['status']})" for row in rows)
+
+
+def _damage_reported(error: duckdb.Error) -> bool:
+    return any(marker in str(error) for marker in _DAMAGE_MARKERS)
+
+
+def _first_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__
+
+
 def is_ducklake_url(location: str | Path) -> bool:
     """True for a DuckLake catalog URL (`ducklake:postgres:...`), False for a file path."""
     return str(location).startswith(DUCKLAKE_PREFIX)
@@ -360,13 +417,20 @@ class LineageCatalog:
     path: a DuckDB file path (embedded default, file-locked) or a DuckLake URL
     (`ducklake:postgres:<libpq connection string>`). data_path: where DuckLake writes its data
     files (required with a DuckLake URL, ignored for a file). lock_timeout_s: how long a file
-    lock is waited for, or how long a DuckLake commit conflict is retried.
+    lock is waited for, or how long a DuckLake commit conflict is retried. pending_wait_s: how
+    long a reader waits for a partition another live step of this machine is writing
+    (`read_versions`).
     """
 
     def __init__(
-        self, path: Path | str, lock_timeout_s: float = 300.0, data_path: str | None = None
+        self,
+        path: Path | str,
+        lock_timeout_s: float = 300.0,
+        data_path: str | None = None,
+        pending_wait_s: float = 3600.0,
     ) -> None:
         self.lock_timeout_s = lock_timeout_s
+        self.pending_wait_s = pending_wait_s
         self.is_ducklake = is_ducklake_url(path)
         self.url: str | None = str(path) if self.is_ducklake else None
         self.path: Path | None = None if self.is_ducklake else Path(path)
@@ -393,7 +457,11 @@ class LineageCatalog:
         """A short-lived connection (schema created or migrated on first use).
 
         File backend: exclusive, under the file lock; `read_only` opens the file read-only
-        (after creating or migrating the schema if this process has not yet). DuckLake: a
+        (after creating or migrating the schema if this process has not yet, and may). A
+        catalog this process may not write (`writable`: a read-only file system) is read as
+        it is, without a lock file of its own where it cannot create one; writing it is a
+        `CatalogConfigError`. A file DuckDB finds damaged raises `CatalogDamagedError`, one
+        another program holds is waited for until `lock_timeout_s`. DuckLake: a
         cursor on this process's attached lake; no lock, commits are checked for conflicts by
         DuckLake (`read_only` is not enforced there: see `read_only_query`). `config`: DuckDB
         settings for the file's connection (ignored on DuckLake).
@@ -403,11 +471,10 @@ class LineageCatalog:
                 yield con
             return
         assert self.path is not None
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        lock_path = self.path.with_name(self.path.name + ".lock")
         deadline = time.monotonic() + self.lock_timeout_s
-        with open(lock_path, "a+") as lock_file:
-            self._acquire(lock_file, deadline)
+        with self._lock_file(read_only) as lock_file:
+            if lock_file is not None:
+                self._acquire(lock_file, deadline)
             try:
                 # Once per process and file (identified by inode, so a deleted and
                 # re-created catalog is set up again), not on every short read.
@@ -416,16 +483,72 @@ class LineageCatalog:
                 con = self._open(deadline, read_only=read_only, config=config)
                 try:
                     yield con
+                except duckdb.IOException as error:
+                    # A damaged block is often met only when a query reads it.
+                    if _damage_reported(error):
+                        raise self._damaged(error) from error
+                    raise
                 finally:
                     con.close()
             finally:
-                fcntl.flock(lock_file, fcntl.LOCK_UN)
+                if lock_file is not None:
+                    fcntl.flock(lock_file, fcntl.LOCK_UN)
+
+    def writable(self) -> bool:
+        """Whether this process may write the catalog file and its folder (where DuckDB puts
+        its write-ahead log). False on a read-only file system or for a catalog owned by
+        someone else; a catalog not created yet counts as writable (creating it says more)."""
+        assert self.path is not None
+        folder = self.path.parent
+        if not folder.exists():
+            return True
+        if self.path.exists() and not os.access(self.path, os.W_OK):
+            return False
+        return os.access(folder, os.W_OK)
+
+    @contextmanager
+    def _lock_file(self, read_only: bool) -> Iterator[Any]:
+        """The open lock file beside the catalog (`<catalog>.lock`), or None for a reader that
+        can neither create it nor open it.
+
+        A writer that cannot create it gets a `CatalogConfigError` naming the folder. A
+        reader opens an existing lock file read-only (an exclusive `flock` needs no write
+        access), so it still takes turns with this machine's writers; where there is none
+        (a read-only file system, where nobody writes), it reads without: DuckDB's own lock
+        on the file still keeps a reader and a writer of other processes apart.
+        """
+        assert self.path is not None
+        lock_path = self.path.with_name(self.path.name + ".lock")
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            lock_file = open(lock_path, "a+")  # noqa: SIM115  (closed below)
+        except OSError as error:
+            if error.errno not in _NOT_WRITABLE_ERRNOS:
+                raise
+            if not read_only:
+                raise CatalogConfigError(
+                    f"lineage catalog {self.path} cannot be written here ({error.strerror}): "
+                    "its folder is read-only for this user; reading it still works "
+                    "(`megapairs lineage`, `megapairs status`); to run the pipeline, copy the "
+                    "home to a folder you can write and point MEGAPAIRS_HOME there"
+                ) from error
+            try:
+                lock_file = open(lock_path)  # noqa: SIM115  (closed below)
+            except FileNotFoundError:
+                lock_file = None
+        try:
+            yield lock_file
+        finally:
+            if lock_file is not None:
+                lock_file.close()
 
     def _ensure_schema_once(self, deadline: float, optional: bool) -> None:
         """Create or migrate the schema. `optional` (a reader of an existing file): skip it
         when another program holds the file, so a report still reads beside a DuckDB session
         left open (readers may share the file; a writer may not)."""
         if optional:
+            if not self.writable():
+                return  # an archived catalog is read as it is
             try:
                 con = duckdb.connect(str(self.path))
             except duckdb.IOException:
@@ -434,6 +557,10 @@ class LineageCatalog:
             con = self._open(deadline)
         try:
             self._ensure_schema(con)
+        except duckdb.IOException as error:
+            if _damage_reported(error):
+                raise self._damaged(error) from error
+            raise
         finally:
             con.close()
         _SCHEMA_READY.add(self._schema_key())
@@ -490,6 +617,8 @@ class LineageCatalog:
                     "LineageCatalog.read_only_query / open a snapshot instead"
                 ) from error
             except duckdb.IOException as error:
+                if _LOCK_CONFLICT not in str(error):
+                    raise self._unopenable(error, read_only) from error
                 held_by = str(error).split(". ")[0]
                 if time.monotonic() > deadline:
                     raise CatalogBusyError(
@@ -507,6 +636,28 @@ class LineageCatalog:
                     )
                     warn_at = None
                 time.sleep(0.1)
+
+    def _unopenable(self, error: duckdb.IOException, read_only: bool) -> CatalogConfigError:
+        """The error for a catalog file DuckDB refused for a reason other than another
+        program's lock: the file system refused it (permissions, a read-only or full disk),
+        or the file itself is damaged."""
+        text = _first_line(error)
+        if any(reason in text for reason in _FILE_SYSTEM_REFUSALS):
+            how = "read" if read_only else "opened for writing"
+            return CatalogConfigError(
+                f"lineage catalog {self.path} cannot be {how} here: {text}. Free the disk or fix "
+                "the permissions, or point MEGAPAIRS_HOME at a folder you can write"
+            )
+        return self._damaged(error)
+
+    def _damaged(self, error: duckdb.Error) -> CatalogDamagedError:
+        return CatalogDamagedError(
+            f"lineage catalog {self.path} is damaged (DuckDB: {_first_line(error)}). Restore "
+            f"it from a backup, or move it aside (mv {self.path} {self.path}.damaged): the "
+            "next run starts a new catalog, the tables under the data root stay, and "
+            "re-materializing them (e.g. `megapairs demo`) records their lineage again; "
+            "the lineage history in the damaged file is lost"
+        )
 
     # -- reading from outside a step --------------------------------------------------------
 
@@ -579,12 +730,23 @@ class LineageCatalog:
             raise ValueError(f"a snapshot must not overwrite the catalog itself ({target})")
         target.parent.mkdir(parents=True, exist_ok=True)
         staging = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
+        wal, target_wal = (p.with_name(p.name + ".wal") for p in (self.path, target))
         try:
-            with self.connect() as con:
-                con.execute("CHECKPOINT")
-                shutil.copyfile(self.path, staging)
-            # A log left by an earlier snapshot's session would be replayed onto this copy.
-            target.with_name(target.name + ".wal").unlink(missing_ok=True)
+            if self.writable():
+                with self.connect() as con:
+                    con.execute("CHECKPOINT")
+                    shutil.copyfile(self.path, staging)
+                # A log left by an earlier snapshot's session would be replayed onto this copy.
+                target_wal.unlink(missing_ok=True)
+            else:
+                # A catalog nobody here may write (an archived home) cannot be checkpointed:
+                # the copy takes its write-ahead log along, if it has one.
+                with self.connect(read_only=True):
+                    shutil.copyfile(self.path, staging)
+                    if wal.exists():
+                        shutil.copyfile(wal, target_wal)
+                    else:
+                        target_wal.unlink(missing_ok=True)
             os.replace(staging, target)
         finally:
             staging.unlink(missing_ok=True)
@@ -858,8 +1020,10 @@ class LineageCatalog:
     # -- reads ----------------------------------------------------------------------------
 
     def query(self, sql: str, params: list[Any] | None = None) -> pl.DataFrame:
-        """Run a read query and return a polars frame."""
-        with self.connect() as con:
+        """Run a read query and return a polars frame (read-only on a catalog this process
+        may not write: an archived home on a read-only file system)."""
+        read_only = self.path is not None and not self.writable()
+        with self.connect(read_only=read_only) as con:
             return con.execute(sql, params or []).pl()
 
     def schema_version(self) -> int:
@@ -935,40 +1099,116 @@ class LineageCatalog:
 
         Raises `IncompleteCommitError` naming the partitions whose newest materialization is
         pending or failed (a step killed or failed after it may have replaced the table), and
-        leaves out partitions never materialized.
+        leaves out partitions never materialized. A pending partition that a live step of
+        this machine is still writing (it holds the partition's lock, see
+        `partition_lock_path`: another run of the same home) is waited for, saying so on
+        stderr, for up to `pending_wait_s`; the error comes only when the writer has ended
+        without completing it (killed) or the wait runs out.
         """
         if not partitions:
             return {}
-        frame = self.query(
+        deadline = time.monotonic() + self.pending_wait_s
+        announced: set[str] = set()
+        second_look = False
+        while True:
+            frame = self._newest_records(asset, partitions)
+            retired = frame.filter(pl.col("status") == STATUS_RETIRED)["partition"].to_list()
+            if retired:
+                raise IncompleteCommitError(
+                    f"{asset}: {', '.join(retired)} left the corpus (retired), so its table is "
+                    "no longer part of the dataset; materialize the shard again if it is back"
+                )
+            unfinished = frame.filter(pl.col("status") != STATUS_COMPLETE)
+            if not unfinished.height:
+                return dict(
+                    zip(
+                        frame["partition"].to_list(),
+                        frame["materialization_id"].to_list(),
+                        strict=True,
+                    )
+                )
+            writing = [
+                row
+                for row in unfinished.iter_rows(named=True)
+                if row["status"] == STATUS_PENDING and self.being_written(asset, row["partition"])
+            ]
+            live = {row["partition"] for row in writing}
+            ended = unfinished.filter(~pl.col("partition").is_in(list(live)))
+            if ended.height:
+                if not second_look and not ended.filter(pl.col("status") == STATUS_FAILED).height:
+                    # A writer that completed and let go of its lock between the query and the
+                    # lock check looks dead: look once more before calling it so.
+                    second_look = True
+                    continue
+                raise IncompleteCommitError(
+                    f"{asset}: the newest materialization of {_listed(ended)} did not "
+                    "complete, so its table on disk is not trusted; re-materialize those "
+                    "partitions"
+                )
+            second_look = False
+            if time.monotonic() > deadline:
+                raise IncompleteCommitError(
+                    f"{asset}: {_listed(writing)} still being written by another run after "
+                    f"{self.pending_wait_s:.0f} s; read it again once that run finishes"
+                )
+            for row in writing:
+                if row["partition"] not in announced:
+                    announced.add(row["partition"])
+                    message = (
+                        f"megapairs: {asset}[{row['partition']}] is being written by run "
+                        f"{(row['run_id'] or '?')[:8]} (pending since {row['started_at']}); "
+                        f"waiting up to {self.pending_wait_s:.0f} s for it to finish"
+                    )
+                    _LOG.info(message)
+                    print(message, file=sys.stderr, flush=True)
+            time.sleep(_PENDING_POLL_S)
+
+    def _newest_records(self, asset: str, partitions: list[str]) -> pl.DataFrame:
+        """Each partition's newest record: materialization_id, status, run_id, started_at."""
+        return self.query(
             f"""
             SELECT partition,
                    arg_max(materialization_id, started_at) AS materialization_id,
-                   arg_max(status, started_at) AS status
+                   arg_max(status, started_at) AS status,
+                   arg_max(run_id, started_at) AS run_id,
+                   max(started_at) AS started_at
             FROM materializations
             WHERE asset = ? AND partition {IN_IDS}
             GROUP BY partition
             """,
             [asset, id_list(partitions)],
         )
-        retired = frame.filter(pl.col("status") == STATUS_RETIRED)["partition"].to_list()
-        if retired:
-            raise IncompleteCommitError(
-                f"{asset}: {', '.join(retired)} left the corpus (retired), so its table is no "
-                "longer part of the dataset; materialize the shard again if it is back"
-            )
-        unfinished = frame.filter(pl.col("status") != STATUS_COMPLETE)
-        if unfinished.height:
-            listed = ", ".join(
-                f"{p} ({s})"
-                for p, s in zip(unfinished["partition"], unfinished["status"], strict=True)
-            )
-            raise IncompleteCommitError(
-                f"{asset}: the newest materialization of {listed} did not complete, so its "
-                "table on disk is not trusted; re-materialize those partitions"
-            )
-        return dict(
-            zip(frame["partition"].to_list(), frame["materialization_id"].to_list(), strict=True)
-        )
+
+    def partition_lock_path(self, asset: str, partition: str | None) -> Path | None:
+        """The lock file a step holds while it materializes (asset, partition) on this machine
+        (`megapairs_assets.lib.step.partition_lock`), beside a file catalog; None for
+        DuckLake, whose steps run on many machines and take no such lock."""
+        if self.path is None:
+            return None
+        digest = hashlib.blake2b((partition or "").encode(), digest_size=8).hexdigest()
+        return self.path.parent / "locks" / f"{asset}-{digest}.lock"
+
+    def being_written(self, asset: str, partition: str | None) -> bool:
+        """Whether a live process of this machine holds (asset, partition)'s step lock now.
+
+        The lock dies with its holder, so a pending record whose lock is free was left by a
+        step that ended without completing it (killed). Always False on DuckLake (no lock)."""
+        path = self.partition_lock_path(asset, partition)
+        if path is None:
+            return False
+        try:
+            lock_file = open(path)  # noqa: SIM115  (closed below)
+        except OSError:
+            return False  # never locked here (or unreadable: nothing to wait for)
+        with lock_file:
+            try:
+                # Shared and released at once: a writer taking the lock meanwhile waits
+                # microseconds.
+                fcntl.flock(lock_file, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return True
+            fcntl.flock(lock_file, fcntl.LOCK_UN)
+            return False
 
     def materializations(self, ids: list[str]) -> pl.DataFrame:
         """Materialization records by id."""
