@@ -11,7 +11,8 @@ A run can fail before its step writes any record of a partition (a step that bre
 its per-partition work, a step skipped because an upstream step failed): Dagster's own record
 of each partition's latest attempt says so, and such a partition counts as failed, with its run
 and error, even where the catalog still holds an earlier complete version. A partition a run is
-materializing now counts as pending; one whose run was killed, as failed.
+materializing now counts as pending; one whose run was killed, as failed. A pending record
+says whether a step is writing it now or a killed one left it (its step lock tells).
 
 A home with nothing registered says so (and how to start) instead of calling it complete. A
 Dagster instance that cannot be opened (a read-only copy of a home) leaves the partition sets
@@ -89,6 +90,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     report = asset_status(catalog, assets, expected)
     states = partition_states(catalog)
     apply_attempts(report, states, attempts)
+    explain_pending(report, states, catalog)
     nothing = instance is not None and not any(expected.values()) and not states.height
     if args.json:
         print(json.dumps([s.as_dict() for s in report], indent=2, default=str))
@@ -188,7 +190,7 @@ def unfinished_attempts(
     failed or was killed, also before the step wrote anything, or the step was skipped for an
     upstream failure) or is still running; partitions whose latest attempt materialized them
     are left out."""
-    from dagster._core.storage.partition_status_cache import AssetPartitionStatus
+    from dagster import AssetPartitionStatus
 
     runs = _RunReasons(instance)
     attempts: dict[str, dict[str, Attempt]] = {}
@@ -326,6 +328,31 @@ def apply_attempts(
                     f"(materialized {row['started_at']})"
                 )
             _replace_problem(status, target, line)
+
+
+def explain_pending(report: Sequence[Any], states: Any, catalog: Any) -> None:
+    """Say of each pending partition whether a step of this machine is writing it now or it
+    was left by one that ended without completing it (killed): the partition's step lock
+    tells (file catalog only; on DuckLake the catalog's own line stays)."""
+    if catalog.path is None:
+        return
+    by_asset = {status.asset: status for status in report}
+    pending = states.filter(states["status"] == "pending")
+    for row in pending.iter_rows(named=True):
+        status = by_asset.get(row["asset"])
+        if status is None or not row["partition"]:
+            continue
+        target = f"{row['asset']}[{row['partition']}]"
+        if not any(problem.startswith(f"{target}: ") for problem in status.problems):
+            continue  # not counted (no longer in the asset's partition set)
+        if catalog.being_written(row["asset"], row["partition"]):
+            line = f"{target}: being written now (pending since {row['started_at']})"
+        else:
+            line = (
+                f"{target}: left pending since {row['started_at']} by a step that ended without "
+                "completing it (killed?): re-materialize it"
+            )
+        _replace_problem(status, target, line)
 
 
 def _replace_problem(status: Any, target: str, line: str) -> None:
