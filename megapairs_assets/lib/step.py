@@ -168,11 +168,9 @@ def run_recorded(
 
 
 def partition_lock_path(catalog: LineageCatalog, asset: str, partition: str | None) -> Path | None:
-    """The lock file of one (asset, partition), beside a file catalog; None for DuckLake."""
-    if catalog.path is None:
-        return None
-    digest = hashlib.blake2b((partition or "").encode(), digest_size=8).hexdigest()
-    return catalog.path.parent / "locks" / f"{asset}-{digest}.lock"
+    """The lock file of one (asset, partition), beside a file catalog; None for DuckLake.
+    The catalog knows where (its readers check whether a pending partition is being written)."""
+    return catalog.partition_lock_path(asset, partition)
 
 
 @contextmanager
