@@ -5,6 +5,9 @@ used."""
 from __future__ import annotations
 
 import collections
+import copy
+import os
+import signal
 from pathlib import Path
 
 import polars as pl
@@ -14,7 +17,11 @@ from test_training_support import OneThread, tiny_config, triplet_rows, write_im
 
 from megapairs_assets.evaluation.heldout import held_out_query_keys, heldout_benchmark
 from megapairs_assets.lib.storage import DataLayout
-from megapairs_assets.training.callbacks import read_loss_curve
+from megapairs_assets.training.callbacks import (
+    StopCheckpoint,
+    TrainingInterrupted,
+    read_loss_curve,
+)
 from megapairs_assets.training.data import TripletImages, image_key, prepare_triplets
 from megapairs_assets.training.module import linear_warmup_decay
 from megapairs_assets.training.train import TRAINING_RECIPE, _what_changed, train_checkpoint
@@ -142,3 +149,97 @@ def test_a_checkpoint_of_the_earlier_recipe_starts_over_and_says_why() -> None:
         {"settings": settings, "data": {**data, "recipe": TRAINING_RECIPE}},
     )
     assert f"training recipe mmret-clip-v1 -> {TRAINING_RECIPE}" in why
+
+
+# --- several devices: the stop the parent passes on to its ranks, without processes ----------
+
+
+class _Launcher:
+    """Stands in for `ddp_spawn`'s launcher: records what it would do to the rank processes."""
+
+    def __init__(self) -> None:
+        self.killed: list[int] = []
+
+    def kill(self, signum: int) -> None:
+        self.killed.append(signum)
+
+
+class _Strategy:
+    def __init__(self, other_ranks_asked: bool = False) -> None:
+        self.other_ranks_asked = other_ranks_asked
+
+    def reduce_boolean_decision(self, decision: bool, all: bool = True) -> bool:
+        assert not all  # any rank asking stops them all
+        return decision or self.other_ranks_asked
+
+
+class _Rank:
+    """The parts of a rank's Trainer that `StopCheckpoint` reads after a step."""
+
+    world_size = 2
+
+    def __init__(self, other_ranks_asked: bool = False) -> None:
+        self.strategy = _Strategy(other_ranks_asked)
+        self.should_stop = False
+
+
+def _rank_copy(parent: StopCheckpoint) -> StopCheckpoint:
+    """The callback as a spawned rank holds it: pickled state, the same shared memory, the
+    parent being its parent process."""
+    rank = copy.copy(parent)  # through __getstate__, as pickling into the rank goes
+    rank._parent_pid = os.getppid()
+    return rank
+
+
+def test_several_devices_the_parents_signal_reaches_the_ranks_which_all_stop_after_a_step(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The logic the opt-in `test_training_ddp` runs with real rank processes: before, the
+    parent of `ddp_spawn`'s ranks kept no handler, so the ranks never learnt of a Ctrl-C."""
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    launcher = _Launcher()
+    try:
+        # What a plain Python process has (a test worker may hold others).
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        parent = StopCheckpoint(tmp_path / "last.ckpt")
+        parent.forward_to_ranks(launcher)
+        rank, trainer = _rank_copy(parent), _Rank()
+        rank._agree_on_stop(trainer)  # no request yet: train on
+        assert not trainer.should_stop
+        os.kill(os.getpid(), signal.SIGTERM)  # `kill` of the parent
+        assert parent.stop_requested and not launcher.killed
+        rank._agree_on_stop(trainer)  # every rank, after its step
+        assert trainer.should_stop  # Lightning ends training there, and the step is saved
+        os.kill(os.getpid(), signal.SIGINT)  # a repeat while the ranks save: counted only
+        monkeypatch.setattr(StopCheckpoint, "REPEAT_GRACE_S", 0.0)
+        os.kill(os.getpid(), signal.SIGINT)
+        assert parent.deferred_signals == 2 and not launcher.killed
+        with pytest.raises(TrainingInterrupted, match="stopped at step 5"):
+            parent.raise_interrupt("run: stopped at step 5 of 9")  # what the caller raises
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handlers are back
+
+        # A second Ctrl-C past the grace while the ranks still compute: they are killed, and
+        # the run stops at once with the host's interruption.
+        parent = StopCheckpoint(tmp_path / "last.ckpt")
+        parent.forward_to_ranks(launcher)
+        os.kill(os.getpid(), signal.SIGINT)
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+        assert launcher.killed == [signal.SIGKILL] and parent.stopped_at_once
+        parent.restore_handler()
+
+        # Another rank was signalled itself (a terminal's Ctrl-C reaches every process of its
+        # group): this one stops after the same step, and the parent learns it after the fit.
+        parent = StopCheckpoint(tmp_path / "last.ckpt")
+        parent.forward_to_ranks(launcher)
+        rank, trainer = _rank_copy(parent), _Rank(other_ranks_asked=True)
+        rank._agree_on_stop(trainer)
+        assert trainer.should_stop and not parent.stop_requested
+        parent.collect_rank_stop()
+        assert parent.stop_requested
+        with pytest.raises(KeyboardInterrupt, match="stopped"):
+            parent.raise_interrupt("run: stopped at step 2 of 9")
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)

@@ -412,6 +412,8 @@ class StopCheckpoint(pl_lightning.Callback):
 
     def _on_rank_signal(self, signum: int, frame: FrameType | None) -> None:
         self._rank_signal = self._rank_signal or signum
+        if self._shared is not None and not self._shared[0]:
+            self._shared[0] = signum  # the parent raises what this signal would have
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         if not self.stop_requested:
@@ -442,16 +444,21 @@ class StopCheckpoint(pl_lightning.Callback):
     def _agree_on_stop(self, trainer: pl_lightning.Trainer) -> None:
         """Every rank, after every step: stop here when any rank was asked to (one all-reduce,
         so all ranks stop after the same step and save it together at the end of training)."""
-        asked = bool(self._rank_signal) or (
-            self._shared is not None and (bool(self._shared[0]) or os.getppid() != self._parent_pid)
+        parent_gone = self._parent_pid is not None and os.getppid() != self._parent_pid
+        asked = (
+            bool(self._rank_signal)
+            or parent_gone
+            or (self._shared is not None and bool(self._shared[0]))
         )
         if not trainer.strategy.reduce_boolean_decision(asked, all=False):
             return
         self.stop_requested = True
         if self._shared is not None:
-            if not self._shared[0]:
-                self._shared[0] = self._rank_signal or signal.SIGTERM  # the parent is gone
+            if not self._shared[0]:  # asked on another node, or the parent is gone
+                self._shared[0] = signal.SIGTERM if parent_gone else signal.SIGINT
             self._shared[1] = 1  # the parent defers repeats from now on: the save runs
+        # What the process that raises the stop (a `ddp` rank 0, launched by torchrun) raises.
+        self._stop_signal = self._stop_signal or self._rank_signal or None
         trainer.should_stop = True
 
     def collect_rank_stop(self) -> None:

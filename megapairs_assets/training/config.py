@@ -130,10 +130,13 @@ class TrainingConfig:
         with QuickGELU, so they go with the `-quickgelu` model names (`ViT-B-16-quickgelu`).
     batch_size: queries per optimizer step over all devices (the paper's 2048).
     hard_negatives: negatives per query from its `hns` list, the query image (hns[0]) included;
-        a row with fewer is padded and the padding masked out of the loss.
+        the other `hard_negatives - 1` are drawn at each step from all of the row's mined ones
+        (`data.mined_negative_indices`); a row with fewer is padded and the padding masked out
+        of the loss.
     temperature: InfoNCE temperature (fixed; the model's own logit scale is not used).
     learning_rate / weight_decay / warmup_steps / max_steps: AdamW with linear warm-up from 0 to
-        `learning_rate` over `warmup_steps`, then linear decay to 0 at `max_steps`.
+        `learning_rate` over `warmup_steps` (the peak at step `warmup_steps`), then linear decay
+        to 0 at `max_steps` (`module.linear_warmup_decay`).
     accelerator / devices / num_nodes / strategy: the Lightning Trainer's hardware; `devices`
         -1 (`ALL_VISIBLE_GPUS`) means every visible GPU, or one device without GPUs; `strategy`
         "auto" means one device, or `ddp_spawn` for several (safe inside a Dagster step). The

@@ -10,7 +10,9 @@ return the query).
 Two masks keep the softmax honest: padding (a row with fewer hard negatives than K - 1, or an
 image that failed to decode) is never a candidate, and a copy of a query's own positive
 elsewhere in the batch (the same image is often a target of several queries) is not counted as
-its negative.
+its negative. Any other image that fills several slots of the batch (a hard negative of two
+rows, another query's target that is also this query's hard negative) counts once per slot in
+the softmax, as every in-batch contrastive trainer does; the paper does not say otherwise.
 
 Under DDP, candidates are gathered from every device with gradients flowing back to their
 owner, and each device scores its own queries against all of them: the idea of open_clip's
