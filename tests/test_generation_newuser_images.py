@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import dagster as dg
@@ -24,8 +25,11 @@ from fault_server import ChatServer
 from generation_fixtures import build_tiny_llm, http_settings, make_world, with_template
 
 from megapairs_assets.generation.assets import generation_assets
+from megapairs_assets.generation.backends.base import SamplingParams
 from megapairs_assets.generation.backends.openai_http import probe_image_input
 from megapairs_assets.generation.resource import GenerationResource
+from megapairs_assets.generation.store import ResponseStore, store_path
+from megapairs_assets.lib.storage import DataLayout
 from megapairs_assets.orchestration.partitions import SHARD_PARTITIONS_NAME
 from resources.storage import LineageCatalogResource, StorageResource
 
@@ -126,8 +130,39 @@ def test_a_server_that_reads_or_refuses_images_is_told_apart(text_only_server):
         refused = probe_image_input(refuses.base_url, "test-model", timeout_s=5)
     assert refused is not None and "refused a request with an image (HTTP 400" in refused.detail
     # A server that cannot answer at all is not judged here (the model-list probe reports it):
-    # the check says it could not be made, a warning rather than a refusal.
-    with ChatServer(faults={"": ["500"]}) as broken:
-        unchecked = probe_image_input(broken.base_url, "test-model", timeout_s=5)
-    assert unchecked is not None and unchecked.kind == "image_check_skipped"
+    # the check says it could not be made then, and is made on the step's first answer.
+    with ChatServer(faults={"": ["500"] * 10}) as broken:
+        unchecked = probe_image_input(broken.base_url, "test-model", timeout_s=1)
+    assert unchecked is not None and unchecked.kind == "image_check_deferred"
     assert "text-only request failed (HTTP 500" in unchecked.detail
+
+
+def test_a_text_only_model_unchecked_in_time_is_stopped_on_its_first_answer(
+    tmp_path, text_only_server
+):
+    # A check with no answer in time (a server loading its model on a CPU) let this model
+    # through with a warning, and every description came from no picture at all.
+    base_url, served = text_only_server
+    settings = http_settings(base_url, served_model=served, request_timeout_s=60)
+    # Short answers: what is judged is the prompt's token count, not the text.
+    settings = replace(settings, describe=replace(settings.describe, sampling=SamplingParams(8)))
+    generation = GenerationResource(
+        **{
+            **GenerationResource.from_settings(settings).model_dump(),
+            "image_check_timeout_s": 0.001,
+        }
+    )
+
+    result = _materialize(tmp_path / "late", generation)
+
+    assert not result.success
+    failure = next(e for e in result.all_events if e.is_failure)
+    message = str(failure.event_specific_data.error)
+    assert "generation servers not ready" in message
+    assert "drops images: a request with its pictures (the step's first answer)" in message
+    assert base_url in message and "describe_template to describe_captions" in message
+    home = tmp_path / "late" / "home"
+    assert not (home / "data" / "pair_descriptions" / "00000.parquet").exists()
+    # No answer the model gave without seeing the pictures is cached for a later run.
+    store = ResponseStore(store_path(DataLayout(home), "00000", "describe"))
+    assert store.counts().get("ok", 0) == 0

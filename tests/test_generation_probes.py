@@ -43,13 +43,16 @@ def test_a_server_without_usage_is_not_judged_on_pictures():
     assert "the step goes on unchecked" in warning and "describe_captions" in warning
 
 
-def test_a_server_still_loading_its_model_is_not_judged_on_pictures():
-    # `transformers serve` without a model argument loads it on the first request.
+def test_a_server_still_loading_its_model_is_waited_for_or_checked_later():
+    # `transformers serve` loads its model on the first request: the check waits for it
+    # within its time, and a server still loading after that is checked on its first answer.
     with ChatServer(faults={"What colour": ["stall:1"]}) as loading:
-        skipped = probe_image_input(loading.base_url, "test-model", timeout_s=0.3)
-    assert skipped is not None and skipped.kind == "image_check_skipped"
-    assert "no answer within 0.3 s" in skipped.detail
-    assert "longer server_probe_timeout_s" in skipped.detail
+        deferred = probe_image_input(loading.base_url, "test-model", timeout_s=0.3)
+    assert deferred is not None and deferred.kind == "image_check_deferred"
+    assert "no answer within 0.3 s" in deferred.detail
+    assert "longer image_check_timeout_s" in deferred.detail
+    with ChatServer(faults={"What colour": ["stall:1"]}) as loading:
+        assert probe_image_input(loading.base_url, "test-model", timeout_s=10) is None
 
 
 def test_the_describe_step_logs_the_skipped_picture_check_and_goes_on(tmp_path):

@@ -73,14 +73,18 @@ def _file_hash(load: Callable[[str], Any], name: str) -> str:
 
 
 def _step_settings(generation: Any, step: str) -> dict[str, Any]:
-    """A model step's backend model (not its servers or timeouts), template content, sampling."""
+    """A model step's backend model and the name its server is asked for (not its servers or
+    timeouts), template content, sampling."""
     from megapairs_assets.generation.prompts import load_template
 
     backend = getattr(generation, f"{step}_backend")
     template = getattr(generation, f"{step}_template")
+    # Only when set: a profile that never names a served model keeps its settings version.
+    served = backend.spec().served_model
     return {
         "backend": backend.backend,
         "model_id": backend.model_id,
+        **({"served_model": served} if served else {}),
         "template": _file_hash(load_template, template),
         "sampling": getattr(generation, f"{step}_sampling").model_dump(),
         **fields(generation, _SAMPLE_FIELDS),

@@ -25,6 +25,7 @@ from megapairs_assets.generation.backends.base import (
     shared_backend,
 )
 from megapairs_assets.generation.backends.heuristic import HEURISTIC_BACKEND
+from megapairs_assets.generation.backends.openai_http import failed_calls_fix
 from megapairs_assets.generation.common import (
     DESCRIPTIONS_ASSET,
     GENERATED_COLUMN_DESCRIPTIONS,
@@ -104,6 +105,11 @@ DESCRIPTION_COLUMN_DESCRIPTIONS: dict[str, str] = {
     "finish_reason": "why generation stopped, as the server reported (stop, length, ...)",
 }
 
+# When one text is this share of a shard's model descriptions (of at least the minimum rows),
+# the model did not see what sets the pairs apart: a warning, never a failure.
+REPEATED_DESCRIPTION_SHARE = 0.5
+REPEATED_DESCRIPTION_MIN_ROWS = 4
+
 DESCRIPTION_CHECKS = {
     "one_description_per_pair": "Each pair_id has at most one description",
     "descriptions_within_bounds": "Every description's word count lies within the limits",
@@ -153,14 +159,26 @@ def describe_pairs_for_shard(
         log=log,
         warn=warn,
     )
-    raise_if_backend_failing(
-        settled.model_stats,
-        settings.max_failure_fraction,
-        STEP,
-        shard,
-        settings.describe.backend,
-        settings.stopped_probe_timeout_s,
-    )
+    try:
+        raise_if_backend_failing(
+            settled.model_stats,
+            settings.max_failure_fraction,
+            STEP,
+            shard,
+            settings.describe.backend,
+            settings.stopped_probe_timeout_s,
+        )
+    except GenerationStepError as error:
+        # Name the setting that holds the servers' URLs (or key), as the checks before a
+        # step do: "connection refused" alone does not say where the URL came from.
+        fix = failed_calls_fix(
+            settings.describe.backend,
+            settings.server_setting_names.get(STEP, {}),
+            settled.model_stats.last_error,
+        )
+        if fix is None:
+            raise
+        raise GenerationStepError(f"{error}; to fix: {fix}") from None
     rows = settled.accepted_rows(
         model_plans,
         heuristic_plans,
@@ -169,6 +187,9 @@ def describe_pairs_for_shard(
     table = pl.DataFrame(rows, schema=DESCRIPTION_SCHEMA).sort("pair_id")
     path = layout.shard_table(DESCRIPTIONS_ASSET, shard)
     write_parquet_atomic(table, path)
+    repeated = RepeatedDescriptions.of(table)
+    if repeated.suspicious:
+        (warn or log or (lambda _: None))(f"describe {shard}: {repeated.warning()}")
 
     return StepResult(
         partition=shard,
@@ -196,9 +217,52 @@ def describe_pairs_for_shard(
             "rows_by_generator": counts_by(table, "generator"),
             "rows_by_served_model": counts_by(table, "served_model"),
             "rejections_by_reason": quarantine.reason_counts(),
+            "model_descriptions_distinct": repeated.distinct,
+            "model_descriptions_top_share": round(repeated.top_share, 3),
         },
         markdown={"requests": settled.stats_markdown()},
     )
+
+
+@dataclass(frozen=True)
+class RepeatedDescriptions:
+    """How often a shard's model descriptions repeat one text (the caption heuristic's rows
+    are left out: they are templates). Different pairs should get different descriptions;
+    one text for most of them means the model did not see what sets the pairs apart (a
+    text-only model sent pictures, a template that lost its inputs)."""
+
+    rows: int
+    distinct: int
+    top_count: int
+    top_text: str
+
+    @classmethod
+    def of(cls, table: pl.DataFrame) -> RepeatedDescriptions:
+        texts = table.filter(pl.col("backend") != HEURISTIC_BACKEND)["description"]
+        if texts.is_empty():
+            return cls(0, 0, 0, "")
+        counts = texts.value_counts(sort=True)
+        return cls(texts.len(), counts.height, counts["count"][0], counts["description"][0])
+
+    @property
+    def top_share(self) -> float:
+        """The most repeated text's share of the model rows (0 without model rows)."""
+        return self.top_count / self.rows if self.rows else 0.0
+
+    @property
+    def suspicious(self) -> bool:
+        return (
+            self.rows >= REPEATED_DESCRIPTION_MIN_ROWS
+            and self.top_share >= REPEATED_DESCRIPTION_SHARE
+        )
+
+    def warning(self) -> str:
+        return (
+            f"{self.top_count} of {self.rows} model descriptions are the same text "
+            f"({self.top_text[:120]!r}): the model did not tell these pairs apart; check that "
+            "it reads what the template sends (input_mode images needs a vision-language "
+            "model) and its served_model"
+        )
 
 
 def prefetch_descriptions(
@@ -311,7 +375,7 @@ def _model_plan(
         }
         render = partial(describe_messages, template, word_num, query["caption"], target["caption"])
     request = GenerationRequest(
-        key=request_key(spec.model_id, template.hash, inputs, sampling, seed),
+        key=request_key(spec.model_id, template.hash, inputs, sampling, seed, spec.served_model),
         step=STEP,
         messages=(),
         render=render,

@@ -9,13 +9,16 @@ the step's `openai_http` servers for their models (`server_problems`), so a serv
 down or serves the model under another name fails the step before any request, while a step
 whose answers are all cached runs with the servers down. A describe step whose template shows
 the model the pictures also asks whether the served model reads them (`image_input_problems`):
-a text-only model behind `transformers serve` drops image parts without an error. A server that
-reports no token counts cannot be checked so: the step log gets a warning and the step goes on.
+a text-only model behind `transformers serve` drops image parts without an error. A server
+that does not answer that within `image_check_timeout_s` (one loading a large model on a CPU)
+is checked on its first answer instead, before any answer is kept. A server that reports no
+token counts cannot be checked at all: the step log gets a warning and the step goes on.
 
 Settings beyond the models: `answer_language` (model answers in another language are
 quarantined as `wrong_language`; see generation/language.py), `server_probe_timeout_s` (the
-checks above) and `stopped_probe_timeout_s` (after failed calls mid-step, how long each server
-has to answer before the step calls it gone and fails).
+model-list check above; 0 turns every check off), `image_check_timeout_s` (the picture check)
+and `stopped_probe_timeout_s` (after failed calls mid-step, how long each server has to answer
+before the step calls it gone and fails).
 """
 
 from __future__ import annotations
@@ -47,6 +50,10 @@ from megapairs_assets.lib.errors import ConfigurationError
 
 if TYPE_CHECKING:
     from megapairs_assets.generation.backends.base import GenerationBackend
+    from megapairs_assets.generation.backends.openai_http import (
+        ImageCheckOnFirstAnswer,
+        ServerProblem,
+    )
 
 
 class BackendConfig(dg.Config):
@@ -133,6 +140,14 @@ class GenerationResource(dg.ConfigurableResource):
         description="seconds each openai_http server has to list its models before a step's "
         "first uncached request (0: do not ask)",
     )
+    image_check_timeout_s: float = Field(
+        default=120.0,
+        gt=0,
+        description="seconds each openai_http server has for the picture check of a describe "
+        "step that sends pictures (a server that loads its model on the first request is "
+        "waited for; one still starting is asked again); a server that has not answered by "
+        "then is checked on its first answer instead",
+    )
     stopped_probe_timeout_s: float = Field(
         default=5.0,
         gt=0,
@@ -180,6 +195,7 @@ class GenerationResource(dg.ConfigurableResource):
                 licence=self.licence,
                 dataset_name=self.dataset_name,
             ),
+            server_setting_names=self.server_setting_names,
         )
 
     @classmethod
@@ -188,8 +204,9 @@ class GenerationResource(dg.ConfigurableResource):
         settings: GenerationSettings,
         server_setting_names: dict[str, dict[str, str]] | None = None,
     ) -> GenerationResource:
-        """The resource holding exactly these plain settings (and, for error messages, the
-        settings that set each step's servers: see `server_problems`)."""
+        """The resource holding exactly these plain settings; `server_setting_names` (for
+        error messages, the settings that set each step's servers: see `server_problems`)
+        replaces the settings' own when given."""
 
         def backend(spec: BackendSpec) -> BackendConfig:
             return BackendConfig(
@@ -230,7 +247,10 @@ class GenerationResource(dg.ConfigurableResource):
             export_dir=settings.export.export_dir,
             licence=settings.export.licence,
             dataset_name=settings.export.dataset_name,
-            server_setting_names=server_setting_names or {},
+            server_setting_names={
+                step: dict(names)
+                for step, names in (server_setting_names or settings.server_setting_names).items()
+            },
         )
 
     def server_problems(
@@ -241,23 +261,14 @@ class GenerationResource(dg.ConfigurableResource):
 
         Backends other than `openai_http` have no server to ask.
         """
-        from megapairs_assets.generation.backends.openai_http import (
-            ServerSettingNames,
-            probe_servers,
-        )
+        from megapairs_assets.generation.backends.openai_http import probe_servers
 
-        settings = self.settings()
         timeout = self.server_probe_timeout_s if timeout_s is None else timeout_s
-        lines: list[str] = []
-        for step in steps:
-            spec = getattr(settings, step).backend
-            names = ServerSettingNames(**self.server_setting_names.get(step, {}))
-            lines += [
-                f"{step} ({spec.display_name}) at {problem.base_url}: {problem.detail}; "
-                + names.fix(problem)
-                for problem in probe_servers(spec, timeout)
-            ]
-        return lines
+        return [
+            self._problem_line(step, problem)
+            for step in steps
+            for problem in probe_servers(self._step_spec(step), timeout)
+        ]
 
     def image_input_problems(
         self,
@@ -269,55 +280,90 @@ class GenerationResource(dg.ConfigurableResource):
         server whose model drops or refuses them, each saying what to change; else [].
 
         Unlike `server_problems` (a GET), this sends two one-token chat requests per server
-        (`probe_image_input`), so it runs only before a step's first uncached request. A server
-        whose answers cannot tell (no `usage.prompt_tokens`, an error) is not a problem: `warn`
-        (default: the Dagster step log's warning) gets a line saying the check was not made.
+        (`probe_image_input`, within `image_check_timeout_s` unless `timeout_s` is given), so
+        it runs only before a step's first uncached request. A server whose answers cannot
+        tell (no `usage.prompt_tokens`) or that did not answer in time is not a problem here:
+        `warn` (default: the Dagster step log's warning) gets a line saying so (in a step, the
+        second kind is checked on the server's first answer: see `backend_factory`).
         """
+        return self._image_check(step, timeout_s, warn)[0]
+
+    def _image_check(
+        self,
+        step: str,
+        timeout_s: float | None = None,
+        warn: Callable[[str], None] | None = None,
+    ) -> tuple[list[str], ImageCheckOnFirstAnswer | None]:
+        """`image_input_problems`, and the check to make on the first answers of the servers
+        that did not answer in time (None when there are none)."""
         from megapairs_assets.generation.backends.openai_http import (
+            IMAGE_CHECK_DEFERRED,
             IMAGE_CHECK_SKIPPED,
-            ServerSettingNames,
+            ImageCheckOnFirstAnswer,
             image_input_problems,
         )
         from megapairs_assets.generation.prompts import load_template
 
-        settings = self.settings()
-        step_settings = getattr(settings, step)
+        step_settings = getattr(self.settings(), step)
         if load_template(step_settings.template).input_mode != "images":
-            return []
-        timeout = self.server_probe_timeout_s if timeout_s is None else timeout_s
-        spec = step_settings.backend
-        names = ServerSettingNames(**self.server_setting_names.get(step, {}))
-        problems = []
-        for problem in image_input_problems(spec, timeout):
-            line = (
-                f"{step} ({spec.display_name}) at {problem.base_url}: {problem.detail}; "
-                + names.fix(problem)
-            )
-            if problem.kind == IMAGE_CHECK_SKIPPED:
-                (warn or dg.get_dagster_logger().warning)(line)
+            return [], None
+        timeout = self.image_check_timeout_s if timeout_s is None else timeout_s
+        tell = warn or dg.get_dagster_logger().warning
+        problems, deferred = [], []
+        for problem in image_input_problems(step_settings.backend, timeout):
+            line = self._problem_line(step, problem)
+            if problem.kind in (IMAGE_CHECK_SKIPPED, IMAGE_CHECK_DEFERRED):
+                tell(line)
+                if problem.kind == IMAGE_CHECK_DEFERRED:
+                    deferred.append(problem.base_url.rstrip("/"))
             else:
                 problems.append(line)
-        return problems
+        if not deferred:
+            return problems, None
+        return problems, ImageCheckOnFirstAnswer(
+            frozenset(deferred),
+            error=lambda problem: SERVERS_NOT_READY + "\n  " + self._problem_line(step, problem),
+            warn=lambda problem: tell(self._problem_line(step, problem)),
+        )
+
+    def _problem_line(self, step: str, problem: ServerProblem) -> str:
+        """`describe (InternVL2-26B) at <url>: <what is wrong>; <what to change>`."""
+        from megapairs_assets.generation.backends.openai_http import ServerSettingNames
+
+        spec = self._step_spec(step)
+        names = ServerSettingNames(**self.server_setting_names.get(step, {}))
+        return f"{step} ({spec.display_name}) at {problem.base_url}: {problem.detail}; " + (
+            names.fix(problem)
+        )
 
     def backend_factory(self, step: str) -> Callable[[BackendSpec], GenerationBackend]:
         """What a step builds its backends with: the shared backend of a spec, after asking
         the step's servers for their models and, when its template sends pictures, whether
-        their model reads them (once per factory). It is called only when a request is not in
-        the response cache, so a fully cached step never asks."""
+        their model reads them (once per factory; a server that did not answer that in time
+        is checked on its first answer: `ImageCheckOnFirstAnswer`). It is called only when a
+        request is not in the response cache, so a fully cached step never asks."""
         from megapairs_assets.generation.backends.base import shared_backend
 
         checked: set[str] = set()
 
         def build(spec: BackendSpec) -> GenerationBackend:
+            probed, on_first_answer = False, None
             if spec.model_id not in checked and spec == self._step_spec(step):
                 # A misspelt answer_language fails before any request, not after every answer.
                 require_known_language(self.settings().answer_language)
                 if self.server_probe_timeout_s > 0:
-                    problems = self.server_problems((step,)) or self.image_input_problems(step)
+                    problems = self.server_problems((step,))
+                    if not problems:
+                        problems, on_first_answer = self._image_check(step)
                     if problems:
                         raise ConfigurationError(SERVERS_NOT_READY + "\n  " + "\n  ".join(problems))
+                    probed = True
                 checked.add(spec.model_id)
-            return shared_backend(spec)
+            backend = shared_backend(spec)
+            if probed and hasattr(backend, "image_check"):
+                # This step's verdict replaces one an earlier step of the process left behind.
+                backend.image_check = on_first_answer
+            return backend
 
         return build
 

@@ -17,6 +17,9 @@ A backend that retries (the HTTP one) tells the run about each retry; the run's 
 gets the first retry of each kind of error in full (try n of max, the wait, the error and
 its URL) and then at most one summary line every `RETRY_LOG_EVERY_S` seconds, so a server
 that restarts is visible without a line per request at hundreds of requests in flight.
+While calls are outstanding and none has finished for `HEARTBEAT_S` seconds, the log gets a
+line saying what the run waits on (`waiting on 19 requests to http://host:8000/v1 for 2 min
+(timeout 600 s each)`), so a server that hangs or is dying is not a silent progress line.
 """
 
 from __future__ import annotations
@@ -49,6 +52,8 @@ from megapairs_assets.lineage.catalog import IncompleteCommitError, NotMateriali
 
 # After the first retry of each kind of error, retries are summed up at most this often.
 RETRY_LOG_EVERY_S = 10.0
+# With calls outstanding and none finished for this long, the log says what the run waits on.
+HEARTBEAT_S = 60.0
 
 
 @dataclass
@@ -219,6 +224,65 @@ class RetryLog:
         self.flush()
 
 
+class Heartbeat:
+    """A line every `every_s` seconds in which no call finished, while calls are outstanding
+    (see the module docstring); a daemon thread, started and stopped around `generate`.
+
+    What the run waits on comes from the backend: its `wait_target` (the HTTP backend's base
+    URLs) and `request_timeout_s`, when it has them, else its name.
+    """
+
+    def __init__(
+        self,
+        label: str,
+        log: Callable[[str], None],
+        backend: GenerationBackend,
+        outstanding: Callable[[], int],
+        every_s: float = HEARTBEAT_S,
+    ) -> None:
+        self._label = label
+        self._log = log
+        self._target = getattr(backend, "wait_target", None) or f"the {backend.name} backend"
+        self._timeout_s: float | None = getattr(backend, "request_timeout_s", None)
+        self._outstanding = outstanding
+        self._every_s = every_s
+        self._last_progress = self._last_line = time.monotonic()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="generation-heartbeat", daemon=True)
+
+    def start(self) -> Heartbeat:
+        self._thread.start()
+        return self
+
+    def progress(self) -> None:
+        """A call finished (called from the backend's thread: one float written)."""
+        self._last_progress = time.monotonic()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        # Checked a few times per interval, so a line comes at most a quarter late.
+        while not self._stop.wait(min(self._every_s / 4, 5.0)):
+            now = time.monotonic()
+            idle_s = now - self._last_progress
+            waiting = self._outstanding()
+            if idle_s < self._every_s or now - self._last_line < self._every_s or waiting <= 0:
+                continue
+            self._last_line = now
+            timeout = f" (timeout {self._timeout_s:g} s each)" if self._timeout_s else ""
+            self._log(
+                f"{self._label}: waiting on {plural(waiting, 'request')} to {self._target} "
+                f"for {_idle_text(idle_s)}{timeout}"
+            )
+
+
+def _idle_text(seconds: float) -> str:
+    """`45 s` under two minutes, else `9 min`."""
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.0f} min"
+
+
 def _retry_clause(event: RetryEvent) -> str:
     """`try 2/7 failed (connection), next in 1.3 s`."""
     wait = f"{event.wait_s:.1f}" if event.wait_s >= 1 else f"{event.wait_s:.2f}"
@@ -242,6 +306,7 @@ def run_requests(
     label: str | None = None,
     log: Callable[[str], None] | None = None,
     warn: Callable[[str], None] | None = None,
+    heartbeat_s: float = HEARTBEAT_S,
 ) -> tuple[dict[str, StoredResponse], RunStats]:
     """Settle every request from the cache or the backend; see the module docstring.
 
@@ -257,6 +322,7 @@ def run_requests(
         label=label,
         log=log,
         warn=warn,
+        heartbeat_s=heartbeat_s,
     )
     return store.get(request.key for request in requests), stats
 
@@ -272,6 +338,7 @@ def run_routed(
     record_failures: bool = True,
     prefetch: bool = False,
     warn: Callable[[str], None] | None = None,
+    heartbeat_s: float = HEARTBEAT_S,
 ) -> RunStats:
     """`run_requests` for requests that belong to different stores (several shards at once).
 
@@ -281,8 +348,9 @@ def run_routed(
     shard's own step, so one run counts one attempt). With `prefetch=True` the keys the model
     answers are remembered for the shard steps that follow, which count them as the model's
     (`RunStats.prefetched`). With a `label`, `log` gets one line on what was already answered
-    (by the prefetch, or by an earlier run) and progress lines over the calls, and `warn`
-    (default: `log`) the retry lines (`RetryLog`).
+    (by the prefetch, or by an earlier run), progress lines over the calls and, every
+    `heartbeat_s` seconds without a finished call, what the run waits on (`Heartbeat`); `warn`
+    (default: `log`) gets the retry lines (`RetryLog`).
     """
     started = time.perf_counter()
     stores_of: dict[str, list[ResponseStore]] = {}
@@ -361,15 +429,25 @@ def run_routed(
             buffer.clear()
             last_flush = time.perf_counter()
 
+        heartbeat = (
+            Heartbeat(label, log, model, lambda: len(todo) - stats.calls, heartbeat_s).start()
+            if label is not None and log is not None
+            else None
+        )
+
         def on_result(results: Sequence[GenerationResult]) -> None:
             buffer.extend(results)
             stats.calls += len(results)
+            if heartbeat is not None:
+                heartbeat.progress()
             if len(buffer) >= flush_every or time.perf_counter() - last_flush >= flush_interval_s:
                 flush()
 
         try:
             model.generate(todo, on_result)
         finally:
+            if heartbeat is not None:
+                heartbeat.stop()
             if tells_retries:
                 model.on_retry = None  # type: ignore[union-attr]
             stats.retries = retry_log.count

@@ -9,7 +9,7 @@ instructions, both from vLLM's OpenAI-compatible server).
 from __future__ import annotations
 
 import importlib.util
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -107,6 +107,9 @@ class GenerationSettings:
     # The language model answers must be in (descriptions and instructions; `wrong_language`).
     answer_language: LanguageCheck = field(default_factory=LanguageCheck)
     export: ExportSettings = field(default_factory=ExportSettings)
+    # Step -> the settings a user changes to fix that step's servers (`base_urls`,
+    # `served_model`, `api_key`: e.g. a profile's environment variables), named in errors.
+    server_setting_names: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not self.stopped_probe_timeout_s > 0:

@@ -118,15 +118,26 @@ def request_key(
     inputs: Mapping[str, Any],
     sampling: SamplingParams,
     seed: int,
+    served_model: str | None = None,
 ) -> str:
-    """sha256 over (model id, template hash, inputs, sampling parameters, seed), canonical JSON."""
-    payload = {
+    """sha256 over (model id, template hash, inputs, sampling parameters, seed), canonical JSON,
+    and the served model name when it differs from the model id (`BackendSpec.served_model`).
+
+    The served name is what a server is asked for, so it is what answers: a stand-in model
+    served under another name for a rehearsal gets keys of its own, and its answers are never
+    reused for the real model (the cache is mirrored to the data root). Without a served name
+    the key is what it always was, so existing caches stay valid. Where the server runs (URLs,
+    replicas) and its API key are not in the key.
+    """
+    payload: dict[str, Any] = {
         "model_id": model_id,
         "template_hash": template_hash,
         "inputs": inputs,
         "sampling": sampling.as_dict(),
         "seed": seed,
     }
+    if served_model and served_model != model_id:
+        payload["served_model"] = served_model
     canonical = json.dumps(payload, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     return hashlib.sha256(canonical.encode()).hexdigest()
 
@@ -164,6 +175,13 @@ class BackendSpec:
     @property
     def display_name(self) -> str:
         return self.label or self.model_id
+
+    @property
+    def served_model(self) -> str | None:
+        """The name the backend asks its server for when that is not `model_id` (the
+        `served_model` option of `openai_http`); None when it asks for `model_id` itself."""
+        served = str(self.options.get("served_model") or "").strip()
+        return served if served and served != self.model_id else None
 
 
 BackendFactory = Callable[[BackendSpec], GenerationBackend]

@@ -56,11 +56,22 @@ from megapairs_assets.generation.backends.base import (
     register_backend,
 )
 from megapairs_assets.generation.backends.images import has_images, openai_messages
+from megapairs_assets.lib.errors import ConfigurationError
 
 OPENAI_HTTP_BACKEND = "openai_http"
-# ServerProblem.kind of a picture check that could not be made (a warning, never a failure).
+# ServerProblem.kind of a picture check that cannot be made: the server reports no token
+# counts (a warning, never a failure).
 IMAGE_CHECK_SKIPPED = "image_check_skipped"
+# ServerProblem.kind of a picture check the server did not answer in time: it is made on the
+# step's first answer instead (`ImageCheckOnFirstAnswer`).
+IMAGE_CHECK_DEFERRED = "image_check_deferred"
 _BODY_SNIPPET_CHARS = 200
+# How a failed connection's message starts (`failed_calls_fix` looks for it in a step's last
+# error to name the setting that holds the URL).
+_CONNECTION_TO = "connection to"
+# Pause between tries of the picture check's first request (a server still starting or
+# loading its model refuses connections or answers 5xx).
+_PROBE_RETRY_PAUSE_S = 2.0
 
 
 class RetryableError(Exception):
@@ -85,6 +96,29 @@ class RetryableError(Exception):
 
 class PermanentError(Exception):
     """A failure that another try would repeat (4xx other than 429, bad image)."""
+
+
+class ImageInputError(ConfigurationError):
+    """A server's model drops the pictures a step sends it, found on its first answer (see
+    `ImageCheckOnFirstAnswer`); the message says what to change."""
+
+
+@dataclass(frozen=True)
+class ImageCheckOnFirstAnswer:
+    """The picture check that `probe_image_input` could not make in time, made instead on each
+    listed server's first answer to a request with pictures.
+
+    That request is sent again without its pictures (one token): a model that reads them
+    counted more prompt tokens with them. Until a server's verdict is in, its answers with
+    pictures wait (none is handed on); when it drops them, `generate` raises `ImageInputError`
+    with `error(problem)` as its message and none of them is handed on, so no description of
+    pictures the model never saw is cached. A server whose answers carry no token counts
+    cannot be judged: `warn(problem)` is told, and its answers go on.
+    """
+
+    base_urls: frozenset[str]
+    error: Callable[[ServerProblem], str]
+    warn: Callable[[ServerProblem], None]
 
 
 def parse_retry_after(value: str | None, now: datetime | None = None) -> float | None:
@@ -161,6 +195,9 @@ class OpenAIHttpBackend:
     it for each `generate`), is told about each one as it is scheduled. A result's `model_id`
     is the model the server says answered (the response's `model` field), so rows can record
     what actually wrote them even when `served_model` names something other than `model_id`.
+    `image_check`, when set (by the generation resource, after a picture probe that got no
+    answer in time), checks the first answers with pictures (`ImageCheckOnFirstAnswer`).
+    `wait_target` and `request_timeout_s` say what a run waits on (the runner's heartbeat).
     """
 
     name = OPENAI_HTTP_BACKEND
@@ -169,11 +206,14 @@ class OpenAIHttpBackend:
     def __init__(self, spec: BackendSpec) -> None:
         self.model_id = spec.model_id
         self.options = HttpOptions.from_mapping(spec.options)
-        self.served_model = self.options.served_model or spec.model_id
+        self.served_model = spec.served_model or spec.model_id
         self._urls = [url.rstrip("/") + "/chat/completions" for url in self.options.base_urls]
         self._next_start = itertools.count()
         self.retries = 0
         self.on_retry: RetryCallback | None = None
+        self.image_check: ImageCheckOnFirstAnswer | None = None
+        self.wait_target = ", ".join(url.rstrip("/") for url in self.options.base_urls)
+        self.request_timeout_s = self.options.request_timeout_s
         self._api_key = self._read_api_key()
 
     def _read_api_key(self) -> str | None:
@@ -203,14 +243,22 @@ class OpenAIHttpBackend:
         )
         timeout = httpx2.Timeout(options.request_timeout_s, connect=options.connect_timeout_s)
         in_flight = asyncio.Semaphore(options.max_in_flight)
+        verdicts: dict[str, asyncio.Task[ServerProblem | None]] = {}
         async with httpx2.AsyncClient(limits=limits, timeout=timeout, headers=headers) as client:
 
             async def run_one(request: GenerationRequest) -> None:
                 async with in_flight:
-                    result = await self._one(client, request)
+                    result = await self._one(client, request, verdicts)
                 on_result([result])
 
-            await asyncio.gather(*(run_one(request) for request in requests))
+            try:
+                # A task group, not gather: when one request raises (a server found to drop
+                # pictures), the others are cancelled before their answers are handed on.
+                async with asyncio.TaskGroup() as group:
+                    for request in requests:
+                        group.create_task(run_one(request))
+            except BaseExceptionGroup as errors:
+                raise errors.exceptions[0] from None
 
     def _body(self, request: GenerationRequest) -> dict[str, Any]:
         body: dict[str, Any] = {
@@ -228,7 +276,10 @@ class OpenAIHttpBackend:
         return body
 
     async def _one(
-        self, client: httpx2.AsyncClient, request: GenerationRequest
+        self,
+        client: httpx2.AsyncClient,
+        request: GenerationRequest,
+        verdicts: dict[str, asyncio.Task[ServerProblem | None]] | None = None,
     ) -> GenerationResult:
         started = time.perf_counter()
 
@@ -274,7 +325,7 @@ class OpenAIHttpBackend:
             return failed(str(error))
         choice = data["choices"][0]
         usage = data.get("usage") or {}
-        return GenerationResult(
+        result = GenerationResult(
             key=request.key,
             text=choice["message"].get("content") or "",
             prompt_tokens=int(usage.get("prompt_tokens") or 0),
@@ -284,6 +335,72 @@ class OpenAIHttpBackend:
             # What the server says answered; the name asked for when it does not say.
             model_id=str(data.get("model") or self.served_model),
         )
+        check = self.image_check
+        base_url = options.base_urls[replica].rstrip("/")
+        if (
+            check is not None
+            and verdicts is not None
+            and base_url in check.base_urls
+            and has_images(request.messages)
+        ):
+            if base_url not in verdicts:
+                verdicts[base_url] = asyncio.create_task(
+                    self._images_counted(client, base_url, self._urls[replica], body, result)
+                )
+            # Shielded: a cancelled waiter must not cancel the check the others wait on.
+            problem = await asyncio.shield(verdicts[base_url])
+            if problem is not None:
+                raise ImageInputError(check.error(problem))
+        return result
+
+    async def _images_counted(
+        self,
+        client: httpx2.AsyncClient,
+        base_url: str,
+        url: str,
+        body: dict[str, Any],
+        answered: GenerationResult,
+    ) -> ServerProblem | None:
+        """`ImageCheckOnFirstAnswer` for one server: `answered` (a request with pictures) sent
+        again without them; the `no_images` problem when they were not counted, else None
+        (the server is then taken off the check, or warned about when it cannot tell)."""
+        check = self.image_check
+        assert check is not None
+        text_only = {
+            **body,
+            "messages": _without_images(body["messages"]),
+            "max_tokens": 1,
+            "stream": False,
+        }
+        try:
+            data = await self._post(client, text_only, url)
+            tokens_text = int((data.get("usage") or {}).get("prompt_tokens") or 0)
+            why = "its answers carry no usage.prompt_tokens to compare"
+        except (RetryableError, PermanentError) as error:
+            tokens_text, why = 0, f"the request without its pictures failed ({error})"
+        if answered.prompt_tokens and tokens_text and answered.prompt_tokens <= tokens_text:
+            return _drops_images(
+                base_url,
+                self.served_model,
+                tokens_text,
+                answered.prompt_tokens,
+                what="its pictures (the step's first answer)",
+            )
+        remaining = check.base_urls - {base_url}
+        self.image_check = (
+            ImageCheckOnFirstAnswer(remaining, check.error, check.warn) if remaining else None
+        )
+        if not (answered.prompt_tokens and tokens_text):
+            check.warn(
+                ServerProblem(
+                    base_url,
+                    IMAGE_CHECK_SKIPPED,
+                    f"could not check on the first answer whether {self.served_model!r} reads "
+                    f"pictures: {why}",
+                    self.served_model,
+                )
+            )
+        return None
 
     def _count_retry(self, retry_state: tenacity.RetryCallState) -> None:
         """tenacity's before_sleep: count the retry and tell `on_retry` about it."""
@@ -322,7 +439,7 @@ class OpenAIHttpBackend:
             ) from error
         except httpx2.TransportError as error:
             raise RetryableError(
-                f"connection to {url}: {type(error).__name__}: {_transport_reason(error)}",
+                f"{_CONNECTION_TO} {url}: {type(error).__name__}: {_transport_reason(error)}",
                 kind="connection",
                 url=url,
             ) from error
@@ -349,6 +466,17 @@ class OpenAIHttpBackend:
         return data
 
 
+def _without_images(messages: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """OpenAI chat messages with their image parts left out (text parts kept in order)."""
+    kept = []
+    for message in messages:
+        content = message.get("content")
+        if isinstance(content, list):
+            content = [part for part in content if part.get("type") != "image_url"]
+        kept.append({**message, "content": content})
+    return kept
+
+
 def _transport_reason(error: BaseException) -> str:
     """Why a connection failed, from the operating system when it said: httpx reports a refused
     connection only as "All connection attempts failed", with the errno buried in its causes."""
@@ -372,8 +500,9 @@ class ServerProblem:
     kind: "unreachable" (no connection), "missing_v1" (the base URL lacks `/v1`: its `/models`
     is 404 but `<base_url>/v1/models` lists models), "key" (HTTP 401/403), "other_name" (the
     server lists models, not this one), "no_images" (the model drops or refuses image input;
-    see `probe_image_input`) or `IMAGE_CHECK_SKIPPED` (that could not be told: a warning, not a
-    reason to stop).
+    see `probe_image_input`), `IMAGE_CHECK_SKIPPED` (that cannot be told: a warning, not a
+    reason to stop) or `IMAGE_CHECK_DEFERRED` (the server did not answer the check in time:
+    it is made on the step's first answer instead).
     """
 
     base_url: str
@@ -410,7 +539,35 @@ class ServerSettingNames:
             IMAGE_CHECK_SKIPPED: "the step goes on unchecked; if the model there reads text "
             f"only, its descriptions would not come from the pictures: then set "
             f"{self.captions_template}",
+            IMAGE_CHECK_DEFERRED: "the step checks it on the server's first answer instead (the "
+            "same request without its pictures must count fewer prompt tokens) and stops there "
+            f"if the model reads text only (then set {self.captions_template})",
         }[problem.kind]
+
+    def failed_calls_fix(self, last_error: str | None, served_model: str) -> str | None:
+        """What to change after a step's model calls failed, judged from the last error: the
+        setting that holds the URL after a failed connection, the key after HTTP 401/403;
+        None when the error itself says it (a timeout) or nothing would help."""
+        text = last_error or ""
+        if _CONNECTION_TO in text:
+            kind = "unreachable"
+        elif "HTTP 401 " in text or "HTTP 403 " in text:
+            kind = "key"
+        else:
+            return None
+        return self.fix(ServerProblem("", kind, "", served_model))
+
+
+def failed_calls_fix(
+    spec: BackendSpec, setting_names: Mapping[str, str], last_error: str | None
+) -> str | None:
+    """For a step whose `openai_http` calls failed: what to change, naming the setting (as
+    the checks before a step do: `ServerSettingNames.failed_calls_fix`); None for another
+    backend, or when the error says it itself."""
+    if spec.backend != OPENAI_HTTP_BACKEND:
+        return None
+    names = ServerSettingNames(**setting_names)
+    return names.failed_calls_fix(last_error, spec.served_model or spec.model_id)
 
 
 def probe_server(
@@ -497,23 +654,33 @@ def probe_image_input(
     base_url: str,
     served_model: str,
     headers: Mapping[str, str] | None = None,
-    timeout_s: float = 5.0,
+    timeout_s: float = 120.0,
 ) -> ServerProblem | None:
     """Whether a server's model reads images: None when it does, a `no_images` problem when
-    it drops or refuses them, an `image_check_skipped` one when the answers cannot tell.
+    it drops or refuses them, an `image_check_skipped` one when its answers cannot tell, an
+    `image_check_deferred` one when it did not answer in time.
 
     Two one-token chat requests with the same text, the second with a picture added. A model
     that takes images counts the picture's tokens in `usage.prompt_tokens`; equal counts mean
     the server dropped the picture. A refused picture (HTTP 4xx while the text alone is
-    answered) is a problem too. Anything else (a timeout, an error, a server that reports no
-    `usage.prompt_tokens`, as some proxies do) is `image_check_skipped`: a warning that the
-    check could not be made, never a refusal on a guess. Without usage figures there is no
-    other sound signal: a model that sees the picture may answer the same words as one that
-    does not.
+    answered) is a problem too. `timeout_s` is the whole check's time: a server that loads
+    its model on the first request (`transformers serve` does, minutes on a CPU) is waited
+    for, and a refused connection or a 5xx/429 answer to the text-only request (a server still
+    starting) is tried again until the time is spent. A server that reports no
+    `usage.prompt_tokens` (some proxies) is `image_check_skipped`: without usage figures there
+    is no sound signal (a model that sees the picture may answer the same words as one that
+    does not). A server that still did not answer is `image_check_deferred`: the backend then
+    makes the same comparison on that server's first real answer (`ImageCheckOnFirstAnswer`).
     """
     url = base_url.rstrip("/") + "/chat/completions"
+    deadline = time.monotonic() + timeout_s
+    # Once the text alone is answered the model is loaded: the picture request then gets
+    # what is left of the time, but never less than this.
+    floor_s = min(timeout_s, 30.0)
 
-    def ask(content: str | list[dict[str, Any]]) -> httpx2.Response | str:
+    def ask(content: str | list[dict[str, Any]], retry: bool) -> httpx2.Response | str:
+        """One request; with `retry`, tried again after a refused connection or a 5xx/429
+        until the check's time is spent (without, it still gets `floor_s` at least)."""
         body = {
             "model": served_model,
             "messages": [{"role": "user", "content": content}],
@@ -521,36 +688,49 @@ def probe_image_input(
             "temperature": 0.0,
             "stream": False,
         }
-        try:
-            return httpx2.post(url, json=body, headers=dict(headers or {}), timeout=timeout_s)
-        except httpx2.TimeoutException:
-            # `transformers serve` without a model argument loads the model on first use.
-            return (
-                f"no answer within {timeout_s:g} s; a server that loads its model on the first "
-                "request may need a longer server_probe_timeout_s"
-            )
-        except httpx2.HTTPError as error:
-            return f"{type(error).__name__}: {_transport_reason(error)}"
+        tries = 0
+        while True:
+            tries += 1
+            remaining = max(deadline - time.monotonic(), 0.001 if retry else floor_s)
+            try:
+                answer: httpx2.Response | str = httpx2.post(
+                    url, json=body, headers=dict(headers or {}), timeout=remaining
+                )
+            except httpx2.TimeoutException:
+                return (
+                    f"no answer within {timeout_s:g} s; a server that loads its model on the "
+                    "first request may need a longer image_check_timeout_s"
+                )
+            except httpx2.HTTPError as error:
+                answer = f"{type(error).__name__}: {_transport_reason(error)}"
+            transient = isinstance(answer, str) or answer.status_code in (429, *range(500, 600))
+            if not (retry and transient) or time.monotonic() + _PROBE_RETRY_PAUSE_S >= deadline:
+                if transient and tries > 1:
+                    return f"{_outcome(answer)}; {tries} tries in {timeout_s:g} s"
+                return answer
+            time.sleep(_PROBE_RETRY_PAUSE_S)
 
-    def skipped(why: str) -> ServerProblem:
+    def not_told(kind: str, why: str) -> ServerProblem:
         return ServerProblem(
             base_url,
-            IMAGE_CHECK_SKIPPED,
+            kind,
             f"could not check whether {served_model!r} reads pictures: {why}",
             served_model,
         )
 
-    text_only = ask(_IMAGE_PROBE_TEXT)
+    text_only = ask(_IMAGE_PROBE_TEXT, retry=True)
     if isinstance(text_only, str) or text_only.status_code != 200:
-        return skipped(f"the text-only request failed ({_outcome(text_only)})")
+        why = f"the text-only request failed ({_outcome(text_only)})"
+        return not_told(IMAGE_CHECK_DEFERRED, why)
     with_image = ask(
         [
             {"type": "text", "text": _IMAGE_PROBE_TEXT},
             {"type": "image_url", "image_url": {"url": _probe_image_url()}},
-        ]
+        ],
+        retry=False,
     )
     if isinstance(with_image, str):
-        return skipped(f"the request with a picture failed ({with_image})")
+        return not_told(IMAGE_CHECK_DEFERRED, f"the request with a picture failed ({with_image})")
     if 400 <= with_image.status_code < 500 and with_image.status_code != 429:
         snippet = with_image.text[:_BODY_SNIPPET_CHARS]
         return ServerProblem(
@@ -561,20 +741,30 @@ def probe_image_input(
             served_model,
         )
     if with_image.status_code != 200:
-        return skipped(f"the request with a picture failed ({_outcome(with_image)})")
+        why = f"the request with a picture failed ({_outcome(with_image)})"
+        return not_told(IMAGE_CHECK_DEFERRED, why)
     tokens_text, tokens_image = _prompt_tokens(text_only), _prompt_tokens(with_image)
     if not (tokens_text and tokens_image):
-        return skipped("the server's answers carry no usage.prompt_tokens to compare")
-    if tokens_text == tokens_image:
-        return ServerProblem(
-            base_url,
-            "no_images",
-            f"{served_model!r} drops images: a request with a picture counted the same "
-            f"{tokens_text} prompt tokens as the text alone, so its descriptions would not "
-            "come from the pictures",
-            served_model,
-        )
+        why = "the server's answers carry no usage.prompt_tokens to compare"
+        return not_told(IMAGE_CHECK_SKIPPED, why)
+    if tokens_image <= tokens_text:
+        return _drops_images(base_url, served_model, tokens_text, tokens_image)
     return None
+
+
+def _drops_images(
+    base_url: str, served_model: str, tokens_text: int, tokens_image: int, what: str = "a picture"
+) -> ServerProblem:
+    """The `no_images` problem of a server whose request with pictures counted no more prompt
+    tokens than the same request without them."""
+    return ServerProblem(
+        base_url,
+        "no_images",
+        f"{served_model!r} drops images: a request with {what} counted {tokens_image} prompt "
+        f"tokens, the same text alone {tokens_text}, so its descriptions would not come from "
+        "the pictures",
+        served_model,
+    )
 
 
 def _outcome(answer: httpx2.Response | str) -> str:
@@ -594,7 +784,7 @@ def _prompt_tokens(response: httpx2.Response) -> int:
         return 0
 
 
-def image_input_problems(spec: BackendSpec, timeout_s: float = 5.0) -> list[ServerProblem]:
+def image_input_problems(spec: BackendSpec, timeout_s: float = 120.0) -> list[ServerProblem]:
     """`probe_image_input` for every base URL of an `openai_http` spec (in parallel); [] for
     any other backend (the transformers backend refuses images itself when its model has no
     image input)."""
@@ -611,7 +801,7 @@ def _probe_every_url(
     if spec.backend != OPENAI_HTTP_BACKEND:
         return []
     options = HttpOptions.from_mapping(spec.options)
-    served, headers = options.served_model or spec.model_id, _probe_headers(options)
+    served, headers = spec.served_model or spec.model_id, _probe_headers(options)
     urls = list(options.base_urls)
     with ThreadPoolExecutor(max_workers=min(8, len(urls))) as pool:
         found = pool.map(lambda url: probe(url, served, headers, timeout_s), urls)
