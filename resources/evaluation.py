@@ -44,10 +44,14 @@ class EvaluationResource(dg.ConfigurableResource):
     fashioniq_root: str | None = Field(default=None, description="FashionIQ folder")
     genecis_root: str | None = Field(default=None, description="GeneCIS folder")
     heldout_fraction: float = Field(
-        default=0.05, description="Share of query images held out of training, for our benchmark"
+        default=0.05,
+        description="Share of query images held out of training (as queries, targets and "
+        "negatives), for our benchmark",
     )
     heldout_max_queries: int | None = Field(
-        default=None, description="Cap on held-out query images scored (lowest hashes kept)"
+        default=None,
+        description="Cap on held-out query images (lowest hashes kept): scored, and kept out of "
+        "training; the rest train",
     )
     precision: Literal["float32", "bfloat16", "float16"] = Field(
         default="float32",

@@ -56,12 +56,17 @@ class TrainingSettings(dg.Config):
     )
     batch_size: int = Field(default=2048, description="Queries per optimizer step, all devices")
     hard_negatives: int = Field(
-        default=4, description="Negatives per query from hns, the query image (hns[0]) included"
+        default=4,
+        description="Negatives per query: the query image (hns[0]) plus hard_negatives - 1 of "
+        "its mined ones, drawn per step",
     )
     temperature: float = Field(default=0.02, description="InfoNCE temperature (fixed)")
     learning_rate: float = Field(default=5e-6, description="AdamW peak learning rate")
     weight_decay: float = Field(default=0.0, description="AdamW weight decay (2-d weights only)")
-    warmup_steps: int = Field(default=500, description="Linear warm-up steps, then linear decay")
+    warmup_steps: int = Field(
+        default=500,
+        description="Steps of linear warm-up from 0 (peak at this step), then linear decay to 0",
+    )
     max_steps: int = Field(default=15_000, description="Optimizer steps in total")
     accelerator: Literal["auto", "cpu", "gpu"] = Field(default="auto", description="Trainer")
     devices: int = Field(

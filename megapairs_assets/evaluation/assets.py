@@ -41,7 +41,7 @@ score_partitions = dg.MultiPartitionsDefinition(
 
 STAGE = Stage(
     ASSET_NAME,
-    "benchmark-scores-v1",
+    "benchmark-scores-v2",
     SCORE_CHECKS,
     SCORE_WARNINGS,
     # The catalog's words for the same columns (its extra `partition` column is not in the file).

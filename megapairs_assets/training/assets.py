@@ -40,7 +40,7 @@ from resources.training import TrainingResource
 TRAINING_CONFIG_PARTITIONS_NAME = "training_configs"
 training_config_partitions = dg.DynamicPartitionsDefinition(name=TRAINING_CONFIG_PARTITIONS_NAME)
 
-STAGE = Stage(ASSET_NAME, "mmret-clip-v1", TRAINING_CHECKS, TRAINING_WARNINGS)
+STAGE = Stage(ASSET_NAME, "mmret-clip-v2", TRAINING_CHECKS, TRAINING_WARNINGS)
 
 # Host memory per training GPU: each device's process holds the model and its optimizer state on
 # the CPU while it loads, and feeds its GPU from `num_workers` (8) image-decoding processes.
