@@ -252,7 +252,6 @@ def test_one_description_for_most_pairs_is_a_warning_and_a_figure(tmp_path):
     with ChatServer(responder=lambda body: _SAME_TEXT) as same:
         result = _describe(world, http_settings(same.base_url), warn=warnings.append)
     assert result.row_count == 5  # a warning, not a rejection
-    assert result.metadata["model_descriptions_distinct"] == 1
     assert result.metadata["model_descriptions_top_share"] == 1.0
     (warning,) = warnings
     assert "5 of 5 model descriptions are the same text" in warning
@@ -261,6 +260,5 @@ def test_one_description_for_most_pairs_is_a_warning_and_a_figure(tmp_path):
     warnings.clear()
     with ChatServer() as varied:  # tagged answers: one per request
         result = _describe(other, http_settings(varied.base_url), warn=warnings.append)
-    assert result.metadata["model_descriptions_distinct"] == 5
     assert result.metadata["model_descriptions_top_share"] == 0.2
     assert warnings == []

@@ -217,7 +217,7 @@ def describe_pairs_for_shard(
             "rows_by_generator": counts_by(table, "generator"),
             "rows_by_served_model": counts_by(table, "served_model"),
             "rejections_by_reason": quarantine.reason_counts(),
-            "model_descriptions_distinct": repeated.distinct,
+            # Near 1: one text for every pair (see RepeatedDescriptions); a figure to plot.
             "model_descriptions_top_share": round(repeated.top_share, 3),
         },
         markdown={"requests": settled.stats_markdown()},
@@ -232,7 +232,6 @@ class RepeatedDescriptions:
     text-only model sent pictures, a template that lost its inputs)."""
 
     rows: int
-    distinct: int
     top_count: int
     top_text: str
 
@@ -240,9 +239,9 @@ class RepeatedDescriptions:
     def of(cls, table: pl.DataFrame) -> RepeatedDescriptions:
         texts = table.filter(pl.col("backend") != HEURISTIC_BACKEND)["description"]
         if texts.is_empty():
-            return cls(0, 0, 0, "")
+            return cls(0, 0, "")
         counts = texts.value_counts(sort=True)
-        return cls(texts.len(), counts.height, counts["count"][0], counts["description"][0])
+        return cls(texts.len(), counts["count"][0], counts["description"][0])
 
     @property
     def top_share(self) -> float:

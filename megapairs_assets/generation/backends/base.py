@@ -162,8 +162,9 @@ class GenerationBackend(Protocol):
 class BackendSpec:
     """Which backend, which model, and the backend's own options (from the profile).
 
-    `model_id` is the one id used in request keys, lineage and the UI; `label` is what rows
-    name as their generator ("SmolLM2-135M-Instruct"); `options` are backend-specific
+    `model_id` is the one id used in request keys, lineage and the UI (a request key also
+    holds `served_model`, the name a server is asked for, when that differs); `label` is what
+    rows name as their generator ("SmolLM2-135M-Instruct"); `options` are backend-specific
     (base URLs, batch size, local model path...), documented on each backend class.
     """
 

@@ -22,7 +22,14 @@ request, so a server that is down, a URL missing `/v1`, a refused key or a model
 another name is one clear error at the start of a step, not every request failing.
 `probe_image_input` then asks a server that must see images whether it does: a text-only
 model behind an OpenAI-compatible server may drop image parts without an error (`transformers
-serve` does) and describe pictures it never saw.
+serve` does) and describe pictures it never saw. A server that does not answer that in time
+(one loading its model on a CPU) is checked on its first answer instead, before any answer
+with pictures is handed on (`ImageCheckOnFirstAnswer`).
+
+The model asked for is `served_model` (default: the spec's model id); when it differs from
+the model id it is part of every request key (`base.request_key`), so answers of one served
+model are never reused for another. Base URLs and the API key are not: moving a server or
+changing its key keeps every cached answer.
 """
 
 from __future__ import annotations
