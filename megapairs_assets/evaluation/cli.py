@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 from megapairs_assets.lib.errors import ConfigurationError
 
 if TYPE_CHECKING:
+    from megapairs_assets.evaluation.run import BenchmarkResult
     from megapairs_assets.retriever.model import RetrieverSpec
 
 BASE_ALIAS = "base"
@@ -132,7 +133,7 @@ def run_eval(args: argparse.Namespace) -> int:
     from megapairs_assets.evaluation.run import STATUS_SKIPPED, BenchmarkImageError
 
     try:
-        result = _evaluate(args)
+        result = evaluate_from_arguments(args)
     except ConfigurationError:
         raise
     except (BenchmarkFormatError, BenchmarkImageError, HeldOutError, ValueError) as error:
@@ -151,7 +152,13 @@ def run_eval(args: argparse.Namespace) -> int:
     return EXIT_SCORED
 
 
-def _evaluate(args: argparse.Namespace):
+def evaluate_from_arguments(args: argparse.Namespace) -> BenchmarkResult:
+    """The benchmark result `megapairs eval` prints, from its parsed arguments.
+
+    The same code as the `benchmark_scores` asset, with the profile's evaluation settings (batch
+    size and precision: what the gallery cache and the scores depend on) unless an argument
+    overrides them; public so a test can compare its exact numbers with the asset's.
+    """
     from dataclasses import replace
 
     from megapairs_assets.cli.search import refuse_remote_retriever

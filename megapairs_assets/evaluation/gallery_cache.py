@@ -7,7 +7,8 @@ shapes them: the retriever's id and weights fingerprint, the precision it ran in
 the gallery's name (the split's, or one shared by splits ranking one gallery: CIRCO val and
 test, or a searched folder), the images' version (ids, crop boxes, image files; not the
 annotation files, which shape only the queries), how the images are decoded (the benchmarks'
-official way or the corpus's) and CACHE_FORMAT. A change to any of them is a new key.
+official way or the corpus's), the batch size and device of the forward passes (they change an
+embedding's last bits: see `CacheKey`) and CACHE_FORMAT. A change to any of them is a new key.
 
 Layout: `<cache root>/<retriever id>/<benchmark>-<gallery>/<key>/{projections.npy, meta.json,
 last_used}`; meta.json is written last, so an entry without it is incomplete and ignored.
@@ -87,6 +88,11 @@ class CacheKey:
     split: the gallery's name (`BenchmarkSplit.cache_name`); gallery_version: its images'
     version (`BenchmarkSplit.images_version`); image_decoding: how its images were decoded
     (`BenchmarkSplit.image_decoding`; a searched gallery is decoded as the corpus is).
+    batch_size: images per forward pass; device: where the forward passes ran
+    (`evaluation.run.device_kind`). Both change the last bits of an embedding (a kernel picks
+    its blocking by batch shape and device), and a near-tie at a ranking's cut-off turns on
+    those bits; keyed, a score depends on the settings it ran with, never on which earlier run
+    filled the cache. None: not recorded (the search command's galleries).
     """
 
     retriever_id: str
@@ -97,6 +103,8 @@ class CacheKey:
     image_count: int
     precision: str = "float32"
     image_decoding: str = CORPUS_DECODING
+    batch_size: int | None = None
+    device: str | None = None
     cache_format: str = CACHE_FORMAT
 
     @property
@@ -408,6 +416,15 @@ def _what_changed(old: dict, new: dict) -> str:
         return f"it was cached in {old.get('precision')}, this run is in {new['precision']}"
     if "image_decoding" in old and old["image_decoding"] != new["image_decoding"]:
         return "its images are decoded differently since it was cached"
+    if "batch_size" not in old and new["batch_size"] is not None:
+        return "it was cached before the key recorded the batch size and device"
+    if "device" in old and old["device"] != new["device"]:
+        return f"it was embedded on {old['device']}, this run is on {new['device']}"
+    if "batch_size" in old and old["batch_size"] != new["batch_size"]:
+        return (
+            f"it was embedded {old['batch_size']} images per forward pass, this run "
+            f"{new['batch_size']} (the batch size changes an embedding's last bits)"
+        )
     return "the cache format changed"
 
 

@@ -429,6 +429,8 @@ def evaluate_split(
         image_count=len(split.image_ids),
         precision=str(retriever.dtype).removeprefix("torch."),
         image_decoding=split.image_decoding,
+        batch_size=settings.batch_size,
+        device=device_kind(retriever.device),
     )
     check_server_gallery(split)
     projections, reused = cache.get_or_compute(
@@ -439,6 +441,8 @@ def evaluate_split(
             f"{split.benchmark}/{split.split} gallery: {len(split.image_ids)} image embeddings "
             f"reused from {cache.entry_dir(key)}"
         )
+    # At the gallery's batch size, which its cache key records: a score never mixes a gallery
+    # embedded at one batch size with queries embedded at another (CacheKey says why it matters).
     texts = retriever.project_texts([q.text for q in split.queries], settings.batch_size)
     scored, submissions = score_split(split, projections, texts, output_dir, settings)
     return SplitResult(
@@ -455,6 +459,15 @@ def evaluate_split(
         submissions=submissions,
         seconds=time.perf_counter() - started,
     )
+
+
+def device_kind(device: torch.device | str) -> str:
+    """Where forward passes run, as the gallery cache keys it: `cpu`, or the accelerator's type
+    and model (`cuda NVIDIA H200`): another kind of device rounds embeddings differently."""
+    device = torch.device(device)
+    if device.type == "cuda" and torch.cuda.is_available():
+        return f"cuda {torch.cuda.get_device_name(device)}"
+    return device.type
 
 
 def score_split(
