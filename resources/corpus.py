@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Literal
 
 import dagster as dg
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from megapairs_assets.corpus.images import ImageLimits
 from megapairs_assets.corpus.sources import DEFAULT_SHARD_SIZE, SourceSpec, list_shards
@@ -17,6 +18,10 @@ class CorpusSourceResource(dg.ConfigurableResource):
     """The corpus: img2dataset webdataset shards, a folder of images, or a manifest.
 
     A shard is the unit of partitioning, retry and backfill (see megapairs_assets.corpus.sources).
+
+    `path` is kept absolute, made so from the folder the resource is built in (the shell's,
+    for `megapairs` commands and `megapairs ui`), so a run worker or a UI started in another
+    folder reads the same corpus; a leading `~` is expanded.
     """
 
     kind: Literal["webdataset", "folder", "manifest"] = Field(
@@ -51,6 +56,14 @@ class CorpusSourceResource(dg.ConfigurableResource):
         "it reads), added to every error about the corpus path",
     )
 
+    @field_validator("path")
+    @classmethod
+    def _absolute_path(cls, value: str) -> str:
+        if not value.strip() or "://" in value:
+            return value  # empty: reported by check_path; a URL is no local path
+        # Not resolved: a symlink the user named stays the name they gave.
+        return os.path.abspath(os.path.expanduser(value))
+
     def spec(self) -> SourceSpec:
         return SourceSpec(kind=self.kind, path=self.path, shard_size=self.shard_size)
 
@@ -60,7 +73,7 @@ class CorpusSourceResource(dg.ConfigurableResource):
 
         Raises ConfigurationError saying what is wrong, with `setting_hint` added.
         """
-        path = Path(self.path)  # as the source reads it (no `~` expansion there either)
+        path = Path(self.path)  # as the source reads it (absolute, `~` expanded)
         problem = None
         if not self.path.strip():
             problem = "the corpus path is empty"

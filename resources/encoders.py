@@ -2,22 +2,29 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import os
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Literal
 
 import dagster as dg
 import torch
-from pydantic import Field
+from pydantic import Field, ValidationInfo, field_validator
 
 from megapairs_assets.embeddings.encoders import (
     EncoderSpec,
     LoadedEncoder,
+    encoder_notes,
     load_encoder,
     validate_encoder_spec,
+    weights_digest,
 )
 from megapairs_assets.lib.errors import ConfigurationError
+
+_LOCAL_DIR_PREFIX = "local-dir:"
+# What a weights file given as `pretrained` ends in (a tag never does, nor holds a slash).
+_CHECKPOINT_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt", ".ckpt")
 
 
 class EncoderResource(dg.ConfigurableResource):
@@ -54,6 +61,24 @@ class EncoderResource(dg.ConfigurableResource):
         "it reads), added to every configuration error about this model",
     )
 
+    @field_validator("model", "pretrained", "demo_models_dir")
+    @classmethod
+    def _absolute_local_paths(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is None:
+            return None
+        if value.startswith(_LOCAL_DIR_PREFIX):
+            return _LOCAL_DIR_PREFIX + _absolute(value.removeprefix(_LOCAL_DIR_PREFIX))
+        names_a_path = {
+            "demo_models_dir": lambda: True,
+            "pretrained": lambda: _names_a_checkpoint(value),
+            # An open_clip `model` is a registered name; the others may be local folders.
+            "model": lambda: (
+                not str(info.data.get("backend", "")).startswith("open_clip")
+                and _names_a_model_folder(value)
+            ),
+        }[info.field_name]
+        return _absolute(value) if names_a_path() else value
+
     def spec(self) -> EncoderSpec:
         return EncoderSpec(
             backend=self.backend, model=self.model, pretrained=self.pretrained, dim=self.dim
@@ -76,6 +101,15 @@ class EncoderResource(dg.ConfigurableResource):
         with self._hinted_errors():
             return load_encoder(self.spec(), device, dtype)
 
+    def weights_digest(self, log: Callable[[str], None] | None = None) -> str | None:
+        """The sha256 of the weights' bytes (`embeddings.encoders.weights_digest`)."""
+        with self._hinted_errors():
+            return weights_digest(self.spec(), log)
+
+    def notes(self) -> list[str]:
+        """What a step should say about these weights before using them (cheap)."""
+        return encoder_notes(self.spec())
+
     @property
     def model_id(self) -> str:
         return f"{self.backend}:{self.model}" + (f"@{self.pretrained}" if self.pretrained else "")
@@ -90,3 +124,33 @@ class EncoderResource(dg.ConfigurableResource):
             if not self.setting_hint:
                 raise
             raise type(error)(f"{error}. {self.setting_hint}") from None
+
+
+def _absolute(path: str) -> str:
+    # Not resolved: a symlink the user named (`models/current`) stays the name they gave.
+    return os.path.abspath(os.path.expanduser(path))
+
+
+def _names_a_checkpoint(value: str) -> bool:
+    """Whether an open_clip `pretrained` value is a path rather than a tag (or `hf-hub:`)."""
+    if value.startswith("hf-hub:") or not value.strip():
+        return False
+    return (
+        Path(value).expanduser().exists()
+        or value.startswith((".", "~", os.sep))
+        or "/" in value
+        or os.sep in value
+        or value.lower().endswith(_CHECKPOINT_SUFFIXES)
+    )
+
+
+def _names_a_model_folder(value: str) -> bool:
+    """Whether a DINOv2 / sentence-transformers `model` is a path rather than a hub id, as the
+    loader tells them apart (a hub id is `name` or `org/name` that is not a local folder)."""
+    if not value.strip():
+        return False
+    return (
+        Path(value).expanduser().exists()
+        or value.startswith((".", "~", os.sep))
+        or value.count("/") > 1
+    )

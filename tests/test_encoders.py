@@ -46,6 +46,27 @@ def _clip_spec(models: dict[str, Path], backend: str = "open_clip_image") -> Enc
     return EncoderSpec(backend, DEMO_CLIP_MODEL, pretrained=str(models["clip_checkpoint"]), dim=128)
 
 
+def _sparse_safetensors_of(model_name: str, path: Path) -> None:
+    """A valid float16 safetensors file of the model's tensor shapes, its data a hole."""
+    import struct
+    from math import prod
+
+    import open_clip
+
+    with torch.device("meta"):
+        model = open_clip.create_model(model_name, pretrained=None, device="meta")
+    header, offset = {}, 0
+    for name, tensor in model.state_dict().items():
+        end = offset + prod(tensor.shape) * 2
+        header[name] = {"dtype": "F16", "shape": list(tensor.shape), "data_offsets": [offset, end]}
+        offset = end
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    with open(path, "wb") as handle:
+        handle.write(struct.pack("<Q", len(raw)) + raw)
+        handle.truncate(8 + len(raw) + offset)
+
+
 def _pictures() -> list[Image.Image]:
     return [Image.new("RGB", (90, 60), (200, 30, 30)), Image.new("RGB", (40, 70), (20, 20, 220))]
 
@@ -87,7 +108,10 @@ def test_paper_models_validate_from_the_local_cache_without_loading_weights(
     repo = empty_hf_cache / "models--timm--eva02_large_patch14_clip_224.merged2b_s4b_b131k"
     commit = "0" * 40
     (repo / "snapshots" / commit).mkdir(parents=True)
-    (repo / "snapshots" / commit / "open_clip_model.safetensors").write_bytes(b"weights")
+    # A real EVA02-L-14 header over a hole: the check reads names and shapes, not the data.
+    _sparse_safetensors_of(
+        "EVA02-L-14", repo / "snapshots" / commit / "open_clip_model.safetensors"
+    )
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text(commit)
     assert validate_encoder_spec(image) == 768

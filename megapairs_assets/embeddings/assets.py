@@ -31,8 +31,11 @@ from megapairs_assets.orchestration.shard_step import Stage, materialize_partiti
 
 def embedding_settings(source: SimilaritySource) -> SettingsOf:
     """What decides a source's vectors: its model and the configured precision (not batch
-    size, workers or where images are decoded). Weights given as a path count by file name, so
-    moving the models folder (or the data root holding the demo's) re-embeds nothing."""
+    size, workers or where images are decoded). Weights given as a path count by file name
+    here, so moving the models folder (or the data root holding the demo's) re-embeds nothing;
+    what the weights hold counts by their bytes, in each table's reuse key (`weights_digest`
+    in the step), since this code version is computed where the weights may not be (the
+    webserver, the daemon)."""
 
     def settings(resources: Any) -> dict[str, Any]:
         encoder = fields(
@@ -89,6 +92,12 @@ def build_embedding_asset(source: SimilaritySource) -> dg.AssetsDefinition:
             context.log.info(f"loading {model_id} on {resources.device.describe()}")
             return encoder_resource.load(device, dtype)
 
+        for note in encoder_resource.notes():
+            context.log.info(f"{source.embedding_asset}: {note}")
+        # Which bytes the weights are: new weights at the same path embed every shard again,
+        # the same bytes anywhere keep the tables (embeddings/weights.py).
+        weights = encoder_resource.weights_digest(log=context.log.info)
+
         # Loaded only when a shard has to be embedded: shards whose inputs are unchanged keep
         # their tables (embeddings/reuse.py), and loading is a large part of a short step.
         encoder = LazyEncoder(encoder_backend(encoder_resource.backend).modality, load)
@@ -105,6 +114,7 @@ def build_embedding_asset(source: SimilaritySource) -> dg.AssetsDefinition:
             # records it), so a run-config override of the model never reuses a table.
             code_version=settings_code_version(stage.code_version, stage.settings(resources)),
             reuse_unchanged=encoder_resource.reuse_unchanged,
+            weights_digest=weights,
         )
         if not run.reuse_unchanged:
             context.log.info(f"{source.embedding_asset}: reuse_unchanged is off; embedding all")
@@ -117,7 +127,11 @@ def build_embedding_asset(source: SimilaritySource) -> dg.AssetsDefinition:
             StepStream(shards),
             lineage,
             resources.storage.profile,
-            run_metadata={"model_id": model_id, "device": resources.device.describe()},
+            run_metadata={
+                "model_id": model_id,
+                "device": resources.device.describe(),
+                **({"weights_sha256": weights[:16]} if weights else {}),
+            },
         )
         if not encoder.loaded:
             context.log.info(

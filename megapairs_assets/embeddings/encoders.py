@@ -16,6 +16,12 @@ with one interface for every backend:
 Backends are looked up by name in a registry (`register_encoder_backend`), so a new one is one
 registration, not another branch.
 
+The check reads the weights cheaply too (`embeddings.weights`): a damaged file, weights of
+another architecture, or an export whose weights do not match its config fail it, naming the
+file. `weights_digest` says which bytes the weights are (for the embedding tables' reuse keys),
+and `encoder_notes` what a step should say about them (an export's real architecture, DINOv2's
+default preprocessing used for a folder without a preprocessor config).
+
 Nothing is ever downloaded: Hugging Face loads use `local_files_only=True`. Vectors come out
 un-normalised; `megapairs_assets.embeddings.compute` normalises them in one place.
 """
@@ -23,6 +29,7 @@ un-normalised; `megapairs_assets.embeddings.compute` normalises them in one plac
 from __future__ import annotations
 
 import difflib
+import hashlib
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -33,6 +40,13 @@ import torch
 from PIL import Image
 
 from megapairs_assets.embeddings.mlp_padding import pad_gated_mlp_widths
+from megapairs_assets.embeddings.weights import (
+    WeightsError,
+    dinov2_fit,
+    file_digest,
+    folder_digest,
+    open_clip_fit,
+)
 from megapairs_assets.lib.errors import ConfigurationError
 from megapairs_assets.lib.open_clip_weights import cached_pretrained_weights
 from megapairs_assets.lib.progress import quiet_library_progress
@@ -49,6 +63,40 @@ _LOCAL_DIR_PREFIX = "local-dir:"
 _HF_HUB_PREFIX = "hf-hub:"
 # The weight files open_clip looks for in a `local-dir:` folder.
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pth")
+# The names open_clip prefers among them, best first.
+_OPEN_CLIP_EXPORT_WEIGHTS = (
+    "open_clip_model.safetensors",
+    "open_clip_pytorch_model.safetensors",
+    "open_clip_pytorch_model.bin",
+    "open_clip_pytorch_model.pth",
+    "model.safetensors",
+    "pytorch_model.bin",
+    "pytorch_model.pth",
+    "model.pth",
+)
+# The preprocessing of the facebook/dinov2-* checkpoints, as transformers' conversion script
+# (models/dinov2/convert_dinov2_to_hf.py) builds their BitImageProcessor: shortest side to 256
+# px bicubic, center crop 224 px, rescale to 0-1, ImageNet mean and std. Used for a DINOv2
+# folder without preprocessor_config.json (one written by Dinov2Model.save_pretrained alone).
+DINOV2_DEFAULT_PREPROCESSING: dict[str, Any] = {
+    "do_resize": True,
+    "size": {"shortest_edge": 256},
+    "resample": 3,  # PIL bicubic
+    "do_center_crop": True,
+    "crop_size": {"height": 224, "width": 224},
+    "do_rescale": True,
+    "rescale_factor": 1 / 255,
+    "do_normalize": True,
+    "image_mean": [0.485, 0.456, 0.406],
+    "image_std": [0.229, 0.224, 0.225],
+    "do_convert_rgb": True,
+}
+_PREPROCESSOR_CONFIG = "preprocessor_config.json"
+# The weight files transformers reads from a model folder, in its order of preference.
+_HF_WEIGHT_FILES = (
+    ("model.safetensors", "model.safetensors.index.json"),
+    ("pytorch_model.bin", "pytorch_model.bin.index.json"),
+)
 _KNOWN_DINOV2_DIMS = {
     "facebook/dinov2-small": 384,
     "facebook/dinov2-base": 768,
@@ -133,9 +181,59 @@ def load_encoder(spec: EncoderSpec, device: torch.device, dtype: torch.dtype) ->
 
 
 def encoder_model_id(spec: EncoderSpec) -> str:
-    """A short, machine-independent name for the model, recorded next to its embeddings."""
-    label = f"{spec.backend}:{_short_location(spec.model)}"
+    """A short, machine-independent name for the model, recorded next to its embeddings.
+
+    An open_clip export folder names its architecture itself (open_clip_config.json): when
+    that is not the configured model name, the id names the export's architecture.
+    """
+    model = spec.model
+    export = _export_folder(spec)
+    if export is not None:
+        model = _export_architecture(export, spec.model) or model
+    label = f"{spec.backend}:{_short_location(model)}"
     return label + (f"@{_short_location(spec.pretrained)}" if spec.pretrained else "")
+
+
+def weights_digest(spec: EncoderSpec, log: Callable[[str], None] | None = None) -> str | None:
+    """The sha256 of the weights `spec` loads (a file's bytes, or a model folder's relevant
+    files), so other weights at the same path never pass for the old ones; the same bytes on
+    any machine give the same digest. None for a backend that does not say where its weights
+    are. `log` hears of a long first hash (a multi-GB file, once per machine)."""
+    entry = encoder_backend(spec.backend)
+    location = entry.weights(spec) if entry.weights is not None else None
+    if location is None:
+        return None
+    if location.is_dir():
+        return folder_digest(location, log)
+    return file_digest(location, log)
+
+
+def encoder_notes(spec: EncoderSpec) -> list[str]:
+    """What a step should say about the weights before using them: the architecture an
+    open_clip export folder holds, and DINOv2's default preprocessing used for a folder
+    without its own. Cheap (reads config files only); empty when there is nothing to say."""
+    notes = []
+    export = _export_folder(spec)
+    if export is not None:
+        arch = _export_architecture(export, spec.model)
+        if arch is not None:
+            described = _describe_export(export)
+            if arch == spec.model:
+                notes.append(f"the open_clip export {export} holds {arch} ({described})")
+            else:
+                notes.append(
+                    f"the open_clip export {export} holds {arch} ({described}), not "
+                    f"{spec.model} as the setting names it; it runs and is recorded as {arch}"
+                )
+    if spec.backend == "dinov2":
+        model_dir = _dinov2_dir(spec)
+        if model_dir is not None and not (model_dir / _PREPROCESSOR_CONFIG).is_file():
+            notes.append(
+                f"{spec.model} has no {_PREPROCESSOR_CONFIG}; using the preprocessing of the "
+                "facebook/dinov2-* checkpoints (shortest side to 256 px, bicubic; center crop "
+                "224 px; ImageNet mean and std)"
+            )
+    return notes
 
 
 # --- validation ---------------------------------------------------------------------------
@@ -166,24 +264,21 @@ def _open_clip_dim(spec: EncoderSpec) -> int:
     register_bundled_model_configs()
     name, pretrained = _open_clip_target(spec)
     if name.startswith(_LOCAL_DIR_PREFIX):
-        config_path = Path(name.removeprefix(_LOCAL_DIR_PREFIX)) / "open_clip_config.json"
-        if not config_path.is_file():
-            raise EncoderConfigError(
-                f"{name!r} has no open_clip_config.json; point local-dir: at a directory "
-                "holding an open_clip export (open_clip_config.json + weights)"
-            )
-        if not any(path.suffix in _WEIGHT_SUFFIXES for path in config_path.parent.iterdir()):
-            # open_clip only warns and builds the model with random weights: never wanted here.
-            raise EncoderConfigError(
-                f"{name!r} holds open_clip_config.json but no weights file "
-                f"({', '.join('*' + suffix for suffix in _WEIGHT_SUFFIXES)}), so its embeddings "
-                "would be random; copy the export's weights file next to its config"
-            )
-        return int(_read_json(config_path)["model_cfg"]["embed_dim"])
+        folder = Path(name.removeprefix(_LOCAL_DIR_PREFIX))
+        config_path = _export_config(spec, folder)
+        dim = int(_read_json(config_path)["model_cfg"]["embed_dim"])
+        _check_dim(spec, dim)
+        _check_open_clip_fit(name, _export_weights_file(spec, folder), _export_what(spec, folder))
+        return dim
     if name.startswith(_HF_HUB_PREFIX):
         repo_id = name.removeprefix(_HF_HUB_PREFIX)
         config_path = _cached_hub_file(repo_id, "open_clip_config.json")
-        return int(_read_json(config_path)["model_cfg"]["embed_dim"])
+        dim = int(_read_json(config_path)["model_cfg"]["embed_dim"])
+        _check_dim(spec, dim)
+        snapshot = config_path.parent
+        weights = _export_weights_file(spec, snapshot)
+        _check_open_clip_fit(_LOCAL_DIR_PREFIX + str(snapshot), weights, f"the {name} export")
+        return dim
     config = open_clip.get_model_config(name)
     if config is None:
         close = difflib.get_close_matches(name, open_clip.list_models(), n=5, cutoff=0.5)
@@ -195,11 +290,96 @@ def _open_clip_dim(spec: EncoderSpec) -> int:
         )
     # The size first: a wrong dim is reported even on a machine without the weights.
     _check_dim(spec, int(config["embed_dim"]))
-    _check_open_clip_pretrained(name, pretrained)
+    weights = _check_open_clip_pretrained(name, pretrained)
+    _check_open_clip_fit(name, weights, name)
     return int(config["embed_dim"])
 
 
-def _check_open_clip_pretrained(name: str, pretrained: str | None) -> None:
+def _export_config(spec: EncoderSpec, folder: Path) -> Path:
+    """The export folder's open_clip_config.json, or an error worded as the user gave it."""
+    config_path = folder / "open_clip_config.json"
+    if not folder.is_dir():
+        raise EncoderConfigError(
+            f"open_clip export folder {str(folder)!r} does not exist; fix the path or copy the "
+            "export (open_clip_config.json + weights) there"
+        )
+    if config_path.is_file():
+        return config_path
+    weights = sorted(p.name for p in folder.iterdir() if p.suffix in _WEIGHT_SUFFIXES)
+    if _given_as_local_dir(spec):
+        problem = (
+            f"'local-dir:{folder}' has no open_clip_config.json; point local-dir: at a "
+            "directory holding an open_clip export (open_clip_config.json + weights)"
+        )
+    else:
+        problem = (
+            f"the folder {str(folder)!r} given as the weights has no open_clip_config.json, "
+            "so it is not an open_clip export; give the export folder (open_clip_config.json "
+            f"next to its weights) or the path of the {spec.model} checkpoint file itself"
+        )
+    if weights:
+        problem += (
+            f" (it holds {', '.join(weights[:3])}: if that holds {spec.model} weights, give "
+            "that file)"
+        )
+    raise EncoderConfigError(problem)
+
+
+def _export_weights_file(spec: EncoderSpec, folder: Path) -> Path:
+    """The weights file open_clip reads from an export folder, or an error: open_clip itself
+    only warns and builds the model with random weights, never wanted here."""
+    found = [p for p in folder.iterdir() if p.suffix in _WEIGHT_SUFFIXES and p.is_file()]
+    if not found:
+        raise EncoderConfigError(
+            f"{_export_what(spec, folder)} holds open_clip_config.json but no weights file "
+            f"({', '.join('*' + suffix for suffix in _WEIGHT_SUFFIXES)}), so its embeddings "
+            "would be random; copy the export's weights file next to its config"
+        )
+    # open_clip's choice (factory._find_checkpoint_in_dir, open_clip 3.x): its own names
+    # first, then any .safetensors, then the rest, each by name.
+    for preferred in _OPEN_CLIP_EXPORT_WEIGHTS:
+        if folder / preferred in found:
+            return folder / preferred
+    return sorted(found, key=lambda p: (p.suffix != ".safetensors", p.name))[0]
+
+
+def _export_what(spec: EncoderSpec, folder: Path) -> str:
+    if _given_as_local_dir(spec):
+        return f"'local-dir:{folder}'"
+    return f"the open_clip export folder {str(folder)!r}"
+
+
+def _given_as_local_dir(spec: EncoderSpec) -> bool:
+    return any(
+        isinstance(value, str) and value.startswith(_LOCAL_DIR_PREFIX)
+        for value in (spec.model, spec.pretrained)
+    )
+
+
+def _check_open_clip_fit(target: str, weights: Path | None, what: str) -> None:
+    """Refuse weights that cannot be read or do not fit `target`'s architecture, cheaply."""
+    if weights is None:
+        return
+    try:
+        mismatch = open_clip_fit(target, weights)
+    except WeightsError as error:
+        raise EncoderConfigError(str(error)) from None
+    if not mismatch:
+        return
+    if target.startswith(_LOCAL_DIR_PREFIX):
+        raise EncoderConfigError(
+            f"the weights {weights} do not fit the model that the open_clip_config.json of "
+            f"{what} describes: {mismatch.describe('that model')}; copy the export's own "
+            "weights file (or its own config) into the folder"
+        )
+    raise EncoderConfigError(
+        f"the weights {weights} are not {target} weights: {mismatch.describe(target)}; give "
+        f"weights of {target} (a checkpoint file, an export folder or a pretrained tag)"
+    )
+
+
+def _check_open_clip_pretrained(name: str, pretrained: str | None) -> Path:
+    """The weights file `pretrained` names for `name`, or an error saying what to change."""
     import open_clip
 
     tags = open_clip.list_pretrained_tags_by_model(name)
@@ -210,10 +390,10 @@ def _check_open_clip_pretrained(name: str, pretrained: str | None) -> None:
             f"set a pretrained tag ({', '.join(tags) or 'none known'}) or a checkpoint file"
         )
     if Path(pretrained).is_file():
-        return
+        return Path(pretrained)
     if pretrained in tags:
-        cached_pretrained_weights(name, pretrained)  # on this machine, or a clear error now
-        return
+        # On this machine, or a clear error now.
+        return cached_pretrained_weights(name, pretrained)[0]
     raise EncoderConfigError(
         f"pretrained={pretrained!r} is neither a known tag for {name!r} "
         f"(known: {', '.join(tags) or 'none'}) nor an existing checkpoint file; fix the tag, "
@@ -234,7 +414,48 @@ def _dinov2_dim(spec: EncoderSpec) -> int:
             "dinov2 encoder at a DINOv2 checkpoint (e.g. facebook/dinov2-large)"
         )
     # The embedding is the CLS token of the last hidden state, so its size is hidden_size.
-    return int(config["hidden_size"])
+    dim = int(config["hidden_size"])
+    _check_dim(spec, dim)
+    model_dir = config_path.parent
+    weights = _hf_weight_files(spec.model, model_dir, what="DINOv2 model")
+    try:
+        mismatch = dinov2_fit(model_dir, weights)
+    except WeightsError as error:
+        raise EncoderConfigError(str(error)) from None
+    if mismatch:
+        raise EncoderConfigError(
+            f"the weights of DINOv2 model {spec.model!r} do not match its config.json: "
+            f"{mismatch.describe('the model')}; copy the weights and the config.json saved "
+            "together (save_pretrained writes both)"
+        )
+    return dim
+
+
+def _hf_weight_files(model: str, model_dir: Path, what: str) -> list[Path]:
+    """The weight files transformers reads from a model folder (one file, or the shards an
+    index lists), or an error: a folder with a config only would load random weights."""
+    for single, index in _HF_WEIGHT_FILES:
+        if (model_dir / single).is_file():
+            return [model_dir / single]
+        if (model_dir / index).is_file():
+            try:
+                shards = sorted(set(_read_json(model_dir / index)["weight_map"].values()))
+            except (ValueError, KeyError, TypeError, AttributeError):
+                raise EncoderConfigError(
+                    f"{model_dir / index} is not a weights index (no weight_map); copy it again"
+                ) from None
+            absent = [name for name in shards if not (model_dir / name).is_file()]
+            if absent:
+                raise EncoderConfigError(
+                    f"{what} {model!r} lacks {len(absent)} of the {len(shards)} weight shards "
+                    f"its {index} lists ({', '.join(absent[:3])}); copy every shard"
+                )
+            return [model_dir / name for name in shards]
+    names = " or ".join(single for single, _ in _HF_WEIGHT_FILES)
+    raise EncoderConfigError(
+        f"{what} {model!r} has a config.json but no weights ({names}), so its embeddings would "
+        "be random; copy the weights saved with it"
+    )
 
 
 def _sentence_transformers_dim(spec: EncoderSpec) -> int:
@@ -312,6 +533,97 @@ def _tail(path: str) -> str:
     return "/".join(Path(path).expanduser().resolve().parts[-2:])
 
 
+def _export_folder(spec: EncoderSpec) -> Path | None:
+    """The open_clip export folder given as `pretrained` (a folder or `local-dir:`), if any."""
+    if not spec.backend.startswith("open_clip") or not spec.pretrained:
+        return None
+    name, _ = _open_clip_target(spec)
+    if not name.startswith(_LOCAL_DIR_PREFIX):
+        return None
+    return Path(name.removeprefix(_LOCAL_DIR_PREFIX))
+
+
+def _export_model_config(folder: Path) -> dict[str, Any] | None:
+    try:
+        config = _read_json(folder / "open_clip_config.json")["model_cfg"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return config if isinstance(config, dict) else None
+
+
+def _export_architecture(folder: Path, configured: str | None = None) -> str | None:
+    """The open_clip model name whose config an export's model_cfg is (open_clip's export
+    writes that config without the name), `configured` first; else `custom-<8 hex>` of the
+    config. None when the folder has no readable config."""
+    import open_clip
+
+    config = _export_model_config(folder)
+    if config is None:
+        return None
+    register_bundled_model_configs()
+    exported = _architecture_key(config)
+    names = open_clip.list_models()
+    for name in ([configured] if configured in names else []) + names:
+        if _architecture_key(open_clip.get_model_config(name)) == exported:
+            return name
+    return "custom-" + hashlib.sha256(exported.encode()).hexdigest()[:8]
+
+
+def _architecture_key(config: dict[str, Any]) -> str:
+    """A model config with open_clip's defaults filled in, as canonical JSON: an export
+    written by another open_clip version, which spells out a default or leaves one out, is
+    still the architecture it was exported from."""
+    from dataclasses import asdict
+
+    from open_clip.model import CLIPTextCfg, CLIPVisionCfg
+
+    full = {"quick_gelu": False, "custom_text": False, **config}
+    full["vision_cfg"] = {**asdict(CLIPVisionCfg()), **config.get("vision_cfg", {})}
+    full["text_cfg"] = {**asdict(CLIPTextCfg()), **config.get("text_cfg", {})}
+    return json.dumps(full, sort_keys=True, default=str)
+
+
+def _describe_export(folder: Path) -> str:
+    """An export's architecture in a few words, from its open_clip_config.json."""
+    config = _export_model_config(folder) or {}
+    vision, text = config.get("vision_cfg", {}), config.get("text_cfg", {})
+    image = vision.get("timm_model_name") or (
+        f"ViT depth {vision.get('layers')}, width {vision.get('width')}, patch "
+        f"{vision.get('patch_size')}, {vision.get('image_size')} px"
+    )
+    words = text.get("hf_model_name") or f"depth {text.get('layers')}, width {text.get('width')}"
+    return f"{config.get('embed_dim')}-d; image tower {image}; text tower {words}"
+
+
+def _dinov2_dir(spec: EncoderSpec) -> Path | None:
+    """The folder a DINOv2 spec loads from (a local folder, or its snapshot in the cache)."""
+    try:
+        return _hf_model_file(spec.model, "config.json", what="DINOv2 model").parent
+    except ConfigurationError:
+        return None
+
+
+def _open_clip_weights(spec: EncoderSpec) -> Path | None:
+    name, pretrained = _open_clip_target(spec)
+    if name.startswith(_LOCAL_DIR_PREFIX):
+        return Path(name.removeprefix(_LOCAL_DIR_PREFIX))
+    if name.startswith(_HF_HUB_PREFIX):
+        return _cached_hub_file(name.removeprefix(_HF_HUB_PREFIX), "open_clip_config.json").parent
+    if pretrained is None:
+        return None
+    if Path(pretrained).is_file():
+        return Path(pretrained)
+    return cached_pretrained_weights(name, pretrained)[0]
+
+
+def _dinov2_weights(spec: EncoderSpec) -> Path:
+    return _hf_model_file(spec.model, "config.json", what="DINOv2 model").parent
+
+
+def _sentence_transformers_weights(spec: EncoderSpec) -> Path:
+    return _hf_model_file(spec.model, "modules.json", what="sentence-transformers model").parent
+
+
 # --- loading ------------------------------------------------------------------------------
 
 
@@ -381,12 +693,17 @@ class HFImagePreprocess:
 def _load_dinov2(
     spec: EncoderSpec, dim: int, device: torch.device, dtype: torch.dtype
 ) -> LoadedEncoder:
-    from transformers import AutoImageProcessor, AutoModel
+    from transformers import AutoImageProcessor, AutoModel, BitImageProcessor
 
     with quiet_library_progress():
         model = AutoModel.from_pretrained(spec.model, local_files_only=True)
     model = model.to(device=device, dtype=dtype).eval()
-    processor = AutoImageProcessor.from_pretrained(spec.model, local_files_only=True)
+    model_dir = _dinov2_dir(spec)
+    if model_dir is not None and not (model_dir / _PREPROCESSOR_CONFIG).is_file():
+        # A folder written by Dinov2Model.save_pretrained alone (encoder_notes says so).
+        processor = BitImageProcessor(**DINOV2_DEFAULT_PREPROCESSING)
+    else:
+        processor = AutoImageProcessor.from_pretrained(spec.model, local_files_only=True)
     float_preprocess = HFImagePreprocess(processor)
     uint8_preprocess, normalize = _uint8_preprocess_from_processor(processor)
 
@@ -578,11 +895,13 @@ def _uint8_preprocess_from_processor(
 
 @dataclass(frozen=True)
 class EncoderBackendEntry:
-    """How one backend checks a spec cheaply (`dim`) and loads it (`load`)."""
+    """How one backend checks a spec cheaply (`dim`), loads it (`load`), and where its
+    weights are (`weights`: a file or a model folder, for `weights_digest`)."""
 
     modality: Modality
     dim: Callable[[EncoderSpec], int]
     load: Callable[[EncoderSpec, int, torch.device, torch.dtype], LoadedEncoder]
+    weights: Callable[[EncoderSpec], Path | None] | None = None
 
 
 _ENCODER_BACKENDS: dict[str, EncoderBackendEntry] = {}
@@ -603,13 +922,22 @@ def encoder_backend(name: str) -> EncoderBackendEntry:
 
 
 register_encoder_backend(
-    "open_clip_image", EncoderBackendEntry("image", _open_clip_dim, _load_open_clip)
+    "open_clip_image",
+    EncoderBackendEntry("image", _open_clip_dim, _load_open_clip, _open_clip_weights),
 )
 register_encoder_backend(
-    "open_clip_text", EncoderBackendEntry("text", _open_clip_dim, _load_open_clip)
+    "open_clip_text",
+    EncoderBackendEntry("text", _open_clip_dim, _load_open_clip, _open_clip_weights),
 )
-register_encoder_backend("dinov2", EncoderBackendEntry("image", _dinov2_dim, _load_dinov2))
+register_encoder_backend(
+    "dinov2", EncoderBackendEntry("image", _dinov2_dim, _load_dinov2, _dinov2_weights)
+)
 register_encoder_backend(
     "sentence_transformers",
-    EncoderBackendEntry("text", _sentence_transformers_dim, _load_sentence_transformer),
+    EncoderBackendEntry(
+        "text",
+        _sentence_transformers_dim,
+        _load_sentence_transformer,
+        _sentence_transformers_weights,
+    ),
 )

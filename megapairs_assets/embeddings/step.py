@@ -81,6 +81,9 @@ class EmbeddingRun:
         its table, a changed one keeps its unchanged rows' vectors and embeds the rest. None:
         no key is written and nothing is reused.
     reuse_unchanged: False embeds every row of every shard again (the keys are still written).
+    weights_digest: the sha256 of the encoder's weights (`encoders.weights_digest`), part of
+        every shard's reuse keys: other weights at the same path (which the code version, keyed
+        by the file name, does not see) never reuse a table. None: the keys hold no digest.
     """
 
     source: SimilaritySource
@@ -93,6 +96,7 @@ class EmbeddingRun:
     image_decode: str = "auto"
     code_version: str | None = None
     reuse_unchanged: bool = True
+    weights_digest: str | None = None
 
     @property
     def modality(self) -> Modality:
@@ -221,7 +225,10 @@ def _embed_window(
 def _shard_keys(rows: pl.DataFrame, run: EmbeddingRun) -> ShardKeys | None:
     if run.code_version is None:
         return None
-    return shard_keys(run.code_version, run.source.embedding_asset, run.modality, rows, run.limits)
+    version = run.code_version
+    if run.weights_digest:
+        version += f"+w.{run.weights_digest}"
+    return shard_keys(version, run.source.embedding_asset, run.modality, rows, run.limits)
 
 
 def _reuse_plan(
