@@ -49,6 +49,7 @@ pretrained model, and its band brackets related-but-not-identical captions.
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import replace
 from functools import partial
 from pathlib import Path
@@ -324,8 +325,9 @@ def paper_generation() -> GenerationResource:
     else `MEGAPAIRS_VLLM_BASE_URLS` when one endpoint routes by model name, else the local
     defaults (:8000 and :8001). A server that serves the model under another name (`vllm serve
     /models/InternVL2-26B` serves "/models/InternVL2-26B") is asked for that name through
-    `MEGAPAIRS_VLLM_DESCRIBE_MODEL` / `_INSTRUCT_MODEL`; request keys and lineage keep the hub
-    id, so renaming the server never re-pays for cached answers. `MEGAPAIRS_VLLM_API_KEY`, when
+    `MEGAPAIRS_VLLM_DESCRIBE_MODEL` / `_INSTRUCT_MODEL`; rows and lineage keep the hub id;
+    request keys also hold the served name, so answers of a stand-in model are never reused
+    for the real one (unset, or set to the hub id: keys as before). `MEGAPAIRS_VLLM_API_KEY`, when
     set, is sent as the bearer token (vLLM's `--api-key`, a hosted API).
     """
     api_key_env = VLLM_API_KEY_VARIABLE if os.environ.get(VLLM_API_KEY_VARIABLE) else None
@@ -365,7 +367,11 @@ def _vllm_urls(variable: str) -> list[str] | None:
     return own or list(ClusterSettings.from_env().vllm_base_urls) or None
 
 
-def check_generation_servers(generation: GenerationResource, timeout_s: float = 5.0) -> None:
+def check_generation_servers(
+    generation: GenerationResource,
+    timeout_s: float = 5.0,
+    image_check_timeout_s: float | None = None,
+) -> None:
     """Ask every OpenAI-compatible server of the generation steps for its models, up front.
 
     Meant to run before any GPU work of a run that will generate (a server that is down, a URL
@@ -373,11 +379,21 @@ def check_generation_servers(generation: GenerationResource, timeout_s: float = 
     only after the mining half, as every request of the step failing). The probe is the
     backend's (`openai_http.probe_servers`; the generation resource runs the same one when a
     step starts); backends other than `openai_http` are not checked. Raises one ProfileError
-    listing every problem with the variable that fixes it.
+    listing every problem with the variable that fixes it. `timeout_s` bounds the model-list
+    probe; the picture check of a describe step that sends pictures waits up to
+    `image_check_timeout_s` (default: the resource's, long enough for a server to load its
+    model on the first request).
     """
     from megapairs_assets.generation.resource import SERVERS_NOT_READY
 
     problems = generation.server_problems(timeout_s=timeout_s)
+    if not problems:
+        # A text-only model behind the describe server would describe pictures it never sees.
+        problems = generation.image_input_problems(
+            "describe",
+            timeout_s=image_check_timeout_s,
+            warn=lambda line: print(f"  warning: {line}", file=sys.stderr),
+        )
     if problems:
         raise ProfileError(SERVERS_NOT_READY + "\n  " + "\n  ".join(problems))
 

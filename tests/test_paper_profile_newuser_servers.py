@@ -123,12 +123,12 @@ def test_a_url_without_v1_and_a_model_served_under_another_name(
     assert DESCRIBE_MODEL in problems["describe"]
     assert f"--served-model-name {PAPER_DESCRIBE_MODEL}" in problems["describe"]
     assert "HTTP 404" in problems["instruct"] and "ending /v1" in problems["instruct"]
-    # Naming the served models fixes it; rows and request keys keep the hub ids.
+    # Naming the served models fixes it; rows keep the hub ids (request keys add the served name).
     monkeypatch.setenv(DESCRIBE_MODEL, "/models/InternVL2-26B")
     monkeypatch.setenv(INSTRUCT_MODEL, "/models/llama3")
     monkeypatch.setenv(INSTRUCT_URLS, server.url)
     generation = build_resources("paper", paper_env)["generation"]
-    check_generation_servers(generation, timeout_s=3)
+    check_generation_servers(generation, timeout_s=3, image_check_timeout_s=3)
     settings = generation.settings()
     assert settings.describe.backend.model_id == PAPER_DESCRIBE_MODEL
     assert settings.describe.backend.options["served_model"] == "/models/InternVL2-26B"
@@ -145,7 +145,7 @@ def test_a_server_behind_a_key_wants_the_key_variable(
     assert "HTTP 401" in problems["describe"] and VLLM_API_KEY_VARIABLE in problems["describe"]
     monkeypatch.setenv(VLLM_API_KEY_VARIABLE, "s3cret")
     generation = build_resources("paper", paper_env)["generation"]
-    check_generation_servers(generation, timeout_s=3)
+    check_generation_servers(generation, timeout_s=3, image_check_timeout_s=3)
     # The key itself never enters the configuration, only the variable's name.
     assert "s3cret" not in json.dumps(generation.model_dump(mode="json"))
     assert generation.settings().describe.backend.options["api_key_env"] == VLLM_API_KEY_VARIABLE
