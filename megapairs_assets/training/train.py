@@ -32,11 +32,12 @@ exits), and the run fails with "<config>: stopped at step N of M; saved <path>; 
 again to resume from step N" (a second Ctrl-C more than 3 s after the first stops at once; an
 earlier one is the same Ctrl-C forwarded by Dagster's executor); only SIGKILL loses the steps
 since the last one (not a SIGKILL of the process that spawned several devices' ranks: they
-notice it is gone, save the step they are in and exit). A loss that turns NaN or infinite stops the run before
-anything is exported, and so does a run in which more than `max_unreadable_image_fraction` of the
-image reads fail (the corpus images gone); fewer failures cost their queries and are reported by
-the `images_loaded` check. `fit_s` counts the fit time of every process that trained the
-checkpoint (carried inside it), `fit_s_this_run` this process's part.
+notice it is gone, save the step they are in and exit). A loss that turns NaN or infinite stops
+the run before anything is exported, and so does a run in which more than
+`max_unreadable_image_fraction` of the image reads fail (the corpus images gone); fewer failures
+cost their queries and are reported by the `images_loaded` check. `fit_s` counts the fit time of
+every process that trained the checkpoint (carried inside it), `fit_s_this_run` this process's
+part.
 """
 
 from __future__ import annotations
