@@ -343,6 +343,7 @@ def _reused_result(
             "rows_reused": rows.height,
             "rows_computed": 0,
         },
+        row_count_label="reused",
     )
 
 
@@ -357,14 +358,17 @@ def _describe(
     model_id: str,
     outcomes: list[CheckOutcome],
     metadata: dict[str, Any],
+    row_count_label: str | None = None,
 ) -> StepResult:
-    """One shard's StepResult, the same for a computed and a reused table."""
+    """One shard's StepResult, the same for a computed and a reused table (whose log line
+    says "reused" where a computed one says "embedded")."""
     asset_name = run.source.embedding_asset
     return StepResult(
         partition=shard,
         outputs={"embeddings": path},
         row_counts={"embedded": embedded, "skipped": skipped.height},
         row_count_key="embedded",
+        row_count_label=row_count_label,
         config={
             "batch_size": run.batch_size,
             "dtype": str(run.dtype),

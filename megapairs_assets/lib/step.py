@@ -44,7 +44,9 @@ class StepResult:
 
     partition: the partition key (a shard id, a checkpoint name, ...).
     outputs: name -> path of each table written.
-    row_counts: name -> row count; `row_count_key` names the one shown as the row count.
+    row_counts: name -> row count; `row_count_key` names the one shown as the row count;
+      `row_count_label`, the words the step's log line puts after it (default: the key), e.g.
+      "reused" for a table kept as it was, whose counts are those of the run that made it.
     config / model_ids: the settings and model ids that shaped the output (lineage).
     input_versions: "asset/partition" -> materialization id of exactly what was read.
     rows: catalog row table name -> frame of that table's rows for this partition.
@@ -59,6 +61,7 @@ class StepResult:
     outputs: Mapping[str, Path | Any] = field(default_factory=dict)  # Path or UPath
     row_counts: Mapping[str, int] = field(default_factory=dict)
     row_count_key: str | None = None
+    row_count_label: str | None = None
     config: Mapping[str, Any] = field(default_factory=dict)
     model_ids: Mapping[str, str] = field(default_factory=dict)
     input_versions: Mapping[str, str] = field(default_factory=dict)

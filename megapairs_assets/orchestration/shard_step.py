@@ -266,7 +266,7 @@ def _run_one(
         run_finished=lambda run_id: run_has_ended(context.instance, run_id),
     )
     failing = [o.name for o in result.outcomes if not o.passed]
-    counted = (result.row_count_key or "rows").replace("_", " ")
+    counted = (result.row_count_label or result.row_count_key or "rows").replace("_", " ")
     context.log.info(
         f"{stage.asset_name}[{partition}]: {result.row_count} {counted}"
         + (f"; failing checks: {', '.join(failing)}" if failing else "")
