@@ -40,7 +40,7 @@ def test_one_shard_through_the_four_generation_assets(tmp_path):
         )
     assert result.success
     checks = result.get_asset_check_evaluations()
-    assert len(checks) == 3 + 3 + 5 + 2
+    assert len(checks) == (3 + 1) + 3 + 5 + 2  # describe: 3 blocking + descriptions_varied
     assert all(c.passed for c in checks), [c.check_name for c in checks if not c.passed]
     events = {
         m.asset_key.to_user_string(): m.metadata

@@ -255,6 +255,9 @@ def test_one_description_for_most_pairs_is_a_warning_and_a_figure(tmp_path):
     assert result.metadata["model_descriptions_top_share"] == 1.0
     (warning,) = warnings
     assert "5 of 5 model descriptions are the same text" in warning
+    # ... and the `descriptions_varied` warning check (non-blocking) fails on the asset page.
+    (varied_check,) = [o for o in result.outcomes if o.name == "descriptions_varied"]
+    assert not varied_check.passed and varied_check.failing_rows == 5
 
     other = make_world(tmp_path / "varied", pairs_per_shard=(5,))
     warnings.clear()
@@ -262,3 +265,4 @@ def test_one_description_for_most_pairs_is_a_warning_and_a_figure(tmp_path):
         result = _describe(other, http_settings(varied.base_url), warn=warnings.append)
     assert result.metadata["model_descriptions_top_share"] == 0.2
     assert warnings == []
+    assert [o.passed for o in result.outcomes if o.name == "descriptions_varied"] == [True]

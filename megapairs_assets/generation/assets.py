@@ -23,6 +23,7 @@ from megapairs_assets.generation.common import (
 from megapairs_assets.generation.describe import (
     DESCRIPTION_CHECKS,
     DESCRIPTION_COLUMN_DESCRIPTIONS,
+    DESCRIPTION_WARNING_CHECKS,
     describe_pairs_for_shard,
     prefetch_descriptions,
 )
@@ -123,6 +124,7 @@ DESCRIBE_STAGE = Stage(
     DESCRIPTIONS_ASSET,
     "generation-describe-v1",
     DESCRIPTION_CHECKS,
+    DESCRIPTION_WARNING_CHECKS,
     settings=describe_settings,
     columns=DESCRIPTION_COLUMN_DESCRIPTIONS,
 )

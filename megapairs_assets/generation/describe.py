@@ -115,6 +115,10 @@ DESCRIPTION_CHECKS = {
     "descriptions_within_bounds": "Every description's word count lies within the limits",
     "descriptions_have_provenance": "Every row names its generator, model, template and request",
 }
+DESCRIPTION_WARNING_CHECKS = {
+    "descriptions_varied": "No one text is half or more of a shard's model descriptions (at "
+    "least 4): one text for most pairs means the model did not see what sets them apart",
+}
 
 
 @dataclass(frozen=True)
@@ -203,7 +207,10 @@ def describe_pairs_for_shard(
             "heuristic": settings.heuristic.model_id,
         },
         rows={"quarantine_log": quarantine.frame()},
-        outcomes=check_descriptions(table, settings.description_limits),
+        outcomes=[
+            *check_descriptions(table, settings.description_limits),
+            repeated.outcome(),
+        ],
         preview=table.select("pair_id", "generator", "word_num", "description").head(5),
         metadata={
             "pairs": pairs.height,
@@ -253,6 +260,14 @@ class RepeatedDescriptions:
         return (
             self.rows >= REPEATED_DESCRIPTION_MIN_ROWS
             and self.top_share >= REPEATED_DESCRIPTION_SHARE
+        )
+
+    def outcome(self) -> CheckOutcome:
+        """The `descriptions_varied` warning check: fails on a suspicious shard."""
+        return outcome(
+            "descriptions_varied",
+            [self.top_text[:120]] * self.top_count if self.suspicious else [],
+            "model descriptions repeating one text for half or more of the pairs",
         )
 
     def warning(self) -> str:
