@@ -22,7 +22,7 @@ import pytest
 from megapairs_assets.corpus.images import ImageLimits
 from megapairs_assets.embeddings.compute import write_embedding_table
 from megapairs_assets.embeddings.reuse import (
-    NotReusable as EmbeddingNotReusable,
+    DamagedTable as EmbeddingDamaged,
 )
 from megapairs_assets.embeddings.reuse import (
     input_digests,
@@ -31,7 +31,7 @@ from megapairs_assets.embeddings.reuse import (
     shard_keys,
     shard_metadata,
 )
-from megapairs_assets.knn.reuse import NotReusable as GraphNotReusable
+from megapairs_assets.knn.reuse import DamagedTable as GraphDamaged
 from megapairs_assets.knn.reuse import reusable_graph, stored_metadata
 from megapairs_assets.knn.search import KNN_SCHEMA
 from megapairs_assets.lib.storage import (
@@ -116,7 +116,7 @@ def test_a_page_that_no_longer_decodes_is_a_clear_error_never_a_panic(tmp_path: 
         read_parquet(damaged)
     assert "damaged" in str(raised.value) and isinstance(raised.value, OSError)
     # Under a matching key it is not reused (so it is searched again), the reason naming it.
-    with pytest.raises(GraphNotReusable, match=f"{re.escape(str(damaged))}.*damaged or unreadable"):
+    with pytest.raises(GraphDamaged, match=f"{re.escape(str(damaged))}.*damaged or unreadable"):
         reusable_graph(damaged, KNN_KEY, 20)
 
 
@@ -162,7 +162,7 @@ def test_a_damaged_graph_is_searched_again_naming_the_file(tmp_path: Path) -> No
     assert kept.equals(graph) and all(o.passed for o in outcomes)
     # A low bit of the last score: a value that still passes every check, if read unverified.
     path.write_bytes(_flipped(path, _last_page_byte(path, "score"), 0x01))
-    with pytest.raises(GraphNotReusable, match=f"{re.escape(str(path))}.*damaged or unreadable"):
+    with pytest.raises(GraphDamaged, match=f"{re.escape(str(path))}.*damaged or unreadable"):
         reusable_graph(path, KNN_KEY, K)
 
 
@@ -193,13 +193,17 @@ def test_a_damaged_embedding_table_is_embedded_again_naming_the_file(tmp_path: P
     # A low bit of the last vector's pages (its last float16's low byte, written plain): a
     # vector still of unit norm within the checks' tolerance, so only the checksum can tell.
     path.write_bytes(_flipped(path, _last_page_byte(path, "embedding") - 1, 0x01))
-    with pytest.raises(
-        EmbeddingNotReusable, match=f"{re.escape(str(path))}.*damaged or unreadable"
-    ):
+    with pytest.raises(EmbeddingDamaged, match=f"{re.escape(str(path))}.*damaged or unreadable"):
         reusable_shard(path, keys.table_key, rows)
-    # Nor row by row (the per-row path reads the vectors as well).
-    with pytest.raises(EmbeddingNotReusable, match="damaged or unreadable"):
+    # Nor row by row; the step can tell a damaged table (worth a warning) from a changed one.
+    with pytest.raises(EmbeddingDamaged, match="damaged or unreadable"):
         reuse_plan(path, keys, rows)
+    # Under other inputs (the whole table is not even read) the per-row path finds the damage.
+    changed = rows.with_columns(pl.col("content_hash").str.replace("h-00000/000", "new-"))
+    changed_keys = shard_keys(EMBEDDING_VERSION, "clip_image", "image", changed, ImageLimits())
+    assert changed_keys is not None
+    with pytest.raises(EmbeddingDamaged, match=f"{re.escape(str(path))}.*damaged or unreadable"):
+        reuse_plan(path, changed_keys, changed)
 
 
 @pytest.mark.xfail(
@@ -212,7 +216,7 @@ def test_the_embedding_step_writes_tables_whose_damage_is_found(tmp_path: Path) 
     path, rows, keys = _embedding_shard(tmp_path)
     # Today: read back as a vector that passes every check, and reused.
     path.write_bytes(_flipped(path, _last_page_byte(path, "embedding") - 1, 0x01))
-    with pytest.raises(EmbeddingNotReusable, match="damaged or unreadable"):
+    with pytest.raises(EmbeddingDamaged, match="damaged or unreadable"):
         reusable_shard(path, keys.table_key, rows)
 
 

@@ -118,6 +118,11 @@ class NoTable(NotReusable):
     """The shard has no table yet (nothing worth logging)."""
 
 
+class DamagedTable(NotReusable):
+    """The shard's table cannot be read back (a page fails its checksum or does not decode,
+    the file is cut short): worth a warning; the message names the file."""
+
+
 @dataclass(frozen=True)
 class ShardKeys:
     """What a shard's table records of its inputs, so a later run can reuse it.
@@ -304,9 +309,9 @@ def reusable_shard(path: DataPath, reuse_key: str, rows: pl.DataFrame) -> Reused
     )
 
 
-def unreadable(path: DataPath, error: BaseException) -> NotReusable:
+def unreadable(path: DataPath, error: BaseException) -> DamagedTable:
     """Why a table that cannot be read back is not reused: the file and what is wrong."""
-    return NotReusable(f"the table {path} is damaged or unreadable ({first_line(error)})")
+    return DamagedTable(f"the table {path} is damaged or unreadable ({first_line(error)})")
 
 
 def reuse_plan(path: DataPath, keys: ShardKeys, rows: pl.DataFrame) -> ReusedShard | RowReuse:
@@ -315,7 +320,7 @@ def reuse_plan(path: DataPath, keys: ShardKeys, rows: pl.DataFrame) -> ReusedSha
     `NoTable` when there is none, `NotReusable` saying why when nothing can be kept."""
     try:
         return reusable_shard(path, keys.table_key, rows)
-    except NoTable:
+    except (NoTable, DamagedTable):  # a damaged file is not trusted for any row either
         raise
     except NotReusable as whole:
         try:
@@ -323,7 +328,8 @@ def reuse_plan(path: DataPath, keys: ShardKeys, rows: pl.DataFrame) -> ReusedSha
         except NotReusable as per_row:
             if str(per_row) == str(whole):
                 raise
-            raise NotReusable(f"{whole}; no row can be reused: {per_row}") from per_row
+            kind = DamagedTable if isinstance(per_row, DamagedTable) else NotReusable
+            raise kind(f"{whole}; no row can be reused: {per_row}") from per_row
 
 
 def reusable_rows(path: DataPath, keys: ShardKeys, rows: pl.DataFrame, why: str = "") -> RowReuse:

@@ -75,6 +75,11 @@ class NoTable(NotReusable):
     """The shard has no graph yet (nothing worth logging)."""
 
 
+class DamagedTable(NotReusable):
+    """The shard's graph cannot be read back (a page fails its checksum or does not decode,
+    the file is cut short): worth a warning; the message names the file."""
+
+
 @dataclass(frozen=True)
 class TableFooter:
     """What a Parquet table's footer says about it, read without reading its data.
@@ -181,10 +186,10 @@ def stored_reuse_key(path: DataPath) -> str:
     return key
 
 
-def unreadable(path: DataPath, error: BaseException) -> NotReusable:
+def unreadable(path: DataPath, error: BaseException) -> DamagedTable:
     """Why a table that cannot be read back is not reused: the file and what is wrong."""
     cause = error.__cause__ if isinstance(error, TableReadError) and error.__cause__ else error
-    return NotReusable(f"the table {path} is damaged or unreadable ({first_line(cause)})")
+    return DamagedTable(f"the table {path} is damaged or unreadable ({first_line(cause)})")
 
 
 def reusable_graph(
