@@ -16,7 +16,6 @@ from PIL import Image
 from megapairs_assets.corpus.images import ImageLimits
 from megapairs_assets.demo import DEMO_CORPUS_DIR
 from megapairs_assets.demo.models import DEMO_CLIP_MODEL, ensure_demo_models
-from megapairs_assets.embeddings import compute
 from megapairs_assets.embeddings.compute import (
     check_embeddings,
     embed_rows,
@@ -24,6 +23,7 @@ from megapairs_assets.embeddings.compute import (
     write_embedding_table,
 )
 from megapairs_assets.embeddings.encoders import EncoderSpec, LoadedEncoder, load_encoder
+from megapairs_assets.lib import storage
 
 CPU = torch.device("cpu")
 LIMITS = ImageLimits()
@@ -307,7 +307,8 @@ def test_a_failed_write_leaves_the_previous_table_untouched(
         Path(where).write_bytes(b"half a parquet file")
         raise OSError("disk full")
 
-    monkeypatch.setattr(compute.pq, "write_table", crash_midway)
+    # Every table goes through the one atomic writer (lib/storage.py), which calls pyarrow.
+    monkeypatch.setattr(storage.pq, "write_table", crash_midway)
     with pytest.raises(OSError, match="disk full"):
         write_embedding_table(path, ["new"], _unit_rows(1), "model-b")
 

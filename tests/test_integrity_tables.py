@@ -206,15 +206,9 @@ def test_a_damaged_embedding_table_is_embedded_again_naming_the_file(tmp_path: P
         reuse_plan(path, changed_keys, changed)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="embeddings/compute.py write_embedding_table still writes without page checksums "
-    "(integration request: write through lib.storage.write_arrow_atomic); remove this marker "
-    "with that change",
-)
 def test_the_embedding_step_writes_tables_whose_damage_is_found(tmp_path: Path) -> None:
     path, rows, keys = _embedding_shard(tmp_path)
-    # Today: read back as a vector that passes every check, and reused.
+    # Without page checksums this read back as a vector that passes every check, and was reused.
     path.write_bytes(_flipped(path, _last_page_byte(path, "embedding") - 1, 0x01))
     with pytest.raises(EmbeddingDamaged, match="damaged or unreadable"):
         reusable_shard(path, keys.table_key, rows)

@@ -20,7 +20,6 @@ from dataclasses import dataclass, field
 import numpy as np
 import polars as pl
 import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 from torch.utils.data import DataLoader, Dataset
 
@@ -41,7 +40,7 @@ from megapairs_assets.embeddings.device_input import (
 from megapairs_assets.embeddings.encoders import LoadedEncoder
 from megapairs_assets.lib.progress import ProgressCallback
 from megapairs_assets.lib.quality import CheckOutcome, outcome
-from megapairs_assets.lib.storage import DataPath, table_source, write_atomic
+from megapairs_assets.lib.storage import DataPath, read_arrow_table, write_arrow_atomic
 
 SkippedRow = tuple[str, str, str]
 """(image_id, reason, detail) of a row that could not be embedded."""
@@ -529,7 +528,8 @@ def write_embedding_table(
     # No dictionary encoding: ids are unique and float16 values nearly so, and with the
     # dictionaries a 20k x 768 table took about 1.8 x as long to write and 5 x to read, for a
     # file only 6 % smaller (benchmarks/README.md, "embedding table write").
-    write_atomic(path, lambda tmp: pq.write_table(table, tmp, use_dictionary=False))
+    # Snappy, as before: zstd made these tables' reads 39 % slower (bench_table_checksums).
+    write_arrow_atomic(table, path, use_dictionary=False, compression="snappy")
 
 
 def read_embedding_table(path: DataPath) -> tuple[np.ndarray, np.ndarray]:
@@ -537,7 +537,7 @@ def read_embedding_table(path: DataPath) -> tuple[np.ndarray, np.ndarray]:
 
     Returns (ids as a numpy object array of str, float16 vectors of shape (N, dim)).
     """
-    return embedding_arrays(pq.read_table(table_source(path), columns=["image_id", "embedding"]))
+    return embedding_arrays(read_arrow_table(path, ["image_id", "embedding"]))
 
 
 def embedding_arrays(table: pa.Table) -> tuple[np.ndarray, np.ndarray]:

@@ -154,7 +154,7 @@ def describe_pairs_for_shard(
     settled = settle_shard_requests(
         [p.request for p in model_plans],
         [p.request for p in heuristic_plans],
-        open_store(layout, shard, STEP, settings.max_attempts),
+        open_store(layout, shard, STEP, settings.max_attempts, log=warn or log),
         lambda: backend_factory(settings.describe.backend),
         lambda: backend_factory(settings.heuristic),
         flush_every=settings.flush_every,
@@ -299,7 +299,7 @@ def prefetch_descriptions(
             settings,
             QuarantineLog(DESCRIPTIONS_ASSET, shard),
         )
-        store = open_store(layout, shard, STEP, settings.max_attempts)
+        store = open_store(layout, shard, STEP, settings.max_attempts, log=warn or log)
         return [plan.request for plan in plans], store
 
     return prefetch_shards(

@@ -162,7 +162,7 @@ def write_instructions_for_shard(
     settled = settle_shard_requests(
         [p.request for p in model_plans],
         [p.request for p in heuristic_plans],
-        open_store(layout, shard, STEP, settings.max_attempts),
+        open_store(layout, shard, STEP, settings.max_attempts, log=warn or log),
         lambda: backend_factory(settings.instruct.backend),
         lambda: backend_factory(settings.heuristic),
         flush_every=settings.flush_every,
@@ -259,7 +259,7 @@ def prefetch_instructions(
         plans, _ = _plan_requests(
             descriptions, images, template, settings, QuarantineLog(INSTRUCTIONS_ASSET, shard)
         )
-        store = open_store(layout, shard, STEP, settings.max_attempts)
+        store = open_store(layout, shard, STEP, settings.max_attempts, log=warn or log)
         return [plan.request for plan in plans], store
 
     return prefetch_shards(

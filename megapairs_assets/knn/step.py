@@ -48,7 +48,7 @@ from megapairs_assets.lib.preview import histogram_markdown, percentile_table
 from megapairs_assets.lib.progress import Progress
 from megapairs_assets.lib.quality import CheckOutcome
 from megapairs_assets.lib.step import StepResult
-from megapairs_assets.lib.storage import DataLayout, DataPath, read_parquet, write_atomic
+from megapairs_assets.lib.storage import DataLayout, DataPath, read_parquet, write_parquet_atomic
 from megapairs_assets.lineage.catalog import LineageCatalog, read_with_versions
 
 if TYPE_CHECKING:  # faiss is imported only where a faiss index is built (not on torch-only hosts)
@@ -434,9 +434,7 @@ def knn_shard(
     path = layout.shard_table(asset_name, shard)
     metadata = stored_metadata(corpus.state.reuse_key(shard, corpus.spec, code_version))
     # The key goes into the graph's own footer, in the same atomic write as its rows.
-    write_atomic(
-        path, lambda tmp: neighbors.write_parquet(tmp, compression="zstd", metadata=metadata)
-    )
+    write_parquet_atomic(neighbors, path, metadata=metadata)
     return _describe(
         shard,
         corpus.state,

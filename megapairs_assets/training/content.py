@@ -22,7 +22,7 @@ import polars as pl
 
 from megapairs_assets.corpus.images import ImageRejected, content_hash, read_uri_bytes
 from megapairs_assets.lib.progress import Progress
-from megapairs_assets.lib.storage import write_parquet_atomic
+from megapairs_assets.lib.storage import read_parquet, write_parquet_atomic
 
 HASH_CACHE_FILE = "image_hashes.parquet"
 UNREADABLE = "unreadable"
@@ -95,7 +95,7 @@ def _hash_uri(uri: str) -> str:
 
 def _read_cache(path: Path) -> dict[str, tuple[tuple[int, int], str]]:
     try:
-        frame = pl.read_parquet(path)
+        frame = read_parquet(path)  # a damaged file is an OSError here, never a panic
     except (OSError, pl.exceptions.PolarsError):
         return {}  # none yet, or unreadable: hashing again is only slower
     return {
