@@ -114,3 +114,40 @@ class CorpusSourceResource(dg.ConfigurableResource):
 
     def _with_hint(self, message: str) -> str:
         return f"{message}; {self.setting_hint}" if self.setting_hint else message
+
+
+CHOSEN_CORPUS_FILE = "corpus_source.json"
+"""In a home: the corpus `megapairs demo --corpus` chose, so every other process on the home
+(the UI's code location, its sensors, `sync`, `check`) reads the same corpus; without it they
+would read the profile's own (the bundled demo corpus) and retire the user's shards."""
+
+
+def record_chosen_corpus(home: Path, source: CorpusSourceResource) -> None:
+    """Remember `source` as the home's corpus (atomically; replaces an earlier choice)."""
+    import json
+
+    from megapairs_assets.lib.storage import write_atomic
+
+    home.mkdir(parents=True, exist_ok=True)
+    text = json.dumps({"kind": source.kind, "path": source.path}, indent=2) + "\n"
+    write_atomic(home / CHOSEN_CORPUS_FILE, lambda tmp: Path(tmp).write_text(text))
+
+
+def chosen_corpus(home: Path) -> CorpusSourceResource | None:
+    """The corpus an earlier `megapairs demo --corpus` chose for this home; None when none was
+    chosen. A record that cannot be read is a configuration error naming the file (guessing
+    would point the home at another corpus and retire its shards)."""
+    import json
+
+    record = home / CHOSEN_CORPUS_FILE
+    if not record.is_file():
+        return None
+    try:
+        chosen = json.loads(record.read_text())
+        return CorpusSourceResource(kind=chosen["kind"], path=chosen["path"])
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise ConfigurationError(
+            f"{record} (the corpus `megapairs demo --corpus` chose for this home) cannot be "
+            f"read ({error}): run `megapairs demo --corpus <path>` again, or delete the file "
+            "to use the profile's own corpus"
+        ) from None

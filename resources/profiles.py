@@ -140,7 +140,7 @@ def demo_resources(home: Path) -> dict[str, Any]:
     models_dir = home / "models"
     return {
         **_common(home, "demo"),
-        "corpus_source": CorpusSourceResource(kind="webdataset", path=str(DEMO_CORPUS_DIR)),
+        "corpus_source": demo_corpus_source(),
         "clip_image_encoder": EncoderResource(
             backend="open_clip_image",
             model=DEMO_CLIP_MODEL,
@@ -204,6 +204,18 @@ def _env(variable: str, default: str) -> str:
     A leading `~` is expanded (a quoted `~/models/...` reaches us unexpanded); tags and hub ids
     never start with one."""
     return os.path.expanduser(os.environ.get(variable, "").strip() or default)
+
+
+def demo_corpus_source() -> CorpusSourceResource:
+    """The corpus an earlier `megapairs demo --corpus` chose for the environment's home (the
+    same home whatever `home` a caller builds on: `megapairs check` builds on a throwaway
+    one), else the bundled demo corpus."""
+    from megapairs_assets.lib.storage import default_home
+    from resources.corpus import chosen_corpus
+
+    return chosen_corpus(default_home()) or CorpusSourceResource(
+        kind="webdataset", path=str(DEMO_CORPUS_DIR)
+    )
 
 
 def paper_corpus_source() -> CorpusSourceResource:

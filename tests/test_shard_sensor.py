@@ -99,3 +99,49 @@ def test_removed_shards_leave_the_partition_set_and_their_lineage_retires(tmp_pa
     assert catalog.current_partitions("image_corpus") == []
     assert catalog.retired_partitions("image_corpus") == ["00001"]
     assert catalog.materializations([record.materialization_id])["status"][0] == "complete"
+
+
+def test_a_source_holding_none_of_the_registered_shards_retires_nothing(tmp_path: Path) -> None:
+    """A UI started without the home's corpus (its profile's own corpus instead) must not
+    retire the user's shards: every shard gone at once is skipped, with what to do."""
+    mine, other = tmp_path / "mine", tmp_path / "other"
+    for shard in ("a", "b"):
+        factory.write_wds_shard(mine / f"{shard}.tar", factory.good_items(1))
+    factory.write_wds_shard(other / "00000.tar", factory.good_items(1))
+    instance = dg.DagsterInstance.ephemeral()
+    _apply(instance, _evaluate(instance, mine))
+
+    result = _evaluate(instance, other)
+    assert isinstance(result, dg.SkipReason)
+    assert "none of the 2 registered shards" in str(result.skip_message)
+    assert "megapairs sync" in str(result.skip_message)
+    assert instance.get_dynamic_partitions(SHARD_PARTITIONS_NAME) == ["a", "b"]
+    # One shard of two gone is an ordinary removal.
+    (mine / "b.tar").unlink()
+    partial = _evaluate(instance, mine)
+    assert isinstance(partial, dg.SensorResult)
+    assert [r.partition_keys for r in partial.dynamic_partitions_requests] == [["b"]]
+
+
+def test_demo_corpus_is_remembered_by_the_home_for_every_other_process(
+    tmp_path: Path, monkeypatch
+) -> None:
+    """`megapairs demo --corpus` records its corpus in the home; the demo profile's resources,
+    which the UI's code location, `sync` and `check` build, then read it."""
+    import pytest
+
+    from megapairs_assets.demo import DEMO_CORPUS_DIR
+    from megapairs_assets.lib.errors import ConfigurationError
+    from resources.corpus import CHOSEN_CORPUS_FILE, record_chosen_corpus
+    from resources.profiles import build_resources
+
+    home = tmp_path / "home"
+    monkeypatch.setenv("MEGAPAIRS_HOME", str(home))
+    assert build_resources("demo", home)["corpus_source"].path == str(DEMO_CORPUS_DIR)
+    mine = CorpusSourceResource(kind="folder", path=str(tmp_path / "photos"))
+    record_chosen_corpus(home, mine)
+    chosen = build_resources("demo", home)["corpus_source"]
+    assert (chosen.kind, chosen.path) == ("folder", str(tmp_path / "photos"))
+    (home / CHOSEN_CORPUS_FILE).write_text("{not json")
+    with pytest.raises(ConfigurationError, match=CHOSEN_CORPUS_FILE):
+        build_resources("demo", home)

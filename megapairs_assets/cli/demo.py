@@ -121,7 +121,7 @@ def _run_demo(args: argparse.Namespace) -> int:
     from megapairs_assets.orchestration.runs import shard_range_tags
     from megapairs_assets.training.assets import register_training_configs
     from resources.cluster import ClusterSettings
-    from resources.corpus import CorpusSourceResource
+    from resources.corpus import CorpusSourceResource, record_chosen_corpus
     from resources.environment import lineage_catalog, profile_from_env
     from resources.profiles import ENCODER_RESOURCES, check_ready
 
@@ -135,6 +135,11 @@ def _run_demo(args: argparse.Namespace) -> int:
         )
     print(f"megapairs: profile {profile!r}, home {home}")
     check_writable_folder(home, "MEGAPAIRS_HOME")
+    if "corpus_source" in overrides and profile == "demo":
+        # Recorded for every other process on this home (the UI's code location and its
+        # sensors, `sync`, `check`): they build the profile's resources, and would otherwise
+        # read the bundled corpus and retire these shards.
+        record_chosen_corpus(home, overrides["corpus_source"])
     prepare_dagster_home(home)
     # Dagster's console logger, except that an interrupted run's errors print without their
     # stack (Ctrl-C is not a bug); every job of the demo gets it as its "console" logger.

@@ -142,11 +142,20 @@ def build_shards_sensor(
             found = corpus_source.shard_ids()
         except Exception as error:  # a bad source must not kill the sensor daemon
             return dg.SkipReason(f"corpus source unreadable: {error}")
-        new, gone = shard_changes(
-            found, list(context.instance.get_dynamic_partitions(SHARD_PARTITIONS_NAME))
-        )
+        known = list(context.instance.get_dynamic_partitions(SHARD_PARTITIONS_NAME))
+        new, gone = shard_changes(found, known)
         if not new and not gone:
             return dg.SkipReason(f"no shard changes ({len(found)} shards)")
+        if known and len(gone) == len(known):
+            # Every shard at once: far more likely the sensor reads another corpus than the
+            # one the home was built from (a process started without the home's settings)
+            # than a user replacing the whole corpus; retiring would drop all its lineage.
+            return dg.SkipReason(
+                f"the corpus source {corpus_source.path} holds none of the {len(known)} "
+                "registered shards; nothing is retired by the sensor. To switch this home to "
+                "that corpus, run `megapairs sync` (or `megapairs demo --corpus <path>`); "
+                "else start the UI with the home's settings"
+            )
         requests = []
         if new:
             requests.append(shard_partitions.build_add_request(new))
