@@ -161,3 +161,16 @@ def test_a_range_run_with_a_downstream_step_logs_no_data_version_mismatch(tmp_pa
     messages = [entry.user_message for entry in instance.all_logs(result.run_id)]
     assert messages and not [m for m in messages if "Data version mismatch" in m]
     assert len({_version(instance, p) for p in ("00001", "00002", "00003")}) == 3  # each its own
+
+
+def test_a_range_given_backwards_fails_saying_so(tmp_path: Path) -> None:
+    instance = dg.DagsterInstance.ephemeral()
+    instance.add_dynamic_partitions(shard_partitions.name, ["00001", "00002"])
+    assets = _assets(tmp_path, {"00001": "one", "00002": "two"})
+    result = dg.materialize(
+        assets[:1], instance=instance, tags=_range("00002", "00001"), raise_on_error=False
+    )
+    assert not result.success
+    (failure,) = [e for e in result.all_events if e.is_step_failure]
+    message = str(failure.step_failure_data.error.message)
+    assert "00002..00001 holds no partition" in message and "start after its end" in message

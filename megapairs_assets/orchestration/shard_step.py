@@ -96,6 +96,17 @@ def materialize_partitions(
     """
     partitioned = context.assets_def.partitions_def is not None
     partitions: list[str | None] = list(context.partition_keys) if partitioned else [None]
+    if not partitions:
+        # A range given backwards (`range_start` after `range_end`): Dagster hands the step
+        # an empty range rather than refusing it.
+        tags = context.run.tags
+        raise dg.Failure(
+            f"{stage.asset_name}: the run's partition range "
+            f"{tags.get('dagster/asset_partition_range_start', '?')}.."
+            f"{tags.get('dagster/asset_partition_range_end', '?')} holds no partition: is its "
+            "start after its end? Give the earlier partition as "
+            "dagster/asset_partition_range_start"
+        )
     results: list[StepResult] = []
     versions: dict[str, str] = {}
     started = time.perf_counter()
