@@ -279,3 +279,27 @@ def test_rescore_sensor_scores_a_checkpoint_only_after_it_changes(setup: dict) -
     assert isinstance(tick(), dg.SkipReason)  # nothing new since the cursor
     cursor[0] = None  # even a sensor that lost its cursor redoes nothing
     assert not tick().run_requests
+
+
+def test_the_base_is_scored_again_on_the_held_out_split_of_newer_triplets(setup: dict) -> None:
+    """A fresh instance's sensor scores the base at once, before any triplet (no held-out
+    split); once a checkpoint trained on triplets appears, the base's held-out score is
+    redone, once, so base and trained compare on the same split."""
+    from megapairs_assets.evaluation.assets import stale_base_heldout_request
+
+    instance = dg.DagsterInstance.ephemeral()
+    base = setup["base_id"]
+    key = str(score_partition_key(base, "heldout"))
+
+    def report(asset: str, partition: str) -> None:
+        instance.report_runless_asset_event(dg.AssetMaterialization(asset, partition=partition))
+
+    assert stale_base_heldout_request(instance, base) == []  # not registered
+    register_retrievers(instance, [base])
+    report("benchmark_scores", key)  # scored on no split
+    assert stale_base_heldout_request(instance, base) == []  # no triplets yet
+    report("triplets", "00000")
+    (request,) = stale_base_heldout_request(instance, base)
+    assert request.partition_key == key
+    report("benchmark_scores", key)  # the re-score ran
+    assert stale_base_heldout_request(instance, base) == []

@@ -223,6 +223,9 @@ def build_rescore_sensor(default_status: dg.DefaultSensorStatus) -> dg.SensorDef
         run_requests = stale_score_requests(
             context.instance, checkpoints, by_config, evaluation.configured_benchmarks()
         )
+        run_requests += stale_base_heldout_request(
+            context.instance, evaluation.base_spec().retriever_id
+        )
         return dg.SensorResult(
             run_requests=run_requests or None,
             skip_reason=None if run_requests else "every new checkpoint is already scored",
@@ -230,6 +233,34 @@ def build_rescore_sensor(default_status: dg.DefaultSensorStatus) -> dg.SensorDef
         )
 
     return rescore_trained_checkpoints
+
+
+HELDOUT_BENCHMARK = "heldout"
+
+
+def stale_base_heldout_request(
+    instance: dg.DagsterInstance, base_id: str
+) -> list[dg.RunRequest]:
+    """The base retriever's held-out score again when it predates the newest triplets: the
+    held-out split comes with them, so a base scored before them (a fresh instance's sensor
+    scores it at once, on no split) or on older ones would not compare with the trained
+    checkpoints' scores. Nothing when the base is not registered (`new_retrievers_sensor`'s)
+    or no triplets were made."""
+    if base_id not in set(instance.get_dynamic_partitions(RETRIEVER_PARTITIONS_NAME)):
+        return []
+    triplets = instance.fetch_materializations(
+        dg.AssetRecordsFilter(asset_key=dg.AssetKey(TRIPLETS_ASSET)), limit=1, ascending=False
+    ).records
+    if not triplets:
+        return []
+    newest_triplets = triplets[0].storage_id
+    key = str(score_partition_key(base_id, HELDOUT_BENCHMARK))
+    scored = instance.get_latest_storage_id_by_partition(
+        dg.AssetKey(ASSET_NAME), dg.DagsterEventType.ASSET_MATERIALIZATION, {key}
+    )
+    if scored.get(key, -1) > newest_triplets:
+        return []
+    return [dg.RunRequest(partition_key=key, run_key=f"{newest_triplets}:{key}")]
 
 
 def stale_score_requests(
