@@ -83,12 +83,14 @@ def benchmark_scores(
 ) -> dg.MaterializeResult:
     """Zero-shot CIR scores of one retriever on one benchmark, with the official metrics.
 
-    CIRCO mAP@5/10/25/50; CIRR Recall@1/5/10/50 (reference removed) and Recall_subset@1/2/3;
-    FashionIQ Recall@10/50 per category and mean; GeneCIS Recall@1/2/3 per task and mean; our
-    held-out split of the triplets Recall@1/5/10 and mAP@5. Test splits (CIRCO test, CIRR
-    test1) write the evaluation servers' files instead. A benchmark whose files are absent is
-    a `skipped` row naming the path looked at. Gallery embeddings are cached per retriever
-    weights and gallery version; scores are also rows of the catalog table `benchmark_scores`.
+    CIRCO mAP@5/10/25/50; CIRR Recall@1/5/10/50 (reference removed), Recall_subset@1/2/3
+    and Avg(R@5,R_subset@1); FashionIQ Recall@10/50 per category and mean; GeneCIS
+    Recall@1/2/3 per task and mean; our held-out split of the triplets Recall@1/5/10 and mAP@5.
+    Benchmark images are decoded as the official loaders do; scores are exact, ties by gallery
+    order. Test splits (CIRCO test, CIRR test1) write the evaluation servers' files instead. A
+    benchmark whose files are absent is a `skipped` row naming the path looked at. Gallery
+    embeddings are cached per retriever weights, gallery version, decoding, batch size and
+    device; scores are also rows of the catalog table `benchmark_scores`.
     """
     layout, lineage = storage.layout(), catalog.catalog()
     # The device comes from the profile; the precision is evaluation's own (float32 unless set).
