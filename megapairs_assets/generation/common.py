@@ -6,7 +6,7 @@ import json
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import polars as pl
 
@@ -17,6 +17,9 @@ from megapairs_assets.generation.runner import RunStats
 from megapairs_assets.generation.store import STATUS_OK, STATUS_QUARANTINED, StoredResponse
 from megapairs_assets.lib.storage import DataLayout, DataPath, data_root_path, read_parquet
 from megapairs_assets.lineage.catalog import LineageCatalog, read_with_versions
+
+if TYPE_CHECKING:
+    from megapairs_assets.generation.settings import GenerationSettings
 
 PAIRS_ASSET = "mined_image_pairs"
 DESCRIPTIONS_ASSET = "pair_descriptions"
@@ -212,6 +215,30 @@ def generator_name(spec: BackendSpec, input_mode: str | None) -> str:
 
 def sampling_json(sampling: Mapping[str, Any]) -> str:
     return json.dumps(dict(sampling), sort_keys=True)
+
+
+def raise_if_step_calls_failing(
+    stats: RunStats, settings: GenerationSettings, step: str, shard: str, spec: BackendSpec
+) -> None:
+    """`raise_if_backend_failing` with the step's settings, its error ending with the setting
+    that holds the servers' URLs (or key), as the checks before a step name it: "connection
+    refused" alone does not say where the URL came from."""
+    from megapairs_assets.generation.backends.openai_http import failed_calls_fix
+
+    try:
+        raise_if_backend_failing(
+            stats,
+            settings.max_failure_fraction,
+            step,
+            shard,
+            spec,
+            settings.stopped_probe_timeout_s,
+        )
+    except GenerationStepError as error:
+        fix = failed_calls_fix(spec, settings.server_setting_names.get(step, {}), stats.last_error)
+        if fix is None:
+            raise
+        raise GenerationStepError(f"{error}; to fix: {fix}") from None
 
 
 def raise_if_backend_failing(

@@ -25,7 +25,6 @@ from megapairs_assets.generation.backends.base import (
     shared_backend,
 )
 from megapairs_assets.generation.backends.heuristic import HEURISTIC_BACKEND
-from megapairs_assets.generation.backends.openai_http import failed_calls_fix
 from megapairs_assets.generation.common import (
     DESCRIPTIONS_ASSET,
     GENERATED_COLUMN_DESCRIPTIONS,
@@ -36,7 +35,7 @@ from megapairs_assets.generation.common import (
     generator_name,
     lacking_provenance,
     lookup_images,
-    raise_if_backend_failing,
+    raise_if_step_calls_failing,
     read_shard_table,
     sampling_json,
 )
@@ -163,26 +162,9 @@ def describe_pairs_for_shard(
         log=log,
         warn=warn,
     )
-    try:
-        raise_if_backend_failing(
-            settled.model_stats,
-            settings.max_failure_fraction,
-            STEP,
-            shard,
-            settings.describe.backend,
-            settings.stopped_probe_timeout_s,
-        )
-    except GenerationStepError as error:
-        # Name the setting that holds the servers' URLs (or key), as the checks before a
-        # step do: "connection refused" alone does not say where the URL came from.
-        fix = failed_calls_fix(
-            settings.describe.backend,
-            settings.server_setting_names.get(STEP, {}),
-            settled.model_stats.last_error,
-        )
-        if fix is None:
-            raise
-        raise GenerationStepError(f"{error}; to fix: {fix}") from None
+    raise_if_step_calls_failing(
+        settled.model_stats, settings, STEP, shard, settings.describe.backend
+    )
     rows = settled.accepted_rows(
         model_plans,
         heuristic_plans,
