@@ -51,6 +51,7 @@ import json
 import logging
 import os
 import shutil
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
@@ -65,6 +66,12 @@ from megapairs_assets.lib.storage import write_atomic
 # Bump when what is stored changes meaning (e.g. normalised instead of raw projections).
 CACHE_FORMAT = "raw-projections-float32-v1"
 _PROJECTIONS = "projections.npy"
+# numpy parses a .npy header with ast.literal_eval, and CPython 3.11's AST constructor is not
+# safe across threads ("SystemError: AST constructor recursion depth mismatch" when two threads
+# load at once, seen once in the concurrency test): one load at a time per process. A process
+# loads an entry once per search or split, so nothing real waits on another here.
+_NPY_HEADER_LOCK = threading.Lock()
+
 _META = "meta.json"
 _LAST_USED = "last_used"
 _RETRIEVER_RECORD = "retriever.json"
@@ -156,7 +163,8 @@ class GalleryCache:
                 return None
             try:
                 meta = json.loads((entry / _META).read_text())
-                projections = np.load(entry / _PROJECTIONS)
+                with _NPY_HEADER_LOCK:
+                    projections = np.load(entry / _PROJECTIONS)
             except (OSError, ValueError):
                 return None  # damaged entry: recompute and overwrite
             if meta.get("key") != asdict(key) or projections.shape[0] != key.image_count:
