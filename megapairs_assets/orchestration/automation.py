@@ -10,6 +10,11 @@ partition's materialization names the blocking checks that failed on that partit
 partition: automation refreshes every healthy shard and holds back exactly the failing ones
 until they are re-materialized clean.
 
+`eager()` also waits while a direct dependency is in progress, but not while a dependency's own
+upstream is: when the CLIP graph of a shard lands a tick before the DINOv2 embeddings of the same
+run finish, `eager()` alone mines the shard at once and again once the DINOv2 graph follows, and
+the first mining reads a graph about to be rewritten. `upstream_in_progress` looks further up.
+
 A custom condition runs in the code server: the automation sensor sets `use_user_code_server`.
 """
 
@@ -69,10 +74,30 @@ class BlockingChecksFailed(dg.AutomationCondition):
         )
 
 
+# How far up `upstream_in_progress` looks. Two levels cover every fan-in of the graph: the KNN
+# graphs into mining (one level above them, the embeddings), and pairs, descriptions and
+# instructions into triplets.
+UPSTREAM_IN_PROGRESS_LEVELS = 2
+
+
+def upstream_in_progress(levels: int = UPSTREAM_IN_PROGRESS_LEVELS) -> dg.AutomationCondition:
+    """True while a dependency, or (for `levels` > 1) one of its own upstream assets up to that
+    many levels above, has a run in progress for a partition this one reads."""
+    condition = dg.AutomationCondition.in_progress()
+    for _ in range(levels - 1):
+        condition = dg.AutomationCondition.in_progress() | dg.AutomationCondition.any_deps_match(
+            condition
+        )
+    return dg.AutomationCondition.any_deps_match(condition).with_label(
+        f"upstream in progress (up to {levels} levels)"
+    )
+
+
 def downstream_automation() -> dg.AutomationCondition:
     """Eager refresh of a shard partition whose upstream is new or changed, unless an upstream
-    partition it reads failed a blocking check."""
+    partition it reads failed a blocking check or upstream work for it is still running."""
     return (
         dg.AutomationCondition.eager()
+        & ~upstream_in_progress()
         & ~dg.AutomationCondition.any_deps_match(BlockingChecksFailed())
-    ).with_label("eager, unless an upstream partition failed a blocking check")
+    ).with_label("eager, after upstream runs finish, unless an upstream partition failed a check")
