@@ -27,7 +27,10 @@ def corpus() -> None:
 
 def _eager(name: str, deps: list[str], *, block: bool = False) -> dg.AssetsDefinition:
     @dg.asset(
-        name=name, deps=deps, partitions_def=PARTITIONS, automation_condition=downstream_automation()
+        name=name,
+        deps=deps,
+        partitions_def=PARTITIONS,
+        automation_condition=downstream_automation(),
     )
     def _asset() -> None:
         if block and not EMBEDDING_RELEASED.is_set():
@@ -50,9 +53,7 @@ DEFS = dg.Definitions(assets=ASSETS)
 
 def _materialize(instance: dg.DagsterInstance, names: list[str], partition: str) -> None:
     selection = [a for a in ASSETS if a.key.to_user_string() in names]
-    result = dg.materialize(
-        ASSETS, selection=selection, partition_key=partition, instance=instance
-    )
+    result = dg.materialize(ASSETS, selection=selection, partition_key=partition, instance=instance)
     assert result.success
 
 
