@@ -135,6 +135,7 @@ def _embed(
     code_version: str | None = CODE_VERSION,
     reuse_unchanged: bool = True,
     log: Callable[[str], None] | None = None,
+    warn: Callable[[str], None] | None = None,
 ) -> list[StepResult]:
     run = EmbeddingRun(
         source_named(source),
@@ -148,7 +149,7 @@ def _embed(
         reuse_unchanged=reuse_unchanged,
     )
     logged = log or (lambda _: None)
-    return list(embed_shards(SHARDS, run, corpus.layout, corpus.catalog, logged))
+    return list(embed_shards(SHARDS, run, corpus.layout, corpus.catalog, logged, warn=warn))
 
 
 def _comparable(result: StepResult) -> dict:
@@ -285,15 +286,19 @@ def test_a_table_that_cannot_stand_is_embedded_again(
     damage(corpus.table("clip_image", "00000"))
 
     logged: list[str] = []
+    warned: list[str] = []
     encoder = CountingEncoder("image")
-    results = _embed(corpus, "clip_image", encoder, log=logged.append)
+    results = _embed(corpus, "clip_image", encoder, log=logged.append, warn=warned.append)
 
     assert [r.metadata["reused"] for r in results] == [False, True]
     assert encoder.loads == 1 and len(encoder.embedded) == 3
+    # A damaged table is a warning in the run log; an out-of-date one is an info line.
+    damaged = why == "unreadable"
     assert any(
         line.startswith("clip_image_embeddings[00000]: embedding it:") and why in line
-        for line in logged
-    ), logged
+        for line in (warned if damaged else logged)
+    ), (logged, warned)
+    assert damaged == bool(warned), warned
     assert _comparable(results[0]) == _comparable(first[0])
     assert all(o.passed for o in results[0].outcomes)
     assert REUSE_KEY_FIELD.encode() in pq.read_schema(corpus.table("clip_image", "00000")).metadata

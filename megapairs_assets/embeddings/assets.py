@@ -120,7 +120,9 @@ def build_embedding_asset(source: SimilaritySource) -> dg.AssetsDefinition:
             context.log.info(f"{source.embedding_asset}: reuse_unchanged is off; embedding all")
         layout, lineage = resources.storage.layout(), resources.catalog.catalog()
         # The run's shards share one input pipeline (embed_shards), handed out per shard.
-        shards = embed_shards(context.partition_keys, run, layout, lineage, context.log.info)
+        shards = embed_shards(
+            context.partition_keys, run, layout, lineage, context.log.info, warn=context.log.warning
+        )
         result = materialize_partitions(
             context,
             stage,

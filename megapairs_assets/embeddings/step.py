@@ -21,6 +21,7 @@ from megapairs_assets.embeddings.compute import (
 )
 from megapairs_assets.embeddings.encoders import LoadedEncoder, Modality
 from megapairs_assets.embeddings.reuse import (
+    DamagedTable,
     NoTable,
     NotReusable,
     ReusedShard,
@@ -116,9 +117,10 @@ def embed_shard(
     layout: DataLayout,
     catalog: LineageCatalog,
     log: Callable[[str], None] = print,
+    warn: Callable[[str], None] | None = None,
 ) -> StepResult:
     """Embed one shard's valid images (or captions) and write its table."""
-    (result,) = embed_shards([shard], run, layout, catalog, log)
+    (result,) = embed_shards([shard], run, layout, catalog, log, warn=warn)
     return result
 
 
@@ -129,14 +131,17 @@ def embed_shards(
     catalog: LineageCatalog,
     log: Callable[[str], None] = print,
     window_rows: int = STREAM_WINDOW_ROWS,
+    warn: Callable[[str], None] | None = None,
 ) -> Iterator[StepResult]:
     """`embed_shard` for each of `shards`, in order, through one input pipeline per window.
 
     Shards are taken in windows of about `window_rows` corpus rows (at least one shard): the
     window's rows go through `embed_row_groups` as one stream, so decode workers, reader threads
     and the device queue do not start again for each shard, and each shard's table is written
-    as soon as its last row is done. A window bounds the corpus rows held in memory.
+    as soon as its last row is done. A window bounds the corpus rows held in memory. `warn`
+    (default `log`) reports a damaged table found where one was kept.
     """
+    warn = warn or log
     window: list[tuple[str, pl.DataFrame, dict[str, str]]] = []
     for index, shard in enumerate(shards):
         try:
@@ -151,11 +156,11 @@ def embed_shards(
             # The shards before it are embedded and handed out first; the error then surfaces
             # when this shard is asked for, so it fails this shard, not the first of its window.
             if window:
-                yield from _embed_window(window, run, layout, log)
+                yield from _embed_window(window, run, layout, log, warn)
             raise
         window.append((shard, rows, versions))
         if sum(rows.height for _, rows, _ in window) >= window_rows or index == len(shards) - 1:
-            yield from _embed_window(window, run, layout, log)
+            yield from _embed_window(window, run, layout, log, warn)
             window = []
 
 
@@ -164,6 +169,7 @@ def _embed_window(
     run: EmbeddingRun,
     layout: DataLayout,
     log: Callable[[str], None],
+    warn: Callable[[str], None],
 ) -> Iterator[StepResult]:
     asset_name = run.source.embedding_asset
     keys = {shard: _shard_keys(rows, run) for shard, rows, _ in window}
@@ -171,7 +177,8 @@ def _embed_window(
     # changed only by removals) never needs the model; a reused shard's vectors are checked
     # here and not kept, a partly reused shard keeps only its unchanged rows' vectors.
     plans = {
-        shard: _reuse_plan(shard, rows, keys[shard], run, layout, log) for shard, rows, _ in window
+        shard: _reuse_plan(shard, rows, keys[shard], run, layout, log, warn)
+        for shard, rows, _ in window
     }
     # The rows the model must see: a whole shard, or a changed shard's new and changed rows.
     to_embed: list[tuple[str, pl.DataFrame]] = []
@@ -238,6 +245,7 @@ def _reuse_plan(
     run: EmbeddingRun,
     layout: DataLayout,
     log: Callable[[str], None],
+    warn: Callable[[str], None],
 ) -> ReusedShard | RowReuse | None:
     """What of the shard's existing table stands for this run: all of it, its unchanged rows,
     or nothing (None: embed every row)."""
@@ -249,7 +257,10 @@ def _reuse_plan(
     except NoTable:
         return None
     except NotReusable as why:
-        log(f"{asset_name}[{shard}]: embedding it: {why}")
+        # A damaged table is a warning (a disk or a copy went wrong); an out-of-date one is
+        # routine.
+        report = warn if isinstance(why, DamagedTable) else log
+        report(f"{asset_name}[{shard}]: embedding it: {why}")
         return None
     if isinstance(plan, RowReuse):
         log(

@@ -76,7 +76,9 @@ def build_knn_asset(source: SimilaritySource) -> dg.AssetsDefinition:
             context.log.info(f"{source.knn_asset}: reuse_unchanged is off; searching all")
         # Shards whose inputs are unchanged keep their graphs (knn/reuse.py); the corpus index
         # is built only when a shard has to be searched.
-        step = plan_knn_step(context.partition_keys, run, layout, lineage, context.log.info)
+        step = plan_knn_step(
+            context.partition_keys, run, layout, lineage, context.log.info, context.log.warning
+        )
         result = materialize_partitions(
             context,
             stage,

@@ -25,6 +25,7 @@ import polars as pl
 from megapairs_assets.embeddings.compute import read_embedding_table
 from megapairs_assets.embeddings.sources import SimilaritySource
 from megapairs_assets.knn.reuse import (
+    DamagedTable,
     NoTable,
     NotReusable,
     TableFooter,
@@ -275,11 +276,14 @@ class KnnStep:
         log: Callable[[str], None],
         state: CorpusState | None,
         planned_reuse: set[str],
+        warn: Callable[[str], None] | None = None,
     ) -> None:
         self.run = run
         self.layout = layout
         self.catalog = catalog
         self.log = log
+        # A damaged kept table is a warning; a table that is merely out of date is routine.
+        self.warn = warn or log
         self.planned_reuse = planned_reuse
         self._state = state
         self._corpus: CorpusIndex | None = None
@@ -325,7 +329,8 @@ class KnnStep:
                 path = self.layout.shard_table(run.source.knn_asset, shard)
                 neighbors, outcomes = reusable_graph(path, key, run.k)
             except NotReusable as why:
-                self.log(f"{run.source.knn_asset}[{shard}]: searching it: {why}")
+                report = self.warn if isinstance(why, DamagedTable) else self.log
+                report(f"{run.source.knn_asset}[{shard}]: searching it: {why}")
             else:
                 self.log(f"{run.source.knn_asset}[{shard}]: inputs unchanged, table reused")
                 return _describe(
@@ -357,6 +362,7 @@ def plan_knn_step(
     layout: DataLayout,
     catalog: LineageCatalog,
     log: Callable[[str], None] = print,
+    warn: Callable[[str], None] | None = None,
 ) -> KnnStep:
     """Decide which of `shards` keep their graphs, from footers only (each corpus table's and
     each shard's graph's), and build the corpus index now unless every shard keeps its graph.
@@ -380,7 +386,8 @@ def plan_knn_step(
             except NoTable:
                 continue
             except NotReusable as why:
-                log(f"{run.source.knn_asset}[{shard}]: searching it: {why}")
+                report = (warn or log) if isinstance(why, DamagedTable) else log
+                report(f"{run.source.knn_asset}[{shard}]: searching it: {why}")
                 continue
             if stored == key:
                 planned.add(shard)
@@ -388,7 +395,7 @@ def plan_knn_step(
                 log(
                     f"{run.source.knn_asset}[{shard}]: searching it: its inputs or settings changed"
                 )
-    step = KnnStep(run, layout, catalog, log, state, planned)
+    step = KnnStep(run, layout, catalog, log, state, planned, warn)
     if len(planned) < len(shards):
         step.corpus_index()
     return step
