@@ -169,4 +169,3 @@ def _step_executor(env: Mapping[str, str], deployment: str) -> str:
             f"MEGAPAIRS_STEP_EXECUTOR must be one of {', '.join(STEP_EXECUTORS)}, got {chosen!r}"
         )
     return chosen
-

@@ -106,9 +106,13 @@ def test_unchanged_settings_leave_every_shard_up_to_date(corpus_run) -> None:
 def test_the_catalog_records_the_code_version_dagster_shows(corpus_run) -> None:
     _, home, _, defs, _, _ = corpus_run
     shown = _code_versions(defs)["image_corpus"]
-    recorded = LineageCatalog(home / "catalog.duckdb").query(
-        "SELECT DISTINCT code_version FROM materializations WHERE asset = 'image_corpus'"
-    )["code_version"].to_list()
+    recorded = (
+        LineageCatalog(home / "catalog.duckdb")
+        .query("SELECT DISTINCT code_version FROM materializations WHERE asset = 'image_corpus'")[
+            "code_version"
+        ]
+        .to_list()
+    )
     assert "+s." in shown and recorded == [shown]
 
 

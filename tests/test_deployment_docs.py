@@ -146,31 +146,53 @@ def test_the_image_serves_the_module_the_chart_and_workspace_name() -> None:
 # on PyPI, so its schema cannot be loaded offline.
 CHART_KEYS = {
     (): {
-        "global", "generatePostgresqlPasswordSecret", "dagster-user-deployments", "runLauncher",
-        "postgresql", "dagsterDaemon", "dagsterWebserver", "concurrency",
+        "global",
+        "generatePostgresqlPasswordSecret",
+        "dagster-user-deployments",
+        "runLauncher",
+        "postgresql",
+        "dagsterDaemon",
+        "dagsterWebserver",
+        "concurrency",
     },
     ("global",): {"postgresqlSecretName"},
     ("dagster-user-deployments",): {"enabled", "deployments"},
     ("dagster-user-deployments", "deployments", "*"): {
-        "name", "image", "dagsterApiGrpcArgs", "port", "includeConfigInLaunchedRuns", "env",
-        "envSecrets", "volumes", "volumeMounts", "resources",
+        "name",
+        "image",
+        "dagsterApiGrpcArgs",
+        "port",
+        "includeConfigInLaunchedRuns",
+        "env",
+        "envSecrets",
+        "volumes",
+        "volumeMounts",
+        "resources",
     },
     ("runLauncher",): {"type", "config"},
     ("runLauncher", "config"): {"k8sRunLauncher"},
     ("runLauncher", "config", "k8sRunLauncher"): {"envSecrets", "runK8sConfig"},
     ("runLauncher", "config", "k8sRunLauncher", "runK8sConfig"): {
-        "containerConfig", "podSpecConfig",
+        "containerConfig",
+        "podSpecConfig",
     },
     ("postgresql",): {
-        "enabled", "postgresqlHost", "postgresqlUsername", "postgresqlDatabase", "service",
+        "enabled",
+        "postgresqlHost",
+        "postgresqlUsername",
+        "postgresqlDatabase",
+        "service",
     },
     ("dagsterDaemon",): {"enabled", "runCoordinator", "runMonitoring", "runRetries"},
     ("dagsterDaemon", "runCoordinator"): {"enabled", "type", "config"},
     ("dagsterDaemon", "runCoordinator", "config", "queuedRunCoordinator"): {
-        "maxConcurrentRuns", "tagConcurrencyLimits",
+        "maxConcurrentRuns",
+        "tagConcurrencyLimits",
     },
     ("dagsterDaemon", "runMonitoring"): {
-        "enabled", "startTimeoutSeconds", "maxResumeRunAttempts",
+        "enabled",
+        "startTimeoutSeconds",
+        "maxResumeRunAttempts",
     },
     ("dagsterDaemon", "runRetries"): {"enabled", "maxRetries", "retryOnAssetOrOpFailure"},
     ("concurrency",): {"enabled", "pools"},
@@ -212,8 +234,9 @@ def test_pools_and_run_queue_agree_between_the_instance_file_and_the_chart() -> 
 def test_the_readme_names_the_pools_the_assets_use() -> None:
     code = _code_text()
     set_pools = {
-        argv[argv.index("set") + 1] for argv in _readme_commands() if "concurrency" in argv and
-        "set" in argv
+        argv[argv.index("set") + 1]
+        for argv in _readme_commands()
+        if "concurrency" in argv and "set" in argv
     }
     assert set_pools == {"gpu", "generation"}
     for pool in set_pools:

@@ -505,9 +505,12 @@ def test_each_materialization_links_to_its_catalog_record_and_shows_its_columns(
     columns = [c.name for c in metadata["dagster/column_schema"].columns]
     # Each column says what it holds (the descriptions travel with the Dagster event).
     assert all(c.description for c in metadata["dagster/column_schema"].columns)
-    assert columns == pl.read_parquet_schema(
-        DataLayout(home).shard_table("mined_image_pairs", "00001")
-    ).names()
+    assert (
+        columns
+        == pl.read_parquet_schema(
+            DataLayout(home).shard_table("mined_image_pairs", "00001")
+        ).names()
+    )
     embedding = _latest_metadata(instance, "clip_image_embeddings", "00000")
     assert embedding["model_ids"] and "embedding" in {
         c.name for c in embedding["dagster/column_schema"].columns

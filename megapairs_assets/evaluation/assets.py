@@ -240,9 +240,7 @@ def build_rescore_sensor(default_status: dg.DefaultSensorStatus) -> dg.SensorDef
 HELDOUT_BENCHMARK = "heldout"
 
 
-def stale_base_heldout_request(
-    instance: dg.DagsterInstance, base_id: str
-) -> list[dg.RunRequest]:
+def stale_base_heldout_request(instance: dg.DagsterInstance, base_id: str) -> list[dg.RunRequest]:
     """The base retriever's held-out score again when it predates the newest triplets: the
     held-out split comes with them, so a base scored before them (a fresh instance's sensor
     scores it at once, on no split) or on older ones would not compare with the trained
