@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -120,6 +121,30 @@ def test_a_step_stream_hands_out_partitions_in_its_order() -> None:
         stream("c")
     with pytest.raises(RuntimeError, match="ended before partition 'd'"):
         stream("d")
+
+
+def test_a_step_stream_runs_its_generator_to_the_end_after_the_last_partition() -> None:
+    # What a generator does after its last result (the embeddings' final progress line, the
+    # loader's drain) happens when the last partition is handed out, not at garbage collection.
+    finished: list[str] = []
+
+    def results() -> Iterator[StepResult]:
+        yield StepResult(partition="a")
+        yield StepResult(partition="b")
+        finished.append("done")
+
+    stream = StepStream(results(), ["a", "b"])
+    stream("a")
+    assert finished == []
+    assert stream("b").partition == "b"
+    assert finished == ["done"]
+
+    def one_too_many() -> Iterator[StepResult]:
+        yield StepResult(partition="a")
+        yield StepResult(partition="z")
+
+    with pytest.raises(RuntimeError, match="gave partition 'z' after the run's last, 'a'"):
+        StepStream(one_too_many(), ["a"])("a")
 
 
 def test_a_shard_without_its_corpus_table_fails_alone(tmp_path: Path) -> None:

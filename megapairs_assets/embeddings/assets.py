@@ -126,7 +126,7 @@ def build_embedding_asset(source: SimilaritySource) -> dg.AssetsDefinition:
         result = materialize_partitions(
             context,
             stage,
-            StepStream(shards),
+            StepStream(shards, context.partition_keys),
             lineage,
             resources.storage.profile,
             run_metadata={

@@ -13,7 +13,7 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import time
-from collections.abc import Callable, Collection, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -267,11 +267,17 @@ class StepStream:
     For stages whose partitions share one input pipeline (embeddings: one loader across
     shards), the stream yields each partition's result in the order `materialize_partitions`
     asks for them. A partition's outputs are written when its result is asked for (the stream
-    is suspended in between), so `run_recorded`'s pending record still comes first.
+    is suspended in between), so `run_recorded`'s pending record still comes first. Given the
+    run's `partitions`, the stream is run to its end once the last one is handed out, so what
+    a generator does after its last result (a progress line, closing its loader) happens
+    within the step rather than whenever the generator is collected.
     """
 
-    def __init__(self, results: Iterator[StepResult]) -> None:
+    def __init__(
+        self, results: Iterator[StepResult], partitions: Sequence[str] | None = None
+    ) -> None:
         self._results = results
+        self._last = partitions[-1] if partitions else None
 
     def __call__(self, partition: str) -> StepResult:
         try:
@@ -283,4 +289,10 @@ class StepStream:
                 f"the step's stream gave partition {result.partition!r} where {partition!r} "
                 "was asked for: partitions must be asked for in the stream's order"
             )
+        if partition == self._last:
+            for extra in self._results:
+                raise RuntimeError(
+                    f"the step's stream gave partition {extra.partition!r} after the run's last, "
+                    f"{partition!r}"
+                )
         return result
