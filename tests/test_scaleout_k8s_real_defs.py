@@ -84,15 +84,23 @@ def test_every_gpu_asset_of_the_paper_definitions_asks_for_gpus(tmp_path: Path) 
     # A CPU asset asks for no GPU.
     (cpu_pod,) = render_step_pods(defs, ["mined_image_pairs"]).values()
     assert _gpu_limit(cpu_pod) is None
+    # Off the cluster, the asset pages show no placement tags (the machine is not a pod's).
+    graph = defs.resolve_asset_graph()
+    for name in GPU_ASSETS:
+        tags = graph.get(dg.AssetKey(name)).tags
+        assert not any(key.startswith("megapairs/") for key in tags), (name, tags)
 
 
 _CLUSTER_SCRIPT = """
 import json, sys
 from pathlib import Path
+import dagster as dg
 from megapairs_assets.definitions import build_definitions
 from tests.test_scaleout_k8s_real_defs import GPU_ASSETS, _knn_assets, render_step_pods
 defs = build_definitions("paper", Path(sys.argv[1]))
-print(json.dumps(render_step_pods(defs, [*GPU_ASSETS, *_knn_assets(defs)])))
+graph = defs.resolve_asset_graph()
+tags = {name: dict(graph.get(dg.AssetKey(name)).tags) for name in GPU_ASSETS}
+print(json.dumps([render_step_pods(defs, [*GPU_ASSETS, *_knn_assets(defs)]), tags]))
 """
 
 
@@ -109,8 +117,11 @@ def test_on_the_cluster_training_takes_the_profiles_gpus_on_gpu_nodes(tmp_path: 
         check=False,
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    pods = json.loads(done.stdout.strip().splitlines()[-1])
+    pods, tags = json.loads(done.stdout.strip().splitlines()[-1])
     assert len(pods) == len(GPU_ASSETS) + 3
+    # On the cluster, each asset's page says what its step asks for.
+    assert tags["mmret_clip_checkpoint"]["megapairs/gpu"] == "4"
+    assert tags["benchmark_scores"]["megapairs/gpu"] == "1"
     for name, pod in pods.items():
         (container,) = pod["containers"]
         expected = "4" if name == "mmret_clip_checkpoint" else "1"

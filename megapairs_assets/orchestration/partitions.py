@@ -31,15 +31,18 @@ DOWNSTREAM_AUTOMATION = downstream_automation()
 
 
 def step_placement(gpu: int = 0, memory: str | None = None) -> dict[str, Any]:
-    """Asset tags saying what a step needs, and the dagster-k8s op tags that request it.
+    """The dagster-k8s op tags that request what a step needs, and on a cluster the asset tags
+    saying it.
 
     On a cluster (`MEGAPAIRS_DEPLOYMENT=cluster`) the k8s executor reads the op tags; GPU steps
-    also get the node selector and tolerations from the environment. Elsewhere they are inert.
+    also get the node selector and tolerations from the environment. Elsewhere the op tags are
+    inert, and the asset tags (shown on each asset's page) are left out: "gpu: 8, 192Gi" on a
+    laptop's demo would describe a machine the step does not run on.
     """
     settings = ClusterSettings.from_env()
     tags = step_resource_tags(gpu=gpu, memory=memory)
     return {
-        "tags": tags,
+        "tags": tags if settings.is_cluster else {},
         "op_tags": k8s_op_tags(tags, settings.gpu_node_selector, settings.gpu_tolerations),
     }
 
