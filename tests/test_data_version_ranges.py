@@ -99,10 +99,23 @@ def test_a_shard_keeps_its_content_version_alone_or_in_a_range(tmp_path: Path) -
     assert _version(instance, "00002") == (
         _latest(instance, "00002").metadata["content_version"].value
     )
-    # The latest event keeps the partition's metadata and Dagster's provenance tags.
+    # The latest event keeps the partition's metadata (its own first, then the range's) and
+    # Dagster's provenance tags.
     latest = _latest(instance, "00002")
     assert latest.metadata["dagster/row_count"].value == 1
     assert latest.tags["dagster/code_version"] == STAGE.code_version
+    keys = list(latest.metadata)
+    assert keys.index("dagster/row_count") < keys.index("run_partitions")
+    # The range's first event of each partition holds only the range's totals: a partition's
+    # figures and thumbnails are stored once, not twice per shard.
+    records = instance.fetch_materializations(
+        dg.AssetRecordsFilter(asset_key=dg.AssetKey(STAGE.asset_name), asset_partitions=["00002"]),
+        limit=10,
+    ).records
+    this_run = [r for r in records if r.run_id == records[0].run_id]
+    first = this_run[-1].asset_materialization
+    assert len(this_run) == 2 and first is not None
+    assert "run_partitions" in first.metadata and "dagster/row_count" not in first.metadata
 
     # Re-mining the same bytes in another range leaves the dependants fresh.
     assert dg.materialize(assets[:1], instance=instance, tags=_range("00001", "00002")).success

@@ -572,7 +572,9 @@ def rows_from_evaluations(evaluations: list, defs) -> list[CheckRow]:
         metadata = {k: getattr(v, "value", v) for k, v in evaluation.metadata.items()}
         checked = _split(metadata.get("partitions_checked"))
         failing = set(_split(metadata.get("failing_partitions")))
-        details = json.loads(metadata.get("failures_by_partition") or "{}")
+        details = metadata.get("failures_by_partition") or {}
+        if isinstance(details, str):  # recorded as JSON text before it was JSON metadata
+            details = json.loads(details)
         for partition in checked or ["-"]:
             passed = evaluation.passed or partition not in failing
             rows.append(

@@ -27,7 +27,6 @@ also in its metadata (`content_version`).
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -109,6 +108,7 @@ def materialize_partitions(
         )
     results: list[StepResult] = []
     versions: dict[str, str] = {}
+    own_metadata: dict[str, dict[str, Any]] = {}
     started = time.perf_counter()
     # Across a range (a backfill runs up to 64 shards per step): done/total, rate and ETA in the
     # run log, whatever progress the stage itself reports within a shard (log only: the stage's
@@ -136,7 +136,9 @@ def materialize_partitions(
                 # holds back this partition's dependants while it is set (automation.py).
                 FAILING_BLOCKING_CHECKS_KEY: ", ".join(failing_blocking) or NO_FAILURE,
             }
-            context.add_asset_metadata(metadata, partition_key=partition)
+            own_metadata[partition] = metadata
+            if len(partitions) == 1:
+                context.add_asset_metadata(metadata, partition_key=partition)
     over_range.close()
     elapsed_s = time.perf_counter() - started
     totals: dict[str, Any] = {
@@ -157,7 +159,7 @@ def materialize_partitions(
                 data_version=dg.DataVersion(next(iter(versions.values()))),
             )
         )
-    return _range_step_events(context, totals, versions, checks)
+    return _range_step_events(context, totals, versions, checks, own_metadata)
 
 
 # The event tag holding a materialization's data version (dagster's DATA_VERSION_TAG, which
@@ -176,14 +178,17 @@ def _range_step_events(
     totals: Mapping[str, Any],
     versions: Mapping[str, str],
     checks: list[dg.AssetCheckResult],
+    own_metadata: Mapping[str, Mapping[str, Any]],
 ) -> Iterator[StepEvent]:
     """A range step's events: its output (one materialization per partition, all with one data
-    version), then each partition again with its own data version, then the checks.
+    version and the range's totals), then each partition again with its own data version and
+    metadata (its own figures first, then the range's), then the checks.
 
-    The second events copy the first ones' metadata and provenance tags from the instance (they
-    are stored once the output is handled, before this generator resumes); only the data version
-    differs. A partition whose first event cannot be read back still gets its own version, with
-    the provenance Dagster needs to compare code versions.
+    The second events copy the first ones' provenance tags from the instance (they are stored
+    once the output is handled, before this generator resumes). Only the second events carry a
+    partition's figures, thumbnails and tables: the first would store them twice per shard. A
+    partition whose first event cannot be read back still gets its own version, with the
+    provenance Dagster needs to compare code versions.
     """
     # Dagster gives every partition of this event one data version; the events below give each
     # its own. This one takes the last partition's, which is also what the asset's newest
@@ -196,6 +201,7 @@ def _range_step_events(
     first_events = _this_runs_materializations(context, key, list(versions))
     for partition, version in versions.items():
         event = first_events.get(partition)
+        metadata = {**own_metadata.get(partition, {}), **totals, "content_version": version}
         if event is None:
             context.log.warning(
                 f"{key.to_user_string()}[{partition}]: its materialization was not found to copy; "
@@ -203,9 +209,8 @@ def _range_step_events(
             )
             code_version = context.assets_def.code_versions_by_key.get(key)
             tags = {"dagster/code_version": code_version} if code_version else {}
-            metadata: Mapping[str, Any] = {**totals, "content_version": version}
         else:
-            tags, metadata = dict(event.tags or {}), event.metadata
+            tags = dict(event.tags or {})
         tags[DATA_VERSION_TAG] = version
         tags["dagster/data_version_is_user_provided"] = "true"
         yield dg.AssetMaterialization(key, partition=partition, metadata=metadata, tags=tags)
@@ -412,7 +417,9 @@ def check_results(stage: Stage, results: Iterable[StepResult]) -> list[dg.AssetC
                     "failing_rows": sum(o.failing_rows for _, o in failing),
                     "examples": ", ".join(e for _, o in failing for e in o.examples[:5]) or "-",
                     # Machine-readable per-partition details (`megapairs check` prints them).
-                    "failures_by_partition": json.dumps({p: o.detail for p, o in failing}),
+                    "failures_by_partition": dg.MetadataValue.json(
+                        {p: o.detail for p, o in failing}
+                    ),
                 },
             )
         )
