@@ -16,6 +16,7 @@ from jobs import all_jobs
 from megapairs_assets.corpus.assets import STAGE as CORPUS_STAGE
 from megapairs_assets.corpus.assets import build_shards_sensor, image_corpus
 from megapairs_assets.embeddings.assets import embedding_assets, embedding_stages
+from megapairs_assets.evaluation.assets import STAGE as SCORES_STAGE
 from megapairs_assets.evaluation.assets import (
     benchmark_scores,
     build_checkpoint_sensor,
@@ -41,6 +42,8 @@ warnings.filterwarnings("ignore", message=".*use_user_code_server.*is currently 
 MINING_HALF = [image_corpus, *embedding_assets, *knn_assets, mined_image_pairs]
 ALL_ASSETS = [*MINING_HALF, *generation_assets, mmret_clip_checkpoint, benchmark_scores]
 SHARD_STAGES = [CORPUS_STAGE, *embedding_stages, *knn_stages, MINING_STAGE, *generation_stages]
+# Every stage whose code version carries the settings that shape its output.
+SETTINGS_STAGES = [*SHARD_STAGES, SCORES_STAGE]
 
 
 def _status(running: bool) -> dg.DefaultSensorStatus:
@@ -83,7 +86,7 @@ def build_definitions(
     # setting shows as "code version changed" on exactly the assets that read it.
     settings_by_asset = {
         stage.asset_name: (stage.code_version, stage.settings)
-        for stage in SHARD_STAGES
+        for stage in SETTINGS_STAGES
         if stage.settings is not None
     }
     return dg.Definitions(

@@ -6,8 +6,9 @@ from types import SimpleNamespace
 
 import pytest
 
-from megapairs_assets.embeddings.assets import embedding_settings, weights_label
+from megapairs_assets.embeddings.assets import embedding_settings
 from megapairs_assets.embeddings.sources import source_named
+from megapairs_assets.orchestration.settings_version import weights_label
 
 
 @pytest.mark.parametrize(

@@ -1,6 +1,5 @@
 """Dagster wiring of the three embedding tables: one factory over the source registry."""
 
-from pathlib import PurePath
 from typing import Any
 
 import dagster as dg
@@ -25,6 +24,7 @@ from megapairs_assets.orchestration.settings_version import (
     SettingsOf,
     fields,
     settings_code_version,
+    weights_label,
 )
 from megapairs_assets.orchestration.shard_step import Stage, materialize_partitions
 
@@ -47,29 +47,6 @@ def embedding_settings(source: SimilaritySource) -> SettingsOf:
         return {"encoder": encoder, "dtype": resources.device.dtype}
 
     return settings
-
-
-# File and folder names that libraries give every model's weights alike (transformers,
-# open_clip, sentence-transformers packages): alone they would make two models look the same.
-_GENERIC_WEIGHT_NAMES = {
-    "model",
-    "models",
-    "weights",
-    "checkpoint",
-    "model.safetensors",
-    "pytorch_model.bin",
-    "open_clip_pytorch_model.bin",
-    "open_clip_model.safetensors",
-}
-
-
-def weights_label(model: str) -> str:
-    """A model id or weights path as the code version counts it: its last part, with the
-    folder above when that part is a name every model's weights share (`.../minilm/model`)."""
-    path = PurePath(model)
-    if path.name.lower() in _GENERIC_WEIGHT_NAMES and path.parent.name:
-        return f"{path.parent.name}/{path.name}"
-    return path.name
 
 
 def embedding_stage(source: SimilaritySource) -> Stage:

@@ -7,6 +7,8 @@ scored runs again. `rescore_trained_checkpoints` re-scores a checkpoint only whe
 materialized again after its last scores.
 """
 
+from typing import Any
+
 import dagster as dg
 
 from megapairs_assets.evaluation.catalog_rows import SCORES_TABLE
@@ -23,6 +25,7 @@ from megapairs_assets.evaluation.step import (
 )
 from megapairs_assets.lib.step import StepResult
 from megapairs_assets.orchestration.partitions import step_placement
+from megapairs_assets.orchestration.settings_version import fields, weights_label
 from megapairs_assets.orchestration.shard_step import Stage, materialize_partitions
 from megapairs_assets.training.names import ASSET_NAME as CHECKPOINT_ASSET
 from resources.device import DeviceResource
@@ -39,11 +42,26 @@ score_partitions = dg.MultiPartitionsDefinition(
     {RETRIEVER_DIMENSION: retriever_partitions, BENCHMARK_DIMENSION: benchmark_partitions}
 )
 
+
+def score_settings(resources: Any) -> dict[str, Any]:
+    """What decides the scores besides the retriever and the benchmark's files: the base
+    retriever, the held-out split and the numbers the retriever runs in (not batch sizes,
+    workers or where the benchmarks sit)."""
+    evaluation = resources.evaluation
+    settings = fields(
+        evaluation, ("base_model", "heldout_fraction", "heldout_max_queries", "precision")
+    )
+    if evaluation.base_pretrained:
+        settings["base_pretrained"] = weights_label(evaluation.base_pretrained)
+    return settings
+
+
 STAGE = Stage(
     ASSET_NAME,
     "benchmark-scores-v2",
     SCORE_CHECKS,
     SCORE_WARNINGS,
+    settings=score_settings,
     # The catalog's words for the same columns (its extra `partition` column is not in the file).
     columns={name: text for name, text in SCORES_TABLE.column_docs if name in SCORE_COLUMNS},
 )

@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Callable, Iterable, Mapping
+from pathlib import PurePath
 from types import SimpleNamespace
 from typing import Any
 
@@ -92,3 +93,26 @@ def fields(resource: Any, names: Iterable[str]) -> dict[str, Any]:
         value = getattr(resource, name)
         values[name] = value.model_dump() if hasattr(value, "model_dump") else value
     return values
+
+
+# File and folder names that libraries give every model's weights alike (transformers,
+# open_clip, sentence-transformers packages): alone they would make two models look the same.
+_GENERIC_WEIGHT_NAMES = {
+    "model",
+    "models",
+    "weights",
+    "checkpoint",
+    "model.safetensors",
+    "pytorch_model.bin",
+    "open_clip_pytorch_model.bin",
+    "open_clip_model.safetensors",
+}
+
+
+def weights_label(model: str) -> str:
+    """A model id or weights path as the code version counts it: its last part, with the
+    folder above when that part is a name every model's weights share (`.../minilm/model`)."""
+    path = PurePath(model)
+    if path.name.lower() in _GENERIC_WEIGHT_NAMES and path.parent.name:
+        return f"{path.parent.name}/{path.name}"
+    return path.name
