@@ -33,9 +33,15 @@ DEFAULT_LICENCE = "unspecified: set `licence` in the generation settings"
 class PairSample:
     """Which pairs of a shard go to the model; the rest go to the heuristic (or nowhere).
 
-    A pair is in the sample when a keyed hash of (seed, pair id) falls under `fraction`;
-    `max_pairs_per_shard` then keeps the lowest-ranked ones. Both depend on the pair id only,
-    so the sample does not move when runs are split differently.
+    A pair is in the sample when a keyed hash of (seed, pair id) falls under `fraction`, so
+    without a cap each pair's membership depends on its own id only. `max_pairs_per_shard`
+    caps the sample, and a capped sample cannot be both a function of the shard's current pairs
+    alone and stable when pairs come and go: a shard's pairs change legitimately when shards are
+    added (a query's best in-band neighbours may now lie in the new shard), and the lowest-
+    ranked pairs of the new set are then other pairs than before although the sampled ones are
+    still there. So `select` takes the shard's previous sample (`keep`): its members stay while
+    they are still pairs of the shard, and only the places of members that left are filled,
+    lowest-ranked first. With no previous sample it is the `max_pairs_per_shard` lowest-ranked.
     """
 
     fraction: float = 1.0
@@ -47,14 +53,24 @@ class PairSample:
         if self.max_pairs_per_shard is not None and self.max_pairs_per_shard < 0:
             raise ValueError("max_pairs_per_shard must be >= 0")
 
-    def select(self, pair_ids: Iterable[str], seed: int) -> set[str]:
-        """The sampled pair ids among `pair_ids`."""
-        ranked = sorted((keyed_u64(seed, "model_sample", pid), pid) for pid in set(pair_ids))
+    def select(self, pair_ids: Iterable[str], seed: int, keep: Iterable[str] = ()) -> set[str]:
+        """The sampled pair ids among `pair_ids`.
+
+        `keep`: the pair ids sampled last time (e.g. the model-described pairs of the shard's
+        previous descriptions table). Those still in `pair_ids` and under `fraction` are kept
+        first (the lowest-ranked of them if the cap has since been lowered); the rest of the
+        places go to the lowest-ranked other pairs. Without a cap, `keep` changes nothing.
+        """
         threshold = self.fraction * 2.0**64
-        chosen = [pid for rank, pid in ranked if rank < threshold]
-        if self.max_pairs_per_shard is not None:
-            chosen = chosen[: self.max_pairs_per_shard]
-        return set(chosen)
+        ranked = sorted((keyed_u64(seed, "model_sample", pid), pid) for pid in set(pair_ids))
+        eligible = [pid for rank, pid in ranked if rank < threshold]
+        if self.max_pairs_per_shard is None:
+            return set(eligible)
+        previous = set(keep)
+        kept = [pid for pid in eligible if pid in previous][: self.max_pairs_per_shard]
+        places = self.max_pairs_per_shard - len(kept)
+        newcomers = [pid for pid in eligible if pid not in previous][:places]
+        return set(kept) | set(newcomers)
 
 
 @dataclass(frozen=True)
