@@ -92,10 +92,17 @@ def test_transformers_backend_end_to_end_on_tiny_local_models(
     )
     assert factory.built == 1  # nothing to generate: the model is never even built
     assert second.metadata["model_calls"] == 0 and second.metadata["model_cache_hits"] == 6
-    # The full breakdown is one table (model, heuristic, all), not dozens of loose numbers.
+    # The full breakdown is one table (model, heuristic, all), not dozens of loose numbers:
+    # a row per figure, so it stays four columns wide.
     table = second.markdown["requests"].splitlines()
-    assert [line.split("|")[1].strip() for line in table[2:]] == ["model", "heuristic", "all"]
-    assert "cache_hits" in table[0] and "retries" in table[0]
+    assert [cell.strip() for cell in table[0].split("|")[1:-1]] == [
+        "figure",
+        "model",
+        "heuristic",
+        "all",
+    ]
+    figures = [line.split("|")[1].strip() for line in table[2:]]
+    assert "cache_hits" in figures and "retries" in figures
     # A dozen plotted figures plus model_retries, rows_by_served_model (provenance) and
     # model_descriptions_top_share (a model that writes one text for every pair).
     assert len(second.metadata) <= 15

@@ -101,7 +101,7 @@ def test_a_named_config_trains_on_all_triplet_shards(tmp_path: Path, demo_models
     # Every image was found through its id, although the tables' own paths lead nowhere.
     assert checks["images_loaded"]
     metadata = result.asset_materializations_for_node("mmret_clip_checkpoint")[0].metadata
-    assert metadata["rows_training_rows"].value == 12 and metadata["rows_steps"].value == 3
+    assert metadata["rows_training"].value == 12 and metadata["steps"].value == 3
     assert "loss_plot" in metadata and metadata["samples_per_s"].value > 0
     record = catalog.query(
         "SELECT input_versions, status FROM materializations WHERE asset = ?",

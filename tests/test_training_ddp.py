@@ -47,7 +47,7 @@ def test_two_cpu_ranks_gather_candidates_and_match_one_device(
             )
     two = results[2]
     assert two.config["resolved_strategy"] == "ddp_spawn"
-    assert two.row_counts["steps"] == 4
+    assert two.metadata["steps"] == 4
     assert all(outcome.passed for outcome in two.outcomes)
     # Each rank scores its 4 queries against all 8 x 4 images of both ranks: the same loss as
     # one device with the whole batch (a rank seeing only its own images would differ).

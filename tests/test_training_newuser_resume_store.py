@@ -120,7 +120,7 @@ def test_a_retry_on_a_fresh_machine_resumes_from_the_uploaded_checkpoint(
     said: list[str] = []
     with OneThread():
         result = train_checkpoint("remote", config, [triplets], layout("pod2"), log=said.append)
-    assert result.metadata["resumed_from_step"] == 2 and result.row_counts["steps"] == 4
+    assert result.metadata["resumed_from_step"] == 2 and result.metadata["steps"] == 4
     assert any("fetched the resume point of step 2" in line for line in said), said
     # Every checkpoint after the fetch went to last.ckpt (the resume point), no `last-v1.ckpt`.
     assert [p.name for p in (tmp_path / "pod2/training/remote/lightning").iterdir()] == [

@@ -60,7 +60,7 @@ def test_overfits_a_small_batch_and_open_clip_reloads_the_export(
         "images_loaded": True,
     }
     assert result.input_versions == {"triplets/00000": "m-1"}
-    assert result.row_counts["steps"] == 24 and result.metadata["samples_per_s"] > 0
+    assert result.metadata["steps"] == 24 and result.metadata["samples_per_s"] > 0
 
     # The export loads through open_clip both ways, and gives exactly the trained weights'
     # embeddings (taken here from the Lightning checkpoint, independently of the export).
@@ -155,7 +155,7 @@ def test_run_killed_mid_epoch_resumes_at_the_checkpointed_step(
         )
 
     assert resumed.metadata["resumed_from_step"] == saved_step
-    assert resumed.row_counts["steps"] == 8
+    assert resumed.metadata["steps"] == 8
     curve = read_loss_curve(resumed.outputs["loss_curve"])
     assert curve["step"].to_list() == list(range(1, 9))
     # Same batches, same optimizer state: the interrupted run ends where an uninterrupted one does.
@@ -194,7 +194,7 @@ def test_finished_run_is_not_trained_again_and_new_data_starts_over(
     with OneThread():
         again = train_checkpoint("again", config, [triplets], layout, log=said.append)
     assert any("last.ckpt is gone" in line for line in said), said
-    assert again.row_counts["steps"] == 4 and again.metadata["resumed_from_step"] == 0
+    assert again.metadata["steps"] == 4 and again.metadata["resumed_from_step"] == 0
 
 
 def test_with_the_data_root_on_an_object_store_results_are_uploaded(

@@ -3,7 +3,9 @@
 With matplotlib installed, grouped bars rendered to a PNG embedded in Markdown; without it,
 the same comparison as Markdown text bars (so the page never depends on an optional package).
 Metrics read in their family's order, then by K as a number (`mAP@5, mAP@10, mAP@25, mAP@50`,
-not the string order), and the PNG's legend sits right of the axes so it hides no bar.
+not the string order), and the PNG's legend sits right of the axes so it hides no bar. Given
+the base model's retriever id, each retriever is named by its role, `base (<id>)` first and
+`trained (<id>)` after it: two ids of one architecture read alike.
 """
 
 from __future__ import annotations
@@ -52,15 +54,36 @@ def ordered_scores(rows: pl.DataFrame) -> pl.DataFrame:
     return rows[order]
 
 
-def comparison_markdown(scores: pl.DataFrame, title: str) -> str:
-    """Markdown comparing retrievers per metric (`retriever_id`, `split`, `metric`, `value`)."""
+def retriever_label(retriever_id: str, base_retriever_id: str | None) -> str:
+    """`base (<id>)` for the base model, `trained (<id>)` for any other retriever; the bare id
+    when the base is not known."""
+    if base_retriever_id is None:
+        return retriever_id
+    role = "base" if retriever_id == base_retriever_id else "trained"
+    return f"{role} ({retriever_id})"
+
+
+def _labelled_retrievers(rows: pl.DataFrame, base_retriever_id: str | None) -> pl.DataFrame:
+    """`rows` with the retriever's label in `retriever`, the base model's rows first (a stable
+    sort: the metric order within each retriever is kept)."""
+    labels = [retriever_label(r, base_retriever_id) for r in rows["retriever_id"]]
+    return rows.with_columns(retriever=pl.Series(labels, dtype=pl.String)).sort(
+        pl.col("retriever_id") != (base_retriever_id or ""), maintain_order=True
+    )
+
+
+def comparison_markdown(
+    scores: pl.DataFrame, title: str, base_retriever_id: str | None = None
+) -> str:
+    """Markdown comparing retrievers per metric (`retriever_id`, `split`, `metric`, `value`);
+    with `base_retriever_id`, retrievers are named `base (<id>)` / `trained (<id>)`."""
     rows = headline_scores(scores)
     if rows.height == 0:
         return f"_{title}: no scores yet_"
     try:
-        return _png_markdown(comparison_figure(rows, title), title)
+        return _png_markdown(comparison_figure(rows, title, base_retriever_id), title)
     except ImportError:
-        return _text_bars(ordered_scores(rows), title)
+        return _text_bars(_labelled_retrievers(ordered_scores(rows), base_retriever_id), title)
 
 
 def _labels(rows: pl.DataFrame) -> list[str]:
@@ -73,22 +96,25 @@ def _labels(rows: pl.DataFrame) -> list[str]:
 def _text_bars(rows: pl.DataFrame, title: str) -> str:
     lines = [f"**{title}** (percent; one bar per retriever)", "", "```"]
     rows = rows.with_columns(label=pl.Series(_labels(rows)))
-    width = max(len(r) for r in rows["retriever_id"])
+    width = max(len(r) for r in rows["retriever"])
     for label in dict.fromkeys(rows["label"]):
         lines.append(label)
         for row in rows.filter(pl.col("label") == label).iter_rows(named=True):
             filled = round(_TEXT_BAR_WIDTH * max(0.0, min(row["value"], 100.0)) / 100.0)
             lines.append(
-                f"  {row['retriever_id']:<{width}} {_BLOCK * filled:<{_TEXT_BAR_WIDTH}} "
+                f"  {row['retriever']:<{width}} {_BLOCK * filled:<{_TEXT_BAR_WIDTH}} "
                 f"{row['value']:6.2f}"
             )
     lines.append("```")
     return "\n".join(lines)
 
 
-def comparison_figure(scores: pl.DataFrame, title: str) -> Figure:
-    """Grouped bars (one per retriever) per headline metric, in `ordered_scores` order, with the
-    legend outside the axes. Raises ImportError without matplotlib. The caller closes it."""
+def comparison_figure(
+    scores: pl.DataFrame, title: str, base_retriever_id: str | None = None
+) -> Figure:
+    """Grouped bars (one per retriever, labelled by `retriever_label`, the base first) per
+    headline metric, in `ordered_scores` order, with the legend outside the axes. Raises
+    ImportError without matplotlib. The caller closes it."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -96,17 +122,16 @@ def comparison_figure(scores: pl.DataFrame, title: str) -> Figure:
 
     rows = ordered_scores(headline_scores(scores))
     rows = rows.with_columns(label=pl.Series(_labels(rows)))
-    labels = list(dict.fromkeys(rows["label"]))
-    retrievers = list(dict.fromkeys(rows["retriever_id"]))
+    labels = list(dict.fromkeys(rows["label"]))  # in metric order, before the base goes first
+    rows = _labelled_retrievers(rows, base_retriever_id)
+    retrievers = list(dict.fromkeys(rows["retriever"]))
     bar_width = 0.8 / max(1, len(retrievers))
     figure, axes = plt.subplots(figsize=(max(4.0, 1.2 * len(labels)), 3.0), dpi=100)
-    for offset, retriever_id in enumerate(retrievers):
-        mine = rows.filter(pl.col("retriever_id") == retriever_id)
+    for offset, retriever in enumerate(retrievers):
+        mine = rows.filter(pl.col("retriever") == retriever)
         value = dict(zip(mine["label"], mine["value"], strict=True))
         positions = [i + offset * bar_width for i in range(len(labels))]
-        axes.bar(
-            positions, [value.get(label, 0.0) for label in labels], bar_width, label=retriever_id
-        )
+        axes.bar(positions, [value.get(label, 0.0) for label in labels], bar_width, label=retriever)
     axes.set_xticks([i + bar_width * (len(retrievers) - 1) / 2 for i in range(len(labels))])
     axes.set_xticklabels(labels)
     axes.set_ylabel("percent")

@@ -224,6 +224,8 @@ def score_partition(
         partition=partition,
         outputs={"scores": table_path, **submissions},
         row_counts={"scores": int((rows["status"] == STATUS_SCORED).sum())},
+        row_count_key="scores",
+        row_count_label="metric scores",  # the run log's `benchmark_scores[...]: 4 metric scores`
         config={"benchmark": benchmark, **(config or {})},
         model_ids={"retriever": retriever_id, "weights_fingerprint": spec.fingerprint()},
         input_versions=input_versions,
@@ -236,7 +238,9 @@ def score_partition(
         },
         markdown={
             "scores": result.table_markdown(),
-            "comparison": comparison_markdown(compared, f"{benchmark}: retrievers compared"),
+            "comparison": comparison_markdown(
+                compared, f"{benchmark}: retrievers compared", base.retriever_id
+            ),
         },
     )
 

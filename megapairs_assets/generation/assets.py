@@ -162,7 +162,9 @@ def pair_descriptions(
     storage: StorageResource,
     catalog: LineageCatalogResource,
 ) -> dg.MaterializeResult:
-    """What each mined pair's two images share and what sets each apart, in WORD_NUM words.
+    """What each mined pair's two images share and what sets each apart, at a length asked of
+    the model per pair: a number of words drawn at random from the generation setting
+    `word_num_range` (60 to 100 by default), kept in the row's `word_num` column.
 
     The profile's multimodal model sees both images (the demo's text-only model reads the two
     captions instead, and its rows say "caption-based"); pairs outside the model sample get

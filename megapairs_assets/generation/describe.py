@@ -109,6 +109,13 @@ DESCRIPTION_COLUMN_DESCRIPTIONS: dict[str, str] = {
 REPEATED_DESCRIPTION_SHARE = 0.5
 REPEATED_DESCRIPTION_MIN_ROWS = 4
 
+# The rule the `descriptions_varied` check holds a shard to: what it says when it passes ("ok:
+# <rule>") and what the failing rows break.
+VARIED_DESCRIPTIONS_RULE = (
+    f"no one text is {REPEATED_DESCRIPTION_SHARE:.0%} or more of the model descriptions (checked "
+    f"from {REPEATED_DESCRIPTION_MIN_ROWS} model rows)"
+)
+
 DESCRIPTION_CHECKS = {
     "one_description_per_pair": "Each pair_id has at most one description",
     "descriptions_within_bounds": "Every description's word count lies within the limits",
@@ -249,7 +256,7 @@ class RepeatedDescriptions:
         return outcome(
             "descriptions_varied",
             [self.top_text[:120]] * self.top_count if self.suspicious else [],
-            "model descriptions repeating one text for half or more of the pairs",
+            VARIED_DESCRIPTIONS_RULE,
         )
 
     def warning(self) -> str:

@@ -61,10 +61,12 @@ class RunStats:
     """What one step's requests cost: cache hits, calls made, failures, tokens, time.
 
     `cache_hits`: answers an earlier run stored. `prefetched`: answers the model gave in this
-    process's prefetch just before the step (see `prefetch_shards`); its calls and tokens
-    are the prefetch's figures, not the step's. `retries`: tries the backend repeated after a
-    transient error (a call that succeeded on its third try counts 2); a call that failed
-    every try counts its retries here and itself in `failed`.
+    process's prefetch just before the step (see `prefetch_shards`); `calls`, `succeeded`,
+    `retries` and the token counts are this run's own, and the prefetch's work on this run's
+    requests is `prefetched` (one successful call each), `prefetched_tokens` (prompt and
+    completion) and `prefetched_s` (their share of the prefetch's time). `retries`: tries the
+    backend repeated after a transient error (a call that succeeded on its third try counts
+    2); a call that failed every try counts its retries here and itself in `failed`.
     """
 
     requests: int = 0
@@ -77,7 +79,9 @@ class RunStats:
     retries: int = 0
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    prefetched_tokens: int = 0
     elapsed_s: float = 0.0
+    prefetched_s: float = 0.0
     # The error of the most recent failed call (the backend's message names the server), so a
     # failing step can say why without anyone opening the response store.
     last_error: str | None = None
@@ -93,19 +97,32 @@ class RunStats:
 
     @property
     def rows_per_s(self) -> float:
-        """Requests settled (hits and calls) per second of this run."""
-        return self.requests / self.elapsed_s if self.elapsed_s > 0 else 0.0
+        """Requests settled (hits and calls) per second of this run, the prefetch's time on
+        them included (a step whose answers all came from the prefetch took no time itself)."""
+        seconds = self.elapsed_s + self.prefetched_s
+        return self.requests / seconds if seconds > 0 else 0.0
 
     def as_metadata(self) -> dict[str, int | float]:
         values = self._counts()
         values["rows_per_s"] = round(self.rows_per_s, 2)
         values["elapsed_s"] = round(self.elapsed_s, 3)
+        values["prefetched_s"] = round(self.prefetched_s, 3)
         return values
 
 
+@dataclass(frozen=True)
+class _Prefetched:
+    """What a prefetch left for one store: the keys the model answered, with the tokens of each
+    answer, and the prefetch's seconds per answer (its time, shared out over its answers)."""
+
+    tokens: dict[str, int]
+    seconds_per_answer: float = 0.0
+
+
 class _PrefetchedAnswers:
-    """The keys a prefetch in this process had the model answer, per store file, until the
-    shard's own step has counted them (it takes them: a later run calls them cache hits).
+    """The keys a prefetch in this process had the model answer (with what each cost), per
+    store file, until the shard's own step has counted them (it takes them: a later run calls
+    them cache hits).
 
     The prefetch and the steps that follow it run in one process (one Dagster step), so
     process memory is where "answered just now" can be known without a column in the store
@@ -114,21 +131,34 @@ class _PrefetchedAnswers:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._keys: dict[str, set[str]] = {}
+        self._tokens: dict[str, dict[str, int]] = {}
+        self._seconds_per_answer: dict[str, float] = {}
 
     def start(self, stores: Iterable[ResponseStore]) -> None:
         """Forget what an earlier prefetch left for these stores (its step never ran)."""
         with self._lock:
             for store in stores:
-                self._keys.pop(str(store.path), None)
+                self._tokens.pop(str(store.path), None)
+                self._seconds_per_answer.pop(str(store.path), None)
 
-    def add(self, store: ResponseStore, keys: Iterable[str]) -> None:
+    def add(self, store: ResponseStore, answers: Iterable[GenerationResult]) -> None:
+        """Successful answers of the prefetch that belong to `store`."""
         with self._lock:
-            self._keys.setdefault(str(store.path), set()).update(keys)
+            tokens = self._tokens.setdefault(str(store.path), {})
+            tokens.update((a.key, a.prompt_tokens + a.completion_tokens) for a in answers)
 
-    def take(self, store: ResponseStore) -> set[str]:
+    def finish(self, stores: Iterable[ResponseStore], seconds_per_answer: float) -> None:
+        """The prefetch is over: each of its answers cost this share of its time."""
         with self._lock:
-            return self._keys.pop(str(store.path), set())
+            for store in stores:
+                self._seconds_per_answer[str(store.path)] = seconds_per_answer
+
+    def take(self, store: ResponseStore) -> _Prefetched:
+        with self._lock:
+            return _Prefetched(
+                self._tokens.pop(str(store.path), {}),
+                self._seconds_per_answer.pop(str(store.path), 0.0),
+            )
 
 
 _PREFETCHED = _PrefetchedAnswers()
@@ -367,8 +397,8 @@ def run_routed(
     if prefetch:
         _PREFETCHED.start(store for store, _ in by_store.values())
     statuses: dict[str, list[str | None]] = {}
-    # Keys the model answered in this process's prefetch, per store (taken: counted once).
-    answered_now: dict[int, set[str]] = {}
+    # What the model answered in this process's prefetch, per store (taken: counted once).
+    answered_now: dict[int, _Prefetched] = {}
     for store, keys in by_store.values():
         found = store.get(keys)
         answered_now[id(store)] = _PREFETCHED.take(store)
@@ -379,8 +409,11 @@ def run_routed(
         # Settled only when every store the key belongs to has it settled.
         seen = statuses[key]
         if all(status == STATUS_OK for status in seen):
-            if all(key in answered_now[id(store)] for store in stores_of[key]):
+            if all(key in answered_now[id(store)].tokens for store in stores_of[key]):
+                prefetched = answered_now[id(stores_of[key][0])]
                 stats.prefetched += 1
+                stats.prefetched_tokens += prefetched.tokens[key]
+                stats.prefetched_s += prefetched.seconds_per_answer
             else:
                 stats.cache_hits += 1
         elif all(status in (STATUS_OK, STATUS_QUARANTINED) for status in seen):
@@ -423,7 +456,7 @@ def run_routed(
                 writers[store_id].submit(batch)
                 if prefetch:
                     store = by_store[store_id][0]
-                    _PREFETCHED.add(store, (r.key for r in batch if r.error is None))
+                    _PREFETCHED.add(store, (r for r in batch if r.error is None))
             if progress is not None and buffer:
                 progress.update(len(buffer), failed=failed)
             buffer.clear()
@@ -466,6 +499,11 @@ def run_routed(
                 if errors:
                     raise errors[0]
     stats.elapsed_s = time.perf_counter() - started
+    if prefetch and stats.succeeded:
+        # Failed calls are retried (and timed) by the shard's own step; the answers carry all.
+        _PREFETCHED.finish(
+            (store for store, _ in by_store.values()), stats.elapsed_s / stats.succeeded
+        )
     return stats
 
 
@@ -521,15 +559,20 @@ class SettledStep:
 
     def stats_metadata(self) -> dict[str, Any]:
         """The few figures worth a plot across materializations (Dagster plots numeric
-        metadata); the full breakdown is `stats_markdown`."""
+        metadata); the full breakdown is `stats_markdown`.
+
+        `model_calls` and `model_tokens` are the model's work on this shard's requests,
+        wherever it ran: the calls of the run-wide prefetch that answered them
+        (`model_prefetched` of the calls) and this step's own. `rows_per_s` counts the
+        prefetch's share of time too."""
         model, every = self.model_stats, self.stats
         return {
-            "model_calls": model.calls,
-            "model_cache_hits": model.cache_hits,
+            "model_calls": model.calls + model.prefetched,
             "model_prefetched": model.prefetched,
+            "model_cache_hits": model.cache_hits,
             "model_failed": model.failed,
             "model_retries": model.retries,
-            "model_tokens": model.prompt_tokens + model.completion_tokens,
+            "model_tokens": model.prompt_tokens + model.completion_tokens + model.prefetched_tokens,
             "rows_per_s": round(every.rows_per_s, 2),
         }
 
@@ -541,9 +584,12 @@ class SettledStep:
 
 
 def stats_table(runs: dict[str, RunStats]) -> str:
-    """Request figures side by side, one row per named run (Markdown for the UI)."""
-    rows = [{"requests of": name, **stats.as_metadata()} for name, stats in runs.items()]
-    return markdown_table(pl.DataFrame(rows))
+    """Request figures side by side, one row per figure and one column per named run, so the
+    table stays a few columns wide however many figures there are (Markdown for the UI)."""
+    figures = {name: stats.as_metadata() for name, stats in runs.items()}
+    names = list(next(iter(figures.values()), {}))
+    columns = {run: [str(values[n]) for n in names] for run, values in figures.items()}
+    return markdown_table(pl.DataFrame({"figure": names, **columns}), max_rows=len(names))
 
 
 class PlannedRequest(Protocol):

@@ -48,12 +48,23 @@ def loss_sparkline_markdown(curve: pl.DataFrame) -> str:
     losses = curve["loss"].drop_nulls().drop_nans() if curve.height else pl.Series([])
     if losses.is_empty():
         return "_(no training steps were run)_"
-    per_char = max(1, -(-losses.len() // SPARKLINE_CHARS))  # ceil
-    smoothing = f", {per_char} steps per character" if per_char > 1 else ""
+    line = sparkline(losses.to_list(), SPARKLINE_CHARS)
     return (
-        f"`{losses[0]:.3f}` {sparkline(losses.to_list(), SPARKLINE_CHARS)} `{losses[-1]:.3f}` "
-        f"(InfoNCE loss, first to last of {losses.len()} logged steps{smoothing})"
+        f"`{losses[0]:.3f}` {line} `{losses[-1]:.3f}` "
+        f"(InfoNCE loss, first to last of {losses.len()} logged steps"
+        f"{_resampling(losses.len(), len(line))})"
     )
+
+
+def _resampling(steps: int, chars: int) -> str:
+    """What each character of the sparkline stands for, when it is not one step: `sparkline`
+    averages `chars` equal slices of the steps, so a slice holds the floor or the ceiling of
+    steps / chars (`; 48 characters, each the mean of 1-2 steps` for 60 steps)."""
+    if chars == 0 or steps <= chars:
+        return ""
+    fewest, most = steps // chars, -(-steps // chars)
+    span = f"{fewest}" if fewest == most else f"{fewest}-{most}"
+    return f"; {chars} characters, each the mean of {span} steps"
 
 
 def _write_png(curve: pl.DataFrame, png_path: Path) -> None:

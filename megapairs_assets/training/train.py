@@ -445,14 +445,15 @@ def _step_result(run: _RunFigures) -> StepResult:
             "quarantine": published / "quarantine.parquet",
             **({"loss_plot": published / png.name} if png else {}),
         },
+        # Shown as `rows_<name>` on the asset page (so no `_rows` here); steps are no rows.
         row_counts={
-            "training_rows": prepared.rows.height,
-            "quarantined_rows": prepared.quarantine.height,
-            "heldout_rows": prepared.heldout_rows,
-            "heldout_target_rows": prepared.heldout_target_rows,
-            "steps": run.final_step,
+            "training": prepared.rows.height,
+            "quarantined": prepared.quarantine.height,
+            "heldout": prepared.heldout_rows,
+            "heldout_target": prepared.heldout_target_rows,
         },
-        row_count_key="training_rows",
+        row_count_key="training",
+        row_count_label="training rows",
         config={
             **config.as_dict(),
             "heldout_split": run.split,
@@ -475,6 +476,7 @@ def _step_result(run: _RunFigures) -> StepResult:
         metadata={
             **_throughput(curve, config.batch_size, config.hard_negatives),
             **_loss_summary(curve),
+            "steps": run.final_step,
             "fit_s": round(run.fit_s, 2),
             "fit_s_this_run": round(run.fit_s_this_run, 2),
             "failed_uploads": run.failed_uploads,
