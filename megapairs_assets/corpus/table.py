@@ -42,6 +42,7 @@ CORPUS_COLUMN_DESCRIPTIONS: dict[str, str] = {
     "caption": "cleaned caption; null when the source had none or it was empty",
     "caption_truncated": "true when the caption was cut to the configured maximum length",
     "caption_issue": "null, or why the caption is missing or was decoded by a guess: "
+    "'caption_missing: ...' (the source gave none), 'caption_empty: ...' (blank text), "
     "'bad_caption_file: ...' (sidecar not JSON), 'bad_caption_value: ...' (caption not text), "
     "'caption_not_utf8: ...' (decoded as Windows-1252); the image itself is fine",
     "width": "width of the original image in pixels",
@@ -260,6 +261,21 @@ class _RowChunks:
         return pl.concat([*self.frames, last], how="vertical").rechunk()
 
 
+CAPTION_MISSING = "caption_missing"
+CAPTION_EMPTY = "caption_empty"
+
+
+def _absent_caption_issue(raw_caption: str | None, cleaned: str | None) -> str | None:
+    """Why a kept image has no caption when the source reported no problem: it gave none (no
+    `.txt`/`.caption` sidecar, no `caption` in the `.json` or manifest row), or the text was
+    blank. Both leave `caption` null; the issue tells the user which one happened."""
+    if cleaned is not None:
+        return None
+    if raw_caption is None:
+        return f"{CAPTION_MISSING}: the source has no caption for this image"
+    return f"{CAPTION_EMPTY}: the caption is empty or only whitespace / control characters"
+
+
 @dataclass
 class _ShardTableBuilder:
     shard_id: str
@@ -305,6 +321,7 @@ class _ShardTableBuilder:
             self.quarantine(record, exc.reason, exc.detail)
             return
         caption, caption_truncated = clean_caption(record.caption, self.limits)
+        caption_issue = record.caption_issue or _absent_caption_issue(record.caption, caption)
         self.kept_file_by_key[record.key] = _file_name(record.uri)
         self.kept_key_by_digest[bytes.fromhex(digest)] = record.key
         self.kept.append(
@@ -315,7 +332,7 @@ class _ShardTableBuilder:
                 "source_uri": record.uri,
                 "caption": caption,
                 "caption_truncated": caption_truncated,
-                "caption_issue": record.caption_issue,
+                "caption_issue": caption_issue,
                 "width": decoded.width,
                 "height": decoded.height,
                 "original_mode": decoded.original_mode,
