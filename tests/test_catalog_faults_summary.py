@@ -54,7 +54,7 @@ def _checkpoint_run(resumed_from_step: int) -> dg.ExecuteInProcessResult:
     @dg.asset(name="mmret_clip_checkpoint", partitions_def=dg.StaticPartitionsDefinition(["demo"]))
     def checkpoint() -> dg.MaterializeResult:
         return dg.MaterializeResult(
-            metadata={"resumed_from_step": resumed_from_step, "fit_s_this_run": 0.0}
+            metadata={"steps": 60, "resumed_from_step": resumed_from_step, "fit_s_this_run": 0.0}
         )
 
     return dg.materialize(
@@ -69,7 +69,7 @@ def _checkpoint_record(catalog: LineageCatalog, run_id: str) -> None:
             "demo",
             run_id,
             duration_s=4.5,
-            row_counts={"training_rows": 2146, "steps": 60},
+            row_counts={"training": 2146, "quarantined": 0},
         )
     )
 
@@ -95,7 +95,8 @@ def test_a_trained_or_resumed_checkpoint_says_so(
     _checkpoint_record(catalog, fresh.run_id)
     print_summary(_resources(tmp_path, catalog), ["00000"], 1.0, [fresh])
     out = capsys.readouterr().out
-    assert "steps 60, training_rows 2146 in 4.5 s" in out and "already trained" not in out
+    assert "quarantined 0, training 2146, steps 60 in 4.5 s" in out
+    assert "already trained" not in out
     resumed = _checkpoint_run(resumed_from_step=30)
     _checkpoint_record(catalog, resumed.run_id)
     print_summary(_resources(tmp_path, catalog), ["00000"], 1.0, [resumed])

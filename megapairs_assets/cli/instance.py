@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -58,10 +59,56 @@ def prepare_dagster_home(home: Path) -> Path:
             "folder holding deployment/dagster.yaml, which reads MEGAPAIRS_POSTGRES_URL"
         )
     dagster_home.mkdir(parents=True, exist_ok=True)
+    if ClusterSettings.from_env().deployment != "cluster":
+        _claim_instance(dagster_home, home)
     if not config.exists() or config.read_text() in EARLIER_DAGSTER_YAMLS:
         config.write_text(DAGSTER_YAML)
     os.environ["DAGSTER_HOME"] = str(dagster_home)
     return dagster_home
+
+
+# In a Dagster instance folder: the megapairs home (data root) whose instance it is.
+HOME_MARKER = "megapairs_home.txt"
+
+
+def _claim_instance(dagster_home: Path, home: Path) -> None:
+    """Refuse a Dagster instance that belongs to another megapairs home; else mark it ours.
+
+    One instance holds one home's shard partitions and runs. An exported `DAGSTER_HOME` left
+    from another home would put this home's runs there, and `sync` or the shard sensor would
+    retire that home's shards as gone. The instance folder names its home (`HOME_MARKER`); an
+    unmarked one inside another megapairs home (`<other home>/dagster`) is that home's. The
+    home's own `<home>/dagster` is always its own (also after the home was moved).
+    """
+    from megapairs_assets.lib.errors import ConfigurationError
+
+    home = home.resolve()
+    marker = dagster_home / HOME_MARKER
+    try:
+        owner = Path(marker.read_text().strip()) if marker.exists() else None
+    except OSError:
+        owner = None
+    if dagster_home.resolve() != (home / "dagster").resolve():
+        if owner is None and _is_megapairs_home(dagster_home.resolve().parent):
+            owner = dagster_home.resolve().parent
+        if owner is not None and owner != home and owner.is_dir():
+            raise ConfigurationError(
+                f"DAGSTER_HOME={dagster_home} is the Dagster instance of the megapairs home "
+                f"{owner}, but this command works on {home}: the two homes' runs and shard "
+                "partitions would mix (`sync` and the shard sensor would retire the other "
+                f"home's shards). Unset DAGSTER_HOME (megapairs then uses {home / 'dagster'}) "
+                f"or set it to {home / 'dagster'}"
+            )
+    if owner != home:
+        with contextlib.suppress(OSError):  # a read-only instance: nothing to claim; reads work
+            marker.write_text(f"{home}\n")
+
+
+def _is_megapairs_home(path: Path) -> bool:
+    """Whether `path` is a megapairs data root (it holds a lineage catalog)."""
+    from megapairs_assets.lib.storage import DataLayout
+
+    return DataLayout(path).catalog_path.exists()
 
 
 def _uses_postgres(config: Path) -> bool:

@@ -167,10 +167,14 @@ def training_lines(
     lines = []
     for row in frame.iter_rows(named=True):
         counts = json.loads(row["row_counts"] or "{}")
-        detail = ", ".join(f"{k} {v}" for k, v in counts.items())
-        how = _how_trained(
-            counts.get("steps"), (trained_now or {}).get(row["partition"]), row["duration_s"]
+        metadata = (trained_now or {}).get(row["partition"])
+        # Steps are checkpoint metadata (not a row count); catalog rows written before that
+        # still hold them among their row counts.
+        steps = counts.pop("steps", None) or (metadata or {}).get("steps")
+        detail = ", ".join(
+            [f"{k} {v}" for k, v in counts.items()] + ([f"steps {steps}"] if steps else [])
         )
+        how = _how_trained(steps, metadata, row["duration_s"])
         lines.append(f"  checkpoint:  config {row['partition']!r}, {detail} {how}")
         export = json.loads(row["output_paths"] or "{}").get("open_clip_dir")
         if not export:
