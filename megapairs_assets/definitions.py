@@ -30,6 +30,7 @@ from megapairs_assets.mining.assets import mined_image_pairs
 from megapairs_assets.orchestration.partitions import shard_asset_names
 from megapairs_assets.orchestration.runs import run_executor
 from megapairs_assets.orchestration.settings_version import with_settings_versions
+from megapairs_assets.training.assets import STAGE as CHECKPOINT_STAGE
 from megapairs_assets.training.assets import build_training_configs_sensor, mmret_clip_checkpoint
 from resources.cluster import ClusterSettings
 from resources.environment import SensorSettings, profile_from_env, sensor_settings
@@ -43,7 +44,7 @@ MINING_HALF = [image_corpus, *embedding_assets, *knn_assets, mined_image_pairs]
 ALL_ASSETS = [*MINING_HALF, *generation_assets, mmret_clip_checkpoint, benchmark_scores]
 SHARD_STAGES = [CORPUS_STAGE, *embedding_stages, *knn_stages, MINING_STAGE, *generation_stages]
 # Every stage whose code version carries the settings that shape its output.
-SETTINGS_STAGES = [*SHARD_STAGES, SCORES_STAGE]
+SETTINGS_STAGES = [*SHARD_STAGES, CHECKPOINT_STAGE, SCORES_STAGE]
 
 
 def _status(running: bool) -> dg.DefaultSensorStatus:

@@ -15,6 +15,7 @@ import dagster as dg
 
 from megapairs_assets.lib.step import StepResult
 from megapairs_assets.orchestration.partitions import step_placement
+from megapairs_assets.orchestration.settings_version import fields, weights_label
 from megapairs_assets.orchestration.shard_step import Stage, materialize_partitions
 from megapairs_assets.training.config import (
     ALL_VISIBLE_GPUS,
@@ -40,7 +41,36 @@ from resources.training import TrainingResource
 TRAINING_CONFIG_PARTITIONS_NAME = "training_configs"
 training_config_partitions = dg.DynamicPartitionsDefinition(name=TRAINING_CONFIG_PARTITIONS_NAME)
 
-STAGE = Stage(ASSET_NAME, "mmret-clip-v2", TRAINING_CHECKS, TRAINING_WARNINGS)
+# What decides a config's weights (not devices, workers, caches or checkpoint frequency).
+_RECIPE_FIELDS = (
+    "batch_size",
+    "hard_negatives",
+    "temperature",
+    "learning_rate",
+    "weight_decay",
+    "warmup_steps",
+    "max_steps",
+    "seed",
+)
+
+
+def checkpoint_settings(resources: Any) -> dict[str, Any]:
+    """What decides the checkpoints: each named config's model, start weights and recipe, and
+    the held-out split kept out of training. Dagster's code version is per asset, so a change
+    to one config marks every config's checkpoint as changed."""
+    configs = {}
+    for name, config in sorted(resources.training.configs.items()):
+        recipe = fields(config, ("model", *_RECIPE_FIELDS))
+        if config.pretrained:
+            recipe["pretrained"] = weights_label(config.pretrained)
+        configs[name] = recipe
+    heldout = fields(resources.evaluation, ("heldout_fraction", "heldout_max_queries"))
+    return {"configs": configs, **heldout}
+
+
+STAGE = Stage(
+    ASSET_NAME, "mmret-clip-v2", TRAINING_CHECKS, TRAINING_WARNINGS, settings=checkpoint_settings
+)
 
 # Host memory per training GPU: each device's process holds the model and its optimizer state on
 # the CPU while it loads, and feeds its GPU from `num_workers` (8) image-decoding processes.
