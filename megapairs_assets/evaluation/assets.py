@@ -86,6 +86,9 @@ def split_partition_key(partition: str) -> tuple[str, str]:
     group_name="evaluation",
     code_version=STAGE.code_version,
     kinds={"faiss", "open_clip"},
+    # Like the other model-loading steps: two scoring runs (base and trained, as the sensors
+    # launch them) take turns on a GPU instead of loading both models at once.
+    pool="gpu",
     check_specs=STAGE.check_specs(),
     backfill_policy=dg.BackfillPolicy.multi_run(max_partitions_per_run=16),
     # On Kubernetes: one GPU embeds the queries and the gallery (as the embedding assets ask),
