@@ -219,13 +219,18 @@ def demo_corpus_source() -> CorpusSourceResource:
 
 
 def paper_corpus_source() -> CorpusSourceResource:
-    """`$MEGAPAIRS_CORPUS` (else `$MEGAPAIRS_HOME/corpus`), its layout detected as `--corpus`
-    does; a path that is not there yet stays `webdataset` and fails when a step needs it."""
+    """`$MEGAPAIRS_CORPUS`, else the corpus an earlier `megapairs demo --corpus` chose for the
+    home, else `$MEGAPAIRS_HOME/corpus`, its layout detected as `--corpus` does; a path that is
+    not there yet stays `webdataset` and fails when a step needs it."""
     from megapairs_assets.corpus.sources import detect_source_kind
     from megapairs_assets.lib.storage import default_home
+    from resources.corpus import chosen_corpus
 
     # The environment's home, not the `home` argument: `megapairs check` builds the profile
     # on a throwaway home and must still read the user's corpus.
+    chosen = None if os.environ.get(CORPUS_VARIABLE, "").strip() else chosen_corpus(default_home())
+    if chosen is not None:
+        return CorpusSourceResource(kind=chosen.kind, path=chosen.path, setting_hint=CORPUS_HINT)
     path = _env(CORPUS_VARIABLE, str(default_home() / "corpus"))
     try:
         kind = detect_source_kind(Path(path))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -123,7 +124,7 @@ def _run_demo(args: argparse.Namespace) -> int:
     from resources.cluster import ClusterSettings
     from resources.corpus import CorpusSourceResource, record_chosen_corpus
     from resources.environment import lineage_catalog, profile_from_env
-    from resources.profiles import ENCODER_RESOURCES, check_ready
+    from resources.profiles import CORPUS_VARIABLE, ENCODER_RESOURCES, check_ready
 
     started = time.perf_counter()
     home, profile = default_home(), profile_from_env()
@@ -135,11 +136,20 @@ def _run_demo(args: argparse.Namespace) -> int:
         )
     print(f"megapairs: profile {profile!r}, home {home}")
     check_writable_folder(home, "MEGAPAIRS_HOME")
-    if "corpus_source" in overrides and profile == "demo":
+    if "corpus_source" in overrides:
+        chosen = overrides["corpus_source"]
+        from_env = os.environ.get(CORPUS_VARIABLE, "").strip()
+        if profile == "paper" and from_env and Path(from_env).resolve() != Path(chosen.path):
+            # Every other process would read the variable's corpus and retire these shards.
+            raise ConfigurationError(
+                f"--corpus {chosen.path} and {CORPUS_VARIABLE}={from_env} name different "
+                f"corpora: drop --corpus, or set {CORPUS_VARIABLE} to it"
+            )
         # Recorded for every other process on this home (the UI's code location and its
         # sensors, `sync`, `check`): they build the profile's resources, and would otherwise
-        # read the bundled corpus and retire these shards.
-        record_chosen_corpus(home, overrides["corpus_source"])
+        # read another corpus (the bundled one, or $MEGAPAIRS_HOME/corpus) and retire these
+        # shards.
+        record_chosen_corpus(home, chosen)
     prepare_dagster_home(home)
     # Dagster's console logger, except that an interrupted run's errors print without their
     # stack (Ctrl-C is not a bug); every job of the demo gets it as its "console" logger.
