@@ -149,24 +149,34 @@ def run_recorded(
             )
             settle_abandoned(catalog, record, log, run_finished)
             raise
-        catalog.complete(
-            replace(
-                record,
-                duration_s=time.perf_counter() - started,
-                config=result.config,
-                model_ids=result.model_ids,
-                input_versions=result.input_versions,
-                row_counts=result.row_counts,
-                output_paths={name: str(path) for name, path in result.outputs.items()},
-                failed_checks=tuple(
-                    o.name
-                    for o in result.outcomes
-                    if not o.passed and (blocking_checks is None or o.name in blocking_checks)
-                ),
+        completed = replace(
+            record,
+            duration_s=time.perf_counter() - started,
+            config=result.config,
+            model_ids=result.model_ids,
+            input_versions=result.input_versions,
+            row_counts=result.row_counts,
+            output_paths={name: str(path) for name, path in result.outputs.items()},
+            failed_checks=tuple(
+                o.name
+                for o in result.outcomes
+                if not o.passed and (blocking_checks is None or o.name in blocking_checks)
             ),
-            rows=result.rows,
         )
-        settle_abandoned(catalog, record, log, run_finished)
+        if catalog.path is None:
+            catalog.complete(completed, rows=result.rows)
+            settle_abandoned(catalog, record, log, run_finished)
+        else:
+            # A file catalog: under the partition lock every older attempt has ended, so the
+            # commit settles them on the same connection (one catalog access, not two).
+            settled = catalog.complete(
+                completed,
+                rows=result.rows,
+                abandoned_error=ABANDONED_ERROR.format(
+                    materialization_id=record.materialization_id
+                ),
+            )
+            _log_settled(record, settled, log)
         return replace(result, materialization_id=record.materialization_id)
 
 
@@ -253,12 +263,18 @@ def settle_abandoned(
         if log is not None:
             log(f"{record.asset}[{record.partition}]: could not settle older attempts: {error}")
         return []
+    _log_settled(record, settled, log)
+    return settled
+
+
+def _log_settled(
+    record: MaterializationRecord, settled: list[str], log: Callable[[str], None] | None
+) -> None:
     if settled and log is not None:
         log(
             f"{record.asset}[{record.partition}]: {len(settled)} earlier attempt(s) never "
             "completed (killed); marked failed"
         )
-    return settled
 
 
 class StepStream:

@@ -31,6 +31,16 @@ waits for it until `lock_timeout_s` and then fails. Short reads go through this 
 `megapairs lineage --sql`); a long analysis session opens a copy (`snapshot`, `megapairs
 lineage --snapshot PATH`).
 
+Each access attaches the file to this thread's in-memory DuckDB (kept for the process) and
+detaches it when done: the file and DuckDB's lock on it are released exactly as closing a
+connection would, without paying for starting a DuckDB database every time (~10-20 ms, a
+third of a no-change re-run's time before). Every write also counts up a generation number
+kept in the lock file, so a reader can tell without opening the catalog whether anything was
+written since it last looked: `read_with_versions` skips its second look when nothing was,
+and a step's reads of its upstream partitions' newest records are answered from the last
+read of that asset until another process writes (a process's own writes keep the answers
+of the assets they did not touch).
+
 Only a lock held by another program is waited for: DuckDB's "Could not set lock on file". A
 file DuckDB cannot read (truncated, overwritten, a bad checksum) raises `CatalogDamagedError`
 at once, saying to restore it from a backup or move it aside (a new catalog is started; the
@@ -82,7 +92,7 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -401,6 +411,105 @@ def _first_line(error: BaseException) -> str:
     return lines[0] if lines else type(error).__name__
 
 
+# -- the kept in-memory database catalog files are attached to -----------------------------------
+
+# The name a catalog file is attached under: what `current_database()` says in its queries.
+_ATTACHED = "megapairs_catalog"
+# DuckDB's words when the file is already open in another database of this process.
+_SAME_FILE_ATTACHED = "Unique file handle conflict"
+_KEPT = threading.local()
+
+
+def _kept_database() -> duckdb.DuckDBPyConnection:
+    """This thread's in-memory DuckDB, which catalog files are attached to one access at a time.
+
+    Starting a DuckDB database (its buffer pool, its threads) costs more than most catalog
+    accesses; attaching a file to a running one costs a few milliseconds. One per thread, so
+    threads never share an attachment; made again in a forked child.
+    """
+    kept = getattr(_KEPT, "database", None)
+    if kept is None or kept[0] != os.getpid():
+        kept = (os.getpid(), duckdb.connect())
+        _KEPT.database = kept
+        _KEPT.in_use = False
+    return kept[1]
+
+
+def _kept_in_use() -> bool:
+    """Whether this thread has a catalog attached now (a nested access opens its own)."""
+    return bool(getattr(_KEPT, "in_use", False)) and getattr(_KEPT, "database", (0,))[0] == (
+        os.getpid()
+    )
+
+
+def _attach(
+    database: duckdb.DuckDBPyConnection, path: str, read_only: bool
+) -> duckdb.DuckDBPyConnection:
+    """`path` attached to `database`; a cursor whose default database it is."""
+    options = " (READ_ONLY)" if read_only else ""
+    database.execute(f"ATTACH {_sql_literal(path)} AS {_ATTACHED}{options}")
+    cursor = database.cursor()
+    try:
+        cursor.execute(f"USE {_ATTACHED}")
+    except BaseException:
+        cursor.close()
+        _detach(database, None)
+        raise
+    return cursor
+
+
+def _detach(database: duckdb.DuckDBPyConnection, cursor: duckdb.DuckDBPyConnection | None) -> None:
+    """Detach the catalog file (DuckDB checkpoints it and lets go of the file and its lock).
+
+    A database that cannot detach it is closed instead (closing always lets go), and the
+    thread starts a new one next time: the file is never left held once the lock file is
+    released.
+    """
+    if cursor is not None:
+        cursor.close()  # ends any transaction left open, as closing a connection does
+    try:
+        database.execute(f"DETACH DATABASE IF EXISTS {_ATTACHED}")
+    except duckdb.Error as error:
+        _LOG.warning("lineage catalog: detaching failed (%s); closing its database", error)
+        _KEPT.database = None
+        with contextlib.suppress(duckdb.Error):
+            database.close()
+
+
+# -- what a reader saw last: the catalog's generation ----------------------------------------------
+
+# Written by a connection that may change the records of every asset (a plain `connect()`).
+_ALL_ASSETS: tuple[str, ...] = ("*",)
+# (inode of the catalog file, writes counted in its lock file): equal tokens mean nothing was
+# written in between through this class.
+GenerationToken = tuple[int, int]
+_COUNTER_BYTES = 8
+
+
+@dataclass
+class _NewestRecords:
+    """An asset's newest record per partition, as read at `token`."""
+
+    token: GenerationToken
+    frame: pl.DataFrame
+
+
+# (pid, catalog path) -> asset -> its newest records, valid while the generation is `token`.
+_NEWEST: dict[tuple[int, str], dict[str, _NewestRecords]] = {}
+_NEWEST_LOCK = threading.Lock()
+
+_NEWEST_SQL = """
+    SELECT partition,
+           arg_max(materialization_id, started_at) AS materialization_id,
+           arg_max(status, started_at) AS status,
+           arg_max(run_id, started_at) AS run_id,
+           max(started_at) AS started_at
+    FROM materializations
+    WHERE asset = ? AND partition {where}
+    GROUP BY partition
+"""
+
+
 def is_ducklake_url(location: str | Path) -> bool:
     """True for a DuckLake catalog URL (`ducklake:postgres:...`), False for a file path."""
     return str(location).startswith(DUCKLAKE_PREFIX)
@@ -431,6 +540,8 @@ class LineageCatalog:
     ) -> None:
         self.lock_timeout_s = lock_timeout_s
         self.pending_wait_s = pending_wait_s
+        # The generation the last access of this object found (`_generation`), or None.
+        self._seen: GenerationToken | None = None
         self.is_ducklake = is_ducklake_url(path)
         self.url: str | None = str(path) if self.is_ducklake else None
         self.path: Path | None = None if self.is_ducklake else Path(path)
@@ -466,6 +577,20 @@ class LineageCatalog:
         DuckLake (`read_only` is not enforced there: see `read_only_query`). `config`: DuckDB
         settings for the file's connection (ignored on DuckLake).
         """
+        with self._connect(read_only, config, writes=None if read_only else _ALL_ASSETS) as con:
+            yield con
+
+    @contextmanager
+    def _connect(
+        self,
+        read_only: bool,
+        config: Mapping[str, Any] | None,
+        writes: Collection[str] | None,
+    ) -> Iterator[duckdb.DuckDBPyConnection]:
+        """`connect`, saying what the caller may write: None (nothing: a read), the assets
+        whose records it may change, or `_ALL_ASSETS`. A writer counts up the catalog's
+        generation (see `_generation`), keeping this process's cached reads of the assets it
+        does not write."""
         if self.is_ducklake:
             with self._lake_cursor() as con:
                 yield con
@@ -480,19 +605,75 @@ class LineageCatalog:
                 # re-created catalog is set up again), not on every short read.
                 if self._schema_key() not in _SCHEMA_READY:
                     self._ensure_schema_once(deadline, optional=read_only and self.path.exists())
-                con = self._open(deadline, read_only=read_only, config=config)
-                try:
-                    yield con
-                except duckdb.IOException as error:
-                    # A damaged block is often met only when a query reads it.
-                    if _damage_reported(error):
-                        raise self._damaged(error) from error
-                    raise
-                finally:
-                    con.close()
+                with self._opened(deadline, read_only=read_only, config=config) as con:
+                    self._seen = self._observe_generation(writes) if lock_file is not None else None
+                    try:
+                        yield con
+                    except duckdb.IOException as error:
+                        # A damaged block is often met only when a query reads it.
+                        if _damage_reported(error):
+                            raise self._damaged(error) from error
+                        raise
             finally:
                 if lock_file is not None:
                     fcntl.flock(lock_file, fcntl.LOCK_UN)
+
+    def _lock_path(self) -> Path:
+        assert self.path is not None
+        return self.path.with_name(self.path.name + ".lock")
+
+    def _generation(self, locked: bool) -> GenerationToken | None:
+        """The catalog's generation: (its file's inode, the writes counted in its lock file).
+
+        `locked`: the caller holds the lock file. Otherwise it is read under a shared lock
+        taken without waiting; None while a writer holds it (or where there is no lock file
+        to read: a read-only home), which readers take as "may have changed".
+        """
+        if self.path is None:
+            return None
+        try:
+            fd = os.open(self._lock_path(), os.O_RDONLY)
+        except OSError:
+            return None
+        try:
+            if not locked:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    return None
+            counted = os.pread(fd, _COUNTER_BYTES, 0)
+            inode = os.stat(self.path).st_ino
+        except OSError:
+            return None
+        finally:
+            os.close(fd)  # also lets go of the shared lock
+        return inode, int.from_bytes(counted.ljust(_COUNTER_BYTES, b"\0"), "little")
+
+    def _observe_generation(self, writes: Collection[str] | None) -> GenerationToken | None:
+        """Under the lock, with the file open: the generation now. A writer (`writes`: the
+        assets whose records it may change) first counts one more write, so every reader
+        sees that something changed; this process's cached reads of assets it does not write
+        stay valid (they were valid just before, and it writes nothing of theirs)."""
+        token = self._generation(locked=True)
+        if token is None or writes is None:
+            return token
+        written = (token[0], token[1] + 1)
+        fd = os.open(self._lock_path(), os.O_RDWR)
+        try:
+            os.pwrite(fd, written[1].to_bytes(_COUNTER_BYTES, "little"), 0)
+        finally:
+            os.close(fd)
+        with _NEWEST_LOCK:
+            cached = _NEWEST.get(self._cache_key(), {})
+            for asset, entry in list(cached.items()):
+                if entry.token == token and asset not in writes and writes is not _ALL_ASSETS:
+                    entry.token = written
+                else:
+                    del cached[asset]
+        return written
+
+    def _cache_key(self) -> tuple[int, str]:
+        return os.getpid(), str(self.path)
 
     def writable(self) -> bool:
         """Whether this process may write the catalog file and its folder (where DuckDB puts
@@ -546,15 +727,17 @@ class LineageCatalog:
         """Create or migrate the schema. `optional` (a reader of an existing file): skip it
         when another program holds the file, so a report still reads beside a DuckDB session
         left open (readers may share the file; a writer may not)."""
-        if optional:
-            if not self.writable():
-                return  # an archived catalog is read as it is
-            try:
-                con = duckdb.connect(str(self.path))
-            except duckdb.IOException:
+        if optional and not self.writable():
+            return  # an archived catalog is read as it is
+        try:
+            # A reader of an existing file tries once: another program holding it is no
+            # reason to wait here.
+            opened = self._opened(deadline, wait=not optional)
+            con = opened.__enter__()
+        except duckdb.IOException:
+            if optional:
                 return
-        else:
-            con = self._open(deadline)
+            raise
         try:
             self._ensure_schema(con)
         except duckdb.IOException as error:
@@ -562,7 +745,7 @@ class LineageCatalog:
                 raise self._damaged(error) from error
             raise
         finally:
-            con.close()
+            opened.__exit__(None, None, None)
         _SCHEMA_READY.add(self._schema_key())
 
     def _schema_key(self) -> tuple[str, int, frozenset[RowTable]]:
@@ -597,17 +780,65 @@ class LineageCatalog:
                     ) from None
                 time.sleep(0.02)
 
+    @contextmanager
+    def _opened(
+        self,
+        deadline: float,
+        read_only: bool = False,
+        config: Mapping[str, Any] | None = None,
+        wait: bool = True,
+    ) -> Iterator[duckdb.DuckDBPyConnection]:
+        """The catalog file open for one access (the caller holds the lock file).
+
+        Attached to this thread's kept in-memory DuckDB and detached on leaving, which
+        checkpoints it and releases the file as closing a connection does. A connection that
+        needs settings of its own (`config`, a user's sandboxed query), or one opened while
+        this thread already has a catalog attached, gets a database of its own, as before.
+        `wait`: wait for another program holding the file (until `deadline`).
+        """
+        kept = None if config or _kept_in_use() else _kept_database()
+        con = self._open(deadline, read_only=read_only, config=config, into=kept, wait=wait)
+        if kept is None:
+            try:
+                yield con
+            finally:
+                con.close()
+            return
+        _KEPT.in_use = True
+        try:
+            yield con
+        finally:
+            _KEPT.in_use = False
+            _detach(kept, con)
+
     def _open(
-        self, deadline: float, read_only: bool = False, config: Mapping[str, Any] | None = None
+        self,
+        deadline: float,
+        read_only: bool = False,
+        config: Mapping[str, Any] | None = None,
+        into: duckdb.DuckDBPyConnection | None = None,
+        wait: bool = True,
     ) -> duckdb.DuckDBPyConnection:
+        """A connection to the file: its own database, or `into` with the file attached as
+        `_ATTACHED` (a cursor whose default database it is)."""
         # Another program (not ours, so not holding our lock) may have the file open: a DuckDB
         # shell or notebook, even read-only, keeps every writer out until it closes.
         warn_at = time.monotonic() + _HELD_WARNING_AFTER_S
         while True:
             try:
-                return duckdb.connect(
-                    str(self.path), read_only=read_only, config=dict(config or {})
-                )
+                if into is None:
+                    return duckdb.connect(
+                        str(self.path), read_only=read_only, config=dict(config or {})
+                    )
+                return _attach(into, str(self.path), read_only)
+            except duckdb.BinderException as error:
+                if _SAME_FILE_ATTACHED not in str(error):
+                    raise
+                raise CatalogBusyError(
+                    f"lineage catalog {self.path} is already open in this process with other "
+                    f"settings ({_first_line(error)}); close that DuckDB connection, or query "
+                    "through LineageCatalog.read_only_query / open a snapshot instead"
+                ) from error
             except duckdb.ConnectionException as error:
                 # This very process holds the file with other settings (a notebook's own
                 # `duckdb.connect(path, read_only=True)`): waiting cannot help.
@@ -619,6 +850,8 @@ class LineageCatalog:
             except duckdb.IOException as error:
                 if _LOCK_CONFLICT not in str(error):
                     raise self._unopenable(error, read_only) from error
+                if not wait:
+                    raise
                 held_by = str(error).split(". ")[0]
                 if time.monotonic() > deadline:
                     raise CatalogBusyError(
@@ -811,12 +1044,12 @@ class LineageCatalog:
             # Jittered exponential backoff: writers that collided spread out.
             time.sleep(min(1.0, 0.02 * 2**attempt) * (0.5 + _jitter()))
 
-    def _write(self, work: Any, transaction: bool) -> Any:
+    def _write(self, work: Any, transaction: bool, assets: Collection[str] = _ALL_ASSETS) -> Any:
         """Run a write: under the file lock (in a transaction if asked), or as one DuckLake
-        transaction retried on commit conflicts."""
+        transaction retried on commit conflicts. `assets`: those whose records it changes."""
         if self.is_ducklake:
             return self._with_conflict_retry(work, self._lake())
-        with self.connect() as con:
+        with self._connect(read_only=False, config=None, writes=assets) as con:
             if not transaction:
                 return work(con)
             con.execute("BEGIN TRANSACTION")
@@ -841,20 +1074,28 @@ class LineageCatalog:
                 )
             self._insert(con, materialization, STATUS_PENDING)
 
-        self._write(work, transaction=False)
+        self._write(work, transaction=False, assets=(materialization.asset,))
 
     def complete(
         self,
         materialization: MaterializationRecord,
         rows: Mapping[str, pl.DataFrame] | None = None,
-    ) -> None:
+        abandoned_error: str | None = None,
+    ) -> list[str]:
         """Fill in a begun materialization and replace its partition's rows, in one transaction.
 
         `rows` maps a registered row table name to a frame with that table's columns except
         `materialization_id`, which is filled in here. A materialization never begun is
         inserted complete.
+
+        `abandoned_error` (file catalog only; the caller holds the partition's step lock, so
+        no other attempt at it is alive on this machine): then, on the same connection, the
+        partition's older `pending` records are marked failed with this error; returns their
+        ids. That bookkeeping failing is logged, never raised: the commit stands.
         """
         m = materialization
+        if abandoned_error is not None and self.is_ducklake:
+            raise ValueError("abandoned_error: DuckLake settles older attempts apart")
 
         def work(con: duckdb.DuckDBPyConnection) -> None:
             con.execute(
@@ -865,7 +1106,48 @@ class LineageCatalog:
             for table, frame in (rows or {}).items():
                 self._replace_rows(con, table, frame, m)
 
-        self._write(work, transaction=True)
+        if abandoned_error is None:
+            self._write(work, transaction=True, assets=(m.asset,))
+            return []
+
+        def work_then_settle(con: duckdb.DuckDBPyConnection) -> list[str]:
+            con.execute("BEGIN TRANSACTION")
+            try:
+                work(con)
+                con.execute("COMMIT")
+            except Exception:
+                _rollback_quietly(con)
+                raise
+            try:
+                return self._settle_older(con, m, abandoned_error)
+            except duckdb.Error as error:
+                _LOG.warning(
+                    "%s[%s]: could not settle older attempts: %s", m.asset, m.partition, error
+                )
+                return []
+
+        return self._write(work_then_settle, transaction=False, assets=(m.asset,))
+
+    @staticmethod
+    def _settle_older(
+        con: duckdb.DuckDBPyConnection, m: MaterializationRecord, error: str
+    ) -> list[str]:
+        """Mark failed the `pending` records of (asset, partition) begun no later than `m`."""
+        rows = con.execute(
+            "UPDATE materializations SET status = ?, error = coalesce(error, ?) "
+            "WHERE asset = ? AND partition IS NOT DISTINCT FROM ? AND status = ? "
+            "AND materialization_id <> ? AND started_at <= ? RETURNING materialization_id",
+            [
+                STATUS_FAILED,
+                error[:_MAX_ERROR_CHARS],
+                m.asset,
+                m.partition,
+                STATUS_PENDING,
+                m.materialization_id,
+                m.started_at,
+            ],
+        ).fetchall()
+        return sorted(row[0] for row in rows)
 
     def fail(
         self,
@@ -1022,9 +1304,16 @@ class LineageCatalog:
     def query(self, sql: str, params: list[Any] | None = None) -> pl.DataFrame:
         """Run a read query and return a polars frame (read-only on a catalog this process
         may not write: an archived home on a read-only file system)."""
+        return self._query_at(sql, params)[0]
+
+    def _query_at(
+        self, sql: str, params: list[Any] | None = None
+    ) -> tuple[pl.DataFrame, GenerationToken | None]:
+        """`query`, and the generation it read at (None: unknown)."""
         read_only = self.path is not None and not self.writable()
-        with self.connect(read_only=read_only) as con:
-            return con.execute(sql, params or []).pl()
+        reads = all(s.type in _READ_STATEMENT_TYPES for s in duckdb.extract_statements(sql))
+        with self._connect(read_only, None, writes=None if reads else _ALL_ASSETS) as con:
+            return con.execute(sql, params or []).pl(), self._seen
 
     def schema_version(self) -> int:
         """The catalog's schema version (1: a catalog from before versions were recorded)."""
@@ -1105,13 +1394,19 @@ class LineageCatalog:
         stderr, for up to `pending_wait_s`; the error comes only when the writer has ended
         without completing it (killed) or the wait runs out.
         """
+        return self._read_versions_at(asset, partitions)[0]
+
+    def _read_versions_at(
+        self, asset: str, partitions: list[str]
+    ) -> tuple[dict[str, str], GenerationToken | None]:
+        """`read_versions`, and the generation its answer holds at (None: unknown)."""
         if not partitions:
-            return {}
+            return {}, None
         deadline = time.monotonic() + self.pending_wait_s
         announced: set[str] = set()
         second_look = False
         while True:
-            frame = self._newest_records(asset, partitions)
+            frame, token = self._newest_records(asset, partitions)
             retired = frame.filter(pl.col("status") == STATUS_RETIRED)["partition"].to_list()
             if retired:
                 raise IncompleteCommitError(
@@ -1120,13 +1415,14 @@ class LineageCatalog:
                 )
             unfinished = frame.filter(pl.col("status") != STATUS_COMPLETE)
             if not unfinished.height:
-                return dict(
+                versions = dict(
                     zip(
                         frame["partition"].to_list(),
                         frame["materialization_id"].to_list(),
                         strict=True,
                     )
                 )
+                return versions, token
             writing = [
                 row
                 for row in unfinished.iter_rows(named=True)
@@ -1163,21 +1459,37 @@ class LineageCatalog:
                     print(message, file=sys.stderr, flush=True)
             time.sleep(_PENDING_POLL_S)
 
-    def _newest_records(self, asset: str, partitions: list[str]) -> pl.DataFrame:
-        """Each partition's newest record: materialization_id, status, run_id, started_at."""
-        return self.query(
-            f"""
-            SELECT partition,
-                   arg_max(materialization_id, started_at) AS materialization_id,
-                   arg_max(status, started_at) AS status,
-                   arg_max(run_id, started_at) AS run_id,
-                   max(started_at) AS started_at
-            FROM materializations
-            WHERE asset = ? AND partition {IN_IDS}
-            GROUP BY partition
-            """,
-            [asset, id_list(partitions)],
-        )
+    def _newest_records(
+        self, asset: str, partitions: list[str]
+    ) -> tuple[pl.DataFrame, GenerationToken | None]:
+        """Each partition's newest record (materialization_id, status, run_id, started_at),
+        and the generation it was read at (None: unknown).
+
+        File catalog: the newest records of all the asset's partitions are read at once and
+        kept for this process, and answer again while the catalog's generation says nothing
+        was written since but by this process to other assets: a step reading its upstream
+        partition for each of its shards opens the catalog once, not once per shard.
+        """
+        if self.path is None:
+            frame = self.query(_NEWEST_SQL.format(where=IN_IDS), [asset, id_list(partitions)])
+            return frame, None
+        now = self._generation(locked=False)
+        with _NEWEST_LOCK:
+            cached = _NEWEST.get(self._cache_key(), {}).get(asset)
+        if now is not None and cached is not None and cached.token == now:
+            frame, token = cached.frame, now
+        else:
+            frame, token = self._query_at(_NEWEST_SQL.format(where="IS NOT NULL"), [asset])
+            if token is not None:
+                with _NEWEST_LOCK:
+                    _NEWEST.setdefault(self._cache_key(), {})[asset] = _NewestRecords(token, frame)
+        return frame.filter(pl.col("partition").is_in(partitions)), token
+
+    def unchanged_since(self, token: GenerationToken | None) -> bool:
+        """Whether nothing was written to the catalog (through this class) since an answer
+        read at `token`; False when that cannot be told (DuckLake, a read-only home, a writer
+        in progress)."""
+        return token is not None and self._generation(locked=False) == token
 
     def partition_lock_path(self, asset: str, partition: str | None) -> Path | None:
         """The lock file a step holds while it materializes (asset, partition) on this machine
@@ -1238,8 +1550,9 @@ def read_with_versions(
     `required`: every partition must have been materialized, else `NotMaterializedError`
     names them before anything is read (a step's own upstream partition, say).
     """
+    before, token = catalog._read_versions_at(asset, partitions)
     if required:
-        missing = sorted(set(partitions) - set(catalog.read_versions(asset, partitions)))
+        missing = sorted(set(partitions) - set(before))
         if missing:
             raise NotMaterializedError(
                 f"{asset} {', '.join(missing)}: not materialized (no record in the lineage "
@@ -1247,15 +1560,19 @@ def read_with_versions(
                 "includes it (e.g. mine_and_generate)"
             )
     for _ in range(attempts):
-        before = catalog.read_versions(asset, partitions)
         try:
             value = read()
         except MissingTableError:
             raise
         except FileNotFoundError as error:
             raise _missing_table(catalog, asset, before, error) from error
-        if catalog.read_versions(asset, partitions) == before:
+        # Nothing written since the versions were read: no need to open the catalog again.
+        if catalog.unchanged_since(token):
             return value, before
+        after, token = catalog._read_versions_at(asset, partitions)
+        if after == before:
+            return value, before
+        before = after
     raise RuntimeError(
         f"{asset}: tables kept changing while being read ({attempts} attempts); another run is "
         "rewriting them; retry when it finishes"
