@@ -8,6 +8,7 @@ Layout of the export folder (default `<data root>/data/triplet_export`):
     images/<shard>/<key>.jpg     every image a triplet names, resized to side x side
     shards/<shard>.json          one shard's figures (what the card is built from)
     shards/<shard>.images.parquet  the image paths the shard's triplets name (see below)
+    shards/unused/*.parquet      the sweep journal: images exports stopped naming (see below)
 
 Image paths in the triplet files are relative to the folder, so it can be moved or uploaded
 as is. The folder may be a prefix on an object store (under a URL data root, or a URL
@@ -21,11 +22,11 @@ Re-exporting skips an image only when the file there has the right size and was 
 same source bytes at the same JPEG quality: each JPEG carries the corpus content hash of its
 source and the quality in its comment, so a changed quality setting re-encodes them and a
 corpus shard replaced in place under the same keys gets its pictures refreshed (one header
-read per image decides). Images no exported triplet names any more are removed: on each export,
-those its previous export named (or it was about to name) and this one does not, unless another
-shard names them. A shard that left the corpus (retired) is withdrawn by the next export: its
-triplet files, figures and image list, then the images only it named (its tables under `data/`
-stay).
+read per image decides). Images no exported triplet names any more are removed: each export
+adds those its previous export named (or it was about to name) and this one does not to the
+folder's sweep journal (`shards/unused/`), and a sweep removes the journal's images no shard
+names. A shard that left the corpus (retired) is withdrawn by the next export: its triplet
+files, figures and image list, its images going to the journal (its tables under `data/` stay).
 
 Which images are in use is decided in one place (`remove_unused_images`), from the shards'
 image lists: an export first adds the images it is about to name to its shard's list (before it
@@ -38,13 +39,24 @@ then fails (a re-run writes the image again); on one machine always, as the lock
 check back until the sweep is done; across machines unless that whole export ended before the
 delete. A folder exported before these lists existed falls back to reading the triplet files
 of the shards that have no list.
+
+A sweep reads every shard's list once, so it is not run per export (that made a step that
+re-exports every shard read shards x shards lists): an export sweeps only when the journal has
+grown to SWEEP_PENDING_FRACTION of all lists' entries, so its cost follows the images that
+changed, not the shard count. Until then up to that fraction of the folder's images may be
+ones no triplet names (harmless to a reader, who goes by the triplet files);
+`sweep_unused_images` sweeps at once, e.g. before the folder is published. The journal is
+written before a list narrows and removed after its images are decided, so a crash anywhere
+leaves it for the next sweep, and a first export (nothing named before) adds nothing to it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import re
+import uuid
 from collections.abc import Callable, Collection, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -97,6 +109,16 @@ _SOURCE_STAMP = "megapairs source sha256:"
 # The only paths a sweep may delete: what `image_relpath` makes (its parts never start with a
 # dot, so never `..`), whatever a triplet or image-list file says.
 _EXPORT_IMAGE_PATH = re.compile(r"images/[A-Za-z0-9_-][A-Za-z0-9._-]*/[A-Za-z0-9._-]+\.jpg")
+SWEEP_JOURNAL_DIR = "shards/unused"
+"""`shards/unused/<token>-<count>.parquet`: the sweep journal, images exports may have stopped
+naming (column `image_path`); one file per export that had any, written once, removed by the
+sweep that decided them."""
+SWEEP_PENDING_FRACTION = 0.01
+"""A sweep reads every shard's image list, so it waits until the journal's entries are at least
+this fraction of all lists' entries: each journal entry then costs about 1 / (this x the mean
+list length) list reads whatever the shard count (1/15 at 1,500 images a shard), and the
+images left in the folder that no triplet names stay below about this fraction of it."""
+_JOURNAL_NAME = re.compile(r"[0-9a-f]{32}-([0-9]+)\.parquet")
 
 
 def export_triplets_for_shard(
@@ -171,18 +193,16 @@ def export_triplets_for_shard(
         lambda tmp: tmp.write_text(json.dumps(figures, indent=2, sort_keys=True)),
     )
     named_now = set(_named_paths(exported).to_list())
-    if named_now != listed:
-        _write_named_images(root, shard, named_now)
     # Possibly unused now: what this shard named before, or was about to name, and no longer
-    # does (in any folder; another shard may still name it). A first export of a shard whose
-    # images all exported has none, so a backfill reads no other shard's list.
-    candidates = listed - named_now
+    # does (in any folder; another shard may still name it): they wait in the sweep journal.
+    # A first export of a shard whose images all exported has none, so a backfill reads no
+    # other shard's list.
+    _narrow_named_images(root, layout, shard, listed, named_now)
     update = update_release_folder(
         root,
         settings,
         layout,
         retired=catalog.retired_partitions(EXPORT_ASSET),
-        candidates=candidates,
         write_card=write_card,
     )
     card = update.card
@@ -403,19 +423,20 @@ def update_release_folder(
     retired: Sequence[str] = (),
     candidates: Collection[str] = (),
     write_card: bool = True,
+    force_sweep: bool = False,
 ) -> FolderUpdate:
-    """Withdraw `retired` shards, remove the images among `candidates` (and the withdrawn
-    shards' images) that no shard names any more, then (re)write README.md from every shard's
-    figures. Safe when shards export in parallel on one machine (a lock under `<home>/locks/`,
-    local even when the folder is on an object store; machines that export at once each write
-    a whole card, the last one wins; the image lists keep their images safe from each other's
-    sweeps). With `write_card` False the card is left as it is (a later call writes it)."""
+    """Withdraw `retired` shards, add their images and `candidates` to the sweep journal, sweep
+    it when due (always with `force_sweep`; see `sweep_unused_images`), then (re)write README.md
+    from every shard's figures. Safe when shards export in parallel on one machine (a lock
+    under `<home>/locks/`, local even when the folder is on an object store; machines that
+    export at once each write a whole card, the last one wins; the image lists keep their
+    images safe from each other's sweeps). With `write_card` False the card is left as it is (a
+    later call writes it)."""
     path = root / CARD_NAME
-    lock = card_lock_path(layout, root)
-    lock.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(lock)):
-        withdrawn, unused = withdraw_shards(root, retired)
-        removed = remove_unused_images(root, unused | set(candidates))
+    with _folder_lock(layout, root):
+        withdrawn = withdraw_shards(root, retired)
+        _write_journal(root, candidates)
+        removed = _sweep_journal(root, layout, force=force_sweep)
         if write_card:
             # Threads: on an object store each shard's figures are one request.
             with ThreadPoolExecutor(_WRITE_THREADS) as pool:
@@ -430,13 +451,13 @@ def update_release_folder(
     return FolderUpdate(card=path, withdrawn=withdrawn, images_removed=removed)
 
 
-def withdraw_shards(root: DataPath, shards: Sequence[str]) -> tuple[list[str], set[str]]:
-    """Take shards' triplet files, figures and image lists out of the release folder. Returns
-    the shards that had files here, and the images that may now be unused (those in their
-    image folders and those their lists named) for `remove_unused_images`: a current shard's
-    triplets may still name an image of a withdrawn one until it is mined again."""
+def withdraw_shards(root: DataPath, shards: Sequence[str]) -> list[str]:
+    """Take shards' triplet files, figures and image lists out of the release folder; returns
+    the shards that had files here. Their images (those in their image folders and those their
+    lists named) go to the sweep journal first, so a crash half-way leaves them waiting for a
+    sweep: a current shard's triplets may still name an image of a withdrawn one until it is
+    mined again. The caller holds the folder's lock."""
     withdrawn: list[str] = []
-    candidates: set[str] = set()
     for shard in shards:
         files = [
             root / "triplets" / f"{shard}.jsonl",
@@ -447,11 +468,11 @@ def withdraw_shards(root: DataPath, shards: Sequence[str]) -> tuple[list[str], s
         present = [file for file in files if file.exists()]
         if not present:
             continue
-        candidates |= _read_named_images(root, shard) | images_in_folder(root, shard)
+        _write_journal(root, _read_named_images(root, shard) | images_in_folder(root, shard))
         for file in present:
             file.unlink()
         withdrawn.append(shard)
-    return withdrawn, candidates
+    return withdrawn
 
 
 def images_in_folder(root: DataPath, shard: str) -> set[str]:
@@ -461,26 +482,138 @@ def images_in_folder(root: DataPath, shard: str) -> set[str]:
     return {f"{folder}/{image.name}" for image in (root / folder).glob("*.jpg")}
 
 
+def note_unused_images(root: DataPath, layout: DataLayout, paths: Collection[str]) -> None:
+    """Add `paths` (images an export may have stopped naming, relative to the folder) to the
+    folder's sweep journal: one new file, written once, under the folder's lock (a sweep
+    removes the journal's empty folder under that lock). Nothing when `paths` is empty."""
+    if not any(_EXPORT_IMAGE_PATH.fullmatch(p) for p in paths):
+        return
+    with _folder_lock(layout, root):
+        _write_journal(root, paths)
+
+
+def sweep_unused_images(root: DataPath, layout: DataLayout) -> int:
+    """Sweep the folder's journal now, however little waits in it (e.g. before the folder is
+    published); returns how many images were removed. Exports sweep it only when due."""
+    with _folder_lock(layout, root):
+        return _sweep_journal(root, layout, force=True)
+
+
+def _narrow_named_images(
+    root: DataPath, layout: DataLayout, shard: str, listed: set[str], named_now: set[str]
+) -> None:
+    """Narrow `shard`'s image list from `listed` to `named_now`, the images it drops going to
+    the sweep journal first (a crash in between leaves them waiting, not forgotten). Both
+    under the folder's lock: a sweep between the two would find them still named, keep them
+    and drop their journal entry, leaving them in the folder for good. (A sweep on another
+    machine can still do that in the moment between the two writes: an image kept, never one
+    lost.)"""
+    if named_now == listed:
+        return
+    with _folder_lock(layout, root):
+        _write_journal(root, listed - named_now)
+        _write_named_images(root, shard, named_now)
+
+
+def _folder_lock(layout: DataLayout, root: DataPath) -> FileLock:
+    lock = card_lock_path(layout, root)
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    return FileLock(str(lock))
+
+
+def _write_journal(root: DataPath, paths: Collection[str]) -> None:
+    """One new journal file naming `paths` (only those a sweep may delete); its name carries
+    the count, so deciding whether a sweep is due reads no journal."""
+    wanted = sorted({p for p in paths if _EXPORT_IMAGE_PATH.fullmatch(p)})
+    if not wanted:
+        return
+    frame = pl.DataFrame({_NAMED_IMAGES_COLUMN: wanted}, schema={_NAMED_IMAGES_COLUMN: pl.String})
+    name = f"{uuid.uuid4().hex}-{len(wanted)}.parquet"
+    write_parquet_atomic(frame, root / SWEEP_JOURNAL_DIR / name)
+
+
+def _sweep_journal(root: DataPath, layout: DataLayout, force: bool) -> int:
+    """Remove the journal's images that no shard names, when a sweep is due (or `force`), then
+    the journal files it read; returns how many images were removed. The caller holds the
+    folder's lock. A sweep reads every shard's image list once, so it waits until the images
+    waiting are at least SWEEP_PENDING_FRACTION of the lists' entries as the last sweep on
+    this machine counted them (no count yet: due). A crash leaves the journal files, and the
+    next sweep decides them again; a journal file another machine's sweep removed meanwhile
+    was decided by that sweep."""
+    journal = {
+        path: int(match.group(1))
+        for path in (root / SWEEP_JOURNAL_DIR).glob("*.parquet")
+        if (match := _JOURNAL_NAME.fullmatch(path.name))
+    }
+    waiting = sum(journal.values())
+    if not waiting or not (force or _sweep_due(layout, root, waiting)):
+        return 0
+
+    def journal_paths(path: DataPath) -> list[str]:
+        try:
+            return _paths_in_list(path).to_list()
+        except FileNotFoundError:
+            return []
+
+    with ThreadPoolExecutor(_WRITE_THREADS) as pool:
+        wanted = {p for paths in pool.map(journal_paths, sorted(journal)) for p in paths}
+    removed, list_entries = _remove_unused(root, wanted)
+    if list_entries:
+        text = json.dumps({"list_entries": list_entries})
+        write_atomic(_sweep_hint_path(layout, root), lambda tmp: tmp.write_text(text))
+    for path in journal:
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            continue
+    if is_local(root):  # object stores have no folders; keep `shards/` as exports leave it
+        with contextlib.suppress(OSError):  # not empty (a journal written since) or gone
+            (root / SWEEP_JOURNAL_DIR).rmdir()
+    return removed
+
+
+def _sweep_due(layout: DataLayout, root: DataPath, waiting: int) -> bool:
+    """Whether `waiting` journal entries are worth a sweep (see `_sweep_journal`)."""
+    try:
+        list_entries = int(json.loads(_sweep_hint_path(layout, root).read_text())["list_entries"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return True
+    return waiting >= SWEEP_PENDING_FRACTION * list_entries
+
+
+def _sweep_hint_path(layout: DataLayout, root: DataPath) -> Path:
+    """Where this machine keeps how many entries the folder's lists had at its last sweep:
+    only a hint of when the next sweep is due, never of what it removes."""
+    return layout.home / "locks" / f"triplet_export-sweep-{_folder_digest(root)}.json"
+
+
 def remove_unused_images(root: DataPath, candidates: Iterable[str]) -> int:
     """Delete those of `candidates` (image paths relative to the folder) that no shard of the
     folder names; returns how many were deleted. The one place that decides which export
     images are in use (see the module docstring)."""
+    return _remove_unused(root, set(candidates))[0]
+
+
+def _remove_unused(root: DataPath, candidates: set[str]) -> tuple[int, int]:
+    """`remove_unused_images`, also returning how many entries the lists it read had."""
     wanted = {p for p in candidates if _EXPORT_IMAGE_PATH.fullmatch(p)}
     if not wanted:
-        return 0
+        return 0, 0
+    named, list_entries = _named_among(root, wanted)
     removed = 0
-    for relpath in sorted(wanted - _named_among(root, wanted)):
+    for relpath in sorted(wanted - named):
         try:
             (root / relpath).unlink()
         except FileNotFoundError:  # never written (its source failed), or removed meanwhile
             continue
         removed += 1
-    return removed
+    return removed, list_entries
 
 
-def _named_among(root: DataPath, wanted: set[str]) -> set[str]:
+def _named_among(root: DataPath, wanted: set[str]) -> tuple[set[str], int]:
     """Which of `wanted` some shard names: its image list, or for a shard without one (exported
-    before lists existed) its triplet file. One read per shard, in parallel."""
+    before lists existed) its triplet file; and how many entries those had. One read per
+    shard, in parallel."""
     lists = {
         p.name.removesuffix(NAMED_IMAGES_SUFFIX): p
         for p in (root / "shards").glob(f"*{NAMED_IMAGES_SUFFIX}")
@@ -495,19 +628,21 @@ def _named_among(root: DataPath, wanted: set[str]) -> set[str]:
     ]
     keys = sorted(wanted)
 
-    def named_in(source: tuple[DataPath, Callable[[DataPath], pl.Series]]) -> set[str]:
+    def named_in(source: tuple[DataPath, Callable[[DataPath], pl.Series]]) -> tuple[set[str], int]:
         path, read = source
         try:
             paths = read(path)
         except FileNotFoundError:  # withdrawn meanwhile
-            return set()
-        return set(paths.filter(paths.is_in(keys)).to_list())
+            return set(), 0
+        return set(paths.filter(paths.is_in(keys)).to_list()), paths.len()
 
     named: set[str] = set()
+    entries = 0
     with ThreadPoolExecutor(_WRITE_THREADS) as pool:
-        for found in pool.map(named_in, sources):
+        for found, count in pool.map(named_in, sources):
             named |= found
-    return named
+            entries += count
+    return named, entries
 
 
 def _named_images_path(root: DataPath, shard: str) -> DataPath:
@@ -552,8 +687,11 @@ def _named_paths(frame: pl.DataFrame) -> pl.Series:
 
 def card_lock_path(layout: DataLayout, root: DataPath) -> Path:
     """The local lock file of one export folder's card (named by a hash of the folder)."""
-    digest = hashlib.blake2b(str(root).encode(), digest_size=8).hexdigest()
-    return layout.home / "locks" / f"triplet_export-card-{digest}.lock"
+    return layout.home / "locks" / f"triplet_export-card-{_folder_digest(root)}.lock"
+
+
+def _folder_digest(root: DataPath) -> str:
+    return hashlib.blake2b(str(root).encode(), digest_size=8).hexdigest()
 
 
 def _sum_maps(figures: list[dict[str, Any]], key: str) -> dict[str, int]:
