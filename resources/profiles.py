@@ -28,6 +28,7 @@ Where the paper profile finds its weights and corpus (nothing is downloaded at r
 | `MEGAPAIRS_VIT_L14_WEIGHTS` | tag `openai` | OpenAI CLIP ViT-L/14: mmret-large |
 | `MEGAPAIRS_VLLM_DESCRIBE_URLS` | `http://127.0.0.1:8000/v1` | InternVL2-26B servers (`/v1` URLs) |
 | `MEGAPAIRS_VLLM_INSTRUCT_URLS` | `http://127.0.0.1:8001/v1` | Llama-3-8B-Instruct servers |
+| `MEGAPAIRS_VLLM_BASE_URLS` | unset | both models' servers, one endpoint routing by model name |
 | `MEGAPAIRS_VLLM_DESCRIBE_MODEL`, `_INSTRUCT_MODEL` | the hub id | name the server gives it |
 | `MEGAPAIRS_VLLM_API_KEY` | unset | bearer token for the servers |
 | `MEGAPAIRS_TRAIN_DEVICES` | `8` | GPUs per training run: a number, or `auto` (all visible) |
@@ -362,7 +363,7 @@ def paper_generation() -> GenerationResource:
         # A server problem names the variable that fixes it, in the CLI and in the UI alike.
         server_setting_names={
             step: {
-                "base_urls": urls_variable,
+                "base_urls": _urls_setting_name(urls_variable),
                 "served_model": model_variable,
                 "api_key": VLLM_API_KEY_VARIABLE,
             }
@@ -377,6 +378,14 @@ def _served_as(step: StepSettings, variable: str) -> StepSettings:
         return step
     options = {**step.backend.options, "served_model": served}
     return replace(step, backend=replace(step.backend, options=options))
+
+
+def _urls_setting_name(variable: str) -> str:
+    """The variable that set a step's server URLs, as its errors name it: the step's own, or
+    the shared `MEGAPAIRS_VLLM_BASE_URLS` when only that one is set."""
+    if os.environ.get(variable, "").strip() or not ClusterSettings.from_env().vllm_base_urls:
+        return variable
+    return f"MEGAPAIRS_VLLM_BASE_URLS (or {variable} for this model alone)"
 
 
 def _vllm_urls(variable: str) -> list[str] | None:
