@@ -280,6 +280,24 @@ def test_rescore_sensor_scores_a_checkpoint_only_after_it_changes(setup: dict) -
     cursor[0] = None  # even a sensor that lost its cursor redoes nothing
     assert not tick().run_requests
 
+    # Re-materialized with the same weights (a finished config exports its final checkpoint
+    # again): the same data version, so the scores still describe it.
+    def checkpoint(version: str) -> None:
+        instance.report_runless_asset_event(
+            dg.AssetMaterialization(
+                "mmret_clip_checkpoint", partition="demo", tags={"dagster/data_version": version}
+            )
+        )
+
+    checkpoint("weights-1")
+    assert len(tick().run_requests) == 2  # other weights than the version-less one before
+    for benchmark in benchmarks:
+        report("benchmark_scores", str(score_partition_key(trained, benchmark)))
+    checkpoint("weights-1")
+    assert not tick().run_requests
+    checkpoint("weights-2")
+    assert len(tick().run_requests) == 2
+
 
 def test_the_base_is_scored_again_on_the_held_out_split_of_newer_triplets(setup: dict) -> None:
     """A fresh instance's sensor scores the base at once, before any triplet (no held-out

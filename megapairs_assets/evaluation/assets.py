@@ -234,11 +234,16 @@ def build_rescore_sensor(default_status: dg.DefaultSensorStatus) -> dg.SensorDef
         if not records:
             return dg.SkipReason("no new checkpoint materialization")
         newest = max(record.storage_id for record in records)
-        # The latest materialization of each training config in this batch.
+        # The latest materialization of each training config in this batch, unless it holds
+        # the same weights as the one before it (a finished config re-materialized exports its
+        # final checkpoint again: same content, same data version, same scores).
         checkpoints: dict[str, int] = {}
         for record in records:
             if record.partition_key is not None:
                 checkpoints[record.partition_key] = record.storage_id
+        for config in [c for c in checkpoints if checkpoint_unchanged(context.instance, c)]:
+            context.log.info(f"{config}: the checkpoint's content is unchanged; not re-scored")
+            del checkpoints[config]
         try:
             by_config = trained_retrievers_by_config(evaluation.base_spec(), storage.layout())
         except Exception as error:  # a bad folder must not kill the sensor daemon
@@ -256,6 +261,23 @@ def build_rescore_sensor(default_status: dg.DefaultSensorStatus) -> dg.SensorDef
         )
 
     return rescore_trained_checkpoints
+
+
+# The event tag holding a materialization's data version (Dagster's DATA_VERSION_TAG).
+_DATA_VERSION_TAG = "dagster/data_version"
+
+
+def checkpoint_unchanged(instance: dg.DagsterInstance, config: str) -> bool:
+    """Whether the latest checkpoint of `config` has the data version of the one before it
+    (its export's content: see `lib.step.content_version`)."""
+    records = instance.fetch_materializations(
+        dg.AssetRecordsFilter(asset_key=dg.AssetKey(CHECKPOINT_ASSET), asset_partitions=[config]),
+        limit=2,
+    ).records
+    if len(records) < 2:
+        return False
+    versions = [(r.asset_materialization.tags or {}).get(_DATA_VERSION_TAG) for r in records]
+    return versions[0] is not None and versions[0] == versions[1]
 
 
 HELDOUT_BENCHMARK = "heldout"
