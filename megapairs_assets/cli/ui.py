@@ -199,7 +199,13 @@ def _port(text: str) -> int:
 
 def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Add the `ui` subcommand to the `megapairs` parser."""
-    ui = subparsers.add_parser("ui", help="open the Dagster UI on this workspace (dg dev)")
+    ui = subparsers.add_parser(
+        "ui",
+        help="open the Dagster UI on this workspace (dg dev)",
+        description="Serve the Dagster UI and daemon (this environment's `dg dev`) on the home's "
+        "instance ($DAGSTER_HOME, else $MEGAPAIRS_HOME/dagster): the demo's runs, partitions, "
+        "checks and metadata, and the sensors that keep them current.",
+    )
     ui.add_argument(
         "--host", default=DEFAULT_HOST, help=f"address the UI listens on (default {DEFAULT_HOST})"
     )
