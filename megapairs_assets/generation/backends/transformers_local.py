@@ -6,18 +6,21 @@ their processor, which places the two images where the template puts them. Reque
 grouped by sampling settings and sorted by prompt length so a batch wastes little padding.
 
 A GGUF file (such as the demo's SmolLM2) is dequantised by transformers on the first load,
-which is slow; the result is saved once with `save_pretrained` into `converted_dir` and later
-loads read that copy. Sampling (temperature > 0) seeds torch from the batch's request seeds,
-so a given batch is reproducible; greedy decoding (the demo) is reproducible whatever the
-batching.
+which is slow (about 30 s); the result is saved once with `save_pretrained` into a per-user
+cache shared by every home (see `ensure_converted_gguf`) and later loads read that copy.
+Sampling (temperature > 0) seeds torch from the batch's request seeds, so a given batch is
+reproducible; greedy decoding (the demo) is reproducible whatever the batching.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import logging
+import os
 import time
+import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -38,6 +41,8 @@ from megapairs_assets.lib.progress import quiet_library_progress
 TRANSFORMERS_BACKEND = "transformers"
 KINDS = ("causal_lm", "image_text_to_text")
 _CONVERTED_MARKER = "megapairs-converted.json"
+# Part of the converted copy's cache key: bump it when `_convert_gguf` changes what it writes.
+CONVERTER_VERSION = 1
 logger = logging.getLogger(__name__)
 
 
@@ -46,7 +51,8 @@ class TransformersOptions:
     """Options of the `transformers` backend (BackendSpec.options).
 
     model_path: a local `save_pretrained` folder, or the folder holding `gguf_file`.
-    converted_dir: where a dequantised GGUF model is saved once (required with gguf_file).
+    converted_dir: where a dequantised GGUF model is saved when the per-user cache cannot be
+        written (required with gguf_file; its folder name also names the cached copy).
     """
 
     model_path: str
@@ -89,50 +95,180 @@ def _quiet_gguf_conversion() -> Iterator[None]:
         gguf_utils.tqdm = original
 
 
-def ensure_converted_gguf(model_dir: Path, gguf_file: str, converted_dir: Path) -> Path:
-    """Dequantise a GGUF model once into `converted_dir` (safe across processes).
+def converted_cache_root() -> Path:
+    """The per-user folder of converted GGUF models, shared by every home of the user:
+    `$XDG_CACHE_HOME/megapairs/converted`, else `~/.cache/megapairs/converted`."""
+    base = os.environ.get("XDG_CACHE_HOME", "").strip()
+    return Path(base or Path.home() / ".cache").expanduser() / "megapairs" / "converted"
 
-    The copy is reused while its marker names the same source file, size and mtime.
+
+def ensure_converted_gguf(
+    model_dir: Path, gguf_file: str, converted_dir: Path, cache_root: Path | None = None
+) -> Path:
+    """The folder of a GGUF model dequantised to float32 (`save_pretrained`), converting once.
+
+    The copy lives in the per-user cache (`cache_root`, default `converted_cache_root()`),
+    named by a digest of the GGUF file's bytes and of the converter (this code's
+    `CONVERTER_VERSION` and the transformers version), so every home of the user shares one
+    copy and a changed source or converter makes a new one. Where the cache cannot be written
+    (a read-only home directory), the copy goes to `converted_dir` (the home's own folder).
+
+    A copy is used only after it is verified: its marker names the same digest and every file
+    it lists has the recorded size and sha256; a damaged or truncated copy is converted again.
+    Conversion writes into a staging folder and renames it into place under a file lock, so
+    processes converting at once never see, or leave, a partial copy.
     """
-    import torch
+    source = (Path(model_dir) / gguf_file).resolve()
+    key = _conversion_key(source)
+    name = f"{Path(converted_dir).name}-{_digest(key)[:16]}"
+    shared = Path(cache_root) if cache_root is not None else converted_cache_root()
+    candidates = [shared / name, Path(converted_dir)]
+    for candidate in candidates:
+        if _verified(candidate, key):
+            _remove_legacy_copy(Path(converted_dir), keep=candidate)
+            return candidate
+
+    def convert(staging: Path) -> None:
+        _convert_gguf(Path(model_dir), gguf_file, staging)
+
+    try:
+        target = _convert_into(shared / name, key, convert)
+    except OSError as error:  # no cache folder for this user: the home keeps its own copy
+        logger.warning(
+            "cannot write the converted model to the shared cache %s (%s); converting into %s",
+            shared,
+            error,
+            converted_dir,
+        )
+        return _convert_into(Path(converted_dir), key, convert)
+    _remove_legacy_copy(Path(converted_dir), keep=target)
+    return target
+
+
+def _conversion_key(source: Path) -> dict[str, Any]:
+    """What the converted copy depends on: the GGUF bytes and the converter."""
+    import transformers
+
+    return {
+        "source_sha256": _file_sha256(source),
+        "gguf_file": source.name,
+        "converter": CONVERTER_VERSION,
+        "transformers": transformers.__version__,
+        "dtype": "float32",
+    }
+
+
+def _digest(value: Any) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()
+
+
+def _file_sha256(path: Path) -> str:
+    """sha256 of a file's bytes, hashed once per file version on this machine (the embedding
+    weights' digest cache, keyed by path, size, mtime, ctime and inode: a rewritten file,
+    even one of the same size, is hashed again)."""
+    from megapairs_assets.embeddings.weights import file_digest
+
+    return file_digest(path)
+
+
+def _file_manifest(folder: Path) -> dict[str, dict[str, Any]]:
+    """Every file under `folder` (but the marker): its size and sha256."""
+    return {
+        str(path.relative_to(folder)): {"size": path.stat().st_size, "sha256": _file_sha256(path)}
+        for path in sorted(folder.rglob("*"))
+        if path.is_file() and path.name != _CONVERTED_MARKER
+    }
+
+
+def _verified(folder: Path, key: Mapping[str, Any]) -> bool:
+    """Whether `folder` holds a complete, undamaged conversion for `key` (see the marker)."""
+    try:
+        marker = json.loads((folder / _CONVERTED_MARKER).read_text())
+        files = marker["files"]
+        if marker.get("key") != key or not files:
+            return False
+        for relative, expected in files.items():
+            path = folder / relative
+            if path.stat().st_size != expected["size"] or _file_sha256(path) != expected["sha256"]:
+                logger.warning("converted model %s is damaged (%s); converting again", folder, path)
+                return False
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return False
+    return True
+
+
+def _convert_into(target: Path, key: Mapping[str, Any], convert: Any) -> Path:
+    """Convert into `target` unless another process did meanwhile (under a file lock)."""
     from filelock import FileLock
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(target) + ".lock"):
+        if _verified(target, key):
+            return target
+        # Whoever holds the lock is the only converter: staging folders left now were
+        # abandoned by killed processes (each ~0.5 GB).
+        for leftover in target.parent.glob(f".{target.name}.*"):
+            _remove_tree(leftover)
+        # mkdir (not mkdtemp, which makes it private) so the copy gets the usual permissions.
+        staging = target.parent / f".{target.name}.staging-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        staging.mkdir()
+        try:
+            started = time.perf_counter()
+            logger.info("converting %s once (about 30 s) into %s", key["gguf_file"], target)
+            convert(staging)
+            marker = {"key": dict(key), "files": _file_manifest(staging)}
+            (staging / _CONVERTED_MARKER).write_text(json.dumps(marker, indent=1))
+            if target.exists():  # a damaged or out-of-date copy: out of the way first
+                aside = target.with_name(f".{target.name}.damaged-{os.getpid()}")
+                target.rename(aside)
+                _remove_tree(aside)
+            staging.rename(target)
+            logger.info("converted %s in %.1f s", key["gguf_file"], time.perf_counter() - started)
+        finally:
+            if staging.exists():
+                _remove_tree(staging)
+        # Verified at its final path now, so the digests of its files are remembered under that
+        # path and later processes check it without hashing 0.5 GB again.
+        if not _verified(target, key):
+            raise OSError(f"the converted copy at {target} did not verify after it was written")
+    return target
+
+
+def _convert_gguf(model_dir: Path, gguf_file: str, out_dir: Path) -> None:
+    """Dequantise the GGUF model and save the float32 copy (and its tokenizer) in `out_dir`."""
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    source = (Path(model_dir) / gguf_file).resolve()
-    stat = source.stat()
-    wanted = {"source": str(source), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
-    converted_dir = Path(converted_dir)
-    converted_dir.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(converted_dir) + ".lock"):
-        marker = converted_dir / _CONVERTED_MARKER
-        if marker.is_file():
-            try:
-                if json.loads(marker.read_text()) == wanted:
-                    return converted_dir
-            except ValueError:
-                pass
-        with quiet_library_progress(), _quiet_gguf_conversion():
-            tokenizer = AutoTokenizer.from_pretrained(model_dir, gguf_file=gguf_file)
-            model = AutoModelForCausalLM.from_pretrained(
-                model_dir, gguf_file=gguf_file, dtype=torch.float32
-            )
-        # transformers marks a GGUF-loaded model as quantized and refuses to save it, although
-        # its weights are already plain float tensors; drop the marks to save the float copy.
-        if hasattr(model.config, "quantization_config"):
-            del model.config.quantization_config
-        model.hf_quantizer = None
-        model.is_quantized = False
-        staging = converted_dir.with_name(converted_dir.name + ".staging")
-        if staging.exists():
-            _remove_tree(staging)
-        with quiet_library_progress():
-            model.save_pretrained(staging)
-            tokenizer.save_pretrained(staging)
-        (staging / _CONVERTED_MARKER).write_text(json.dumps(wanted))
-        if converted_dir.exists():
+    with quiet_library_progress(), _quiet_gguf_conversion():
+        tokenizer = AutoTokenizer.from_pretrained(model_dir, gguf_file=gguf_file)
+        model = AutoModelForCausalLM.from_pretrained(
+            model_dir, gguf_file=gguf_file, dtype=torch.float32
+        )
+    # transformers marks a GGUF-loaded model as quantized and refuses to save it, although
+    # its weights are already plain float tensors; drop the marks to save the float copy.
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.hf_quantizer = None
+    model.is_quantized = False
+    with quiet_library_progress():
+        model.save_pretrained(out_dir)
+        tokenizer.save_pretrained(out_dir)
+
+
+def _remove_legacy_copy(converted_dir: Path, keep: Path) -> None:
+    """Remove a home's own converted copy written before the shared cache (its marker names
+    the source file's path, size and mtime): the shared copy replaces it (about 0.5 GB)."""
+    if converted_dir == keep or not converted_dir.is_dir():
+        return
+    try:
+        marker = json.loads((converted_dir / _CONVERTED_MARKER).read_text())
+    except (OSError, ValueError):
+        return
+    if isinstance(marker, dict) and {"source", "size", "mtime_ns"} <= set(marker):
+        from filelock import FileLock
+
+        with FileLock(str(converted_dir) + ".lock"):  # the lock the older code converted under
             _remove_tree(converted_dir)
-        staging.rename(converted_dir)
-    return converted_dir
 
 
 def _remove_tree(path: Path) -> None:
