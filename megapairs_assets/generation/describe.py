@@ -62,7 +62,7 @@ from megapairs_assets.generation.store import (
 )
 from megapairs_assets.lib.quality import CheckOutcome, outcome
 from megapairs_assets.lib.step import StepResult
-from megapairs_assets.lib.storage import DataLayout, write_parquet_atomic
+from megapairs_assets.lib.storage import DataLayout, read_parquet, write_parquet_atomic
 from megapairs_assets.lineage.catalog import LineageCatalog
 
 STEP = "describe"
@@ -156,7 +156,9 @@ def describe_pairs_for_shard(
     pairs, input_versions = read_shard_table(catalog, layout, PAIRS_ASSET, shard)
     pairs = pairs.select("pair_id", "query_id", "target_id")
     quarantine = QuarantineLog(DESCRIPTIONS_ASSET, shard)
-    model_plans, heuristic_plans = _plan_requests(pairs, catalog, settings, quarantine)
+    model_plans, heuristic_plans = _plan_requests(
+        pairs, catalog, settings, quarantine, _previous_model_sample(layout, shard)
+    )
     settled = settle_shard_requests(
         [p.request for p in model_plans],
         [p.request for p in heuristic_plans],
@@ -287,6 +289,7 @@ def prefetch_descriptions(
             catalog,
             settings,
             QuarantineLog(DESCRIPTIONS_ASSET, shard),
+            _previous_model_sample(layout, shard),
         )
         store = open_store(layout, shard, STEP, settings.max_attempts, log=warn or log)
         return [plan.request for plan in plans], store
@@ -307,18 +310,32 @@ def _missing(quarantine: QuarantineLog) -> int:
     return sum(1 for row in quarantine.rows if row["reason"] in unplannable)
 
 
+def _previous_model_sample(layout: DataLayout, shard: str) -> set[str]:
+    """The pairs the model described in the shard's current descriptions table (none without
+    a readable one): the sample keeps them while they are still pairs of the shard, so adding
+    a shard re-sends only the requests of sampled pairs that left (see `PairSample`)."""
+    try:
+        table = read_parquet(layout.shard_table(DESCRIPTIONS_ASSET, shard), ["pair_id", "backend"])
+    except OSError:  # not written yet (FileNotFoundError) or damaged (TableReadError)
+        return set()
+    return set(table.filter(pl.col("backend") != HEURISTIC_BACKEND)["pair_id"].to_list())
+
+
 def _plan_requests(
     pairs: pl.DataFrame,
     catalog: LineageCatalog,
     settings: GenerationSettings,
     quarantine: QuarantineLog,
+    previous_sample: set[str],
 ) -> tuple[list[_Planned], list[_Planned]]:
     template = load_template(settings.describe.template)
     spec = settings.describe.backend
     if template.step != STEP:
         raise GenerationStepError(f"template {template.id!r} is for step {template.step!r}")
     images = lookup_images(catalog, pairs["query_id"].to_list() + pairs["target_id"].to_list())
-    sampled = settings.model_sample.select(pairs["pair_id"].to_list(), settings.seed)
+    sampled = settings.model_sample.select(
+        pairs["pair_id"].to_list(), settings.seed, keep=previous_sample
+    )
     model_plans: list[_Planned] = []
     heuristic_plans: list[_Planned] = []
     for pair in pairs.iter_rows(named=True):
