@@ -1,4 +1,5 @@
-"""Automation waits for upstream work still running two levels up, not only one.
+"""Automation waits for upstream work still running two levels up, not only one, and for an
+upstream whose latest run failed.
 
 The shape is the mining half's fan-in: one corpus, two embedding tables, a KNN graph on each and
 one mining asset reading both graphs. A real run that is still embedding one source holds the
@@ -18,6 +19,7 @@ from megapairs_assets.orchestration.automation import downstream_automation, ups
 PARTITIONS = dg.StaticPartitionsDefinition(["00000", "00001"])
 EMBEDDING_RELEASED = threading.Event()
 EMBEDDING_STARTED = threading.Event()
+DINO_KNN_FAILS = threading.Event()
 
 
 @dg.asset(partitions_def=PARTITIONS)
@@ -25,7 +27,9 @@ def corpus() -> None:
     return None
 
 
-def _eager(name: str, deps: list[str], *, block: bool = False) -> dg.AssetsDefinition:
+def _eager(
+    name: str, deps: list[str], *, block: bool = False, fails: threading.Event | None = None
+) -> dg.AssetsDefinition:
     @dg.asset(
         name=name,
         deps=deps,
@@ -33,6 +37,8 @@ def _eager(name: str, deps: list[str], *, block: bool = False) -> dg.AssetsDefin
         automation_condition=downstream_automation(),
     )
     def _asset() -> None:
+        if fails is not None and fails.is_set():
+            raise RuntimeError(f"{name} fails this time")
         if block and not EMBEDDING_RELEASED.is_set():
             EMBEDDING_STARTED.set()
             assert EMBEDDING_RELEASED.wait(60), "the test never released the embedding step"
@@ -45,16 +51,24 @@ ASSETS = [
     _eager("clip_embeddings", ["corpus"]),
     _eager("dino_embeddings", ["corpus"], block=True),
     _eager("clip_knn", ["clip_embeddings"]),
-    _eager("dino_knn", ["dino_embeddings"]),
+    _eager("dino_knn", ["dino_embeddings"], fails=DINO_KNN_FAILS),
     _eager("mined_pairs", ["clip_knn", "dino_knn"]),
 ]
 DEFS = dg.Definitions(assets=ASSETS)
 
 
-def _materialize(instance: dg.DagsterInstance, names: list[str], partition: str) -> None:
+def _materialize(
+    instance: dg.DagsterInstance, names: list[str], partition: str, *, succeeds: bool = True
+) -> None:
     selection = [a for a in ASSETS if a.key.to_user_string() in names]
-    result = dg.materialize(ASSETS, selection=selection, partition_key=partition, instance=instance)
-    assert result.success
+    result = dg.materialize(
+        ASSETS,
+        selection=selection,
+        partition_key=partition,
+        instance=instance,
+        raise_on_error=False,
+    )
+    assert result.success == succeeds
 
 
 def _requested(result: dg.AutomationResult | object, name: str) -> set[str]:
@@ -106,3 +120,28 @@ def test_mining_waits_for_an_embedding_run_two_levels_up_and_then_runs_once() ->
     assert _requested(after, "dino_knn") == {"00001"}
     assert _requested(after, "mined_pairs") == {"00001"}
     assert _requested(after, "clip_knn") == set()
+
+
+def test_mining_waits_while_an_upstream_graphs_latest_run_failed() -> None:
+    instance = dg.DagsterInstance.ephemeral()
+    names = [a.key.to_user_string() for a in ASSETS]
+    EMBEDDING_RELEASED.set()
+    DINO_KNN_FAILS.clear()
+    for partition in PARTITIONS.get_partition_keys():
+        _materialize(instance, names, partition)
+    settled = dg.evaluate_automation_conditions(DEFS, instance)
+
+    # The DINOv2 graph of 00001 fails; the CLIP side of the same shard lands.
+    DINO_KNN_FAILS.set()
+    try:
+        _materialize(instance, ["dino_knn"], "00001", succeeds=False)
+    finally:
+        DINO_KNN_FAILS.clear()
+    _materialize(instance, ["clip_embeddings", "clip_knn"], "00001")
+    held = dg.evaluate_automation_conditions(DEFS, instance, cursor=settled.cursor)
+    assert _requested(held, "mined_pairs") == set()  # it would fail on the failed graph
+
+    # Re-materialized clean: the shard is mined once.
+    _materialize(instance, ["dino_knn"], "00001")
+    after = dg.evaluate_automation_conditions(DEFS, instance, cursor=held.cursor)
+    assert _requested(after, "mined_pairs") == {"00001"}

@@ -14,6 +14,8 @@ until they are re-materialized clean.
 upstream is: when the CLIP graph of a shard lands a tick before the DINOv2 embeddings of the same
 run finish, `eager()` alone mines the shard at once and again once the DINOv2 graph follows, and
 the first mining reads a graph about to be rewritten. `upstream_in_progress` looks further up.
+Nor does `eager()` wait when a dependency's latest run failed: the CLIP and DINOv2 graphs landing
+would start a mining run that must fail on the caption graph's failed partition.
 
 A custom condition runs in the code server: the automation sensor sets `use_user_code_server`.
 """
@@ -100,4 +102,9 @@ def downstream_automation() -> dg.AutomationCondition:
         dg.AutomationCondition.eager()
         & ~upstream_in_progress()
         & ~dg.AutomationCondition.any_deps_match(BlockingChecksFailed())
-    ).with_label("eager, after upstream runs finish, unless an upstream partition failed a check")
+        # A partition whose upstream's latest run failed would read a table the catalog no
+        # longer trusts (the step refuses it): wait until that upstream is materialized again.
+        & ~dg.AutomationCondition.any_deps_match(dg.AutomationCondition.execution_failed())
+    ).with_label(
+        "eager, after upstream runs finish, unless an upstream partition failed its run or a check"
+    )
