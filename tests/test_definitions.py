@@ -64,7 +64,11 @@ def test_definitions_load_for_every_profile(profile: str, tmp_path: Path) -> Non
     job_assets = defs.resolve_job_def("mining_half").asset_layer.selected_asset_keys
     assert {k.to_user_string() for k in job_assets} >= MINING_HALF
     sensor = defs.resolve_sensor_def("new_shards_sensor")
-    assert sensor.asset_selection.resolve(graph) == {dg.AssetKey("image_corpus")}
+    # The corpus of new shards; the KNN graphs again after shards leave the corpus.
+    assert sensor.asset_selection.resolve(graph) == {
+        dg.AssetKey(name)
+        for name in ("image_corpus", "clip_image_knn", "dino_image_knn", "caption_text_knn")
+    }
 
 
 def test_workspace_module_exposes_defs() -> None:

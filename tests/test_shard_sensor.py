@@ -7,7 +7,7 @@ from pathlib import Path
 import dagster as dg
 import image_factory as factory
 
-from megapairs_assets.corpus.assets import build_shards_sensor
+from megapairs_assets.corpus.assets import KNN_ASSETS, build_shards_sensor, knn_refresh_requests
 from megapairs_assets.lineage.catalog import LineageCatalog, MaterializationRecord, utc_now
 from megapairs_assets.orchestration.partitions import SHARD_PARTITIONS_NAME
 from resources.corpus import CorpusSourceResource
@@ -91,7 +91,11 @@ def test_removed_shards_leave_the_partition_set_and_their_lineage_retires(tmp_pa
     (corpus / "00001.tar").unlink()
     result = _evaluate(instance, corpus)
     assert isinstance(result, dg.SensorResult)
-    assert result.run_requests == []
+    # The remaining shard's KNN graphs listed neighbours in 00001: they are searched again.
+    (request,) = result.run_requests
+    assert sorted(k.to_user_string() for k in request.asset_selection) == sorted(KNN_ASSETS)
+    assert request.tags["dagster/asset_partition_range_start"] == "00000"
+    assert request.tags["dagster/asset_partition_range_end"] == "00000"
     _apply(instance, result)
     assert instance.get_dynamic_partitions(SHARD_PARTITIONS_NAME) == ["00000"]
     assert catalog.query("SELECT count(*) AS n FROM image_lineage")["n"][0] == 0
@@ -145,3 +149,23 @@ def test_demo_corpus_is_remembered_by_the_home_for_every_other_process(
     (home / CHOSEN_CORPUS_FILE).write_text("{not json")
     with pytest.raises(ConfigurationError, match=CHOSEN_CORPUS_FILE):
         build_resources("demo", home)
+
+
+def test_knn_refresh_after_retiring_comes_in_backfill_sized_ranges() -> None:
+    remaining = [f"{n:05d}" for n in range(130)]
+    requests = knn_refresh_requests(remaining, ["00200"])
+    ranges = [
+        (r.tags["dagster/asset_partition_range_start"], r.tags["dagster/asset_partition_range_end"])
+        for r in requests
+    ]
+    assert ranges == [("00000", "00063"), ("00064", "00127"), ("00128", "00129")]
+    assert len({r.run_key for r in requests}) == 3  # one run each, once per retirement
+    assert knn_refresh_requests(remaining, ["00201"])[0].run_key != requests[0].run_key
+
+
+def test_new_shards_ask_for_their_corpus_only(tmp_path: Path) -> None:
+    corpus = tmp_path / "corpus"
+    factory.write_wds_shard(corpus / "00000.tar", factory.good_items(1))
+    result = _evaluate(dg.DagsterInstance.ephemeral(), corpus)
+    (request,) = result.run_requests
+    assert [k.to_user_string() for k in request.asset_selection] == ["image_corpus"]

@@ -79,6 +79,13 @@ def cmd_sync(args: argparse.Namespace) -> int:
         lineage_catalog(home).retire_partitions(gone, shard_asset_names(defs.assets))
         for shard in gone:
             instance.delete_dynamic_partition(SHARD_PARTITIONS_NAME, shard)
+        if found:
+            # The sensor requests this itself; without a daemon, the user runs it.
+            print(
+                "  the other shards' KNN graphs still list images of the retired ones: search "
+                "them again with `megapairs demo` (unchanged embeddings are reused) or the "
+                "`mining_half` job over their range"
+            )
     if new_configs:
         instance.add_dynamic_partitions(TRAINING_CONFIG_PARTITIONS_NAME, new_configs)
     for name in gone_configs:

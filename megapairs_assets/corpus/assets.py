@@ -1,5 +1,6 @@
 """Dagster wiring of the image corpus: one partition per shard, and a sensor for its shards."""
 
+import hashlib
 from collections.abc import Sequence
 from typing import Any
 
@@ -18,11 +19,14 @@ from megapairs_assets.corpus.table import (
     unread_summary,
     write_source_report,
 )
+from megapairs_assets.embeddings.sources import SOURCES
 from megapairs_assets.orchestration.partitions import (
+    SHARD_BACKFILL_POLICY,
     SHARD_PARTITIONS_NAME,
     shard_asset_options,
     shard_partitions,
 )
+from megapairs_assets.orchestration.runs import shard_range_tags
 from megapairs_assets.orchestration.settings_version import fields
 from megapairs_assets.orchestration.shard_step import Stage, materialize_partitions
 from resources.corpus import CorpusSourceResource
@@ -118,6 +122,26 @@ def shard_changes(found: list[str], known: list[str]) -> tuple[list[str], list[s
     return [s for s in found if s not in known_set], sorted(known_set - found_set)
 
 
+# The graphs that search the whole corpus: after shards leave it, every remaining shard's graph
+# still lists neighbours in them, and no partition update tells automation so.
+KNN_ASSETS = [source.knn_asset for source in SOURCES]
+
+
+def knn_refresh_requests(remaining: Sequence[str], retired: Sequence[str]) -> list[dg.RunRequest]:
+    """Runs re-searching the KNN graphs of the `remaining` shards (in partition-set order),
+    in ranges of at most the shard assets' backfill chunk; automation carries the changes on."""
+    chunk = SHARD_BACKFILL_POLICY.max_partitions_per_run or len(remaining)
+    retired_key = hashlib.sha256(",".join(sorted(retired)).encode()).hexdigest()[:12]
+    return [
+        dg.RunRequest(
+            run_key=f"knn-after-retiring-{retired_key}-{shards[0]}",
+            asset_selection=[dg.AssetKey(name) for name in KNN_ASSETS],
+            tags=shard_range_tags(list(shards)),
+        )
+        for shards in (remaining[i : i + chunk] for i in range(0, len(remaining), chunk))
+    ]
+
+
 def build_shards_sensor(
     default_status: dg.DefaultSensorStatus, shard_assets: Sequence[str]
 ) -> dg.SensorDefinition:
@@ -128,7 +152,7 @@ def build_shards_sensor(
         name="new_shards_sensor",
         minimum_interval_seconds=60,
         default_status=default_status,
-        asset_selection=[ASSET_NAME],
+        asset_selection=[ASSET_NAME, *KNN_ASSETS],
     )
     def new_shards_sensor(
         context: dg.SensorEvaluationContext,
@@ -137,7 +161,9 @@ def build_shards_sensor(
     ) -> dg.SensorResult | dg.SkipReason:
         """Registers shards that appeared in the corpus source and materializes their corpus;
         removes shards that left it (their row lineage and tables are retired from the dataset,
-        their files stay until a user deletes them, and no KNN graph searches them again)."""
+        their files stay until a user deletes them) and searches the remaining shards' KNN
+        graphs again, so none lists a retired image (automation then refreshes what follows;
+        with new shards too, their embeddings already make every graph search again)."""
         try:
             found = corpus_source.shard_ids()
         except Exception as error:  # a bad source must not kill the sensor daemon
@@ -163,9 +189,13 @@ def build_shards_sensor(
             catalog.catalog().retire_partitions(gone, shard_assets)
             requests.append(shard_partitions.build_delete_request(gone))
             context.log.warning(f"{len(gone)} shards left the corpus source: {gone[:10]}")
-        return dg.SensorResult(
-            run_requests=[dg.RunRequest(partition_key=shard) for shard in new],
-            dynamic_partitions_requests=requests,
-        )
+        corpus_only = [dg.AssetKey(ASSET_NAME)]
+        run_requests = [
+            dg.RunRequest(partition_key=shard, asset_selection=corpus_only) for shard in new
+        ]
+        if gone and not new:
+            remaining = [shard for shard in known if shard not in set(gone)]
+            run_requests += knn_refresh_requests(remaining, gone)
+        return dg.SensorResult(run_requests=run_requests, dynamic_partitions_requests=requests)
 
     return new_shards_sensor

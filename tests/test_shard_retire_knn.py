@@ -1,0 +1,71 @@
+"""A shard that leaves the corpus leaves the other shards' KNN graphs too: the shard sensor's
+request searches them again, through Dagster, so no graph lists a retired image."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import dagster as dg
+import image_factory as factory
+import polars as pl
+from conftest import make_home, run_shards
+
+from megapairs_assets.corpus.assets import KNN_ASSETS
+from megapairs_assets.definitions import build_definitions
+from megapairs_assets.lib.storage import DataLayout
+from resources.corpus import CorpusSourceResource
+
+SHARDS = ["00000", "00001", "00002"]
+
+
+def _neighbours_in(layout: DataLayout, asset: str, shards: list[str], retired: str) -> int:
+    return sum(
+        pl.read_parquet(layout.shard_table(asset, shard))["neighbor_id"]
+        .str.starts_with(f"{retired}/")
+        .sum()
+        for shard in shards
+    )
+
+
+def test_retiring_a_shard_searches_the_remaining_graphs_again(
+    tmp_path: Path, demo_models_dir: Path
+) -> None:
+    corpus = tmp_path / "corpus"
+    for index, shard in enumerate(SHARDS):
+        factory.write_wds_shard(
+            corpus / f"{shard}.tar", factory.good_items(6, first_seed=20 * index)
+        )
+    home = make_home(tmp_path, demo_models_dir)
+    source = CorpusSourceResource(kind="webdataset", path=str(corpus))
+    defs = build_definitions("demo", home, {"corpus_source": source})
+    instance = dg.DagsterInstance.ephemeral()
+    assert run_shards(defs, instance, SHARDS, job_name="corpus_and_embeddings").success
+    knn_job = defs.resolve_implicit_global_asset_job_def()
+    keys = [dg.AssetKey(name) for name in KNN_ASSETS]
+    assert knn_job.execute_in_process(
+        asset_selection=keys,
+        tags={
+            "dagster/asset_partition_range_start": SHARDS[0],
+            "dagster/asset_partition_range_end": SHARDS[-1],
+        },
+        instance=instance,
+    ).success
+    layout = DataLayout(home)
+    kept = SHARDS[:2]
+    assert all(_neighbours_in(layout, a, kept, "00002") for a in KNN_ASSETS)  # it can fail
+
+    (corpus / "00002.tar").unlink()
+    sensor = defs.resolve_sensor_def("new_shards_sensor")
+    context = dg.build_sensor_context(
+        instance=instance, resources={"corpus_source": source, "catalog": defs.resources["catalog"]}
+    )
+    tick = sensor(context)
+    for request in tick.dynamic_partitions_requests:
+        if isinstance(request, dg.DeleteDynamicPartitionsRequest):
+            for key in request.partition_keys:
+                instance.delete_dynamic_partition(request.partitions_def_name, key)
+    (request,) = tick.run_requests
+    assert knn_job.execute_in_process(
+        asset_selection=list(request.asset_selection), tags=request.tags, instance=instance
+    ).success
+    assert not any(_neighbours_in(layout, a, kept, "00002") for a in KNN_ASSETS)
