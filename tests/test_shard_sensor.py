@@ -16,10 +16,16 @@ from resources.storage import LineageCatalogResource
 new_shards_sensor = build_shards_sensor(dg.DefaultSensorStatus.RUNNING, ["image_corpus"])
 
 
-def _evaluate(instance: dg.DagsterInstance, corpus: Path, catalog_path: Path | None = None):
+def _evaluate(
+    instance: dg.DagsterInstance,
+    corpus: Path,
+    catalog_path: Path | None = None,
+    cursor: str | None = None,
+):
     catalog_path = catalog_path or corpus.parent / "catalog.duckdb"
     context = dg.build_sensor_context(
         instance=instance,
+        cursor=cursor,
         resources={
             "corpus_source": CorpusSourceResource(kind="webdataset", path=str(corpus)),
             "catalog": LineageCatalogResource(path=str(catalog_path)),
@@ -169,3 +175,42 @@ def test_new_shards_ask_for_their_corpus_only(tmp_path: Path) -> None:
     result = _evaluate(dg.DagsterInstance.ephemeral(), corpus)
     (request,) = result.run_requests
     assert [k.to_user_string() for k in request.asset_selection] == ["image_corpus"]
+
+
+def test_a_shard_rewritten_in_place_or_still_growing_is_read_again(tmp_path: Path) -> None:
+    corpus = tmp_path / "corpus"
+    factory.write_wds_shard(corpus / "00000.tar", factory.good_items(2))
+    whole = corpus / "00001.tar"
+    factory.write_wds_shard(whole, factory.good_items(4, first_seed=10))
+    complete = whole.read_bytes()
+    whole.write_bytes(complete[: len(complete) // 2])  # still being copied when first seen
+    instance = dg.DagsterInstance.ephemeral()
+
+    first = _evaluate(instance, corpus)
+    _apply(instance, first)
+    assert first.cursor is not None
+    quiet = _evaluate(instance, corpus, cursor=first.cursor)
+    assert isinstance(quiet, dg.SkipReason)
+
+    whole.write_bytes(complete)  # the copy finished
+    grown = _evaluate(instance, corpus, cursor=first.cursor)
+    assert isinstance(grown, dg.SensorResult)
+    (request,) = grown.run_requests
+    assert request.partition_key == "00001"
+    assert [k.to_user_string() for k in request.asset_selection] == ["image_corpus"]
+    assert not grown.dynamic_partitions_requests  # nothing registered or retired
+    assert isinstance(_evaluate(instance, corpus, cursor=grown.cursor), dg.SkipReason)
+
+    # Replaced by other pictures under the same name: read again, once.
+    factory.write_wds_shard(whole, factory.good_items(4, first_seed=30))
+    replaced = _evaluate(instance, corpus, cursor=grown.cursor)
+    assert [r.partition_key for r in replaced.run_requests] == ["00001"]
+    assert replaced.run_requests[0].run_key != request.run_key
+
+
+def test_a_cursor_from_before_fingerprints_changes_nothing(tmp_path: Path) -> None:
+    corpus = tmp_path / "corpus"
+    factory.write_wds_shard(corpus / "00000.tar", factory.good_items(1))
+    instance = dg.DagsterInstance.ephemeral()
+    _apply(instance, _evaluate(instance, corpus))
+    assert isinstance(_evaluate(instance, corpus, cursor="not json"), dg.SkipReason)

@@ -1,12 +1,13 @@
 """Dagster wiring of the image corpus: one partition per shard, and a sensor for its shards."""
 
 import hashlib
+import json
 from collections.abc import Sequence
 from typing import Any
 
 import dagster as dg
 
-from megapairs_assets.corpus.sources import SourceListings
+from megapairs_assets.corpus.sources import SourceListings, shard_file_fingerprints
 from megapairs_assets.corpus.step import (
     ASSET_NAME,
     CORPUS_CHECKS,
@@ -142,6 +143,16 @@ def knn_refresh_requests(remaining: Sequence[str], retired: Sequence[str]) -> li
     ]
 
 
+def _fingerprints_from_cursor(cursor: str | None) -> dict[str, str]:
+    """The shard files' fingerprints the sensor saw last (none from a cursor of before)."""
+    try:
+        value = json.loads(cursor) if cursor else {}
+    except ValueError:
+        return {}
+    files = value.get("shard_files") if isinstance(value, dict) else None
+    return dict(files) if isinstance(files, dict) else {}
+
+
 def build_shards_sensor(
     default_status: dg.DefaultSensorStatus, shard_assets: Sequence[str]
 ) -> dg.SensorDefinition:
@@ -160,17 +171,25 @@ def build_shards_sensor(
         catalog: LineageCatalogResource,
     ) -> dg.SensorResult | dg.SkipReason:
         """Registers shards that appeared in the corpus source and materializes their corpus;
-        removes shards that left it (their row lineage and tables are retired from the dataset,
-        their files stay until a user deletes them) and searches the remaining shards' KNN
-        graphs again, so none lists a retired image (automation then refreshes what follows;
-        with new shards too, their embeddings already make every graph search again)."""
+        materializes again a registered shard whose file or folder changed since the last tick
+        (replaced in place, or still being written when it was first seen); removes shards that
+        left it (their row lineage and tables are retired from the dataset, their files stay
+        until a user deletes them) and searches the remaining shards' KNN graphs again, so none
+        lists a retired image (automation then refreshes what follows; with new shards too,
+        their embeddings already make every graph search again)."""
         try:
             found = corpus_source.shard_ids()
+            seen = shard_file_fingerprints(corpus_source.spec(), found)
         except Exception as error:  # a bad source must not kill the sensor daemon
             return dg.SkipReason(f"corpus source unreadable: {error}")
         known = list(context.instance.get_dynamic_partitions(SHARD_PARTITIONS_NAME))
         new, gone = shard_changes(found, known)
-        if not new and not gone:
+        before = _fingerprints_from_cursor(context.cursor)
+        changed = [s for s in known if s in seen and s in before and seen[s] != before[s]]
+        cursor = json.dumps({"shard_files": seen}, sort_keys=True)
+        if not new and not gone and not changed:
+            if seen != before:
+                context.update_cursor(cursor)
             return dg.SkipReason(f"no shard changes ({len(found)} shards)")
         if known and len(gone) == len(known):
             # Every shard at once: far more likely the sensor reads another corpus than the
@@ -189,13 +208,24 @@ def build_shards_sensor(
             catalog.catalog().retire_partitions(gone, shard_assets)
             requests.append(shard_partitions.build_delete_request(gone))
             context.log.warning(f"{len(gone)} shards left the corpus source: {gone[:10]}")
+        if changed:
+            context.log.info(f"{len(changed)} shards changed in place: {changed[:10]}")
         corpus_only = [dg.AssetKey(ASSET_NAME)]
         run_requests = [
             dg.RunRequest(partition_key=shard, asset_selection=corpus_only) for shard in new
+        ] + [
+            dg.RunRequest(
+                partition_key=shard,
+                asset_selection=corpus_only,
+                run_key=f"changed-{shard}-{seen[shard]}",
+            )
+            for shard in changed
         ]
         if gone and not new:
             remaining = [shard for shard in known if shard not in set(gone)]
             run_requests += knn_refresh_requests(remaining, gone)
-        return dg.SensorResult(run_requests=run_requests, dynamic_partitions_requests=requests)
+        return dg.SensorResult(
+            run_requests=run_requests, dynamic_partitions_requests=requests, cursor=cursor
+        )
 
     return new_shards_sensor

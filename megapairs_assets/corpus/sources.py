@@ -253,6 +253,31 @@ def list_shards(spec: SourceSpec) -> list[str]:
     return scan.shards
 
 
+def shard_file_fingerprints(spec: SourceSpec, shards: list[str]) -> dict[str, str]:
+    """shard -> `<size>:<mtime_ns>:<ctime_ns>` of the file or folder that holds it, for the
+    shards that have one of their own: a webdataset `.tar`, or an image folder (its entries
+    added or removed; a picture rewritten inside it is not seen). Flat-folder and manifest
+    shards have none. What the shard sensor compares between ticks to see a shard replaced or
+    still being written in place."""
+    root = Path(spec.path)
+    if spec.kind == "webdataset" and _is_single_tar(root):
+        paths = {stem: root for stem in [_tar_stem(root.name)] if stem in shards}
+    elif spec.kind == "webdataset":
+        paths = {shard: root / f"{shard}{TAR_SUFFIX}" for shard in shards}
+    elif spec.kind == "folder":
+        paths = {shard: root / shard for shard in shards}
+    else:
+        return {}
+    fingerprints = {}
+    for shard, path in paths.items():
+        try:
+            status = path.stat()
+        except OSError:  # gone since the listing, or named otherwise (case): nothing to compare
+            continue
+        fingerprints[shard] = f"{status.st_size}:{status.st_mtime_ns}:{status.st_ctime_ns}"
+    return fingerprints
+
+
 def _similar_name_hint(path: Path) -> str:
     """` (did you mean <sibling>?)` when the missing path's folder holds a close name (a typo
     in the last part of `--corpus`), else ""."""
