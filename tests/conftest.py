@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -11,6 +12,19 @@ import pytest
 from megapairs_assets.demo.models import ensure_demo_models
 from megapairs_assets.orchestration.partitions import SHARD_PARTITIONS_NAME
 from megapairs_assets.orchestration.runs import shard_range_tags
+
+
+@pytest.fixture(autouse=True)
+def _dagster_home_per_test():
+    """Each test starts with the DAGSTER_HOME it was given: a CLI command sets it for its own
+    process (`prepare_dagster_home`), and one test's home must not become the next one's
+    instance (the CLI refuses an instance that belongs to another home)."""
+    before = os.environ.get("DAGSTER_HOME")
+    yield
+    if before is None:
+        os.environ.pop("DAGSTER_HOME", None)
+    else:
+        os.environ["DAGSTER_HOME"] = before
 
 
 @pytest.fixture(scope="session")

@@ -1735,6 +1735,9 @@ def _moved_data_root(records: pl.DataFrame, error: OSError) -> str | None:
             tail = "/".join(parts[-2:])  # <asset or shard>/<file>: the layout below the root
             for word in text.replace("'", " ").replace('"', " ").split():
                 attempted = word.rstrip(".,;:)")
+                # polars shortens a long path to "...<its end>": not where it looked, just less.
+                if attempted.startswith("..."):
+                    continue
                 if attempted == recorded or not attempted.endswith("/" + tail):
                     continue
                 common = 2
