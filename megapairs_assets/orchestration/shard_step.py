@@ -137,8 +137,6 @@ def materialize_partitions(
                 FAILING_BLOCKING_CHECKS_KEY: ", ".join(failing_blocking) or NO_FAILURE,
             }
             own_metadata[partition] = metadata
-            if len(partitions) == 1:
-                context.add_asset_metadata(metadata, partition_key=partition)
     over_range.close()
     elapsed_s = time.perf_counter() - started
     totals: dict[str, Any] = {
@@ -152,9 +150,11 @@ def materialize_partitions(
     totals.update(_run_settings_metadata(context, stage))
     checks = check_results(stage, results)
     if len(versions) == 1:
+        # One partition: its own figures first, then the step's (as a range's own events).
+        own = next(iter(own_metadata.values()), {})
         return _single_step_events(
             dg.MaterializeResult(
-                metadata=totals,
+                metadata={**own, **totals},
                 check_results=checks,
                 data_version=dg.DataVersion(next(iter(versions.values()))),
             )
