@@ -1,5 +1,5 @@
-"""The CLI's Dagster instance retries a failed run once (the daemon does it), also in a home
-whose dagster.yaml an earlier version wrote."""
+"""The CLI's Dagster instance retries once a run whose process died (the daemon does it), also in
+a home whose dagster.yaml an earlier version wrote."""
 
 from __future__ import annotations
 
@@ -23,3 +23,5 @@ def test_every_earlier_config_is_upgraded_to_one_that_retries_runs(
     with dg.DagsterInstance.from_config(str(dagster_home)) as instance:
         assert instance.run_retries_enabled
         assert instance.run_retries_max_retries == 1
+        # A step's own failure (a failed check, a missing table) fails again at once: not retried.
+        assert not instance.run_retries_retry_on_asset_or_op_failure

@@ -13,10 +13,11 @@ from typing import Any
 # one GPU at once. Raise a pool's limit to its number of GPUs:
 # `dagster instance concurrency set gpu N`. Steps' output is captured as by Dagster's default
 # (same files, shown by the UI), by a manager whose copy to the terminal survives Ctrl-C
-# without tracebacks (megapairs_assets/orchestration/console.py). A failed run is retried once
-# by the daemon (`megapairs ui`), as on the cluster: declarative automation does not request a
-# partition again after its run failed, so a passing fault (a busy catalog, a server's 5xx
-# after its own retries) would otherwise strand it until an unrelated upstream change.
+# without tracebacks (megapairs_assets/orchestration/console.py). A run that failed outside its
+# steps (its process died) is retried once by the daemon (`megapairs ui`), as on the cluster:
+# declarative automation does not request a partition again after its run failed. A step's own
+# failure is not retried: a failed check or a missing table fails the same way seconds later,
+# and the retry's materializations would count as "handled" for automation.
 DAGSTER_YAML = """telemetry:
   enabled: false
 nux:
@@ -30,11 +31,26 @@ compute_logs:
 run_retries:
   enabled: true
   max_retries: 1
+  retry_on_asset_or_op_failure: false
 """
 
 # dagster.yaml files this module wrote before: replaced by DAGSTER_YAML on the next command.
 # A file that differs from all of them is the user's own and is left alone.
 EARLIER_DAGSTER_YAMLS = (
+    """telemetry:
+  enabled: false
+nux:
+  enabled: false
+concurrency:
+  pools:
+    default_limit: 1
+compute_logs:
+  module: megapairs_assets.orchestration.console
+  class: InterruptQuietComputeLogManager
+run_retries:
+  enabled: true
+  max_retries: 1
+""",
     """telemetry:
   enabled: false
 nux:
