@@ -430,6 +430,10 @@ def test_the_asset_keeps_unchanged_graphs_without_building_an_index(
     listed = tmp_path / "corpus"
     for shard in SHARDS:  # the corpus source lists these shards (their images are not read)
         factory.write_wds_shard(listed / f"{shard}.tar", factory.good_items(1))
+        # ...and they were ingested (the KNN corpus is the listed shards with a corpus table).
+        corpus.catalog.record(
+            MaterializationRecord("image_corpus", shard, "r", "v", "demo", utc_now(), 0)
+        )
     profile = build_resources("demo", corpus.layout.home)
     defs = dg.Definitions(
         assets=[next(a for a in knn_assets if a.key.to_user_string() == SOURCE.knn_asset)],

@@ -4,6 +4,7 @@ from typing import Any
 
 import dagster as dg
 
+from megapairs_assets.corpus.step import ASSET_NAME as CORPUS_ASSET
 from megapairs_assets.embeddings.sources import SOURCES, SimilaritySource
 from megapairs_assets.knn.search import KNN_COLUMN_DESCRIPTIONS, describe_backend
 from megapairs_assets.knn.step import KNN_CHECKS, KnnRun, plan_knn_step
@@ -60,9 +61,21 @@ def build_knn_asset(source: SimilaritySource) -> dg.AssetsDefinition:
         layout, lineage = resources.storage.layout(), resources.catalog.catalog()
         knn = resources.knn_index
         spec = knn.spec()
+        # The corpus: the source's shards whose corpus table exists. A shard registered while
+        # this run waited (its corpus step still to come) is searched by the run its
+        # embeddings start, not counted here as a missing table.
+        listed = resources.corpus_source.shard_ids()
+        ingested = set(lineage.current_partitions(CORPUS_ASSET))
+        corpus_shards = [shard for shard in listed if shard in ingested]
+        if len(corpus_shards) < len(listed):
+            waiting = [shard for shard in listed if shard not in ingested]
+            context.log.info(
+                f"{source.knn_asset}: {len(waiting)} shards of the corpus source have no corpus "
+                f"table yet (e.g. {waiting[0]}); searched without them until they are ingested"
+            )
         run = KnnRun(
             source=source,
-            corpus_shards=resources.corpus_source.shard_ids(),
+            corpus_shards=corpus_shards,
             spec=spec,
             k=knn.k,
             allow_partial_corpus=knn.allow_partial_corpus,
