@@ -9,7 +9,7 @@ from megapairs_assets.embeddings.sources import SOURCES, SimilaritySource
 from megapairs_assets.knn.search import KNN_COLUMN_DESCRIPTIONS, describe_backend
 from megapairs_assets.knn.step import KNN_CHECKS, KnnRun, plan_knn_step
 from megapairs_assets.orchestration.partitions import (
-    DOWNSTREAM_AUTOMATION,
+    CORPUS_WIDE_AUTOMATION,
     shard_asset_options,
     step_placement,
 )
@@ -51,7 +51,7 @@ def build_knn_asset(source: SimilaritySource) -> dg.AssetsDefinition:
         deps=[dg.AssetDep(source.embedding_asset, partition_mapping=dg.AllPartitionMapping())],
         kinds={"faiss", "pytorch", "parquet"},
         pool="gpu",
-        automation_condition=DOWNSTREAM_AUTOMATION,
+        automation_condition=CORPUS_WIDE_AUTOMATION,
         required_resource_keys={"knn_index", "storage", "catalog", "corpus_source"},
         check_specs=stage.check_specs(),
         **shard_asset_options("knn", stage.code_version, **step_placement(1, "96Gi")),

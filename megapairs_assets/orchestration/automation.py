@@ -108,3 +108,38 @@ def downstream_automation() -> dg.AutomationCondition:
     ).with_label(
         "eager, after upstream runs finish, unless an upstream partition failed its run or a check"
     )
+
+
+class InputRequestedThisTick(dg.AutomationCondition):
+    """True for every candidate partition when a partition of one of its parents is requested
+    in this tick. Dagster's `will_be_requested` only counts parents that can run in the same run,
+    which a parent under an `AllPartitionMapping` cannot."""
+
+    @property
+    def name(self) -> str:
+        return "input_requested_this_tick"
+
+    @property
+    def description(self) -> str:
+        return "An input partition is requested in this tick"
+
+    def evaluate(self, context: dg.AutomationContext) -> dg.AutomationResult:
+        candidate = context.candidate_subset
+        key = context.key
+        assert isinstance(key, dg.AssetKey)
+        for parent in context.asset_graph.get(key).parent_keys:
+            requested = context.request_subsets_by_key.get(parent)
+            if requested is not None and not requested.is_empty:
+                return dg.AutomationResult(context, candidate)
+        return dg.AutomationResult(context, context.get_empty_subset())
+
+
+def corpus_wide_automation() -> dg.AutomationCondition:
+    """`downstream_automation` for an asset whose every partition reads every upstream partition
+    (the KNN graphs): also wait while an input partition is requested in this tick. Released in
+    the tick that requests its own input again, it would share one request with that input, and
+    Dagster's backfill of such a request (an `AllPartitionMapping` with a partition of its own
+    parent) fails at once ("Unable to determine root partitions"), losing both."""
+    return (downstream_automation() & ~InputRequestedThisTick()).with_label(
+        "eager over the whole corpus, after its inputs settle"
+    )

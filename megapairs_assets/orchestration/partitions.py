@@ -7,7 +7,10 @@ from typing import Any
 
 import dagster as dg
 
-from megapairs_assets.orchestration.automation import downstream_automation
+from megapairs_assets.orchestration.automation import (
+    corpus_wide_automation,
+    downstream_automation,
+)
 from megapairs_assets.orchestration.k8s import k8s_op_tags, step_resource_tags
 from resources.cluster import ClusterSettings
 
@@ -28,6 +31,8 @@ SHARD_BACKFILL_POLICY = dg.BackfillPolicy.multi_run(max_partitions_per_run=64)
 # for a partition whose parent updated and that is not already in progress, and never for one
 # whose upstream partition failed a blocking check (automation.py).
 DOWNSTREAM_AUTOMATION = downstream_automation()
+# The KNN graphs read every shard's embeddings: they also wait for inputs about to be redone.
+CORPUS_WIDE_AUTOMATION = corpus_wide_automation()
 
 
 def step_placement(gpu: int = 0, memory: str | None = None) -> dict[str, Any]:
