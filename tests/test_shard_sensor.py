@@ -214,3 +214,33 @@ def test_a_cursor_from_before_fingerprints_changes_nothing(tmp_path: Path) -> No
     instance = dg.DagsterInstance.ephemeral()
     _apply(instance, _evaluate(instance, corpus))
     assert isinstance(_evaluate(instance, corpus, cursor="not json"), dg.SkipReason)
+
+
+def test_a_changed_shard_waits_for_the_runs_that_work_on_it(tmp_path: Path) -> None:
+    # A step still reading the shard's old rows would land after a re-read and count as up to
+    # date for automation: the re-read waits until no run works on the shard.
+    corpus = tmp_path / "corpus"
+    for shard in ("00000", "00001"):
+        factory.write_wds_shard(corpus / f"{shard}.tar", factory.good_items(2))
+    instance = dg.DagsterInstance.ephemeral()
+    first = _evaluate(instance, corpus)
+    _apply(instance, first)
+    running = dg.DagsterRun(
+        job_name="mine_and_generate",
+        run_id="embedding-the-old-rows",
+        status=dg.DagsterRunStatus.STARTED,
+        tags={
+            "dagster/asset_partition_range_start": "00000",
+            "dagster/asset_partition_range_end": "00001",
+        },
+    )
+    instance.add_run(running)
+    factory.write_wds_shard(corpus / "00001.tar", factory.good_items(3, first_seed=9))
+
+    waiting = _evaluate(instance, corpus, cursor=first.cursor)
+    assert isinstance(waiting, dg.SkipReason)  # held, and still seen as changed next time
+    assert isinstance(_evaluate(instance, corpus, cursor=first.cursor), dg.SkipReason)
+
+    instance.report_run_failed(running)  # the run ends
+    done = _evaluate(instance, corpus, cursor=first.cursor)
+    assert [r.partition_key for r in done.run_requests] == ["00001"]

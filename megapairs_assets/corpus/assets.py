@@ -143,6 +143,31 @@ def knn_refresh_requests(remaining: Sequence[str], retired: Sequence[str]) -> li
     ]
 
 
+_UNFINISHED = [
+    dg.DagsterRunStatus.QUEUED,
+    dg.DagsterRunStatus.NOT_STARTED,
+    dg.DagsterRunStatus.STARTING,
+    dg.DagsterRunStatus.STARTED,
+    dg.DagsterRunStatus.CANCELING,
+]
+
+
+def shards_in_unfinished_runs(instance: dg.DagsterInstance, order: Sequence[str]) -> set[str]:
+    """The shards (of `order`, the partition set's order) that a queued or running run works on,
+    by its partition or partition-range tags."""
+    position = {shard: index for index, shard in enumerate(order)}
+    busy: set[str] = set()
+    for run in instance.get_runs(dg.RunsFilter(statuses=_UNFINISHED)):
+        tags = run.tags
+        if tags.get("dagster/partition") in position:
+            busy.add(tags["dagster/partition"])
+        start = position.get(tags.get("dagster/asset_partition_range_start", ""))
+        end = position.get(tags.get("dagster/asset_partition_range_end", ""))
+        if start is not None and end is not None:
+            busy.update(order[start : end + 1])
+    return busy
+
+
 def _fingerprints_from_cursor(cursor: str | None) -> dict[str, str]:
     """The shard files' fingerprints the sensor saw last (none from a cursor of before)."""
     try:
@@ -186,6 +211,14 @@ def build_shards_sensor(
         new, gone = shard_changes(found, known)
         before = _fingerprints_from_cursor(context.cursor)
         changed = [s for s in known if s in seen and s in before and seen[s] != before[s]]
+        if changed:
+            # Read again only once no run works on the shard: a step still reading its old
+            # rows would land after the re-read and count as up to date for automation.
+            busy = shards_in_unfinished_runs(context.instance, known) & set(changed)
+            if busy:
+                context.log.info(f"{len(busy)} changed shards wait for their runs: {sorted(busy)}")
+                seen = {**seen, **{shard: before[shard] for shard in busy}}
+                changed = [shard for shard in changed if shard not in busy]
         cursor = json.dumps({"shard_files": seen}, sort_keys=True)
         if not new and not gone and not changed:
             if seen != before:
