@@ -3,6 +3,7 @@ partitions, nor when nothing is registered at all."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -155,3 +156,23 @@ def test_records_without_any_registered_partition_are_flagged(
     out = capsys.readouterr().out
     assert ALL_CLEAR not in out
     assert "no shard or training config is registered in the Dagster instance" in out
+
+
+def test_a_table_the_failed_run_itself_recorded_is_not_called_the_earlier_one(
+    home: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    shards = ["00000", "00001"]
+    catalog = LineageCatalog(home / "catalog.duckdb")
+    prepare_dagster_home(home)
+    with dg.DagsterInstance.get() as instance:
+        instance.add_dynamic_partitions(SHARD_PARTITIONS_NAME, shards)
+        run_id = _broken_generation_run(instance, shards)
+    # As a range step does: the partition's table is recorded complete, then the run fails.
+    catalog.record(dataclasses.replace(_record("pair_descriptions", "00000"), run_id=run_id))
+    catalog.record(_record("pair_descriptions", "00001"))  # an earlier run's table
+
+    assert main(["status"]) == 0
+    out = capsys.readouterr().out
+    assert "pair_descriptions[00000]: run" in out
+    assert "the table on disk is the one this run wrote before failing" in out
+    assert "pair_descriptions[00001]: run" in out and "still the earlier one" in out

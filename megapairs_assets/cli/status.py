@@ -29,6 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from megapairs_assets.lib.words import shortened
+
 # At most this many partitions per asset have their run looked up one by one (one query
 # each); the others of a failed range are counted the same way, with the reason of the
 # first ones.
@@ -56,6 +58,7 @@ class Attempt:
 
     state: str  # "failed" (the run failed, or was killed) or "running"
     reason: str  # what happened, in words, naming the run
+    run_id: str | None = None
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -246,12 +249,13 @@ class _RunReasons:
         failures = self._step_failures(run_id)
         step = asset.replace("/", "__")
         if step in failures:
-            return Attempt("failed", f"run {short} failed: {failures[step]}")
+            return Attempt("failed", f"run {short} failed: {failures[step]}", run_id)
         if failures:
             first, error = next(iter(failures.items()))
-            return Attempt("failed", f"run {short} failed before it (step {first} failed: {error})")
+            reason = f"run {short} failed before it (step {first} failed: {error})"
+            return Attempt("failed", reason, run_id)
         status = run.status.value.lower() if run is not None else "unknown"
-        return Attempt("failed", f"run {short} ended ({status}) without materializing it")
+        return Attempt("failed", f"run {short} ended ({status}) without materializing it", run_id)
 
     def _step_failures(self, run_id: str) -> dict[str, str]:
         """step key -> the first line of its innermost error, for each failed step."""
@@ -265,7 +269,7 @@ class _RunReasons:
                 while error is not None and error.cause is not None:
                     error = error.cause  # Dagster wraps the step's own error
                 text = error.message.strip().splitlines()[0] if error is not None else "failed"
-                failures.setdefault(event.step_key or "?", text[:_ERROR_CHARS])
+                failures.setdefault(event.step_key or "?", shortened(text, _ERROR_CHARS))
             self._failures[run_id] = failures
         return self._failures[run_id]
 
@@ -323,10 +327,18 @@ def apply_attempts(
                 status.complete -= 1
                 status.failing_checks -= 1 if row["failed_checks"] else 0
                 status.inputs_changed -= 1 if row["inputs_changed"] else 0
-                line = (
-                    f"{target}: {attempt.reason}; its table is still the earlier one "
-                    f"(materialized {row['started_at']})"
-                )
+                if attempt.run_id is not None and row.get("run_id") == attempt.run_id:
+                    # The step recorded its table, then the run failed (a blocking check, a
+                    # later partition of its range): the table is that run's, not an earlier one.
+                    line = (
+                        f"{target}: {attempt.reason}; the table on disk is the one this run "
+                        "wrote before failing: re-materialize it once the cause is fixed"
+                    )
+                else:
+                    line = (
+                        f"{target}: {attempt.reason}; its table is still the earlier one "
+                        f"(materialized {row['started_at']})"
+                    )
             _replace_problem(status, target, line)
 
 

@@ -26,3 +26,8 @@ def plural(count: int, noun: str, plural_noun: str | None = None) -> str:
 def is_or_are(count: int) -> str:
     """The verb that agrees with `count` things: "is" for exactly one, else "are"."""
     return "is" if count == 1 else "are"
+
+
+def shortened(text: str, max_chars: int) -> str:
+    """`text` cut to `max_chars`, ending in "…" when it was cut (so a cut reads as one)."""
+    return text if len(text) <= max_chars else text[: max_chars - 1].rstrip() + "…"

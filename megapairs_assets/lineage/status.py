@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass, field
 
 import polars as pl
 
+from megapairs_assets.lib.words import shortened
 from megapairs_assets.lineage.catalog import LineageCatalog
 
 # The newest record of each partition, and whether a complete one read an input version that is
@@ -28,6 +29,7 @@ SELECT c.asset,
        c.failed_checks,
        c.error,
        c.started_at,
+       c.run_id,
        coalesce(bool_or(i.input_is_current = FALSE), FALSE) AS inputs_changed
 FROM current_materializations AS c
 LEFT JOIN materialization_inputs AS i ON i.materialization_id = c.materialization_id
@@ -118,7 +120,7 @@ def _count(status: AssetStatus, row: dict, wanted: set[str] | None) -> None:
             status.inputs_changed += 1
     elif state == "failed":
         status.failed += 1
-        error = (row["error"] or "no error recorded").splitlines()[0][:_ERROR_CHARS]
+        error = shortened((row["error"] or "no error recorded").splitlines()[0], _ERROR_CHARS)
         status.problems.append(f"{target}: failed: {error}")
     elif state == "pending":
         status.pending += 1
