@@ -18,58 +18,35 @@ from typing import Any
 # declarative automation does not request a partition again after its run failed. A step's own
 # failure is not retried: a failed check or a missing table fails the same way seconds later,
 # and the retry's materializations would count as "handled" for automation.
-DAGSTER_YAML = """telemetry:
+_OFFLINE_ONE_STEP_PER_POOL = """telemetry:
   enabled: false
 nux:
   enabled: false
 concurrency:
   pools:
     default_limit: 1
-compute_logs:
+"""
+_QUIET_COMPUTE_LOGS = """compute_logs:
   module: megapairs_assets.orchestration.console
   class: InterruptQuietComputeLogManager
-run_retries:
+"""
+_RUN_RETRIES = """run_retries:
   enabled: true
   max_retries: 1
-  retry_on_asset_or_op_failure: false
 """
+DAGSTER_YAML = (
+    _OFFLINE_ONE_STEP_PER_POOL
+    + _QUIET_COMPUTE_LOGS
+    + _RUN_RETRIES
+    + "  retry_on_asset_or_op_failure: false\n"
+)
 
 # dagster.yaml files this module wrote before: replaced by DAGSTER_YAML on the next command.
 # A file that differs from all of them is the user's own and is left alone.
 EARLIER_DAGSTER_YAMLS = (
-    """telemetry:
-  enabled: false
-nux:
-  enabled: false
-concurrency:
-  pools:
-    default_limit: 1
-compute_logs:
-  module: megapairs_assets.orchestration.console
-  class: InterruptQuietComputeLogManager
-run_retries:
-  enabled: true
-  max_retries: 1
-""",
-    """telemetry:
-  enabled: false
-nux:
-  enabled: false
-concurrency:
-  pools:
-    default_limit: 1
-compute_logs:
-  module: megapairs_assets.orchestration.console
-  class: InterruptQuietComputeLogManager
-""",
-    """telemetry:
-  enabled: false
-nux:
-  enabled: false
-concurrency:
-  pools:
-    default_limit: 1
-""",
+    _OFFLINE_ONE_STEP_PER_POOL + _QUIET_COMPUTE_LOGS + _RUN_RETRIES,
+    _OFFLINE_ONE_STEP_PER_POOL + _QUIET_COMPUTE_LOGS,
+    _OFFLINE_ONE_STEP_PER_POOL,
 )
 
 

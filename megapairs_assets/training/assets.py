@@ -19,6 +19,7 @@ from megapairs_assets.orchestration.settings_version import fields, weights_labe
 from megapairs_assets.orchestration.shard_step import Stage, materialize_partitions
 from megapairs_assets.training.config import (
     ALL_VISIBLE_GPUS,
+    SCIENCE_SETTINGS,
     TrainingConfigError,
     check_config_name,
 )
@@ -41,18 +42,6 @@ from resources.training import TrainingResource
 TRAINING_CONFIG_PARTITIONS_NAME = "training_configs"
 training_config_partitions = dg.DynamicPartitionsDefinition(name=TRAINING_CONFIG_PARTITIONS_NAME)
 
-# What decides a config's weights (not devices, workers, caches or checkpoint frequency).
-_RECIPE_FIELDS = (
-    "batch_size",
-    "hard_negatives",
-    "temperature",
-    "learning_rate",
-    "weight_decay",
-    "warmup_steps",
-    "max_steps",
-    "seed",
-)
-
 
 def checkpoint_settings(resources: Any) -> dict[str, Any]:
     """What decides the checkpoints: each named config's model, start weights and recipe, and
@@ -60,7 +49,7 @@ def checkpoint_settings(resources: Any) -> dict[str, Any]:
     to one config marks every config's checkpoint as changed."""
     configs = {}
     for name, config in sorted(resources.training.configs.items()):
-        recipe = fields(config, ("model", *_RECIPE_FIELDS))
+        recipe = fields(config, [name for name in SCIENCE_SETTINGS if name != "pretrained"])
         if config.pretrained:
             recipe["pretrained"] = weights_label(config.pretrained)
         configs[name] = recipe

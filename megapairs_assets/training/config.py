@@ -71,6 +71,21 @@ ALL_VISIBLE_GPUS = -1
 """`devices` value meaning every GPU this machine shows (at least one device): Lightning's
 own convention for "all available devices"."""
 
+# The settings that decide what a config learns (the others say where and how fast it trains):
+# what a resumed run must match, and what the checkpoint's code version carries.
+SCIENCE_SETTINGS = (
+    "model",
+    "pretrained",
+    "batch_size",
+    "hard_negatives",
+    "temperature",
+    "learning_rate",
+    "weight_decay",
+    "warmup_steps",
+    "max_steps",
+    "seed",
+)
+
 
 class TrainingConfigError(ConfigurationError):
     """A training config that cannot work; the message says what is wrong and what to change.

@@ -74,6 +74,7 @@ from megapairs_assets.training.callbacks import (
     read_loss_curve,
 )
 from megapairs_assets.training.config import (
+    SCIENCE_SETTINGS,
     ResolvedTraining,
     TrainingConfig,
     check_config_name,
@@ -519,20 +520,8 @@ def _data_summary(prepared: PreparedTriplets, tables: int, config: TrainingConfi
 
 def _science_settings(config: TrainingConfig) -> dict[str, Any]:
     """The settings that decide what is learnt (the hardware ones are in `device`)."""
-    names = (
-        "model",
-        "pretrained",
-        "batch_size",
-        "hard_negatives",
-        "temperature",
-        "learning_rate",
-        "weight_decay",
-        "warmup_steps",
-        "max_steps",
-        "seed",
-    )
     settings = config.as_dict()
-    return {name: settings[name] for name in names}
+    return {name: settings[name] for name in SCIENCE_SETTINGS}
 
 
 def _device_label(resolved: ResolvedTraining) -> str:
