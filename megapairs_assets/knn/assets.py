@@ -61,17 +61,21 @@ def build_knn_asset(source: SimilaritySource) -> dg.AssetsDefinition:
         layout, lineage = resources.storage.layout(), resources.catalog.catalog()
         knn = resources.knn_index
         spec = knn.spec()
-        # The corpus: the source's shards whose corpus table exists. A shard registered while
-        # this run waited (its corpus step still to come) is searched by the run its
-        # embeddings start, not counted here as a missing table.
+        # The corpus: the source's shards whose corpus and embedding tables have been made. A
+        # shard registered while this run waited (its corpus or embedding step still to come)
+        # is searched by the run its embeddings start, not counted here as a missing table; a
+        # recorded table that is gone or damaged still fails `knn_corpus_complete`.
         listed = resources.corpus_source.shard_ids()
-        ingested = set(lineage.current_partitions(CORPUS_ASSET))
+        ingested = set(lineage.current_partitions(CORPUS_ASSET)) & set(
+            lineage.current_partitions(source.embedding_asset)
+        )
         corpus_shards = [shard for shard in listed if shard in ingested]
         if len(corpus_shards) < len(listed):
             waiting = [shard for shard in listed if shard not in ingested]
             context.log.info(
                 f"{source.knn_asset}: {len(waiting)} shards of the corpus source have no corpus "
-                f"table yet (e.g. {waiting[0]}); searched without them until they are ingested"
+                f"or {source.embedding_asset} table yet (e.g. {waiting[0]}); searched without "
+                "them until they are embedded"
             )
         run = KnnRun(
             source=source,
