@@ -13,6 +13,7 @@ from conftest import make_home, run_shards
 from megapairs_assets.corpus.assets import KNN_ASSETS
 from megapairs_assets.definitions import build_definitions
 from megapairs_assets.lib.storage import DataLayout
+from megapairs_assets.orchestration.runs import shard_range_tags
 from resources.corpus import CorpusSourceResource
 
 SHARDS = ["00000", "00001", "00002"]
@@ -24,6 +25,18 @@ def _neighbours_in(layout: DataLayout, asset: str, shards: list[str], retired: s
         .str.starts_with(f"{retired}/")
         .sum()
         for shard in shards
+    )
+
+
+def _search_graphs(
+    defs: dg.Definitions, instance: dg.DagsterInstance, shards: list[str]
+) -> dg.ExecuteInProcessResult:
+    """The three KNN graphs of `shards` in one range run, as a retirement's request runs them."""
+    return defs.resolve_implicit_global_asset_job_def().execute_in_process(
+        asset_selection=[dg.AssetKey(name) for name in KNN_ASSETS],
+        tags=shard_range_tags(shards),
+        instance=instance,
+        raise_on_error=False,
     )
 
 
@@ -41,15 +54,7 @@ def test_retiring_a_shard_searches_the_remaining_graphs_again(
     instance = dg.DagsterInstance.ephemeral()
     assert run_shards(defs, instance, SHARDS, job_name="corpus_and_embeddings").success
     knn_job = defs.resolve_implicit_global_asset_job_def()
-    keys = [dg.AssetKey(name) for name in KNN_ASSETS]
-    assert knn_job.execute_in_process(
-        asset_selection=keys,
-        tags={
-            "dagster/asset_partition_range_start": SHARDS[0],
-            "dagster/asset_partition_range_end": SHARDS[-1],
-        },
-        instance=instance,
-    ).success
+    assert _search_graphs(defs, instance, SHARDS).success
     layout = DataLayout(home)
     kept = SHARDS[:2]
     assert all(_neighbours_in(layout, a, kept, "00002") for a in KNN_ASSETS)  # it can fail
@@ -87,15 +92,7 @@ def test_a_shard_not_ingested_yet_is_not_a_missing_table(
     instance = dg.DagsterInstance.ephemeral()
     assert run_shards(defs, instance, SHARDS[:2], job_name="corpus_and_embeddings").success
     factory.write_wds_shard(corpus / "00002.tar", factory.good_items(6, first_seed=40))
-    result = defs.resolve_implicit_global_asset_job_def().execute_in_process(
-        asset_selection=[dg.AssetKey(name) for name in KNN_ASSETS],
-        tags={
-            "dagster/asset_partition_range_start": SHARDS[0],
-            "dagster/asset_partition_range_end": SHARDS[1],
-        },
-        instance=instance,
-        raise_on_error=False,
-    )
+    result = _search_graphs(defs, instance, SHARDS[:2])
     assert result.success
     assert all(e.passed for e in result.get_asset_check_evaluations())
     messages = [e.message or "" for e in instance.all_logs(result.run_id)]
@@ -103,14 +100,6 @@ def test_a_shard_not_ingested_yet_is_not_a_missing_table(
 
     # Ingested but not embedded yet (its embeddings run still to come): waiting as well.
     assert run_shards(defs, instance, ["00002"], job_name="corpus_only").success
-    again = defs.resolve_implicit_global_asset_job_def().execute_in_process(
-        asset_selection=[dg.AssetKey(name) for name in KNN_ASSETS],
-        tags={
-            "dagster/asset_partition_range_start": SHARDS[0],
-            "dagster/asset_partition_range_end": SHARDS[1],
-        },
-        instance=instance,
-        raise_on_error=False,
-    )
+    again = _search_graphs(defs, instance, SHARDS[:2])
     assert again.success
     assert all(e.passed for e in again.get_asset_check_evaluations())
